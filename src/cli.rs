@@ -1,0 +1,442 @@
+//! The `medvlm` command line: argument definitions and what each command does.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::generate::{self, Sampler, SamplingParams};
+use crate::model::{CheckpointWeights, Qwen2Vl, Qwen2VlConfig};
+use crate::processor::{Message, Processor, ProcessorOptions, Prompt};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "medvlm",
+    version,
+    about = "Teach vision-language models to reason about medical images (MedVLM-R1), and ask them.",
+    long_about = "Teach vision-language models to reason about medical images with GRPO \
+                  (MedVLM-R1), and ask them.\n\nEvery command that takes --model reads a local \
+                  Hugging Face Qwen2-VL checkpoint directory: config.json, *.safetensors, \
+                  tokenizer.json, tokenizer_config.json (or chat_template.json), \
+                  preprocessor_config.json.",
+    after_help = "Examples:\n  medvlm inspect --model ./Qwen2-VL-2B-Instruct\n  medvlm generate --model ./Qwen2-VL-2B-Instruct --image scan.png --prompt \"Which organ is shown?\"\n  medvlm score --model ./Qwen2-VL-2B-Instruct --image scan.png --prompt \"Which organ? A) liver B) kidney\" --completion \"<answer>A</answer>\" --json"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Answer a prompt about one or more images (greedy by default).
+    Generate(GenerateArgs),
+    /// Per-token log-probabilities of a given completion (teacher forcing).
+    #[command(
+        long_about = "Per-token log-probabilities of a given completion under teacher forcing: \
+                      the completion is the assistant turn that follows the chat-templated \
+                      prompt. Summing them scores an answer, which is how likelihood-based \
+                      multiple-choice evaluation works. The completion is tokenized on its own \
+                      (as generated tokens would be); write <|im_end|> at its end to score the \
+                      end of the turn too."
+    )]
+    Score(ScoreArgs),
+    /// Print a checkpoint's architecture, parameter count and dtype.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint directory (Hugging Face layout).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Compute dtype. Weights stored in another dtype are converted on load.
+    /// Default: f32 on CPU (bf16 is not faster there), bf16 on CUDA.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// `cpu`, `cuda` or `cuda:N`. Default: CUDA when built with it and present, else CPU.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PromptArgs {
+    /// Image file(s), in the order the prompt refers to them.
+    #[arg(long = "image", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
+    /// The user's question.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: String,
+    /// A system turn. Without it the chat template's default applies.
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    /// Smallest image area in pixels after resizing (default: preprocessor_config.json).
+    #[arg(long, value_name = "N")]
+    pub min_pixels: Option<usize>,
+    /// Largest image area in pixels after resizing (MedVLM-R1 trains with 401408).
+    #[arg(long, value_name = "N")]
+    pub max_pixels: Option<usize>,
+    /// Longest prompt accepted in tokens, images included (default: tokenizer_config.json's
+    /// model_max_length). Image tokens are never truncated: a longer prompt is an error.
+    #[arg(long, value_name = "N")]
+    pub max_prompt_tokens: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_k: usize,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Print JSON: prompt token ids, completion token ids and text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// The assistant's answer to score.
+    #[arg(long, value_name = "TEXT")]
+    pub completion: String,
+    /// Print JSON (per-token ids, strings and log-probabilities, and their sum).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Checkpoint directory (Hugging Face layout).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => run_generate(a),
+        Command::Score(a) => run_score(a),
+        Command::Inspect(a) => run_inspect(a),
+    }
+}
+
+pub fn parse_device(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        None => Ok(if candle_core::utils::cuda_is_available() {
+            Device::new_cuda(0)?
+        } else {
+            Device::Cpu
+        }),
+        Some("cpu") => Ok(Device::Cpu),
+        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this build has no CUDA support (rebuild with --features cuda)");
+            }
+            let n = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("--device {s}: expected cuda:N"))?,
+                None => 0,
+            };
+            Ok(Device::new_cuda(n)?)
+        }
+        Some(s) => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+/// A model and its processor, loaded from one checkpoint directory.
+pub struct Loaded {
+    pub model: Qwen2Vl,
+    pub processor: Processor,
+}
+
+pub fn load(m: &ModelArgs, opts: &ProcessorOptions) -> Result<Loaded> {
+    let device = parse_device(m.device.as_deref())?;
+    let dtype = m.dtype.map(DType::from).unwrap_or(if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    });
+    let processor = Processor::from_dir(&m.model, opts)?;
+    let model = Qwen2Vl::load(&m.model, dtype, &device)?;
+    let vocab = model.config.text.vocab_size;
+    if processor.tokenizer.vocab_size() > vocab {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model's vocabulary is {vocab}",
+            m.model.display(),
+            processor.tokenizer.vocab_size()
+        );
+    }
+    if processor.tokenizer.special.image_pad != model.config.image_token_id {
+        bail!(
+            "{}: config.json's image_token_id ({}) is not the tokenizer's <|image_pad|> ({})",
+            m.model.display(),
+            model.config.image_token_id,
+            processor.tokenizer.special.image_pad
+        );
+    }
+    Ok(Loaded { model, processor })
+}
+
+fn processor_options(p: &PromptArgs) -> ProcessorOptions {
+    ProcessorOptions {
+        min_pixels: p.min_pixels,
+        max_pixels: p.max_pixels,
+        max_prompt_tokens: p.max_prompt_tokens,
+    }
+}
+
+fn build_messages(p: &PromptArgs) -> Vec<Message> {
+    let mut msgs = Vec::new();
+    if let Some(s) = &p.system {
+        msgs.push(Message::system(s.clone()));
+    }
+    msgs.push(Message::user_with_images(p.images.len(), p.prompt.clone()));
+    msgs
+}
+
+fn prepare_prompt(proc: &Processor, p: &PromptArgs) -> Result<Prompt> {
+    let images = p
+        .images
+        .iter()
+        .map(|path| proc.load_image(path))
+        .collect::<Result<Vec<_>>>()?;
+    proc.prepare(&build_messages(p), images, true)
+}
+
+/// Token ids that end an assistant turn: `<|im_end|>`, `<|endoftext|>`, and the
+/// tokenizer's eos token.
+pub fn stop_tokens(proc: &Processor) -> Vec<u32> {
+    let s = &proc.tokenizer.special;
+    let mut v: Vec<u32> = [s.im_end, s.endoftext, proc.tokenizer.eos_token_id]
+        .into_iter()
+        .flatten()
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    params.validate()?;
+    let loaded = load(&a.model, &processor_options(&a.prompt))?;
+    let proc = &loaded.processor;
+    let prompt = prepare_prompt(proc, &a.prompt)?;
+    let banned = proc.tokenizer.special.vision_ids().to_vec();
+    let mut sampler = Sampler::new(params, banned)?;
+    let stop = stop_tokens(proc);
+    let out = generate::generate(
+        &loaded.model,
+        &prompt,
+        &mut sampler,
+        a.max_new_tokens,
+        &stop,
+        |_| Ok(()),
+    )?;
+    let text = proc.tokenizer.decode(&out.tokens, true)?;
+    if a.json {
+        let j = json!({
+            "prompt_token_ids": prompt.input_ids,
+            "completion_token_ids": out.tokens,
+            "text": text,
+            "finish_reason": out.finish,
+        });
+        println!("{}", serde_json::to_string(&j)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn run_score(a: ScoreArgs) -> Result<()> {
+    let loaded = load(&a.model, &processor_options(&a.prompt))?;
+    let proc = &loaded.processor;
+    proc.check_user_text(&a.completion)?;
+    let prompt = prepare_prompt(proc, &a.prompt)?;
+    let completion = proc.tokenizer.encode(&a.completion)?;
+    if let Some(limit) = proc.max_prompt_tokens {
+        let total = prompt.input_ids.len() + completion.len();
+        if total > limit {
+            bail!("prompt plus completion is {total} tokens but the limit is {limit}");
+        }
+    }
+    let lps = generate::score(&loaded.model, &prompt, &completion)?;
+    let sum: f64 = lps.iter().map(|&x| x as f64).sum();
+    if a.json {
+        let tokens: Vec<_> = completion
+            .iter()
+            .zip(&lps)
+            .map(|(&id, &lp)| {
+                json!({"id": id, "token": proc.tokenizer.decode(&[id], false).unwrap_or_default(), "logprob": lp})
+            })
+            .collect();
+        let j = json!({
+            "prompt_token_ids": prompt.input_ids,
+            "completion_token_ids": completion,
+            "tokens": tokens,
+            "logprob_sum": sum,
+        });
+        println!("{}", serde_json::to_string(&j)?);
+    } else {
+        let mut out = std::io::stdout().lock();
+        for (&id, &lp) in completion.iter().zip(&lps) {
+            let tok = proc.tokenizer.decode(&[id], false).unwrap_or_default();
+            writeln!(out, "{lp:>10.4}  {id:>7}  {tok:?}")?;
+        }
+        writeln!(out, "{sum:>10.4}  total over {} tokens", lps.len())?;
+    }
+    Ok(())
+}
+
+fn run_inspect(a: InspectArgs) -> Result<()> {
+    let dir: &Path = &a.model;
+    let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
+    let weights = CheckpointWeights::open(dir)?;
+    let layout = weights.layout(&config)?;
+    // Build the model against the file headers alone, so a checkpoint that does not match its
+    // config is reported here rather than at first use, without reading gigabytes.
+    Qwen2Vl::from_var_builder(
+        weights.shape_checker(),
+        layout,
+        config.clone(),
+        DType::F32,
+        &Device::Cpu,
+    )
+        .map_err(|e| weights.explain(e))?;
+    let params = weights.num_parameters();
+    let dtypes = weights.dtype_counts();
+    let proc = Processor::from_dir(dir, &ProcessorOptions::default())?;
+    let ipc = &proc.images.config;
+    if a.json {
+        let j = json!({
+            "model_type": "qwen2_vl",
+            "parameters": params,
+            "stored_dtypes": dtypes,
+            "config_dtype": config.saved_dtype,
+            "text": {
+                "layers": config.text.num_hidden_layers,
+                "hidden_size": config.text.hidden_size,
+                "heads": config.text.num_attention_heads,
+                "kv_heads": config.text.num_key_value_heads,
+                "intermediate_size": config.text.intermediate_size,
+                "vocab_size": config.text.vocab_size,
+                "mrope_section": config.text.mrope_section,
+                "tie_word_embeddings": config.text.tie_word_embeddings,
+            },
+            "vision": {
+                "depth": config.vision.depth,
+                "embed_dim": config.vision.embed_dim,
+                "heads": config.vision.num_heads,
+                "patch_size": config.vision.patch_size,
+                "spatial_merge_size": config.vision.spatial_merge_size,
+            },
+            "image_processor": {"min_pixels": ipc.min_pixels, "max_pixels": ipc.max_pixels},
+            "tokenizer_vocab": proc.tokenizer.vocab_size(),
+            "weight_layout": format!("{layout:?}").to_lowercase(),
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    let t = &config.text;
+    let v = &config.vision;
+    println!("checkpoint   {}", dir.display());
+    println!("architecture Qwen2-VL (Qwen2VLForConditionalGeneration)");
+    println!(
+        "parameters   {} ({:.1}M)",
+        params,
+        params as f64 / 1e6
+    );
+    let stored: Vec<String> = dtypes.iter().map(|(k, n)| format!("{k} ({n})")).collect();
+    println!(
+        "dtype        stored as {}; config says {}",
+        stored.join(", "),
+        config.saved_dtype.as_deref().unwrap_or("nothing")
+    );
+    println!(
+        "decoder      {} layers, hidden {}, {} heads / {} kv heads (head {}), mlp {}, vocab {}, \
+         rope theta {}, mrope_section {:?}, lm_head {}",
+        t.num_hidden_layers,
+        t.hidden_size,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.head_dim(),
+        t.intermediate_size,
+        t.vocab_size,
+        t.rope_theta,
+        t.mrope_section,
+        if t.tie_word_embeddings { "tied to embeddings" } else { "separate" }
+    );
+    println!(
+        "vision       {} blocks, dim {}, {} heads, mlp {}, patch {}x{} over {} frames, merge {}x{} -> hidden {}",
+        v.depth,
+        v.embed_dim,
+        v.num_heads,
+        v.mlp_hidden(),
+        v.patch_size,
+        v.patch_size,
+        v.temporal_patch_size,
+        v.spatial_merge_size,
+        v.spatial_merge_size,
+        v.hidden_size
+    );
+    println!(
+        "images       {}..{} pixels after resizing, {} tokens per {}x{} pixels",
+        ipc.min_pixels,
+        ipc.max_pixels,
+        1,
+        ipc.patch_size * ipc.merge_size,
+        ipc.patch_size * ipc.merge_size
+    );
+    println!(
+        "tokenizer    {} tokens; weights in {} file(s), {} layout",
+        proc.tokenizer.vocab_size(),
+        weights.files().len(),
+        format!("{layout:?}").to_lowercase()
+    );
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! medvlm: teach vision-language models to reason about medical images with GRPO
+//! (MedVLM-R1), and serve that reasoning.
+//!
+//! The crate is organised by what each part does:
+//! - [`model`]: Qwen2-VL (vision tower, M-RoPE decoder, KV cache) loaded from a local
+//!   Hugging Face checkpoint directory, numerically equal to transformers.
+//! - [`processor`]: images to pixel patches, tokenizer, chat template, image-token expansion.
+//! - [`generate`]: sampling and teacher-forced scoring.
+
+pub mod cli;
+pub mod generate;
+pub mod model;
+pub mod processor;

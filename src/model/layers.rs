@@ -1,0 +1,117 @@
+//! The small building blocks both towers share.
+//!
+//! Norms are written from primitive tensor ops on purpose: candle's fused `rms_norm` and
+//! `layer_norm` kernels cut the autograd graph silently (see CANDLE-TRAINING-NOTES), and the
+//! same code must serve inference and GRPO training. Softmax picks the fused kernel only when
+//! no gradient is being tracked.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use super::config::Activation;
+
+/// A linear layer loaded from `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+/// Qwen2's RMSNorm: statistics in f32 whatever the compute dtype, as transformers does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        // transformers: weight * hidden.to(input_dtype)
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// `torch.nn.LayerNorm` with affine weight and bias, statistics in f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let centered = xf.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        // torch applies the affine part in f32 too before rounding to the input dtype.
+        normed
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)
+    }
+}
+
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Silu => x.silu(),
+        // x * sigmoid(1.702 x), CLIP's approximation used by the Qwen2-VL vision MLP.
+        Activation::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+    }
+}
+
+/// Softmax over the last dimension, in f32, returned in f32.
+pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    if x.track_op() {
+        candle_nn::ops::softmax(&x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// `rotate_half` from the rotary-embedding papers: (x1, x2) -> (-x2, x1) over the last dim.
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// `x * cos + rotate_half(x) * sin` with cos/sin broadcast over the head axis.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)?
+        .add(&rotate_half(x)?.broadcast_mul(sin)?)
+}

@@ -1,0 +1,173 @@
+//! Qwen2-VL: the vision tower, the M-RoPE decoder, and loading a local Hugging Face
+//! checkpoint directory into them.
+
+pub mod config;
+pub mod layers;
+pub mod rope;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::{Qwen2VlConfig, TextConfig, VisionConfig};
+pub use rope::{mrope_positions, Pos3};
+pub use text::{attention_mask, log_softmax_f32, KvCache, TextModel};
+pub use vision::VisionTower;
+pub use weights::{CheckpointWeights, WeightLayout};
+
+/// A loaded Qwen2-VL model.
+#[derive(Debug, Clone)]
+pub struct Qwen2Vl {
+    pub vision: VisionTower,
+    pub text: TextModel,
+    pub config: Qwen2VlConfig,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Qwen2Vl {
+    /// Loads `config.json` and the safetensors weights of a checkpoint directory, computing
+    /// in `dtype` (weights saved in another dtype are converted on load).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
+        let weights = CheckpointWeights::open(dir)?;
+        let vb = weights.var_builder(dtype, device)?;
+        let layout = weights.layout(&config)?;
+        Self::from_var_builder(vb, layout, config, dtype, device)
+            .map_err(|e| weights.explain(e))
+    }
+
+    /// Builds the model from any variable source: memory-mapped checkpoint files for
+    /// inference, or a `VarMap` when training.
+    pub fn from_var_builder(
+        vb: VarBuilder,
+        layout: WeightLayout,
+        config: Qwen2VlConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let vision = VisionTower::load(vb.pp(layout.vision_prefix()), &config.vision)?;
+        let lm_head = if config.text.tie_word_embeddings {
+            None
+        } else {
+            Some(vb.pp("lm_head"))
+        };
+        let text = TextModel::load(vb.pp(layout.text_prefix()), lm_head, &config.text)?;
+        Ok(Self {
+            vision,
+            text,
+            config,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Image embeddings, (total image tokens, hidden), for stacked pixel patches.
+    pub fn encode_images(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+        Ok(self.vision.forward(pixels, grids)?)
+    }
+
+    /// Input embeddings for equal-length rows of token ids, with the image embeddings
+    /// written over the `<|image_pad|>` positions in reading order.
+    pub fn input_embeds(&self, ids: &[Vec<u32>], image_embeds: Option<&Tensor>) -> Result<Tensor> {
+        let b = ids.len();
+        let l = ids.first().map_or(0, Vec::len);
+        if ids.iter().any(|r| r.len() != l) {
+            bail!("input rows must have equal length (pad them first)");
+        }
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let vocab = self.config.text.vocab_size as u32;
+        if let Some(&bad) = flat.iter().find(|&&t| t >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary ({vocab})");
+        }
+        let ids_t = Tensor::from_vec(flat.clone(), (b, l), &self.device)?;
+        let embeds = self.text.embed(&ids_t)?;
+        let image_tok = self.config.image_token_id;
+        let n_slots = flat.iter().filter(|&&t| t == image_tok).count();
+        let Some(img) = image_embeds else {
+            if n_slots > 0 {
+                bail!("the input has {n_slots} image tokens but no image was given");
+            }
+            return Ok(embeds);
+        };
+        let (n_feat, _) = img.dims2()?;
+        if n_feat != n_slots {
+            bail!("image features and image tokens do not match: {n_slots} tokens, {n_feat} features");
+        }
+        // Gather rows from [text embeddings; image embeddings]: differentiable through both.
+        let h = self.config.text.hidden_size;
+        let table = Tensor::cat(&[&embeds.reshape((b * l, h))?, &img.to_dtype(embeds.dtype())?], 0)?;
+        let mut next_img = (b * l) as u32;
+        let index: Vec<u32> = flat
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if t == image_tok {
+                    next_img += 1;
+                    next_img - 1
+                } else {
+                    i as u32
+                }
+            })
+            .collect();
+        let index = Tensor::from_vec(index, b * l, &self.device)?;
+        Ok(table.index_select(&index, 0)?.reshape((b, l, h))?)
+    }
+
+    /// M-RoPE positions of one unpadded sequence and its rope delta.
+    pub fn positions(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<(Vec<Pos3>, i64)> {
+        mrope_positions(
+            ids,
+            grids,
+            self.config.image_token_id,
+            self.config.vision.spatial_merge_size,
+        )
+    }
+
+    /// Full forward pass over one sequence (no cache): logits for every position,
+    /// (seq, vocab), in f32.
+    pub fn forward_logits(&self, ids: &[u32], pixels: Option<&Tensor>, grids: &[[usize; 3]]) -> Result<Tensor> {
+        let img = match pixels {
+            Some(p) => Some(self.encode_images(p, grids)?),
+            None => None,
+        };
+        let embeds = self.input_embeds(&[ids.to_vec()], img.as_ref())?;
+        let (pos, _) = self.positions(ids, grids)?;
+        let mask = attention_mask(ids.len(), 0, None, &self.device)?;
+        let hidden = self.text.forward(&embeds, &[pos], mask.as_ref(), None)?;
+        Ok(self.text.logits(&hidden)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Number of parameters, for `inspect`.
+    pub fn config_summary(&self) -> String {
+        let t = &self.config.text;
+        let v = &self.config.vision;
+        format!(
+            "Qwen2-VL: decoder {} layers x {} hidden ({} heads, {} kv heads, head {}), \
+             mlp {}, vocab {}, mrope {:?}, {} lm_head; vision {} blocks x {} dim ({} heads), \
+             patch {}x{}x{}, merge {}x{}",
+            t.num_hidden_layers,
+            t.hidden_size,
+            t.num_attention_heads,
+            t.num_key_value_heads,
+            t.head_dim(),
+            t.intermediate_size,
+            t.vocab_size,
+            t.mrope_section,
+            if t.tie_word_embeddings { "tied" } else { "untied" },
+            v.depth,
+            v.embed_dim,
+            v.num_heads,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+            v.spatial_merge_size,
+            v.spatial_merge_size,
+        )
+    }
+}

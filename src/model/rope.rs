@@ -1,0 +1,269 @@
+//! Rotary position embeddings: M-RoPE for the decoder, 2D RoPE for the vision tower.
+//!
+//! Both are computed on the host in f32 (as transformers does, with autocast off) and then
+//! moved to the device: the tables are tiny next to the attention they feed.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// One token's position on the (temporal, height, width) axes.
+pub type Pos3 = [i64; 3];
+
+/// M-RoPE positions of one unpadded sequence, as transformers' `get_rope_index`:
+/// text tokens share one counter on all three axes; the `t*h*w/merge²` pad tokens of an image
+/// get (t, row, col) offsets from the position after the preceding text; text after an image
+/// resumes at the largest position used so far plus one.
+///
+/// Returns the positions and the rope delta: how far the next position (`max + 1`) is from the
+/// sequence length, which is what decoding adds to the cache length for each new token.
+pub fn mrope_positions(
+    input_ids: &[u32],
+    image_grids: &[[usize; 3]],
+    image_token_id: u32,
+    spatial_merge_size: usize,
+) -> Result<(Vec<Pos3>, i64)> {
+    let mut out: Vec<Pos3> = Vec::with_capacity(input_ids.len());
+    let mut next: i64 = 0; // max position so far + 1
+    let mut grids = image_grids.iter();
+    let mut i = 0;
+    while i < input_ids.len() {
+        if input_ids[i] != image_token_id {
+            out.push([next; 3]);
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let Some(&[t, h, w]) = grids.next() else {
+            bail!("the prompt has more image placeholder runs than images");
+        };
+        let (gh, gw) = (h / spatial_merge_size, w / spatial_merge_size);
+        let n = t * gh * gw;
+        if i + n > input_ids.len() || input_ids[i..i + n].iter().any(|&id| id != image_token_id)
+        {
+            bail!(
+                "image placeholder run at token {i} is shorter than the image's {n} tokens \
+                 (grid {t}x{h}x{w})"
+            );
+        }
+        let base = next;
+        let mut max = base;
+        for ti in 0..t {
+            for hi in 0..gh {
+                for wi in 0..gw {
+                    let p = [base + ti as i64, base + hi as i64, base + wi as i64];
+                    max = max.max(p[0]).max(p[1]).max(p[2]);
+                    out.push(p);
+                }
+            }
+        }
+        next = max + 1;
+        i += n;
+    }
+    if grids.next().is_some() {
+        bail!("more images than image placeholder runs in the prompt");
+    }
+    let delta = next - input_ids.len() as i64;
+    Ok((out, delta))
+}
+
+/// Inverse frequencies `1 / theta^(2i/dim)` for i in 0..dim/2, in f32 like torch.
+fn inv_freq(dim: usize, theta: f64) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dim as f32))
+        .collect()
+}
+
+/// The decoder's multimodal rotary tables.
+#[derive(Debug, Clone)]
+pub struct MRope {
+    head_dim: usize,
+    inv_freq: Vec<f32>,
+    /// For each of the head_dim/2 frequencies, which position axis (t, h, w) drives it.
+    axis_of_freq: Vec<usize>,
+}
+
+impl MRope {
+    pub fn new(head_dim: usize, theta: f64, mrope_section: [usize; 3]) -> Self {
+        let mut axis_of_freq = Vec::with_capacity(head_dim / 2);
+        for (axis, &n) in mrope_section.iter().enumerate() {
+            axis_of_freq.extend(std::iter::repeat_n(axis, n));
+        }
+        debug_assert_eq!(axis_of_freq.len(), head_dim / 2);
+        Self {
+            head_dim,
+            inv_freq: inv_freq(head_dim, theta),
+            axis_of_freq,
+        }
+    }
+
+    /// cos and sin tables of shape (batch, seq, head_dim) for `positions[b][l]`.
+    pub fn tables(
+        &self,
+        positions: &[Vec<Pos3>],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let b = positions.len();
+        let l = positions.first().map_or(0, Vec::len);
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(b * l * self.head_dim);
+        let mut sin = Vec::with_capacity(b * l * self.head_dim);
+        for seq in positions {
+            if seq.len() != l {
+                candle_core::bail!("rope tables need equal-length rows");
+            }
+            for p in seq {
+                let start = cos.len();
+                for (i, &f) in self.inv_freq.iter().enumerate() {
+                    let angle = p[self.axis_of_freq[i]] as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+                // emb = cat(freqs, freqs)
+                cos.extend_from_within(start..start + half);
+                sin.extend_from_within(start..start + half);
+            }
+        }
+        let shape = (b, l, self.head_dim);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Per-patch (row, col) of the vision tower's input, in the processor's 2x2-merge-window
+/// order, for every image in turn (each repeated over its temporal frames).
+pub fn vision_patch_rowcol(grids: &[[usize; 3]], merge: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for &[t, h, w] in grids {
+        for _ in 0..t {
+            for bh in 0..h / merge {
+                for bw in 0..w / merge {
+                    for dh in 0..merge {
+                        for dw in 0..merge {
+                            out.push((bh * merge + dh, bw * merge + dw));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// cos and sin of the vision tower's 2D rotary embedding, shape (num_patches, head_dim), f32.
+/// The first quarter of each half rotates with the row, the second quarter with the column.
+pub fn vision_tables(
+    grids: &[[usize; 3]],
+    merge: usize,
+    head_dim: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let rot_dim = head_dim / 2;
+    let freqs = inv_freq(rot_dim, 10_000.0);
+    let rc = vision_patch_rowcol(grids, merge);
+    let mut cos = Vec::with_capacity(rc.len() * head_dim);
+    let mut sin = Vec::with_capacity(rc.len() * head_dim);
+    for &(r, c) in &rc {
+        let start = cos.len();
+        for coord in [r, c] {
+            for &f in &freqs {
+                let angle = coord as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        cos.extend_from_within(start..start + rot_dim);
+        sin.extend_from_within(start..start + rot_dim);
+    }
+    let n = rc.len();
+    Ok((
+        Tensor::from_vec(cos, (n, head_dim), device)?,
+        Tensor::from_vec(sin, (n, head_dim), device)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IMG: u32 = 9;
+
+    /// The worked example of transformers' get_rope_index docstring, shifted by a text prefix:
+    /// 3 text tokens, a 1x4x6 grid (merge 2 -> 1x2x3 tokens), 2 text tokens.
+    #[test]
+    fn positions_follow_the_documented_layout() {
+        let mut ids = vec![1, 2, 3];
+        ids.extend([IMG; 6]);
+        ids.extend([4, 5]);
+        let (pos, delta) = mrope_positions(&ids, &[[1, 4, 6]], IMG, 2).unwrap();
+        let expect: Vec<Pos3> = vec![
+            [0, 0, 0],
+            [1, 1, 1],
+            [2, 2, 2],
+            [3, 3, 3],
+            [3, 3, 4],
+            [3, 3, 5],
+            [3, 4, 3],
+            [3, 4, 4],
+            [3, 4, 5],
+            [6, 6, 6],
+            [7, 7, 7],
+        ];
+        assert_eq!(pos, expect);
+        // next position is 8, sequence length 11
+        assert_eq!(delta, 8 - 11);
+    }
+
+    #[test]
+    fn text_only_is_plain_counting() {
+        let (pos, delta) = mrope_positions(&[5, 6, 7], &[], IMG, 2).unwrap();
+        assert_eq!(pos, vec![[0; 3], [1; 3], [2; 3]]);
+        assert_eq!(delta, 0);
+    }
+
+    #[test]
+    fn mismatched_images_are_errors() {
+        assert!(mrope_positions(&[1, IMG, IMG], &[[1, 4, 4]], IMG, 2).is_err());
+        assert!(mrope_positions(&[1, 2], &[[1, 2, 2]], IMG, 2).is_err());
+        assert!(mrope_positions(&[IMG, 1], &[], IMG, 2).is_err());
+    }
+
+    #[test]
+    fn mrope_axes_follow_sections() {
+        // head_dim 8 -> 4 freqs, sections [1, 2, 1]: freq 0 <- t, 1..3 <- h, 3 <- w
+        let r = MRope::new(8, 10_000.0, [1, 2, 1]);
+        let (cos, _) = r
+            .tables(&[vec![[0, 5, 7]]], DType::F32, &Device::Cpu)
+            .unwrap();
+        let c: Vec<f32> = cos.flatten_all().unwrap().to_vec1().unwrap();
+        let f = inv_freq(8, 10_000.0);
+        let want = [
+            1.0,
+            (5.0 * f[1]).cos(),
+            (5.0 * f[2]).cos(),
+            (7.0 * f[3]).cos(),
+        ];
+        for j in 0..8 {
+            assert!((c[j] - want[j % 4]).abs() < 1e-7, "dim {j}");
+        }
+    }
+
+    #[test]
+    fn vision_rowcol_is_merge_window_order() {
+        let rc = vision_patch_rowcol(&[[1, 2, 4]], 2);
+        assert_eq!(
+            rc,
+            vec![
+                (0, 0),
+                (0, 1),
+                (1, 0),
+                (1, 1),
+                (0, 2),
+                (0, 3),
+                (1, 2),
+                (1, 3)
+            ]
+        );
+    }
+}

@@ -1,0 +1,227 @@
+//! Finding, validating and naming the safetensors weights of a checkpoint directory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use super::config::Qwen2VlConfig;
+
+/// Where the two towers live in the tensor names. Released checkpoints use `model.*` and
+/// `visual.*`; transformers >= 4.52 can also write `model.language_model.*` and
+/// `model.visual.*`. Both load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    Legacy,
+    Nested,
+}
+
+impl WeightLayout {
+    pub fn text_prefix(self) -> &'static str {
+        match self {
+            Self::Legacy => "model",
+            Self::Nested => "model.language_model",
+        }
+    }
+    pub fn vision_prefix(self) -> &'static str {
+        match self {
+            Self::Legacy => "visual",
+            Self::Nested => "model.visual",
+        }
+    }
+}
+
+/// The weight files of one checkpoint, opened and checked.
+pub struct CheckpointWeights {
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+    /// tensor name -> (dtype, shape)
+    tensors: BTreeMap<String, (DType, Vec<usize>)>,
+}
+
+impl CheckpointWeights {
+    /// Finds the weights: the files named by `model.safetensors.index.json`, else
+    /// `model.safetensors`, else every `*.safetensors` in the directory. Each file is opened
+    /// and its header validated, so a truncated or corrupt file is named in the error.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: not a directory (expected a Hugging Face checkpoint directory)", dir.display());
+        }
+        let files = find_files(dir)?;
+        let mut tensors = BTreeMap::new();
+        for f in &files {
+            // SAFETY: the file is only read; medvlm never writes a checkpoint in place.
+            let st = unsafe { MmapedSafetensors::new(f) }
+                .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
+            for (name, view) in st.tensors() {
+                let dtype = DType::try_from(view.dtype()).map_err(|e| {
+                    anyhow!("{}: tensor {name} has an unsupported dtype ({e})", f.display())
+                })?;
+                tensors.insert(name, (dtype, view.shape().to_vec()));
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            tensors,
+        })
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Which naming scheme these weights use.
+    pub fn layout(&self, config: &Qwen2VlConfig) -> Result<WeightLayout> {
+        let layout = if self.tensors.contains_key("model.language_model.embed_tokens.weight") {
+            WeightLayout::Nested
+        } else if self.tensors.contains_key("model.embed_tokens.weight") {
+            WeightLayout::Legacy
+        } else {
+            bail!(
+                "{}: the weights have no embed_tokens tensor; this does not look like a \
+                 Qwen2-VL checkpoint",
+                self.dir.display()
+            );
+        };
+        if !config.text.tie_word_embeddings && !self.tensors.contains_key("lm_head.weight") {
+            bail!(
+                "{}: config.json says tie_word_embeddings = false but the weights have no \
+                 lm_head.weight",
+                self.dir.display()
+            );
+        }
+        Ok(layout)
+    }
+
+    /// A variable source over the memory-mapped files, converting to `dtype` on read.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        // SAFETY: as in `open`.
+        unsafe { VarBuilder::from_mmaped_safetensors(&self.files, dtype, device) }
+            .with_context(|| format!("{}: cannot map weights", self.dir.display()))
+    }
+
+    /// Wraps a model-building error (a missing tensor, a shape that disagrees with
+    /// config.json) so it names the checkpoint.
+    pub fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        anyhow!(
+            "{}: weights do not match config.json: {e:#}",
+            self.dir.display()
+        )
+    }
+
+    /// A variable source that checks every requested tensor's name and shape against the
+    /// file headers without reading any weight data: building a model from it validates a
+    /// checkpoint against its config in milliseconds, whatever its size.
+    pub fn shape_checker(&self) -> VarBuilder<'static> {
+        let backend = ShapeChecker {
+            tensors: self.tensors.clone(),
+        };
+        VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu)
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// How many parameters are stored in each dtype.
+    pub fn dtype_counts(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (dt, s) in self.tensors.values() {
+            *out.entry(format!("{dt:?}").to_lowercase()).or_default() += s.iter().product::<usize>();
+        }
+        out
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+}
+
+struct ShapeChecker {
+    tensors: BTreeMap<String, (DType, Vec<usize>)>,
+}
+
+impl SimpleBackend for ShapeChecker {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.dims() != s.dims() {
+            candle_core::bail!(
+                "shape mismatch for {name}, expected {:?}, got {:?}",
+                s.dims(),
+                t.dims()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((_, shape)) = self.tensors.get(name) else {
+            candle_core::bail!("cannot find tensor {name}");
+        };
+        // A broadcast scalar has the right shape and allocates nothing.
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape.as_slice())
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+fn find_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("{}: cannot read", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no \"weight_map\" object", index.display()))?;
+        let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+        for f in &files {
+            if !f.is_file() {
+                bail!(
+                    "{}: weight file {} named in the index is missing",
+                    index.display(),
+                    f.display()
+                );
+            }
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list directory", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "{}: no *.safetensors weights found (medvlm reads safetensors checkpoints, not \
+             pytorch_model.bin)",
+            dir.display()
+        );
+    }
+    Ok(files)
+}

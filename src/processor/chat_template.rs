@@ -1,0 +1,215 @@
+//! Chat templates: the checkpoint's own Jinja template rendered with minijinja, configured
+//! like transformers' sandbox (`trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`,
+//! Python string methods), so the default system turn and every special token come from the
+//! template itself rather than from code here.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use minijinja::{Environment, ErrorKind, Value};
+use serde::Serialize;
+use serde_json::Value as Json;
+
+/// One piece of a message: text, or a placeholder for the next image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Content {
+    Image,
+    Text { text: String },
+}
+
+impl Content {
+    pub fn text(s: impl Into<String>) -> Self {
+        Content::Text { text: s.into() }
+    }
+}
+
+/// A chat message in transformers' format (`content` a list of typed parts).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Vec<Content>,
+}
+
+impl Message {
+    pub fn system(text: impl Into<String>) -> Self {
+        Self {
+            role: "system".into(),
+            content: vec![Content::text(text)],
+        }
+    }
+    /// A user turn: the images first (as Qwen2-VL's examples and MedVLM-R1 do), then the text.
+    pub fn user_with_images(num_images: usize, text: impl Into<String>) -> Self {
+        let mut content = vec![Content::Image; num_images];
+        content.push(Content::text(text));
+        Self {
+            role: "user".into(),
+            content,
+        }
+    }
+    pub fn assistant(text: impl Into<String>) -> Self {
+        Self {
+            role: "assistant".into(),
+            content: vec![Content::text(text)],
+        }
+    }
+    pub fn num_images(&self) -> usize {
+        self.content
+            .iter()
+            .filter(|c| matches!(c, Content::Image))
+            .count()
+    }
+}
+
+/// A loaded chat template, ready to render.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    /// Where it came from, for error messages.
+    origin: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: impl Into<String>, origin: impl Into<String>) -> Result<Self> {
+        let t = Self {
+            source: source.into(),
+            origin: origin.into(),
+        };
+        // Compile once up front so a broken template is reported at load time.
+        t.environment()?;
+        Ok(t)
+    }
+
+    /// Finds the template of a checkpoint directory, in transformers' order of preference:
+    /// `chat_template.jinja`, `chat_template.json`, then `tokenizer_config.json`'s
+    /// `chat_template` (a string, or a list of named templates of which "default" is used).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let s = std::fs::read_to_string(&jinja)
+                .with_context(|| format!("{}: cannot read chat template", jinja.display()))?;
+            return Self::new(s, jinja.display().to_string());
+        }
+        for name in ["chat_template.json", "tokenizer_config.json"] {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: cannot read", path.display()))?;
+            let json: Json = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", path.display()))?;
+            match json.get("chat_template") {
+                None | Some(Json::Null) => continue,
+                Some(Json::String(s)) => return Self::new(s.clone(), path.display().to_string()),
+                Some(Json::Array(list)) => {
+                    let found = list.iter().find(|t| t.get("name") == Some(&"default".into()));
+                    let tpl = found
+                        .and_then(|t| t.get("template"))
+                        .and_then(Json::as_str)
+                        .with_context(|| {
+                            format!(
+                                "{}: chat_template is a list without a \"default\" template",
+                                path.display()
+                            )
+                        })?;
+                    return Self::new(tpl, path.display().to_string());
+                }
+                Some(other) => bail!(
+                    "{}: chat_template must be a string, found {}",
+                    path.display(),
+                    other
+                ),
+            }
+        }
+        bail!(
+            "{}: no chat template found (looked for chat_template.jinja, chat_template.json and \
+             tokenizer_config.json's \"chat_template\")",
+            dir.display()
+        )
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn environment(&self) -> Result<Environment<'_>> {
+        let mut env = Environment::new();
+        // transformers renders with jinja2's trim_blocks and lstrip_blocks.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |_fmt: String| -> String {
+            // Reproducible prompts matter more than the date: templates only use it for
+            // "Today is ..." lines, which the Qwen2-VL template does not have.
+            String::from("26 Jul 2024")
+        });
+        env.add_template("chat", &self.source)
+            .map_err(|e| anyhow!("{}: invalid chat template: {e}", self.origin))?;
+        Ok(env)
+    }
+
+    /// Renders `messages` as transformers' `apply_chat_template(tokenize=False)` would.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let env = self.environment()?;
+        let tpl = env.get_template("chat")?;
+        let ctx = minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            add_vision_id => false,
+        };
+        tpl.render(ctx)
+            .map_err(|e| anyhow!("{}: rendering the chat template failed: {e}", self.origin))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen/Qwen2-VL-2B-Instruct's template, verbatim.
+    pub const QWEN2_VL: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+    #[test]
+    fn default_system_turn_comes_from_the_template() {
+        let t = ChatTemplate::new(QWEN2_VL, "test").unwrap();
+        let s = t
+            .render(&[Message::user_with_images(1, "What is shown?")], true)
+            .unwrap();
+        assert_eq!(
+            s,
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\
+             <|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn custom_system_and_two_images() {
+        let t = ChatTemplate::new(QWEN2_VL, "test").unwrap();
+        let s = t
+            .render(
+                &[Message::system("Be brief."), Message::user_with_images(2, "Compare.")],
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            s,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n\
+             <|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>\
+             Compare.<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn raise_exception_and_syntax_errors_are_reported() {
+        let t = ChatTemplate::new("{{ raise_exception('no images allowed') }}", "x.jinja").unwrap();
+        let e = t.render(&[], false).unwrap_err().to_string();
+        assert!(e.contains("no images allowed") && e.contains("x.jinja"), "{e}");
+        let e = ChatTemplate::new("{% for %}", "bad.jinja").unwrap_err().to_string();
+        assert!(e.contains("bad.jinja"), "{e}");
+    }
+}

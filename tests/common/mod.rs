@@ -1,0 +1,101 @@
+//! Helpers shared by the integration tests: where the reference fixtures live and how to
+//! read them. The fixtures come from tools/make_fixtures.py (PyTorch + transformers).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use medvlm::processor::{Content, Message};
+use serde_json::Value;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn fixture_image(name: &str) -> PathBuf {
+    fixtures().join("images").join(name)
+}
+
+/// The reference cases of one tiny checkpoint: JSON metadata and tensors.
+pub struct Cases {
+    pub meta: Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+pub fn load_cases(model: &str) -> Cases {
+    let dir = fixtures();
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("cases-{model}.json"))).unwrap(),
+    )
+    .unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join(format!("cases-{model}.safetensors")), &Device::Cpu)
+            .unwrap();
+    Cases { meta, tensors }
+}
+
+impl Cases {
+    pub fn list(&self) -> &Vec<Value> {
+        self.meta["cases"].as_array().unwrap()
+    }
+    pub fn tensor(&self, key: &str) -> &Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture tensor {key} missing"))
+    }
+}
+
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// transformers' message JSON (content a string or a list of typed parts) as ours.
+pub fn messages(v: &Value) -> Vec<Message> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role = m["role"].as_str().unwrap().to_string();
+            let content = match &m["content"] {
+                Value::String(s) => vec![Content::text(s.clone())],
+                Value::Array(parts) => parts
+                    .iter()
+                    .map(|p| match p["type"].as_str().unwrap() {
+                        "image" => Content::Image,
+                        "text" => Content::text(p["text"].as_str().unwrap()),
+                        other => panic!("unexpected part {other}"),
+                    })
+                    .collect(),
+                other => panic!("unexpected content {other}"),
+            };
+            Message { role, content }
+        })
+        .collect()
+}
+
+/// Largest |a - b| over two same-shaped tensors, and the largest |b|.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    let mut d = 0f32;
+    let mut m = 0f32;
+    for (x, y) in a.iter().zip(&b) {
+        d = d.max((x - y).abs());
+        m = m.max(y.abs());
+    }
+    (d, m)
+}

@@ -1,0 +1,158 @@
+//! Qwen2-VL in Rust against Hugging Face transformers, through the public loading path:
+//! checkpoint directories and image files on disk in, token ids, M-RoPE positions, logits,
+//! greedy continuations and teacher-forced log-probabilities out, each compared with what
+//! transformers 4.57 computed for the same files (tools/make_fixtures.py).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use medvlm::generate::{self, FinishReason, Sampler, SamplingParams};
+use medvlm::model::Qwen2Vl;
+use medvlm::processor::{Processor, ProcessorOptions, Prompt};
+
+struct Loaded {
+    model: Qwen2Vl,
+    proc: Processor,
+}
+
+fn load(name: &str, dtype: DType) -> Loaded {
+    let dir = fixtures().join(name);
+    Loaded {
+        model: Qwen2Vl::load(&dir, dtype, &Device::Cpu).unwrap(),
+        proc: Processor::from_dir(&dir, &ProcessorOptions::default()).unwrap(),
+    }
+}
+
+fn prompt_for(l: &Loaded, case: &serde_json::Value) -> Prompt {
+    let images = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| l.proc.load_image(&fixture_image(n.as_str().unwrap())).unwrap())
+        .collect();
+    l.proc
+        .prepare(&messages(&case["messages"]), images, true)
+        .unwrap()
+}
+
+fn stop_ids(l: &Loaded) -> Vec<u32> {
+    medvlm::cli::stop_tokens(&l.proc)
+}
+
+fn check_model(name: &str) {
+    let l = load(name, DType::F32);
+    let cases = load_cases(name);
+    for case in cases.list() {
+        let cname = case["name"].as_str().unwrap();
+        let prompt = prompt_for(&l, case);
+
+        // The chat template's text and the expanded ids, exactly.
+        assert_eq!(prompt.text, case["prompt"].as_str().unwrap(), "{name}/{cname}: prompt text");
+        assert_eq!(prompt.input_ids, u32s(&case["input_ids"]), "{name}/{cname}: input ids");
+
+        // M-RoPE positions, exactly.
+        let grids = prompt.grids();
+        let (pos, delta) = l.model.positions(&prompt.input_ids, &grids).unwrap();
+        let want = cases.tensor(&format!("{cname}.position_ids"));
+        let want: Vec<Vec<i64>> = want.to_vec2().unwrap();
+        for (i, p) in pos.iter().enumerate() {
+            for axis in 0..3 {
+                assert_eq!(p[axis], want[axis][i], "{name}/{cname}: position {i} axis {axis}");
+            }
+        }
+        assert_eq!(delta, case["rope_delta"].as_i64().unwrap(), "{name}/{cname}: rope delta");
+
+        // Logits at every prompt position, fp32: within 1e-4 relative to the logit scale.
+        let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+        let logits = l
+            .model
+            .forward_logits(&prompt.input_ids, pixels.as_ref(), &grids)
+            .unwrap();
+        let (diff, scale) = max_abs_diff(&logits, cases.tensor(&format!("{cname}.logits")));
+        println!("{name}/{cname}: max |logit diff| {diff:.3e} (max |logit| {scale:.2})");
+        assert!(diff <= 1e-4 * scale.max(1.0), "{name}/{cname}: logits differ by {diff}");
+
+        // Greedy continuation, token for token.
+        let mut sampler = Sampler::new(SamplingParams::default(), vec![]).unwrap();
+        let want_new = u32s(&case["greedy_new_tokens"]);
+        let out = generate::generate(&l.model, &prompt, &mut sampler, 24, &stop_ids(&l), |_| Ok(()))
+            .unwrap();
+        assert_eq!(out.tokens, want_new, "{name}/{cname}: greedy continuation");
+        assert!(want_new.len() >= 20);
+        assert_eq!(out.finish, FinishReason::Length);
+
+        // Teacher-forced log-probabilities of a completion.
+        if let Some(c) = case.get("completion") {
+            let comp = l.proc.tokenizer.encode(c.as_str().unwrap()).unwrap();
+            assert_eq!(comp, u32s(&case["completion_ids"]), "{name}/{cname}: completion ids");
+            let lps = generate::score(&l.model, &prompt, &comp).unwrap();
+            let want = f32s(&case["completion_logprobs"]);
+            let worst = lps
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!("{name}/{cname}: max |logprob diff| {worst:.3e}");
+            assert!(worst <= 1e-4, "{name}/{cname}: log-probs differ by {worst}");
+        }
+    }
+}
+
+#[test]
+fn tiny_a_matches_transformers() {
+    check_model("tiny-a");
+}
+
+#[test]
+fn tiny_b_matches_transformers() {
+    check_model("tiny-b");
+}
+
+/// bf16 compute is checked loosely against transformers in bf16: both round every op to
+/// 8 bits of mantissa but in different orders, so only closeness is meaningful.
+#[test]
+fn tiny_b_in_bf16_stays_close_to_transformers_bf16() {
+    let l = load("tiny-b", DType::BF16);
+    let cases = load_cases("tiny-b");
+    let case = &cases.list()[1];
+    let prompt = prompt_for(&l, case);
+    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+    let logits = l
+        .model
+        .forward_logits(&prompt.input_ids, pixels.as_ref(), &prompt.grids())
+        .unwrap();
+    let n = prompt.input_ids.len();
+    let last = logits.narrow(0, n - 1, 1).unwrap().squeeze(0).unwrap();
+    let want = cases.tensor("one_image.logits_last_bf16");
+    let (diff, scale) = max_abs_diff(&last, want);
+    println!("tiny-b bf16: max |logit diff| {diff:.3e} (max |logit| {scale:.2})");
+    assert!(diff <= 0.05 * scale.max(1.0), "bf16 logits differ by {diff}");
+    // And the f32 reference is the same argmax.
+    let a: u32 = last.argmax(0).unwrap().to_scalar().unwrap();
+    let b: u32 = want.argmax(0).unwrap().to_scalar().unwrap();
+    assert_eq!(a, b);
+}
+
+/// Several images per prompt share one vision-tower call; each image's tokens must equal the
+/// tower run on that image alone (attention never crosses images).
+#[test]
+fn images_do_not_attend_to_each_other() {
+    let l = load("tiny-a", DType::F32);
+    let a = l.proc.load_image(&fixture_image("wide.png")).unwrap();
+    let b = l.proc.load_image(&fixture_image("gray.png")).unwrap();
+    let both = medvlm::processor::pixel_tensor(&[a.clone(), b.clone()], &Device::Cpu)
+        .unwrap()
+        .unwrap();
+    let joint = l
+        .model
+        .encode_images(&both, &[a.grid_thw, b.grid_thw])
+        .unwrap();
+    let pa = medvlm::processor::pixel_tensor(&[a.clone()], &Device::Cpu).unwrap().unwrap();
+    let pb = medvlm::processor::pixel_tensor(&[b.clone()], &Device::Cpu).unwrap().unwrap();
+    let ea = l.model.encode_images(&pa, &[a.grid_thw]).unwrap();
+    let eb = l.model.encode_images(&pb, &[b.grid_thw]).unwrap();
+    let sep = Tensor::cat(&[&ea, &eb], 0).unwrap();
+    let (diff, _) = max_abs_diff(&joint, &sep);
+    assert!(diff < 1e-5, "{diff}");
+}
