@@ -169,7 +169,9 @@ pub fn parse_device(spec: Option<&str>) -> Result<Device> {
         Some("cpu") => Ok(Device::Cpu),
         Some(s) if s == "cuda" || s.starts_with("cuda:") => {
             if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this build has no CUDA support (rebuild with --features cuda)");
+                bail!(
+                    "--device {s}: this build has no CUDA support (rebuild with --features cuda)"
+                );
             }
             let n = match s.strip_prefix("cuda:") {
                 Some(n) => n
@@ -190,6 +192,13 @@ pub struct Loaded {
 }
 
 pub fn load(m: &ModelArgs, opts: &ProcessorOptions) -> Result<Loaded> {
+    if !m.model.is_dir() {
+        bail!(
+            "{}: no such checkpoint directory (expected config.json, *.safetensors, \
+             tokenizer.json, preprocessor_config.json)",
+            m.model.display()
+        );
+    }
     let device = parse_device(m.device.as_deref())?;
     let dtype = m.dtype.map(DType::from).unwrap_or(if device.is_cpu() {
         DType::F32
@@ -347,7 +356,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         DType::F32,
         &Device::Cpu,
     )
-        .map_err(|e| weights.explain(e))?;
+    .map_err(|e| weights.explain(e))?;
     let params = weights.num_parameters();
     let dtypes = weights.dtype_counts();
     let proc = Processor::from_dir(dir, &ProcessorOptions::default())?;
@@ -386,11 +395,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     let v = &config.vision;
     println!("checkpoint   {}", dir.display());
     println!("architecture Qwen2-VL (Qwen2VLForConditionalGeneration)");
-    println!(
-        "parameters   {} ({:.1}M)",
-        params,
-        params as f64 / 1e6
-    );
+    println!("parameters   {} ({:.1}M)", params, params as f64 / 1e6);
     let stored: Vec<String> = dtypes.iter().map(|(k, n)| format!("{k} ({n})")).collect();
     println!(
         "dtype        stored as {}; config says {}",
@@ -409,7 +414,11 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         t.vocab_size,
         t.rope_theta,
         t.mrope_section,
-        if t.tie_word_embeddings { "tied to embeddings" } else { "separate" }
+        if t.tie_word_embeddings {
+            "tied to embeddings"
+        } else {
+            "separate"
+        }
     );
     println!(
         "vision       {} blocks, dim {}, {} heads, mlp {}, patch {}x{} over {} frames, merge {}x{} -> hidden {}",

@@ -34,7 +34,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            bail!("temperature must be a finite number >= 0, got {}", self.temperature);
+            bail!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("top-p must be in (0, 1], got {}", self.top_p);
@@ -114,7 +117,11 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
 /// softmax(logits / T) restricted to top-k then top-p (transformers' warper order),
 /// renormalised.
 pub fn filtered_probs(logits: &[f32], p: &SamplingParams) -> Result<Vec<f32>> {
-    let t = if p.temperature > 0.0 { p.temperature } else { 1.0 };
+    let t = if p.temperature > 0.0 {
+        p.temperature
+    } else {
+        1.0
+    };
     let mut scaled: Vec<f32> = logits.iter().map(|&l| l / t).collect();
     if scaled.iter().any(|l| l.is_nan()) {
         bail!("the model produced NaN logits");
@@ -224,7 +231,9 @@ pub fn generate(
         }
         let at = cache.seq_len() as i64 + delta;
         let e = model.input_embeds(&[vec![tok]], None)?;
-        last = model.text.forward(&e, &[vec![[at; 3]]], None, Some(&mut cache))?;
+        last = model
+            .text
+            .forward(&e, &[vec![[at; 3]]], None, Some(&mut cache))?;
     }
     Ok(Generation {
         tokens,

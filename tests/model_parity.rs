@@ -29,7 +29,11 @@ fn prompt_for(l: &Loaded, case: &serde_json::Value) -> Prompt {
         .as_array()
         .unwrap()
         .iter()
-        .map(|n| l.proc.load_image(&fixture_image(n.as_str().unwrap())).unwrap())
+        .map(|n| {
+            l.proc
+                .load_image(&fixture_image(n.as_str().unwrap()))
+                .unwrap()
+        })
         .collect();
     l.proc
         .prepare(&messages(&case["messages"]), images, true)
@@ -48,8 +52,16 @@ fn check_model(name: &str) {
         let prompt = prompt_for(&l, case);
 
         // The chat template's text and the expanded ids, exactly.
-        assert_eq!(prompt.text, case["prompt"].as_str().unwrap(), "{name}/{cname}: prompt text");
-        assert_eq!(prompt.input_ids, u32s(&case["input_ids"]), "{name}/{cname}: input ids");
+        assert_eq!(
+            prompt.text,
+            case["prompt"].as_str().unwrap(),
+            "{name}/{cname}: prompt text"
+        );
+        assert_eq!(
+            prompt.input_ids,
+            u32s(&case["input_ids"]),
+            "{name}/{cname}: input ids"
+        );
 
         // M-RoPE positions, exactly.
         let grids = prompt.grids();
@@ -58,10 +70,17 @@ fn check_model(name: &str) {
         let want: Vec<Vec<i64>> = want.to_vec2().unwrap();
         for (i, p) in pos.iter().enumerate() {
             for axis in 0..3 {
-                assert_eq!(p[axis], want[axis][i], "{name}/{cname}: position {i} axis {axis}");
+                assert_eq!(
+                    p[axis], want[axis][i],
+                    "{name}/{cname}: position {i} axis {axis}"
+                );
             }
         }
-        assert_eq!(delta, case["rope_delta"].as_i64().unwrap(), "{name}/{cname}: rope delta");
+        assert_eq!(
+            delta,
+            case["rope_delta"].as_i64().unwrap(),
+            "{name}/{cname}: rope delta"
+        );
 
         // Logits at every prompt position, fp32: within 1e-4 relative to the logit scale.
         let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
@@ -71,13 +90,18 @@ fn check_model(name: &str) {
             .unwrap();
         let (diff, scale) = max_abs_diff(&logits, cases.tensor(&format!("{cname}.logits")));
         println!("{name}/{cname}: max |logit diff| {diff:.3e} (max |logit| {scale:.2})");
-        assert!(diff <= 1e-4 * scale.max(1.0), "{name}/{cname}: logits differ by {diff}");
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{name}/{cname}: logits differ by {diff}"
+        );
 
         // Greedy continuation, token for token.
         let mut sampler = Sampler::new(SamplingParams::default(), vec![]).unwrap();
         let want_new = u32s(&case["greedy_new_tokens"]);
-        let out = generate::generate(&l.model, &prompt, &mut sampler, 24, &stop_ids(&l), |_| Ok(()))
-            .unwrap();
+        let out = generate::generate(&l.model, &prompt, &mut sampler, 24, &stop_ids(&l), |_| {
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(out.tokens, want_new, "{name}/{cname}: greedy continuation");
         assert!(want_new.len() >= 20);
         assert_eq!(out.finish, FinishReason::Length);
@@ -85,7 +109,11 @@ fn check_model(name: &str) {
         // Teacher-forced log-probabilities of a completion.
         if let Some(c) = case.get("completion") {
             let comp = l.proc.tokenizer.encode(c.as_str().unwrap()).unwrap();
-            assert_eq!(comp, u32s(&case["completion_ids"]), "{name}/{cname}: completion ids");
+            assert_eq!(
+                comp,
+                u32s(&case["completion_ids"]),
+                "{name}/{cname}: completion ids"
+            );
             let lps = generate::score(&l.model, &prompt, &comp).unwrap();
             let want = f32s(&case["completion_logprobs"]);
             let worst = lps
@@ -109,10 +137,12 @@ fn tiny_b_matches_transformers() {
     check_model("tiny-b");
 }
 
-/// bf16 compute is checked loosely against transformers in bf16: both round every op to
-/// 8 bits of mantissa but in different orders, so only closeness is meaningful.
+/// bf16 compute rounds every op to 8 bits of mantissa, in a different order here than in
+/// PyTorch, so bit equality is not the bar. The bar: our bf16 logits are about as close to the
+/// f32 reference as transformers' own bf16 logits are (within 2x of its error), and pick the
+/// same token.
 #[test]
-fn tiny_b_in_bf16_stays_close_to_transformers_bf16() {
+fn tiny_b_in_bf16_is_as_accurate_as_transformers_bf16() {
     let l = load("tiny-b", DType::BF16);
     let cases = load_cases("tiny-b");
     let case = &cases.list()[1];
@@ -124,13 +154,26 @@ fn tiny_b_in_bf16_stays_close_to_transformers_bf16() {
         .unwrap();
     let n = prompt.input_ids.len();
     let last = logits.narrow(0, n - 1, 1).unwrap().squeeze(0).unwrap();
-    let want = cases.tensor("one_image.logits_last_bf16");
-    let (diff, scale) = max_abs_diff(&last, want);
-    println!("tiny-b bf16: max |logit diff| {diff:.3e} (max |logit| {scale:.2})");
-    assert!(diff <= 0.05 * scale.max(1.0), "bf16 logits differ by {diff}");
-    // And the f32 reference is the same argmax.
+    let f32_ref = cases
+        .tensor("one_image.logits")
+        .narrow(0, n - 1, 1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let hf_bf16 = cases.tensor("one_image.logits_last_bf16");
+    let (ours, scale) = max_abs_diff(&last, &f32_ref);
+    let (theirs, _) = max_abs_diff(hf_bf16, &f32_ref);
+    let (between, _) = max_abs_diff(&last, hf_bf16);
+    println!(
+        "tiny-b bf16 vs f32 reference: ours {ours:.3e}, transformers {theirs:.3e} \
+         (ours vs transformers bf16 {between:.3e}; max |logit| {scale:.2})"
+    );
+    assert!(
+        ours <= 2.0 * theirs,
+        "bf16 error {ours} vs transformers' {theirs}"
+    );
     let a: u32 = last.argmax(0).unwrap().to_scalar().unwrap();
-    let b: u32 = want.argmax(0).unwrap().to_scalar().unwrap();
+    let b: u32 = f32_ref.argmax(0).unwrap().to_scalar().unwrap();
     assert_eq!(a, b);
 }
 
@@ -148,8 +191,12 @@ fn images_do_not_attend_to_each_other() {
         .model
         .encode_images(&both, &[a.grid_thw, b.grid_thw])
         .unwrap();
-    let pa = medvlm::processor::pixel_tensor(&[a.clone()], &Device::Cpu).unwrap().unwrap();
-    let pb = medvlm::processor::pixel_tensor(&[b.clone()], &Device::Cpu).unwrap().unwrap();
+    let pa = medvlm::processor::pixel_tensor(std::slice::from_ref(&a), &Device::Cpu)
+        .unwrap()
+        .unwrap();
+    let pb = medvlm::processor::pixel_tensor(std::slice::from_ref(&b), &Device::Cpu)
+        .unwrap()
+        .unwrap();
     let ea = l.model.encode_images(&pa, &[a.grid_thw]).unwrap();
     let eb = l.model.encode_images(&pb, &[b.grid_thw]).unwrap();
     let sep = Tensor::cat(&[&ea, &eb], 0).unwrap();

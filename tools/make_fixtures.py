@@ -566,6 +566,7 @@ def main():
             generated_by="tools/make_fixtures.py",
             versions=dict(torch=torch.__version__, transformers=transformers.__version__, pillow=PIL.__version__),
             special_token_ids=ids,
+            num_parameters=model.num_parameters(),
             cases=records,
         )
         with open(os.path.join(OUT, f"cases-{name}.json"), "w") as f:

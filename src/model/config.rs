@@ -208,8 +208,8 @@ impl Qwen2VlConfig {
 
     /// Parses the text of a `config.json`; `file` names it in errors.
     pub fn from_json_str(text: &str, file: &str) -> Result<Self> {
-        let root: Value = serde_json::from_str(text)
-            .with_context(|| format!("{file}: not valid JSON"))?;
+        let root: Value =
+            serde_json::from_str(text).with_context(|| format!("{file}: not valid JSON"))?;
         let root = root
             .as_object()
             .with_context(|| format!("{file}: expected a JSON object at the top level"))?;
@@ -347,7 +347,11 @@ fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
             })?;
             let arr: Vec<usize> = sec
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_u64().map(|n| n as usize)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|n| n as usize))
+                        .collect()
+                })
                 .unwrap_or_default();
             if arr.len() != 3 || sec.as_array().map(|a| a.len()) != Some(3) {
                 bail!("{file}: rope_scaling.mrope_section must be three integers, found {sec}");
@@ -500,7 +504,10 @@ mod tests {
         let e = err_of(|v| {
             v.as_object_mut().unwrap().remove("hidden_size");
         });
-        assert!(e.contains("ckpt/config.json") && e.contains("`hidden_size`"), "{e}");
+        assert!(
+            e.contains("ckpt/config.json") && e.contains("`hidden_size`"),
+            "{e}"
+        );
         let e = err_of(|v| v["model_type"] = "llava".into());
         assert!(e.contains("llava") && e.contains("qwen2_vl"), "{e}");
         let e = err_of(|v| v["vision_config"]["depth"] = "deep".into());

@@ -38,8 +38,7 @@ impl Qwen2Vl {
         let weights = CheckpointWeights::open(dir)?;
         let vb = weights.var_builder(dtype, device)?;
         let layout = weights.layout(&config)?;
-        Self::from_var_builder(vb, layout, config, dtype, device)
-            .map_err(|e| weights.explain(e))
+        Self::from_var_builder(vb, layout, config, dtype, device).map_err(|e| weights.explain(e))
     }
 
     /// Builds the model from any variable source: memory-mapped checkpoint files for
@@ -97,11 +96,16 @@ impl Qwen2Vl {
         };
         let (n_feat, _) = img.dims2()?;
         if n_feat != n_slots {
-            bail!("image features and image tokens do not match: {n_slots} tokens, {n_feat} features");
+            bail!(
+                "image features and image tokens do not match: {n_slots} tokens, {n_feat} features"
+            );
         }
         // Gather rows from [text embeddings; image embeddings]: differentiable through both.
         let h = self.config.text.hidden_size;
-        let table = Tensor::cat(&[&embeds.reshape((b * l, h))?, &img.to_dtype(embeds.dtype())?], 0)?;
+        let table = Tensor::cat(
+            &[&embeds.reshape((b * l, h))?, &img.to_dtype(embeds.dtype())?],
+            0,
+        )?;
         let mut next_img = (b * l) as u32;
         let index: Vec<u32> = flat
             .iter()
@@ -131,7 +135,12 @@ impl Qwen2Vl {
 
     /// Full forward pass over one sequence (no cache): logits for every position,
     /// (seq, vocab), in f32.
-    pub fn forward_logits(&self, ids: &[u32], pixels: Option<&Tensor>, grids: &[[usize; 3]]) -> Result<Tensor> {
+    pub fn forward_logits(
+        &self,
+        ids: &[u32],
+        pixels: Option<&Tensor>,
+        grids: &[[usize; 3]],
+    ) -> Result<Tensor> {
         let img = match pixels {
             Some(p) => Some(self.encode_images(p, grids)?),
             None => None,
@@ -140,7 +149,11 @@ impl Qwen2Vl {
         let (pos, _) = self.positions(ids, grids)?;
         let mask = attention_mask(ids.len(), 0, None, &self.device)?;
         let hidden = self.text.forward(&embeds, &[pos], mask.as_ref(), None)?;
-        Ok(self.text.logits(&hidden)?.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(self
+            .text
+            .logits(&hidden)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Number of parameters, for `inspect`.
@@ -159,7 +172,11 @@ impl Qwen2Vl {
             t.intermediate_size,
             t.vocab_size,
             t.mrope_section,
-            if t.tie_word_embeddings { "tied" } else { "untied" },
+            if t.tie_word_embeddings {
+                "tied"
+            } else {
+                "untied"
+            },
             v.depth,
             v.embed_dim,
             v.num_heads,

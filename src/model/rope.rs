@@ -38,8 +38,7 @@ pub fn mrope_positions(
         };
         let (gh, gw) = (h / spatial_merge_size, w / spatial_merge_size);
         let n = t * gh * gw;
-        if i + n > input_ids.len() || input_ids[i..i + n].iter().any(|&id| id != image_token_id)
-        {
+        if i + n > input_ids.len() || input_ids[i..i + n].iter().any(|&id| id != image_token_id) {
             bail!(
                 "image placeholder run at token {i} is shorter than the image's {n} tokens \
                  (grid {t}x{h}x{w})"

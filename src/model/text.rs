@@ -119,7 +119,9 @@ impl Attention {
         // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
         // head are stacked along the sequence axis of one matmul.
         let rep = self.num_heads / self.num_kv_heads;
-        let qg = q.contiguous()?.reshape((b, self.num_kv_heads, rep * l, hd))?;
+        let qg = q
+            .contiguous()?
+            .reshape((b, self.num_kv_heads, rep * l, hd))?;
         let scale = (hd as f64).powf(-0.5);
         let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, self.num_heads, l, t))?;
         let scores = match mask {
@@ -175,7 +177,11 @@ struct DecoderLayer {
 impl DecoderLayer {
     fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
         Ok(Self {
-            input_norm: RmsNorm::load(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_norm: RmsNorm::load(
+                &vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             attn: Attention::load(vb.pp("self_attn"), cfg)?,
             post_norm: RmsNorm::load(
                 &vb.pp("post_attention_layernorm"),
@@ -194,7 +200,12 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let h = x.add(&self.attn.forward(&self.input_norm.forward(x)?, cos, sin, mask, cache)?)?;
+        let h =
+            x.add(
+                &self
+                    .attn
+                    .forward(&self.input_norm.forward(x)?, cos, sin, mask, cache)?,
+            )?;
         h.add(&self.mlp.forward(&self.post_norm.forward(&h)?)?)
     }
 }

@@ -39,13 +39,28 @@ impl VisionBlock {
     }
 
     /// `x`: (patches, dim). `segments`: patch counts of each image frame, attended separately.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[usize]) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        segments: &[usize],
+    ) -> Result<Tensor> {
         let h = x.add(&self.attention(&self.norm1.forward(x)?, cos, sin, segments)?)?;
-        let m = self.fc2.forward(&activate(&self.fc1.forward(&self.norm2.forward(&h)?)?, self.act)?)?;
+        let m = self.fc2.forward(&activate(
+            &self.fc1.forward(&self.norm2.forward(&h)?)?,
+            self.act,
+        )?)?;
         h.add(&m)
     }
 
-    fn attention(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[usize]) -> Result<Tensor> {
+    fn attention(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        segments: &[usize],
+    ) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let hd = d / self.num_heads;
         let dtype = x.dtype();
@@ -56,9 +71,17 @@ impl VisionBlock {
             let t = t.to_dtype(DType::F32)?;
             apply_rotary(&t, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.to_dtype(dtype)
         };
-        let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?.transpose(0, 1)?.contiguous()?;
-        let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?.transpose(0, 1)?.contiguous()?;
-        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.transpose(0, 1)?.contiguous()?;
+        let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let v = qkv
+            .narrow(1, 2, 1)?
+            .squeeze(1)?
+            .transpose(0, 1)?
+            .contiguous()?;
         let scale = (hd as f64).powf(-0.5);
         let mut outs = Vec::with_capacity(segments.len());
         let mut start = 0;

@@ -49,7 +49,10 @@ impl CheckpointWeights {
     /// and its header validated, so a truncated or corrupt file is named in the error.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            bail!("{}: not a directory (expected a Hugging Face checkpoint directory)", dir.display());
+            bail!(
+                "{}: not a directory (expected a Hugging Face checkpoint directory)",
+                dir.display()
+            );
         }
         let files = find_files(dir)?;
         let mut tensors = BTreeMap::new();
@@ -59,7 +62,10 @@ impl CheckpointWeights {
                 .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
             for (name, view) in st.tensors() {
                 let dtype = DType::try_from(view.dtype()).map_err(|e| {
-                    anyhow!("{}: tensor {name} has an unsupported dtype ({e})", f.display())
+                    anyhow!(
+                        "{}: tensor {name} has an unsupported dtype ({e})",
+                        f.display()
+                    )
                 })?;
                 tensors.insert(name, (dtype, view.shape().to_vec()));
             }
@@ -77,7 +83,10 @@ impl CheckpointWeights {
 
     /// Which naming scheme these weights use.
     pub fn layout(&self, config: &Qwen2VlConfig) -> Result<WeightLayout> {
-        let layout = if self.tensors.contains_key("model.language_model.embed_tokens.weight") {
+        let layout = if self
+            .tensors
+            .contains_key("model.language_model.embed_tokens.weight")
+        {
             WeightLayout::Nested
         } else if self.tensors.contains_key("model.embed_tokens.weight") {
             WeightLayout::Legacy
@@ -135,7 +144,8 @@ impl CheckpointWeights {
     pub fn dtype_counts(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for (dt, s) in self.tensors.values() {
-            *out.entry(format!("{dt:?}").to_lowercase()).or_default() += s.iter().product::<usize>();
+            *out.entry(format!("{dt:?}").to_lowercase()).or_default() +=
+                s.iter().product::<usize>();
         }
         out
     }

@@ -103,7 +103,9 @@ impl ChatTemplate {
                 None | Some(Json::Null) => continue,
                 Some(Json::String(s)) => return Self::new(s.clone(), path.display().to_string()),
                 Some(Json::Array(list)) => {
-                    let found = list.iter().find(|t| t.get("name") == Some(&"default".into()));
+                    let found = list
+                        .iter()
+                        .find(|t| t.get("name") == Some(&"default".into()));
                     let tpl = found
                         .and_then(|t| t.get("template"))
                         .and_then(Json::as_str)
@@ -139,9 +141,12 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |_fmt: String| -> String {
             // Reproducible prompts matter more than the date: templates only use it for
             // "Today is ..." lines, which the Qwen2-VL template does not have.
@@ -192,7 +197,10 @@ mod tests {
         let t = ChatTemplate::new(QWEN2_VL, "test").unwrap();
         let s = t
             .render(
-                &[Message::system("Be brief."), Message::user_with_images(2, "Compare.")],
+                &[
+                    Message::system("Be brief."),
+                    Message::user_with_images(2, "Compare."),
+                ],
                 false,
             )
             .unwrap();
@@ -208,8 +216,13 @@ mod tests {
     fn raise_exception_and_syntax_errors_are_reported() {
         let t = ChatTemplate::new("{{ raise_exception('no images allowed') }}", "x.jinja").unwrap();
         let e = t.render(&[], false).unwrap_err().to_string();
-        assert!(e.contains("no images allowed") && e.contains("x.jinja"), "{e}");
-        let e = ChatTemplate::new("{% for %}", "bad.jinja").unwrap_err().to_string();
+        assert!(
+            e.contains("no images allowed") && e.contains("x.jinja"),
+            "{e}"
+        );
+        let e = ChatTemplate::new("{% for %}", "bad.jinja")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad.jinja"), "{e}");
     }
 }

@@ -57,7 +57,10 @@ pub fn pixel_tensor(images: &[PixelPatches], device: &Device) -> Result<Option<T
     let mut rows = 0;
     for p in images {
         if p.patch_dim != dim {
-            bail!("images have different patch sizes ({} vs {dim})", p.patch_dim);
+            bail!(
+                "images have different patch sizes ({} vs {dim})",
+                p.patch_dim
+            );
         }
         data.extend_from_slice(&p.data);
         rows += p.num_patches;

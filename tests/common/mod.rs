@@ -29,9 +29,11 @@ pub fn load_cases(model: &str) -> Cases {
         &std::fs::read_to_string(dir.join(format!("cases-{model}.json"))).unwrap(),
     )
     .unwrap();
-    let tensors =
-        candle_core::safetensors::load(dir.join(format!("cases-{model}.safetensors")), &Device::Cpu)
-            .unwrap();
+    let tensors = candle_core::safetensors::load(
+        dir.join(format!("cases-{model}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     Cases { meta, tensors }
 }
 

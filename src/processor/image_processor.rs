@@ -1,0 +1,560 @@
+//! Qwen2-VL's image processor: RGB image to the flattened pixel patches the vision tower
+//! reads, numerically identical to transformers 4.57's (slow, PIL-based)
+//! `Qwen2VLImageProcessor`.
+//!
+//! The steps and their exact arithmetic, each matching what numpy does in transformers:
+//! 1. [`smart_resize`] picks a size divisible by `patch_size * merge_size` with a pixel count
+//!    inside `[min_pixels, max_pixels]`, keeping the aspect ratio (Python `f64` arithmetic).
+//! 2. Resize with Pillow's resampler ([`super::resize`]), skipped when the size is unchanged.
+//! 3. Rescale: `(u8 as f64 * rescale_factor) as f32` (numpy upcasts to float64, multiplies,
+//!    then casts to float32).
+//! 4. Normalize: `(x - mean) / std` in `f32`, with mean and std rounded to `f32` first.
+//! 5. A single image is repeated `temporal_patch_size` times (the vision tower's patches
+//!    are 3-D, built for video), then cut into patches in 2x2 merge-window order.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use image::RgbImage;
+use serde_json::{Map, Value};
+
+use super::resize::{resize, Filter};
+
+/// transformers' `OPENAI_CLIP_MEAN`, as the Python floats (`f64`) it is written as.
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// transformers' `OPENAI_CLIP_STD`, as Python floats.
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// Rounds Python floats to `f32` the way numpy does (`np.array(mean, dtype=np.float32)`:
+/// decimal to `f64`, then `f64` to `f32`), which is not always the same as parsing the
+/// decimal straight to `f32`.
+fn to_f32_triple(v: [f64; 3]) -> [f32; 3] {
+    v.map(|x| x as f32)
+}
+
+/// The aspect ratio above which transformers refuses an image.
+const MAX_ASPECT_RATIO: f64 = 200.0;
+
+/// Settings of the image processor, as in preprocessor_config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub merge_size: usize,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    pub rescale_factor: f64,
+    pub do_resize: bool,
+    pub do_rescale: bool,
+    pub do_normalize: bool,
+    /// Images are always converted to RGB before they reach [`ImageProcessor::preprocess`]
+    /// (it takes an [`RgbImage`]); the field is kept so that configs round-trip.
+    pub do_convert_rgb: bool,
+    pub resample: Filter,
+}
+
+impl Default for ImageProcessorConfig {
+    /// transformers' defaults for `Qwen2VLImageProcessor`.
+    fn default() -> Self {
+        Self {
+            min_pixels: 56 * 56,
+            max_pixels: 28 * 28 * 1280,
+            patch_size: 14,
+            temporal_patch_size: 2,
+            merge_size: 2,
+            image_mean: to_f32_triple(CLIP_MEAN),
+            image_std: to_f32_triple(CLIP_STD),
+            rescale_factor: 1.0 / 255.0,
+            do_resize: true,
+            do_rescale: true,
+            do_normalize: true,
+            do_convert_rgb: true,
+            resample: Filter::Bicubic,
+        }
+    }
+}
+
+impl ImageProcessorConfig {
+    /// Reads preprocessor_config.json. Missing keys take transformers' defaults; the pixel
+    /// limits come from `min_pixels`/`max_pixels`, else from `size.shortest_edge`/
+    /// `size.longest_edge`. Errors name the file and the field.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+        Self::from_json(&text).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+    }
+
+    /// Parses the contents of preprocessor_config.json (see [`Self::from_file`]).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).context("not valid JSON")?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| anyhow!("expected a JSON object"))?;
+        let d = Self::default();
+        let (size_min, size_max) = size_limits(obj)?;
+        let config = Self {
+            min_pixels: get_usize(obj, "min_pixels")?
+                .or(size_min)
+                .unwrap_or(d.min_pixels),
+            max_pixels: get_usize(obj, "max_pixels")?
+                .or(size_max)
+                .unwrap_or(d.max_pixels),
+            patch_size: get_positive(obj, "patch_size")?.unwrap_or(d.patch_size),
+            temporal_patch_size: get_positive(obj, "temporal_patch_size")?
+                .unwrap_or(d.temporal_patch_size),
+            merge_size: get_positive(obj, "merge_size")?.unwrap_or(d.merge_size),
+            image_mean: get_triple(obj, "image_mean")?.unwrap_or(d.image_mean),
+            image_std: get_triple(obj, "image_std")?.unwrap_or(d.image_std),
+            rescale_factor: get_f64(obj, "rescale_factor")?.unwrap_or(d.rescale_factor),
+            do_resize: get_bool(obj, "do_resize")?.unwrap_or(d.do_resize),
+            do_rescale: get_bool(obj, "do_rescale")?.unwrap_or(d.do_rescale),
+            do_normalize: get_bool(obj, "do_normalize")?.unwrap_or(d.do_normalize),
+            do_convert_rgb: get_bool(obj, "do_convert_rgb")?.unwrap_or(d.do_convert_rgb),
+            resample: match get_i64(obj, "resample")? {
+                Some(v) => Filter::from_pil(v).context("field resample")?,
+                None => d.resample,
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies user overrides of the pixel budget (e.g. MedVLM-R1 trains with
+    /// `max_pixels = 401408`).
+    pub fn with_pixel_limits(mut self, min: Option<usize>, max: Option<usize>) -> Result<Self> {
+        if let Some(min) = min {
+            self.min_pixels = min;
+        }
+        if let Some(max) = max {
+            self.max_pixels = max;
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Side of the square every resized dimension is a multiple of.
+    pub fn factor(&self) -> usize {
+        self.patch_size * self.merge_size
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.min_pixels <= self.max_pixels,
+            "min_pixels ({}) is larger than max_pixels ({})",
+            self.min_pixels,
+            self.max_pixels
+        );
+        ensure!(
+            self.max_pixels > 0,
+            "max_pixels must be positive, got {}",
+            self.max_pixels
+        );
+        if let Some(i) = self
+            .image_std
+            .iter()
+            .position(|&s| s == 0.0 || !s.is_finite())
+        {
+            bail!(
+                "field image_std: entry {i} is {}, but it divides the pixels and must be a \
+                 non-zero finite number",
+                self.image_std[i]
+            );
+        }
+        ensure!(
+            self.rescale_factor.is_finite(),
+            "field rescale_factor: must be a finite number"
+        );
+        Ok(())
+    }
+}
+
+/// Reads `size.shortest_edge` / `size.longest_edge`. transformers requires both when `size`
+/// is present.
+fn size_limits(obj: &Map<String, Value>) -> Result<(Option<usize>, Option<usize>)> {
+    let Some(size) = obj.get("size").filter(|v| !v.is_null()) else {
+        return Ok((None, None));
+    };
+    let size = size
+        .as_object()
+        .ok_or_else(|| anyhow!("field size: expected an object, got {size}"))?;
+    let min = get_usize(size, "shortest_edge").context("field size")?;
+    let max = get_usize(size, "longest_edge").context("field size")?;
+    match (min, max) {
+        (Some(min), Some(max)) => Ok((Some(min), Some(max))),
+        _ => bail!("field size: must contain both shortest_edge and longest_edge"),
+    }
+}
+
+/// A present, non-null field.
+fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+fn get_i64(obj: &Map<String, Value>, key: &str) -> Result<Option<i64>> {
+    field(obj, key)
+        .map(|v| {
+            v.as_i64()
+                .ok_or_else(|| anyhow!("field {key}: expected an integer, got {v}"))
+        })
+        .transpose()
+}
+
+fn get_usize(obj: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
+    field(obj, key)
+        .map(|v| {
+            v.as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| anyhow!("field {key}: expected a non-negative integer, got {v}"))
+        })
+        .transpose()
+}
+
+fn get_positive(obj: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
+    let value = get_usize(obj, key)?;
+    if value == Some(0) {
+        bail!("field {key}: must be at least 1, got 0");
+    }
+    Ok(value)
+}
+
+fn get_f64(obj: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
+    field(obj, key)
+        .map(|v| {
+            v.as_f64()
+                .ok_or_else(|| anyhow!("field {key}: expected a number, got {v}"))
+        })
+        .transpose()
+}
+
+fn get_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
+    field(obj, key)
+        .map(|v| {
+            v.as_bool()
+                .ok_or_else(|| anyhow!("field {key}: expected true or false, got {v}"))
+        })
+        .transpose()
+}
+
+/// Three numbers, or one number used for all channels (transformers accepts both), rounded
+/// to `f32` as numpy does when it builds the float32 mean/std arrays.
+fn get_triple(obj: &Map<String, Value>, key: &str) -> Result<Option<[f32; 3]>> {
+    let Some(v) = field(obj, key) else {
+        return Ok(None);
+    };
+    let bad =
+        || anyhow!("field {key}: expected a list of 3 numbers (one per RGB channel), got {v}");
+    if let Some(x) = v.as_f64() {
+        return Ok(Some([x as f32; 3]));
+    }
+    let list = v.as_array().ok_or_else(bad)?;
+    if list.len() != 3 {
+        return Err(bad());
+    }
+    let mut out = [0f32; 3];
+    for (o, x) in out.iter_mut().zip(list) {
+        *o = x.as_f64().ok_or_else(bad)? as f32;
+    }
+    Ok(Some(out))
+}
+
+/// Python's `round()`: to nearest, ties to even.
+fn py_round(x: f64) -> f64 {
+    x.round_ties_even()
+}
+
+/// The size transformers resizes a `height` x `width` image to: both sides multiples of
+/// `factor`, the pixel count within `[min_pixels, max_pixels]`, the aspect ratio kept as
+/// closely as possible. A line-by-line port of transformers' `smart_resize`, in `f64` like
+/// Python, including its round-half-to-even.
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize)> {
+    ensure!(
+        height > 0 && width > 0,
+        "cannot resize an empty {width}x{height} image"
+    );
+    ensure!(factor > 0, "the resize factor must be positive");
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    let aspect = h.max(w) / h.min(w);
+    ensure!(
+        aspect <= MAX_ASPECT_RATIO,
+        "absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {aspect} \
+         ({width}x{height})"
+    );
+    let mut h_bar = py_round(h / f) as usize * factor;
+    let mut w_bar = py_round(w / f) as usize * factor;
+    if h_bar * w_bar > max_pixels {
+        let beta = ((h * w) / max_pixels as f64).sqrt();
+        h_bar = factor.max((h / beta / f).floor() as usize * factor);
+        w_bar = factor.max((w / beta / f).floor() as usize * factor);
+    } else if h_bar * w_bar < min_pixels {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        h_bar = (h * beta / f).ceil() as usize * factor;
+        w_bar = (w * beta / f).ceil() as usize * factor;
+    }
+    Ok((h_bar, w_bar))
+}
+
+/// One image's patches, ready for the vision tower.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PixelPatches {
+    /// `num_patches * patch_dim` values, row-major.
+    pub data: Vec<f32>,
+    /// `grid_t * grid_h * grid_w`.
+    pub num_patches: usize,
+    /// `3 * temporal_patch_size * patch_size * patch_size` (1176 for Qwen2-VL).
+    pub patch_dim: usize,
+    /// (temporal, height, width) in patches.
+    pub grid_thw: [usize; 3],
+}
+
+/// The Qwen2-VL image processor.
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    pub config: ImageProcessorConfig,
+}
+
+impl ImageProcessor {
+    pub fn new(config: ImageProcessorConfig) -> Self {
+        Self { config }
+    }
+
+    /// Resizes, rescales, normalises and patchifies one image, exactly as transformers'
+    /// `Qwen2VLImageProcessor` does for a single image.
+    pub fn preprocess(&self, img: &RgbImage) -> Result<PixelPatches> {
+        let c = &self.config;
+        let (height, width) = (img.height() as usize, img.width() as usize);
+        let factor = c.factor();
+        let resized;
+        let img = if c.do_resize {
+            let (h, w) = smart_resize(height, width, factor, c.min_pixels, c.max_pixels)?;
+            if (h, w) == (height, width) {
+                img
+            } else {
+                let (w32, h32) = (to_u32(w)?, to_u32(h)?);
+                resized = resize(img, w32, h32, c.resample)?;
+                &resized
+            }
+        } else {
+            ensure!(
+                height % factor == 0 && width % factor == 0 && height > 0 && width > 0,
+                "the image is {width}x{height}, but with do_resize false both sides must be \
+                 positive multiples of {factor} (patch_size x merge_size)"
+            );
+            img
+        };
+        let planes = self.normalized_planes(img);
+        Ok(self.patchify(&planes, img.height() as usize, img.width() as usize))
+    }
+
+    /// The image as three `f32` channel planes (C, H, W), rescaled and normalised as numpy
+    /// does it in transformers.
+    fn normalized_planes(&self, img: &RgbImage) -> [Vec<f32>; 3] {
+        let c = &self.config;
+        let n = img.width() as usize * img.height() as usize;
+        let mut planes = [
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        ];
+        for px in img.pixels() {
+            for (ch, plane) in planes.iter_mut().enumerate() {
+                let mut v = if c.do_rescale {
+                    (f64::from(px.0[ch]) * c.rescale_factor) as f32
+                } else {
+                    f32::from(px.0[ch])
+                };
+                if c.do_normalize {
+                    v = (v - c.image_mean[ch]) / c.image_std[ch];
+                }
+                plane.push(v);
+            }
+        }
+        planes
+    }
+
+    /// Cuts (C, H, W) planes into patches. transformers reshapes the (T, C, H, W) frames to
+    /// `(grid_t, T, C, gh/m, m, P, gw/m, m, P)` and transposes to
+    /// `(grid_t, gh/m, gw/m, m, m, C, T, P, P)`: patches in merge-window order (each 2x2
+    /// window's four patches consecutive), each patch channel-major, then frame, row, column.
+    /// A single image is its own every frame.
+    fn patchify(&self, planes: &[Vec<f32>; 3], height: usize, width: usize) -> PixelPatches {
+        let c = &self.config;
+        let (p, m, t) = (c.patch_size, c.merge_size, c.temporal_patch_size);
+        let (gh, gw) = (height / p, width / p);
+        let patch_dim = 3 * t * p * p;
+        let num_patches = gh * gw;
+        let mut data = Vec::with_capacity(num_patches * patch_dim);
+        for bh in 0..gh / m {
+            for bw in 0..gw / m {
+                for mh in 0..m {
+                    for mw in 0..m {
+                        let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                        for plane in planes {
+                            for _frame in 0..t {
+                                for y in y0..y0 + p {
+                                    data.extend_from_slice(&plane[y * width + x0..][..p]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        PixelPatches {
+            data,
+            num_patches,
+            patch_dim,
+            grid_thw: [1, gh, gw],
+        }
+    }
+}
+
+fn to_u32(n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| anyhow!("resized side {n} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const F: usize = 28;
+
+    #[test]
+    fn smart_resize_table() {
+        let (min, max) = (56 * 56, 28 * 28 * 1280);
+        let cases = [
+            // Plain rounding to multiples of 28.
+            ((224, 224), (224, 224)),
+            ((300, 400), (308, 392)), // 10.71 -> 11, 14.29 -> 14
+            // Ties go to even: 42/28 = 1.5 -> 2, 70/28 = 2.5 -> 2, 98/28 = 3.5 -> 4.
+            ((42, 1000), (56, 1008)), // 1000/28 = 35.71 -> 36
+            ((70, 1000), (56, 1008)),
+            ((98, 1000), (112, 1008)),
+            // Too few pixels: 12x20 -> beta = sqrt(3136 / 240) = 3.6148, ceil(12*3.6148/28) =
+            // ceil(1.549) = 2 -> 56, ceil(20*3.6148/28) = ceil(2.582) = 3 -> 84.
+            ((12, 20), (56, 84)),
+        ];
+        for ((h, w), want) in cases {
+            assert_eq!(
+                smart_resize(h, w, F, min, max).expect("valid"),
+                want,
+                "{h}x{w}"
+            );
+        }
+    }
+
+    #[test]
+    fn smart_resize_shrinks_to_the_budget() {
+        // 300x400 with max 9408: 308 * 392 > 9408, so beta = sqrt(120000 / 9408) = 3.5714,
+        // 300 / beta / 28 = 3.0 -> 84 and 400 / beta / 28 = 4.0 -> 112 (the fixture's grid).
+        assert_eq!(
+            smart_resize(300, 400, F, 3136, 9408).expect("valid"),
+            (84, 112)
+        );
+        // Never below one factor per side: 28x5000 with max 784 has beta = 13.36, so the
+        // height floors to 0 and is raised to 28; 5000 / 13.36 / 28 = 13.4 -> 364.
+        assert_eq!(smart_resize(28, 5000, F, 0, 784).expect("valid"), (28, 364));
+    }
+
+    #[test]
+    fn smart_resize_refuses_extreme_aspect() {
+        assert!(smart_resize(1, 201, F, 3136, 1_000_000).is_err());
+        assert!(smart_resize(1, 200, F, 3136, 1_000_000).is_ok());
+        assert!(smart_resize(0, 10, F, 3136, 1_000_000).is_err());
+    }
+
+    #[test]
+    fn config_parsing_and_errors() {
+        let c = ImageProcessorConfig::from_json("{}").expect("empty config");
+        assert_eq!(c, ImageProcessorConfig::default());
+        let c = ImageProcessorConfig::from_json(
+            r#"{"size": {"shortest_edge": 100, "longest_edge": 2000}, "max_pixels": 5000}"#,
+        )
+        .expect("valid");
+        assert_eq!((c.min_pixels, c.max_pixels), (100, 5000));
+        let c = ImageProcessorConfig::from_json(r#"{"image_mean": 0.5, "resample": 2}"#)
+            .expect("valid");
+        assert_eq!(c.image_mean, [0.5; 3]);
+        assert_eq!(c.resample, Filter::Bilinear);
+        for (json, needle) in [
+            (r#"{"patch_size": 0}"#, "patch_size"),
+            (r#"{"patch_size": "14"}"#, "patch_size"),
+            (r#"{"image_mean": [0.1, 0.2]}"#, "image_mean"),
+            (r#"{"image_std": [0.1, 0, 0.2]}"#, "image_std"),
+            (r#"{"min_pixels": -1}"#, "min_pixels"),
+            (r#"{"min_pixels": 10, "max_pixels": 5}"#, "min_pixels"),
+            (r#"{"size": {"shortest_edge": 10}}"#, "size"),
+            (r#"{"resample": 7}"#, "resample"),
+            (r#"{"do_resize": 1}"#, "do_resize"),
+            ("[1, 2]", "object"),
+            ("{", "JSON"),
+        ] {
+            let err = ImageProcessorConfig::from_json(json).expect_err(json);
+            assert!(format!("{err:#}").contains(needle), "{json}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn pixel_limit_overrides() {
+        let c = ImageProcessorConfig::default()
+            .with_pixel_limits(None, Some(401_408))
+            .expect("valid");
+        assert_eq!((c.min_pixels, c.max_pixels), (3136, 401_408));
+        assert!(ImageProcessorConfig::default()
+            .with_pixel_limits(Some(10_000), Some(9_999))
+            .is_err());
+    }
+
+    #[test]
+    fn patch_layout_follows_the_merge_windows() {
+        // A 56x56 image whose every pixel encodes its position: with rescale and normalize
+        // off, values are raw bytes, so the layout can be read back.
+        let config = ImageProcessorConfig {
+            do_rescale: false,
+            do_normalize: false,
+            ..Default::default()
+        };
+        let img = RgbImage::from_fn(56, 56, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let out = ImageProcessor::new(config)
+            .preprocess(&img)
+            .expect("preprocess");
+        assert_eq!(out.grid_thw, [1, 4, 4]);
+        assert_eq!((out.num_patches, out.patch_dim), (16, 1176));
+        let patch = |i: usize| &out.data[i * 1176..(i + 1) * 1176];
+        // Patch 1 is the top-right patch of the first 2x2 window: x 14..28, y 0..14.
+        // Channel R, frame 0, row 0: x = 14..28.
+        assert_eq!(patch(1)[0], 14.0);
+        assert_eq!(patch(1)[13], 27.0);
+        // Frame 1 repeats frame 0: channel R, frame 1 starts at 196.
+        assert_eq!(patch(1)[196], 14.0);
+        // Channel G (offset 2 * 196) row 3 is y = 3.
+        assert_eq!(patch(1)[392 + 3 * 14], 3.0);
+        // Channel B is constant.
+        assert_eq!(patch(1)[784], 7.0);
+        // Patch 2 is the bottom-left of the first window: y 14..28, x 0..14.
+        assert_eq!(patch(2)[392], 14.0);
+        assert_eq!(patch(2)[0], 0.0);
+        // Patch 4 starts the second window (x 28..56 of rows 0..28).
+        assert_eq!(patch(4)[0], 28.0);
+    }
+
+    #[test]
+    fn normalisation_matches_numpy_order() {
+        let img = RgbImage::from_pixel(56, 56, image::Rgb([255, 0, 128]));
+        let out = ImageProcessor::new(ImageProcessorConfig::default())
+            .preprocess(&img)
+            .expect("preprocess");
+        let rescale = |v: u8| (f64::from(v) * (1.0 / 255.0)) as f32;
+        let (mean, std) = (to_f32_triple(CLIP_MEAN), to_f32_triple(CLIP_STD));
+        assert_eq!(out.data[0], (rescale(255) - mean[0]) / std[0]);
+        assert_eq!(out.data[392], (rescale(0) - mean[1]) / std[1]);
+        assert_eq!(out.data[784], (rescale(128) - mean[2]) / std[2]);
+    }
+}
