@@ -434,10 +434,9 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         v.hidden_size
     );
     println!(
-        "images       {}..{} pixels after resizing, {} tokens per {}x{} pixels",
+        "images       {}..{} pixels after resizing, one token per {}x{} pixels",
         ipc.min_pixels,
         ipc.max_pixels,
-        1,
         ipc.patch_size * ipc.merge_size,
         ipc.patch_size * ipc.merge_size
     );
