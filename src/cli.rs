@@ -8,7 +8,8 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use crate::generate::{self, Sampler, SamplingParams};
+use crate::generate::settings;
+use crate::generate::{self, Engine, GenerationConfig, Request, TextStream, UserSampling};
 use crate::model::{CheckpointWeights, Qwen2Vl, Qwen2VlConfig};
 use crate::processor::{Message, Processor, ProcessorOptions, Prompt};
 
@@ -45,6 +46,39 @@ pub enum Command {
     Score(ScoreArgs),
     /// Print a checkpoint's architecture, parameter count and dtype.
     Inspect(InspectArgs),
+    /// Measure speed and memory.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Rollout speed on a ~120M-parameter random Qwen2-VL with one 448x448 image: prefill
+    /// time, decode tokens/s at batch 1 and for one prompt x G samples, peak memory.
+    /// tools/bench_transformers.py runs the same workload with transformers.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchGenerateArgs {
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub new_tokens: usize,
+    /// Samples for the one-prompt group run.
+    #[arg(long, default_value_t = 8, value_name = "G")]
+    pub group: usize,
+    /// CPU threads (default: all cores, or RAYON_NUM_THREADS).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// Compute dtype (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -90,24 +124,60 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub prompt: PromptArgs,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 512, value_name = "N")]
-    pub max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0, value_name = "T")]
-    pub temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this total probability.
-    #[arg(long, default_value_t = 1.0, value_name = "P")]
-    pub top_p: f32,
-    /// Keep only the K most likely tokens (0 = all).
-    #[arg(long, default_value_t = 0, value_name = "K")]
-    pub top_k: usize,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0, value_name = "S")]
-    pub seed: u64,
+    /// Completions to sample for the prompt (GRPO's group size). The images are encoded
+    /// and the prompt prefilled once for all of them.
+    #[arg(long, default_value_t = 1, value_name = "G")]
+    pub num_samples: usize,
+    /// Print tokens as they are generated (one sample only).
+    #[arg(long, conflicts_with = "json")]
+    pub stream: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Print JSON: prompt token ids, completion token ids and text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Decoding settings. Each one not given here comes from the checkpoint's
+/// generation_config.json when it has it, else from the default shown; the settings in
+/// effect are printed to stderr.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SamplingArgs {
+    /// Most tokens to generate [default: 512].
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy [default: 0].
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability [default: 1].
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Keep only the K most likely tokens; 0 keeps all [default: 0].
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Drop tokens less likely than this fraction of the most likely one [default: 0].
+    #[arg(long, value_name = "P")]
+    pub min_p: Option<f32>,
+    /// Penalise tokens already present (prompt included); 1 is off [default: 1].
+    #[arg(long, value_name = "R")]
+    pub repetition_penalty: Option<f32>,
+    /// Random seed: the same seed gives the same samples [default: 0].
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn user(&self) -> UserSampling {
+        UserSampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -156,7 +226,34 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => run_generate(a),
         Command::Score(a) => run_score(a),
         Command::Inspect(a) => run_inspect(a),
+        Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a),
     }
+}
+
+fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // Read by rayon and candle when their thread pools start, which is after this.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if a.new_tokens < 2 || a.group == 0 {
+        bail!("--new-tokens must be at least 2 and --group at least 1");
+    }
+    let device = parse_device(a.device.as_deref())?;
+    let dtype = a.dtype.map(DType::from).unwrap_or(if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    });
+    let report = crate::bench::run(&device, dtype, a.new_tokens, a.group)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
 }
 
 pub fn parse_device(spec: Option<&str>) -> Result<Device> {
@@ -266,38 +363,92 @@ pub fn stop_tokens(proc: &Processor) -> Vec<u32> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
-    params.validate()?;
+    if a.num_samples == 0 {
+        bail!("--num-samples must be at least 1");
+    }
+    if a.stream && a.num_samples > 1 {
+        bail!("--stream prints one sequence; use it with --num-samples 1");
+    }
+    let gen_cfg = GenerationConfig::from_dir(&a.model.model)?;
+    let settings = settings::resolve(&a.sampling.user(), &gen_cfg)?;
     let loaded = load(&a.model, &processor_options(&a.prompt))?;
     let proc = &loaded.processor;
     let prompt = prepare_prompt(proc, &a.prompt)?;
-    let banned = proc.tokenizer.special.vision_ids().to_vec();
-    let mut sampler = Sampler::new(params, banned)?;
-    let stop = stop_tokens(proc);
-    let out = generate::generate(
+    eprintln!("sampling: {settings}");
+    let mut stop = stop_tokens(proc);
+    stop.extend(&gen_cfg.eos_token_id);
+    stop.sort_unstable();
+    stop.dedup();
+    let engine = Engine::new(
         &loaded.model,
-        &prompt,
-        &mut sampler,
-        a.max_new_tokens,
-        &stop,
-        |_| Ok(()),
-    )?;
-    let text = proc.tokenizer.decode(&out.tokens, true)?;
+        stop,
+        proc.tokenizer.special.vision_ids().to_vec(),
+    );
+    let request = Request {
+        prompt: &prompt,
+        sampling: settings.params.clone(),
+        max_new_tokens: settings.max_new_tokens,
+        num_samples: a.num_samples,
+    };
+    let mut stream = TextStream::new(&proc.tokenizer);
+    let mut stdout = std::io::stdout();
+    let mut stream_err = None;
+    let out = engine.generate(std::slice::from_ref(&request), |_, _, tok| {
+        if a.stream && stream_err.is_none() {
+            let r = stream.push(tok).and_then(|t| {
+                if let Some(t) = t {
+                    write!(stdout, "{t}")?;
+                    stdout.flush()?;
+                }
+                Ok(())
+            });
+            stream_err = r.err();
+        }
+    })?;
+    if let Some(e) = stream_err {
+        return Err(e);
+    }
+    let completions = out.into_iter().next().unwrap_or_default();
+    if a.stream {
+        if let Some(t) = stream.finish()? {
+            write!(stdout, "{t}")?;
+        }
+        writeln!(stdout)?;
+        return Ok(());
+    }
     if a.json {
-        let j = json!({
-            "prompt_token_ids": prompt.input_ids,
-            "completion_token_ids": out.tokens,
-            "text": text,
-            "finish_reason": out.finish,
-        });
+        let samples: Vec<_> = completions
+            .iter()
+            .map(|c| {
+                Ok(json!({
+                    "completion_token_ids": c.tokens,
+                    "text": proc.tokenizer.decode(c.content_tokens(), true)?,
+                    "logprobs": c.logprobs,
+                    "finish_reason": c.finish,
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let j = if samples.len() == 1 {
+            let mut j = samples[0].clone();
+            j["prompt_token_ids"] = json!(prompt.input_ids);
+            j
+        } else {
+            json!({"prompt_token_ids": prompt.input_ids, "samples": samples})
+        };
         println!("{}", serde_json::to_string(&j)?);
     } else {
-        println!("{text}");
+        for (i, c) in completions.iter().enumerate() {
+            let text = proc.tokenizer.decode(c.content_tokens(), true)?;
+            if completions.len() > 1 {
+                println!(
+                    "--- sample {} ({} tokens, {:?})",
+                    i + 1,
+                    c.tokens.len(),
+                    c.finish
+                );
+            }
+            println!("{text}");
+        }
     }
     Ok(())
 }

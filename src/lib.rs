@@ -7,6 +7,7 @@
 //! - [`processor`]: images to pixel patches, tokenizer, chat template, image-token expansion.
 //! - [`generate`]: sampling and teacher-forced scoring.
 
+pub mod bench;
 pub mod cli;
 pub mod generate;
 pub mod model;

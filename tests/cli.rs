@@ -347,3 +347,98 @@ fn reserved_tokens_in_the_prompt_are_refused() {
         &["<|image_pad|>"],
     );
 }
+
+#[test]
+fn num_samples_returns_a_group_and_settings_are_reported() {
+    let model = fixtures().join("tiny-a");
+    let img = fixture_image("square.png");
+    let (ok, out, err) = medvlm(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--image",
+        s(&img),
+        "--prompt",
+        "Describe.",
+        "--num-samples",
+        "3",
+        "--temperature",
+        "1",
+        "--seed",
+        "5",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    // Every effective setting is reported with its source.
+    assert!(err.contains("temperature=1 (set by you)"), "{err}");
+    assert!(err.contains("top_k=1 (generation_config.json)"), "{err}");
+    assert!(err.contains("max_new_tokens=12 (set by you)"), "{err}");
+    let j: Value = serde_json::from_str(out.trim()).unwrap();
+    let samples = j["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 3);
+    for smp in samples {
+        let n = smp["completion_token_ids"].as_array().unwrap().len();
+        assert_eq!(smp["logprobs"].as_array().unwrap().len(), n);
+        assert!(n >= 1 && n <= 12);
+    }
+}
+
+#[test]
+fn stream_prints_the_same_text_as_a_plain_run() {
+    let model = fixtures().join("tiny-a");
+    let img = fixture_image("mri-brain.png");
+    let args = |extra: &'static str| {
+        let mut v = vec![
+            "generate".to_string(),
+            "--model".into(),
+            s(&model).into(),
+            "--image".into(),
+            s(&img).into(),
+            "--prompt".into(),
+            "What is this?".into(),
+            "--max-new-tokens".into(),
+            "20".into(),
+            "--temperature".into(),
+            "0".into(),
+        ];
+        if !extra.is_empty() {
+            v.push(extra.into());
+        }
+        v
+    };
+    let plain = args("");
+    let streamed = args("--stream");
+    let (ok1, out1, e1) = medvlm(&plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok2, out2, e2) = medvlm(&streamed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok1 && ok2, "{e1}{e2}");
+    assert_eq!(out1, out2);
+}
+
+#[test]
+fn bench_generate_runs_and_reports_every_figure() {
+    let (ok, out, err) = medvlm(&[
+        "bench",
+        "generate",
+        "--new-tokens",
+        "2",
+        "--group",
+        "2",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let j: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["parameters"], 119_719_168);
+    assert_eq!(j["image_tokens"], 256);
+    for k in [
+        "prefill_ms",
+        "decode_tok_s_batch1",
+        "group_decode_tok_s",
+        "peak_rss_mib",
+    ] {
+        assert!(j[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+}

@@ -10,6 +10,16 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::config::Activation;
 
+/// The precision reductions and softmaxes run in: f32, or f64 for an f64 model (transformers
+/// upcasts half precision to f32 for norms, rotary tables and attention probabilities).
+pub fn upcast(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// A linear layer loaded from `{prefix}.weight` (and `{prefix}.bias` when `bias`).
 pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     let w = vb.get((out_dim, in_dim), "weight")?;
@@ -40,7 +50,7 @@ impl RmsNorm {
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = x.to_dtype(upcast(dtype))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         // transformers: weight * hidden.to(input_dtype)
@@ -69,15 +79,15 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = x.to_dtype(upcast(dtype))?;
         let mean = xf.mean_keepdim(D::Minus1)?;
         let centered = xf.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         // torch applies the affine part in f32 too before rounding to the input dtype.
         normed
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
+            .broadcast_mul(&self.weight.to_dtype(upcast(dtype))?)?
+            .broadcast_add(&self.bias.to_dtype(upcast(dtype))?)?
             .to_dtype(dtype)
     }
 }
@@ -92,9 +102,9 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension, in f32, returned in f32.
-pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
+/// Softmax over the last dimension in the upcast precision, returned in it.
+pub fn softmax_upcast(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(upcast(x.dtype()))?;
     if x.track_op() {
         candle_nn::ops::softmax(&x, D::Minus1)
     } else {

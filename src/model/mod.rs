@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod layers;
+pub mod random;
 pub mod rope;
 pub mod text;
 pub mod vision;
@@ -16,7 +17,7 @@ use candle_nn::VarBuilder;
 
 pub use config::{Qwen2VlConfig, TextConfig, VisionConfig};
 pub use rope::{mrope_positions, Pos3};
-pub use text::{attention_mask, log_softmax_f32, KvCache, TextModel};
+pub use text::{attention_mask, log_softmax_f32, Caching, KvCache, TextModel};
 pub use vision::VisionTower;
 pub use weights::{CheckpointWeights, WeightLayout};
 
@@ -134,7 +135,7 @@ impl Qwen2Vl {
     }
 
     /// Full forward pass over one sequence (no cache): logits for every position,
-    /// (seq, vocab), in f32.
+    /// (seq, vocab), in f32 (f64 for an f64 model).
     pub fn forward_logits(
         &self,
         ids: &[u32],
@@ -148,7 +149,9 @@ impl Qwen2Vl {
         let embeds = self.input_embeds(&[ids.to_vec()], img.as_ref())?;
         let (pos, _) = self.positions(ids, grids)?;
         let mask = attention_mask(ids.len(), 0, None, &self.device)?;
-        let hidden = self.text.forward(&embeds, &[pos], mask.as_ref(), None)?;
+        let hidden = self
+            .text
+            .forward(&embeds, &[pos], Caching::None(mask.as_ref()))?;
         Ok(self
             .text
             .logits(&hidden)?

@@ -1,23 +1,83 @@
 //! The Qwen2 decoder of Qwen2-VL: RMSNorm, grouped-query attention with q/k/v biases and
 //! multimodal rotary embeddings, SwiGLU MLP, optional tied lm_head, and a KV cache.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::{Activation, TextConfig};
-use super::layers::{activate, apply_rotary, linear, softmax_f32, RmsNorm};
+use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, RmsNorm};
 use super::rope::{MRope, Pos3};
 
-/// Keys and values of every layer for the tokens seen so far, shape (batch, kv_heads, T, hd).
-#[derive(Debug, Clone)]
+/// One layer's keys and values, (rows, kv_heads, capacity, hd) buffers of which the first
+/// `len` positions are filled. Appends write in place and grow the buffer geometrically, so
+/// decoding does not copy the whole cache at every step.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    fn with_capacity(k: &Tensor, v: &Tensor, cap: usize) -> Result<Self> {
+        let (b, h, l, d) = k.dims4()?;
+        let cap = cap.max(l);
+        let kb = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+        let vb = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+        kb.slice_set(&k.contiguous()?, 2, 0)?;
+        vb.slice_set(&v.contiguous()?, 2, 0)?;
+        Ok(Self {
+            k: kb,
+            v: vb,
+            len: l,
+        })
+    }
+
+    /// Appends (rows, kv_heads, l, hd) and returns views of everything cached so far.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let l = k.dim(2)?;
+        let cap = self.k.dim(2)?;
+        if self.len + l > cap {
+            let grown = Self::with_capacity(
+                &self.k.narrow(2, 0, self.len)?,
+                &self.v.narrow(2, 0, self.len)?,
+                (2 * cap).max(self.len + l),
+            )?;
+            *self = grown;
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += l;
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+}
+
+/// Keys and values of every layer for the tokens seen so far by a set of sequences that all
+/// have the same length (one prompt, or one prompt's group of samples).
+///
+/// Not `Clone`: the buffers are written in place, so a copy must own fresh storage; use
+/// [`KvCache::select_rows`].
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+    /// Initial buffer length, in positions.
+    reserve: usize,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
+        Self::with_reserve(num_layers, 0)
+    }
+
+    /// A cache whose buffers start with room for `reserve` positions (prompt plus expected
+    /// completion), avoiding regrowth during decoding.
+    pub fn with_reserve(num_layers: usize, reserve: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
+            reserve,
         }
     }
 
@@ -26,38 +86,70 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+            .map_or(0, |l| l.len)
     }
 
+    /// Number of sequences (rows) held.
     pub fn batch_size(&self) -> usize {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
+            .map_or(0, |l| l.k.dim(0).unwrap_or(0))
     }
 
-    /// Keeps (and reorders, or repeats) the batch rows named by `rows`: how finished
-    /// sequences leave a batch and how one prompt's cache is forked into a group.
+    /// A new cache holding the rows named by `rows`, in that order, in fresh storage: how
+    /// finished sequences leave a batch, and how one prompt's cache is forked into a group of
+    /// samples (`rows = [0; G]`).
     pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
-        let Some(dev) = self
-            .layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.device().clone())
-        else {
-            return Ok(self.clone());
-        };
-        let idx = Tensor::new(rows, &dev)?;
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match l {
-                Some((k, v)) => Ok(Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))),
-                None => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers })
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(match l {
+                Some(l) => {
+                    let idx = Tensor::new(rows, l.k.device())?;
+                    Some(LayerKv {
+                        k: l.k.index_select(&idx, 0)?,
+                        v: l.v.index_select(&idx, 0)?,
+                        len: l.len,
+                    })
+                }
+                None => None,
+            });
+        }
+        Ok(Self {
+            layers,
+            reserve: self.reserve,
+        })
     }
+
+    /// Positions cached by one layer (during a forward pass, earlier layers are ahead).
+    fn layer_len(&self, layer: usize) -> usize {
+        self.layers[layer].as_ref().map_or(0, |l| l.len)
+    }
+
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        match &mut self.layers[layer] {
+            Some(l) => l.append(k, v),
+            slot @ None => {
+                let l = LayerKv::with_capacity(k, v, self.reserve)?;
+                let out = (l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?);
+                *slot = Some(l);
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// How the rows of a forward pass relate to KV caches.
+pub enum Caching<'a> {
+    /// No cache: every key is in this pass (training, scoring). The mask, if any, is applied.
+    None(Option<&'a Tensor>),
+    /// Consecutive runs of rows (`rows[i]` of them) each extending its own cache; the row
+    /// counts add up to the batch. Within a run all rows have the same length, so no padding
+    /// is needed; queries see their cache plus the new tokens causally.
+    Groups {
+        rows: &'a [usize],
+        caches: &'a mut [&'a mut KvCache],
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -90,8 +182,8 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        layer: usize,
+        caching: &mut Caching,
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -101,41 +193,66 @@ impl Attention {
         let v = heads(self.v.forward(x)?, self.num_kv_heads)?;
         // cos/sin: (b, l, hd) -> broadcast over heads
         let (c, s) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
-        let q = apply_rotary(&q, &c, &s)?;
+        let q = apply_rotary(&q, &c, &s)?.contiguous()?;
         let k = apply_rotary(&k, &c, &s)?.contiguous()?;
         let v = v.contiguous()?;
-        let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some(kv.clone());
-                kv
+        let out = match caching {
+            Caching::None(mask) => self.attend(&q, &k, &v, *mask)?,
+            Caching::Groups { rows, caches } => {
+                if rows.len() != caches.len() {
+                    candle_core::bail!("{} row counts for {} caches", rows.len(), caches.len());
+                }
+                let mut outs = Vec::with_capacity(caches.len());
+                let mut row = 0;
+                for (&n, cache) in rows.iter().zip(caches.iter_mut()) {
+                    let filled = cache.batch_size();
+                    let past = cache.layer_len(layer);
+                    if past > 0 && filled != n {
+                        candle_core::bail!("a cache of {filled} rows was given {n} rows");
+                    }
+                    let (qg, kg, vg) = (
+                        q.narrow(0, row, n)?,
+                        k.narrow(0, row, n)?,
+                        v.narrow(0, row, n)?,
+                    );
+                    let (kall, vall) = cache.append(layer, &kg, &vg)?;
+                    let mask = attention_mask(l, past, None, x.device())?;
+                    outs.push(self.attend(&qg, &kall, &vall, mask.as_ref())?);
+                    row += n;
+                }
+                if row != b {
+                    candle_core::bail!("cache groups cover {row} rows of a batch of {b}");
+                }
+                Tensor::cat(&outs, 0)?
             }
-            None => (k, v),
         };
+        let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * hd))?;
+        self.o.forward(&out)
+    }
+
+    /// Scaled dot-product attention of q (b, heads, l, hd) over k/v (b, kv_heads, t, hd);
+    /// returns (b, heads, l, hd).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, l, hd) = q.dims4()?;
         let t = k.dim(2)?;
         // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
         // head are stacked along the sequence axis of one matmul.
         let rep = self.num_heads / self.num_kv_heads;
-        let qg = q
-            .contiguous()?
-            .reshape((b, self.num_kv_heads, rep * l, hd))?;
+        let qg = q.reshape((b, self.num_kv_heads, rep * l, hd))?;
         let scale = (hd as f64).powf(-0.5);
         let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, self.num_heads, l, t))?;
         let scores = match mask {
-            Some(m) => scores.to_dtype(DType::F32)?.broadcast_add(m)?,
+            Some(m) => {
+                let up = upcast(scores.dtype());
+                scores.to_dtype(up)?.broadcast_add(&m.to_dtype(up)?)?
+            }
             None => scores,
         };
-        let probs = softmax_f32(&scores)?.to_dtype(x.dtype())?;
-        let out = probs
+        let probs = softmax_upcast(&scores)?.to_dtype(q.dtype())?;
+        probs
             .reshape((b, self.num_kv_heads, rep * l, t))?
-            .matmul(&v)?
-            .reshape((b, self.num_heads, l, hd))?
-            .transpose(1, 2)?
-            .reshape((b, l, self.num_heads * hd))?;
-        self.o.forward(&out)
+            .matmul(v)?
+            .reshape((b, self.num_heads, l, hd))
     }
 }
 
@@ -197,14 +314,14 @@ impl DecoderLayer {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        layer: usize,
+        caching: &mut Caching,
     ) -> Result<Tensor> {
         let h =
             x.add(
                 &self
                     .attn
-                    .forward(&self.input_norm.forward(x)?, cos, sin, mask, cache)?,
+                    .forward(&self.input_norm.forward(x)?, cos, sin, layer, caching)?,
             )?;
         h.add(&self.mlp.forward(&self.post_norm.forward(&h)?)?)
     }
@@ -247,8 +364,9 @@ impl TextModel {
         &self.cfg
     }
 
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+    /// An empty cache with room for `reserve` positions.
+    pub fn new_cache(&self, reserve: usize) -> KvCache {
+        KvCache::with_reserve(self.layers.len(), reserve)
     }
 
     /// Token embeddings, (batch, seq, hidden).
@@ -260,25 +378,42 @@ impl TextModel {
     }
 
     /// Runs the decoder over `embeds` (batch, seq, hidden) whose tokens sit at `positions`
-    /// (one row per batch entry). `mask` is additive, broadcastable to (batch, 1, seq, keys),
-    /// or `None` when every query may see every key (one new token per sequence, no padding).
-    /// Returns the final-normed hidden states.
+    /// (one row per batch entry), with or without KV caches (see [`Caching`]). Without
+    /// caches the additive mask, broadcastable to (batch, 1, seq, keys), is applied (`None`
+    /// when every query may see every key). Returns the final-normed hidden states.
     pub fn forward(
         &self,
         embeds: &Tensor,
         positions: &[Vec<Pos3>],
-        mask: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        mut caching: Caching,
     ) -> Result<Tensor> {
         let (cos, sin) = self
             .rope
             .tables(positions, embeds.dtype(), embeds.device())?;
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, mask, slot)?;
+            x = layer.forward(&x, &cos, &sin, i, &mut caching)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// Prefill or decode for one cache (one prompt, or one group of samples of it).
+    pub fn forward_cached(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<Pos3>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let rows = [embeds.dim(0)?];
+        let mut caches = [cache];
+        self.forward(
+            embeds,
+            positions,
+            Caching::Groups {
+                rows: &rows,
+                caches: &mut caches,
+            },
+        )
     }
 
     /// Logits over the vocabulary for hidden states (.., hidden).
@@ -323,8 +458,8 @@ pub fn attention_mask(
     Ok(Some(Tensor::from_vec(data, (b, 1, l, t), device)?))
 }
 
-/// Log-softmax over the last dim in f32 (GRPO and scoring need f32 even when the model
-/// runs in bf16).
+/// Log-softmax over the last dim in f32 (f64 for an f64 model): GRPO and scoring need f32
+/// even when the model runs in bf16.
 pub fn log_softmax_f32(logits: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)
+    candle_nn::ops::log_softmax(&logits.to_dtype(upcast(logits.dtype()))?, D::Minus1)
 }

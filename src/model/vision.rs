@@ -2,11 +2,11 @@
 //! attention within each image, and a merger that turns each 2x2 window of patches into one
 //! token of the text model's width.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::{Activation, VisionConfig};
-use super::layers::{activate, apply_rotary, linear, softmax_f32, LayerNorm};
+use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, LayerNorm};
 use super::rope::vision_tables;
 
 const LN_EPS: f64 = 1e-6;
@@ -68,8 +68,13 @@ impl VisionBlock {
         let qkv = self.qkv.forward(x)?.reshape((n, 3, self.num_heads, hd))?;
         let rot = |t: Tensor| -> Result<Tensor> {
             // transformers rotates vision q/k in f32 and casts back
-            let t = t.to_dtype(DType::F32)?;
-            apply_rotary(&t, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.to_dtype(dtype)
+            let t = t.to_dtype(upcast(dtype))?;
+            apply_rotary(
+                &t,
+                &cos.to_dtype(t.dtype())?.unsqueeze(1)?,
+                &sin.to_dtype(t.dtype())?.unsqueeze(1)?,
+            )?
+            .to_dtype(dtype)
         };
         let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?
             .transpose(0, 1)?
@@ -90,7 +95,7 @@ impl VisionBlock {
             let ks = k.narrow(1, start, len)?;
             let vs = v.narrow(1, start, len)?;
             let scores = (qs.matmul(&ks.t()?)? * scale)?;
-            let probs = softmax_f32(&scores)?.to_dtype(dtype)?;
+            let probs = softmax_upcast(&scores)?.to_dtype(dtype)?;
             outs.push(probs.matmul(&vs)?);
             start += len;
         }

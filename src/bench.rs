@@ -1,0 +1,201 @@
+//! `medvlm bench generate`: the rollout workload on a ~120M-parameter random Qwen2-VL
+//! (tools/bench_config.json: Qwen2-VL's architecture and 151,936-token vocabulary, scaled
+//! down) with one 448x448 image. tools/bench_transformers.py runs the same workload with
+//! transformers so the two can be compared side by side.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::generate::{Engine, Request, SamplingParams};
+use crate::model::random::random_var_builder;
+use crate::model::{Qwen2Vl, Qwen2VlConfig, WeightLayout};
+use crate::processor::{ImageProcessor, ImageProcessorConfig, Prompt};
+
+/// The benchmark model's config.json.
+pub const BENCH_CONFIG: &str = include_str!("../tools/bench_config.json");
+
+/// Text tokens before and after the image in the benchmark prompt (the chat template's
+/// system turn and a MedVLM-R1-length question are about this long).
+pub const TEXT_BEFORE: usize = 20;
+pub const TEXT_AFTER: usize = 80;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub parameters: usize,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub image_tokens: usize,
+    pub new_tokens: usize,
+    pub preprocess_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_tok_s_batch1: f64,
+    pub group_size: usize,
+    pub group_total_s: f64,
+    pub group_decode_tok_s: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A deterministic 448x448 test card with structure at several scales.
+fn test_image() -> image::RgbImage {
+    image::RgbImage::from_fn(448, 448, |x, y| {
+        let r = ((x * 7 + y * 3) % 256) as u8;
+        let g = (((x as f32 / 9.0).sin() * 120.0 + 128.0) as u8).wrapping_add((y % 17) as u8);
+        let b = ((x ^ y) % 256) as u8;
+        image::Rgb([r, g, b])
+    })
+}
+
+/// Text ids that are ordinary tokens (no special ids), varied so nothing is degenerate.
+fn text_ids(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 1000 + (i * 7919 + salt * 104_729) % 140_000)
+        .collect()
+}
+
+pub fn run(device: &Device, dtype: DType, new_tokens: usize, group: usize) -> Result<BenchReport> {
+    let config = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "tools/bench_config.json")?;
+    let vb = random_var_builder(0.02, 0, dtype, device);
+    let model = Qwen2Vl::from_var_builder(vb, WeightLayout::Legacy, config.clone(), dtype, device)
+        .context("building the benchmark model")?;
+    let parameters = count_parameters(&config);
+
+    let t = Instant::now();
+    let patches = ImageProcessor::new(ImageProcessorConfig::default()).preprocess(&test_image())?;
+    let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
+    let m = config.vision.spatial_merge_size;
+    let image_tokens = patches.grid_thw.iter().product::<usize>() / (m * m);
+    let mut ids = text_ids(TEXT_BEFORE, 1);
+    ids.push(config.vision_start_token_id);
+    ids.extend(std::iter::repeat_n(config.image_token_id, image_tokens));
+    ids.push(config.vision_end_token_id);
+    ids.extend(text_ids(TEXT_AFTER, 2));
+    let prompt = Prompt {
+        text: String::new(),
+        input_ids: ids,
+        images: vec![patches],
+    };
+
+    // No stop tokens: every sequence runs to `new_tokens`, as the reference script forces.
+    let engine = Engine::new(&model, vec![], vec![]);
+    let greedy = |max_new: usize| Request {
+        prompt: &prompt,
+        sampling: SamplingParams::default(),
+        max_new_tokens: max_new,
+        num_samples: 1,
+    };
+    // Warm-up (allocator, thread pool), then prefill alone (1 new token), then a full run.
+    engine.generate(&[greedy(1)], |_, _, _| {})?;
+    let t = Instant::now();
+    engine.generate(&[greedy(1)], |_, _, _| {})?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    engine.generate(&[greedy(new_tokens)], |_, _, _| {})?;
+    let total = t.elapsed().as_secs_f64();
+    let decode_tok_s_batch1 = (new_tokens - 1) as f64 / (total - prefill_s).max(1e-9);
+
+    let t = Instant::now();
+    let sampled = Request {
+        prompt: &prompt,
+        sampling: SamplingParams::with_temperature(1.0, 0),
+        max_new_tokens: new_tokens,
+        num_samples: group,
+    };
+    engine.generate(&[sampled], |_, _, _| {})?;
+    let group_total_s = t.elapsed().as_secs_f64();
+    let group_decode_tok_s =
+        (group * (new_tokens - 1)) as f64 / (group_total_s - prefill_s).max(1e-9);
+
+    Ok(BenchReport {
+        parameters,
+        threads: candle_core::utils::get_num_threads(),
+        prompt_tokens: prompt.input_ids.len(),
+        image_tokens,
+        new_tokens,
+        preprocess_ms,
+        prefill_ms: prefill_s * 1e3,
+        decode_tok_s_batch1,
+        group_size: group,
+        group_total_s,
+        group_decode_tok_s,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// Parameter count implied by a config (tied embeddings counted once).
+pub fn count_parameters(c: &Qwen2VlConfig) -> usize {
+    let t = &c.text;
+    let v = &c.vision;
+    let (h, hd) = (t.hidden_size, t.head_dim());
+    let kv = t.num_key_value_heads * hd;
+    let layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * t.intermediate_size + 2 * h;
+    let text = t.vocab_size * h * if t.tie_word_embeddings { 1 } else { 2 }
+        + t.num_hidden_layers * layer
+        + h;
+    let d = v.embed_dim;
+    let block =
+        4 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d * v.mlp_hidden() + v.mlp_hidden() + d;
+    let merged = d * v.spatial_merge_size * v.spatial_merge_size;
+    let merger = 2 * d + merged * merged + merged + merged * v.hidden_size + v.hidden_size;
+    text + v.patch_dim() * d + v.depth * block + merger
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "model            random Qwen2-VL, {:.1}M parameters (tools/bench_config.json)",
+            self.parameters as f64 / 1e6
+        )?;
+        writeln!(
+            f,
+            "prompt           {} tokens ({} for one 448x448 image), {} new tokens, {} threads",
+            self.prompt_tokens, self.image_tokens, self.new_tokens, self.threads
+        )?;
+        writeln!(f, "preprocess       {:.1} ms", self.preprocess_ms)?;
+        writeln!(
+            f,
+            "prefill          {:.0} ms (vision tower + prompt, batch 1)",
+            self.prefill_ms
+        )?;
+        writeln!(
+            f,
+            "decode, batch 1  {:.1} tokens/s",
+            self.decode_tok_s_batch1
+        )?;
+        writeln!(
+            f,
+            "1 prompt x G={}   {:.2} s end to end, decode {:.1} tokens/s",
+            self.group_size, self.group_total_s, self.group_decode_tok_s
+        )?;
+        write!(f, "peak memory      {:.0} MiB resident", self.peak_rss_mib)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// transformers counts this config at 119,719,168 parameters
+    /// (`Qwen2VLForConditionalGeneration(config).num_parameters()`).
+    #[test]
+    fn parameter_count_matches_transformers() {
+        let c = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "bench").unwrap();
+        assert_eq!(count_parameters(&c), 119_719_168);
+    }
+}

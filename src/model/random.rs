@@ -1,0 +1,77 @@
+//! Random weights for a config: benchmarks and freshly initialised tiny models need a
+//! Qwen2-VL without a checkpoint. Matrices are N(0, std), norm scales 1, biases 0, drawn
+//! from a seeded generator (candle's CPU generator cannot be seeded), so the same seed and
+//! config give the same weights.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+struct RandomBackend {
+    std: f32,
+    rng: Mutex<StdRng>,
+}
+
+impl RandomBackend {
+    fn normal(&self, n: usize) -> Vec<f32> {
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            // Box-Muller: two uniforms, two normals.
+            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+            let u2: f32 = rng.random();
+            let r = (-2.0 * u1.ln()).sqrt() * self.std;
+            let (s, c) = (std::f32::consts::TAU * u2).sin_cos();
+            out.push(r * c);
+            out.push(r * s);
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+impl SimpleBackend for RandomBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let t = if name.ends_with("bias") {
+            Tensor::zeros(s, DType::F32, dev)?
+        } else if s.rank() == 1 {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            Tensor::from_vec(self.normal(s.elem_count()), s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// A variable source that invents every tensor it is asked for.
+pub fn random_var_builder(
+    std: f64,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    let backend = RandomBackend {
+        std: std as f32,
+        rng: Mutex::new(StdRng::seed_from_u64(seed)),
+    };
+    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+}

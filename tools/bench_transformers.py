@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""The `medvlm bench generate` workload, run with transformers (PyTorch, CPU, fp32), so the
+README can compare the two side by side on the same machine and thread count.
+
+    /tmp/ref/bin/python tools/bench_transformers.py --threads 2 [--new-tokens 64] [--group 8]
+
+Same random model (tools/bench_config.json), same prompt shape (20 text tokens, one 448x448
+image = 256 tokens, 80 text tokens), same decoding work (every sequence runs to
+--new-tokens; no stop tokens).
+"""
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT_BEFORE, TEXT_AFTER = 20, 80
+
+
+def text_ids(n, salt):
+    return [1000 + (i * 7919 + salt * 104729) % 140000 for i in range(n)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--group", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cfg = Qwen2VLConfig(**json.load(open(os.path.join(ROOT, "tools", "bench_config.json"))))
+    cfg._attn_implementation = "sdpa"
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    params = model.num_parameters()
+
+    x, y = np.meshgrid(np.arange(448), np.arange(448))
+    img = np.stack([(x * 7 + y * 3) % 256, (np.sin(x / 9.0) * 120 + 128 + y % 17) % 256, (x ^ y) % 256], -1)
+    image = Image.fromarray(img.astype(np.uint8), "RGB")
+    t = time.perf_counter()
+    proc = Qwen2VLImageProcessor()
+    pv = proc(images=[image], return_tensors="pt")
+    preprocess_ms = (time.perf_counter() - t) * 1e3
+    grid = pv["image_grid_thw"]
+    n_img = int(grid.prod()) // 4
+    ids = text_ids(TEXT_BEFORE, 1) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
+    ids += [cfg.vision_end_token_id] + text_ids(TEXT_AFTER, 2)
+    input_ids = torch.tensor([ids])
+    kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+              pixel_values=pv["pixel_values"], image_grid_thw=grid)
+    n = args.new_tokens
+
+    def gen(max_new, **extra):
+        return model.generate(**kw, max_new_tokens=max_new, min_new_tokens=max_new,
+                              eos_token_id=None, pad_token_id=0, **extra)
+
+    with torch.no_grad():
+        gen(1, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        gen(1, do_sample=False)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        gen(n, do_sample=False)
+        total = time.perf_counter() - t
+        t = time.perf_counter()
+        out = gen(n, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=args.group)
+        group_total = time.perf_counter() - t
+    assert out.shape[0] == args.group and out.shape[1] == len(ids) + n
+    report = dict(
+        parameters=params,
+        threads=torch.get_num_threads(),
+        prompt_tokens=len(ids),
+        image_tokens=n_img,
+        new_tokens=n,
+        preprocess_ms=preprocess_ms,
+        prefill_ms=prefill * 1e3,
+        decode_tok_s_batch1=(n - 1) / (total - prefill),
+        group_size=args.group,
+        group_total_s=group_total,
+        # transformers expands the prompt G times before prefill, so its G prefills are
+        # part of the group run; subtract one prefill like the Rust side does.
+        group_decode_tok_s=args.group * (n - 1) / (group_total - prefill),
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),
+    )
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
