@@ -9,6 +9,9 @@
 
 pub mod bench;
 pub mod cli;
+pub mod data;
 pub mod generate;
 pub mod model;
 pub mod processor;
+pub mod rl;
+pub mod train;

@@ -62,16 +62,15 @@ impl SimpleBackend for RandomBackend {
     }
 }
 
-/// A variable source that invents every tensor it is asked for.
-pub fn random_var_builder(
-    std: f64,
-    seed: u64,
-    dtype: DType,
-    device: &Device,
-) -> VarBuilder<'static> {
-    let backend = RandomBackend {
+/// A source of random tensors, drawn in the order they are asked for.
+pub fn random_backend(std: f64, seed: u64) -> Box<dyn SimpleBackend> {
+    Box::new(RandomBackend {
         std: std as f32,
         rng: Mutex::new(StdRng::seed_from_u64(seed)),
-    };
-    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+    })
+}
+
+/// A variable source that invents every tensor it is asked for.
+pub fn random_var_builder(std: f64, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(random_backend(std, seed), dtype, device.clone())
 }

@@ -1,0 +1,318 @@
+//! Multiple-choice medical VQA data in the MedVLM-R1 / HuatuoGPT-Vision format, and the
+//! prompts built from it.
+//!
+//! A row is `{"image": ["rel/path.png"], "question": ..., "options": [...], "answer": <option
+//! text>, "dataset": ..., "subset": <modality string>, "problem"?: ..., "solution"?: ...}`.
+//! Files are a JSON list or JSON lines. Rows that cannot be used are reported with file, row
+//! and reason, never silently dropped into a score.
+
+pub mod prompt;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub use prompt::PromptTemplate;
+
+/// Option letters, as many as the paper's reward accepts.
+pub const LETTERS: [char; 10] = ['A', 'B', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'J'];
+
+/// One row as stored in the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawRow {
+    #[serde(default)]
+    pub image: ImageField,
+    pub question: String,
+    pub options: Vec<String>,
+    pub answer: String,
+    #[serde(default)]
+    pub dataset: Option<String>,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub problem: Option<String>,
+    #[serde(default)]
+    pub solution: Option<String>,
+}
+
+/// `image` is a list of paths in the paper's files; a single string is accepted too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(untagged)]
+pub enum ImageField {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl ImageField {
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            ImageField::None => vec![],
+            ImageField::One(s) => vec![s.as_str()],
+            ImageField::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// The imaging modality, normalised from the many spellings in the wild; the raw string is
+/// kept alongside in [`VqaItem::subset`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Modality {
+    Mri,
+    Ct,
+    XRay,
+    Oct,
+    Ultrasound,
+    Dermoscopy,
+    Fundus,
+    Microscopy,
+    Other(String),
+}
+
+impl Modality {
+    /// Normalises e.g. "MR (Mag-netic Resonance Imaging)" to MRI, "CT(Computed Tomography)"
+    /// to CT, "OCT (Optical Coherence Tomography" to OCT.
+    pub fn parse(raw: &str) -> Self {
+        let l = raw.to_lowercase();
+        let compact: String = l.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        let starts = |p: &str| compact.starts_with(p);
+        if starts("oct") || l.contains("optical coherence") {
+            Modality::Oct
+        } else if starts("mri") || starts("mr") || l.contains("magnetic") || l.contains("mag-netic") {
+            Modality::Mri
+        } else if starts("ct") || l.contains("computed tomography") {
+            Modality::Ct
+        } else if starts("xray") || starts("cxr") || l.contains("radiograph") {
+            Modality::XRay
+        } else if l.contains("ultrasound") || starts("us") || l.contains("sonograph") {
+            Modality::Ultrasound
+        } else if l.contains("dermoscop") || l.contains("dermatoscop") {
+            Modality::Dermoscopy
+        } else if l.contains("fundus") {
+            Modality::Fundus
+        } else if l.contains("microscop") || l.contains("patholog") || l.contains("histolog") {
+            Modality::Microscopy
+        } else {
+            Modality::Other(raw.trim().to_string())
+        }
+    }
+
+    /// Short name used in reports and on the command line.
+    pub fn name(&self) -> &str {
+        match self {
+            Modality::Mri => "MRI",
+            Modality::Ct => "CT",
+            Modality::XRay => "X-Ray",
+            Modality::Oct => "OCT",
+            Modality::Ultrasound => "Ultrasound",
+            Modality::Dermoscopy => "Dermoscopy",
+            Modality::Fundus => "Fundus",
+            Modality::Microscopy => "Microscopy",
+            Modality::Other(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for Modality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A usable item: images resolved to paths, the correct letter known.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VqaItem {
+    /// Row index in the file (0-based).
+    pub index: usize,
+    pub images: Vec<PathBuf>,
+    pub question: String,
+    pub options: Vec<String>,
+    pub answer: String,
+    /// The correct option letter.
+    pub solution: char,
+    pub modality: Modality,
+    /// The raw modality string of the file.
+    pub subset: String,
+    pub dataset: String,
+    /// Question followed by `A) option` lines: what the prompt templates wrap.
+    pub problem: String,
+}
+
+/// A row that was not used, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Skipped {
+    pub file: String,
+    pub row: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: row {}: {}", self.file, self.row, self.reason)
+    }
+}
+
+/// A loaded dataset: usable items plus the rows that were skipped.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub items: Vec<VqaItem>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// `question` + "\n" + "A) first option" lines joined by newlines: how the paper builds
+/// `problem` from a row.
+pub fn build_problem(question: &str, options: &[String]) -> String {
+    let mut s = question.to_string();
+    for (l, o) in LETTERS.iter().zip(options) {
+        s.push_str(&format!("\n{l}) {o}"));
+    }
+    s
+}
+
+/// Reads the rows of a JSON list or JSON-lines file.
+pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read dataset file", path.display()))?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let values: Vec<serde_json::Value> = serde_json::from_str(trimmed)
+            .with_context(|| format!("{}: not a valid JSON list", path.display()))?;
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                serde_json::from_value(v)
+                    .with_context(|| format!("{}: row {i}: not a VQA row", path.display()))
+            })
+            .collect()
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("{}: line {}: not a VQA row", path.display(), i + 1))
+            })
+            .collect()
+    }
+}
+
+/// Loads a dataset, resolving image paths against `image_root` (default: the file's
+/// directory). Rows with a missing image or an answer that is not among the options are
+/// skipped and reported.
+pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
+    let rows = read_rows(path)?;
+    let root = match image_root {
+        Some(r) => r.to_path_buf(),
+        None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    let file = path.display().to_string();
+    let mut items = Vec::with_capacity(rows.len());
+    let mut skipped = Vec::new();
+    for (i, row) in rows.into_iter().enumerate() {
+        match resolve(i, row, &root) {
+            Ok(item) => items.push(item),
+            Err(reason) => skipped.push(Skipped {
+                file: file.clone(),
+                row: i,
+                reason,
+            }),
+        }
+    }
+    Ok(Dataset { items, skipped })
+}
+
+fn resolve(index: usize, row: RawRow, root: &Path) -> std::result::Result<VqaItem, String> {
+    if row.options.is_empty() {
+        return Err("no options".into());
+    }
+    if row.options.len() > LETTERS.len() {
+        return Err(format!("{} options; at most {} are supported", row.options.len(), LETTERS.len()));
+    }
+    let Some(pos) = row.options.iter().position(|o| o.trim() == row.answer.trim()) else {
+        return Err(format!("answer {:?} is not among the options", row.answer));
+    };
+    let solution = LETTERS[pos];
+    let paths = row.image.paths();
+    if paths.is_empty() {
+        return Err("no image".into());
+    }
+    let mut images = Vec::with_capacity(paths.len());
+    for p in paths {
+        let full = if Path::new(p).is_absolute() {
+            PathBuf::from(p)
+        } else {
+            root.join(p)
+        };
+        if !full.is_file() {
+            return Err(format!("image {} not found", full.display()));
+        }
+        images.push(full);
+    }
+    let problem = build_problem(&row.question, &row.options);
+    let subset = row.subset.unwrap_or_default();
+    Ok(VqaItem {
+        index,
+        images,
+        modality: Modality::parse(&subset),
+        subset,
+        dataset: row.dataset.unwrap_or_default(),
+        question: row.question,
+        options: row.options,
+        answer: row.answer,
+        solution,
+        problem,
+    })
+}
+
+/// Keeps items whose modality is in `keep` (by short name, case-insensitive).
+pub fn filter_modalities(items: Vec<VqaItem>, keep: &[String]) -> Vec<VqaItem> {
+    if keep.is_empty() {
+        return items;
+    }
+    items
+        .into_iter()
+        .filter(|it| keep.iter().any(|k| k.eq_ignore_ascii_case(it.modality.name())))
+        .collect()
+}
+
+/// Fails with the first skipped rows when a dataset has no usable item at all.
+pub fn require_items(ds: &Dataset, path: &Path) -> Result<()> {
+    if ds.items.is_empty() {
+        let why: Vec<String> = ds.skipped.iter().take(3).map(|s| s.to_string()).collect();
+        bail!(
+            "{}: no usable rows ({} skipped{}{})",
+            path.display(),
+            ds.skipped.len(),
+            if why.is_empty() { "" } else { ": " },
+            why.join("; ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modality_spellings() {
+        assert_eq!(Modality::parse("MR (Mag-netic Resonance Imaging)"), Modality::Mri);
+        assert_eq!(Modality::parse("CT(Computed Tomography)"), Modality::Ct);
+        assert_eq!(Modality::parse("X-Ray"), Modality::XRay);
+        assert_eq!(Modality::parse("OCT (Optical Coherence Tomography"), Modality::Oct);
+        assert_eq!(Modality::parse("Ultrasound"), Modality::Ultrasound);
+        assert_eq!(Modality::parse("Dermoscopy"), Modality::Dermoscopy);
+        assert_eq!(Modality::parse("Fundus Photography"), Modality::Fundus);
+        assert_eq!(Modality::parse("Microscopy Images"), Modality::Microscopy);
+        assert_eq!(Modality::parse("Thermal"), Modality::Other("Thermal".into()));
+    }
+
+    #[test]
+    fn problem_is_question_then_lettered_options() {
+        let p = build_problem("Q?", &["x".into(), "y".into()]);
+        assert_eq!(p, "Q?\nA) x\nB) y");
+    }
+}

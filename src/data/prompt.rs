@@ -1,0 +1,70 @@
+//! The question templates of MedVLM-R1: one builder feeds training, evaluation and `ask`.
+
+use serde::{Deserialize, Serialize};
+
+use super::VqaItem;
+use crate::processor::Message;
+
+/// How a question is put to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptTemplate {
+    /// The paper's reasoning prompt: think in `<think>`, answer one letter in `<answer>`.
+    #[default]
+    Paper,
+    /// The paper's "simple" evaluation prompt: just the letter, no reasoning tags.
+    Simple,
+}
+
+impl PromptTemplate {
+    /// The user text for a problem (question plus `A) option` lines). The whitespace is the
+    /// paper's own (its templates are indented Python triple-quoted strings), so prompts are
+    /// token-for-token those the released checkpoints were trained and evaluated with.
+    pub fn render(self, problem: &str) -> String {
+        match self {
+            PromptTemplate::Paper => format!(
+                "\n        {problem} \n        Your task: \n        1. Think through the question \
+                 step by step, enclose your reasoning process in <think>...</think> tags. \n        \
+                 2. Then provide the correct single-letter choice (A, B, C, D,...) inside \
+                 <answer>...</answer> tags.\n        3. No extra information or text outside of \
+                 these tags.\n        "
+            ),
+            PromptTemplate::Simple => format!(
+                "\n    {problem} \n    Your task: provide the correct single-letter choice (A, B, \
+                 C, D,...).\n    "
+            ),
+        }
+    }
+
+    /// The conversation for an item: its images, then the templated problem.
+    pub fn messages(self, item: &VqaItem) -> Vec<Message> {
+        vec![Message::user_with_images(
+            item.images.len(),
+            self.render(&item.problem),
+        )]
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "paper" | "complex" | "reasoning" => Some(Self::Paper),
+            "simple" => Some(Self::Simple),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MedVLM-R1's training template (grpo.py), verbatim.
+    const PAPER: &str = "\n        {Question} \n        Your task: \n        1. Think through the question step by step, enclose your reasoning process in <think>...</think> tags. \n        2. Then provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags.\n        3. No extra information or text outside of these tags.\n        ";
+
+    #[test]
+    fn paper_template_is_verbatim() {
+        assert_eq!(
+            PromptTemplate::Paper.render("Q?\nA) x"),
+            PAPER.replace("{Question}", "Q?\nA) x")
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! Checkpoints: the model in Hugging Face layout (so transformers and `medvlm` load it as
+//! is) plus the trainer's state (optimizer moments, step, data cursor), written atomically:
+//! into a temporary directory that is renamed into place only when complete, so an
+//! interrupted save never leaves a half-written checkpoint behind.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use super::params::TrainableModel;
+
+/// Files copied from the source checkpoint so a saved checkpoint is complete.
+const COPIED: [&str; 7] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+];
+
+/// Where a run stands: enough to continue it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// "grpo" or "sft".
+    pub kind: String,
+    /// Optimizer updates done.
+    pub step: u64,
+    /// Total updates the run is planned for (the learning-rate schedule depends on it).
+    pub total_steps: u64,
+    /// The run's seed; every random draw of step s derives from (seed, s).
+    pub seed: u64,
+    /// Items of the training set consumed so far (the data cursor).
+    pub items_seen: u64,
+    /// Hash of the resolved config, to refuse resuming with different settings.
+    pub config_hash: String,
+}
+
+pub fn checkpoint_name(step: u64) -> String {
+    format!("checkpoint-{step:06}")
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// Writes a file and flushes it to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Saves the model (in `save_dtype`) and, when given, the optimizer and trainer state as
+/// `dir/name`, atomically. Returns the checkpoint's path.
+pub fn save(
+    dir: &Path,
+    name: &str,
+    model: &TrainableModel,
+    save_dtype: DType,
+    trainer: Option<(&AdamW, &TrainerState)>,
+) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let final_path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot clear", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+
+    // config.json from the source, with the dtype it is now saved in.
+    let cfg_src = model.source_dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(&cfg_src).with_context(|| format!("{}: cannot read", cfg_src.display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", cfg_src.display()))?;
+    if let Some(o) = cfg.as_object_mut() {
+        o.insert("torch_dtype".into(), dtype_name(save_dtype).into());
+        o.insert("dtype".into(), dtype_name(save_dtype).into());
+    }
+    write_synced(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+
+    let tensors: HashMap<String, Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(save_dtype)?.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let weights = tmp.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights)
+        .with_context(|| format!("{}: cannot write weights", weights.display()))?;
+    fs::File::open(&weights)?.sync_all()?;
+
+    for f in COPIED {
+        let src = model.source_dir.join(f);
+        if src.is_file() {
+            fs::copy(&src, tmp.join(f)).with_context(|| format!("{}: cannot copy", src.display()))?;
+        }
+    }
+
+    if let Some((opt, state)) = trainer {
+        let moments: HashMap<String, Tensor> = opt
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        let p = tmp.join("optimizer.safetensors");
+        candle_core::safetensors::save(&moments, &p)
+            .with_context(|| format!("{}: cannot write optimizer state", p.display()))?;
+        fs::File::open(&p)?.sync_all()?;
+        write_synced(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )?;
+    }
+
+    // Swap into place: an older checkpoint of the same name is replaced only now.
+    if final_path.exists() {
+        let old = dir.join(format!(".{name}.old"));
+        if old.exists() {
+            fs::remove_dir_all(&old)?;
+        }
+        fs::rename(&final_path, &old)?;
+        fs::rename(&tmp, &final_path)?;
+        fs::remove_dir_all(&old)?;
+    } else {
+        fs::rename(&tmp, &final_path)
+            .with_context(|| format!("{}: cannot move checkpoint into place", final_path.display()))?;
+    }
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(final_path)
+}
+
+/// The newest complete checkpoint of a run directory, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    if !run_dir.is_dir() {
+        bail!("{}: no such run directory", run_dir.display());
+    }
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for e in fs::read_dir(run_dir).with_context(|| format!("{}: cannot list", run_dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<u64>().ok()) {
+            if e.path().join("trainer_state.json").is_file() {
+                found.push((n, e.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found.pop().map(|(_, p)| p))
+}
+
+/// Reads a checkpoint's trainer state and optimizer moments.
+pub fn load_trainer_state(ckpt: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
+    let p = ckpt.join("trainer_state.json");
+    let state: TrainerState = serde_json::from_str(
+        &fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?,
+    )
+    .with_context(|| format!("{}: not a trainer state", p.display()))?;
+    let o = ckpt.join("optimizer.safetensors");
+    let moments = candle_core::safetensors::load(&o, &Device::Cpu)
+        .with_context(|| format!("{}: cannot read optimizer state", o.display()))?;
+    Ok((state, moments))
+}

@@ -1,0 +1,11 @@
+//! The training machinery GRPO and SFT share: trainable parameters, AdamW with
+//! checkpointable state, atomic checkpoints in Hugging Face layout, metrics files.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod params;
+
+pub use checkpoint::TrainerState;
+pub use optim::{AdamW, AdamWConfig, GradAccumulator};
+pub use params::{Param, TrainableModel};

@@ -1,0 +1,177 @@
+//! The GRPO loss and its gradient against an independent PyTorch reference of TRL's
+//! formulas (tools/make_grpo_fixture.py): a perturbed tiny Qwen2-VL policy, the unperturbed
+//! model as reference, 3 prompts with an image each, 3 completions per prompt, fixed
+//! rewards, and for two iterations fixed old log-probs that make PPO clipping bite.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use medvlm::model::Qwen2Vl;
+use medvlm::processor::{Message, Processor, ProcessorOptions, Prompt};
+use medvlm::rl::grpo::{self, LossConfig, LossType, ScaleRewards, SeqRef, StepShape};
+use medvlm::train::{GradAccumulator, TrainableModel};
+use serde_json::Value;
+
+fn f32s2(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(f32s).collect()
+}
+
+/// Pads per-completion lists into an (n, c_max) tensor.
+fn padded(rows: &[Vec<f32>], c_max: usize) -> Tensor {
+    let mut flat = Vec::new();
+    for r in rows {
+        flat.extend_from_slice(r);
+        flat.extend(std::iter::repeat_n(0.0, c_max - r.len()));
+    }
+    Tensor::from_vec(flat, (rows.len(), c_max), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn grpo_loss_and_gradient_match_pytorch() {
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("grpo-cases.json")).unwrap(),
+    )
+    .unwrap();
+    let policy = TrainableModel::load(&fixtures().join("grpo-policy"), &Device::Cpu).unwrap();
+    let reference = Qwen2Vl::load(&fixtures().join("tiny-a"), DType::F32, &Device::Cpu).unwrap();
+    let proc = Processor::from_dir(&fixtures().join("grpo-policy"), &ProcessorOptions::default())
+        .unwrap();
+
+    // The prompts, built by our processor, must be the reference's token for token.
+    let groups = meta["groups"].as_array().unwrap();
+    let prompts: Vec<Prompt> = groups
+        .iter()
+        .map(|g| {
+            let images = g["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| proc.load_image(&fixture_image(n.as_str().unwrap())).unwrap())
+                .collect();
+            let p = proc
+                .prepare(
+                    &[Message::user_with_images(1, g["text"].as_str().unwrap())],
+                    images,
+                    true,
+                )
+                .unwrap();
+            assert_eq!(p.input_ids, u32s(&g["input_ids"]));
+            p
+        })
+        .collect();
+    let mut completions: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+    let mut rewards = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        for c in g["completions"].as_array().unwrap() {
+            completions.push((gi, u32s(&c["ids"]), c["truncated"].as_bool().unwrap()));
+        }
+        rewards.extend(f32s(&g["rewards"]));
+    }
+    let prompt_refs: Vec<&Prompt> = prompts.iter().collect();
+    let seqs: Vec<SeqRef> = completions
+        .iter()
+        .map(|(gi, toks, _)| SeqRef {
+            prompt: &prompts[*gi],
+            prompt_index: *gi,
+            tokens: toks,
+        })
+        .collect();
+    let truncated: Vec<bool> = completions.iter().map(|c| c.2).collect();
+    let g = meta["num_generations"].as_u64().unwrap() as usize;
+
+    // Reference log-probs and advantages are inputs of the loss; check them on their own.
+    let (ref_lp, _) = grpo::completion_logps(&reference, &prompt_refs, &seqs, 1.0).unwrap();
+    let want_ref = f32s2(&meta["ref_logps"]);
+    let c_max = want_ref.iter().map(Vec::len).max().unwrap();
+    let (d, _) = max_abs_diff(&ref_lp, &padded(&want_ref, c_max));
+    println!("reference log-probs: max diff {d:.2e}");
+    assert!(d < 1e-4, "reference log-probs differ by {d}");
+    for (scale, key) in [
+        (ScaleRewards::Group, "group"),
+        (ScaleRewards::Batch, "batch"),
+        (ScaleRewards::None, "none"),
+    ] {
+        let a = grpo::advantages(&rewards, g, scale).unwrap();
+        for (x, y) in a.iter().zip(f32s(&meta["advantages"][key])) {
+            assert!((x - y).abs() < 1e-6, "{key}: {x} vs {y}");
+        }
+    }
+    let offsets = padded(&f32s2(&meta["old_logp_offsets"]), c_max);
+
+    for case in meta["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let cfg = LossConfig {
+            loss_type: match case["loss_type"].as_str().unwrap() {
+                "grpo" => LossType::Grpo,
+                "bnpo" => LossType::Bnpo,
+                "dr_grpo" => LossType::DrGrpo,
+                "dapo" => LossType::Dapo,
+                other => panic!("{other}"),
+            },
+            beta: case["beta"].as_f64().unwrap(),
+            epsilon_low: case["epsilon_low"].as_f64().unwrap(),
+            epsilon_high: case["epsilon_high"].as_f64().unwrap(),
+            scale_rewards: match case["scale_rewards"].as_str().unwrap() {
+                "group" => ScaleRewards::Group,
+                "batch" => ScaleRewards::Batch,
+                _ => ScaleRewards::None,
+            },
+            mask_truncated_completions: case["mask_truncated_completions"].as_bool().unwrap(),
+            max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
+            temperature: 1.0,
+        };
+        let (logp, mask) =
+            grpo::completion_logps(&policy.model, &prompt_refs, &seqs, 1.0).unwrap();
+        let old = if case["num_iterations"].as_u64().unwrap() > 1 {
+            Some((logp.detach() + &offsets).unwrap())
+        } else {
+            None
+        };
+        let adv = grpo::advantages(&rewards, g, cfg.scale_rewards).unwrap();
+        let tokens: usize = seqs
+            .iter()
+            .zip(&truncated)
+            .filter(|(_, &t)| !(cfg.mask_truncated_completions && t))
+            .map(|(s, _)| s.tokens.len())
+            .sum();
+        let shape = StepShape {
+            completions: seqs.len(),
+            tokens,
+            micro_batches: 1,
+        };
+        let (loss, _) = grpo::loss(&cfg, &logp, &mask, &adv, old.as_ref(), Some(&ref_lp), &truncated, shape)
+            .unwrap();
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        let mut grads = GradAccumulator::new(policy.params.len());
+        grads.add(&policy.params, &loss.backward().unwrap()).unwrap();
+        let norm = grads.norm().unwrap();
+        // Every parameter receives a gradient: no op on the path silently cuts the graph
+        // (candle's fused norms and rope do; see CANDLE-TRAINING-NOTES).
+        for (i, p) in policy.params.iter().enumerate() {
+            let g = grads.get(i).unwrap_or_else(|| panic!("{name}: no gradient for {}", p.name));
+            let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(n > 0.0, "{name}: zero gradient for {}", p.name);
+        }
+        let want_loss = case["loss"].as_f64().unwrap();
+        let want_norm = case["grad_norm"].as_f64().unwrap();
+        println!(
+            "{name}: loss {got:.8} vs {want_loss:.8} (diff {:.1e}); grad norm {norm:.6} vs \
+             {want_norm:.6} (rel {:.1e})",
+            (got - want_loss).abs(),
+            ((norm - want_norm) / want_norm).abs()
+        );
+        for (pname, want) in case["param_grad_norms"].as_object().unwrap() {
+            let i = policy.params.iter().position(|p| &p.name == pname).unwrap();
+            let gn = grads.get(i).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+            let want = want.as_f64().unwrap();
+            println!("    {pname}: {gn:.6} vs {want:.6}");
+            assert!(((gn - want) / want).abs() < 1e-3, "{name}: {pname} grad norm {gn} vs {want}");
+        }
+        assert!((got - want_loss).abs() <= 1e-5, "{name}: loss {got} vs {want_loss}");
+        assert!(
+            ((norm - want_norm) / want_norm).abs() <= 1e-4,
+            "{name}: grad norm {norm} vs {want_norm}"
+        );
+    }
+}

@@ -1,0 +1,509 @@
+#!/usr/bin/env python3
+"""Build the GRPO loss / gradient reference that medvlm's Rust trainer tests compare against.
+
+An independent PyTorch reference of TRL 1.16's GRPO loss (`GRPOTrainer._compute_loss`,
+token-level importance sampling, temperature 1.0, no entropy terms) and of the gradient norm it
+produces, for a fixed tiny model, fixed prompts, fixed completions and fixed rewards.
+
+    /work/pyenv/bin/python tools/make_grpo_fixture.py      # needs tests/fixtures/tiny-a
+    TRL_SRC=/path/to/trl/src python tools/make_grpo_fixture.py --check-trl   # optional: also run
+                                  # TRL's own _compute_loss on the same log-probs and compare
+
+What it writes:
+  tests/fixtures/grpo-policy/   tiny-a with every parameter perturbed (p + 0.02 * randn, seed 1234),
+                                f32 safetensors + tokenizer / preprocessor / generation config
+  tests/fixtures/grpo-cases.json
+                                inputs (prompt ids, completion ids, rewards, old-log-prob offsets),
+                                per-token log-probs of policy and reference, advantages, and per
+                                case: loss, gradient norm, a few per-parameter gradient norms and
+                                the number of clipped tokens.
+
+Formulas (TRL 1.16, trainer/grpo_trainer.py):
+  per_token_logps = log_softmax(logits[:, :-1] / T) gathered at the completion tokens (f32)
+  advantages      = (r - group mean) / (std + 1e-4)   (std with N-1; "batch": over all rewards;
+                                                       "none": r - group mean)
+  coef_1 = exp(logp - old), old = logp.detach() when num_iterations == 1
+  coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high)
+  ptl    = -min(coef_1 * A, coef_2 * A) + beta * (exp(ref - logp) - (ref - logp) - 1)
+  grpo   : mean over sequences of (ptl * m).sum(-1) / m.sum(-1).clamp(min=1)
+  bnpo   : (ptl * m).sum() / m.sum().clamp(min=1)
+  dr_grpo: (ptl * m).sum() / (B * max_completion_length)
+  dapo   : (ptl * m).sum() / m.sum()            (the whole batch is one accumulation window)
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import PIL
+import torch
+import transformers
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import expand_and_tokenize, image_processor  # noqa: E402  (same prompt pipeline)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+REF_DIR = os.path.join(FIX, "tiny-a")
+POLICY_DIR = os.path.join(FIX, "grpo-policy")
+OUT_JSON = os.path.join(FIX, "grpo-cases.json")
+
+TEMPERATURE = 1.0
+G = 3
+MAX_COMPLETION_LENGTH = 32
+
+GROUPS = [
+    dict(
+        image="square.png",
+        text="Which side is brighter?\nA) left\nB) right",
+        completions=[
+            "<think>The left half is bright.</think><answer>A</answer><|im_end|>",
+            "<think>right</think><answer>B</answer><|im_end|>",
+            "<think>The image shows",
+        ],
+        rewards=[2.0, 1.0, 0.0],
+    ),
+    dict(
+        image="wide.png",
+        text="What modality is this?\nA) MRI\nB) CT\nC) X-Ray",
+        completions=[
+            "<answer>A</answer><|im_end|>",
+            "<think>CT scan of the abdomen with contrast.</think><answer>B</answer><|im_end|>",
+            "<think>It is an X-Ray.</think><answer>C</answer><|im_end|>",
+        ],
+        rewards=[0.5, 2.0, 1.5],
+    ),
+    dict(
+        image="gray.png",
+        text="Is there a lesion?\nA) yes\nB) no",
+        completions=[
+            "<think>no</think><answer>B</answer><|im_end|>",
+            "<think>yes</think><answer>A</answer><|im_end|>",
+            "<think>x</think><answer>B</answer><|im_end|>",
+        ],
+        rewards=[1.0, 1.0, 1.0],
+    ),
+]
+
+BASE = dict(
+    loss_type="grpo",
+    beta=0.04,
+    num_iterations=1,
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    scale_rewards="group",
+    mask_truncated_completions=False,
+    max_completion_length=MAX_COMPLETION_LENGTH,
+)
+CASES = [
+    dict(loss_type="grpo", beta=0.04, num_iterations=1),
+    dict(loss_type="grpo", beta=0.0, num_iterations=1),
+    dict(loss_type="bnpo", beta=0.04, num_iterations=1),
+    dict(loss_type="bnpo", beta=0.0, num_iterations=1),
+    dict(loss_type="grpo", beta=0.04, num_iterations=2),
+    dict(loss_type="grpo", beta=0.0, num_iterations=2),
+    dict(loss_type="bnpo", beta=0.04, num_iterations=2),
+    dict(loss_type="bnpo", beta=0.0, num_iterations=2),
+    dict(loss_type="dr_grpo", beta=0.04, num_iterations=1),
+    dict(loss_type="dapo", beta=0.04, num_iterations=2, epsilon_low=0.2, epsilon_high=0.28),
+    dict(loss_type="grpo", beta=0.04, num_iterations=1, scale_rewards="batch"),
+    dict(loss_type="grpo", beta=0.04, num_iterations=1, scale_rewards="none"),
+    dict(loss_type="grpo", beta=0.04, num_iterations=1, mask_truncated_completions=True),
+]
+
+# Parameters whose gradient norms are recorded, by their names in model.safetensors.
+GRAD_PARAMS = [
+    "model.embed_tokens.weight",
+    "visual.patch_embed.proj.weight",
+    "visual.merger.mlp.2.weight",
+    "model.layers.1.mlp.down_proj.weight",
+]
+
+
+def checkpoint_name(internal):
+    """transformers >= 4.52 module names -> the names save_pretrained writes (released layout)."""
+    if internal.startswith("model.language_model."):
+        return "model." + internal[len("model.language_model."):]
+    if internal.startswith("model.visual."):
+        return "visual." + internal[len("model.visual."):]
+    return internal
+
+
+def load(d):
+    m = Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+    m.eval()
+    return m
+
+
+def make_policy():
+    model = load(REF_DIR)
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.copy_(p + 0.02 * torch.randn_like(p))
+    if os.path.exists(POLICY_DIR):
+        shutil.rmtree(POLICY_DIR)
+    os.makedirs(POLICY_DIR)
+    model.save_pretrained(POLICY_DIR, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(REF_DIR, f), os.path.join(POLICY_DIR, f))
+    # Saved under the released names, in f32, tied lm_head not stored.
+    with safe_open(os.path.join(POLICY_DIR, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in keys)
+    assert set(GRAD_PARAMS) <= keys, keys
+    assert "lm_head.weight" not in keys
+
+
+def build_inputs(tok):
+    with open(os.path.join(REF_DIR, "tokenizer_config.json")) as f:
+        template = json.load(f)["chat_template"]
+    proc = image_processor()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    groups, seqs = [], []
+    for g in GROUPS:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": g["text"]}]}]
+        prompt = tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+        pv = proc(images=[Image.open(os.path.join(FIX, "images", g["image"]))], return_tensors="pt")
+        input_ids = expand_and_tokenize(tok, prompt, pv["image_grid_thw"].tolist())
+        comps = []
+        for text in g["completions"]:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert image_pad not in ids
+            truncated = ids[-1] not in (im_end, eot)
+            assert truncated == (not text.endswith("<|im_end|>"))
+            comps.append(dict(text=text, ids=ids, truncated=truncated))
+            seqs.append(dict(prompt_ids=input_ids, ids=ids, truncated=truncated,
+                             pixel_values=pv["pixel_values"], grid=pv["image_grid_thw"]))
+        groups.append(dict(images=[g["image"]], text=g["text"], prompt=prompt, input_ids=input_ids,
+                           image_grid_thw=pv["image_grid_thw"].tolist(), completions=comps,
+                           rewards=g["rewards"]))
+    return groups, seqs
+
+
+def seq_logps(model, s):
+    """Per-token log-probs of one completion: batch 1, prompt + completion, no padding."""
+    full = torch.tensor([s["prompt_ids"] + s["ids"]])
+    out = model(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=s["pixel_values"],
+                image_grid_thw=s["grid"], use_cache=False)
+    n = len(s["ids"])
+    logits = out.logits[0, :-1, :][-n:].float() / TEMPERATURE  # position j predicts token j+1
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(-1, torch.tensor(s["ids"]).unsqueeze(-1)).squeeze(-1)
+
+
+def padded(rows, cmax):
+    out = torch.zeros(len(rows), cmax, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def batched_logps(model, seqs, pad_id):
+    """Second way: one TRL-style batch, prompts left-padded, completions right-padded."""
+    pmax = max(len(s["prompt_ids"]) for s in seqs)
+    cmax = max(len(s["ids"]) for s in seqs)
+    ids, am = [], []
+    for s in seqs:
+        lp, lc = len(s["prompt_ids"]), len(s["ids"])
+        ids.append([pad_id] * (pmax - lp) + s["prompt_ids"] + s["ids"] + [pad_id] * (cmax - lc))
+        am.append([0] * (pmax - lp) + [1] * (lp + lc) + [0] * (cmax - lc))
+    ids, am = torch.tensor(ids), torch.tensor(am)
+    out = model(input_ids=ids, attention_mask=am, pixel_values=torch.cat([s["pixel_values"] for s in seqs]),
+                image_grid_thw=torch.cat([s["grid"] for s in seqs]), use_cache=False)
+    logits = out.logits[:, :-1, :][:, -cmax:].float() / TEMPERATURE
+    comp = ids[:, -cmax:]
+    return torch.log_softmax(logits, -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+
+
+def advantages(rewards, scale):
+    r = torch.tensor(rewards, dtype=torch.float32)
+    grouped = r.view(-1, G)
+    mean = grouped.mean(dim=1).repeat_interleave(G)
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(G)
+    elif scale == "batch":
+        std = r.std().expand_as(r)
+    a = r - mean
+    if scale != "none":
+        a = a / (std + 1e-4)
+    return a
+
+
+def loss_from(case, logp, ref, old_off, mask, adv):
+    """logp (B, C) with grad; ref (B, C); old_off (B, C) offsets; mask (B, C) float."""
+    if case["num_iterations"] == 1:
+        old = logp.detach()
+    else:
+        old = logp.detach() + old_off
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - case["epsilon_low"], 1 + case["epsilon_high"])
+    A = adv.unsqueeze(1)
+    ptl = -torch.min(coef_1 * A, coef_2 * A)
+    if case["beta"] != 0.0:
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        ptl = ptl + case["beta"] * kl
+    lt = case["loss_type"]
+    if lt == "grpo":
+        loss = ((ptl * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif lt == "bnpo":
+        loss = (ptl * mask).sum() / mask.sum().clamp(min=1.0)
+    elif lt == "dr_grpo":
+        loss = (ptl * mask).sum() / (ptl.size(0) * case["max_completion_length"])
+    elif lt == "dapo":
+        loss = (ptl * mask).sum() / mask.sum()
+    else:
+        raise ValueError(lt)
+    c1 = coef_1.detach()
+    lo, hi = 1 - case["epsilon_low"], 1 + case["epsilon_high"]
+    on = mask > 0
+    outside = ((c1 < lo) | (c1 > hi)) & on
+    region = (((c1 < lo) & (A < 0)) | ((c1 > hi) & (A > 0))) & on
+    margin = torch.minimum((c1 - lo).abs(), (c1 - hi).abs())[on].min().item()
+    return loss, int(outside.sum()), int(region.sum()), margin
+
+
+def check_against_trl(policy, seqs, cmax, ref, old_off, full_mask, trunc_mask, advs, results, pad_id):
+    """Optional (--check-trl): run TRL's own GRPOTrainer._compute_loss on the same tensors.
+
+    TRL is not a dependency of this script; point TRL_SRC at TRL's src/ (and TRL_EXTRA_SITE at a
+    directory holding pandas / datasets / accelerate if the environment lacks them). Only the
+    model forward is ours (TRL 1.16 calls a fused lm-head op there); everything downstream of the
+    per-token log-probs is TRL's code. Prints and asserts; does not change the JSON.
+    """
+    import contextlib
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    if os.environ.get("TRL_SRC"):
+        sys.path.insert(0, os.environ["TRL_SRC"])
+    if os.environ.get("TRL_EXTRA_SITE"):
+        sys.path.append(os.environ["TRL_EXTRA_SITE"])
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    pmax = max(len(s["prompt_ids"]) for s in seqs)
+    prompt_ids = torch.tensor([[pad_id] * (pmax - len(s["prompt_ids"])) + s["prompt_ids"] for s in seqs])
+    prompt_mask = torch.tensor([[0] * (pmax - len(s["prompt_ids"])) + [1] * len(s["prompt_ids"]) for s in seqs])
+    completion_ids = torch.tensor([s["ids"] + [pad_id] * (cmax - len(s["ids"])) for s in seqs])
+
+    class Acc:
+        num_processes = 1
+        sync_gradients = True
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def gather(self, x):
+            return x
+
+        def gather_for_metrics(self, x):
+            return x
+
+        def reduce(self, x, reduction="sum"):
+            return x
+
+    for rec in results:
+        policy.zero_grad(set_to_none=True)
+        iters = rec["num_iterations"]
+        mask = (trunc_mask if rec["mask_truncated_completions"] else full_mask).long()
+
+        def logps_fn(model, *a, **k):
+            lp = padded([seq_logps(model, s) for s in seqs], cmax)
+            return lp, torch.zeros_like(lp), None
+
+        stub = SimpleNamespace(
+            _get_per_token_logps_and_entropies=logps_fn,
+            aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+            importance_sampling_level="token", beta=rec["beta"], loss_type=rec["loss_type"],
+            epsilon_low=rec["epsilon_low"], epsilon_high=rec["epsilon_high"], use_vllm=False,
+            vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+            current_gradient_accumulation_steps=1, max_completion_length=rec["max_completion_length"],
+            accelerator=Acc(), _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)},
+            args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        )
+        inputs = dict(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=mask,
+            advantages=advs[rec["scale_rewards"]], ref_per_token_logps=ref,
+            num_items_in_batch=mask.sum(),
+        )
+        if iters > 1:
+            with torch.no_grad():
+                inputs["old_per_token_logps"] = padded([seq_logps(policy, s) for s in seqs], cmax) + old_off
+        loss = GRPOTrainer._compute_loss(stub, policy, inputs)
+        loss.backward()
+        gn = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in policy.parameters() if p.grad is not None))
+        dl = abs(loss.item() - rec["loss"])
+        dg = abs(gn - rec["grad_norm"]) / rec["grad_norm"]
+        m = stub._metrics["train"]
+        region = m.get("clip_ratio/region_mean", [0.0])[0] * float(mask.sum())
+        print(f"  TRL {rec['name']:40s} |dloss| {dl:.2e}  grad_norm rel diff {dg:.2e}  region-clipped {region:.1f}")
+        assert dl < 1e-7 and dg < 1e-6, rec["name"]
+        assert abs(region - rec["region_clipped_tokens"]) < 1e-3, (region, rec["region_clipped_tokens"])
+
+
+def main():
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)  # fixed reduction order: byte-identical output on every run
+    make_policy()
+    tok = AutoTokenizer.from_pretrained(REF_DIR)
+    groups, seqs = build_inputs(tok)
+    n = len(seqs)
+    lens = [len(s["ids"]) for s in seqs]
+    cmax = max(lens)
+    assert cmax <= MAX_COMPLETION_LENGTH
+
+    ref_model = load(REF_DIR)
+    policy = load(POLICY_DIR)  # reloaded: references come from exactly the saved weights
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    names = {checkpoint_name(k): p for k, p in policy.named_parameters()}
+    assert set(GRAD_PARAMS) <= set(names)
+
+    with torch.no_grad():
+        ref_rows = [seq_logps(ref_model, s) for s in seqs]
+        pol_rows = [seq_logps(policy, s) for s in seqs]
+    ref = padded(ref_rows, cmax)
+
+    # Old log-prob offsets: 0.3 * sin(1.0 + 0.7 k), k running over all completion tokens in order.
+    offsets, k = [], 0
+    for L in lens:
+        offsets.append([0.3 * math.sin(1.0 + 0.7 * (k + t)) for t in range(L)])
+        k += L
+    old_off = padded([torch.tensor(o, dtype=torch.float32) for o in offsets], cmax)
+
+    full_mask = padded([torch.ones(L) for L in lens], cmax)
+    trunc_mask = full_mask.clone()
+    for i, s in enumerate(seqs):
+        if s["truncated"]:
+            trunc_mask[i] = 0
+
+    rewards = [r for g in groups for r in g["rewards"]]
+    advs = {sc: advantages(rewards, sc) for sc in ("group", "batch", "none")}
+    assert torch.all(advs["group"][6:9] == 0)
+
+    results = []
+    for spec in CASES:
+        case = dict(BASE)
+        case.update(spec)
+        name = f"{case['loss_type']}_beta{case['beta']}_iter{case['num_iterations']}"
+        if case["epsilon_high"] != case["epsilon_low"]:
+            name += f"_epshigh{case['epsilon_high']}"
+        if case["scale_rewards"] != "group":
+            name += f"_scale{case['scale_rewards']}"
+        if case["mask_truncated_completions"]:
+            name += "_masktrunc"
+        policy.zero_grad(set_to_none=True)
+        logp = padded([seq_logps(policy, s) for s in seqs], cmax)
+        mask = trunc_mask if case["mask_truncated_completions"] else full_mask
+        loss, clipped, region, margin = loss_from(case, logp, ref, old_off, mask, advs[case["scale_rewards"]])
+        loss.backward()
+        sq = 0.0
+        for p in policy.parameters():
+            if p.grad is not None:
+                sq += float((p.grad.double() ** 2).sum())
+        grad_norm = math.sqrt(sq)
+        pgn = {nm: math.sqrt(float((names[nm].grad.double() ** 2).sum())) for nm in GRAD_PARAMS}
+        assert math.isfinite(loss.item()) and grad_norm > 0 and math.isfinite(grad_norm), name
+        assert all(v > 0 for v in pgn.values()), (name, pgn)
+        if case["num_iterations"] == 1:
+            assert clipped == 0
+        else:
+            assert clipped > 0, name
+            # coef_1 is never near a clip boundary, so f32 noise cannot flip which branch is taken
+            assert margin > 1e-5, (name, margin)
+        rec = dict(name=name, **case, loss=loss.item(), grad_norm=grad_norm, param_grad_norms=pgn,
+                   clipped_tokens=clipped, region_clipped_tokens=region, clip_boundary_margin=margin)
+        results.append(rec)
+        print(f"  {name:40s} loss {rec['loss']:+.9f}  grad_norm {grad_norm:.9f}  clipped {clipped}")
+
+    # Sanity check: case 1 computed a second way, one TRL-style padded batch with an attention mask.
+    case = dict(BASE)
+    case.update(CASES[0])
+    policy.zero_grad(set_to_none=True)
+    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    with torch.no_grad():
+        ref_b = batched_logps(ref_model, seqs, pad_id) * full_mask
+        logp_b = batched_logps(policy, seqs, pad_id) * full_mask
+    loss_b, _, _, _ = loss_from(case, logp_b, ref_b, old_off, full_mask, advs["group"])
+    d_loss = abs(loss_b.item() - results[0]["loss"])
+    d_lp = (logp_b - padded(pol_rows, cmax)).abs().max().item()
+    print(f"  batched check: |dloss| {d_loss:.3e}, max |dlogp| {d_lp:.3e}")
+    assert d_loss < 1e-6, d_loss
+
+    notes = (
+        "Generated by tools/make_grpo_fixture.py (PyTorch reference of TRL 1.16 GRPOTrainer._compute_loss, "
+        "token-level importance sampling, temperature 1.0, no entropy terms, gradient accumulation 1, one process). "
+        "Log-probs: each completion is its own forward pass (batch 1, prompt + completion, no padding, eager "
+        "attention, f32); logits at position j predict token j+1; per-token tensors padded to (9, C_max) with mask 0. "
+        "Prompts: chat template from tiny-a's tokenizer_config.json, Qwen2VLImageProcessor(min_pixels=56*56, "
+        "max_pixels=28*28*12), one <|image_pad|> per merged patch, tokenized without special tokens. "
+        "Advantages computed in float32 like TRL (rewards float32, torch .std with N-1, + 1e-4); "
+        "'advantages' holds them for each scale_rewards mode. "
+        "Old log-probs (num_iterations 2): old = policy_logp (detached) + old_logp_offsets[i][t], where the offset "
+        "is 0.3*sin(1.0+0.7*k) computed in float64 and then rounded to float32 before being added (k runs over all "
+        "completion tokens in order); so coef_1 = exp(logp - old) is exp(-offset) up to f32 rounding. "
+        "num_iterations 1: old = logp.detach(), coef_1 == 1 exactly. "
+        "clipped_tokens counts masked-in tokens where coef_1 < 1-epsilon_low or coef_1 > 1+epsilon_high; "
+        "region_clipped_tokens is TRL's clip_ratio/region count: clipped tokens where the clip is active "
+        "(coef_1 < 1-eps_low with A < 0, or coef_1 > 1+eps_high with A > 0). "
+        "clip_boundary_margin is min |coef_1 - bound| over masked-in tokens (>1e-5 asserted for iters 2 cases, so "
+        "f32 noise cannot flip a branch). torch.min ties (unclipped tokens, coef_1 == coef_2) split the gradient "
+        "evenly between both branches, which sums to the plain gradient. "
+        "KL: exp(ref - logp) - (ref - logp) - 1 with ref from tiny-a (no grad), added as beta * kl. "
+        "mask_truncated_completions: a completion whose last id is not <|im_end|> or <|endoftext|> "
+        "(TRL: eos_token_ids + pad_token_id, which are these two ids) gets an all-zero mask; the grpo denominator "
+        "clamps its zero token count to 1, so it contributes 0 to the mean over 9 sequences. "
+        "dapo: normalizer = mask.sum() (num_items_in_batch with one process, one accumulation window). "
+        "dr_grpo: denominator 9 * max_completion_length (32). "
+        "grad_norm = sqrt(sum over all policy parameters of sum(grad^2)) accumulated in float64 from the f32 grads; "
+        "the tied embedding / lm_head is one parameter (model.embed_tokens.weight). param_grad_norms use the names "
+        "stored in model.safetensors. policy_logps / ref_logps are the unpadded per-token log-probs (no grad) of "
+        "grpo-policy and tiny-a. The batched cross-check (prompts left-padded, completions right-padded, one forward "
+        "pass of all 9 sequences) reproduces case 1's loss within batched_check.abs_loss_diff (0: with one CPU thread "
+        "the padded batch gives bit-identical log-probs; with two threads they differ by ~3e-6). "
+        "`make_grpo_fixture.py --check-trl` (TRL_SRC=<trl>/src) also runs TRL 1.16's own GRPOTrainer._compute_loss on "
+        "the same log-probs for every case: loss, grad_norm and TRL's region-clip count agree exactly. "
+        "Magnitudes to expect: the perturbed policy is far from tiny-a (per-token ref - logp in [-4.3, 5.3], mean "
+        "per-token KL ~4.2, max exp(ref - logp) ~199), so KL terms dominate the beta 0.04 gradients; "
+        "case grpo_beta0.0_iter1 is mathematically 0 (per-sequence mean of -A, averaged over groups) and is "
+        "~1.7e-8 from f32 rounding: compare it absolutely."
+    )
+    out = dict(
+        notes=notes,
+        generated_by="tools/make_grpo_fixture.py",
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__, pillow=PIL.__version__,
+                      numpy=np.__version__, trl="1.16 (formulas, not imported)"),
+        reference_model="tiny-a",
+        policy_model="grpo-policy",
+        policy_perturbation="p + 0.02 * randn_like(p), torch.manual_seed(1234), model.named_parameters() order",
+        temperature=TEMPERATURE,
+        num_generations=G,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        special_token_ids={t: tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>")},
+        groups=groups,
+        old_logp_offsets=[[float(x) for x in torch.tensor(o, dtype=torch.float32)] for o in offsets],
+        policy_logps=[r.tolist() for r in pol_rows],
+        ref_logps=[r.tolist() for r in ref_rows],
+        advantages={k: v.tolist() for k, v in advs.items()},
+        batched_check=dict(abs_loss_diff=d_loss, max_abs_logp_diff=d_lp),
+        cases=results,
+    )
+    with open(OUT_JSON, "w") as f:
+        json.dump(out, f, indent=1)
+    if "--check-trl" in sys.argv[1:]:
+        check_against_trl(policy, seqs, cmax, ref, old_off, full_mask, trunc_mask, advs, results, pad_id)
+    print("wrote", OUT_JSON, "and", POLICY_DIR)
+
+
+if __name__ == "__main__":
+    main()
