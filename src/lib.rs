@@ -10,8 +10,11 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod plot;
 pub mod processor;
 pub mod rl;
+pub mod sft;
 pub mod train;

@@ -381,7 +381,7 @@ fn num_samples_returns_a_group_and_settings_are_reported() {
     for smp in samples {
         let n = smp["completion_token_ids"].as_array().unwrap().len();
         assert_eq!(smp["logprobs"].as_array().unwrap().len(), n);
-        assert!(n >= 1 && n <= 12);
+        assert!((1..=12).contains(&n));
     }
 }
 

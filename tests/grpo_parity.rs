@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use medvlm::model::Qwen2Vl;
 use medvlm::processor::{Message, Processor, ProcessorOptions, Prompt};
-use medvlm::rl::grpo::{self, LossConfig, LossType, ScaleRewards, SeqRef, StepShape};
+use medvlm::rl::grpo::{self, LossConfig, LossInputs, LossType, ScaleRewards, SeqRef, StepShape};
 use medvlm::train::{GradAccumulator, TrainableModel};
 use serde_json::Value;
 
@@ -29,14 +29,16 @@ fn padded(rows: &[Vec<f32>], c_max: usize) -> Tensor {
 
 #[test]
 fn grpo_loss_and_gradient_match_pytorch() {
-    let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("grpo-cases.json")).unwrap(),
-    )
-    .unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("grpo-cases.json")).unwrap())
+            .unwrap();
     let policy = TrainableModel::load(&fixtures().join("grpo-policy"), &Device::Cpu).unwrap();
     let reference = Qwen2Vl::load(&fixtures().join("tiny-a"), DType::F32, &Device::Cpu).unwrap();
-    let proc = Processor::from_dir(&fixtures().join("grpo-policy"), &ProcessorOptions::default())
-        .unwrap();
+    let proc = Processor::from_dir(
+        &fixtures().join("grpo-policy"),
+        &ProcessorOptions::default(),
+    )
+    .unwrap();
 
     // The prompts, built by our processor, must be the reference's token for token.
     let groups = meta["groups"].as_array().unwrap();
@@ -47,7 +49,10 @@ fn grpo_loss_and_gradient_match_pytorch() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|n| proc.load_image(&fixture_image(n.as_str().unwrap())).unwrap())
+                .map(|n| {
+                    proc.load_image(&fixture_image(n.as_str().unwrap()))
+                        .unwrap()
+                })
                 .collect();
             let p = proc
                 .prepare(
@@ -121,8 +126,7 @@ fn grpo_loss_and_gradient_match_pytorch() {
             max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
             temperature: 1.0,
         };
-        let (logp, mask) =
-            grpo::completion_logps(&policy.model, &prompt_refs, &seqs, 1.0).unwrap();
+        let (logp, mask) = grpo::completion_logps(&policy.model, &prompt_refs, &seqs, 1.0).unwrap();
         let old = if case["num_iterations"].as_u64().unwrap() > 1 {
             Some((logp.detach() + &offsets).unwrap())
         } else {
@@ -140,17 +144,34 @@ fn grpo_loss_and_gradient_match_pytorch() {
             tokens,
             micro_batches: 1,
         };
-        let (loss, _) = grpo::loss(&cfg, &logp, &mask, &adv, old.as_ref(), Some(&ref_lp), &truncated, shape)
-            .unwrap();
+        let inputs = LossInputs {
+            logp: &logp,
+            mask: &mask,
+            advantages: &adv,
+            old: old.as_ref(),
+            reference: Some(&ref_lp),
+            truncated: &truncated,
+        };
+        let (loss, _) = grpo::loss(&cfg, &inputs, shape).unwrap();
         let got = loss.to_scalar::<f32>().unwrap() as f64;
         let mut grads = GradAccumulator::new(policy.params.len());
-        grads.add(&policy.params, &loss.backward().unwrap()).unwrap();
+        grads
+            .add(&policy.params, &loss.backward().unwrap())
+            .unwrap();
         let norm = grads.norm().unwrap();
         // Every parameter receives a gradient: no op on the path silently cuts the graph
         // (candle's fused norms and rope do; see CANDLE-TRAINING-NOTES).
         for (i, p) in policy.params.iter().enumerate() {
-            let g = grads.get(i).unwrap_or_else(|| panic!("{name}: no gradient for {}", p.name));
-            let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let g = grads
+                .get(i)
+                .unwrap_or_else(|| panic!("{name}: no gradient for {}", p.name));
+            let n = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(n > 0.0, "{name}: zero gradient for {}", p.name);
         }
         let want_loss = case["loss"].as_f64().unwrap();
@@ -163,15 +184,72 @@ fn grpo_loss_and_gradient_match_pytorch() {
         );
         for (pname, want) in case["param_grad_norms"].as_object().unwrap() {
             let i = policy.params.iter().position(|p| &p.name == pname).unwrap();
-            let gn = grads.get(i).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+            let gn = grads
+                .get(i)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt() as f64;
             let want = want.as_f64().unwrap();
             println!("    {pname}: {gn:.6} vs {want:.6}");
-            assert!(((gn - want) / want).abs() < 1e-3, "{name}: {pname} grad norm {gn} vs {want}");
+            assert!(
+                ((gn - want) / want).abs() < 1e-3,
+                "{name}: {pname} grad norm {gn} vs {want}"
+            );
         }
-        assert!((got - want_loss).abs() <= 1e-5, "{name}: loss {got} vs {want_loss}");
+        assert!(
+            (got - want_loss).abs() <= 1e-5,
+            "{name}: loss {got} vs {want_loss}"
+        );
         assert!(
             ((norm - want_norm) / want_norm).abs() <= 1e-4,
             "{name}: grad norm {norm} vs {want_norm}"
         );
+    }
+}
+
+/// `--freeze-vision` trains the language model and the merger only: after an update the
+/// vision blocks and patch embedding are bit-identical, everything else moved.
+#[test]
+fn freeze_vision_leaves_the_vision_blocks_untouched() {
+    use medvlm::train::{AdamW, AdamWConfig};
+    let mut policy = TrainableModel::load(&fixtures().join("grpo-policy"), &Device::Cpu).unwrap();
+    policy.freeze_vision();
+    let frozen: Vec<&str> = policy
+        .params
+        .iter()
+        .filter(|p| !p.trainable)
+        .map(|p| p.name.as_str())
+        .collect();
+    assert!(frozen.contains(&"visual.patch_embed.proj.weight"));
+    assert!(frozen.iter().all(|n| n.starts_with("visual.") && !n.starts_with("visual.merger.")));
+    assert!(frozen.iter().any(|n| n.starts_with("visual.blocks.")));
+    let before: Vec<Tensor> = policy.params.iter().map(|p| p.var.as_tensor().copy().unwrap()).collect();
+
+    let proc = Processor::from_dir(&fixtures().join("grpo-policy"), &ProcessorOptions::default())
+        .unwrap();
+    let img = proc.load_image(&fixture_image("square.png")).unwrap();
+    let prompt = proc
+        .prepare(&[Message::user_with_images(1, "Which side?")], vec![img], true)
+        .unwrap();
+    let toks = proc.tokenizer.encode("<answer>A</answer>").unwrap();
+    let seqs = [SeqRef { prompt: &prompt, prompt_index: 0, tokens: &toks }];
+    let (logp, mask) = grpo::completion_logps(&policy.model, &[&prompt], &seqs, 1.0).unwrap();
+    let loss = (logp * mask).unwrap().sum_all().unwrap().neg().unwrap();
+    let mut grads = GradAccumulator::new(policy.params.len());
+    grads.add(&policy.params, &loss.backward().unwrap()).unwrap();
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, ..Default::default() });
+    opt.update(&policy.params, &grads, 1e-3).unwrap();
+    for (p, b) in policy.params.iter().zip(&before) {
+        let (d, _) = max_abs_diff(p.var.as_tensor(), b);
+        if p.trainable {
+            assert!(d > 0.0, "{} did not move", p.name);
+        } else {
+            assert_eq!(d, 0.0, "frozen {} moved", p.name);
+        }
     }
 }

@@ -34,6 +34,9 @@ pub struct RawRow {
     pub problem: Option<String>,
     #[serde(default)]
     pub solution: Option<String>,
+    /// Reasoning for the answer, when the data has it (supervised targets use it).
+    #[serde(default, alias = "reasoning", alias = "thinking")]
+    pub rationale: Option<String>,
 }
 
 /// `image` is a list of paths in the paper's files; a single string is accepted too.
@@ -80,7 +83,8 @@ impl Modality {
         let starts = |p: &str| compact.starts_with(p);
         if starts("oct") || l.contains("optical coherence") {
             Modality::Oct
-        } else if starts("mri") || starts("mr") || l.contains("magnetic") || l.contains("mag-netic") {
+        } else if starts("mri") || starts("mr") || l.contains("magnetic") || l.contains("mag-netic")
+        {
             Modality::Mri
         } else if starts("ct") || l.contains("computed tomography") {
             Modality::Ct
@@ -138,6 +142,7 @@ pub struct VqaItem {
     pub dataset: String,
     /// Question followed by `A) option` lines: what the prompt templates wrap.
     pub problem: String,
+    pub rationale: Option<String>,
 }
 
 /// A row that was not used, and why.
@@ -229,9 +234,17 @@ fn resolve(index: usize, row: RawRow, root: &Path) -> std::result::Result<VqaIte
         return Err("no options".into());
     }
     if row.options.len() > LETTERS.len() {
-        return Err(format!("{} options; at most {} are supported", row.options.len(), LETTERS.len()));
+        return Err(format!(
+            "{} options; at most {} are supported",
+            row.options.len(),
+            LETTERS.len()
+        ));
     }
-    let Some(pos) = row.options.iter().position(|o| o.trim() == row.answer.trim()) else {
+    let Some(pos) = row
+        .options
+        .iter()
+        .position(|o| o.trim() == row.answer.trim())
+    else {
         return Err(format!("answer {:?} is not among the options", row.answer));
     };
     let solution = LETTERS[pos];
@@ -264,6 +277,7 @@ fn resolve(index: usize, row: RawRow, root: &Path) -> std::result::Result<VqaIte
         answer: row.answer,
         solution,
         problem,
+        rationale: row.rationale,
     })
 }
 
@@ -274,7 +288,10 @@ pub fn filter_modalities(items: Vec<VqaItem>, keep: &[String]) -> Vec<VqaItem> {
     }
     items
         .into_iter()
-        .filter(|it| keep.iter().any(|k| k.eq_ignore_ascii_case(it.modality.name())))
+        .filter(|it| {
+            keep.iter()
+                .any(|k| k.eq_ignore_ascii_case(it.modality.name()))
+        })
         .collect()
 }
 
@@ -299,15 +316,24 @@ mod tests {
 
     #[test]
     fn modality_spellings() {
-        assert_eq!(Modality::parse("MR (Mag-netic Resonance Imaging)"), Modality::Mri);
+        assert_eq!(
+            Modality::parse("MR (Mag-netic Resonance Imaging)"),
+            Modality::Mri
+        );
         assert_eq!(Modality::parse("CT(Computed Tomography)"), Modality::Ct);
         assert_eq!(Modality::parse("X-Ray"), Modality::XRay);
-        assert_eq!(Modality::parse("OCT (Optical Coherence Tomography"), Modality::Oct);
+        assert_eq!(
+            Modality::parse("OCT (Optical Coherence Tomography"),
+            Modality::Oct
+        );
         assert_eq!(Modality::parse("Ultrasound"), Modality::Ultrasound);
         assert_eq!(Modality::parse("Dermoscopy"), Modality::Dermoscopy);
         assert_eq!(Modality::parse("Fundus Photography"), Modality::Fundus);
         assert_eq!(Modality::parse("Microscopy Images"), Modality::Microscopy);
-        assert_eq!(Modality::parse("Thermal"), Modality::Other("Thermal".into()));
+        assert_eq!(
+            Modality::parse("Thermal"),
+            Modality::Other("Thermal".into())
+        );
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub fn random_backend(std: f64, seed: u64) -> Box<dyn SimpleBackend> {
 }
 
 /// A variable source that invents every tensor it is asked for.
-pub fn random_var_builder(std: f64, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+pub fn random_var_builder(
+    std: f64,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
     VarBuilder::from_backend(random_backend(std, seed), dtype, device.clone())
 }

@@ -140,16 +140,7 @@ impl GrpoConfig {
     /// Parses TOML text (`file` names it in errors) merged with `overrides` (a TOML table
     /// of flag values, which win).
     pub fn from_toml(text: &str, file: &str, overrides: Option<toml::Table>) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).with_context(|| format!("{file}: invalid TOML"))?;
-        if let Some(o) = overrides {
-            for (k, v) in o {
-                table.insert(k, v);
-            }
-        }
-        let cfg: GrpoConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{file}: {}", e.message().trim()))?;
-        Ok(cfg)
+        parse_toml(text, file, overrides)
     }
 
     pub fn from_file(path: &Path, overrides: Option<toml::Table>) -> Result<Self> {
@@ -168,13 +159,19 @@ impl GrpoConfig {
             bail!("config: `model` (the checkpoint directory to train) is required");
         }
         if !self.model.is_dir() {
-            bail!("config: model {}: no such checkpoint directory", self.model.display());
+            bail!(
+                "config: model {}: no such checkpoint directory",
+                self.model.display()
+            );
         }
         if self.train_data.as_os_str().is_empty() {
             bail!("config: `train_data` is required");
         }
         if !self.train_data.is_file() {
-            bail!("config: train_data {}: no such file", self.train_data.display());
+            bail!(
+                "config: train_data {}: no such file",
+                self.train_data.display()
+            );
         }
         if let Some(e) = &self.eval_data {
             if !e.is_file() {
@@ -194,7 +191,7 @@ impl GrpoConfig {
         if self.num_iterations == 0 {
             bail!("config: num_iterations must be at least 1");
         }
-        if self.save_steps % self.num_iterations != 0 {
+        if !self.save_steps.is_multiple_of(self.num_iterations) {
             bail!(
                 "config: save_steps ({}) must be a multiple of num_iterations ({}): checkpoints \
                  are taken between generated batches so a resumed run is exact",
@@ -202,10 +199,14 @@ impl GrpoConfig {
                 self.num_iterations
             );
         }
-        if !(self.temperature > 0.0) {
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
             bail!("config: temperature must be positive for GRPO sampling");
         }
-        if self.learning_rate < 0.0 || self.beta < 0.0 || self.epsilon_low < 0.0 || self.epsilon_high < 0.0 {
+        if self.learning_rate < 0.0
+            || self.beta < 0.0
+            || self.epsilon_low < 0.0
+            || self.epsilon_high < 0.0
+        {
             bail!("config: learning_rate, beta and epsilons must be non-negative");
         }
         if self.epochs <= 0.0 && self.max_steps == 0 {
@@ -227,7 +228,10 @@ impl GrpoConfig {
             );
         }
         if !matches!(self.final_dtype.as_str(), "f32" | "bf16") {
-            bail!("config: final_dtype must be \"f32\" or \"bf16\", got {:?}", self.final_dtype);
+            bail!(
+                "config: final_dtype must be \"f32\" or \"bf16\", got {:?}",
+                self.final_dtype
+            );
         }
         Ok(())
     }
@@ -253,14 +257,37 @@ impl GrpoConfig {
         c.save_steps = 0;
         c.log_completions = 0;
         c.device = None;
-        let text = c.to_toml()?;
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in text.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        Ok(format!("{h:016x}"))
+        fingerprint_of(&c.to_toml()?)
     }
+}
+
+/// Parses a TOML config (`file` names it in errors) with `overrides` (a table of flag
+/// values) merged over it; unknown keys and wrong types are errors.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+    overrides: Option<toml::Table>,
+) -> Result<T> {
+    let mut table: toml::Table =
+        toml::from_str(text).with_context(|| format!("{file}: invalid TOML"))?;
+    if let Some(o) = overrides {
+        for (k, v) in o {
+            table.insert(k, v);
+        }
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{file}: {}", e.message().trim()))
+}
+
+/// FNV-1a of a config's text: a stable fingerprint to refuse resuming changed settings.
+pub fn fingerprint_of(text: &str) -> Result<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(format!("{h:016x}"))
 }
 
 /// The commented default config written by `medvlm train grpo --print-config`.

@@ -88,7 +88,7 @@ pub fn advantages(rewards: &[f32], g: usize, scale: ScaleRewards) -> Result<Vec<
     if g < 2 {
         bail!("GRPO needs at least 2 completions per prompt to compare them, got {g}");
     }
-    if rewards.len() % g != 0 {
+    if !rewards.len().is_multiple_of(g) {
         bail!("{} rewards do not split into groups of {g}", rewards.len());
     }
     let batch_std = std_unbiased(rewards);
@@ -161,7 +161,12 @@ pub fn completion_logps(
         let mut ids = s.prompt.input_ids.clone();
         ids.extend_from_slice(s.tokens);
         let (mut pos, _) = model.positions(&ids, &s.prompt.grids())?;
-        let mut next = pos.iter().map(|p| p[0].max(p[1]).max(p[2])).max().unwrap_or(-1) + 1;
+        let mut next = pos
+            .iter()
+            .map(|p| p[0].max(p[1]).max(p[2]))
+            .max()
+            .unwrap_or(-1)
+            + 1;
         while ids.len() < l {
             ids.push(pad);
             pos.push([next; 3]);
@@ -253,29 +258,46 @@ pub struct LossStats {
     pub clip_ratio: f64,
 }
 
+/// A micro-batch's inputs to the loss: `logp`/`mask` are `(n, c)` from
+/// [`completion_logps`]; one advantage and one truncation flag per completion; `old` the
+/// log-probs at sampling time (None with one iteration: the ratio is then 1 in value but
+/// carries the policy gradient); `reference` the reference model's log-probs (needed when
+/// beta > 0).
+pub struct LossInputs<'a> {
+    pub logp: &'a Tensor,
+    pub mask: &'a Tensor,
+    pub advantages: &'a [f32],
+    pub old: Option<&'a Tensor>,
+    pub reference: Option<&'a Tensor>,
+    pub truncated: &'a [bool],
+}
+
 /// The GRPO loss of a micro-batch, scaled so that summing over the micro-batches of a step
-/// gives the step's loss. `logp`/`mask`: `(n, c)` from [`completion_logps`]; `adv`: one
-/// advantage per completion; `old`: log-probs at sampling time (None with one iteration:
-/// the ratio is then 1 in value but carries the policy gradient); `reference`: the
-/// reference model's log-probs (needed when beta > 0); `truncated`: which completions hit
-/// the length limit.
-pub fn loss(
-    cfg: &LossConfig,
-    logp: &Tensor,
-    mask: &Tensor,
-    adv: &[f32],
-    old: Option<&Tensor>,
-    reference: Option<&Tensor>,
-    truncated: &[bool],
-    shape: StepShape,
-) -> Result<(Tensor, LossStats)> {
+/// gives the step's loss.
+pub fn loss(cfg: &LossConfig, inp: &LossInputs, shape: StepShape) -> Result<(Tensor, LossStats)> {
+    let (logp, mask, adv, old, reference, truncated) = (
+        inp.logp,
+        inp.mask,
+        inp.advantages,
+        inp.old,
+        inp.reference,
+        inp.truncated,
+    );
     let dev = logp.device();
     let (n, _c) = logp.dims2()?;
     if adv.len() != n || truncated.len() != n {
-        bail!("{} completions but {} advantages and {} truncation flags", n, adv.len(), truncated.len());
+        bail!(
+            "{} completions but {} advantages and {} truncation flags",
+            n,
+            adv.len(),
+            truncated.len()
+        );
     }
     let mask = if cfg.mask_truncated_completions {
-        let keep: Vec<f32> = truncated.iter().map(|&t| if t { 0.0 } else { 1.0 }).collect();
+        let keep: Vec<f32> = truncated
+            .iter()
+            .map(|&t| if t { 0.0 } else { 1.0 })
+            .collect();
         mask.broadcast_mul(&Tensor::from_vec(keep, (n, 1), dev)?)?
     } else {
         mask.clone()
@@ -293,12 +315,17 @@ pub fn loss(
     let mut stats = LossStats::default();
     if cfg.beta != 0.0 {
         let Some(r) = reference else {
-            bail!("beta = {} needs the reference model's log-probabilities", cfg.beta);
+            bail!(
+                "beta = {} needs the reference model's log-probabilities",
+                cfg.beta
+            );
         };
         let d = (r - logp)?;
         let kl = ((d.exp()? - &d)? - 1.0)?;
         per_token = (per_token + (&kl * cfg.beta)?)?;
-        let per_seq = (kl.detach() * &mask)?.sum(1)?.broadcast_div(&mask.sum(1)?.clamp(1.0, f64::MAX)?)?;
+        let per_seq = (kl.detach() * &mask)?
+            .sum(1)?
+            .broadcast_div(&mask.sum(1)?.clamp(1.0, f64::MAX)?)?;
         stats.kl = per_seq.mean_all()?.to_scalar::<f32>()? as f64;
     }
     // Clipping statistics (host side, no gradient).
@@ -323,7 +350,9 @@ pub fn loss(
     let masked = (per_token * &mask)?;
     let loss = match cfg.loss_type {
         LossType::Grpo => {
-            let per_seq = masked.sum(1)?.broadcast_div(&mask.sum(1)?.clamp(1.0, f64::MAX)?)?;
+            let per_seq = masked
+                .sum(1)?
+                .broadcast_div(&mask.sum(1)?.clamp(1.0, f64::MAX)?)?;
             (per_seq.sum_all()? / shape.completions.max(1) as f64)?
         }
         LossType::Bnpo => {

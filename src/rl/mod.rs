@@ -10,7 +10,11 @@ use anyhow::{bail, Result};
 use reward::{AccuracyReward, AnswerMode, FormatReward, Reward, RewardSet};
 
 /// The reward set named in a config (`"accuracy"`, `"format"`), weighted.
-pub fn rewards_from_names(names: &[String], weights: &[f32], mode: AnswerMode) -> Result<RewardSet> {
+pub fn rewards_from_names(
+    names: &[String],
+    weights: &[f32],
+    mode: AnswerMode,
+) -> Result<RewardSet> {
     let mut v: Vec<(Box<dyn Reward>, f32)> = Vec::new();
     for (name, &w) in names.iter().zip(weights) {
         let r: Box<dyn Reward> = match name.as_str() {

@@ -6,29 +6,27 @@
 //! `(seed, epoch)`), so a run resumed from a checkpoint replays exactly what the
 //! uninterrupted run would have done.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
 
 use super::config::GrpoConfig;
-use super::grpo::{self, SeqRef, StepShape};
-use super::reward::{extract_answer, Extraction, RewardContext, RewardSet};
+use super::grpo::{self, LossInputs, SeqRef, StepShape};
+use super::reward::{RewardContext, RewardSet};
 use super::rewards_from_names;
 use crate::data::{self, VqaItem};
-use crate::generate::{Completion, Engine, Request, SamplingParams};
+use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
 use crate::model::Qwen2Vl;
 use crate::processor::{Processor, ProcessorOptions, Prompt};
-use crate::train::checkpoint::{self, TrainerState};
-use crate::train::metrics::{mean_std, JsonlWriter, Record};
-use crate::train::{AdamW, AdamWConfig, GradAccumulator, TrainableModel};
+use crate::train::metrics::{mean_std, Record};
+use crate::train::session::{export_dtype, Session, SessionSpec};
+use crate::train::{AdamWConfig, GradAccumulator, TrainableModel};
 
 /// SplitMix64 finaliser: derives independent seeds from (seed, counter).
 pub fn mix(seed: u64, n: u64) -> u64 {
@@ -103,44 +101,18 @@ pub struct GrpoRun {
     train: Vec<VqaItem>,
     eval: Vec<VqaItem>,
     rewards: RewardSet,
-    optimizer: AdamW,
-    step: u64,
-    total_steps: u64,
+    session: Session,
     stop: Vec<u32>,
     banned: Vec<u32>,
-    device: Device,
-}
-
-/// Where a run starts from.
-pub enum Start {
-    Fresh,
-    /// Continue from the newest checkpoint of the run directory.
-    Resume,
 }
 
 impl GrpoRun {
-    /// Loads models and data for `config`. All validation happens here, before any work.
-    pub fn prepare(config: GrpoConfig, start: Start) -> Result<Self> {
+    /// Loads models and data for `config` and opens (or resumes) the run directory. All
+    /// validation happens before any model is loaded.
+    pub fn prepare(config: GrpoConfig, resume: bool) -> Result<Self> {
         config.validate()?;
         let device = crate::cli::parse_device(config.device.as_deref())?;
-        let out = &config.output_dir;
-        let ckpt = match start {
-            Start::Fresh => {
-                if let Some(c) = checkpoint::latest(out).ok().flatten() {
-                    bail!(
-                        "{}: the run directory already has checkpoints ({}); resume it with \
-                         --resume {} or choose another output_dir",
-                        out.display(),
-                        c.display(),
-                        out.display()
-                    );
-                }
-                None
-            }
-            Start::Resume => Some(checkpoint::latest(out)?.with_context(|| {
-                format!("{}: no checkpoint to resume from", out.display())
-            })?),
-        };
+        let ckpt = Session::resume_point(&config.output_dir, resume)?;
         let popts = ProcessorOptions {
             min_pixels: config.min_pixels,
             max_pixels: config.max_pixels,
@@ -159,7 +131,11 @@ impl GrpoRun {
             bail!(
                 "{}: no usable training rows{}",
                 config.train_data.display(),
-                if config.modalities.is_empty() { String::new() } else { format!(" for modalities {:?}", config.modalities) }
+                if config.modalities.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for modalities {:?}", config.modalities)
+                }
             );
         }
         let eval = match &config.eval_data {
@@ -173,6 +149,12 @@ impl GrpoRun {
             }
             None => vec![],
         };
+        let weights = if config.reward_weights.is_empty() {
+            vec![1.0; config.rewards.len()]
+        } else {
+            config.reward_weights.clone()
+        };
+        let rewards = rewards_from_names(&config.rewards, &weights, config.answer_mode)?;
         let gens_per_epoch = train.len().div_ceil(config.batch_prompts) as f64;
         let total_steps = if config.max_steps > 0 {
             config.max_steps
@@ -195,41 +177,32 @@ impl GrpoRun {
         } else {
             None
         };
-        let mut optimizer = AdamW::new(AdamWConfig {
-            lr: config.learning_rate,
-            beta1: config.adam_beta1,
-            beta2: config.adam_beta2,
-            eps: config.adam_epsilon,
-            weight_decay: config.weight_decay,
-        });
-        let mut step = 0;
-        if let Some(c) = &ckpt {
-            let (state, moments) = checkpoint::load_trainer_state(c)?;
-            if state.config_hash != config.fingerprint()? {
-                bail!(
-                    "{}: the run's settings changed since this checkpoint was written; resume \
-                     with the run's own config.toml",
-                    c.display()
-                );
-            }
-            let moments = moments
-                .into_iter()
-                .map(|(k, t)| Ok((k, t.to_device(&device)?)))
-                .collect::<Result<HashMap<_, _>>>()?;
-            optimizer.load_state(state.step, moments)?;
-            step = state.step;
-        }
-        let weights = if config.reward_weights.is_empty() {
-            vec![1.0; config.rewards.len()]
-        } else {
-            config.reward_weights.clone()
-        };
-        let rewards = rewards_from_names(&config.rewards, &weights, config.answer_mode)?;
+        let session = Session::open(
+            SessionSpec {
+                kind: "grpo",
+                dir: &config.output_dir,
+                config_toml: config.to_toml()?,
+                config_hash: config.fingerprint()?,
+                adam: AdamWConfig {
+                    lr: config.learning_rate,
+                    beta1: config.adam_beta1,
+                    beta2: config.adam_beta2,
+                    eps: config.adam_epsilon,
+                    weight_decay: config.weight_decay,
+                },
+                max_grad_norm: config.max_grad_norm,
+                total_steps,
+                seed: config.seed,
+                resume,
+            },
+            &device,
+        )?;
         let s = &processor.tokenizer.special;
         let mut stop: Vec<u32> = [s.im_end, s.endoftext, processor.tokenizer.eos_token_id]
             .into_iter()
             .flatten()
             .collect();
+        stop.sort_unstable();
         stop.dedup();
         let banned = s.vision_ids().to_vec();
         Ok(Self {
@@ -241,20 +214,18 @@ impl GrpoRun {
             train,
             eval,
             rewards,
-            optimizer,
-            step,
-            total_steps,
+            session,
             stop,
             banned,
-            device,
         })
     }
 
     pub fn total_steps(&self) -> u64 {
-        self.total_steps
+        self.session.total_steps
     }
+
     pub fn step(&self) -> u64 {
-        self.step
+        self.session.step
     }
 
     fn prompt_for(&self, item: &VqaItem) -> Result<Prompt> {
@@ -314,7 +285,10 @@ impl GrpoRun {
             let item = &self.train[items[pi]];
             let sol = item.solution.to_string();
             for comp in group {
-                let text = self.processor.tokenizer.decode(comp.content_tokens(), true)?;
+                let text = self
+                    .processor
+                    .tokenizer
+                    .decode(comp.content_tokens(), true)?;
                 let (total, parts) = self.rewards.score(&text, &Self::context(item, &sol));
                 rewards.push(total);
                 for (k, p) in parts.into_iter().enumerate() {
@@ -364,8 +338,8 @@ impl GrpoRun {
         Ok(r)
     }
 
-    /// One optimizer step on a rollout; returns (loss, grad norm, kl, clip ratio).
-    fn optimize(&mut self, r: &Rollout) -> Result<(f64, f64, f64, f64)> {
+    /// One optimizer step on a rollout.
+    fn optimize(&mut self, r: &Rollout) -> Result<StepOutcome> {
         let c = &self.config;
         let loss_cfg = c.loss();
         let seqs = r.seqs();
@@ -373,7 +347,7 @@ impl GrpoRun {
         let prompt_refs: Vec<&Prompt> = r.prompts.iter().collect();
         let truncated_all: Vec<bool> = flat
             .iter()
-            .map(|c| c.finish == crate::generate::FinishReason::Length)
+            .map(|c| c.finish == FinishReason::Length)
             .collect();
         let tokens_all: usize = flat
             .iter()
@@ -392,217 +366,182 @@ impl GrpoRun {
         let mut start = 0;
         for (k, ch) in chunks.iter().enumerate() {
             let n = ch.len();
-            let (logp, mask) = grpo::completion_logps(&self.policy.model, &prompt_refs, ch, loss_cfg.temperature)?;
+            let (logp, mask) =
+                grpo::completion_logps(&self.policy.model, &prompt_refs, ch, loss_cfg.temperature)?;
             let old = r.old_logps.as_ref().map(|v| &v[k]);
             let reference = r.ref_logps.as_ref().map(|v| &v[k]);
-            let (loss, stats) = grpo::loss(
-                &loss_cfg,
-                &logp,
-                &mask,
-                &r.advantages[start..start + n],
+            let inputs = LossInputs {
+                logp: &logp,
+                mask: &mask,
+                advantages: &r.advantages[start..start + n],
                 old,
                 reference,
-                &truncated_all[start..start + n],
-                shape,
-            )?;
+                truncated: &truncated_all[start..start + n],
+            };
+            let (loss, stats) = grpo::loss(&loss_cfg, &inputs, shape)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             kl_sum += stats.kl * n as f64;
             clip_sum += stats.clip_ratio * n as f64;
             grads.add(&self.policy.params, &loss.backward()?)?;
             start += n;
         }
-        let norm = grads.clip(c.max_grad_norm)?;
-        let lr = crate::train::optim::linear_lr(c.learning_rate, self.step, self.total_steps);
-        self.optimizer.update(&self.policy.params, &grads, lr)?;
-        self.step += 1;
+        let (norm, lr) = self.session.apply(&self.policy, &mut grads)?;
         let n = seqs.len() as f64;
-        Ok((loss_sum, norm, kl_sum / n, clip_sum / n))
+        Ok(StepOutcome {
+            loss: loss_sum,
+            grad_norm: norm,
+            lr,
+            kl: kl_sum / n,
+            clip_ratio: clip_sum / n,
+        })
     }
 
     /// Greedy decoding of the held-out items; accuracy with the strict answer rule.
     pub fn evaluate(&self) -> Result<f64> {
-        if self.eval.is_empty() {
-            return Ok(f64::NAN);
-        }
-        let engine = Engine::new(&self.sampler_model, self.stop.clone(), self.banned.clone());
-        let mut correct = 0usize;
-        for chunk in self.eval.chunks(8) {
-            let prompts = chunk.iter().map(|it| self.prompt_for(it)).collect::<Result<Vec<_>>>()?;
-            let reqs: Vec<Request> = prompts
-                .iter()
-                .map(|p| Request {
-                    prompt: p,
-                    sampling: SamplingParams::default(),
-                    max_new_tokens: self.config.max_completion_length,
-                    num_samples: 1,
-                })
-                .collect();
-            let out = engine.generate(&reqs, |_, _, _| {})?;
-            for (item, group) in chunk.iter().zip(&out) {
-                let text = self.processor.tokenizer.decode(group[0].content_tokens(), true)?;
-                if let Extraction::Letter { letter, .. } = extract_answer(&text, Some(item.options.len())) {
-                    if letter == item.solution {
-                        correct += 1;
-                    }
-                }
-            }
-        }
-        Ok(correct as f64 / self.eval.len() as f64)
+        let results = crate::eval::run_greedy(
+            &self.sampler_model,
+            &self.processor,
+            &self.eval,
+            self.config.template,
+            self.config.max_completion_length,
+            16,
+            |_, _| {},
+        )?;
+        Ok(crate::eval::accuracy(&results))
     }
 
-    fn save(&self, name: &str) -> Result<PathBuf> {
-        let state = TrainerState {
-            kind: "grpo".into(),
-            step: self.step,
-            total_steps: self.total_steps,
-            seed: self.config.seed,
-            items_seen: (self.step / self.config.num_iterations) * self.config.batch_prompts as u64,
-            config_hash: self.config.fingerprint()?,
-        };
-        checkpoint::save(
-            &self.config.output_dir,
-            name,
-            &self.policy,
-            DType::F32,
-            Some((&self.optimizer, &state)),
-        )
+    fn items_seen(&self) -> u64 {
+        (self.session.step / self.config.num_iterations) * self.config.batch_prompts as u64
     }
 
-    /// Runs until the planned number of steps (or `stop_after` steps, to simulate an
-    /// interruption in tests). Returns the final checkpoint path.
+    /// Runs until the planned number of steps (or until `stop_after` steps, which simulates
+    /// an interruption for tests). Returns the exported final model's directory, or the last
+    /// checkpoint when stopped early.
     pub fn run(&mut self, stop_after: Option<u64>) -> Result<PathBuf> {
         let c = self.config.clone();
-        std::fs::create_dir_all(&c.output_dir)
-            .with_context(|| format!("{}: cannot create run directory", c.output_dir.display()))?;
-        std::fs::write(c.output_dir.join("config.toml"), c.to_toml()?)
-            .with_context(|| format!("{}: cannot write config.toml", c.output_dir.display()))?;
-        let resumed_at = self.step;
-        let mut metrics = JsonlWriter::open(&c.output_dir.join("metrics.jsonl"), Some(resumed_at))?;
-        let mut samples = JsonlWriter::open(&c.output_dir.join("completions.jsonl"), Some(resumed_at))?;
-        let pb = ProgressBar::new(self.total_steps);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        pb.set_prefix("grpo");
-        pb.set_position(self.step);
         let mut rollout: Option<Rollout> = None;
         let mut last_ckpt = None;
-        while self.step < self.total_steps {
-            if stop_after.is_some_and(|s| self.step >= s) {
-                pb.abandon_with_message("stopped early");
+        while !self.session.done() {
+            if stop_after.is_some_and(|s| self.session.step >= s) {
+                self.session.abandon("stopped early");
                 return last_ckpt.context("stopped before any checkpoint was written");
             }
             let t = Instant::now();
-            let gen = self.step / c.num_iterations;
-            let fresh = self.step % c.num_iterations == 0 || rollout.is_none();
+            let gen = self.session.step / c.num_iterations;
+            let fresh = self.session.step.is_multiple_of(c.num_iterations) || rollout.is_none();
             if fresh {
                 rollout = Some(self.rollout(gen)?);
             }
             let r = rollout.as_ref().context("no rollout")?;
-            let (loss, grad_norm, kl, clip) = self.optimize(r)?;
+            let out = self.optimize(r)?;
             let step_time = t.elapsed().as_secs_f64();
+            let step = self.session.step;
 
             let flat = r.flat();
             let lens: Vec<f32> = flat.iter().map(|c| c.tokens.len() as f32).collect();
+            let (len_mean, _) = mean_std(&lens);
             let (rm, rs) = mean_std(&r.rewards);
             let g = c.num_generations;
+            let groups = r.rewards.len() / g;
             let zero_std = r
                 .rewards
                 .chunks(g)
                 .filter(|grp| mean_std(grp).1 < 1e-6)
                 .count() as f64
-                / (r.rewards.len() / g) as f64;
-            let mut rec = Record::new(self.step);
-            rec.num("epoch", (gen * c.batch_prompts as u64) as f64 / self.train.len() as f64)
-                .num("loss", loss)
-                .num("reward_mean", rm)
-                .num("reward_std", rs);
+                / groups as f64;
+            let truncated = flat
+                .iter()
+                .filter(|c| c.finish == FinishReason::Length)
+                .count() as f64
+                / flat.len() as f64;
+            let mut rec = Record::new(step);
+            rec.num(
+                "epoch",
+                (gen * c.batch_prompts as u64) as f64 / self.train.len() as f64,
+            )
+            .num("loss", out.loss)
+            .num("reward_mean", rm)
+            .num("reward_std", rs);
             for (name, vals) in self.rewards.names().iter().zip(&r.per_reward) {
                 let (m, s) = mean_std(vals);
                 rec.num(&format!("reward_{name}_mean"), m)
                     .num(&format!("reward_{name}_std"), s);
             }
-            let truncated = flat
-                .iter()
-                .filter(|c| c.finish == crate::generate::FinishReason::Length)
-                .count() as f64
-                / flat.len() as f64;
             rec.num("frac_reward_zero_std", zero_std)
-                .num("kl", kl)
-                .num("clip_ratio", clip)
-                .num("completion_length_mean", mean_std(&lens).0)
-                .num("completion_length_max", lens.iter().copied().fold(0.0, f32::max) as f64)
-                .num("clipped_ratio", truncated)
+                .num("kl", out.kl)
+                .num("clip_ratio", out.clip_ratio)
+                .num("completion_length_mean", len_mean)
                 .num(
-                    "lr",
-                    crate::train::optim::linear_lr(c.learning_rate, self.step - 1, self.total_steps),
+                    "completion_length_max",
+                    lens.iter().copied().fold(0.0, f32::max) as f64,
                 )
-                .num("grad_norm", grad_norm)
+                .num("clipped_ratio", truncated)
+                .num("lr", out.lr)
+                .num("grad_norm", out.grad_norm)
                 .num("step_time_s", step_time);
             if fresh {
                 let toks: f64 = lens.iter().map(|&x| x as f64).sum();
                 rec.num("tokens_per_s", toks / r.gen_seconds.max(1e-9));
-            }
-            if c.eval_steps > 0 && (self.step % c.eval_steps == 0 || self.step == self.total_steps) && !self.eval.is_empty() {
-                let acc = self.evaluate()?;
-                rec.num("eval_accuracy", acc);
-                pb.println(format!("step {}: held-out accuracy {:.3}", self.step, acc));
-            }
-            if fresh {
                 for (k, text) in r.texts.iter().enumerate().take(c.log_completions) {
                     let item = &self.train[r.items[k / g]];
-                    samples.write(&json!({
-                        "step": self.step,
+                    let parts: serde_json::Map<String, serde_json::Value> = self
+                        .rewards
+                        .names()
+                        .into_iter()
+                        .zip(&r.per_reward)
+                        .map(|(n, v)| (n, json!(v[k])))
+                        .collect();
+                    self.session.log_sample(&json!({
+                        "step": step,
                         "item": item.index,
                         "question": item.question,
                         "solution": item.solution.to_string(),
                         "completion": text,
                         "reward": r.rewards[k],
-                        "rewards": self.rewards.names().iter().zip(&r.per_reward).map(|(n, v)| (n.clone(), v[k])).collect::<HashMap<_, _>>(),
+                        "rewards": parts,
                         "advantage": r.advantages[k],
                     }))?;
                 }
             }
-            pb.set_message(format!(
-                "reward {:.3}  kl {:.4}  len {:.0}  {:.1}s/step",
-                rm,
-                kl,
-                mean_std(&lens).0,
-                step_time
-            ));
-            metrics.write(&rec.into_value())?;
-            pb.set_position(self.step);
-            if pb.is_hidden() {
-                // No terminal to draw a bar on (CI, a log file): one line per step instead.
-                eprintln!(
-                    "step {}/{}: reward {:.3} kl {:.4} len {:.1} loss {:.4} {:.1}s",
-                    self.step,
-                    self.total_steps,
-                    rm,
-                    kl,
-                    mean_std(&lens).0,
-                    loss,
-                    step_time
-                );
+            if c.eval_steps > 0
+                && !self.eval.is_empty()
+                && (step.is_multiple_of(c.eval_steps) || step == self.session.total_steps)
+            {
+                let acc = self.evaluate()?;
+                rec.num("eval_accuracy", acc);
+                self.session
+                    .note(&format!("step {step}: held-out accuracy {acc:.3}"));
             }
-            let at_boundary = self.step % c.num_iterations == 0;
-            if c.save_steps > 0 && self.step % c.save_steps == 0 && at_boundary && self.step < self.total_steps {
-                last_ckpt = Some(self.save(&checkpoint::checkpoint_name(self.step))?);
+            let summary = format!(
+                "reward {rm:.3}  kl {:.4}  len {len_mean:.0}  {step_time:.1}s/step",
+                out.kl
+            );
+            self.session.log(rec, &summary)?;
+            let at_boundary = step.is_multiple_of(c.num_iterations);
+            if c.save_steps > 0
+                && step.is_multiple_of(c.save_steps)
+                && at_boundary
+                && !self.session.done()
+            {
+                last_ckpt = Some(self.session.checkpoint(&self.policy, self.items_seen())?);
             }
         }
-        pb.finish_with_message("done");
-        self.save(&checkpoint::checkpoint_name(self.step))?;
-        let final_dtype = if c.final_dtype == "bf16" { DType::BF16 } else { DType::F32 };
-        checkpoint::save(&c.output_dir, "final", &self.policy, final_dtype, None)
+        let dtype = export_dtype(&c.final_dtype)?;
+        self.session.finish(&self.policy, self.items_seen(), dtype)
     }
 }
 
-/// Convenience for the CLI and tests: prepare and run.
-pub fn train(config: GrpoConfig, start: Start, stop_after: Option<u64>) -> Result<PathBuf> {
-    let mut run = GrpoRun::prepare(config, start)?;
+/// What one optimizer step reports.
+struct StepOutcome {
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    kl: f64,
+    clip_ratio: f64,
+}
+
+/// Prepares and runs (the CLI's and the tests' entry point).
+pub fn train(config: GrpoConfig, resume: bool, stop_after: Option<u64>) -> Result<PathBuf> {
+    let mut run = GrpoRun::prepare(config, resume)?;
     run.run(stop_after)
 }

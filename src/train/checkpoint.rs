@@ -57,7 +57,8 @@ fn dtype_name(d: DType) -> &'static str {
 
 /// Writes a file and flushes it to disk.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    let mut f =
+        fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("{}: cannot write", path.display()))
@@ -83,14 +84,18 @@ pub fn save(
     // config.json from the source, with the dtype it is now saved in.
     let cfg_src = model.source_dir.join("config.json");
     let mut cfg: serde_json::Value = serde_json::from_str(
-        &fs::read_to_string(&cfg_src).with_context(|| format!("{}: cannot read", cfg_src.display()))?,
+        &fs::read_to_string(&cfg_src)
+            .with_context(|| format!("{}: cannot read", cfg_src.display()))?,
     )
     .with_context(|| format!("{}: not valid JSON", cfg_src.display()))?;
     if let Some(o) = cfg.as_object_mut() {
         o.insert("torch_dtype".into(), dtype_name(save_dtype).into());
         o.insert("dtype".into(), dtype_name(save_dtype).into());
     }
-    write_synced(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    write_synced(
+        &tmp.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
 
     let tensors: HashMap<String, Tensor> = model
         .named_tensors()
@@ -105,7 +110,8 @@ pub fn save(
     for f in COPIED {
         let src = model.source_dir.join(f);
         if src.is_file() {
-            fs::copy(&src, tmp.join(f)).with_context(|| format!("{}: cannot copy", src.display()))?;
+            fs::copy(&src, tmp.join(f))
+                .with_context(|| format!("{}: cannot copy", src.display()))?;
         }
     }
 
@@ -135,8 +141,12 @@ pub fn save(
         fs::rename(&tmp, &final_path)?;
         fs::remove_dir_all(&old)?;
     } else {
-        fs::rename(&tmp, &final_path)
-            .with_context(|| format!("{}: cannot move checkpoint into place", final_path.display()))?;
+        fs::rename(&tmp, &final_path).with_context(|| {
+            format!(
+                "{}: cannot move checkpoint into place",
+                final_path.display()
+            )
+        })?;
     }
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
@@ -153,7 +163,10 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     for e in fs::read_dir(run_dir).with_context(|| format!("{}: cannot list", run_dir.display()))? {
         let e = e?;
         let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if e.path().join("trainer_state.json").is_file() {
                 found.push((n, e.path()));
             }

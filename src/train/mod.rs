@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod session;
 
 pub use checkpoint::TrainerState;
 pub use optim::{AdamW, AdamWConfig, GradAccumulator};

@@ -70,7 +70,11 @@ impl GradAccumulator {
     pub fn norm(&self) -> Result<f64> {
         let mut sq = 0f64;
         for g in self.grads.iter().flatten() {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
         Ok(sq.sqrt())
     }
@@ -218,7 +222,10 @@ mod tests {
         let (mut m, mut v) = ([0f64; 2], [0f64; 2]);
         for t in 1..=2 {
             let coef = Tensor::new(&[3.0f32, 0.5], &Device::Cpu).unwrap();
-            let loss = (var.as_tensor().sqr().unwrap() * coef).unwrap().sum_all().unwrap();
+            let loss = (var.as_tensor().sqr().unwrap() * coef)
+                .unwrap()
+                .sum_all()
+                .unwrap();
             let mut acc = GradAccumulator::new(1);
             acc.add(&params, &loss.backward().unwrap()).unwrap();
             opt.update(&params, &acc, 0.1).unwrap();
@@ -247,7 +254,10 @@ mod tests {
             trainable: true,
         }];
         // d/dw sum(w^2 / 2) = w, norm 5
-        let loss = (var.as_tensor().sqr().unwrap() * 0.5).unwrap().sum_all().unwrap();
+        let loss = (var.as_tensor().sqr().unwrap() * 0.5)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let mut acc = GradAccumulator::new(1);
         acc.add(&params, &loss.backward().unwrap()).unwrap();
         let before = acc.clip(1.0).unwrap();

@@ -75,7 +75,11 @@ impl SimpleBackend for MapBackend {
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.dims() != s.dims() {
-            candle_core::bail!("shape mismatch for {name}, expected {:?}, got {:?}", s.dims(), t.dims());
+            candle_core::bail!(
+                "shape mismatch for {name}, expected {:?}, got {:?}",
+                s.dims(),
+                t.dims()
+            );
         }
         Ok(t)
     }
@@ -108,7 +112,11 @@ impl SimpleBackend for FileBackend {
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.dims() != s.dims() {
-            candle_core::bail!("shape mismatch for {name}, expected {:?}, got {:?}", s.dims(), t.dims());
+            candle_core::bail!(
+                "shape mismatch for {name}, expected {:?}, got {:?}",
+                s.dims(),
+                t.dims()
+            );
         }
         Ok(t)
     }
@@ -141,14 +149,8 @@ impl TrainableModel {
         // SAFETY: the files are only read.
         let st = unsafe { MmapedSafetensors::multi(weights.files()) }
             .map_err(|e| anyhow!("{}: cannot map weights: {e}", dir.display()))?;
-        Self::build(
-            Box::new(FileBackend { st }),
-            config,
-            layout,
-            dir,
-            device,
-        )
-        .map_err(|e| weights.explain(e))
+        Self::build(Box::new(FileBackend { st }), config, layout, dir, device)
+            .map_err(|e| weights.explain(e))
     }
 
     /// A model with random weights (N(0, std), norms 1, biases 0) from a seed: a fresh tiny
@@ -160,7 +162,13 @@ impl TrainableModel {
         source_dir: &Path,
         device: &Device,
     ) -> Result<Self> {
-        Self::build(random_backend(std, seed), config, WeightLayout::Legacy, source_dir, device)
+        Self::build(
+            random_backend(std, seed),
+            config,
+            WeightLayout::Legacy,
+            source_dir,
+            device,
+        )
     }
 
     fn build(
@@ -208,13 +216,13 @@ impl TrainableModel {
             DType::F32,
             self.model.device.clone(),
         );
-        Ok(Qwen2Vl::from_var_builder(
+        Qwen2Vl::from_var_builder(
             vb,
             self.layout,
             self.model.config.clone(),
             DType::F32,
             &self.model.device,
-        )?)
+        )
     }
 
     /// Freezes the vision tower's patch embedding and blocks; the merger (which maps image
@@ -252,9 +260,15 @@ impl TrainableModel {
                 .get(&p.name)
                 .with_context(|| format!("tensor {} missing", p.name))?;
             if t.dims() != p.var.as_tensor().dims() {
-                bail!("tensor {} has shape {:?}, expected {:?}", p.name, t.dims(), p.var.as_tensor().dims());
+                bail!(
+                    "tensor {} has shape {:?}, expected {:?}",
+                    p.name,
+                    t.dims(),
+                    p.var.as_tensor().dims()
+                );
             }
-            p.var.set(&t.to_dtype(DType::F32)?.to_device(p.var.device())?)?;
+            p.var
+                .set(&t.to_dtype(DType::F32)?.to_device(p.var.device())?)?;
         }
         Ok(())
     }

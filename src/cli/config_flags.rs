@@ -1,0 +1,144 @@
+//! One command-line flag per config key, generated from the commented example config, so a
+//! new config field is a flag (with its comment as help) without touching the CLI.
+//!
+//! Values are read as TOML (`--learning-rate 1e-5`, `--modalities '["MRI"]'`,
+//! `--freeze-vision true`); anything that is not a TOML value is taken as a string
+//! (`--model ./Qwen2-VL-2B-Instruct`). They are merged over the config file and checked by
+//! the same deserializer, so a wrong type is reported the same way from both places.
+
+use std::marker::PhantomData;
+use std::sync::LazyLock;
+
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
+
+/// A config type whose example file lists its keys.
+pub trait ConfigKind {
+    /// The commented example config (one `key = value  # help` line per key, optional keys
+    /// commented out as `# key = value  # help`).
+    fn example() -> &'static str;
+    /// Keys (in order) with their help text, parsed once from the example.
+    fn keys() -> &'static [(String, String)];
+}
+
+/// Parses `key = value  # help` lines (optionally commented out) of an example config.
+pub fn parse_example_keys(example: &str) -> Vec<(String, String)> {
+    static LINE: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"^#?\s*([a-z][a-z0-9_]*)\s*=\s*[^#]*?(?:#\s*(.*))?$")
+            .expect("valid regex")
+    });
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut pending_help = String::new();
+    for line in example.lines() {
+        let t = line.trim();
+        if let Some(c) = LINE.captures(t) {
+            let key = c[1].to_string();
+            let help = c
+                .get(2)
+                .map(|m| m.as_str().trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| std::mem::take(&mut pending_help));
+            pending_help.clear();
+            if !out.iter().any(|(k, _)| *k == key) {
+                out.push((key, help));
+            }
+        } else if let Some(comment) = t.strip_prefix('#') {
+            // A comment line above a key documents it.
+            pending_help = comment.trim().to_string();
+        } else {
+            pending_help.clear();
+        }
+    }
+    out
+}
+
+/// Flag values given on the command line, as a TOML table to merge over the config file.
+#[derive(Debug, Clone)]
+pub struct ConfigOverrides<K> {
+    pub table: toml::Table,
+    _kind: PhantomData<K>,
+}
+
+fn flag_name(key: &str) -> String {
+    key.replace('_', "-")
+}
+
+/// A flag's text as a TOML value: numbers, booleans, arrays and quoted strings as TOML,
+/// anything else as a plain string.
+pub fn toml_value(text: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {text}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(text.into())),
+        Err(_) => toml::Value::String(text.to_string()),
+    }
+}
+
+impl<K: ConfigKind> FromArgMatches for ConfigOverrides<K> {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut table = toml::Table::new();
+        for (key, _) in K::keys() {
+            if let Some(v) = m.get_one::<String>(key) {
+                table.insert(key.clone(), toml_value(v));
+            }
+        }
+        Ok(Self {
+            table,
+            _kind: PhantomData,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl<K: ConfigKind> Args for ConfigOverrides<K> {
+    fn augment_args(mut cmd: Command) -> Command {
+        cmd = cmd.next_help_heading("Config keys (each overrides the config file)");
+        for (key, help) in K::keys() {
+            cmd = cmd.arg(
+                Arg::new(key.clone())
+                    .long(flag_name(key))
+                    .value_name("VALUE")
+                    .action(ArgAction::Set)
+                    .help(help.clone()),
+            );
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_lines_become_keys_with_help() {
+        let keys = parse_example_keys(
+            "# Where to start.\nmodel = \"x\"\nlr = 1e-6   # learning rate\n# image_root = \"d\"  # images\n",
+        );
+        assert_eq!(
+            keys,
+            vec![
+                ("model".to_string(), "Where to start.".to_string()),
+                ("lr".to_string(), "learning rate".to_string()),
+                ("image_root".to_string(), "images".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn values_are_typed_as_toml() {
+        assert_eq!(toml_value("1e-5"), toml::Value::Float(1e-5));
+        assert_eq!(toml_value("8"), toml::Value::Integer(8));
+        assert_eq!(toml_value("true"), toml::Value::Boolean(true));
+        assert_eq!(toml_value("./ckpt"), toml::Value::String("./ckpt".into()));
+        assert_eq!(toml_value("grpo"), toml::Value::String("grpo".into()));
+        assert!(matches!(toml_value("[\"MRI\"]"), toml::Value::Array(_)));
+    }
+}

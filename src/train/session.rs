@@ -1,0 +1,225 @@
+//! One training run's bookkeeping, shared by GRPO and SFT: the run directory and its
+//! resolved config, resuming from the newest checkpoint, the optimizer step with clipping
+//! and the learning-rate schedule, metrics and sample logs, the progress bar, checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use super::checkpoint::{self, TrainerState};
+use super::metrics::{JsonlWriter, Record};
+use super::optim::{linear_lr, AdamW, AdamWConfig, GradAccumulator};
+use super::params::TrainableModel;
+
+/// What a session is started with.
+pub struct SessionSpec<'a> {
+    /// "grpo" or "sft".
+    pub kind: &'static str,
+    pub dir: &'a Path,
+    /// The resolved config, written to `dir/config.toml`.
+    pub config_toml: String,
+    /// Fingerprint of the settings that determine the trajectory.
+    pub config_hash: String,
+    pub adam: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub total_steps: u64,
+    pub seed: u64,
+    /// Continue from the newest checkpoint in `dir` instead of starting fresh.
+    pub resume: bool,
+}
+
+pub struct Session {
+    pub kind: &'static str,
+    pub dir: PathBuf,
+    pub step: u64,
+    pub total_steps: u64,
+    pub seed: u64,
+    optimizer: AdamW,
+    max_grad_norm: f64,
+    config_hash: String,
+    metrics: JsonlWriter,
+    samples: JsonlWriter,
+    pb: ProgressBar,
+}
+
+impl Session {
+    /// The checkpoint a session would resume from (checked before models are loaded).
+    pub fn resume_point(dir: &Path, resume: bool) -> Result<Option<PathBuf>> {
+        if resume {
+            let c = checkpoint::latest(dir)?
+                .with_context(|| format!("{}: no checkpoint to resume from", dir.display()))?;
+            return Ok(Some(c));
+        }
+        if dir.is_dir() {
+            if let Some(c) = checkpoint::latest(dir)? {
+                bail!(
+                    "{}: the run directory already has checkpoints ({}); resume it with --resume \
+                     {} or choose another output directory",
+                    dir.display(),
+                    c.display(),
+                    dir.display()
+                );
+            }
+        }
+        Ok(None)
+    }
+
+    /// Opens the run directory (restoring optimizer state and step when resuming).
+    pub fn open(spec: SessionSpec, device: &Device) -> Result<Self> {
+        let dir = spec.dir.to_path_buf();
+        let resume_from = Self::resume_point(&dir, spec.resume)?;
+        let mut optimizer = AdamW::new(spec.adam);
+        let mut step = 0;
+        if let Some(c) = &resume_from {
+            let (state, moments) = checkpoint::load_trainer_state(c)?;
+            if state.kind != spec.kind {
+                bail!(
+                    "{}: a {} checkpoint cannot resume a {} run",
+                    c.display(),
+                    state.kind,
+                    spec.kind
+                );
+            }
+            if state.config_hash != spec.config_hash {
+                bail!(
+                    "{}: the run's settings changed since this checkpoint was written; resume \
+                     with the run's own config.toml",
+                    c.display()
+                );
+            }
+            let moments = moments
+                .into_iter()
+                .map(|(k, t)| Ok((k, t.to_device(device)?)))
+                .collect::<Result<_>>()?;
+            optimizer.load_state(state.step, moments)?;
+            step = state.step;
+        }
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
+        std::fs::write(dir.join("config.toml"), &spec.config_toml)
+            .with_context(|| format!("{}: cannot write config.toml", dir.display()))?;
+        let keep = Some(step);
+        let metrics = JsonlWriter::open(&dir.join("metrics.jsonl"), keep)?;
+        let samples = JsonlWriter::open(&dir.join("completions.jsonl"), keep)?;
+        let pb = ProgressBar::new(spec.total_steps);
+        pb.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        pb.set_prefix(spec.kind);
+        pb.set_position(step);
+        Ok(Self {
+            kind: spec.kind,
+            dir,
+            step,
+            total_steps: spec.total_steps,
+            seed: spec.seed,
+            optimizer,
+            max_grad_norm: spec.max_grad_norm,
+            config_hash: spec.config_hash,
+            metrics,
+            samples,
+            pb,
+        })
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.total_steps
+    }
+
+    /// The learning rate of the next update.
+    pub fn lr(&self) -> f64 {
+        linear_lr(self.optimizer.config.lr, self.step, self.total_steps)
+    }
+
+    /// Clips the accumulated gradients, applies one AdamW update at the scheduled learning
+    /// rate and advances the step. Returns (gradient norm before clipping, learning rate).
+    pub fn apply(
+        &mut self,
+        model: &TrainableModel,
+        grads: &mut GradAccumulator,
+    ) -> Result<(f64, f64)> {
+        let norm = grads.clip(self.max_grad_norm)?;
+        let lr = self.lr();
+        self.optimizer.update(&model.params, grads, lr)?;
+        self.step += 1;
+        Ok((norm, lr))
+    }
+
+    /// Records a step's metrics and shows `summary` on the progress bar (or as a line when
+    /// there is no terminal to draw on).
+    pub fn log(&mut self, rec: Record, summary: &str) -> Result<()> {
+        self.metrics.write(&rec.into_value())?;
+        self.pb.set_position(self.step);
+        self.pb.set_message(summary.to_string());
+        if self.pb.is_hidden() {
+            eprintln!(
+                "{} step {}/{}: {summary}",
+                self.kind, self.step, self.total_steps
+            );
+        }
+        Ok(())
+    }
+
+    /// A line above the progress bar.
+    pub fn note(&self, msg: &str) {
+        if self.pb.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.pb.println(msg);
+        }
+    }
+
+    pub fn log_sample(&mut self, v: &Value) -> Result<()> {
+        self.samples.write(v)
+    }
+
+    /// Writes `checkpoint-<step>` with the optimizer and trainer state (always f32, so a
+    /// resumed run is exact).
+    pub fn checkpoint(&self, model: &TrainableModel, items_seen: u64) -> Result<PathBuf> {
+        let state = TrainerState {
+            kind: self.kind.into(),
+            step: self.step,
+            total_steps: self.total_steps,
+            seed: self.seed,
+            items_seen,
+            config_hash: self.config_hash.clone(),
+        };
+        checkpoint::save(
+            &self.dir,
+            &checkpoint::checkpoint_name(self.step),
+            model,
+            DType::F32,
+            Some((&self.optimizer, &state)),
+        )
+    }
+
+    /// Final checkpoint plus the exported model in `final/`; returns the latter.
+    pub fn finish(
+        &self,
+        model: &TrainableModel,
+        items_seen: u64,
+        final_dtype: DType,
+    ) -> Result<PathBuf> {
+        self.pb.finish_with_message("done");
+        self.checkpoint(model, items_seen)?;
+        checkpoint::save(&self.dir, "final", model, final_dtype, None)
+    }
+
+    pub fn abandon(&self, msg: &str) {
+        self.pb.abandon_with_message(msg.to_string());
+    }
+}
+
+/// Parses "f32"/"bf16" for exports.
+pub fn export_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("export dtype must be \"f32\" or \"bf16\", got {other:?}"),
+    }
+}

@@ -1,0 +1,411 @@
+//! GRPO end to end on a task a tiny model can learn on a CPU in minutes: a fresh random
+//! Qwen2-VL, a short supervised warm start that teaches the answer format with random
+//! letters (so it knows how to answer but not what), then GRPO, which must raise held-out
+//! accuracy well above the warm start's. Also: resuming an interrupted run ends with exactly
+//! the weights of an uninterrupted one, and bad configs fail before any work.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use common::*;
+use medvlm::data::{self, PromptTemplate};
+use medvlm::model::Qwen2VlConfig;
+use medvlm::processor::{Processor, ProcessorOptions};
+use medvlm::rl::config::GrpoConfig;
+use medvlm::sft::SftConfig;
+use medvlm::train::{checkpoint, TrainableModel};
+use rand::{Rng, SeedableRng};
+
+/// "Is this image bright or dark?" over noisy 56x56 grey images: the answer is in the image
+/// and nowhere else (classes balanced, option order fixed). `random_answers` writes a random
+/// option as the answer (a format-only warm-start set).
+fn make_task(dir: &Path, name: &str, n: usize, seed: u64, random_answers: bool) -> PathBuf {
+    make_task_sized(dir, name, n, seed, random_answers, 56)
+}
+
+fn make_task_sized(
+    dir: &Path,
+    name: &str,
+    n: usize,
+    seed: u64,
+    random_answers: bool,
+    side: u32,
+) -> PathBuf {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rows = Vec::new();
+    for i in 0..n {
+        let bright = i % 2 == 0;
+        let base: f32 = if bright { 190.0 } else { 65.0 };
+        let img = image::GrayImage::from_fn(side, side, |_, _| {
+            image::Luma([(base + rng.random_range(-40.0..40.0f32)).clamp(0.0, 255.0) as u8])
+        });
+        let file = format!("{name}-{i}.png");
+        img.save(dir.join(&file)).unwrap();
+        let answer = if random_answers {
+            if rng.random::<bool>() {
+                "bright"
+            } else {
+                "dark"
+            }
+        } else if bright {
+            "bright"
+        } else {
+            "dark"
+        };
+        rows.push(serde_json::json!({
+            "image": [file], "question": "Is this image bright or dark?",
+            "options": ["bright", "dark"], "answer": answer,
+            "dataset": "synthetic", "subset": "MR (Mag-netic Resonance Imaging)",
+            "rationale": "I look at the image.",
+        }));
+    }
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string(&rows).unwrap()).unwrap();
+    path
+}
+
+/// A fresh tiny Qwen2-VL (tiny-a's architecture and tokenizer, random N(0, 0.02) weights).
+fn fresh_model(dir: &Path) -> PathBuf {
+    let src = fixtures().join("tiny-a");
+    let cfg = Qwen2VlConfig::from_file(&src.join("config.json")).unwrap();
+    let m = TrainableModel::random(cfg, 0.02, 7, &src, &Device::Cpu).unwrap();
+    checkpoint::save(dir, "init", &m, DType::F32, None).unwrap()
+}
+
+fn held_out_accuracy(model: &Path, data_file: &Path) -> f64 {
+    let proc = Processor::from_dir(model, &ProcessorOptions::default()).unwrap();
+    let m = medvlm::model::Qwen2Vl::load(model, DType::F32, &Device::Cpu).unwrap();
+    let ds = data::load(data_file, None).unwrap();
+    let r = medvlm::eval::run_greedy(
+        &m,
+        &proc,
+        &ds.items,
+        PromptTemplate::Paper,
+        24,
+        16,
+        |_, _| {},
+    )
+    .unwrap();
+    let format_ok = r.iter().filter(|x| x.format_ok).count() as f64 / r.len() as f64;
+    println!("  format ok {format_ok:.2}, first output {:?}", r[0].output);
+    medvlm::eval::accuracy(&r)
+}
+
+#[test]
+fn grpo_learns_what_the_warm_start_could_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let warm_data = make_task(dir, "warm", 64, 1, true);
+    let train_data = make_task(dir, "train", 64, 2, false);
+    let held_out = make_task(dir, "heldout", 40, 3, false);
+    let init = fresh_model(&dir.join("init-run"));
+
+    let t = std::time::Instant::now();
+    let sft = medvlm::sft::train(
+        SftConfig {
+            model: init,
+            train_data: warm_data,
+            output_dir: dir.join("sft"),
+            batch_size: 8,
+            micro_batch: 8,
+            learning_rate: 5e-3,
+            max_steps: 100,
+            save_steps: 0,
+            max_pixels: None,
+            device: Some("cpu".into()),
+            ..SftConfig::default()
+        },
+        false,
+        None,
+    )
+    .unwrap();
+    println!("warm start: {:.1}s", t.elapsed().as_secs_f64());
+    let before = held_out_accuracy(&sft, &held_out);
+    println!("held-out accuracy after the warm start: {before:.3}");
+
+    let t = std::time::Instant::now();
+    let grpo = medvlm::rl::trainer::train(
+        GrpoConfig {
+            model: sft,
+            train_data,
+            output_dir: dir.join("grpo"),
+            num_generations: 8,
+            batch_prompts: 8,
+            micro_batch: 32,
+            max_completion_length: 24,
+            learning_rate: 1e-3,
+            temperature: 0.7,
+            max_steps: 50,
+            beta: 0.04,
+            eval_data: Some(held_out.clone()),
+            eval_steps: 10,
+            save_steps: 0,
+            max_pixels: None,
+            log_completions: 1,
+            device: Some("cpu".into()),
+            ..GrpoConfig::default()
+        },
+        false,
+        None,
+    )
+    .unwrap();
+    println!("grpo: {:.1}s", t.elapsed().as_secs_f64());
+    let after = held_out_accuracy(&grpo, &held_out);
+    println!("held-out accuracy after GRPO: {after:.3}");
+    // The run logged every step, sampled completions and the in-loop evaluations.
+    let metrics = std::fs::read_to_string(dir.join("grpo/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 50);
+    assert_eq!(metrics.matches("eval_accuracy").count(), 5);
+    assert!(dir.join("grpo/completions.jsonl").is_file());
+    assert!(dir.join("grpo/final/config.json").is_file());
+    assert!(
+        after >= before + 0.25,
+        "GRPO {after} vs warm start {before}"
+    );
+    assert!(after >= 0.8, "GRPO reached only {after}");
+}
+
+fn medvlm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Interrupting a run after a checkpoint and resuming it ends with exactly the weights,
+/// optimizer trajectory and metrics of the same run left uninterrupted: for SFT, and for
+/// GRPO (with two iterations per batch, so the clipped ratio and the KL term are live).
+#[test]
+fn resumed_runs_equal_uninterrupted_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = make_task(dir, "d", 16, 5, false);
+    let warm_data = make_task(dir, "w", 16, 6, true);
+    let init = fresh_model(&dir.join("init-run"));
+    let sft = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "sft",
+            "--model",
+            s(&init),
+            "--train-data",
+            s(&warm_data),
+            "--output-dir",
+            s(out),
+            "--max-steps",
+            "60",
+            "--save-steps",
+            "30",
+            "--batch-size",
+            "8",
+            "--micro-batch",
+            "4",
+            "--learning-rate",
+            "5e-3",
+            "--max-pixels",
+            "3136",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        medvlm(&args)
+    };
+    let (sa, sb) = (dir.join("sft-a"), dir.join("sft-b"));
+    let (ok, _, err) = sft(&sa, &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = sft(&sb, &["--stop-after", "30"]);
+    assert!(ok, "{err}");
+    assert!(
+        !sb.join("final").exists(),
+        "the interrupted run must not have finished"
+    );
+    let (ok, _, err) = medvlm(&["train", "sft", "--resume", s(&sb)]);
+    assert!(ok, "{err}");
+    assert_same_run(&sa, &sb, &init, 60);
+
+    // GRPO from the warm-started model: format is learnt, the letter is a coin flip, so
+    // rewards vary within groups and every step moves the weights.
+    let warm = sa.join("final");
+    let grpo = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "grpo",
+            "--model",
+            s(&warm),
+            "--train-data",
+            s(&data),
+            "--output-dir",
+            s(out),
+            "--max-steps",
+            "4",
+            "--save-steps",
+            "2",
+            "--num-generations",
+            "4",
+            "--batch-prompts",
+            "2",
+            "--micro-batch",
+            "3",
+            "--max-completion-length",
+            "24",
+            "--learning-rate",
+            "1e-3",
+            "--beta",
+            "0.04",
+            "--temperature",
+            "0.7",
+            "--num-iterations",
+            "2",
+            "--seed",
+            "3",
+            "--max-pixels",
+            "3136",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        medvlm(&args)
+    };
+    let (ga, gb) = (dir.join("grpo-a"), dir.join("grpo-b"));
+    let (ok, _, err) = grpo(&ga, &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = grpo(&gb, &["--stop-after", "2"]);
+    assert!(ok, "{err}");
+    assert!(gb.join("checkpoint-000002/trainer_state.json").is_file());
+    assert!(!gb.join("final").exists());
+    let (ok, _, err) = medvlm(&["train", "grpo", "--resume", s(&gb), "--device", "cpu"]);
+    assert!(ok, "{err}");
+    assert_same_run(&ga, &gb, &warm, 4);
+
+    // And the run directory plots.
+    let (ok, out, err) = medvlm(&["plot", s(&ga)]);
+    assert!(ok, "{err}");
+    assert!(Path::new(out.trim()).is_file());
+}
+
+/// Two run directories hold the same final weights (bit for bit, and different from the
+/// start) and the same per-step losses.
+fn assert_same_run(a: &Path, b: &Path, start: &Path, steps: usize) {
+    let load = |d: &Path| {
+        candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (wa, wb, w0) = (load(&a.join("final")), load(&b.join("final")), load(start));
+    assert_eq!(wa.len(), wb.len());
+    let mut moved = false;
+    for (name, ta) in &wa {
+        let (d, _) = max_abs_diff(ta, &wb[name]);
+        assert_eq!(d, 0.0, "{name} differs after resuming");
+        moved |= max_abs_diff(ta, &w0[name]).0 > 0.0;
+    }
+    if !moved {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(a.join("metrics.jsonl")).unwrap()
+        );
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(a.join("completions.jsonl")).unwrap_or_default()
+        );
+    }
+    assert!(moved, "training changed no weight");
+    let losses = |d: &Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(losses(a), losses(b));
+    assert_eq!(losses(a).len(), steps);
+}
+
+/// Bad settings are reported before any model is loaded or step taken.
+#[test]
+fn bad_configs_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = make_task(dir, "d", 2, 5, false);
+    let model = fixtures().join("tiny-a");
+    let cfg = dir.join("grpo.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ntrain_data = {:?}\noutput_dir = {:?}\nlerning_rate = 1e-5\n",
+            s(&model),
+            s(&data),
+            s(&dir.join("out"))
+        ),
+    )
+    .unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--config".into(), s(&cfg).into()], "lerning_rate"),
+        (
+            vec![
+                "--model".into(),
+                s(&model).into(),
+                "--train-data".into(),
+                s(&data).into(),
+                "--num-generations".into(),
+                "1".into(),
+            ],
+            "num_generations",
+        ),
+        (
+            vec![
+                "--model".into(),
+                s(&model).into(),
+                "--train-data".into(),
+                "/no/such/train.json".into(),
+            ],
+            "/no/such/train.json",
+        ),
+        (
+            vec![
+                "--model".into(),
+                s(&model).into(),
+                "--train-data".into(),
+                s(&data).into(),
+                "--loss-type".into(),
+                "ppo".into(),
+            ],
+            "ppo",
+        ),
+        (
+            vec!["--resume".into(), s(&dir.join("nothing")).into()],
+            "nothing",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["train", "grpo"];
+        full.extend(args.iter().map(String::as_str));
+        let t = std::time::Instant::now();
+        let (ok, _, err) = medvlm(&full);
+        assert!(!ok, "{full:?} should fail");
+        assert!(
+            err.starts_with("error: ") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+        assert!(err.contains(needle), "{needle:?} not in {err}");
+        assert!(!err.contains("panicked"));
+        assert!(
+            t.elapsed().as_secs_f64() < 5.0,
+            "{full:?} did work before failing"
+        );
+        assert!(!dir.join("out").exists(), "no run directory may be created");
+    }
+}

@@ -1,0 +1,360 @@
+//! Table tests for the rewards and the answer-extraction rule (`medvlm::rl::reward`).
+//!
+//! The `paper` and `format` columns are not hand-written: they are what Python 3.11 computes
+//! when MedVLM-R1's accuracy code (quoted on `paper_accuracy`) and
+//! `re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", content, re.DOTALL)` are run on
+//! each row. The `strict` columns are the Strict rule's specification.
+
+use medvlm::rl::reward::Extraction::{self, *};
+use medvlm::rl::reward::{
+    extract_answer, format_reward, ground_truth, paper_accuracy, AccuracyReward, AnswerMode,
+    FormatReward, Reward, RewardContext, RewardSet,
+};
+
+struct Row {
+    note: &'static str,
+    completion: &'static str,
+    solution: &'static str,
+    num_options: Option<usize>,
+    /// Python's value for the paper's accuracy reward.
+    paper: f32,
+    strict: f32,
+    extraction: Extraction,
+    /// Python's value for the paper's format reward.
+    format: f32,
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn row(
+    note: &'static str,
+    completion: &'static str,
+    solution: &'static str,
+    num_options: Option<usize>,
+    paper: f32,
+    strict: f32,
+    extraction: Extraction,
+    format: f32,
+) -> Row {
+    Row {
+        note,
+        completion,
+        solution,
+        num_options,
+        paper,
+        strict,
+        extraction,
+        format,
+    }
+}
+
+#[rustfmt::skip]
+const ROWS: &[Row] = &[
+    row("bare letter", "<think>x</think><answer>A</answer>", "A", Some(4), 1.0, 1.0, Letter { letter: 'A', exact: true }, 1.0),
+    row("letter + paren", "<think>x</think><answer>A)</answer>", "A", Some(4), 0.5, 1.0, Letter { letter: 'A', exact: true }, 1.0),
+    row("letter in parens", "<think>x</think><answer>(A)</answer>", "A", Some(4), 0.5, 1.0, Letter { letter: 'A', exact: true }, 1.0),
+    row("letter + dot", "<think>x</think><answer>A.</answer>", "A", Some(4), 0.5, 1.0, Letter { letter: 'A', exact: true }, 1.0),
+    row("letter + colon", "<think>x</think><answer>A:</answer>", "A", Some(4), 0.5, 1.0, Letter { letter: 'A', exact: true }, 1.0),
+    row("letter in brackets", "<think>x</think><answer>[D]</answer>", "D", Some(4), 0.5, 1.0, Letter { letter: 'D', exact: true }, 1.0),
+    row("spaces around", "<think>x</think><answer> A </answer>", "A", Some(4), 1.0, 1.0, Letter { letter: 'A', exact: true }, 1.0),
+    row("markdown bold", "<think>x</think><answer>**C**</answer>", "C", Some(4), 0.5, 1.0, Letter { letter: 'C', exact: true }, 1.0),
+    row("wrong letter", "<think>x</think><answer>B</answer>", "A", Some(4), 0.0, 0.0, Letter { letter: 'B', exact: true }, 1.0),
+    row("lowercase a", "<think>x</think><answer>a</answer>", "A", Some(4), 1.0, 0.0, NoLetter, 1.0),
+    row("lowercase b vs wrapped solution", "<think>x</think><answer>b</answer>", "<answer> B </answer>", Some(4), 1.0, 0.0, NoLetter, 1.0),
+    row("lowercase solution", "<think>x</think><answer>C</answer>", "c", Some(4), 1.0, 1.0, Letter { letter: 'C', exact: true }, 1.0),
+    row("wrapped solution", "<think>x</think><answer>C</answer>", "<answer> C </answer>", Some(4), 1.0, 1.0, Letter { letter: 'C', exact: true }, 1.0),
+    row("Option A", "<think>x</think><answer>Option A</answer>", "A", Some(4), 0.0, 0.5, Letter { letter: 'A', exact: false }, 1.0),
+    row("A. Brain", "<think>x</think><answer>A. Brain</answer>", "A", Some(4), 0.0, 0.5, Letter { letter: 'A', exact: false }, 1.0),
+    row("Brain (B)", "<think>x</think><answer>Brain (B)</answer>", "B", Some(4), 0.0, 0.5, Letter { letter: 'B', exact: false }, 1.0),
+    row("Brain alone", "<think>x</think><answer>Brain</answer>", "B", Some(4), 0.0, 0.0, NoLetter, 1.0),
+    row("The answer is B.", "<think>x</think><answer>The answer is B.</answer>", "B", Some(4), 0.0, 0.5, Letter { letter: 'B', exact: false }, 1.0),
+    row("Answer: B", "<think>x</think><answer>Answer: B</answer>", "B", Some(4), 0.0, 0.5, Letter { letter: 'B', exact: false }, 1.0),
+    row("I think B", "<think>x</think><answer>I think B</answer>", "B", Some(4), 0.0, 0.0, Ambiguous, 1.0),
+    row("two blocks, first right", "<think>x</think><answer>A</answer><answer>B</answer>", "A", Some(4), 1.0, 0.0, MultipleAnswerBlocks, 1.0),
+    row("two blocks, second right", "<think>x</think><answer>A</answer><answer>B</answer>", "B", Some(4), 0.0, 0.0, MultipleAnswerBlocks, 1.0),
+    row("tags quoted in think", "<think>I will write <answer>X</answer></think><answer>B</answer>", "B", Some(4), 0.0, 0.0, MultipleAnswerBlocks, 1.0),
+    row("empty answer", "<think>x</think><answer></answer>", "A", Some(4), 0.0, 0.0, Empty, 1.0),
+    row("whitespace answer", "<think>x</think><answer>  \n\u{9} </answer>", "A", Some(4), 0.0, 0.0, Empty, 1.0),
+    row("no think block", "<answer>B</answer>", "B", Some(4), 1.0, 1.0, Letter { letter: 'B', exact: true }, 0.0),
+    row("no answer block", "<think>B</think> B", "B", Some(4), 0.0, 0.0, NoAnswerBlock, 0.0),
+    row("truncated answer block", "<think>x</think><answer>A", "A", Some(4), 0.0, 0.0, NoAnswerBlock, 0.0),
+    row("tags reversed", "</answer>A<answer>", "A", Some(4), 0.0, 0.0, NoAnswerBlock, 0.0),
+    row("uppercase tags", "<think>x</think><ANSWER>A</ANSWER>", "A", Some(4), 1.0, 0.0, NoAnswerBlock, 0.0),
+    row("long-s tags", "<think>x</think><anſwer>A</anſwer>", "A", Some(4), 1.0, 0.0, NoAnswerBlock, 0.0),
+    row("multiline letter", "<think>x</think><answer>\nC\n</answer>", "C", Some(4), 1.0, 1.0, Letter { letter: 'C', exact: true }, 1.0),
+    row("multiline sentence", "<think>x</think><answer>The answer is\nC</answer>", "C", Some(4), 0.0, 0.5, Letter { letter: 'C', exact: false }, 1.0),
+    row("E of 4 options, E correct", "<think>x</think><answer>E</answer>", "E", Some(4), 1.0, 0.0, OutOfRange('E'), 1.0),
+    row("E of 4 options, A correct", "<think>x</think><answer>E</answer>", "A", Some(4), 0.0, 0.0, OutOfRange('E'), 1.0),
+    row("E of 5 options", "<think>x</think><answer>E</answer>", "E", Some(5), 1.0, 1.0, Letter { letter: 'E', exact: true }, 1.0),
+    row("J, options unknown", "<think>x</think><answer>J</answer>", "J", None, 1.0, 1.0, Letter { letter: 'J', exact: true }, 1.0),
+    row("K is never an option", "<think>x</think><answer>K</answer>", "K", None, 0.0, 0.0, NoLetter, 1.0),
+    row("A or B", "<think>x</think><answer>A or B</answer>", "A", Some(4), 0.0, 0.0, Ambiguous, 1.0),
+    row("A, B", "<think>x</think><answer>A, B</answer>", "A", Some(4), 0.0, 0.0, Ambiguous, 1.0),
+    row("A A", "<think>x</think><answer>A A</answer>", "A", Some(4), 0.0, 0.0, Ambiguous, 1.0),
+    row("AB", "<think>x</think><answer>AB</answer>", "A", Some(4), 0.0, 0.0, NoLetter, 1.0),
+    row("B1", "<think>x</think><answer>B1</answer>", "B", Some(4), 0.5, 0.0, NoLetter, 1.0),
+    row("trailing text after answer", "<think>x</think><answer>A</answer> Hope this helps", "A", Some(4), 1.0, 1.0, Letter { letter: 'A', exact: true }, 0.0),
+    row("bare letter, no tags", "A", "A", Some(4), 0.0, 0.0, NoAnswerBlock, 0.0),
+    row("solution with option text", "<think>x</think><answer>B</answer>", "B. Brain", Some(4), 0.0, 0.0, Letter { letter: 'B', exact: true }, 1.0),
+    row("uppercase tags then lowercase tags", "<think>x</think><ANSWER>A</ANSWER><answer>B</answer>", "B", Some(4), 0.0, 1.0, Letter { letter: 'B', exact: true }, 0.0),
+    row("unicode: German words", "<think>x</think><answer>A — Gehirn (脑)</answer>", "A", Some(4), 0.0, 0.5, Letter { letter: 'A', exact: false }, 1.0),
+    row("unicode: CJK brackets", "<think>x</think><answer>（B）</answer>", "B", Some(4), 0.5, 1.0, Letter { letter: 'B', exact: true }, 1.0),
+    row("unicode: full-width A", "<think>x</think><answer>Ａ</answer>", "A", Some(4), 0.0, 0.0, NoLetter, 1.0),
+    row("unicode: precomposed A acute", "<think>x</think><answer>Á</answer>", "A", Some(4), 0.0, 0.0, NoLetter, 1.0),
+    row("unicode: A + combining acute", "<think>x</think><answer>A\u{301}</answer>", "A", Some(4), 0.5, 0.0, NoLetter, 1.0),
+    row("unicode: dotless i", "<think>x</think><answer>ı</answer>", "I", Some(10), 1.0, 0.0, NoLetter, 1.0),
+    row("unicode: dotted capital I", "<think>x</think><answer>İ</answer>", "I", Some(10), 0.0, 0.0, NoLetter, 1.0),
+    row("unicode: fi ligature", "<think>x</think><answer>ﬁ</answer>", "F", Some(10), 0.0, 0.0, NoLetter, 1.0),
+    row("unicode: nbsp around", "<think>x</think><answer>\u{a0}A\u{a0}</answer>", "A", Some(4), 1.0, 1.0, Letter { letter: 'A', exact: true }, 1.0),
+    row("unicode: zero-width space", "<think>x</think><answer>B\u{200b}</answer>", "B", Some(4), 0.5, 0.5, Letter { letter: 'B', exact: false }, 1.0),
+    row("unicode: info separator", "<think>x</think><answer>\u{1c}A\u{1c}</answer>", "A", Some(4), 1.0, 0.5, Letter { letter: 'A', exact: false }, 1.0),
+];
+
+#[rustfmt::skip]
+const FORMAT_ROWS: &[(&str, f32)] = &[
+    ("<think>a</think><answer>B</answer>", 1.0),
+    ("<think>a</think><answer>B</answer> trailing", 0.0),
+    (" <think>a</think><answer>B</answer>", 0.0),
+    ("<think>a</think><answer>B</answer>\n", 0.0),
+    ("<think>a</think>\n\n<answer>B</answer>", 1.0),
+    ("<think>a</think> \u{9}\n <answer>B</answer>", 1.0),
+    ("<think>a</think>\u{a0}<answer>B</answer>", 1.0),
+    ("<think>a</think>\u{1c}<answer>B</answer>", 1.0),
+    ("<think>a</think>\u{200b}<answer>B</answer>", 0.0),
+    ("<think>a</think> x <answer>B</answer>", 0.0),
+    ("<think>a<answer>B</answer>", 0.0),
+    ("<think>a</think>", 0.0),
+    ("<answer>B</answer>", 0.0),
+    ("<think>a</think><think>b</think><answer>C</answer>", 1.0),
+    ("<think>a</think><answer>A</answer><answer>B</answer>", 1.0),
+    ("<think>a</think><answer>A</answer> <answer>B</answer>", 1.0),
+    ("<think>a</answer></think><answer>B</answer>", 1.0),
+    ("<answer>B</answer><think>a</think>", 0.0),
+    ("<think>line 1\nline 2</think>\n<answer>\nB\n</answer>", 1.0),
+    ("<think></think><answer></answer>", 1.0),
+    ("<THINK>a</THINK><ANSWER>B</ANSWER>", 0.0),
+    ("<think>a</think><answer>B", 0.0),
+    ("", 0.0),
+];
+
+#[test]
+fn accuracy_table() {
+    let paper = AccuracyReward {
+        mode: AnswerMode::Paper,
+    };
+    let strict = AccuracyReward {
+        mode: AnswerMode::Strict,
+    };
+    let mut failures = Vec::new();
+    for r in ROWS {
+        let ctx = RewardContext {
+            solution: r.solution,
+            num_options: r.num_options,
+        };
+        let got = (
+            paper.score(r.completion, &ctx),
+            strict.score(r.completion, &ctx),
+            extract_answer(r.completion, r.num_options),
+            FormatReward.score(r.completion, &ctx),
+        );
+        let want = (r.paper, r.strict, r.extraction, r.format);
+        if got != want {
+            failures.push(format!(
+                "{}: {:?}\n  (paper, strict, extraction, format) got {got:?}, want {want:?}",
+                r.note, r.completion
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} rows failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn format_table() {
+    let mut failures = Vec::new();
+    for &(completion, want) in FORMAT_ROWS {
+        let got = format_reward(completion);
+        if got != want {
+            failures.push(format!("{completion:?}: got {got}, want {want}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn paper_mode_ignores_num_options() {
+    // The paper's code never saw the number of options: E is accepted on a 4-option question.
+    let c = "<think>x</think><answer>E</answer>";
+    assert_eq!(paper_accuracy(c, "E"), 1.0);
+    let ctx = RewardContext {
+        solution: "E",
+        num_options: Some(4),
+    };
+    assert_eq!(
+        AccuracyReward {
+            mode: AnswerMode::Paper
+        }
+        .score(c, &ctx),
+        1.0
+    );
+    assert_eq!(
+        AccuracyReward {
+            mode: AnswerMode::Strict
+        }
+        .score(c, &ctx),
+        0.0
+    );
+}
+
+#[test]
+fn ground_truth_is_read_like_the_paper() {
+    assert_eq!(ground_truth("B"), "B");
+    assert_eq!(ground_truth(" b\n"), "B");
+    assert_eq!(ground_truth("<answer> B </answer>"), "B");
+    assert_eq!(ground_truth("<ANSWER>c</ANSWER>"), "C");
+    assert_eq!(ground_truth("B. Brain"), "B.BRAIN");
+}
+
+#[test]
+fn strict_letters_at_every_range_boundary() {
+    let answer = |l: char| format!("<answer>{l}</answer>");
+    for n in 0..=10usize {
+        for (i, l) in ('A'..='J').enumerate() {
+            let want = if i < n {
+                Letter {
+                    letter: l,
+                    exact: true,
+                }
+            } else {
+                OutOfRange(l)
+            };
+            assert_eq!(
+                extract_answer(&answer(l), Some(n)),
+                want,
+                "{l} with {n} options"
+            );
+        }
+    }
+    for l in 'A'..='J' {
+        assert_eq!(
+            extract_answer(&answer(l), None),
+            Letter {
+                letter: l,
+                exact: true
+            }
+        );
+    }
+    assert_eq!(
+        extract_answer(&answer('J'), Some(26)),
+        Letter {
+            letter: 'J',
+            exact: true
+        }
+    );
+}
+
+#[test]
+fn extraction_helpers() {
+    assert_eq!(
+        Letter {
+            letter: 'C',
+            exact: false
+        }
+        .letter(),
+        Some('C')
+    );
+    assert_eq!(Ambiguous.letter(), None);
+    assert_eq!(OutOfRange('E').letter(), None);
+    assert_eq!(
+        Letter {
+            letter: 'C',
+            exact: true
+        }
+        .kind(),
+        "letter_exact"
+    );
+    assert_eq!(NoAnswerBlock.kind(), "no_answer_block");
+}
+
+/// A reward with a fixed score, to check the weighting arithmetic on its own.
+struct Constant(&'static str, f32);
+
+impl Reward for Constant {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn score(&self, _: &str, _: &RewardContext) -> f32 {
+        self.1
+    }
+}
+
+#[test]
+fn reward_set_weights_scores() {
+    let set = RewardSet::new(vec![
+        (Box::new(Constant("x", 1.0)), 2.0),
+        (Box::new(Constant("y", 0.5)), -1.0),
+        (Box::new(Constant("z", 0.25)), 0.0),
+    ]);
+    assert_eq!(set.names(), ["x", "y", "z"]);
+    assert_eq!(set.weights(), [2.0, -1.0, 0.0]);
+    let ctx = RewardContext {
+        solution: "A",
+        num_options: Some(4),
+    };
+    let (total, scores) = set.score("anything", &ctx);
+    // Per-function scores are reported unweighted; the total is the weighted sum.
+    assert_eq!(scores, [1.0, 0.5, 0.25]);
+    assert_eq!(total, 2.0 * 1.0 - 0.5);
+
+    let empty = RewardSet::new(Vec::new());
+    assert_eq!(empty.score("x", &ctx), (0.0, Vec::new()));
+}
+
+#[test]
+fn paper_default_is_accuracy_plus_format() {
+    let ctx = RewardContext {
+        solution: "A",
+        num_options: Some(4),
+    };
+    for mode in [AnswerMode::Paper, AnswerMode::Strict] {
+        let set = RewardSet::paper_default(mode);
+        assert_eq!(set.names(), ["accuracy", "format"]);
+        assert_eq!(set.weights(), [1.0, 1.0]);
+        assert_eq!(
+            set.score("<think>x</think>\n<answer>A</answer>", &ctx),
+            (2.0, vec![1.0, 1.0])
+        );
+        assert_eq!(set.score("<answer>A</answer>", &ctx), (1.0, vec![1.0, 0.0]));
+        assert_eq!(
+            set.score("<think>x</think><answer>B</answer>", &ctx),
+            (1.0, vec![0.0, 1.0])
+        );
+    }
+    // Where the modes differ: "Option A" is half right under Strict, wrong under Paper.
+    let c = "<think>x</think><answer>Option A</answer>";
+    assert_eq!(
+        RewardSet::paper_default(AnswerMode::Paper).score(c, &ctx),
+        (1.0, vec![0.0, 1.0])
+    );
+    assert_eq!(
+        RewardSet::paper_default(AnswerMode::Strict).score(c, &ctx),
+        (1.5, vec![0.5, 1.0])
+    );
+}
+
+#[test]
+fn answer_mode_defaults_to_strict_and_serialises_lowercase() {
+    assert_eq!(AnswerMode::default(), AnswerMode::Strict);
+    assert_eq!(AccuracyReward::default().mode, AnswerMode::Strict);
+    assert_eq!(
+        serde_json::to_string(&AnswerMode::Paper).unwrap(),
+        "\"paper\""
+    );
+    assert_eq!(
+        serde_json::from_str::<AnswerMode>("\"strict\"").unwrap(),
+        AnswerMode::Strict
+    );
+}
