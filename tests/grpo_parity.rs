@@ -226,23 +226,45 @@ fn freeze_vision_leaves_the_vision_blocks_untouched() {
         .map(|p| p.name.as_str())
         .collect();
     assert!(frozen.contains(&"visual.patch_embed.proj.weight"));
-    assert!(frozen.iter().all(|n| n.starts_with("visual.") && !n.starts_with("visual.merger.")));
+    assert!(frozen
+        .iter()
+        .all(|n| n.starts_with("visual.") && !n.starts_with("visual.merger.")));
     assert!(frozen.iter().any(|n| n.starts_with("visual.blocks.")));
-    let before: Vec<Tensor> = policy.params.iter().map(|p| p.var.as_tensor().copy().unwrap()).collect();
+    let before: Vec<Tensor> = policy
+        .params
+        .iter()
+        .map(|p| p.var.as_tensor().copy().unwrap())
+        .collect();
 
-    let proc = Processor::from_dir(&fixtures().join("grpo-policy"), &ProcessorOptions::default())
-        .unwrap();
+    let proc = Processor::from_dir(
+        &fixtures().join("grpo-policy"),
+        &ProcessorOptions::default(),
+    )
+    .unwrap();
     let img = proc.load_image(&fixture_image("square.png")).unwrap();
     let prompt = proc
-        .prepare(&[Message::user_with_images(1, "Which side?")], vec![img], true)
+        .prepare(
+            &[Message::user_with_images(1, "Which side?")],
+            vec![img],
+            true,
+        )
         .unwrap();
     let toks = proc.tokenizer.encode("<answer>A</answer>").unwrap();
-    let seqs = [SeqRef { prompt: &prompt, prompt_index: 0, tokens: &toks }];
+    let seqs = [SeqRef {
+        prompt: &prompt,
+        prompt_index: 0,
+        tokens: &toks,
+    }];
     let (logp, mask) = grpo::completion_logps(&policy.model, &[&prompt], &seqs, 1.0).unwrap();
     let loss = (logp * mask).unwrap().sum_all().unwrap().neg().unwrap();
     let mut grads = GradAccumulator::new(policy.params.len());
-    grads.add(&policy.params, &loss.backward().unwrap()).unwrap();
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, ..Default::default() });
+    grads
+        .add(&policy.params, &loss.backward().unwrap())
+        .unwrap();
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-3,
+        ..Default::default()
+    });
     opt.update(&policy.params, &grads, 1e-3).unwrap();
     for (p, b) in policy.params.iter().zip(&before) {
         let (d, _) = max_abs_diff(p.var.as_tensor(), b);
