@@ -1,5 +1,9 @@
 //! Evaluation: greedy answers to multiple-choice items, read with the same strict rule as
-//! the GRPO accuracy reward (one definition, [`crate::rl::reward::extract_answer`]).
+//! the GRPO accuracy reward (one definition, [`crate::rl::reward::extract_answer`]), or the
+//! likelihood baseline (the option letter the model finds most probable); per-modality
+//! reports with confidence intervals.
+
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -8,6 +12,7 @@ use crate::data::{PromptTemplate, VqaItem};
 use crate::generate::{Engine, Request, SamplingParams};
 use crate::model::Qwen2Vl;
 use crate::processor::Processor;
+use crate::rl::grpo::{completion_logps, SeqRef};
 use crate::rl::reward::{extract_answer, format_reward, Extraction};
 
 /// One item's outcome.
@@ -24,8 +29,11 @@ pub struct ItemResult {
     pub correct: bool,
     /// The output has the `<think>…</think><answer>…</answer>` shape.
     pub format_ok: bool,
-    /// Why no letter was read (`no_answer_block`, `ambiguous`, …), if none was.
+    /// How the answer was read (`letter`, `no_answer_block`, `ambiguous`, …).
     pub extraction: &'static str,
+    /// Likelihood mode: the log-probability of each option's letter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub option_logprobs: Option<Vec<f32>>,
 }
 
 /// Greedy-decodes every item (batched) and reads each answer.
@@ -86,11 +94,190 @@ pub fn run_greedy(
                 letter,
                 solution: it.solution,
                 output: text,
+                option_logprobs: None,
             });
         }
         progress(out.len(), items.len());
     }
     Ok(out)
+}
+
+/// The likelihood baseline: for each item, the log-probability of answering with each
+/// option's letter (the completion is just the letter, as the "simple" template asks), and
+/// the most probable one as the answer. One forward pass per item scores all its options
+/// (the image is encoded once).
+pub fn run_likelihood(
+    model: &Qwen2Vl,
+    processor: &Processor,
+    items: &[VqaItem],
+    template: PromptTemplate,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<ItemResult>> {
+    let mut out = Vec::with_capacity(items.len());
+    for it in items {
+        let images = it
+            .images
+            .iter()
+            .map(|p| processor.load_image(p))
+            .collect::<Result<Vec<_>>>()?;
+        let prompt = processor.prepare(&template.messages(it), images, true)?;
+        let letters: Vec<char> = crate::data::LETTERS[..it.options.len()].to_vec();
+        let toks: Vec<Vec<u32>> = letters
+            .iter()
+            .map(|l| processor.tokenizer.encode(&l.to_string()))
+            .collect::<Result<_>>()?;
+        let seqs: Vec<SeqRef> = toks
+            .iter()
+            .map(|t| SeqRef {
+                prompt: &prompt,
+                prompt_index: 0,
+                tokens: t,
+            })
+            .collect();
+        let (lp, mask) = completion_logps(model, &[&prompt], &seqs, 1.0)?;
+        let sums: Vec<f32> = (lp * mask)?.sum(1)?.to_vec1()?;
+        let best = sums
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| letters[i]);
+        out.push(ItemResult {
+            row: it.index,
+            modality: it.modality.name().to_string(),
+            prompt: prompt.text.clone(),
+            output: String::new(),
+            letter: best,
+            solution: it.solution,
+            correct: best == Some(it.solution),
+            format_ok: false,
+            extraction: "likelihood",
+            option_logprobs: Some(sums),
+        });
+        progress(out.len(), items.len());
+    }
+    Ok(out)
+}
+
+/// Wilson score interval for k successes in n trials at 95% confidence: unlike the normal
+/// approximation it stays inside [0, 1] and is sensible at small n and at 0% or 100%.
+pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let denom = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// One line of a report: a modality, or all items.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportRow {
+    pub modality: String,
+    pub n: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    pub ci95_low: f64,
+    pub ci95_high: f64,
+    /// Share of outputs in the `<think>…</think><answer>…</answer>` shape (generation only).
+    pub format_rate: Option<f64>,
+    /// Share of outputs from which no letter could be read (generation only).
+    pub no_answer_rate: Option<f64>,
+}
+
+/// Per-modality accuracy table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub data: String,
+    /// "greedy" or "likelihood".
+    pub mode: String,
+    pub template: String,
+    pub skipped_rows: usize,
+    pub rows: Vec<ReportRow>,
+}
+
+fn row_of(name: &str, rs: &[&ItemResult], generated: bool) -> ReportRow {
+    let n = rs.len();
+    let correct = rs.iter().filter(|r| r.correct).count();
+    let (lo, hi) = wilson_interval(correct, n);
+    let frac = |f: &dyn Fn(&ItemResult) -> bool| {
+        rs.iter().filter(|r| f(r)).count() as f64 / n.max(1) as f64
+    };
+    ReportRow {
+        modality: name.to_string(),
+        n,
+        correct,
+        accuracy: correct as f64 / n.max(1) as f64,
+        ci95_low: lo,
+        ci95_high: hi,
+        format_rate: generated.then(|| frac(&|r| r.format_ok)),
+        no_answer_rate: generated.then(|| frac(&|r| r.letter.is_none())),
+    }
+}
+
+impl Report {
+    pub fn new(
+        results: &[ItemResult],
+        model: &str,
+        data: &str,
+        mode: &str,
+        template: PromptTemplate,
+        skipped_rows: usize,
+    ) -> Self {
+        let generated = mode != "likelihood";
+        let mut by: BTreeMap<&str, Vec<&ItemResult>> = BTreeMap::new();
+        for r in results {
+            by.entry(r.modality.as_str()).or_default().push(r);
+        }
+        let mut rows: Vec<ReportRow> = by.iter().map(|(m, rs)| row_of(m, rs, generated)).collect();
+        let all: Vec<&ItemResult> = results.iter().collect();
+        rows.push(row_of("all", &all, generated));
+        Self {
+            model: model.to_string(),
+            data: data.to_string(),
+            mode: mode.to_string(),
+            template: format!("{template:?}").to_lowercase(),
+            skipped_rows,
+            rows,
+        }
+    }
+
+    /// The table as Markdown (also what the terminal shows).
+    pub fn markdown(&self) -> String {
+        let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+        let opt = |x: Option<f64>| x.map(pct).unwrap_or_else(|| "-".into());
+        let mut s = format!(
+            "Model `{}` on `{}` ({} decoding, {} template{})\n\n",
+            self.model,
+            self.data,
+            self.mode,
+            self.template,
+            if self.skipped_rows > 0 {
+                format!(", {} rows skipped", self.skipped_rows)
+            } else {
+                String::new()
+            }
+        );
+        s.push_str("| modality | n | accuracy | 95% CI | format | no answer |\n");
+        s.push_str("| --- | ---: | ---: | --- | ---: | ---: |\n");
+        for r in &self.rows {
+            s.push_str(&format!(
+                "| {} | {} | {} | {}-{} | {} | {} |\n",
+                r.modality,
+                r.n,
+                pct(r.accuracy),
+                pct(r.ci95_low),
+                pct(r.ci95_high),
+                opt(r.format_rate),
+                opt(r.no_answer_rate)
+            ));
+        }
+        s
+    }
 }
 
 /// Fraction correct (NaN for no items).
@@ -99,4 +286,28 @@ pub fn accuracy(results: &[ItemResult]) -> f64 {
         return f64::NAN;
     }
     results.iter().filter(|r| r.correct).count() as f64 / results.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference values from the closed-form Wilson interval (e.g. statsmodels'
+    /// proportion_confint(method="wilson")).
+    #[test]
+    fn wilson_by_hand() {
+        let (lo, hi) = wilson_interval(5, 10);
+        assert!(
+            (lo - 0.236_593).abs() < 1e-5 && (hi - 0.763_407).abs() < 1e-5,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = wilson_interval(0, 8);
+        assert_eq!(lo, 0.0);
+        assert!((hi - 0.324_41).abs() < 1e-4, "{hi}");
+        let (lo, hi) = wilson_interval(300, 300);
+        assert!(
+            (lo - 0.987_4).abs() < 1e-3 && (hi - 1.0).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+    }
 }

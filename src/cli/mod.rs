@@ -48,6 +48,23 @@ pub enum Command {
     Score(ScoreArgs),
     /// Print a checkpoint's architecture, parameter count and dtype.
     Inspect(InspectArgs),
+    /// Accuracy on a multiple-choice dataset, per modality, with every answer logged.
+    #[command(
+        long_about = "Accuracy on a multiple-choice dataset (the MedVLM-R1 / OmniMedVQA JSON \
+                      format or JSON lines), per modality with 95% confidence intervals, \
+                      format compliance and no-answer rates. Answers are generated greedily \
+                      and read with the same strict rule as the GRPO accuracy reward; \
+                      --likelihood instead picks the option letter the model finds most \
+                      probable, without generating. Writes report.md, report.json and \
+                      items.jsonl (every prompt, output, extracted letter and verdict).",
+        after_help = "Examples:\n  medvlm eval --model runs/grpo/final --data MRI_CT_XRAY_300each_dataset.json --image-root data/\n  medvlm eval --model ./Qwen2-VL-2B-Instruct --data test.json --modality CT --limit 100 --likelihood"
+    )]
+    Eval(EvalArgs),
+    /// Ask a model a multiple-choice question about a scan and read its reasoning.
+    #[command(
+        after_help = "Examples:\n  medvlm ask --model runs/grpo/final --image scan.dcm --question \"Which organ is abnormal?\" --options \"Liver;Kidney;Spleen\""
+    )]
+    Ask(AskArgs),
     /// Train a model: GRPO (MedVLM-R1) or the supervised baseline.
     #[command(subcommand)]
     Train(TrainCommand),
@@ -129,6 +146,70 @@ pub struct TrainArgs<K: config_flags::ConfigKind + Send + Sync + Clone + std::fm
     pub stop_after: Option<u64>,
     #[command(flatten)]
     pub keys: config_flags::ConfigOverrides<K>,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset file (JSON list or JSON lines).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Root of the rows' relative image paths (default: the data file's folder).
+    #[arg(long, value_name = "DIR")]
+    pub image_root: Option<PathBuf>,
+    /// Keep only these modalities (MRI, CT, X-Ray, OCT, Ultrasound, ...); repeatable.
+    #[arg(long = "modality", value_name = "NAME")]
+    pub modalities: Vec<String>,
+    /// Evaluate the test part of a seeded, modality-stratified split of this fraction.
+    #[arg(long, value_name = "FRACTION")]
+    pub test_split: Option<f64>,
+    /// Seed of the split.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// At most this many items (after filtering and splitting).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Question template: "paper" (reasoning in <think>, letter in <answer>) or "simple".
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
+    /// Score each option's letter instead of generating (default template: simple).
+    #[arg(long)]
+    pub likelihood: bool,
+    /// Items decoded together.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_new_tokens: usize,
+    #[arg(long, value_name = "N")]
+    pub max_pixels: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub min_pixels: Option<usize>,
+    /// Directory for report.md, report.json, items.jsonl (default: eval-<model>/).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The scan (PNG, JPEG, DICOM, NIfTI, ...).
+    #[arg(long, value_name = "FILE")]
+    pub image: PathBuf,
+    #[arg(long, value_name = "TEXT")]
+    pub question: String,
+    /// The options, separated by ';' (lettered A, B, C, ... in this order). Without
+    /// options the question is asked as is.
+    #[arg(long, value_name = "A;B;C")]
+    pub options: Option<String>,
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_new_tokens: usize,
+    #[arg(long, value_name = "N")]
+    pub max_pixels: Option<usize>,
+    /// Print JSON (reasoning, answer letter, option, raw output).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -321,6 +402,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => run_score(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a),
+        Command::Eval(a) => run_eval(a),
+        Command::Ask(a) => run_ask(a),
         Command::Train(TrainCommand::Grpo(a)) => run_train_grpo(a),
         Command::Train(TrainCommand::Sft(a)) => run_train_sft(a),
         Command::Plot(a) => {
@@ -336,6 +419,232 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    use crate::data::{self, PromptTemplate};
+    let template = match &a.template {
+        Some(t) => PromptTemplate::parse(t)
+            .with_context(|| format!("--template {t}: expected \"paper\" or \"simple\""))?,
+        None if a.likelihood => PromptTemplate::Simple,
+        None => PromptTemplate::Paper,
+    };
+    if let Some(f) = a.test_split {
+        if !(0.0..=1.0).contains(&f) || f == 0.0 {
+            bail!("--test-split must be in (0, 1], got {f}");
+        }
+    }
+    let ds = data::load(&a.data, a.image_root.as_deref())?;
+    let skipped = ds.skipped.len();
+    for s in ds.skipped.iter().take(5) {
+        eprintln!("skipped {s}");
+    }
+    if skipped > 5 {
+        eprintln!(
+            "skipped {} rows in all (missing images or answers not among the options)",
+            skipped
+        );
+    }
+    data::require_items(&ds, &a.data)?;
+    let mut items = data::filter_modalities(ds.items, &a.modalities);
+    if items.is_empty() {
+        bail!(
+            "{}: no rows for modalities {:?}",
+            a.data.display(),
+            a.modalities
+        );
+    }
+    if let Some(f) = a.test_split {
+        items = data::split(items, f, a.seed).1;
+    }
+    if let Some(n) = a.limit {
+        items.truncate(n);
+    }
+    let loaded = load(
+        &a.model,
+        &ProcessorOptions {
+            min_pixels: a.min_pixels,
+            max_pixels: a.max_pixels,
+            max_prompt_tokens: None,
+        },
+    )?;
+    let pb = indicatif::ProgressBar::new(items.len() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} items  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let progress = |done: usize, _total: usize| pb.set_position(done as u64);
+    let (results, mode) = if a.likelihood {
+        (
+            crate::eval::run_likelihood(
+                &loaded.model,
+                &loaded.processor,
+                &items,
+                template,
+                progress,
+            )?,
+            "likelihood",
+        )
+    } else {
+        (
+            crate::eval::run_greedy(
+                &loaded.model,
+                &loaded.processor,
+                &items,
+                template,
+                a.max_new_tokens,
+                a.batch_size,
+                progress,
+            )?,
+            "greedy",
+        )
+    };
+    pb.finish_and_clear();
+    let report = crate::eval::Report::new(
+        &results,
+        &a.model.model.display().to_string(),
+        &a.data.display().to_string(),
+        mode,
+        template,
+        skipped,
+    );
+    let out = a.out.clone().unwrap_or_else(|| {
+        let name = a
+            .model
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into());
+        PathBuf::from(format!("eval-{name}"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let md = report.markdown();
+    std::fs::write(out.join("report.md"), &md)
+        .with_context(|| format!("{}: cannot write report.md", out.display()))?;
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )
+    .with_context(|| format!("{}: cannot write report.json", out.display()))?;
+    let mut lines = String::new();
+    for (r, it) in results.iter().zip(&items) {
+        let mut v = serde_json::to_value(r)?;
+        v["question"] = json!(it.question);
+        v["options"] = json!(it.options);
+        v["subset"] = json!(it.subset);
+        v["images"] = json!(it.images);
+        lines.push_str(&serde_json::to_string(&v)?);
+        lines.push('\n');
+    }
+    std::fs::write(out.join("items.jsonl"), lines)
+        .with_context(|| format!("{}: cannot write items.jsonl", out.display()))?;
+    println!("{md}");
+    println!(
+        "written to {}/ (report.md, report.json, items.jsonl)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// Splits a completion into its reasoning (the `<think>` block) and the rest.
+pub fn split_reasoning(text: &str) -> (Option<String>, String) {
+    match (text.find("<think>"), text.find("</think>")) {
+        (Some(a), Some(b)) if b > a => (
+            Some(text[a + 7..b].trim().to_string()),
+            text[b + 8..].trim().to_string(),
+        ),
+        _ => (None, text.trim().to_string()),
+    }
+}
+
+fn run_ask(a: AskArgs) -> Result<()> {
+    use crate::data::{build_problem, PromptTemplate, LETTERS};
+    use crate::rl::reward::{extract_answer, Extraction};
+    let options: Vec<String> = a
+        .options
+        .as_deref()
+        .map(|o| {
+            o.split(';')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if options.len() > LETTERS.len() {
+        bail!(
+            "--options: at most {} options are supported, got {}",
+            LETTERS.len(),
+            options.len()
+        );
+    }
+    let loaded = load(
+        &a.model,
+        &ProcessorOptions {
+            max_pixels: a.max_pixels,
+            ..Default::default()
+        },
+    )?;
+    let proc = &loaded.processor;
+    let text = if options.is_empty() {
+        a.question.clone()
+    } else {
+        PromptTemplate::Paper.render(&build_problem(&a.question, &options))
+    };
+    let image = proc.load_image(&a.image)?;
+    let prompt = proc.prepare(&[Message::user_with_images(1, text)], vec![image], true)?;
+    let engine = Engine::new(
+        &loaded.model,
+        stop_tokens(proc),
+        proc.tokenizer.special.vision_ids().to_vec(),
+    );
+    let req = Request {
+        prompt: &prompt,
+        sampling: crate::generate::SamplingParams::default(),
+        max_new_tokens: a.max_new_tokens,
+        num_samples: 1,
+    };
+    let out = engine.generate(std::slice::from_ref(&req), |_, _, _| {})?;
+    let c = &out[0][0];
+    let raw = proc.tokenizer.decode(c.content_tokens(), true)?;
+    let (reasoning, rest) = split_reasoning(&raw);
+    let letter = if options.is_empty() {
+        None
+    } else {
+        match extract_answer(&raw, Some(options.len())) {
+            Extraction::Letter { letter, .. } => Some(letter),
+            _ => None,
+        }
+    };
+    let chosen = letter
+        .and_then(|l| LETTERS.iter().position(|&x| x == l))
+        .map(|i| options[i].clone());
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&json!({
+                "reasoning": reasoning,
+                "answer_letter": letter.map(|l| l.to_string()),
+                "answer": chosen,
+                "output": raw,
+                "finish_reason": c.finish,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "Reasoning:\n  {}\n",
+        reasoning
+            .as_deref()
+            .unwrap_or("(the model gave no <think> block)")
+            .replace('\n', "\n  ")
+    );
+    match (letter, chosen) {
+        (Some(l), Some(o)) => println!("Answer: {l}) {o}"),
+        _ if options.is_empty() => println!("Answer:\n  {rest}"),
+        _ => println!("Answer: (no option letter could be read)\n  raw output: {raw}"),
+    }
+    Ok(())
 }
 
 /// The config file (or a resumed run's saved config) with flags merged over it.

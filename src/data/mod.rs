@@ -208,6 +208,12 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
 /// directory). Rows with a missing image or an answer that is not among the options are
 /// skipped and reported.
 pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
+    load_with(path, image_root, true)
+}
+
+/// Like [`load`], optionally without checking that image files exist (to inspect a file's
+/// questions when its images are elsewhere).
+pub fn load_with(path: &Path, image_root: Option<&Path>, check_images: bool) -> Result<Dataset> {
     let rows = read_rows(path)?;
     let root = match image_root {
         Some(r) => r.to_path_buf(),
@@ -217,7 +223,7 @@ pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
     let mut items = Vec::with_capacity(rows.len());
     let mut skipped = Vec::new();
     for (i, row) in rows.into_iter().enumerate() {
-        match resolve(i, row, &root) {
+        match resolve(i, row, &root, check_images) {
             Ok(item) => items.push(item),
             Err(reason) => skipped.push(Skipped {
                 file: file.clone(),
@@ -229,7 +235,12 @@ pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
     Ok(Dataset { items, skipped })
 }
 
-fn resolve(index: usize, row: RawRow, root: &Path) -> std::result::Result<VqaItem, String> {
+fn resolve(
+    index: usize,
+    row: RawRow,
+    root: &Path,
+    check_images: bool,
+) -> std::result::Result<VqaItem, String> {
     if row.options.is_empty() {
         return Err("no options".into());
     }
@@ -259,7 +270,7 @@ fn resolve(index: usize, row: RawRow, root: &Path) -> std::result::Result<VqaIte
         } else {
             root.join(p)
         };
-        if !full.is_file() {
+        if check_images && !full.is_file() {
             return Err(format!("image {} not found", full.display()));
         }
         images.push(full);
@@ -293,6 +304,35 @@ pub fn filter_modalities(items: Vec<VqaItem>, keep: &[String]) -> Vec<VqaItem> {
                 .any(|k| k.eq_ignore_ascii_case(it.modality.name()))
         })
         .collect()
+}
+
+/// A deterministic split: items shuffled by `seed`, the first `test_fraction` of them the
+/// test part. Stratified by modality, so each modality keeps the same proportion.
+pub fn split(items: Vec<VqaItem>, test_fraction: f64, seed: u64) -> (Vec<VqaItem>, Vec<VqaItem>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut by_mod: std::collections::BTreeMap<Modality, Vec<VqaItem>> = Default::default();
+    for it in items {
+        by_mod.entry(it.modality.clone()).or_default().push(it);
+    }
+    let mut train = Vec::new();
+    let mut test = Vec::new();
+    for (m, mut group) in by_mod {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            seed ^ m
+                .name()
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)),
+        );
+        group.shuffle(&mut rng);
+        let n_test = ((group.len() as f64) * test_fraction).round() as usize;
+        let rest = group.split_off(n_test.min(group.len()));
+        test.extend(group);
+        train.extend(rest);
+    }
+    train.sort_by_key(|it| it.index);
+    test.sort_by_key(|it| it.index);
+    (train, test)
 }
 
 /// Fails with the first skipped rows when a dataset has no usable item at all.
@@ -334,6 +374,32 @@ mod tests {
             Modality::parse("Thermal"),
             Modality::Other("Thermal".into())
         );
+    }
+
+    #[test]
+    fn split_is_deterministic_and_stratified() {
+        let item = |i: usize, m: &str| VqaItem {
+            index: i,
+            images: vec![],
+            question: String::new(),
+            options: vec!["x".into()],
+            answer: "x".into(),
+            solution: 'A',
+            modality: Modality::parse(m),
+            subset: m.into(),
+            dataset: String::new(),
+            problem: String::new(),
+            rationale: None,
+        };
+        let items: Vec<VqaItem> = (0..40)
+            .map(|i| item(i, if i % 4 == 0 { "CT" } else { "MRI" }))
+            .collect();
+        let (tr, te) = split(items.clone(), 0.2, 1);
+        let (tr2, te2) = split(items, 0.2, 1);
+        assert_eq!((tr.len(), te.len()), (32, 8));
+        assert_eq!(te.iter().filter(|i| i.modality == Modality::Ct).count(), 2);
+        assert_eq!(te, te2);
+        assert_eq!(tr, tr2);
     }
 
     #[test]

@@ -1,0 +1,249 @@
+//! The paper's test file, evaluation reports and `ask`, on the real MedVLM-R1 test set
+//! beside the repository (../shared/data/medvlm-r1-testset: 900 questions, 8 of their
+//! images).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use medvlm::data::{self, Modality};
+use medvlm::sft::SftConfig;
+use serde_json::Value;
+
+fn testset() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/medvlm-r1-testset");
+    assert!(
+        d.join("MRI_CT_XRAY_300each_dataset.json").is_file(),
+        "the MedVLM-R1 test set is expected at {}",
+        d.display()
+    );
+    d
+}
+
+fn medvlm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// All 900 rows load as 300 MRI, 300 CT, 300 X-ray, and the `problem`/`solution` we build
+/// from question, options and answer equal the ones the paper's file carries, every row.
+#[test]
+fn the_papers_test_file_loads_and_rebuilds_its_prompts() {
+    let file = testset().join("MRI_CT_XRAY_300each_dataset.json");
+    let ds = data::load_with(&file, None, false).unwrap();
+    assert!(ds.skipped.is_empty(), "{:?}", ds.skipped.first());
+    let mut counts: BTreeMap<Modality, usize> = BTreeMap::new();
+    for it in &ds.items {
+        *counts.entry(it.modality.clone()).or_default() += 1;
+    }
+    assert_eq!(counts.get(&Modality::Mri), Some(&300));
+    assert_eq!(counts.get(&Modality::Ct), Some(&300));
+    assert_eq!(counts.get(&Modality::XRay), Some(&300));
+    let raw: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(raw.len(), 900);
+    for (it, row) in ds.items.iter().zip(&raw) {
+        assert_eq!(
+            it.problem,
+            row["problem"].as_str().unwrap(),
+            "row {}",
+            it.index
+        );
+        assert_eq!(
+            it.solution.to_string(),
+            row["solution"].as_str().unwrap(),
+            "row {}",
+            it.index
+        );
+        assert_eq!(it.subset, row["subset"].as_str().unwrap());
+    }
+    // With images checked, only the rows whose images are present remain; the others are
+    // reported with their row and reason.
+    let ds = data::load(&file, None).unwrap();
+    assert_eq!(ds.items.len(), 8);
+    assert_eq!(ds.skipped.len(), 892);
+    assert!(
+        ds.skipped[0].reason.contains("not found"),
+        "{}",
+        ds.skipped[0]
+    );
+}
+
+/// The reference reading of an answer for this test: the paper's own evaluation regex.
+fn paper_letter(output: &str) -> Option<char> {
+    let re = regex::Regex::new(r"<answer>\s*([A-Z])\s*</answer>").unwrap();
+    re.captures(output).map(|c| c[1].chars().next().unwrap())
+}
+
+/// A tiny model fine-tuned on the 8 real images answers them; `medvlm eval` writes the
+/// report files, and the report's per-modality accuracy equals what this test recomputes
+/// from items.jsonl and the original file on its own.
+#[test]
+fn eval_writes_reports_whose_accuracy_the_items_confirm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = testset().join("MRI_CT_XRAY_300each_dataset.json");
+    let model = medvlm::sft::train(
+        SftConfig {
+            model: fixtures().join("tiny-a"),
+            train_data: file.clone(),
+            output_dir: tmp.path().join("sft"),
+            batch_size: 8,
+            micro_batch: 8,
+            learning_rate: 3e-3,
+            max_steps: 30,
+            save_steps: 0,
+            max_pixels: Some(28 * 28 * 12),
+            device: Some("cpu".into()),
+            ..SftConfig::default()
+        },
+        false,
+        None,
+    )
+    .unwrap();
+    let out = tmp.path().join("eval");
+    let (ok, stdout, err) = medvlm(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&file),
+        "--max-new-tokens",
+        "12",
+        "--max-pixels",
+        "9408",
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("892"), "skipped rows are reported: {err}");
+    assert!(
+        stdout.contains("| modality |") && stdout.contains("| all |"),
+        "{stdout}"
+    );
+    for f in ["report.md", "report.json", "items.jsonl"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    let raw: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let items: Vec<Value> = std::fs::read_to_string(out.join("items.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(items.len(), 8);
+    let mut tally: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for it in &items {
+        let row = &raw[it["row"].as_u64().unwrap() as usize];
+        let opts: Vec<&str> = row["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        let truth = (b'A'
+            + opts
+                .iter()
+                .position(|o| *o == row["answer"].as_str().unwrap())
+                .unwrap() as u8) as char;
+        let got = paper_letter(it["output"].as_str().unwrap());
+        let m = match row["subset"].as_str().unwrap() {
+            s if s.starts_with("MR") => "MRI",
+            s if s.starts_with("CT") => "CT",
+            _ => "X-Ray",
+        };
+        for key in [m, "all"] {
+            let e = tally.entry(key.to_string()).or_default();
+            e.0 += 1;
+            e.1 += (got == Some(truth)) as usize;
+        }
+        assert_eq!(it["correct"].as_bool().unwrap(), got == Some(truth));
+    }
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for r in report["rows"].as_array().unwrap() {
+        let (n, k) = tally[r["modality"].as_str().unwrap()];
+        assert_eq!(r["n"].as_u64().unwrap() as usize, n);
+        assert!((r["accuracy"].as_f64().unwrap() - k as f64 / n as f64).abs() < 1e-12);
+    }
+    let (n, k) = tally["all"];
+    println!("fine-tuned tiny model: {k}/{n} correct");
+    assert!(
+        k >= 6,
+        "the fine-tuned model should answer most of its training images ({k}/{n})"
+    );
+
+    // The likelihood baseline scores every option without generating.
+    let out2 = tmp.path().join("eval-lik");
+    let (ok, _, err) = medvlm(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&file),
+        "--likelihood",
+        "--max-pixels",
+        "9408",
+        "--out",
+        s(&out2),
+    ]);
+    assert!(ok, "{err}");
+    let line = std::fs::read_to_string(out2.join("items.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["option_logprobs"].as_array().unwrap().len(),
+        first["options"].as_array().unwrap().len()
+    );
+}
+
+#[test]
+fn ask_prints_reasoning_and_answer_apart() {
+    let img = testset().join("images/brain003631.png");
+    let (ok, out, err) = medvlm(&[
+        "ask",
+        "--model",
+        s(&fixtures().join("tiny-a")),
+        "--image",
+        s(&img),
+        "--question",
+        "What modality is this?",
+        "--options",
+        "MRI;CT;X-Ray",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Reasoning:") && out.contains("Answer:"),
+        "{out}"
+    );
+    let (ok, out, err) = medvlm(&[
+        "ask",
+        "--model",
+        s(&fixtures().join("tiny-a")),
+        "--image",
+        s(&img),
+        "--question",
+        "What modality is this?",
+        "--options",
+        "MRI;CT;X-Ray",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let j: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(j.get("reasoning").is_some() && j.get("output").is_some());
+}
