@@ -10,11 +10,14 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod init;
 pub mod model;
 pub mod plot;
 pub mod processor;
 pub mod rl;
 pub mod sft;
+pub mod synth;
 pub mod train;

@@ -155,7 +155,7 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
         &ProcessorOptions {
             min_pixels: config.min_pixels,
             max_pixels: config.max_pixels,
-            max_prompt_tokens: None,
+            ..Default::default()
         },
     )?;
     let ds = data::load(&config.train_data, config.image_root.as_deref())?;

@@ -68,6 +68,14 @@ pub enum Command {
     /// Train a model: GRPO (MedVLM-R1) or the supervised baseline.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// Datasets: generate the built-in synthetic medical VQA set.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Write a small random Qwen2-VL checkpoint (with its own tokenizer) to train offline.
+    Init(InitArgs),
+    /// The whole MedVLM-R1 story on this machine: synthetic scans, a tiny model, SFT warm
+    /// start, GRPO, the SFT baseline, and accuracy before and after, in and out of domain.
+    Demo(DemoArgs),
     /// Draw a run's reward, KL, length and accuracy curves to a PNG.
     Plot(PlotArgs),
     /// Measure speed and memory.
@@ -185,6 +193,8 @@ pub struct EvalArgs {
     pub max_pixels: Option<usize>,
     #[arg(long, value_name = "N")]
     pub min_pixels: Option<usize>,
+    #[command(flatten)]
+    pub medical: MedicalArgs,
     /// Directory for report.md, report.json, items.jsonl (default: eval-<model>/).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -207,9 +217,66 @@ pub struct AskArgs {
     pub max_new_tokens: usize,
     #[arg(long, value_name = "N")]
     pub max_pixels: Option<usize>,
+    #[command(flatten)]
+    pub medical: MedicalArgs,
     /// Print JSON (reasoning, answer letter, option, raw output).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Procedurally drawn MRI-, CT- and X-ray-like scans with lesions, and multiple-choice
+    /// questions whose answers are in the pixels (presence, side, count, modality), written
+    /// as DIR/data.json (the MedVLM-R1 format) and DIR/images/.
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Number of rows.
+    #[arg(long, default_value_t = 200)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Modality styles to draw (MRI, CT, X-Ray); repeatable. Default: all three.
+    #[arg(long = "modality", value_name = "NAME")]
+    pub modalities: Vec<String>,
+    /// Question kinds (presence, side, count, modality); repeatable. Default: all.
+    #[arg(long = "task", value_name = "KIND")]
+    pub tasks: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Directory to create.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Decoder width.
+    #[arg(long, default_value_t = 64)]
+    pub hidden_size: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Where everything is written.
+    #[arg(long, value_name = "DIR", default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// A reduced run (fewer items and steps), for a first look or a test.
+    #[arg(long)]
+    pub quick: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Question kinds to train and test on (presence, side, count, modality); repeatable.
+    #[arg(long = "task", value_name = "KIND")]
+    pub tasks: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -291,6 +358,68 @@ pub struct PromptArgs {
     /// model_max_length). Image tokens are never truncated: a longer prompt is an error.
     #[arg(long, value_name = "N")]
     pub max_prompt_tokens: Option<usize>,
+    #[command(flatten)]
+    pub medical: MedicalArgs,
+}
+
+/// How DICOM and NIfTI images become pictures. Other images ignore these.
+#[derive(Args, Debug, Clone)]
+pub struct MedicalArgs {
+    /// Intensity window for DICOM/NIfTI images, as CENTER,WIDTH in the file's units after
+    /// rescaling (Hounsfield units for CT), or a CT preset: brain (40,80), subdural (80,200),
+    /// stroke (40,40), lung (-600,1500), mediastinum (50,350), abdomen (40,400), liver
+    /// (60,160), bone (400,1800). Default: the file's own window, else the slice's min..max.
+    #[arg(long, value_name = "C,W|PRESET", allow_hyphen_values = true, value_parser = parse_window)]
+    pub window: Option<(f64, f64)>,
+    /// Slice of a 3-D/4-D volume (NIfTI: index along the third axis of the first volume;
+    /// multi-frame DICOM: the frame). Default: the middle one.
+    #[arg(long, value_name = "N")]
+    pub slice: Option<usize>,
+}
+
+impl MedicalArgs {
+    pub fn options(&self) -> crate::processor::image::MedicalOptions {
+        crate::processor::image::MedicalOptions {
+            window: self.window,
+            slice: self.slice,
+        }
+    }
+}
+
+/// Common CT windows (centre, width) in Hounsfield units, as radiology references list them.
+const WINDOW_PRESETS: &[(&str, (f64, f64))] = &[
+    ("brain", (40.0, 80.0)),
+    ("subdural", (80.0, 200.0)),
+    ("stroke", (40.0, 40.0)),
+    ("lung", (-600.0, 1500.0)),
+    ("mediastinum", (50.0, 350.0)),
+    ("abdomen", (40.0, 400.0)),
+    ("liver", (60.0, 160.0)),
+    ("bone", (400.0, 1800.0)),
+];
+
+/// `--window`: "CENTER,WIDTH" or a preset name.
+pub fn parse_window(s: &str) -> std::result::Result<(f64, f64), String> {
+    let key = s.trim().to_ascii_lowercase();
+    if let Some((_, w)) = WINDOW_PRESETS.iter().find(|(n, _)| *n == key) {
+        return Ok(*w);
+    }
+    let names: Vec<&str> = WINDOW_PRESETS.iter().map(|(n, _)| *n).collect();
+    let bad = || {
+        format!(
+            "expected CENTER,WIDTH (e.g. -600,1500) or one of {}, got {s:?}",
+            names.join(", ")
+        )
+    };
+    let (c, w) = s.split_once(',').ok_or_else(bad)?;
+    let c: f64 = c.trim().parse().map_err(|_| bad())?;
+    let w: f64 = w.trim().parse().map_err(|_| bad())?;
+    if !c.is_finite() || !w.is_finite() || w < 1.0 {
+        return Err(format!(
+            "the window width must be at least 1 and both numbers finite, got {s:?}"
+        ));
+    }
+    Ok((c, w))
 }
 
 #[derive(Args, Debug)]
@@ -403,6 +532,65 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => run_inspect(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a),
         Command::Eval(a) => run_eval(a),
+        Command::Data(DataCommand::Synth(a)) => {
+            let styles = a
+                .modalities
+                .iter()
+                .map(|m| {
+                    crate::synth::Style::parse(m)
+                        .with_context(|| format!("--modality {m}: expected MRI, CT or X-Ray"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let kinds = a
+                .tasks
+                .iter()
+                .map(|k| {
+                    crate::synth::Kind::parse(k).with_context(|| {
+                        format!("--task {k}: expected presence, side, count or modality")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut spec = crate::synth::SynthSpec {
+                n: a.n,
+                seed: a.seed,
+                ..Default::default()
+            };
+            if !styles.is_empty() {
+                spec.styles = styles;
+            }
+            if !kinds.is_empty() {
+                spec.kinds = kinds;
+            }
+            let p = crate::synth::write(&a.out, &spec)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Command::Init(a) => {
+            let spec = crate::init::InitSpec {
+                seed: a.seed,
+                hidden_size: a.hidden_size,
+                layers: a.layers,
+                ..Default::default()
+            };
+            let p = crate::init::write(&a.out, &spec)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Command::Demo(a) => {
+            let mut spec = crate::demo::DemoSpec::new(a.out, a.quick, a.seed);
+            if !a.tasks.is_empty() {
+                spec.kinds = a
+                    .tasks
+                    .iter()
+                    .map(|k| {
+                        crate::synth::Kind::parse(k).with_context(|| {
+                            format!("--task {k}: expected presence, side, count or modality")
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            }
+            crate::demo::run(&spec).map(|_| ())
+        }
         Command::Ask(a) => run_ask(a),
         Command::Train(TrainCommand::Grpo(a)) => run_train_grpo(a),
         Command::Train(TrainCommand::Sft(a)) => run_train_sft(a),
@@ -466,6 +654,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             min_pixels: a.min_pixels,
             max_pixels: a.max_pixels,
             max_prompt_tokens: None,
+            medical: a.medical.options(),
         },
     )?;
     let pb = indicatif::ProgressBar::new(items.len() as u64);
@@ -582,6 +771,7 @@ fn run_ask(a: AskArgs) -> Result<()> {
         &a.model,
         &ProcessorOptions {
             max_pixels: a.max_pixels,
+            medical: a.medical.options(),
             ..Default::default()
         },
     )?;
@@ -797,6 +987,7 @@ fn processor_options(p: &PromptArgs) -> ProcessorOptions {
         min_pixels: p.min_pixels,
         max_pixels: p.max_pixels,
         max_prompt_tokens: p.max_prompt_tokens,
+        medical: p.medical.options(),
     }
 }
 

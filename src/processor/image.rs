@@ -13,6 +13,10 @@
 //!   JPEG decoder differs from libjpeg-turbo by up to several levels per channel. CMYK JPEGs are
 //!   inverted (Adobe polarity, as PIL assumes) and converted with PIL's CMYK-to-RGB formula.
 //! - PNG, BMP, TIFF and WebP are decoded with the `image` crate.
+//! - DICOM (`.dcm`, or "DICM" at byte 128) and NIfTI (`.nii`, `.nii.gz`) files are read by
+//!   [`medical`]: one slice, windowed to 8 bits, grey replicated into RGB. [`load_rgb_with`]
+//!   chooses the slice and the window; [`load_rgb`] uses the defaults (the middle slice, the
+//!   file's own window or else the data's min..max).
 //!
 //! One deliberate deviation: **16-bit images**. PIL opens a 16-bit grayscale PNG as mode
 //! `I;16` and `convert("RGB")` then clips every value above 255 to white, which wipes out
@@ -27,6 +31,11 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Result};
 use image::{DynamicImage, ImageFormat, RgbImage};
 
+#[path = "medical/mod.rs"]
+pub mod medical;
+
+pub use medical::{is_medical, load_medical, load_medical_values, MedicalOptions, MedicalValues};
+
 /// Largest image accepted, in pixels: the size above which PIL refuses to open an image as a
 /// likely decompression bomb (twice `Image.MAX_IMAGE_PIXELS`).
 pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
@@ -36,15 +45,37 @@ pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
 ///
 /// Errors are one line naming the file: missing, unreadable, not an image, an unsupported
 /// format, corrupt or truncated data, or an empty image.
+///
+/// DICOM and NIfTI files are read with the default [`MedicalOptions`] (see [`load_rgb_with`]).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = read_file(path)?;
-    decode_rgb(&bytes).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e)))
+    load_rgb_with(path, &MedicalOptions::default())
 }
 
-/// Decodes an image held in memory (a file's bytes) to 8-bit RGB, like [`load_rgb`].
+/// [`load_rgb`] with the slice and window used for DICOM and NIfTI files (see [`medical`]);
+/// other images ignore `opts`.
+pub fn load_rgb_with(path: &Path, opts: &MedicalOptions) -> Result<RgbImage> {
+    let bytes = read_file(path)?;
+    let rgb = if medical::is_medical(path, &bytes) {
+        medical::decode_medical(path, &bytes, opts).and_then(|rgb| {
+            check_size(rgb.width(), rgb.height())?;
+            Ok(rgb)
+        })
+    } else {
+        decode_rgb(&bytes)
+    };
+    rgb.map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e)))
+}
+
+/// Decodes an image held in memory (a file's bytes) to 8-bit RGB, like [`load_rgb`]. DICOM
+/// and NIfTI data are recognised by their magic bytes (not by a name, which bytes lack).
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     if bytes.is_empty() {
         bail!("the file is empty, not an image");
+    }
+    if medical::is_medical(Path::new(""), bytes) {
+        let rgb = medical::decode_medical(Path::new(""), bytes, &MedicalOptions::default())?;
+        check_size(rgb.width(), rgb.height())?;
+        return Ok(rgb);
     }
     let format = image::guess_format(bytes).map_err(|_| {
         anyhow!("not an image, or in a format medvlm cannot read ({SUPPORTED} are supported)")
@@ -80,7 +111,7 @@ pub fn to_rgb(img: DynamicImage) -> RgbImage {
 }
 
 /// The formats this build decodes, for error messages.
-const SUPPORTED: &str = "PNG, JPEG, BMP, TIFF and WebP";
+const SUPPORTED: &str = "PNG, JPEG, BMP, TIFF, WebP, DICOM and NIfTI";
 
 /// The first three channels of a pixel.
 fn rgb_of<T: Copy, const N: usize>(p: [T; N]) -> [T; 3] {

@@ -24,6 +24,8 @@ pub struct ProcessorOptions {
     pub max_pixels: Option<usize>,
     /// Longest prompt accepted, in tokens (text plus image tokens).
     pub max_prompt_tokens: Option<usize>,
+    /// Slice and window for DICOM and NIfTI images (ignored for other images).
+    pub medical: image::MedicalOptions,
 }
 
 /// A conversation turned into model input: ids with image placeholders expanded, and the
@@ -75,6 +77,8 @@ pub struct Processor {
     pub template: ChatTemplate,
     pub images: ImageProcessor,
     pub max_prompt_tokens: Option<usize>,
+    /// How DICOM and NIfTI files become pictures (slice, window).
+    pub medical: image::MedicalOptions,
 }
 
 impl Processor {
@@ -98,6 +102,7 @@ impl Processor {
             tokenizer,
             template,
             images: ImageProcessor { config },
+            medical: opts.medical.clone(),
         })
     }
 
@@ -107,9 +112,10 @@ impl Processor {
         p.grid_thw.iter().product::<usize>() / (m * m)
     }
 
-    /// Preprocesses an image file (anything [`image::load_rgb`] reads).
+    /// Preprocesses an image file (anything [`image::load_rgb`] reads; DICOM and NIfTI with
+    /// this processor's slice and window).
     pub fn load_image(&self, path: &Path) -> Result<PixelPatches> {
-        let rgb = image::load_rgb(path)?;
+        let rgb = image::load_rgb_with(path, &self.medical)?;
         self.images
             .preprocess(&rgb)
             .with_context(|| format!("{}: cannot preprocess image", path.display()))

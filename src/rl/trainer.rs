@@ -116,7 +116,7 @@ impl GrpoRun {
         let popts = ProcessorOptions {
             min_pixels: config.min_pixels,
             max_pixels: config.max_pixels,
-            max_prompt_tokens: None,
+            ..Default::default()
         };
         let processor = Processor::from_dir(&config.model, &popts)?;
         let ds = data::load(&config.train_data, config.image_root.as_deref())?;

@@ -1,0 +1,291 @@
+//! `medvlm init`: a small random Qwen2-VL checkpoint in Hugging Face layout, with a
+//! byte-level BPE tokenizer trained on the synthetic corpus and every Qwen2-VL special
+//! token, Qwen2-VL-2B-Instruct's chat template, and a preprocessor for 112x112 images. The
+//! whole pipeline (synth data, SFT, GRPO, eval, ask) then runs offline.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use serde_json::json;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::data::PromptTemplate;
+use crate::model::Qwen2VlConfig;
+use crate::train::{checkpoint, TrainableModel};
+
+/// Qwen2's special tokens, in Qwen2-VL's order.
+pub const SPECIAL_TOKENS: [&str; 14] = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+];
+
+/// Qwen2's pre-tokenizer split, as in the released tokenizer.json.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen/Qwen2-VL-2B-Instruct's chat template, verbatim.
+pub const QWEN2_VL_CHAT_TEMPLATE: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Size of the model `init` writes.
+#[derive(Debug, Clone)]
+pub struct InitSpec {
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate_size: usize,
+    pub vision_depth: usize,
+    pub vision_dim: usize,
+    pub vision_heads: usize,
+    /// Target tokenizer vocabulary (bytes + merges), before special tokens.
+    pub vocab: usize,
+    pub max_pixels: usize,
+    pub seed: u64,
+    /// Standard deviation of the random weights.
+    pub init_std: f64,
+}
+
+impl Default for InitSpec {
+    fn default() -> Self {
+        Self {
+            hidden_size: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            intermediate_size: 128,
+            vision_depth: 2,
+            vision_dim: 32,
+            vision_heads: 2,
+            vocab: 640,
+            max_pixels: 112 * 112,
+            seed: 0,
+            init_std: 0.02,
+        }
+    }
+}
+
+/// Text the tokenizer is trained on: the question templates, the synthetic questions and
+/// answers, the reasoning shape, the chat template's words.
+fn corpus() -> Vec<String> {
+    let mut v = vec![
+        "You are a helpful assistant.".to_string(),
+        "system user assistant".to_string(),
+        "<think>This is a MRI image. I compare the regions that differ from the surrounding tissue.</think><answer>A</answer>".to_string(),
+        "<think>This is a CT image.</think><answer>B</answer> <think>This is a X-Ray image.</think><answer>C</answer>".to_string(),
+        "<answer>D</answer> <answer>E</answer> A) B) C) D) E) F) G) H) I) J)".to_string(),
+        "Is there a lesion in this image? On which side of the image is the lesion? How many lesions are visible? What imaging modality is used to take this image?".to_string(),
+        "yes no left right 1 2 3 MRI CT X-Ray Ultrasound lesion scan brain liver kidney lung chest abdomen".to_string(),
+        "0123456789 .,;:!?()[]{}<>/-+*=\"' \n".to_string(),
+    ];
+    for t in [PromptTemplate::Paper, PromptTemplate::Simple] {
+        v.push(t.render("Which side is brighter?\nA) left\nB) right"));
+    }
+    v
+}
+
+/// Trains the byte-level BPE tokenizer with Qwen2's pre-tokenizer and special tokens.
+pub fn train_tokenizer(vocab: usize) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::new(BPE::default());
+    tok.with_normalizer(Some(NFC));
+    let split = Split::new(
+        SplitPattern::Regex(QWEN2_SPLIT.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| anyhow!("tokenizer pre-tokenizer: {e}"))?;
+    tok.with_pre_tokenizer(Some(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])));
+    tok.with_decoder(Some(ByteLevel::new(false, false, false)));
+    let mut trainer: tokenizers::models::TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab)
+        .min_frequency(1)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .show_progress(false)
+        .build()
+        .into();
+    let text = corpus();
+    tok.train(&mut trainer, text.iter())
+        .map_err(|e| anyhow!("tokenizer training failed: {e}"))?;
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    tok.add_special_tokens(&specials);
+    Ok(tok)
+}
+
+/// Writes a fresh checkpoint directory at `out` (which must not exist).
+pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
+    if out.exists() {
+        bail!("{}: already exists; choose a new directory", out.display());
+    }
+    if !spec.hidden_size.is_multiple_of(spec.heads)
+        || !(spec.hidden_size / spec.heads).is_multiple_of(2)
+    {
+        bail!(
+            "hidden size {} must split into {} even-sized heads",
+            spec.hidden_size,
+            spec.heads
+        );
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = out
+        .file_name()
+        .context("the output needs a directory name")?
+        .to_string_lossy()
+        .to_string();
+    // Tokenizer and config files are staged first; the checkpoint writer copies them and
+    // renames the finished directory into place.
+    let staging = parent.join(format!(".{name}.init"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    let tok = train_tokenizer(spec.vocab)?;
+    tok.save(staging.join("tokenizer.json"), true)
+        .map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
+    let id = |t: &str| tok.token_to_id(t).context("special token missing");
+    let n_tokens = tok.get_vocab_size(true);
+    let vocab_size = n_tokens.div_ceil(64) * 64;
+    let head_dim = spec.hidden_size / spec.heads;
+    let half = head_dim / 2;
+    // M-RoPE sections in Qwen2-VL's proportions (16:24:24 of 64).
+    let t = half / 4;
+    let h = (half - t) / 2;
+    let mrope = [t, h, half - t - h];
+    let config = json!({
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "vocab_size": vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": true,
+        "use_sliding_window": false,
+        "rope_scaling": {"type": "mrope", "mrope_section": mrope},
+        "bos_token_id": id("<|endoftext|>")?,
+        "eos_token_id": id("<|im_end|>")?,
+        "vision_start_token_id": id("<|vision_start|>")?,
+        "vision_end_token_id": id("<|vision_end|>")?,
+        "vision_token_id": id("<|vision_pad|>")?,
+        "image_token_id": id("<|image_pad|>")?,
+        "video_token_id": id("<|video_pad|>")?,
+        "torch_dtype": "float32",
+        "vision_config": {
+            "depth": spec.vision_depth,
+            "embed_dim": spec.vision_dim,
+            "num_heads": spec.vision_heads,
+            "mlp_ratio": 2,
+            "hidden_size": spec.hidden_size,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "hidden_act": "quick_gelu",
+        },
+    });
+    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
+        let p = staging.join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(v)?)
+            .with_context(|| format!("{}: cannot write", p.display()))
+    };
+    write_json("config.json", &config)?;
+    write_json(
+        "tokenizer_config.json",
+        &json!({
+            "tokenizer_class": "Qwen2Tokenizer",
+            "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": null,
+            "bos_token": null,
+            "model_max_length": 32768,
+            "padding_side": "left",
+            "errors": "replace",
+            "add_prefix_space": false,
+            "clean_up_tokenization_spaces": false,
+        }),
+    )?;
+    write_json(
+        "preprocessor_config.json",
+        &json!({
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2VLProcessor",
+            "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "min_pixels": 56 * 56,
+            "max_pixels": spec.max_pixels,
+            "size": {"shortest_edge": 56 * 56, "longest_edge": spec.max_pixels},
+            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+            "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+        }),
+    )?;
+    write_json(
+        "generation_config.json",
+        &json!({
+            "bos_token_id": id("<|endoftext|>")?,
+            "pad_token_id": id("<|endoftext|>")?,
+            "eos_token_id": [id("<|im_end|>")?, id("<|endoftext|>")?],
+            "do_sample": false,
+        }),
+    )?;
+    let cfg = Qwen2VlConfig::from_file(&staging.join("config.json"))?;
+    let model = TrainableModel::random(cfg, spec.init_std, spec.seed, &staging, &Device::Cpu)?;
+    let done = checkpoint::save(parent, &name, &model, DType::F32, None)?;
+    std::fs::remove_dir_all(&staging)?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizer_round_trips_the_answer_format() {
+        let tok = train_tokenizer(400).unwrap();
+        let text = "<think>This is a CT image.</think><answer>B</answer><|im_end|>";
+        let enc = tok.encode(text, false).unwrap();
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+        let im_end = tok.token_to_id("<|im_end|>").unwrap();
+        assert_eq!(
+            *enc.get_ids().last().unwrap(),
+            im_end,
+            "special tokens stay whole"
+        );
+        // Unseen text still encodes: the byte alphabet covers everything.
+        let e = tok.encode("Größe 42 µm", false).unwrap();
+        assert_eq!(tok.decode(e.get_ids(), false).unwrap(), "Größe 42 µm");
+    }
+}

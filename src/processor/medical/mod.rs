@@ -1,0 +1,268 @@
+//! DICOM and NIfTI files to 8-bit RGB pictures, so that scans can be shown to the model
+//! anywhere an image is accepted ([`load_rgb`](super::load_rgb) dispatches here).
+//!
+//! A medical file holds measured values (CT Hounsfield units, MR intensities, 12- or 16-bit
+//! samples, floats), often in several frames or slices; a picture is one 8-bit slice. How it
+//! becomes one, in order:
+//!
+//! 1. **Which slice.** [`MedicalOptions::slice`], else the middle one: the middle frame
+//!    (`frames / 2`) of a multi-frame DICOM file; for NIfTI the middle index along the third
+//!    voxel axis (`nz / 2`) of the first volume (t = 0) of 4D data.
+//! 2. **Values.** DICOM: the stored samples (unused high bits masked, or sign-extended for
+//!    signed data, as pydicom does), then the modality LUT `x * RescaleSlope + RescaleIntercept`
+//!    (when both are present, at top level or in the enhanced multi-frame functional groups).
+//!    NIfTI: `x * scl_slope + scl_inter` when `scl_slope` is finite and non-zero.
+//! 3. **Window** (grey only): [`MedicalOptions::window`] (centre, width) with the `LINEAR`
+//!    function; else the DICOM file's first Window Center/Width with its VOI LUT Function
+//!    (`LINEAR`, `LINEAR_EXACT`, `SIGMOID`); else the slice's own min..max. NIfTI files have no
+//!    window of their own (`cal_min`/`cal_max` are ignored), so min..max is their default.
+//!    The exact formulas and the rounding (half up) are in [`window`].
+//! 4. **Picture.** `MONOCHROME1` is inverted after windowing; grey is replicated into R, G and
+//!    B. Colour DICOM (RGB, YBR_FULL, YBR_FULL_422, either planar configuration) becomes RGB
+//!    as pydicom's `pixel_array` gives it, windows do not apply to it.
+//!
+//! DICOM transfer syntaxes decoded: implicit and explicit VR little endian, explicit VR big
+//! endian, deflated explicit VR little endian, RLE Lossless (dicom-rs), JPEG Baseline (8-bit,
+//! libjpeg-turbo, so equal to pydicom with Pillow), JPEG Extended 12-bit (grey, our own decoder
+//! in `jpeg.rs`, equal to IJG libjpeg / GDCM), and JPEG Lossless through dicom-rs'
+//! jpeg-decoder (no fixture covers it). Everything else (JPEG 2000, JPEG-LS, JPEG XL, HTJ2K,
+//! video) is an error naming the transfer syntax UID and its name. Not supported either:
+//! `PALETTE COLOR`, float pixel data, Modality LUT and VOI LUT *sequences* (tables; the
+//! rescale and window attributes are used, a table is ignored), NIfTI-2, NIfTI RGB/complex.
+//!
+//! Every error is one line naming the file; decoders that might panic on hostile input
+//! (dicom-rs' RLE decoder does on some corrupt data) run under `catch_unwind`, and the panic's
+//! message becomes part of the error.
+//!
+//! The reference for all of this is `tools/make_medical_fixtures.py` (pydicom, nibabel), and
+//! `tests/medical.rs` compares against its pictures.
+
+mod dicom;
+mod jpeg;
+mod nifti;
+pub mod window;
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{anyhow, bail, Result};
+use image::RgbImage;
+
+use self::window::Window;
+
+/// How a medical volume becomes an 8-bit picture.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MedicalOptions {
+    /// VOI window (centre, width) overriding the file's, applied with DICOM's `LINEAR`
+    /// function (width at least 1); `None` = the file's own window, else the full range of the
+    /// (rescaled) data (min..max). Grey images only.
+    pub window: Option<(f64, f64)>,
+    /// Slice index for 3D/4D volumes (NIfTI: along the third voxel axis, in the first volume;
+    /// multi-frame DICOM: the frame); `None` = the middle slice (`n / 2`).
+    pub slice: Option<usize>,
+}
+
+/// The grey values of one slice after the modality LUT (DICOM Rescale Slope/Intercept, NIfTI
+/// scl_slope/scl_inter) and before any window: CT in Hounsfield units, for instance. Row-major,
+/// in the orientation of the picture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MedicalValues {
+    pub width: u32,
+    pub height: u32,
+    pub values: Vec<f64>,
+}
+
+/// Whether `load_rgb` reads this file as DICOM or NIfTI: "DICM" at byte 128 (or at byte 0,
+/// a file without preamble), the NIfTI magic (`n+1`/`ni1` at byte 344, also inside gzip
+/// data; NIfTI-2's `n+2`, which is then refused with a clear error), a `.nii`/`.nii.gz` name,
+/// or a `.dcm`/`.dicom` name on bytes that are not an ordinary image format (a bare DICOM data
+/// set without preamble and file meta is read as such; anything else fails as DICOM, with a
+/// DICOM error rather than "not an image").
+pub fn is_medical(path: &Path, bytes: &[u8]) -> bool {
+    kind(path, bytes).is_some()
+}
+
+/// Reads a DICOM or NIfTI file as an 8-bit RGB picture (see the module docs).
+pub fn load_medical(path: &Path, opts: &MedicalOptions) -> Result<RgbImage> {
+    let bytes = super::read_file(path)?;
+    decode_medical(path, &bytes, opts).map_err(|e| name_file(path, &e))
+}
+
+/// The grey values of the slice `load_medical` would show, after the modality LUT and before
+/// windowing. An error for colour images.
+pub fn load_medical_values(path: &Path, opts: &MedicalOptions) -> Result<MedicalValues> {
+    let bytes = super::read_file(path)?;
+    let plane = read_plane(path, &bytes, opts).map_err(|e| name_file(path, &e))?;
+    match plane {
+        Plane::Grey(g) => Ok(MedicalValues {
+            width: g.width,
+            height: g.height,
+            values: g.values,
+        }),
+        Plane::Rgb(_) => bail!(
+            "{}: a colour image has no grey values before windowing",
+            path.display()
+        ),
+    }
+}
+
+/// [`load_medical`] on bytes already read; errors do not name the file (the caller does).
+/// `path` decides by its name when the bytes do not (see [`is_medical`]) and locates the
+/// `.img` of a NIfTI `.hdr`.
+pub(super) fn decode_medical(path: &Path, bytes: &[u8], opts: &MedicalOptions) -> Result<RgbImage> {
+    let plane = read_plane(path, bytes, opts)?;
+    render(plane, opts)
+}
+
+fn name_file(path: &Path, e: &anyhow::Error) -> anyhow::Error {
+    anyhow!("{}: {}", path.display(), super::one_line(e))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dicom,
+    Nifti,
+}
+
+fn kind(path: &Path, bytes: &[u8]) -> Option<Kind> {
+    if dicom::has_magic(bytes) {
+        return Some(Kind::Dicom);
+    }
+    if nifti::has_magic(bytes) {
+        return Some(Kind::Nifti);
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if name.ends_with(".nii") || name.ends_with(".nii.gz") {
+        return Some(Kind::Nifti);
+    }
+    let dicom_name = name.ends_with(".dcm") || name.ends_with(".dicom");
+    if dicom::looks_like_dataset(bytes) || (dicom_name && image::guess_format(bytes).is_err()) {
+        // A bare data set is only taken for DICOM under a DICOM name.
+        return dicom_name.then_some(Kind::Dicom);
+    }
+    None
+}
+
+/// One decoded slice, before it becomes 8-bit.
+#[derive(Debug, Clone)]
+enum Plane {
+    Grey(GreyPlane),
+    Rgb(RgbImage),
+}
+
+#[derive(Debug, Clone)]
+struct GreyPlane {
+    width: u32,
+    height: u32,
+    /// After the modality LUT, row-major.
+    values: Vec<f64>,
+    /// The file's own window, if valid.
+    window: Option<Window>,
+    /// MONOCHROME1.
+    invert: bool,
+}
+
+fn read_plane(path: &Path, bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
+    match kind(path, bytes) {
+        Some(Kind::Dicom) => guarded("DICOM", || dicom::read(bytes, opts)),
+        Some(Kind::Nifti) => guarded("NIfTI", || nifti::read(path, bytes, opts)),
+        None => bail!("not a DICOM or NIfTI file"),
+    }
+}
+
+thread_local! {
+    /// Set while a decoder runs under [`guarded`] on this thread.
+    static DECODING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs a decoder, turning a panic (dicom-rs on some corrupt data, libjpeg through
+/// `mozjpeg`) into an error. The panic's message goes into the error; the panic hook (which
+/// would print it, and a backtrace, to stderr) is skipped for panics inside decoders: the
+/// first call wraps the hook in place then, other panics still reach it.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static QUIET_HOOK: Once = Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !DECODING.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    DECODING.with(|d| d.set(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    DECODING.with(|d| d.set(false));
+    match result {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown error");
+            bail!(
+                "corrupt or truncated {what} file: the decoder failed ({})",
+                msg.trim_start_matches("libjpeg fatal error: ")
+            )
+        }
+    }
+}
+
+fn render(plane: Plane, opts: &MedicalOptions) -> Result<RgbImage> {
+    match plane {
+        Plane::Rgb(rgb) => Ok(rgb),
+        Plane::Grey(g) => {
+            let window = match opts.window {
+                Some((c, w)) => Some(Window::user(c, w)?),
+                None => g.window,
+            };
+            let levels = window::to_levels(&g.values, window.as_ref(), g.invert);
+            let data = levels.into_iter().flat_map(|v| [v; 3]).collect();
+            RgbImage::from_raw(g.width, g.height, data)
+                .ok_or_else(|| anyhow!("internal error: slice size does not match its values"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_by_magic_and_name() {
+        let mut dcm = vec![0u8; 200];
+        dcm[128..132].copy_from_slice(b"DICM");
+        assert_eq!(kind(Path::new("x.bin"), &dcm), Some(Kind::Dicom));
+        assert_eq!(
+            kind(Path::new("x.dcm"), b"\x08\x00\x05\x00CS"),
+            Some(Kind::Dicom)
+        );
+        assert_eq!(kind(Path::new("x.bin"), b"\x08\x00\x05\x00CS"), None);
+        assert_eq!(kind(Path::new("x.DCM"), b"garbage"), Some(Kind::Dicom));
+        assert_eq!(kind(Path::new("x.png"), b"garbage"), None);
+        assert_eq!(kind(Path::new("brain.nii.gz"), b""), Some(Kind::Nifti));
+        // A PNG saved as .dcm stays a PNG.
+        assert_eq!(kind(Path::new("x.dcm"), b"\x89PNG\r\n\x1a\n...."), None);
+    }
+
+    #[test]
+    fn user_window_is_validated() {
+        let plane = Plane::Grey(GreyPlane {
+            width: 1,
+            height: 1,
+            values: vec![1.0],
+            window: None,
+            invert: false,
+        });
+        let opts = MedicalOptions {
+            window: Some((0.0, 0.0)),
+            slice: None,
+        };
+        assert!(render(plane, &opts).is_err());
+    }
+}
