@@ -144,6 +144,12 @@ fn inside_ellipse(x: f32, y: f32, cx: f32, cy: f32, rx: f32, ry: f32) -> f32 {
 }
 
 /// Draws a scan of `style` with `lesions`.
+///
+/// Tissue is kept darker than mid-grey and lesions brighter. Why: Qwen2-VL's patch embedding
+/// has no bias and its blocks and merger LayerNorm each patch's features, so a flat patch's
+/// brightness survives mostly as the *sign* of its normalised value (pixel below or above the
+/// CLIP mean, about 120 of 255). A lesion at 245 on tissue at 135 is nearly invisible to a
+/// freshly initialised tower; on tissue at 85 it is obvious.
 fn draw(style: Style, lesions: &[Lesion], rng: &mut StdRng) -> GrayImage {
     let tex = texture(rng);
     let c = SIDE as f32 / 2.0;
@@ -159,7 +165,7 @@ fn draw(style: Style, lesions: &[Lesion], rng: &mut StdRng) -> GrayImage {
                 Style::Mri => {
                     let e = inside_ellipse(xf, yf, c, c, 44.0, 50.0);
                     if e < 1.0 {
-                        135.0 + 25.0 * tex(xf, yf)
+                        85.0 + 20.0 * tex(xf, yf)
                     } else {
                         12.0
                     }
@@ -181,7 +187,7 @@ fn draw(style: Style, lesions: &[Lesion], rng: &mut StdRng) -> GrayImage {
                     if left_lung < 1.0 || right_lung < 1.0 {
                         45.0 + 10.0 * tex(xf, yf)
                     } else if body < 1.0 {
-                        165.0 + 15.0 * tex(xf, yf)
+                        110.0 + 12.0 * tex(xf, yf)
                     } else {
                         70.0
                     }
@@ -190,11 +196,13 @@ fn draw(style: Style, lesions: &[Lesion], rng: &mut StdRng) -> GrayImage {
             for l in lesions {
                 let d = ((xf - l.x).powi(2) + (yf - l.y).powi(2)).sqrt();
                 if d < l.r {
-                    // MRI lesions are hyperintense, CT lesions hypodense, X-ray opacities bright.
+                    // Hyperintense MRI lesions, hyperdense CT lesions (a bleed), bright X-ray
+                    // opacities: one polarity, so what is learnt on MRI and CT can carry over
+                    // to X-ray, the modality held out of training.
                     let edge = (1.0 - d / l.r).min(0.3) / 0.3;
                     let target = match style {
                         Style::Mri => 245.0,
-                        Style::Ct => 30.0,
+                        Style::Ct => 200.0,
                         Style::XRay => 235.0,
                     };
                     v += (target - v) * edge;
@@ -215,7 +223,7 @@ fn radius_range(kind: Kind) -> std::ops::Range<f32> {
         Kind::Count => 7.0..11.0,
         Kind::Side => 12.0..18.0,
         // Presence: large lesions, a sizeable share of the image tokens.
-        _ => 18.0..26.0,
+        _ => 28.0..36.0,
     }
 }
 
@@ -305,10 +313,17 @@ fn generate_one(rng: &mut StdRng, style: Style, kind: Kind) -> Generated {
         }
     };
     let image = draw(style, &lesions, rng);
-    let rationale = format!(
-        "This is a {} image. I compare the regions that differ from the surrounding tissue.",
-        style.short()
-    );
+    // The same reasoning for every row of a kind: it says how to look, never what is seen,
+    // so a warm start on it teaches the format without the answer. Short, because GRPO
+    // gives every token of a completion the same advantage and only the answer letter
+    // carries the signal: a long fixed preamble dilutes it (and gets garbled by the noise).
+    let rationale = match kind {
+        Kind::Presence => "I look for a bright lesion.",
+        Kind::Side => "I find the lesion and its side.",
+        Kind::Count => "I count the bright lesions.",
+        Kind::Modality => "I look at the whole image.",
+    }
+    .to_string();
     Generated {
         image,
         style,

@@ -277,6 +277,30 @@ pub struct DemoArgs {
     /// Question kinds to train and test on (presence, side, count, modality); repeatable.
     #[arg(long = "task", value_name = "KIND")]
     pub tasks: Vec<String>,
+    /// Training items (default 256, quick 128).
+    #[arg(long, value_name = "N")]
+    pub train_items: Option<usize>,
+    /// Held-out items per in-domain set (default 96, quick 48); the out-of-domain set has half.
+    #[arg(long, value_name = "N")]
+    pub test_items: Option<usize>,
+    /// SFT warm-start steps.
+    #[arg(long, value_name = "N")]
+    pub warm_steps: Option<u64>,
+    /// GRPO steps (the SFT baseline gets the same number).
+    #[arg(long, value_name = "N")]
+    pub rl_steps: Option<u64>,
+    /// GRPO learning rate.
+    #[arg(long, value_name = "LR")]
+    pub rl_lr: Option<f64>,
+    /// Prompts per GRPO step (each sampled --group times).
+    #[arg(long, value_name = "B")]
+    pub rl_batch: Option<usize>,
+    /// Completions per prompt (GRPO's group size G).
+    #[arg(long, value_name = "G")]
+    pub group: Option<usize>,
+    /// GRPO sampling temperature.
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
 }
 
 #[derive(Args, Debug)]
@@ -588,6 +612,30 @@ pub fn run(cli: Cli) -> Result<()> {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
+            }
+            if let Some(n) = a.train_items {
+                spec.n_train = n;
+            }
+            if let Some(n) = a.test_items {
+                spec.n_test = n;
+            }
+            if let Some(n) = a.warm_steps {
+                spec.warm_steps = n;
+            }
+            if let Some(n) = a.rl_steps {
+                spec.rl_steps = n;
+            }
+            if let Some(lr) = a.rl_lr {
+                spec.rl_lr = lr;
+            }
+            if let Some(b) = a.rl_batch {
+                spec.batch_prompts = b;
+            }
+            if let Some(g) = a.group {
+                spec.num_generations = g;
+            }
+            if let Some(t) = a.temperature {
+                spec.temperature = t;
             }
             crate::demo::run(&spec).map(|_| ())
         }
