@@ -108,11 +108,17 @@ fn step(msg: &str) {
     eprintln!("\n== {msg}");
 }
 
-fn evaluate(model_dir: &Path, data: &Path, template: PromptTemplate) -> Result<Vec<ItemResult>> {
+/// Greedy results of one checkpoint on each of `sets` (loaded once for all of them).
+fn evaluate(
+    model_dir: &Path,
+    sets: &[&[data::VqaItem]],
+    template: PromptTemplate,
+) -> Result<Vec<Vec<ItemResult>>> {
     let processor = Processor::from_dir(model_dir, &ProcessorOptions::default())?;
     let model = Qwen2Vl::load(model_dir, DType::F32, &Device::Cpu)?;
-    let ds = data::load(data, None)?;
-    eval::run_greedy(&model, &processor, &ds.items, template, 48, 32, |_, _| {})
+    sets.iter()
+        .map(|items| eval::run_greedy(&model, &processor, items, template, 48, 32, |_, _| {}))
+        .collect()
 }
 
 /// Runs the demo; prints the comparison table and writes `out/demo.json`.
@@ -254,13 +260,15 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
     let eval_dir = out.join("eval");
     std::fs::create_dir_all(&eval_dir)
         .with_context(|| format!("{}: cannot create", eval_dir.display()))?;
+    let test_items = data::load(&test, None)?.items;
+    let ood_items = data::load(&ood, None)?.items;
     for (name, dir) in [
         ("warm start", &warm_model),
         ("SFT", &sft_model),
         ("GRPO", &grpo_model),
     ] {
-        for (set, in_dom) in [(&test, true), (&ood, false)] {
-            let results = evaluate(dir, set, spec.template)?;
+        let per_set = evaluate(dir, &[&test_items, &ood_items], spec.template)?;
+        for (results, in_dom) in per_set.into_iter().zip([true, false]) {
             // Every item's output, for a reader (and a test) to check the table against.
             let file = eval_dir.join(format!(
                 "{}-{}.jsonl",

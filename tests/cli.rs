@@ -3,27 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use common::*;
 use serde_json::Value;
-
-fn medvlm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_medvlm"))
-        .args(args)
-        .output()
-        .expect("run medvlm");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A failing run must say one line, starting with "error:", mentioning every `needles`.
 fn assert_clean_error(args: &[&str], needles: &[&str]) {

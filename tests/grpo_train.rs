@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{DType, Device};
 use common::*;
@@ -170,22 +169,6 @@ fn grpo_learns_what_the_warm_start_could_not() {
         "GRPO {after} vs warm start {before}"
     );
     assert!(after >= 0.8, "GRPO reached only {after}");
-}
-
-fn medvlm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_medvlm"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Interrupting a run after a checkpoint and resuming it ends with exactly the weights,

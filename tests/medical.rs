@@ -1,8 +1,11 @@
 //! DICOM and NIfTI decoding against the pictures pydicom / nibabel / GDCM make of the same
 //! files (tools/make_medical_fixtures.py writes tests/fixtures/medical/).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::medvlm;
 use image::RgbImage;
 use medvlm::processor::image::{
     decode_rgb, is_medical, load_medical_values, load_rgb, load_rgb_with, MedicalOptions,
@@ -474,18 +477,6 @@ fn processor_applies_its_window_and_slice() {
         .load_image(&fixture("anatomical.nii"))
         .unwrap();
     assert!(max_abs_diff(&s3.data, &mid.data) > 0.5);
-}
-
-fn medvlm(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_medvlm"))
-        .args(args)
-        .output()
-        .expect("run medvlm");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

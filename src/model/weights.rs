@@ -155,6 +155,19 @@ impl CheckpointWeights {
     }
 }
 
+/// `t` if it has the shape a layer asked for, else candle's usual shape-mismatch error: the
+/// check every `SimpleBackend::get` makes.
+pub(crate) fn expect_shape(t: Tensor, s: &Shape, name: &str) -> candle_core::Result<Tensor> {
+    if t.dims() != s.dims() {
+        candle_core::bail!(
+            "shape mismatch for {name}, expected {:?}, got {:?}",
+            s.dims(),
+            t.dims()
+        );
+    }
+    Ok(t)
+}
+
 struct ShapeChecker {
     tensors: BTreeMap<String, (DType, Vec<usize>)>,
 }
@@ -168,15 +181,7 @@ impl SimpleBackend for ShapeChecker {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.dims() != s.dims() {
-            candle_core::bail!(
-                "shape mismatch for {name}, expected {:?}, got {:?}",
-                s.dims(),
-                t.dims()
-            );
-        }
-        Ok(t)
+        expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

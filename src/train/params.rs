@@ -73,15 +73,7 @@ impl SimpleBackend for MapBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.dims() != s.dims() {
-            candle_core::bail!(
-                "shape mismatch for {name}, expected {:?}, got {:?}",
-                s.dims(),
-                t.dims()
-            );
-        }
-        Ok(t)
+        crate::model::weights::expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -110,15 +102,7 @@ impl SimpleBackend for FileBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.dims() != s.dims() {
-            candle_core::bail!(
-                "shape mismatch for {name}, expected {:?}, got {:?}",
-                s.dims(),
-                t.dims()
-            );
-        }
-        Ok(t)
+        crate::model::weights::expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -13,6 +13,24 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// Runs the `medvlm` binary; returns (success, stdout, stderr).
+pub fn medvlm(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_medvlm"))
+        .args(args)
+        .output()
+        .expect("run medvlm");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
 pub fn fixture_image(name: &str) -> PathBuf {
     fixtures().join("images").join(name)
 }
