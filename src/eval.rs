@@ -12,8 +12,8 @@ use crate::data::{PromptTemplate, VqaItem};
 use crate::generate::{Engine, Request, SamplingParams};
 use crate::model::Qwen2Vl;
 use crate::processor::Processor;
-use crate::rl::grpo::{completion_logps, SeqRef};
 use crate::rl::reward::{extract_answer, format_reward, Extraction};
+use crate::train::logps::SeqRef;
 
 /// One item's outcome.
 #[derive(Debug, Clone, Serialize)]
@@ -134,8 +134,11 @@ pub fn run_likelihood(
                 tokens: t,
             })
             .collect();
-        let (lp, mask) = completion_logps(model, &[&prompt], &seqs, 1.0)?;
-        let sums: Vec<f32> = (lp * mask)?.sum(1)?.to_vec1()?;
+        // One prompt pass shared by every option.
+        let sums: Vec<f32> = crate::train::logps::logps(model, &seqs, seqs.len(), 1.0)?
+            .iter()
+            .map(|lp| lp.iter().sum())
+            .collect();
         let best = sums
             .iter()
             .enumerate()

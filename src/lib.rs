@@ -14,6 +14,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod init;
+pub mod kernels;
 pub mod model;
 pub mod plot;
 pub mod processor;

@@ -9,13 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, PromptTemplate, VqaItem};
-use crate::processor::{Processor, ProcessorOptions, Prompt};
-use crate::rl::grpo::{completion_logps, SeqRef};
+use crate::processor::{Processor, ProcessorOptions};
 use crate::rl::trainer::DataOrder;
+use crate::train::logps::{self, SeqRef};
 use crate::train::metrics::Record;
 use crate::train::session::{export_dtype, Session, SessionSpec};
 use crate::train::{AdamWConfig, GradAccumulator, TrainableModel};
@@ -231,27 +230,20 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
         }
         let total_tokens: usize = targets.iter().map(Vec::len).sum();
         let mut grads = GradAccumulator::new(model.params.len());
-        let mut nll_sum = 0f64;
-        for (chunk_prompts, chunk_targets) in prompts
-            .chunks(config.micro_batch)
-            .zip(targets.chunks(config.micro_batch))
-        {
-            let refs: Vec<&Prompt> = chunk_prompts.iter().collect();
-            let seqs: Vec<SeqRef> = chunk_targets
-                .iter()
-                .enumerate()
-                .map(|(i, t)| SeqRef {
-                    prompt: &chunk_prompts[i],
-                    prompt_index: i,
-                    tokens: t,
-                })
-                .collect();
-            let (logp, mask) = completion_logps(&model.model, &refs, &seqs, 1.0)?;
-            // Token-mean negative log-likelihood over the whole step.
-            let loss = ((logp * &mask)?.sum_all()?.neg()? / total_tokens as f64)?;
-            nll_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            grads.add(&model.params, &loss.backward()?)?;
-        }
+        let seqs: Vec<SeqRef> = prompts
+            .iter()
+            .zip(&targets)
+            .enumerate()
+            .map(|(i, (p, t))| SeqRef {
+                prompt: p,
+                prompt_index: i,
+                tokens: t,
+            })
+            .collect();
+        // Token-mean negative log-likelihood over the whole step.
+        let nll_sum = logps::backward(&model, &seqs, config.micro_batch, 1.0, &mut grads, |mb| {
+            Ok(((mb.logp * mb.mask)?.sum_all()?.neg()? / total_tokens as f64)?)
+        })?;
         let (norm, lr) = session.apply(&model, &mut grads)?;
         let secs = t.elapsed().as_secs_f64();
         let mut rec = Record::new(session.step);

@@ -9,22 +9,14 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use medvlm::model::Qwen2Vl;
 use medvlm::processor::{Message, Processor, ProcessorOptions, Prompt};
-use medvlm::rl::grpo::{self, LossConfig, LossInputs, LossType, ScaleRewards, SeqRef, StepShape};
+use medvlm::rl::grpo::{self, LossConfig, LossType, ScaleRewards};
+use medvlm::rl::step::{self, StepBatch};
+use medvlm::train::logps::{self, SeqRef};
 use medvlm::train::{GradAccumulator, TrainableModel};
 use serde_json::Value;
 
 fn f32s2(v: &Value) -> Vec<Vec<f32>> {
     v.as_array().unwrap().iter().map(f32s).collect()
-}
-
-/// Pads per-completion lists into an (n, c_max) tensor.
-fn padded(rows: &[Vec<f32>], c_max: usize) -> Tensor {
-    let mut flat = Vec::new();
-    for r in rows {
-        flat.extend_from_slice(r);
-        flat.extend(std::iter::repeat_n(0.0, c_max - r.len()));
-    }
-    Tensor::from_vec(flat, (rows.len(), c_max), &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -73,7 +65,6 @@ fn grpo_loss_and_gradient_match_pytorch() {
         }
         rewards.extend(f32s(&g["rewards"]));
     }
-    let prompt_refs: Vec<&Prompt> = prompts.iter().collect();
     let seqs: Vec<SeqRef> = completions
         .iter()
         .map(|(gi, toks, _)| SeqRef {
@@ -86,12 +77,21 @@ fn grpo_loss_and_gradient_match_pytorch() {
     let g = meta["num_generations"].as_u64().unwrap() as usize;
 
     // Reference log-probs and advantages are inputs of the loss; check them on their own.
-    let (ref_lp, _) = grpo::completion_logps(&reference, &prompt_refs, &seqs, 1.0).unwrap();
+    // Micro-batches of 2 split the groups of 3 (prompt passes shared across micro-batches).
     let want_ref = f32s2(&meta["ref_logps"]);
-    let c_max = want_ref.iter().map(Vec::len).max().unwrap();
-    let (d, _) = max_abs_diff(&ref_lp, &padded(&want_ref, c_max));
-    println!("reference log-probs: max diff {d:.2e}");
-    assert!(d < 1e-4, "reference log-probs differ by {d}");
+    for mb in [9, 2] {
+        let ref_lp = logps::logps(&reference, &seqs, mb, 1.0).unwrap();
+        let mut d = 0f32;
+        for (a, b) in ref_lp.iter().zip(&want_ref) {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                d = d.max((x - y).abs());
+            }
+        }
+        println!("reference log-probs (micro-batch {mb}): max diff {d:.2e}");
+        assert!(d < 1e-4, "reference log-probs differ by {d}");
+    }
+    let ref_lp = logps::logps(&reference, &seqs, 9, 1.0).unwrap();
     for (scale, key) in [
         (ScaleRewards::Group, "group"),
         (ScaleRewards::Batch, "batch"),
@@ -102,7 +102,15 @@ fn grpo_loss_and_gradient_match_pytorch() {
             assert!((x - y).abs() < 1e-6, "{key}: {x} vs {y}");
         }
     }
-    let offsets = padded(&f32s2(&meta["old_logp_offsets"]), c_max);
+    // The policy's own log-probs (no gradient) plus the fixture's offsets: the old log-probs
+    // of the two-iteration cases.
+    let sampler = policy.detached().unwrap();
+    let old_lp: Vec<Vec<f32>> = logps::logps(&sampler, &seqs, 9, 1.0)
+        .unwrap()
+        .into_iter()
+        .zip(f32s2(&meta["old_logp_offsets"]))
+        .map(|(lp, off)| lp.iter().zip(&off).map(|(a, b)| a + b).collect())
+        .collect();
 
     for case in meta["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -126,89 +134,77 @@ fn grpo_loss_and_gradient_match_pytorch() {
             max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
             temperature: 1.0,
         };
-        let (logp, mask) = grpo::completion_logps(&policy.model, &prompt_refs, &seqs, 1.0).unwrap();
-        let old = if case["num_iterations"].as_u64().unwrap() > 1 {
-            Some((logp.detach() + &offsets).unwrap())
-        } else {
-            None
-        };
+        let old = (case["num_iterations"].as_u64().unwrap() > 1).then_some(old_lp.as_slice());
         let adv = grpo::advantages(&rewards, g, cfg.scale_rewards).unwrap();
-        let tokens: usize = seqs
-            .iter()
-            .zip(&truncated)
-            .filter(|(_, &t)| !(cfg.mask_truncated_completions && t))
-            .map(|(s, _)| s.tokens.len())
-            .sum();
-        let shape = StepShape {
-            completions: seqs.len(),
-            tokens,
-            micro_batches: 1,
-        };
-        let inputs = LossInputs {
-            logp: &logp,
-            mask: &mask,
+        let batch = StepBatch {
+            prompts: &prompts,
+            seqs: seqs.clone(),
             advantages: &adv,
-            old: old.as_ref(),
-            reference: Some(&ref_lp),
             truncated: &truncated,
         };
-        let (loss, _) = grpo::loss(&cfg, &inputs, shape).unwrap();
-        let got = loss.to_scalar::<f32>().unwrap() as f64;
-        let mut grads = GradAccumulator::new(policy.params.len());
-        grads
-            .add(&policy.params, &loss.backward().unwrap())
-            .unwrap();
-        let norm = grads.norm().unwrap();
-        // Every parameter receives a gradient: no op on the path silently cuts the graph
-        // (candle's fused norms and rope do; see CANDLE-TRAINING-NOTES).
-        for (i, p) in policy.params.iter().enumerate() {
-            let g = grads
-                .get(i)
-                .unwrap_or_else(|| panic!("{name}: no gradient for {}", p.name));
-            let n = g
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(n > 0.0, "{name}: zero gradient for {}", p.name);
-        }
         let want_loss = case["loss"].as_f64().unwrap();
         let want_norm = case["grad_norm"].as_f64().unwrap();
-        println!(
-            "{name}: loss {got:.8} vs {want_loss:.8} (diff {:.1e}); grad norm {norm:.6} vs \
-             {want_norm:.6} (rel {:.1e})",
-            (got - want_loss).abs(),
-            ((norm - want_norm) / want_norm).abs()
-        );
-        for (pname, want) in case["param_grad_norms"].as_object().unwrap() {
-            let i = policy.params.iter().position(|p| &p.name == pname).unwrap();
-            let gn = grads
-                .get(i)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt() as f64;
-            let want = want.as_f64().unwrap();
-            println!("    {pname}: {gn:.6} vs {want:.6}");
+        // One micro-batch (the fixture's TRL setting); for the losses whose value does not
+        // depend on the split (grpo, dapo), micro-batches of 2 and 4 too: prompt passes then
+        // carry key/value gradients from micro-batch to micro-batch.
+        let splits: &[usize] = match cfg.loss_type {
+            LossType::Grpo | LossType::Dapo => &[9, 2, 4],
+            _ => &[9],
+        };
+        for &mb in splits {
+            let (grads, stats) =
+                step::policy_gradients(&policy, &batch, &cfg, mb, old, Some(&ref_lp)).unwrap();
+            let got = stats.loss;
+            let norm = grads.norm().unwrap();
+            // Every parameter receives a gradient: no op on the path silently cuts the graph
+            // (candle's fused norms and rope do; see CANDLE-TRAINING-NOTES).
+            for (i, p) in policy.params.iter().enumerate() {
+                let g = grads
+                    .get(i)
+                    .unwrap_or_else(|| panic!("{name}: no gradient for {}", p.name));
+                let n = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(n > 0.0, "{name}: zero gradient for {}", p.name);
+            }
+            println!(
+                "{name} (micro-batch {mb}): loss {got:.8} vs {want_loss:.8} (diff {:.1e}); grad \
+                 norm {norm:.6} vs {want_norm:.6} (rel {:.1e})",
+                (got - want_loss).abs(),
+                ((norm - want_norm) / want_norm).abs()
+            );
+            for (pname, want) in case["param_grad_norms"].as_object().unwrap() {
+                let i = policy.params.iter().position(|p| &p.name == pname).unwrap();
+                let gn = grads
+                    .get(i)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt() as f64;
+                let want = want.as_f64().unwrap();
+                println!("    {pname}: {gn:.6} vs {want:.6}");
+                assert!(
+                    ((gn - want) / want).abs() < 1e-3,
+                    "{name}: {pname} grad norm {gn} vs {want}"
+                );
+            }
             assert!(
-                ((gn - want) / want).abs() < 1e-3,
-                "{name}: {pname} grad norm {gn} vs {want}"
+                (got - want_loss).abs() <= 1e-5,
+                "{name}: loss {got} vs {want_loss}"
+            );
+            assert!(
+                ((norm - want_norm) / want_norm).abs() <= 1e-4,
+                "{name}: grad norm {norm} vs {want_norm}"
             );
         }
-        assert!(
-            (got - want_loss).abs() <= 1e-5,
-            "{name}: loss {got} vs {want_loss}"
-        );
-        assert!(
-            ((norm - want_norm) / want_norm).abs() <= 1e-4,
-            "{name}: grad norm {norm} vs {want_norm}"
-        );
     }
 }
 
@@ -255,12 +251,11 @@ fn freeze_vision_leaves_the_vision_blocks_untouched() {
         prompt_index: 0,
         tokens: &toks,
     }];
-    let (logp, mask) = grpo::completion_logps(&policy.model, &[&prompt], &seqs, 1.0).unwrap();
-    let loss = (logp * mask).unwrap().sum_all().unwrap().neg().unwrap();
     let mut grads = GradAccumulator::new(policy.params.len());
-    grads
-        .add(&policy.params, &loss.backward().unwrap())
-        .unwrap();
+    logps::backward(&policy, &seqs, 1, 1.0, &mut grads, |mb| {
+        Ok((mb.logp * mb.mask)?.sum_all()?.neg()?)
+    })
+    .unwrap();
     let mut opt = AdamW::new(AdamWConfig {
         lr: 1e-3,
         ..Default::default()

@@ -323,6 +323,51 @@ pub enum BenchCommand {
     /// time, decode tokens/s at batch 1 and for one prompt x G samples, peak memory.
     /// tools/bench_transformers.py runs the same workload with transformers.
     Generate(BenchGenerateArgs),
+    /// GRPO optimizer steps on the same model, timed phase by phase (generation, reference
+    /// forward, policy forward+backward, optimizer) with peak memory. Defaults: 1 prompt x
+    /// 8 completions of 256 tokens, a 261-token prompt with a 224x224 image, micro-batch 2,
+    /// beta 0.04. tools/bench_train_pytorch.py runs the same step in PyTorch.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Prompts per step (B).
+    #[arg(long, default_value_t = 1, value_name = "B")]
+    pub prompts: usize,
+    /// Completions per prompt (G).
+    #[arg(long, default_value_t = 8, value_name = "G")]
+    pub group: usize,
+    /// Tokens in every completion.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub completion_len: usize,
+    /// Completions per forward/backward pass.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub micro_batch: usize,
+    /// KL weight (0 skips the reference model).
+    #[arg(long, default_value_t = 0.04)]
+    pub beta: f64,
+    /// Optimizer steps to time.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub steps: usize,
+    /// Side of the square test image (224 gives 64 image tokens).
+    #[arg(long, default_value_t = 224, value_name = "PIXELS")]
+    pub image_size: u32,
+    /// Prompt length in tokens, image tokens included.
+    #[arg(long, default_value_t = 261, value_name = "N")]
+    pub prompt_tokens: usize,
+    /// Train only the language model and the merger.
+    #[arg(long)]
+    pub freeze_vision: bool,
+    /// CPU threads (default: all cores, or RAYON_NUM_THREADS).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -555,6 +600,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => run_score(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a),
+        Command::Bench(BenchCommand::Train(a)) => run_bench_train(a),
         Command::Eval(a) => run_eval(a),
         Command::Data(DataCommand::Synth(a)) => {
             let styles = a
@@ -937,14 +983,42 @@ fn run_train_sft(a: TrainArgs<SftKeys>) -> Result<()> {
     Ok(())
 }
 
-fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
-    if let Some(n) = a.threads {
+/// `--threads N`: read by rayon and candle when their thread pools start, which is after this.
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        // Read by rayon and candle when their thread pools start, which is after this.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    Ok(())
+}
+
+fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let device = parse_device(a.device.as_deref())?;
+    let w = crate::bench::train::TrainWorkload {
+        prompts: a.prompts,
+        group: a.group,
+        completion_len: a.completion_len,
+        micro_batch: a.micro_batch,
+        beta: a.beta,
+        steps: a.steps.max(1),
+        image_size: a.image_size,
+        prompt_tokens: a.prompt_tokens,
+        freeze_vision: a.freeze_vision,
+    };
+    let report = crate::bench::train::run(&device, &w)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
+    set_threads(a.threads)?;
     if a.new_tokens < 2 || a.group == 0 {
         bail!("--new-tokens must be at least 2 and --group at least 1");
     }

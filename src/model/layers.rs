@@ -6,7 +6,7 @@
 //! no gradient is being tracked.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::Activation;
 
@@ -29,6 +29,86 @@ pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Res
         None
     };
     Ok(Linear::new(w, b))
+}
+
+/// `x · Wᵀ + b` over the last axis of `x`, multiplied as one 2-D matrix product whatever the
+/// leading axes: candle's `Linear` broadcasts the weight over a 3-D batch, which in training
+/// makes a weight-sized gradient per batch entry and sums them afterwards. Without a graph,
+/// a handful of rows on an AVX-512 CPU (decoding) take [`crate::kernels::skinny`].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// (out, in).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The skinny kernel's product, when it applies.
+    fn few_rows(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
+        use crate::kernels::{is_cpu_f32_contiguous, skinny, with_f32};
+        let n = self.weight.dim(0)?;
+        let usable = m <= skinny::MAX_ROWS
+            && !x.track_op()
+            && !self.weight.track_op()
+            && is_cpu_f32_contiguous(x)
+            && is_cpu_f32_contiguous(&self.weight)
+            && self.bias.as_ref().is_none_or(is_cpu_f32_contiguous);
+        if !usable {
+            return Ok(None);
+        }
+        let mut out = vec![0f32; m * n];
+        let done = with_f32(x, |xs| {
+            with_f32(&self.weight, |ws| match &self.bias {
+                Some(b) => with_f32(b, |bs| {
+                    skinny::linear(xs, ws, Some(bs), (m, k, n), &mut out)
+                })
+                .unwrap_or(false),
+                None => skinny::linear(xs, ws, None, (m, k, n), &mut out),
+            })
+            .unwrap_or(false)
+        })
+        .unwrap_or(false);
+        if !done {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let Some((&k, lead)) = dims.split_last() else {
+            candle_core::bail!("linear: a scalar input");
+        };
+        let m: usize = lead.iter().product();
+        let x2 = x.reshape((m, k))?;
+        let y = match self.few_rows(&x2, m, k)? {
+            Some(y) => y,
+            None => {
+                let y = x2.matmul(&self.weight.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+        };
+        let mut out = lead.to_vec();
+        out.push(self.weight.dim(0)?);
+        y.reshape(out)
+    }
 }
 
 /// Qwen2's RMSNorm: statistics in f32 whatever the compute dtype, as transformers does.

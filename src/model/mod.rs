@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 
 pub use config::{Qwen2VlConfig, TextConfig, VisionConfig};
 pub use rope::{mrope_positions, Pos3};
-pub use text::{attention_mask, log_softmax_f32, Caching, KvCache, TextModel};
+pub use text::{attention_mask, log_softmax_f32, Caching, KvCache, PackedSegment, TextModel};
 pub use vision::VisionTower;
 pub use weights::{CheckpointWeights, WeightLayout};
 
@@ -75,6 +75,12 @@ impl Qwen2Vl {
     /// Input embeddings for equal-length rows of token ids, with the image embeddings
     /// written over the `<|image_pad|>` positions in reading order.
     pub fn input_embeds(&self, ids: &[Vec<u32>], image_embeds: Option<&Tensor>) -> Result<Tensor> {
+        let tokens = self.token_embeds(ids)?;
+        self.merge_images(&tokens, ids, image_embeds)
+    }
+
+    /// Token embeddings (batch, seq, hidden) of equal-length rows of ids.
+    pub fn token_embeds(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         let b = ids.len();
         let l = ids.first().map_or(0, Vec::len);
         if ids.iter().any(|r| r.len() != l) {
@@ -85,15 +91,31 @@ impl Qwen2Vl {
         if let Some(&bad) = flat.iter().find(|&&t| t >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary ({vocab})");
         }
-        let ids_t = Tensor::from_vec(flat.clone(), (b, l), &self.device)?;
-        let embeds = self.text.embed(&ids_t)?;
+        Ok(self
+            .text
+            .embed(&Tensor::from_vec(flat, (b, l), &self.device)?)?)
+    }
+
+    /// `token_embeds` (batch, seq, hidden) of `ids` with the image embeddings written over
+    /// the `<|image_pad|>` positions in reading order; differentiable through both.
+    pub fn merge_images(
+        &self,
+        token_embeds: &Tensor,
+        ids: &[Vec<u32>],
+        image_embeds: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, l, h) = token_embeds.dims3()?;
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        if flat.len() != b * l {
+            bail!("{} ids for {b} x {l} embeddings", flat.len());
+        }
         let image_tok = self.config.image_token_id;
         let n_slots = flat.iter().filter(|&&t| t == image_tok).count();
         let Some(img) = image_embeds else {
             if n_slots > 0 {
                 bail!("the input has {n_slots} image tokens but no image was given");
             }
-            return Ok(embeds);
+            return Ok(token_embeds.clone());
         };
         let (n_feat, _) = img.dims2()?;
         if n_feat != n_slots {
@@ -101,10 +123,12 @@ impl Qwen2Vl {
                 "image features and image tokens do not match: {n_slots} tokens, {n_feat} features"
             );
         }
-        // Gather rows from [text embeddings; image embeddings]: differentiable through both.
-        let h = self.config.text.hidden_size;
+        // Gather rows from [text embeddings; image embeddings].
         let table = Tensor::cat(
-            &[&embeds.reshape((b * l, h))?, &img.to_dtype(embeds.dtype())?],
+            &[
+                &token_embeds.reshape((b * l, h))?,
+                &img.to_dtype(token_embeds.dtype())?,
+            ],
             0,
         )?;
         let mut next_img = (b * l) as u32;

@@ -2,10 +2,10 @@
 //! multimodal rotary embeddings, SwiGLU MLP, optional tied lm_head, and a KV cache.
 
 use candle_core::{Device, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::{Activation, TextConfig};
-use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, RmsNorm};
+use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, Linear, RmsNorm};
 use super::rope::{MRope, Pos3};
 
 /// One layer's keys and values, (rows, kv_heads, capacity, hd) buffers of which the first
@@ -150,6 +150,24 @@ pub enum Caching<'a> {
         rows: &'a [usize],
         caches: &'a mut [&'a mut KvCache],
     },
+    /// Causal attention over this pass's tokens, recording every layer's keys and values
+    /// (after rotary embedding) as graph tensors: the prompt pass of training, whose keys
+    /// the completions of the prompt then attend to (see [`Caching::Packed`]).
+    Capture(&'a mut Vec<(Tensor, Tensor)>),
+    /// Batch 1 holding several sequences back to back: segment `i` is `segments[i].len`
+    /// tokens that attend causally to themselves after their prefix's keys and values (one
+    /// `(k, v)` per layer, each (1, kv_heads, prefix_len, head_dim), from
+    /// [`Caching::Capture`]). Nothing is padded; gradients flow into the prefix tensors.
+    Packed(&'a [PackedSegment<'a>]),
+}
+
+/// One sequence of a [`Caching::Packed`] pass.
+#[derive(Clone, Copy)]
+pub struct PackedSegment<'a> {
+    pub len: usize,
+    /// Keys and values of the tokens before it, per layer; `None` when it starts the
+    /// sequence.
+    pub prefix: Option<&'a [(Tensor, Tensor)]>,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +242,45 @@ impl Attention {
                     candle_core::bail!("cache groups cover {row} rows of a batch of {b}");
                 }
                 Tensor::cat(&outs, 0)?
+            }
+            Caching::Capture(kv) => {
+                kv.push((k.clone(), v.clone()));
+                let mask = attention_mask(l, 0, None, x.device())?;
+                self.attend(&q, &k, &v, mask.as_ref())?
+            }
+            Caching::Packed(segments) => {
+                if b != 1 {
+                    candle_core::bail!("a packed pass has batch 1, got {b}");
+                }
+                let mut outs = Vec::with_capacity(segments.len());
+                let mut start = 0;
+                for seg in segments.iter() {
+                    let (qs, ks, vs) = (
+                        q.narrow(2, start, seg.len)?,
+                        k.narrow(2, start, seg.len)?,
+                        v.narrow(2, start, seg.len)?,
+                    );
+                    let (ks, vs, past) = match seg.prefix {
+                        Some(p) => {
+                            let (kp, vp) = p.get(layer).ok_or_else(|| {
+                                candle_core::Error::Msg(format!("no prefix keys for layer {layer}"))
+                            })?;
+                            (
+                                Tensor::cat(&[kp, &ks], 2)?,
+                                Tensor::cat(&[vp, &vs], 2)?,
+                                kp.dim(2)?,
+                            )
+                        }
+                        None => (ks.contiguous()?, vs.contiguous()?, 0),
+                    };
+                    let mask = attention_mask(seg.len, past, None, x.device())?;
+                    outs.push(self.attend(&qs.contiguous()?, &ks, &vs, mask.as_ref())?);
+                    start += seg.len;
+                }
+                if start != l {
+                    candle_core::bail!("packed segments cover {start} of {l} tokens");
+                }
+                Tensor::cat(&outs, 2)?
             }
         };
         let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * hd))?;
@@ -333,7 +390,7 @@ pub struct TextModel {
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     rope: MRope,
     cfg: TextConfig,
 }
@@ -354,7 +411,7 @@ impl TextModel {
             embed_tokens,
             layers,
             norm: RmsNorm::load(&vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
-            lm_head,
+            lm_head: Linear::new(lm_head, None),
             rope: MRope::new(cfg.head_dim(), cfg.rope_theta, cfg.mrope_section),
             cfg: cfg.clone(),
         })
@@ -416,9 +473,19 @@ impl TextModel {
         )
     }
 
+    /// The output projection's weight, (vocab, hidden): the embedding table when tied.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+
+    /// The token embedding table, (vocab, hidden).
+    pub fn embed_weight(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
     /// Logits over the vocabulary for hidden states (.., hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        hidden.broadcast_matmul(&self.lm_head.t()?)
+        self.lm_head.forward(hidden)
     }
 }
 

@@ -3,10 +3,10 @@
 //! token of the text model's width.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::{Activation, VisionConfig};
-use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, LayerNorm};
+use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, LayerNorm, Linear};
 use super::rope::vision_tables;
 
 const LN_EPS: f64 = 1e-6;

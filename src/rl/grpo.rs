@@ -3,11 +3,8 @@
 //! variants of TRL (grpo, bnpo, dr_grpo, dapo).
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-
-use crate::model::{attention_mask, Caching, Pos3, Qwen2Vl};
-use crate::processor::Prompt;
 
 /// How per-token losses are aggregated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -111,131 +108,7 @@ pub fn advantages(rewards: &[f32], g: usize, scale: ScaleRewards) -> Result<Vec<
     Ok(out)
 }
 
-/// One completion to score: which prompt it answers and its tokens.
-#[derive(Debug, Clone, Copy)]
-pub struct SeqRef<'a> {
-    pub prompt: &'a Prompt,
-    /// Index of the prompt among the distinct prompts of the batch (images are encoded once
-    /// per prompt).
-    pub prompt_index: usize,
-    pub tokens: &'a [u32],
-}
-
-/// Per-token log-probabilities of each completion, `(n, c_max)`, with the mask of real
-/// tokens (1) versus padding (0). Gradients flow to the model when its weights are
-/// variables. One padded forward pass: completions are right-padded, so with causal
-/// attention no real token ever sees padding; each prompt's images go through the vision
-/// tower once, however many completions share them.
-pub fn completion_logps(
-    model: &Qwen2Vl,
-    prompts: &[&Prompt],
-    seqs: &[SeqRef],
-    temperature: f64,
-) -> Result<(Tensor, Tensor)> {
-    let dev = &model.device;
-    let n = seqs.len();
-    if n == 0 {
-        bail!("no completions to score");
-    }
-    if seqs.iter().any(|s| s.tokens.is_empty()) {
-        bail!("a completion is empty");
-    }
-    // Vision tower once per prompt.
-    let mut img = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        img.push(match p.pixel_values(dev)? {
-            Some(px) => Some(model.encode_images(&px, &p.grids())?),
-            None => None,
-        });
-    }
-    let lens: Vec<usize> = seqs
-        .iter()
-        .map(|s| s.prompt.input_ids.len() + s.tokens.len())
-        .collect();
-    let l = *lens.iter().max().unwrap_or(&0);
-    let pad = 0u32;
-    let mut rows = Vec::with_capacity(n);
-    let mut positions: Vec<Vec<Pos3>> = Vec::with_capacity(n);
-    let mut img_rows = Vec::new();
-    for s in seqs {
-        let mut ids = s.prompt.input_ids.clone();
-        ids.extend_from_slice(s.tokens);
-        let (mut pos, _) = model.positions(&ids, &s.prompt.grids())?;
-        let mut next = pos
-            .iter()
-            .map(|p| p[0].max(p[1]).max(p[2]))
-            .max()
-            .unwrap_or(-1)
-            + 1;
-        while ids.len() < l {
-            ids.push(pad);
-            pos.push([next; 3]);
-            next += 1;
-        }
-        rows.push(ids);
-        positions.push(pos);
-        if let Some(e) = &img[s.prompt_index] {
-            img_rows.push(e.clone());
-        }
-    }
-    let img_all = if img_rows.is_empty() {
-        None
-    } else {
-        Some(Tensor::cat(&img_rows, 0)?)
-    };
-    let embeds = model.input_embeds(&rows, img_all.as_ref())?;
-    let mask = attention_mask(l, 0, None, dev)?;
-    let hidden = model
-        .text
-        .forward(&embeds, &positions, Caching::None(mask.as_ref()))?;
-    let h = hidden.dim(D::Minus1)?;
-    let flat = hidden.reshape((n * l, h))?;
-    // Hidden states that predict each completion token: positions P-1 .. P+C-2.
-    let mut pick = Vec::new();
-    let mut targets = Vec::new();
-    for (i, s) in seqs.iter().enumerate() {
-        let p = s.prompt.input_ids.len();
-        for (j, &t) in s.tokens.iter().enumerate() {
-            pick.push((i * l + p - 1 + j) as u32);
-            targets.push(t);
-        }
-    }
-    let total = pick.len();
-    let sel = flat.index_select(&Tensor::from_vec(pick, total, dev)?, 0)?;
-    let logits = model.text.logits(&sel)?.to_dtype(DType::F32)?;
-    let logits = if temperature != 1.0 {
-        (logits / temperature)?
-    } else {
-        logits
-    };
-    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let tok = lp
-        .gather(&Tensor::from_vec(targets, (total, 1), dev)?, 1)?
-        .squeeze(1)?;
-    // Lay the flat log-probs out as (n, c_max), padding from a zero slot.
-    let c_max = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
-    let zero_slot = total as u32;
-    let mut index = Vec::with_capacity(n * c_max);
-    let mut mask_v = Vec::with_capacity(n * c_max);
-    let mut k = 0u32;
-    for s in seqs {
-        for j in 0..c_max {
-            if j < s.tokens.len() {
-                index.push(k);
-                k += 1;
-                mask_v.push(1f32);
-            } else {
-                index.push(zero_slot);
-                mask_v.push(0f32);
-            }
-        }
-    }
-    let padded = Tensor::cat(&[&tok, &Tensor::zeros(1, DType::F32, dev)?], 0)?
-        .index_select(&Tensor::from_vec(index, n * c_max, dev)?, 0)?
-        .reshape((n, c_max))?;
-    let mask = Tensor::from_vec(mask_v, (n, c_max), dev)?;
-    Ok((padded, mask))
-}
+pub use crate::train::logps::SeqRef;
 
 /// What one micro-batch contributes, and how it is normalised within the whole step.
 #[derive(Debug, Clone, Copy)]
@@ -259,7 +132,7 @@ pub struct LossStats {
 }
 
 /// A micro-batch's inputs to the loss: `logp`/`mask` are `(n, c)` from
-/// [`completion_logps`]; one advantage and one truncation flag per completion; `old` the
+/// [`crate::train::logps`]; one advantage and one truncation flag per completion; `old` the
 /// log-probs at sampling time (None with one iteration: the ratio is then 1 in value but
 /// carries the policy gradient); `reference` the reference model's log-probs (needed when
 /// beta > 0).

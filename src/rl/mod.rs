@@ -3,6 +3,7 @@
 pub mod config;
 pub mod grpo;
 pub mod reward;
+pub mod step;
 pub mod trainer;
 
 use anyhow::{bail, Result};

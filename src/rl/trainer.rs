@@ -10,23 +10,24 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
 
 use super::config::GrpoConfig;
-use super::grpo::{self, LossInputs, SeqRef, StepShape};
+use super::grpo::{self, SeqRef};
 use super::reward::{RewardContext, RewardSet};
 use super::rewards_from_names;
+use super::step::{self, StepBatch};
 use crate::data::{self, VqaItem};
 use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
 use crate::model::Qwen2Vl;
 use crate::processor::{Processor, ProcessorOptions, Prompt};
 use crate::train::metrics::{mean_std, Record};
 use crate::train::session::{export_dtype, Session, SessionSpec};
-use crate::train::{AdamWConfig, GradAccumulator, TrainableModel};
+use crate::train::{AdamWConfig, TrainableModel};
 
 /// SplitMix64 finaliser: derives independent seeds from (seed, counter).
 pub fn mix(seed: u64, n: u64) -> u64 {
@@ -66,8 +67,11 @@ struct Rollout {
     rewards: Vec<f32>,
     per_reward: Vec<Vec<f32>>,
     advantages: Vec<f32>,
-    old_logps: Option<Vec<Tensor>>,
-    ref_logps: Option<Vec<Tensor>>,
+    /// One per completion: whether it hit the length limit.
+    truncated: Vec<bool>,
+    /// Per completion, fixed over the batch's iterations.
+    old_logps: Option<Vec<Vec<f32>>>,
+    ref_logps: Option<Vec<Vec<f32>>>,
     gen_seconds: f64,
 }
 
@@ -84,6 +88,14 @@ impl Rollout {
             }
         }
         v
+    }
+    fn batch(&self) -> StepBatch<'_> {
+        StepBatch {
+            prompts: &self.prompts,
+            seqs: self.seqs(),
+            advantages: &self.advantages,
+            truncated: &self.truncated,
+        }
     }
     fn flat(&self) -> Vec<&Completion> {
         self.completions.iter().flatten().collect()
@@ -298,7 +310,13 @@ impl GrpoRun {
             }
         }
         let advantages = grpo::advantages(&rewards, c.num_generations, c.scale_rewards)?;
+        let truncated = completions
+            .iter()
+            .flatten()
+            .map(|c| c.finish == FinishReason::Length)
+            .collect();
         let mut r = Rollout {
+            truncated,
             items,
             prompts,
             completions,
@@ -310,25 +328,22 @@ impl GrpoRun {
             ref_logps: None,
             gen_seconds,
         };
-        // Log-probs that stay fixed over the batch's iterations, one tensor per micro-batch.
+        // Log-probs that stay fixed over the batch's iterations.
         let (old, reference) = {
-            let seqs = r.seqs();
-            let prompt_refs: Vec<&Prompt> = r.prompts.iter().collect();
-            let chunks: Vec<&[SeqRef]> = seqs.chunks(c.micro_batch).collect();
+            let batch = r.batch();
             let t = c.temperature as f64;
-            let logps_of = |m: &Qwen2Vl| -> Result<Vec<Tensor>> {
-                chunks
-                    .iter()
-                    .map(|ch| Ok(grpo::completion_logps(m, &prompt_refs, ch, t)?.0))
-                    .collect()
-            };
             let old = if c.num_iterations > 1 {
-                Some(logps_of(&self.sampler_model)?)
+                Some(step::fixed_logps(
+                    &self.sampler_model,
+                    &batch,
+                    c.micro_batch,
+                    t,
+                )?)
             } else {
                 None
             };
             let reference = match &self.reference {
-                Some(m) => Some(logps_of(m)?),
+                Some(m) => Some(step::fixed_logps(m, &batch, c.micro_batch, t)?),
                 None => None,
             };
             (old, reference)
@@ -341,58 +356,21 @@ impl GrpoRun {
     /// One optimizer step on a rollout.
     fn optimize(&mut self, r: &Rollout) -> Result<StepOutcome> {
         let c = &self.config;
-        let loss_cfg = c.loss();
-        let seqs = r.seqs();
-        let flat = r.flat();
-        let prompt_refs: Vec<&Prompt> = r.prompts.iter().collect();
-        let truncated_all: Vec<bool> = flat
-            .iter()
-            .map(|c| c.finish == FinishReason::Length)
-            .collect();
-        let tokens_all: usize = flat
-            .iter()
-            .zip(&truncated_all)
-            .filter(|(_, &t)| !(loss_cfg.mask_truncated_completions && t))
-            .map(|(c, _)| c.tokens.len())
-            .sum();
-        let chunks: Vec<&[SeqRef]> = seqs.chunks(c.micro_batch).collect();
-        let shape = StepShape {
-            completions: seqs.len(),
-            tokens: tokens_all,
-            micro_batches: chunks.len(),
-        };
-        let mut grads = GradAccumulator::new(self.policy.params.len());
-        let (mut loss_sum, mut kl_sum, mut clip_sum) = (0f64, 0f64, 0f64);
-        let mut start = 0;
-        for (k, ch) in chunks.iter().enumerate() {
-            let n = ch.len();
-            let (logp, mask) =
-                grpo::completion_logps(&self.policy.model, &prompt_refs, ch, loss_cfg.temperature)?;
-            let old = r.old_logps.as_ref().map(|v| &v[k]);
-            let reference = r.ref_logps.as_ref().map(|v| &v[k]);
-            let inputs = LossInputs {
-                logp: &logp,
-                mask: &mask,
-                advantages: &r.advantages[start..start + n],
-                old,
-                reference,
-                truncated: &truncated_all[start..start + n],
-            };
-            let (loss, stats) = grpo::loss(&loss_cfg, &inputs, shape)?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            kl_sum += stats.kl * n as f64;
-            clip_sum += stats.clip_ratio * n as f64;
-            grads.add(&self.policy.params, &loss.backward()?)?;
-            start += n;
-        }
+        let (mut grads, stats) = step::policy_gradients(
+            &self.policy,
+            &r.batch(),
+            &c.loss(),
+            c.micro_batch,
+            r.old_logps.as_deref(),
+            r.ref_logps.as_deref(),
+        )?;
         let (norm, lr) = self.session.apply(&self.policy, &mut grads)?;
-        let n = seqs.len() as f64;
         Ok(StepOutcome {
-            loss: loss_sum,
+            loss: stats.loss,
             grad_norm: norm,
             lr,
-            kl: kl_sum / n,
-            clip_ratio: clip_sum / n,
+            kl: stats.kl,
+            clip_ratio: stats.clip_ratio,
         })
     }
 

@@ -2,10 +2,12 @@
 //! checkpointable state, atomic checkpoints in Hugging Face layout, metrics files.
 
 pub mod checkpoint;
+pub mod logps;
 pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod session;
+pub mod token_logps;
 
 pub use checkpoint::TrainerState;
 pub use optim::{AdamW, AdamWConfig, GradAccumulator};

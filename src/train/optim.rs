@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::params::Param;
+use crate::kernels::inplace;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -32,7 +33,8 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Sums of gradients over micro-batches, per trainable parameter (by index).
+/// Sums of gradients over micro-batches, per trainable parameter (by index). On CPU each
+/// sum lives in one buffer updated in place (see [`crate::kernels::inplace`]).
 pub struct GradAccumulator {
     grads: Vec<Option<Tensor>>,
 }
@@ -44,20 +46,46 @@ impl GradAccumulator {
         }
     }
 
+    /// Adds `g` to parameter `i`'s sum. The accumulator takes `g` over as the sum's buffer
+    /// when it is the first: callers hand in tensors nothing else writes to.
+    pub fn add_tensor(&mut self, i: usize, g: Tensor) -> Result<()> {
+        let g = g.to_dtype(DType::F32)?;
+        match &mut self.grads[i] {
+            Some(acc) => inplace::add_assign(acc, &g)?,
+            slot @ None => *slot = Some(g.contiguous()?),
+        }
+        Ok(())
+    }
+
     /// Adds the gradients of one backward pass.
     pub fn add(&mut self, params: &[Param], store: &GradStore) -> Result<()> {
-        for (slot, p) in self.grads.iter_mut().zip(params) {
+        for (i, p) in params.iter().enumerate() {
             if !p.trainable {
                 continue;
             }
             if let Some(g) = store.get(p.var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
-                *slot = Some(match slot.take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
+                self.add_tensor(i, g.clone())?;
             }
         }
+        Ok(())
+    }
+
+    /// Parameter `i`'s sum, for code that adds to it directly (the LM head's hand-written
+    /// gradient).
+    pub fn slot_mut(&mut self, i: usize) -> &mut Option<Tensor> {
+        &mut self.grads[i]
+    }
+
+    /// Adds row `k` of `rows` to row `ids[k]` of parameter `i`'s gradient (an embedding
+    /// table's gradient from the embeddings it handed out), allocating it on first use.
+    pub fn add_rows(&mut self, i: usize, shape: &Shape, ids: &[u32], rows: &Tensor) -> Result<()> {
+        let rows = rows.to_dtype(DType::F32)?;
+        let slot = &mut self.grads[i];
+        if slot.is_none() {
+            *slot = Some(Tensor::zeros(shape, DType::F32, rows.device())?);
+        }
+        let acc = slot.as_mut().context("gradient slot")?;
+        inplace::add_rows(acc, ids, &rows)?;
         Ok(())
     }
 
@@ -70,11 +98,7 @@ impl GradAccumulator {
     pub fn norm(&self) -> Result<f64> {
         let mut sq = 0f64;
         for g in self.grads.iter().flatten() {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            sq += inplace::sum_sq(g)?;
         }
         Ok(sq.sqrt())
     }
@@ -90,7 +114,7 @@ impl GradAccumulator {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             for g in self.grads.iter_mut().flatten() {
-                *g = (&*g * coef)?;
+                inplace::scale(g, coef)?;
             }
         }
         Ok(norm)
@@ -100,6 +124,8 @@ impl GradAccumulator {
 /// AdamW with decoupled weight decay and bias correction, PyTorch's update rule:
 /// `p -= lr * wd * p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 ///  p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+/// Moments and weights are updated in place on CPU; the weights are the `Var`s the model
+/// (and its detached sampling view) reads.
 pub struct AdamW {
     pub config: AdamWConfig,
     /// Number of updates applied so far.
@@ -123,34 +149,44 @@ impl AdamW {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
+        let step = inplace::AdamUpdate {
+            lr,
+            weight_decay: c.weight_decay,
+            bias_correction1: 1.0 - c.beta1.powi(t),
+            bias_correction2: 1.0 - c.beta2.powi(t),
+            eps: c.eps,
+        };
         for (i, p) in params.iter().enumerate() {
             if !p.trainable {
                 continue;
             }
             let Some(g) = grads.get(i) else { continue };
+            let m = match self.m.get_mut(&p.name) {
+                Some(m) => {
+                    inplace::axpby(m, c.beta1, g, 1.0 - c.beta1, false)?;
+                    m.clone()
+                }
+                None => {
+                    let m = (g * (1.0 - c.beta1))?;
+                    self.m.insert(p.name.clone(), m.clone());
+                    m
+                }
+            };
+            let v = match self.v.get_mut(&p.name) {
+                Some(v) => {
+                    inplace::axpby(v, c.beta2, g, 1.0 - c.beta2, true)?;
+                    v.clone()
+                }
+                None => {
+                    let v = (g.sqr()? * (1.0 - c.beta2))?;
+                    self.v.insert(p.name.clone(), v.clone());
+                    v
+                }
+            };
             let w = p.var.as_tensor();
-            let m_prev = match self.m.get(&p.name) {
-                Some(m) => m.clone(),
-                None => w.zeros_like()?,
-            };
-            let v_prev = match self.v.get(&p.name) {
-                Some(v) => v.clone(),
-                None => w.zeros_like()?,
-            };
-            let m = ((m_prev * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((v_prev * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
-            let decayed = if c.weight_decay != 0.0 {
-                (w * (1.0 - lr * c.weight_decay))?
-            } else {
-                w.clone()
-            };
-            let next = (decayed - ((&m / &denom)? * (lr / bc1))?)?;
-            p.var.set(&next.detach())?;
-            self.m.insert(p.name.clone(), m.detach());
-            self.v.insert(p.name.clone(), v.detach());
+            if let Some(next) = step.apply(w, &m, &v)? {
+                p.var.set(&next.detach())?;
+            }
         }
         Ok(())
     }

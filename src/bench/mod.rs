@@ -3,6 +3,8 @@
 //! down) with one 448x448 image. tools/bench_transformers.py runs the same workload with
 //! transformers so the two can be compared side by side.
 
+pub mod train;
+
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -15,7 +17,7 @@ use crate::model::{Qwen2Vl, Qwen2VlConfig, WeightLayout};
 use crate::processor::{ImageProcessor, ImageProcessorConfig, Prompt};
 
 /// The benchmark model's config.json.
-pub const BENCH_CONFIG: &str = include_str!("../tools/bench_config.json");
+pub const BENCH_CONFIG: &str = include_str!("../../tools/bench_config.json");
 
 /// Text tokens before and after the image in the benchmark prompt (the chat template's
 /// system turn and a MedVLM-R1-length question are about this long).
@@ -62,7 +64,7 @@ fn test_image() -> image::RgbImage {
 }
 
 /// Text ids that are ordinary tokens (no special ids), varied so nothing is degenerate.
-fn text_ids(n: usize, salt: u32) -> Vec<u32> {
+pub(crate) fn text_ids(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32)
         .map(|i| 1000 + (i * 7919 + salt * 104_729) % 140_000)
         .collect()

@@ -1,0 +1,54 @@
+//! CPU fast paths for the few operations where candle's generic CPU kernels cost us most:
+//! matmuls with few rows (decoding), the fused LM-head log-softmax of training, and in-place
+//! gradient accumulation and optimizer updates. Each is used only for contiguous f32 tensors
+//! on the CPU; callers keep a plain tensor-op path for every other case (CUDA, bf16), so the
+//! numbers are the same function of the inputs either way.
+
+pub mod gemm;
+pub mod inplace;
+pub mod skinny;
+pub mod softmax;
+
+use candle_core::{Storage, Tensor};
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor; `None` for any other tensor.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let data = cpu.as_slice::<f32>().ok()?;
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(f(&data[start..end]))
+}
+
+/// Whether `t` is an f32 tensor on the CPU laid out contiguously.
+pub fn is_cpu_f32_contiguous(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
+}
+
+/// Whether this CPU runs our AVX-512 kernels (checked once; the answer is cached by std).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A raw pointer that may cross into rayon tasks that write disjoint parts of its buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: only used for writes to disjoint index ranges, joined before the buffer is read.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}

@@ -1,0 +1,186 @@
+//! `x · wᵀ` for a handful of rows of `x`: the shape of every linear layer while decoding
+//! (one row per live sequence). gemm's packed kernels spend more time packing than
+//! multiplying there, and its AVX-512 path is slower than its AVX2 one below ~64 rows; this
+//! kernel streams each weight row once and keeps a 4x4 block of dot products in registers.
+
+use rayon::prelude::*;
+
+use super::SendPtr;
+
+/// Rows at or below which [`linear`] is used for inference matmuls.
+pub const MAX_ROWS: usize = 32;
+
+/// `out (m x n) = x (m x k) · w (n x k)ᵀ (+ bias)`, all row-major. Returns false (and
+/// leaves `out` alone) when the CPU lacks AVX-512, so the caller falls back to gemm.
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+) -> bool {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    assert!(bias.is_none_or(|b| b.len() >= n));
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // Chunks of weight rows per task: enough work to amortise the task, and enough
+        // tasks to balance the cores.
+        let chunk = (n / (8 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let j0 = c * chunk;
+            let j1 = (j0 + chunk).min(n);
+            // SAFETY: AVX-512F is present (checked above); each task writes only columns
+            // j0..j1 of `out`, which no other task touches; reads stay inside x and w.
+            unsafe { avx512::columns(x, w, bias, m, k, n, j0, j1, out_ptr.get()) };
+        });
+        return true;
+    }
+    let _ = (x, w, bias, m, k, n, out);
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Columns j0..j1 of the product, for every row.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn columns(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+    ) {
+        let mut j = j0;
+        while j < j1 {
+            let nc = (j1 - j).min(4);
+            let mut i = 0;
+            while i < m {
+                let nr = (m - i).min(4);
+                let mut acc = [[0f32; 4]; 4];
+                match (nr, nc) {
+                    (4, 4) => block::<4, 4>(x, w, k, i, j, &mut acc),
+                    (4, c) => tail_cols::<4>(x, w, k, i, j, c, &mut acc),
+                    (3, c) => tail_cols::<3>(x, w, k, i, j, c, &mut acc),
+                    (2, c) => tail_cols::<2>(x, w, k, i, j, c, &mut acc),
+                    (_, c) => tail_cols::<1>(x, w, k, i, j, c, &mut acc),
+                }
+                for (r, row) in acc.iter().enumerate().take(nr) {
+                    for (c, &v) in row.iter().enumerate().take(nc) {
+                        let b = bias.map_or(0.0, |b| b[j + c]);
+                        *out.add((i + r) * n + j + c) = v + b;
+                    }
+                }
+                i += nr;
+            }
+            j += nc;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tail_cols<const R: usize>(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        i: usize,
+        j: usize,
+        nc: usize,
+        acc: &mut [[f32; 4]; 4],
+    ) {
+        match nc {
+            4 => block::<R, 4>(x, w, k, i, j, acc),
+            3 => block::<R, 3>(x, w, k, i, j, acc),
+            2 => block::<R, 2>(x, w, k, i, j, acc),
+            _ => block::<R, 1>(x, w, k, i, j, acc),
+        }
+    }
+
+    /// R rows of x (from i) against C rows of w (from j): R x C dot products of length k.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize, const C: usize>(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        i: usize,
+        j: usize,
+        acc_out: &mut [[f32; 4]; 4],
+    ) {
+        let xp = x.as_ptr().add(i * k);
+        let wp = w.as_ptr().add(j * k);
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let full = k / 16 * 16;
+        let mut p = 0;
+        while p < full {
+            let mut wv = [_mm512_setzero_ps(); C];
+            for (c, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(wp.add(c * k + p));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(xp.add(r * k + p));
+                for c in 0..C {
+                    row[c] = _mm512_fmadd_ps(xv, wv[c], row[c]);
+                }
+            }
+            p += 16;
+        }
+        if p < k {
+            let mask: __mmask16 = (1u32 << (k - p)) as u16 - 1;
+            let mut wv = [_mm512_setzero_ps(); C];
+            for (c, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(mask, wp.add(c * k + p));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_maskz_loadu_ps(mask, xp.add(r * k + p));
+                for c in 0..C {
+                    row[c] = _mm512_fmadd_ps(xv, wv[c], row[c]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                acc_out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_definition_for_every_edge_shape() {
+        for &(m, k, n) in &[
+            (1, 5, 3),
+            (3, 16, 4),
+            (4, 37, 9),
+            (7, 64, 33),
+            (9, 100, 130),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.17).cos()).collect();
+            let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+            let mut out = vec![f32::NAN; m * n];
+            if !linear(&x, &w, Some(&b), (m, k, n), &mut out) {
+                return; // no AVX-512 here: the callers use gemm instead
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f32>() + b[j];
+                    let got = out[i * n + j];
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The log-probability of each target token under the output projection (the LM head), and
+//! its gradient, computed by hand rather than through candle's autograd.
+//!
+//! Through autograd, `log_softmax(h · Wᵀ)` gathered at the targets keeps the logits, the
+//! log-softmax and its backward intermediates (several tokens x vocabulary tensors: 311 MB
+//! each for 512 tokens of Qwen2-VL's 151,936-word vocabulary), scatters the gathered
+//! gradient into a zero tensor of that size, and spends longer on those element-wise passes
+//! than on the matmuls. Here the forward pass keeps only the softmax (when a backward pass
+//! will follow), and the backward pass turns it in place into `∂L/∂logits = g (onehot - p)
+//! / T` and runs the two matmuls: `∂L/∂h = G · W` and `∂L/∂W += Gᵀ · h`, the latter added
+//! straight into the accumulated gradient. On CPU the matmuls call gemm and the softmax runs
+//! in [`crate::kernels::softmax`]; elsewhere the same formulas run as tensor ops.
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, D};
+
+use crate::kernels::gemm::{matmul, Mat};
+use crate::kernels::{is_cpu_f32_contiguous, softmax, with_f32};
+
+/// Logit rows computed at once when no backward pass follows (bounds the buffer to ~64 MB).
+const ROWS_PER_CHUNK_BYTES: usize = 64 << 20;
+
+/// What the backward pass needs from the forward pass.
+pub struct Saved {
+    /// softmax(h · Wᵀ / T), (tokens x vocab).
+    probs: Probs,
+    hidden: Tensor,
+    targets: Vec<u32>,
+    inv_temp: f32,
+}
+
+enum Probs {
+    Cpu(Vec<f32>),
+    Tensor(Tensor),
+}
+
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+/// `log_softmax(hidden · weightᵀ / temperature)[t, targets[t]]` for every row `t` of
+/// `hidden` (tokens x h, no gradient tracked), with what [`Saved::backward`] needs when
+/// `keep` is set. `weight` is (vocab x h).
+pub fn forward(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[u32],
+    temperature: f64,
+    keep: bool,
+) -> Result<(Vec<f32>, Option<Saved>)> {
+    let (t, h) = hidden.dims2()?;
+    let (vocab, hw) = weight.dims2()?;
+    if hw != h || targets.len() != t {
+        bail!(
+            "token log-probs: hidden states ({t}, {h}), weight ({vocab}, {hw}), {} targets",
+            targets.len()
+        );
+    }
+    if let Some(&bad) = targets.iter().find(|&&x| x as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary ({vocab})");
+    }
+    let inv_temp = (1.0 / temperature) as f32;
+    if is_cpu_f32_contiguous(hidden) && is_cpu_f32_contiguous(weight) {
+        let out = with_f32(hidden, |hs| {
+            with_f32(weight, |ws| {
+                cpu_forward(hs, ws, (t, h, vocab), targets, inv_temp, keep)
+            })
+        })
+        .flatten()
+        .flatten();
+        if let Some((logp, probs)) = out {
+            let saved = probs.map(|p| Saved {
+                probs: Probs::Cpu(p),
+                hidden: hidden.clone(),
+                targets: targets.to_vec(),
+                inv_temp,
+            });
+            return Ok((logp, saved));
+        }
+    }
+    // Any device: the same formulas as tensor ops, in f32.
+    let hf = hidden.to_dtype(DType::F32)?;
+    let logits = (hf.matmul(&weight.to_dtype(DType::F32)?.t()?)? * inv_temp as f64)?;
+    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let idx = Tensor::from_vec(targets.to_vec(), (t, 1), hidden.device())?;
+    let logp: Vec<f32> = lp.gather(&idx, 1)?.squeeze(1)?.to_vec1()?;
+    let saved = if keep {
+        Some(Saved {
+            probs: Probs::Tensor(lp.exp()?),
+            hidden: hf,
+            targets: targets.to_vec(),
+            inv_temp,
+        })
+    } else {
+        None
+    };
+    Ok((logp, saved))
+}
+
+type CpuOut = (Vec<f32>, Option<Vec<f32>>);
+
+fn cpu_forward(
+    hs: &[f32],
+    ws: &[f32],
+    (t, h, vocab): (usize, usize, usize),
+    targets: &[u32],
+    inv_temp: f32,
+    keep: bool,
+) -> Option<CpuOut> {
+    let w_t = Mat::rows(ws, vocab, h).t();
+    if keep {
+        let mut probs = vec![0f32; t * vocab];
+        matmul(&mut probs, Mat::rows(hs, t, h), w_t, 1.0, false, threads());
+        let logp = softmax::pick_log_softmax(&mut probs, vocab, targets, inv_temp, true);
+        return Some((logp, Some(probs)));
+    }
+    let rows = (ROWS_PER_CHUNK_BYTES / (4 * vocab)).clamp(1, t.max(1));
+    let mut buf = vec![0f32; rows * vocab];
+    let mut logp = Vec::with_capacity(t);
+    for start in (0..t).step_by(rows) {
+        let r = rows.min(t - start);
+        let chunk = &mut buf[..r * vocab];
+        matmul(
+            chunk,
+            Mat::rows(&hs[start * h..(start + r) * h], r, h),
+            w_t,
+            1.0,
+            false,
+            threads(),
+        );
+        logp.extend(softmax::pick_log_softmax(
+            chunk,
+            vocab,
+            &targets[start..start + r],
+            inv_temp,
+            false,
+        ));
+    }
+    Some((logp, None))
+}
+
+/// `dst += scale * lhsᵀ · rhs` into a gradient buffer, in place.
+struct AddTransposedProduct<'a> {
+    /// (k x m) row-major: its transpose is the left factor.
+    lhs: &'a [f32],
+    rhs: &'a Tensor,
+    k: usize,
+    m: usize,
+}
+
+impl InplaceOp1 for AddTransposedProduct<'_> {
+    fn name(&self) -> &'static str {
+        "add-transposed-product"
+    }
+    fn cpu_fwd(&self, dst: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(d) = dst else {
+            candle_core::bail!("gradient buffer is not f32");
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("gradient buffer is not contiguous");
+        };
+        let n = self.rhs.dim(1)?;
+        let (k, m) = (self.k, self.m);
+        with_f32(self.rhs, |r| {
+            matmul(
+                &mut d[start..end],
+                Mat::rows(self.lhs, k, m).t(),
+                Mat::rows(r, k, n),
+                1.0,
+                true,
+                threads(),
+            )
+        })
+        .ok_or_else(|| candle_core::Error::Msg("hidden states are not on the CPU".into()))
+    }
+}
+
+impl Saved {
+    /// Given `g[t] = ∂L/∂logp[t]`, returns `∂L/∂hidden` (tokens x h) and adds `∂L/∂W` to
+    /// `grad_w` (allocating it on first use).
+    pub fn backward(
+        self,
+        g: &[f32],
+        weight: &Tensor,
+        grad_w: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let (t, h) = self.hidden.dims2()?;
+        let vocab = weight.dim(0)?;
+        if g.len() != t {
+            bail!("{} gradients for {t} tokens", g.len());
+        }
+        match self.probs {
+            Probs::Cpu(mut probs) => {
+                // probs -> g_t / T * (onehot - p), row by row, in place.
+                use rayon::prelude::*;
+                probs
+                    .par_chunks_mut(vocab)
+                    .zip(g.par_iter().zip(self.targets.par_iter()))
+                    .for_each(|(row, (&gt, &target))| {
+                        let c = gt * self.inv_temp;
+                        row.iter_mut().for_each(|p| *p *= -c);
+                        row[target as usize] += c;
+                    });
+                let dh = with_f32(weight, |ws| {
+                    let mut dh = vec![0f32; t * h];
+                    matmul(
+                        &mut dh,
+                        Mat::rows(&probs, t, vocab),
+                        Mat::rows(ws, vocab, h),
+                        1.0,
+                        false,
+                        threads(),
+                    );
+                    dh
+                })
+                .ok_or_else(|| anyhow::anyhow!("LM head weight is not on the CPU"))?;
+                match grad_w {
+                    Some(acc) if is_cpu_f32_contiguous(acc) => {
+                        acc.inplace_op1(&AddTransposedProduct {
+                            lhs: &probs,
+                            rhs: &self.hidden,
+                            k: t,
+                            m: vocab,
+                        })?;
+                    }
+                    _ => {
+                        let dw = with_f32(&self.hidden, |hs| {
+                            let mut dw = vec![0f32; vocab * h];
+                            matmul(
+                                &mut dw,
+                                Mat::rows(&probs, t, vocab).t(),
+                                Mat::rows(hs, t, h),
+                                1.0,
+                                false,
+                                threads(),
+                            );
+                            dw
+                        })
+                        .ok_or_else(|| anyhow::anyhow!("hidden states are not on the CPU"))?;
+                        let dw = Tensor::from_vec(dw, (vocab, h), weight.device())?;
+                        add_into(grad_w, dw)?;
+                    }
+                }
+                Ok(Tensor::from_vec(dh, (t, h), weight.device())?)
+            }
+            Probs::Tensor(p) => {
+                let dev = p.device().clone();
+                let coef = Tensor::from_vec(
+                    g.iter().map(|&x| x * self.inv_temp).collect::<Vec<_>>(),
+                    (t, 1),
+                    &dev,
+                )?;
+                let idx = Tensor::from_vec(self.targets.clone(), (t, 1), &dev)?;
+                let grad_logits = p.broadcast_mul(&coef.neg()?)?.scatter_add(&idx, &coef, 1)?;
+                let wf = weight.to_dtype(DType::F32)?;
+                let dh = grad_logits.matmul(&wf)?;
+                let dw = grad_logits.t()?.matmul(&self.hidden)?;
+                add_into(grad_w, dw.to_dtype(weight.dtype())?)?;
+                Ok(dh)
+            }
+        }
+    }
+}
+
+/// `slot += g` (or `slot = g` when empty).
+fn add_into(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    match slot {
+        Some(acc) => crate::kernels::inplace::add_assign(acc, &g)?,
+        None => *slot = Some(g),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The hand-written gradient equals autograd's on the plain formula, on the CPU kernels
+    /// and on the tensor-op path, with a temperature, accumulating into an existing gradient.
+    #[test]
+    fn hand_gradient_equals_autograd() {
+        let dev = Device::Cpu;
+        let (t, h, v) = (5, 8, 37);
+        let hs = Tensor::randn(0f32, 1.0, (t, h), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (v, h), &dev).unwrap();
+        let targets = [3u32, 0, 36, 17, 3];
+        let g = [0.5f32, -1.0, 2.0, 0.25, -0.75];
+        let temp = 0.7;
+
+        let hv = Var::from_tensor(&hs).unwrap();
+        let wv = Var::from_tensor(&w).unwrap();
+        let logits = (hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap() / temp).unwrap();
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let idx = Tensor::from_vec(targets.to_vec(), (t, 1), &dev).unwrap();
+        let picked = lp.gather(&idx, 1).unwrap().squeeze(1).unwrap();
+        let want_lp: Vec<f32> = picked.to_vec1().unwrap();
+        let gt = Tensor::new(&g, &dev).unwrap();
+        let store = (picked * gt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want_dh = store.get(hv.as_tensor()).unwrap().clone();
+        let want_dw = store.get(wv.as_tensor()).unwrap().clone();
+
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "{what}: max diff {d}");
+        };
+        for cpu_kernels in [true, false] {
+            // The tensor path is taken for a non-contiguous hidden-state view.
+            let hin = if cpu_kernels {
+                hs.clone()
+            } else {
+                Tensor::cat(&[&hs, &hs], 1)
+                    .unwrap()
+                    .narrow(1, 0, h)
+                    .unwrap()
+            };
+            assert_eq!(is_cpu_f32_contiguous(&hin), cpu_kernels);
+            let (lp, saved) = forward(&hin, &w, &targets, temp, true).unwrap();
+            for (a, b) in lp.iter().zip(&want_lp) {
+                assert!((a - b).abs() < 1e-5, "log-prob {a} vs {b}");
+            }
+            // The no-backward path gives the same log-probs.
+            let (lp2, none) = forward(&hin, &w, &targets, temp, false).unwrap();
+            assert!(none.is_none());
+            assert_eq!(lp, lp2);
+            let mut acc = Some(Tensor::ones((v, h), DType::F32, &dev).unwrap());
+            let dh = saved.unwrap().backward(&g, &w, &mut acc).unwrap();
+            close(&dh, &want_dh, "dL/dh");
+            close(&(acc.unwrap() - 1.0).unwrap(), &want_dw, "dL/dW");
+        }
+    }
+}
