@@ -53,6 +53,12 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Starts a new peak for [`peak_rss_mib`] at the current resident size (Linux'
+/// `/proc/self/clear_refs`); returns false where that is unavailable.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// A deterministic 448x448 test card with structure at several scales.
 fn test_image() -> image::RgbImage {
     image::RgbImage::from_fn(448, 448, |x, y| {

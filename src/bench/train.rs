@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::{count_parameters, peak_rss_mib, text_ids, BENCH_CONFIG};
+use super::{count_parameters, peak_rss_mib, reset_peak_rss, text_ids, BENCH_CONFIG};
 use crate::generate::{Engine, FinishReason, Request, SamplingParams};
 use crate::model::random::random_var_builder;
 use crate::model::{Qwen2Vl, Qwen2VlConfig, WeightLayout};
@@ -74,6 +74,11 @@ pub struct StepTimes {
     pub total_s: f64,
     pub loss: f64,
     pub grad_norm: f64,
+    /// Peak resident memory during each phase, MiB.
+    pub generation_peak_mib: f64,
+    pub reference_peak_mib: f64,
+    pub policy_peak_mib: f64,
+    pub optimizer_peak_mib: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,7 +88,10 @@ pub struct TrainBenchReport {
     pub workload: TrainWorkload,
     pub image_tokens: usize,
     pub steps: Vec<StepTimes>,
+    /// Peak resident memory of the whole run (models, optimizer state, every phase), MiB.
     pub peak_rss_mib: f64,
+    /// Whether the per-phase peaks could be measured (Linux).
+    pub per_phase_peaks: bool,
 }
 
 /// The benchmark prompt: text, one image, text, `total` tokens in all.
@@ -152,6 +160,15 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         ..Default::default()
     });
     let mut steps = Vec::with_capacity(w.steps);
+    let mut overall_peak = peak_rss_mib();
+    let per_phase_peaks = reset_peak_rss();
+    // The peak since the last call, which then starts a new one.
+    let mut phase_peak = || {
+        let p = peak_rss_mib();
+        overall_peak = overall_peak.max(p);
+        reset_peak_rss();
+        p
+    };
     for s in 0..w.steps {
         let t0 = Instant::now();
         // No stop tokens: every completion runs to completion_len, as the PyTorch side forces.
@@ -168,6 +185,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             .collect();
         let completions = engine.generate(&requests, |_, _, _| {})?;
         let generation_s = t0.elapsed().as_secs_f64();
+        let generation_peak_mib = phase_peak();
 
         // Rewards stand in for the reward functions (which cost nothing next to the model):
         // fixed random values, so advantages are non-zero.
@@ -207,6 +225,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             None
         };
         let reference_s = t1.elapsed().as_secs_f64();
+        let reference_peak_mib = phase_peak();
         let t2 = Instant::now();
         let (mut grads, stats) = step::policy_gradients(
             &policy,
@@ -217,11 +236,13 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             reference_logps.as_deref(),
         )?;
         let policy_s = t2.elapsed().as_secs_f64();
+        let policy_peak_mib = phase_peak();
         let t3 = Instant::now();
         let grad_norm = grads.clip(1.0)?;
         optimizer.update(&policy.params, &grads, 1e-6)?;
         drop(grads);
         let optimizer_s = t3.elapsed().as_secs_f64();
+        let optimizer_peak_mib = phase_peak();
         let train_s = reference_s + policy_s + optimizer_s;
         let st = StepTimes {
             generation_s,
@@ -232,17 +253,25 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             total_s: t0.elapsed().as_secs_f64(),
             loss: stats.loss,
             grad_norm,
+            generation_peak_mib,
+            reference_peak_mib,
+            policy_peak_mib,
+            optimizer_peak_mib,
         };
         eprintln!(
             "step {}: generation {:.2}s  reference {:.2}s  policy fwd+bwd {:.2}s  optimizer {:.2}s  \
-             train {:.2}s  total {:.2}s",
+             train {:.2}s  total {:.2}s  (peak MiB: {:.0} / {:.0} / {:.0} / {:.0})",
             s + 1,
             st.generation_s,
             st.reference_s,
             st.policy_s,
             st.optimizer_s,
             st.train_s,
-            st.total_s
+            st.total_s,
+            st.generation_peak_mib,
+            st.reference_peak_mib,
+            st.policy_peak_mib,
+            st.optimizer_peak_mib,
         );
         steps.push(st);
     }
@@ -252,7 +281,8 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         workload: w.clone(),
         image_tokens,
         steps,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: overall_peak.max(peak_rss_mib()),
+        per_phase_peaks,
     })
 }
 
@@ -287,19 +317,47 @@ impl std::fmt::Display for TrainBenchReport {
                 ""
             }
         )?;
-        let col = |g: fn(&StepTimes) -> f64| {
+        let col = |g: fn(&StepTimes) -> f64, mem: Option<fn(&StepTimes) -> f64>| {
             let v: Vec<f64> = self.steps.iter().map(g).collect();
             let min = v.iter().copied().fold(f64::INFINITY, f64::min);
             let max = v.iter().copied().fold(0.0, f64::max);
-            format!("{:7.2} s  (min {:.2}, max {:.2})", median(v), min, max)
+            let peak = match mem {
+                Some(m) if self.per_phase_peaks => format!(
+                    "   peak {:.0} MiB",
+                    self.steps.iter().map(m).fold(0.0, f64::max)
+                ),
+                _ => String::new(),
+            };
+            format!(
+                "{:7.2} s  (min {:.2}, max {:.2}){peak}",
+                median(v),
+                min,
+                max
+            )
         };
         writeln!(f, "median over {} steps:", self.steps.len())?;
-        writeln!(f, "  generation     {}", col(|s| s.generation_s))?;
-        writeln!(f, "  reference fwd  {}", col(|s| s.reference_s))?;
-        writeln!(f, "  policy fwd+bwd {}", col(|s| s.policy_s))?;
-        writeln!(f, "  optimizer      {}", col(|s| s.optimizer_s))?;
-        writeln!(f, "  training half  {}", col(|s| s.train_s))?;
-        writeln!(f, "  whole step     {}", col(|s| s.total_s))?;
+        writeln!(
+            f,
+            "  generation     {}",
+            col(|s| s.generation_s, Some(|s| s.generation_peak_mib))
+        )?;
+        writeln!(
+            f,
+            "  reference fwd  {}",
+            col(|s| s.reference_s, Some(|s| s.reference_peak_mib))
+        )?;
+        writeln!(
+            f,
+            "  policy fwd+bwd {}",
+            col(|s| s.policy_s, Some(|s| s.policy_peak_mib))
+        )?;
+        writeln!(
+            f,
+            "  optimizer      {}",
+            col(|s| s.optimizer_s, Some(|s| s.optimizer_peak_mib))
+        )?;
+        writeln!(f, "  training half  {}", col(|s| s.train_s, None))?;
+        writeln!(f, "  whole step     {}", col(|s| s.total_s, None))?;
         write!(f, "peak memory      {:.0} MiB resident", self.peak_rss_mib)
     }
 }

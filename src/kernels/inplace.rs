@@ -121,10 +121,14 @@ pub fn scale(dst: &mut Tensor, s: f64) -> Result<()> {
 /// Sum of squares in f64 (the gradient norm), read in place on CPU.
 pub fn sum_sq(t: &Tensor) -> Result<f64> {
     if super::is_cpu_f32_contiguous(t) {
+        // Partial sums per fixed chunk, added in order: the same bits whatever the threads do
+        // (a resumed run must repeat the uninterrupted one exactly).
         if let Some(s) = super::with_f32(t, |d| {
-            d.par_chunks(CHUNK)
+            let parts: Vec<f64> = d
+                .par_chunks(CHUNK)
                 .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .sum::<f64>()
+                .collect();
+            parts.iter().sum::<f64>()
         }) {
             return Ok(s);
         }

@@ -418,10 +418,12 @@ pub fn backward(
             pass.remaining -= n;
         }
         drop(store);
-        let finished: Vec<usize> = passes
-            .iter()
-            .filter(|(_, p)| p.remaining == 0)
-            .map(|(&i, _)| i)
+        // In micro-batch order, not the map's: gradients must add up in the same order in
+        // every process (resumed runs repeat uninterrupted ones bit for bit).
+        let finished: Vec<usize> = per_prompt(mb)
+            .into_iter()
+            .map(|(i, _)| i)
+            .filter(|i| passes.get(i).is_some_and(|p| p.remaining == 0))
             .collect();
         for pi in finished {
             let pass = passes.remove(&pi).context("prompt pass")?;

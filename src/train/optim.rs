@@ -161,28 +161,17 @@ impl AdamW {
                 continue;
             }
             let Some(g) = grads.get(i) else { continue };
-            let m = match self.m.get_mut(&p.name) {
-                Some(m) => {
-                    inplace::axpby(m, c.beta1, g, 1.0 - c.beta1, false)?;
-                    m.clone()
+            // Moments start at zero (PyTorch's state init) and are updated in place.
+            let moment = |map: &mut HashMap<String, Tensor>, beta: f64, square: bool| {
+                if !map.contains_key(&p.name) {
+                    map.insert(p.name.clone(), g.zeros_like()?);
                 }
-                None => {
-                    let m = (g * (1.0 - c.beta1))?;
-                    self.m.insert(p.name.clone(), m.clone());
-                    m
-                }
+                let t = map.get_mut(&p.name).context("moment")?;
+                inplace::axpby(t, beta, g, 1.0 - beta, square)?;
+                anyhow::Ok(t.clone())
             };
-            let v = match self.v.get_mut(&p.name) {
-                Some(v) => {
-                    inplace::axpby(v, c.beta2, g, 1.0 - c.beta2, true)?;
-                    v.clone()
-                }
-                None => {
-                    let v = (g.sqr()? * (1.0 - c.beta2))?;
-                    self.v.insert(p.name.clone(), v.clone());
-                    v
-                }
-            };
+            let m = moment(&mut self.m, c.beta1, false)?;
+            let v = moment(&mut self.v, c.beta2, true)?;
             let w = p.var.as_tensor();
             if let Some(next) = step.apply(w, &m, &v)? {
                 p.var.set(&next.detach())?;
