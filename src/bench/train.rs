@@ -95,7 +95,7 @@ pub struct TrainBenchReport {
 }
 
 /// The benchmark prompt: text, one image, text, `total` tokens in all.
-fn bench_prompt(config: &Qwen2VlConfig, size: u32, total: usize) -> Result<(Prompt, usize)> {
+pub fn bench_prompt(config: &Qwen2VlConfig, size: u32, total: usize) -> Result<(Prompt, usize)> {
     let img = image::RgbImage::from_fn(size, size, |x, y| {
         let r = ((x * 7 + y * 3) % 256) as u8;
         let g = (((x as f32 / 9.0).sin() * 120.0 + 128.0) as u8).wrapping_add((y % 17) as u8);

@@ -4,6 +4,7 @@
 //! on the CPU; callers keep a plain tensor-op path for every other case (CUDA, bf16), so the
 //! numbers are the same function of the inputs either way.
 
+pub mod attention;
 pub mod gemm;
 pub mod inplace;
 pub mod skinny;

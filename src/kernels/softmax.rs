@@ -38,6 +38,22 @@ pub fn pick_log_softmax(
         .collect()
 }
 
+/// In place: `row[..n] = softmax(row[..n] * scale)` and `row[n..] = 0` (masked keys).
+pub fn softmax_prefix(row: &mut [f32], n: usize, scale: f32) {
+    let (live, masked) = row.split_at_mut(n.min(row.len()));
+    masked.fill(0.0);
+    if live.is_empty() {
+        return;
+    }
+    if scale != 1.0 {
+        live.iter_mut().for_each(|x| *x *= scale);
+    }
+    let max = row_max(live);
+    let sum = exp_shift_sum(live, max, true);
+    let inv = (1.0 / sum) as f32;
+    live.iter_mut().for_each(|x| *x *= inv);
+}
+
 fn row_max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let mut chunks = row.chunks_exact(16);

@@ -172,10 +172,7 @@ impl Qwen2Vl {
         };
         let embeds = self.input_embeds(&[ids.to_vec()], img.as_ref())?;
         let (pos, _) = self.positions(ids, grids)?;
-        let mask = attention_mask(ids.len(), 0, None, &self.device)?;
-        let hidden = self
-            .text
-            .forward(&embeds, &[pos], Caching::None(mask.as_ref()))?;
+        let hidden = self.text.forward(&embeds, &[pos], Caching::None)?;
         Ok(self
             .text
             .logits(&hidden)?

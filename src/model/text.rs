@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use super::config::{Activation, TextConfig};
 use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, Linear, RmsNorm};
 use super::rope::{MRope, Pos3};
+use crate::kernels::attention::{self, Visibility};
 
 /// One layer's keys and values, (rows, kv_heads, capacity, hd) buffers of which the first
 /// `len` positions are filled. Appends write in place and grow the buffer geometrically, so
@@ -141,8 +142,8 @@ impl KvCache {
 
 /// How the rows of a forward pass relate to KV caches.
 pub enum Caching<'a> {
-    /// No cache: every key is in this pass (training, scoring). The mask, if any, is applied.
-    None(Option<&'a Tensor>),
+    /// No cache: every key is in this pass (scoring), attended causally.
+    None,
     /// Consecutive runs of rows (`rows[i]` of them) each extending its own cache; the row
     /// counts add up to the batch. Within a run all rows have the same length, so no padding
     /// is needed; queries see their cache plus the new tokens causally.
@@ -215,7 +216,7 @@ impl Attention {
         let k = apply_rotary(&k, &c, &s)?.contiguous()?;
         let v = v.contiguous()?;
         let out = match caching {
-            Caching::None(mask) => self.attend(&q, &k, &v, *mask)?,
+            Caching::None => self.attend(&q, &k, &v, Visibility::Causal { past: 0 })?,
             Caching::Groups { rows, caches } => {
                 if rows.len() != caches.len() {
                     candle_core::bail!("{} row counts for {} caches", rows.len(), caches.len());
@@ -234,8 +235,7 @@ impl Attention {
                         v.narrow(0, row, n)?,
                     );
                     let (kall, vall) = cache.append(layer, &kg, &vg)?;
-                    let mask = attention_mask(l, past, None, x.device())?;
-                    outs.push(self.attend(&qg, &kall, &vall, mask.as_ref())?);
+                    outs.push(self.attend(&qg, &kall, &vall, Visibility::Causal { past })?);
                     row += n;
                 }
                 if row != b {
@@ -245,8 +245,7 @@ impl Attention {
             }
             Caching::Capture(kv) => {
                 kv.push((k.clone(), v.clone()));
-                let mask = attention_mask(l, 0, None, x.device())?;
-                self.attend(&q, &k, &v, mask.as_ref())?
+                self.attend(&q, &k, &v, Visibility::Causal { past: 0 })?
             }
             Caching::Packed(segments) => {
                 if b != 1 {
@@ -273,8 +272,12 @@ impl Attention {
                         }
                         None => (ks.contiguous()?, vs.contiguous()?, 0),
                     };
-                    let mask = attention_mask(seg.len, past, None, x.device())?;
-                    outs.push(self.attend(&qs.contiguous()?, &ks, &vs, mask.as_ref())?);
+                    outs.push(self.attend(
+                        &qs.contiguous()?,
+                        &ks,
+                        &vs,
+                        Visibility::Causal { past },
+                    )?);
                     start += seg.len;
                 }
                 if start != l {
@@ -289,7 +292,7 @@ impl Attention {
 
     /// Scaled dot-product attention of q (b, heads, l, hd) over k/v (b, kv_heads, t, hd);
     /// returns (b, heads, l, hd).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, vis: Visibility) -> Result<Tensor> {
         let (b, _, l, hd) = q.dims4()?;
         let t = k.dim(2)?;
         // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
@@ -297,7 +300,21 @@ impl Attention {
         let rep = self.num_heads / self.num_kv_heads;
         let qg = q.reshape((b, self.num_kv_heads, rep * l, hd))?;
         let scale = (hd as f64).powf(-0.5);
+        // One fused op on CPU in f32 (little memory kept for training); decoding's single
+        // query keeps candle's small matmuls.
+        if l > 1 && attention::applies(q, k, v) {
+            let op = attention::Attention {
+                scale: scale as f32,
+                queries: l,
+                visibility: vis,
+            };
+            return attention::attention(&qg, k, v, op)?.reshape((b, self.num_heads, l, hd));
+        }
         let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, self.num_heads, l, t))?;
+        let mask = match vis {
+            Visibility::All => None,
+            Visibility::Causal { past } => attention_mask(l, past, q.device())?,
+        };
         let scores = match mask {
             Some(m) => {
                 let up = upcast(scores.dtype());
@@ -489,40 +506,21 @@ impl TextModel {
     }
 }
 
-/// The additive attention mask for `l` new queries after `past` cached keys: causal, plus
-/// padding keys hidden when `key_valid` gives per-sequence validity of all `past + l` keys.
-/// `None` when nothing needs masking.
-pub fn attention_mask(
-    l: usize,
-    past: usize,
-    key_valid: Option<&[Vec<bool>]>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
+/// The additive causal attention mask for `l` new queries after `past` cached keys,
+/// broadcastable to (batch, 1, l, past + l); `None` when nothing needs masking (one query).
+pub fn attention_mask(l: usize, past: usize, device: &Device) -> Result<Option<Tensor>> {
     let t = past + l;
-    let any_pad = key_valid.is_some_and(|kv| kv.iter().any(|row| row.iter().any(|v| !v)));
-    if l == 1 && !any_pad {
+    if l == 1 {
         return Ok(None);
     }
     let neg = f32::MIN;
-    let rows: Vec<&[bool]> = match key_valid {
-        Some(kv) if any_pad => kv.iter().map(|r| r.as_slice()).collect(),
-        _ => vec![&[]],
-    };
-    let b = rows.len();
-    let mut data = Vec::with_capacity(b * l * t);
-    for valid in &rows {
-        if !valid.is_empty() && valid.len() != t {
-            candle_core::bail!("key validity row has {} entries, expected {t}", valid.len());
-        }
-        for qi in 0..l {
-            for ki in 0..t {
-                let causal_ok = ki <= past + qi;
-                let pad_ok = valid.is_empty() || valid[ki];
-                data.push(if causal_ok && pad_ok { 0.0 } else { neg });
-            }
+    let mut data = Vec::with_capacity(l * t);
+    for qi in 0..l {
+        for ki in 0..t {
+            data.push(if ki <= past + qi { 0.0 } else { neg });
         }
     }
-    Ok(Some(Tensor::from_vec(data, (b, 1, l, t), device)?))
+    Ok(Some(Tensor::from_vec(data, (1, 1, l, t), device)?))
 }
 
 /// Log-softmax over the last dim in f32 (f64 for an f64 model): GRPO and scoring need f32

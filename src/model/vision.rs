@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 use super::config::{Activation, VisionConfig};
 use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, LayerNorm, Linear};
 use super::rope::vision_tables;
+use crate::kernels::attention;
 
 const LN_EPS: f64 = 1e-6;
 
@@ -94,9 +95,18 @@ impl VisionBlock {
             let qs = q.narrow(1, start, len)?;
             let ks = k.narrow(1, start, len)?;
             let vs = v.narrow(1, start, len)?;
-            let scores = (qs.matmul(&ks.t()?)? * scale)?;
-            let probs = softmax_upcast(&scores)?.to_dtype(dtype)?;
-            outs.push(probs.matmul(&vs)?);
+            if attention::applies(&qs, &ks, &vs) {
+                let op = attention::Attention {
+                    scale: scale as f32,
+                    queries: len,
+                    visibility: attention::Visibility::All,
+                };
+                outs.push(attention::attention(&qs, &ks, &vs, op)?);
+            } else {
+                let scores = (qs.matmul(&ks.t()?)? * scale)?;
+                let probs = softmax_upcast(&scores)?.to_dtype(dtype)?;
+                outs.push(probs.matmul(&vs)?);
+            }
             start += len;
         }
         let o = Tensor::cat(&outs, 1)?; // (heads, n, hd)

@@ -119,10 +119,12 @@ fn prompt_pass(
     let mut kv = Vec::with_capacity(layers);
     let mut embed_leaf = None;
     if p > 0 {
+        memlog("pp start");
         let img = match prompt.pixel_values(&model.device)? {
             Some(px) => Some(model.encode_images(&px, &grids)?),
             None => None,
         };
+        memlog("pp vision");
         let head = vec![ids[..p].to_vec()];
         let tokens = if training {
             let t = embed_untracked(model, &head[0])?.unsqueeze(0)?;
@@ -133,6 +135,7 @@ fn prompt_pass(
             model.token_embeds(&head)?
         };
         let embeds = model.merge_images(&tokens, &head, img.as_ref())?;
+        memlog("pp embeds");
         model.text.forward(
             &embeds,
             &[positions[..p].to_vec()],
@@ -225,6 +228,7 @@ fn rows_pass(
     } else {
         (model.token_embeds(&[ids])?, None)
     };
+    memlog("rows embeds");
     let hidden = model
         .text
         .forward(&embeds, &[positions], Caching::Packed(&segments))?;
@@ -269,10 +273,17 @@ pub fn logps(
         for s in mb {
             if !passes.contains_key(&s.prompt_index) {
                 let n = counts.remove(&s.prompt_index).unwrap_or(0);
+                let tt = std::time::Instant::now();
                 passes.insert(s.prompt_index, prompt_pass(model, s.prompt, n, false)?);
+                if std::env::var_os("MEDVLM_MEMLOG").is_some() {
+                    eprintln!("TIME prompt {:.3}", tt.elapsed().as_secs_f64());
+                }
             }
         }
+        let tt = std::time::Instant::now();
         let (hidden, _) = rows_pass(model, mb, &passes, false)?;
+        let t_rows = tt.elapsed().as_secs_f64();
+        let tt = std::time::Instant::now();
         let (lp, _) = token_logps::forward(
             &hidden,
             model.text.lm_head_weight(),
@@ -280,6 +291,9 @@ pub fn logps(
             temperature,
             false,
         )?;
+        if std::env::var_os("MEDVLM_MEMLOG").is_some() {
+            eprintln!("TIME rows {t_rows:.3} lm {:.3}", tt.elapsed().as_secs_f64());
+        }
         let mut k = 0;
         for s in mb {
             out.push(lp[k..k + s.tokens.len()].to_vec());
@@ -345,6 +359,7 @@ pub fn backward(
     let mut counts = count_by_prompt(seqs);
     let mut passes: HashMap<usize, PromptPass> = HashMap::new();
     let mut loss_sum = 0f64;
+    memlog("start");
     for (index, range) in micro_batches(seqs.len(), micro_batch)
         .into_iter()
         .enumerate()
@@ -356,12 +371,15 @@ pub fn backward(
                 passes.insert(s.prompt_index, prompt_pass(model, s.prompt, n, true)?);
             }
         }
+        memlog("prompt pass");
         let (hidden, embed_leaf) = rows_pass(model, mb, &passes, true)?;
+        memlog("rows fwd");
 
         // Log-probs outside the graph, then the loss's gradient with respect to them.
         let (lp, saved) =
             token_logps::forward(&hidden.detach(), head_w, &targets_of(mb), temperature, true)?;
         let saved = saved.context("token log-probs kept nothing for the backward pass")?;
+        memlog("lm fwd");
         let mut rows = Vec::with_capacity(mb.len());
         let mut k = 0;
         for s in mb {
@@ -389,14 +407,18 @@ pub fn backward(
             .collect();
         drop(store);
 
+        memlog("loss bwd");
         // ∂L/∂h by hand (∂L/∂W added to the LM head's gradient), then autograd from h down.
         let mut head_grad = grads.slot_mut(head_i).take();
         let dh = saved.backward(&g, head_w, &mut head_grad)?;
+        memlog("lm bwd");
         if trainable(head_i) {
             *grads.slot_mut(head_i) = head_grad;
         }
         let store = (&hidden * dh.detach())?.sum_all()?.backward()?;
+        memlog("rows bwd");
         grads.add(&policy.params, &store)?;
+        memlog("grads add");
         if let Some((leaf, ids)) = &embed_leaf {
             if let (Some(g), true) = (store.get(leaf.as_tensor()), trainable(embed_i)) {
                 grads.add_rows(embed_i, &embed_shape, ids, g)?;
@@ -428,6 +450,7 @@ pub fn backward(
         for pi in finished {
             let pass = passes.remove(&pi).context("prompt pass")?;
             prompt_backward(pass, policy, embed_i, &embed_shape, grads)?;
+            memlog("prompt bwd");
         }
     }
     Ok(loss_sum)
@@ -478,4 +501,30 @@ fn prompt_backward(
         }
     }
     Ok(())
+}
+
+#[doc(hidden)]
+pub fn memlog(what: &str) {
+    if std::env::var_os("MEDVLM_MEMLOG").is_none() {
+        return;
+    }
+    thread_local!(static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) });
+    let now = std::time::Instant::now();
+    let dt = LAST
+        .with(|l| l.replace(Some(now)))
+        .map_or(0.0, |t| (now - t).as_secs_f64());
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    eprintln!(
+        "MEM {what:30} rss {:7.0}  hwm {:7.0}  +{dt:.3}s",
+        get("VmRSS:"),
+        get("VmHWM:")
+    );
 }

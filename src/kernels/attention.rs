@@ -1,0 +1,354 @@
+//! Scaled dot-product attention as one candle op with a hand-written backward pass.
+//!
+//! Composed from tensor ops, attention keeps the scores, the scaled scores, the masked
+//! scores and the softmax's intermediates (each queries x keys per head) alive for the
+//! backward pass: most of a training micro-batch's activation memory. This op keeps nothing
+//! but its inputs and output: the backward pass recomputes the probabilities (two small
+//! matmuls) and applies the softmax's Jacobian row by row. Grouped-query attention is native:
+//! the `rep` query heads sharing a key/value head are the rows of one block.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Mat};
+use super::softmax::softmax_prefix;
+
+/// Which keys a query sees.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Visibility {
+    /// Every key.
+    All,
+    /// Query `i` (of this pass) sees keys `0..=past + i`: `past` cached or prefix keys come
+    /// first.
+    Causal { past: usize },
+}
+
+/// `softmax(q kᵀ · scale + mask) v` for q (blocks, rows, d) where the rows of a block are
+/// `rows / queries` heads of `queries` queries each, and k, v (blocks, keys, d).
+#[derive(Debug, Clone, Copy)]
+pub struct Attention {
+    pub scale: f32,
+    /// Queries per head (rows of a block are head-major: row r is query r % queries).
+    pub queries: usize,
+    pub visibility: Visibility,
+}
+
+/// Checked geometry of one call.
+struct Dims {
+    blocks: usize,
+    rows: usize,
+    keys: usize,
+    d: usize,
+}
+
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("attention: {what} is not f32");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("attention: {what} is not contiguous");
+    };
+    Ok(&v[a..b])
+}
+
+impl Attention {
+    fn dims(&self, q: &Shape, k: &Shape, v: &Shape) -> Result<Dims> {
+        let (q, k, v) = (q.dims(), k.dims(), v.dims());
+        if q.len() < 2 || k.len() != q.len() || v.len() != q.len() {
+            candle_core::bail!("attention: shapes {q:?}, {k:?}, {v:?}");
+        }
+        let n = q.len();
+        let blocks: usize = q[..n - 2].iter().product();
+        let (rows, d) = (q[n - 2], q[n - 1]);
+        let keys = k[n - 2];
+        if k[..n - 2] != q[..n - 2]
+            || v[..n - 2] != q[..n - 2]
+            || k[n - 1] != d
+            || v[n - 1] != d
+            || v[n - 2] != keys
+        {
+            candle_core::bail!("attention: shapes {q:?}, {k:?}, {v:?} do not fit");
+        }
+        if self.queries == 0 || rows % self.queries != 0 {
+            candle_core::bail!(
+                "attention: {rows} rows are not whole heads of {} queries",
+                self.queries
+            );
+        }
+        if let Visibility::Causal { past } = self.visibility {
+            if past + self.queries != keys {
+                candle_core::bail!(
+                    "attention: {} queries after {past} past keys need {} keys, got {keys}",
+                    self.queries,
+                    past + self.queries
+                );
+            }
+        }
+        Ok(Dims {
+            blocks,
+            rows,
+            keys,
+            d,
+        })
+    }
+
+    /// Keys visible to row `r`.
+    fn visible(&self, r: usize, keys: usize) -> usize {
+        match self.visibility {
+            Visibility::All => keys,
+            Visibility::Causal { past } => (past + r % self.queries + 1).min(keys),
+        }
+    }
+
+    /// The block's probabilities (rows x keys) into `p`.
+    fn probs(&self, q: &[f32], k: &[f32], dm: &Dims, p: &mut [f32]) {
+        let (rows, keys, d) = (dm.rows, dm.keys, dm.d);
+        matmul(
+            p,
+            Mat::rows(q, rows, d),
+            Mat::rows(k, keys, d).t(),
+            1.0,
+            false,
+            threads(),
+        );
+        p.par_chunks_mut(keys).enumerate().for_each(|(r, row)| {
+            softmax_prefix(row, self.visible(r, keys), self.scale);
+        });
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = self.dims(ql.shape(), kl.shape(), vl.shape())?;
+        let (q, k, v) = (f32s(qs, ql, "q")?, f32s(ks, kl, "k")?, f32s(vs, vl, "v")?);
+        let (rows, keys, d) = (dm.rows, dm.keys, dm.d);
+        let mut out = vec![0f32; dm.blocks * rows * d];
+        let mut p = vec![0f32; rows * keys];
+        for b in 0..dm.blocks {
+            let qb = &q[b * rows * d..(b + 1) * rows * d];
+            let kb = &k[b * keys * d..(b + 1) * keys * d];
+            let vb = &v[b * keys * d..(b + 1) * keys * d];
+            self.probs(qb, kb, &dm, &mut p);
+            matmul(
+                &mut out[b * rows * d..(b + 1) * rows * d],
+                Mat::rows(&p, rows, keys),
+                Mat::rows(vb, keys, d),
+                1.0,
+                false,
+                threads(),
+            );
+        }
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dm = self.dims(q.shape(), k.shape(), v.shape())?;
+        let (q, k, v, g) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (rows, keys, d) = (dm.rows, dm.keys, dm.d);
+        let mut dq = vec![0f32; dm.blocks * rows * d];
+        let mut dk = vec![0f32; dm.blocks * keys * d];
+        let mut dv = vec![0f32; dm.blocks * keys * d];
+        let ok = super::with_f32(&q, |q| {
+            super::with_f32(&k, |k| {
+                super::with_f32(&v, |v| {
+                    super::with_f32(&g, |g| {
+                        let mut p = vec![0f32; rows * keys];
+                        let mut dp = vec![0f32; rows * keys];
+                        for b in 0..dm.blocks {
+                            let rq = b * rows * d..(b + 1) * rows * d;
+                            let rk = b * keys * d..(b + 1) * keys * d;
+                            let (qb, kb, vb, gb) = (
+                                &q[rq.clone()],
+                                &k[rk.clone()],
+                                &v[rk.clone()],
+                                &g[rq.clone()],
+                            );
+                            self.probs(qb, kb, &dm, &mut p);
+                            // dP = dO vᵀ; dV = Pᵀ dO
+                            let t = threads();
+                            matmul(
+                                &mut dp,
+                                Mat::rows(gb, rows, d),
+                                Mat::rows(vb, keys, d).t(),
+                                1.0,
+                                false,
+                                t,
+                            );
+                            matmul(
+                                &mut dv[rk.clone()],
+                                Mat::rows(&p, rows, keys).t(),
+                                Mat::rows(gb, rows, d),
+                                1.0,
+                                false,
+                                t,
+                            );
+                            // dS = P ∘ (dP - rowsum(dP ∘ P)) · scale, in place over dP.
+                            let scale = self.scale;
+                            dp.par_chunks_mut(keys)
+                                .zip(p.par_chunks(keys))
+                                .for_each(|(dr, pr)| {
+                                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                                        *x = pv * (*x - dot) * scale;
+                                    }
+                                });
+                            // dQ = dS k; dK = dSᵀ q
+                            matmul(
+                                &mut dq[rq.clone()],
+                                Mat::rows(&dp, rows, keys),
+                                Mat::rows(kb, keys, d),
+                                1.0,
+                                false,
+                                t,
+                            );
+                            matmul(
+                                &mut dk[rk],
+                                Mat::rows(&dp, rows, keys).t(),
+                                Mat::rows(qb, rows, d),
+                                1.0,
+                                false,
+                                t,
+                            );
+                        }
+                    })
+                })
+            })
+        })
+        .flatten()
+        .flatten()
+        .flatten();
+        if ok.is_none() {
+            candle_core::bail!("attention backward: inputs are not f32 on the CPU");
+        }
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Whether [`attention`] can run these tensors (f32, on the CPU).
+pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+/// Attention of q (.., rows, d) over k, v (.., keys, d): see [`Attention`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Result<Tensor> {
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// The same attention from tensor ops (scores, additive mask, softmax, matmul), whose
+    /// gradients candle's autograd derives.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Tensor {
+        let (rows, keys) = (q.dim(2).unwrap(), k.dim(2).unwrap());
+        let mut mask = vec![0f32; rows * keys];
+        for r in 0..rows {
+            for j in op.visible(r, keys)..keys {
+                mask[r * keys + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (rows, keys), q.device()).unwrap();
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * op.scale as f64)
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        candle_nn::ops::softmax(&s, D::Minus1)
+            .unwrap()
+            .matmul(v)
+            .unwrap()
+    }
+
+    #[test]
+    fn forward_and_gradients_equal_the_composed_ops() {
+        let dev = Device::Cpu;
+        // 2 blocks (batch x kv heads), 3 query heads per kv head, 5 queries, 4 past keys.
+        for (vis, queries, keys) in [
+            (Visibility::Causal { past: 4 }, 5, 9),
+            (Visibility::Causal { past: 0 }, 7, 7),
+            (Visibility::All, 6, 11),
+        ] {
+            let rows = 3 * queries;
+            let mk = |r, seed: u64| {
+                let n = 2 * r * 8;
+                let data: Vec<f32> = (0..n)
+                    .map(|i| ((i as u64 * 7919 + seed) % 1000) as f32 / 500.0 - 1.0)
+                    .collect();
+                Var::from_tensor(&Tensor::from_vec(data, (1, 2, r, 8), &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (mk(rows, 1), mk(keys, 2), mk(keys, 3));
+            let op = Attention {
+                scale: 0.35,
+                queries,
+                visibility: vis,
+            };
+            let g = Tensor::from_vec(
+                (0..2 * rows * 8)
+                    .map(|i| (i as f32 * 0.37).sin())
+                    .collect::<Vec<_>>(),
+                (1, 2, rows, 8),
+                &dev,
+            )
+            .unwrap();
+            let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), op);
+            let got = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), op).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(diff(&got, &want) < 1e-5, "{vis:?} forward");
+            let gw = (want * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gg = (got * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, b) = (
+                    gg.get(t.as_tensor()).unwrap(),
+                    gw.get(t.as_tensor()).unwrap(),
+                );
+                assert!(diff(a, b) < 1e-5, "{vis:?} d{name}: {}", diff(a, b));
+            }
+        }
+    }
+}
