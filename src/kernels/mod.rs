@@ -5,6 +5,7 @@
 //! numbers are the same function of the inputs either way.
 
 pub mod attention;
+pub mod elementwise;
 pub mod gemm;
 pub mod inplace;
 pub mod skinny;

@@ -88,17 +88,29 @@ fn exp_shift_sum(row: &mut [f32], max: f32, store: bool) -> f64 {
     sum
 }
 
+/// `xs[i] = exp(xs[i])` in place (vectorised on AVX-512; ~2 ulps).
+pub fn exp_in_place(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: AVX-512F is present.
+        unsafe { avx512::exp_in_place(xs) };
+        return;
+    }
+    xs.iter_mut().for_each(|x| *x = x.exp());
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// `exp(x)` for x <= 0 (the shifted logits), Cephes' expf: x = n ln2 + r with |r| <= ln2/2,
+    /// `exp(x)` (overflowing to +inf above ~88.7), Cephes' expf: x = n ln2 + r with |r| <= ln2/2,
     /// a degree-6 polynomial for exp(r), then scaled by 2^n. Relative error ~1e-7 (two ulps).
     #[target_feature(enable = "avx512f")]
     unsafe fn exp16(x: __m512) -> __m512 {
         // Below -104, exp underflows to zero in f32; scalef turns 2^n with n down to -150
-        // into the right subnormal or zero.
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        // into the right subnormal or zero. (max returns its second operand for a NaN, so
+        // NaNs propagate.)
+        let x = _mm512_max_ps(_mm512_set1_ps(-104.0), x);
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -114,6 +126,22 @@ mod avx512 {
         let r2 = _mm512_mul_ps(r, r);
         let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
         _mm512_scalef_ps(y, n)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_in_place(xs: &mut [f32]) {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let mut i = 0;
+        while i + 16 <= n {
+            _mm512_storeu_ps(p.add(i), exp16(_mm512_loadu_ps(p.add(i))));
+            i += 16;
+        }
+        if i < n {
+            let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+            let e = exp16(_mm512_maskz_loadu_ps(mask, p.add(i)));
+            _mm512_mask_storeu_ps(p.add(i), mask, e);
+        }
     }
 
     #[target_feature(enable = "avx512f")]

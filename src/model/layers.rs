@@ -9,6 +9,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use crate::kernels::elementwise;
 
 /// The precision reductions and softmaxes run in: f32, or f64 for an f64 model (transformers
 /// upcasts half precision to f32 for norms, rotary tables and attention probabilities).
@@ -129,6 +130,9 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if elementwise::applies(&[x, &self.weight]) {
+            return elementwise::rms_norm(x, &self.weight, self.eps);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(upcast(dtype))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -158,6 +162,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if elementwise::applies(&[x, &self.weight, &self.bias]) {
+            return elementwise::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(upcast(dtype))?;
         let mean = xf.mean_keepdim(D::Minus1)?;
@@ -173,6 +180,9 @@ impl Module for LayerNorm {
 }
 
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    if act == Activation::QuickGelu && elementwise::applies(&[x]) {
+        return elementwise::quick_gelu(x);
+    }
     match act {
         Activation::Silu => x.silu(),
         // x * sigmoid(1.702 x), CLIP's approximation used by the Qwen2-VL vision MLP.
@@ -180,6 +190,14 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
         Activation::Gelu => x.gelu_erf(),
         Activation::GeluTanh => x.gelu(),
     }
+}
+
+/// `act(gate) * up`: SwiGLU (one fused op on CPU f32) and its relatives.
+pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+    if act == Activation::Silu && elementwise::applies(&[gate, up]) {
+        return elementwise::swiglu(gate, up);
+    }
+    activate(gate, act)?.mul(up)
 }
 
 /// Softmax over the last dimension in the upcast precision, returned in it.
@@ -198,6 +216,15 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Rotary embedding of x (b, l, heads, d) with cos, sin (b, l, d) shared by the heads,
+/// returned as (b, heads, l, d), contiguous: the layout attention takes.
+pub fn rotary_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if elementwise::applies(&[x, cos, sin]) {
+        return elementwise::rotary(x, cos, sin);
+    }
+    apply_rotary(&x.transpose(1, 2)?, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.contiguous()
 }
 
 /// `x * cos + rotate_half(x) * sin` with cos/sin broadcast over the head axis.

@@ -5,7 +5,7 @@ use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, TextConfig};
-use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, Linear, RmsNorm};
+use super::layers::{gated, linear, rotary_heads_first, softmax_upcast, upcast, Linear, RmsNorm};
 use super::rope::{MRope, Pos3};
 use crate::kernels::attention::{self, Visibility};
 
@@ -206,15 +206,13 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let hd = self.head_dim;
-        let heads = |t: Tensor, n: usize| t.reshape((b, l, n, hd))?.transpose(1, 2);
-        let q = heads(self.q.forward(x)?, self.num_heads)?;
-        let k = heads(self.k.forward(x)?, self.num_kv_heads)?;
-        let v = heads(self.v.forward(x)?, self.num_kv_heads)?;
-        // cos/sin: (b, l, hd) -> broadcast over heads
-        let (c, s) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
-        let q = apply_rotary(&q, &c, &s)?.contiguous()?;
-        let k = apply_rotary(&k, &c, &s)?.contiguous()?;
-        let v = v.contiguous()?;
+        // (b, l, heads * hd) -> (b, heads, l, hd), q and k rotated on the way.
+        let split = |t: Tensor, n: usize| t.reshape((b, l, n, hd));
+        let q = rotary_heads_first(&split(self.q.forward(x)?, self.num_heads)?, cos, sin)?;
+        let k = rotary_heads_first(&split(self.k.forward(x)?, self.num_kv_heads)?, cos, sin)?;
+        let v = split(self.v.forward(x)?, self.num_kv_heads)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let out = match caching {
             Caching::None => self.attend(&q, &k, &v, Visibility::Causal { past: 0 })?,
             Caching::Groups { rows, caches } => {
@@ -352,8 +350,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = activate(&self.gate.forward(x)?, self.act)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let h = gated(&self.gate.forward(x)?, &self.up.forward(x)?, self.act)?;
+        self.down.forward(&h)
     }
 }
 

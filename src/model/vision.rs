@@ -6,7 +6,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, VisionConfig};
-use super::layers::{activate, apply_rotary, linear, softmax_upcast, upcast, LayerNorm, Linear};
+use super::layers::{
+    activate, linear, rotary_heads_first, softmax_upcast, upcast, LayerNorm, Linear,
+};
 use super::rope::vision_tables;
 use crate::kernels::attention;
 
@@ -68,21 +70,17 @@ impl VisionBlock {
         // (n, 3, heads, hd) -> three (heads, n, hd)
         let qkv = self.qkv.forward(x)?.reshape((n, 3, self.num_heads, hd))?;
         let rot = |t: Tensor| -> Result<Tensor> {
-            // transformers rotates vision q/k in f32 and casts back
-            let t = t.to_dtype(upcast(dtype))?;
-            apply_rotary(
-                &t,
-                &cos.to_dtype(t.dtype())?.unsqueeze(1)?,
-                &sin.to_dtype(t.dtype())?.unsqueeze(1)?,
-            )?
-            .to_dtype(dtype)
+            // transformers rotates vision q/k in f32 and casts back; (n, heads, hd) in,
+            // (heads, n, hd) out.
+            let t = t.to_dtype(upcast(dtype))?.unsqueeze(0)?;
+            let (c, s) = (
+                cos.to_dtype(t.dtype())?.unsqueeze(0)?,
+                sin.to_dtype(t.dtype())?.unsqueeze(0)?,
+            );
+            rotary_heads_first(&t, &c, &s)?.squeeze(0)?.to_dtype(dtype)
         };
-        let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?
-            .transpose(0, 1)?
-            .contiguous()?;
+        let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?;
+        let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?;
         let v = qkv
             .narrow(1, 2, 1)?
             .squeeze(1)?
