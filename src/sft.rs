@@ -145,6 +145,22 @@ pub fn target_text(item: &VqaItem) -> String {
 /// Trains (or resumes) an SFT run; returns the exported model's directory (or, when
 /// `stop_after` steps are reached first, which simulates an interruption, the last
 /// checkpoint).
+/// The gradient of one SFT step over `seqs` (prompts with their target tokens): the
+/// token-mean negative log-likelihood over the whole step, in micro-batches of
+/// `micro_batch`. Returns the accumulated gradients and the loss.
+pub fn gradients(
+    model: &TrainableModel,
+    seqs: &[SeqRef],
+    micro_batch: usize,
+) -> Result<(GradAccumulator, f64)> {
+    let total_tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    let mut grads = GradAccumulator::new(model.params.len());
+    let nll = logps::backward(model, seqs, micro_batch, 1.0, &mut grads, |mb| {
+        Ok(((mb.logp * mb.mask)?.sum_all()?.neg()? / total_tokens as f64)?)
+    })?;
+    Ok((grads, nll))
+}
+
 pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result<PathBuf> {
     config.validate()?;
     let device = crate::cli::parse_device(config.device.as_deref())?;
@@ -229,7 +245,6 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
             targets.push(ids);
         }
         let total_tokens: usize = targets.iter().map(Vec::len).sum();
-        let mut grads = GradAccumulator::new(model.params.len());
         let seqs: Vec<SeqRef> = prompts
             .iter()
             .zip(&targets)
@@ -240,10 +255,7 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
                 tokens: t,
             })
             .collect();
-        // Token-mean negative log-likelihood over the whole step.
-        let nll_sum = logps::backward(&model, &seqs, config.micro_batch, 1.0, &mut grads, |mb| {
-            Ok(((mb.logp * mb.mask)?.sum_all()?.neg()? / total_tokens as f64)?)
-        })?;
+        let (mut grads, nll_sum) = gradients(&model, &seqs, config.micro_batch)?;
         let (norm, lr) = session.apply(&model, &mut grads)?;
         let secs = t.elapsed().as_secs_f64();
         let mut rec = Record::new(session.step);

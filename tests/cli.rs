@@ -425,3 +425,50 @@ fn bench_generate_runs_and_reports_every_figure() {
         assert!(j[k].as_f64().unwrap() > 0.0, "{k}");
     }
 }
+
+#[test]
+fn bench_train_runs_grpo_and_sft_steps_and_reports_every_phase() {
+    for sft in [false, true] {
+        let mut args = vec![
+            "bench",
+            "train",
+            "--completion-len",
+            "3",
+            "--group",
+            "2",
+            "--micro-batch",
+            "1",
+            "--steps",
+            "1",
+            "--threads",
+            "2",
+            "--json",
+        ];
+        if sft {
+            args.push("--sft");
+        }
+        let (ok, out, err) = medvlm(&args);
+        assert!(ok, "{err}");
+        let j: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["parameters"], 119_719_168);
+        assert_eq!(j["image_tokens"], 64);
+        let step = &j["steps"][0];
+        let mut timed = vec!["policy_s", "optimizer_s", "total_s", "grad_norm"];
+        if !sft {
+            timed.extend(["generation_s", "reference_s"]);
+        }
+        for k in timed {
+            assert!(step[k].as_f64().unwrap() > 0.0, "sft={sft}: {k}");
+        }
+        // The loss of random weights on 151,936 classes: about ln(151936) = 11.9 for SFT;
+        // GRPO's is a small advantage-weighted term.
+        let loss = step["loss"].as_f64().unwrap();
+        assert!(loss.is_finite(), "sft={sft}: loss {loss}");
+        if sft {
+            assert!((loss - 151_936f64.ln()).abs() < 0.5, "SFT loss {loss}");
+        }
+        assert!(j["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    }
+    let (ok, _, err) = medvlm(&["bench", "train", "--group", "1"]);
+    assert!(!ok && err.contains("--group must be at least 2"), "{err}");
+}

@@ -16,6 +16,10 @@ Same random model (tools/bench_config.json, f32), same prompt shape (20 text tok
   3. policy forward + backward per micro-batch (gradient accumulation), TRL 1.x's loss
      (loss_type "grpo", num_iterations 1: old log-probs = detached current, k3 KL * beta);
   4. clip_grad_norm_(1.0) and AdamW (lr 1e-6), zero_grad.
+With --sft, an SFT step as TRL's SFTTrainer runs it instead: prompts x group items, each with
+its own copy of the prompt and image and a --completion-len-token target, labels -100 on the
+prompt, transformers' own loss over the logits of every position (sum over target tokens /
+their count in the step, gradient accumulation over --micro-batch items), clipping, AdamW.
 Prints one line per step and a JSON report.
 """
 
@@ -70,6 +74,7 @@ def main():
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--prompt-tokens", type=int, default=261)
     ap.add_argument("--freeze-vision", action="store_true")
+    ap.add_argument("--sft", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -109,7 +114,34 @@ def main():
     patches = pv["pixel_values"].shape[0]
 
     steps = []
-    for step in range(args.steps):
+    if args.sft:
+        for step in range(args.steps):
+            t0 = time.perf_counter()
+            targets = torch.tensor([text_ids(C, 3 + step * rows + i) for i in range(rows)])
+            full = torch.cat([prompt_ids, targets], 1)
+            labels = torch.cat([torch.full_like(prompt_ids, -100), targets], 1)
+            n_items = torch.tensor(rows * C)
+            loss_sum = 0.0
+            for i in range(0, rows, mb):
+                sl = slice(i, i + mb)
+                out = policy(input_ids=full[sl], attention_mask=torch.ones_like(full[sl]),
+                             pixel_values=pixel_values[i * patches:(i + mb) * patches], image_grid_thw=grids[sl],
+                             mm_token_type_ids=mm_types(full[sl], cfg.image_token_id), labels=labels[sl],
+                             num_items_in_batch=n_items, use_cache=False)
+                out.loss.backward()
+                loss_sum += out.loss.item()
+            pol_s = time.perf_counter() - t0
+            t3 = time.perf_counter()
+            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            opt_s = time.perf_counter() - t3
+            rec = dict(generation_s=0.0, reference_s=0.0, policy_s=pol_s, optimizer_s=opt_s,
+                       train_s=pol_s + opt_s, total_s=time.perf_counter() - t0, loss=loss_sum, grad_norm=gn)
+            print(f"step {step + 1}: policy fwd+bwd {pol_s:.2f}s  optimizer {opt_s:.2f}s  "
+                  f"total {rec['total_s']:.2f}s", flush=True)
+            steps.append(rec)
+    for step in range(0 if args.sft else args.steps):
         t0 = time.perf_counter()
         with torch.no_grad():
             policy.eval()

@@ -42,6 +42,12 @@ pub struct TrainWorkload {
     pub prompt_tokens: usize,
     /// Train only the language model and the merger.
     pub freeze_vision: bool,
+    /// Report each phase's peak memory (resets the kernel's peak counter at every phase
+    /// boundary, so outside tools then see only the last phase's peak).
+    pub phase_memory: bool,
+    /// Time an SFT step instead: `prompts x group` items with `completion_len`-token
+    /// targets, each its own prompt; no generation, no reference model.
+    pub sft: bool,
 }
 
 impl Default for TrainWorkload {
@@ -58,6 +64,8 @@ impl Default for TrainWorkload {
             image_size: 224,
             prompt_tokens: 261,
             freeze_vision: false,
+            phase_memory: false,
+            sft: false,
         }
     }
 }
@@ -128,9 +136,43 @@ pub fn bench_prompt(config: &Qwen2VlConfig, size: u32, total: usize) -> Result<(
     ))
 }
 
+/// The models and inputs of a benchmark run.
+struct Setup {
+    config: Qwen2VlConfig,
+    policy: TrainableModel,
+    /// The KL reference: the policy's initial weights in storage of their own.
+    reference: Option<Qwen2Vl>,
+    sampler: Qwen2Vl,
+    prompts: Vec<Prompt>,
+    optimizer: AdamW,
+}
+
+/// Tracks peak memory per phase (when asked to) and over the whole run.
+struct Peaks {
+    per_phase: bool,
+    overall: f64,
+}
+
+impl Peaks {
+    /// The peak since the previous call (which, when measuring phases, starts a new one).
+    fn phase(&mut self) -> f64 {
+        let p = peak_rss_mib();
+        self.overall = self.overall.max(p);
+        if self.per_phase {
+            reset_peak_rss();
+        }
+        p
+    }
+}
+
 pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
-    if w.group < 2 || w.prompts == 0 || w.completion_len == 0 || w.micro_batch == 0 {
-        bail!("the workload needs --group >= 2, --prompts >= 1, --completion-len >= 1 and --micro-batch >= 1");
+    if w.group == 0 || w.prompts == 0 || w.completion_len == 0 || w.micro_batch == 0 {
+        bail!(
+            "the workload needs --prompts, --group, --completion-len and --micro-batch of at least 1"
+        );
+    }
+    if !w.sft && w.group < 2 {
+        bail!("GRPO compares completions within a group: --group must be at least 2");
     }
     let config = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "tools/bench_config.json")?;
     let mut policy =
@@ -139,128 +181,45 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
     if w.freeze_vision {
         policy.freeze_vision();
     }
-    // The reference: the same initial weights in storage of its own (the policy's change).
-    let reference = Qwen2Vl::from_var_builder(
-        random_var_builder(0.02, 0, DType::F32, device),
-        WeightLayout::Legacy,
-        config.clone(),
-        DType::F32,
-        device,
-    )?;
+    let reference = if !w.sft && w.beta != 0.0 {
+        Some(Qwen2Vl::from_var_builder(
+            random_var_builder(0.02, 0, DType::F32, device),
+            WeightLayout::Legacy,
+            config.clone(),
+            DType::F32,
+            device,
+        )?)
+    } else {
+        None
+    };
     let sampler = policy.detached()?;
     let (prompt, image_tokens) = bench_prompt(&config, w.image_size, w.prompt_tokens)?;
-    let prompts = vec![prompt; w.prompts];
-    let loss_cfg = LossConfig {
-        beta: w.beta,
-        max_completion_length: w.completion_len,
-        ..Default::default()
+    let mut setup = Setup {
+        config: config.clone(),
+        policy,
+        reference,
+        sampler,
+        prompts: vec![prompt; w.prompts],
+        optimizer: AdamW::new(AdamWConfig {
+            lr: 1e-6,
+            ..Default::default()
+        }),
     };
-    let mut optimizer = AdamW::new(AdamWConfig {
-        lr: 1e-6,
-        ..Default::default()
-    });
+    let mut peaks = Peaks {
+        per_phase: false,
+        overall: peak_rss_mib(),
+    };
+    peaks.per_phase = w.phase_memory && reset_peak_rss();
     let mut steps = Vec::with_capacity(w.steps);
-    let mut overall_peak = peak_rss_mib();
-    let per_phase_peaks = reset_peak_rss();
-    // The peak since the last call, which then starts a new one.
-    let mut phase_peak = || {
-        let p = peak_rss_mib();
-        overall_peak = overall_peak.max(p);
-        reset_peak_rss();
-        p
-    };
     for s in 0..w.steps {
-        let t0 = Instant::now();
-        // No stop tokens: every completion runs to completion_len, as the PyTorch side forces.
-        let engine = Engine::new(&sampler, vec![], vec![config.image_token_id]);
-        let requests: Vec<Request> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Request {
-                prompt: p,
-                sampling: SamplingParams::with_temperature(1.0, (s * 1000 + i) as u64),
-                max_new_tokens: w.completion_len,
-                num_samples: w.group,
-            })
-            .collect();
-        let completions = engine.generate(&requests, |_, _, _| {})?;
-        let generation_s = t0.elapsed().as_secs_f64();
-        let generation_peak_mib = phase_peak();
-
-        // Rewards stand in for the reward functions (which cost nothing next to the model):
-        // fixed random values, so advantages are non-zero.
-        let mut rng = StdRng::seed_from_u64(s as u64);
-        let rewards: Vec<f32> = (0..w.prompts * w.group)
-            .map(|_| rng.random_range(0..3) as f32)
-            .collect();
-        let advantages = grpo::advantages(&rewards, w.group, ScaleRewards::Group)?;
-        let truncated: Vec<bool> = completions
-            .iter()
-            .flatten()
-            .map(|c| c.finish == FinishReason::Length)
-            .collect();
-        let seqs: Vec<SeqRef> = completions
-            .iter()
-            .enumerate()
-            .flat_map(|(pi, g)| {
-                let prompts = &prompts;
-                g.iter().map(move |c| SeqRef {
-                    prompt: &prompts[pi],
-                    prompt_index: pi,
-                    tokens: &c.tokens,
-                })
-            })
-            .collect();
-        let batch = StepBatch {
-            prompts: &prompts,
-            seqs,
-            advantages: &advantages,
-            truncated: &truncated,
-        };
-
-        let t1 = Instant::now();
-        let reference_logps = if w.beta != 0.0 {
-            Some(step::fixed_logps(&reference, &batch, w.micro_batch, 1.0)?)
+        let st = if w.sft {
+            sft_step(&mut setup, w, s, &mut peaks)?
         } else {
-            None
-        };
-        let reference_s = t1.elapsed().as_secs_f64();
-        let reference_peak_mib = phase_peak();
-        let t2 = Instant::now();
-        let (mut grads, stats) = step::policy_gradients(
-            &policy,
-            &batch,
-            &loss_cfg,
-            w.micro_batch,
-            None,
-            reference_logps.as_deref(),
-        )?;
-        let policy_s = t2.elapsed().as_secs_f64();
-        let policy_peak_mib = phase_peak();
-        let t3 = Instant::now();
-        let grad_norm = grads.clip(1.0)?;
-        optimizer.update(&policy.params, &grads, 1e-6)?;
-        drop(grads);
-        let optimizer_s = t3.elapsed().as_secs_f64();
-        let optimizer_peak_mib = phase_peak();
-        let train_s = reference_s + policy_s + optimizer_s;
-        let st = StepTimes {
-            generation_s,
-            reference_s,
-            policy_s,
-            optimizer_s,
-            train_s,
-            total_s: t0.elapsed().as_secs_f64(),
-            loss: stats.loss,
-            grad_norm,
-            generation_peak_mib,
-            reference_peak_mib,
-            policy_peak_mib,
-            optimizer_peak_mib,
+            grpo_step(&mut setup, w, s, &mut peaks)?
         };
         eprintln!(
             "step {}: generation {:.2}s  reference {:.2}s  policy fwd+bwd {:.2}s  optimizer {:.2}s  \
-             train {:.2}s  total {:.2}s  (peak MiB: {:.0} / {:.0} / {:.0} / {:.0})",
+             train {:.2}s  total {:.2}s",
             s + 1,
             st.generation_s,
             st.reference_s,
@@ -268,10 +227,6 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             st.optimizer_s,
             st.train_s,
             st.total_s,
-            st.generation_peak_mib,
-            st.reference_peak_mib,
-            st.policy_peak_mib,
-            st.optimizer_peak_mib,
         );
         steps.push(st);
     }
@@ -281,8 +236,160 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         workload: w.clone(),
         image_tokens,
         steps,
-        peak_rss_mib: overall_peak.max(peak_rss_mib()),
-        per_phase_peaks,
+        peak_rss_mib: peaks.overall.max(peak_rss_mib()),
+        per_phase_peaks: peaks.per_phase,
+    })
+}
+
+/// Clipping and AdamW, timed.
+fn optimizer_phase(
+    setup: &mut Setup,
+    mut grads: crate::train::GradAccumulator,
+) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let grad_norm = grads.clip(1.0)?;
+    setup.optimizer.update(&setup.policy.params, &grads, 1e-6)?;
+    drop(grads);
+    Ok((grad_norm, t.elapsed().as_secs_f64()))
+}
+
+/// One GRPO step: sample, reference log-probs, policy forward/backward, update.
+fn grpo_step(
+    setup: &mut Setup,
+    w: &TrainWorkload,
+    s: usize,
+    peaks: &mut Peaks,
+) -> Result<StepTimes> {
+    let t0 = Instant::now();
+    // No stop tokens: every completion runs to completion_len, as the PyTorch side forces.
+    let engine = Engine::new(&setup.sampler, vec![], vec![setup.config.image_token_id]);
+    let requests: Vec<Request> = setup
+        .prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            prompt: p,
+            sampling: SamplingParams::with_temperature(1.0, (s * 1000 + i) as u64),
+            max_new_tokens: w.completion_len,
+            num_samples: w.group,
+        })
+        .collect();
+    let completions = engine.generate(&requests, |_, _, _| {})?;
+    let generation_s = t0.elapsed().as_secs_f64();
+    let generation_peak_mib = peaks.phase();
+
+    // Rewards stand in for the reward functions (which cost nothing next to the model):
+    // fixed random values, so advantages are non-zero.
+    let mut rng = StdRng::seed_from_u64(s as u64);
+    let rewards: Vec<f32> = (0..w.prompts * w.group)
+        .map(|_| rng.random_range(0..3) as f32)
+        .collect();
+    let advantages = grpo::advantages(&rewards, w.group, ScaleRewards::Group)?;
+    let truncated: Vec<bool> = completions
+        .iter()
+        .flatten()
+        .map(|c| c.finish == FinishReason::Length)
+        .collect();
+    let prompts = &setup.prompts;
+    let seqs: Vec<SeqRef> = completions
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, g)| {
+            g.iter().map(move |c| SeqRef {
+                prompt: &prompts[pi],
+                prompt_index: pi,
+                tokens: &c.tokens,
+            })
+        })
+        .collect();
+    let batch = StepBatch {
+        prompts,
+        seqs,
+        advantages: &advantages,
+        truncated: &truncated,
+    };
+    let t1 = Instant::now();
+    let reference_logps = match &setup.reference {
+        Some(m) => Some(step::fixed_logps(m, &batch, w.micro_batch, 1.0)?),
+        None => None,
+    };
+    let reference_s = t1.elapsed().as_secs_f64();
+    let reference_peak_mib = peaks.phase();
+    let loss_cfg = LossConfig {
+        beta: w.beta,
+        max_completion_length: w.completion_len,
+        ..Default::default()
+    };
+    let t2 = Instant::now();
+    let (grads, stats) = step::policy_gradients(
+        &setup.policy,
+        &batch,
+        &loss_cfg,
+        w.micro_batch,
+        None,
+        reference_logps.as_deref(),
+    )?;
+    let policy_s = t2.elapsed().as_secs_f64();
+    let policy_peak_mib = peaks.phase();
+    drop(batch);
+    let (grad_norm, optimizer_s) = optimizer_phase(setup, grads)?;
+    let optimizer_peak_mib = peaks.phase();
+    Ok(StepTimes {
+        generation_s,
+        reference_s,
+        policy_s,
+        optimizer_s,
+        train_s: reference_s + policy_s + optimizer_s,
+        total_s: t0.elapsed().as_secs_f64(),
+        loss: stats.loss,
+        grad_norm,
+        generation_peak_mib,
+        reference_peak_mib,
+        policy_peak_mib,
+        optimizer_peak_mib,
+    })
+}
+
+/// One SFT step over `prompts x group` items, each its own prompt (SFT items share
+/// nothing) with a target of `completion_len` tokens.
+fn sft_step(
+    setup: &mut Setup,
+    w: &TrainWorkload,
+    s: usize,
+    peaks: &mut Peaks,
+) -> Result<StepTimes> {
+    let n = w.prompts * w.group;
+    let targets: Vec<Vec<u32>> = (0..n)
+        .map(|i| text_ids(w.completion_len, (3 + s * n + i) as u32))
+        .collect();
+    let seqs: Vec<SeqRef> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| SeqRef {
+            prompt: &setup.prompts[i % setup.prompts.len()],
+            prompt_index: i,
+            tokens: t,
+        })
+        .collect();
+    let t0 = Instant::now();
+    let (grads, loss) = crate::sft::gradients(&setup.policy, &seqs, w.micro_batch)?;
+    let policy_s = t0.elapsed().as_secs_f64();
+    let policy_peak_mib = peaks.phase();
+    let (grad_norm, optimizer_s) = optimizer_phase(setup, grads)?;
+    let optimizer_peak_mib = peaks.phase();
+    Ok(StepTimes {
+        generation_s: 0.0,
+        reference_s: 0.0,
+        policy_s,
+        optimizer_s,
+        train_s: policy_s + optimizer_s,
+        total_s: t0.elapsed().as_secs_f64(),
+        loss,
+        grad_norm,
+        generation_peak_mib: 0.0,
+        reference_peak_mib: 0.0,
+        policy_peak_mib,
+        optimizer_peak_mib,
     })
 }
 
@@ -300,23 +407,36 @@ impl std::fmt::Display for TrainBenchReport {
             self.parameters as f64 / 1e6,
             self.threads
         )?;
-        writeln!(
-            f,
-            "workload         B={} x G={} completions of {} tokens, prompt {} tokens ({} image), \
-             micro-batch {}, beta {}{}",
-            w.prompts,
-            w.group,
-            w.completion_len,
-            w.prompt_tokens,
-            self.image_tokens,
-            w.micro_batch,
-            w.beta,
-            if w.freeze_vision {
-                ", vision frozen"
-            } else {
-                ""
-            }
-        )?;
+        let frozen = if w.freeze_vision {
+            ", vision frozen"
+        } else {
+            ""
+        };
+        if w.sft {
+            writeln!(
+                f,
+                "workload         SFT: {} items with {}-token targets, prompt {} tokens ({} image) \
+                 each, micro-batch {}{frozen}",
+                w.prompts * w.group,
+                w.completion_len,
+                w.prompt_tokens,
+                self.image_tokens,
+                w.micro_batch,
+            )?;
+        } else {
+            writeln!(
+                f,
+                "workload         GRPO: B={} x G={} completions of {} tokens, prompt {} tokens \
+                 ({} image), micro-batch {}, beta {}{frozen}",
+                w.prompts,
+                w.group,
+                w.completion_len,
+                w.prompt_tokens,
+                self.image_tokens,
+                w.micro_batch,
+                w.beta,
+            )?;
+        }
         let col = |g: fn(&StepTimes) -> f64, mem: Option<fn(&StepTimes) -> f64>| {
             let v: Vec<f64> = self.steps.iter().map(g).collect();
             let min = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -336,16 +456,18 @@ impl std::fmt::Display for TrainBenchReport {
             )
         };
         writeln!(f, "median over {} steps:", self.steps.len())?;
-        writeln!(
-            f,
-            "  generation     {}",
-            col(|s| s.generation_s, Some(|s| s.generation_peak_mib))
-        )?;
-        writeln!(
-            f,
-            "  reference fwd  {}",
-            col(|s| s.reference_s, Some(|s| s.reference_peak_mib))
-        )?;
+        if !w.sft {
+            writeln!(
+                f,
+                "  generation     {}",
+                col(|s| s.generation_s, Some(|s| s.generation_peak_mib))
+            )?;
+            writeln!(
+                f,
+                "  reference fwd  {}",
+                col(|s| s.reference_s, Some(|s| s.reference_peak_mib))
+            )?;
+        }
         writeln!(
             f,
             "  policy fwd+bwd {}",

@@ -359,6 +359,14 @@ pub struct BenchTrainArgs {
     /// Train only the language model and the merger.
     #[arg(long)]
     pub freeze_vision: bool,
+    /// Report each phase's peak memory too. Resets the kernel's peak-memory counter at
+    /// every phase boundary, so `/usr/bin/time` then sees only the last phase's peak.
+    #[arg(long)]
+    pub phase_memory: bool,
+    /// Time an SFT step instead: PROMPTS x G items with COMPLETION_LEN-token targets, each
+    /// its own prompt and image; no generation, no reference model.
+    #[arg(long)]
+    pub sft: bool,
     /// CPU threads (default: all cores, or RAYON_NUM_THREADS).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -1007,6 +1015,8 @@ fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
         image_size: a.image_size,
         prompt_tokens: a.prompt_tokens,
         freeze_vision: a.freeze_vision,
+        phase_memory: a.phase_memory,
+        sft: a.sft,
     };
     let report = crate::bench::train::run(&device, &w)?;
     if a.json {

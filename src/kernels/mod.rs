@@ -10,6 +10,7 @@ pub mod gemm;
 pub mod inplace;
 pub mod skinny;
 pub mod softmax;
+pub mod workspace;
 
 use candle_core::{Storage, Tensor};
 

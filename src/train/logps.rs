@@ -56,6 +56,10 @@ pub struct MicroBatch<'a> {
     pub mask: &'a Tensor,
 }
 
+/// A leaf holding looked-up embeddings, with the ids it embeds: its gradient goes into the
+/// embedding table's row by row.
+type EmbedLeaf = (Var, Vec<u32>);
+
 /// A prompt's pass: its keys and values per layer, and where its completions continue.
 struct PromptPass {
     /// Per layer, (1, kv_heads, prompt_len - 1, head_dim): graph tensors when training.
@@ -65,19 +69,196 @@ struct PromptPass {
     attend: Vec<(Tensor, Tensor)>,
     leaves: Vec<(Var, Var)>,
     kv_grads: Vec<(Option<Tensor>, Option<Tensor>)>,
-    /// The text-embedding leaf of the prompt pass and the ids it embeds.
-    embed_leaf: Option<(Var, Vec<u32>)>,
-    /// Position of the prompt's last token, and the rope offset of what follows.
+    /// When training, the leaf holding the prompt's text embeddings and the ids it embeds.
+    embed_leaf: Option<EmbedLeaf>,
+    /// Position of the prompt's last token, and the rope offset of what follows it.
     last_pos: Pos3,
     delta: i64,
     /// Completions of this prompt not yet through a micro-batch.
     remaining: usize,
 }
 
-/// One completion's row: input ids, their positions, the targets they predict.
-struct Row {
-    ids: Vec<u32>,
-    positions: Vec<Pos3>,
+impl PromptPass {
+    /// Runs the prompt's images and all but its last token through the model, keeping every
+    /// layer's keys and values; when `training`, the text embeddings and the keys and values
+    /// handed to the completions are leaves whose gradients the caller collects.
+    fn run(model: &Qwen2Vl, prompt: &Prompt, remaining: usize, training: bool) -> Result<Self> {
+        let ids = &prompt.input_ids;
+        let grids = prompt.grids();
+        let (positions, delta) = model.positions(ids, &grids)?;
+        let p = ids.len() - 1;
+        let mut kv = Vec::with_capacity(model.config.text.num_hidden_layers);
+        let mut embed_leaf = None;
+        if p > 0 {
+            let img = match prompt.pixel_values(&model.device)? {
+                Some(px) => Some(model.encode_images(&px, &grids)?),
+                None => None,
+            };
+            let head = vec![ids[..p].to_vec()];
+            let tokens = if training {
+                let leaf = Var::from_tensor(&embed_untracked(model, &head[0])?.unsqueeze(0)?)?;
+                let t = leaf.as_tensor().clone();
+                embed_leaf = Some((leaf, head[0].clone()));
+                t
+            } else {
+                model.token_embeds(&head)?
+            };
+            let embeds = model.merge_images(&tokens, &head, img.as_ref())?;
+            model.text.forward(
+                &embeds,
+                &[positions[..p].to_vec()],
+                Caching::Capture(&mut kv),
+            )?;
+        }
+        let leaves = if training {
+            kv.iter()
+                .map(|(k, v)| {
+                    Ok((
+                        Var::from_tensor(&k.detach())?,
+                        Var::from_tensor(&v.detach())?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![]
+        };
+        let attend = if training {
+            leaves
+                .iter()
+                .map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone()))
+                .collect()
+        } else {
+            kv.clone()
+        };
+        Ok(Self {
+            kv_grads: vec![(None, None); leaves.len()],
+            kv,
+            attend,
+            leaves,
+            embed_leaf,
+            last_pos: positions[p],
+            delta,
+            remaining,
+        })
+    }
+
+    /// Adds the gradients a micro-batch's backward pass left on this prompt's leaves.
+    fn collect(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
+        for ((k, v), (gk, gv)) in self.leaves.iter().zip(self.kv_grads.iter_mut()) {
+            for (leaf, acc) in [(k, gk), (v, gv)] {
+                if let Some(g) = store.get(leaf.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward pass through the prompt (and its images), from the summed gradients of
+    /// its keys and values: autograd on `Σ k·∂L/∂k + v·∂L/∂v`, whose gradient with respect
+    /// to every weight is the chain rule's.
+    fn backward(
+        self,
+        policy: &TrainableModel,
+        params: &HeadParams,
+        grads: &mut GradAccumulator,
+    ) -> Result<()> {
+        let mut terms = Vec::new();
+        for ((k, v), (gk, gv)) in self.kv.iter().zip(&self.kv_grads) {
+            for (t, g) in [(k, gk), (v, gv)] {
+                if let Some(g) = g {
+                    terms.push((t * g.detach())?.sum_all()?);
+                }
+            }
+        }
+        if terms.is_empty() {
+            return Ok(());
+        }
+        let store = Tensor::stack(&terms, 0)?.sum_all()?.backward()?;
+        grads.add(&policy.params, &store)?;
+        if let Some((leaf, ids)) = &self.embed_leaf {
+            if let Some(g) = store.get(leaf.as_tensor()) {
+                params.add_embedding_rows(grads, ids, &g.squeeze(0)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The prompt passes of one call: a prompt's pass is run when its first completion comes
+/// up and dropped (after its backward pass, when training) once its last one is through.
+struct PromptPasses {
+    training: bool,
+    /// Completions per prompt, for the passes not yet run.
+    counts: HashMap<usize, usize>,
+    open: HashMap<usize, PromptPass>,
+}
+
+impl PromptPasses {
+    fn new(seqs: &[SeqRef], training: bool) -> Self {
+        let mut counts = HashMap::new();
+        for s in seqs {
+            *counts.entry(s.prompt_index).or_insert(0) += 1;
+        }
+        Self {
+            training,
+            counts,
+            open: HashMap::new(),
+        }
+    }
+
+    /// Runs the passes the micro-batch needs that are not open yet.
+    fn open_for(&mut self, model: &Qwen2Vl, mb: &[SeqRef]) -> Result<()> {
+        for s in mb {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.open.entry(s.prompt_index) {
+                let n = self.counts.remove(&s.prompt_index).unwrap_or(0);
+                e.insert(PromptPass::run(model, s.prompt, n, self.training)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, prompt_index: usize) -> &PromptPass {
+        &self.open[&prompt_index]
+    }
+
+    /// Counts the micro-batch's completions as done (collecting their gradients on the
+    /// prompts' leaves when given), and returns the prompts with none left, closed, in
+    /// micro-batch order: gradients must add up in the same order in every process (a
+    /// resumed run repeats the uninterrupted one bit for bit), which a map's order is not.
+    fn finish(
+        &mut self,
+        mb: &[SeqRef],
+        store: Option<&candle_core::backprop::GradStore>,
+    ) -> Result<Vec<PromptPass>> {
+        let mut done = Vec::new();
+        for (pi, n) in per_prompt(mb) {
+            let pass = self.open.get_mut(&pi).context("prompt pass")?;
+            if let Some(store) = store {
+                pass.collect(store)?;
+            }
+            pass.remaining -= n;
+            if pass.remaining == 0 {
+                done.extend(self.open.remove(&pi));
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// The distinct prompts of a micro-batch with their completion counts, in order.
+fn per_prompt(mb: &[SeqRef]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for s in mb {
+        match out.iter_mut().find(|(i, _)| *i == s.prompt_index) {
+            Some((_, n)) => *n += 1,
+            None => out.push((s.prompt_index, 1)),
+        }
+    }
+    out
 }
 
 fn check_seqs(model: &Qwen2Vl, seqs: &[SeqRef]) -> Result<()> {
@@ -101,134 +282,44 @@ fn check_seqs(model: &Qwen2Vl, seqs: &[SeqRef]) -> Result<()> {
     Ok(())
 }
 
-/// Runs the prompt's images and all but its last token through the model, keeping every
-/// layer's keys and values. With `leaf_embeds`, the text embeddings are a leaf (their
-/// gradient is scattered into the embedding table's by the caller).
-fn prompt_pass(
-    model: &Qwen2Vl,
-    prompt: &Prompt,
-    remaining: usize,
-    training: bool,
-) -> Result<PromptPass> {
-    let ids = &prompt.input_ids;
-    let grids = prompt.grids();
-    let (positions, delta) = model.positions(ids, &grids)?;
-    let p = ids.len() - 1;
-    let last_pos = positions[p];
-    let layers = model.config.text.num_hidden_layers;
-    let mut kv = Vec::with_capacity(layers);
-    let mut embed_leaf = None;
-    if p > 0 {
-        memlog("pp start");
-        let img = match prompt.pixel_values(&model.device)? {
-            Some(px) => Some(model.encode_images(&px, &grids)?),
-            None => None,
-        };
-        memlog("pp vision");
-        let head = vec![ids[..p].to_vec()];
-        let tokens = if training {
-            let t = embed_untracked(model, &head[0])?.unsqueeze(0)?;
-            let leaf = Var::from_tensor(&t)?;
-            embed_leaf = Some((leaf.clone(), head[0].clone()));
-            leaf.as_tensor().clone()
-        } else {
-            model.token_embeds(&head)?
-        };
-        let embeds = model.merge_images(&tokens, &head, img.as_ref())?;
-        memlog("pp embeds");
-        model.text.forward(
-            &embeds,
-            &[positions[..p].to_vec()],
-            Caching::Capture(&mut kv),
-        )?;
-    }
-    let leaves = if training {
-        kv.iter()
-            .map(|(k, v)| {
-                Ok((
-                    Var::from_tensor(&k.detach())?,
-                    Var::from_tensor(&v.detach())?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?
-    } else {
-        vec![]
-    };
-    let kv_grads = vec![(None, None); leaves.len()];
-    let attend = if training {
-        leaves
-            .iter()
-            .map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone()))
-            .collect()
-    } else {
-        kv.clone()
-    };
-    Ok(PromptPass {
-        kv,
-        attend,
-        leaves,
-        kv_grads,
-        embed_leaf,
-        last_pos,
-        delta,
-        remaining,
-    })
-}
-
 /// Token embeddings without a graph, (n, hidden).
 fn embed_untracked(model: &Qwen2Vl, ids: &[u32]) -> Result<Tensor> {
     let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &model.device)?;
     Ok(model.text.embed_weight().detach().index_select(&idx, 0)?)
 }
 
-fn row_of(seq: &SeqRef, pass: &PromptPass) -> Row {
-    let p = seq.prompt.input_ids.len();
-    let c = seq.tokens.len();
-    let mut ids = Vec::with_capacity(c);
-    ids.push(seq.prompt.input_ids[p - 1]);
-    ids.extend_from_slice(&seq.tokens[..c - 1]);
-    let mut positions = Vec::with_capacity(c);
-    positions.push(pass.last_pos);
-    for j in 0..c as i64 - 1 {
-        let q = p as i64 + j + pass.delta;
-        positions.push([q; 3]);
-    }
-    Row { ids, positions }
-}
-
-/// The decoder over a micro-batch's rows packed into one, each after its prompt's keys;
-/// returns the final hidden states (tokens, hidden) and the embedding leaf when training.
+/// The decoder over a micro-batch's completions packed into one row, each after its
+/// prompt's keys: the prompt's last token then all but the completion's last token, at the
+/// positions that continue the prompt. Returns the final hidden states (tokens, hidden) and,
+/// when training, the leaf holding the input embeddings with the ids they embed.
 fn rows_pass(
     model: &Qwen2Vl,
-    seqs: &[SeqRef],
-    passes: &HashMap<usize, PromptPass>,
+    mb: &[SeqRef],
+    passes: &PromptPasses,
     training: bool,
-) -> Result<(Tensor, Option<(Var, Vec<u32>)>)> {
+) -> Result<(Tensor, Option<EmbedLeaf>)> {
     let mut ids = Vec::new();
     let mut positions = Vec::new();
-    for s in seqs {
-        let row = row_of(s, &passes[&s.prompt_index]);
-        ids.extend(row.ids);
-        positions.extend(row.positions);
+    let mut segments = Vec::with_capacity(mb.len());
+    for s in mb {
+        let pass = passes.get(s.prompt_index);
+        let p = s.prompt.input_ids.len();
+        let c = s.tokens.len();
+        ids.push(s.prompt.input_ids[p - 1]);
+        ids.extend_from_slice(&s.tokens[..c - 1]);
+        positions.push(pass.last_pos);
+        positions.extend((0..c as i64 - 1).map(|j| [p as i64 + j + pass.delta; 3]));
+        segments.push(PackedSegment {
+            len: c,
+            prefix: (!pass.attend.is_empty()).then_some(pass.attend.as_slice()),
+        });
     }
-    let segments: Vec<PackedSegment> = seqs
-        .iter()
-        .map(|s| {
-            let attend = &passes[&s.prompt_index].attend;
-            PackedSegment {
-                len: s.tokens.len(),
-                prefix: (!attend.is_empty()).then_some(attend.as_slice()),
-            }
-        })
-        .collect();
     let (embeds, leaf) = if training {
-        let t = embed_untracked(model, &ids)?;
-        let leaf = Var::from_tensor(&t)?;
+        let leaf = Var::from_tensor(&embed_untracked(model, &ids)?)?;
         (leaf.as_tensor().unsqueeze(0)?, Some((leaf, ids)))
     } else {
         (model.token_embeds(&[ids])?, None)
     };
-    memlog("rows embeds");
     let hidden = model
         .text
         .forward(&embeds, &[positions], Caching::Packed(&segments))?;
@@ -239,7 +330,7 @@ fn targets_of(seqs: &[SeqRef]) -> Vec<u32> {
     seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect()
 }
 
-/// Splits `seqs` into micro-batches of `size` in order.
+/// Splits `n` completions into micro-batches of `size`, in order.
 fn micro_batches(n: usize, size: usize) -> Vec<Range<usize>> {
     let size = size.max(1);
     (0..n.div_ceil(size))
@@ -247,12 +338,15 @@ fn micro_batches(n: usize, size: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-fn count_by_prompt(seqs: &[SeqRef]) -> HashMap<usize, usize> {
-    let mut m = HashMap::new();
-    for s in seqs {
-        *m.entry(s.prompt_index).or_insert(0) += 1;
+/// Splits flat per-token values into one slice per completion.
+fn per_seq<'v>(flat: &'v [f32], mb: &[SeqRef]) -> Vec<&'v [f32]> {
+    let mut out = Vec::with_capacity(mb.len());
+    let mut k = 0;
+    for s in mb {
+        out.push(&flat[k..k + s.tokens.len()]);
+        k += s.tokens.len();
     }
-    m
+    out
 }
 
 /// Per-token log-probabilities of every completion under `model`, without gradients: the
@@ -265,25 +359,12 @@ pub fn logps(
     temperature: f64,
 ) -> Result<Vec<Vec<f32>>> {
     check_seqs(model, seqs)?;
-    let mut counts = count_by_prompt(seqs);
-    let mut passes: HashMap<usize, PromptPass> = HashMap::new();
+    let mut passes = PromptPasses::new(seqs, false);
     let mut out = Vec::with_capacity(seqs.len());
     for range in micro_batches(seqs.len(), micro_batch) {
         let mb = &seqs[range];
-        for s in mb {
-            if !passes.contains_key(&s.prompt_index) {
-                let n = counts.remove(&s.prompt_index).unwrap_or(0);
-                let tt = std::time::Instant::now();
-                passes.insert(s.prompt_index, prompt_pass(model, s.prompt, n, false)?);
-                if std::env::var_os("MEDVLM_MEMLOG").is_some() {
-                    eprintln!("TIME prompt {:.3}", tt.elapsed().as_secs_f64());
-                }
-            }
-        }
-        let tt = std::time::Instant::now();
+        passes.open_for(model, mb)?;
         let (hidden, _) = rows_pass(model, mb, &passes, false)?;
-        let t_rows = tt.elapsed().as_secs_f64();
-        let tt = std::time::Instant::now();
         let (lp, _) = token_logps::forward(
             &hidden,
             model.text.lm_head_weight(),
@@ -291,21 +372,8 @@ pub fn logps(
             temperature,
             false,
         )?;
-        if std::env::var_os("MEDVLM_MEMLOG").is_some() {
-            eprintln!("TIME rows {t_rows:.3} lm {:.3}", tt.elapsed().as_secs_f64());
-        }
-        let mut k = 0;
-        for s in mb {
-            out.push(lp[k..k + s.tokens.len()].to_vec());
-            k += s.tokens.len();
-        }
-        for s in mb {
-            let pass = passes.get_mut(&s.prompt_index).context("prompt pass")?;
-            pass.remaining -= 1;
-            if pass.remaining == 0 {
-                passes.remove(&s.prompt_index);
-            }
-        }
+        out.extend(per_seq(&lp, mb).into_iter().map(<[f32]>::to_vec));
+        passes.finish(mb, None)?;
     }
     Ok(out)
 }
@@ -328,10 +396,55 @@ pub fn pad_rows(rows: &[&[f32]], device: &candle_core::Device) -> Result<(Tensor
     ))
 }
 
+/// Where the embedding table and the LM head sit among the policy's parameters, whose
+/// gradients are added here by hand.
+struct HeadParams {
+    embed: usize,
+    head: usize,
+    embed_shape: candle_core::Shape,
+    embed_trainable: bool,
+    head_trainable: bool,
+}
+
+impl HeadParams {
+    fn of(policy: &TrainableModel) -> Result<Self> {
+        let text = &policy.model.text;
+        let index_of = |t: &Tensor| {
+            policy
+                .params
+                .iter()
+                .position(|p| p.var.as_tensor().id() == t.id())
+        };
+        let embed =
+            index_of(text.embed_weight()).context("the embedding table is not a parameter")?;
+        let head = index_of(text.lm_head_weight()).context("the LM head is not a parameter")?;
+        Ok(Self {
+            embed,
+            head,
+            embed_shape: text.embed_weight().shape().clone(),
+            embed_trainable: policy.params[embed].trainable,
+            head_trainable: policy.params[head].trainable,
+        })
+    }
+
+    /// Adds the gradient of looked-up embeddings (one row per id) to the table's.
+    fn add_embedding_rows(
+        &self,
+        grads: &mut GradAccumulator,
+        ids: &[u32],
+        rows: &Tensor,
+    ) -> Result<()> {
+        if self.embed_trainable {
+            grads.add_rows(self.embed, &self.embed_shape, ids, rows)?;
+        }
+        Ok(())
+    }
+}
+
 /// Forward and backward passes of `policy` over `seqs` in micro-batches of `micro_batch`,
 /// adding the gradient of the loss to `grads`. `loss_of` turns a micro-batch's log-probs
-/// (a leaf of the graph it builds) into its scalar share of the step's loss; its value is
-/// returned summed over micro-batches.
+/// (a leaf of the graph it builds) into its scalar share of the step's loss; the losses'
+/// sum is returned.
 pub fn backward(
     policy: &TrainableModel,
     seqs: &[SeqRef],
@@ -342,51 +455,23 @@ pub fn backward(
 ) -> Result<f64> {
     let model = &policy.model;
     check_seqs(model, seqs)?;
-    let dev = model.device.clone();
-    let embed_w = model.text.embed_weight();
     let head_w = model.text.lm_head_weight();
-    let index_of = |t: &Tensor| {
-        policy
-            .params
-            .iter()
-            .position(|p| p.var.as_tensor().id() == t.id())
-    };
-    let embed_i = index_of(embed_w).context("the embedding table is not a parameter")?;
-    let head_i = index_of(head_w).context("the LM head is not a parameter")?;
-    let trainable = |i: usize| policy.params[i].trainable;
-    let embed_shape = embed_w.shape().clone();
-
-    let mut counts = count_by_prompt(seqs);
-    let mut passes: HashMap<usize, PromptPass> = HashMap::new();
+    let params = HeadParams::of(policy)?;
+    let mut passes = PromptPasses::new(seqs, true);
     let mut loss_sum = 0f64;
-    memlog("start");
     for (index, range) in micro_batches(seqs.len(), micro_batch)
         .into_iter()
         .enumerate()
     {
         let mb = &seqs[range.clone()];
-        for s in mb {
-            if !passes.contains_key(&s.prompt_index) {
-                let n = counts.remove(&s.prompt_index).unwrap_or(0);
-                passes.insert(s.prompt_index, prompt_pass(model, s.prompt, n, true)?);
-            }
-        }
-        memlog("prompt pass");
+        passes.open_for(model, mb)?;
         let (hidden, embed_leaf) = rows_pass(model, mb, &passes, true)?;
-        memlog("rows fwd");
 
         // Log-probs outside the graph, then the loss's gradient with respect to them.
         let (lp, saved) =
             token_logps::forward(&hidden.detach(), head_w, &targets_of(mb), temperature, true)?;
         let saved = saved.context("token log-probs kept nothing for the backward pass")?;
-        memlog("lm fwd");
-        let mut rows = Vec::with_capacity(mb.len());
-        let mut k = 0;
-        for s in mb {
-            rows.push(&lp[k..k + s.tokens.len()]);
-            k += s.tokens.len();
-        }
-        let (logp, mask) = pad_rows(&rows, &dev)?;
+        let (logp, mask) = pad_rows(&per_seq(&lp, mb), &model.device)?;
         let logp = Var::from_tensor(&logp)?;
         let loss = loss_of(&MicroBatch {
             index,
@@ -395,136 +480,38 @@ pub fn backward(
             mask: &mask,
         })?;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let store = loss.backward()?;
-        let g_pad: Vec<Vec<f32>> = match store.get(logp.as_tensor()) {
-            Some(g) => g.to_dtype(DType::F32)?.to_vec2()?,
-            None => vec![vec![0.0; logp.as_tensor().dim(1)?]; mb.len()],
+        let g: Vec<f32> = match loss.backward()?.get(logp.as_tensor()) {
+            Some(g) => {
+                let rows: Vec<Vec<f32>> = g.to_dtype(DType::F32)?.to_vec2()?;
+                mb.iter()
+                    .zip(&rows)
+                    .flat_map(|(s, r)| r[..s.tokens.len()].iter().copied())
+                    .collect()
+            }
+            None => vec![0.0; lp.len()],
         };
-        let g: Vec<f32> = mb
-            .iter()
-            .zip(&g_pad)
-            .flat_map(|(s, row)| row[..s.tokens.len()].iter().copied())
-            .collect();
-        drop(store);
 
-        memlog("loss bwd");
         // ∂L/∂h by hand (∂L/∂W added to the LM head's gradient), then autograd from h down.
-        let mut head_grad = grads.slot_mut(head_i).take();
+        let mut head_grad = grads.slot_mut(params.head).take();
         let dh = saved.backward(&g, head_w, &mut head_grad)?;
-        memlog("lm bwd");
-        if trainable(head_i) {
-            *grads.slot_mut(head_i) = head_grad;
+        if params.head_trainable {
+            *grads.slot_mut(params.head) = head_grad;
         }
         let store = (&hidden * dh.detach())?.sum_all()?.backward()?;
-        memlog("rows bwd");
         grads.add(&policy.params, &store)?;
-        memlog("grads add");
         if let Some((leaf, ids)) = &embed_leaf {
-            if let (Some(g), true) = (store.get(leaf.as_tensor()), trainable(embed_i)) {
-                grads.add_rows(embed_i, &embed_shape, ids, g)?;
+            if let Some(g) = store.get(leaf.as_tensor()) {
+                params.add_embedding_rows(grads, ids, g)?;
             }
         }
-        // Sum the prompts' key/value gradients; finish the prompts with no completions left.
-        for (pi, n) in per_prompt(mb) {
-            let pass = passes.get_mut(&pi).context("prompt pass")?;
-            for ((k, v), (gk, gv)) in pass.leaves.iter().zip(pass.kv_grads.iter_mut()) {
-                for (leaf, acc) in [(k, gk), (v, gv)] {
-                    if let Some(g) = store.get(leaf.as_tensor()) {
-                        *acc = Some(match acc.take() {
-                            Some(a) => (a + g)?,
-                            None => g.clone(),
-                        });
-                    }
-                }
-            }
-            pass.remaining -= n;
-        }
+        let finished = passes.finish(mb, Some(&store))?;
         drop(store);
-        // In micro-batch order, not the map's: gradients must add up in the same order in
-        // every process (resumed runs repeat uninterrupted ones bit for bit).
-        let finished: Vec<usize> = per_prompt(mb)
-            .into_iter()
-            .map(|(i, _)| i)
-            .filter(|i| passes.get(i).is_some_and(|p| p.remaining == 0))
-            .collect();
-        for pi in finished {
-            let pass = passes.remove(&pi).context("prompt pass")?;
-            prompt_backward(pass, policy, embed_i, &embed_shape, grads)?;
-            memlog("prompt bwd");
+        for pass in finished {
+            pass.backward(policy, &params, grads)?;
         }
     }
+    // The logits scratch buffer is not needed until the next step's first forward pass;
+    // hold no memory for it through the optimizer update and generation.
+    crate::kernels::workspace::release();
     Ok(loss_sum)
-}
-
-/// The distinct prompts of a micro-batch with their completion counts, in order.
-fn per_prompt(mb: &[SeqRef]) -> Vec<(usize, usize)> {
-    let mut out: Vec<(usize, usize)> = Vec::new();
-    for s in mb {
-        match out.iter_mut().find(|(i, _)| *i == s.prompt_index) {
-            Some((_, n)) => *n += 1,
-            None => out.push((s.prompt_index, 1)),
-        }
-    }
-    out
-}
-
-/// The backward pass through a prompt (and its images), from the summed gradients of its
-/// keys and values: autograd on `Σ k·∂L/∂k + v·∂L/∂v`, whose gradient with respect to
-/// every weight is the chain rule's.
-fn prompt_backward(
-    pass: PromptPass,
-    policy: &TrainableModel,
-    embed_i: usize,
-    embed_shape: &candle_core::Shape,
-    grads: &mut GradAccumulator,
-) -> Result<()> {
-    let mut terms = Vec::new();
-    for ((k, v), (gk, gv)) in pass.kv.iter().zip(&pass.kv_grads) {
-        for (t, g) in [(k, gk), (v, gv)] {
-            if let Some(g) = g {
-                terms.push((t * g.detach())?.sum_all()?);
-            }
-        }
-    }
-    if terms.is_empty() {
-        return Ok(());
-    }
-    let surrogate = Tensor::stack(&terms, 0)?.sum_all()?;
-    let store = surrogate.backward()?;
-    grads.add(&policy.params, &store)?;
-    if let Some((leaf, ids)) = &pass.embed_leaf {
-        if let (Some(g), true) = (
-            store.get(leaf.as_tensor()),
-            policy.params[embed_i].trainable,
-        ) {
-            grads.add_rows(embed_i, embed_shape, ids, &g.squeeze(0)?)?;
-        }
-    }
-    Ok(())
-}
-
-#[doc(hidden)]
-pub fn memlog(what: &str) {
-    if std::env::var_os("MEDVLM_MEMLOG").is_none() {
-        return;
-    }
-    thread_local!(static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) });
-    let now = std::time::Instant::now();
-    let dt = LAST
-        .with(|l| l.replace(Some(now)))
-        .map_or(0.0, |t| (now - t).as_secs_f64());
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let get = |k: &str| {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    eprintln!(
-        "MEM {what:30} rss {:7.0}  hwm {:7.0}  +{dt:.3}s",
-        get("VmRSS:"),
-        get("VmHWM:")
-    );
 }

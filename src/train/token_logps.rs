@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, D};
 
 use crate::kernels::gemm::{matmul, Mat};
-use crate::kernels::{is_cpu_f32_contiguous, softmax, with_f32};
+use crate::kernels::{is_cpu_f32_contiguous, softmax, with_f32, workspace};
 
 /// Logit rows computed at once when no backward pass follows. The matmul packs the whole
 /// weight once per call, so fewer, larger chunks cost less: 320 MB holds ~512 rows of
@@ -111,13 +111,13 @@ fn cpu_forward(
 ) -> Option<CpuOut> {
     let w_t = Mat::rows(ws, vocab, h).t();
     if keep {
-        let mut probs = vec![0f32; t * vocab];
+        let mut probs = workspace::take(t * vocab);
         matmul(&mut probs, Mat::rows(hs, t, h), w_t, 1.0, false, threads());
         let logp = softmax::pick_log_softmax(&mut probs, vocab, targets, inv_temp, true);
         return Some((logp, Some(probs)));
     }
     let rows = (ROWS_PER_CHUNK_BYTES / (4 * vocab)).clamp(1, t.max(1));
-    let mut buf = vec![0f32; rows * vocab];
+    let mut buf = workspace::take(rows * vocab);
     let mut logp = Vec::with_capacity(t);
     for start in (0..t).step_by(rows) {
         let r = rows.min(t - start);
@@ -138,6 +138,7 @@ fn cpu_forward(
             false,
         ));
     }
+    workspace::give(buf);
     Some((logp, None))
 }
 
@@ -243,6 +244,7 @@ impl Saved {
                         add_into(grad_w, dw)?;
                     }
                 }
+                workspace::give(probs);
                 Ok(Tensor::from_vec(dh, (t, h), weight.device())?)
             }
             Probs::Tensor(p) => {
