@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat};
 use super::softmax::softmax_prefix;
+use super::storage_f32;
 
 /// Which keys a query sees.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,16 +44,6 @@ struct Dims {
 
 fn threads() -> usize {
     candle_core::utils::get_num_threads()
-}
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("attention: {what} is not f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("attention: {what} is not contiguous");
-    };
-    Ok(&v[a..b])
 }
 
 impl Attention {
@@ -136,7 +127,11 @@ impl CustomOp3 for Attention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dm = self.dims(ql.shape(), kl.shape(), vl.shape())?;
-        let (q, k, v) = (f32s(qs, ql, "q")?, f32s(ks, kl, "k")?, f32s(vs, vl, "v")?);
+        let (q, k, v) = (
+            storage_f32(qs, ql, "q")?,
+            storage_f32(ks, kl, "k")?,
+            storage_f32(vs, vl, "v")?,
+        );
         let (rows, keys, d) = (dm.rows, dm.keys, dm.d);
         let mut out = vec![0f32; dm.blocks * rows * d];
         let mut p = vec![0f32; rows * keys];

@@ -11,22 +11,13 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::softmax::exp_in_place;
+use super::storage_f32;
 
 /// Rows per parallel task for the row-wise ops; also the unit of the fixed-order reduction
 /// of weight gradients (so the result does not depend on thread scheduling).
 const ROWS: usize = 64;
 /// Elements per parallel task for the element-wise ops.
 const CHUNK: usize = 1 << 14;
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: input is not f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: input is not contiguous");
-    };
-    Ok(&v[a..b])
-}
 
 /// Runs `f` on the f32 data of CPU tensors made contiguous.
 fn with2<R>(a: &Tensor, b: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> R) -> Result<R> {
@@ -94,7 +85,10 @@ impl CustomOp2 for RmsNorm {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let h = width(xl.shape())?;
-        let (x, w) = (f32s(xs, xl, "rms-norm")?, f32s(ws, wl, "rms-norm")?);
+        let (x, w) = (
+            storage_f32(xs, xl, "rms-norm")?,
+            storage_f32(ws, wl, "rms-norm")?,
+        );
         if w.len() != h {
             candle_core::bail!("rms-norm: weight of {} for rows of {h}", w.len());
         }
@@ -184,9 +178,9 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let h = width(xl.shape())?;
         let (x, w, b) = (
-            f32s(xs, xl, "layer-norm")?,
-            f32s(ws, wl, "layer-norm")?,
-            f32s(bs, bl, "layer-norm")?,
+            storage_f32(xs, xl, "layer-norm")?,
+            storage_f32(ws, wl, "layer-norm")?,
+            storage_f32(bs, bl, "layer-norm")?,
         );
         if w.len() != h || b.len() != h {
             candle_core::bail!(
@@ -304,9 +298,9 @@ impl CustomOp3 for Rotary {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, l, n, d) = rotary_dims(xl.shape(), cl.shape(), sl.shape())?;
         let (x, cos, sin) = (
-            f32s(xs, xl, "rotary")?,
-            f32s(cs, cl, "rotary")?,
-            f32s(ss, sl, "rotary")?,
+            storage_f32(xs, xl, "rotary")?,
+            storage_f32(cs, cl, "rotary")?,
+            storage_f32(ss, sl, "rotary")?,
         );
         let mut out = vec![0f32; x.len()];
         // Parallel over (batch, head) planes of the output, each (l, d).
@@ -401,7 +395,10 @@ impl CustomOp2 for SwiGlu {
         if gl.shape() != ul.shape() {
             candle_core::bail!("swiglu: gate {:?} and up {:?}", gl.shape(), ul.shape());
         }
-        let (g, u) = (f32s(gs, gl, "swiglu")?, f32s(us, ul, "swiglu")?);
+        let (g, u) = (
+            storage_f32(gs, gl, "swiglu")?,
+            storage_f32(us, ul, "swiglu")?,
+        );
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
@@ -454,7 +451,7 @@ impl CustomOp1 for QuickGelu {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(xs, xl, "quick-gelu")?;
+        let x = storage_f32(xs, xl, "quick-gelu")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))

@@ -8,28 +8,10 @@
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
+use super::{storage_f32, storage_f32_mut};
+
 /// Elements per parallel task: large enough that task overhead vanishes.
 const CHUNK: usize = 1 << 16;
-
-fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: destination not contiguous")))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&mut v[start..end]),
-        _ => candle_core::bail!("{what}: destination is not f32"),
-    }
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: source not contiguous")))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        _ => candle_core::bail!("{what}: source is not f32"),
-    }
-}
 
 fn both_in_place(dst: &Tensor, srcs: &[&Tensor]) -> bool {
     super::is_cpu_f32_contiguous(dst)
@@ -56,8 +38,8 @@ impl InplaceOp2 for Axpby {
         s: &CpuStorage,
         sl: &Layout,
     ) -> Result<()> {
-        let d = slice_mut(dst, dl, "axpby")?;
-        let s = slice(s, sl, "axpby")?;
+        let d = storage_f32_mut(dst, dl, "axpby")?;
+        let s = storage_f32(s, sl, "axpby")?;
         let (a, b, sq) = (self.a, self.b, self.square);
         d.par_chunks_mut(CHUNK)
             .zip(s.par_chunks(CHUNK))
@@ -80,7 +62,7 @@ impl InplaceOp1 for Scale {
     }
     fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout) -> Result<()> {
         let s = self.0;
-        slice_mut(dst, dl, "scale")?
+        storage_f32_mut(dst, dl, "scale")?
             .par_chunks_mut(CHUNK)
             .for_each(|d| d.iter_mut().for_each(|x| *x *= s));
         Ok(())
@@ -162,9 +144,9 @@ impl InplaceOp3 for AdamUpdate {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<()> {
-        let w = slice_mut(dst, dl, "adamw")?;
-        let m = slice(m, ml, "adamw")?;
-        let v = slice(v, vl, "adamw")?;
+        let w = storage_f32_mut(dst, dl, "adamw")?;
+        let m = storage_f32(m, ml, "adamw")?;
+        let v = storage_f32(v, vl, "adamw")?;
         let decay = (1.0 - self.lr * self.weight_decay) as f32;
         let step = (self.lr / self.bias_correction1) as f32;
         let bc2 = self.bias_correction2.sqrt() as f32;
@@ -217,8 +199,8 @@ impl InplaceOp2 for AddRows<'_> {
         sl: &Layout,
     ) -> Result<()> {
         let width = *dl.dims().last().unwrap_or(&1);
-        let d = slice_mut(dst, dl, "add-rows")?;
-        let s = slice(s, sl, "add-rows")?;
+        let d = storage_f32_mut(dst, dl, "add-rows")?;
+        let s = storage_f32(s, sl, "add-rows")?;
         for (k, &id) in self.0.iter().enumerate() {
             let row = &mut d[id as usize * width..(id as usize + 1) * width];
             for (x, &y) in row.iter_mut().zip(&s[k * width..(k + 1) * width]) {

@@ -25,6 +25,36 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     Some(f(&data[start..end]))
 }
 
+/// The f32 data a custom op receives, which must be contiguous; `what` names the op.
+pub(crate) fn storage_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: input is not contiguous");
+    };
+    match s {
+        candle_core::CpuStorage::F32(v) => Ok(&v[start..end]),
+        _ => candle_core::bail!("{what}: input is not f32"),
+    }
+}
+
+/// The same for the buffer an in-place op writes.
+pub(crate) fn storage_f32_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: destination is not contiguous");
+    };
+    match s {
+        candle_core::CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("{what}: destination is not f32"),
+    }
+}
+
 /// Whether `t` is an f32 tensor on the CPU laid out contiguously.
 pub fn is_cpu_f32_contiguous(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()

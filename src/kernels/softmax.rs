@@ -77,15 +77,26 @@ fn exp_shift_sum(row: &mut [f32], max: f32, store: bool) -> f64 {
         // SAFETY: AVX-512F is present.
         return unsafe { avx512::exp_shift_sum(row, max, store) };
     }
-    let mut sum = 0f64;
-    for x in row.iter_mut() {
-        let e = (*x - max).exp();
-        sum += e as f64;
-        if store {
-            *x = e;
+    portable::exp_shift_sum(row, max, store)
+}
+
+/// The same with std's exp, for CPUs without AVX-512.
+mod portable {
+    pub fn exp_shift_sum(row: &mut [f32], max: f32, store: bool) -> f64 {
+        let mut sum = 0f64;
+        for x in row.iter_mut() {
+            let e = (*x - max).exp();
+            sum += e as f64;
+            if store {
+                *x = e;
+            }
         }
+        sum
     }
-    sum
+
+    pub fn exp_in_place(xs: &mut [f32]) {
+        xs.iter_mut().for_each(|x| *x = x.exp());
+    }
 }
 
 /// `xs[i] = exp(xs[i])` in place (vectorised on AVX-512; ~2 ulps).
@@ -96,7 +107,7 @@ pub fn exp_in_place(xs: &mut [f32]) {
         unsafe { avx512::exp_in_place(xs) };
         return;
     }
-    xs.iter_mut().for_each(|x| *x = x.exp());
+    portable::exp_in_place(xs);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -183,6 +194,50 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorised exponential against std's (the path of CPUs without AVX-512), over
+    /// the whole range a shifted logit or an activation can take, NaN and infinities included.
+    #[test]
+    fn vector_exp_agrees_with_std() {
+        let xs: Vec<f32> = (0..4001)
+            .map(|i| -120.0 + i as f32 * 0.052)
+            .chain([
+                0.0,
+                -0.0,
+                88.7,
+                89.0,
+                -103.9,
+                -104.5,
+                f32::NEG_INFINITY,
+                f32::NAN,
+            ])
+            .collect();
+        let mut fast = xs.clone();
+        exp_in_place(&mut fast);
+        let mut slow = xs.clone();
+        portable::exp_in_place(&mut slow);
+        for ((&x, &a), &b) in xs.iter().zip(&fast).zip(&slow) {
+            if b.is_nan() {
+                assert!(a.is_nan(), "exp({x}) = {a}");
+            } else if b == 0.0 || b.is_infinite() || b < f32::MIN_POSITIVE {
+                // Subnormal results: absolute agreement is all f32 offers.
+                assert!(
+                    (a - b).abs() <= f32::MIN_POSITIVE || a == b,
+                    "exp({x}): {a} vs {b}"
+                );
+            } else {
+                assert!(((a - b) / b).abs() < 4e-7, "exp({x}): {a} vs {b}");
+            }
+        }
+        let mut row: Vec<f32> = xs
+            .iter()
+            .map(|x| if x.is_nan() { 0.0 } else { x.min(0.0) })
+            .collect();
+        let mut row2 = row.clone();
+        let a = exp_shift_sum(&mut row, 0.0, true);
+        let b = portable::exp_shift_sum(&mut row2, 0.0, true);
+        assert!(((a - b) / b).abs() < 1e-6, "{a} vs {b}");
+    }
 
     /// f64 log-softmax of the f32 shifted logits `x * inv_temp - max` (the shift is rounded
     /// to f32 as torch's kernel rounds it; everything after is exact).

@@ -156,17 +156,12 @@ impl InplaceOp1 for AddTransposedProduct<'_> {
         "add-transposed-product"
     }
     fn cpu_fwd(&self, dst: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(d) = dst else {
-            candle_core::bail!("gradient buffer is not f32");
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("gradient buffer is not contiguous");
-        };
+        let d = crate::kernels::storage_f32_mut(dst, l, "LM head gradient")?;
         let n = self.rhs.dim(1)?;
         let (k, m) = (self.k, self.m);
         with_f32(self.rhs, |r| {
             matmul(
-                &mut d[start..end],
+                d,
                 Mat::rows(self.lhs, k, m).t(),
                 Mat::rows(r, k, n),
                 1.0,
