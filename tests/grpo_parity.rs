@@ -120,7 +120,6 @@ fn grpo_loss_and_gradient_match_pytorch() {
         let adv = grpo::advantages(&rewards, g, cfg.scale_rewards).unwrap();
         let order = [0usize, 3, 6, 1, 4, 7, 2, 5, 8];
         let batch = StepBatch {
-            prompts: &prompts,
             seqs: order.iter().map(|&i| seqs[i]).collect(),
             advantages: &order.iter().map(|&i| adv[i]).collect::<Vec<_>>(),
             truncated: &order.iter().map(|&i| truncated[i]).collect::<Vec<_>>(),
@@ -168,7 +167,6 @@ fn grpo_loss_and_gradient_match_pytorch() {
         let old = (case["num_iterations"].as_u64().unwrap() > 1).then_some(old_lp.as_slice());
         let adv = grpo::advantages(&rewards, g, cfg.scale_rewards).unwrap();
         let batch = StepBatch {
-            prompts: &prompts,
             seqs: seqs.clone(),
             advantages: &adv,
             truncated: &truncated,

@@ -303,7 +303,6 @@ fn grpo_step(
         })
         .collect();
     let batch = StepBatch {
-        prompts,
         seqs,
         advantages: &advantages,
         truncated: &truncated,

@@ -1,8 +1,11 @@
 //! The small building blocks both towers share.
 //!
-//! Norms are written from primitive tensor ops on purpose: candle's fused `rms_norm` and
-//! `layer_norm` kernels cut the autograd graph silently (see CANDLE-TRAINING-NOTES), and the
-//! same code must serve inference and GRPO training. Softmax picks the fused kernel only when
+//! The same code serves inference and training, so every op here must carry gradients:
+//! candle's own fused `rms_norm`, `layer_norm` and rotary kernels cut the autograd graph
+//! silently (see CANDLE-TRAINING-NOTES). For f32 on the CPU, norms, rotary embeddings and
+//! gated activations run as our fused ops with hand-written backward passes
+//! ([`crate::kernels::elementwise`]); elsewhere (CUDA, bf16) they are composed from primitive
+//! tensor ops, upcasting as transformers does. Softmax picks candle's fused kernel only when
 //! no gradient is being tracked.
 
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -50,10 +53,6 @@ impl Linear {
     /// (out, in).
     pub fn weight(&self) -> &Tensor {
         &self.weight
-    }
-
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
     }
 
     /// The skinny kernel's product, when it applies.

@@ -11,14 +11,13 @@ use candle_core::Tensor;
 
 use super::grpo::{self, LossConfig, LossInputs, StepShape};
 use crate::model::Qwen2Vl;
-use crate::processor::Prompt;
 use crate::train::logps::{self, SeqRef};
 use crate::train::{GradAccumulator, TrainableModel};
 
-/// The completions of one step, grouped by prompt, with what the loss needs of each.
+/// The completions of one step, with what the loss needs of each.
 pub struct StepBatch<'a> {
-    pub prompts: &'a [Prompt],
-    /// Every completion, in group order (all of prompt 0's, then prompt 1's, ...).
+    /// Every completion, usually group after group (any order gives the same step; a
+    /// prompt's pass stays in memory until its last completion is through).
     pub seqs: Vec<SeqRef<'a>>,
     /// One per completion.
     pub advantages: &'a [f32],
@@ -60,6 +59,13 @@ pub fn policy_gradients(
     reference: Option<&[Vec<f32>]>,
 ) -> Result<(GradAccumulator, PolicyStats)> {
     let n_all = batch.seqs.len();
+    if batch.advantages.len() != n_all || batch.truncated.len() != n_all {
+        bail!(
+            "{n_all} completions but {} advantages and {} truncation flags",
+            batch.advantages.len(),
+            batch.truncated.len()
+        );
+    }
     for (what, v) in [("old", old), ("reference", reference)] {
         if let Some(v) = v {
             if v.len() != n_all {

@@ -91,7 +91,6 @@ impl Rollout {
     }
     fn batch(&self) -> StepBatch<'_> {
         StepBatch {
-            prompts: &self.prompts,
             seqs: self.seqs(),
             advantages: &self.advantages,
             truncated: &self.truncated,

@@ -266,7 +266,19 @@ fn check_seqs(model: &Qwen2Vl, seqs: &[SeqRef]) -> Result<()> {
         bail!("no completions to score");
     }
     let img = model.config.image_token_id;
+    // Completions with the same prompt index share one prompt pass: their prompts must be
+    // the same, or some would be scored after the wrong prompt.
+    let mut first: HashMap<usize, &Prompt> = HashMap::new();
     for (i, s) in seqs.iter().enumerate() {
+        let p = *first.entry(s.prompt_index).or_insert(s.prompt);
+        if !std::ptr::eq(p, s.prompt)
+            && (p.input_ids != s.prompt.input_ids || p.grids() != s.prompt.grids())
+        {
+            bail!(
+                "completion {i} has prompt index {} but not that prompt (internal error)",
+                s.prompt_index
+            );
+        }
         if s.tokens.is_empty() {
             bail!("completion {i} is empty");
         }
