@@ -6,6 +6,10 @@
 //!   Hugging Face checkpoint directory, numerically equal to transformers.
 //! - [`processor`]: images to pixel patches, tokenizer, chat template, image-token expansion.
 //! - [`generate`]: sampling and teacher-forced scoring.
+//! - [`train`]: what GRPO and SFT share: the teacher-forced forward and backward passes,
+//!   AdamW, checkpoints; [`rl`] and [`sft`] build their objectives on it.
+//! - [`kernels`]: CPU fast paths (fused ops with backward passes, the LM head's softmax,
+//!   few-row matmuls, in-place updates), each with a tensor-op path for other devices.
 
 pub mod bench;
 pub mod cli;

@@ -1,4 +1,5 @@
-//! The training machinery GRPO and SFT share: trainable parameters, AdamW with
+//! The training machinery GRPO and SFT share: trainable parameters, the teacher-forced
+//! forward and backward passes over completions ([`logps`], [`token_logps`]), AdamW with
 //! checkpointable state, atomic checkpoints in Hugging Face layout, metrics files.
 
 pub mod checkpoint;
