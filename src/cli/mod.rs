@@ -323,10 +323,12 @@ pub enum BenchCommand {
     /// time, decode tokens/s at batch 1 and for one prompt x G samples, peak memory.
     /// tools/bench_transformers.py runs the same workload with transformers.
     Generate(BenchGenerateArgs),
-    /// GRPO optimizer steps on the same model, timed phase by phase (generation, reference
-    /// forward, policy forward+backward, optimizer) with peak memory. Defaults: 1 prompt x
-    /// 8 completions of 256 tokens, a 261-token prompt with a 224x224 image, micro-batch 2,
-    /// beta 0.04. tools/bench_train_pytorch.py runs the same step in PyTorch.
+    /// Training steps on the benchmark model (tools/bench_config.json: 119.7M parameters,
+    /// random weights), timed phase by phase: generation, reference forward, policy
+    /// forward+backward, optimizer; peak memory. GRPO by default (1 prompt x 8 completions
+    /// of 256 tokens, a 261-token prompt with a 224x224 image, micro-batch 2, beta 0.04),
+    /// the SFT baseline with --sft. tools/bench_train_pytorch.py runs the same steps in
+    /// PyTorch, as TRL does.
     Train(BenchTrainArgs),
 }
 
