@@ -22,9 +22,10 @@ use crate::data::{self, PromptTemplate};
 use crate::eval::{self, ItemResult};
 use crate::model::Qwen2Vl;
 use crate::processor::{Processor, ProcessorOptions};
-use crate::rl::config::GrpoConfig;
-use crate::sft::SftConfig;
+use crate::rl::config::{GrpoConfig, GrpoMethod};
+use crate::sft::{SftConfig, SftMethod};
 use crate::synth::{Kind, Style, SynthSpec};
+use crate::train::config::RunConfig;
 
 #[derive(Debug, Clone)]
 pub struct DemoSpec {
@@ -184,54 +185,56 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
 
     step("3/6 SFT warm start on the answer format (random letters)");
     let sft_common = SftConfig {
-        template: spec.template,
-        batch_size: 8,
-        micro_batch: 8,
-        learning_rate: 5e-3,
-        save_steps: 0,
-        max_pixels: None,
-        device: Some("cpu".into()),
-        seed: spec.seed,
-        ..SftConfig::default()
+        run: RunConfig {
+            template: spec.template,
+            micro_batch: 8,
+            learning_rate: 5e-3,
+            save_steps: 0,
+            max_pixels: None,
+            device: Some("cpu".into()),
+            seed: spec.seed,
+            ..SftConfig::default().run
+        },
+        method: SftMethod { batch_size: 8 },
     };
     let warm_dir = fresh(&out.join("warm-start"))?;
-    let warm_model = crate::sft::train(
-        SftConfig {
-            model: init,
-            train_data: warm,
-            output_dir: warm_dir,
-            max_steps: spec.warm_steps,
-            ..sft_common.clone()
-        },
-        false,
-        None,
-    )?;
+    let mut warm_cfg = sft_common.clone();
+    warm_cfg.run.model = init;
+    warm_cfg.run.train_data = warm;
+    warm_cfg.run.output_dir = warm_dir;
+    warm_cfg.run.max_steps = spec.warm_steps;
+    let warm_model = crate::sft::train(warm_cfg, false, None)?;
 
     step("4/6 GRPO from the warm start");
     let grpo_dir = fresh(&out.join("grpo"))?;
     let grpo_model = crate::rl::trainer::train(
         GrpoConfig {
-            model: warm_model.clone(),
-            train_data: train.clone(),
-            output_dir: grpo_dir.clone(),
-            template: spec.template,
-            num_generations: spec.num_generations,
-            batch_prompts: spec.batch_prompts,
-            micro_batch: 64,
-            max_completion_length: 48,
-            learning_rate: spec.rl_lr,
-            temperature: spec.temperature,
-            max_steps: spec.rl_steps,
-            beta: 0.04,
-            save_steps: 0,
-            max_pixels: None,
-            log_completions: 2,
-            // Held-out greedy accuracy along the way, for the curves.
-            eval_data: Some(test.clone()),
-            eval_steps: (spec.rl_steps / 6).max(1),
-            seed: spec.seed,
-            device: Some("cpu".into()),
-            ..GrpoConfig::default()
+            run: RunConfig {
+                model: warm_model.clone(),
+                train_data: train.clone(),
+                output_dir: grpo_dir.clone(),
+                template: spec.template,
+                micro_batch: 64,
+                learning_rate: spec.rl_lr,
+                max_steps: spec.rl_steps,
+                save_steps: 0,
+                max_pixels: None,
+                seed: spec.seed,
+                device: Some("cpu".into()),
+                ..GrpoConfig::default().run
+            },
+            method: GrpoMethod {
+                num_generations: spec.num_generations,
+                batch_prompts: spec.batch_prompts,
+                max_completion_length: 48,
+                temperature: spec.temperature,
+                beta: 0.04,
+                log_completions: 2,
+                // Held-out greedy accuracy along the way, for the curves.
+                eval_data: Some(test.clone()),
+                eval_steps: (spec.rl_steps / 6).max(1),
+                ..GrpoMethod::default()
+            },
         },
         false,
         None,
@@ -239,20 +242,15 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
 
     step("5/6 the SFT baseline: correct answers, same steps and items per step");
     let sft_dir = fresh(&out.join("sft"))?;
-    let sft_model = crate::sft::train(
-        SftConfig {
-            model: warm_model.clone(),
-            train_data: train,
-            output_dir: sft_dir,
-            max_steps: spec.rl_steps,
-            batch_size: spec.batch_prompts,
-            micro_batch: spec.batch_prompts,
-            learning_rate: spec.rl_lr,
-            ..sft_common
-        },
-        false,
-        None,
-    )?;
+    let mut sft_cfg = sft_common;
+    sft_cfg.run.model = warm_model.clone();
+    sft_cfg.run.train_data = train;
+    sft_cfg.run.output_dir = sft_dir;
+    sft_cfg.run.max_steps = spec.rl_steps;
+    sft_cfg.run.micro_batch = spec.batch_prompts;
+    sft_cfg.run.learning_rate = spec.rl_lr;
+    sft_cfg.method.batch_size = spec.batch_prompts;
+    let sft_model = crate::sft::train(sft_cfg, false, None)?;
 
     step("6/6 evaluation (greedy, strict answer rule)");
     let mut cells = Vec::new();

@@ -5,126 +5,50 @@
 //! The target is `<think>rationale</think><answer>X</answer>` when a row has a rationale,
 //! else `<answer>X</answer>`, followed by `<|im_end|>` so the model learns to stop.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{self, PromptTemplate, VqaItem};
-use crate::processor::{Processor, ProcessorOptions};
+use crate::data::VqaItem;
 use crate::rl::trainer::DataOrder;
+use crate::train::config::{Method, RunConfig, TrainConfig};
 use crate::train::logps::{self, SeqRef};
 use crate::train::metrics::Record;
-use crate::train::session::{export_dtype, Session, SessionSpec};
-use crate::train::{AdamWConfig, GradAccumulator, TrainableModel};
+use crate::train::run::{self, RunInputs};
+use crate::train::session::export_dtype;
+use crate::train::{GradAccumulator, TrainableModel};
 
+/// An SFT run's whole configuration: the shared run settings and SFT's own.
+pub type SftConfig = TrainConfig<SftMethod>;
+
+/// SFT's own settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SftConfig {
-    /// Checkpoint directory to start from. Required.
-    pub model: PathBuf,
-    /// Training rows (MedVLM-R1 JSON or JSON lines). Required.
-    pub train_data: PathBuf,
-    pub image_root: Option<PathBuf>,
-    pub modalities: Vec<String>,
-    pub output_dir: PathBuf,
-    pub template: PromptTemplate,
-    pub min_pixels: Option<usize>,
-    pub max_pixels: Option<usize>,
+pub struct SftMethod {
     /// Items per optimizer step.
     pub batch_size: usize,
-    /// Items per forward/backward pass (gradient accumulation splits the step).
-    pub micro_batch: usize,
-    pub learning_rate: f64,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_epsilon: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub epochs: f64,
-    pub max_steps: u64,
-    pub freeze_vision: bool,
-    pub save_steps: u64,
-    pub final_dtype: String,
-    pub seed: u64,
-    pub device: Option<String>,
 }
 
-impl Default for SftConfig {
+impl Default for SftMethod {
     fn default() -> Self {
-        Self {
-            model: PathBuf::new(),
-            train_data: PathBuf::new(),
-            image_root: None,
-            modalities: vec![],
-            output_dir: PathBuf::from("runs/sft"),
-            template: PromptTemplate::Paper,
-            min_pixels: None,
-            max_pixels: Some(401_408),
-            batch_size: 4,
-            micro_batch: 4,
-            learning_rate: 1e-6,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            epochs: 1.0,
-            max_steps: 0,
-            freeze_vision: false,
-            save_steps: 50,
-            final_dtype: "f32".into(),
-            seed: 42,
-            device: None,
-        }
+        Self { batch_size: 4 }
     }
 }
 
-/// The commented default config (`medvlm train sft --print-config`).
-pub const EXAMPLE_CONFIG: &str = include_str!("sft.example.toml");
+impl Method for SftMethod {
+    const NAME: &'static str = "sft";
+    const HEADER: &'static str =
+        "# medvlm SFT run configuration: the supervised baseline of MedVLM-R1. Every key\n\
+        # can also be given as a flag (`--learning-rate 1e-5`), which wins over this file.";
+    const EXAMPLE: &'static str = include_str!("sft.example.toml");
 
-impl SftConfig {
-    pub fn from_toml(text: &str, file: &str, overrides: Option<toml::Table>) -> Result<Self> {
-        crate::rl::config::parse_toml(text, file, overrides)
-    }
-
-    pub fn from_file(path: &Path, overrides: Option<toml::Table>) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read config", path.display()))?;
-        Self::from_toml(&text, &path.display().to_string(), overrides)
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if self.model.as_os_str().is_empty() || !self.model.is_dir() {
-            bail!(
-                "config: model {:?}: no such checkpoint directory",
-                self.model
-            );
+    fn validate(&self, _run: &RunConfig) -> Result<()> {
+        if self.batch_size == 0 {
+            bail!("config: batch_size must be positive");
         }
-        if self.train_data.as_os_str().is_empty() || !self.train_data.is_file() {
-            bail!("config: train_data {:?}: no such file", self.train_data);
-        }
-        if self.batch_size == 0 || self.micro_batch == 0 {
-            bail!("config: batch_size and micro_batch must be positive");
-        }
-        if self.epochs <= 0.0 && self.max_steps == 0 {
-            bail!("config: set epochs > 0 or max_steps > 0");
-        }
-        export_dtype(&self.final_dtype)?;
         Ok(())
-    }
-
-    pub fn to_toml(&self) -> Result<String> {
-        Ok(toml::to_string_pretty(self)?)
-    }
-
-    pub fn fingerprint(&self) -> Result<String> {
-        let mut c = self.clone();
-        c.output_dir = PathBuf::new();
-        c.save_steps = 0;
-        c.device = None;
-        crate::rl::config::fingerprint_of(&toml::to_string(&c)?)
     }
 }
 
@@ -142,9 +66,6 @@ pub fn target_text(item: &VqaItem) -> String {
     }
 }
 
-/// Trains (or resumes) an SFT run; returns the exported model's directory (or, when
-/// `stop_after` steps are reached first, which simulates an interruption, the last
-/// checkpoint).
 /// The gradient of one SFT step over `seqs` (prompts with their target tokens): the
 /// token-mean negative log-likelihood over the whole step, in micro-batches of
 /// `micro_batch`. Returns the accumulated gradients and the loss.
@@ -161,67 +82,31 @@ pub fn gradients(
     Ok((grads, nll))
 }
 
+/// Trains (or resumes) an SFT run; returns the exported model's directory (or, when
+/// `stop_after` steps are reached first, which simulates an interruption, the last
+/// checkpoint).
 pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result<PathBuf> {
-    config.validate()?;
-    let device = crate::cli::parse_device(config.device.as_deref())?;
-    let ckpt = Session::resume_point(&config.output_dir, resume)?;
-    let processor = Processor::from_dir(
-        &config.model,
-        &ProcessorOptions {
-            min_pixels: config.min_pixels,
-            max_pixels: config.max_pixels,
-            ..Default::default()
-        },
-    )?;
-    let ds = data::load(&config.train_data, config.image_root.as_deref())?;
-    for s in ds.skipped.iter().take(5) {
-        eprintln!("warning: skipped {s}");
-    }
-    let items = data::filter_modalities(ds.items, &config.modalities);
-    if items.is_empty() {
-        bail!("{}: no usable training rows", config.train_data.display());
-    }
+    let RunInputs {
+        device,
+        resume_from,
+        processor,
+        train: items,
+    } = RunInputs::prepare(&config, resume)?;
     let im_end = processor
         .tokenizer
         .special
         .im_end
         .context("the tokenizer has no <|im_end|> token to end the supervised turn")?;
-    let total_steps = if config.max_steps > 0 {
-        config.max_steps
+    let total_steps = if config.run.max_steps > 0 {
+        config.run.max_steps
     } else {
-        ((items.len() as f64 * config.epochs) / config.batch_size as f64).ceil() as u64
+        ((items.len() as f64 * config.run.epochs) / config.method.batch_size as f64).ceil() as u64
     }
     .max(1);
-    let mut model = match &ckpt {
-        Some(c) => TrainableModel::load(c, &device)?,
-        None => TrainableModel::load(&config.model, &device)?,
-    };
-    model.source_dir = config.model.clone();
-    if config.freeze_vision {
-        model.freeze_vision();
-    }
-    let mut session = Session::open(
-        SessionSpec {
-            kind: "sft",
-            dir: &config.output_dir,
-            config_toml: config.to_toml()?,
-            config_hash: config.fingerprint()?,
-            adam: AdamWConfig {
-                lr: config.learning_rate,
-                beta1: config.adam_beta1,
-                beta2: config.adam_beta2,
-                eps: config.adam_epsilon,
-                weight_decay: config.weight_decay,
-            },
-            max_grad_norm: config.max_grad_norm,
-            total_steps,
-            seed: config.seed,
-            resume,
-        },
-        &device,
-    )?;
-    let order = DataOrder::new(items.len(), config.seed);
-    let bs = config.batch_size as u64;
+    let model = run::load_policy(&config.run, resume_from.as_deref(), &device)?;
+    let mut session = run::open_session(&config, total_steps, resume, &device)?;
+    let order = DataOrder::new(items.len(), config.run.seed);
+    let bs = config.method.batch_size as u64;
     let mut last_ckpt = None;
     while !session.done() {
         if stop_after.is_some_and(|s| session.step >= s) {
@@ -239,7 +124,7 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
                 .iter()
                 .map(|p| processor.load_image(p))
                 .collect::<Result<Vec<_>>>()?;
-            prompts.push(processor.prepare(&config.template.messages(it), images, true)?);
+            prompts.push(processor.prepare(&config.run.template.messages(it), images, true)?);
             let mut ids = processor.tokenizer.encode(&target_text(it))?;
             ids.push(im_end);
             targets.push(ids);
@@ -255,7 +140,7 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
                 tokens: t,
             })
             .collect();
-        let (mut grads, nll_sum) = gradients(&model, &seqs, config.micro_batch)?;
+        let (mut grads, nll_sum) = gradients(&model, &seqs, config.run.micro_batch)?;
         let (norm, lr) = session.apply(&model, &mut grads)?;
         let secs = t.elapsed().as_secs_f64();
         let mut rec = Record::new(session.step);
@@ -266,14 +151,15 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
             .num("step_time_s", secs)
             .num("tokens_per_s", total_tokens as f64 / secs.max(1e-9));
         session.log(rec, &format!("loss {nll_sum:.4}  {secs:.1}s/step"))?;
-        if config.save_steps > 0 && session.step % config.save_steps == 0 && !session.done() {
+        if config.run.save_steps > 0 && session.step % config.run.save_steps == 0 && !session.done()
+        {
             last_ckpt = Some(session.checkpoint(&model, session.step * bs)?);
         }
     }
     session.finish(
         &model,
         session.step * bs,
-        export_dtype(&config.final_dtype)?,
+        export_dtype(&config.run.final_dtype)?,
     )
 }
 
@@ -283,12 +169,11 @@ mod tests {
 
     #[test]
     fn example_config_parses_to_the_defaults() {
-        let c = SftConfig::from_toml(EXAMPLE_CONFIG, "example", None).unwrap();
-        let d = SftConfig {
-            model: c.model.clone(),
-            train_data: c.train_data.clone(),
-            ..SftConfig::default()
-        };
+        let c = SftConfig::from_toml(SftConfig::example(), "example", None).unwrap();
+        let mut d = SftConfig::default();
+        d.run.model = c.run.model.clone();
+        d.run.train_data = c.run.train_data.clone();
         assert_eq!(c, d);
+        assert_eq!(d.run.output_dir, PathBuf::from("runs/sft"));
     }
 }

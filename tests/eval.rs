@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use medvlm::data::{self, Modality};
-use medvlm::sft::SftConfig;
+use medvlm::sft::{SftConfig, SftMethod};
+use medvlm::train::config::RunConfig;
 use serde_json::Value;
 
 fn testset() -> PathBuf {
@@ -80,17 +81,19 @@ fn eval_writes_reports_whose_accuracy_the_items_confirm() {
     let file = testset().join("MRI_CT_XRAY_300each_dataset.json");
     let model = medvlm::sft::train(
         SftConfig {
-            model: fixtures().join("tiny-a"),
-            train_data: file.clone(),
-            output_dir: tmp.path().join("sft"),
-            batch_size: 8,
-            micro_batch: 8,
-            learning_rate: 3e-3,
-            max_steps: 30,
-            save_steps: 0,
-            max_pixels: Some(28 * 28 * 12),
-            device: Some("cpu".into()),
-            ..SftConfig::default()
+            run: RunConfig {
+                model: fixtures().join("tiny-a"),
+                train_data: file.clone(),
+                output_dir: tmp.path().join("sft"),
+                micro_batch: 8,
+                learning_rate: 3e-3,
+                max_steps: 30,
+                save_steps: 0,
+                max_pixels: Some(28 * 28 * 12),
+                device: Some("cpu".into()),
+                ..SftConfig::default().run
+            },
+            method: SftMethod { batch_size: 8 },
         },
         false,
         None,

@@ -13,8 +13,9 @@ use common::*;
 use medvlm::data::{self, PromptTemplate};
 use medvlm::model::Qwen2VlConfig;
 use medvlm::processor::{Processor, ProcessorOptions};
-use medvlm::rl::config::GrpoConfig;
-use medvlm::sft::SftConfig;
+use medvlm::rl::config::{GrpoConfig, GrpoMethod};
+use medvlm::sft::{SftConfig, SftMethod};
+use medvlm::train::config::RunConfig;
 use medvlm::train::{checkpoint, TrainableModel};
 use rand::{Rng, SeedableRng};
 
@@ -107,18 +108,20 @@ fn grpo_learns_what_the_warm_start_could_not() {
     let t = std::time::Instant::now();
     let sft = medvlm::sft::train(
         SftConfig {
-            model: init,
-            train_data: warm_data,
-            output_dir: dir.join("sft"),
-            template,
-            batch_size: 8,
-            micro_batch: 8,
-            learning_rate: 5e-3,
-            max_steps: 80,
-            save_steps: 0,
-            max_pixels: Some(MAX_PIXELS),
-            device: Some("cpu".into()),
-            ..SftConfig::default()
+            run: RunConfig {
+                model: init,
+                train_data: warm_data,
+                output_dir: dir.join("sft"),
+                template,
+                micro_batch: 8,
+                learning_rate: 5e-3,
+                max_steps: 80,
+                save_steps: 0,
+                max_pixels: Some(MAX_PIXELS),
+                device: Some("cpu".into()),
+                ..SftConfig::default().run
+            },
+            method: SftMethod { batch_size: 8 },
         },
         false,
         None,
@@ -131,25 +134,30 @@ fn grpo_learns_what_the_warm_start_could_not() {
     let t = std::time::Instant::now();
     let grpo = medvlm::rl::trainer::train(
         GrpoConfig {
-            model: sft,
-            train_data,
-            output_dir: dir.join("grpo"),
-            template,
-            num_generations: 8,
-            batch_prompts: 8,
-            micro_batch: 32,
-            max_completion_length: 24,
-            learning_rate: 1e-3,
-            temperature: 0.7,
-            max_steps: 40,
-            beta: 0.04,
-            eval_data: Some(held_out.clone()),
-            eval_steps: 10,
-            save_steps: 0,
-            max_pixels: Some(MAX_PIXELS),
-            log_completions: 1,
-            device: Some("cpu".into()),
-            ..GrpoConfig::default()
+            run: RunConfig {
+                model: sft,
+                train_data,
+                output_dir: dir.join("grpo"),
+                template,
+                micro_batch: 32,
+                learning_rate: 1e-3,
+                max_steps: 40,
+                save_steps: 0,
+                max_pixels: Some(MAX_PIXELS),
+                device: Some("cpu".into()),
+                ..GrpoConfig::default().run
+            },
+            method: GrpoMethod {
+                num_generations: 8,
+                batch_prompts: 8,
+                max_completion_length: 24,
+                temperature: 0.7,
+                beta: 0.04,
+                eval_data: Some(held_out.clone()),
+                eval_steps: 10,
+                log_completions: 1,
+                ..GrpoMethod::default()
+            },
         },
         false,
         None,

@@ -20,18 +20,25 @@ pub trait ConfigKind {
     fn keys() -> &'static [(String, String)];
 }
 
-/// Parses `key = value  # help` lines (optionally commented out) of an example config.
+/// Parses `key = value  # help` lines (optionally commented out) of an example config;
+/// keys under a `[section]` header are named `section.key`.
 pub fn parse_example_keys(example: &str) -> Vec<(String, String)> {
     static LINE: LazyLock<regex::Regex> = LazyLock::new(|| {
         regex::Regex::new(r"^#?\s*([a-z][a-z0-9_]*)\s*=\s*[^#]*?(?:#\s*(.*))?$")
             .expect("valid regex")
     });
+    static SECTION: LazyLock<regex::Regex> =
+        LazyLock::new(|| regex::Regex::new(r"^\[([a-z][a-z0-9_]*)\]$").expect("valid regex"));
     let mut out: Vec<(String, String)> = Vec::new();
     let mut pending_help = String::new();
+    let mut section = String::new();
     for line in example.lines() {
         let t = line.trim();
-        if let Some(c) = LINE.captures(t) {
-            let key = c[1].to_string();
+        if let Some(c) = SECTION.captures(t) {
+            section = format!("{}.", &c[1]);
+            pending_help.clear();
+        } else if let Some(c) = LINE.captures(t) {
+            let key = format!("{section}{}", &c[1]);
             let help = c
                 .get(2)
                 .map(|m| m.as_str().trim().to_string())
@@ -59,7 +66,7 @@ pub struct ConfigOverrides<K> {
 }
 
 fn flag_name(key: &str) -> String {
-    key.replace('_', "-")
+    key.replace(['_', '.'], "-")
 }
 
 /// A flag's text as a TOML value: numbers, booleans, arrays and quoted strings as TOML,
@@ -130,6 +137,19 @@ mod tests {
                 ("image_root".to_string(), "images".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn section_keys_are_prefixed() {
+        let keys = parse_example_keys("top = 1\n\n[lora]\nr = 0  # rank\n");
+        assert_eq!(
+            keys,
+            vec![
+                ("top".to_string(), String::new()),
+                ("lora.r".to_string(), "rank".to_string())
+            ]
+        );
+        assert_eq!(flag_name("lora.target_modules"), "lora-target-modules");
     }
 
     #[test]

@@ -114,24 +114,22 @@ pub struct SftKeys;
 
 impl config_flags::ConfigKind for GrpoKeys {
     fn example() -> &'static str {
-        crate::rl::config::EXAMPLE_CONFIG
+        crate::rl::config::GrpoConfig::example()
     }
     fn keys() -> &'static [(String, String)] {
-        static K: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLock::new(|| {
-            config_flags::parse_example_keys(crate::rl::config::EXAMPLE_CONFIG)
-        });
+        static K: std::sync::LazyLock<Vec<(String, String)>> =
+            std::sync::LazyLock::new(|| config_flags::parse_example_keys(GrpoKeys::example()));
         &K
     }
 }
 
 impl config_flags::ConfigKind for SftKeys {
     fn example() -> &'static str {
-        crate::sft::EXAMPLE_CONFIG
+        crate::sft::SftConfig::example()
     }
     fn keys() -> &'static [(String, String)] {
-        static K: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLock::new(|| {
-            config_flags::parse_example_keys(crate::sft::EXAMPLE_CONFIG)
-        });
+        static K: std::sync::LazyLock<Vec<(String, String)>> =
+            std::sync::LazyLock::new(|| config_flags::parse_example_keys(SftKeys::example()));
         &K
     }
 }
@@ -971,7 +969,7 @@ fn resolve_config_text<
 
 fn run_train_grpo(a: TrainArgs<GrpoKeys>) -> Result<()> {
     if a.print_config {
-        print!("{}", crate::rl::config::EXAMPLE_CONFIG);
+        print!("{}", crate::rl::config::GrpoConfig::example());
         return Ok(());
     }
     let (text, file, over) = resolve_config_text(&a)?;
@@ -983,7 +981,7 @@ fn run_train_grpo(a: TrainArgs<GrpoKeys>) -> Result<()> {
 
 fn run_train_sft(a: TrainArgs<SftKeys>) -> Result<()> {
     if a.print_config {
-        print!("{}", crate::sft::EXAMPLE_CONFIG);
+        print!("{}", crate::sft::SftConfig::example());
         return Ok(());
     }
     let (text, file, over) = resolve_config_text(&a)?;

@@ -1,61 +1,36 @@
-//! `grpo.toml`: every setting of a GRPO run, MedVLM-R1's values as defaults. Unknown keys
-//! are errors (a typo must not silently train with a default), and the whole config is
-//! checked before any work starts.
+//! `grpo.toml`: every setting of a GRPO run, MedVLM-R1's values as defaults: the shared
+//! run settings ([`RunConfig`]) and GRPO's own ([`GrpoMethod`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::grpo::{LossConfig, LossType, ScaleRewards};
 use super::reward::AnswerMode;
-use crate::data::PromptTemplate;
+use crate::train::config::{Method, RunConfig, TrainConfig};
 
+/// A GRPO run's whole configuration.
+pub type GrpoConfig = TrainConfig<GrpoMethod>;
+
+/// GRPO's own settings: held-out evaluation, sampling, the objective, rewards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct GrpoConfig {
-    /// Checkpoint directory to start from (Hugging Face layout). Required.
-    pub model: PathBuf,
-    /// Training data: the MedVLM-R1 JSON format or JSON lines. Required.
-    pub train_data: PathBuf,
-    /// Root for the rows' relative image paths (default: the data file's directory).
-    pub image_root: Option<PathBuf>,
-    /// Keep only these modalities (e.g. ["MRI"]); empty keeps all.
-    pub modalities: Vec<String>,
+pub struct GrpoMethod {
     /// Held-out data evaluated with greedy decoding every `eval_steps` (optional).
     pub eval_data: Option<PathBuf>,
     pub eval_steps: u64,
     /// Evaluate at most this many held-out items (0 = all).
     pub eval_limit: usize,
-    /// Run directory: config, metrics, completions, checkpoints.
-    pub output_dir: PathBuf,
-    /// "paper" (think/answer, the default) or "simple".
-    pub template: PromptTemplate,
-    pub min_pixels: Option<usize>,
-    /// MedVLM-R1 trains with 401408.
-    pub max_pixels: Option<usize>,
 
     /// Completions sampled per prompt (G).
     pub num_generations: usize,
     /// Prompts per optimizer step (B).
     pub batch_prompts: usize,
-    /// Completions per forward/backward pass (gradient accumulation splits the step).
-    pub micro_batch: usize,
     pub max_completion_length: usize,
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
-
-    pub learning_rate: f64,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_epsilon: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    /// Passes over the training data (used when max_steps is 0).
-    pub epochs: f64,
-    /// Optimizer steps (0 = from epochs).
-    pub max_steps: u64,
     /// Optimizer steps per generated batch (mu in the GRPO paper); >1 activates clipping.
     pub num_iterations: u64,
 
@@ -72,50 +47,22 @@ pub struct GrpoConfig {
     pub reward_weights: Vec<f32>,
     /// "strict" (default) or "paper" accuracy rule.
     pub answer_mode: AnswerMode,
-
-    /// Train only the language model and the merger.
-    pub freeze_vision: bool,
-    /// Save a checkpoint every this many optimizer steps (0 = only at the end).
-    pub save_steps: u64,
-    /// dtype of the final exported model: "f32" or "bf16" (checkpoints stay f32 so
-    /// resuming is exact).
-    pub final_dtype: String,
     /// Completions per step written to completions.jsonl.
     pub log_completions: usize,
-    pub seed: u64,
-    /// "cpu", "cuda" or "cuda:N" (default: CUDA when available).
-    pub device: Option<String>,
 }
 
-impl Default for GrpoConfig {
+impl Default for GrpoMethod {
     fn default() -> Self {
         Self {
-            model: PathBuf::new(),
-            train_data: PathBuf::new(),
-            image_root: None,
-            modalities: vec![],
             eval_data: None,
             eval_steps: 0,
             eval_limit: 0,
-            output_dir: PathBuf::from("runs/grpo"),
-            template: PromptTemplate::Paper,
-            min_pixels: None,
-            max_pixels: Some(401_408),
             num_generations: 4,
             batch_prompts: 1,
-            micro_batch: 4,
             max_completion_length: 512,
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
-            learning_rate: 1e-6,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            epochs: 1.0,
-            max_steps: 0,
             num_iterations: 1,
             beta: 0.04,
             epsilon_low: 0.2,
@@ -126,53 +73,20 @@ impl Default for GrpoConfig {
             rewards: vec!["accuracy".into(), "format".into()],
             reward_weights: vec![],
             answer_mode: AnswerMode::Strict,
-            freeze_vision: false,
-            save_steps: 50,
-            final_dtype: "f32".into(),
             log_completions: 2,
-            seed: 42,
-            device: None,
         }
     }
 }
 
-impl GrpoConfig {
-    /// Parses TOML text (`file` names it in errors) merged with `overrides` (a TOML table
-    /// of flag values, which win).
-    pub fn from_toml(text: &str, file: &str, overrides: Option<toml::Table>) -> Result<Self> {
-        parse_toml(text, file, overrides)
-    }
+impl Method for GrpoMethod {
+    const NAME: &'static str = "grpo";
+    const HEADER: &'static str =
+        "# medvlm GRPO run configuration. Every key can also be given as a flag\n\
+        # (`--learning-rate 1e-5`, `--lora-r 16`), which wins over this file. Defaults are\n\
+        # MedVLM-R1's settings.";
+    const EXAMPLE: &'static str = include_str!("grpo.example.toml");
 
-    pub fn from_file(path: &Path, overrides: Option<toml::Table>) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read config", path.display()))?;
-        Self::from_toml(&text, &path.display().to_string(), overrides)
-    }
-
-    pub fn to_toml(&self) -> Result<String> {
-        Ok(toml::to_string_pretty(self)?)
-    }
-
-    /// Everything that can be checked before loading a model.
-    pub fn validate(&self) -> Result<()> {
-        if self.model.as_os_str().is_empty() {
-            bail!("config: `model` (the checkpoint directory to train) is required");
-        }
-        if !self.model.is_dir() {
-            bail!(
-                "config: model {}: no such checkpoint directory",
-                self.model.display()
-            );
-        }
-        if self.train_data.as_os_str().is_empty() {
-            bail!("config: `train_data` is required");
-        }
-        if !self.train_data.is_file() {
-            bail!(
-                "config: train_data {}: no such file",
-                self.train_data.display()
-            );
-        }
+    fn validate(&self, run: &RunConfig) -> Result<()> {
         if let Some(e) = &self.eval_data {
             if !e.is_file() {
                 bail!("config: eval_data {}: no such file", e.display());
@@ -185,32 +99,25 @@ impl GrpoConfig {
                 self.num_generations
             );
         }
-        if self.batch_prompts == 0 || self.micro_batch == 0 || self.max_completion_length == 0 {
-            bail!("config: batch_prompts, micro_batch and max_completion_length must be positive");
+        if self.batch_prompts == 0 || self.max_completion_length == 0 {
+            bail!("config: batch_prompts and max_completion_length must be positive");
         }
         if self.num_iterations == 0 {
             bail!("config: num_iterations must be at least 1");
         }
-        if !self.save_steps.is_multiple_of(self.num_iterations) {
+        if !run.save_steps.is_multiple_of(self.num_iterations) {
             bail!(
                 "config: save_steps ({}) must be a multiple of num_iterations ({}): checkpoints \
                  are taken between generated batches so a resumed run is exact",
-                self.save_steps,
+                run.save_steps,
                 self.num_iterations
             );
         }
         if self.temperature.is_nan() || self.temperature <= 0.0 {
             bail!("config: temperature must be positive for GRPO sampling");
         }
-        if self.learning_rate < 0.0
-            || self.beta < 0.0
-            || self.epsilon_low < 0.0
-            || self.epsilon_high < 0.0
-        {
-            bail!("config: learning_rate, beta and epsilons must be non-negative");
-        }
-        if self.epochs <= 0.0 && self.max_steps == 0 {
-            bail!("config: set epochs > 0 or max_steps > 0");
+        if self.beta < 0.0 || self.epsilon_low < 0.0 || self.epsilon_high < 0.0 {
+            bail!("config: beta and epsilons must be non-negative");
         }
         if self.rewards.is_empty() {
             bail!("config: at least one reward is needed");
@@ -227,71 +134,29 @@ impl GrpoConfig {
                 self.rewards.len()
             );
         }
-        if !matches!(self.final_dtype.as_str(), "f32" | "bf16") {
-            bail!(
-                "config: final_dtype must be \"f32\" or \"bf16\", got {:?}",
-                self.final_dtype
-            );
-        }
         Ok(())
     }
 
+    fn without_logging(&mut self) {
+        self.log_completions = 0;
+    }
+}
+
+impl GrpoConfig {
     pub fn loss(&self) -> LossConfig {
+        let m = &self.method;
         LossConfig {
-            loss_type: self.loss_type,
-            beta: self.beta,
-            epsilon_low: self.epsilon_low,
-            epsilon_high: self.epsilon_high,
-            scale_rewards: self.scale_rewards,
-            mask_truncated_completions: self.mask_truncated_completions,
-            max_completion_length: self.max_completion_length,
-            temperature: self.temperature as f64,
+            loss_type: m.loss_type,
+            beta: m.beta,
+            epsilon_low: m.epsilon_low,
+            epsilon_high: m.epsilon_high,
+            scale_rewards: m.scale_rewards,
+            mask_truncated_completions: m.mask_truncated_completions,
+            max_completion_length: m.max_completion_length,
+            temperature: m.temperature as f64,
         }
     }
-
-    /// A stable fingerprint of the settings that determine the run's trajectory.
-    pub fn fingerprint(&self) -> Result<String> {
-        let mut c = self.clone();
-        // Where files live and how often to log or save do not change the trajectory.
-        c.output_dir = PathBuf::new();
-        c.save_steps = 0;
-        c.log_completions = 0;
-        c.device = None;
-        fingerprint_of(&c.to_toml()?)
-    }
 }
-
-/// Parses a TOML config (`file` names it in errors) with `overrides` (a table of flag
-/// values) merged over it; unknown keys and wrong types are errors.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(
-    text: &str,
-    file: &str,
-    overrides: Option<toml::Table>,
-) -> Result<T> {
-    let mut table: toml::Table =
-        toml::from_str(text).with_context(|| format!("{file}: invalid TOML"))?;
-    if let Some(o) = overrides {
-        for (k, v) in o {
-            table.insert(k, v);
-        }
-    }
-    toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("{file}: {}", e.message().trim()))
-}
-
-/// FNV-1a of a config's text: a stable fingerprint to refuse resuming changed settings.
-pub fn fingerprint_of(text: &str) -> Result<String> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    Ok(format!("{h:016x}"))
-}
-
-/// The commented default config written by `medvlm train grpo --print-config`.
-pub const EXAMPLE_CONFIG: &str = include_str!("grpo.example.toml");
 
 #[cfg(test)]
 mod tests {
@@ -299,13 +164,14 @@ mod tests {
 
     #[test]
     fn example_config_parses_to_the_defaults() {
-        let c = GrpoConfig::from_toml(EXAMPLE_CONFIG, "example", None).unwrap();
-        let d = GrpoConfig {
-            model: c.model.clone(),
-            train_data: c.train_data.clone(),
-            ..GrpoConfig::default()
-        };
+        let c = GrpoConfig::from_toml(GrpoConfig::example(), "example", None).unwrap();
+        let mut d = GrpoConfig::default();
+        d.run.model = c.run.model.clone();
+        d.run.train_data = c.run.train_data.clone();
         assert_eq!(c, d);
+        // And the config a run writes reads back to itself.
+        let again = GrpoConfig::from_toml(&c.to_toml().unwrap(), "written", None).unwrap();
+        assert_eq!(again, c);
     }
 
     #[test]
@@ -313,14 +179,28 @@ mod tests {
         let e = GrpoConfig::from_toml("lerning_rate = 1e-5", "x.toml", None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("x.toml") && e.contains("lerning_rate"), "{e}");
+        assert!(
+            e.contains("x.toml") && e.contains("lerning_rate") && e.contains("`learning_rate`"),
+            "{e}"
+        );
+        let e = GrpoConfig::from_toml("[lora]\nrank = 8", "x.toml", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lora.rank"), "{e}");
         let e = GrpoConfig::from_toml("loss_type = \"ppo\"", "x.toml", None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("ppo"), "{e}");
         let mut o = toml::Table::new();
         o.insert("num_generations".into(), toml::Value::Integer(8));
-        let c = GrpoConfig::from_toml("num_generations = 2", "x.toml", Some(o)).unwrap();
-        assert_eq!(c.num_generations, 8, "flags win over the file");
+        o.insert("lora.r".into(), toml::Value::Integer(16));
+        let c =
+            GrpoConfig::from_toml("num_generations = 2\n[lora]\nr = 4", "x.toml", Some(o)).unwrap();
+        assert_eq!(c.method.num_generations, 8, "flags win over the file");
+        assert_eq!(c.run.lora.r, 16, "section flags too");
+        assert_eq!(
+            c.run.lora.alpha, 16.0,
+            "unset section keys keep their defaults"
+        );
     }
 }

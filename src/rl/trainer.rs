@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::DType;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -24,10 +24,11 @@ use super::step::{self, StepBatch};
 use crate::data::{self, VqaItem};
 use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
 use crate::model::Qwen2Vl;
-use crate::processor::{Processor, ProcessorOptions, Prompt};
+use crate::processor::{Processor, Prompt};
 use crate::train::metrics::{mean_std, Record};
-use crate::train::session::{export_dtype, Session, SessionSpec};
-use crate::train::{AdamWConfig, TrainableModel};
+use crate::train::run::{self, RunInputs};
+use crate::train::session::{export_dtype, Session};
+use crate::train::TrainableModel;
 
 /// SplitMix64 finaliser: derives independent seeds from (seed, counter).
 pub fn mix(seed: u64, n: u64) -> u64 {
@@ -121,93 +122,46 @@ impl GrpoRun {
     /// Loads models and data for `config` and opens (or resumes) the run directory. All
     /// validation happens before any model is loaded.
     pub fn prepare(config: GrpoConfig, resume: bool) -> Result<Self> {
-        config.validate()?;
-        let device = crate::cli::parse_device(config.device.as_deref())?;
-        let ckpt = Session::resume_point(&config.output_dir, resume)?;
-        let popts = ProcessorOptions {
-            min_pixels: config.min_pixels,
-            max_pixels: config.max_pixels,
-            ..Default::default()
-        };
-        let processor = Processor::from_dir(&config.model, &popts)?;
-        let ds = data::load(&config.train_data, config.image_root.as_deref())?;
-        for s in ds.skipped.iter().take(5) {
-            eprintln!("warning: skipped {s}");
-        }
-        if ds.skipped.len() > 5 {
-            eprintln!("warning: {} rows skipped in all", ds.skipped.len());
-        }
-        let train = data::filter_modalities(ds.items, &config.modalities);
-        if train.is_empty() {
-            bail!(
-                "{}: no usable training rows{}",
-                config.train_data.display(),
-                if config.modalities.is_empty() {
-                    String::new()
-                } else {
-                    format!(" for modalities {:?}", config.modalities)
-                }
-            );
-        }
-        let eval = match &config.eval_data {
+        let RunInputs {
+            device,
+            resume_from,
+            processor,
+            train,
+        } = RunInputs::prepare(&config, resume)?;
+        let eval = match &config.method.eval_data {
             Some(p) => {
-                let ds = data::load(p, config.image_root.as_deref())?;
-                let mut items = data::filter_modalities(ds.items, &config.modalities);
-                if config.eval_limit > 0 {
-                    items.truncate(config.eval_limit);
+                let ds = data::load(p, config.run.image_root.as_deref())?;
+                let mut items = data::filter_modalities(ds.items, &config.run.modalities);
+                if config.method.eval_limit > 0 {
+                    items.truncate(config.method.eval_limit);
                 }
                 items
             }
             None => vec![],
         };
-        let weights = if config.reward_weights.is_empty() {
-            vec![1.0; config.rewards.len()]
+        let weights = if config.method.reward_weights.is_empty() {
+            vec![1.0; config.method.rewards.len()]
         } else {
-            config.reward_weights.clone()
+            config.method.reward_weights.clone()
         };
-        let rewards = rewards_from_names(&config.rewards, &weights, config.answer_mode)?;
-        let gens_per_epoch = train.len().div_ceil(config.batch_prompts) as f64;
-        let total_steps = if config.max_steps > 0 {
-            config.max_steps
+        let rewards =
+            rewards_from_names(&config.method.rewards, &weights, config.method.answer_mode)?;
+        let gens_per_epoch = train.len().div_ceil(config.method.batch_prompts) as f64;
+        let total_steps = if config.run.max_steps > 0 {
+            config.run.max_steps
         } else {
-            ((gens_per_epoch * config.epochs).ceil() as u64).max(1) * config.num_iterations
+            ((gens_per_epoch * config.run.epochs).ceil() as u64).max(1)
+                * config.method.num_iterations
         };
 
-        let mut policy = match &ckpt {
-            Some(c) => TrainableModel::load(c, &device)?,
-            None => TrainableModel::load(&config.model, &device)?,
-        };
-        // Tokenizer and processor files always come from the starting checkpoint.
-        policy.source_dir = config.model.clone();
-        if config.freeze_vision {
-            policy.freeze_vision();
-        }
+        let policy = run::load_policy(&config.run, resume_from.as_deref(), &device)?;
         let sampler_model = policy.detached()?;
-        let reference = if config.beta != 0.0 {
-            Some(Qwen2Vl::load(&config.model, DType::F32, &device)?)
+        let reference = if config.method.beta != 0.0 {
+            Some(Qwen2Vl::load(&config.run.model, DType::F32, &device)?)
         } else {
             None
         };
-        let session = Session::open(
-            SessionSpec {
-                kind: "grpo",
-                dir: &config.output_dir,
-                config_toml: config.to_toml()?,
-                config_hash: config.fingerprint()?,
-                adam: AdamWConfig {
-                    lr: config.learning_rate,
-                    beta1: config.adam_beta1,
-                    beta2: config.adam_beta2,
-                    eps: config.adam_epsilon,
-                    weight_decay: config.weight_decay,
-                },
-                max_grad_norm: config.max_grad_norm,
-                total_steps,
-                seed: config.seed,
-                resume,
-            },
-            &device,
-        )?;
+        let session = run::open_session(&config, total_steps, resume, &device)?;
         let s = &processor.tokenizer.special;
         let mut stop: Vec<u32> = [s.im_end, s.endoftext, processor.tokenizer.eos_token_id]
             .into_iter()
@@ -246,7 +200,7 @@ impl GrpoRun {
             .map(|p| self.processor.load_image(p))
             .collect::<Result<Vec<_>>>()?;
         self.processor
-            .prepare(&self.config.template.messages(item), images, true)
+            .prepare(&self.config.run.template.messages(item), images, true)
     }
 
     fn context<'a>(item: &'a VqaItem, sol: &'a str) -> RewardContext<'a> {
@@ -259,29 +213,29 @@ impl GrpoRun {
     /// Samples, scores and prepares the batch for generation number `gen`.
     fn rollout(&self, gen: u64) -> Result<Rollout> {
         let c = &self.config;
-        let order = DataOrder::new(self.train.len(), c.seed);
-        let items: Vec<usize> = (0..c.batch_prompts as u64)
-            .map(|j| order.at(gen * c.batch_prompts as u64 + j))
+        let order = DataOrder::new(self.train.len(), c.run.seed);
+        let items: Vec<usize> = (0..c.method.batch_prompts as u64)
+            .map(|j| order.at(gen * c.method.batch_prompts as u64 + j))
             .collect();
         let prompts = items
             .iter()
             .map(|&i| self.prompt_for(&self.train[i]))
             .collect::<Result<Vec<_>>>()?;
         let sampling = SamplingParams {
-            temperature: c.temperature,
-            top_k: c.top_k,
-            top_p: c.top_p,
+            temperature: c.method.temperature,
+            top_k: c.method.top_k,
+            top_p: c.method.top_p,
             min_p: 0.0,
             repetition_penalty: 1.0,
-            seed: mix(c.seed, gen),
+            seed: mix(c.run.seed, gen),
         };
         let requests: Vec<Request> = prompts
             .iter()
             .map(|p| Request {
                 prompt: p,
                 sampling: sampling.clone(),
-                max_new_tokens: c.max_completion_length,
-                num_samples: c.num_generations,
+                max_new_tokens: c.method.max_completion_length,
+                num_samples: c.method.num_generations,
             })
             .collect();
         let t = Instant::now();
@@ -308,7 +262,8 @@ impl GrpoRun {
                 texts.push(text);
             }
         }
-        let advantages = grpo::advantages(&rewards, c.num_generations, c.scale_rewards)?;
+        let advantages =
+            grpo::advantages(&rewards, c.method.num_generations, c.method.scale_rewards)?;
         let truncated = completions
             .iter()
             .flatten()
@@ -330,19 +285,19 @@ impl GrpoRun {
         // Log-probs that stay fixed over the batch's iterations.
         let (old, reference) = {
             let batch = r.batch();
-            let t = c.temperature as f64;
-            let old = if c.num_iterations > 1 {
+            let t = c.method.temperature as f64;
+            let old = if c.method.num_iterations > 1 {
                 Some(step::fixed_logps(
                     &self.sampler_model,
                     &batch,
-                    c.micro_batch,
+                    c.run.micro_batch,
                     t,
                 )?)
             } else {
                 None
             };
             let reference = match &self.reference {
-                Some(m) => Some(step::fixed_logps(m, &batch, c.micro_batch, t)?),
+                Some(m) => Some(step::fixed_logps(m, &batch, c.run.micro_batch, t)?),
                 None => None,
             };
             (old, reference)
@@ -359,7 +314,7 @@ impl GrpoRun {
             &self.policy,
             &r.batch(),
             &c.loss(),
-            c.micro_batch,
+            c.run.micro_batch,
             r.old_logps.as_deref(),
             r.ref_logps.as_deref(),
         )?;
@@ -379,8 +334,8 @@ impl GrpoRun {
             &self.sampler_model,
             &self.processor,
             &self.eval,
-            self.config.template,
-            self.config.max_completion_length,
+            self.config.run.template,
+            self.config.method.max_completion_length,
             16,
             |_, _| {},
         )?;
@@ -388,7 +343,8 @@ impl GrpoRun {
     }
 
     fn items_seen(&self) -> u64 {
-        (self.session.step / self.config.num_iterations) * self.config.batch_prompts as u64
+        (self.session.step / self.config.method.num_iterations)
+            * self.config.method.batch_prompts as u64
     }
 
     /// Runs until the planned number of steps (or until `stop_after` steps, which simulates
@@ -404,8 +360,9 @@ impl GrpoRun {
                 return last_ckpt.context("stopped before any checkpoint was written");
             }
             let t = Instant::now();
-            let gen = self.session.step / c.num_iterations;
-            let fresh = self.session.step.is_multiple_of(c.num_iterations) || rollout.is_none();
+            let gen = self.session.step / c.method.num_iterations;
+            let fresh =
+                self.session.step.is_multiple_of(c.method.num_iterations) || rollout.is_none();
             if fresh {
                 rollout = Some(self.rollout(gen)?);
             }
@@ -418,7 +375,7 @@ impl GrpoRun {
             let lens: Vec<f32> = flat.iter().map(|c| c.tokens.len() as f32).collect();
             let (len_mean, _) = mean_std(&lens);
             let (rm, rs) = mean_std(&r.rewards);
-            let g = c.num_generations;
+            let g = c.method.num_generations;
             let groups = r.rewards.len() / g;
             let zero_std = r
                 .rewards
@@ -434,7 +391,7 @@ impl GrpoRun {
             let mut rec = Record::new(step);
             rec.num(
                 "epoch",
-                (gen * c.batch_prompts as u64) as f64 / self.train.len() as f64,
+                (gen * c.method.batch_prompts as u64) as f64 / self.train.len() as f64,
             )
             .num("loss", out.loss)
             .num("reward_mean", rm)
@@ -459,7 +416,7 @@ impl GrpoRun {
             if fresh {
                 let toks: f64 = lens.iter().map(|&x| x as f64).sum();
                 rec.num("tokens_per_s", toks / r.gen_seconds.max(1e-9));
-                for (k, text) in r.texts.iter().enumerate().take(c.log_completions) {
+                for (k, text) in r.texts.iter().enumerate().take(c.method.log_completions) {
                     let item = &self.train[r.items[k / g]];
                     let parts: serde_json::Map<String, serde_json::Value> = self
                         .rewards
@@ -480,9 +437,9 @@ impl GrpoRun {
                     }))?;
                 }
             }
-            if c.eval_steps > 0
+            if c.method.eval_steps > 0
                 && !self.eval.is_empty()
-                && (step.is_multiple_of(c.eval_steps) || step == self.session.total_steps)
+                && (step.is_multiple_of(c.method.eval_steps) || step == self.session.total_steps)
             {
                 let acc = self.evaluate()?;
                 rec.num("eval_accuracy", acc);
@@ -494,16 +451,16 @@ impl GrpoRun {
                 out.kl
             );
             self.session.log(rec, &summary)?;
-            let at_boundary = step.is_multiple_of(c.num_iterations);
-            if c.save_steps > 0
-                && step.is_multiple_of(c.save_steps)
+            let at_boundary = step.is_multiple_of(c.method.num_iterations);
+            if c.run.save_steps > 0
+                && step.is_multiple_of(c.run.save_steps)
                 && at_boundary
                 && !self.session.done()
             {
                 last_ckpt = Some(self.session.checkpoint(&self.policy, self.items_seen())?);
             }
         }
-        let dtype = export_dtype(&c.final_dtype)?;
+        let dtype = export_dtype(&c.run.final_dtype)?;
         self.session.finish(&self.policy, self.items_seen(), dtype)
     }
 }

@@ -3,10 +3,12 @@
 //! checkpointable state, atomic checkpoints in Hugging Face layout, metrics files.
 
 pub mod checkpoint;
+pub mod config;
 pub mod logps;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod run;
 pub mod session;
 pub mod token_logps;
 

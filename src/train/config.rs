@@ -1,0 +1,457 @@
+//! The settings every training run shares, GRPO and SFT alike: model and data, optimizer
+//! and schedule, precision and memory savers (LoRA, gradient checkpointing), checkpoints.
+//! One struct, [`RunConfig`], so a new training setting is written once; each method adds
+//! its own keys ([`Method`]) in the same flat TOML file, plus a `[lora]` section.
+//!
+//! Unknown keys are errors naming the closest known key (a typo must not silently train
+//! with a default), and everything that can be checked before loading a model is.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::config_flags::parse_example_keys;
+use crate::data::PromptTemplate;
+
+/// The shared keys' commented example (top-level keys).
+pub const RUN_EXAMPLE: &str = include_str!("run.example.toml");
+/// The `[lora]` section's commented example.
+pub const LORA_EXAMPLE: &str = include_str!("lora.example.toml");
+
+/// LoRA adapters (PEFT's formulation): `y = x Wᵀ + b + (alpha / r) · dropout(x) Aᵀ Bᵀ` for
+/// every linear layer named in `target_modules`, with W frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// Adapter rank; 0 trains the full model instead.
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names as PEFT matches them: a name matches a layer whose path is the name or
+    /// ends with `.name` (q_proj, ..., down_proj in the language model; qkv, proj, fc1,
+    /// fc2 in the vision tower; mlp.0, mlp.2 in the merger).
+    pub target_modules: Vec<String>,
+    /// Storage of the frozen base weights: "bf16" or "f32".
+    pub base_dtype: String,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 0,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+            base_dtype: "bf16".into(),
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn enabled(&self) -> bool {
+        self.r > 0
+    }
+
+    /// PEFT's scaling, alpha / r.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.r.max(1) as f64
+    }
+
+    pub fn base_dtype(&self) -> Result<DType> {
+        parse_dtype(&self.base_dtype, "lora.base_dtype")
+    }
+}
+
+/// What every training run is configured with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Checkpoint directory to start from (Hugging Face layout). Required.
+    pub model: PathBuf,
+    /// Training data: the MedVLM-R1 JSON format or JSON lines. Required.
+    pub train_data: PathBuf,
+    /// Root for the rows' relative image paths (default: the data file's directory).
+    pub image_root: Option<PathBuf>,
+    /// Keep only these modalities (e.g. ["MRI"]); empty keeps all.
+    pub modalities: Vec<String>,
+    /// Run directory: config, metrics, samples, checkpoints.
+    pub output_dir: PathBuf,
+    /// "paper" (think/answer, the default) or "simple".
+    pub template: PromptTemplate,
+    pub min_pixels: Option<usize>,
+    /// MedVLM-R1 trains with 401408.
+    pub max_pixels: Option<usize>,
+    /// Sequences per forward/backward pass (gradient accumulation splits the step).
+    pub micro_batch: usize,
+
+    pub learning_rate: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    /// Passes over the training data (used when max_steps is 0).
+    pub epochs: f64,
+    /// Optimizer steps (0 = from epochs).
+    pub max_steps: u64,
+
+    /// Compute dtype: "f32" or "bf16" (weights' f32 masters and AdamW state stay f32).
+    pub dtype: String,
+    /// Keep only each layer's input in the forward pass and recompute the layer in the
+    /// backward pass.
+    pub gradient_checkpointing: bool,
+    /// Train only the language model and the merger.
+    pub freeze_vision: bool,
+
+    /// Save a checkpoint every this many optimizer steps (0 = only at the end).
+    pub save_steps: u64,
+    /// dtype of the final exported model: "f32" or "bf16" (checkpoints stay f32 so
+    /// resuming is exact).
+    pub final_dtype: String,
+    pub seed: u64,
+    /// "cpu", "cuda" or "cuda:N" (default: CUDA when available).
+    pub device: Option<String>,
+    pub lora: LoraConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            train_data: PathBuf::new(),
+            image_root: None,
+            modalities: vec![],
+            output_dir: PathBuf::from("runs/run"),
+            template: PromptTemplate::Paper,
+            min_pixels: None,
+            max_pixels: Some(401_408),
+            micro_batch: 4,
+            learning_rate: 1e-6,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            epochs: 1.0,
+            max_steps: 0,
+            dtype: "f32".into(),
+            gradient_checkpointing: false,
+            freeze_vision: false,
+            save_steps: 50,
+            final_dtype: "f32".into(),
+            seed: 42,
+            device: None,
+            lora: LoraConfig::default(),
+        }
+    }
+}
+
+/// "f32" / "bf16" as a dtype; `key` names the setting in errors.
+pub fn parse_dtype(s: &str, key: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("config: {key} must be \"f32\" or \"bf16\", got {other:?}"),
+    }
+}
+
+impl RunConfig {
+    /// The compute dtype.
+    pub fn compute_dtype(&self) -> Result<DType> {
+        parse_dtype(&self.dtype, "dtype")
+    }
+
+    /// Checks of the shared settings that need no model.
+    pub fn validate(&self) -> Result<()> {
+        if self.model.as_os_str().is_empty() {
+            bail!("config: `model` (the checkpoint directory to train) is required");
+        }
+        if !self.model.is_dir() {
+            bail!(
+                "config: model {}: no such checkpoint directory",
+                self.model.display()
+            );
+        }
+        if self.train_data.as_os_str().is_empty() {
+            bail!("config: `train_data` is required");
+        }
+        if !self.train_data.is_file() {
+            bail!(
+                "config: train_data {}: no such file",
+                self.train_data.display()
+            );
+        }
+        if self.micro_batch == 0 {
+            bail!("config: micro_batch must be at least 1");
+        }
+        if self.learning_rate < 0.0 || self.learning_rate.is_nan() {
+            bail!("config: learning_rate must be non-negative");
+        }
+        if self.epochs <= 0.0 && self.max_steps == 0 {
+            bail!("config: set epochs > 0 or max_steps > 0");
+        }
+        parse_dtype(&self.final_dtype, "final_dtype")?;
+        self.compute_dtype()?;
+        if self.lora.enabled() {
+            self.lora.base_dtype()?;
+            if self.lora.target_modules.is_empty() {
+                bail!("config: lora.target_modules is empty: name the layers to adapt");
+            }
+            if !(0.0..1.0).contains(&self.lora.dropout) {
+                bail!(
+                    "config: lora.dropout must be in [0, 1), got {}",
+                    self.lora.dropout
+                );
+            }
+            if self.lora.alpha <= 0.0 || self.lora.alpha.is_nan() {
+                bail!("config: lora.alpha must be positive");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A training method's own settings (GRPO's sampling and objective, SFT's batch size).
+pub trait Method:
+    Serialize + DeserializeOwned + Default + Clone + PartialEq + std::fmt::Debug
+{
+    /// "grpo" or "sft": the run directory's kind.
+    const NAME: &'static str;
+    /// The example config's header comment.
+    const HEADER: &'static str;
+    /// The commented example of the method's own keys.
+    const EXAMPLE: &'static str;
+    /// The shared keys' defaults for this method.
+    fn run_defaults() -> RunConfig {
+        RunConfig {
+            output_dir: PathBuf::from(format!("runs/{}", Self::NAME)),
+            ..RunConfig::default()
+        }
+    }
+    /// Checks of the method's settings (with the shared ones at hand).
+    fn validate(&self, run: &RunConfig) -> Result<()>;
+    /// Clears what does not change a run's trajectory (how often to log), for the resume
+    /// fingerprint.
+    fn without_logging(&mut self) {}
+}
+
+/// A whole training config: the shared settings and the method's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig<M> {
+    pub run: RunConfig,
+    pub method: M,
+}
+
+impl<M: Method> Default for TrainConfig<M> {
+    fn default() -> Self {
+        Self {
+            run: M::run_defaults(),
+            method: M::default(),
+        }
+    }
+}
+
+/// Keys of a commented example (section keys as `section.key`).
+fn keys_of(example: &str) -> Vec<String> {
+    parse_example_keys(example)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur.push(
+                (prev[j] + (ca != cb) as usize)
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The error for an unknown key: its name and the closest known one.
+fn unknown_key(file: &str, key: &str, known: &[String]) -> anyhow::Error {
+    let best = known
+        .iter()
+        .map(|k| (edit_distance(key, k), k))
+        .min_by_key(|(d, _)| *d)
+        .filter(|(d, k)| *d <= 3.max(k.len() / 3));
+    match best {
+        Some((_, k)) => anyhow::anyhow!("{file}: unknown key `{key}` (did you mean `{k}`?)"),
+        None => anyhow::anyhow!("{file}: unknown key `{key}`"),
+    }
+}
+
+/// Fills the keys `table` lacks from `defaults`, recursing into sections.
+fn fill_missing(table: &mut toml::Table, defaults: toml::Table) {
+    for (k, v) in defaults {
+        match (table.get_mut(&k), v) {
+            (Some(toml::Value::Table(t)), toml::Value::Table(d)) => fill_missing(t, d),
+            (Some(_), _) => {}
+            (None, v) => {
+                table.insert(k, v);
+            }
+        }
+    }
+}
+
+impl<M: Method> TrainConfig<M> {
+    /// The commented default config (`--print-config`): header, shared keys, the method's
+    /// keys, the `[lora]` section last (TOML sections end the top-level keys).
+    pub fn example() -> &'static str {
+        // One leaked string per method type, built on first use.
+        static CACHE: OnceLock<std::sync::Mutex<Vec<(&'static str, &'static str)>>> =
+            OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, s)) = cache.iter().find(|(n, _)| *n == M::NAME) {
+            return s;
+        }
+        let run = RUN_EXAMPLE.replace("runs/run", &format!("runs/{}", M::NAME));
+        let text: &'static str = Box::leak(
+            format!("{}\n{run}\n{}{LORA_EXAMPLE}", M::HEADER, M::EXAMPLE).into_boxed_str(),
+        );
+        cache.push((M::NAME, text));
+        text
+    }
+
+    /// Parses TOML text (`file` names it in errors) with `overrides` (a table of flag
+    /// values, which win) merged over it.
+    pub fn from_toml(text: &str, file: &str, overrides: Option<toml::Table>) -> Result<Self> {
+        let mut table: toml::Table =
+            toml::from_str(text).with_context(|| format!("{file}: invalid TOML"))?;
+        if let Some(o) = overrides {
+            merge_overrides(&mut table, o);
+        }
+        Self::from_table(table, file)
+    }
+
+    pub fn from_file(path: &Path, overrides: Option<toml::Table>) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read config", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string(), overrides)
+    }
+
+    fn from_table(table: toml::Table, file: &str) -> Result<Self> {
+        let run_keys = keys_of(RUN_EXAMPLE);
+        let method_keys = keys_of(M::EXAMPLE);
+        let lora_keys = keys_of(LORA_EXAMPLE);
+        let mut run = toml::Table::new();
+        let mut method = toml::Table::new();
+        for (k, v) in table {
+            if k == "lora" {
+                let toml::Value::Table(t) = &v else {
+                    bail!("{file}: `lora` must be a section ([lora])");
+                };
+                for key in t.keys() {
+                    let full = format!("lora.{key}");
+                    if !lora_keys.contains(&full) {
+                        return Err(unknown_key(file, &full, &lora_keys));
+                    }
+                }
+                run.insert(k, v);
+            } else if run_keys.contains(&k) {
+                run.insert(k, v);
+            } else if method_keys.contains(&k) {
+                method.insert(k, v);
+            } else {
+                let all: Vec<String> = run_keys.iter().chain(&method_keys).cloned().collect();
+                return Err(unknown_key(file, &k, &all));
+            }
+        }
+        fill_missing(&mut run, toml::Table::try_from(M::run_defaults())?);
+        let run: RunConfig = toml::Value::Table(run)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{file}: {}", e.message().trim()))?;
+        let method: M = toml::Value::Table(method)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{file}: {}", e.message().trim()))?;
+        Ok(Self { run, method })
+    }
+
+    /// The config as TOML: the method's keys, the shared keys, the `[lora]` section.
+    pub fn to_toml(&self) -> Result<String> {
+        let mut t = toml::Table::try_from(&self.method)?;
+        let run = toml::Table::try_from(&self.run)?;
+        let mut lora = None;
+        for (k, v) in run {
+            if k == "lora" {
+                lora = Some(v);
+            } else {
+                t.insert(k, v);
+            }
+        }
+        if let Some(l) = lora {
+            t.insert("lora".into(), l);
+        }
+        Ok(toml::to_string_pretty(&t)?)
+    }
+
+    /// Everything that can be checked before loading a model.
+    pub fn validate(&self) -> Result<()> {
+        self.run.validate()?;
+        self.method.validate(&self.run)
+    }
+
+    /// A stable fingerprint of the settings that determine the run's trajectory (where
+    /// files go, how often to save or log and the device do not).
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut c = self.clone();
+        c.run.output_dir = PathBuf::new();
+        c.run.save_steps = 0;
+        c.run.device = None;
+        c.method.without_logging();
+        Ok(fingerprint_of(&c.to_toml()?))
+    }
+}
+
+/// Merges flag values over the file's table; `section.key` flags go into their section.
+pub fn merge_overrides(table: &mut toml::Table, overrides: toml::Table) {
+    for (k, v) in overrides {
+        match k.split_once('.') {
+            Some((section, key)) => {
+                let entry = table
+                    .entry(section.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(t) = entry {
+                    t.insert(key.to_string(), v);
+                }
+            }
+            None => {
+                table.insert(k, v);
+            }
+        }
+    }
+}
+
+/// FNV-1a of a config's text: a stable fingerprint to refuse resuming changed settings.
+pub fn fingerprint_of(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}

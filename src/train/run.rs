@@ -1,0 +1,115 @@
+//! Starting a training run, the same for GRPO and SFT: check the config, read the data,
+//! load the policy (from the starting model, or the checkpoint being resumed), open the run
+//! directory's session.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+use super::config::{Method, RunConfig, TrainConfig};
+use super::optim::AdamWConfig;
+use super::params::TrainableModel;
+use super::session::{Session, SessionSpec};
+use crate::data::{self, VqaItem};
+use crate::processor::{Processor, ProcessorOptions};
+
+/// What a run starts from, loaded and checked before any model is.
+pub struct RunInputs {
+    pub device: Device,
+    /// The checkpoint being resumed, if any.
+    pub resume_from: Option<PathBuf>,
+    pub processor: Processor,
+    /// The training rows (skipped rows reported, modalities filtered).
+    pub train: Vec<VqaItem>,
+}
+
+impl RunInputs {
+    /// Validates the whole config, then reads the tokenizer, processor and training data.
+    pub fn prepare<M: Method>(config: &TrainConfig<M>, resume: bool) -> Result<Self> {
+        config.validate()?;
+        let run = &config.run;
+        let device = crate::cli::parse_device(run.device.as_deref())?;
+        let resume_from = Session::resume_point(&run.output_dir, resume)?;
+        let processor = Processor::from_dir(&run.model, &processor_options(run))?;
+        let ds = data::load(&run.train_data, run.image_root.as_deref())?;
+        for s in ds.skipped.iter().take(5) {
+            eprintln!("warning: skipped {s}");
+        }
+        if ds.skipped.len() > 5 {
+            eprintln!("warning: {} rows skipped in all", ds.skipped.len());
+        }
+        let train = data::filter_modalities(ds.items, &run.modalities);
+        if train.is_empty() {
+            bail!(
+                "{}: no usable training rows{}",
+                run.train_data.display(),
+                if run.modalities.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for modalities {:?}", run.modalities)
+                }
+            );
+        }
+        Ok(Self {
+            device,
+            resume_from,
+            processor,
+            train,
+        })
+    }
+}
+
+/// The image-size settings of a run.
+pub fn processor_options(run: &RunConfig) -> ProcessorOptions {
+    ProcessorOptions {
+        min_pixels: run.min_pixels,
+        max_pixels: run.max_pixels,
+        ..Default::default()
+    }
+}
+
+/// The policy to train: the checkpoint being resumed, else the starting model.
+pub fn load_policy(
+    run: &RunConfig,
+    resume_from: Option<&Path>,
+    device: &Device,
+) -> Result<TrainableModel> {
+    let mut policy = TrainableModel::load(resume_from.unwrap_or(&run.model), device)?;
+    // Tokenizer and processor files always come from the starting checkpoint.
+    policy.source_dir = run.model.clone();
+    if run.freeze_vision {
+        policy.freeze_vision();
+    }
+    Ok(policy)
+}
+
+/// Opens (or resumes) the run directory's session for `config`.
+pub fn open_session<M: Method>(
+    config: &TrainConfig<M>,
+    total_steps: u64,
+    resume: bool,
+    device: &Device,
+) -> Result<Session> {
+    let run = &config.run;
+    Session::open(
+        SessionSpec {
+            kind: M::NAME,
+            dir: &run.output_dir,
+            config_toml: config.to_toml()?,
+            config_hash: config.fingerprint()?,
+            adam: AdamWConfig {
+                lr: run.learning_rate,
+                beta1: run.adam_beta1,
+                beta2: run.adam_beta2,
+                eps: run.adam_epsilon,
+                weight_decay: run.weight_decay,
+            },
+            max_grad_norm: run.max_grad_norm,
+            total_steps,
+            seed: run.seed,
+            resume,
+        },
+        device,
+    )
+}
