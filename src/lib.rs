@@ -19,6 +19,7 @@ pub mod eval;
 pub mod generate;
 pub mod init;
 pub mod kernels;
+pub mod merge;
 pub mod model;
 pub mod plot;
 pub mod processor;

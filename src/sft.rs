@@ -73,10 +73,15 @@ pub fn gradients(
     model: &TrainableModel,
     seqs: &[SeqRef],
     micro_batch: usize,
+    dropout_seed: Option<u64>,
 ) -> Result<(GradAccumulator, f64)> {
     let total_tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
     let mut grads = GradAccumulator::new(model.params.len());
-    let nll = logps::backward(model, seqs, micro_batch, 1.0, &mut grads, |mb| {
+    let pass = logps::TrainPass {
+        temperature: 1.0,
+        dropout_seed,
+    };
+    let nll = logps::backward(model, seqs, micro_batch, pass, &mut grads, |mb| {
         Ok(((mb.logp * mb.mask)?.sum_all()?.neg()? / total_tokens as f64)?)
     })?;
     Ok((grads, nll))
@@ -140,7 +145,8 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
                 tokens: t,
             })
             .collect();
-        let (mut grads, nll_sum) = gradients(&model, &seqs, config.run.micro_batch)?;
+        let dropout_seed = Some(crate::rl::trainer::mix(config.run.seed, session.step));
+        let (mut grads, nll_sum) = gradients(&model, &seqs, config.run.micro_batch, dropout_seed)?;
         let (norm, lr) = session.apply(&model, &mut grads)?;
         let secs = t.elapsed().as_secs_f64();
         let mut rec = Record::new(session.step);

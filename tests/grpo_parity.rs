@@ -126,7 +126,7 @@ fn grpo_loss_and_gradient_match_pytorch() {
         };
         let refs: Vec<Vec<f32>> = order.iter().map(|&i| ref_lp[i].clone()).collect();
         let (grads, stats) =
-            step::policy_gradients(&policy, &batch, &cfg, 2, None, Some(&refs)).unwrap();
+            step::policy_gradients(&policy, &batch, &cfg, 2, None, Some(&refs), None).unwrap();
         let case = &meta["cases"][0];
         assert_eq!(case["name"], "grpo_beta0.04_iter1");
         let (want_loss, want_norm) = (
@@ -182,7 +182,8 @@ fn grpo_loss_and_gradient_match_pytorch() {
         };
         for &mb in splits {
             let (grads, stats) =
-                step::policy_gradients(&policy, &batch, &cfg, mb, old, Some(&ref_lp)).unwrap();
+                step::policy_gradients(&policy, &batch, &cfg, mb, old, Some(&ref_lp), None)
+                    .unwrap();
             let got = stats.loss;
             let norm = grads.norm().unwrap();
             // Every parameter receives a gradient: no op on the path silently cuts the graph
@@ -281,9 +282,14 @@ fn freeze_vision_leaves_the_vision_blocks_untouched() {
         tokens: &toks,
     }];
     let mut grads = GradAccumulator::new(policy.params.len());
-    logps::backward(&policy, &seqs, 1, 1.0, &mut grads, |mb| {
-        Ok((mb.logp * mb.mask)?.sum_all()?.neg()?)
-    })
+    logps::backward(
+        &policy,
+        &seqs,
+        1,
+        logps::TrainPass::new(1.0),
+        &mut grads,
+        |mb| Ok((mb.logp * mb.mask)?.sum_all()?.neg()?),
+    )
     .unwrap();
     let mut opt = AdamW::new(AdamWConfig {
         lr: 1e-3,

@@ -284,6 +284,51 @@ fn resumed_runs_equal_uninterrupted_runs() {
     assert!(ok, "{err}");
     assert_same_run(&ga, &gb, &warm, 4);
 
+    // The same with LoRA (dropout on: its masks must repeat too) and gradient checkpointing:
+    // the run directories hold PEFT adapters, equal bit for bit, and the KL reference is the
+    // frozen base.
+    let lora = [
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-dropout",
+        "0.1",
+        "--lora-base-dtype",
+        "f32",
+    ];
+    let (la, lb) = (dir.join("lora-a"), dir.join("lora-b"));
+    let (ok, _, err) = grpo(&la, &lora);
+    assert!(ok, "{err}");
+    let (ok, _, err) = grpo(&lb, &[&lora[..], &["--stop-after", "2"]].concat());
+    assert!(ok, "{err}");
+    let (ok, _, err) = medvlm(&["train", "grpo", "--resume", s(&lb), "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let adapter = |d: &Path| {
+        candle_core::safetensors::load(d.join("final/adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+    };
+    let (aa, ab) = (adapter(&la), adapter(&lb));
+    assert!(!aa.is_empty() && aa.keys().all(|k| k.starts_with("base_model.model.")));
+    for (k, t) in &aa {
+        assert_eq!(max_abs_diff(t, &ab[k]).0, 0.0, "{k} differs after resuming");
+    }
+    assert!(
+        aa.iter()
+            .filter(|(k, _)| k.contains("lora_B"))
+            .any(|(_, t)| t
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0),
+        "the adapters did not move"
+    );
+    assert!(la.join("final/adapter_config.json").is_file());
+    assert!(!la.join("final/model.safetensors").exists());
+
     // And the run directory plots.
     let (ok, out, err) = medvlm(&["plot", s(&ga)]);
     assert!(ok, "{err}");

@@ -327,6 +327,7 @@ fn grpo_step(
         w.micro_batch,
         None,
         reference_logps.as_deref(),
+        Some(crate::rl::trainer::mix(7, s as u64)),
     )?;
     let policy_s = t2.elapsed().as_secs_f64();
     let policy_peak_mib = peaks.phase();
@@ -371,7 +372,8 @@ fn sft_step(
         })
         .collect();
     let t0 = Instant::now();
-    let (grads, loss) = crate::sft::gradients(&setup.policy, &seqs, w.micro_batch)?;
+    let seed = Some(crate::rl::trainer::mix(7, s as u64));
+    let (grads, loss) = crate::sft::gradients(&setup.policy, &seqs, w.micro_batch, seed)?;
     let policy_s = t0.elapsed().as_secs_f64();
     let policy_peak_mib = peaks.phase();
     let (grad_norm, optimizer_s) = optimizer_phase(setup, grads)?;

@@ -73,6 +73,12 @@ pub enum Command {
     Data(DataCommand),
     /// Write a small random Qwen2-VL checkpoint (with its own tokenizer) to train offline.
     Init(InitArgs),
+    /// Fold a LoRA adapter (PEFT format, e.g. a `train --lora-r` run's final/) into its base
+    /// model: a full checkpoint in the base's layout and dtype.
+    #[command(
+        after_help = "Example:\n  medvlm merge --model ./Qwen2-VL-2B-Instruct --adapter runs/grpo/final --out ./medvlm-r1-merged"
+    )]
+    Merge(MergeArgs),
     /// The whole MedVLM-R1 story on this machine: synthetic scans, a tiny model, SFT warm
     /// start, GRPO, the SFT baseline, and accuracy before and after, in and out of domain.
     Demo(DemoArgs),
@@ -400,11 +406,29 @@ pub struct BenchGenerateArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The base checkpoint directory the adapter was trained on.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Where to write the merged checkpoint (must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Checkpoint directory (Hugging Face layout).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
+    /// A LoRA adapter directory (PEFT format: adapter_config.json,
+    /// adapter_model.safetensors), e.g. a LoRA run's final/: merged into the model's
+    /// weights on load.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Compute dtype. Weights stored in another dtype are converted on load.
     /// Default: f32 on CPU (bf16 is not faster there), bf16 on CUDA.
     #[arg(long, value_enum)]
@@ -607,6 +631,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => run_generate(a),
         Command::Score(a) => run_score(a),
         Command::Inspect(a) => run_inspect(a),
+        Command::Merge(a) => {
+            let n = crate::merge::merge(&a.model, &a.adapter, &a.out)?;
+            eprintln!("merged {n} adapted weights");
+            println!("{}", a.out.display());
+            Ok(())
+        }
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a),
         Command::Bench(BenchCommand::Train(a)) => run_bench_train(a),
         Command::Eval(a) => run_eval(a),
@@ -1094,7 +1124,12 @@ pub fn load(m: &ModelArgs, opts: &ProcessorOptions) -> Result<Loaded> {
         DType::BF16
     });
     let processor = Processor::from_dir(&m.model, opts)?;
-    let model = Qwen2Vl::load(&m.model, dtype, &device)?;
+    let mut model = Qwen2Vl::load(&m.model, dtype, &device)?;
+    if let Some(a) = &m.adapter {
+        model
+            .merge_adapter(a)
+            .with_context(|| format!("applying adapter {}", a.display()))?;
+    }
     let vocab = model.config.text.vocab_size;
     if processor.tokenizer.vocab_size() > vocab {
         bail!(

@@ -12,6 +12,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::lora::{cast, Lora};
 use crate::kernels::elementwise;
 
 /// The precision reductions and softmaxes run in: f32, or f64 for an f64 model (transformers
@@ -39,20 +40,60 @@ pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Res
 /// leading axes: candle's `Linear` broadcasts the weight over a 3-D batch, which in training
 /// makes a weight-sized gradient per batch entry and sums them afterwards. Without a graph,
 /// a handful of rows on an AVX-512 CPU (decoding) take [`crate::kernels::skinny`].
+///
+/// The weight may be stored in another dtype than the activations (a frozen bf16 base under
+/// f32 compute, f32 master weights under bf16 compute): it is cast for each use. A LoRA
+/// adapter, when attached, adds its low-rank update.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<Lora>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     /// (out, in).
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    pub fn set_lora(&mut self, lora: Option<Lora>) {
+        self.lora = lora;
+    }
+
+    /// Folds the adapter into the weight (`W + s B A`, in the weight's dtype) and drops it.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        if let Some(l) = self.lora.take() {
+            let w = (self.weight.to_dtype(DType::F32)? + l.dense()?)?;
+            self.weight = w.to_dtype(self.weight.dtype())?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the weight (same shape), e.g. by a copy in another dtype.
+    pub fn map_weight(&mut self, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<()> {
+        let w = f(&self.weight)?;
+        if w.dims() != self.weight.dims() {
+            candle_core::bail!(
+                "linear: new weight {:?} for {:?}",
+                w.dims(),
+                self.weight.dims()
+            );
+        }
+        self.weight = w;
+        Ok(())
     }
 
     /// The skinny kernel's product, when it applies.
@@ -98,12 +139,16 @@ impl Module for Linear {
         let y = match self.few_rows(&x2, m, k)? {
             Some(y) => y,
             None => {
-                let y = x2.matmul(&self.weight.t()?)?;
+                let y = x2.matmul(&cast(&self.weight, x.dtype())?.t()?)?;
                 match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
+                    Some(b) => y.broadcast_add(&cast(b, x.dtype())?)?,
                     None => y,
                 }
             }
+        };
+        let y = match &self.lora {
+            Some(l) => (y + l.delta(&x2)?)?,
+            None => y,
         };
         let mut out = lead.to_vec();
         out.push(self.weight.dim(0)?);
@@ -129,15 +174,16 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if elementwise::applies(&[x, &self.weight]) {
-            return elementwise::rms_norm(x, &self.weight, self.eps);
+        let weight = cast(&self.weight, x.dtype())?;
+        if elementwise::applies(&[x, &weight]) {
+            return elementwise::rms_norm(x, &weight, self.eps);
         }
         let dtype = x.dtype();
         let xf = x.to_dtype(upcast(dtype))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         // transformers: weight * hidden.to(input_dtype)
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        normed.to_dtype(dtype)?.broadcast_mul(&weight)
     }
 }
 
@@ -161,7 +207,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if elementwise::applies(&[x, &self.weight, &self.bias]) {
+        if self.weight.dtype() == x.dtype() && elementwise::applies(&[x, &self.weight, &self.bias])
+        {
             return elementwise::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         let dtype = x.dtype();

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod layers;
+pub mod lora;
 pub mod random;
 pub mod rope;
 pub mod text;
@@ -10,6 +11,26 @@ pub mod vision;
 pub mod weights;
 
 use std::path::Path;
+
+/// An adapter's A (r, in) and B (out, r) must fit the layer (out, in) it is for.
+pub fn check_adapter_shapes(
+    path: &str,
+    lin: &layers::Linear,
+    a: &Tensor,
+    b: &Tensor,
+    r: usize,
+) -> Result<()> {
+    let (out, inp) = lin.weight().dims2()?;
+    if a.dims() != [r, inp] || b.dims() != [out, r] {
+        bail!(
+            "adapter for {path}: lora_A {:?} and lora_B {:?} do not fit a ({out}, {inp}) layer \
+             with rank {r}",
+            a.dims(),
+            b.dims()
+        );
+    }
+    Ok(())
+}
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -65,6 +86,46 @@ impl Qwen2Vl {
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Every linear layer with its module path (transformers >= 4.52 names): where LoRA
+    /// adapters go.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut layers::Linear)> {
+        let mut out = self.text.linears_mut();
+        out.extend(self.vision.linears_mut());
+        out
+    }
+
+    /// The same model with every LoRA adapter switched off (sharing the base weights): GRPO's
+    /// KL reference under LoRA.
+    pub fn without_adapters(&self) -> Self {
+        let mut m = self.clone();
+        for (_, lin) in m.linears_mut() {
+            lin.set_lora(None);
+        }
+        m
+    }
+
+    /// Applies a PEFT adapter directory for inference: each adapted weight becomes
+    /// `W + s B A` (in the weight's dtype). Every adapter tensor must find its layer.
+    pub fn merge_adapter(&mut self, dir: &Path) -> Result<lora::AdapterConfig> {
+        let mut file = lora::AdapterFile::read(dir)?;
+        let scaling = file.config.scaling();
+        for (path, lin) in self.linears_mut() {
+            if let Some((a, b)) = file.take(&path)? {
+                check_adapter_shapes(&path, lin, &a, &b, file.config.r)?;
+                lin.set_lora(Some(lora::Lora {
+                    a,
+                    b,
+                    scaling,
+                    dropout: 0.0,
+                    stream: lora::stream_of(&path),
+                }));
+                lin.merge_lora()?;
+            }
+        }
+        file.finish()?;
+        Ok(file.config)
     }
 
     /// Image embeddings, (total image tokens, hidden), for stacked pixel patches.
@@ -178,6 +239,11 @@ impl Qwen2Vl {
             .logits(&hidden)?
             .squeeze(0)?
             .to_dtype(DType::F32)?)
+    }
+
+    /// Casts the token embeddings (and an untied LM head) to `dtype`.
+    pub fn cast_embeddings(&mut self, dtype: DType) -> Result<()> {
+        Ok(self.text.cast_embeddings(dtype)?)
     }
 
     /// Number of parameters, for `inspect`.

@@ -410,7 +410,57 @@ pub struct TextModel {
     cfg: TextConfig,
 }
 
+impl Attention {
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [
+            ("self_attn.q_proj", &mut self.q),
+            ("self_attn.k_proj", &mut self.k),
+            ("self_attn.v_proj", &mut self.v),
+            ("self_attn.o_proj", &mut self.o),
+        ]
+    }
+}
+
+impl Mlp {
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 3] {
+        [
+            ("mlp.gate_proj", &mut self.gate),
+            ("mlp.up_proj", &mut self.up),
+            ("mlp.down_proj", &mut self.down),
+        ]
+    }
+}
+
 impl TextModel {
+    /// Every linear layer of the decoder (not the LM head) with its module path as
+    /// transformers >= 4.52 names it (`model.language_model.layers.3.self_attn.q_proj`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let attn = layer.attn.linears_mut();
+            let mlp = layer.mlp.linears_mut();
+            for (name, lin) in attn.into_iter().chain(mlp) {
+                out.push((format!("model.language_model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Casts the embedding table (and an untied LM head) to `dtype`: they feed the fused
+    /// log-softmax and the lookups in the compute dtype, while other frozen weights may stay
+    /// in a smaller storage dtype.
+    pub fn cast_embeddings(&mut self, dtype: candle_core::DType) -> Result<()> {
+        let tied = self.lm_head.weight().id() == self.embed_tokens.id();
+        self.embed_tokens = super::lora::cast(&self.embed_tokens, dtype)?;
+        if tied {
+            let e = self.embed_tokens.clone();
+            self.lm_head.map_weight(|_| Ok(e))?;
+        } else {
+            self.lm_head.map_weight(|w| super::lora::cast(w, dtype))?;
+        }
+        Ok(())
+    }
+
     /// `vb` points at the decoder (`model` or `model.language_model`); `lm_head` at the head,
     /// or `None` when the embeddings are tied.
     pub fn load(vb: VarBuilder, lm_head: Option<VarBuilder>, cfg: &TextConfig) -> Result<Self> {

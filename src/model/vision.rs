@@ -147,9 +147,31 @@ pub struct VisionTower {
     blocks: Vec<VisionBlock>,
     merger: PatchMerger,
     cfg: VisionConfig,
+    /// The dtype activations run in (the weights' dtype unless set otherwise: a bf16 base
+    /// under f32 compute).
+    compute: candle_core::DType,
 }
 
 impl VisionTower {
+    /// Every linear layer of the tower and merger with its module path as transformers
+    /// >= 4.52 names it (`model.visual.blocks.0.attn.qkv`, `model.visual.merger.mlp.0`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            for (name, lin) in [
+                ("attn.qkv", &mut b.qkv),
+                ("attn.proj", &mut b.proj),
+                ("mlp.fc1", &mut b.fc1),
+                ("mlp.fc2", &mut b.fc2),
+            ] {
+                out.push((format!("model.visual.blocks.{i}.{name}"), lin));
+            }
+        }
+        out.push(("model.visual.merger.mlp.0".into(), &mut self.merger.fc1));
+        out.push(("model.visual.merger.mlp.2".into(), &mut self.merger.fc2));
+        out
+    }
+
     pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
         // The Conv3d's kernel equals its stride, so it is a matmul over flattened patches.
         let w = vb.get(
@@ -167,11 +189,17 @@ impl VisionTower {
             .map(|i| VisionBlock::load(vb.pp(format!("blocks.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            compute: patch_embed.dtype(),
             patch_embed,
             blocks,
             merger: PatchMerger::load(vb.pp("merger"), cfg)?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Runs the tower in `dtype` whatever its weights are stored in.
+    pub fn set_compute_dtype(&mut self, dtype: candle_core::DType) {
+        self.compute = dtype;
     }
 
     pub fn config(&self) -> &VisionConfig {
@@ -187,7 +215,7 @@ impl VisionTower {
     /// `pixels`: (total_patches, patch_dim) for all images in order; returns
     /// (total_tokens, text_hidden) image embeddings in the same order.
     pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
-        let dtype = self.patch_embed.dtype();
+        let dtype = self.compute;
         let (n, pd) = pixels.dims2()?;
         let expected: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
         if n != expected || pd != self.cfg.patch_dim() {
@@ -196,7 +224,9 @@ impl VisionTower {
                 self.cfg.patch_dim()
             );
         }
-        let x = pixels.to_dtype(dtype)?.matmul(&self.patch_embed.t()?)?;
+        let x = pixels
+            .to_dtype(dtype)?
+            .matmul(&super::lora::cast(&self.patch_embed, dtype)?.t()?)?;
         let (cos, sin) = vision_tables(
             grids,
             self.cfg.spatial_merge_size,

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -156,8 +155,15 @@ impl GrpoRun {
 
         let policy = run::load_policy(&config.run, resume_from.as_deref(), &device)?;
         let sampler_model = policy.detached()?;
-        let reference = if config.method.beta != 0.0 {
-            Some(Qwen2Vl::load(&config.run.model, DType::F32, &device)?)
+        let reference = if config.method.beta != 0.0 && policy.adapter.is_some() {
+            // Under LoRA the reference is the frozen base itself, adapters off: no copy.
+            Some(policy.model.without_adapters())
+        } else if config.method.beta != 0.0 {
+            Some(Qwen2Vl::load(
+                &config.run.model,
+                config.run.compute_dtype()?,
+                &device,
+            )?)
         } else {
             None
         };
@@ -317,6 +323,8 @@ impl GrpoRun {
             c.run.micro_batch,
             r.old_logps.as_deref(),
             r.ref_logps.as_deref(),
+            // LoRA dropout masks: a function of (seed, step) only, so resuming repeats them.
+            Some(mix(c.run.seed ^ 0xD80_0A7, self.session.step)),
         )?;
         let (norm, lr) = self.session.apply(&self.policy, &mut grads)?;
         Ok(StepOutcome {

@@ -81,38 +81,9 @@ pub fn save(
     }
     fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
 
-    // config.json from the source, with the dtype it is now saved in.
-    let cfg_src = model.source_dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(
-        &fs::read_to_string(&cfg_src)
-            .with_context(|| format!("{}: cannot read", cfg_src.display()))?,
-    )
-    .with_context(|| format!("{}: not valid JSON", cfg_src.display()))?;
-    if let Some(o) = cfg.as_object_mut() {
-        o.insert("torch_dtype".into(), dtype_name(save_dtype).into());
-        o.insert("dtype".into(), dtype_name(save_dtype).into());
-    }
-    write_synced(
-        &tmp.join("config.json"),
-        serde_json::to_string_pretty(&cfg)?.as_bytes(),
-    )?;
-
-    let tensors: HashMap<String, Tensor> = model
-        .named_tensors()
-        .into_iter()
-        .map(|(n, t)| Ok((n, t.to_dtype(save_dtype)?.to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
-    let weights = tmp.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &weights)
-        .with_context(|| format!("{}: cannot write weights", weights.display()))?;
-    fs::File::open(&weights)?.sync_all()?;
-
-    for f in COPIED {
-        let src = model.source_dir.join(f);
-        if src.is_file() {
-            fs::copy(&src, tmp.join(f))
-                .with_context(|| format!("{}: cannot copy", src.display()))?;
-        }
+    match &model.adapter {
+        None => write_full_model(&tmp, model, save_dtype)?,
+        Some(adapter) => write_adapter(&tmp, model, adapter, save_dtype)?,
     }
 
     if let Some((opt, state)) = trainer {
@@ -152,6 +123,64 @@ pub fn save(
         let _ = d.sync_all();
     }
     Ok(final_path)
+}
+
+/// config.json (with the dtype it is now saved in), model.safetensors and the tokenizer and
+/// processor files: a complete Hugging Face checkpoint.
+fn write_full_model(tmp: &Path, model: &TrainableModel, save_dtype: DType) -> Result<()> {
+    let cfg_src = model.source_dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(&cfg_src)
+            .with_context(|| format!("{}: cannot read", cfg_src.display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", cfg_src.display()))?;
+    if let Some(o) = cfg.as_object_mut() {
+        o.insert("torch_dtype".into(), dtype_name(save_dtype).into());
+        o.insert("dtype".into(), dtype_name(save_dtype).into());
+    }
+    write_synced(
+        &tmp.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    write_tensors(&tmp.join("model.safetensors"), model, save_dtype)?;
+    for f in COPIED {
+        let src = model.source_dir.join(f);
+        if src.is_file() {
+            fs::copy(&src, tmp.join(f))
+                .with_context(|| format!("{}: cannot copy", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// adapter_config.json and adapter_model.safetensors, as PEFT's `save_pretrained` writes
+/// them: `PeftModel.from_pretrained(base, dir)` loads the directory.
+fn write_adapter(
+    tmp: &Path,
+    model: &TrainableModel,
+    adapter: &crate::model::lora::AdapterConfig,
+    save_dtype: DType,
+) -> Result<()> {
+    let mut cfg = adapter.clone();
+    cfg.base_model_name_or_path = Some(model.source_dir.display().to_string());
+    write_synced(
+        &tmp.join("adapter_config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    write_tensors(&tmp.join("adapter_model.safetensors"), model, save_dtype)
+}
+
+/// The model's parameters by checkpoint name, in `dtype`, synced to disk.
+fn write_tensors(path: &Path, model: &TrainableModel, dtype: DType) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&tensors, path)
+        .with_context(|| format!("{}: cannot write weights", path.display()))?;
+    fs::File::open(path)?.sync_all()?;
+    Ok(())
 }
 
 /// The newest complete checkpoint of a run directory, if any.

@@ -31,7 +31,7 @@ use candle_core::{DType, Tensor, Var};
 use super::optim::GradAccumulator;
 use super::params::TrainableModel;
 use super::token_logps;
-use crate::model::{Caching, PackedSegment, Pos3, Qwen2Vl};
+use crate::model::{lora, Caching, PackedSegment, Pos3, Qwen2Vl};
 use crate::processor::Prompt;
 
 /// One completion to score: which prompt it answers and its tokens.
@@ -408,35 +408,28 @@ pub fn pad_rows(rows: &[&[f32]], device: &candle_core::Device) -> Result<(Tensor
     ))
 }
 
-/// Where the embedding table and the LM head sit among the policy's parameters, whose
-/// gradients are added here by hand.
+/// Where the embedding table and the LM head sit among the policy's trained parameters
+/// (nowhere under LoRA, or when frozen): their gradients are added here by hand.
 struct HeadParams {
-    embed: usize,
-    head: usize,
+    embed: Option<usize>,
+    head: Option<usize>,
     embed_shape: candle_core::Shape,
-    embed_trainable: bool,
-    head_trainable: bool,
 }
 
 impl HeadParams {
-    fn of(policy: &TrainableModel) -> Result<Self> {
+    fn of(policy: &TrainableModel) -> Self {
         let text = &policy.model.text;
         let index_of = |t: &Tensor| {
             policy
                 .params
                 .iter()
-                .position(|p| p.var.as_tensor().id() == t.id())
+                .position(|p| p.trainable && p.var.as_tensor().id() == t.id())
         };
-        let embed =
-            index_of(text.embed_weight()).context("the embedding table is not a parameter")?;
-        let head = index_of(text.lm_head_weight()).context("the LM head is not a parameter")?;
-        Ok(Self {
-            embed,
-            head,
+        Self {
+            embed: index_of(text.embed_weight()),
+            head: index_of(text.lm_head_weight()),
             embed_shape: text.embed_weight().shape().clone(),
-            embed_trainable: policy.params[embed].trainable,
-            head_trainable: policy.params[head].trainable,
-        })
+        }
     }
 
     /// Adds the gradient of looked-up embeddings (one row per id) to the table's.
@@ -446,10 +439,37 @@ impl HeadParams {
         ids: &[u32],
         rows: &Tensor,
     ) -> Result<()> {
-        if self.embed_trainable {
-            grads.add_rows(self.embed, &self.embed_shape, ids, rows)?;
+        if let Some(i) = self.embed {
+            grads.add_rows(i, &self.embed_shape, ids, rows)?;
         }
         Ok(())
+    }
+}
+
+/// How the policy's training passes run.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainPass {
+    /// Log-probabilities are those of logits / temperature.
+    pub temperature: f64,
+    /// Seed of this step's LoRA dropout masks (`None`: no dropout). Masks derive from it,
+    /// the micro-batch and the layer only, so a resumed run draws the same ones.
+    pub dropout_seed: Option<u64>,
+}
+
+impl TrainPass {
+    pub fn new(temperature: f64) -> Self {
+        Self {
+            temperature,
+            dropout_seed: None,
+        }
+    }
+
+    /// Runs `f` (one forward pass: `what` tells passes apart) under this step's dropout.
+    fn scoped<R>(&self, what: u64, f: impl FnOnce() -> R) -> R {
+        match self.dropout_seed {
+            Some(seed) => lora::dropout_scope(crate::rl::trainer::mix(seed, what), f),
+            None => f(),
+        }
     }
 }
 
@@ -461,14 +481,15 @@ pub fn backward(
     policy: &TrainableModel,
     seqs: &[SeqRef],
     micro_batch: usize,
-    temperature: f64,
+    pass: TrainPass,
     grads: &mut GradAccumulator,
     mut loss_of: impl FnMut(&MicroBatch) -> Result<Tensor>,
 ) -> Result<f64> {
     let model = &policy.model;
     check_seqs(model, seqs)?;
     let head_w = model.text.lm_head_weight();
-    let params = HeadParams::of(policy)?;
+    let params = HeadParams::of(policy);
+    let temperature = pass.temperature;
     let mut passes = PromptPasses::new(seqs, true);
     let mut loss_sum = 0f64;
     for (index, range) in micro_batches(seqs.len(), micro_batch)
@@ -476,8 +497,13 @@ pub fn backward(
         .enumerate()
     {
         let mb = &seqs[range.clone()];
-        passes.open_for(model, mb)?;
-        let (hidden, embed_leaf) = rows_pass(model, mb, &passes, true)?;
+        // Dropout streams: prompt passes by prompt, completion rows by micro-batch.
+        for s in mb {
+            let key = (1 << 40) | s.prompt_index as u64;
+            pass.scoped(key, || passes.open_for(model, std::slice::from_ref(s)))?;
+        }
+        let (hidden, embed_leaf) =
+            pass.scoped(index as u64, || rows_pass(model, mb, &passes, true))?;
 
         // Log-probs outside the graph, then the loss's gradient with respect to them.
         let (lp, saved) =
@@ -504,11 +530,7 @@ pub fn backward(
         };
 
         // ∂L/∂h by hand (∂L/∂W added to the LM head's gradient), then autograd from h down.
-        let mut head_grad = grads.slot_mut(params.head).take();
-        let dh = saved.backward(&g, head_w, &mut head_grad)?;
-        if params.head_trainable {
-            *grads.slot_mut(params.head) = head_grad;
-        }
+        let dh = saved.backward(&g, head_w, params.head.map(|i| grads.slot_mut(i)))?;
         let store = (&hidden * dh.detach())?.sum_all()?.backward()?;
         grads.add(&policy.params, &store)?;
         if let Some((leaf, ids)) = &embed_leaf {

@@ -11,8 +11,17 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::config::LoraConfig;
+use crate::model::lora::{self, AdapterConfig, AdapterFile, Lora};
 use crate::model::random::random_backend;
 use crate::model::{CheckpointWeights, Qwen2Vl, Qwen2VlConfig, WeightLayout};
+
+fn r_path(p: Option<&Path>) -> String {
+    p.map_or_else(String::new, |p| p.display().to_string())
+}
 
 /// One named trainable tensor.
 #[derive(Debug, Clone)]
@@ -114,7 +123,8 @@ impl SimpleBackend for FileBackend {
     }
 }
 
-/// A Qwen2-VL whose weights are `Var`s, in f32.
+/// A Qwen2-VL being trained: either every weight is an f32 `Var` (full fine-tuning), or the
+/// base is frozen (plain tensors, possibly bf16) and the parameters are LoRA adapters.
 pub struct TrainableModel {
     pub model: Qwen2Vl,
     pub params: Vec<Param>,
@@ -122,6 +132,8 @@ pub struct TrainableModel {
     /// The checkpoint directory it came from: tokenizer and processor files are copied
     /// from there into every saved checkpoint.
     pub source_dir: PathBuf,
+    /// Set when the parameters are LoRA adapters (named as PEFT names them).
+    pub adapter: Option<AdapterConfig>,
 }
 
 impl TrainableModel {
@@ -183,6 +195,122 @@ impl TrainableModel {
             params,
             layout,
             source_dir: dir.to_path_buf(),
+            adapter: None,
+        })
+    }
+
+    /// The base model in `dir`, frozen (its linear weights in `lora.base_dtype`, the rest
+    /// in `compute`), with LoRA adapters on the layers `lora.target_modules` names: read
+    /// from the adapter directory `resume` (a checkpoint) when given, else fresh (PEFT's
+    /// initialisation: A Kaiming-uniform from `seed`, B zero, so training starts at the
+    /// base model).
+    pub fn load_lora(
+        dir: &Path,
+        lora: &LoraConfig,
+        compute: DType,
+        resume: Option<&Path>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        for t in &lora.target_modules {
+            if matches!(t.as_str(), "lm_head" | "embed_tokens") {
+                bail!(
+                    "config: lora.target_modules: {t} cannot take an adapter here (only the \
+                     linear layers of the decoder, vision tower and merger)"
+                );
+            }
+        }
+        let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
+        let layout = CheckpointWeights::open(dir)?.layout(&config)?;
+        let mut model = Qwen2Vl::load(dir, lora.base_dtype()?, device)?;
+        model.cast_embeddings(compute)?;
+        model.vision.set_compute_dtype(compute);
+        model.dtype = compute;
+        let mut file = match resume {
+            Some(r) => Some(AdapterFile::read(r)?),
+            None => None,
+        };
+        let adapter = match &file {
+            Some(f) => {
+                if f.config.r != lora.r || f.config.scaling() != lora.scaling() {
+                    bail!(
+                        "{}: adapter of rank {} and scaling {} but the run asks for rank {} and \
+                         scaling {}",
+                        r_path(resume),
+                        f.config.r,
+                        f.config.scaling(),
+                        lora.r,
+                        lora.scaling()
+                    );
+                }
+                f.config.clone()
+            }
+            None => AdapterConfig::new(lora.r, lora.alpha, lora.dropout, &lora.target_modules),
+        };
+        let mut rng = StdRng::seed_from_u64(crate::rl::trainer::mix(seed, 0x10_7A));
+        let mut params = Vec::new();
+        for (path, lin) in model.linears_mut() {
+            if !lora::targets(&path, &lora.target_modules) {
+                continue;
+            }
+            let (out, inp) = lin.weight().dims2()?;
+            let (a, b) = match file.as_mut() {
+                Some(f) => match f.take(&path)? {
+                    Some((a, b)) => {
+                        crate::model::check_adapter_shapes(&path, lin, &a, &b, lora.r)?;
+                        (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?)
+                    }
+                    None => bail!("{}: no adapter for {path}", r_path(resume)),
+                },
+                None => {
+                    // kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
+                    let bound = 1.0 / (inp as f32).sqrt();
+                    let a: Vec<f32> = (0..lora.r * inp)
+                        .map(|_| rng.random_range(-bound..bound))
+                        .collect();
+                    (
+                        Tensor::from_vec(a, (lora.r, inp), &Device::Cpu)?,
+                        Tensor::zeros((out, lora.r), DType::F32, &Device::Cpu)?,
+                    )
+                }
+            };
+            let a = Var::from_tensor(&a.to_device(device)?)?;
+            let b = Var::from_tensor(&b.to_device(device)?)?;
+            lin.set_lora(Some(Lora {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scaling: lora.scaling(),
+                dropout: lora.dropout as f32,
+                stream: lora::stream_of(&path),
+            }));
+            let (ka, kb) = lora::peft_keys(&path);
+            params.push(Param {
+                name: ka,
+                var: a,
+                trainable: true,
+            });
+            params.push(Param {
+                name: kb,
+                var: b,
+                trainable: true,
+            });
+        }
+        if let Some(f) = &file {
+            f.finish()?;
+        }
+        if params.is_empty() {
+            bail!(
+                "config: lora.target_modules {:?} match no layer of {}",
+                lora.target_modules,
+                dir.display()
+            );
+        }
+        Ok(Self {
+            model,
+            params,
+            layout,
+            source_dir: dir.to_path_buf(),
+            adapter: Some(adapter),
         })
     }
 
@@ -190,6 +318,19 @@ impl TrainableModel {
     /// reference log-probs use it so they build no graph. Optimizer updates write the
     /// variables in place, so this view always sees the current weights.
     pub fn detached(&self) -> Result<Qwen2Vl> {
+        if self.adapter.is_some() {
+            // The base is plain tensors already; only the adapters are variables.
+            let mut m = self.model.clone();
+            for (_, lin) in m.linears_mut() {
+                if let Some(l) = lin.lora() {
+                    let mut l = l.clone();
+                    l.a = l.a.detach();
+                    l.b = l.b.detach();
+                    lin.set_lora(Some(l));
+                }
+            }
+            return Ok(m);
+        }
         let tensors: HashMap<String, Tensor> = self
             .params
             .iter()
@@ -209,13 +350,14 @@ impl TrainableModel {
         )
     }
 
-    /// Freezes the vision tower's patch embedding and blocks; the merger (which maps image
-    /// features into the language model) stays trainable, as in MedVLM-R1's ablations.
+    /// Freezes the vision tower's patch embedding and blocks (or their adapters); the
+    /// merger (which maps image features into the language model) stays trainable, as in
+    /// MedVLM-R1's ablations.
     pub fn freeze_vision(&mut self) {
-        let blocks = format!("{}.", self.layout.vision_prefix());
-        let merger = format!("{}.merger.", self.layout.vision_prefix());
         for p in &mut self.params {
-            if p.name.starts_with(&blocks) && !p.name.starts_with(&merger) {
+            // `visual.…`, `model.visual.…` and PEFT's `base_model.model.model.visual.…`.
+            let vision = p.name.starts_with("visual.") || p.name.contains(".visual.");
+            if vision && !p.name.contains("visual.merger.") {
                 p.trainable = false;
             }
         }

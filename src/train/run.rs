@@ -69,13 +69,25 @@ pub fn processor_options(run: &RunConfig) -> ProcessorOptions {
     }
 }
 
-/// The policy to train: the checkpoint being resumed, else the starting model.
+/// The policy to train: the checkpoint being resumed, else the starting model; with LoRA,
+/// the starting model frozen with the resumed (or fresh) adapters.
 pub fn load_policy(
     run: &RunConfig,
     resume_from: Option<&Path>,
     device: &Device,
 ) -> Result<TrainableModel> {
-    let mut policy = TrainableModel::load(resume_from.unwrap_or(&run.model), device)?;
+    let mut policy = if run.lora.enabled() {
+        TrainableModel::load_lora(
+            &run.model,
+            &run.lora,
+            run.compute_dtype()?,
+            resume_from,
+            run.seed,
+            device,
+        )?
+    } else {
+        TrainableModel::load(resume_from.unwrap_or(&run.model), device)?
+    };
     // Tokenizer and processor files always come from the starting checkpoint.
     policy.source_dir = run.model.clone();
     if run.freeze_vision {

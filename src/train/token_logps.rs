@@ -174,13 +174,13 @@ impl InplaceOp1 for AddTransposedProduct<'_> {
 }
 
 impl Saved {
-    /// Given `g[t] = ∂L/∂logp[t]`, returns `∂L/∂hidden` (tokens x h) and adds `∂L/∂W` to
-    /// `grad_w` (allocating it on first use).
+    /// Given `g[t] = ∂L/∂logp[t]`, returns `∂L/∂hidden` (tokens x h) and, when `grad_w` is
+    /// given (the head is trained), adds `∂L/∂W` to it (allocating it on first use).
     pub fn backward(
         self,
         g: &[f32],
         weight: &Tensor,
-        grad_w: &mut Option<Tensor>,
+        grad_w: Option<&mut Option<Tensor>>,
     ) -> Result<Tensor> {
         let (t, h) = self.hidden.dims2()?;
         let vocab = weight.dim(0)?;
@@ -213,7 +213,8 @@ impl Saved {
                 })
                 .ok_or_else(|| anyhow::anyhow!("LM head weight is not on the CPU"))?;
                 match grad_w {
-                    Some(acc) if is_cpu_f32_contiguous(acc) => {
+                    None => {}
+                    Some(Some(acc)) if is_cpu_f32_contiguous(acc) => {
                         acc.inplace_op1(&AddTransposedProduct {
                             lhs: &probs,
                             rhs: &self.hidden,
@@ -221,7 +222,7 @@ impl Saved {
                             m: vocab,
                         })?;
                     }
-                    _ => {
+                    Some(slot) => {
                         let dw = with_f32(&self.hidden, |hs| {
                             let mut dw = vec![0f32; vocab * h];
                             matmul(
@@ -236,7 +237,7 @@ impl Saved {
                         })
                         .ok_or_else(|| anyhow::anyhow!("hidden states are not on the CPU"))?;
                         let dw = Tensor::from_vec(dw, (vocab, h), weight.device())?;
-                        add_into(grad_w, dw)?;
+                        add_into(slot, dw)?;
                     }
                 }
                 workspace::give(probs);
@@ -253,8 +254,10 @@ impl Saved {
                 let grad_logits = p.broadcast_mul(&coef.neg()?)?.scatter_add(&idx, &coef, 1)?;
                 let wf = weight.to_dtype(DType::F32)?;
                 let dh = grad_logits.matmul(&wf)?;
-                let dw = grad_logits.t()?.matmul(&self.hidden)?;
-                add_into(grad_w, dw.to_dtype(weight.dtype())?)?;
+                if let Some(slot) = grad_w {
+                    let dw = grad_logits.t()?.matmul(&self.hidden)?;
+                    add_into(slot, dw.to_dtype(DType::F32)?)?;
+                }
                 Ok(dh)
             }
         }
@@ -335,7 +338,7 @@ mod tests {
             assert!(none.is_none());
             assert_eq!(lp, lp2);
             let mut acc = Some(Tensor::ones((v, h), DType::F32, &dev).unwrap());
-            let dh = saved.unwrap().backward(&g, &w, &mut acc).unwrap();
+            let dh = saved.unwrap().backward(&g, &w, Some(&mut acc)).unwrap();
             close(&dh, &want_dh, "dL/dh");
             close(&(acc.unwrap() - 1.0).unwrap(), &want_dw, "dL/dW");
         }

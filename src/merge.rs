@@ -1,0 +1,197 @@
+//! `medvlm merge`: a base checkpoint plus a PEFT LoRA adapter become one full checkpoint,
+//! each adapted weight replaced by `W + s B A` (computed in f32, stored in W's dtype). It
+//! works on the files by tensor name, so the base keeps its layout, dtype and every tensor
+//! the adapter does not touch, bit for bit.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::lora::AdapterConfig;
+use crate::model::{CheckpointWeights, Qwen2VlConfig, WeightLayout};
+
+/// Files copied from the base as they are.
+const COPIED: [&str; 8] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+];
+
+/// The module path an adapter tensor name refers to, in transformers >= 4.52 naming, and
+/// whether it is A or B: `base_model.model.<path>.lora_A[.default].weight`.
+fn parse_key(key: &str) -> Option<(String, bool)> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    let rest = rest.strip_suffix(".weight")?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    let (path, is_a) = if let Some(p) = rest.strip_suffix(".lora_A") {
+        (p, true)
+    } else {
+        (rest.strip_suffix(".lora_B")?, false)
+    };
+    let canonical = if let Some(r) = path.strip_prefix("model.layers.") {
+        format!("model.language_model.layers.{r}")
+    } else if let Some(r) = path.strip_prefix("visual.") {
+        format!("model.visual.{r}")
+    } else {
+        path.to_string()
+    };
+    Some((canonical, is_a))
+}
+
+/// A module's weight tensor name in a checkpoint of `layout`.
+fn weight_name(layout: WeightLayout, module: &str) -> String {
+    let local = if let Some(r) = module.strip_prefix("model.language_model.") {
+        format!("{}.{r}", layout.text_prefix())
+    } else if let Some(r) = module.strip_prefix("model.visual.") {
+        format!("{}.{r}", layout.vision_prefix())
+    } else {
+        module.to_string()
+    };
+    format!("{local}.weight")
+}
+
+/// Writes `out` (which must not exist): `base` with `adapter` merged in. Returns how many
+/// weights changed.
+pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
+    if out.exists() {
+        bail!("{}: already exists; choose a new directory", out.display());
+    }
+    let config = Qwen2VlConfig::from_file(&base.join("config.json"))?;
+    let weights = CheckpointWeights::open(base)?;
+    let layout = weights.layout(&config)?;
+    let acfg = AdapterConfig::read(adapter)?;
+    let scaling = acfg.scaling();
+    let apath = adapter.join("adapter_model.safetensors");
+    let atensors = candle_core::safetensors::load(&apath, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", apath.display()))?;
+    let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    for (k, t) in atensors {
+        let (module, is_a) = parse_key(&k).with_context(|| {
+            format!(
+                "{}: {k} is not a LoRA tensor name medvlm reads",
+                apath.display()
+            )
+        })?;
+        let e = pairs.entry(module).or_default();
+        if is_a {
+            e.0 = Some(t);
+        } else {
+            e.1 = Some(t);
+        }
+    }
+
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for f in weights.files() {
+        for (k, t) in candle_core::safetensors::load(f, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", f.display()))?
+        {
+            tensors.insert(k, t);
+        }
+    }
+    let mut changed = 0;
+    let mut modules: Vec<_> = pairs.into_iter().collect();
+    modules.sort_by(|a, b| a.0.cmp(&b.0));
+    for (module, (a, b)) in modules {
+        let (Some(a), Some(b)) = (a, b) else {
+            bail!(
+                "{}: {module} has only one of lora_A and lora_B",
+                apath.display()
+            );
+        };
+        let name = weight_name(layout, &module);
+        let w = tensors.get(&name).with_context(|| {
+            format!(
+                "{}: the adapter's {module} has no weight {name} in {}",
+                apath.display(),
+                base.display()
+            )
+        })?;
+        let (o, i) = w.dims2()?;
+        if a.dims() != [acfg.r, i] || b.dims() != [o, acfg.r] {
+            bail!(
+                "{}: {module}: lora_A {:?} and lora_B {:?} do not fit the ({o}, {i}) weight with \
+                 rank {}",
+                apath.display(),
+                a.dims(),
+                b.dims(),
+                acfg.r
+            );
+        }
+        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scaling)?;
+        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        tensors.insert(name, merged);
+        changed += 1;
+    }
+
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = out
+        .file_name()
+        .context("the output needs a directory name")?
+        .to_string_lossy()
+        .to_string();
+    let tmp: PathBuf = parent.join(format!(".{name}.merge"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    for f in COPIED {
+        let src = base.join(f);
+        if src.is_file() {
+            fs::copy(&src, tmp.join(f))
+                .with_context(|| format!("{}: cannot copy", src.display()))?;
+        }
+    }
+    let wpath = tmp.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &wpath)
+        .with_context(|| format!("{}: cannot write", wpath.display()))?;
+    fs::File::open(&wpath)?.sync_all()?;
+    fs::rename(&tmp, out).with_context(|| format!("{}: cannot move into place", out.display()))?;
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_names_map_to_checkpoint_names_in_both_layouts() {
+        let (m, a) = parse_key(
+            "base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight",
+        )
+        .unwrap();
+        assert_eq!(m, "model.language_model.layers.3.self_attn.q_proj");
+        assert!(a);
+        let (old, b) =
+            parse_key("base_model.model.model.layers.3.self_attn.q_proj.lora_B.default.weight")
+                .unwrap();
+        assert_eq!(old, m);
+        assert!(!b);
+        let (v, _) = parse_key("base_model.model.visual.blocks.0.attn.qkv.lora_A.weight").unwrap();
+        assert_eq!(v, "model.visual.blocks.0.attn.qkv");
+        assert_eq!(
+            weight_name(WeightLayout::Legacy, &m),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            weight_name(WeightLayout::Nested, &m),
+            "model.language_model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            weight_name(WeightLayout::Legacy, &v),
+            "visual.blocks.0.attn.qkv.weight"
+        );
+        assert!(parse_key("base_model.model.x.lora_magnitude_vector").is_none());
+    }
+}

@@ -1,0 +1,373 @@
+//! LoRA against PEFT (tools/make_lora_fixture.py, PEFT 0.21 / transformers 5.24): an adapter
+//! PEFT wrote on tiny-a (language-model projections and vision attn.qkv / mlp.fc1) gives
+//! PEFT's logits and log-probs in medvlm, merged or not; switched off it gives the base;
+//! `medvlm merge` writes a checkpoint equal to base + adapter; training touches only the
+//! adapters.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use medvlm::model::Qwen2Vl;
+use medvlm::processor::{Message, Processor, ProcessorOptions, Prompt};
+use medvlm::train::config::LoraConfig;
+use medvlm::train::logps::{self, SeqRef};
+use medvlm::train::TrainableModel;
+use serde_json::Value;
+
+struct Case {
+    prompt: Prompt,
+    completion: Vec<u32>,
+    with_adapter: Vec<f32>,
+    adapter_off: Vec<f32>,
+    logits: Tensor,
+}
+
+fn cases() -> (Value, Vec<Case>) {
+    cases_from("lora-a-cases.json", Some("lora-a-cases.safetensors"))
+}
+
+/// Reads a fixture's prompts (rebuilt by our processor, which must give the same ids),
+/// completions, PEFT's log-probs and (when given) PEFT's prompt logits.
+fn cases_from(json: &str, logits: Option<&str>) -> (Value, Vec<Case>) {
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(json)).unwrap()).unwrap();
+    let tensors = match logits {
+        Some(f) => candle_core::safetensors::load(fixtures().join(f), &Device::Cpu).unwrap(),
+        None => Default::default(),
+    };
+    let proc =
+        Processor::from_dir(&fixtures().join("tiny-a"), &ProcessorOptions::default()).unwrap();
+    let cases = meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let img = proc
+                .load_image(&fixture_image(p["image"].as_str().unwrap()))
+                .unwrap();
+            let prompt = proc
+                .prepare(
+                    &[Message::user_with_images(1, p["text"].as_str().unwrap())],
+                    vec![img],
+                    true,
+                )
+                .unwrap();
+            assert_eq!(prompt.input_ids, u32s(&p["input_ids"]), "prompt {i}");
+            Case {
+                prompt,
+                completion: u32s(&p["completion_ids"]),
+                with_adapter: f32s(&p["logprobs_adapter"]),
+                adapter_off: f32s(&p["logprobs_adapter_disabled"]),
+                logits: tensors
+                    .get(&format!("logits.{i}"))
+                    .cloned()
+                    .unwrap_or_else(|| Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap()),
+            }
+        })
+        .collect();
+    (meta, cases)
+}
+
+fn lora_of(meta: &Value) -> LoraConfig {
+    let c = &meta["lora_config"];
+    LoraConfig {
+        r: c["r"].as_u64().unwrap() as usize,
+        alpha: c["lora_alpha"].as_f64().unwrap(),
+        dropout: 0.0,
+        target_modules: c["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect(),
+        base_dtype: "f32".into(),
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn logps_of(model: &Qwen2Vl, cases: &[Case]) -> Vec<Vec<f32>> {
+    let seqs: Vec<SeqRef> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| SeqRef {
+            prompt: &c.prompt,
+            prompt_index: i,
+            tokens: &c.completion,
+        })
+        .collect();
+    logps::logps(model, &seqs, 2, 1.0).unwrap()
+}
+
+/// medvlm's training-side adapters (unmerged, the adapter a separate low-rank term) and its
+/// inference-side merge (`--adapter`) both reproduce PEFT; adapters off give the base.
+#[test]
+fn peft_adapter_matches_peft_merged_and_unmerged() {
+    let (meta, cases) = cases();
+    let dev = Device::Cpu;
+    let policy = TrainableModel::load_lora(
+        &fixtures().join("tiny-a"),
+        &lora_of(&meta),
+        DType::F32,
+        Some(&fixtures().join("lora-a")),
+        0,
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(
+        policy.params.len(),
+        36,
+        "every adapter tensor is a parameter"
+    );
+    assert!(policy.params.iter().all(|p| p.name.contains(".lora_")));
+    let unmerged = logps_of(&policy.model, &cases);
+    let off = logps_of(&policy.model.without_adapters(), &cases);
+    let mut merged_model = Qwen2Vl::load(&fixtures().join("tiny-a"), DType::F32, &dev).unwrap();
+    merged_model
+        .merge_adapter(&fixtures().join("lora-a"))
+        .unwrap();
+    let merged = logps_of(&merged_model, &cases);
+    for (i, c) in cases.iter().enumerate() {
+        let (d1, d2, d3) = (
+            max_diff(&unmerged[i], &c.with_adapter),
+            max_diff(&merged[i], &c.with_adapter),
+            max_diff(&off[i], &c.adapter_off),
+        );
+        println!("prompt {i}: log-probs vs PEFT: unmerged {d1:.2e}, merged {d2:.2e}, adapters off {d3:.2e}");
+        assert!(d1 < 1e-4 && d2 < 1e-4 && d3 < 1e-4);
+        // The adapter matters: with it off the log-probs are far from PEFT's adapted ones.
+        assert!(max_diff(&off[i], &c.with_adapter) > 0.1);
+        // Logits at every prompt position, merged model.
+        let ids = &c.prompt.input_ids;
+        let px = c.prompt.pixel_values(&dev).unwrap();
+        let logits = merged_model
+            .forward_logits(ids, px.as_ref(), &c.prompt.grids())
+            .unwrap();
+        let (d, scale) = max_abs_diff(&logits, &c.logits);
+        println!("prompt {i}: logits vs PEFT {d:.2e} (max |logit| {scale:.2})");
+        assert!(
+            d < 1e-4 * scale.max(1.0),
+            "prompt {i}: logits differ by {d}"
+        );
+    }
+}
+
+/// `medvlm merge` writes base + adapter as one checkpoint: it loads like any model and
+/// gives PEFT's adapted logits; the adapter's untouched tensors are the base's, bit for bit.
+#[test]
+fn merged_checkpoint_equals_base_plus_adapter() {
+    let (_, cases) = cases();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let (ok, stdout, err) = medvlm(&[
+        "merge",
+        "--model",
+        s(&fixtures().join("tiny-a")),
+        "--adapter",
+        s(&fixtures().join("lora-a")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(stdout.trim(), out.display().to_string());
+    assert!(err.contains("merged 18 adapted weights"), "{err}");
+    let dev = Device::Cpu;
+    let merged = Qwen2Vl::load(&out, DType::F32, &dev).unwrap();
+    for (i, c) in cases.iter().enumerate() {
+        let px = c.prompt.pixel_values(&dev).unwrap();
+        let logits = merged
+            .forward_logits(&c.prompt.input_ids, px.as_ref(), &c.prompt.grids())
+            .unwrap();
+        let (d, scale) = max_abs_diff(&logits, &c.logits);
+        assert!(
+            d < 1e-4 * scale.max(1.0),
+            "prompt {i}: logits differ by {d}"
+        );
+    }
+    let base =
+        candle_core::safetensors::load(fixtures().join("tiny-a/model.safetensors"), &dev).unwrap();
+    let after = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
+    assert_eq!(base.len(), after.len());
+    let mut changed = 0;
+    for (k, t) in &base {
+        let (d, _) = max_abs_diff(t, &after[k]);
+        if d > 0.0 {
+            changed += 1;
+            assert!(
+                k.contains("proj") || k.contains("qkv") || k.contains("fc1"),
+                "{k} changed"
+            );
+        }
+    }
+    assert_eq!(changed, 18);
+    // Refuses to overwrite, and names a wrong adapter directory.
+    let (ok, _, err) = medvlm(&[
+        "merge",
+        "--model",
+        s(&fixtures().join("tiny-a")),
+        "--adapter",
+        s(&fixtures().join("lora-a")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, _, err) = medvlm(&[
+        "merge",
+        "--model",
+        s(&fixtures().join("tiny-a")),
+        "--adapter",
+        s(&fixtures().join("tiny-b")),
+        "--out",
+        s(&tmp.path().join("x")),
+    ]);
+    assert!(!ok && err.contains("adapter_config.json"), "{err}");
+}
+
+/// Training with LoRA: only adapters are parameters and only they move; the frozen base
+/// (every linear weight, the embeddings) stays bit for bit. Fresh adapters start at the base
+/// model (B = 0), so the first step's gradient reaches only the B matrices, the second
+/// reaches all of them.
+#[test]
+fn lora_training_moves_only_the_adapters() {
+    use medvlm::train::{AdamW, AdamWConfig};
+    let (meta, cases) = cases();
+    let dev = Device::Cpu;
+    let mut cfg = lora_of(&meta);
+    cfg.dropout = 0.1;
+    let policy =
+        TrainableModel::load_lora(&fixtures().join("tiny-a"), &cfg, DType::F32, None, 3, &dev)
+            .unwrap();
+    let snapshot = |m: &Qwen2Vl| -> Vec<Tensor> {
+        let mut m = m.clone();
+        let mut v: Vec<Tensor> = m
+            .linears_mut()
+            .into_iter()
+            .map(|(_, l)| l.weight().copy().unwrap())
+            .collect();
+        v.push(m.text.embed_weight().copy().unwrap());
+        v
+    };
+    let base_before = snapshot(&policy.model);
+    // (Outside the graph: the same kernels run with and without adapters.)
+    let start = logps_of(&policy.detached().unwrap(), &cases);
+    let off = logps_of(&policy.model.without_adapters(), &cases);
+    for (a, b) in start.iter().zip(&off) {
+        assert_eq!(a, b, "fresh adapters are the identity");
+    }
+    let seqs: Vec<SeqRef> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| SeqRef {
+            prompt: &c.prompt,
+            prompt_index: i,
+            tokens: &c.completion,
+        })
+        .collect();
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-2,
+        ..Default::default()
+    });
+    for step in 0..3u64 {
+        let (grads, _) = medvlm::sft::gradients(&policy, &seqs, 2, Some(step)).unwrap();
+        for (i, p) in policy.params.iter().enumerate() {
+            let n = grads
+                .get(i)
+                .map(|g| {
+                    g.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                })
+                .unwrap_or(0.0);
+            let is_b = p.name.contains("lora_B");
+            if step == 0 && !is_b {
+                assert_eq!(n, 0.0, "{}: A has no gradient while B is zero", p.name);
+            } else {
+                assert!(n > 0.0, "step {step}: no gradient for {}", p.name);
+            }
+        }
+        opt.update(&policy.params, &grads, 1e-2).unwrap();
+    }
+    for (a, b) in base_before.iter().zip(snapshot(&policy.model)) {
+        assert_eq!(max_abs_diff(a, &b).0, 0.0, "a base weight moved");
+    }
+    let after = logps_of(&policy.detached().unwrap(), &cases);
+    assert!(
+        max_diff(&after[0], &start[0]) > 1e-3,
+        "the adapters did not move"
+    );
+}
+
+/// An adapter medvlm trained and saved (tests/fixtures/lora-medvlm: `medvlm train sft
+/// --lora-r 4 --lora-alpha 8 --lora-dropout 0.1` on tiny-a, language model, vision qkv/fc1 and
+/// merger mlp.0) loads in PEFT without missing or unexpected keys, and PEFT's log-probs with
+/// it (`make_lora_fixture.py --check-adapter`) are medvlm's. Saving it again writes the same
+/// tensors under the same names.
+#[test]
+fn medvlm_adapter_is_one_peft_reads() {
+    let (_, cases) = cases_from("lora-medvlm-peft.json", None);
+    let dir = fixtures().join("lora-medvlm");
+    let acfg = medvlm::model::lora::AdapterConfig::read(&dir).unwrap();
+    let cfg = LoraConfig {
+        r: acfg.r,
+        alpha: acfg.lora_alpha,
+        dropout: acfg.lora_dropout,
+        target_modules: serde_json::from_value(acfg.target_modules.clone().unwrap()).unwrap(),
+        base_dtype: "f32".into(),
+    };
+    let dev = Device::Cpu;
+    let tiny = fixtures().join("tiny-a");
+    let policy = TrainableModel::load_lora(&tiny, &cfg, DType::F32, Some(&dir), 0, &dev).unwrap();
+    let ours = logps_of(&policy.detached().unwrap(), &cases);
+    let mut merged = Qwen2Vl::load(&tiny, DType::F32, &dev).unwrap();
+    merged.merge_adapter(&dir).unwrap();
+    let ours_merged = logps_of(&merged, &cases);
+    for (i, c) in cases.iter().enumerate() {
+        let (d1, d2) = (
+            max_diff(&ours[i], &c.with_adapter),
+            max_diff(&ours_merged[i], &c.with_adapter),
+        );
+        println!("prompt {i}: medvlm vs PEFT on medvlm's adapter: {d1:.2e} (merged {d2:.2e})");
+        assert!(d1 < 1e-4 && d2 < 1e-4);
+        assert!(
+            max_diff(&c.with_adapter, &c.adapter_off) > 0.1,
+            "the adapter matters"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let again =
+        medvlm::train::checkpoint::save(tmp.path(), "again", &policy, DType::F32, None).unwrap();
+    let load = |d: &std::path::Path| {
+        candle_core::safetensors::load(d.join("adapter_model.safetensors"), &dev).unwrap()
+    };
+    let (a, b) = (load(&dir), load(&again));
+    assert_eq!(
+        a.keys().collect::<std::collections::BTreeSet<_>>(),
+        b.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    for (k, t) in &a {
+        assert_eq!(max_abs_diff(t, &b[k]).0, 0.0, "{k}");
+    }
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("adapter_config.json")).unwrap())
+            .unwrap();
+    for k in [
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "task_type",
+    ] {
+        assert!(!written[k].is_null(), "{k}");
+    }
+}
