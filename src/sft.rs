@@ -68,20 +68,17 @@ pub fn target_text(item: &VqaItem) -> String {
 
 /// The gradient of one SFT step over `seqs` (prompts with their target tokens): the
 /// token-mean negative log-likelihood over the whole step, in micro-batches of
-/// `micro_batch`. Returns the accumulated gradients and the loss.
+/// `micro_batch`, with `options`' dropout and checkpointing. Returns the accumulated
+/// gradients and the loss.
 pub fn gradients(
     model: &TrainableModel,
     seqs: &[SeqRef],
     micro_batch: usize,
-    dropout_seed: Option<u64>,
+    options: logps::TrainOptions,
 ) -> Result<(GradAccumulator, f64)> {
     let total_tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
     let mut grads = GradAccumulator::new(model.params.len());
-    let pass = logps::TrainPass {
-        temperature: 1.0,
-        dropout_seed,
-    };
-    let nll = logps::backward(model, seqs, micro_batch, pass, &mut grads, |mb| {
+    let nll = logps::backward(model, seqs, micro_batch, 1.0, options, &mut grads, |mb| {
         Ok(((mb.logp * mb.mask)?.sum_all()?.neg()? / total_tokens as f64)?)
     })?;
     Ok((grads, nll))
@@ -145,8 +142,11 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
                 tokens: t,
             })
             .collect();
-        let dropout_seed = Some(crate::rl::trainer::mix(config.run.seed, session.step));
-        let (mut grads, nll_sum) = gradients(&model, &seqs, config.run.micro_batch, dropout_seed)?;
+        let options = logps::TrainOptions {
+            dropout_seed: Some(crate::rl::trainer::mix(config.run.seed, session.step)),
+            checkpointing: config.run.gradient_checkpointing,
+        };
+        let (mut grads, nll_sum) = gradients(&model, &seqs, config.run.micro_batch, options)?;
         let (norm, lr) = session.apply(&model, &mut grads)?;
         let secs = t.elapsed().as_secs_f64();
         let mut rec = Record::new(session.step);

@@ -125,8 +125,16 @@ fn grpo_loss_and_gradient_match_pytorch() {
             truncated: &order.iter().map(|&i| truncated[i]).collect::<Vec<_>>(),
         };
         let refs: Vec<Vec<f32>> = order.iter().map(|&i| ref_lp[i].clone()).collect();
-        let (grads, stats) =
-            step::policy_gradients(&policy, &batch, &cfg, 2, None, Some(&refs), None).unwrap();
+        let (grads, stats) = step::policy_gradients(
+            &policy,
+            &batch,
+            &cfg,
+            2,
+            None,
+            Some(&refs),
+            Default::default(),
+        )
+        .unwrap();
         let case = &meta["cases"][0];
         assert_eq!(case["name"], "grpo_beta0.04_iter1");
         let (want_loss, want_norm) = (
@@ -140,6 +148,61 @@ fn grpo_loss_and_gradient_match_pytorch() {
         );
         assert!((stats.loss - want_loss).abs() <= 1e-5);
         assert!(((norm - want_norm) / want_norm).abs() <= 1e-4);
+    }
+
+    // Gradient checkpointing (every decoder layer and vision block run again in the
+    // backward pass) gives the same gradients, parameter by parameter.
+    {
+        let cfg = LossConfig::default();
+        let adv = grpo::advantages(&rewards, g, cfg.scale_rewards).unwrap();
+        let batch = StepBatch {
+            seqs: seqs.clone(),
+            advantages: &adv,
+            truncated: &truncated,
+        };
+        for mb in [9, 2] {
+            let run = |checkpointing| {
+                let opts = logps::TrainOptions {
+                    dropout_seed: None,
+                    checkpointing,
+                };
+                step::policy_gradients(&policy, &batch, &cfg, mb, None, Some(&ref_lp), opts)
+                    .unwrap()
+            };
+            let ((plain, s1), (ckpt, s2)) = (run(false), run(true));
+            assert!(
+                (s1.loss - s2.loss).abs() <= 1e-7,
+                "loss {} vs {}",
+                s1.loss,
+                s2.loss
+            );
+            let mut worst = 0f64;
+            for (i, p) in policy.params.iter().enumerate() {
+                let (a, b) = (plain.get(i).unwrap(), ckpt.get(i).expect(&p.name));
+                let d = (a - b)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt() as f64;
+                let n = a
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt() as f64;
+                worst = worst.max(d / n.max(1e-30));
+            }
+            println!(
+                "checkpointing (micro-batch {mb}): worst relative gradient difference {worst:.1e}"
+            );
+            assert!(worst <= 1e-6, "checkpointed gradients differ by {worst}");
+        }
     }
 
     for case in meta["cases"].as_array().unwrap() {
@@ -181,9 +244,16 @@ fn grpo_loss_and_gradient_match_pytorch() {
             _ => &[9],
         };
         for &mb in splits {
-            let (grads, stats) =
-                step::policy_gradients(&policy, &batch, &cfg, mb, old, Some(&ref_lp), None)
-                    .unwrap();
+            let (grads, stats) = step::policy_gradients(
+                &policy,
+                &batch,
+                &cfg,
+                mb,
+                old,
+                Some(&ref_lp),
+                Default::default(),
+            )
+            .unwrap();
             let got = stats.loss;
             let norm = grads.norm().unwrap();
             // Every parameter receives a gradient: no op on the path silently cuts the graph
@@ -286,7 +356,8 @@ fn freeze_vision_leaves_the_vision_blocks_untouched() {
         &policy,
         &seqs,
         1,
-        logps::TrainPass::new(1.0),
+        1.0,
+        Default::default(),
         &mut grads,
         |mb| Ok((mb.logp * mb.mask)?.sum_all()?.neg()?),
     )

@@ -276,7 +276,16 @@ fn lora_training_moves_only_the_adapters() {
         ..Default::default()
     });
     for step in 0..3u64 {
-        let (grads, _) = medvlm::sft::gradients(&policy, &seqs, 2, Some(step)).unwrap();
+        let (grads, _) = medvlm::sft::gradients(
+            &policy,
+            &seqs,
+            2,
+            logps::TrainOptions {
+                dropout_seed: Some(step),
+                checkpointing: false,
+            },
+        )
+        .unwrap();
         for (i, p) in policy.params.iter().enumerate() {
             let n = grads
                 .get(i)
@@ -370,4 +379,53 @@ fn medvlm_adapter_is_one_peft_reads() {
     ] {
         assert!(!written[k].is_null(), "{k}");
     }
+}
+
+/// With LoRA dropout on, gradient checkpointing draws the same masks when it runs a layer
+/// again: the gradients equal those of the pass that kept its graph.
+#[test]
+fn checkpointed_lora_gradients_equal_kept_ones() {
+    let (meta, cases) = cases();
+    let dev = Device::Cpu;
+    let mut cfg = lora_of(&meta);
+    cfg.dropout = 0.2;
+    // PEFT's adapter as the starting point, so A and B both get gradients.
+    let policy = TrainableModel::load_lora(
+        &fixtures().join("tiny-a"),
+        &cfg,
+        DType::F32,
+        Some(&fixtures().join("lora-a")),
+        0,
+        &dev,
+    )
+    .unwrap();
+    let seqs: Vec<SeqRef> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| SeqRef {
+            prompt: &c.prompt,
+            prompt_index: i,
+            tokens: &c.completion,
+        })
+        .collect();
+    let run = |checkpointing, seed| {
+        let opts = logps::TrainOptions {
+            dropout_seed: Some(seed),
+            checkpointing,
+        };
+        medvlm::sft::gradients(&policy, &seqs, 2, opts).unwrap()
+    };
+    let ((kept, l1), (ckpt, l2), (other, _)) = (run(false, 5), run(true, 5), run(false, 6));
+    assert_eq!(l1, l2);
+    let mut differs = false;
+    for i in 0..policy.params.len() {
+        let (a, b, c) = (
+            kept.get(i).unwrap(),
+            ckpt.get(i).unwrap(),
+            other.get(i).unwrap(),
+        );
+        assert_eq!(max_abs_diff(a, b).0, 0.0, "{}", policy.params[i].name);
+        differs |= max_abs_diff(a, c).0 > 0.0;
+    }
+    assert!(differs, "another dropout seed must give other masks");
 }

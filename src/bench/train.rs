@@ -48,6 +48,8 @@ pub struct TrainWorkload {
     /// Time an SFT step instead: `prompts x group` items with `completion_len`-token
     /// targets, each its own prompt; no generation, no reference model.
     pub sft: bool,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainWorkload {
@@ -66,6 +68,7 @@ impl Default for TrainWorkload {
             freeze_vision: false,
             phase_memory: false,
             sft: false,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -241,6 +244,14 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
     })
 }
 
+/// LoRA dropout and checkpointing settings of step `s`.
+fn train_options(w: &TrainWorkload, s: usize) -> crate::train::logps::TrainOptions {
+    crate::train::logps::TrainOptions {
+        dropout_seed: Some(crate::rl::trainer::mix(7, s as u64)),
+        checkpointing: w.gradient_checkpointing,
+    }
+}
+
 /// Clipping and AdamW, timed.
 fn optimizer_phase(
     setup: &mut Setup,
@@ -327,7 +338,7 @@ fn grpo_step(
         w.micro_batch,
         None,
         reference_logps.as_deref(),
-        Some(crate::rl::trainer::mix(7, s as u64)),
+        train_options(w, s),
     )?;
     let policy_s = t2.elapsed().as_secs_f64();
     let policy_peak_mib = peaks.phase();
@@ -372,8 +383,8 @@ fn sft_step(
         })
         .collect();
     let t0 = Instant::now();
-    let seed = Some(crate::rl::trainer::mix(7, s as u64));
-    let (grads, loss) = crate::sft::gradients(&setup.policy, &seqs, w.micro_batch, seed)?;
+    let (grads, loss) =
+        crate::sft::gradients(&setup.policy, &seqs, w.micro_batch, train_options(w, s))?;
     let policy_s = t0.elapsed().as_secs_f64();
     let policy_peak_mib = peaks.phase();
     let (grad_norm, optimizer_s) = optimizer_phase(setup, grads)?;

@@ -373,6 +373,9 @@ pub struct BenchTrainArgs {
     /// its own prompt and image; no generation, no reference model.
     #[arg(long)]
     pub sft: bool,
+    /// Keep only each layer's input and recompute the layers in the backward pass.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// CPU threads (default: all cores, or RAYON_NUM_THREADS).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -1047,6 +1050,7 @@ fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
         freeze_vision: a.freeze_vision,
         phase_memory: a.phase_memory,
         sft: a.sft,
+        gradient_checkpointing: a.gradient_checkpointing,
     };
     let report = crate::bench::train::run(&device, &w)?;
     if a.json {

@@ -10,6 +10,25 @@ use super::SendPtr;
 /// Rows at or below which [`linear`] is used for inference matmuls.
 pub const MAX_ROWS: usize = 32;
 
+thread_local! {
+    static OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this kernel switched off: training passes multiply every layer with the
+/// same kernel whether its input is tracked or (under gradient checkpointing) not, so a
+/// layer run again in the backward pass reproduces its forward pass bit for bit.
+pub fn disabled<R>(f: impl FnOnce() -> R) -> R {
+    let prev = OFF.with(|o| o.replace(true));
+    let out = f();
+    OFF.with(|o| o.set(prev));
+    out
+}
+
+/// Whether [`disabled`] is in force on this thread.
+pub fn is_disabled() -> bool {
+    OFF.with(|o| o.get())
+}
+
 /// `out (m x n) = x (m x k) · w (n x k)ᵀ (+ bias)`, all row-major. Returns false (and
 /// leaves `out` alone) when the CPU lacks AVX-512, so the caller falls back to gemm.
 pub fn linear(

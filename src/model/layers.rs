@@ -101,6 +101,7 @@ impl Linear {
         use crate::kernels::{is_cpu_f32_contiguous, skinny, with_f32};
         let n = self.weight.dim(0)?;
         let usable = m <= skinny::MAX_ROWS
+            && !skinny::is_disabled()
             && !x.track_op()
             && !self.weight.track_op()
             && is_cpu_f32_contiguous(x)

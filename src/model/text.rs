@@ -509,14 +509,48 @@ impl TextModel {
         positions: &[Vec<Pos3>],
         mut caching: Caching,
     ) -> Result<Tensor> {
-        let (cos, sin) = self
-            .rope
-            .tables(positions, embeds.dtype(), embeds.device())?;
+        let (cos, sin) = self.rope_tables(positions, embeds.dtype(), embeds.device())?;
         let mut x = embeds.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &cos, &sin, i, &mut caching)?;
+        for i in 0..self.layers.len() {
+            x = self.layer(i, &x, &cos, &sin, &mut caching)?;
         }
-        self.norm.forward(&x)
+        self.final_norm(&x)
+    }
+
+    /// The rotary tables of a pass at `positions` (one row per batch entry).
+    pub fn rope_tables(
+        &self,
+        positions: &[Vec<Pos3>],
+        dtype: candle_core::DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        self.rope.tables(positions, dtype, device)
+    }
+
+    /// Decoder layer `i` alone (gradient checkpointing runs the layers one at a time). With
+    /// [`Caching::Capture`] the layer's keys and values are pushed to the list.
+    pub fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caching: &mut Caching,
+    ) -> Result<Tensor> {
+        let layer = self
+            .layers
+            .get(i)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no decoder layer {i}")))?;
+        layer.forward(x, cos, sin, i, caching)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The RMSNorm after the last layer.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
     }
 
     /// Prefill or decode for one cache (one prompt, or one group of samples of it).

@@ -140,6 +140,17 @@ impl PatchMerger {
     }
 }
 
+/// The tower's input: patch embeddings and the tables every block uses.
+#[derive(Debug, Clone)]
+pub struct VisionInput {
+    /// (patches, embed_dim)
+    pub x: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Patches per frame, attended separately.
+    pub segments: Vec<usize>,
+}
+
 /// The whole vision tower.
 #[derive(Debug, Clone)]
 pub struct VisionTower {
@@ -215,6 +226,17 @@ impl VisionTower {
     /// `pixels`: (total_patches, patch_dim) for all images in order; returns
     /// (total_tokens, text_hidden) image embeddings in the same order.
     pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+        let input = self.embed(pixels, grids)?;
+        let mut x = input.x.clone();
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x, &input)?;
+        }
+        self.merge(&x)
+    }
+
+    /// The patch embeddings and what every block needs (rotary tables, per-frame
+    /// segments): the tower's input, for running it block by block.
+    pub fn embed(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<VisionInput> {
         let dtype = self.compute;
         let (n, pd) = pixels.dims2()?;
         let expected: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
@@ -238,10 +260,29 @@ impl VisionTower {
             .iter()
             .flat_map(|g| std::iter::repeat_n(g[1] * g[2], g[0]))
             .collect();
-        let mut x = x;
-        for block in &self.blocks {
-            x = block.forward(&x, &cos, &sin, &segments)?;
-        }
-        self.merger.forward(&x)
+        Ok(VisionInput {
+            x,
+            cos,
+            sin,
+            segments,
+        })
+    }
+
+    /// Vision block `i` alone on `x`.
+    pub fn block(&self, i: usize, x: &Tensor, input: &VisionInput) -> Result<Tensor> {
+        let block = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no vision block {i}")))?;
+        block.forward(x, &input.cos, &input.sin, &input.segments)
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The patch merger: the blocks' output to text-model tokens.
+    pub fn merge(&self, x: &Tensor) -> Result<Tensor> {
+        self.merger.forward(x)
     }
 }

@@ -49,8 +49,8 @@ pub struct PolicyStats {
 
 /// Forward and backward passes of the policy over the step's completions in micro-batches
 /// of `micro_batch`, accumulating the gradient of the GRPO loss. `old` and `reference` are
-/// per-completion fixed log-probs from [`fixed_logps`]; `dropout_seed` seeds the step's
-/// LoRA dropout masks (see [`logps::TrainPass`]).
+/// per-completion fixed log-probs from [`fixed_logps`]; `options` sets LoRA dropout and
+/// gradient checkpointing (see [`logps::TrainOptions`]).
 pub fn policy_gradients(
     policy: &TrainableModel,
     batch: &StepBatch,
@@ -58,7 +58,7 @@ pub fn policy_gradients(
     micro_batch: usize,
     old: Option<&[Vec<f32>]>,
     reference: Option<&[Vec<f32>]>,
-    dropout_seed: Option<u64>,
+    options: logps::TrainOptions,
 ) -> Result<(GradAccumulator, PolicyStats)> {
     let n_all = batch.seqs.len();
     if batch.advantages.len() != n_all || batch.truncated.len() != n_all {
@@ -103,10 +103,8 @@ pub fn policy_gradients(
         policy,
         &batch.seqs,
         micro_batch,
-        logps::TrainPass {
-            temperature: loss_cfg.temperature,
-            dropout_seed,
-        },
+        loss_cfg.temperature,
+        options,
         &mut grads,
         |mb| {
             let r = mb.range.clone();

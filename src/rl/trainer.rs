@@ -24,6 +24,7 @@ use crate::data::{self, VqaItem};
 use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
 use crate::model::Qwen2Vl;
 use crate::processor::{Processor, Prompt};
+use crate::train::logps;
 use crate::train::metrics::{mean_std, Record};
 use crate::train::run::{self, RunInputs};
 use crate::train::session::{export_dtype, Session};
@@ -323,8 +324,11 @@ impl GrpoRun {
             c.run.micro_batch,
             r.old_logps.as_deref(),
             r.ref_logps.as_deref(),
-            // LoRA dropout masks: a function of (seed, step) only, so resuming repeats them.
-            Some(mix(c.run.seed ^ 0xD80_0A7, self.session.step)),
+            logps::TrainOptions {
+                // LoRA dropout masks: a function of (seed, step) only, so resuming repeats them.
+                dropout_seed: Some(mix(c.run.seed ^ 0xD80_0A7, self.session.step)),
+                checkpointing: c.run.gradient_checkpointing,
+            },
         )?;
         let (norm, lr) = self.session.apply(&self.policy, &mut grads)?;
         Ok(StepOutcome {

@@ -60,17 +60,65 @@ pub struct MicroBatch<'a> {
 /// embedding table's row by row.
 type EmbedLeaf = (Var, Vec<u32>);
 
+/// How a pass keeps what its backward pass will need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Nothing: no backward pass follows (reference model, sampling policy).
+    Nothing,
+    /// The whole autograd graph.
+    Graph,
+    /// Gradient checkpointing: each layer's input only; the backward pass runs every layer
+    /// again on it, one at a time.
+    Inputs,
+}
+
+/// Runs `f` under LoRA dropout drawn from `key`, or without dropout.
+fn with_dropout<R>(key: Option<u64>, f: impl FnOnce() -> R) -> R {
+    match key {
+        Some(k) => lora::dropout_scope(k, f),
+        None => f(),
+    }
+}
+
+/// A checkpointed prompt pass: what running its layers again needs.
+struct PromptTape {
+    /// Inputs of every decoder layer (detached).
+    inputs: Vec<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    /// The text embeddings and the image features the first layer's input was merged from.
+    tokens: Tensor,
+    head: Vec<u32>,
+    vision: Option<VisionTape>,
+    dropout: Option<u64>,
+}
+
+/// A checkpointed vision tower pass.
+struct VisionTape {
+    pixels: Tensor,
+    grids: Vec<[usize; 3]>,
+    input: crate::model::vision::VisionInput,
+    /// Inputs of every block, then the merger's input (detached).
+    inputs: Vec<Tensor>,
+    /// The tower's output (detached).
+    features: Tensor,
+}
+
 /// A prompt's pass: its keys and values per layer, and where its completions continue.
 struct PromptPass {
-    /// Per layer, (1, kv_heads, prompt_len - 1, head_dim): graph tensors when training.
+    /// Per layer, (1, kv_heads, prompt_len - 1, head_dim): graph tensors when the whole
+    /// graph is kept.
     kv: Vec<(Tensor, Tensor)>,
     /// What the completions attend to: `kv` itself without training, else leaf copies of it
     /// (`leaves`), whose gradients are summed in `kv_grads`.
     attend: Vec<(Tensor, Tensor)>,
     leaves: Vec<(Var, Var)>,
     kv_grads: Vec<(Option<Tensor>, Option<Tensor>)>,
-    /// When training, the leaf holding the prompt's text embeddings and the ids it embeds.
+    /// With the whole graph kept, the leaf holding the prompt's text embeddings and the ids
+    /// it embeds.
     embed_leaf: Option<EmbedLeaf>,
+    /// When checkpointed, the layer inputs.
+    tape: Option<PromptTape>,
     /// Position of the prompt's last token, and the rope offset of what follows it.
     last_pos: Pos3,
     delta: i64,
@@ -80,37 +128,99 @@ struct PromptPass {
 
 impl PromptPass {
     /// Runs the prompt's images and all but its last token through the model, keeping every
-    /// layer's keys and values; when `training`, the text embeddings and the keys and values
-    /// handed to the completions are leaves whose gradients the caller collects.
-    fn run(model: &Qwen2Vl, prompt: &Prompt, remaining: usize, training: bool) -> Result<Self> {
+    /// layer's keys and values; when training, the text embeddings and the keys and values
+    /// handed to the completions are leaves whose gradients are collected.
+    fn run(
+        model: &Qwen2Vl,
+        prompt: &Prompt,
+        remaining: usize,
+        keep: Keep,
+        dropout: Option<u64>,
+    ) -> Result<Self> {
         let ids = &prompt.input_ids;
         let grids = prompt.grids();
         let (positions, delta) = model.positions(ids, &grids)?;
         let p = ids.len() - 1;
         let mut kv = Vec::with_capacity(model.config.text.num_hidden_layers);
         let mut embed_leaf = None;
+        let mut tape = None;
         if p > 0 {
-            let img = match prompt.pixel_values(&model.device)? {
-                Some(px) => Some(model.encode_images(&px, &grids)?),
-                None => None,
-            };
             let head = vec![ids[..p].to_vec()];
-            let tokens = if training {
-                let leaf = Var::from_tensor(&embed_untracked(model, &head[0])?.unsqueeze(0)?)?;
-                let t = leaf.as_tensor().clone();
-                embed_leaf = Some((leaf, head[0].clone()));
-                t
-            } else {
-                model.token_embeds(&head)?
-            };
-            let embeds = model.merge_images(&tokens, &head, img.as_ref())?;
-            model.text.forward(
-                &embeds,
-                &[positions[..p].to_vec()],
-                Caching::Capture(&mut kv),
-            )?;
+            let px = prompt.pixel_values(&model.device)?;
+            match keep {
+                Keep::Nothing | Keep::Graph => {
+                    let img = match &px {
+                        Some(px) => {
+                            Some(with_dropout(dropout, || model.encode_images(px, &grids))?)
+                        }
+                        None => None,
+                    };
+                    let tokens = if keep == Keep::Graph {
+                        let leaf =
+                            Var::from_tensor(&embed_untracked(model, &head[0])?.unsqueeze(0)?)?;
+                        let t = leaf.as_tensor().clone();
+                        embed_leaf = Some((leaf, head[0].clone()));
+                        t
+                    } else {
+                        model.token_embeds(&head)?
+                    };
+                    let embeds = model.merge_images(&tokens, &head, img.as_ref())?;
+                    with_dropout(dropout, || {
+                        model.text.forward(
+                            &embeds,
+                            &[positions[..p].to_vec()],
+                            Caching::Capture(&mut kv),
+                        )
+                    })?;
+                }
+                Keep::Inputs => {
+                    let vision = match px {
+                        Some(px) => Some(vision_forward_kept(model, px, &grids, dropout)?),
+                        None => None,
+                    };
+                    let tokens = embed_untracked(model, &head[0])?
+                        .to_dtype(model.dtype)?
+                        .unsqueeze(0)?;
+                    let x0 =
+                        model.merge_images(&tokens, &head, vision.as_ref().map(|v| &v.features))?;
+                    let (cos, sin) = model.text.rope_tables(
+                        &[positions[..p].to_vec()],
+                        x0.dtype(),
+                        x0.device(),
+                    )?;
+                    let mut inputs = Vec::with_capacity(model.text.num_layers());
+                    let mut x = x0;
+                    for i in 0..model.text.num_layers() {
+                        inputs.push(x.clone());
+                        let mut layer_kv = Vec::with_capacity(1);
+                        let y = with_dropout(dropout, || {
+                            model.text.layer(
+                                i,
+                                &x,
+                                &cos,
+                                &sin,
+                                &mut Caching::Capture(&mut layer_kv),
+                            )
+                        })?;
+                        let (k, v) = layer_kv.pop().context("the layer kept no keys")?;
+                        kv.push((k.detach(), v.detach()));
+                        x = y.detach();
+                    }
+                    tape = Some(PromptTape {
+                        inputs,
+                        cos,
+                        sin,
+                        tokens,
+                        head: head[0].clone(),
+                        vision,
+                        dropout,
+                    });
+                }
+            }
         }
-        let leaves = if training {
+        let leaves = if keep == Keep::Nothing {
+            vec![]
+        } else {
             kv.iter()
                 .map(|(k, v)| {
                     Ok((
@@ -119,30 +229,29 @@ impl PromptPass {
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?
-        } else {
-            vec![]
         };
-        let attend = if training {
+        let attend = if keep == Keep::Nothing {
+            kv.clone()
+        } else {
             leaves
                 .iter()
                 .map(|(k, v)| (k.as_tensor().clone(), v.as_tensor().clone()))
                 .collect()
-        } else {
-            kv.clone()
         };
         Ok(Self {
             kv_grads: vec![(None, None); leaves.len()],
-            kv,
+            kv: if keep == Keep::Graph { kv } else { vec![] },
             attend,
             leaves,
             embed_leaf,
+            tape,
             last_pos: positions[p],
             delta,
             remaining,
         })
     }
 
-    /// Adds the gradients a micro-batch's backward pass left on this prompt's leaves.
+    /// Adds the gradients a backward pass left on this prompt's key/value leaves.
     fn collect(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
         for ((k, v), (gk, gv)) in self.leaves.iter().zip(self.kv_grads.iter_mut()) {
             for (leaf, acc) in [(k, gk), (v, gv)] {
@@ -159,13 +268,16 @@ impl PromptPass {
 
     /// The backward pass through the prompt (and its images), from the summed gradients of
     /// its keys and values: autograd on `Σ k·∂L/∂k + v·∂L/∂v`, whose gradient with respect
-    /// to every weight is the chain rule's.
+    /// to every weight is the chain rule's (layer by layer when checkpointed).
     fn backward(
         self,
         policy: &TrainableModel,
         params: &HeadParams,
         grads: &mut GradAccumulator,
     ) -> Result<()> {
+        if let Some(tape) = self.tape {
+            return prompt_backward_kept(tape, &self.kv_grads, policy, params, grads);
+        }
         let mut terms = Vec::new();
         for ((k, v), (gk, gv)) in self.kv.iter().zip(&self.kv_grads) {
             for (t, g) in [(k, gk), (v, gv)] {
@@ -188,34 +300,186 @@ impl PromptPass {
     }
 }
 
+/// The vision tower block by block, keeping each block's input.
+fn vision_forward_kept(
+    model: &Qwen2Vl,
+    pixels: Tensor,
+    grids: &[[usize; 3]],
+    dropout: Option<u64>,
+) -> Result<VisionTape> {
+    let v = &model.vision;
+    let input = v.embed(&pixels, grids)?;
+    let input = crate::model::vision::VisionInput {
+        x: input.x.detach(),
+        ..input
+    };
+    let mut inputs = Vec::with_capacity(v.num_blocks() + 1);
+    let mut x = input.x.clone();
+    for b in 0..v.num_blocks() {
+        inputs.push(x.clone());
+        x = with_dropout(dropout, || v.block(b, &x, &input))?.detach();
+    }
+    inputs.push(x.clone());
+    let features = with_dropout(dropout, || v.merge(&x))?.detach();
+    Ok(VisionTape {
+        pixels,
+        grids: grids.to_vec(),
+        input,
+        inputs,
+        features,
+    })
+}
+
+/// One checkpointed step back: runs `f` on a leaf copy of `input`, backpropagates
+/// `Σ f(x)·g` (plus `extra` terms of the same graph), adds the weight gradients and returns
+/// the store (for the input's and other leaves' gradients).
+fn replay(
+    input: &Tensor,
+    policy: &TrainableModel,
+    grads: &mut GradAccumulator,
+    f: impl FnOnce(&Tensor) -> Result<Vec<(Tensor, Tensor)>>,
+) -> Result<(Var, candle_core::backprop::GradStore)> {
+    let leaf = Var::from_tensor(input)?;
+    let pairs = f(leaf.as_tensor())?;
+    let mut terms = Vec::with_capacity(pairs.len());
+    for (y, g) in &pairs {
+        terms.push((y * g.detach())?.sum_all()?);
+    }
+    let store = Tensor::stack(&terms, 0)?.sum_all()?.backward()?;
+    grads.add(&policy.params, &store)?;
+    Ok((leaf, store))
+}
+
+/// The checkpointed prompt's backward pass: decoder layers from the top (each run again
+/// on its saved input, its keys and values getting the completions' gradients and its output
+/// the layer above's), then the embeddings, then the vision tower block by block.
+fn prompt_backward_kept(
+    tape: PromptTape,
+    kv_grads: &[(Option<Tensor>, Option<Tensor>)],
+    policy: &TrainableModel,
+    params: &HeadParams,
+    grads: &mut GradAccumulator,
+) -> Result<()> {
+    let model = &policy.model;
+    let mut g_above: Option<Tensor> = None;
+    for i in (0..tape.inputs.len()).rev() {
+        let (gk, gv) = &kv_grads[i];
+        let (leaf, store) = replay(&tape.inputs[i], policy, grads, |x| {
+            let mut kv = Vec::with_capacity(1);
+            let y = with_dropout(tape.dropout, || {
+                model
+                    .text
+                    .layer(i, x, &tape.cos, &tape.sin, &mut Caching::Capture(&mut kv))
+            })?;
+            let (k, v) = kv.pop().context("the layer kept no keys")?;
+            let mut pairs = Vec::new();
+            for (t, g) in [(k, gk), (v, gv)] {
+                if let Some(g) = g {
+                    pairs.push((t, g.clone()));
+                }
+            }
+            if let Some(g) = &g_above {
+                pairs.push((y, g.clone()));
+            }
+            Ok(pairs)
+        })?;
+        g_above = store.get(leaf.as_tensor()).cloned();
+    }
+    let Some(g0) = g_above else { return Ok(()) };
+    // The first layer's input came from the text embeddings and the image features.
+    let img_leaf = match &tape.vision {
+        Some(v) => Some(Var::from_tensor(&v.features)?),
+        None => None,
+    };
+    let (tok_leaf, store) = replay(&tape.tokens, policy, grads, |t| {
+        let x0 = model.merge_images(
+            t,
+            std::slice::from_ref(&tape.head),
+            img_leaf.as_ref().map(|l| l.as_tensor()),
+        )?;
+        Ok(vec![(x0, g0.clone())])
+    })?;
+    if let Some(g) = store.get(tok_leaf.as_tensor()) {
+        params.add_embedding_rows(grads, &tape.head, &g.squeeze(0)?.to_dtype(DType::F32)?)?;
+    }
+    let (Some(vt), Some(img_leaf)) = (tape.vision, img_leaf) else {
+        return Ok(());
+    };
+    let Some(mut g) = store.get(img_leaf.as_tensor()).cloned() else {
+        return Ok(());
+    };
+    drop(store);
+    let v = &model.vision;
+    let n = v.num_blocks();
+    // Merger, then the blocks from the top, then the patch embedding.
+    let (leaf, store) = replay(&vt.inputs[n], policy, grads, |x| {
+        Ok(vec![(
+            with_dropout(tape.dropout, || v.merge(x))?,
+            g.clone(),
+        )])
+    })?;
+    g = store
+        .get(leaf.as_tensor())
+        .cloned()
+        .context("merger input gradient")?;
+    for b in (0..n).rev() {
+        let (leaf, store) = replay(&vt.inputs[b], policy, grads, |x| {
+            Ok(vec![(
+                with_dropout(tape.dropout, || v.block(b, x, &vt.input))?,
+                g.clone(),
+            )])
+        })?;
+        g = store
+            .get(leaf.as_tensor())
+            .cloned()
+            .context("block input gradient")?;
+    }
+    let x0 = v.embed(&vt.pixels, &vt.grids)?.x;
+    let store = (x0 * g.detach())?.sum_all()?.backward()?;
+    grads.add(&policy.params, &store)?;
+    Ok(())
+}
+
 /// The prompt passes of one call: a prompt's pass is run when its first completion comes
 /// up and dropped (after its backward pass, when training) once its last one is through.
 struct PromptPasses {
-    training: bool,
+    keep: Keep,
     /// Completions per prompt, for the passes not yet run.
     counts: HashMap<usize, usize>,
     open: HashMap<usize, PromptPass>,
 }
 
 impl PromptPasses {
-    fn new(seqs: &[SeqRef], training: bool) -> Self {
+    fn new(seqs: &[SeqRef], keep: Keep) -> Self {
         let mut counts = HashMap::new();
         for s in seqs {
             *counts.entry(s.prompt_index).or_insert(0) += 1;
         }
         Self {
-            training,
+            keep,
             counts,
             open: HashMap::new(),
         }
     }
 
-    /// Runs the passes the micro-batch needs that are not open yet.
-    fn open_for(&mut self, model: &Qwen2Vl, mb: &[SeqRef]) -> Result<()> {
+    /// Runs the passes the micro-batch needs that are not open yet; `dropout(i)` is the
+    /// dropout key of prompt `i`'s pass.
+    fn open_for(
+        &mut self,
+        model: &Qwen2Vl,
+        mb: &[SeqRef],
+        dropout: impl Fn(usize) -> Option<u64>,
+    ) -> Result<()> {
         for s in mb {
             if let std::collections::hash_map::Entry::Vacant(e) = self.open.entry(s.prompt_index) {
                 let n = self.counts.remove(&s.prompt_index).unwrap_or(0);
-                e.insert(PromptPass::run(model, s.prompt, n, self.training)?);
+                e.insert(PromptPass::run(
+                    model,
+                    s.prompt,
+                    n,
+                    self.keep,
+                    dropout(s.prompt_index),
+                )?);
             }
         }
         Ok(())
@@ -225,21 +489,25 @@ impl PromptPasses {
         &self.open[&prompt_index]
     }
 
-    /// Counts the micro-batch's completions as done (collecting their gradients on the
-    /// prompts' leaves when given), and returns the prompts with none left, closed, in
-    /// micro-batch order: gradients must add up in the same order in every process (a
-    /// resumed run repeats the uninterrupted one bit for bit), which a map's order is not.
-    fn finish(
-        &mut self,
-        mb: &[SeqRef],
-        store: Option<&candle_core::backprop::GradStore>,
-    ) -> Result<Vec<PromptPass>> {
+    /// Adds the gradients a backward pass left on the micro-batch's prompts' leaves.
+    fn collect(&mut self, mb: &[SeqRef], store: &candle_core::backprop::GradStore) -> Result<()> {
+        for (pi, _) in per_prompt(mb) {
+            self.open
+                .get_mut(&pi)
+                .context("prompt pass")?
+                .collect(store)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the micro-batch's completions as done and returns the prompts with none left,
+    /// closed, in micro-batch order: gradients must add up in the same order in every
+    /// process (a resumed run repeats the uninterrupted one bit for bit), which a map's
+    /// order is not.
+    fn finish(&mut self, mb: &[SeqRef]) -> Result<Vec<PromptPass>> {
         let mut done = Vec::new();
         for (pi, n) in per_prompt(mb) {
             let pass = self.open.get_mut(&pi).context("prompt pass")?;
-            if let Some(store) = store {
-                pass.collect(store)?;
-            }
             pass.remaining -= n;
             if pass.remaining == 0 {
                 done.extend(self.open.remove(&pi));
@@ -300,42 +568,183 @@ fn embed_untracked(model: &Qwen2Vl, ids: &[u32]) -> Result<Tensor> {
     Ok(model.text.embed_weight().detach().index_select(&idx, 0)?)
 }
 
-/// The decoder over a micro-batch's completions packed into one row, each after its
-/// prompt's keys: the prompt's last token then all but the completion's last token, at the
-/// positions that continue the prompt. Returns the final hidden states (tokens, hidden) and,
-/// when training, the leaf holding the input embeddings with the ids they embed.
+/// A micro-batch's completions packed into one row, each after its prompt's keys: the
+/// prompt's last token then all but the completion's last token, at the positions that
+/// continue the prompt.
+struct Rows<'p> {
+    ids: Vec<u32>,
+    positions: Vec<Pos3>,
+    segments: Vec<PackedSegment<'p>>,
+}
+
+impl<'p> Rows<'p> {
+    fn of(mb: &[SeqRef], passes: &'p PromptPasses) -> Self {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut segments = Vec::with_capacity(mb.len());
+        for s in mb {
+            let pass = passes.get(s.prompt_index);
+            let p = s.prompt.input_ids.len();
+            let c = s.tokens.len();
+            ids.push(s.prompt.input_ids[p - 1]);
+            ids.extend_from_slice(&s.tokens[..c - 1]);
+            positions.push(pass.last_pos);
+            positions.extend((0..c as i64 - 1).map(|j| [p as i64 + j + pass.delta; 3]));
+            segments.push(PackedSegment {
+                len: c,
+                prefix: (!pass.attend.is_empty()).then_some(pass.attend.as_slice()),
+            });
+        }
+        Self {
+            ids,
+            positions,
+            segments,
+        }
+    }
+}
+
+/// What the rows' backward pass needs.
+enum RowsKept {
+    Nothing,
+    /// The whole graph from the embedding leaf.
+    Graph(EmbedLeaf),
+    /// Checkpointed: every layer's input, then the final norm's.
+    Inputs {
+        ids: Vec<u32>,
+        inputs: Vec<Tensor>,
+        cos: Tensor,
+        sin: Tensor,
+    },
+}
+
+/// The decoder over a micro-batch's rows. Returns the final hidden states (tokens, hidden)
+/// and what the backward pass needs.
 fn rows_pass(
     model: &Qwen2Vl,
     mb: &[SeqRef],
     passes: &PromptPasses,
-    training: bool,
-) -> Result<(Tensor, Option<EmbedLeaf>)> {
-    let mut ids = Vec::new();
-    let mut positions = Vec::new();
-    let mut segments = Vec::with_capacity(mb.len());
-    for s in mb {
-        let pass = passes.get(s.prompt_index);
-        let p = s.prompt.input_ids.len();
-        let c = s.tokens.len();
-        ids.push(s.prompt.input_ids[p - 1]);
-        ids.extend_from_slice(&s.tokens[..c - 1]);
-        positions.push(pass.last_pos);
-        positions.extend((0..c as i64 - 1).map(|j| [p as i64 + j + pass.delta; 3]));
-        segments.push(PackedSegment {
-            len: c,
-            prefix: (!pass.attend.is_empty()).then_some(pass.attend.as_slice()),
-        });
+    keep: Keep,
+    dropout: Option<u64>,
+) -> Result<(Tensor, RowsKept)> {
+    let rows = Rows::of(mb, passes);
+    match keep {
+        Keep::Nothing => {
+            let embeds = model.token_embeds(&[rows.ids])?;
+            let hidden =
+                model
+                    .text
+                    .forward(&embeds, &[rows.positions], Caching::Packed(&rows.segments))?;
+            Ok((hidden.squeeze(0)?, RowsKept::Nothing))
+        }
+        Keep::Graph => {
+            let leaf =
+                Var::from_tensor(&embed_untracked(model, &rows.ids)?.to_dtype(model.dtype)?)?;
+            let hidden = with_dropout(dropout, || {
+                model.text.forward(
+                    &leaf.as_tensor().unsqueeze(0)?,
+                    &[rows.positions],
+                    Caching::Packed(&rows.segments),
+                )
+            })?;
+            Ok((hidden.squeeze(0)?, RowsKept::Graph((leaf, rows.ids))))
+        }
+        Keep::Inputs => {
+            let x0 = embed_untracked(model, &rows.ids)?
+                .to_dtype(model.dtype)?
+                .unsqueeze(0)?;
+            let (cos, sin) = model
+                .text
+                .rope_tables(&[rows.positions], x0.dtype(), x0.device())?;
+            let mut inputs = Vec::with_capacity(model.text.num_layers() + 1);
+            let mut x = x0;
+            for i in 0..model.text.num_layers() {
+                inputs.push(x.clone());
+                x = with_dropout(dropout, || {
+                    model
+                        .text
+                        .layer(i, &x, &cos, &sin, &mut Caching::Packed(&rows.segments))
+                })?
+                .detach();
+            }
+            inputs.push(x.clone());
+            let hidden = model.text.final_norm(&x)?.detach();
+            Ok((
+                hidden.squeeze(0)?,
+                RowsKept::Inputs {
+                    ids: rows.ids,
+                    inputs,
+                    cos,
+                    sin,
+                },
+            ))
+        }
     }
-    let (embeds, leaf) = if training {
-        let leaf = Var::from_tensor(&embed_untracked(model, &ids)?)?;
-        (leaf.as_tensor().unsqueeze(0)?, Some((leaf, ids)))
-    } else {
-        (model.token_embeds(&[ids])?, None)
-    };
-    let hidden = model
-        .text
-        .forward(&embeds, &[positions], Caching::Packed(&segments))?;
-    Ok((hidden.squeeze(0)?, leaf))
+}
+
+/// The rows' backward pass from `dh = ∂L/∂hidden`: autograd through the kept graph, or layer
+/// by layer on the kept inputs; weight gradients into `grads`, the prompts' key/value
+/// gradients into their passes, the embeddings' into the table's.
+#[allow(clippy::too_many_arguments)]
+fn rows_backward(
+    kept: RowsKept,
+    hidden: &Tensor,
+    dh: &Tensor,
+    mb: &[SeqRef],
+    passes: &mut PromptPasses,
+    policy: &TrainableModel,
+    params: &HeadParams,
+    grads: &mut GradAccumulator,
+    dropout: Option<u64>,
+) -> Result<()> {
+    match kept {
+        RowsKept::Nothing => bail!("internal error: no graph kept for a backward pass"),
+        RowsKept::Graph((leaf, ids)) => {
+            let store = (hidden * dh.detach())?.sum_all()?.backward()?;
+            grads.add(&policy.params, &store)?;
+            if let Some(g) = store.get(leaf.as_tensor()) {
+                params.add_embedding_rows(grads, &ids, &g.to_dtype(DType::F32)?)?;
+            }
+            passes.collect(mb, &store)
+        }
+        RowsKept::Inputs {
+            ids,
+            inputs,
+            cos,
+            sin,
+        } => {
+            let model = &policy.model;
+            let n = model.text.num_layers();
+            let (leaf, store) = replay(&inputs[n], policy, grads, |x| {
+                Ok(vec![(
+                    model.text.final_norm(x)?.squeeze(0)?,
+                    dh.to_dtype(x.dtype())?,
+                )])
+            })?;
+            let mut g = store
+                .get(leaf.as_tensor())
+                .cloned()
+                .context("norm input gradient")?;
+            for i in (0..n).rev() {
+                let (leaf, store) = {
+                    let rows = Rows::of(mb, passes);
+                    replay(&inputs[i], policy, grads, |x| {
+                        let y = with_dropout(dropout, || {
+                            model
+                                .text
+                                .layer(i, x, &cos, &sin, &mut Caching::Packed(&rows.segments))
+                        })?;
+                        Ok(vec![(y, g.clone())])
+                    })?
+                };
+                passes.collect(mb, &store)?;
+                g = store
+                    .get(leaf.as_tensor())
+                    .cloned()
+                    .context("layer input gradient")?;
+            }
+            params.add_embedding_rows(grads, &ids, &g.squeeze(0)?.to_dtype(DType::F32)?)
+        }
+    }
 }
 
 fn targets_of(seqs: &[SeqRef]) -> Vec<u32> {
@@ -371,12 +780,12 @@ pub fn logps(
     temperature: f64,
 ) -> Result<Vec<Vec<f32>>> {
     check_seqs(model, seqs)?;
-    let mut passes = PromptPasses::new(seqs, false);
+    let mut passes = PromptPasses::new(seqs, Keep::Nothing);
     let mut out = Vec::with_capacity(seqs.len());
     for range in micro_batches(seqs.len(), micro_batch) {
         let mb = &seqs[range];
-        passes.open_for(model, mb)?;
-        let (hidden, _) = rows_pass(model, mb, &passes, false)?;
+        passes.open_for(model, mb, |_| None)?;
+        let (hidden, _) = rows_pass(model, mb, &passes, Keep::Nothing, None)?;
         let (lp, _) = token_logps::forward(
             &hidden,
             model.text.lm_head_weight(),
@@ -385,7 +794,7 @@ pub fn logps(
             false,
         )?;
         out.extend(per_seq(&lp, mb).into_iter().map(<[f32]>::to_vec));
-        passes.finish(mb, None)?;
+        passes.finish(mb)?;
     }
     Ok(out)
 }
@@ -447,41 +856,58 @@ impl HeadParams {
 }
 
 /// How the policy's training passes run.
-#[derive(Debug, Clone, Copy)]
-pub struct TrainPass {
-    /// Log-probabilities are those of logits / temperature.
-    pub temperature: f64,
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrainOptions {
     /// Seed of this step's LoRA dropout masks (`None`: no dropout). Masks derive from it,
-    /// the micro-batch and the layer only, so a resumed run draws the same ones.
+    /// the pass and the layer only, so a resumed run (and a recomputed layer) draws the
+    /// same ones.
     pub dropout_seed: Option<u64>,
+    /// Gradient checkpointing: keep each layer's input only and run the layers again in the
+    /// backward pass.
+    pub checkpointing: bool,
 }
 
-impl TrainPass {
-    pub fn new(temperature: f64) -> Self {
-        Self {
-            temperature,
-            dropout_seed: None,
-        }
+impl TrainOptions {
+    /// The dropout key of one forward pass (`what` tells passes apart).
+    fn dropout(&self, what: u64) -> Option<u64> {
+        self.dropout_seed
+            .map(|seed| crate::rl::trainer::mix(seed, what))
     }
 
-    /// Runs `f` (one forward pass: `what` tells passes apart) under this step's dropout.
-    fn scoped<R>(&self, what: u64, f: impl FnOnce() -> R) -> R {
-        match self.dropout_seed {
-            Some(seed) => lora::dropout_scope(crate::rl::trainer::mix(seed, what), f),
-            None => f(),
+    fn keep(&self) -> Keep {
+        if self.checkpointing {
+            Keep::Inputs
+        } else {
+            Keep::Graph
         }
     }
 }
 
 /// Forward and backward passes of `policy` over `seqs` in micro-batches of `micro_batch`,
-/// adding the gradient of the loss to `grads`. `loss_of` turns a micro-batch's log-probs
+/// adding the gradient of the loss to `grads`; log-probabilities are those of logits /
+/// `temperature`. `loss_of` turns a micro-batch's log-probs
 /// (a leaf of the graph it builds) into its scalar share of the step's loss; the losses'
 /// sum is returned.
 pub fn backward(
     policy: &TrainableModel,
     seqs: &[SeqRef],
     micro_batch: usize,
-    pass: TrainPass,
+    temperature: f64,
+    pass: TrainOptions,
+    grads: &mut GradAccumulator,
+    loss_of: impl FnMut(&MicroBatch) -> Result<Tensor>,
+) -> Result<f64> {
+    crate::kernels::skinny::disabled(|| {
+        backward_passes(policy, seqs, micro_batch, temperature, pass, grads, loss_of)
+    })
+}
+
+fn backward_passes(
+    policy: &TrainableModel,
+    seqs: &[SeqRef],
+    micro_batch: usize,
+    temperature: f64,
+    pass: TrainOptions,
     grads: &mut GradAccumulator,
     mut loss_of: impl FnMut(&MicroBatch) -> Result<Tensor>,
 ) -> Result<f64> {
@@ -489,8 +915,8 @@ pub fn backward(
     check_seqs(model, seqs)?;
     let head_w = model.text.lm_head_weight();
     let params = HeadParams::of(policy);
-    let temperature = pass.temperature;
-    let mut passes = PromptPasses::new(seqs, true);
+    let keep = pass.keep();
+    let mut passes = PromptPasses::new(seqs, keep);
     let mut loss_sum = 0f64;
     for (index, range) in micro_batches(seqs.len(), micro_batch)
         .into_iter()
@@ -498,12 +924,9 @@ pub fn backward(
     {
         let mb = &seqs[range.clone()];
         // Dropout streams: prompt passes by prompt, completion rows by micro-batch.
-        for s in mb {
-            let key = (1 << 40) | s.prompt_index as u64;
-            pass.scoped(key, || passes.open_for(model, std::slice::from_ref(s)))?;
-        }
-        let (hidden, embed_leaf) =
-            pass.scoped(index as u64, || rows_pass(model, mb, &passes, true))?;
+        passes.open_for(model, mb, |i| pass.dropout((1 << 40) | i as u64))?;
+        let dropout = pass.dropout(index as u64);
+        let (hidden, kept) = rows_pass(model, mb, &passes, keep, dropout)?;
 
         // Log-probs outside the graph, then the loss's gradient with respect to them.
         let (lp, saved) =
@@ -529,19 +952,22 @@ pub fn backward(
             None => vec![0.0; lp.len()],
         };
 
-        // ∂L/∂h by hand (∂L/∂W added to the LM head's gradient), then autograd from h down.
+        // ∂L/∂h by hand (∂L/∂W added to the LM head's gradient), then the layers below.
         let dh = saved.backward(&g, head_w, params.head.map(|i| grads.slot_mut(i)))?;
-        let store = (&hidden * dh.detach())?.sum_all()?.backward()?;
-        grads.add(&policy.params, &store)?;
-        if let Some((leaf, ids)) = &embed_leaf {
-            if let Some(g) = store.get(leaf.as_tensor()) {
-                params.add_embedding_rows(grads, ids, g)?;
-            }
-        }
-        let finished = passes.finish(mb, Some(&store))?;
-        drop(store);
-        for pass in finished {
-            pass.backward(policy, &params, grads)?;
+        let dh = dh.to_dtype(hidden.dtype())?;
+        rows_backward(
+            kept,
+            &hidden,
+            &dh,
+            mb,
+            &mut passes,
+            policy,
+            &params,
+            grads,
+            dropout,
+        )?;
+        for done in passes.finish(mb)? {
+            done.backward(policy, &params, grads)?;
         }
     }
     // The logits scratch buffer is not needed until the next step's first forward pass;
