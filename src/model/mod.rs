@@ -152,9 +152,19 @@ impl Qwen2Vl {
         if let Some(&bad) = flat.iter().find(|&&t| t >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary ({vocab})");
         }
-        Ok(self
+        let e = self
             .text
-            .embed(&Tensor::from_vec(flat, (b, l), &self.device)?)?)
+            .embed(&Tensor::from_vec(flat, (b, l), &self.device)?)?;
+        // The compute dtype, whatever the table is stored in.
+        Ok(lora::cast(&e, self.dtype)?)
+    }
+
+    /// Runs activations in `dtype` whatever the weights are stored in (bf16 compute over
+    /// f32 master weights, f32 compute over a bf16 base): embeddings, the vision tower and,
+    /// through them, every layer (linear layers cast their weights per use).
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.dtype = dtype;
+        self.vision.set_compute_dtype(dtype);
     }
 
     /// `token_embeds` (batch, seq, hidden) of `ids` with the image embeddings written over

@@ -156,8 +156,11 @@ impl PromptPass {
                         None => None,
                     };
                     let tokens = if keep == Keep::Graph {
-                        let leaf =
-                            Var::from_tensor(&embed_untracked(model, &head[0])?.unsqueeze(0)?)?;
+                        let leaf = Var::from_tensor(
+                            &embed_untracked(model, &head[0])?
+                                .to_dtype(model.dtype)?
+                                .unsqueeze(0)?,
+                        )?;
                         let t = leaf.as_tensor().clone();
                         embed_leaf = Some((leaf, head[0].clone()));
                         t
@@ -293,7 +296,7 @@ impl PromptPass {
         grads.add(&policy.params, &store)?;
         if let Some((leaf, ids)) = &self.embed_leaf {
             if let Some(g) = store.get(leaf.as_tensor()) {
-                params.add_embedding_rows(grads, ids, &g.squeeze(0)?)?;
+                params.add_embedding_rows(grads, ids, &g.squeeze(0)?.to_dtype(DType::F32)?)?;
             }
         }
         Ok(())

@@ -224,8 +224,7 @@ impl TrainableModel {
         let layout = CheckpointWeights::open(dir)?.layout(&config)?;
         let mut model = Qwen2Vl::load(dir, lora.base_dtype()?, device)?;
         model.cast_embeddings(compute)?;
-        model.vision.set_compute_dtype(compute);
-        model.dtype = compute;
+        model.set_compute_dtype(compute);
         let mut file = match resume {
             Some(r) => Some(AdapterFile::read(r)?),
             None => None,
@@ -341,13 +340,15 @@ impl TrainableModel {
             DType::F32,
             self.model.device.clone(),
         );
-        Qwen2Vl::from_var_builder(
+        let mut m = Qwen2Vl::from_var_builder(
             vb,
             self.layout,
             self.model.config.clone(),
             DType::F32,
             &self.model.device,
-        )
+        )?;
+        m.set_compute_dtype(self.model.dtype);
+        Ok(m)
     }
 
     /// Freezes the vision tower's patch embedding and blocks (or their adapters); the

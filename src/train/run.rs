@@ -86,7 +86,10 @@ pub fn load_policy(
             device,
         )?
     } else {
-        TrainableModel::load(resume_from.unwrap_or(&run.model), device)?
+        let mut m = TrainableModel::load(resume_from.unwrap_or(&run.model), device)?;
+        // f32 master weights; activations in the compute dtype.
+        m.model.set_compute_dtype(run.compute_dtype()?);
+        m
     };
     // Tokenizer and processor files always come from the starting checkpoint.
     policy.source_dir = run.model.clone();
