@@ -79,12 +79,25 @@ fn fresh_model(dir: &Path) -> PathBuf {
 const MAX_PIXELS: usize = 112 * 112;
 
 fn held_out_accuracy(model: &Path, data_file: &Path, template: PromptTemplate) -> f64 {
+    adapted_accuracy(model, None, data_file, template)
+}
+
+/// Greedy held-out accuracy of `model`, with a LoRA adapter merged in when given.
+fn adapted_accuracy(
+    model: &Path,
+    adapter: Option<&Path>,
+    data_file: &Path,
+    template: PromptTemplate,
+) -> f64 {
     let opts = ProcessorOptions {
         max_pixels: Some(MAX_PIXELS),
         ..Default::default()
     };
     let proc = Processor::from_dir(model, &opts).unwrap();
-    let m = medvlm::model::Qwen2Vl::load(model, DType::F32, &Device::Cpu).unwrap();
+    let mut m = medvlm::model::Qwen2Vl::load(model, DType::F32, &Device::Cpu).unwrap();
+    if let Some(a) = adapter {
+        m.merge_adapter(a).unwrap();
+    }
     let ds = data::load(data_file, None).unwrap();
     let r = medvlm::eval::run_greedy(&m, &proc, &ds.items, template, 24, 16, |_, _| {}).unwrap();
     let format_ok = r.iter().filter(|x| x.format_ok).count() as f64 / r.len() as f64;
@@ -131,13 +144,13 @@ fn grpo_learns_what_the_warm_start_could_not() {
     let before = held_out_accuracy(&sft, &held_out, template);
     println!("held-out accuracy after the warm start: {before:.3}");
 
-    let t = std::time::Instant::now();
-    let grpo = medvlm::rl::trainer::train(
-        GrpoConfig {
+    let grpo_run = |name: &str, tweak: &dyn Fn(&mut GrpoConfig)| {
+        let t = std::time::Instant::now();
+        let mut cfg = GrpoConfig {
             run: RunConfig {
-                model: sft,
-                train_data,
-                output_dir: dir.join("grpo"),
+                model: sft.clone(),
+                train_data: train_data.clone(),
+                output_dir: dir.join(name),
                 template,
                 micro_batch: 32,
                 learning_rate: 1e-3,
@@ -158,12 +171,13 @@ fn grpo_learns_what_the_warm_start_could_not() {
                 log_completions: 1,
                 ..GrpoMethod::default()
             },
-        },
-        false,
-        None,
-    )
-    .unwrap();
-    println!("grpo: {:.1}s", t.elapsed().as_secs_f64());
+        };
+        tweak(&mut cfg);
+        let out = medvlm::rl::trainer::train(cfg, false, None).unwrap();
+        println!("{name}: {:.1}s", t.elapsed().as_secs_f64());
+        out
+    };
+    let grpo = grpo_run("grpo", &|_| {});
     let after = held_out_accuracy(&grpo, &held_out, template);
     println!("held-out accuracy after GRPO: {after:.3}");
     // The run logged every step, sampled completions and the in-loop evaluations.
@@ -177,6 +191,36 @@ fn grpo_learns_what_the_warm_start_could_not() {
         "GRPO {after} vs warm start {before}"
     );
     assert!(after >= 0.8, "GRPO reached only {after}");
+
+    // Gradient checkpointing changes memory, not the run: the same final weights.
+    let ckpt = grpo_run("grpo-checkpointing", &|c| c.run.gradient_checkpointing = true);
+    let load = |d: &Path| {
+        candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (a, b) = (load(&grpo), load(&ckpt));
+    for (k, t) in &a {
+        assert_eq!(max_abs_diff(t, &b[k]).0, 0.0, "{k}: checkpointing changed the run");
+    }
+
+    // LoRA adapters (rank 16 on every linear layer, dropout on) learn it too.
+    let lora = grpo_run("grpo-lora", &|c| {
+        c.run.lora.r = 16;
+        c.run.lora.alpha = 32.0;
+        c.run.lora.base_dtype = "f32".into();
+        c.run.lora.target_modules = [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv",
+            "proj", "fc1", "fc2", "mlp.0", "mlp.2",
+        ]
+        .map(String::from)
+        .to_vec();
+        c.run.learning_rate = 1e-2;
+    });
+    let with_lora = adapted_accuracy(&sft, Some(&lora), &held_out, template);
+    println!("held-out accuracy after GRPO with LoRA: {with_lora:.3}");
+    assert!(
+        with_lora >= before + 0.25 && with_lora >= 0.8,
+        "GRPO with LoRA reached only {with_lora} (warm start {before})"
+    );
 }
 
 /// Interrupting a run after a checkpoint and resuming it ends with exactly the weights,
