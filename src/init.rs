@@ -15,6 +15,9 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use crate::data::PromptTemplate;
 use crate::model::Qwen2VlConfig;
 use crate::train::{checkpoint, TrainableModel};
@@ -133,6 +136,71 @@ pub fn train_tokenizer(vocab: usize) -> Result<Tokenizer> {
     Ok(tok)
 }
 
+fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("{}: cannot write", p.display()))
+}
+
+/// tokenizer.json, tokenizer_config.json (with Qwen2-VL-2B-Instruct's chat template),
+/// preprocessor_config.json and generation_config.json (`generation` replaces the greedy
+/// default).
+fn write_side_files(
+    dir: &Path,
+    tok: &Tokenizer,
+    min_pixels: usize,
+    max_pixels: usize,
+    generation: Option<serde_json::Value>,
+) -> Result<()> {
+    tok.save(dir.join("tokenizer.json"), true)
+        .map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
+    let id = |t: &str| tok.token_to_id(t).context("special token missing");
+    write_json(
+        dir,
+        "tokenizer_config.json",
+        &json!({
+            "tokenizer_class": "Qwen2Tokenizer",
+            "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": null,
+            "bos_token": null,
+            "model_max_length": 32768,
+            "padding_side": "left",
+            "errors": "replace",
+            "add_prefix_space": false,
+            "clean_up_tokenization_spaces": false,
+        }),
+    )?;
+    write_json(
+        dir,
+        "preprocessor_config.json",
+        &json!({
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2VLProcessor",
+            "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "min_pixels": min_pixels,
+            "max_pixels": max_pixels,
+            "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+            "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+        }),
+    )?;
+    let generation = match generation {
+        Some(g) => g,
+        None => json!({
+            "bos_token_id": id("<|endoftext|>")?,
+            "pad_token_id": id("<|endoftext|>")?,
+            "eos_token_id": [id("<|im_end|>")?, id("<|endoftext|>")?],
+            "do_sample": false,
+        }),
+    };
+    write_json(dir, "generation_config.json", &generation)
+}
+
 /// Writes a fresh checkpoint directory at `out` (which must not exist).
 pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
     if out.exists() {
@@ -166,8 +234,6 @@ pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&staging)?;
     let tok = train_tokenizer(spec.vocab)?;
-    tok.save(staging.join("tokenizer.json"), true)
-        .map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
     let id = |t: &str| tok.token_to_id(t).context("special token missing");
     let n_tokens = tok.get_vocab_size(true);
     let vocab_size = n_tokens.div_ceil(64) * 64;
@@ -214,53 +280,8 @@ pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
             "hidden_act": "quick_gelu",
         },
     });
-    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let p = staging.join(name);
-        std::fs::write(&p, serde_json::to_string_pretty(v)?)
-            .with_context(|| format!("{}: cannot write", p.display()))
-    };
-    write_json("config.json", &config)?;
-    write_json(
-        "tokenizer_config.json",
-        &json!({
-            "tokenizer_class": "Qwen2Tokenizer",
-            "chat_template": QWEN2_VL_CHAT_TEMPLATE,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "unk_token": null,
-            "bos_token": null,
-            "model_max_length": 32768,
-            "padding_side": "left",
-            "errors": "replace",
-            "add_prefix_space": false,
-            "clean_up_tokenization_spaces": false,
-        }),
-    )?;
-    write_json(
-        "preprocessor_config.json",
-        &json!({
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2VLProcessor",
-            "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "min_pixels": 56 * 56,
-            "max_pixels": spec.max_pixels,
-            "size": {"shortest_edge": 56 * 56, "longest_edge": spec.max_pixels},
-            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-            "resample": 3,
-            "rescale_factor": 0.00392156862745098,
-        }),
-    )?;
-    write_json(
-        "generation_config.json",
-        &json!({
-            "bos_token_id": id("<|endoftext|>")?,
-            "pad_token_id": id("<|endoftext|>")?,
-            "eos_token_id": [id("<|im_end|>")?, id("<|endoftext|>")?],
-            "do_sample": false,
-        }),
-    )?;
+    write_json(&staging, "config.json", &config)?;
+    write_side_files(&staging, &tok, 56 * 56, spec.max_pixels, None)?;
     let cfg = Qwen2VlConfig::from_file(&staging.join("config.json"))?;
     let model = TrainableModel::random(cfg, spec.init_std, spec.seed, &staging, &Device::Cpu)?;
     let done = checkpoint::save(parent, &name, &model, DType::F32, None)?;
@@ -288,4 +309,199 @@ mod tests {
         let e = tok.encode("Größe 42 µm", false).unwrap();
         assert_eq!(tok.decode(e.get_ids(), false).unwrap(), "Größe 42 µm");
     }
+}
+
+/// Real models' architectures with random weights, for scale tests and benchmarks where the
+/// released weights cannot be downloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// Qwen2-VL-2B-Instruct: 28 layers x 1536, 12/2 heads, MLP 8960, vocabulary 151,936,
+    /// tied embeddings, vision 32 x 1280; its config.json as released.
+    #[value(name = "qwen2-vl-2b")]
+    Qwen2Vl2b,
+    /// The benchmark shape (tools/bench_config.json, 119.7M parameters).
+    #[value(name = "qwen2-vl-bench")]
+    Qwen2VlBench,
+}
+
+/// Qwen/Qwen2-VL-2B-Instruct's config.json, as released.
+pub const QWEN2_VL_2B_CONFIG: &str = r#"{
+  "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0,
+  "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+  "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+  "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 1536,
+  "initializer_range": 0.02, "intermediate_size": 8960, "max_position_embeddings": 32768,
+  "max_window_layers": 28, "model_type": "qwen2_vl", "num_attention_heads": 12,
+  "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+  "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": true,
+  "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": true,
+  "use_sliding_window": false,
+  "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
+    "in_chans": 3, "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2,
+    "spatial_patch_size": 14, "temporal_patch_size": 2},
+  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+  "vocab_size": 151936}"#;
+
+/// Where Qwen2's special tokens sit in its vocabulary: `<|endoftext|>` and the 13 after it.
+const QWEN2_SPECIAL_BASE: u32 = 151_643;
+
+/// The synthetic-corpus tokenizer with Qwen2's special tokens at Qwen2's ids, so the real
+/// config.json's token ids hold. Added tokens take the ids after the BPE vocabulary, so the
+/// vocabulary is padded to Qwen2's 151,643 entries with placeholders no merge produces.
+fn tokenizer_with_qwen2_ids(vocab: usize) -> Result<Tokenizer> {
+    let tok = train_tokenizer(vocab)?;
+    let mut v: serde_json::Value = serde_json::from_str(
+        &tok.to_string(false)
+            .map_err(|e| anyhow!("tokenizer: {e}"))?,
+    )?;
+    let bpe = v["model"]["vocab"]
+        .as_object_mut()
+        .context("tokenizer JSON has no BPE vocabulary")?;
+    let mut next = bpe.len() as u32;
+    while next < QWEN2_SPECIAL_BASE {
+        bpe.insert(format!("<|unused_{next}|>"), json!(next));
+        next += 1;
+    }
+    for t in v["added_tokens"]
+        .as_array_mut()
+        .context("tokenizer JSON has no added_tokens")?
+    {
+        let content = t["content"].as_str().unwrap_or_default().to_string();
+        if let Some(i) = SPECIAL_TOKENS.iter().position(|s| *s == content) {
+            t["id"] = json!(QWEN2_SPECIAL_BASE + i as u32);
+        }
+    }
+    let out: Tokenizer = v
+        .to_string()
+        .parse()
+        .map_err(|e| anyhow!("tokenizer with Qwen2 ids: {e}"))?;
+    for (i, t) in SPECIAL_TOKENS.iter().enumerate() {
+        if out.token_to_id(t) != Some(QWEN2_SPECIAL_BASE + i as u32) {
+            bail!("internal error: {t} did not land on Qwen2's id");
+        }
+    }
+    Ok(out)
+}
+
+/// N(0, std) values (unit norm scales, zero biases) for one tensor, as bf16, from a seed that
+/// depends on the tensor's name only: each tensor is the same whatever else the model holds.
+fn random_bf16(name: &str, shape: &[usize], std: f32, seed: u64) -> Vec<half::bf16> {
+    use rayon::prelude::*;
+    let n: usize = shape.iter().product();
+    if name.ends_with("bias") {
+        return vec![half::bf16::ZERO; n];
+    }
+    if shape.len() == 1 {
+        return vec![half::bf16::ONE; n];
+    }
+    let key = crate::rl::trainer::mix(seed, crate::model::lora::stream_of(name));
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![half::bf16::ZERO; n];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut rng = StdRng::seed_from_u64(crate::rl::trainer::mix(key, c as u64));
+            for pair in chunk.chunks_mut(2) {
+                // Box-Muller: two uniforms, two normals.
+                let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+                let u2: f32 = rng.random();
+                let r = (-2.0 * u1.ln()).sqrt() * std;
+                let (s, co) = (std::f32::consts::TAU * u2).sin_cos();
+                pair[0] = half::bf16::from_f32(r * co);
+                if let Some(x) = pair.get_mut(1) {
+                    *x = half::bf16::from_f32(r * s);
+                }
+            }
+        });
+    out
+}
+
+/// Writes a checkpoint with `preset`'s architecture and random weights (N(0, 0.02), norms 1,
+/// biases 0) in bf16, sharded in two files with model.safetensors.index.json as released,
+/// the synthetic-corpus tokenizer with Qwen2's special-token ids, and Qwen2-VL's processor
+/// and generation settings. `out` must not exist.
+pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
+    if out.exists() {
+        bail!("{}: already exists; choose a new directory", out.display());
+    }
+    let config_text = match preset {
+        Preset::Qwen2Vl2b => QWEN2_VL_2B_CONFIG.to_string(),
+        Preset::Qwen2VlBench => {
+            let mut v: serde_json::Value = serde_json::from_str(crate::bench::BENCH_CONFIG)?;
+            v["torch_dtype"] = json!("bfloat16");
+            serde_json::to_string_pretty(&v)?
+        }
+    };
+    let config = Qwen2VlConfig::from_json_str(&config_text, "preset config.json")?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = out
+        .file_name()
+        .context("the output needs a directory name")?
+        .to_string_lossy()
+        .to_string();
+    let staging = parent.join(format!(".{name}.init"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    std::fs::write(staging.join("config.json"), &config_text)?;
+    let tok = tokenizer_with_qwen2_ids(640)?;
+    write_side_files(
+        &staging,
+        &tok,
+        56 * 56,
+        12_845_056,
+        // Qwen2-VL-2B-Instruct's generation_config.json.
+        Some(json!({
+            "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true,
+            "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,
+            "temperature": 0.1, "top_k": 1, "top_p": 0.001,
+        })),
+    )?;
+
+    // Two shards, as the 2B was released: the first ends where half the bytes are written.
+    let shapes = crate::model::random::tensor_shapes(&config)?;
+    let total: usize = shapes
+        .iter()
+        .map(|(_, s)| 2 * s.iter().product::<usize>())
+        .sum();
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![vec![], vec![]];
+    let mut written = 0usize;
+    for (n, s) in shapes {
+        let i = usize::from(written >= total / 2);
+        written += 2 * s.iter().product::<usize>();
+        shards[i].push((n, s));
+    }
+    let count = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        let mut tensors = std::collections::HashMap::new();
+        for (n, s) in shard {
+            let data = random_bf16(&n, &s, 0.02, seed);
+            tensors.insert(
+                n.clone(),
+                candle_core::Tensor::from_vec(data, s.as_slice(), &Device::Cpu)?,
+            );
+            weight_map.insert(n, json!(file));
+        }
+        let p = staging.join(&file);
+        candle_core::safetensors::save(&tensors, &p)
+            .with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    write_json(
+        &staging,
+        "model.safetensors.index.json",
+        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+    )?;
+    // The directory loads as a checkpoint before it is put in place.
+    crate::model::CheckpointWeights::open(&staging)?.layout(&config)?;
+    std::fs::rename(&staging, out)
+        .with_context(|| format!("{}: cannot move into place", out.display()))?;
+    Ok(out.to_path_buf())
 }

@@ -472,3 +472,43 @@ fn bench_train_runs_grpo_and_sft_steps_and_reports_every_phase() {
     let (ok, _, err) = medvlm(&["bench", "train", "--group", "1"]);
     assert!(!ok && err.contains("--group must be at least 2"), "{err}");
 }
+
+/// `init --preset qwen2-vl-bench` writes a real-layout checkpoint: bf16 weights in two
+/// shards with an index, Qwen2's special-token ids, and it loads and answers.
+#[test]
+fn init_preset_writes_a_sharded_bf16_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench");
+    let (ok, stdout, err) = medvlm(&["init", "--preset", "qwen2-vl-bench", "--out", s(&out)]);
+    assert!(ok, "{err}");
+    assert_eq!(stdout.trim(), out.display().to_string());
+    for f in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let (ok, j, err) = medvlm(&["inspect", "--model", s(&out), "--json"]);
+    assert!(ok, "{err}");
+    let j: Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(j["parameters"], 119_719_168, "{j}");
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.token_to_id("<|endoftext|>"), Some(151_643));
+    assert_eq!(tok.token_to_id("<|image_pad|>"), Some(151_655));
+    let (ok, _, err) = medvlm(&[
+        "generate",
+        "--model",
+        s(&out),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = medvlm(&["init", "--preset", "qwen2-vl-bench", "--out", s(&out)]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+}

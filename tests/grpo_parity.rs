@@ -322,8 +322,11 @@ fn bf16_step_stays_close_to_the_f32_reference() {
     let f32_policy = TrainableModel::load(&fixtures().join("grpo-policy"), &dev).unwrap();
     policy.model.set_compute_dtype(DType::BF16);
     let reference = Qwen2Vl::load(&fixtures().join("tiny-a"), DType::BF16, &dev).unwrap();
-    let proc = Processor::from_dir(&fixtures().join("grpo-policy"), &ProcessorOptions::default())
-        .unwrap();
+    let proc = Processor::from_dir(
+        &fixtures().join("grpo-policy"),
+        &ProcessorOptions::default(),
+    )
+    .unwrap();
     let groups = meta["groups"].as_array().unwrap();
     let prompts: Vec<Prompt> = groups
         .iter()
@@ -332,10 +335,17 @@ fn bf16_step_stays_close_to_the_f32_reference() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|n| proc.load_image(&fixture_image(n.as_str().unwrap())).unwrap())
+                .map(|n| {
+                    proc.load_image(&fixture_image(n.as_str().unwrap()))
+                        .unwrap()
+                })
                 .collect();
-            proc.prepare(&[Message::user_with_images(1, g["text"].as_str().unwrap())], images, true)
-                .unwrap()
+            proc.prepare(
+                &[Message::user_with_images(1, g["text"].as_str().unwrap())],
+                images,
+                true,
+            )
+            .unwrap()
         })
         .collect();
     let mut completions = Vec::new();
@@ -370,9 +380,16 @@ fn bf16_step_stays_close_to_the_f32_reference() {
             d_ref = d_ref.max((x - y).abs());
         }
     }
-    let (grads, stats) =
-        step::policy_gradients(&policy, &batch, &cfg, 3, None, Some(&ref_lp), Default::default())
-            .unwrap();
+    let (grads, stats) = step::policy_gradients(
+        &policy,
+        &batch,
+        &cfg,
+        3,
+        None,
+        Some(&ref_lp),
+        Default::default(),
+    )
+    .unwrap();
     let want_ref_f32: Vec<Vec<f32>> = want_ref;
     let (f32_grads, _) = step::policy_gradients(
         &f32_policy,
@@ -385,15 +402,35 @@ fn bf16_step_stays_close_to_the_f32_reference() {
     )
     .unwrap();
     let case = &meta["cases"][0];
-    let (want_loss, want_norm) = (case["loss"].as_f64().unwrap(), case["grad_norm"].as_f64().unwrap());
+    let (want_loss, want_norm) = (
+        case["loss"].as_f64().unwrap(),
+        case["grad_norm"].as_f64().unwrap(),
+    );
     let norm = grads.norm().unwrap();
     // Cosine between the bf16 and the f32 gradient, over all parameters.
     let (mut dot, mut n1, mut n2) = (0f64, 0f64, 0f64);
     for i in 0..policy.params.len() {
         let (a, b) = (grads.get(i).unwrap(), f32_grads.get(i).unwrap());
-        dot += (a * b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-        n1 += a.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-        n2 += b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        dot += (a * b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        n1 += a
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        n2 += b
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
     }
     let cosine = dot / (n1.sqrt() * n2.sqrt());
     let rel_loss = ((stats.loss - want_loss) / want_loss).abs();

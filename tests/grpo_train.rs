@@ -193,13 +193,19 @@ fn grpo_learns_what_the_warm_start_could_not() {
     assert!(after >= 0.8, "GRPO reached only {after}");
 
     // Gradient checkpointing changes memory, not the run: the same final weights.
-    let ckpt = grpo_run("grpo-checkpointing", &|c| c.run.gradient_checkpointing = true);
+    let ckpt = grpo_run("grpo-checkpointing", &|c| {
+        c.run.gradient_checkpointing = true
+    });
     let load = |d: &Path| {
         candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap()
     };
     let (a, b) = (load(&grpo), load(&ckpt));
     for (k, t) in &a {
-        assert_eq!(max_abs_diff(t, &b[k]).0, 0.0, "{k}: checkpointing changed the run");
+        assert_eq!(
+            max_abs_diff(t, &b[k]).0,
+            0.0,
+            "{k}: checkpointing changed the run"
+        );
     }
 
     // LoRA adapters (rank 16 on every linear layer, dropout on) learn it too.
@@ -208,8 +214,19 @@ fn grpo_learns_what_the_warm_start_could_not() {
         c.run.lora.alpha = 32.0;
         c.run.lora.base_dtype = "f32".into();
         c.run.lora.target_modules = [
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv",
-            "proj", "fc1", "fc2", "mlp.0", "mlp.2",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "qkv",
+            "proj",
+            "fc1",
+            "fc2",
+            "mlp.0",
+            "mlp.2",
         ]
         .map(String::from)
         .to_vec();

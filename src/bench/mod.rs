@@ -205,5 +205,9 @@ mod tests {
     fn parameter_count_matches_transformers() {
         let c = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "bench").unwrap();
         assert_eq!(count_parameters(&c), 119_719_168);
+        // And the released Qwen2-VL-2B-Instruct config: 2,208,985,600 (transformers 5.24,
+        // model built on the meta device).
+        let c = Qwen2VlConfig::from_json_str(crate::init::QWEN2_VL_2B_CONFIG, "2b").unwrap();
+        assert_eq!(count_parameters(&c), 2_208_985_600);
     }
 }

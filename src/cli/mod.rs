@@ -258,6 +258,11 @@ pub struct InitArgs {
     /// Directory to create.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Write a real architecture with random bf16 weights instead of the tiny demo model:
+    /// qwen2-vl-2b (Qwen2-VL-2B-Instruct's config.json, 2.2B parameters, two shards, 4.4 GB)
+    /// or qwen2-vl-bench (the benchmark shape, 120M parameters).
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub preset: Option<crate::init::Preset>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Decoder width.
@@ -677,6 +682,11 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Init(a) => {
+            if let Some(p) = a.preset {
+                let out = crate::init::write_preset(&a.out, p, a.seed)?;
+                println!("{}", out.display());
+                return Ok(());
+            }
             let spec = crate::init::InitSpec {
                 seed: a.seed,
                 hidden_size: a.hidden_size,

@@ -79,3 +79,73 @@ pub fn random_var_builder(
 ) -> VarBuilder<'static> {
     VarBuilder::from_backend(random_backend(std, seed), dtype, device.clone())
 }
+
+/// Records the name and shape of every tensor a model asks for, handing out broadcast
+/// zeros (which allocate nothing).
+struct ShapeRecorder {
+    seen: Mutex<Vec<(String, Vec<usize>)>>,
+}
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.iter().any(|(n, _)| n == name) {
+            seen.push((name.to_string(), s.dims().to_vec()));
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("a shape is needed for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// Every tensor of a model of `config` in the released checkpoint layout, with its shape,
+/// in the order the model asks for them (tied embeddings once). Costs no weight memory.
+pub fn tensor_shapes(
+    config: &crate::model::Qwen2VlConfig,
+) -> anyhow::Result<Vec<(String, Vec<usize>)>> {
+    let rec = std::sync::Arc::new(ShapeRecorder {
+        seen: Mutex::new(Vec::new()),
+    });
+    struct Shared(std::sync::Arc<ShapeRecorder>);
+    impl SimpleBackend for Shared {
+        fn get(
+            &self,
+            s: Shape,
+            name: &str,
+            h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> Result<Tensor> {
+            self.0.get(s, name, h, dtype, dev)
+        }
+        fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+            self.0.get_unchecked(name, dtype, dev)
+        }
+        fn contains_tensor(&self, name: &str) -> bool {
+            self.0.contains_tensor(name)
+        }
+    }
+    let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
+    crate::model::Qwen2Vl::from_var_builder(
+        vb,
+        crate::model::WeightLayout::Legacy,
+        config.clone(),
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let seen = std::mem::take(&mut *rec.seen.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(seen)
+}
