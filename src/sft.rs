@@ -50,6 +50,25 @@ impl Method for SftMethod {
         }
         Ok(())
     }
+
+    fn objective(&self) -> crate::train::plan::Objective {
+        crate::train::plan::Objective::Sft {
+            items: self.batch_size,
+        }
+    }
+
+    /// The longest supervised target (with `<|im_end|>`) among the items.
+    fn completion_tokens(
+        &self,
+        processor: &crate::processor::Processor,
+        items: &[VqaItem],
+    ) -> Result<usize> {
+        let mut longest = 1;
+        for it in items {
+            longest = longest.max(processor.tokenizer.encode(&target_text(it))?.len() + 1);
+        }
+        Ok(longest)
+    }
 }
 
 /// The assistant text an item is supervised with.
@@ -88,12 +107,14 @@ pub fn gradients(
 /// `stop_after` steps are reached first, which simulates an interruption, the last
 /// checkpoint).
 pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result<PathBuf> {
+    let inputs = RunInputs::prepare(&config, resume)?;
+    run::check_memory(&config, &inputs)?;
     let RunInputs {
         device,
         resume_from,
         processor,
         train: items,
-    } = RunInputs::prepare(&config, resume)?;
+    } = inputs;
     let im_end = processor
         .tokenizer
         .special

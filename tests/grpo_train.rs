@@ -510,3 +510,99 @@ fn bad_configs_fail_before_any_work() {
         assert!(!dir.join("out").exists(), "no run directory may be created");
     }
 }
+
+/// `--plan` prints the memory plan without loading the model or creating the run; a run
+/// whose plan exceeds the machine stops before loading, with the plan and what to change.
+#[test]
+fn memory_plan_is_printed_and_a_run_that_cannot_fit_stops_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = make_task(dir, "d", 2, 5, false);
+    let out = dir.join("out");
+    let (ok, stdout, err) = medvlm(&[
+        "train",
+        "grpo",
+        "--model",
+        s(&fixtures().join("tiny-a")),
+        "--train-data",
+        s(&data),
+        "--output-dir",
+        s(&out),
+        "--plan",
+    ]);
+    assert!(ok, "{err}");
+    for needle in [
+        "memory plan",
+        "weights (f32 masters)",
+        "optimizer state",
+        "reference model",
+        "peak (",
+        "CPU RAM available",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} not in {stdout}");
+    }
+    assert!(!out.exists(), "--plan must not start the run");
+
+    // A 70B-shaped config.json over tiny-a's files: the weights would never load, and must
+    // not be read, since the plan (about a terabyte) refuses first.
+    let big = dir.join("big");
+    std::fs::create_dir(&big).unwrap();
+    for e in std::fs::read_dir(fixtures().join("tiny-a")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), big.join(e.file_name())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(big.join("config.json")).unwrap()).unwrap();
+    cfg["hidden_size"] = 8192.into();
+    cfg["num_hidden_layers"] = 80.into();
+    cfg["intermediate_size"] = 29568.into();
+    cfg["num_attention_heads"] = 64.into();
+    cfg["num_key_value_heads"] = 8.into();
+    cfg["vision_config"]["hidden_size"] = 8192.into();
+    cfg["rope_scaling"]["mrope_section"] = serde_json::json!([16, 24, 24]);
+    cfg.as_object_mut().unwrap().remove("text_config");
+    std::fs::write(big.join("config.json"), cfg.to_string()).unwrap();
+    let t = std::time::Instant::now();
+    let (ok, _, err) = medvlm(&[
+        "train",
+        "grpo",
+        "--model",
+        s(&big),
+        "--train-data",
+        s(&data),
+        "--output-dir",
+        s(&out),
+    ]);
+    assert!(!ok, "a terabyte run must not start");
+    assert!(
+        err.contains("memory plan") && err.contains("peak ("),
+        "{err}"
+    );
+    let last = err.trim().lines().last().unwrap();
+    assert!(last.starts_with("error: the run needs about"), "{err}");
+    assert!(last.contains("memory_check = false"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        t.elapsed().as_secs_f64() < 10.0,
+        "it loaded something first"
+    );
+    assert!(!out.exists(), "no run directory may be created");
+
+    // The same plan for an 80 GiB GPU names what to change, or says nothing would do.
+    let (ok, stdout, err) = medvlm(&[
+        "train",
+        "grpo",
+        "--model",
+        s(&big),
+        "--train-data",
+        s(&data),
+        "--output-dir",
+        s(&out),
+        "--plan",
+        "--plan-gpu-gib",
+        "80",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("a GPU with 80 GiB free"), "{stdout}");
+    assert!(stdout.contains("does not fit"), "{stdout}");
+}

@@ -12,6 +12,10 @@ prompts.
                        # load an adapter written by another program (e.g. medvlm) onto tiny-a with
                        # PeftModel.from_pretrained and write the per-token log-probs of the same
                        # prompts + completions; exits non-zero on missing / unexpected adapter keys
+    /work/venv/bin/python tools/make_lora_fixture.py --check-merged DIR
+                       # DIR from `medvlm merge --model tests/fixtures/tiny-a --adapter
+                       # tests/fixtures/lora-a --out DIR`: transformers loads it and gives the
+                       # adapter's logits (max |diff| < 5e-5)
 
 What it writes (default mode):
   tests/fixtures/lora-a/        adapter_config.json + adapter_model.safetensors (PEFT's own
@@ -422,6 +426,24 @@ def check_adapter(adapter_dir, out_path):
     print("wrote", out_path)
 
 
+def check_merged(merged_dir):
+    """transformers loads a checkpoint written by `medvlm merge --model tiny-a --adapter lora-a`
+    and its prompt logits are the PEFT adapter's (tests/fixtures/lora-a-cases.safetensors)."""
+    from safetensors.torch import load_file
+    tok = setup()
+    merged = Qwen2VLForConditionalGeneration.from_pretrained(os.path.abspath(merged_dir), dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    image_token_id = merged.config.image_token_id
+    want = load_file(os.path.join(FIX_REL, "lora-a-cases.safetensors"))
+    worst = 0.0
+    for p in build_prompts(tok, image_token_id):
+        d = (prompt_logits(merged, p, image_token_id) - want[f"logits.{p['index']}"]).abs().max().item()
+        worst = max(worst, d)
+        print(f"  prompt {p['index']}: merged checkpoint in transformers vs PEFT adapter: max |logit diff| {d:.2e}")
+    assert worst < 5e-5, worst
+    print(f"merged checkpoint OK (max {worst:.2e})")
+
+
 def main():
     if os.environ.get("PYTHONHASHSEED") != "0":
         # PEFT keeps target_modules as a set and writes it to adapter_config.json in set order,
@@ -430,8 +452,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check-adapter", metavar="DIR", help="PEFT adapter directory to load onto tiny-a")
     ap.add_argument("--out", metavar="FILE.json", help="where --check-adapter writes its log-probs")
+    ap.add_argument("--check-merged", metavar="DIR",
+                    help="a checkpoint from `medvlm merge --model tiny-a --adapter lora-a`: transformers must give "
+                         "the adapter's logits")
     a = ap.parse_args()
-    if a.check_adapter:
+    if a.check_merged:
+        check_merged(a.check_merged)
+    elif a.check_adapter:
         if not a.out:
             ap.error("--check-adapter needs --out")
         check_adapter(a.check_adapter, a.out)

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -50,6 +50,13 @@ pub struct TrainWorkload {
     pub sft: bool,
     /// Recompute each layer in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// A checkpoint to train instead of the random benchmark model (e.g. `medvlm init
+    /// --preset qwen2-vl-2b`).
+    pub model: Option<std::path::PathBuf>,
+    /// LoRA rank (alpha = 2r, bf16 base, PEFT's default targets); 0 trains everything.
+    pub lora_r: usize,
+    /// Compute dtype: "f32" or "bf16".
+    pub dtype: String,
 }
 
 impl Default for TrainWorkload {
@@ -69,6 +76,9 @@ impl Default for TrainWorkload {
             phase_memory: false,
             sft: false,
             gradient_checkpointing: false,
+            model: None,
+            lora_r: 0,
+            dtype: "f32".into(),
         }
     }
 }
@@ -103,6 +113,8 @@ pub struct TrainBenchReport {
     pub peak_rss_mib: f64,
     /// Whether the per-phase peaks could be measured (Linux).
     pub per_phase_peaks: bool,
+    /// The memory plan's estimate of the peak for this workload, MiB.
+    pub planned_peak_mib: f64,
 }
 
 /// The benchmark prompt: text, one image, text, `total` tokens in all.
@@ -177,26 +189,90 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
     if !w.sft && w.group < 2 {
         bail!("GRPO compares completions within a group: --group must be at least 2");
     }
-    let config = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "tools/bench_config.json")?;
-    let mut policy =
-        TrainableModel::random(config.clone(), 0.02, 0, std::path::Path::new("."), device)
-            .context("building the benchmark policy")?;
+    let compute = crate::train::config::parse_dtype(&w.dtype, "--dtype")?;
+    let (config, mut policy, reference) = match &w.model {
+        None => {
+            let config = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "tools/bench_config.json")?;
+            if w.lora_r > 0 {
+                bail!("--lora-r needs --model DIR (e.g. a checkpoint from `medvlm init --preset`)");
+            }
+            let mut policy =
+                TrainableModel::random(config.clone(), 0.02, 0, std::path::Path::new("."), device)
+                    .context("building the benchmark policy")?;
+            policy.model.set_compute_dtype(compute);
+            // The reference: the same initial weights in storage of their own.
+            let reference = if !w.sft && w.beta != 0.0 {
+                let mut r = Qwen2Vl::from_var_builder(
+                    random_var_builder(0.02, 0, compute, device),
+                    WeightLayout::Legacy,
+                    config.clone(),
+                    compute,
+                    device,
+                )?;
+                r.set_compute_dtype(compute);
+                Some(r)
+            } else {
+                None
+            };
+            (config, policy, reference)
+        }
+        Some(dir) => {
+            let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
+            let policy = if w.lora_r > 0 {
+                let lora = crate::train::config::LoraConfig {
+                    r: w.lora_r,
+                    alpha: 2.0 * w.lora_r as f64,
+                    ..Default::default()
+                };
+                TrainableModel::load_lora(dir, &lora, compute, None, 0, device)?
+            } else {
+                let mut p = TrainableModel::load(dir, device)?;
+                p.model.set_compute_dtype(compute);
+                p
+            };
+            let reference = match (!w.sft && w.beta != 0.0, w.lora_r > 0) {
+                (false, _) => None,
+                (true, true) => Some(policy.model.without_adapters()),
+                (true, false) => Some(Qwen2Vl::load(dir, compute, device)?),
+            };
+            (config, policy, reference)
+        }
+    };
     if w.freeze_vision {
         policy.freeze_vision();
     }
-    let reference = if !w.sft && w.beta != 0.0 {
-        Some(Qwen2Vl::from_var_builder(
-            random_var_builder(0.02, 0, DType::F32, device),
-            WeightLayout::Legacy,
-            config.clone(),
-            DType::F32,
-            device,
-        )?)
-    } else {
-        None
-    };
     let sampler = policy.detached()?;
     let (prompt, image_tokens) = bench_prompt(&config, w.image_size, w.prompt_tokens)?;
+    let plan_input = crate::train::plan::PlanInput {
+        config: config.clone(),
+        objective: if w.sft {
+            crate::train::plan::Objective::Sft {
+                items: w.prompts * w.group,
+            }
+        } else {
+            crate::train::plan::Objective::Grpo {
+                prompts: w.prompts,
+                group: w.group,
+                beta: w.beta != 0.0,
+            }
+        },
+        prompt_tokens: prompt.input_ids.len(),
+        image_patches: prompt.images.iter().map(|i| i.num_patches).sum(),
+        completion_tokens: w.completion_len,
+        micro_batch: w.micro_batch,
+        compute,
+        lora: (w.lora_r > 0).then(|| crate::train::config::LoraConfig {
+            r: w.lora_r,
+            alpha: 2.0 * w.lora_r as f64,
+            ..Default::default()
+        }),
+        checkpointing: w.gradient_checkpointing,
+        freeze_vision: w.freeze_vision,
+        cpu: device.is_cpu(),
+    };
+    let (avail_what, available) = crate::train::plan::available_memory(device);
+    let plan = crate::train::plan::estimate(&plan_input, &avail_what, available);
+    eprintln!("{plan}");
     let mut setup = Setup {
         config: config.clone(),
         policy,
@@ -241,6 +317,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         steps,
         peak_rss_mib: peaks.overall.max(peak_rss_mib()),
         per_phase_peaks: peaks.per_phase,
+        planned_peak_mib: plan.peak as f64 / (1u64 << 20) as f64,
     })
 }
 
@@ -415,8 +492,23 @@ impl std::fmt::Display for TrainBenchReport {
         let w = &self.workload;
         writeln!(
             f,
-            "model            random Qwen2-VL, {:.1}M parameters (tools/bench_config.json), f32, {} threads",
+            "model            {}, {:.1}M parameters, {} compute{}{}, {} threads",
+            match &w.model {
+                Some(d) => d.display().to_string(),
+                None => "random Qwen2-VL (tools/bench_config.json)".into(),
+            },
             self.parameters as f64 / 1e6,
+            w.dtype,
+            if w.lora_r > 0 {
+                format!(", LoRA r={}", w.lora_r)
+            } else {
+                String::new()
+            },
+            if w.gradient_checkpointing {
+                ", gradient checkpointing"
+            } else {
+                ""
+            },
             self.threads
         )?;
         let frozen = if w.freeze_vision {
@@ -492,6 +584,10 @@ impl std::fmt::Display for TrainBenchReport {
         )?;
         writeln!(f, "  training half  {}", col(|s| s.train_s, None))?;
         writeln!(f, "  whole step     {}", col(|s| s.total_s, None))?;
-        write!(f, "peak memory      {:.0} MiB resident", self.peak_rss_mib)
+        write!(
+            f,
+            "peak memory      {:.0} MiB resident (memory plan: {:.0} MiB)",
+            self.peak_rss_mib, self.planned_peak_mib
+        )
     }
 }

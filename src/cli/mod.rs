@@ -153,6 +153,15 @@ pub struct TrainArgs<K: config_flags::ConfigKind + Send + Sync + Clone + std::fm
     /// Print the commented default config and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Print the run's memory plan (weights, gradients, optimizer state, reference model,
+    /// activations, KV cache against what the device has) and exit without loading the
+    /// model. Every run prints it too, and stops before loading when it does not fit.
+    #[arg(long)]
+    pub plan: bool,
+    /// With --plan: plan for an NVIDIA GPU with this many GiB free instead of this machine
+    /// (no GPU needed), e.g. 80 or 24.
+    #[arg(long, value_name = "GIB", requires = "plan")]
+    pub plan_gpu_gib: Option<f64>,
     /// Stop after this many optimizer steps, as if interrupted (for testing resumption).
     #[arg(long, hide = true, value_name = "N")]
     pub stop_after: Option<u64>,
@@ -381,6 +390,17 @@ pub struct BenchTrainArgs {
     /// Keep only each layer's input and recompute the layers in the backward pass.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Train this checkpoint instead of the random benchmark model (e.g. one written by
+    /// `medvlm init --preset qwen2-vl-2b`).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// LoRA rank (alpha = 2 x rank, frozen bf16 base, the language model's projections);
+    /// needs --model.
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    pub lora_r: usize,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
     /// CPU threads (default: all cores, or RAYON_NUM_THREADS).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -1017,6 +1037,9 @@ fn run_train_grpo(a: TrainArgs<GrpoKeys>) -> Result<()> {
     }
     let (text, file, over) = resolve_config_text(&a)?;
     let cfg = crate::rl::config::GrpoConfig::from_toml(&text, &file, Some(over))?;
+    if a.plan {
+        return print_plan(&cfg, a.resume.is_some(), a.plan_gpu_gib);
+    }
     let out = crate::rl::trainer::train(cfg, a.resume.is_some(), a.stop_after)?;
     println!("{}", out.display());
     Ok(())
@@ -1029,8 +1052,47 @@ fn run_train_sft(a: TrainArgs<SftKeys>) -> Result<()> {
     }
     let (text, file, over) = resolve_config_text(&a)?;
     let cfg = crate::sft::SftConfig::from_toml(&text, &file, Some(over))?;
+    if a.plan {
+        return print_plan(&cfg, a.resume.is_some(), a.plan_gpu_gib);
+    }
     let out = crate::sft::train(cfg, a.resume.is_some(), a.stop_after)?;
     println!("{}", out.display());
+    Ok(())
+}
+
+/// `train … --plan`: the memory plan, computed without loading the model.
+fn print_plan<M: crate::train::config::Method>(
+    cfg: &crate::train::config::TrainConfig<M>,
+    resume: bool,
+    gpu_gib: Option<f64>,
+) -> Result<()> {
+    let inputs = crate::train::run::RunInputs::prepare(cfg, resume)?;
+    let (mut plan, mut input) = crate::train::run::memory_plan(cfg, &inputs)?;
+    if let Some(g) = gpu_gib {
+        if g.is_nan() || g <= 0.0 {
+            bail!("--plan-gpu-gib must be positive, got {g}");
+        }
+        input.cpu = false;
+        plan = crate::train::plan::estimate(
+            &input,
+            &format!("a GPU with {g} GiB free"),
+            Some((g * (1u64 << 30) as f64) as u64),
+        );
+    }
+    println!("{plan}");
+    if !plan.fits() {
+        let fixes = crate::train::plan::suggestions(&input, plan.available.unwrap_or(u64::MAX));
+        println!("  does not fit; settings that would:");
+        if fixes.is_empty() {
+            println!("    none that medvlm knows: a device with more memory, or shorter prompts and completions");
+        }
+        for (flags, peak) in fixes {
+            println!(
+                "    {flags}  ({:.2} GiB)",
+                peak as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     Ok(())
 }
 
@@ -1061,6 +1123,13 @@ fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
         phase_memory: a.phase_memory,
         sft: a.sft,
         gradient_checkpointing: a.gradient_checkpointing,
+        model: a.model,
+        lora_r: a.lora_r,
+        dtype: match a.dtype {
+            DTypeArg::F32 => "f32".into(),
+            DTypeArg::Bf16 => "bf16".into(),
+            DTypeArg::F16 => bail!("--dtype: training computes in f32 or bf16"),
+        },
     };
     let report = crate::bench::train::run(&device, &w)?;
     if a.json {

@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod frozen;
 pub mod gemm;
 pub mod inplace;
 pub mod skinny;
@@ -21,6 +22,17 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
         return None;
     };
     let data = cpu.as_slice::<f32>().ok()?;
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(f(&data[start..end]))
+}
+
+/// The same for bf16 data.
+pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let data = cpu.as_slice::<half::bf16>().ok()?;
     let (start, end) = layout.contiguous_offsets()?;
     Some(f(&data[start..end]))
 }

@@ -29,11 +29,50 @@ pub fn is_disabled() -> bool {
     OFF.with(|o| o.get())
 }
 
+/// Element types the weight may be stored in: f32, or bf16 widened to f32 as it is read
+/// (a frozen bf16 base under LoRA; decoding is bound by reading the weights, so reading
+/// half the bytes is faster than first casting the whole matrix).
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// 16 consecutive values from `p`, as f32.
+    ///
+    /// # Safety
+    /// `p..p+16` must be readable and AVX-512F present (only called from kernels that
+    /// require it).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl WeightElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl WeightElem for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // bf16 is the top half of an f32: widen to 32 bits and shift into place.
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
 /// `out (m x n) = x (m x k) · w (n x k)ᵀ (+ bias)`, all row-major. Returns false (and
 /// leaves `out` alone) when the CPU lacks AVX-512, so the caller falls back to gemm.
-pub fn linear(
+pub fn linear<W: WeightElem>(
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     bias: Option<&[f32]>,
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
@@ -61,14 +100,15 @@ pub fn linear(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::WeightElem;
     use std::arch::x86_64::*;
 
     /// Columns j0..j1 of the product, for every row.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn columns(
+    pub unsafe fn columns<W: WeightElem>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         bias: Option<&[f32]>,
         m: usize,
         k: usize,
@@ -85,11 +125,11 @@ mod avx512 {
                 let nr = (m - i).min(4);
                 let mut acc = [[0f32; 4]; 4];
                 match (nr, nc) {
-                    (4, 4) => block::<4, 4>(x, w, k, i, j, &mut acc),
-                    (4, c) => tail_cols::<4>(x, w, k, i, j, c, &mut acc),
-                    (3, c) => tail_cols::<3>(x, w, k, i, j, c, &mut acc),
-                    (2, c) => tail_cols::<2>(x, w, k, i, j, c, &mut acc),
-                    (_, c) => tail_cols::<1>(x, w, k, i, j, c, &mut acc),
+                    (4, 4) => block::<W, 4, 4>(x, w, k, i, j, &mut acc),
+                    (4, c) => tail_cols::<W, 4>(x, w, k, i, j, c, &mut acc),
+                    (3, c) => tail_cols::<W, 3>(x, w, k, i, j, c, &mut acc),
+                    (2, c) => tail_cols::<W, 2>(x, w, k, i, j, c, &mut acc),
+                    (_, c) => tail_cols::<W, 1>(x, w, k, i, j, c, &mut acc),
                 }
                 for (r, row) in acc.iter().enumerate().take(nr) {
                     for (c, &v) in row.iter().enumerate().take(nc) {
@@ -104,9 +144,9 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn tail_cols<const R: usize>(
+    unsafe fn tail_cols<W: WeightElem, const R: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         k: usize,
         i: usize,
         j: usize,
@@ -114,18 +154,18 @@ mod avx512 {
         acc: &mut [[f32; 4]; 4],
     ) {
         match nc {
-            4 => block::<R, 4>(x, w, k, i, j, acc),
-            3 => block::<R, 3>(x, w, k, i, j, acc),
-            2 => block::<R, 2>(x, w, k, i, j, acc),
-            _ => block::<R, 1>(x, w, k, i, j, acc),
+            4 => block::<W, R, 4>(x, w, k, i, j, acc),
+            3 => block::<W, R, 3>(x, w, k, i, j, acc),
+            2 => block::<W, R, 2>(x, w, k, i, j, acc),
+            _ => block::<W, R, 1>(x, w, k, i, j, acc),
         }
     }
 
     /// R rows of x (from i) against C rows of w (from j): R x C dot products of length k.
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize, const C: usize>(
+    unsafe fn block<W: WeightElem, const R: usize, const C: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         k: usize,
         i: usize,
         j: usize,
@@ -139,7 +179,7 @@ mod avx512 {
         while p < full {
             let mut wv = [_mm512_setzero_ps(); C];
             for (c, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(wp.add(c * k + p));
+                *v = W::load16(wp.add(c * k + p));
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let xv = _mm512_loadu_ps(xp.add(r * k + p));
@@ -153,7 +193,12 @@ mod avx512 {
             let mask: __mmask16 = (1u32 << (k - p)) as u16 - 1;
             let mut wv = [_mm512_setzero_ps(); C];
             for (c, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, wp.add(c * k + p));
+                // The tail widened through a small buffer: W has no masked load.
+                let mut tail = [0f32; 16];
+                for (q, t) in tail.iter_mut().enumerate().take(k - p) {
+                    *t = (*wp.add(c * k + p + q)).to_f32();
+                }
+                *v = _mm512_loadu_ps(tail.as_ptr());
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let xv = _mm512_maskz_loadu_ps(mask, xp.add(r * k + p));
@@ -193,6 +238,31 @@ mod tests {
             for i in 0..m {
                 for j in 0..n {
                     let want: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f32>() + b[j];
+                    let got = out[i * n + j];
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// bf16 weights give the f32 product of their exact f32 values (bf16 widens losslessly).
+    #[test]
+    fn bf16_weights_widen_exactly() {
+        for &(m, k, n) in &[(1, 5, 3), (2, 16, 4), (4, 37, 9), (5, 100, 130)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
+            let w: Vec<half::bf16> = (0..n * k)
+                .map(|i| half::bf16::from_f32((i as f32 * 0.17).cos()))
+                .collect();
+            let mut out = vec![f32::NAN; m * n];
+            if !linear(&x, &w, None, (m, k, n), &mut out) {
+                return;
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p].to_f32()).sum();
                     let got = out[i * n + j];
                     assert!(
                         (got - want).abs() < 1e-4,

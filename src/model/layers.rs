@@ -98,30 +98,58 @@ impl Linear {
 
     /// The skinny kernel's product, when it applies.
     fn few_rows(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
-        use crate::kernels::{is_cpu_f32_contiguous, skinny, with_f32};
+        use crate::kernels::{is_cpu_f32_contiguous, skinny, with_bf16, with_f32};
+        enum WeightSlice<'a> {
+            F32(&'a [f32]),
+            Bf16(&'a [half::bf16]),
+        }
         let n = self.weight.dim(0)?;
+        let w = &self.weight;
         let usable = m <= skinny::MAX_ROWS
             && !skinny::is_disabled()
             && !x.track_op()
-            && !self.weight.track_op()
+            && !w.track_op()
             && is_cpu_f32_contiguous(x)
-            && is_cpu_f32_contiguous(&self.weight)
-            && self.bias.as_ref().is_none_or(is_cpu_f32_contiguous);
+            && w.device().is_cpu()
+            && w.is_contiguous()
+            && matches!(w.dtype(), DType::F32 | DType::BF16)
+            && self
+                .bias
+                .as_ref()
+                .is_none_or(|b| b.device().is_cpu() && b.is_contiguous());
         if !usable {
             return Ok(None);
         }
+        // A bias in another dtype than f32 is small: cast it.
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?),
+            None => None,
+        };
         let mut out = vec![0f32; m * n];
-        let done = with_f32(x, |xs| {
-            with_f32(&self.weight, |ws| match &self.bias {
-                Some(b) => with_f32(b, |bs| {
-                    skinny::linear(xs, ws, Some(bs), (m, k, n), &mut out)
-                })
-                .unwrap_or(false),
-                None => skinny::linear(xs, ws, None, (m, k, n), &mut out),
+        let mut run = |ws: WeightSlice| {
+            with_f32(x, |xs| {
+                let bs = bias.as_ref().map(|b| with_f32(b, |bs| bs.to_vec()));
+                let bs = match bs {
+                    Some(Some(v)) => Some(v),
+                    Some(None) => return false,
+                    None => None,
+                };
+                match ws {
+                    WeightSlice::F32(ws) => {
+                        skinny::linear(xs, ws, bs.as_deref(), (m, k, n), &mut out)
+                    }
+                    WeightSlice::Bf16(ws) => {
+                        skinny::linear(xs, ws, bs.as_deref(), (m, k, n), &mut out)
+                    }
+                }
             })
             .unwrap_or(false)
-        })
-        .unwrap_or(false);
+        };
+        let done = if w.dtype() == DType::F32 {
+            with_f32(w, |ws| run(WeightSlice::F32(ws))).unwrap_or(false)
+        } else {
+            with_bf16(w, |ws| run(WeightSlice::Bf16(ws))).unwrap_or(false)
+        };
         if !done {
             return Ok(None);
         }
@@ -140,7 +168,11 @@ impl Module for Linear {
         let y = match self.few_rows(&x2, m, k)? {
             Some(y) => y,
             None => {
-                let y = x2.matmul(&cast(&self.weight, x.dtype())?.t()?)?;
+                let y = if crate::kernels::frozen::applies(&x2, &self.weight) {
+                    crate::kernels::frozen::linear(&x2, &self.weight)?
+                } else {
+                    x2.matmul(&cast(&self.weight, x.dtype())?.t()?)?
+                };
                 match &self.bias {
                     Some(b) => y.broadcast_add(&cast(b, x.dtype())?)?,
                     None => y,

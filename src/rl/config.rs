@@ -140,6 +140,22 @@ impl Method for GrpoMethod {
     fn without_logging(&mut self) {
         self.log_completions = 0;
     }
+
+    fn objective(&self) -> crate::train::plan::Objective {
+        crate::train::plan::Objective::Grpo {
+            prompts: self.batch_prompts,
+            group: self.num_generations,
+            beta: self.beta != 0.0,
+        }
+    }
+
+    fn completion_tokens(
+        &self,
+        _processor: &crate::processor::Processor,
+        _items: &[crate::data::VqaItem],
+    ) -> Result<usize> {
+        Ok(self.max_completion_length)
+    }
 }
 
 impl GrpoConfig {

@@ -122,12 +122,14 @@ impl GrpoRun {
     /// Loads models and data for `config` and opens (or resumes) the run directory. All
     /// validation happens before any model is loaded.
     pub fn prepare(config: GrpoConfig, resume: bool) -> Result<Self> {
+        let inputs = RunInputs::prepare(&config, resume)?;
+        run::check_memory(&config, &inputs)?;
         let RunInputs {
             device,
             resume_from,
             processor,
             train,
-        } = RunInputs::prepare(&config, resume)?;
+        } = inputs;
         let eval = match &config.method.eval_data {
             Some(p) => {
                 let ds = data::load(p, config.run.image_root.as_deref())?;

@@ -125,6 +125,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// "cpu", "cuda" or "cuda:N" (default: CUDA when available).
     pub device: Option<String>,
+    /// Refuse to start when the memory plan says the run will not fit.
+    pub memory_check: bool,
     pub lora: LoraConfig,
 }
 
@@ -155,6 +157,7 @@ impl Default for RunConfig {
             final_dtype: "f32".into(),
             seed: 42,
             device: None,
+            memory_check: true,
             lora: LoraConfig::default(),
         }
     }
@@ -247,6 +250,14 @@ pub trait Method:
     /// Clears what does not change a run's trajectory (how often to log), for the resume
     /// fingerprint.
     fn without_logging(&mut self) {}
+    /// The shape of the run's passes, for the memory plan.
+    fn objective(&self) -> super::plan::Objective;
+    /// The longest completion (GRPO) or target (SFT) the run will train on, in tokens.
+    fn completion_tokens(
+        &self,
+        processor: &crate::processor::Processor,
+        items: &[crate::data::VqaItem],
+    ) -> Result<usize>;
 }
 
 /// A whole training config: the shared settings and the method's.
@@ -422,6 +433,7 @@ impl<M: Method> TrainConfig<M> {
         c.run.output_dir = PathBuf::new();
         c.run.save_steps = 0;
         c.run.device = None;
+        c.run.memory_check = true;
         c.method.without_logging();
         Ok(fingerprint_of(&c.to_toml()?))
     }

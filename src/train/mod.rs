@@ -8,6 +8,7 @@ pub mod logps;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod plan;
 pub mod run;
 pub mod session;
 pub mod token_logps;

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -97,32 +96,6 @@ impl SimpleBackend for MapBackend {
     }
 }
 
-/// Reads named tensors from checkpoint files.
-struct FileBackend {
-    st: MmapedSafetensors,
-}
-
-impl SimpleBackend for FileBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        crate::model::weights::expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.st.load(name, dev)?.to_dtype(dtype)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.st.get(name).is_ok()
-    }
-}
-
 /// A Qwen2-VL being trained: either every weight is an f32 `Var` (full fine-tuning), or the
 /// base is frozen (plain tensors, possibly bf16) and the parameters are LoRA adapters.
 pub struct TrainableModel {
@@ -142,10 +115,7 @@ impl TrainableModel {
         let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
         let weights = CheckpointWeights::open(dir)?;
         let layout = weights.layout(&config)?;
-        // SAFETY: the files are only read.
-        let st = unsafe { MmapedSafetensors::multi(weights.files()) }
-            .map_err(|e| anyhow!("{}: cannot map weights: {e}", dir.display()))?;
-        Self::build(Box::new(FileBackend { st }), config, layout, dir, device)
+        Self::build(Box::new(weights.reader()?), config, layout, dir, device)
             .map_err(|e| weights.explain(e))
     }
 

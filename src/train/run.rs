@@ -60,6 +60,90 @@ impl RunInputs {
     }
 }
 
+/// The longest prompt among (a sample of) the items, images included: (tokens, vision
+/// patches). The 16 items with the longest questions are prepared in full.
+pub fn longest_prompt(
+    processor: &Processor,
+    items: &[VqaItem],
+    template: crate::data::PromptTemplate,
+) -> Result<(usize, usize)> {
+    let mut order: Vec<&VqaItem> = items.iter().collect();
+    order.sort_by_key(|it| {
+        std::cmp::Reverse(it.question.len() + it.options.iter().map(|o| o.len()).sum::<usize>())
+    });
+    let mut best = (1, 0);
+    for it in order.into_iter().take(16) {
+        let images = it
+            .images
+            .iter()
+            .map(|p| processor.load_image(p))
+            .collect::<Result<Vec<_>>>()?;
+        let patches: usize = images.iter().map(|i| i.num_patches).sum();
+        let p = processor.prepare(&template.messages(it), images, true)?;
+        if p.input_ids.len() > best.0 {
+            best = (p.input_ids.len(), patches);
+        }
+    }
+    Ok(best)
+}
+
+/// The memory plan of `config`'s run on `inputs`' device, data and model shape (only the
+/// model's config.json is read).
+pub fn memory_plan<M: Method>(
+    config: &TrainConfig<M>,
+    inputs: &RunInputs,
+) -> Result<(super::plan::Plan, super::plan::PlanInput)> {
+    let run = &config.run;
+    let model_config = crate::model::Qwen2VlConfig::from_file(&run.model.join("config.json"))?;
+    let (prompt_tokens, image_patches) =
+        longest_prompt(&inputs.processor, &inputs.train, run.template)?;
+    let completion = config
+        .method
+        .completion_tokens(&inputs.processor, &inputs.train)?;
+    let input = super::plan::input_for(
+        run,
+        model_config,
+        config.method.objective(),
+        prompt_tokens,
+        image_patches,
+        completion,
+        &inputs.device,
+    )?;
+    let (device, available) = super::plan::available_memory(&inputs.device);
+    Ok((super::plan::estimate(&input, &device, available), input))
+}
+
+/// Prints the run's memory plan and, when it does not fit (and `memory_check` is on),
+/// stops with the plan and the settings that would fit.
+pub fn check_memory<M: Method>(config: &TrainConfig<M>, inputs: &RunInputs) -> Result<()> {
+    let (plan, input) = memory_plan(config, inputs)?;
+    eprintln!("{plan}");
+    if plan.fits() || !config.run.memory_check {
+        return Ok(());
+    }
+    let available = plan.available.unwrap_or(u64::MAX);
+    let fixes = super::plan::suggestions(&input, available);
+    let advice = if fixes.is_empty() {
+        "no setting medvlm knows brings it under what is available; use a device with more \
+         memory, or shorter prompts/completions"
+            .to_string()
+    } else {
+        fixes
+            .iter()
+            .map(|(flags, peak)| format!("{flags} ({:.2} GiB)", *peak as f64 / (1u64 << 30) as f64))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    bail!(
+        "the run needs about {:.2} GiB at its peak ({}) but {} has {:.2} GiB; settings that \
+         would fit: {advice} (memory_check = false starts anyway)",
+        plan.peak as f64 / (1u64 << 30) as f64,
+        plan.peak_phase,
+        plan.device,
+        available as f64 / (1u64 << 30) as f64
+    )
+}
+
 /// The image-size settings of a run.
 pub fn processor_options(run: &RunConfig) -> ProcessorOptions {
     ProcessorOptions {
