@@ -145,6 +145,26 @@ fn tiny_b_matches_transformers() {
     check_model("tiny-b");
 }
 
+/// Qwen2-VL as transformers 5 saves it (text_config, rope_parameters with rope theta 5000,
+/// dtype, layer_types, untied).
+#[test]
+fn tiny_c_transformers5_layout_matches_transformers() {
+    check_model("tiny-c");
+}
+
+/// Qwen2.5-VL in the released layout (flat config, `model.layers.*` / `visual.*` names,
+/// tied), window attention over several windows per image, block 1 full.
+#[test]
+fn tiny_25a_qwen25_released_layout_matches_transformers() {
+    check_model("tiny-25a");
+}
+
+/// Qwen2.5-VL as transformers 5 saves it (untied, bf16 weights, blocks 0 and 3 full).
+#[test]
+fn tiny_25b_qwen25_transformers5_layout_matches_transformers() {
+    check_model("tiny-25b");
+}
+
 /// bf16 compute rounds every op to 8 bits of mantissa, in a different order here than in
 /// PyTorch, so bit equality is not the bar. The bar: our bf16 logits are about as close to the
 /// f32 reference as transformers' own bf16 logits are (within 2x of its error), and pick the

@@ -7,6 +7,8 @@ small outputs under tests/fixtures/.
 
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install -r tools/requirements.txt
     /tmp/ref/bin/python tools/make_fixtures.py            # writes tests/fixtures/
+    python3 -m venv /tmp/ref5 && /tmp/ref5/bin/pip install -r tools/requirements-v5.txt
+    /tmp/ref5/bin/python tools/make_fixtures.py --v5      # adds tiny-c, tiny-25a, tiny-25b
 
 What it writes:
   images/             input images (square, non-square, grayscale, palette, RGBA, tiny, large,
@@ -17,7 +19,14 @@ What it writes:
   tiny-a/, tiny-b/    two tiny random Qwen2-VL checkpoints in real Hugging Face layout that differ
                       in every axis we can vary (mrope_section, tied vs untied lm_head, depth,
                       GQA ratio, rope_theta, weight dtype f32 vs bf16, chat template location)
-  cases-tiny-a.json, cases-tiny-a.safetensors (same for tiny-b)
+  tiny-c/             (--v5) Qwen2-VL saved by transformers 5: text_config, rope_parameters with
+                      a non-default rope theta, dtype, layer_types; untied
+  tiny-25a/, tiny-25b/
+                      (--v5) Qwen2.5-VL, released layout (flat config, model.layers.* / visual.*
+                      names, tied, f32) and transformers-5 layout (untied, bf16); window
+                      attention active on every test image (56-pixel windows), full attention
+                      in the listed blocks
+  cases-tiny-a.json, cases-tiny-a.safetensors (same for each model)
                       per prompt: input ids, M-RoPE position ids, logits, greedy continuation,
                       teacher-forced log-probs of a completion
 """
@@ -42,6 +51,11 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
 )
+
+try:  # transformers >= 4.49 has Qwen2.5-VL; the --v5 fixtures need 5.x
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+except ImportError:  # pragma: no cover
+    Qwen2_5_VLConfig = Qwen2_5_VLForConditionalGeneration = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures")
@@ -286,10 +300,82 @@ MODELS = {
     ),
 }
 
+# Written with transformers 5.x (`--v5`): its own config / weight layouts, and Qwen2.5-VL.
+V5_MODELS = {
+    # Qwen2-VL as transformers 5 saves it: text settings under text_config, rotary settings in
+    # text_config.rope_parameters, `dtype`, `layer_types`; a rope theta far from the 1e6
+    # default so a silently defaulted value shows; untied lm_head.
+    "tiny-c": dict(
+        arch="qwen2_vl",
+        layout="v5",
+        text=dict(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            rms_norm_eps=1e-6,
+            rope_theta=5000.0,
+            mrope_section=[2, 2, 4],
+            tie_word_embeddings=False,
+        ),
+        vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2),
+        dtype=torch.float32,
+        template_in="chat_template_json",
+        seed=33,
+    ),
+    # Qwen2.5-VL in the released layout (flat config with rope_scaling and torch_dtype,
+    # `model.layers.*` / `visual.*` weight names), tied embeddings. Windows of 56 pixels (2x2
+    # merged tokens), so every test image spans several windows; block 1 attends fully.
+    "tiny-25a": dict(
+        arch="qwen2_5_vl",
+        layout="released",
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            mrope_section=[2, 3, 3],
+            tie_word_embeddings=True,
+        ),
+        vision=dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, window_size=56,
+                    fullatt_block_indexes=[1]),
+        dtype=torch.float32,
+        template_in="tokenizer_config",
+        seed=49,
+    ),
+    # Qwen2.5-VL as transformers 5 saves it, untied, bf16 weights, two full-attention blocks.
+    "tiny-25b": dict(
+        arch="qwen2_5_vl",
+        layout="v5",
+        text=dict(
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_theta=20000.0,
+            mrope_section=[4, 2, 2],
+            tie_word_embeddings=False,
+        ),
+        vision=dict(depth=4, hidden_size=48, num_heads=4, intermediate_size=64, window_size=56,
+                    fullatt_block_indexes=[0, 3]),
+        dtype=torch.bfloat16,
+        template_in="chat_template_json",
+        seed=57,
+    ),
+}
+
 VOCAB_SIZE = 512  # padded beyond the tokenizer's 494 ids, as the real checkpoints are
 
 
 def build_model(name, spec, tok):
+    if spec.get("arch") == "qwen2_5_vl":
+        return build_model_25(name, spec, tok)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     t = spec["text"]
     cfg = Qwen2VLConfig(
@@ -322,6 +408,54 @@ def build_model(name, spec, tok):
     cfg._attn_implementation = "eager"
     seed_all(spec["seed"])
     model = Qwen2VLForConditionalGeneration(cfg)
+    return randomize(model, spec, t), cfg, ids
+
+
+def build_model_25(name, spec, tok):
+    """A tiny Qwen2.5-VL (transformers 5.x)."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    t = spec["text"]
+    text_config = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_hidden_layers"],
+        num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t["num_key_value_heads"],
+        rms_norm_eps=t["rms_norm_eps"],
+        rope_parameters={"rope_type": "default", "mrope_section": t["mrope_section"], "rope_theta": t["rope_theta"]},
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=dict(
+            out_hidden_size=t["hidden_size"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            hidden_act="silu",
+            **spec["vision"],
+        ),
+        tie_word_embeddings=t["tie_word_embeddings"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    cfg._attn_implementation = "eager"
+    seed_all(spec["seed"])
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    return randomize(model, spec, t), cfg, ids
+
+
+def model_class(spec):
+    return Qwen2_5_VLForConditionalGeneration if spec.get("arch") == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+
+
+def randomize(model, spec, t):
     # HF's init (std 0.02, norms at 1, biases at 0) gives near-uniform logits and would hide
     # bugs in norms and biases. Draw every parameter so each one matters to the output.
     with torch.no_grad():
@@ -337,7 +471,41 @@ def build_model(name, spec, tok):
             model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight) * 0.25)
     model = model.to(spec["dtype"])
     model.eval()
-    return model, cfg, ids
+    return model
+
+
+def to_released_layout(d):
+    """Rewrite a transformers-5 save as the released Qwen2.5-VL checkpoints are laid out: text
+    settings at the top level with `rope_scaling` and `rope_theta`, `torch_dtype`, no
+    `layer_types`; weights named `model.layers.*`, `model.embed_tokens`, `visual.*`."""
+    from safetensors.torch import load_file
+    path = os.path.join(d, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text.pop("layer_types", None)
+    text.pop("model_type", None)
+    for k, v in text.items():
+        cfg.setdefault(k, v)
+    cfg["rope_theta"] = rope["rope_theta"]
+    cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+    cfg["vision_config"].pop("rope_parameters", None)
+    cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    st = os.path.join(d, "model.safetensors")
+    tensors = load_file(st)
+    renamed = {}
+    for k, v in tensors.items():
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        elif k.startswith("model.visual."):
+            k = "visual." + k[len("model.visual."):]
+        renamed[k] = v.contiguous()
+    save_file(renamed, st, metadata={"format": "pt"})
 
 
 def save_checkpoint(name, spec, model, tok, ids):
@@ -346,6 +514,8 @@ def save_checkpoint(name, spec, model, tok, ids):
         shutil.rmtree(d)
     os.makedirs(d)
     model.save_pretrained(d, safe_serialization=True)
+    if spec.get("layout") == "released":
+        to_released_layout(d)
     if spec["template_in"] == "tokenizer_config":
         # Where the released Qwen2-VL-2B-Instruct keeps it (transformers 4.57 would write a
         # chat_template.jinja file instead; medvlm reads all three places).
@@ -447,6 +617,27 @@ def expand_and_tokenize(tok, prompt, grids, merge=2):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+V5 = transformers.__version__.startswith("5.")
+
+
+def mm_types(model, ids):
+    """transformers 5 marks image tokens with mm_token_type_ids (1) next to pixel_values."""
+    if not V5:
+        return {}
+    return dict(mm_token_type_ids=(ids == model.config.image_token_id).int())
+
+
+def rope_index(model, ii, grid):
+    if not V5:
+        return model.model.get_rope_index(ii, grid, None, torch.ones_like(ii))
+    if grid is None:
+        # Text only: transformers 5 leaves positions to the model (0..n on every axis).
+        n = ii.shape[1]
+        return torch.arange(n).view(1, 1, -1).expand(3, 1, n), torch.zeros(1, 1, dtype=torch.long)
+    return model.model.get_rope_index(ii, mm_types(model, ii)["mm_token_type_ids"], grid,
+                                      attention_mask=torch.ones_like(ii))
+
+
 def run_cases(name, model, tok, ids, images):
     proc = image_processor()
     records, tensors = [], {}
@@ -466,10 +657,10 @@ def run_cases(name, model, tok, ids, images):
         input_ids = expand_and_tokenize(tok, prompt, grids)
         ii = torch.tensor([input_ids])
         with torch.no_grad():
-            position_ids, deltas = model.model.get_rope_index(ii, grid, None, torch.ones_like(ii))
+            position_ids, deltas = rope_index(model, ii, grid)
             kw = dict(input_ids=ii, attention_mask=torch.ones_like(ii))
             if pixel_values is not None:
-                kw.update(pixel_values=pixel_values, image_grid_thw=grid)
+                kw.update(pixel_values=pixel_values, image_grid_thw=grid, **mm_types(model, ii))
             logits = model(**kw).logits[0].float()
             gen = model.generate(
                 **kw, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=ids["<|endoftext|>"],
@@ -481,7 +672,7 @@ def run_cases(name, model, tok, ids, images):
             full = torch.tensor([input_ids + new])
             kw2 = dict(input_ids=full, attention_mask=torch.ones_like(full))
             if pixel_values is not None:
-                kw2.update(pixel_values=pixel_values, image_grid_thw=grid)
+                kw2.update(pixel_values=pixel_values, image_grid_thw=grid, **mm_types(model, full))
             lg = model(**kw2).logits[0].float()
         margins = []
         for k in range(len(new)):
@@ -506,7 +697,7 @@ def run_cases(name, model, tok, ids, images):
             full = torch.tensor([input_ids + comp_ids])
             kw3 = dict(input_ids=full, attention_mask=torch.ones_like(full))
             if pixel_values is not None:
-                kw3.update(pixel_values=pixel_values, image_grid_thw=grid)
+                kw3.update(pixel_values=pixel_values, image_grid_thw=grid, **mm_types(model, full))
             with torch.no_grad():
                 lg = model(**kw3).logits[0].float()
             lp = torch.log_softmax(lg, dim=-1)
@@ -517,6 +708,8 @@ def run_cases(name, model, tok, ids, images):
             rec["completion_logprobs"] = token_lp
             rec["completion_logprob_sum"] = float(sum(token_lp))
         assert not margins or min(margins) > 1e-3, "greedy step too close to a tie: pick another seed"
+        # The Rust tests compare all 24 greedy tokens (no early stop).
+        assert len(new) == 24, f"greedy continuation stops after {len(new)} tokens: pick another seed"
         records.append(rec)
         print(
             f"  {name}/{case['name']}: {len(input_ids)} prompt tokens, greedy {len(new)} tokens, "
@@ -528,7 +721,7 @@ def run_cases(name, model, tok, ids, images):
 def bf16_reference(name, spec, tok, ids, images):
     """tiny-b computed in bfloat16 by transformers: the loose check for `--dtype bf16`."""
     d = os.path.join(OUT, name)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16, attn_implementation="eager")
+    model = model_class(spec).from_pretrained(d, dtype=torch.bfloat16, attn_implementation="eager")
     model.eval()
     case = CASES[1]
     msgs = messages_for(case)
@@ -540,20 +733,31 @@ def bf16_reference(name, spec, tok, ids, images):
     ii = torch.tensor([input_ids])
     with torch.no_grad():
         logits = model(input_ids=ii, attention_mask=torch.ones_like(ii), pixel_values=pv["pixel_values"],
-                       image_grid_thw=pv["image_grid_thw"]).logits[0, -1].float()
+                       image_grid_thw=pv["image_grid_thw"], **mm_types(model, ii)).logits[0, -1].float()
     return {f"{case['name']}.logits_last_bf16": logits.contiguous()}
 
 
 def main():
+    v5 = "--v5" in sys.argv[1:]
+    if v5 and not transformers.__version__.startswith("5."):
+        sys.exit("--v5 needs transformers 5.x (tools/requirements-v5.txt)")
     os.makedirs(OUT, exist_ok=True)
-    images = make_images()
-    make_pixel_fixtures(images)
-    tok = make_tokenizer(os.path.join(OUT, "tokenizer"))
-    for name, spec in MODELS.items():
+    if v5:
+        # The images already exist (written by the 4.57 run); only the models are new.
+        images = {n: os.path.join(OUT, "images", n) for n in os.listdir(os.path.join(OUT, "images"))}
+        tok = make_tokenizer(os.path.join("/tmp", "medvlm-fixture-tokenizer"))
+    else:
+        images = make_images()
+        make_pixel_fixtures(images)
+        tok = make_tokenizer(os.path.join(OUT, "tokenizer"))
+    only = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")]
+    for name, spec in (V5_MODELS if v5 else MODELS).items():
+        if only and name not in only[0].split(","):
+            continue
         model, cfg, ids = build_model(name, spec, tok)
         save_checkpoint(name, spec, model, tok, ids)
         # Reload from disk so the references come from exactly what the Rust side reads.
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
+        model = model_class(spec).from_pretrained(
             os.path.join(OUT, name), dtype=torch.float32, attn_implementation="eager"
         )
         model.eval()

@@ -155,11 +155,16 @@ pub fn count_parameters(c: &Qwen2VlConfig) -> usize {
     let text = t.vocab_size * h * if t.tie_word_embeddings { 1 } else { 2 }
         + t.num_hidden_layers * layer
         + h;
-    let d = v.embed_dim;
-    let block =
-        4 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d * v.mlp_hidden() + v.mlp_hidden() + d;
+    let (d, i) = (v.embed_dim, v.mlp_hidden());
+    let attn = (3 * d * d + 3 * d) + (d * d + d);
+    // Qwen2-VL: two LayerNorms (weight and bias), fc1/fc2 with biases; Qwen2.5-VL: two
+    // RMSNorms (weight only), gate/up/down with biases. The merger's norm likewise.
+    let (block, norm) = match v.arch {
+        crate::model::config::Arch::Qwen2Vl => (4 * d + attn + 2 * d * i + i + d, 2 * d),
+        crate::model::config::Arch::Qwen25Vl => (2 * d + attn + 3 * d * i + 2 * i + d, d),
+    };
     let merged = d * v.spatial_merge_size * v.spatial_merge_size;
-    let merger = 2 * d + merged * merged + merged + merged * v.hidden_size + v.hidden_size;
+    let merger = norm + merged * merged + merged + merged * v.hidden_size + v.hidden_size;
     text + v.patch_dim() * d + v.depth * block + merger
 }
 

@@ -1424,7 +1424,8 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     let ipc = &proc.images.config;
     if a.json {
         let j = json!({
-            "model_type": "qwen2_vl",
+            "model_type": config.arch.model_type(),
+            "architecture": config.arch.name(),
             "parameters": params,
             "stored_dtypes": dtypes,
             "config_dtype": config.saved_dtype,
@@ -1436,6 +1437,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
                 "intermediate_size": config.text.intermediate_size,
                 "vocab_size": config.text.vocab_size,
                 "mrope_section": config.text.mrope_section,
+                "rope_theta": config.text.rope_theta,
                 "tie_word_embeddings": config.text.tie_word_embeddings,
             },
             "vision": {
@@ -1444,7 +1446,14 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
                 "heads": config.vision.num_heads,
                 "patch_size": config.vision.patch_size,
                 "spatial_merge_size": config.vision.spatial_merge_size,
+                "intermediate_size": config.vision.intermediate_size,
+                "out_hidden_size": config.vision.hidden_size,
+                "rope_theta": config.vision.rope_theta,
+                "window_size": config.vision.window.as_ref().map(|w| w.window_size),
+                "fullatt_block_indexes":
+                    config.vision.window.as_ref().map(|w| w.full_attention_blocks.clone()),
             },
+            "defaults_applied": config.defaults,
             "image_processor": {"min_pixels": ipc.min_pixels, "max_pixels": ipc.max_pixels},
             "tokenizer_vocab": proc.tokenizer.vocab_size(),
             "weight_layout": format!("{layout:?}").to_lowercase(),
@@ -1455,7 +1464,14 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     let t = &config.text;
     let v = &config.vision;
     println!("checkpoint   {}", dir.display());
-    println!("architecture Qwen2-VL (Qwen2VLForConditionalGeneration)");
+    println!(
+        "architecture {} ({})",
+        config.arch.name(),
+        match config.arch {
+            crate::model::config::Arch::Qwen2Vl => "Qwen2VLForConditionalGeneration",
+            crate::model::config::Arch::Qwen25Vl => "Qwen2_5_VLForConditionalGeneration",
+        }
+    );
     println!("parameters   {} ({:.1}M)", params, params as f64 / 1e6);
     let stored: Vec<String> = dtypes.iter().map(|(k, n)| format!("{k} ({n})")).collect();
     println!(
@@ -1494,6 +1510,20 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         v.spatial_merge_size,
         v.hidden_size
     );
+    if let Some(w) = &v.window {
+        println!(
+            "             window attention: {} px windows; full attention in blocks {:?}",
+            w.window_size, w.full_attention_blocks
+        );
+    }
+    if config.defaults.is_empty() {
+        println!("defaults     none: config.json sets every setting medvlm reads");
+    } else {
+        println!("defaults     not in config.json, transformers' defaults used:");
+        for d in &config.defaults {
+            println!("               {d}");
+        }
+    }
     println!(
         "images       {}..{} pixels after resizing, one token per {}x{} pixels",
         ipc.min_pixels,

@@ -35,20 +35,63 @@ impl TextConfig {
     }
 }
 
+/// Which model family a checkpoint is: the decoders are the same Qwen2 with M-RoPE; the
+/// vision towers differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `qwen2_vl`: LayerNorm blocks, a quick-GELU MLP, full attention within each image.
+    Qwen2Vl,
+    /// `qwen2_5_vl`: RMSNorm blocks, a gated SiLU MLP, window attention except in the
+    /// blocks listed in `fullatt_block_indexes`, a merger with RMSNorm.
+    Qwen25Vl,
+}
+
+impl Arch {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Qwen2Vl => "qwen2_vl",
+            Self::Qwen25Vl => "qwen2_5_vl",
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qwen2Vl => "Qwen2-VL",
+            Self::Qwen25Vl => "Qwen2.5-VL",
+        }
+    }
+}
+
+/// Qwen2.5-VL's window attention: most blocks attend within windows of `window_size`
+/// pixels (tokens reordered window by window), a few over the whole image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowAttention {
+    pub window_size: usize,
+    pub full_attention_blocks: Vec<usize>,
+}
+
 /// The vision tower (ViT with 2D rotary embeddings and a 2x2 patch merger).
 #[derive(Debug, Clone, PartialEq)]
 pub struct VisionConfig {
+    pub arch: Arch,
     pub depth: usize,
+    /// The tower's width (`embed_dim` in Qwen2-VL's config, `hidden_size` in Qwen2.5-VL's).
     pub embed_dim: usize,
     pub num_heads: usize,
-    pub mlp_ratio: f64,
-    /// Output width of the merger: the text model's hidden size.
+    /// The MLP's hidden width (`embed_dim x mlp_ratio` in Qwen2-VL, `intermediate_size` in
+    /// Qwen2.5-VL).
+    pub intermediate_size: usize,
+    /// Output width of the merger: the text model's hidden size (`hidden_size` in Qwen2-VL's
+    /// config, `out_hidden_size` in Qwen2.5-VL's).
     pub hidden_size: usize,
     pub in_channels: usize,
     pub patch_size: usize,
     pub spatial_merge_size: usize,
     pub temporal_patch_size: usize,
     pub hidden_act: Activation,
+    /// Base of the 2D rotary frequencies.
+    pub rope_theta: f64,
+    /// Qwen2.5-VL only.
+    pub window: Option<WindowAttention>,
 }
 
 impl VisionConfig {
@@ -56,7 +99,7 @@ impl VisionConfig {
         self.embed_dim / self.num_heads
     }
     pub fn mlp_hidden(&self) -> usize {
-        (self.embed_dim as f64 * self.mlp_ratio) as usize
+        self.intermediate_size
     }
     /// Length of one flattened input patch: channels x temporal x patch x patch.
     pub fn patch_dim(&self) -> usize {
@@ -88,6 +131,7 @@ impl Activation {
 /// The whole of `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2VlConfig {
+    pub arch: Arch,
     pub text: TextConfig,
     pub vision: VisionConfig,
     pub image_token_id: u32,
@@ -96,13 +140,49 @@ pub struct Qwen2VlConfig {
     pub vision_end_token_id: u32,
     /// The dtype the weights were saved in, as written (`torch_dtype` or `dtype`), if any.
     pub saved_dtype: Option<String>,
+    /// Settings the file does not hold, filled with transformers' defaults for its config
+    /// class: `field = value`, for `medvlm inspect`.
+    pub defaults: Vec<String>,
 }
 
-/// Reads fields out of one JSON object, naming the file and the field in every error.
+/// transformers' config-class defaults (5.x; equal in 4.5x), for fields a file leaves out.
+mod defaults {
+    pub const VOCAB: usize = 152_064;
+    pub const HIDDEN: usize = 8192;
+    pub const INTERMEDIATE: usize = 29_568;
+    pub const LAYERS: usize = 80;
+    pub const HEADS: usize = 64;
+    pub const KV_HEADS: usize = 8;
+    pub const MAX_POSITIONS: usize = 32_768;
+    pub const RMS_EPS: f64 = 1e-5;
+    pub const ROPE_THETA: f64 = 1_000_000.0;
+    pub const MROPE_SECTION: [usize; 3] = [16, 24, 24];
+    pub const VISION_ROPE_THETA: f64 = 10_000.0;
+    pub const VISION_DEPTH: usize = 32;
+    pub const VISION_HEADS: usize = 16;
+    pub const VISION_OUT: usize = 3584;
+    /// Qwen2-VL's tower width and MLP ratio.
+    pub const QWEN2_EMBED: usize = 1280;
+    pub const QWEN2_MLP_RATIO: f64 = 4.0;
+    /// Qwen2.5-VL's tower width, MLP width, windows.
+    pub const QWEN25_WIDTH: usize = 3584;
+    pub const QWEN25_INTERMEDIATE: usize = 3420;
+    pub const QWEN25_WINDOW: usize = 112;
+    pub const QWEN25_FULL_BLOCKS: [usize; 4] = [7, 15, 23, 31];
+}
+
+type Defaults = std::cell::RefCell<Vec<String>>;
+
+/// Reads fields out of one JSON object, naming the file and the field in every error and
+/// recording every default it applies.
 struct Fields<'a> {
     file: &'a str,
     prefix: &'a str,
     obj: &'a Map<String, Value>,
+    /// Where the text settings also may be (the top level, under a `text_config`): a field
+    /// missing here is looked up there before a default applies.
+    fallback: Option<&'a Map<String, Value>>,
+    defaults: &'a Defaults,
 }
 
 impl<'a> Fields<'a> {
@@ -110,7 +190,16 @@ impl<'a> Fields<'a> {
         format!("{}{key}", self.prefix)
     }
     fn get(&self, key: &str) -> Option<&'a Value> {
-        self.obj.get(key).filter(|v| !v.is_null())
+        self.obj.get(key).filter(|v| !v.is_null()).or_else(|| {
+            self.fallback
+                .and_then(|f| f.get(key))
+                .filter(|v| !v.is_null())
+        })
+    }
+    fn defaulted(&self, key: &str, value: impl std::fmt::Display) {
+        self.defaults
+            .borrow_mut()
+            .push(format!("{} = {value}", self.name(key)));
     }
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
@@ -125,29 +214,24 @@ impl<'a> Fields<'a> {
             },
         }
     }
-    fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.with_context(|| {
-            format!(
-                "{}: required field `{}` is missing",
-                self.file,
-                self.name(key)
-            )
-        })
-    }
-    fn positive(&self, key: &str, default: Option<usize>) -> Result<usize> {
-        let v = match default {
-            Some(d) => self.usize_opt(key)?.unwrap_or(d),
-            None => self.usize_req(key)?,
+    /// A positive integer, else transformers' default (recorded).
+    fn positive(&self, key: &str, default: usize) -> Result<usize> {
+        let v = match self.usize_opt(key)? {
+            Some(v) => v,
+            None => {
+                self.defaulted(key, default);
+                default
+            }
         };
         if v == 0 {
             bail!("{}: field `{}` must be positive", self.file, self.name(key));
         }
         Ok(v)
     }
-    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
-            None => Ok(default),
-            Some(v) => v.as_f64().with_context(|| {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).with_context(|| {
                 format!(
                     "{}: field `{}` must be a number, found {v}",
                     self.file,
@@ -155,6 +239,15 @@ impl<'a> Fields<'a> {
                 )
             }),
         }
+    }
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        Ok(match self.f64_opt(key)? {
+            Some(v) => v,
+            None => {
+                self.defaulted(key, default);
+                default
+            }
+        })
     }
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
@@ -180,9 +273,23 @@ impl<'a> Fields<'a> {
             }),
         }
     }
-    fn activation(&self, key: &str, default: Activation) -> Result<Activation> {
+    fn object_opt(&self, key: &str) -> Result<Option<&'a Map<String, Value>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Object(o)) => Ok(Some(o)),
+            Some(v) => bail!(
+                "{}: field `{}` must be an object, found {v}",
+                self.file,
+                self.name(key)
+            ),
+        }
+    }
+    fn activation(&self, key: &str, default: Activation, default_name: &str) -> Result<Activation> {
         match self.str_opt(key)? {
-            None => Ok(default),
+            None => {
+                self.defaulted(key, default_name);
+                Ok(default)
+            }
             Some(s) => Activation::parse(s).with_context(|| {
                 format!(
                     "{}: field `{}` = {s:?} is not a supported activation \
@@ -192,9 +299,6 @@ impl<'a> Fields<'a> {
                 )
             }),
         }
-    }
-    fn token_id(&self, key: &str, default: u32) -> Result<u32> {
-        Ok(self.usize_opt(key)?.map(|v| v as u32).unwrap_or(default))
     }
 }
 
@@ -207,72 +311,101 @@ impl Qwen2VlConfig {
     }
 
     /// Parses the text of a `config.json`; `file` names it in errors.
+    ///
+    /// Four layouts load: Qwen2-VL and Qwen2.5-VL, each as released (text settings at the
+    /// top level, `rope_scaling`, `torch_dtype`) or as transformers 5 writes them
+    /// (`text_config`, `rope_parameters`, `dtype`, `layer_types`). Both places are read; a
+    /// field the file holds is never replaced by a default, and values medvlm does not
+    /// implement are refused by name.
     pub fn from_json_str(text: &str, file: &str) -> Result<Self> {
         let root: Value =
             serde_json::from_str(text).with_context(|| format!("{file}: not valid JSON"))?;
         let root = root
             .as_object()
             .with_context(|| format!("{file}: expected a JSON object at the top level"))?;
+        let defaults = Defaults::default();
         let top = Fields {
             file,
             prefix: "",
             obj: root,
+            fallback: None,
+            defaults: &defaults,
         };
-        match top.str_opt("model_type")? {
-            Some("qwen2_vl") => {}
+        let arch = match top.str_opt("model_type")? {
+            Some("qwen2_vl") => Arch::Qwen2Vl,
+            Some("qwen2_5_vl") => Arch::Qwen25Vl,
             Some(other) => bail!(
-                "{file}: model_type is {other:?}, but medvlm runs Qwen2-VL checkpoints \
-                 (model_type \"qwen2_vl\")"
+                "{file}: model_type is {other:?}, but medvlm runs Qwen2-VL and Qwen2.5-VL \
+                 checkpoints (model_type \"qwen2_vl\" or \"qwen2_5_vl\")"
             ),
-            None => bail!("{file}: required field `model_type` is missing (expected \"qwen2_vl\")"),
-        }
-
-        let text_obj = match root.get("text_config") {
-            Some(Value::Object(o)) => Some(o),
-            Some(Value::Null) | None => None,
-            Some(v) => bail!("{file}: field `text_config` must be an object, found {v}"),
+            None => bail!(
+                "{file}: required field `model_type` is missing (expected \"qwen2_vl\" or \
+                 \"qwen2_5_vl\")"
+            ),
         };
-        let tf = match text_obj {
+
+        // transformers 5 reads the text settings from `text_config` when it exists; medvlm
+        // also looks at the top level for what `text_config` leaves out, so nothing the file
+        // holds is lost.
+        let tf = match top.object_opt("text_config")? {
             Some(obj) => Fields {
                 file,
                 prefix: "text_config.",
                 obj,
+                fallback: Some(root),
+                defaults: &defaults,
             },
             None => Fields {
                 file,
                 prefix: "",
                 obj: root,
+                fallback: None,
+                defaults: &defaults,
             },
         };
         let text = parse_text(&tf, &top)?;
 
-        let vobj = match root.get("vision_config") {
-            Some(Value::Object(o)) => o,
-            Some(v) => bail!("{file}: field `vision_config` must be an object, found {v}"),
-            None => bail!("{file}: required field `vision_config` is missing"),
+        let empty = Map::new();
+        let vobj = match top.object_opt("vision_config")? {
+            Some(o) => o,
+            None => {
+                top.defaulted("vision_config", "{} (every field its default)");
+                &empty
+            }
         };
         let vf = Fields {
             file,
             prefix: "vision_config.",
             obj: vobj,
+            fallback: None,
+            defaults: &defaults,
         };
-        let vision = parse_vision(&vf)?;
+        let vision = parse_vision(&vf, arch)?;
         if vision.hidden_size != text.hidden_size {
+            let out = match arch {
+                Arch::Qwen2Vl => "vision_config.hidden_size",
+                Arch::Qwen25Vl => "vision_config.out_hidden_size",
+            };
             bail!(
-                "{file}: vision_config.hidden_size ({}) must equal the text hidden_size ({}): \
-                 the patch merger projects image features into the text model",
+                "{file}: {out} ({}) must equal the text hidden_size ({}): the patch merger \
+                 projects image features into the text model",
                 vision.hidden_size,
                 text.hidden_size
             );
         }
 
+        // Token ids sit at the top level; older files may repeat them in text_config.
         let ids = |key: &str, default: u32| -> Result<u32> {
-            match tf.usize_opt(key)? {
+            match top.usize_opt(key)?.or(tf.usize_opt(key)?) {
                 Some(v) => Ok(v as u32),
-                None => top.token_id(key, default),
+                None => {
+                    top.defaulted(key, default);
+                    Ok(default)
+                }
             }
         };
         let cfg = Qwen2VlConfig {
+            arch,
             image_token_id: ids("image_token_id", 151655)?,
             video_token_id: ids("video_token_id", 151656)?,
             vision_start_token_id: ids("vision_start_token_id", 151652)?,
@@ -280,9 +413,11 @@ impl Qwen2VlConfig {
             saved_dtype: top
                 .str_opt("torch_dtype")?
                 .or(top.str_opt("dtype")?)
+                .or(tf.str_opt("dtype")?)
                 .map(str::to_string),
             text,
             vision,
+            defaults: defaults.take(),
         };
         for (name, id) in [
             ("image_token_id", cfg.image_token_id),
@@ -301,11 +436,56 @@ impl Qwen2VlConfig {
     }
 }
 
+/// One value that may be written in several places (e.g. `rope_theta` at the text level,
+/// inside `rope_parameters` and inside `rope_scaling`): the places that hold it must agree.
+fn agreeing<T: PartialEq + std::fmt::Debug + Clone>(
+    file: &str,
+    what: &str,
+    found: Vec<(String, T)>,
+) -> Result<Option<T>> {
+    let Some((first_at, first)) = found.first().cloned() else {
+        return Ok(None);
+    };
+    for (at, v) in &found[1..] {
+        if *v != first {
+            bail!(
+                "{file}: {what} is {first:?} in `{first_at}` but {v:?} in `{at}`; make them \
+                 agree (medvlm will not guess which one the checkpoint was trained with)"
+            );
+        }
+    }
+    Ok(Some(first))
+}
+
+/// The rotary blocks of a config level: `rope_parameters` (transformers 5) and
+/// `rope_scaling` (released), with their field-name prefixes.
+fn rope_blocks<'a>(f: &Fields<'a>) -> Result<Vec<(String, &'a Map<String, Value>)>> {
+    let mut out = Vec::new();
+    for key in ["rope_parameters", "rope_scaling"] {
+        if let Some(o) = f.object_opt(key)? {
+            out.push((f.name(key), o));
+        }
+    }
+    Ok(out)
+}
+
 fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
+    use defaults as d;
     let file = tf.file;
-    let hidden_size = tf.positive("hidden_size", None)?;
-    let num_attention_heads = tf.positive("num_attention_heads", None)?;
-    let num_key_value_heads = tf.positive("num_key_value_heads", Some(num_attention_heads))?;
+    let hidden_size = tf.positive("hidden_size", d::HIDDEN)?;
+    let num_attention_heads = tf.positive("num_attention_heads", d::HEADS)?;
+    let num_key_value_heads = match tf.usize_opt("num_key_value_heads")? {
+        Some(0) => bail!(
+            "{file}: field `{}` must be positive",
+            tf.name("num_key_value_heads")
+        ),
+        Some(v) => v,
+        None if tf.obj.contains_key("num_key_value_heads") => num_attention_heads,
+        None => {
+            tf.defaulted("num_key_value_heads", d::KV_HEADS);
+            d::KV_HEADS
+        }
+    };
     if hidden_size % num_attention_heads != 0 {
         bail!(
             "{file}: hidden_size ({hidden_size}) must be divisible by num_attention_heads \
@@ -323,28 +503,60 @@ fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
         bail!("{file}: the attention head size ({head_dim}) must be even for rotary embeddings");
     }
 
-    // rope_scaling: {"type": "mrope" | "default", "mrope_section": [t, h, w]}
-    let rope = tf.get("rope_scaling").or(top.get("rope_scaling"));
-    let mrope_section = match rope {
-        None => bail!(
-            "{file}: required field `rope_scaling.mrope_section` is missing \
-             (Qwen2-VL splits rotary frequencies between time, height and width)"
-        ),
-        Some(Value::Object(o)) => {
-            let kind = o
-                .get("rope_type")
-                .or(o.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            if !matches!(kind, "mrope" | "default") {
-                bail!(
-                    "{file}: rope_scaling type {kind:?} is not supported \
-                     (only the plain multimodal rope, \"mrope\"/\"default\")"
-                );
+    // Rotary settings: `rope_parameters` / `rope_scaling` blocks and a plain `rope_theta`,
+    // read in every place they may be (text_config first, then the top level).
+    let mut blocks = rope_blocks(tf)?;
+    if tf.fallback.is_some() && blocks.is_empty() {
+        blocks = rope_blocks(top)?;
+    }
+    for (at, o) in &blocks {
+        for key in ["rope_type", "type"] {
+            if let Some(v) = o.get(key).filter(|v| !v.is_null()) {
+                let kind = v.as_str().unwrap_or("");
+                if !matches!(kind, "mrope" | "default") {
+                    bail!(
+                        "{file}: {at}.{key} = {v} is not supported (medvlm implements the plain \
+                         multimodal rotary embedding, \"default\"/\"mrope\"; scaled variants \
+                         such as yarn, linear or dynamic are not)"
+                    );
+                }
             }
-            let sec = o.get("mrope_section").with_context(|| {
-                format!("{file}: required field `rope_scaling.mrope_section` is missing")
+        }
+    }
+    let mut thetas = Vec::new();
+    for (at, o) in &blocks {
+        if let Some(v) = o.get("rope_theta").filter(|v| !v.is_null()) {
+            let t = v.as_f64().with_context(|| {
+                format!("{file}: `{at}.rope_theta` must be a number, found {v}")
             })?;
+            thetas.push((format!("{at}.rope_theta"), t));
+        }
+    }
+    if let Some(t) = tf.obj.get("rope_theta").filter(|v| !v.is_null()) {
+        let t = t.as_f64().with_context(|| {
+            format!(
+                "{file}: `{}` must be a number, found {t}",
+                tf.name("rope_theta")
+            )
+        })?;
+        thetas.push((tf.name("rope_theta"), t));
+    }
+    if thetas.is_empty() {
+        if let Some(t) = top.f64_opt("rope_theta")? {
+            thetas.push(("rope_theta".into(), t));
+        }
+    }
+    let rope_theta = match agreeing(file, "rope_theta", thetas)? {
+        Some(t) if t > 0.0 => t,
+        Some(t) => bail!("{file}: rope_theta must be positive, found {t}"),
+        None => {
+            tf.defaulted("rope_parameters.rope_theta", d::ROPE_THETA);
+            d::ROPE_THETA
+        }
+    };
+    let mut sections = Vec::new();
+    for (at, o) in &blocks {
+        if let Some(sec) = o.get("mrope_section").filter(|v| !v.is_null()) {
             let arr: Vec<usize> = sec
                 .as_array()
                 .map(|a| {
@@ -354,54 +566,148 @@ fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
                 })
                 .unwrap_or_default();
             if arr.len() != 3 || sec.as_array().map(|a| a.len()) != Some(3) {
-                bail!("{file}: rope_scaling.mrope_section must be three integers, found {sec}");
+                bail!("{file}: {at}.mrope_section must be three integers, found {sec}");
             }
-            [arr[0], arr[1], arr[2]]
+            sections.push((format!("{at}.mrope_section"), [arr[0], arr[1], arr[2]]));
         }
-        Some(v) => bail!("{file}: field `rope_scaling` must be an object, found {v}"),
+    }
+    let mrope_section = match agreeing(file, "mrope_section", sections)? {
+        Some(s) => s,
+        None => {
+            tf.defaulted("rope_parameters.mrope_section", "[16, 24, 24]");
+            d::MROPE_SECTION
+        }
     };
     if mrope_section.iter().sum::<usize>() != head_dim / 2 {
         bail!(
-            "{file}: rope_scaling.mrope_section {mrope_section:?} must sum to half the head size \
+            "{file}: mrope_section {mrope_section:?} must sum to half the attention head size \
              ({})",
             head_dim / 2
         );
     }
     if tf.bool_opt("use_sliding_window")?.unwrap_or(false) {
         bail!(
-            "{file}: use_sliding_window = true is not supported (no released Qwen2-VL checkpoint \
-             uses it)"
+            "{file}: {} = true is not supported (sliding-window attention; no released \
+             Qwen2-VL or Qwen2.5-VL checkpoint uses it)",
+            tf.name("use_sliding_window")
         );
     }
-    // transformers' text config defaults to untied; the top-level PretrainedConfig to tied.
-    // Whichever file level says it explicitly decides.
-    let tie = match tf.bool_opt("tie_word_embeddings")? {
-        Some(b) => b,
-        None => top.bool_opt("tie_word_embeddings")?.unwrap_or(false),
-    };
+    let num_hidden_layers = tf.positive("num_hidden_layers", d::LAYERS)?;
+    if let Some(v) = tf.get("layer_types") {
+        let kinds = v.as_array().with_context(|| {
+            format!(
+                "{file}: `{}` must be a list, found {v}",
+                tf.name("layer_types")
+            )
+        })?;
+        if kinds.len() != num_hidden_layers {
+            bail!(
+                "{file}: `{}` lists {} layers but num_hidden_layers is {num_hidden_layers}",
+                tf.name("layer_types"),
+                kinds.len()
+            );
+        }
+        for (i, k) in kinds.iter().enumerate() {
+            if k.as_str() != Some("full_attention") {
+                bail!(
+                    "{file}: {}[{i}] = {k} is not supported (medvlm implements full attention \
+                     in every decoder layer)",
+                    tf.name("layer_types")
+                );
+            }
+        }
+    }
+    // transformers 5: the top-level flag (default false), or true inside text_config (older
+    // saves put it there).
+    let tie = top.bool_opt("tie_word_embeddings")?.unwrap_or(false)
+        || tf
+            .obj
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    if top.get("tie_word_embeddings").is_none() && !tf.obj.contains_key("tie_word_embeddings") {
+        top.defaulted("tie_word_embeddings", false);
+    }
     Ok(TextConfig {
-        vocab_size: tf.positive("vocab_size", None)?,
+        vocab_size: tf.positive("vocab_size", d::VOCAB)?,
         hidden_size,
-        intermediate_size: tf.positive("intermediate_size", None)?,
-        num_hidden_layers: tf.positive("num_hidden_layers", None)?,
+        intermediate_size: tf.positive("intermediate_size", d::INTERMEDIATE)?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
-        rms_norm_eps: tf.f64_or("rms_norm_eps", 1e-5)?,
-        rope_theta: tf.f64_or("rope_theta", 1_000_000.0)?,
+        rms_norm_eps: tf.f64_or("rms_norm_eps", d::RMS_EPS)?,
+        rope_theta,
         mrope_section,
         tie_word_embeddings: tie,
-        max_position_embeddings: tf.positive("max_position_embeddings", Some(32768))?,
-        hidden_act: tf.activation("hidden_act", Activation::Silu)?,
+        max_position_embeddings: tf.positive("max_position_embeddings", d::MAX_POSITIONS)?,
+        hidden_act: tf.activation("hidden_act", Activation::Silu, "silu")?,
     })
 }
 
-fn parse_vision(vf: &Fields) -> Result<VisionConfig> {
+fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
+    use defaults as d;
     let file = vf.file;
-    let embed_dim = vf.positive("embed_dim", None)?;
-    let num_heads = vf.positive("num_heads", None)?;
+    // The tower's width and its output width are named differently in the two families.
+    let (embed_dim, hidden_size, intermediate_size, hidden_act, window) = match arch {
+        Arch::Qwen2Vl => {
+            let embed_dim = vf.positive("embed_dim", d::QWEN2_EMBED)?;
+            let ratio = vf.f64_or("mlp_ratio", d::QWEN2_MLP_RATIO)?;
+            if ratio <= 0.0 {
+                bail!("{file}: vision_config.mlp_ratio must be positive");
+            }
+            (
+                embed_dim,
+                vf.positive("hidden_size", d::VISION_OUT)?,
+                (embed_dim as f64 * ratio) as usize,
+                vf.activation("hidden_act", Activation::QuickGelu, "quick_gelu")?,
+                None,
+            )
+        }
+        Arch::Qwen25Vl => {
+            let depth = vf.usize_opt("depth")?.unwrap_or(d::VISION_DEPTH);
+            let window_size = vf.positive("window_size", d::QWEN25_WINDOW)?;
+            let full = match vf.get("fullatt_block_indexes") {
+                None => {
+                    vf.defaulted("fullatt_block_indexes", "[7, 15, 23, 31]");
+                    d::QWEN25_FULL_BLOCKS.to_vec()
+                }
+                Some(v) => {
+                    let arr = v.as_array().with_context(|| {
+                        format!(
+                            "{file}: `vision_config.fullatt_block_indexes` must be a list of \
+                             block numbers, found {v}"
+                        )
+                    })?;
+                    let mut out = Vec::new();
+                    for b in arr {
+                        match b.as_u64() {
+                            Some(b) if (b as usize) < depth => out.push(b as usize),
+                            _ => bail!(
+                                "{file}: vision_config.fullatt_block_indexes holds {b}, not a \
+                                 block of the {depth}-block tower (0..{})",
+                                depth.saturating_sub(1)
+                            ),
+                        }
+                    }
+                    out
+                }
+            };
+            (
+                vf.positive("hidden_size", d::QWEN25_WIDTH)?,
+                vf.positive("out_hidden_size", d::VISION_OUT)?,
+                vf.positive("intermediate_size", d::QWEN25_INTERMEDIATE)?,
+                vf.activation("hidden_act", Activation::Silu, "silu")?,
+                Some(WindowAttention {
+                    window_size,
+                    full_attention_blocks: full,
+                }),
+            )
+        }
+    };
+    let num_heads = vf.positive("num_heads", d::VISION_HEADS)?;
     if embed_dim % num_heads != 0 {
         bail!(
-            "{file}: vision_config.embed_dim ({embed_dim}) must be divisible by \
+            "{file}: the vision tower's width ({embed_dim}) must be divisible by \
              vision_config.num_heads ({num_heads})"
         );
     }
@@ -411,32 +717,83 @@ fn parse_vision(vf: &Fields) -> Result<VisionConfig> {
             embed_dim / num_heads
         );
     }
+    // Older files spell these `in_chans` and `spatial_patch_size`.
     let in_channels = match vf.usize_opt("in_channels")? {
         Some(c) => c,
-        None => vf.usize_opt("in_chans")?.unwrap_or(3),
+        None => match vf.usize_opt("in_chans")? {
+            Some(c) => c,
+            None => {
+                vf.defaulted("in_channels", 3);
+                3
+            }
+        },
     };
     let patch_size = match vf.usize_opt("patch_size")? {
         Some(p) => p,
-        None => vf.usize_opt("spatial_patch_size")?.unwrap_or(14),
+        None => match vf.usize_opt("spatial_patch_size")? {
+            Some(p) => p,
+            None => {
+                vf.defaulted("patch_size", 14);
+                14
+            }
+        },
     };
-    let mlp_ratio = vf.f64_or("mlp_ratio", 4.0)?;
-    if mlp_ratio <= 0.0 {
-        bail!("{file}: vision_config.mlp_ratio must be positive");
-    }
     if patch_size == 0 || in_channels == 0 {
         bail!("{file}: vision_config.patch_size and in_channels must be positive");
     }
+    let spatial_merge_size = vf.positive("spatial_merge_size", 2)?;
+    if let Some(w) = &window {
+        let unit = spatial_merge_size * patch_size;
+        if w.window_size < unit || w.window_size % unit != 0 {
+            bail!(
+                "{file}: vision_config.window_size ({}) must be a multiple of patch_size x \
+                 spatial_merge_size ({unit})",
+                w.window_size
+            );
+        }
+    }
+    let rope_theta = match vf.object_opt("rope_parameters")? {
+        Some(o) => {
+            if let Some(k) = o.get("rope_type").and_then(Value::as_str) {
+                if !matches!(k, "axial" | "default") {
+                    bail!(
+                        "{file}: vision_config.rope_parameters.rope_type = {k:?} is not \
+                         supported (the vision tower's rotary embedding is \"axial\")"
+                    );
+                }
+            }
+            match o.get("rope_theta").filter(|v| !v.is_null()) {
+                Some(v) => v.as_f64().filter(|t| *t > 0.0).with_context(|| {
+                    format!(
+                        "{file}: vision_config.rope_parameters.rope_theta must be a positive \
+                         number, found {v}"
+                    )
+                })?,
+                None => {
+                    vf.defaulted("rope_parameters.rope_theta", d::VISION_ROPE_THETA);
+                    d::VISION_ROPE_THETA
+                }
+            }
+        }
+        None => {
+            vf.defaulted("rope_parameters.rope_theta", d::VISION_ROPE_THETA);
+            d::VISION_ROPE_THETA
+        }
+    };
     Ok(VisionConfig {
-        depth: vf.positive("depth", None)?,
+        arch,
+        depth: vf.positive("depth", d::VISION_DEPTH)?,
         embed_dim,
         num_heads,
-        mlp_ratio,
-        hidden_size: vf.positive("hidden_size", None)?,
+        intermediate_size,
+        hidden_size,
         in_channels,
         patch_size,
-        spatial_merge_size: vf.positive("spatial_merge_size", Some(2))?,
-        temporal_patch_size: vf.positive("temporal_patch_size", Some(2))?,
-        hidden_act: vf.activation("hidden_act", Activation::QuickGelu)?,
+        spatial_merge_size,
+        temporal_patch_size: vf.positive("temporal_patch_size", 2)?,
+        hidden_act,
+        rope_theta,
+        window,
     })
 }
 

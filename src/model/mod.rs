@@ -8,6 +8,8 @@ pub mod random;
 pub mod rope;
 pub mod text;
 pub mod vision;
+pub mod vision_qwen2;
+pub mod vision_qwen25;
 pub mod weights;
 
 use std::path::Path;
@@ -261,9 +263,10 @@ impl Qwen2Vl {
         let t = &self.config.text;
         let v = &self.config.vision;
         format!(
-            "Qwen2-VL: decoder {} layers x {} hidden ({} heads, {} kv heads, head {}), \
+            "{}: decoder {} layers x {} hidden ({} heads, {} kv heads, head {}), \
              mlp {}, vocab {}, mrope {:?}, {} lm_head; vision {} blocks x {} dim ({} heads), \
-             patch {}x{}x{}, merge {}x{}",
+             patch {}x{}x{}, merge {}x{}{}",
+            self.config.arch.name(),
             t.num_hidden_layers,
             t.hidden_size,
             t.num_attention_heads,
@@ -285,6 +288,13 @@ impl Qwen2Vl {
             v.patch_size,
             v.spatial_merge_size,
             v.spatial_merge_size,
+            match &v.window {
+                Some(w) => format!(
+                    ", window attention ({} px windows, full attention in blocks {:?})",
+                    w.window_size, w.full_attention_blocks
+                ),
+                None => String::new(),
+            },
         )
     }
 }

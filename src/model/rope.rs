@@ -156,10 +156,11 @@ pub fn vision_tables(
     grids: &[[usize; 3]],
     merge: usize,
     head_dim: usize,
+    theta: f64,
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let rot_dim = head_dim / 2;
-    let freqs = inv_freq(rot_dim, 10_000.0);
+    let freqs = inv_freq(rot_dim, theta);
     let rc = vision_patch_rowcol(grids, merge);
     let mut cos = Vec::with_capacity(rc.len() * head_dim);
     let mut sin = Vec::with_capacity(rc.len() * head_dim);

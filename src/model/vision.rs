@@ -1,190 +1,140 @@
-//! The Qwen2-VL vision tower: a ViT over 14x14x2 patches with 2D rotary embeddings, full
-//! attention within each image, and a merger that turns each 2x2 window of patches into one
-//! token of the text model's width.
+//! The vision tower: patch embedding (a Conv3d whose kernel equals its stride, so a matmul
+//! over flattened patches), 2D rotary tables, attention within segments of the patch
+//! sequence, blocks, and a merger that turns each 2x2 group of patches into one token of the
+//! text model's width. What the two families share lives here; their blocks and mergers in
+//! `vision_qwen2` (Qwen2-VL) and `vision_qwen25` (Qwen2.5-VL, with window attention).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::{Activation, VisionConfig};
-use super::layers::{
-    activate, linear, rotary_heads_first, softmax_upcast, upcast, LayerNorm, Linear,
-};
+use super::config::{Arch, VisionConfig};
+use super::layers::{rotary_heads_first, softmax_upcast, upcast, Linear};
 use super::rope::vision_tables;
+use super::{vision_qwen2 as qwen2, vision_qwen25 as qwen25};
 use crate::kernels::attention;
 
-const LN_EPS: f64 = 1e-6;
-
-#[derive(Debug, Clone)]
-struct VisionBlock {
-    norm1: LayerNorm,
-    norm2: LayerNorm,
-    qkv: Linear,
-    proj: Linear,
-    fc1: Linear,
-    fc2: Linear,
+/// Multi-head attention of the tokens within each segment of the sequence, from the
+/// output of a block's fused qkv projection (n, 3 x dim): q and k rotated (in f32, as
+/// transformers does), the heads concatenated again, (n, dim). The output projection is
+/// the block's.
+pub fn attend(
+    qkv: &Tensor,
     num_heads: usize,
-    act: Activation,
-}
-
-impl VisionBlock {
-    fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
-        let d = cfg.embed_dim;
-        Ok(Self {
-            norm1: LayerNorm::load(&vb.pp("norm1"), d, LN_EPS)?,
-            norm2: LayerNorm::load(&vb.pp("norm2"), d, LN_EPS)?,
-            qkv: linear(&vb.pp("attn.qkv"), d, 3 * d, true)?,
-            proj: linear(&vb.pp("attn.proj"), d, d, true)?,
-            fc1: linear(&vb.pp("mlp.fc1"), d, cfg.mlp_hidden(), true)?,
-            fc2: linear(&vb.pp("mlp.fc2"), cfg.mlp_hidden(), d, true)?,
-            num_heads: cfg.num_heads,
-            act: cfg.hidden_act,
-        })
-    }
-
-    /// `x`: (patches, dim). `segments`: patch counts of each image frame, attended separately.
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        segments: &[usize],
-    ) -> Result<Tensor> {
-        let h = x.add(&self.attention(&self.norm1.forward(x)?, cos, sin, segments)?)?;
-        let m = self.fc2.forward(&activate(
-            &self.fc1.forward(&self.norm2.forward(&h)?)?,
-            self.act,
-        )?)?;
-        h.add(&m)
-    }
-
-    fn attention(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        segments: &[usize],
-    ) -> Result<Tensor> {
-        let (n, d) = x.dims2()?;
-        let hd = d / self.num_heads;
-        let dtype = x.dtype();
-        // (n, 3, heads, hd) -> three (heads, n, hd)
-        let qkv = self.qkv.forward(x)?.reshape((n, 3, self.num_heads, hd))?;
-        let rot = |t: Tensor| -> Result<Tensor> {
-            // transformers rotates vision q/k in f32 and casts back; (n, heads, hd) in,
-            // (heads, n, hd) out.
-            let t = t.to_dtype(upcast(dtype))?.unsqueeze(0)?;
-            let (c, s) = (
-                cos.to_dtype(t.dtype())?.unsqueeze(0)?,
-                sin.to_dtype(t.dtype())?.unsqueeze(0)?,
-            );
-            rotary_heads_first(&t, &c, &s)?.squeeze(0)?.to_dtype(dtype)
-        };
-        let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?;
-        let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?;
-        let v = qkv
-            .narrow(1, 2, 1)?
-            .squeeze(1)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let scale = (hd as f64).powf(-0.5);
-        let mut outs = Vec::with_capacity(segments.len());
-        let mut start = 0;
-        for &len in segments {
-            let qs = q.narrow(1, start, len)?;
-            let ks = k.narrow(1, start, len)?;
-            let vs = v.narrow(1, start, len)?;
-            if attention::applies(&qs, &ks, &vs) {
-                let op = attention::Attention {
-                    scale: scale as f32,
-                    queries: len,
-                    visibility: attention::Visibility::All,
-                };
-                outs.push(attention::attention(&qs, &ks, &vs, op)?);
-            } else {
-                let scores = (qs.matmul(&ks.t()?)? * scale)?;
-                let probs = softmax_upcast(&scores)?.to_dtype(dtype)?;
-                outs.push(probs.matmul(&vs)?);
-            }
-            start += len;
+    cos: &Tensor,
+    sin: &Tensor,
+    segments: &[usize],
+) -> Result<Tensor> {
+    let (n, d3) = qkv.dims2()?;
+    let d = d3 / 3;
+    let hd = d / num_heads;
+    let dtype = qkv.dtype();
+    // (n, 3, heads, hd) -> three (heads, n, hd)
+    let qkv = qkv.reshape((n, 3, num_heads, hd))?;
+    let rot = |t: Tensor| -> Result<Tensor> {
+        let t = t.to_dtype(upcast(dtype))?.unsqueeze(0)?;
+        let (c, s) = (
+            cos.to_dtype(t.dtype())?.unsqueeze(0)?,
+            sin.to_dtype(t.dtype())?.unsqueeze(0)?,
+        );
+        rotary_heads_first(&t, &c, &s)?.squeeze(0)?.to_dtype(dtype)
+    };
+    let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?;
+    let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?;
+    let v = qkv
+        .narrow(1, 2, 1)?
+        .squeeze(1)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let scale = (hd as f64).powf(-0.5);
+    let mut outs = Vec::with_capacity(segments.len());
+    let mut start = 0;
+    for &len in segments {
+        let qs = q.narrow(1, start, len)?;
+        let ks = k.narrow(1, start, len)?;
+        let vs = v.narrow(1, start, len)?;
+        if attention::applies(&qs, &ks, &vs) {
+            let op = attention::Attention {
+                scale: scale as f32,
+                queries: len,
+                visibility: attention::Visibility::All,
+            };
+            outs.push(attention::attention(&qs, &ks, &vs, op)?);
+        } else {
+            let scores = (qs.matmul(&ks.t()?)? * scale)?;
+            let probs = softmax_upcast(&scores)?.to_dtype(dtype)?;
+            outs.push(probs.matmul(&vs)?);
         }
-        let o = Tensor::cat(&outs, 1)?; // (heads, n, hd)
-        let o = o.transpose(0, 1)?.reshape((n, d))?;
-        self.proj.forward(&o)
+        start += len;
     }
+    let o = Tensor::cat(&outs, 1)?; // (heads, n, hd)
+    o.transpose(0, 1)?.reshape((n, d))
 }
 
 #[derive(Debug, Clone)]
-struct PatchMerger {
-    ln_q: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    merged_dim: usize,
+enum Blocks {
+    Qwen2(Vec<qwen2::Block>),
+    Qwen25(Vec<qwen25::Block>),
 }
 
-impl PatchMerger {
-    fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
-        let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
-        Ok(Self {
-            ln_q: LayerNorm::load(&vb.pp("ln_q"), cfg.embed_dim, LN_EPS)?,
-            fc1: linear(&vb.pp("mlp.0"), merged_dim, merged_dim, true)?,
-            fc2: linear(&vb.pp("mlp.2"), merged_dim, cfg.hidden_size, true)?,
-            merged_dim,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Consecutive patches are already grouped by 2x2 window (the processor's order), so
-        // the merge is a reshape.
-        let x = self.ln_q.forward(x)?.reshape(((), self.merged_dim))?;
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
-    }
+#[derive(Debug, Clone)]
+enum Merger {
+    Qwen2(qwen2::Merger),
+    Qwen25(qwen25::Merger),
 }
 
-/// The tower's input: patch embeddings and the tables every block uses.
+/// The tower's input: patch embeddings and what every block uses.
 #[derive(Debug, Clone)]
 pub struct VisionInput {
-    /// (patches, embed_dim)
+    /// (patches, embed_dim), in the order the blocks see them (window order for Qwen2.5-VL).
     pub x: Tensor,
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Patches per frame, attended separately.
+    /// Patches per frame, attended separately by full-attention blocks.
     pub segments: Vec<usize>,
+    /// Qwen2.5-VL: patches per window, for the windowed blocks.
+    pub windows: Option<Vec<usize>>,
+    /// Qwen2.5-VL: for each merged token in the processor's order, its row after the merger
+    /// (which sees tokens in window order): restores the order.
+    pub restore: Option<Tensor>,
 }
 
 /// The whole vision tower.
 #[derive(Debug, Clone)]
 pub struct VisionTower {
     patch_embed: Tensor,
-    blocks: Vec<VisionBlock>,
-    merger: PatchMerger,
+    blocks: Blocks,
+    merger: Merger,
     cfg: VisionConfig,
     /// The dtype activations run in (the weights' dtype unless set otherwise: a bf16 base
     /// under f32 compute).
-    compute: candle_core::DType,
+    compute: DType,
 }
 
 impl VisionTower {
     /// Every linear layer of the tower and merger with its module path as transformers
     /// >= 4.52 names it (`model.visual.blocks.0.attn.qkv`, `model.visual.merger.mlp.0`).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            for (name, lin) in [
-                ("attn.qkv", &mut b.qkv),
-                ("attn.proj", &mut b.proj),
-                ("mlp.fc1", &mut b.fc1),
-                ("mlp.fc2", &mut b.fc2),
-            ] {
+        let mut out: Vec<(String, &mut Linear)> = Vec::new();
+        let per_block: Vec<Vec<(&'static str, &mut Linear)>> = match &mut self.blocks {
+            Blocks::Qwen2(b) => b.iter_mut().map(|b| b.linears_mut()).collect(),
+            Blocks::Qwen25(b) => b.iter_mut().map(|b| b.linears_mut()).collect(),
+        };
+        for (i, v) in per_block.into_iter().enumerate() {
+            for (name, lin) in v {
                 out.push((format!("model.visual.blocks.{i}.{name}"), lin));
             }
         }
-        out.push(("model.visual.merger.mlp.0".into(), &mut self.merger.fc1));
-        out.push(("model.visual.merger.mlp.2".into(), &mut self.merger.fc2));
+        let merger = match &mut self.merger {
+            Merger::Qwen2(m) => m.linears_mut(),
+            Merger::Qwen25(m) => m.linears_mut(),
+        };
+        for (name, lin) in merger {
+            out.push((format!("model.visual.merger.{name}"), lin));
+        }
         out
     }
 
     pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
-        // The Conv3d's kernel equals its stride, so it is a matmul over flattened patches.
         let w = vb.get(
             (
                 cfg.embed_dim,
@@ -196,20 +146,36 @@ impl VisionTower {
             "patch_embed.proj.weight",
         )?;
         let patch_embed = w.reshape((cfg.embed_dim, cfg.patch_dim()))?;
-        let blocks = (0..cfg.depth)
-            .map(|i| VisionBlock::load(vb.pp(format!("blocks.{i}")), cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let bvb = |i: usize| vb.pp(format!("blocks.{i}"));
+        let (blocks, merger) = match cfg.arch {
+            Arch::Qwen2Vl => (
+                Blocks::Qwen2(
+                    (0..cfg.depth)
+                        .map(|i| qwen2::Block::load(bvb(i), cfg))
+                        .collect::<Result<_>>()?,
+                ),
+                Merger::Qwen2(qwen2::Merger::load(vb.pp("merger"), cfg)?),
+            ),
+            Arch::Qwen25Vl => (
+                Blocks::Qwen25(
+                    (0..cfg.depth)
+                        .map(|i| qwen25::Block::load(bvb(i), cfg))
+                        .collect::<Result<_>>()?,
+                ),
+                Merger::Qwen25(qwen25::Merger::load(vb.pp("merger"), cfg)?),
+            ),
+        };
         Ok(Self {
             compute: patch_embed.dtype(),
             patch_embed,
             blocks,
-            merger: PatchMerger::load(vb.pp("merger"), cfg)?,
+            merger,
             cfg: cfg.clone(),
         })
     }
 
     /// Runs the tower in `dtype` whatever its weights are stored in.
-    pub fn set_compute_dtype(&mut self, dtype: candle_core::DType) {
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute = dtype;
     }
 
@@ -228,14 +194,14 @@ impl VisionTower {
     pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
         let input = self.embed(pixels, grids)?;
         let mut x = input.x.clone();
-        for i in 0..self.blocks.len() {
+        for i in 0..self.num_blocks() {
             x = self.block(i, &x, &input)?;
         }
-        self.merge(&x)
+        self.merge(&x, &input)
     }
 
-    /// The patch embeddings and what every block needs (rotary tables, per-frame
-    /// segments): the tower's input, for running it block by block.
+    /// The patch embeddings and what every block needs (rotary tables, segments, the window
+    /// order): the tower's input, for running it block by block.
     pub fn embed(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<VisionInput> {
         let dtype = self.compute;
         let (n, pd) = pixels.dims2()?;
@@ -246,43 +212,101 @@ impl VisionTower {
                 self.cfg.patch_dim()
             );
         }
+        let m = self.cfg.spatial_merge_size;
+        if let Some(g) = grids.iter().find(|g| g[1] % m != 0 || g[2] % m != 0) {
+            candle_core::bail!("image grid {g:?} is not divisible by the merge size {m}");
+        }
         let x = pixels
             .to_dtype(dtype)?
             .matmul(&super::lora::cast(&self.patch_embed, dtype)?.t()?)?;
         let (cos, sin) = vision_tables(
             grids,
-            self.cfg.spatial_merge_size,
+            m,
             self.cfg.head_dim(),
+            self.cfg.rope_theta,
             pixels.device(),
         )?;
-        // Attention runs within each frame of each image (transformers' cu_seqlens).
+        // Full attention runs within each frame of each image (transformers' cu_seqlens).
         let segments: Vec<usize> = grids
             .iter()
             .flat_map(|g| std::iter::repeat_n(g[1] * g[2], g[0]))
             .collect();
+        let Some(win) = &self.cfg.window else {
+            return Ok(VisionInput {
+                x,
+                cos,
+                sin,
+                segments,
+                windows: None,
+                restore: None,
+            });
+        };
+        // Window order: merged tokens reordered window by window, each carrying its m x m
+        // patches (consecutive in the processor's order) along.
+        let (order, windows) = qwen25::window_order(grids, m, self.cfg.patch_size, win.window_size);
+        let unit = (m * m) as u32;
+        let rows: Vec<u32> = order
+            .iter()
+            .flat_map(|&t| (0..unit).map(move |j| t * unit + j))
+            .collect();
+        let mut inverse = vec![0u32; order.len()];
+        for (pos, &t) in order.iter().enumerate() {
+            inverse[t as usize] = pos as u32;
+        }
+        let dev = pixels.device();
+        let rows = Tensor::from_vec(rows, n, dev)?;
         Ok(VisionInput {
-            x,
-            cos,
-            sin,
+            x: x.index_select(&rows, 0)?,
+            cos: cos.index_select(&rows, 0)?,
+            sin: sin.index_select(&rows, 0)?,
             segments,
+            windows: Some(windows),
+            restore: Some(Tensor::from_vec(inverse, order.len(), dev)?),
         })
     }
 
     /// Vision block `i` alone on `x`.
     pub fn block(&self, i: usize, x: &Tensor, input: &VisionInput) -> Result<Tensor> {
-        let block = self
-            .blocks
-            .get(i)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no vision block {i}")))?;
-        block.forward(x, &input.cos, &input.sin, &input.segments)
+        let missing = || candle_core::Error::Msg(format!("no vision block {i}"));
+        match &self.blocks {
+            Blocks::Qwen2(b) => {
+                b.get(i)
+                    .ok_or_else(missing)?
+                    .forward(x, &input.cos, &input.sin, &input.segments)
+            }
+            Blocks::Qwen25(b) => {
+                let full = self
+                    .cfg
+                    .window
+                    .as_ref()
+                    .is_none_or(|w| w.full_attention_blocks.contains(&i));
+                let segments = match (&input.windows, full) {
+                    (Some(w), false) => w,
+                    _ => &input.segments,
+                };
+                b.get(i)
+                    .ok_or_else(missing)?
+                    .forward(x, &input.cos, &input.sin, segments)
+            }
+        }
     }
 
     pub fn num_blocks(&self) -> usize {
-        self.blocks.len()
+        match &self.blocks {
+            Blocks::Qwen2(b) => b.len(),
+            Blocks::Qwen25(b) => b.len(),
+        }
     }
 
-    /// The patch merger: the blocks' output to text-model tokens.
-    pub fn merge(&self, x: &Tensor) -> Result<Tensor> {
-        self.merger.forward(x)
+    /// The patch merger: the blocks' output to text-model tokens, in the processor's order.
+    pub fn merge(&self, x: &Tensor, input: &VisionInput) -> Result<Tensor> {
+        let merged = match &self.merger {
+            Merger::Qwen2(m) => m.forward(x)?,
+            Merger::Qwen25(m) => m.forward(x)?,
+        };
+        match &input.restore {
+            Some(r) => merged.index_select(r, 0),
+            None => Ok(merged),
+        }
     }
 }

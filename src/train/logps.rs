@@ -323,7 +323,7 @@ fn vision_forward_kept(
         x = with_dropout(dropout, || v.block(b, &x, &input))?.detach();
     }
     inputs.push(x.clone());
-    let features = with_dropout(dropout, || v.merge(&x))?.detach();
+    let features = with_dropout(dropout, || v.merge(&x, &input))?.detach();
     Ok(VisionTape {
         pixels,
         grids: grids.to_vec(),
@@ -417,7 +417,7 @@ fn prompt_backward_kept(
     // Merger, then the blocks from the top, then the patch embedding.
     let (leaf, store) = replay(&vt.inputs[n], policy, grads, |x| {
         Ok(vec![(
-            with_dropout(tape.dropout, || v.merge(x))?,
+            with_dropout(tape.dropout, || v.merge(x, &vt.input))?,
             g.clone(),
         )])
     })?;

@@ -106,12 +106,18 @@ fn shape(c: &Qwen2VlConfig) -> Shape {
     let (d, m) = (v.embed_dim as u64, v.mlp_hidden() as u64);
     for b in 0..v.depth {
         let p = format!("model.visual.blocks.{b}");
-        for (name, inp, out) in [
-            ("attn.qkv", d, 3 * d),
-            ("attn.proj", d, d),
-            ("mlp.fc1", d, m),
-            ("mlp.fc2", m, d),
-        ] {
+        let mlp: &[(&str, u64, u64)] = match v.arch {
+            crate::model::config::Arch::Qwen2Vl => &[("mlp.fc1", d, m), ("mlp.fc2", m, d)],
+            crate::model::config::Arch::Qwen25Vl => &[
+                ("mlp.gate_proj", d, m),
+                ("mlp.up_proj", d, m),
+                ("mlp.down_proj", m, d),
+            ],
+        };
+        for &(name, inp, out) in [("attn.qkv", d, 3 * d), ("attn.proj", d, d)]
+            .iter()
+            .chain(mlp)
+        {
             linears.push((format!("{p}.{name}"), inp, out));
         }
     }
