@@ -164,10 +164,9 @@ mod defaults {
     /// Qwen2-VL's tower width and MLP ratio.
     pub const QWEN2_EMBED: usize = 1280;
     pub const QWEN2_MLP_RATIO: f64 = 4.0;
-    /// Qwen2.5-VL's tower width, MLP width, windows.
+    /// Qwen2.5-VL's tower width, MLP width, full-attention blocks.
     pub const QWEN25_WIDTH: usize = 3584;
     pub const QWEN25_INTERMEDIATE: usize = 3420;
-    pub const QWEN25_WINDOW: usize = 112;
     pub const QWEN25_FULL_BLOCKS: [usize; 4] = [7, 15, 23, 31];
 }
 
@@ -665,7 +664,16 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
         }
         Arch::Qwen25Vl => {
             let depth = vf.usize_opt("depth")?.unwrap_or(d::VISION_DEPTH);
-            let window_size = vf.positive("window_size", d::QWEN25_WINDOW)?;
+            // No default here, although transformers has one (112): a guessed window
+            // silently changes which patches attend to which.
+            let window_size = match vf.usize_opt("window_size")? {
+                Some(w) if w > 0 => w,
+                Some(_) => bail!("{file}: field `vision_config.window_size` must be positive"),
+                None => bail!(
+                    "{file}: required field `vision_config.window_size` is missing (Qwen2.5-VL's \
+                     window attention needs it; the released checkpoints use 112)"
+                ),
+            };
             let full = match vf.get("fullatt_block_indexes") {
                 None => {
                     vf.defaulted("fullatt_block_indexes", "[7, 15, 23, 31]");
@@ -744,10 +752,12 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
     let spatial_merge_size = vf.positive("spatial_merge_size", 2)?;
     if let Some(w) = &window {
         let unit = spatial_merge_size * patch_size;
-        if w.window_size < unit || w.window_size % unit != 0 {
+        // transformers floors window_size / (merge x patch) to whole merged tokens; below
+        // one it divides by zero.
+        if w.window_size < unit {
             bail!(
-                "{file}: vision_config.window_size ({}) must be a multiple of patch_size x \
-                 spatial_merge_size ({unit})",
+                "{file}: vision_config.window_size ({}) must be at least patch_size x \
+                 spatial_merge_size ({unit} pixels)",
                 w.window_size
             );
         }
@@ -843,9 +853,7 @@ mod tests {
 
     #[test]
     fn errors_name_file_and_field() {
-        let e = err_of(|v| {
-            v.as_object_mut().unwrap().remove("hidden_size");
-        });
+        let e = err_of(|v| v["hidden_size"] = "wide".into());
         assert!(
             e.contains("ckpt/config.json") && e.contains("`hidden_size`"),
             "{e}"
@@ -866,5 +874,167 @@ mod tests {
             v.as_object_mut().unwrap().remove("vision_config");
         });
         assert!(e.contains("vision_config"), "{e}");
+    }
+
+    /// The tiny-c fixture: Qwen2-VL as transformers 5.24 saved it.
+    const TINY_C: &str = include_str!("../../tests/fixtures/tiny-c/config.json");
+
+    #[test]
+    fn transformers5_layout_reads_text_config_and_rope_parameters() {
+        let c = Qwen2VlConfig::from_json_str(TINY_C, "tiny-c/config.json").unwrap();
+        assert_eq!(c.arch, Arch::Qwen2Vl);
+        assert_eq!(c.text.rope_theta, 5000.0);
+        assert_eq!(c.text.mrope_section, [2, 2, 4]);
+        assert_eq!(c.text.num_key_value_heads, 1);
+        assert!(!c.text.tie_word_embeddings);
+        assert_eq!(c.saved_dtype.as_deref(), Some("float32"));
+        assert!(
+            !c.defaults
+                .iter()
+                .any(|d| d.contains("rope_theta") && d.starts_with("text")),
+            "{:?}",
+            c.defaults
+        );
+    }
+
+    /// The family transformers itself gets wrong: a `rope_scaling` block without a theta
+    /// next to `rope_parameters` with one (transformers 5.24 takes rope_scaling and then its
+    /// 1e6 default). The file's value is used; disagreeing copies are refused.
+    #[test]
+    fn rope_theta_held_anywhere_in_the_file_is_never_defaulted() {
+        let mut v: Value = serde_json::from_str(TINY_C).unwrap();
+        v["text_config"]["rope_scaling"] =
+            serde_json::json!({"type": "mrope", "mrope_section": [2, 2, 4]});
+        let c = Qwen2VlConfig::from_json_str(&v.to_string(), "c.json").unwrap();
+        assert_eq!(c.text.rope_theta, 5000.0);
+        // Only at the text level, next to a rope_scaling block.
+        let mut w = v.clone();
+        w["text_config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("rope_parameters");
+        w["text_config"]["rope_theta"] = 7000.0.into();
+        let c = Qwen2VlConfig::from_json_str(&w.to_string(), "c.json").unwrap();
+        assert_eq!(c.text.rope_theta, 7000.0);
+        // Two places, two values.
+        v["text_config"]["rope_theta"] = 7000.0.into();
+        let e = format!(
+            "{:#}",
+            Qwen2VlConfig::from_json_str(&v.to_string(), "c.json").unwrap_err()
+        );
+        assert!(
+            e.contains("c.json") && e.contains("rope_theta") && e.contains("7000"),
+            "{e}"
+        );
+    }
+
+    /// Some copies of Qwen2-VL-2B hold only these three vision fields; transformers 5.24
+    /// fills the rest from Qwen2VLVisionConfig (depth 32, embed_dim 1280, 16 heads, mlp
+    /// ratio 4), and so does medvlm, saying so.
+    #[test]
+    fn missing_fields_take_transformers_defaults_and_are_listed() {
+        let mut v: Value = serde_json::from_str(QWEN2_VL_2B).unwrap();
+        v["vision_config"] =
+            serde_json::json!({"hidden_size": 1536, "in_chans": 3, "spatial_patch_size": 14});
+        let c = Qwen2VlConfig::from_json_str(&v.to_string(), "c.json").unwrap();
+        assert_eq!(c.vision.depth, 32);
+        assert_eq!(c.vision.embed_dim, 1280);
+        assert_eq!(c.vision.num_heads, 16);
+        assert_eq!(c.vision.mlp_hidden(), 5120);
+        assert_eq!(c.vision.rope_theta, 10_000.0);
+        for d in [
+            "vision_config.depth = 32",
+            "vision_config.embed_dim = 1280",
+            "vision_config.num_heads = 16",
+        ] {
+            assert!(
+                c.defaults.iter().any(|x| x == d),
+                "{d} not in {:?}",
+                c.defaults
+            );
+        }
+        // Held fields are not listed as defaults.
+        assert!(!c.defaults.iter().any(|x| x.starts_with("hidden_size")));
+    }
+
+    #[test]
+    fn unsupported_settings_are_refused_by_name() {
+        let mut v: Value = serde_json::from_str(TINY_C).unwrap();
+        v["text_config"]["rope_parameters"]["rope_type"] = "yarn".into();
+        let e = format!(
+            "{:#}",
+            Qwen2VlConfig::from_json_str(&v.to_string(), "c.json").unwrap_err()
+        );
+        assert!(
+            e.contains("c.json") && e.contains("rope_parameters.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
+        let mut v: Value = serde_json::from_str(TINY_C).unwrap();
+        v["text_config"]["layer_types"][1] = "sliding_attention".into();
+        let e = format!(
+            "{:#}",
+            Qwen2VlConfig::from_json_str(&v.to_string(), "c.json").unwrap_err()
+        );
+        assert!(e.contains("layer_types[1]"), "{e}");
+        let mut v: Value = serde_json::from_str(TINY_C).unwrap();
+        v["text_config"]["use_sliding_window"] = true.into();
+        let e = format!(
+            "{:#}",
+            Qwen2VlConfig::from_json_str(&v.to_string(), "c.json").unwrap_err()
+        );
+        assert!(e.contains("use_sliding_window"), "{e}");
+    }
+
+    const TINY_25A: &str = include_str!("../../tests/fixtures/tiny-25a/config.json");
+    const TINY_25B: &str = include_str!("../../tests/fixtures/tiny-25b/config.json");
+
+    #[test]
+    fn qwen25_configs_parse_in_both_layouts() {
+        let a = Qwen2VlConfig::from_json_str(TINY_25A, "a.json").unwrap();
+        assert_eq!(a.arch, Arch::Qwen25Vl);
+        assert!(a.text.tie_word_embeddings);
+        assert_eq!(a.vision.embed_dim, 32);
+        assert_eq!(a.vision.hidden_size, 64);
+        assert_eq!(a.vision.mlp_hidden(), 48);
+        assert_eq!(
+            a.vision.window,
+            Some(WindowAttention {
+                window_size: 56,
+                full_attention_blocks: vec![1]
+            })
+        );
+        let b = Qwen2VlConfig::from_json_str(TINY_25B, "b.json").unwrap();
+        assert_eq!(b.text.rope_theta, 20_000.0);
+        assert!(!b.text.tie_word_embeddings);
+        assert_eq!(
+            b.vision.window.as_ref().unwrap().full_attention_blocks,
+            vec![0, 3]
+        );
+
+        let bad = |f: &dyn Fn(&mut Value)| {
+            let mut v: Value = serde_json::from_str(TINY_25B).unwrap();
+            f(&mut v);
+            format!(
+                "{:#}",
+                Qwen2VlConfig::from_json_str(&v.to_string(), "b.json").unwrap_err()
+            )
+        };
+        let e = bad(&|v| {
+            v["vision_config"]
+                .as_object_mut()
+                .unwrap()
+                .remove("window_size");
+        });
+        assert!(
+            e.contains("b.json") && e.contains("vision_config.window_size"),
+            "{e}"
+        );
+        let e = bad(&|v| v["vision_config"]["fullatt_block_indexes"] = serde_json::json!([0, 9]));
+        assert!(
+            e.contains("fullatt_block_indexes") && e.contains('9'),
+            "{e}"
+        );
+        let e = bad(&|v| v["vision_config"]["window_size"] = 20.into());
+        assert!(e.contains("window_size"), "{e}");
     }
 }
