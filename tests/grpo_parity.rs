@@ -21,16 +21,26 @@ fn f32s2(v: &Value) -> Vec<Vec<f32>> {
 
 #[test]
 fn grpo_loss_and_gradient_match_pytorch() {
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("grpo-cases.json")).unwrap())
-            .unwrap();
-    let policy = TrainableModel::load(&fixtures().join("grpo-policy"), &Device::Cpu).unwrap();
-    let reference = Qwen2Vl::load(&fixtures().join("tiny-a"), DType::F32, &Device::Cpu).unwrap();
-    let proc = Processor::from_dir(
-        &fixtures().join("grpo-policy"),
-        &ProcessorOptions::default(),
+    check_grpo_cases("grpo", "tiny-a");
+}
+
+/// The same on Qwen2.5-VL (tiny-25a, window attention in two of the three images), from
+/// transformers 5.24.
+#[test]
+fn grpo_loss_and_gradient_match_pytorch_on_qwen25_vl() {
+    check_grpo_cases("grpo25", "tiny-25a");
+}
+
+fn check_grpo_cases(prefix: &str, reference_name: &str) {
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{prefix}-cases.json"))).unwrap(),
     )
     .unwrap();
+    let policy_dir = fixtures().join(format!("{prefix}-policy"));
+    let policy = TrainableModel::load(&policy_dir, &Device::Cpu).unwrap();
+    let reference =
+        Qwen2Vl::load(&fixtures().join(reference_name), DType::F32, &Device::Cpu).unwrap();
+    let proc = Processor::from_dir(&policy_dir, &ProcessorOptions::default()).unwrap();
 
     // The prompts, built by our processor, must be the reference's token for token.
     let groups = meta["groups"].as_array().unwrap();

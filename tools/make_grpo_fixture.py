@@ -6,6 +6,9 @@ token-level importance sampling, temperature 1.0, no entropy terms) and of the g
 produces, for a fixed tiny model, fixed prompts, fixed completions and fixed rewards.
 
     /work/pyenv/bin/python tools/make_grpo_fixture.py      # needs tests/fixtures/tiny-a
+    /work/venv/bin/python tools/make_grpo_fixture.py --ref=tiny-25a --prefix=grpo25
+                                  # the same on Qwen2.5-VL (transformers 5.x): grpo25-policy/,
+                                  # grpo25-cases.json
     TRL_SRC=/path/to/trl/src python tools/make_grpo_fixture.py --check-trl   # optional: also run
                                   # TRL's own _compute_loss on the same log-probs and compare
 
@@ -50,9 +53,21 @@ from make_fixtures import expand_and_tokenize, image_processor  # noqa: E402  (s
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
-REF_DIR = os.path.join(FIX, "tiny-a")
-POLICY_DIR = os.path.join(FIX, "grpo-policy")
-OUT_JSON = os.path.join(FIX, "grpo-cases.json")
+# `--ref tiny-25a --prefix grpo25` (transformers 5.x) makes the same fixture for Qwen2.5-VL:
+# tests/fixtures/grpo25-policy/ and grpo25-cases.json.
+def _arg(flag, default):
+    for a in sys.argv[1:]:
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+REF_NAME = _arg("--ref", "tiny-a")
+PREFIX = _arg("--prefix", "grpo")
+REF_DIR = os.path.join(FIX, REF_NAME)
+POLICY_DIR = os.path.join(FIX, f"{PREFIX}-policy")
+OUT_JSON = os.path.join(FIX, f"{PREFIX}-cases.json")
+V5 = transformers.__version__.startswith("5.")
 
 TEMPERATURE = 1.0
 G = 3
@@ -136,9 +151,20 @@ def checkpoint_name(internal):
 
 
 def load(d):
-    m = Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+    with open(os.path.join(d, "config.json")) as f:
+        model_type = json.load(f)["model_type"]
+    if model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration as cls
+    else:
+        cls = Qwen2VLForConditionalGeneration
+    m = cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
     m.eval()
     return m
+
+
+def mm(model, ids):
+    """transformers 5 wants the image tokens marked next to pixel_values."""
+    return dict(mm_token_type_ids=(ids == model.config.image_token_id).int()) if V5 else {}
 
 
 def make_policy():
@@ -151,6 +177,12 @@ def make_policy():
         shutil.rmtree(POLICY_DIR)
     os.makedirs(POLICY_DIR)
     model.save_pretrained(POLICY_DIR, safe_serialization=True)
+    with safe_open(os.path.join(REF_DIR, "model.safetensors"), "pt") as f:
+        released = "model.embed_tokens.weight" in set(f.keys())
+    if V5 and released:
+        # transformers 5 saves its own layout; keep the reference's (released) one.
+        from make_fixtures import to_released_layout
+        to_released_layout(POLICY_DIR)
     for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
         shutil.copy(os.path.join(REF_DIR, f), os.path.join(POLICY_DIR, f))
     # Saved under the released names, in f32, tied lm_head not stored.
@@ -193,7 +225,7 @@ def seq_logps(model, s):
     """Per-token log-probs of one completion: batch 1, prompt + completion, no padding."""
     full = torch.tensor([s["prompt_ids"] + s["ids"]])
     out = model(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=s["pixel_values"],
-                image_grid_thw=s["grid"], use_cache=False)
+                image_grid_thw=s["grid"], use_cache=False, **mm(model, full))
     n = len(s["ids"])
     logits = out.logits[0, :-1, :][-n:].float() / TEMPERATURE  # position j predicts token j+1
     lp = torch.log_softmax(logits, dim=-1)
@@ -218,7 +250,7 @@ def batched_logps(model, seqs, pad_id):
         am.append([0] * (pmax - lp) + [1] * (lp + lc) + [0] * (cmax - lc))
     ids, am = torch.tensor(ids), torch.tensor(am)
     out = model(input_ids=ids, attention_mask=am, pixel_values=torch.cat([s["pixel_values"] for s in seqs]),
-                image_grid_thw=torch.cat([s["grid"] for s in seqs]), use_cache=False)
+                image_grid_thw=torch.cat([s["grid"] for s in seqs]), use_cache=False, **mm(model, ids))
     logits = out.logits[:, :-1, :][:, -cmax:].float() / TEMPERATURE
     comp = ids[:, -cmax:]
     return torch.log_softmax(logits, -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
@@ -478,13 +510,16 @@ def main():
         "case grpo_beta0.0_iter1 is mathematically 0 (per-sequence mean of -A, averaged over groups) and is "
         "~1.7e-8 from f32 rounding: compare it absolutely."
     )
+    if REF_NAME != "tiny-a":
+        notes = notes.replace("tiny-a", REF_NAME).replace("grpo-policy", f"{PREFIX}-policy")
+        notes += f" (The magnitudes quoted were measured on tiny-a, not {REF_NAME}.)"
     out = dict(
         notes=notes,
         generated_by="tools/make_grpo_fixture.py",
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, pillow=PIL.__version__,
                       numpy=np.__version__, trl="1.16 (formulas, not imported)"),
-        reference_model="tiny-a",
-        policy_model="grpo-policy",
+        reference_model=REF_NAME,
+        policy_model=f"{PREFIX}-policy",
         policy_perturbation="p + 0.02 * randn_like(p), torch.manual_seed(1234), model.named_parameters() order",
         temperature=TEMPERATURE,
         num_generations=G,
