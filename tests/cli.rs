@@ -250,8 +250,22 @@ fn weights_that_disagree_with_the_config_are_reported() {
     let p = dir.join("config.json");
     let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     cfg["text_config"]["num_hidden_layers"] = 3.into();
+    cfg["text_config"]["layer_types"]
+        .as_array_mut()
+        .unwrap()
+        .push("full_attention".into());
     std::fs::write(&p, cfg.to_string()).unwrap();
     assert_clean_error(&["inspect", "--model", s(&dir)], &["layers.2"]);
+    // A config that contradicts itself is reported before the weights are read.
+    cfg["text_config"]["layer_types"]
+        .as_array_mut()
+        .unwrap()
+        .pop();
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    assert_clean_error(
+        &["inspect", "--model", s(&dir)],
+        &["layer_types", "num_hidden_layers"],
+    );
 }
 
 #[test]
@@ -511,4 +525,56 @@ fn init_preset_writes_a_sharded_bf16_checkpoint() {
     assert!(ok, "{err}");
     let (ok, _, err) = medvlm(&["init", "--preset", "qwen2-vl-bench", "--out", s(&out)]);
     assert!(!ok && err.contains("already exists"), "{err}");
+}
+
+/// `inspect` names the family and lists what came from transformers' defaults; a Qwen2.5-VL
+/// config without its window size is one line naming the file and the field.
+#[test]
+fn inspect_names_the_architecture_defaults_and_refusals() {
+    for (model, arch) in [
+        ("tiny-25a", "Qwen2.5-VL"),
+        ("tiny-25b", "Qwen2.5-VL"),
+        ("tiny-c", "Qwen2-VL"),
+    ] {
+        let (ok, out, err) = medvlm(&["inspect", "--model", s(&fixtures().join(model)), "--json"]);
+        assert!(ok, "{err}");
+        let j: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["architecture"], arch, "{model}");
+        // transformers' own count (cases-*.json, num_parameters).
+        assert_eq!(
+            j["parameters"],
+            case_meta(model)["num_parameters"],
+            "{model}"
+        );
+    }
+    let (_tmp, dir) = scratch_copy("tiny-25b");
+    let p = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["vision_config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("rope_parameters");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let (ok, out, err) = medvlm(&["inspect", "--model", s(&dir)]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("vision_config.rope_parameters.rope_theta = 10000"),
+        "{out}"
+    );
+    cfg["vision_config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("window_size");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    assert_clean_error(
+        &["inspect", "--model", s(&dir)],
+        &["config.json", "vision_config.window_size"],
+    );
+}
+
+fn case_meta(model: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("cases-{model}.json"))).unwrap(),
+    )
+    .unwrap()
 }

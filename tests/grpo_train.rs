@@ -606,3 +606,83 @@ fn memory_plan_is_printed_and_a_run_that_cannot_fit_stops_before_loading() {
     assert!(stdout.contains("a GPU with 80 GiB free"), "{stdout}");
     assert!(stdout.contains("does not fit"), "{stdout}");
 }
+
+/// Qwen2.5-VL trains through the CLI (GRPO and SFT, images of several attention windows)
+/// and its checkpoints keep the layout they were read in: the same tensor names (released
+/// `model.layers.*` / `visual.*`, or transformers 5's `model.language_model.*`), the same
+/// config layout and dtype key. (tools/check_checkpoint.py loads such directories in
+/// transformers 5 and compares log-probs.)
+#[test]
+fn qwen25_trains_and_saves_in_the_layout_it_was_read_in() {
+    use safetensors::SafeTensors;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = make_task_sized(dir, "d", 4, 5, false, 112);
+    let names = |p: &Path| -> Vec<String> {
+        let bytes = std::fs::read(p).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut n: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        n.sort();
+        n
+    };
+    let config = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+    };
+    for (fixture, method) in [
+        ("tiny-25a", "grpo"),
+        ("tiny-25b", "sft"),
+        ("tiny-25a", "sft"),
+    ] {
+        let src = fixtures().join(fixture);
+        let out = dir.join(format!("{fixture}-{method}"));
+        let mut args = vec![
+            "train",
+            method,
+            "--model",
+            s(&src),
+            "--train-data",
+            s(&data),
+            "--output-dir",
+            s(&out),
+            "--max-steps",
+            "2",
+            "--learning-rate",
+            "1e-3",
+        ];
+        if method == "grpo" {
+            args.extend(["--max-completion-length", "8", "--batch-prompts", "2"]);
+        }
+        let (ok, _, err) = medvlm(&args);
+        assert!(ok, "{fixture} {method}: {err}");
+        let fin = out.join("final");
+        assert_eq!(
+            names(&fin.join("model.safetensors")),
+            names(&src.join("model.safetensors")),
+            "{fixture} {method}: tensor names"
+        );
+        let (a, b) = (config(&src), config(&fin));
+        assert_eq!(a["model_type"], b["model_type"]);
+        for key in ["text_config", "torch_dtype", "rope_scaling"] {
+            assert_eq!(
+                a.get(key).is_some(),
+                b.get(key).is_some(),
+                "{fixture} {method}: config key {key}"
+            );
+        }
+        // It trained: some weight moved.
+        let before = std::fs::read(src.join("model.safetensors")).unwrap();
+        let after = std::fs::read(fin.join("model.safetensors")).unwrap();
+        assert_ne!(before, after);
+        // And it loads and answers.
+        let (ok, _, err) = medvlm(&[
+            "generate",
+            "--model",
+            s(&fin),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ]);
+        assert!(ok, "{err}");
+    }
+}

@@ -135,8 +135,30 @@ fn write_full_model(tmp: &Path, model: &TrainableModel, save_dtype: DType) -> Re
     )
     .with_context(|| format!("{}: not valid JSON", cfg_src.display()))?;
     if let Some(o) = cfg.as_object_mut() {
-        o.insert("torch_dtype".into(), dtype_name(save_dtype).into());
-        o.insert("dtype".into(), dtype_name(save_dtype).into());
+        // The key the file's layout uses (released: torch_dtype; transformers 5: dtype), so
+        // the checkpoint stays in the layout it was read in.
+        let name = dtype_name(save_dtype);
+        let nested = o.contains_key("text_config");
+        let mut set = false;
+        for key in ["torch_dtype", "dtype"] {
+            if o.contains_key(key) {
+                o.insert(key.into(), name.into());
+                set = true;
+            }
+        }
+        if !set {
+            o.insert(
+                if nested { "dtype" } else { "torch_dtype" }.into(),
+                name.into(),
+            );
+        }
+        if let Some(t) = o.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+            for key in ["torch_dtype", "dtype"] {
+                if t.contains_key(key) {
+                    t.insert(key.into(), name.into());
+                }
+            }
+        }
     }
     write_synced(
         &tmp.join("config.json"),
