@@ -491,8 +491,7 @@ pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
             weight_map.insert(n, json!(file));
         }
         let p = staging.join(&file);
-        candle_core::safetensors::save(&tensors, &p)
-            .with_context(|| format!("{}: cannot write", p.display()))?;
+        crate::files::save_safetensors(&tensors, &p)?;
     }
     write_json(
         &staging,

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod files;
 pub mod generate;
 pub mod init;
 pub mod kernels;

@@ -2,15 +2,78 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Where a user reports a bug (printed when medvlm panics).
+const REPORT: &str = "please report it to the medvlm maintainers (the issue tracker of the \
+                      repository you got medvlm from) with the command you ran; \
+                      RUST_BACKTRACE=1 shows where it happened";
+
+/// Whether an error chain ends in a closed pipe (`medvlm ... | head`).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn install_panic_hook() {
+    let user_wants_backtrace = std::env::var_os("RUST_BACKTRACE").is_some();
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        // println! panics when the reader of stdout has gone away: end quietly, as cat and
+        // ripgrep do.
+        if msg.contains("Broken pipe") || msg.contains("os error 32") {
+            std::process::exit(0);
+        }
+        if user_wants_backtrace {
+            default(info);
+            return;
+        }
+        let at = info
+            .location()
+            .map(|l| format!(" (at {}:{})", l.file(), l.line()))
+            .unwrap_or_default();
+        let msg = msg.lines().next().unwrap_or("").to_string();
+        eprintln!("error: internal error: {msg}{at}; this is a bug in medvlm: {REPORT}");
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = medvlm::cli::Cli::parse();
-    match medvlm::cli::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the context chain joined with ": ".
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+    let result = std::panic::catch_unwind(|| medvlm::cli::run(cli));
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            // One line: the context chain joined with ": ". Errors that carry a backtrace
+            // or several lines (a shape mismatch deep in candle) are cut to their first line
+            // per cause unless the user asked for backtraces.
+            let full = std::env::var_os("RUST_BACKTRACE").is_some();
+            let msg = if full {
+                format!("{e:#}")
+            } else {
+                e.chain()
+                    .map(|c| {
+                        c.to_string()
+                            .lines()
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .to_string()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            };
+            eprintln!("error: {}", msg.replace('\n', " "));
             ExitCode::FAILURE
         }
+        // The hook has printed the one line.
+        Err(_) => ExitCode::from(101),
     }
 }

@@ -154,8 +154,7 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
         }
     }
     let wpath = tmp.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &wpath)
-        .with_context(|| format!("{}: cannot write", wpath.display()))?;
+    crate::files::save_safetensors(&tensors, &wpath)?;
     fs::File::open(&wpath)?.sync_all()?;
     fs::rename(&tmp, out).with_context(|| format!("{}: cannot move into place", out.display()))?;
     Ok(changed)

@@ -578,3 +578,161 @@ fn case_meta(model: &str) -> Value {
     )
     .unwrap()
 }
+
+/// A reader that stops early (`| head`) ends medvlm quietly with success, whatever it was
+/// printing.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_medvlm");
+    let model = fixtures().join("tiny-a");
+    let cases: Vec<Vec<&str>> = vec![
+        vec![
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "24",
+            "--json",
+            "--num-samples",
+            "4",
+        ],
+        vec![
+            "score",
+            "--model",
+            s(&model),
+            "--prompt",
+            "hi",
+            "--completion",
+            "hello there, the scan shows",
+            "--json",
+        ],
+        vec!["train", "grpo", "--print-config"],
+    ];
+    for args in cases {
+        let mut child = Command::new(bin)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read one byte, then hang up, as `head -c 1` does.
+        let mut out = child.stdout.take().unwrap();
+        let mut one = [0u8; 1];
+        let _ = out.read(&mut one);
+        drop(out);
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+        assert!(status.success(), "{args:?}: {status:?} {err}");
+    }
+}
+
+/// Sizes a user controls are checked against the model's context before anything is
+/// allocated: one line, not an allocation abort.
+#[test]
+fn sizes_beyond_the_context_are_refused_before_allocating() {
+    let model = fixtures().join("tiny-a");
+    for n in ["99999999999", "4096", "18446744073709551615"] {
+        assert_error_line(
+            &[
+                "generate",
+                "--model",
+                s(&model),
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                n,
+            ],
+            &["max_new_tokens", "context", "4096"],
+        );
+    }
+    let long = "scan ".repeat(5000);
+    assert_error_line(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            &long,
+            "--max-new-tokens",
+            "4",
+        ],
+        &["prompt", "context is 4096"],
+    );
+    assert_error_line(
+        &[
+            "score",
+            "--model",
+            s(&model),
+            "--prompt",
+            &long,
+            "--completion",
+            "yes",
+        ],
+        &["prompt", "context is 4096"],
+    );
+}
+
+/// `data synth` and `demo` refuse a non-empty output directory unless --force, which
+/// replaces its contents (nothing old is mixed in).
+#[test]
+fn non_empty_output_directories_need_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("synth");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("old.txt"), "earlier work").unwrap();
+    assert_clean_error(
+        &["data", "synth", "--out", s(&out), "--n", "2"],
+        &["not empty", "--force"],
+    );
+    assert!(out.join("old.txt").is_file(), "nothing may be touched");
+    let demo_out = tmp.path().join("demo");
+    std::fs::create_dir(&demo_out).unwrap();
+    std::fs::write(demo_out.join("keep"), "x").unwrap();
+    assert_clean_error(
+        &["demo", "--quick", "--out", s(&demo_out)],
+        &["not empty", "--force"],
+    );
+    assert!(demo_out.join("keep").is_file());
+    let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&out), "--n", "2", "--force"]);
+    assert!(ok, "{err}");
+    assert!(
+        !out.join("old.txt").exists(),
+        "--force replaces the contents"
+    );
+    assert!(out.join("data.json").is_file());
+    // An empty directory is fine without --force.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&empty), "--n", "2"]);
+    assert!(ok, "{err}");
+}
+
+/// A failing run whose last stderr line is the one error line (informational lines such as
+/// the sampling settings may come first), with no panic.
+fn assert_error_line(args: &[&str], needles: &[&str]) {
+    let (ok, _out, err) = medvlm(args);
+    assert!(!ok, "expected failure for {args:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("memory allocation"),
+        "{err}"
+    );
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(last.starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(last.contains(n), "{n:?} missing from: {err}");
+    }
+}

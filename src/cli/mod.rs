@@ -260,6 +260,9 @@ pub struct SynthArgs {
     /// Question kinds (presence, side, count, modality); repeatable. Default: all.
     #[arg(long = "task", value_name = "KIND")]
     pub tasks: Vec<String>,
+    /// Replace the contents of a non-empty --out directory (refused otherwise).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -290,6 +293,10 @@ pub struct DemoArgs {
     /// A reduced run (fewer items and steps), for a first look or a test.
     #[arg(long)]
     pub quick: bool,
+    /// Replace the contents of a non-empty --out directory (an earlier demo's results;
+    /// refused otherwise).
+    #[arg(long)]
+    pub force: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Question kinds to train and test on (presence, side, count, modality); repeatable.
@@ -697,6 +704,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if !kinds.is_empty() {
                 spec.kinds = kinds;
             }
+            crate::files::prepare_output_dir(&a.out, a.force)?;
             let p = crate::synth::write(&a.out, &spec)?;
             println!("{}", p.display());
             Ok(())
@@ -754,6 +762,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(t) = a.temperature {
                 spec.temperature = t;
             }
+            crate::files::prepare_output_dir(&spec.out, a.force)?;
             crate::demo::run(&spec).map(|_| ())
         }
         Command::Ask(a) => run_ask(a),

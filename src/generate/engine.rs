@@ -190,6 +190,7 @@ impl<'m> Engine<'m> {
         if r.max_new_tokens == 0 {
             bail!("request {ri}: max_new_tokens must be at least 1");
         }
+        check_context(m, ids.len(), r.max_new_tokens, r.num_samples)?;
         let grids = prompt.grids();
         let img = match prompt.pixel_values(&m.device)? {
             Some(p) => Some(m.encode_images(&p, &grids)?),
@@ -262,4 +263,48 @@ impl<'m> Engine<'m> {
         }
         Ok(())
     }
+}
+
+/// Refuses, before anything is allocated, a request the model cannot hold: a prompt or
+/// prompt + new tokens beyond the model's context (`max_position_embeddings`), or a KV cache
+/// larger than the memory available.
+pub(crate) fn check_context(
+    m: &crate::model::Qwen2Vl,
+    prompt: usize,
+    max_new: usize,
+    samples: usize,
+) -> Result<()> {
+    let t = &m.config.text;
+    let limit = t.max_position_embeddings;
+    if prompt >= limit {
+        bail!(
+            "the prompt has {prompt} tokens but the model's context is {limit} tokens \
+             (max_position_embeddings in config.json); shorten the prompt or use smaller images"
+        );
+    }
+    if prompt.saturating_add(max_new) > limit {
+        bail!(
+            "max_new_tokens {max_new} with a {prompt}-token prompt exceeds the model's context \
+             of {limit} tokens (max_position_embeddings); use at most {}",
+            limit - prompt
+        );
+    }
+    // Keys and values of every layer for every sample, in the compute dtype.
+    let per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim();
+    let bytes = (prompt + max_new) as u128
+        * samples.max(1) as u128
+        * per_token as u128
+        * m.dtype.size_in_bytes() as u128;
+    let (device, available) = crate::train::plan::available_memory(&m.device);
+    if let Some(a) = available {
+        if bytes > a as u128 {
+            bail!(
+                "{samples} sample(s) of {prompt} + {max_new} tokens need a {:.1} GiB KV cache but \
+                 {device} is {:.1} GiB; lower max_new_tokens or the number of samples",
+                bytes as f64 / (1u64 << 30) as f64,
+                a as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok(())
 }

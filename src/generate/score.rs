@@ -12,6 +12,7 @@ pub fn score(model: &Qwen2Vl, prompt: &Prompt, completion: &[u32]) -> Result<Vec
     if completion.is_empty() {
         bail!("the completion is empty: nothing to score");
     }
+    super::engine::check_context(model, prompt.input_ids.len(), completion.len(), 1)?;
     let dev = &model.device;
     let grids = prompt.grids();
     let mut ids = prompt.input_ids.clone();

@@ -95,6 +95,23 @@ impl Attention {
         }
     }
 
+    /// Probabilities of the block's rows `first..first + q.len() / d` (n x keys) into `p`.
+    fn probs_rows(&self, q: &[f32], k: &[f32], first: usize, dm: &Dims, p: &mut [f32]) {
+        let (keys, d) = (dm.keys, dm.d);
+        let n = q.len() / d;
+        matmul(
+            p,
+            Mat::rows(q, n, d),
+            Mat::rows(k, keys, d).t(),
+            1.0,
+            false,
+            threads(),
+        );
+        p.par_chunks_mut(keys).enumerate().for_each(|(r, row)| {
+            softmax_prefix(row, self.visible(first + r, keys), self.scale);
+        });
+    }
+
     /// The block's probabilities (rows x keys) into `p`.
     fn probs(&self, q: &[f32], k: &[f32], dm: &Dims, p: &mut [f32]) {
         let (rows, keys, d) = (dm.rows, dm.keys, dm.d);
@@ -134,20 +151,30 @@ impl CustomOp3 for Attention {
         );
         let (rows, keys, d) = (dm.rows, dm.keys, dm.d);
         let mut out = vec![0f32; dm.blocks * rows * d];
-        let mut p = vec![0f32; rows * keys];
+        // Rows are processed in chunks so the probabilities never exceed about 16M floats
+        // (64 MB): memory stays linear in the sequence length however long the prompt.
+        let chunk = rows.min(((16usize << 20) / keys.max(1)).max(64));
+        let mut p = vec![0f32; chunk * keys];
         for b in 0..dm.blocks {
             let qb = &q[b * rows * d..(b + 1) * rows * d];
             let kb = &k[b * keys * d..(b + 1) * keys * d];
             let vb = &v[b * keys * d..(b + 1) * keys * d];
-            self.probs(qb, kb, &dm, &mut p);
-            matmul(
-                &mut out[b * rows * d..(b + 1) * rows * d],
-                Mat::rows(&p, rows, keys),
-                Mat::rows(vb, keys, d),
-                1.0,
-                false,
-                threads(),
-            );
+            let ob = &mut out[b * rows * d..(b + 1) * rows * d];
+            let mut r0 = 0;
+            while r0 < rows {
+                let n = chunk.min(rows - r0);
+                let pc = &mut p[..n * keys];
+                self.probs_rows(&qb[r0 * d..(r0 + n) * d], kb, r0, &dm, pc);
+                matmul(
+                    &mut ob[r0 * d..(r0 + n) * d],
+                    Mat::rows(pc, n, keys),
+                    Mat::rows(vb, keys, d),
+                    1.0,
+                    false,
+                    threads(),
+                );
+                r0 += n;
+            }
         }
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }

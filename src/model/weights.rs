@@ -57,6 +57,8 @@ impl CheckpointWeights {
         let files = find_files(dir)?;
         let mut tensors = BTreeMap::new();
         for f in &files {
+            // An unreadable file is a permission (or I/O) problem, not a corrupt one.
+            std::fs::File::open(f).map_err(|e| crate::files::io_error(f, "cannot read", e))?;
             // SAFETY: the file is only read; medvlm never writes a checkpoint in place.
             let st = unsafe { MmapedSafetensors::new(f) }
                 .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", f.display()))?;
@@ -269,7 +271,7 @@ impl TensorReader {
             let bad =
                 |what: &str| anyhow!("{}: not a valid safetensors file ({what})", path.display());
             let file = std::fs::File::open(path)
-                .with_context(|| format!("{}: cannot open", path.display()))?;
+                .map_err(|e| crate::files::io_error(path, "cannot read", e))?;
             let len = file
                 .metadata()
                 .with_context(|| format!("{}: cannot read its size", path.display()))?

@@ -93,8 +93,7 @@ pub fn save(
             .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
         let p = tmp.join("optimizer.safetensors");
-        candle_core::safetensors::save(&moments, &p)
-            .with_context(|| format!("{}: cannot write optimizer state", p.display()))?;
+        crate::files::save_safetensors(&moments, &p)?;
         fs::File::open(&p)?.sync_all()?;
         write_synced(
             &tmp.join("trainer_state.json"),
@@ -199,8 +198,7 @@ fn write_tensors(path: &Path, model: &TrainableModel, dtype: DType) -> Result<()
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&tensors, path)
-        .with_context(|| format!("{}: cannot write weights", path.display()))?;
+    crate::files::save_safetensors(&tensors, path)?;
     fs::File::open(path)?.sync_all()?;
     Ok(())
 }
