@@ -686,3 +686,80 @@ fn qwen25_trains_and_saves_in_the_layout_it_was_read_in() {
         assert!(ok, "{err}");
     }
 }
+
+/// `--resume` names the settings that changed, lets a finished run be extended with a
+/// larger --max-steps, and, when the newest checkpoint is damaged, points at the newest
+/// intact one.
+#[test]
+fn resume_names_changes_extends_runs_and_points_past_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = make_task(dir, "d", 8, 5, false);
+    let init = fresh_model(&dir.join("init-run"));
+    let out = dir.join("run");
+    let (ok, _, err) = medvlm(&[
+        "train",
+        "sft",
+        "--model",
+        s(&init),
+        "--train-data",
+        s(&data),
+        "--output-dir",
+        s(&out),
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-pixels",
+        "3136",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.join("final").is_dir());
+
+    // A changed setting is named with both values.
+    let (ok, _, err) = medvlm(&[
+        "train",
+        "sft",
+        "--resume",
+        s(&out),
+        "--learning-rate",
+        "0.5",
+    ]);
+    assert!(!ok);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("learning_rate") && last.contains("0.5 now"),
+        "{err}"
+    );
+
+    // A finished run extended to 4 steps.
+    let (ok, _, err) = medvlm(&["train", "sft", "--resume", s(&out), "--max-steps", "4"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("re-planned"), "{err}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-000004/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], 4);
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().filter(|l| l.contains("\"step\"")).count(), 4);
+
+    // The newest checkpoint damaged (truncated weights): refused, pointing at checkpoint 3.
+    let w = out.join("checkpoint-000004/model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = medvlm(&["train", "sft", "--resume", s(&out), "--max-steps", "5"]);
+    assert!(!ok);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("damaged") && last.contains("checkpoint-000003"),
+        "{err}"
+    );
+    // Following the advice works.
+    std::fs::rename(out.join("checkpoint-000004"), dir.join("damaged")).unwrap();
+    let (ok, _, err) = medvlm(&["train", "sft", "--resume", s(&out), "--max-steps", "5"]);
+    assert!(ok, "{err}");
+    assert!(out.join("checkpoint-000005/trainer_state.json").is_file());
+}

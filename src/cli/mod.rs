@@ -107,7 +107,7 @@ pub enum TrainCommand {
     Grpo(TrainArgs<GrpoKeys>),
     /// Supervised fine-tuning on the same data (the paper's baseline).
     #[command(
-        after_help = "Examples:\n  medvlm train sft --print-config > sft.toml\n  medvlm train sft --config sft.toml --resume runs/sft"
+        after_help = "Examples:\n  medvlm train sft --print-config > sft.toml\n  medvlm train sft --config sft.toml --model ./Qwen2-VL-2B-Instruct --train-data mri_train.json\n  medvlm train sft --resume runs/sft\n  medvlm train sft --resume runs/sft --max-steps 2000   # extend a finished run"
     )]
     Sft(TrainArgs<SftKeys>),
 }
@@ -147,7 +147,8 @@ pub struct TrainArgs<K: config_flags::ConfigKind + Send + Sync + Clone + std::fm
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Continue the run in this directory from its newest checkpoint, with its saved
-    /// config.toml; the result equals an uninterrupted run.
+    /// config.toml; the result equals an uninterrupted run. Only --max-steps / --epochs
+    /// may change (to extend a run); other changed settings are named and refused.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
     pub resume: Option<PathBuf>,
     /// Print the commented default config and exit.

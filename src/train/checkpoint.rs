@@ -41,6 +41,9 @@ pub struct TrainerState {
     pub items_seen: u64,
     /// Hash of the resolved config, to refuse resuming with different settings.
     pub config_hash: String,
+    /// The settings behind the hash (`TrainConfig::fingerprint_text`), to name what changed.
+    #[serde(default)]
+    pub settings: Option<String>,
 }
 
 pub fn checkpoint_name(step: u64) -> String {
@@ -201,6 +204,51 @@ fn write_tensors(path: &Path, model: &TrainableModel, dtype: DType) -> Result<()
     crate::files::save_safetensors(&tensors, path)?;
     fs::File::open(path)?.sync_all()?;
     Ok(())
+}
+
+/// Checks a checkpoint without loading it: its trainer state parses and every safetensors
+/// file's header and byte ranges fit the file (a truncated or garbled file fails here).
+pub fn verify(ckpt: &Path) -> Result<()> {
+    let p = ckpt.join("trainer_state.json");
+    let text = fs::read_to_string(&p).map_err(|e| crate::files::io_error(&p, "cannot read", e))?;
+    serde_json::from_str::<TrainerState>(&text)
+        .with_context(|| format!("{}: not a trainer state", p.display()))?;
+    let mut files = Vec::new();
+    for e in fs::read_dir(ckpt).map_err(|e| crate::files::io_error(ckpt, "cannot list", e))? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            files.push(path);
+        }
+    }
+    if !files.iter().any(|f| f.ends_with("optimizer.safetensors")) {
+        bail!("{}: optimizer.safetensors is missing", ckpt.display());
+    }
+    for f in &files {
+        crate::model::weights::TensorReader::open(std::slice::from_ref(f))?;
+    }
+    Ok(())
+}
+
+/// Every complete checkpoint of a run directory (with a trainer state), oldest first.
+pub fn all(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    if !run_dir.is_dir() {
+        bail!("{}: no such run directory", run_dir.display());
+    }
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for e in fs::read_dir(run_dir).with_context(|| format!("{}: cannot list", run_dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if e.path().join("trainer_state.json").is_file() {
+                found.push((n, e.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
 /// The newest complete checkpoint of a run directory, if any.

@@ -429,13 +429,22 @@ impl<M: Method> TrainConfig<M> {
     /// A stable fingerprint of the settings that determine the run's trajectory (where
     /// files go, how often to save or log and the device do not).
     pub fn fingerprint(&self) -> Result<String> {
+        Ok(fingerprint_of(&self.fingerprint_text()?))
+    }
+
+    /// The settings the fingerprint covers, as TOML: kept in each checkpoint so a resume
+    /// with other settings can name them. The length of the run (`max_steps`, `epochs`) is
+    /// left out: a finished run may be extended.
+    pub fn fingerprint_text(&self) -> Result<String> {
         let mut c = self.clone();
         c.run.output_dir = PathBuf::new();
         c.run.save_steps = 0;
         c.run.device = None;
         c.run.memory_check = true;
+        c.run.max_steps = 0;
+        c.run.epochs = 1.0;
         c.method.without_logging();
-        Ok(fingerprint_of(&c.to_toml()?))
+        c.to_toml()
     }
 }
 
@@ -466,4 +475,42 @@ pub fn fingerprint_of(text: &str) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// The settings that differ between two fingerprint texts, as `key (A in the checkpoint, B
+/// now)`, section keys as `section.key`.
+pub fn changed_settings(checkpoint: &str, now: &str) -> Vec<String> {
+    fn flat(text: &str) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(t) = text.parse::<toml::Table>() {
+            for (k, v) in t {
+                match v {
+                    toml::Value::Table(inner) => {
+                        for (k2, v2) in inner {
+                            out.insert(format!("{k}.{k2}"), v2.to_string());
+                        }
+                    }
+                    v => {
+                        out.insert(k, v.to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+    let (a, b) = (flat(checkpoint), flat(now));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "unset".into());
+            format!(
+                "{k} ({} in the checkpoint, {} now)",
+                show(a.get(k)),
+                show(b.get(k))
+            )
+        })
+        .collect()
 }

@@ -197,6 +197,7 @@ pub fn open_session<M: Method>(
             dir: &run.output_dir,
             config_toml: config.to_toml()?,
             config_hash: config.fingerprint()?,
+            settings: config.fingerprint_text()?,
             adam: AdamWConfig {
                 lr: run.learning_rate,
                 beta1: run.adam_beta1,

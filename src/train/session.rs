@@ -23,6 +23,8 @@ pub struct SessionSpec<'a> {
     pub config_toml: String,
     /// Fingerprint of the settings that determine the trajectory.
     pub config_hash: String,
+    /// The settings behind it (kept in checkpoints to name what changed on resume).
+    pub settings: String,
     pub adam: AdamWConfig,
     pub max_grad_norm: f64,
     pub total_steps: u64,
@@ -40,6 +42,7 @@ pub struct Session {
     optimizer: AdamW,
     max_grad_norm: f64,
     config_hash: String,
+    settings: String,
     metrics: JsonlWriter,
     samples: JsonlWriter,
     pb: ProgressBar,
@@ -51,6 +54,28 @@ impl Session {
         if resume {
             let c = checkpoint::latest(dir)?
                 .with_context(|| format!("{}: no checkpoint to resume from", dir.display()))?;
+            if let Err(e) = checkpoint::verify(&c) {
+                // Point at the newest checkpoint that is intact.
+                let older = checkpoint::all(dir)?;
+                let intact = older
+                    .iter()
+                    .rev()
+                    .filter(|p| **p != c)
+                    .find(|p| checkpoint::verify(p).is_ok());
+                let advice = match intact {
+                    Some(ok) => format!(
+                        "the newest intact checkpoint is {}: move {} out of the run directory \
+                         and run --resume again to continue from it",
+                        ok.display(),
+                        c.display()
+                    ),
+                    None => "no earlier checkpoint is intact; start the run again".into(),
+                };
+                bail!(
+                    "{}: the newest checkpoint is damaged ({e:#}); {advice}",
+                    c.display()
+                );
+            }
             return Ok(Some(c));
         }
         if dir.is_dir() {
@@ -84,10 +109,36 @@ impl Session {
                 );
             }
             if state.config_hash != spec.config_hash {
+                let changed = state
+                    .settings
+                    .as_deref()
+                    .map(|old| crate::train::config::changed_settings(old, &spec.settings))
+                    .unwrap_or_default();
+                let what = if changed.is_empty() {
+                    "the run's settings changed since this checkpoint was written".to_string()
+                } else {
+                    format!(
+                        "settings changed since this checkpoint was written: {}",
+                        changed.join(", ")
+                    )
+                };
                 bail!(
-                    "{}: the run's settings changed since this checkpoint was written; resume \
-                     with the run's own config.toml",
+                    "{}: {what}; resume with the run's own settings (only max_steps and epochs \
+                     may change, to extend a run)",
                     c.display()
+                );
+            }
+            if state.total_steps != spec.total_steps {
+                eprintln!(
+                    "note: the run was planned for {} steps and now for {}: the learning-rate \
+                     decay is re-planned over {} steps from step {}",
+                    state.total_steps, spec.total_steps, spec.total_steps, state.step
+                );
+            }
+            if state.step >= spec.total_steps {
+                eprintln!(
+                    "note: the run is already at step {} of {}; raise --max-steps to train further",
+                    state.step, spec.total_steps
                 );
             }
             let moments = moments
@@ -121,6 +172,7 @@ impl Session {
             optimizer,
             max_grad_norm: spec.max_grad_norm,
             config_hash: spec.config_hash,
+            settings: spec.settings,
             metrics,
             samples,
             pb,
@@ -188,6 +240,7 @@ impl Session {
             seed: self.seed,
             items_seen,
             config_hash: self.config_hash.clone(),
+            settings: Some(self.settings.clone()),
         };
         checkpoint::save(
             &self.dir,
