@@ -49,8 +49,11 @@ pub fn parse_example_keys(example: &str) -> Vec<(String, String)> {
                 out.push((key, help));
             }
         } else if let Some(comment) = t.strip_prefix('#') {
-            // A comment line above a key documents it.
-            pending_help = comment.trim().to_string();
+            // The comment lines right above a key document it.
+            if !pending_help.is_empty() {
+                pending_help.push(' ');
+            }
+            pending_help.push_str(comment.trim());
         } else {
             pending_help.clear();
         }

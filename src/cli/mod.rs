@@ -201,10 +201,13 @@ pub struct EvalArgs {
     /// Items decoded together.
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub batch_size: usize,
+    /// New tokens per answer at most (a longer answer is cut and counts as unanswered).
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_new_tokens: usize,
+    /// Image area limit after resizing, in pixels (default: preprocessor_config.json's).
     #[arg(long, value_name = "N")]
     pub max_pixels: Option<usize>,
+    /// Smallest image area after resizing, in pixels (default: preprocessor_config.json's).
     #[arg(long, value_name = "N")]
     pub min_pixels: Option<usize>,
     #[command(flatten)]
@@ -221,14 +224,17 @@ pub struct AskArgs {
     /// The scan (PNG, JPEG, DICOM, NIfTI, ...).
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
+    /// The question about the scan (without the options; see --options).
     #[arg(long, value_name = "TEXT")]
     pub question: String,
     /// The options, separated by ';' (lettered A, B, C, ... in this order). Without
     /// options the question is asked as is.
     #[arg(long, value_name = "A;B;C")]
     pub options: Option<String>,
+    /// New tokens of reasoning and answer at most.
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_new_tokens: usize,
+    /// Image area limit after resizing, in pixels (default: preprocessor_config.json's).
     #[arg(long, value_name = "N")]
     pub max_pixels: Option<usize>,
     #[command(flatten)]
@@ -248,11 +254,13 @@ pub enum DataCommand {
 
 #[derive(Args, Debug)]
 pub struct SynthArgs {
+    /// Directory to write data.json and images/ into (new or empty; see --force).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Number of rows.
     #[arg(long, default_value_t = 200)]
     pub n: usize,
+    /// Seed of the drawings and questions: the same seed writes the same files.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Modality styles to draw (MRI, CT, X-Ray); repeatable. Default: all three.
@@ -276,6 +284,7 @@ pub struct InitArgs {
     /// or qwen2-vl-bench (the benchmark shape, 120M parameters).
     #[arg(long, value_enum, value_name = "NAME")]
     pub preset: Option<crate::init::Preset>,
+    /// Seed of the random weights (and of the tokenizer's corpus).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Decoder width.
@@ -298,6 +307,7 @@ pub struct DemoArgs {
     /// refused otherwise).
     #[arg(long)]
     pub force: bool,
+    /// Seed of the whole demo (data, model, sampling): the same seed gives the same run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Question kinds to train and test on (presence, side, count, modality); repeatable.
@@ -337,8 +347,10 @@ pub struct PlotArgs {
     /// Output PNG (default: RUN_DIR/curves.png).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Image width in pixels.
     #[arg(long, default_value_t = 1600)]
     pub width: u32,
+    /// Image height in pixels.
     #[arg(long, default_value_t = 1000)]
     pub height: u32,
 }
