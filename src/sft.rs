@@ -177,7 +177,13 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
             .num("grad_norm", norm)
             .num("step_time_s", secs)
             .num("tokens_per_s", total_tokens as f64 / secs.max(1e-9));
-        session.log(rec, &format!("loss {nll_sum:.4}  {secs:.1}s/step"))?;
+        session.log(
+            rec,
+            &format!(
+                "loss {}  {secs:.1}s/step",
+                crate::train::metrics::num(nll_sum)
+            ),
+        )?;
         if config.run.save_steps > 0 && session.step % config.run.save_steps == 0 && !session.done()
         {
             last_ckpt = Some(session.checkpoint(&model, session.step * bs)?);

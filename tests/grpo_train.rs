@@ -763,3 +763,76 @@ fn resume_names_changes_extends_runs_and_points_past_damage() {
     assert!(ok, "{err}");
     assert!(out.join("checkpoint-000005/trainer_state.json").is_file());
 }
+
+/// A trained checkpoint carries its prompt template; `ask` and `eval` use it unless
+/// --template says otherwise.
+#[test]
+fn checkpoints_carry_their_template_to_ask_and_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = make_task(dir, "d", 4, 5, false);
+    let init = fresh_model(&dir.join("init-run"));
+    let out = dir.join("run");
+    let (ok, _, err) = medvlm(&[
+        "train",
+        "sft",
+        "--model",
+        s(&init),
+        "--train-data",
+        s(&data),
+        "--output-dir",
+        s(&out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-pixels",
+        "3136",
+        "--template",
+        "simple",
+    ]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final/medvlm.json")).unwrap())
+            .unwrap();
+    assert_eq!(info["template"], "simple");
+    let image = dir.join("d-0.png");
+    let fin = out.join("final");
+    let eval_out = dir.join("eval");
+    let ask = |extra: &[&str]| {
+        let mut args = vec![
+            "ask",
+            "--model",
+            s(&fin),
+            "--image",
+            s(&image),
+            "--question",
+            "Is this image bright or dark?",
+            "--options",
+            "bright;dark",
+            "--max-new-tokens",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        medvlm(&args)
+    };
+    let (ok, _, err) = ask(&[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("template: simple"), "{err}");
+    let (ok, _, err) = ask(&["--template", "paper"]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("template: simple"), "{err}");
+    let (ok, _, err) = medvlm(&[
+        "eval",
+        "--model",
+        s(&fin),
+        "--data",
+        s(&data),
+        "--max-new-tokens",
+        "2",
+        "--out",
+        s(&eval_out),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("template: simple"), "{err}");
+}

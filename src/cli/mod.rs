@@ -231,6 +231,10 @@ pub struct AskArgs {
     /// options the question is asked as is.
     #[arg(long, value_name = "A;B;C")]
     pub options: Option<String>,
+    /// Question template: "paper" (reasoning in <think>, letter in <answer>) or "simple".
+    /// Default: the one the checkpoint was trained with (its medvlm.json), else paper.
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
     /// New tokens of reasoning and answer at most.
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_new_tokens: usize,
@@ -796,14 +800,44 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The question template: `--template`, else the one the checkpoint (or its adapter) was
+/// trained with, else `fallback`; says on stderr which and why.
+fn resolve_template(
+    flag: Option<&str>,
+    model: &ModelArgs,
+    fallback: crate::data::PromptTemplate,
+) -> Result<crate::data::PromptTemplate> {
+    use crate::data::PromptTemplate;
+    if let Some(t) = flag {
+        return PromptTemplate::parse(t)
+            .with_context(|| format!("--template {t}: expected \"paper\" or \"simple\""));
+    }
+    let mut dirs: Vec<&Path> = Vec::new();
+    if let Some(a) = &model.adapter {
+        dirs.push(a);
+    }
+    dirs.push(&model.model);
+    Ok(match PromptTemplate::of_checkpoint(&dirs)? {
+        Some((t, from)) => {
+            eprintln!(
+                "template: {} (the checkpoint was trained with it: {}; --template overrides)",
+                t.name(),
+                from.display()
+            );
+            t
+        }
+        None => fallback,
+    })
+}
+
 fn run_eval(a: EvalArgs) -> Result<()> {
     use crate::data::{self, PromptTemplate};
-    let template = match &a.template {
-        Some(t) => PromptTemplate::parse(t)
-            .with_context(|| format!("--template {t}: expected \"paper\" or \"simple\""))?,
-        None if a.likelihood => PromptTemplate::Simple,
-        None => PromptTemplate::Paper,
+    let fallback = if a.likelihood {
+        PromptTemplate::Simple
+    } else {
+        PromptTemplate::Paper
     };
+    let template = resolve_template(a.template.as_deref(), &a.model, fallback)?;
     if let Some(f) = a.test_split {
         if !(0.0..=1.0).contains(&f) || f == 0.0 {
             bail!("--test-split must be in (0, 1], got {f}");
@@ -963,10 +997,11 @@ fn run_ask(a: AskArgs) -> Result<()> {
         },
     )?;
     let proc = &loaded.processor;
+    let template = resolve_template(a.template.as_deref(), &a.model, PromptTemplate::Paper)?;
     let text = if options.is_empty() {
         a.question.clone()
     } else {
-        PromptTemplate::Paper.render(&build_problem(&a.question, &options))
+        template.render(&build_problem(&a.question, &options))
     };
     let image = proc.load_image(&a.image)?;
     let prompt = proc.prepare(&[Message::user_with_images(1, text)], vec![image], true)?;

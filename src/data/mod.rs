@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use prompt::PromptTemplate;
+pub use prompt::{PromptTemplate, RUN_INFO_FILE};
 
 /// Option letters, as many as the paper's reward accepts.
 pub const LETTERS: [char; 10] = ['A', 'B', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'J'];

@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 use super::VqaItem;
 use crate::processor::Message;
 
+/// The file medvlm writes into every checkpoint it trains: how it was trained (the prompt
+/// template), so `ask` and `eval` put questions the same way.
+pub const RUN_INFO_FILE: &str = "medvlm.json";
+
 /// How a question is put to the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -42,6 +46,42 @@ impl PromptTemplate {
             item.images.len(),
             self.render(&item.problem),
         )]
+    }
+
+    /// The template a checkpoint was trained with, from the `medvlm.json` medvlm writes
+    /// into it (checked in `dirs` in order: an adapter before its base model).
+    pub fn of_checkpoint(
+        dirs: &[&std::path::Path],
+    ) -> anyhow::Result<Option<(Self, std::path::PathBuf)>> {
+        use anyhow::Context;
+        for d in dirs {
+            let p = d.join(RUN_INFO_FILE);
+            if !p.is_file() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&p)
+                    .with_context(|| format!("{}: cannot read", p.display()))?,
+            )
+            .with_context(|| format!("{}: not valid JSON", p.display()))?;
+            if let Some(t) = v.get("template").and_then(|t| t.as_str()) {
+                let t = Self::parse(t).with_context(|| {
+                    format!(
+                        "{}: template {t:?} is not \"paper\" or \"simple\"",
+                        p.display()
+                    )
+                })?;
+                return Ok(Some((t, p)));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Paper => "paper",
+            Self::Simple => "simple",
+        }
     }
 
     pub fn parse(s: &str) -> Option<Self> {

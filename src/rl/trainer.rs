@@ -461,8 +461,9 @@ impl GrpoRun {
                     .note(&format!("step {step}: held-out accuracy {acc:.3}"));
             }
             let summary = format!(
-                "reward {rm:.3}  kl {:.4}  len {len_mean:.0}  {step_time:.1}s/step",
-                out.kl
+                "reward {}  kl {}  len {len_mean:.0}  {step_time:.1}s/step",
+                crate::train::metrics::num(rm),
+                crate::train::metrics::num(out.kl)
             );
             self.session.log(rec, &summary)?;
             let at_boundary = step.is_multiple_of(c.method.num_iterations);

@@ -83,6 +83,16 @@ pub fn save(
         fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot clear", tmp.display()))?;
     }
     fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    if let Some(t) = model.template {
+        let info = serde_json::json!({
+            "template": t.name(),
+            "written_by": format!("medvlm {}", env!("CARGO_PKG_VERSION")),
+        });
+        write_synced(
+            &tmp.join(crate::data::RUN_INFO_FILE),
+            serde_json::to_string_pretty(&info)?.as_bytes(),
+        )?;
+    }
 
     match &model.adapter {
         None => write_full_model(&tmp, model, save_dtype)?,

@@ -98,3 +98,33 @@ pub fn mean_std(xs: &[f32]) -> (f64, f64) {
     let var = xs.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, var.sqrt())
 }
+
+/// A metric for a progress line: 4 significant digits, so a small non-zero value never
+/// prints as zero (`kl 5.1e-5`, not `kl 0.0000`).
+pub fn num(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let a = x.abs();
+    if (1e-3..1e5).contains(&a) {
+        let decimals = (3 - a.log10().floor() as i32).clamp(0, 6) as usize;
+        format!("{x:.decimals$}")
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+#[cfg(test)]
+mod num_tests {
+    use super::num;
+
+    #[test]
+    fn small_values_stay_visible() {
+        assert_eq!(num(5e-5), "5.000e-5");
+        assert_eq!(num(0.0), "0");
+        assert_eq!(num(0.04213), "0.04213");
+        assert_eq!(num(1.5), "1.500");
+        assert_eq!(num(-123.456), "-123.5");
+        assert_eq!(num(2.5e7), "2.500e7");
+    }
+}

@@ -107,6 +107,8 @@ pub struct TrainableModel {
     pub source_dir: PathBuf,
     /// Set when the parameters are LoRA adapters (named as PEFT names them).
     pub adapter: Option<AdapterConfig>,
+    /// The prompt template the model is trained with, recorded in its checkpoints.
+    pub template: Option<crate::data::PromptTemplate>,
 }
 
 impl TrainableModel {
@@ -166,6 +168,7 @@ impl TrainableModel {
             layout,
             source_dir: dir.to_path_buf(),
             adapter: None,
+            template: None,
         })
     }
 
@@ -280,6 +283,7 @@ impl TrainableModel {
             layout,
             source_dir: dir.to_path_buf(),
             adapter: Some(adapter),
+            template: None,
         })
     }
 

@@ -177,6 +177,7 @@ pub fn load_policy(
     };
     // Tokenizer and processor files always come from the starting checkpoint.
     policy.source_dir = run.model.clone();
+    policy.template = Some(run.template);
     if run.freeze_vision {
         policy.freeze_vision();
     }
