@@ -736,3 +736,41 @@ fn assert_error_line(args: &[&str], needles: &[&str]) {
         assert!(last.contains(n), "{n:?} missing from: {err}");
     }
 }
+
+/// `ask` says what the model saw: the medical file's slice and window, and the image size
+/// after resizing with its token count.
+#[test]
+fn ask_says_what_the_model_saw() {
+    let ct =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/medical-files/CT_small.dcm");
+    if !ct.is_file() {
+        eprintln!("skipped: {} not present", ct.display());
+        return;
+    }
+    let model = fixtures().join("tiny-a");
+    let (ok, _, err) = medvlm(&[
+        "ask",
+        "--model",
+        s(&model),
+        "--image",
+        s(&ct),
+        "--window",
+        "lung",
+        "--question",
+        "Which?",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    // The lung preset is centre -600, width 1500; CT_small is 128x128.
+    assert!(err.contains("DICOM, grey, 128x128"), "{err}");
+    assert!(
+        err.contains("window centre -600 / width 1500 (--window)"),
+        "{err}"
+    );
+    // 128x128 within tiny-a's 9408-pixel limit: smart_resize gives 84x84, 9 tokens.
+    assert!(
+        err.contains("resized to 84x84 pixels, 9 image tokens"),
+        "{err}"
+    );
+}

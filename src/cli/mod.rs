@@ -1004,6 +1004,18 @@ fn run_ask(a: AskArgs) -> Result<()> {
         template.render(&build_problem(&a.question, &options))
     };
     let image = proc.load_image(&a.image)?;
+    // What the model sees: the picture after decoding (medical files: slice and window)
+    // and after resizing.
+    if let Some(d) = crate::processor::image::medical::describe(&a.image, &a.medical.options())? {
+        eprintln!("image: {}: {d}", a.image.display());
+    }
+    let ps = proc.images.config.patch_size;
+    eprintln!(
+        "image: resized to {}x{} pixels, {} image tokens",
+        image.grid_thw[2] * ps,
+        image.grid_thw[1] * ps,
+        image.num_patches / (proc.images.config.merge_size * proc.images.config.merge_size)
+    );
     let prompt = proc.prepare(&[Message::user_with_images(1, text)], vec![image], true)?;
     let engine = Engine::new(
         &loaded.model,

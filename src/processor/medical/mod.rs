@@ -108,6 +108,59 @@ pub fn load_medical_values(path: &Path, opts: &MedicalOptions) -> Result<Medical
     }
 }
 
+/// What `load_medical` shows of a file, in words: the format, the slice's size, which
+/// slice and which window (the user's, the file's, or the data's min..max) — for `ask` to
+/// say what the model saw. `None` for ordinary images.
+pub fn describe(path: &Path, opts: &MedicalOptions) -> Result<Option<String>> {
+    let bytes = super::read_file(path)?;
+    let Some(k) = kind(path, &bytes) else {
+        return Ok(None);
+    };
+    let plane = read_plane(path, &bytes, opts).map_err(|e| name_file(path, &e))?;
+    let format = match k {
+        Kind::Dicom => "DICOM",
+        Kind::Nifti => "NIfTI",
+    };
+    let slice = match opts.slice {
+        Some(n) => format!("slice {n} (--slice)"),
+        None => "the middle slice (or the only one)".to_string(),
+    };
+    Ok(Some(match plane {
+        Plane::Rgb(rgb) => format!(
+            "{format}, colour, {}x{}, {slice}",
+            rgb.width(),
+            rgb.height()
+        ),
+        Plane::Grey(g) => {
+            let window = match (opts.window, g.window) {
+                (Some((c, w)), _) => format!("window centre {c} / width {w} (--window)"),
+                (None, Some(w)) => format!(
+                    "window centre {} / width {} ({:?}, from the file)",
+                    w.center, w.width, w.function
+                ),
+                (None, None) => {
+                    let (lo, hi) = g
+                        .values
+                        .iter()
+                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                            (a.min(v), b.max(v))
+                        });
+                    format!("no window in the file: the data's range {lo}..{hi}")
+                }
+            };
+            let inverted = if g.invert {
+                ", MONOCHROME1 inverted"
+            } else {
+                ""
+            };
+            format!(
+                "{format}, grey, {}x{}, {slice}, {window}{inverted}",
+                g.width, g.height
+            )
+        }
+    }))
+}
+
 /// [`load_medical`] on bytes already read; errors do not name the file (the caller does).
 /// `path` decides by its name when the bytes do not (see [`is_medical`]) and locates the
 /// `.img` of a NIfTI `.hdr`.
