@@ -741,12 +741,7 @@ fn assert_error_line(args: &[&str], needles: &[&str]) {
 /// after resizing with its token count.
 #[test]
 fn ask_says_what_the_model_saw() {
-    let ct =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/medical-files/CT_small.dcm");
-    if !ct.is_file() {
-        eprintln!("skipped: {} not present", ct.display());
-        return;
-    }
+    let ct = fixtures().join("medical/CT_small.dcm");
     let model = fixtures().join("tiny-a");
     let (ok, _, err) = medvlm(&[
         "ask",
