@@ -280,14 +280,23 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
             }
             std::fs::write(&file, lines)
                 .with_context(|| format!("{}: cannot write", file.display()))?;
-            let report = eval::Report::new(&results, name, "", "greedy", spec.template, 0);
+            let report = eval::Report::new(
+                &results,
+                name,
+                "",
+                "greedy",
+                spec.template,
+                &[],
+                &Default::default(),
+                serde_json::Value::Null,
+            );
             for row in report.rows.iter().filter(|r| r.modality != "all") {
                 cells.push(Cell {
                     model: name.to_string(),
                     modality: row.modality.clone(),
                     in_domain: in_dom,
                     n: row.n,
-                    accuracy: row.accuracy,
+                    accuracy: row.accuracy.unwrap_or(0.0),
                 });
             }
             if name == "GRPO" {

@@ -21,6 +21,8 @@ pub struct ItemResult {
     /// Row index in the data file.
     pub row: usize,
     pub modality: String,
+    /// The image file(s) the item shows.
+    pub images: Vec<String>,
     pub prompt: String,
     pub output: String,
     /// The letter read from the output, if one could be read.
@@ -87,6 +89,7 @@ pub fn run_greedy(
             out.push(ItemResult {
                 row: it.index,
                 modality: it.modality.name().to_string(),
+                images: it.images.iter().map(|p| p.display().to_string()).collect(),
                 prompt: p.text.clone(),
                 correct: letter == Some(it.solution),
                 format_ok: format_reward(&text) == 1.0,
@@ -147,6 +150,7 @@ pub fn run_likelihood(
         out.push(ItemResult {
             row: it.index,
             modality: it.modality.name().to_string(),
+            images: it.images.iter().map(|p| p.display().to_string()).collect(),
             prompt: prompt.text.clone(),
             output: String::new(),
             letter: best,
@@ -180,11 +184,18 @@ pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
 #[derive(Debug, Clone, Serialize)]
 pub struct ReportRow {
     pub modality: String,
+    /// Rows of this modality in the data file (after --modality, before split and limit).
+    pub rows: usize,
+    /// Rows skipped (missing image, answer not among the options, ...), by reason.
+    pub skipped: usize,
+    pub skipped_by_reason: BTreeMap<String, usize>,
+    /// Items evaluated.
     pub n: usize,
     pub correct: usize,
-    pub accuracy: f64,
-    pub ci95_low: f64,
-    pub ci95_high: f64,
+    /// `None` when nothing was evaluated.
+    pub accuracy: Option<f64>,
+    pub ci95_low: Option<f64>,
+    pub ci95_high: Option<f64>,
     /// Share of outputs in the `<think>…</think><answer>…</answer>` shape (generation only).
     pub format_rate: Option<f64>,
     /// Share of outputs from which no letter could be read (generation only).
@@ -201,51 +212,115 @@ pub struct Report {
     pub template: String,
     pub skipped_rows: usize,
     pub rows: Vec<ReportRow>,
+    /// How the run was made (model, template, decoding, pixel limits, split, seed, limit,
+    /// medvlm version, elapsed time), for reproducing it.
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub settings: serde_json::Value,
 }
 
-fn row_of(name: &str, rs: &[&ItemResult], generated: bool) -> ReportRow {
+fn row_of(
+    name: &str,
+    rs: &[&ItemResult],
+    skipped: &[&crate::data::Skipped],
+    file_rows: usize,
+    generated: bool,
+) -> ReportRow {
     let n = rs.len();
     let correct = rs.iter().filter(|r| r.correct).count();
     let (lo, hi) = wilson_interval(correct, n);
     let frac = |f: &dyn Fn(&ItemResult) -> bool| {
-        rs.iter().filter(|r| f(r)).count() as f64 / n.max(1) as f64
+        (n > 0).then(|| rs.iter().filter(|r| f(r)).count() as f64 / n as f64)
     };
+    let mut by_reason = BTreeMap::new();
+    for s in skipped {
+        *by_reason.entry(s.kind.to_string()).or_insert(0) += 1;
+    }
     ReportRow {
         modality: name.to_string(),
+        rows: file_rows,
+        skipped: skipped.len(),
+        skipped_by_reason: by_reason,
         n,
         correct,
-        accuracy: correct as f64 / n.max(1) as f64,
-        ci95_low: lo,
-        ci95_high: hi,
-        format_rate: generated.then(|| frac(&|r| r.format_ok)),
-        no_answer_rate: generated.then(|| frac(&|r| r.letter.is_none())),
+        accuracy: (n > 0).then(|| correct as f64 / n as f64),
+        ci95_low: (n > 0).then_some(lo),
+        ci95_high: (n > 0).then_some(hi),
+        format_rate: if generated {
+            frac(&|r| r.format_ok)
+        } else {
+            None
+        },
+        no_answer_rate: if generated {
+            frac(&|r| r.letter.is_none())
+        } else {
+            None
+        },
     }
 }
 
 impl Report {
+    /// `skipped`: the rows of the selected modalities that could not be used; `file_rows`:
+    /// rows per modality in the file (after the modality filter). Modalities with rows but
+    /// nothing evaluated still get a line.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         results: &[ItemResult],
         model: &str,
         data: &str,
         mode: &str,
         template: PromptTemplate,
-        skipped_rows: usize,
+        skipped: &[crate::data::Skipped],
+        file_rows: &BTreeMap<String, usize>,
+        settings: serde_json::Value,
     ) -> Self {
         let generated = mode != "likelihood";
-        let mut by: BTreeMap<&str, Vec<&ItemResult>> = BTreeMap::new();
+        let mut by: BTreeMap<String, Vec<&ItemResult>> = BTreeMap::new();
         for r in results {
-            by.entry(r.modality.as_str()).or_default().push(r);
+            by.entry(r.modality.clone()).or_default().push(r);
         }
-        let mut rows: Vec<ReportRow> = by.iter().map(|(m, rs)| row_of(m, rs, generated)).collect();
+        let mut skipped_by: BTreeMap<String, Vec<&crate::data::Skipped>> = BTreeMap::new();
+        for s in skipped {
+            skipped_by.entry(s.modality.clone()).or_default().push(s);
+        }
+        let mut names: Vec<String> = by
+            .keys()
+            .chain(skipped_by.keys())
+            .chain(file_rows.keys())
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        let empty: Vec<&ItemResult> = Vec::new();
+        let none: Vec<&crate::data::Skipped> = Vec::new();
+        let mut rows: Vec<ReportRow> = names
+            .iter()
+            .map(|m| {
+                row_of(
+                    m,
+                    by.get(m).unwrap_or(&empty),
+                    skipped_by.get(m).unwrap_or(&none),
+                    file_rows.get(m).copied().unwrap_or(0),
+                    generated,
+                )
+            })
+            .collect();
         let all: Vec<&ItemResult> = results.iter().collect();
-        rows.push(row_of("all", &all, generated));
+        let all_skipped: Vec<&crate::data::Skipped> = skipped.iter().collect();
+        rows.push(row_of(
+            "all",
+            &all,
+            &all_skipped,
+            file_rows.values().sum(),
+            generated,
+        ));
         Self {
             model: model.to_string(),
             data: data.to_string(),
             mode: mode.to_string(),
             template: format!("{template:?}").to_lowercase(),
-            skipped_rows,
+            skipped_rows: skipped.len(),
             rows,
+            settings,
         }
     }
 
@@ -265,19 +340,37 @@ impl Report {
                 String::new()
             }
         );
-        s.push_str("| modality | n | accuracy | 95% CI | format | no answer |\n");
-        s.push_str("| --- | ---: | ---: | --- | ---: | ---: |\n");
+        s.push_str("| modality | rows | skipped | n | accuracy | 95% CI | format | no answer |\n");
+        s.push_str("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n");
         for r in &self.rows {
+            let skipped = if r.skipped == 0 {
+                "0".to_string()
+            } else {
+                let why: Vec<String> = r
+                    .skipped_by_reason
+                    .iter()
+                    .map(|(k, v)| format!("{v} {k}"))
+                    .collect();
+                format!("{} ({})", r.skipped, why.join(", "))
+            };
+            let ci = match (r.ci95_low, r.ci95_high) {
+                (Some(lo), Some(hi)) => format!("{}-{}", pct(lo), pct(hi)),
+                _ => "-".into(),
+            };
             s.push_str(&format!(
-                "| {} | {} | {} | {}-{} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.modality,
+                r.rows,
+                skipped,
                 r.n,
-                pct(r.accuracy),
-                pct(r.ci95_low),
-                pct(r.ci95_high),
+                opt(r.accuracy),
+                ci,
                 opt(r.format_rate),
                 opt(r.no_answer_rate)
             ));
+        }
+        if !self.settings.is_null() {
+            s.push_str(&format!("\nSettings: `{}`\n", self.settings));
         }
         s
     }

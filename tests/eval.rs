@@ -160,6 +160,15 @@ fn eval_writes_reports_whose_accuracy_the_items_confirm() {
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     for r in report["rows"].as_array().unwrap() {
+        if r["n"] == 0 {
+            // A modality whose rows were all skipped: listed, nothing evaluated.
+            assert!(
+                r["accuracy"].is_null() && r["skipped"].as_u64().unwrap() > 0,
+                "{r}"
+            );
+            assert!(!tally.contains_key(r["modality"].as_str().unwrap()));
+            continue;
+        }
         let (n, k) = tally[r["modality"].as_str().unwrap()];
         assert_eq!(r["n"].as_u64().unwrap() as usize, n);
         assert!((r["accuracy"].as_f64().unwrap() - k as f64 / n as f64).abs() < 1e-12);
@@ -232,4 +241,90 @@ fn ask_prints_reasoning_and_answer_apart() {
     assert!(ok, "{err}");
     let j: Value = serde_json::from_str(out.trim()).unwrap();
     assert!(j.get("reasoning").is_some() && j.get("output").is_some());
+}
+
+/// The paper's 900-row file with 8 of its images: every modality is reported with its
+/// rows, how many were skipped and why, and what was evaluated; a modality with nothing
+/// left says so instead of vanishing; the run's settings are recorded.
+#[test]
+fn eval_reports_skipped_rows_per_modality_and_its_settings() {
+    let dir = testset();
+    let file = dir.join("MRI_CT_XRAY_300each_dataset.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ev");
+    let model = fixtures().join("tiny-a");
+    let (ok, _, err) = medvlm(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&file),
+        "--max-new-tokens",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let row = |m: &str| rows.iter().find(|r| r["modality"] == m).unwrap().clone();
+    let images = std::fs::read_dir(dir.join("images")).unwrap().count() as u64;
+    for m in ["MRI", "CT", "X-Ray"] {
+        let r = row(m);
+        assert_eq!(r["rows"], 300, "{m}");
+        assert_eq!(
+            r["skipped"].as_u64().unwrap() + r["n"].as_u64().unwrap(),
+            300,
+            "{m}"
+        );
+    }
+    let all = row("all");
+    assert_eq!(all["rows"], 900);
+    assert_eq!(all["n"].as_u64().unwrap(), images);
+    assert_eq!(
+        all["skipped_by_reason"]["missing image"].as_u64().unwrap(),
+        900 - images
+    );
+    // No X-Ray image is present: the line is there, with nothing evaluated.
+    let x = row("X-Ray");
+    assert_eq!(x["n"], 0);
+    assert!(x["accuracy"].is_null());
+    let st = &report["settings"];
+    assert_eq!(st["max_new_tokens"], 2);
+    assert_eq!(st["template"], "paper");
+    assert!(st["medvlm_version"].is_string() && st["elapsed_s"].is_number());
+    for line in std::fs::read_to_string(out.join("items.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert!(v["images"][0].as_str().unwrap().ends_with(".png"), "{line}");
+    }
+    // Selecting the modality with nothing left names the rows and the reason.
+    let (ok, _, err) = medvlm(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&file),
+        "--modality",
+        "X-Ray",
+    ]);
+    assert!(!ok);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("all 300 rows of X-Ray were skipped") && last.contains("missing image"),
+        "{err}"
+    );
+    let (ok, _, err) = medvlm(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&file),
+        "--limit",
+        "0",
+    ]);
+    assert!(!ok && err.contains("--limit must be at least 1"), "{err}");
 }

@@ -843,24 +843,63 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             bail!("--test-split must be in (0, 1], got {f}");
         }
     }
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1 (it caps the number of items evaluated)");
+    }
+    let started = std::time::Instant::now();
     let ds = data::load(&a.data, a.image_root.as_deref())?;
-    let skipped = ds.skipped.len();
-    for s in ds.skipped.iter().take(5) {
+    // Only the selected modalities count, skipped rows included.
+    let wanted =
+        |m: &str| a.modalities.is_empty() || a.modalities.iter().any(|k| k.eq_ignore_ascii_case(m));
+    let skipped: Vec<data::Skipped> = ds
+        .skipped
+        .iter()
+        .filter(|s| wanted(&s.modality))
+        .cloned()
+        .collect();
+    for s in skipped.iter().take(5) {
         eprintln!("skipped {s}");
     }
-    if skipped > 5 {
+    if skipped.len() > 5 {
         eprintln!(
-            "skipped {} rows in all (missing images or answers not among the options)",
-            skipped
+            "skipped {} rows in all (see the report's skipped column)",
+            skipped.len()
         );
     }
-    data::require_items(&ds, &a.data)?;
+    let mut file_rows: std::collections::BTreeMap<String, usize> = Default::default();
+    for m in ds
+        .items
+        .iter()
+        .map(|it| it.modality.name().to_string())
+        .chain(skipped.iter().map(|s| s.modality.clone()))
+        .filter(|m| wanted(m))
+    {
+        *file_rows.entry(m).or_default() += 1;
+    }
     let mut items = data::filter_modalities(ds.items, &a.modalities);
     if items.is_empty() {
+        if skipped.is_empty() {
+            bail!(
+                "{}: no rows for modalities {:?}",
+                a.data.display(),
+                a.modalities
+            );
+        }
+        let mut why: std::collections::BTreeMap<&str, usize> = Default::default();
+        for s in &skipped {
+            *why.entry(s.kind).or_default() += 1;
+        }
+        let why: Vec<String> = why.iter().map(|(k, v)| format!("{v} {k}")).collect();
         bail!(
-            "{}: no rows for modalities {:?}",
+            "{}: all {} rows{} were skipped ({}); check --image-root",
             a.data.display(),
-            a.modalities
+            skipped.len(),
+            if a.modalities.is_empty() {
+                String::new()
+            } else {
+                format!(" of {}", a.modalities.join(", "))
+            },
+            why.join(", ")
         );
     }
     if let Some(f) = a.test_split {
@@ -911,13 +950,32 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         )
     };
     pb.finish_and_clear();
+    let settings = json!({
+        "model": a.model.model.display().to_string(),
+        "adapter": a.model.adapter.as_ref().map(|p| p.display().to_string()),
+        "data": a.data.display().to_string(),
+        "image_root": a.image_root.as_ref().map(|p| p.display().to_string()),
+        "modalities": a.modalities,
+        "template": template.name(),
+        "mode": mode,
+        "max_new_tokens": (!a.likelihood).then_some(a.max_new_tokens),
+        "min_pixels": loaded.processor.images.config.min_pixels,
+        "max_pixels": loaded.processor.images.config.max_pixels,
+        "test_split": a.test_split,
+        "seed": a.seed,
+        "limit": a.limit,
+        "medvlm_version": env!("CARGO_PKG_VERSION"),
+        "elapsed_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    });
     let report = crate::eval::Report::new(
         &results,
         &a.model.model.display().to_string(),
         &a.data.display().to_string(),
         mode,
         template,
-        skipped,
+        &skipped,
+        &file_rows,
+        settings,
     );
     let out = a.out.clone().unwrap_or_else(|| {
         let name = a
@@ -943,7 +1001,6 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         v["question"] = json!(it.question);
         v["options"] = json!(it.options);
         v["subset"] = json!(it.subset);
-        v["images"] = json!(it.images);
         lines.push_str(&serde_json::to_string(&v)?);
         lines.push('\n');
     }

@@ -151,6 +151,11 @@ pub struct Skipped {
     pub file: String,
     pub row: usize,
     pub reason: String,
+    /// The row's modality (normalised name), so reports count skipped rows per modality.
+    pub modality: String,
+    /// The reason's kind, for counting: "missing image", "answer not among the options",
+    /// "no options", "too many options", "no image".
+    pub kind: &'static str,
 }
 
 impl std::fmt::Display for Skipped {
@@ -223,16 +228,36 @@ pub fn load_with(path: &Path, image_root: Option<&Path>, check_images: bool) -> 
     let mut items = Vec::with_capacity(rows.len());
     let mut skipped = Vec::new();
     for (i, row) in rows.into_iter().enumerate() {
+        let modality = Modality::parse(row.subset.as_deref().unwrap_or_default())
+            .name()
+            .to_string();
         match resolve(i, row, &root, check_images) {
             Ok(item) => items.push(item),
             Err(reason) => skipped.push(Skipped {
                 file: file.clone(),
                 row: i,
+                kind: skip_kind(&reason),
                 reason,
+                modality,
             }),
         }
     }
     Ok(Dataset { items, skipped })
+}
+
+/// The category of a reason `resolve` gives.
+fn skip_kind(reason: &str) -> &'static str {
+    if reason.starts_with("image ") && reason.ends_with("not found") {
+        "missing image"
+    } else if reason.starts_with("answer ") {
+        "answer not among the options"
+    } else if reason == "no options" {
+        "no options"
+    } else if reason == "no image" {
+        "no image"
+    } else {
+        "too many options"
+    }
 }
 
 fn resolve(
