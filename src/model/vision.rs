@@ -70,6 +70,40 @@ pub fn attend(
     o.transpose(0, 1)?.reshape((n, d))
 }
 
+/// The patch merger of both families: norm each patch, group each 2x2 window of patches
+/// (consecutive in the processor's order, so a reshape), then a GELU MLP to the text width.
+/// Qwen2-VL norms with LayerNorm, Qwen2.5-VL with RMSNorm.
+#[derive(Debug, Clone)]
+pub struct PatchMerger<N> {
+    ln_q: N,
+    fc1: Linear,
+    fc2: Linear,
+    merged_dim: usize,
+}
+
+impl<N: candle_core::Module> PatchMerger<N> {
+    /// `ln_q` loaded by the caller (its kind is the family's).
+    pub fn load(vb: VarBuilder, cfg: &VisionConfig, ln_q: N) -> Result<Self> {
+        let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
+        Ok(Self {
+            ln_q,
+            fc1: super::layers::linear(&vb.pp("mlp.0"), merged_dim, merged_dim, true)?,
+            fc2: super::layers::linear(&vb.pp("mlp.2"), merged_dim, cfg.hidden_size, true)?,
+            merged_dim,
+        })
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![("mlp.0", &mut self.fc1), ("mlp.2", &mut self.fc2)]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        let x = self.ln_q.forward(x)?.reshape(((), self.merged_dim))?;
+        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Blocks {
     Qwen2(Vec<qwen2::Block>),
@@ -78,8 +112,8 @@ enum Blocks {
 
 #[derive(Debug, Clone)]
 enum Merger {
-    Qwen2(qwen2::Merger),
-    Qwen25(qwen25::Merger),
+    Qwen2(PatchMerger<super::layers::LayerNorm>),
+    Qwen25(PatchMerger<super::layers::RmsNorm>),
 }
 
 /// The tower's input: patch embeddings and what every block uses.
@@ -154,7 +188,7 @@ impl VisionTower {
                         .map(|i| qwen2::Block::load(bvb(i), cfg))
                         .collect::<Result<_>>()?,
                 ),
-                Merger::Qwen2(qwen2::Merger::load(vb.pp("merger"), cfg)?),
+                Merger::Qwen2(qwen2::merger(vb.pp("merger"), cfg)?),
             ),
             Arch::Qwen25Vl => (
                 Blocks::Qwen25(
@@ -162,7 +196,7 @@ impl VisionTower {
                         .map(|i| qwen25::Block::load(bvb(i), cfg))
                         .collect::<Result<_>>()?,
                 ),
-                Merger::Qwen25(qwen25::Merger::load(vb.pp("merger"), cfg)?),
+                Merger::Qwen25(qwen25::merger(vb.pp("merger"), cfg)?),
             ),
         };
         Ok(Self {

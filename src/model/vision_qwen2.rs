@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{Activation, VisionConfig};
 use super::layers::{activate, linear, LayerNorm, Linear};
-use super::vision::attend;
+use super::vision::{attend, PatchMerger};
 
 const LN_EPS: f64 = 1e-6;
 
@@ -69,33 +69,8 @@ impl Block {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Merger {
-    ln_q: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    merged_dim: usize,
-}
-
-impl Merger {
-    pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
-        let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
-        Ok(Self {
-            ln_q: LayerNorm::load(&vb.pp("ln_q"), cfg.embed_dim, LN_EPS)?,
-            fc1: linear(&vb.pp("mlp.0"), merged_dim, merged_dim, true)?,
-            fc2: linear(&vb.pp("mlp.2"), merged_dim, cfg.hidden_size, true)?,
-            merged_dim,
-        })
-    }
-
-    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![("mlp.0", &mut self.fc1), ("mlp.2", &mut self.fc2)]
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Consecutive patches are already grouped by 2x2 window (the processor's order), so
-        // the merge is a reshape.
-        let x = self.ln_q.forward(x)?.reshape(((), self.merged_dim))?;
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
-    }
+/// The merger, with this family's norm.
+pub fn merger(vb: VarBuilder, cfg: &VisionConfig) -> Result<PatchMerger<LayerNorm>> {
+    let ln_q = LayerNorm::load(&vb.pp("ln_q"), cfg.embed_dim, LN_EPS)?;
+    PatchMerger::load(vb, cfg, ln_q)
 }

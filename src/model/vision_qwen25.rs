@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{Activation, VisionConfig};
 use super::layers::{gated, linear, Linear, RmsNorm};
-use super::vision::attend;
+use super::vision::{attend, PatchMerger};
 
 const NORM_EPS: f64 = 1e-6;
 
@@ -76,33 +76,10 @@ impl Block {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Merger {
-    ln_q: RmsNorm,
-    fc1: Linear,
-    fc2: Linear,
-    merged_dim: usize,
-}
-
-impl Merger {
-    pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
-        let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
-        Ok(Self {
-            ln_q: RmsNorm::load(&vb.pp("ln_q"), cfg.embed_dim, NORM_EPS)?,
-            fc1: linear(&vb.pp("mlp.0"), merged_dim, merged_dim, true)?,
-            fc2: linear(&vb.pp("mlp.2"), merged_dim, cfg.hidden_size, true)?,
-            merged_dim,
-        })
-    }
-
-    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![("mlp.0", &mut self.fc1), ("mlp.2", &mut self.fc2)]
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.ln_q.forward(x)?.reshape(((), self.merged_dim))?;
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
-    }
+/// The merger, with this family's norm.
+pub fn merger(vb: VarBuilder, cfg: &VisionConfig) -> Result<PatchMerger<RmsNorm>> {
+    let ln_q = RmsNorm::load(&vb.pp("ln_q"), cfg.embed_dim, NORM_EPS)?;
+    PatchMerger::load(vb, cfg, ln_q)
 }
 
 /// The window order of each image's merged tokens: `order[k]` is the merged token (in the

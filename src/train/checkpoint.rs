@@ -263,24 +263,7 @@ pub fn all(run_dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The newest complete checkpoint of a run directory, if any.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
-    if !run_dir.is_dir() {
-        bail!("{}: no such run directory", run_dir.display());
-    }
-    let mut found: Vec<(u64, PathBuf)> = Vec::new();
-    for e in fs::read_dir(run_dir).with_context(|| format!("{}: cannot list", run_dir.display()))? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            if e.path().join("trainer_state.json").is_file() {
-                found.push((n, e.path()));
-            }
-        }
-    }
-    found.sort();
-    Ok(found.pop().map(|(_, p)| p))
+    Ok(all(run_dir)?.pop())
 }
 
 /// Reads a checkpoint's trainer state and optimizer moments.
