@@ -202,6 +202,32 @@ fn write_side_files(
 }
 
 /// Writes a fresh checkpoint directory at `out` (which must not exist).
+/// An empty directory beside `out` (its parent created if needed) to stage a checkpoint's
+/// tokenizer and config files in: the checkpoint writer copies them and renames the
+/// finished directory into place, so `out` never exists half-written.
+/// Returns (the parent, the directory name, the staging directory).
+fn staging_dir(out: &Path) -> Result<(PathBuf, String, PathBuf)> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = out
+        .file_name()
+        .context("the output needs a directory name")?
+        .to_string_lossy()
+        .to_string();
+    let staging = parent.join(format!(".{name}.init"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("{}: cannot clear", staging.display()))?;
+    }
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("{}: cannot create", staging.display()))?;
+    Ok((parent.to_path_buf(), name, staging))
+}
+
 pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
     if out.exists() {
         bail!("{}: already exists; choose a new directory", out.display());
@@ -215,24 +241,7 @@ pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
             spec.heads
         );
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
-    let name = out
-        .file_name()
-        .context("the output needs a directory name")?
-        .to_string_lossy()
-        .to_string();
-    // Tokenizer and config files are staged first; the checkpoint writer copies them and
-    // renames the finished directory into place.
-    let staging = parent.join(format!(".{name}.init"));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    std::fs::create_dir_all(&staging)?;
+    let (parent, name, staging) = staging_dir(out)?;
     let tok = train_tokenizer(spec.vocab)?;
     let id = |t: &str| tok.token_to_id(t).context("special token missing");
     let n_tokens = tok.get_vocab_size(true);
@@ -284,7 +293,7 @@ pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
     write_side_files(&staging, &tok, 56 * 56, spec.max_pixels, None)?;
     let cfg = Qwen2VlConfig::from_file(&staging.join("config.json"))?;
     let model = TrainableModel::random(cfg, spec.init_std, spec.seed, &staging, &Device::Cpu)?;
-    let done = checkpoint::save(parent, &name, &model, DType::F32, None)?;
+    let done = checkpoint::save(&parent, &name, &model, DType::F32, None)?;
     std::fs::remove_dir_all(&staging)?;
     Ok(done)
 }
@@ -433,22 +442,7 @@ pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
         }
     };
     let config = Qwen2VlConfig::from_json_str(&config_text, "preset config.json")?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
-    let name = out
-        .file_name()
-        .context("the output needs a directory name")?
-        .to_string_lossy()
-        .to_string();
-    let staging = parent.join(format!(".{name}.init"));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    std::fs::create_dir_all(&staging)?;
+    let (_, _, staging) = staging_dir(out)?;
     std::fs::write(staging.join("config.json"), &config_text)?;
     let tok = tokenizer_with_qwen2_ids(640)?;
     write_side_files(

@@ -25,7 +25,7 @@ use crate::processor::{Message, Processor, ProcessorOptions, Prompt};
                   Hugging Face Qwen2-VL checkpoint directory: config.json, *.safetensors, \
                   tokenizer.json, tokenizer_config.json (or chat_template.json), \
                   preprocessor_config.json.",
-    after_help = "Examples:\n  medvlm inspect --model ./Qwen2-VL-2B-Instruct\n  medvlm generate --model ./Qwen2-VL-2B-Instruct --image scan.png --prompt \"Which organ is shown?\"\n  medvlm score --model ./Qwen2-VL-2B-Instruct --image scan.png --prompt \"Which organ? A) liver B) kidney\" --completion \"<answer>A</answer>\" --json"
+    after_help = "Examples:\n  medvlm inspect --model ./Qwen2-VL-2B-Instruct\n  medvlm generate --model ./Qwen2-VL-2B-Instruct --image scan.png --prompt \"Which organ is shown?\"\n  medvlm score --model ./Qwen2-VL-2B-Instruct --image scan.png \\\n      --prompt \"Which organ? A) liver B) kidney\" --completion \"<answer>A</answer>\" --json"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -57,12 +57,12 @@ pub enum Command {
                       --likelihood instead picks the option letter the model finds most \
                       probable, without generating. Writes report.md, report.json and \
                       items.jsonl (every prompt, output, extracted letter and verdict).",
-        after_help = "Examples:\n  medvlm eval --model runs/grpo/final --data MRI_CT_XRAY_300each_dataset.json --image-root data/\n  medvlm eval --model ./Qwen2-VL-2B-Instruct --data test.json --modality CT --limit 100 --likelihood"
+        after_help = "Examples:\n  medvlm eval --model runs/grpo/final --data MRI_CT_XRAY_300each_dataset.json --image-root data/\n  medvlm eval --model ./Qwen2-VL-2B-Instruct --data test.json --modality CT \\\n      --limit 100 --likelihood --out runs/eval-ct"
     )]
     Eval(EvalArgs),
     /// Ask a model a multiple-choice question about a scan and read its reasoning.
     #[command(
-        after_help = "Examples:\n  medvlm ask --model runs/grpo/final --image scan.dcm --question \"Which organ is abnormal?\" --options \"Liver;Kidney;Spleen\""
+        after_help = "Examples:\n  medvlm ask --model runs/grpo/final --image scan.dcm \\\n      --question \"Which organ is abnormal?\" --options \"Liver;Kidney;Spleen\""
     )]
     Ask(AskArgs),
     /// Train a model: GRPO (MedVLM-R1) or the supervised baseline.
@@ -76,7 +76,7 @@ pub enum Command {
     /// Fold a LoRA adapter (PEFT format, e.g. a `train --lora-r` run's final/) into its base
     /// model: a full checkpoint in the base's layout and dtype.
     #[command(
-        after_help = "Example:\n  medvlm merge --model ./Qwen2-VL-2B-Instruct --adapter runs/grpo/final --out ./medvlm-r1-merged"
+        after_help = "Example:\n  medvlm merge --model ./Qwen2-VL-2B-Instruct --adapter runs/grpo-lora/final \\\n      --out ./medvlm-r1-merged"
     )]
     Merge(MergeArgs),
     /// The whole MedVLM-R1 story on this machine: synthetic scans, a tiny model, SFT warm
@@ -102,12 +102,12 @@ pub enum TrainCommand {
                       wins. The run directory receives config.toml, metrics.jsonl, \
                       completions.jsonl, checkpoint-N/ (Hugging Face layout plus optimizer \
                       state) and final/.",
-        after_help = "Examples:\n  medvlm train grpo --print-config > grpo.toml\n  medvlm train grpo --config grpo.toml --model ./Qwen2-VL-2B-Instruct --train-data mri_train.json\n  medvlm train grpo --resume runs/grpo"
+        after_help = "Examples:\n  medvlm train grpo --print-config > grpo.toml\n  medvlm train grpo --config grpo.toml --model ./Qwen2-VL-2B-Instruct --train-data mri_train.json\n  medvlm train grpo --config grpo.toml --model ./Qwen2-VL-2B-Instruct \\\n      --train-data mri_train.json --lora-r 16 --output-dir runs/grpo-lora\n  medvlm train grpo --resume runs/grpo"
     )]
     Grpo(TrainArgs<GrpoKeys>),
     /// Supervised fine-tuning on the same data (the paper's baseline).
     #[command(
-        after_help = "Examples:\n  medvlm train sft --print-config > sft.toml\n  medvlm train sft --config sft.toml --model ./Qwen2-VL-2B-Instruct --train-data mri_train.json\n  medvlm train sft --resume runs/sft\n  medvlm train sft --resume runs/sft --max-steps 2000   # extend a finished run"
+        after_help = "Examples:\n  medvlm train sft --print-config > sft.toml\n  medvlm train sft --config sft.toml --model ./Qwen2-VL-2B-Instruct --train-data mri_train.json\n  medvlm train sft --resume runs/sft\n  medvlm train sft --resume runs/sft --epochs 3   # extend a finished run to 3 epochs"
     )]
     Sft(TrainArgs<SftKeys>),
 }
@@ -317,16 +317,16 @@ pub struct DemoArgs {
     /// Question kinds to train and test on (presence, side, count, modality); repeatable.
     #[arg(long = "task", value_name = "KIND")]
     pub tasks: Vec<String>,
-    /// Training items (default 256, quick 128).
+    /// Training items (default 512, quick 256).
     #[arg(long, value_name = "N")]
     pub train_items: Option<usize>,
     /// Held-out items per in-domain set (default 96, quick 48); the out-of-domain set has half.
     #[arg(long, value_name = "N")]
     pub test_items: Option<usize>,
-    /// SFT warm-start steps.
+    /// SFT warm-start steps (default 200).
     #[arg(long, value_name = "N")]
     pub warm_steps: Option<u64>,
-    /// GRPO steps (the SFT baseline gets the same number).
+    /// GRPO steps; the SFT baseline gets the same number (default 200, quick 100).
     #[arg(long, value_name = "N")]
     pub rl_steps: Option<u64>,
     /// GRPO learning rate.
