@@ -64,7 +64,9 @@ impl DemoSpec {
             rl_steps: 200,
             batch_prompts: 8,
             num_generations: 8,
-            rl_lr: 3e-4,
+            // 3e-4 left seed 9 of the quick demo at chance after 100 steps (its training
+            // accuracy crept from 0.50 to 0.56); 6e-4 learnt it by step 32.
+            rl_lr: 6e-4,
             temperature: 0.7,
             template: PromptTemplate::Simple,
         };

@@ -25,6 +25,7 @@ pub mod model;
 pub mod plot;
 pub mod processor;
 pub mod rl;
+pub mod selftest;
 pub mod sft;
 pub mod synth;
 pub mod train;

@@ -5,12 +5,12 @@
 //! reader has: `./Qwen2-VL-2B-Instruct` is the tiny random Qwen2-VL of the fixtures (same
 //! layout, same tokenizer kind and chat template, 0.2M parameters), `ct.dcm` / `scan.dcm` a
 //! real CT DICOM, `scan.png` a real MRI slice, `mri_train.json` / `test.json` a few synthetic
-//! rows, `runs/demo` a miniature `medvlm demo`. Each ```sh block of the README runs on its
-//! own in a fresh copy of that directory (a reader may start at any section); a block that
-//! cannot run offline here (a GPU, a 4.4 GB checkpoint, the test suite itself) is preceded by
-//! `<!-- readme-test: skip: REASON -->`, and the reason must be given. The help texts'
-//! examples run one after another in one copy, the `train` commands' first (the others read
-//! the runs they write).
+//! rows, `runs/demo` a miniature `medvlm demo`, `tests/fixtures` the repository's. Each
+//! ```sh block of the README runs on its own in a fresh copy of that directory (a reader may
+//! start at any section); a block that cannot run offline here (a GPU, a 4.4 GB checkpoint,
+//! the test suite itself) is preceded by `<!-- readme-test: skip: REASON -->`, and the
+//! reason must be given. The help texts' examples run one after another in one copy, the
+//! `train` commands' first (the others read the runs they write).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -180,6 +180,9 @@ fn sandbox() -> (tempfile::TempDir, PathBuf) {
     )
     .unwrap();
     std::os::unix::fs::symlink(&testset, work.join("data")).unwrap();
+    // `selftest` reads the repository's fixtures from tests/fixtures.
+    std::fs::create_dir_all(work.join("tests")).unwrap();
+    std::os::unix::fs::symlink(repo().join("tests/fixtures"), work.join("tests/fixtures")).unwrap();
     // A miniature demo run in runs/demo (the quick tour asks its GRPO checkpoint).
     medvlm(
         &work,

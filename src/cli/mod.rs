@@ -87,6 +87,34 @@ pub enum Command {
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Check a device against transformers' numbers on the committed fixtures, and time it.
+    #[command(
+        long_about = "Check that a device computes what transformers computes, and how fast: \
+                      on the tiny checkpoints in tests/fixtures, logits (f32 and bf16), greedy \
+                      continuations and teacher-forced log-probs against transformers' \
+                      recorded outputs, and one GRPO step's loss and gradient norm against a \
+                      PyTorch copy of TRL's loss; then rollouts at batch 1 and 1 x G=8 and one \
+                      training step on the 119.7M benchmark model. Prints a table; exits \
+                      non-zero if any check is out of bounds. Run this first on a new GPU.",
+        after_help = "Examples:\n  medvlm selftest --device cpu --no-bench"
+    )]
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SelftestArgs {
+    /// Device to check: cpu, cuda or cuda:N (default: cuda:0 in a CUDA build, else cpu).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// The fixtures directory (the repository's tests/fixtures).
+    #[arg(long, value_name = "DIR", default_value = "tests/fixtures")]
+    pub fixtures: PathBuf,
+    /// Skip the timings (rollouts and a training step on the benchmark model).
+    #[arg(long)]
+    pub no_bench: bool,
+    /// Print the checks as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -329,7 +357,7 @@ pub struct DemoArgs {
     /// GRPO steps; the SFT baseline gets the same number (default 200, quick 100).
     #[arg(long, value_name = "N")]
     pub rl_steps: Option<u64>,
-    /// GRPO learning rate.
+    /// GRPO learning rate (also the SFT baseline's; default 6e-4).
     #[arg(long, value_name = "LR")]
     pub rl_lr: Option<f64>,
     /// Prompts per GRPO step (each sampled --group times).
@@ -689,6 +717,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", a.out.display());
             Ok(())
         }
+        Command::Selftest(a) => run_selftest(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a),
         Command::Bench(BenchCommand::Train(a)) => run_bench_train(a),
         Command::Eval(a) => run_eval(a),
@@ -1286,13 +1315,71 @@ fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_selftest(a: SelftestArgs) -> Result<()> {
+    let device = parse_device(a.device.as_deref())?;
+    let opts = crate::selftest::Options {
+        fixtures: a.fixtures,
+        device: device.clone(),
+        bench: !a.no_bench,
+    };
+    if !a.json {
+        println!("selftest on {}\n", device_name(&device));
+        println!("| check | measured | bound | result |\n| --- | --- | --- | --- |");
+    }
+    let checks = crate::selftest::run(&opts, |c| {
+        if !a.json {
+            println!(
+                "| {} | {} | {} | {} |",
+                c.name,
+                c.measured,
+                if c.bound.is_empty() { "-" } else { &c.bound },
+                if c.pass { "ok" } else { "FAIL" }
+            );
+        }
+    })?;
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| c.name.as_str())
+        .collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} checks failed: {}",
+            failed.len(),
+            checks.len(),
+            failed.join("; ")
+        );
+    }
+    if !a.json {
+        println!("\nall {} checks passed", checks.len());
+    }
+    Ok(())
+}
+
+/// The device in words ("cpu", "cuda:0").
+fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => format!("cuda ({:?})", d.location()),
+        _ => format!("{:?}", d.location()),
+    }
+}
+
 pub fn parse_device(spec: Option<&str>) -> Result<Device> {
     match spec {
-        None => Ok(if candle_core::utils::cuda_is_available() {
-            Device::new_cuda(0)?
-        } else {
-            Device::Cpu
-        }),
+        // A CUDA build uses the first GPU when there is one and the CPU otherwise (the same
+        // binary runs the CPU tests on a machine without a GPU).
+        None if candle_core::utils::cuda_is_available() => match new_cuda(0, "cuda:0") {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                eprintln!("note: no usable CUDA device ({e:#}); running on the CPU");
+                Ok(Device::Cpu)
+            }
+        },
+        None => Ok(Device::Cpu),
         Some("cpu") => Ok(Device::Cpu),
         Some(s) if s == "cuda" || s.starts_with("cuda:") => {
             if !candle_core::utils::cuda_is_available() {
@@ -1306,9 +1393,38 @@ pub fn parse_device(spec: Option<&str>) -> Result<Device> {
                     .with_context(|| format!("--device {s}: expected cuda:N"))?,
                 None => 0,
             };
-            Ok(Device::new_cuda(n)?)
+            new_cuda(n, s)
         }
         Some(s) => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+/// CUDA device `n`, or one line saying why not. The driver library is opened when the first
+/// device is created, and cudarc panics if it is missing: that panic becomes the error.
+fn new_cuda(n: usize, spec: &str) -> Result<Device> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let made = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(hook);
+    match made {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or_default().to_string();
+            bail!("--device {spec}: no such CUDA device ({first})")
+        }
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            let first = msg.lines().next().unwrap_or_default().to_string();
+            bail!(
+                "--device {spec}: the NVIDIA driver library (libcuda.so) cannot be loaded; is \
+                 an NVIDIA GPU with its driver installed? ({first})"
+            )
+        }
     }
 }
 

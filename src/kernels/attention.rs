@@ -281,9 +281,10 @@ impl CustomOp3 for Attention {
 
 /// Whether [`attention`] can run these tensors (f32, on the CPU).
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    [q, k, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+    super::cpu_kernels()
+        && [q, k, v]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }
 
 /// Attention of q (.., rows, d) over k, v (.., keys, d): see [`Attention`].

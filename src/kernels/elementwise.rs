@@ -484,8 +484,10 @@ impl CustomOp1 for QuickGelu {
 
 /// Whether the fused ops can run on these tensors (f32 on the CPU).
 pub fn applies(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+    super::cpu_kernels()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

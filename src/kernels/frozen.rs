@@ -52,7 +52,8 @@ impl CustomOp1 for FrozenLinear {
 /// Whether [`linear`] should replace the plain ops: a frozen CPU weight in another dtype than
 /// a 2-D input that is part of a gradient graph.
 pub fn applies(x: &Tensor, weight: &Tensor) -> bool {
-    x.track_op()
+    super::cpu_kernels()
+        && x.track_op()
         && !weight.is_variable()
         && !weight.track_op()
         && weight.dtype() != x.dtype()

@@ -67,9 +67,21 @@ pub(crate) fn storage_f32_mut<'a>(
     }
 }
 
-/// Whether `t` is an f32 tensor on the CPU laid out contiguously.
+/// Whether `t` is an f32 tensor on the CPU laid out contiguously (and the CPU fast paths
+/// are on: see [`cpu_kernels`]).
 pub fn is_cpu_f32_contiguous(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
+    cpu_kernels()
+        && t.device().is_cpu()
+        && t.dtype() == candle_core::DType::F32
+        && t.is_contiguous()
+}
+
+/// Whether the CPU fast paths may run. `MEDVLM_PLAIN_OPS=1` turns every one of them off, so
+/// that a CPU run takes the plain tensor-op paths a GPU takes: `medvlm selftest` checks
+/// those against transformers on a machine without a GPU.
+pub fn cpu_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MEDVLM_PLAIN_OPS").map_or(true, |v| v.is_empty() || v == "0"))
 }
 
 /// Whether this CPU runs our AVX-512 kernels (checked once; the answer is cached by std).
