@@ -734,6 +734,30 @@ fn resume_names_changes_extends_runs_and_points_past_damage() {
         "{err}"
     );
 
+    // The same through a config file given with --resume: what the file sets is checked
+    // like flags (a changed key named), and a file that agrees with the run is accepted.
+    let changed = dir.join("changed.toml");
+    std::fs::write(&changed, "learning_rate = 0.25\n").unwrap();
+    let (ok, _, err) = medvlm(&["train", "sft", "--config", s(&changed), "--resume", s(&out)]);
+    assert!(!ok);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("learning_rate") && last.contains("0.25 now"),
+        "{err}"
+    );
+    let same = dir.join("same.toml");
+    std::fs::write(
+        &same,
+        format!(
+            "model = {:?}\ntrain_data = {:?}\nbatch_size = 2\n",
+            s(&init),
+            s(&data)
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = medvlm(&["train", "sft", "--config", s(&same), "--resume", s(&out)]);
+    assert!(ok, "{err}");
+
     // A finished run extended to 4 steps.
     let (ok, _, err) = medvlm(&["train", "sft", "--resume", s(&out), "--max-steps", "4"]);
     assert!(ok, "{err}");

@@ -176,8 +176,9 @@ pub struct TrainArgs<K: config_flags::ConfigKind + Send + Sync + Clone + std::fm
     pub config: Option<PathBuf>,
     /// Continue the run in this directory from its newest checkpoint, with its saved
     /// config.toml; the result equals an uninterrupted run. Only --max-steps / --epochs
-    /// may change (to extend a run); other changed settings are named and refused.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+    /// may change (to extend a run); other changed settings (from flags or a --config
+    /// file) are named and refused.
+    #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// Print the commented default config and exit.
     #[arg(long)]
@@ -1165,10 +1166,20 @@ fn resolve_config_text<
 ) -> Result<(String, String, toml::Table)> {
     let mut over = a.keys.table.clone();
     let (text, file) = match (&a.resume, &a.config) {
-        (Some(dir), _) => {
+        (Some(dir), config) => {
             let p = dir.join("config.toml");
             let text = std::fs::read_to_string(&p)
                 .with_context(|| format!("{}: cannot read the run's config", p.display()))?;
+            // A config file given with --resume counts like flags: what it sets is checked
+            // against the run's settings (flags win over the file).
+            if let Some(c) = config {
+                let file_text = std::fs::read_to_string(c)
+                    .with_context(|| format!("{}: cannot read config", c.display()))?;
+                let table: toml::Table = file_text
+                    .parse()
+                    .with_context(|| format!("{}: not valid TOML", c.display()))?;
+                merge_missing(&mut over, table);
+            }
             over.insert(
                 "output_dir".into(),
                 toml::Value::String(dir.display().to_string()),
@@ -1183,6 +1194,19 @@ fn resolve_config_text<
         (None, None) => (String::new(), "command line".to_string()),
     };
     Ok((text, file, over))
+}
+
+/// Adds to `into` what `from` sets and `into` does not (tables merged key by key).
+fn merge_missing(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_missing(a, b),
+            (Some(_), _) => {}
+            (None, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 fn run_train_grpo(a: TrainArgs<GrpoKeys>) -> Result<()> {
@@ -1419,7 +1443,13 @@ fn new_cuda(n: usize, spec: &str) -> Result<Device> {
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            let first = msg.lines().next().unwrap_or_default().to_string();
+            // cudarc's message goes on to list every file name it tried.
+            let first = msg
+                .split(" - ")
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             bail!(
                 "--device {spec}: the NVIDIA driver library (libcuda.so) cannot be loaded; is \
                  an NVIDIA GPU with its driver installed? ({first})"
