@@ -400,7 +400,7 @@ fn print_summary(r: &DemoReport, traces: &[ItemResult]) {
     if !traces.is_empty() {
         println!("\nA few GRPO answers:");
         for t in traces {
-            let (reasoning, _) = crate::cli::split_reasoning(&t.output);
+            let (reasoning, _) = crate::infer::split_reasoning(&t.output);
             println!(
                 "  [{}] reasoning: {:?} -> answer {} (correct: {})",
                 t.modality,

@@ -52,7 +52,7 @@ fn fixture_in(name: &str, dtype: DType) -> Fixture {
 }
 
 fn stop(f: &Fixture) -> Vec<u32> {
-    medvlm::cli::stop_tokens(&f.proc)
+    medvlm::infer::stop_tokens(&f.proc)
 }
 
 fn greedy(p: &Prompt, max_new_tokens: usize) -> Request<'_> {

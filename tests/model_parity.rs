@@ -41,7 +41,7 @@ fn prompt_for(l: &Loaded, case: &serde_json::Value) -> Prompt {
 }
 
 fn stop_ids(l: &Loaded) -> Vec<u32> {
-    medvlm::cli::stop_tokens(&l.proc)
+    medvlm::infer::stop_tokens(&l.proc)
 }
 
 fn check_model(name: &str) {

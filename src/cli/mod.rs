@@ -707,6 +707,25 @@ impl From<DTypeArg> for DType {
     }
 }
 
+pub use crate::device::parse as parse_device;
+pub use crate::infer::{split_reasoning, stop_tokens, Loaded};
+
+impl ModelArgs {
+    pub fn source(&self) -> crate::infer::ModelSource {
+        crate::infer::ModelSource {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            dtype: self.dtype.map(DType::from),
+            device: self.device.clone(),
+        }
+    }
+}
+
+/// Loads `--model` (with `--adapter`) on `--device` in `--dtype`.
+pub fn load(m: &ModelArgs, opts: &ProcessorOptions) -> Result<Loaded> {
+    crate::infer::load(&m.source(), opts)
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => run_generate(a),
@@ -1044,17 +1063,6 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Splits a completion into its reasoning (the `<think>` block) and the rest.
-pub fn split_reasoning(text: &str) -> (Option<String>, String) {
-    match (text.find("<think>"), text.find("</think>")) {
-        (Some(a), Some(b)) if b > a => (
-            Some(text[a + 7..b].trim().to_string()),
-            text[b + 8..].trim().to_string(),
-        ),
-        _ => (None, text.trim().to_string()),
-    }
-}
-
 fn run_ask(a: AskArgs) -> Result<()> {
     use crate::data::{build_problem, PromptTemplate, LETTERS};
     use crate::rl::reward::{extract_answer, Extraction};
@@ -1347,7 +1355,7 @@ fn run_selftest(a: SelftestArgs) -> Result<()> {
         bench: !a.no_bench,
     };
     if !a.json {
-        println!("selftest on {}\n", device_name(&device));
+        println!("selftest on {}\n", crate::device::name(&device));
         println!("| check | measured | bound | result |\n| --- | --- | --- | --- |");
     }
     let checks = crate::selftest::run(&opts, |c| {
@@ -1383,127 +1391,6 @@ fn run_selftest(a: SelftestArgs) -> Result<()> {
     Ok(())
 }
 
-/// The device in words ("cpu", "cuda:0").
-fn device_name(d: &Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => format!("cuda ({:?})", d.location()),
-        _ => format!("{:?}", d.location()),
-    }
-}
-
-pub fn parse_device(spec: Option<&str>) -> Result<Device> {
-    match spec {
-        // A CUDA build uses the first GPU when there is one and the CPU otherwise (the same
-        // binary runs the CPU tests on a machine without a GPU).
-        None if candle_core::utils::cuda_is_available() => match new_cuda(0, "cuda:0") {
-            Ok(d) => Ok(d),
-            Err(e) => {
-                eprintln!("note: no usable CUDA device ({e:#}); running on the CPU");
-                Ok(Device::Cpu)
-            }
-        },
-        None => Ok(Device::Cpu),
-        Some("cpu") => Ok(Device::Cpu),
-        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
-            if !candle_core::utils::cuda_is_available() {
-                bail!(
-                    "--device {s}: this build has no CUDA support (rebuild with --features cuda)"
-                );
-            }
-            let n = match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .with_context(|| format!("--device {s}: expected cuda:N"))?,
-                None => 0,
-            };
-            new_cuda(n, s)
-        }
-        Some(s) => bail!("--device {s}: expected cpu, cuda or cuda:N"),
-    }
-}
-
-/// CUDA device `n`, or one line saying why not. The driver library is opened when the first
-/// device is created, and cudarc panics if it is missing: that panic becomes the error.
-fn new_cuda(n: usize, spec: &str) -> Result<Device> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let made = std::panic::catch_unwind(|| Device::new_cuda(n));
-    std::panic::set_hook(hook);
-    match made {
-        Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => {
-            let first = e.to_string();
-            let first = first.lines().next().unwrap_or_default().to_string();
-            bail!("--device {spec}: no such CUDA device ({first})")
-        }
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            // cudarc's message goes on to list every file name it tried.
-            let first = msg
-                .split(" - ")
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string();
-            bail!(
-                "--device {spec}: the NVIDIA driver library (libcuda.so) cannot be loaded; is \
-                 an NVIDIA GPU with its driver installed? ({first})"
-            )
-        }
-    }
-}
-
-/// A model and its processor, loaded from one checkpoint directory.
-pub struct Loaded {
-    pub model: Qwen2Vl,
-    pub processor: Processor,
-}
-
-pub fn load(m: &ModelArgs, opts: &ProcessorOptions) -> Result<Loaded> {
-    if !m.model.is_dir() {
-        bail!(
-            "{}: no such checkpoint directory (expected config.json, *.safetensors, \
-             tokenizer.json, preprocessor_config.json)",
-            m.model.display()
-        );
-    }
-    let device = parse_device(m.device.as_deref())?;
-    let dtype = m.dtype.map(DType::from).unwrap_or(if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    });
-    let processor = Processor::from_dir(&m.model, opts)?;
-    let mut model = Qwen2Vl::load(&m.model, dtype, &device)?;
-    if let Some(a) = &m.adapter {
-        model
-            .merge_adapter(a)
-            .with_context(|| format!("applying adapter {}", a.display()))?;
-    }
-    let vocab = model.config.text.vocab_size;
-    if processor.tokenizer.vocab_size() > vocab {
-        bail!(
-            "{}: the tokenizer has {} tokens but the model's vocabulary is {vocab}",
-            m.model.display(),
-            processor.tokenizer.vocab_size()
-        );
-    }
-    if processor.tokenizer.special.image_pad != model.config.image_token_id {
-        bail!(
-            "{}: config.json's image_token_id ({}) is not the tokenizer's <|image_pad|> ({})",
-            m.model.display(),
-            model.config.image_token_id,
-            processor.tokenizer.special.image_pad
-        );
-    }
-    Ok(Loaded { model, processor })
-}
-
 fn processor_options(p: &PromptArgs) -> ProcessorOptions {
     ProcessorOptions {
         min_pixels: p.min_pixels,
@@ -1529,19 +1416,6 @@ fn prepare_prompt(proc: &Processor, p: &PromptArgs) -> Result<Prompt> {
         .map(|path| proc.load_image(path))
         .collect::<Result<Vec<_>>>()?;
     proc.prepare(&build_messages(p), images, true)
-}
-
-/// Token ids that end an assistant turn: `<|im_end|>`, `<|endoftext|>`, and the
-/// tokenizer's eos token.
-pub fn stop_tokens(proc: &Processor) -> Vec<u32> {
-    let s = &proc.tokenizer.special;
-    let mut v: Vec<u32> = [s.im_end, s.endoftext, proc.tokenizer.eos_token_id]
-        .into_iter()
-        .flatten()
-        .collect();
-    v.sort_unstable();
-    v.dedup();
-    v
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {

@@ -29,7 +29,7 @@ impl RunInputs {
     pub fn prepare<M: Method>(config: &TrainConfig<M>, resume: bool) -> Result<Self> {
         config.validate()?;
         let run = &config.run;
-        let device = crate::cli::parse_device(run.device.as_deref())?;
+        let device = crate::device::parse(run.device.as_deref())?;
         let resume_from = Session::resume_point(&run.output_dir, resume)?;
         let processor = Processor::from_dir(&run.model, &processor_options(run))?;
         let ds = data::load(&run.train_data, run.image_root.as_deref())?;

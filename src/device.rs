@@ -1,0 +1,82 @@
+//! Which device a command runs on: `--device cpu | cuda | cuda:N`, and the CUDA build's
+//! fallback to the CPU when no GPU is usable.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+
+/// The device `--device` names (`None`: the first GPU of a CUDA build if usable, else the
+/// CPU).
+pub fn parse(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        // A CUDA build uses the first GPU when there is one and the CPU otherwise (the same
+        // binary runs the CPU tests on a machine without a GPU).
+        None if candle_core::utils::cuda_is_available() => match new_cuda(0, "cuda:0") {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                eprintln!("note: no usable CUDA device ({e:#}); running on the CPU");
+                Ok(Device::Cpu)
+            }
+        },
+        None => Ok(Device::Cpu),
+        Some("cpu") => Ok(Device::Cpu),
+        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
+            if !candle_core::utils::cuda_is_available() {
+                bail!(
+                    "--device {s}: this build has no CUDA support (rebuild with --features cuda)"
+                );
+            }
+            let n = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("--device {s}: expected cuda:N"))?,
+                None => 0,
+            };
+            new_cuda(n, s)
+        }
+        Some(s) => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+/// CUDA device `n`, or one line saying why not. The driver library is opened when the first
+/// device is created, and cudarc panics if it is missing: that panic becomes the error.
+fn new_cuda(n: usize, spec: &str) -> Result<Device> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let made = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(hook);
+    match made {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or_default().to_string();
+            bail!("--device {spec}: no such CUDA device ({first})")
+        }
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            // cudarc's message goes on to list every file name it tried.
+            let first = msg
+                .split(" - ")
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            bail!(
+                "--device {spec}: the NVIDIA driver library (libcuda.so) cannot be loaded; is \
+                 an NVIDIA GPU with its driver installed? ({first})"
+            )
+        }
+    }
+}
+
+/// The device in words ("cpu", "cuda:0").
+pub fn name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => format!("cuda ({:?})", d.location()),
+        _ => format!("{:?}", d.location()),
+    }
+}
