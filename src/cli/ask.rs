@@ -1,0 +1,106 @@
+//! `medvlm ask`: one multiple-choice question about one scan, reasoning and answer apart.
+
+use super::*;
+
+pub(super) fn run_ask(a: AskArgs) -> Result<()> {
+    use crate::data::{build_problem, PromptTemplate, LETTERS};
+    use crate::rl::reward::{extract_answer, Extraction};
+    let options: Vec<String> = a
+        .options
+        .as_deref()
+        .map(|o| {
+            o.split(';')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if options.len() > LETTERS.len() {
+        bail!(
+            "--options: at most {} options are supported, got {}",
+            LETTERS.len(),
+            options.len()
+        );
+    }
+    let loaded = load(
+        &a.model,
+        &ProcessorOptions {
+            max_pixels: a.max_pixels,
+            medical: a.medical.options(),
+            ..Default::default()
+        },
+    )?;
+    let proc = &loaded.processor;
+    let template = resolve_template(a.template.as_deref(), &a.model, PromptTemplate::Paper)?;
+    let text = if options.is_empty() {
+        a.question.clone()
+    } else {
+        template.render(&build_problem(&a.question, &options))
+    };
+    let image = proc.load_image(&a.image)?;
+    // What the model sees: the picture after decoding (medical files: slice and window)
+    // and after resizing.
+    if let Some(d) = crate::processor::image::medical::describe(&a.image, &a.medical.options())? {
+        eprintln!("image: {}: {d}", a.image.display());
+    }
+    let ps = proc.images.config.patch_size;
+    eprintln!(
+        "image: resized to {}x{} pixels, {} image tokens",
+        image.grid_thw[2] * ps,
+        image.grid_thw[1] * ps,
+        image.num_patches / (proc.images.config.merge_size * proc.images.config.merge_size)
+    );
+    let prompt = proc.prepare(&[Message::user_with_images(1, text)], vec![image], true)?;
+    let engine = Engine::new(
+        &loaded.model,
+        stop_tokens(proc),
+        proc.tokenizer.special.vision_ids().to_vec(),
+    );
+    let req = Request {
+        prompt: &prompt,
+        sampling: crate::generate::SamplingParams::default(),
+        max_new_tokens: a.max_new_tokens,
+        num_samples: 1,
+    };
+    let out = engine.generate(std::slice::from_ref(&req), |_, _, _| {})?;
+    let c = &out[0][0];
+    let raw = proc.tokenizer.decode(c.content_tokens(), true)?;
+    let (reasoning, rest) = split_reasoning(&raw);
+    let letter = if options.is_empty() {
+        None
+    } else {
+        match extract_answer(&raw, Some(options.len())) {
+            Extraction::Letter { letter, .. } => Some(letter),
+            _ => None,
+        }
+    };
+    let chosen = letter
+        .and_then(|l| LETTERS.iter().position(|&x| x == l))
+        .map(|i| options[i].clone());
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&json!({
+                "reasoning": reasoning,
+                "answer_letter": letter.map(|l| l.to_string()),
+                "answer": chosen,
+                "output": raw,
+                "finish_reason": c.finish,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "Reasoning:\n  {}\n",
+        reasoning
+            .as_deref()
+            .unwrap_or("(the model gave no <think> block)")
+            .replace('\n', "\n  ")
+    );
+    match (letter, chosen) {
+        (Some(l), Some(o)) => println!("Answer: {l}) {o}"),
+        _ if options.is_empty() => println!("Answer:\n  {rest}"),
+        _ => println!("Answer: (no option letter could be read)\n  raw output: {raw}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! `medvlm eval`: the per-modality accuracy report of a checkpoint on a dataset.
+
+use super::*;
+
+/// The question template: `--template`, else the one the checkpoint (or its adapter) was
+/// trained with, else `fallback`; says on stderr which and why.
+pub(super) fn resolve_template(
+    flag: Option<&str>,
+    model: &ModelArgs,
+    fallback: crate::data::PromptTemplate,
+) -> Result<crate::data::PromptTemplate> {
+    use crate::data::PromptTemplate;
+    if let Some(t) = flag {
+        return PromptTemplate::parse(t)
+            .with_context(|| format!("--template {t}: expected \"paper\" or \"simple\""));
+    }
+    let mut dirs: Vec<&Path> = Vec::new();
+    if let Some(a) = &model.adapter {
+        dirs.push(a);
+    }
+    dirs.push(&model.model);
+    Ok(match PromptTemplate::of_checkpoint(&dirs)? {
+        Some((t, from)) => {
+            eprintln!(
+                "template: {} (the checkpoint was trained with it: {}; --template overrides)",
+                t.name(),
+                from.display()
+            );
+            t
+        }
+        None => fallback,
+    })
+}
+
+pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
+    use crate::data::{self, PromptTemplate};
+    let fallback = if a.likelihood {
+        PromptTemplate::Simple
+    } else {
+        PromptTemplate::Paper
+    };
+    let template = resolve_template(a.template.as_deref(), &a.model, fallback)?;
+    if let Some(f) = a.test_split {
+        if !(0.0..=1.0).contains(&f) || f == 0.0 {
+            bail!("--test-split must be in (0, 1], got {f}");
+        }
+    }
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1 (it caps the number of items evaluated)");
+    }
+    let started = std::time::Instant::now();
+    let ds = data::load(&a.data, a.image_root.as_deref())?;
+    // Only the selected modalities count, skipped rows included.
+    let wanted =
+        |m: &str| a.modalities.is_empty() || a.modalities.iter().any(|k| k.eq_ignore_ascii_case(m));
+    let skipped: Vec<data::Skipped> = ds
+        .skipped
+        .iter()
+        .filter(|s| wanted(&s.modality))
+        .cloned()
+        .collect();
+    for s in skipped.iter().take(5) {
+        eprintln!("skipped {s}");
+    }
+    if skipped.len() > 5 {
+        eprintln!(
+            "skipped {} rows in all (see the report's skipped column)",
+            skipped.len()
+        );
+    }
+    let mut file_rows: std::collections::BTreeMap<String, usize> = Default::default();
+    for m in ds
+        .items
+        .iter()
+        .map(|it| it.modality.name().to_string())
+        .chain(skipped.iter().map(|s| s.modality.clone()))
+        .filter(|m| wanted(m))
+    {
+        *file_rows.entry(m).or_default() += 1;
+    }
+    let mut items = data::filter_modalities(ds.items, &a.modalities);
+    if items.is_empty() {
+        if skipped.is_empty() {
+            bail!(
+                "{}: no rows for modalities {:?}",
+                a.data.display(),
+                a.modalities
+            );
+        }
+        let mut why: std::collections::BTreeMap<&str, usize> = Default::default();
+        for s in &skipped {
+            *why.entry(s.kind).or_default() += 1;
+        }
+        let why: Vec<String> = why.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        bail!(
+            "{}: all {} rows{} were skipped ({}); check --image-root",
+            a.data.display(),
+            skipped.len(),
+            if a.modalities.is_empty() {
+                String::new()
+            } else {
+                format!(" of {}", a.modalities.join(", "))
+            },
+            why.join(", ")
+        );
+    }
+    if let Some(f) = a.test_split {
+        items = data::split(items, f, a.seed).1;
+    }
+    if let Some(n) = a.limit {
+        items.truncate(n);
+    }
+    let loaded = load(
+        &a.model,
+        &ProcessorOptions {
+            min_pixels: a.min_pixels,
+            max_pixels: a.max_pixels,
+            max_prompt_tokens: None,
+            medical: a.medical.options(),
+        },
+    )?;
+    let pb = indicatif::ProgressBar::new(items.len() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} items  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let progress = |done: usize, _total: usize| pb.set_position(done as u64);
+    let (results, mode) = if a.likelihood {
+        (
+            crate::eval::run_likelihood(
+                &loaded.model,
+                &loaded.processor,
+                &items,
+                template,
+                progress,
+            )?,
+            "likelihood",
+        )
+    } else {
+        (
+            crate::eval::run_greedy(
+                &loaded.model,
+                &loaded.processor,
+                &items,
+                template,
+                a.max_new_tokens,
+                a.batch_size,
+                progress,
+            )?,
+            "greedy",
+        )
+    };
+    pb.finish_and_clear();
+    let settings = json!({
+        "model": a.model.model.display().to_string(),
+        "adapter": a.model.adapter.as_ref().map(|p| p.display().to_string()),
+        "data": a.data.display().to_string(),
+        "image_root": a.image_root.as_ref().map(|p| p.display().to_string()),
+        "modalities": a.modalities,
+        "template": template.name(),
+        "mode": mode,
+        "max_new_tokens": (!a.likelihood).then_some(a.max_new_tokens),
+        "min_pixels": loaded.processor.images.config.min_pixels,
+        "max_pixels": loaded.processor.images.config.max_pixels,
+        "test_split": a.test_split,
+        "seed": a.seed,
+        "limit": a.limit,
+        "medvlm_version": env!("CARGO_PKG_VERSION"),
+        "elapsed_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    });
+    let report = crate::eval::Report::new(
+        &results,
+        &a.model.model.display().to_string(),
+        &a.data.display().to_string(),
+        mode,
+        template,
+        &skipped,
+        &file_rows,
+        settings,
+    );
+    let out = a.out.clone().unwrap_or_else(|| {
+        let name = a
+            .model
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into());
+        PathBuf::from(format!("eval-{name}"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let md = report.markdown();
+    std::fs::write(out.join("report.md"), &md)
+        .with_context(|| format!("{}: cannot write report.md", out.display()))?;
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )
+    .with_context(|| format!("{}: cannot write report.json", out.display()))?;
+    let mut lines = String::new();
+    for (r, it) in results.iter().zip(&items) {
+        let mut v = serde_json::to_value(r)?;
+        v["question"] = json!(it.question);
+        v["options"] = json!(it.options);
+        v["subset"] = json!(it.subset);
+        lines.push_str(&serde_json::to_string(&v)?);
+        lines.push('\n');
+    }
+    std::fs::write(out.join("items.jsonl"), lines)
+        .with_context(|| format!("{}: cannot write items.jsonl", out.display()))?;
+    println!("{md}");
+    println!(
+        "written to {}/ (report.md, report.json, items.jsonl)",
+        out.display()
+    );
+    Ok(())
+}
