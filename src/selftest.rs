@@ -311,43 +311,80 @@ fn bf16_check(opts: &Options) -> Result<Check> {
     ))
 }
 
+/// The inputs of tools/make_grpo_fixture.py's GRPO cases: prompts built by our processor
+/// (checked token for token against the reference's), completions with their group and
+/// truncation flag, rewards, and the whole JSON (expected log-probs, advantages, losses).
+pub struct GrpoFixture {
+    pub meta: Value,
+    pub prompts: Vec<Prompt>,
+    /// (prompt index, token ids, truncated), group after group.
+    pub completions: Vec<(usize, Vec<u32>, bool)>,
+    pub rewards: Vec<f32>,
+}
+
+impl GrpoFixture {
+    /// Reads `<prefix>-cases.json` from `fixtures` (images from `fixtures/images`).
+    pub fn load(fixtures: &Path, prefix: &str, proc: &Processor) -> Result<Self> {
+        let path = fixtures.join(format!("{prefix}-cases.json"));
+        let meta: Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: cannot read", path.display()))?,
+        )
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let groups = meta["groups"].as_array().context("grpo cases: no groups")?;
+        let mut prompts = Vec::new();
+        let mut completions = Vec::new();
+        let mut rewards = Vec::new();
+        for (gi, g) in groups.iter().enumerate() {
+            let images = g["images"]
+                .as_array()
+                .map(|v| v.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .map(|n| {
+                    proc.load_image(&fixtures.join("images").join(n.as_str().unwrap_or_default()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let text = g["text"].as_str().unwrap_or_default();
+            let p = proc.prepare(&[Message::user_with_images(1, text)], images, true)?;
+            if p.input_ids != u32s(&g["input_ids"]) {
+                bail!(
+                    "{}: group {gi}: the prompt's token ids differ",
+                    path.display()
+                );
+            }
+            prompts.push(p);
+            for c in g["completions"]
+                .as_array()
+                .map_or(&[][..], |v| v.as_slice())
+            {
+                completions.push((gi, u32s(&c["ids"]), c["truncated"].as_bool() == Some(true)));
+            }
+            rewards.extend(f32s(&g["rewards"]));
+        }
+        Ok(Self {
+            meta,
+            prompts,
+            completions,
+            rewards,
+        })
+    }
+}
+
 /// One GRPO step's loss and gradient norm against the PyTorch reference of TRL's loss
 /// (tools/make_grpo_fixture.py, case grpo_beta0.04_iter1).
 fn grpo_checks(opts: &Options) -> Result<Vec<Check>> {
     let fx = &opts.fixtures;
-    let path = fx.join("grpo-cases.json");
-    let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?,
-    )?;
     let policy_dir = fx.join("grpo-policy");
     let policy = TrainableModel::load(&policy_dir, &opts.device)?;
     let reference = Qwen2Vl::load(&fx.join("tiny-a"), DType::F32, &opts.device)?;
     let proc = Processor::from_dir(&policy_dir, &ProcessorOptions::default())?;
-    let groups = meta["groups"].as_array().context("grpo-cases: no groups")?;
-    let mut prompts = Vec::new();
-    for g in groups {
-        let images = g["images"]
-            .as_array()
-            .map(|v| v.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .map(|n| proc.load_image(&fx.join("images").join(n.as_str().unwrap_or_default())))
-            .collect::<Result<Vec<_>>>()?;
-        let text = g["text"].as_str().unwrap_or_default();
-        prompts.push(proc.prepare(&[Message::user_with_images(1, text)], images, true)?);
-    }
-    let mut completions: Vec<(usize, Vec<u32>, bool)> = Vec::new();
-    let mut rewards = Vec::new();
-    for (gi, g) in groups.iter().enumerate() {
-        for c in g["completions"]
-            .as_array()
-            .map_or(&[][..], |v| v.as_slice())
-        {
-            completions.push((gi, u32s(&c["ids"]), c["truncated"].as_bool() == Some(true)));
-        }
-        rewards.extend(f32s(&g["rewards"]));
-    }
+    let GrpoFixture {
+        meta,
+        prompts,
+        completions,
+        rewards,
+    } = GrpoFixture::load(fx, "grpo", &proc)?;
     let seqs: Vec<SeqRef> = completions
         .iter()
         .map(|(gi, toks, _)| SeqRef {

@@ -11,6 +11,7 @@ use medvlm::model::Qwen2Vl;
 use medvlm::processor::{Message, Processor, ProcessorOptions, Prompt};
 use medvlm::rl::grpo::{self, LossConfig, LossType, ScaleRewards};
 use medvlm::rl::step::{self, StepBatch};
+use medvlm::selftest::GrpoFixture;
 use medvlm::train::logps::{self, SeqRef};
 use medvlm::train::{GradAccumulator, TrainableModel};
 use serde_json::Value;
@@ -32,49 +33,18 @@ fn grpo_loss_and_gradient_match_pytorch_on_qwen25_vl() {
 }
 
 fn check_grpo_cases(prefix: &str, reference_name: &str) {
-    let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(format!("{prefix}-cases.json"))).unwrap(),
-    )
-    .unwrap();
     let policy_dir = fixtures().join(format!("{prefix}-policy"));
     let policy = TrainableModel::load(&policy_dir, &Device::Cpu).unwrap();
     let reference =
         Qwen2Vl::load(&fixtures().join(reference_name), DType::F32, &Device::Cpu).unwrap();
     let proc = Processor::from_dir(&policy_dir, &ProcessorOptions::default()).unwrap();
-
-    // The prompts, built by our processor, must be the reference's token for token.
-    let groups = meta["groups"].as_array().unwrap();
-    let prompts: Vec<Prompt> = groups
-        .iter()
-        .map(|g| {
-            let images = g["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| {
-                    proc.load_image(&fixture_image(n.as_str().unwrap()))
-                        .unwrap()
-                })
-                .collect();
-            let p = proc
-                .prepare(
-                    &[Message::user_with_images(1, g["text"].as_str().unwrap())],
-                    images,
-                    true,
-                )
-                .unwrap();
-            assert_eq!(p.input_ids, u32s(&g["input_ids"]));
-            p
-        })
-        .collect();
-    let mut completions: Vec<(usize, Vec<u32>, bool)> = Vec::new();
-    let mut rewards = Vec::new();
-    for (gi, g) in groups.iter().enumerate() {
-        for c in g["completions"].as_array().unwrap() {
-            completions.push((gi, u32s(&c["ids"]), c["truncated"].as_bool().unwrap()));
-        }
-        rewards.extend(f32s(&g["rewards"]));
-    }
+    // The prompts, built by our processor, are checked to be the reference's token for token.
+    let GrpoFixture {
+        meta,
+        prompts,
+        completions,
+        rewards,
+    } = GrpoFixture::load(&fixtures(), prefix, &proc).unwrap();
     let seqs: Vec<SeqRef> = completions
         .iter()
         .map(|(gi, toks, _)| SeqRef {
