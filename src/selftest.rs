@@ -486,14 +486,19 @@ fn bench_checks(device: &Device) -> Result<Vec<Check>> {
     };
     let t = crate::bench::train::run(device, &w)?;
     let s = t.steps.last().context("no training step ran")?;
+    let what = if device.is_cpu() {
+        "peak resident memory"
+    } else {
+        "device memory in use"
+    };
     let mem = device_memory_mib(device)
-        .map(|m| format!("{m:.0} MiB"))
-        .unwrap_or_else(|| "unknown".into());
+        .map(|m| format!("{what} {m:.0} MiB"))
+        .unwrap_or_else(|| format!("{what} unknown"));
     out.push(Check::new(
         "GRPO training step, bench model",
         format!(
             "B=1 x G=8 x 64 tokens: {:.2}s (generation {:.2}s, reference {:.2}s, policy {:.2}s); \
-             memory {mem}",
+             {mem}",
             s.total_s, s.generation_s, s.reference_s, s.policy_s
         ),
         "",

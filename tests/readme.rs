@@ -43,7 +43,11 @@ fn sh_blocks(readme: &str) -> Vec<Block> {
             let prev = lines[..i].iter().rev().find(|l| !l.trim().is_empty());
             let skip = prev.and_then(|p| p.trim().strip_prefix(SKIP)).map(|r| {
                 let r = r.trim_end_matches("-->").trim();
-                assert!(!r.is_empty(), "README line {}: a skip needs a reason", i);
+                assert!(
+                    !r.is_empty(),
+                    "README line {}: a skip needs a reason",
+                    i + 1
+                );
                 r.to_string()
             });
             let start = i + 1;
