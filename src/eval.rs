@@ -48,14 +48,9 @@ pub fn run_greedy(
     batch_size: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<ItemResult>> {
-    let s = &processor.tokenizer.special;
-    let mut stop: Vec<u32> = [s.im_end, s.endoftext, processor.tokenizer.eos_token_id]
-        .into_iter()
-        .flatten()
-        .collect();
-    stop.sort_unstable();
-    stop.dedup();
-    let engine = Engine::new(model, stop, s.vision_ids().to_vec());
+    let stop = crate::infer::stop_tokens(processor);
+    let vision = processor.tokenizer.special.vision_ids().to_vec();
+    let engine = Engine::new(model, stop, vision);
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(batch_size.max(1)) {
         let mut prompts = Vec::with_capacity(chunk.len());

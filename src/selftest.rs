@@ -369,6 +369,23 @@ impl GrpoFixture {
             rewards,
         })
     }
+
+    /// Every completion as the trainer's step functions take it.
+    pub fn seqs(&self) -> Vec<SeqRef<'_>> {
+        self.completions
+            .iter()
+            .map(|(gi, toks, _)| SeqRef {
+                prompt: &self.prompts[*gi],
+                prompt_index: *gi,
+                tokens: toks,
+            })
+            .collect()
+    }
+
+    /// One flag per completion: whether it hit the length limit.
+    pub fn truncated(&self) -> Vec<bool> {
+        self.completions.iter().map(|c| c.2).collect()
+    }
 }
 
 /// One GRPO step's loss and gradient norm against the PyTorch reference of TRL's loss
@@ -379,24 +396,13 @@ fn grpo_checks(opts: &Options) -> Result<Vec<Check>> {
     let policy = TrainableModel::load(&policy_dir, &opts.device)?;
     let reference = Qwen2Vl::load(&fx.join("tiny-a"), DType::F32, &opts.device)?;
     let proc = Processor::from_dir(&policy_dir, &ProcessorOptions::default())?;
-    let GrpoFixture {
-        meta,
-        prompts,
-        completions,
-        rewards,
-    } = GrpoFixture::load(fx, "grpo", &proc)?;
-    let seqs: Vec<SeqRef> = completions
-        .iter()
-        .map(|(gi, toks, _)| SeqRef {
-            prompt: &prompts[*gi],
-            prompt_index: *gi,
-            tokens: toks,
-        })
-        .collect();
-    let truncated: Vec<bool> = completions.iter().map(|c| c.2).collect();
+    let fixture = GrpoFixture::load(fx, "grpo", &proc)?;
+    let (meta, rewards) = (&fixture.meta, &fixture.rewards);
+    let seqs = fixture.seqs();
+    let truncated = fixture.truncated();
     let g = meta["num_generations"].as_u64().unwrap_or(0) as usize;
     let cfg = LossConfig::default();
-    let adv = grpo::advantages(&rewards, g, cfg.scale_rewards)?;
+    let adv = grpo::advantages(rewards, g, cfg.scale_rewards)?;
     let ref_lp = logps::logps(&reference, &seqs, seqs.len(), 1.0)?;
     let batch = StepBatch {
         seqs: seqs.clone(),

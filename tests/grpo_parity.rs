@@ -39,21 +39,10 @@ fn check_grpo_cases(prefix: &str, reference_name: &str) {
         Qwen2Vl::load(&fixtures().join(reference_name), DType::F32, &Device::Cpu).unwrap();
     let proc = Processor::from_dir(&policy_dir, &ProcessorOptions::default()).unwrap();
     // The prompts, built by our processor, are checked to be the reference's token for token.
-    let GrpoFixture {
-        meta,
-        prompts,
-        completions,
-        rewards,
-    } = GrpoFixture::load(&fixtures(), prefix, &proc).unwrap();
-    let seqs: Vec<SeqRef> = completions
-        .iter()
-        .map(|(gi, toks, _)| SeqRef {
-            prompt: &prompts[*gi],
-            prompt_index: *gi,
-            tokens: toks,
-        })
-        .collect();
-    let truncated: Vec<bool> = completions.iter().map(|c| c.2).collect();
+    let fixture = GrpoFixture::load(&fixtures(), prefix, &proc).unwrap();
+    let (meta, rewards) = (&fixture.meta, &fixture.rewards);
+    let seqs = fixture.seqs();
+    let truncated = fixture.truncated();
     let g = meta["num_generations"].as_u64().unwrap() as usize;
 
     // Reference log-probs and advantages are inputs of the loss; check them on their own.
@@ -77,7 +66,7 @@ fn check_grpo_cases(prefix: &str, reference_name: &str) {
         (ScaleRewards::Batch, "batch"),
         (ScaleRewards::None, "none"),
     ] {
-        let a = grpo::advantages(&rewards, g, scale).unwrap();
+        let a = grpo::advantages(rewards, g, scale).unwrap();
         for (x, y) in a.iter().zip(f32s(&meta["advantages"][key])) {
             assert!((x - y).abs() < 1e-6, "{key}: {x} vs {y}");
         }
@@ -97,7 +86,7 @@ fn check_grpo_cases(prefix: &str, reference_name: &str) {
     // gradient norm.
     {
         let cfg = LossConfig::default();
-        let adv = grpo::advantages(&rewards, g, cfg.scale_rewards).unwrap();
+        let adv = grpo::advantages(rewards, g, cfg.scale_rewards).unwrap();
         let order = [0usize, 3, 6, 1, 4, 7, 2, 5, 8];
         let batch = StepBatch {
             seqs: order.iter().map(|&i| seqs[i]).collect(),
@@ -134,7 +123,7 @@ fn check_grpo_cases(prefix: &str, reference_name: &str) {
     // backward pass) gives the same gradients, parameter by parameter.
     {
         let cfg = LossConfig::default();
-        let adv = grpo::advantages(&rewards, g, cfg.scale_rewards).unwrap();
+        let adv = grpo::advantages(rewards, g, cfg.scale_rewards).unwrap();
         let batch = StepBatch {
             seqs: seqs.clone(),
             advantages: &adv,
@@ -208,7 +197,7 @@ fn check_grpo_cases(prefix: &str, reference_name: &str) {
             temperature: 1.0,
         };
         let old = (case["num_iterations"].as_u64().unwrap() > 1).then_some(old_lp.as_slice());
-        let adv = grpo::advantages(&rewards, g, cfg.scale_rewards).unwrap();
+        let adv = grpo::advantages(rewards, g, cfg.scale_rewards).unwrap();
         let batch = StepBatch {
             seqs: seqs.clone(),
             advantages: &adv,
