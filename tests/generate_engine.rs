@@ -250,3 +250,67 @@ fn vision_tokens_are_never_sampled() {
         );
     }
 }
+
+/// Continuous batching: requests that join a running batch at different steps, with their
+/// prompts prefilled in small chunks between decoding steps, still decode exactly
+/// transformers' greedy tokens; a cancelled request leaves the others untouched; the raw
+/// log-probabilities reported with each token are a proper distribution's.
+#[test]
+fn staggered_joins_chunked_prefill_and_cancel_keep_greedy_tokens() {
+    use medvlm::generate::Running;
+    for name in ["tiny-a", "tiny-b"] {
+        let f = fixture(name);
+        let engine = Engine::new(&f.model, stop(&f), vec![]);
+        let mut run = Running::default();
+        let mut got: Vec<Vec<u32>> = vec![Vec::new(); f.prompts.len()];
+        let mut done = vec![false; f.prompts.len()];
+        // A request that is cancelled after a few steps, id 1000.
+        engine
+            .admit(&mut run, 1000, &greedy(&f.prompts[0], 24), None)
+            .unwrap();
+        let mut next = 0;
+        let mut step = 0;
+        loop {
+            // One new request every third step, each prefilled 5 tokens per step.
+            if step % 3 == 0 && next < f.prompts.len() {
+                engine
+                    .admit(&mut run, next, &greedy(&f.prompts[next], 24), Some(3))
+                    .unwrap();
+                next += 1;
+            }
+            if step == 4 {
+                assert!(run.cancel(1000), "{name}: the cancelled request was running");
+                assert!(!run.requests().contains(&1000));
+            }
+            engine.prefill_chunk(&mut run, 5).unwrap();
+            for t in engine.sample(&mut run).unwrap() {
+                if t.request == 1000 {
+                    continue;
+                }
+                let raw = t.raw.as_ref().expect("top logprobs were asked for");
+                assert_eq!(raw.top.len(), 3);
+                assert!(raw.top.windows(2).all(|w| w[0].1 >= w[1].1));
+                // Greedy picks the most likely token: it heads the top list.
+                assert_eq!(raw.top[0].0, t.token);
+                assert!((raw.top[0].1 - raw.logprob).abs() < 1e-6);
+                assert!(raw.logprob <= 0.0);
+                got[t.request].push(t.token);
+                if let Some(c) = t.finished {
+                    assert_eq!(c.tokens, got[t.request]);
+                    done[t.request] = true;
+                }
+            }
+            if run.is_empty() && next == f.prompts.len() {
+                break;
+            }
+            engine.decode(&mut run).unwrap();
+            step += 1;
+            assert!(step < 1000, "{name}: the batch never drained");
+        }
+        assert!(done.iter().all(|&d| d));
+        for (i, g) in got.iter().enumerate() {
+            let want = u32s(&f.cases.list()[i]["greedy_new_tokens"]);
+            assert_eq!(g, &want, "{name} case {i}");
+        }
+    }
+}

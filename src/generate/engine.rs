@@ -6,6 +6,10 @@
 //!   layers; attention runs per prompt group against that group's cache, so sequences of
 //!   different lengths never need padding.
 //! - A sequence that stops leaves its group's cache at once: no compute is spent on it.
+//! - Requests may join a [`Running`] batch between steps (continuous batching, as the server
+//!   does): a new prompt is prefilled in chunks, one chunk between two decoding steps, so a
+//!   long prompt delays the running sequences by one chunk's time per step, not by its whole
+//!   prefill. [`Engine::generate`] is the batch form: everything admitted first, then decoded.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, IndexOp, Tensor};
@@ -60,6 +64,29 @@ impl Completion {
     }
 }
 
+/// One token chosen by [`Engine::sample`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub request: usize,
+    pub sample: usize,
+    pub token: u32,
+    /// Log-probability under the distribution it was drawn from (see [`super::Draw`]).
+    pub logprob: f32,
+    /// Only when the request asked for them ([`Engine::admit`]): the token's log-probability
+    /// under the model's raw distribution (before any sampling filter), and the `k` most
+    /// likely tokens with theirs, most likely first.
+    pub raw: Option<RawLogprobs>,
+    /// Set when this token ended the sequence.
+    pub finished: Option<Completion>,
+}
+
+/// Log-probabilities under the model's raw next-token distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
 /// One live sequence.
 struct Seq {
     request: usize,
@@ -70,6 +97,8 @@ struct Seq {
     prompt_len: usize,
     logprobs: Vec<f32>,
     max_new: usize,
+    /// `Some(k)`: report raw log-probabilities and the top `k` with each token.
+    top_logprobs: Option<usize>,
 }
 
 /// One prompt's live samples and their shared-length cache.
@@ -80,6 +109,95 @@ struct Group {
     seqs: Vec<Seq>,
     /// Next-token logits of each live sequence, one row each.
     logits: Tensor,
+}
+
+/// A prompt being prefilled, chunk by chunk.
+struct Prefill {
+    request: usize,
+    embeds: Tensor,
+    positions: Vec<Pos3>,
+    delta: i64,
+    /// Tokens already in the cache.
+    done: usize,
+    cache: KvCache,
+    seqs: Vec<Seq>,
+}
+
+/// The sequences a model is decoding together; requests join ([`Engine::admit`]) and leave
+/// (when they finish, or [`Running::cancel`]) between steps.
+#[derive(Default)]
+pub struct Running {
+    groups: Vec<Group>,
+    prefills: std::collections::VecDeque<Prefill>,
+}
+
+impl Running {
+    /// Sequences being decoded (prompts still in prefill not counted).
+    pub fn live_sequences(&self) -> usize {
+        self.groups.iter().map(|g| g.seqs.len()).sum()
+    }
+
+    /// Sequences admitted, decoding or waiting for their prompt's prefill.
+    pub fn admitted_sequences(&self) -> usize {
+        self.live_sequences() + self.prefills.iter().map(|p| p.seqs.len()).sum::<usize>()
+    }
+
+    /// Whether a prompt is waiting for (the rest of) its prefill.
+    pub fn prefilling(&self) -> bool {
+        !self.prefills.is_empty()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty() && self.prefills.is_empty()
+    }
+
+    /// Request ids present (decoding or in prefill).
+    pub fn requests(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .groups
+            .iter()
+            .filter_map(|g| g.seqs.first().map(|s| s.request))
+            .chain(self.prefills.iter().map(|p| p.request))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Drops every sequence of `request` (a client that went away): its cache is freed and
+    /// no more compute is spent on it. Returns whether anything was dropped.
+    pub fn cancel(&mut self, request: usize) -> bool {
+        let before = self.admitted_sequences();
+        self.prefills.retain(|p| p.request != request);
+        self.groups
+            .retain(|g| g.seqs.first().is_none_or(|s| s.request != request));
+        self.admitted_sequences() < before
+    }
+
+    /// Ends one sample early (a stop string was found in its text) and frees its cache row.
+    pub fn cancel_sample(&mut self, request: usize, sample: usize) -> Result<()> {
+        for p in self.prefills.iter_mut() {
+            if p.request == request {
+                p.seqs.retain(|s| s.sample != sample);
+            }
+        }
+        self.prefills.retain(|p| !p.seqs.is_empty());
+        for g in self.groups.iter_mut() {
+            if g.seqs.first().is_some_and(|s| s.request == request) {
+                let keep: Vec<u32> = (0..g.seqs.len() as u32)
+                    .filter(|&i| g.seqs[i as usize].sample != sample)
+                    .collect();
+                if keep.len() < g.seqs.len() && !keep.is_empty() {
+                    g.cache = g.cache.select_rows(&keep)?;
+                    let idx = Tensor::new(keep.as_slice(), g.logits.device())?;
+                    g.logits = g.logits.index_select(&idx, 0)?;
+                }
+                g.seqs.retain(|s| s.sample != sample);
+            }
+        }
+        self.groups.retain(|g| !g.seqs.is_empty());
+        Ok(())
+    }
 }
 
 /// Decodes batches of requests with one model.
@@ -109,61 +227,28 @@ impl<'m> Engine<'m> {
     ) -> Result<Vec<Vec<Completion>>> {
         let mut out: Vec<Vec<Option<Completion>>> =
             requests.iter().map(|r| vec![None; r.num_samples]).collect();
-        let mut groups = Vec::with_capacity(requests.len());
+        let mut run = Running::default();
         for (ri, r) in requests.iter().enumerate() {
             if r.num_samples == 0 {
                 continue;
             }
-            r.sampling.validate()?;
-            groups.push(self.prefill(ri, r)?);
+            self.admit(&mut run, ri, r, None)?;
+            while run.prefilling() {
+                self.prefill_chunk(&mut run, usize::MAX)?;
+            }
         }
         loop {
-            // Choose one token for every live sequence; retire the finished ones.
-            for g in groups.iter_mut() {
-                let logits: Vec<Vec<f32>> = g.logits.to_dtype(DType::F32)?.to_vec2()?;
-                let before = g.seqs.len();
-                let mut keep = Vec::with_capacity(g.seqs.len());
-                let mut kept = Vec::with_capacity(g.seqs.len());
-                for (row, (mut s, l)) in g.seqs.drain(..).zip(logits).enumerate() {
-                    let d = s.sampler.draw(&l, &self.banned, &s.history)?;
-                    s.history.push(d.token);
-                    s.logprobs.push(d.logprob);
-                    on_token(s.request, s.sample, d.token);
-                    let n = s.history.len() - s.prompt_len;
-                    let finish = if self.stop.contains(&d.token) {
-                        Some(FinishReason::Stop)
-                    } else if n >= s.max_new {
-                        Some(FinishReason::Length)
-                    } else {
-                        None
-                    };
-                    match finish {
-                        Some(finish) => {
-                            out[s.request][s.sample] = Some(Completion {
-                                request: s.request,
-                                sample: s.sample,
-                                prompt_len: s.prompt_len,
-                                tokens: s.history.split_off(s.prompt_len),
-                                logprobs: s.logprobs,
-                                finish,
-                            });
-                        }
-                        None => {
-                            keep.push(row as u32);
-                            kept.push(s);
-                        }
-                    }
+            for t in self.sample(&mut run)? {
+                on_token(t.request, t.sample, t.token);
+                if let Some(c) = t.finished {
+                    let (r, s) = (c.request, c.sample);
+                    out[r][s] = Some(c);
                 }
-                if kept.len() < before && !kept.is_empty() {
-                    g.cache = g.cache.select_rows(&keep)?;
-                }
-                g.seqs = kept;
             }
-            groups.retain(|g| !g.seqs.is_empty());
-            if groups.is_empty() {
+            if run.is_empty() {
                 break;
             }
-            self.step(&mut groups)?;
+            self.decode(&mut run)?;
         }
         let mut result = Vec::with_capacity(out.len());
         for (ri, slots) in out.into_iter().enumerate() {
@@ -179,17 +264,29 @@ impl<'m> Engine<'m> {
         Ok(result)
     }
 
-    /// Vision tower and prompt prefill once, then the cache forked to the group.
-    fn prefill(&self, ri: usize, r: &Request) -> Result<Group> {
+    /// Adds a request to `run` under the id `request` (unique among those running): checks
+    /// it, encodes its images and queues its prompt for prefill ([`Engine::prefill_chunk`]).
+    /// `top_logprobs: Some(k)` makes every token of it carry [`RawLogprobs`].
+    pub fn admit(
+        &self,
+        run: &mut Running,
+        request: usize,
+        r: &Request,
+        top_logprobs: Option<usize>,
+    ) -> Result<()> {
         let m = self.model;
         let prompt = r.prompt;
         let ids = &prompt.input_ids;
         if ids.is_empty() {
-            bail!("request {ri}: the prompt is empty");
+            bail!("request {request}: the prompt is empty");
         }
         if r.max_new_tokens == 0 {
-            bail!("request {ri}: max_new_tokens must be at least 1");
+            bail!("request {request}: max_new_tokens must be at least 1");
         }
+        if r.num_samples == 0 {
+            bail!("request {request}: the number of samples must be at least 1");
+        }
+        r.sampling.validate()?;
         check_context(m, ids.len(), r.max_new_tokens, r.num_samples)?;
         let grids = prompt.grids();
         let img = match prompt.pixel_values(&m.device)? {
@@ -197,42 +294,138 @@ impl<'m> Engine<'m> {
             None => None,
         };
         let embeds = m.input_embeds(std::slice::from_ref(ids), img.as_ref())?;
-        let (pos, delta) = m.positions(ids, &grids)?;
-        let mut cache = m.text.new_cache(ids.len() + r.max_new_tokens);
-        let hidden = m.text.forward_cached(&embeds, &[pos], &mut cache)?;
-        let last = hidden.i((.., ids.len() - 1, ..))?; // (1, hidden)
-        let logits = m.text.logits(&last)?;
-        let g = r.num_samples;
-        let (cache, logits) = if g > 1 {
-            let rows = vec![0u32; g];
-            let idx = Tensor::new(rows.as_slice(), logits.device())?;
-            (cache.select_rows(&rows)?, logits.index_select(&idx, 0)?)
-        } else {
-            (cache, logits)
-        };
-        let seqs = (0..g)
+        let (positions, delta) = m.positions(ids, &grids)?;
+        let seqs = (0..r.num_samples)
             .map(|si| {
                 Ok(Seq {
-                    request: ri,
+                    request,
                     sample: si,
                     sampler: Sampler::new(r.sampling.clone(), si as u64)?,
                     history: ids.clone(),
                     prompt_len: ids.len(),
                     logprobs: Vec::new(),
                     max_new: r.max_new_tokens,
+                    top_logprobs,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Group {
-            cache,
+        run.prefills.push_back(Prefill {
+            request,
+            embeds,
+            positions,
             delta,
+            done: 0,
+            cache: m.text.new_cache(ids.len() + r.max_new_tokens),
             seqs,
-            logits,
-        })
+        });
+        Ok(())
     }
 
-    /// One decoding step for every live sequence of every group.
-    fn step(&self, groups: &mut [Group]) -> Result<()> {
+    /// Prefills up to `max_tokens` more tokens of the oldest prompt waiting for it; when its
+    /// prompt is complete, its samples join the decoding batch (the cache forked to each).
+    pub fn prefill_chunk(&self, run: &mut Running, max_tokens: usize) -> Result<()> {
+        let Some(p) = run.prefills.front_mut() else {
+            return Ok(());
+        };
+        let m = self.model;
+        let len = p.positions.len();
+        let n = max_tokens.max(1).min(len - p.done);
+        let embeds = if p.done == 0 && n == len {
+            p.embeds.clone()
+        } else {
+            p.embeds.narrow(1, p.done, n)?
+        };
+        let pos = p.positions[p.done..p.done + n].to_vec();
+        let hidden = m.text.forward_cached(&embeds, &[pos], &mut p.cache)?;
+        p.done += n;
+        if p.done < len {
+            return Ok(());
+        }
+        let Some(p) = run.prefills.pop_front() else {
+            return Ok(());
+        };
+        let last = hidden.i((.., n - 1, ..))?; // (1, hidden)
+        let logits = m.text.logits(&last)?;
+        let g = p.seqs.len();
+        let (cache, logits) = if g > 1 {
+            let rows = vec![0u32; g];
+            let idx = Tensor::new(rows.as_slice(), logits.device())?;
+            (p.cache.select_rows(&rows)?, logits.index_select(&idx, 0)?)
+        } else {
+            (p.cache, logits)
+        };
+        run.groups.push(Group {
+            cache,
+            delta: p.delta,
+            seqs: p.seqs,
+            logits,
+        });
+        Ok(())
+    }
+
+    /// Chooses one token for every decoding sequence and retires the finished ones.
+    pub fn sample(&self, run: &mut Running) -> Result<Vec<Token>> {
+        let mut tokens = Vec::with_capacity(run.live_sequences());
+        for g in run.groups.iter_mut() {
+            let logits: Vec<Vec<f32>> = g.logits.to_dtype(DType::F32)?.to_vec2()?;
+            let before = g.seqs.len();
+            let mut keep = Vec::with_capacity(g.seqs.len());
+            let mut kept = Vec::with_capacity(g.seqs.len());
+            for (row, (mut s, l)) in g.seqs.drain(..).zip(logits).enumerate() {
+                let d = s.sampler.draw(&l, &self.banned, &s.history)?;
+                let raw = s.top_logprobs.map(|k| raw_logprobs(&l, d.token, k));
+                s.history.push(d.token);
+                s.logprobs.push(d.logprob);
+                let n = s.history.len() - s.prompt_len;
+                let finish = if self.stop.contains(&d.token) {
+                    Some(FinishReason::Stop)
+                } else if n >= s.max_new {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+                let mut t = Token {
+                    request: s.request,
+                    sample: s.sample,
+                    token: d.token,
+                    logprob: d.logprob,
+                    raw,
+                    finished: None,
+                };
+                match finish {
+                    Some(finish) => {
+                        t.finished = Some(Completion {
+                            request: s.request,
+                            sample: s.sample,
+                            prompt_len: s.prompt_len,
+                            tokens: s.history.split_off(s.prompt_len),
+                            logprobs: s.logprobs,
+                            finish,
+                        });
+                    }
+                    None => {
+                        keep.push(row as u32);
+                        kept.push(s);
+                    }
+                }
+                tokens.push(t);
+            }
+            if kept.len() < before && !kept.is_empty() {
+                g.cache = g.cache.select_rows(&keep)?;
+            }
+            g.seqs = kept;
+        }
+        run.groups.retain(|g| !g.seqs.is_empty());
+        Ok(tokens)
+    }
+
+    /// One decoding step for every live sequence of every group: each gets the logits of
+    /// its next token. Call [`Engine::sample`] before the next one.
+    pub fn decode(&self, run: &mut Running) -> Result<()> {
+        let groups = &mut run.groups;
+        if groups.is_empty() {
+            return Ok(());
+        }
         let m = self.model;
         let mut ids = Vec::new();
         let mut positions: Vec<Vec<Pos3>> = Vec::new();
@@ -265,6 +458,36 @@ impl<'m> Engine<'m> {
     }
 }
 
+/// The raw log-probability of `token` and the `k` most likely tokens (ties: lower id first).
+fn raw_logprobs(logits: &[f32], token: u32, k: usize) -> RawLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k);
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let by = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let k = k.min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, by);
+            idx.truncate(k);
+        }
+        idx.sort_by(by);
+        top = idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
+    }
+    RawLogprobs {
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - lse),
+        top,
+    }
+}
 /// Refuses, before anything is allocated, a request the model cannot hold: a prompt or
 /// prompt + new tokens beyond the model's context (`max_position_embeddings`), or a KV cache
 /// larger than the memory available.
