@@ -91,3 +91,163 @@ pub fn split_reasoning(text: &str) -> (Option<String>, String) {
         _ => (None, text.trim().to_string()),
     }
 }
+
+/// [`split_reasoning`] for text that arrives in pieces (a streamed completion): each
+/// [`ReasoningStream::push`] returns the new reasoning and the new answer text that are
+/// certain, holding back what the next piece could still change (a partly written
+/// `</think>`, whitespace that may turn out to be trailing). Concatenated, the pieces equal
+/// [`ReasoningStream::parts`] of the whole text, which is `split_reasoning` of it when the
+/// text starts with a `<think>` block or has none.
+///
+/// A `<think>` block is recognised only at the start of the text (after whitespace): that is
+/// where reasoning models write it, and it is the only place a stream can recognise it
+/// without holding back all the text.
+#[derive(Debug, Default, Clone)]
+pub struct ReasoningStream {
+    text: String,
+    sent_reasoning: usize,
+    sent_content: usize,
+}
+
+/// New text for each of the two parts.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Parts {
+    pub reasoning: String,
+    pub content: String,
+}
+
+const THINK: &str = "<think>";
+const END_THINK: &str = "</think>";
+
+impl ReasoningStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a piece of the text; returns what can be shown now.
+    pub fn push(&mut self, piece: &str) -> Parts {
+        self.text.push_str(piece);
+        self.emit(false)
+    }
+
+    /// The text is complete: returns the rest.
+    pub fn finish(&mut self) -> Parts {
+        self.emit(true)
+    }
+
+    /// (reasoning, content) of the text so far, as final text; `None` reasoning when the
+    /// text has no `<think>` block.
+    pub fn parts(&self) -> (Option<String>, String) {
+        let (r, c, think) = view(&self.text, true);
+        (think.then(|| r.to_string()), c.to_string())
+    }
+
+    fn emit(&mut self, done: bool) -> Parts {
+        let (r, c, _) = view(&self.text, done);
+        let out = Parts {
+            reasoning: r.get(self.sent_reasoning..).unwrap_or("").to_string(),
+            content: c.get(self.sent_content..).unwrap_or("").to_string(),
+        };
+        self.sent_reasoning = self.sent_reasoning.max(r.len());
+        self.sent_content = self.sent_content.max(c.len());
+        out
+    }
+}
+
+/// The parts of `text` that are certain: all of them when `done`, else without what more
+/// text could change (trailing whitespace is always left out: it may be the end).
+/// Returns (reasoning, content, has_think_block).
+fn view(text: &str, done: bool) -> (&str, &str, bool) {
+    let ts = text.trim_start();
+    if !done && THINK.starts_with(ts) && ts.len() < THINK.len() {
+        return ("", "", false); // could still become "<think>"
+    }
+    let Some(after) = ts.strip_prefix(THINK) else {
+        return ("", ts.trim_end(), false);
+    };
+    match after.find(END_THINK) {
+        Some(i) => (
+            after[..i].trim(),
+            after[i + END_THINK.len()..].trim(),
+            true,
+        ),
+        None => {
+            let mut keep = after.len();
+            if !done {
+                // Hold back a suffix that may be the start of "</think>".
+                for k in (1..END_THINK.len()).rev() {
+                    if after.len() >= k
+                        && after.is_char_boundary(after.len() - k)
+                        && END_THINK.starts_with(&after[after.len() - k..])
+                    {
+                        keep = after.len() - k;
+                        break;
+                    }
+                }
+            }
+            (after[..keep].trim(), "", true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every way of cutting the text into pieces streams the same parts as the whole text,
+    /// and those are `split_reasoning`'s.
+    #[test]
+    fn streamed_parts_equal_the_whole_texts_for_every_cut() {
+        let texts = [
+            "<think>The mass is in the liver.</think><answer>B</answer>",
+            "  <think>\n a </think>\n\n<answer>C</answer>  \n",
+            "<think>cut off mid reasoning </th",
+            "<answer>A</answer>",
+            "<thin",
+            "",
+            "   ",
+            "<think></think>",
+            "<think>é</think>ü x ",
+            "plain answer with < and </think> inside",
+        ];
+        for t in texts {
+            let whole = {
+                let mut s = ReasoningStream::new();
+                s.push(t);
+                s.parts()
+            };
+            if t.trim_start().starts_with("<think>") && t.contains("</think>") {
+                assert_eq!(whole, split_reasoning(t), "{t:?}");
+            }
+            let chars: Vec<(usize, char)> = t.char_indices().collect();
+            for step in 1..=3 {
+                let mut s = ReasoningStream::new();
+                let (mut r, mut c) = (String::new(), String::new());
+                let mut i = 0;
+                while i < chars.len() {
+                    let a = chars[i].0;
+                    let b = chars.get(i + step).map_or(t.len(), |x| x.0);
+                    let p = s.push(&t[a..b]);
+                    r += &p.reasoning;
+                    c += &p.content;
+                    i += step;
+                }
+                let p = s.finish();
+                r += &p.reasoning;
+                c += &p.content;
+                assert_eq!(
+                    (whole.0.clone().unwrap_or_default(), whole.1.clone()),
+                    (r, c),
+                    "{t:?} in pieces of {step}"
+                );
+            }
+        }
+        let mut s = ReasoningStream::new();
+        s.push("<think>a</think><answer>B</answer>");
+        assert_eq!(s.parts(), (Some("a".into()), "<answer>B</answer>".into()));
+        let mut s = ReasoningStream::new();
+        // Nothing of a possible "</think>" is shown early.
+        assert_eq!(s.push("<think>abc </"), Parts { reasoning: "abc".into(), content: "".into() });
+        assert_eq!(s.push("think> x").content, "x");
+    }
+}

@@ -28,6 +28,7 @@ pub mod plot;
 pub mod processor;
 pub mod rl;
 pub mod selftest;
+pub mod serve;
 pub mod sft;
 pub mod synth;
 pub mod train;

@@ -257,7 +257,7 @@ fn vision_tokens_are_never_sampled() {
 /// log-probabilities reported with each token are a proper distribution's.
 #[test]
 fn staggered_joins_chunked_prefill_and_cancel_keep_greedy_tokens() {
-    use medvlm::generate::Running;
+    use medvlm::generate::{Running, SeqOptions};
     for name in ["tiny-a", "tiny-b"] {
         let f = fixture(name);
         let engine = Engine::new(&f.model, stop(&f), vec![]);
@@ -266,7 +266,7 @@ fn staggered_joins_chunked_prefill_and_cancel_keep_greedy_tokens() {
         let mut done = vec![false; f.prompts.len()];
         // A request that is cancelled after a few steps, id 1000.
         engine
-            .admit(&mut run, 1000, &greedy(&f.prompts[0], 24), None)
+            .admit(&mut run, 1000, &greedy(&f.prompts[0], 24), Default::default())
             .unwrap();
         let mut next = 0;
         let mut step = 0;
@@ -274,7 +274,15 @@ fn staggered_joins_chunked_prefill_and_cancel_keep_greedy_tokens() {
             // One new request every third step, each prefilled 5 tokens per step.
             if step % 3 == 0 && next < f.prompts.len() {
                 engine
-                    .admit(&mut run, next, &greedy(&f.prompts[next], 24), Some(3))
+                    .admit(
+                        &mut run,
+                        next,
+                        &greedy(&f.prompts[next], 24),
+                        SeqOptions {
+                            top_logprobs: Some(3),
+                            ignore_stop: false,
+                        },
+                    )
                     .unwrap();
                 next += 1;
             }

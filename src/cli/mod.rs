@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod selftest;
+mod serve;
 mod train;
 
 use ask::*;
@@ -16,6 +17,7 @@ use eval::*;
 use generate::*;
 use inspect::*;
 use selftest::*;
+use serve::*;
 use train::*;
 
 use std::io::Write;
@@ -81,6 +83,23 @@ pub enum Command {
         after_help = "Examples:\n  medvlm ask --model runs/grpo/final --image scan.dcm \\\n      --question \"Which organ is abnormal?\" --options \"Liver;Kidney;Spleen\""
     )]
     Ask(AskArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (chat completions, streaming).
+    #[command(
+        long_about = "Serve a model over an OpenAI-compatible HTTP API: POST /v1/chat/completions \
+                      (streaming or not, images as base64 data URLs: PNG, JPEG, DICOM), \
+                      GET /v1/models, GET /health, GET /metrics (Prometheus). Concurrent \
+                      requests are decoded together (continuous batching): a request joins the \
+                      running batch at the next step and leaves when it is done. For reasoning \
+                      models the <think> block is returned in message.reasoning_content and the \
+                      rest in message.content. Listens on 127.0.0.1 unless --host says \
+                      otherwise; stops on SIGTERM or Ctrl-C after finishing the requests in \
+                      flight.\n\nRequest extras beyond OpenAI's fields: \"window\" (DICOM/NIfTI \
+                      intensity window: a CT preset such as \"lung\", \"CENTER,WIDTH\" or \
+                      [CENTER, WIDTH]), \"slice\" (slice of a 3-D volume), \"top_k\", \"min_p\", \
+                      \"repetition_penalty\", \"ignore_eos\" (generate exactly max_tokens).",
+        after_help = "Examples:\n  medvlm serve --model runs/grpo/final --port 8000\n  medvlm serve --model runs/grpo/final --host 0.0.0.0 --api-key secret \\\n      --allowed-local-media-path /data/scans --max-batch 16"
+    )]
+    Serve(ServeArgs),
     /// Train a model: GRPO (MedVLM-R1) or the supervised baseline.
     #[command(subcommand)]
     Train(TrainCommand),
@@ -291,6 +310,66 @@ pub struct AskArgs {
     /// Print JSON (reasoning, answer letter, option, raw output).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on; 0.0.0.0 exposes the server to the network (use --api-key).
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (printed at start).
+    #[arg(long, default_value_t = 8000, value_name = "PORT")]
+    pub port: u16,
+    /// Most sequences decoded together (a request with n choices counts n). More raise
+    /// throughput and each stream's step time.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub max_batch: usize,
+    /// Most requests waiting for room in the batch; beyond it requests get 429 with
+    /// Retry-After.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_queue: usize,
+    /// The model name clients use (default: the checkpoint directory's name).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1/ endpoints (/health and /metrics stay
+    /// open). Default: no key.
+    #[arg(long, value_name = "KEY", env = "MEDVLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Let requests name local image files (paths or file:// URLs), but only inside this
+    /// directory. Without it every local path is refused.
+    #[arg(long, value_name = "DIR")]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Largest request body (and image) in MiB.
+    #[arg(long, default_value_t = 32, value_name = "MB")]
+    pub max_body_mb: usize,
+    /// Seconds a request may take, queueing included; then 504 (or an error event when
+    /// streaming) and its sequences are dropped.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub request_timeout: f64,
+    /// Seconds to let in-flight requests finish after SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub shutdown_timeout: f64,
+    /// "parsed": a <think> block goes to message.reasoning_content, the rest to
+    /// message.content; "raw": the whole text in content.
+    #[arg(long, value_enum, default_value = "parsed", value_name = "FORMAT")]
+    pub reasoning_format: crate::serve::ReasoningFormat,
+    /// Prompt tokens prefilled between two decoding steps while other requests are
+    /// decoding: bounds how long a new request stalls the running streams.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub prefill_chunk: usize,
+    /// Smallest image area after resizing, in pixels (default: preprocessor_config.json's).
+    #[arg(long, value_name = "N")]
+    pub min_pixels: Option<usize>,
+    /// Largest image area after resizing, in pixels (default: preprocessor_config.json's;
+    /// MedVLM-R1 trains with 401408).
+    #[arg(long, value_name = "N")]
+    pub max_pixels: Option<usize>,
+    /// Longest prompt in tokens, image tokens included; longer requests get 400 (default:
+    /// tokenizer_config.json's model_max_length).
+    #[arg(long, value_name = "N")]
+    pub max_prompt_tokens: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -584,41 +663,7 @@ impl MedicalArgs {
     }
 }
 
-/// Common CT windows (centre, width) in Hounsfield units, as radiology references list them.
-const WINDOW_PRESETS: &[(&str, (f64, f64))] = &[
-    ("brain", (40.0, 80.0)),
-    ("subdural", (80.0, 200.0)),
-    ("stroke", (40.0, 40.0)),
-    ("lung", (-600.0, 1500.0)),
-    ("mediastinum", (50.0, 350.0)),
-    ("abdomen", (40.0, 400.0)),
-    ("liver", (60.0, 160.0)),
-    ("bone", (400.0, 1800.0)),
-];
-
-/// `--window`: "CENTER,WIDTH" or a preset name.
-pub fn parse_window(s: &str) -> std::result::Result<(f64, f64), String> {
-    let key = s.trim().to_ascii_lowercase();
-    if let Some((_, w)) = WINDOW_PRESETS.iter().find(|(n, _)| *n == key) {
-        return Ok(*w);
-    }
-    let names: Vec<&str> = WINDOW_PRESETS.iter().map(|(n, _)| *n).collect();
-    let bad = || {
-        format!(
-            "expected CENTER,WIDTH (e.g. -600,1500) or one of {}, got {s:?}",
-            names.join(", ")
-        )
-    };
-    let (c, w) = s.split_once(',').ok_or_else(bad)?;
-    let c: f64 = c.trim().parse().map_err(|_| bad())?;
-    let w: f64 = w.trim().parse().map_err(|_| bad())?;
-    if !c.is_finite() || !w.is_finite() || w < 1.0 {
-        return Err(format!(
-            "the window width must be at least 1 and both numbers finite, got {s:?}"
-        ));
-    }
-    Ok((c, w))
-}
+pub use crate::processor::image::medical::window::parse_window;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -848,6 +893,7 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::demo::run(&spec).map(|_| ())
         }
         Command::Ask(a) => run_ask(a),
+        Command::Serve(a) => run_serve(a),
         Command::Train(TrainCommand::Grpo(a)) => run_train_grpo(a),
         Command::Train(TrainCommand::Sft(a)) => run_train_sft(a),
         Command::Plot(a) => {

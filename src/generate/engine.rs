@@ -97,8 +97,16 @@ struct Seq {
     prompt_len: usize,
     logprobs: Vec<f32>,
     max_new: usize,
-    /// `Some(k)`: report raw log-probabilities and the top `k` with each token.
-    top_logprobs: Option<usize>,
+    options: SeqOptions,
+}
+
+/// Per-request options of [`Engine::admit`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqOptions {
+    /// `Some(k)`: every token carries [`RawLogprobs`] with the top `k`.
+    pub top_logprobs: Option<usize>,
+    /// Keep going past stop tokens until `max_new_tokens` (fixed-length benchmarks).
+    pub ignore_stop: bool,
 }
 
 /// One prompt's live samples and their shared-length cache.
@@ -145,6 +153,11 @@ impl Running {
     /// Whether a prompt is waiting for (the rest of) its prefill.
     pub fn prefilling(&self) -> bool {
         !self.prefills.is_empty()
+    }
+
+    /// The request whose prompt [`Engine::prefill_chunk`] works on next.
+    pub fn prefilling_request(&self) -> Option<usize> {
+        self.prefills.front().map(|p| p.request)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -232,7 +245,7 @@ impl<'m> Engine<'m> {
             if r.num_samples == 0 {
                 continue;
             }
-            self.admit(&mut run, ri, r, None)?;
+            self.admit(&mut run, ri, r, SeqOptions::default())?;
             while run.prefilling() {
                 self.prefill_chunk(&mut run, usize::MAX)?;
             }
@@ -266,13 +279,12 @@ impl<'m> Engine<'m> {
 
     /// Adds a request to `run` under the id `request` (unique among those running): checks
     /// it, encodes its images and queues its prompt for prefill ([`Engine::prefill_chunk`]).
-    /// `top_logprobs: Some(k)` makes every token of it carry [`RawLogprobs`].
     pub fn admit(
         &self,
         run: &mut Running,
         request: usize,
         r: &Request,
-        top_logprobs: Option<usize>,
+        options: SeqOptions,
     ) -> Result<()> {
         let m = self.model;
         let prompt = r.prompt;
@@ -305,7 +317,7 @@ impl<'m> Engine<'m> {
                     prompt_len: ids.len(),
                     logprobs: Vec::new(),
                     max_new: r.max_new_tokens,
-                    top_logprobs,
+                    options,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -373,11 +385,11 @@ impl<'m> Engine<'m> {
             let mut kept = Vec::with_capacity(g.seqs.len());
             for (row, (mut s, l)) in g.seqs.drain(..).zip(logits).enumerate() {
                 let d = s.sampler.draw(&l, &self.banned, &s.history)?;
-                let raw = s.top_logprobs.map(|k| raw_logprobs(&l, d.token, k));
+                let raw = s.options.top_logprobs.map(|k| raw_logprobs(&l, d.token, k));
                 s.history.push(d.token);
                 s.logprobs.push(d.logprob);
                 let n = s.history.len() - s.prompt_len;
-                let finish = if self.stop.contains(&d.token) {
+                let finish = if !s.options.ignore_stop && self.stop.contains(&d.token) {
                     Some(FinishReason::Stop)
                 } else if n >= s.max_new {
                     Some(FinishReason::Length)

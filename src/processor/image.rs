@@ -69,11 +69,16 @@ pub fn load_rgb_with(path: &Path, opts: &MedicalOptions) -> Result<RgbImage> {
 /// Decodes an image held in memory (a file's bytes) to 8-bit RGB, like [`load_rgb`]. DICOM
 /// and NIfTI data are recognised by their magic bytes (not by a name, which bytes lack).
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    decode_rgb_with(bytes, &MedicalOptions::default())
+}
+
+/// [`decode_rgb`] with the slice and window used for DICOM and NIfTI data.
+pub fn decode_rgb_with(bytes: &[u8], opts: &MedicalOptions) -> Result<RgbImage> {
     if bytes.is_empty() {
         bail!("the file is empty, not an image");
     }
     if medical::is_medical(Path::new(""), bytes) {
-        let rgb = medical::decode_medical(Path::new(""), bytes, &MedicalOptions::default())?;
+        let rgb = medical::decode_medical(Path::new(""), bytes, opts)?;
         check_size(rgb.width(), rgb.height())?;
         return Ok(rgb);
     }

@@ -145,6 +145,43 @@ pub fn finite_range(values: &[f64]) -> Option<(f64, f64)> {
         })
 }
 
+/// Common CT windows (centre, width) in Hounsfield units, as radiology references list them.
+pub const WINDOW_PRESETS: &[(&str, (f64, f64))] = &[
+    ("brain", (40.0, 80.0)),
+    ("subdural", (80.0, 200.0)),
+    ("stroke", (40.0, 40.0)),
+    ("lung", (-600.0, 1500.0)),
+    ("mediastinum", (50.0, 350.0)),
+    ("abdomen", (40.0, 400.0)),
+    ("liver", (60.0, 160.0)),
+    ("bone", (400.0, 1800.0)),
+];
+
+/// A window as users write it (`--window`, the server's `"window"`): "CENTER,WIDTH" or a
+/// preset name.
+pub fn parse_window(s: &str) -> std::result::Result<(f64, f64), String> {
+    let key = s.trim().to_ascii_lowercase();
+    if let Some((_, w)) = WINDOW_PRESETS.iter().find(|(n, _)| *n == key) {
+        return Ok(*w);
+    }
+    let names: Vec<&str> = WINDOW_PRESETS.iter().map(|(n, _)| *n).collect();
+    let bad = || {
+        format!(
+            "expected CENTER,WIDTH (e.g. -600,1500) or one of {}, got {s:?}",
+            names.join(", ")
+        )
+    };
+    let (c, w) = s.split_once(',').ok_or_else(bad)?;
+    let c: f64 = c.trim().parse().map_err(|_| bad())?;
+    let w: f64 = w.trim().parse().map_err(|_| bad())?;
+    if !c.is_finite() || !w.is_finite() || w < 1.0 {
+        return Err(format!(
+            "the window width must be at least 1 and both numbers finite, got {s:?}"
+        ));
+    }
+    Ok((c, w))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,661 @@
+//! `medvlm serve`: an OpenAI-compatible chat-completions server with continuous batching.
+//!
+//! - HTTP (axum on tokio) turns requests into prompts: messages through the chat template,
+//!   images from data URLs or the allowed media directory through the image processor
+//!   (DICOM/NIfTI windowed per request).
+//! - One engine thread ([`worker`]) decodes every running request together and streams
+//!   tokens back; a request joins at the next decoding step and leaves when done.
+//! - Reasoning models' `<think>` blocks go to `message.reasoning_content` (DeepSeek's and
+//!   vLLM's convention), the rest to `message.content`.
+//! - Every error is OpenAI-shaped JSON ([`error::ApiError`]).
+
+pub mod api;
+pub mod error;
+pub mod media;
+pub mod metrics;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::generate::{settings, FinishReason, GenerationConfig};
+use crate::infer::{Loaded, ModelSource, ReasoningStream};
+use crate::processor::ProcessorOptions;
+use error::ApiError;
+use media::MediaPolicy;
+use metrics::Metrics;
+use worker::{Event, Job, TokenLogprob};
+
+/// How a reasoning model's output is returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReasoningFormat {
+    /// `<think>` block in `reasoning_content`, the rest in `content`.
+    Parsed,
+    /// The whole text in `content`.
+    Raw,
+}
+
+/// Everything `medvlm serve` is told.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub source: ModelSource,
+    pub processor: ProcessorOptions,
+    pub host: String,
+    pub port: u16,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub served_model_name: Option<String>,
+    pub api_key: Option<String>,
+    pub allowed_local_media_path: Option<PathBuf>,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub reasoning: ReasoningFormat,
+    pub prefill_chunk: usize,
+}
+
+struct AppState {
+    loaded: Arc<Loaded>,
+    name: String,
+    created: u64,
+    opts: ServeOptions,
+    gen_cfg: GenerationConfig,
+    media: MediaPolicy,
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    next_id: AtomicUsize,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Loads the model, listens, and serves until SIGTERM or Ctrl-C.
+pub fn run(opts: ServeOptions) -> Result<()> {
+    if opts.max_batch == 0 {
+        anyhow::bail!("--max-batch must be at least 1");
+    }
+    if opts.prefill_chunk == 0 {
+        anyhow::bail!("--prefill-chunk must be at least 1");
+    }
+    let media = MediaPolicy::new(opts.allowed_local_media_path.as_deref(), opts.max_body_bytes)?;
+    let gen_cfg = GenerationConfig::from_dir(&opts.source.model)?;
+    eprintln!("loading {}", opts.source.model.display());
+    let loaded = Arc::new(crate::infer::load(&opts.source, &opts.processor)?);
+    let mut stop = crate::infer::stop_tokens(&loaded.processor);
+    stop.extend(&gen_cfg.eos_token_id);
+    stop.sort_unstable();
+    stop.dedup();
+    let name = opts.served_model_name.clone().unwrap_or_else(|| {
+        opts.source
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "medvlm".into())
+    });
+    let metrics = Arc::new(Metrics::default());
+    let abort = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let engine = worker::spawn(
+        loaded.clone(),
+        worker::WorkerConfig {
+            max_batch: opts.max_batch,
+            prefill_chunk: opts.prefill_chunk,
+            stop_tokens: stop,
+        },
+        metrics.clone(),
+        rx,
+        abort.clone(),
+    )
+    .context("cannot start the engine thread")?;
+    let state = Arc::new(AppState {
+        loaded,
+        name,
+        created: unix_now(),
+        gen_cfg,
+        media,
+        jobs: Mutex::new(Some(tx)),
+        next_id: AtomicUsize::new(0),
+        metrics,
+        draining: AtomicBool::new(false),
+        opts,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(state.clone(), abort.clone()))?;
+    // Dropping the last sender lets the engine thread finish and end.
+    state.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+    abort.store(true, Ordering::Relaxed);
+    let _ = engine.join();
+    eprintln!("stopped");
+    Ok(())
+}
+
+async fn serve(state: Arc<AppState>, abort: Arc<AtomicBool>) -> Result<()> {
+    let o = &state.opts;
+    let listener = tokio::net::TcpListener::bind((o.host.as_str(), o.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", o.host, o.port))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    eprintln!(
+        "serving {} as \"{}\" on http://{addr}/v1 (max batch {}, max queue {}{})",
+        o.source.model.display(),
+        state.name,
+        o.max_batch,
+        o.max_queue,
+        if o.api_key.is_some() { ", API key required" } else { "" }
+    );
+    let app = router(state.clone());
+    let drain = {
+        let state = state.clone();
+        async move {
+            shutdown_signal().await;
+            state.draining.store(true, Ordering::Relaxed);
+            let t = state.opts.shutdown_timeout;
+            eprintln!(
+                "shutting down: finishing the requests in flight (at most {} s more)",
+                t.as_secs_f64()
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(t).await;
+                abort.store(true, Ordering::Relaxed);
+            });
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(drain)
+        .await
+        .context("the HTTP server failed")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer KEY` when the server has a key.
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.opts.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if given != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    if st.draining.load(Ordering::Relaxed) {
+        return ApiError::shutting_down().into_response();
+    }
+    axum::Json(json!({"status": "ok", "model": st.name})).into_response()
+}
+
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.name,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "medvlm",
+            "max_model_len": st.loaded.model.config.text.max_position_embeddings,
+        }],
+    }))
+    .into_response()
+}
+
+async fn chat(
+    State(st): State<Arc<AppState>>,
+    _headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let t0 = Instant::now();
+    match start(&st, body, t0).await {
+        Ok(Started::Stream(r)) => r,
+        Ok(Started::Wait(w)) => match w.collect().await {
+            Ok(v) => {
+                st.metrics.request_done(200, t0.elapsed());
+                axum::Json(v).into_response()
+            }
+            Err(e) => {
+                st.metrics.request_done(e.status.as_u16(), t0.elapsed());
+                e.into_response()
+            }
+        },
+        Err(e) => {
+            st.metrics.request_done(e.status.as_u16(), t0.elapsed());
+            e.into_response()
+        }
+    }
+}
+
+enum Started {
+    Stream(Response),
+    Wait(Pending),
+}
+
+/// A request handed to the engine, with what the response needs.
+struct Pending {
+    st: Arc<AppState>,
+    id: String,
+    n: usize,
+    prompt_tokens: usize,
+    logprobs: bool,
+    include_usage: bool,
+    events: UnboundedReceiver<Event>,
+    deadline: tokio::time::Instant,
+}
+
+async fn start(
+    st: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    t0: Instant,
+) -> Result<Started, ApiError> {
+    if st.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::shutting_down());
+    }
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(st.opts.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {r}"))
+        }
+    })?;
+    let req = api::parse(&body)?;
+    drop(body);
+    if let Some(m) = &req.model {
+        if m != &st.name {
+            return Err(ApiError::model_not_found(m, &st.name));
+        }
+    }
+    if req.n > st.opts.max_batch {
+        return Err(ApiError::param(
+            "n",
+            format!(
+                "n is {} but this server decodes at most {} sequences together (--max-batch)",
+                req.n, st.opts.max_batch
+            ),
+        ));
+    }
+    // Images and the chat template: CPU work, off the async threads.
+    let prompt = {
+        let st = st.clone();
+        let req = req.clone();
+        tokio::task::spawn_blocking(move || build_prompt(&st, &req))
+            .await
+            .map_err(|e| ApiError::internal(format!("preparing the prompt failed: {e}")))??
+    };
+    let prompt_tokens = prompt.input_ids.len();
+    let model = &st.loaded.model;
+    let ctx = model.config.text.max_position_embeddings;
+    let eff = settings::resolve(&req.sampling, &st.gen_cfg)
+        .and_then(|e| e.params.validate().map(|_| e))
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    let max_new_tokens = if req.sampling.max_new_tokens.is_some() {
+        eff.max_new_tokens
+    } else {
+        // Unsaid, the default shrinks to what the context leaves.
+        eff.max_new_tokens.min(ctx.saturating_sub(prompt_tokens)).max(1)
+    };
+    crate::generate::engine::check_context(model, prompt_tokens, max_new_tokens, req.n)
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    // The queue: requests accepted but not yet in the batch.
+    let q = st.metrics.queued.fetch_add(1, Ordering::Relaxed);
+    if q >= st.opts.max_queue {
+        st.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        return Err(ApiError::queue_full(q, 1));
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let job = Job {
+        id,
+        prompt,
+        sampling: eff.params,
+        max_new_tokens,
+        n: req.n,
+        stop: req.stop.clone(),
+        logprobs: req.logprobs,
+        ignore_eos: req.ignore_eos,
+        events: tx,
+        received: t0,
+    };
+    let sent = st
+        .jobs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|s| s.send(job).is_ok())
+        .unwrap_or(false);
+    if !sent {
+        st.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        return Err(ApiError::shutting_down());
+    }
+    let p = Pending {
+        st: st.clone(),
+        id: format!("chatcmpl-{}-{id}", st.created),
+        n: req.n,
+        prompt_tokens,
+        logprobs: req.logprobs.is_some(),
+        include_usage: req.include_usage,
+        events: rx,
+        deadline: tokio::time::Instant::from_std(t0 + st.opts.request_timeout),
+    };
+    if req.stream {
+        Ok(Started::Stream(p.stream(t0)))
+    } else {
+        Ok(Started::Wait(p))
+    }
+}
+
+/// Reads the images and renders the conversation into token ids.
+fn build_prompt(st: &AppState, req: &api::ChatRequest) -> Result<crate::processor::Prompt, ApiError> {
+    let proc = &st.loaded.processor;
+    let mut images = Vec::with_capacity(req.images.len());
+    for r in &req.images {
+        let bytes = st.media.read(r)?;
+        let rgb = crate::processor::image::decode_rgb_with(&bytes, &req.medical).map_err(|e| {
+            ApiError::param(&r.param, format!("{}: cannot read the image: {e:#}", r.param))
+        })?;
+        let p = proc.images.preprocess(&rgb).map_err(|e| {
+            ApiError::param(&r.param, format!("{}: cannot preprocess the image: {e:#}", r.param))
+        })?;
+        images.push(p);
+    }
+    proc.prepare(&req.messages, images, true)
+        .map_err(|e| ApiError::param("messages", format!("{e:#}")))
+}
+
+/// One choice being assembled.
+#[derive(Default)]
+struct Choice {
+    split: ReasoningStream,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<FinishReason>,
+    tokens: usize,
+    /// Streaming: the role was announced.
+    started: bool,
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+impl Pending {
+    fn raw(&self) -> bool {
+        self.st.opts.reasoning == ReasoningFormat::Raw
+    }
+
+    async fn next(&mut self) -> Result<Option<Event>, ApiError> {
+        match tokio::time::timeout_at(self.deadline, self.events.recv()).await {
+            Ok(e) => Ok(e),
+            Err(_) => {
+                self.st.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::timeout(self.st.opts.request_timeout.as_secs_f64()))
+            }
+        }
+    }
+
+    /// Waits for every choice and builds the `chat.completion` object.
+    async fn collect(mut self) -> Result<Value, ApiError> {
+        let mut choices: Vec<Choice> = (0..self.n).map(|_| Choice::default()).collect();
+        while choices.iter().any(|c| c.finish.is_none()) {
+            match self.next().await? {
+                Some(Event::Delta {
+                    sample,
+                    text,
+                    logprobs,
+                }) => {
+                    let c = &mut choices[sample];
+                    c.text.push_str(&text);
+                    c.logprobs.extend(logprobs);
+                }
+                Some(Event::Finished {
+                    sample,
+                    finish,
+                    tokens,
+                }) => {
+                    choices[sample].finish = Some(finish);
+                    choices[sample].tokens = tokens;
+                }
+                Some(Event::Failed(e)) => return Err(e),
+                None => return Err(ApiError::shutting_down()),
+            }
+        }
+        let completion: usize = choices.iter().map(|c| c.tokens).sum();
+        let raw = self.raw();
+        let out: Vec<Value> = choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                let message = if raw {
+                    json!({"role": "assistant", "content": c.text})
+                } else {
+                    c.split.push(&c.text);
+                    let (reasoning, content) = c.split.parts();
+                    json!({"role": "assistant", "content": content, "reasoning_content": reasoning})
+                };
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": if self.logprobs { json!({"content": c.logprobs}) } else { Value::Null },
+                    "finish_reason": c.finish.map(finish_str),
+                })
+            })
+            .collect();
+        Ok(json!({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": unix_now(),
+            "model": self.st.name,
+            "choices": out,
+            "usage": usage(self.prompt_tokens, completion),
+        }))
+    }
+
+    /// Server-sent events: one `chat.completion.chunk` per piece of text, then `[DONE]`.
+    fn stream(self, t0: Instant) -> Response {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        tokio::spawn(self.pump(tx, t0));
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+        });
+        (
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            Body::from_stream(body),
+        )
+            .into_response()
+    }
+
+    fn chunk(&self, choices: Vec<Value>, usage: Option<Value>) -> Bytes {
+        let mut v = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": unix_now(),
+            "model": self.st.name,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        Bytes::from(format!("data: {v}\n\n"))
+    }
+
+    /// Moves events to the client until every choice is done; stops (and so cancels the
+    /// request in the engine) as soon as the client is gone.
+    async fn pump(mut self, tx: tokio::sync::mpsc::Sender<Bytes>, t0: Instant) {
+        let mut choices: Vec<Choice> = (0..self.n).map(|_| Choice::default()).collect();
+        let raw = self.raw();
+        let mut status = 200;
+        while choices.iter().any(|c| c.finish.is_none()) {
+            let ev = match self.next().await {
+                Ok(Some(e)) => e,
+                Ok(None) => Event::Failed(ApiError::shutting_down()),
+                Err(e) => Event::Failed(e),
+            };
+            let mut frames = Vec::new();
+            match ev {
+                Event::Delta {
+                    sample,
+                    text,
+                    logprobs,
+                } => {
+                    let c = &mut choices[sample];
+                    if !c.started {
+                        c.started = true;
+                        frames.push(json!({"index": sample, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
+                    }
+                    let lp = if self.logprobs {
+                        json!({"content": logprobs})
+                    } else {
+                        Value::Null
+                    };
+                    let mut deltas = Vec::new();
+                    if raw {
+                        deltas.push(json!({"content": text}));
+                    } else {
+                        let p = c.split.push(&text);
+                        if !p.reasoning.is_empty() {
+                            deltas.push(json!({"reasoning_content": p.reasoning}));
+                        }
+                        if !p.content.is_empty() {
+                            deltas.push(json!({"content": p.content}));
+                        }
+                        if deltas.is_empty() && self.logprobs {
+                            deltas.push(json!({}));
+                        }
+                    }
+                    for (k, d) in deltas.into_iter().enumerate() {
+                        let lp = if k == 0 { lp.clone() } else { Value::Null };
+                        frames.push(json!({"index": sample, "delta": d, "logprobs": lp, "finish_reason": null}));
+                    }
+                }
+                Event::Finished {
+                    sample,
+                    finish,
+                    tokens,
+                } => {
+                    let c = &mut choices[sample];
+                    c.finish = Some(finish);
+                    c.tokens = tokens;
+                    if !raw {
+                        let p = c.split.finish();
+                        if !p.reasoning.is_empty() {
+                            frames.push(json!({"index": sample, "delta": {"reasoning_content": p.reasoning}, "logprobs": null, "finish_reason": null}));
+                        }
+                        if !p.content.is_empty() {
+                            frames.push(json!({"index": sample, "delta": {"content": p.content}, "logprobs": null, "finish_reason": null}));
+                        }
+                    }
+                    frames.push(json!({"index": sample, "delta": {}, "logprobs": null, "finish_reason": finish_str(finish)}));
+                }
+                Event::Failed(e) => {
+                    status = e.status.as_u16();
+                    let _ = tx
+                        .send(Bytes::from(format!("data: {}\n\n", e.body())))
+                        .await;
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    self.st.metrics.request_done(status, t0.elapsed());
+                    return;
+                }
+            }
+            for f in frames {
+                let b = self.chunk(vec![f], None);
+                if tx.send(b).await.is_err() {
+                    // The client is gone: dropping `self.events` frees its slot.
+                    self.st.metrics.request_done(499, t0.elapsed());
+                    return;
+                }
+            }
+        }
+        if self.include_usage {
+            let completion = choices.iter().map(|c| c.tokens).sum();
+            let b = self.chunk(vec![], Some(usage(self.prompt_tokens, completion)));
+            let _ = tx.send(b).await;
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        self.st.metrics.request_done(status, t0.elapsed());
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
