@@ -36,12 +36,16 @@ pub struct QwenTokenizer {
     pub model_max_length: Option<usize>,
     /// `eos_token` of tokenizer_config.json, resolved to an id.
     pub eos_token_id: Option<u32>,
+    /// Tokens including added ones. Kept here because `tokenizers` computes it by building
+    /// a map of the whole vocabulary (about 60 ms for Qwen's 151,646 tokens), which
+    /// per-token streaming decodes would otherwise pay every step.
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for QwenTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QwenTokenizer")
-            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("vocab_size", &self.vocab_size)
             .field("special", &self.special)
             .finish()
     }
@@ -101,6 +105,7 @@ impl QwenTokenizer {
             eos_token_id = cfg.get("eos_token").and_then(token_name).and_then(id);
         }
         Ok(Self {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             special,
             model_max_length,
@@ -121,7 +126,7 @@ impl QwenTokenizer {
     /// Text of `ids`; ids beyond the tokenizer's vocabulary (the embedding matrix is padded
     /// past it) are dropped rather than failing.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        let size = self.inner.get_vocab_size(true) as u32;
+        let size = self.vocab_size as u32;
         let known: Vec<u32> = ids.iter().copied().filter(|&i| i < size).collect();
         self.inner
             .decode(&known, skip_special_tokens)
@@ -137,6 +142,6 @@ impl QwenTokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 }
