@@ -12,7 +12,8 @@
 //!
 //! Options (after `--`): --model DIR (default: a bench model written to
 //! target/bench-model), --clients 1,4,16, --requests N (per level, default 32),
-//! --max-tokens N (64), --compare-unchunked.
+//! --max-tokens N (64), --max-pixels N (200704: 448x448, 256 image tokens),
+//! --compare-unchunked.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ struct Opts {
     requests: usize,
     max_tokens: usize,
     compare_unchunked: bool,
+    max_pixels: usize,
 }
 
 fn opts() -> Opts {
@@ -38,6 +40,7 @@ fn opts() -> Opts {
         requests: 32,
         max_tokens: 64,
         compare_unchunked: false,
+        max_pixels: 200704,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -48,6 +51,7 @@ fn opts() -> Opts {
             "--requests" => o.requests = val().parse().unwrap(),
             "--max-tokens" => o.max_tokens = val().parse().unwrap(),
             "--compare-unchunked" => o.compare_unchunked = true,
+            "--max-pixels" => o.max_pixels = val().parse().unwrap(),
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -67,10 +71,10 @@ impl Drop for Server {
     }
 }
 
-fn start(model: &Path, extra: &[&str]) -> Server {
+fn start(model: &Path, max_pixels: usize, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_medvlm"))
         .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
-        .args(["--max-batch", "16", "--max-pixels", "200704"])
+        .args(["--max-batch", "16", "--max-pixels", &max_pixels.to_string()])
         .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -221,9 +225,10 @@ fn main() {
         .collect();
     let bodies = Arc::new(bodies);
     println!(
-        "model {}, {} real test-set images, {} tokens per request\n",
+        "model {}, {} real test-set images (max {} pixels), {} tokens per request\n",
         model.display(),
         bodies.len(),
+        o.max_pixels,
         o.max_tokens
     );
     let header = "| clients | requests | wall | completion tokens/s | latency p50 / p95 | first token p50 / p95 | longest pause p95 |\n| --- | --- | --- | --- | --- | --- | --- |";
@@ -232,7 +237,7 @@ fn main() {
         runs.push(("prefill not chunked", vec!["--prefill-chunk", "1000000"]));
     }
     for (name, extra) in runs {
-        let srv = start(&model, &extra);
+        let srv = start(&model, o.max_pixels, &extra);
         // Warm-up: the first request pays for page faults of the weights.
         one(&srv.base, &bodies[0]);
         println!("{name}:\n{header}");

@@ -122,13 +122,23 @@ struct Group {
 /// A prompt being prefilled, chunk by chunk.
 struct Prefill {
     request: usize,
-    embeds: Tensor,
+    /// Input embeddings, images merged in; until the vision tower has run, what it needs.
+    embeds: Embeds,
     positions: Vec<Pos3>,
     delta: i64,
     /// Tokens already in the cache.
     done: usize,
     cache: KvCache,
     seqs: Vec<Seq>,
+}
+
+enum Embeds {
+    Pending {
+        ids: Vec<u32>,
+        pixels: Tensor,
+        grids: Vec<[usize; 3]>,
+    },
+    Ready(Tensor),
 }
 
 /// The sequences a model is decoding together; requests join ([`Engine::admit`]) and leave
@@ -278,7 +288,7 @@ impl<'m> Engine<'m> {
     }
 
     /// Adds a request to `run` under the id `request` (unique among those running): checks
-    /// it, encodes its images and queues its prompt for prefill ([`Engine::prefill_chunk`]).
+    /// it and queues its prompt for prefill ([`Engine::prefill_chunk`]).
     pub fn admit(
         &self,
         run: &mut Running,
@@ -301,12 +311,17 @@ impl<'m> Engine<'m> {
         r.sampling.validate()?;
         check_context(m, ids.len(), r.max_new_tokens, r.num_samples)?;
         let grids = prompt.grids();
-        let img = match prompt.pixel_values(&m.device)? {
-            Some(p) => Some(m.encode_images(&p, &grids)?),
-            None => None,
-        };
-        let embeds = m.input_embeds(std::slice::from_ref(ids), img.as_ref())?;
         let (positions, delta) = m.positions(ids, &grids)?;
+        // The vision tower runs in the first prefill call, not here, so that with other
+        // sequences decoding it is a step of its own rather than added to a prompt chunk.
+        let embeds = match prompt.pixel_values(&m.device)? {
+            Some(pixels) => Embeds::Pending {
+                ids: ids.clone(),
+                pixels,
+                grids,
+            },
+            None => Embeds::Ready(m.input_embeds(std::slice::from_ref(ids), None)?),
+        };
         let seqs = (0..r.num_samples)
             .map(|si| {
                 Ok(Seq {
@@ -335,17 +350,29 @@ impl<'m> Engine<'m> {
 
     /// Prefills up to `max_tokens` more tokens of the oldest prompt waiting for it; when its
     /// prompt is complete, its samples join the decoding batch (the cache forked to each).
+    /// A prompt with images first goes through the vision tower: with a limited
+    /// `max_tokens` that is all one call does.
     pub fn prefill_chunk(&self, run: &mut Running, max_tokens: usize) -> Result<()> {
         let Some(p) = run.prefills.front_mut() else {
             return Ok(());
         };
         let m = self.model;
+        if let Embeds::Pending { ids, pixels, grids } = &p.embeds {
+            let img = m.encode_images(pixels, grids)?;
+            p.embeds = Embeds::Ready(m.input_embeds(std::slice::from_ref(ids), Some(&img))?);
+            if max_tokens != usize::MAX {
+                return Ok(());
+            }
+        }
+        let Embeds::Ready(all) = &p.embeds else {
+            return Ok(());
+        };
         let len = p.positions.len();
         let n = max_tokens.max(1).min(len - p.done);
         let embeds = if p.done == 0 && n == len {
-            p.embeds.clone()
+            all.clone()
         } else {
-            p.embeds.narrow(1, p.done, n)?
+            all.narrow(1, p.done, n)?
         };
         let pos = p.positions[p.done..p.done + n].to_vec();
         let hidden = m.text.forward_cached(&embeds, &[pos], &mut p.cache)?;

@@ -14,7 +14,6 @@ use candle_core::DType;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::config_flags::parse_example_keys;
 use crate::data::PromptTemplate;
 
 /// The shared keys' commented example (top-level keys).
@@ -274,6 +273,47 @@ impl<M: Method> Default for TrainConfig<M> {
             method: M::default(),
         }
     }
+}
+
+/// Parses `key = value  # help` lines (optionally commented out) of an example config;
+/// keys under a `[section]` header are named `section.key`.
+pub fn parse_example_keys(example: &str) -> Vec<(String, String)> {
+    static LINE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^#?\s*([a-z][a-z0-9_]*)\s*=\s*[^#]*?(?:#\s*(.*))?$")
+            .expect("valid regex")
+    });
+    static SECTION: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r"^\[([a-z][a-z0-9_]*)\]$").expect("valid regex"));
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut pending_help = String::new();
+    let mut section = String::new();
+    for line in example.lines() {
+        let t = line.trim();
+        if let Some(c) = SECTION.captures(t) {
+            section = format!("{}.", &c[1]);
+            pending_help.clear();
+        } else if let Some(c) = LINE.captures(t) {
+            let key = format!("{section}{}", &c[1]);
+            let help = c
+                .get(2)
+                .map(|m| m.as_str().trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| std::mem::take(&mut pending_help));
+            pending_help.clear();
+            if !out.iter().any(|(k, _)| *k == key) {
+                out.push((key, help));
+            }
+        } else if let Some(comment) = t.strip_prefix('#') {
+            // The comment lines right above a key document it.
+            if !pending_help.is_empty() {
+                pending_help.push(' ');
+            }
+            pending_help.push_str(comment.trim());
+        } else {
+            pending_help.clear();
+        }
+    }
+    out
 }
 
 /// Keys of a commented example (section keys as `section.key`).
