@@ -1,7 +1,7 @@
 //! `cargo bench --bench serve`: throughput and latency of `medvlm serve` under 1, 4 and 16
 //! concurrent clients on the 119.7M-parameter bench model (`medvlm init --preset
-//! qwen2-vl-bench`), each request one real scan from the MedVLM-R1 test set (resized to
-//! 448x448-ish, 256 image tokens) and a question, 64 greedy tokens (`ignore_eos`, so every
+//! qwen2-vl-bench`), each request one real scan from the MedVLM-R1 test set (224x224, 64
+//! image tokens, a 140-token prompt) and a question, 64 greedy tokens (`ignore_eos`, so every
 //! request costs the same). 1 client is sequential requests.
 //!
 //! Reported per level: completion tokens/s over the wall time, request latency and time to
@@ -12,8 +12,9 @@
 //!
 //! Options (after `--`): --model DIR (default: a bench model written to
 //! target/bench-model), --clients 1,4,16, --requests N (per level, default 32),
-//! --max-tokens N (64), --max-pixels N (200704: 448x448, 256 image tokens),
-//! --compare-unchunked.
+//! --max-tokens N (64), --max-pixels N (default 200704; the test-set images are 224x224, 64
+//! image tokens, so it does not bind), --pixels N (every image resized to about N pixels:
+//! long prompts), --compare-unchunked.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ struct Opts {
     max_tokens: usize,
     compare_unchunked: bool,
     max_pixels: usize,
+    min_pixels: usize,
 }
 
 fn opts() -> Opts {
@@ -41,6 +43,7 @@ fn opts() -> Opts {
         max_tokens: 64,
         compare_unchunked: false,
         max_pixels: 200704,
+        min_pixels: 3136,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -52,6 +55,11 @@ fn opts() -> Opts {
             "--max-tokens" => o.max_tokens = val().parse().unwrap(),
             "--compare-unchunked" => o.compare_unchunked = true,
             "--max-pixels" => o.max_pixels = val().parse().unwrap(),
+            // Both limits: every image resized to about this area (long prompts).
+            "--pixels" => {
+                let v: usize = val().parse().unwrap();
+                (o.min_pixels, o.max_pixels) = (v, v);
+            }
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -71,10 +79,11 @@ impl Drop for Server {
     }
 }
 
-fn start(model: &Path, max_pixels: usize, extra: &[&str]) -> Server {
+fn start(model: &Path, (min_pixels, max_pixels): (usize, usize), extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_medvlm"))
         .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
         .args(["--max-batch", "16", "--max-pixels", &max_pixels.to_string()])
+        .args(["--min-pixels", &min_pixels.to_string()])
         .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -169,7 +178,10 @@ fn level(base: &str, bodies: &Arc<Vec<Value>>, clients: usize, requests: usize) 
             })
         })
         .collect();
-    let samples: Vec<Sample> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let samples: Vec<Sample> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     let wall = t0.elapsed().as_secs_f64();
     let tokens: usize = samples.iter().map(|s| s.tokens).sum();
     let mut lat: Vec<f64> = samples.iter().map(|s| s.latency).collect();
@@ -193,7 +205,13 @@ fn main() {
         let dir = root.join("target/bench-model");
         if !dir.join("config.json").is_file() {
             let st = Command::new(env!("CARGO_BIN_EXE_medvlm"))
-                .args(["init", "--preset", "qwen2-vl-bench", "--out", dir.to_str().unwrap()])
+                .args([
+                    "init",
+                    "--preset",
+                    "qwen2-vl-bench",
+                    "--out",
+                    dir.to_str().unwrap(),
+                ])
                 .status()
                 .unwrap();
             assert!(st.success());
@@ -225,9 +243,10 @@ fn main() {
         .collect();
     let bodies = Arc::new(bodies);
     println!(
-        "model {}, {} real test-set images (max {} pixels), {} tokens per request\n",
+        "model {}, {} real test-set images ({}..{} pixels), {} tokens per request\n",
         model.display(),
         bodies.len(),
+        o.min_pixels,
         o.max_pixels,
         o.max_tokens
     );
@@ -237,7 +256,7 @@ fn main() {
         runs.push(("prefill not chunked", vec!["--prefill-chunk", "1000000"]));
     }
     for (name, extra) in runs {
-        let srv = start(&model, o.max_pixels, &extra);
+        let srv = start(&model, (o.min_pixels, o.max_pixels), &extra);
         // Warm-up: the first request pays for page faults of the weights.
         one(&srv.base, &bodies[0]);
         println!("{name}:\n{header}");

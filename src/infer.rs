@@ -166,11 +166,7 @@ fn view(text: &str, done: bool) -> (&str, &str, bool) {
         return ("", ts.trim_end(), false);
     };
     match after.find(END_THINK) {
-        Some(i) => (
-            after[..i].trim(),
-            after[i + END_THINK.len()..].trim(),
-            true,
-        ),
+        Some(i) => (after[..i].trim(), after[i + END_THINK.len()..].trim(), true),
         None => {
             let mut keep = after.len();
             if !done {
@@ -247,7 +243,13 @@ mod tests {
         assert_eq!(s.parts(), (Some("a".into()), "<answer>B</answer>".into()));
         let mut s = ReasoningStream::new();
         // Nothing of a possible "</think>" is shown early.
-        assert_eq!(s.push("<think>abc </"), Parts { reasoning: "abc".into(), content: "".into() });
+        assert_eq!(
+            s.push("<think>abc </"),
+            Parts {
+                reasoning: "abc".into(),
+                content: "".into()
+            }
+        );
         assert_eq!(s.push("think> x").content, "x");
     }
 }

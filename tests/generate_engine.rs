@@ -266,7 +266,12 @@ fn staggered_joins_chunked_prefill_and_cancel_keep_greedy_tokens() {
         let mut done = vec![false; f.prompts.len()];
         // A request that is cancelled after a few steps, id 1000.
         engine
-            .admit(&mut run, 1000, &greedy(&f.prompts[0], 24), Default::default())
+            .admit(
+                &mut run,
+                1000,
+                &greedy(&f.prompts[0], 24),
+                Default::default(),
+            )
             .unwrap();
         let mut next = 0;
         let mut step = 0;
@@ -287,7 +292,10 @@ fn staggered_joins_chunked_prefill_and_cancel_keep_greedy_tokens() {
                 next += 1;
             }
             if step == 4 {
-                assert!(run.cancel(1000), "{name}: the cancelled request was running");
+                assert!(
+                    run.cancel(1000),
+                    "{name}: the cancelled request was running"
+                );
                 assert!(!run.requests().contains(&1000));
             }
             engine.prefill_chunk(&mut run, 5).unwrap();

@@ -125,7 +125,10 @@ fn client() -> reqwest::blocking::Client {
 
 /// Every event is `data: ...` followed by a blank line; the last is `[DONE]`.
 fn parse_sse(text: &str) -> Vec<Value> {
-    assert!(text.ends_with("data: [DONE]\n\n"), "no [DONE] at the end: {text}");
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "no [DONE] at the end: {text}"
+    );
     let mut out = Vec::new();
     for ev in text.split_terminator("\n\n") {
         let data = ev
@@ -233,15 +236,16 @@ fn parrot(dir: &Path) -> PathBuf {
         let next = chain.get(k + 1).copied().unwrap_or(im_end);
         head[next as usize][k] = 10.0;
     }
-    let t2 = |v: Vec<Vec<f32>>| {
-        Tensor::from_vec(v.concat(), (vocab, hidden), &Device::Cpu).unwrap()
-    };
+    let t2 =
+        |v: Vec<Vec<f32>>| Tensor::from_vec(v.concat(), (vocab, hidden), &Device::Cpu).unwrap();
     w.insert("model.embed_tokens.weight".into(), t2(e));
     w.insert("lm_head.weight".into(), t2(head));
     let norm = w["model.norm.weight"].ones_like().unwrap();
     w.insert("model.norm.weight".into(), norm);
     for (k, v) in w.clone() {
-        if k.starts_with("model.layers.") && (k.ends_with("o_proj.weight") || k.ends_with("down_proj.weight")) {
+        if k.starts_with("model.layers.")
+            && (k.ends_with("o_proj.weight") || k.ends_with("down_proj.weight"))
+        {
             w.insert(k, v.zeros_like().unwrap());
         }
     }
@@ -257,8 +261,16 @@ fn completions_equal_generate_and_stream_the_same_text() {
     let img = fixture_image("square.png");
     let prompt = "Which organ is shown?";
     let (ok, out, err) = medvlm(&[
-        "generate", "--model", s(&tiny()), "--image", s(&img), "--prompt", prompt,
-        "--max-new-tokens", "20", "--json",
+        "generate",
+        "--model",
+        s(&tiny()),
+        "--image",
+        s(&img),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "20",
+        "--json",
     ]);
     assert!(ok, "{err}");
     let want: Value = serde_json::from_str(&out).unwrap();
@@ -290,7 +302,11 @@ fn completions_equal_generate_and_stream_the_same_text() {
     assert!(joined[0].0, "the first delta announces the assistant role");
     assert_eq!(Value::from(joined[0].2.clone()), want["text"]);
     assert_eq!(Value::from(joined[0].3.clone()), want["finish_reason"]);
-    assert!(events.len() >= 3, "text arrives in pieces: {}", events.len());
+    assert!(
+        events.len() >= 3,
+        "text arrives in pieces: {}",
+        events.len()
+    );
     let last = events.last().unwrap();
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"], got["usage"]);
@@ -331,7 +347,12 @@ fn completions_equal_generate_and_stream_the_same_text() {
     let j = join_stream(&srv.stream(&nbody));
     assert_eq!(j.iter().map(|c| c.2.clone()).collect::<Vec<_>>(), texts(&a));
 
-    let models: Value = client().get(srv.url("/v1/models")).send().unwrap().json().unwrap();
+    let models: Value = client()
+        .get(srv.url("/v1/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "tiny-a");
     let h = client().get(srv.url("/health")).send().unwrap();
     assert_eq!(h.status(), 200);
@@ -390,7 +411,10 @@ fn reasoning_is_split_and_stop_strings_and_logprobs_work() {
     lp["top_logprobs"] = json!(2);
     let (_, r) = srv.post(&lp);
     let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
-    let toks: String = content.iter().map(|t| t["token"].as_str().unwrap()).collect();
+    let toks: String = content
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
     assert!(toks.starts_with(PARROT_TEXT), "{toks}");
     for t in content {
         assert!(t["logprob"].as_f64().unwrap() > -1e-3, "{t}");
@@ -402,7 +426,10 @@ fn reasoning_is_split_and_stop_strings_and_logprobs_work() {
             .iter()
             .map(|b| b.as_u64().unwrap() as u8)
             .collect();
-        assert_eq!(String::from_utf8(bytes).unwrap(), t["token"].as_str().unwrap());
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            t["token"].as_str().unwrap()
+        );
     }
 
     // The raw format keeps the text whole.
@@ -420,10 +447,19 @@ fn images_come_from_data_urls_or_the_allowed_directory_only() {
     let media = tmp.path().join("media");
     std::fs::create_dir_all(&media).unwrap();
     std::fs::copy(fixture_image("square.png"), media.join("scan one.png")).unwrap();
-    std::fs::write(tmp.path().join("secret.png"), std::fs::read(fixture_image("tiny.png")).unwrap()).unwrap();
+    std::fs::write(
+        tmp.path().join("secret.png"),
+        std::fs::read(fixture_image("tiny.png")).unwrap(),
+    )
+    .unwrap();
     let srv = Server::start(
         &tiny(),
-        &["--allowed-local-media-path", s(&media), "--reasoning-format", "raw"],
+        &[
+            "--allowed-local-media-path",
+            s(&media),
+            "--reasoning-format",
+            "raw",
+        ],
     );
     let q = |url: &str| json!({"messages": ask("What is it?", Some(url)), "max_tokens": 8});
     let (st, by_data) = srv.post(&q(&data_url(&fixture_image("square.png"), "image/png")));
@@ -448,7 +484,10 @@ fn images_come_from_data_urls_or_the_allowed_directory_only() {
         let (st, r) = srv.post(&q(&url));
         assert_eq!(st, 400, "{url}: {r}");
         assert_eq!(r["error"]["type"], "invalid_request_error");
-        assert!(r["error"]["message"].as_str().unwrap().contains("outside"), "{r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains("outside"),
+            "{r}"
+        );
         assert_eq!(r["error"]["param"], "messages[0].content[0].image_url");
     }
     let (st, r) = srv.post(&q("https://example.com/x.png"));
@@ -468,7 +507,11 @@ fn images_come_from_data_urls_or_the_allowed_directory_only() {
     lung["logprobs"] = json!(true);
     let mut bone = lung.clone();
     bone["window"] = json!([400, 1800]);
-    let first = |v: &Value| v["choices"][0]["logprobs"]["content"][0]["logprob"].as_f64().unwrap();
+    let first = |v: &Value| {
+        v["choices"][0]["logprobs"]["content"][0]["logprob"]
+            .as_f64()
+            .unwrap()
+    };
     let (_, a) = srv.post(&lung);
     let (_, b) = srv.post(&bone);
     assert_eq!(a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"]);
@@ -480,13 +523,22 @@ fn images_come_from_data_urls_or_the_allowed_directory_only() {
     // Not an image.
     let (st, r) = srv.post(&q("data:image/png;base64,aGVsbG8gd29ybGQ="));
     assert_eq!(st, 400);
-    assert!(r["error"]["message"].as_str().unwrap().contains("cannot read the image"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read the image"),
+        "{r}"
+    );
     drop(srv);
     // Without --allowed-local-media-path no path is read.
     let closed = Server::start(&tiny(), &[]);
     let (st, r) = closed.post(&q("scan one.png"));
     assert_eq!(st, 400);
-    assert!(r["error"]["message"].as_str().unwrap().contains("refused"), "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("refused"),
+        "{r}"
+    );
 }
 
 /// Bad input of every kind gets an OpenAI-shaped error with the right status, and the
@@ -495,7 +547,16 @@ fn images_come_from_data_urls_or_the_allowed_directory_only() {
 fn bad_requests_get_openai_errors() {
     let srv = Server::start(
         &tiny(),
-        &["--max-body-mb", "1", "--max-prompt-tokens", "48", "--api-key", "sesame", "--max-batch", "4"],
+        &[
+            "--max-body-mb",
+            "1",
+            "--max-prompt-tokens",
+            "48",
+            "--api-key",
+            "sesame",
+            "--max-batch",
+            "4",
+        ],
     );
     let ok = json!({"messages": ask("hi", None), "max_tokens": 3});
     let send = |body: &str, key: Option<&str>| {
@@ -508,7 +569,10 @@ fn bad_requests_get_openai_errors() {
         }
         let r = r.send().unwrap();
         let status = r.status().as_u16();
-        let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
         let v: Value = r.json().expect("errors are JSON");
         (status, v, retry)
     };
@@ -530,35 +594,64 @@ fn bad_requests_get_openai_errors() {
     check(st, &v, 400, "invalid_request_error");
     let (st, v, _) = send("[1, 2]", key);
     check(st, &v, 400, "invalid_request_error");
-    let (st, v, _) = send(&json!({"model": "gpt-4o", "messages": ask("hi", None)}).to_string(), key);
+    let (st, v, _) = send(
+        &json!({"model": "gpt-4o", "messages": ask("hi", None)}).to_string(),
+        key,
+    );
     check(st, &v, 404, "invalid_request_error");
     assert_eq!(v["error"]["code"], "model_not_found");
-    let (st, v, _) = send(&json!({"messages": ask("hi", None), "temperature": -1}).to_string(), key);
+    let (st, v, _) = send(
+        &json!({"messages": ask("hi", None), "temperature": -1}).to_string(),
+        key,
+    );
     check(st, &v, 400, "invalid_request_error");
-    let (st, v, _) = send(&json!({"messages": ask("hi", None), "n": 5}).to_string(), key);
+    let (st, v, _) = send(
+        &json!({"messages": ask("hi", None), "n": 5}).to_string(),
+        key,
+    );
     check(st, &v, 400, "invalid_request_error");
     assert_eq!(v["error"]["param"], "n");
-    let (st, v, _) = send(&json!({"messages": ask("hi", None), "max_tokens": 100000}).to_string(), key);
+    let (st, v, _) = send(
+        &json!({"messages": ask("hi", None), "max_tokens": 100000}).to_string(),
+        key,
+    );
     check(st, &v, 400, "invalid_request_error");
     // An image whose tokens exceed --max-prompt-tokens.
     let big = data_url(&fixture_image("large.png"), "image/png");
     let (st, v, _) = send(&json!({"messages": ask("hi", Some(&big))}).to_string(), key);
     check(st, &v, 400, "invalid_request_error");
-    assert!(v["error"]["message"].as_str().unwrap().contains("tokens"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("tokens"),
+        "{v}"
+    );
     // A body over --max-body-mb.
     let huge = format!("data:image/png;base64,{}", "A".repeat(1_500_000));
-    let (st, v, _) = send(&json!({"messages": ask("hi", Some(&huge))}).to_string(), key);
+    let (st, v, _) = send(
+        &json!({"messages": ask("hi", Some(&huge))}).to_string(),
+        key,
+    );
     check(st, &v, 413, "invalid_request_error");
     // Unknown endpoint and wrong method.
-    let r = client().get(srv.url("/v1/nothing")).bearer_auth("sesame").send().unwrap();
+    let r = client()
+        .get(srv.url("/v1/nothing"))
+        .bearer_auth("sesame")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 404);
     let v: Value = r.json().unwrap();
     assert_eq!(v["error"]["code"], "not_found");
-    let r = client().get(srv.url("/v1/chat/completions")).bearer_auth("sesame").send().unwrap();
+    let r = client()
+        .get(srv.url("/v1/chat/completions"))
+        .bearer_auth("sesame")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 405);
     assert!(r.json::<Value>().unwrap()["error"]["message"].is_string());
     // Health and metrics need no key; the server still answers.
-    assert_eq!(client().get(srv.url("/health")).send().unwrap().status(), 200);
+    assert_eq!(
+        client().get(srv.url("/health")).send().unwrap().status(),
+        200
+    );
     let (st, _, _) = send(&ok.to_string(), key);
     assert_eq!(st, 200);
     assert!(!srv.log().contains("panicked"), "{}", srv.log());
@@ -589,10 +682,16 @@ fn queue_full_disconnect_and_sigterm() {
     });
     let t = Instant::now();
     while srv.metric("medvlm_queue_depth") < 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "the second request never queued");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the second request never queued"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let r = srv.post_raw(&json!({"messages": ask("third", None), "max_tokens": 5}), None);
+    let r = srv.post_raw(
+        &json!({"messages": ask("third", None), "max_tokens": 5}),
+        None,
+    );
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "1");
     let v: Value = r.json().unwrap();
@@ -603,7 +702,10 @@ fn queue_full_disconnect_and_sigterm() {
     assert_eq!(status, 200);
     assert!(srv.metric("medvlm_cancelled_requests_total") >= 1.0);
     let generated = srv.metric("medvlm_completion_tokens_total");
-    assert!(generated < 4000.0, "the abandoned stream was stopped ({generated} tokens)");
+    assert!(
+        generated < 4000.0,
+        "the abandoned stream was stopped ({generated} tokens)"
+    );
     eprintln!("the queued request waited {waited:?}");
 
     // SIGTERM during a stream: the stream completes, then the server exits 0.
@@ -614,18 +716,29 @@ fn queue_full_disconnect_and_sigterm() {
     let mut line = String::new();
     c.read_line(&mut line).unwrap();
     let pid = srv.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let mut rest = String::new();
     c.read_to_string(&mut rest).unwrap();
     let events = parse_sse(&(line + &rest));
     let j = join_stream(&events);
-    assert_eq!(j[0].3.as_deref(), Some("length"), "the stream in flight finished");
+    assert_eq!(
+        j[0].3.as_deref(),
+        Some("length"),
+        "the stream in flight finished"
+    );
     let t = Instant::now();
     let code = loop {
         if let Some(s) = srv.child.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "no exit after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(code.success(), "exit status {code:?}\n{}", srv.log());
@@ -696,7 +809,10 @@ fn concurrent_clients_get_the_sequential_answers() {
     assert_eq!(answered, 24);
     let steps = srv.metric("medvlm_batch_size_count");
     let single = srv.metric("medvlm_batch_size_bucket{le=\"1\"}");
-    assert!(single < steps, "some steps decoded several sequences together");
+    assert!(
+        single < steps,
+        "some steps decoded several sequences together"
+    );
     assert_eq!(srv.metric("medvlm_queue_depth"), 0.0);
     assert_eq!(srv.metric("medvlm_running_sequences"), 0.0);
 }

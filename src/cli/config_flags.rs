@@ -21,7 +21,6 @@ pub trait ConfigKind {
     fn keys() -> &'static [(String, String)];
 }
 
-
 /// Flag values given on the command line, as a TOML table to merge over the config file.
 #[derive(Debug, Clone)]
 pub struct ConfigOverrides<K> {

@@ -335,7 +335,12 @@ pub struct ServeArgs {
     pub served_model_name: Option<String>,
     /// Require `Authorization: Bearer KEY` on /v1/ endpoints (/health and /metrics stay
     /// open). Default: no key.
-    #[arg(long, value_name = "KEY", env = "MEDVLM_API_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "MEDVLM_API_KEY",
+        hide_env_values = true
+    )]
     pub api_key: Option<String>,
     /// Let requests name local image files (paths or file:// URLs), but only inside this
     /// directory. Without it every local path is refused.

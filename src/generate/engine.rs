@@ -133,12 +133,22 @@ struct Prefill {
 }
 
 enum Embeds {
-    Pending {
+    /// The images still to encode.
+    Pixels {
         ids: Vec<u32>,
         pixels: Tensor,
         grids: Vec<[usize; 3]>,
     },
+    /// The vision tower part way: the activations after `done` blocks.
+    Vision {
+        ids: Vec<u32>,
+        input: Box<crate::model::vision::VisionInput>,
+        x: Tensor,
+        done: usize,
+    },
     Ready(Tensor),
+    /// Momentarily, while a call works on it.
+    Taken,
 }
 
 /// The sequences a model is decoding together; requests join ([`Engine::admit`]) and leave
@@ -315,7 +325,7 @@ impl<'m> Engine<'m> {
         // The vision tower runs in the first prefill call, not here, so that with other
         // sequences decoding it is a step of its own rather than added to a prompt chunk.
         let embeds = match prompt.pixel_values(&m.device)? {
-            Some(pixels) => Embeds::Pending {
+            Some(pixels) => Embeds::Pixels {
                 ids: ids.clone(),
                 pixels,
                 grids,
@@ -350,18 +360,68 @@ impl<'m> Engine<'m> {
 
     /// Prefills up to `max_tokens` more tokens of the oldest prompt waiting for it; when its
     /// prompt is complete, its samples join the decoding batch (the cache forked to each).
-    /// A prompt with images first goes through the vision tower: with a limited
-    /// `max_tokens` that is all one call does.
+    /// A prompt with images first goes through the vision tower; with a limited
+    /// `max_tokens`, a call does a share of the tower's blocks or of the prompt, not both.
     pub fn prefill_chunk(&self, run: &mut Running, max_tokens: usize) -> Result<()> {
         let Some(p) = run.prefills.front_mut() else {
             return Ok(());
         };
         let m = self.model;
-        if let Embeds::Pending { ids, pixels, grids } = &p.embeds {
-            let img = m.encode_images(pixels, grids)?;
-            p.embeds = Embeds::Ready(m.input_embeds(std::slice::from_ref(ids), Some(&img))?);
-            if max_tokens != usize::MAX {
-                return Ok(());
+        let limited = max_tokens != usize::MAX;
+        // The vision tower, block by block: a call runs blocks over about `max_tokens` x
+        // merge² patch rows (at least one block), so a large image delays running streams a
+        // few blocks at a time rather than for the whole tower.
+        loop {
+            match std::mem::replace(&mut p.embeds, Embeds::Taken) {
+                Embeds::Pixels { ids, pixels, grids } => {
+                    let input = m.vision.embed(&pixels, &grids)?;
+                    p.embeds = Embeds::Vision {
+                        ids,
+                        x: input.x.clone(),
+                        input: Box::new(input),
+                        done: 0,
+                    };
+                }
+                Embeds::Vision {
+                    ids,
+                    input,
+                    mut x,
+                    mut done,
+                } => {
+                    let rows = x.dim(0)?.max(1);
+                    let unit = m.vision.config().spatial_merge_size.pow(2);
+                    let per_call = if limited {
+                        (max_tokens.saturating_mul(unit) / rows).max(1)
+                    } else {
+                        usize::MAX
+                    };
+                    let blocks = m.vision.num_blocks();
+                    let end = done.saturating_add(per_call).min(blocks);
+                    while done < end {
+                        x = m.vision.block(done, &x, &input)?;
+                        done += 1;
+                    }
+                    if done < blocks {
+                        p.embeds = Embeds::Vision {
+                            ids,
+                            input,
+                            x,
+                            done,
+                        };
+                        return Ok(());
+                    }
+                    let img = m.vision.merge(&x, &input)?;
+                    p.embeds =
+                        Embeds::Ready(m.input_embeds(std::slice::from_ref(&ids), Some(&img))?);
+                    if limited {
+                        return Ok(());
+                    }
+                }
+                ready @ Embeds::Ready(_) => {
+                    p.embeds = ready;
+                    break;
+                }
+                Embeds::Taken => bail!("internal error: a prompt's embeddings were lost"),
             }
         }
         let Embeds::Ready(all) = &p.embeds else {
@@ -520,10 +580,15 @@ fn raw_logprobs(logits: &[f32], token: u32, k: usize) -> RawLogprobs {
             idx.truncate(k);
         }
         idx.sort_by(by);
-        top = idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
+        top = idx
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - lse))
+            .collect();
     }
     RawLogprobs {
-        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - lse),
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - lse),
         top,
     }
 }

@@ -7,7 +7,9 @@ pub mod score;
 pub mod settings;
 pub mod stream;
 
-pub use engine::{Completion, Engine, FinishReason, RawLogprobs, Request, Running, SeqOptions, Token};
+pub use engine::{
+    Completion, Engine, FinishReason, RawLogprobs, Request, Running, SeqOptions, Token,
+};
 pub use sampling::{Draw, Sampler, SamplingParams};
 pub use score::score;
 pub use settings::{Effective, GenerationConfig, UserSampling};

@@ -216,7 +216,10 @@ fn parse_messages(raw: &[Value]) -> Result<(Vec<Message>, Vec<ImageRef>), ApiErr
     for (i, m) in raw.iter().enumerate() {
         let at = format!("messages[{i}]");
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-            ApiError::param(&format!("{at}.role"), format!("{at}: a message needs a \"role\""))
+            ApiError::param(
+                &format!("{at}.role"),
+                format!("{at}: a message needs a \"role\""),
+            )
         })?;
         let role = match role {
             "system" | "developer" => "system",

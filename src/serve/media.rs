@@ -21,15 +21,19 @@ pub struct MediaPolicy {
 impl MediaPolicy {
     /// `dir` must exist; it is canonicalised so symbolic links cannot lead out of it.
     pub fn new(dir: Option<&Path>, max_bytes: usize) -> anyhow::Result<Self> {
-        let allowed = match dir {
-            Some(d) => Some(std::fs::canonicalize(d).map_err(|e| {
-                anyhow::anyhow!("--allowed-local-media-path {}: {e}", d.display())
-            })?),
-            None => None,
-        };
+        let allowed =
+            match dir {
+                Some(d) => Some(std::fs::canonicalize(d).map_err(|e| {
+                    anyhow::anyhow!("--allowed-local-media-path {}: {e}", d.display())
+                })?),
+                None => None,
+            };
         if let Some(a) = &allowed {
             if !a.is_dir() {
-                anyhow::bail!("--allowed-local-media-path {}: not a directory", a.display());
+                anyhow::bail!(
+                    "--allowed-local-media-path {}: not a directory",
+                    a.display()
+                );
             }
         }
         Ok(Self { allowed, max_bytes })
@@ -96,8 +100,8 @@ impl MediaPolicy {
         if !joined.starts_with(root) {
             return Err(outside());
         }
-        let real = std::fs::canonicalize(&joined)
-            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let real =
+            std::fs::canonicalize(&joined).map_err(|e| err(format!("{}: {e}", path.display())))?;
         if !real.starts_with(root) {
             return Err(outside());
         }
@@ -192,14 +196,25 @@ mod tests {
             assert!(e.message.contains("outside"), "{bad}: {}", e.message);
         }
         let none = MediaPolicy::new(None, 1000).unwrap();
-        assert!(none.read(&r("sub/a b.png")).unwrap_err().message.contains("refused"));
-        assert!(none.read(&r("https://x/y.png")).unwrap_err().message.contains("network"));
+        assert!(none
+            .read(&r("sub/a b.png"))
+            .unwrap_err()
+            .message
+            .contains("refused"));
+        assert!(none
+            .read(&r("https://x/y.png"))
+            .unwrap_err()
+            .message
+            .contains("network"));
     }
 
     #[test]
     fn data_urls_decode_and_are_size_checked() {
         let p = MediaPolicy::new(None, 10).unwrap();
-        assert_eq!(p.read(&r("data:image/png;base64,aGVsbG8=")).unwrap(), b"hello");
+        assert_eq!(
+            p.read(&r("data:image/png;base64,aGVsbG8=")).unwrap(),
+            b"hello"
+        );
         assert!(p.read(&r("data:image/png,hello")).is_err());
         assert!(p.read(&r("data:image/png;base64,@@@")).is_err());
         let big = format!("data:application/dicom;base64,{}", "A".repeat(40));

@@ -142,16 +142,55 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
         let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed).to_string();
         let lq = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        gauge(&mut out, "medvlm_queue_depth", "Requests waiting to join the batch.", "gauge", ld(&self.queued));
-        gauge(&mut out, "medvlm_running_requests", "Requests in the batch.", "gauge", ld(&self.running_requests));
-        gauge(&mut out, "medvlm_running_sequences", "Sequences in the batch (n per request).", "gauge", ld(&self.running_sequences));
-        gauge(&mut out, "medvlm_prompt_tokens_total", "Prompt tokens prefilled (images included).", "counter", lq(&self.prompt_tokens));
-        gauge(&mut out, "medvlm_completion_tokens_total", "Tokens generated.", "counter", lq(&self.completion_tokens));
-        gauge(&mut out, "medvlm_cancelled_requests_total", "Requests dropped before finishing (client gone, timeout, shutdown).", "counter", lq(&self.cancelled));
+        gauge(
+            &mut out,
+            "medvlm_queue_depth",
+            "Requests waiting to join the batch.",
+            "gauge",
+            ld(&self.queued),
+        );
+        gauge(
+            &mut out,
+            "medvlm_running_requests",
+            "Requests in the batch.",
+            "gauge",
+            ld(&self.running_requests),
+        );
+        gauge(
+            &mut out,
+            "medvlm_running_sequences",
+            "Sequences in the batch (n per request).",
+            "gauge",
+            ld(&self.running_sequences),
+        );
+        gauge(
+            &mut out,
+            "medvlm_prompt_tokens_total",
+            "Prompt tokens prefilled (images included).",
+            "counter",
+            lq(&self.prompt_tokens),
+        );
+        gauge(
+            &mut out,
+            "medvlm_completion_tokens_total",
+            "Tokens generated.",
+            "counter",
+            lq(&self.completion_tokens),
+        );
+        gauge(
+            &mut out,
+            "medvlm_cancelled_requests_total",
+            "Requests dropped before finishing (client gone, timeout, shutdown).",
+            "counter",
+            lq(&self.cancelled),
+        );
         self.with(|m| {
             let _ = writeln!(
                 out,

@@ -96,7 +96,10 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     if opts.prefill_chunk == 0 {
         anyhow::bail!("--prefill-chunk must be at least 1");
     }
-    let media = MediaPolicy::new(opts.allowed_local_media_path.as_deref(), opts.max_body_bytes)?;
+    let media = MediaPolicy::new(
+        opts.allowed_local_media_path.as_deref(),
+        opts.max_body_bytes,
+    )?;
     let gen_cfg = GenerationConfig::from_dir(&opts.source.model)?;
     eprintln!("loading {}", opts.source.model.display());
     let loaded = Arc::new(crate::infer::load(&opts.source, &opts.processor)?);
@@ -164,7 +167,11 @@ async fn serve(state: Arc<AppState>, abort: Arc<AtomicBool>) -> Result<()> {
         state.name,
         o.max_batch,
         o.max_queue,
-        if o.api_key.is_some() { ", API key required" } else { "" }
+        if o.api_key.is_some() {
+            ", API key required"
+        } else {
+            ""
+        }
     );
     let app = router(state.clone());
     let drain = {
@@ -361,7 +368,9 @@ async fn start(
         eff.max_new_tokens
     } else {
         // Unsaid, the default shrinks to what the context leaves.
-        eff.max_new_tokens.min(ctx.saturating_sub(prompt_tokens)).max(1)
+        eff.max_new_tokens
+            .min(ctx.saturating_sub(prompt_tokens))
+            .max(1)
     };
     crate::generate::engine::check_context(model, prompt_tokens, max_new_tokens, req.n)
         .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
@@ -414,16 +423,25 @@ async fn start(
 }
 
 /// Reads the images and renders the conversation into token ids.
-fn build_prompt(st: &AppState, req: &api::ChatRequest) -> Result<crate::processor::Prompt, ApiError> {
+fn build_prompt(
+    st: &AppState,
+    req: &api::ChatRequest,
+) -> Result<crate::processor::Prompt, ApiError> {
     let proc = &st.loaded.processor;
     let mut images = Vec::with_capacity(req.images.len());
     for r in &req.images {
         let bytes = st.media.read(r)?;
         let rgb = crate::processor::image::decode_rgb_with(&bytes, &req.medical).map_err(|e| {
-            ApiError::param(&r.param, format!("{}: cannot read the image: {e:#}", r.param))
+            ApiError::param(
+                &r.param,
+                format!("{}: cannot read the image: {e:#}", r.param),
+            )
         })?;
         let p = proc.images.preprocess(&rgb).map_err(|e| {
-            ApiError::param(&r.param, format!("{}: cannot preprocess the image: {e:#}", r.param))
+            ApiError::param(
+                &r.param,
+                format!("{}: cannot preprocess the image: {e:#}", r.param),
+            )
         })?;
         images.push(p);
     }
@@ -460,7 +478,9 @@ impl Pending {
             Ok(e) => Ok(e),
             Err(_) => {
                 self.st.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                Err(ApiError::timeout(self.st.opts.request_timeout.as_secs_f64()))
+                Err(ApiError::timeout(
+                    self.st.opts.request_timeout.as_secs_f64(),
+                ))
             }
         }
     }

@@ -282,8 +282,9 @@ pub fn parse_example_keys(example: &str) -> Vec<(String, String)> {
         regex::Regex::new(r"^#?\s*([a-z][a-z0-9_]*)\s*=\s*[^#]*?(?:#\s*(.*))?$")
             .expect("valid regex")
     });
-    static SECTION: std::sync::LazyLock<regex::Regex> =
-        std::sync::LazyLock::new(|| regex::Regex::new(r"^\[([a-z][a-z0-9_]*)\]$").expect("valid regex"));
+    static SECTION: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^\[([a-z][a-z0-9_]*)\]$").expect("valid regex")
+    });
     let mut out: Vec<(String, String)> = Vec::new();
     let mut pending_help = String::new();
     let mut section = String::new();
