@@ -333,9 +333,20 @@ fn every_help_example_runs() {
     for p in &paths {
         for ex in examples(&help(p)) {
             println!("medvlm {}: {ex}", p.join(" "));
+            // A server runs until stopped: start it, wait for /health, stop it with
+            // SIGTERM, and require a clean exit.
+            let script = if p == &["serve"] {
+                format!(
+                    "{ex} &\nfor i in $(seq 1 600); do curl -sf http://127.0.0.1:8000/health \
+                     > /dev/null && break; sleep 0.1; done\ncurl -sf \
+                     http://127.0.0.1:8000/health\nkill -TERM $!\nwait $!\n"
+                )
+            } else {
+                ex.clone()
+            };
             bash(
                 &work,
-                &ex,
+                &script,
                 &format!("`medvlm {} --help` example", p.join(" ")),
             );
             ran += 1;

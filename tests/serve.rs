@@ -816,3 +816,32 @@ fn concurrent_clients_get_the_sequential_answers() {
     assert_eq!(srv.metric("medvlm_queue_depth"), 0.0);
     assert_eq!(srv.metric("medvlm_running_sequences"), 0.0);
 }
+
+/// A request over --request-timeout gets 504 (or an error event when streaming) and its
+/// sequences stop.
+#[test]
+fn timed_out_requests_get_504_and_stop() {
+    let srv = Server::start(&tiny(), &["--request-timeout", "0.2"]);
+    let long = json!({"messages": ask("hi", None), "max_tokens": 4000, "ignore_eos": true});
+    let (st, v) = srv.post(&long);
+    assert_eq!(st, 504, "{v}");
+    assert_eq!(v["error"]["type"], "timeout_error");
+    let mut s = long.clone();
+    s["stream"] = json!(true);
+    let events = srv.stream(&s);
+    let last = events.last().unwrap();
+    assert_eq!(last["error"]["type"], "timeout_error", "{last}");
+    let t = Instant::now();
+    while srv.metric("medvlm_running_sequences") > 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed-out sequences kept running"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(srv.metric("medvlm_cancelled_requests_total") >= 2.0);
+    assert!(srv.metric("medvlm_completion_tokens_total") < 8000.0);
+    // The server goes on serving.
+    let (st, _) = srv.post(&json!({"messages": ask("hi", None), "max_tokens": 3}));
+    assert_eq!(st, 200);
+}

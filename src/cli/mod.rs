@@ -97,7 +97,7 @@ pub enum Command {
                       intensity window: a CT preset such as \"lung\", \"CENTER,WIDTH\" or \
                       [CENTER, WIDTH]), \"slice\" (slice of a 3-D volume), \"top_k\", \"min_p\", \
                       \"repetition_penalty\", \"ignore_eos\" (generate exactly max_tokens).",
-        after_help = "Examples:\n  medvlm serve --model runs/grpo/final --port 8000\n  medvlm serve --model runs/grpo/final --host 0.0.0.0 --api-key secret \\\n      --allowed-local-media-path /data/scans --max-batch 16"
+        after_help = "Examples:\n  medvlm serve --model runs/grpo/final --port 8000\n  medvlm serve --model runs/grpo/final --host 0.0.0.0 --api-key secret \\\n      --allowed-local-media-path runs/demo/data-test/images --max-batch 16"
     )]
     Serve(ServeArgs),
     /// Train a model: GRPO (MedVLM-R1) or the supervised baseline.

@@ -476,12 +476,10 @@ impl Pending {
     async fn next(&mut self) -> Result<Option<Event>, ApiError> {
         match tokio::time::timeout_at(self.deadline, self.events.recv()).await {
             Ok(e) => Ok(e),
-            Err(_) => {
-                self.st.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                Err(ApiError::timeout(
-                    self.st.opts.request_timeout.as_secs_f64(),
-                ))
-            }
+            // Dropping `self.events` then tells the engine (which counts the cancellation).
+            Err(_) => Err(ApiError::timeout(
+                self.st.opts.request_timeout.as_secs_f64(),
+            )),
         }
     }
 
