@@ -3,12 +3,7 @@
 use super::*;
 
 pub(super) fn processor_options(p: &PromptArgs) -> ProcessorOptions {
-    ProcessorOptions {
-        min_pixels: p.min_pixels,
-        max_pixels: p.max_pixels,
-        max_prompt_tokens: p.max_prompt_tokens,
-        medical: p.medical.options(),
-    }
+    p.limits.options(p.medical.options())
 }
 
 pub(super) fn build_messages(p: &PromptArgs) -> Vec<Message> {

@@ -364,17 +364,8 @@ pub struct ServeArgs {
     /// decoding: bounds how long a new request stalls the running streams.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub prefill_chunk: usize,
-    /// Smallest image area after resizing, in pixels (default: preprocessor_config.json's).
-    #[arg(long, value_name = "N")]
-    pub min_pixels: Option<usize>,
-    /// Largest image area after resizing, in pixels (default: preprocessor_config.json's;
-    /// MedVLM-R1 trains with 401408).
-    #[arg(long, value_name = "N")]
-    pub max_pixels: Option<usize>,
-    /// Longest prompt in tokens, image tokens included; longer requests get 400 (default:
-    /// tokenizer_config.json's model_max_length).
-    #[arg(long, value_name = "N")]
-    pub max_prompt_tokens: Option<usize>,
+    #[command(flatten)]
+    pub limits: PromptLimits,
 }
 
 #[derive(Subcommand, Debug)]
@@ -630,6 +621,15 @@ pub struct PromptArgs {
     /// A system turn. Without it the chat template's default applies.
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub limits: PromptLimits,
+    #[command(flatten)]
+    pub medical: MedicalArgs,
+}
+
+/// Image sizes and prompt length: `generate`, `score` and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct PromptLimits {
     /// Smallest image area in pixels after resizing (default: preprocessor_config.json).
     #[arg(long, value_name = "N")]
     pub min_pixels: Option<usize>,
@@ -637,11 +637,21 @@ pub struct PromptArgs {
     #[arg(long, value_name = "N")]
     pub max_pixels: Option<usize>,
     /// Longest prompt accepted in tokens, images included (default: tokenizer_config.json's
-    /// model_max_length). Image tokens are never truncated: a longer prompt is an error.
+    /// model_max_length). Image tokens are never truncated: a longer prompt is an error
+    /// (for the server, a 400).
     #[arg(long, value_name = "N")]
     pub max_prompt_tokens: Option<usize>,
-    #[command(flatten)]
-    pub medical: MedicalArgs,
+}
+
+impl PromptLimits {
+    pub fn options(&self, medical: crate::processor::image::MedicalOptions) -> ProcessorOptions {
+        ProcessorOptions {
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+            max_prompt_tokens: self.max_prompt_tokens,
+            medical,
+        }
+    }
 }
 
 /// How DICOM and NIfTI images become pictures. Other images ignore these.

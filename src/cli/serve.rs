@@ -14,12 +14,8 @@ pub(super) fn run_serve(a: ServeArgs) -> Result<()> {
     }
     crate::serve::run(crate::serve::ServeOptions {
         source: a.model.source(),
-        processor: ProcessorOptions {
-            min_pixels: a.min_pixels,
-            max_pixels: a.max_pixels,
-            max_prompt_tokens: a.max_prompt_tokens,
-            ..Default::default()
-        },
+        // DICOM/NIfTI windows and slices are per request ("window", "slice").
+        processor: a.limits.options(Default::default()),
         host: a.host,
         port: a.port,
         max_batch: a.max_batch,
