@@ -658,8 +658,9 @@ fn bad_requests_get_openai_errors() {
 }
 
 /// With one slot and one queue place: a long stream holds the slot, a second request
-/// waits, a third gets 429 with Retry-After; a client that disconnects mid-stream frees
-/// its slot at once; SIGTERM lets the stream in flight finish and the server exit 0.
+/// waits, a third gets 429 with Retry-After; a client that disconnects mid-stream (or gives
+/// up on a non-streamed request) frees its slot at once; SIGTERM lets the stream in flight
+/// finish and the server exit 0.
 #[test]
 fn queue_full_disconnect_and_sigterm() {
     let mut srv = Server::start(&tiny(), &["--max-batch", "1", "--max-queue", "1"]);
@@ -707,6 +708,26 @@ fn queue_full_disconnect_and_sigterm() {
         "the abandoned stream was stopped ({generated} tokens)"
     );
     eprintln!("the queued request waited {waited:?}");
+    // A client that gives up on a non-streamed request frees its slot too.
+    let cancelled = srv.metric("medvlm_cancelled_requests_total");
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let gave_up = quick
+        .post(srv.url("/v1/chat/completions"))
+        .json(&json!({"messages": ask("hi", None), "max_tokens": 4000, "ignore_eos": true}))
+        .send();
+    assert!(gave_up.is_err(), "4000 tokens took under 150 ms");
+    let t = Instant::now();
+    while srv.metric("medvlm_cancelled_requests_total") < cancelled + 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the abandoned request kept running"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(srv.metric("medvlm_running_sequences"), 0.0);
 
     // SIGTERM during a stream: the stream completes, then the server exits 0.
     let mut c = BufReader::new(srv.post_raw(
