@@ -2,16 +2,19 @@
 """The `medvlm bench generate` workload, run with transformers (PyTorch, CPU, fp32), so the
 README can compare the two side by side on the same machine and thread count.
 
-    /tmp/ref/bin/python tools/bench_transformers.py --threads 2 [--new-tokens 64] [--group 8]
+    python tools/bench_transformers.py --threads 2 [--new-tokens 64] [--group 8] \
+        [--preset qwen2-vl-bench|qwen2-vl-2b | --config FILE]
 
-Same random model (tools/bench_config.json), same prompt shape (20 text tokens, one 448x448
-image = 256 tokens, 80 text tokens), same decoding work (every sequence runs to
---new-tokens; no stop tokens).
+Same random model (tools/bench_config.json by default; --preset qwen2-vl-2b reads the 2B
+config embedded in src/init.rs, --config any config.json), same prompt shape (20 text
+tokens, one 448x448 image = 256 tokens, 80 text tokens), same decoding work (every sequence
+runs to --new-tokens; no stop tokens). Works with transformers 4.5x and 5.x.
 """
 
 import argparse
 import json
 import os
+import re
 import resource
 import time
 
@@ -28,8 +31,21 @@ def text_ids(n, salt):
     return [1000 + (i * 7919 + salt * 104729) % 140000 for i in range(n)]
 
 
+def load_config(args):
+    if args.config:
+        path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
+        return json.load(open(path)), path
+    if args.preset == "qwen2-vl-2b":
+        src = open(os.path.join(ROOT, "src", "init.rs")).read()
+        m = re.search(r'pub const QWEN2_VL_2B_CONFIG: &str = r#"(.*?)"#;', src, re.S)
+        return json.loads(m.group(1)), "Qwen2-VL-2B-Instruct"
+    return json.load(open(os.path.join(ROOT, "tools", "bench_config.json"))), "tools/bench_config.json"
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen2-vl-bench", choices=["qwen2-vl-bench", "qwen2-vl-2b"])
+    ap.add_argument("--config")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--group", type=int, default=8)
@@ -37,7 +53,8 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cfg = Qwen2VLConfig(**json.load(open(os.path.join(ROOT, "tools", "bench_config.json"))))
+    raw, shape = load_config(args)
+    cfg = Qwen2VLConfig(**raw)
     cfg._attn_implementation = "sdpa"
     model = Qwen2VLForConditionalGeneration(cfg).eval()
     params = model.num_parameters()
@@ -56,6 +73,10 @@ def main():
     input_ids = torch.tensor([ids])
     kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
               pixel_values=pv["pixel_values"], image_grid_thw=grid)
+    if int(__import__("transformers").__version__.split(".")[0]) >= 5:
+        # transformers 5 finds the image tokens through mm_token_type_ids.
+        kw["mm_token_type_ids"] = (input_ids == cfg.image_token_id).int()
+    visual = model.model.visual if hasattr(model.model, "visual") else model.visual
     n = args.new_tokens
 
     def gen(max_new, **extra):
@@ -64,6 +85,9 @@ def main():
 
     with torch.no_grad():
         gen(1, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        visual(pv["pixel_values"], grid_thw=grid)
+        vision = time.perf_counter() - t
         t = time.perf_counter()
         gen(1, do_sample=False)
         prefill = time.perf_counter() - t
@@ -75,12 +99,14 @@ def main():
         group_total = time.perf_counter() - t
     assert out.shape[0] == args.group and out.shape[1] == len(ids) + n
     report = dict(
+        shape=shape,
         parameters=params,
         threads=torch.get_num_threads(),
         prompt_tokens=len(ids),
         image_tokens=n_img,
         new_tokens=n,
         preprocess_ms=preprocess_ms,
+        vision_ms=vision * 1e3,
         prefill_ms=prefill * 1e3,
         decode_tok_s_batch1=(n - 1) / (total - prefill),
         group_size=args.group,

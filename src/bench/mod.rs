@@ -24,14 +24,61 @@ pub const BENCH_CONFIG: &str = include_str!("../../tools/bench_config.json");
 pub const TEXT_BEFORE: usize = 20;
 pub const TEXT_AFTER: usize = 80;
 
+/// The model shape a benchmark runs (random weights).
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// A Qwen2-VL / Qwen2.5-VL config.json.
+    pub config_json: String,
+    /// Where it came from, for the report.
+    pub name: String,
+}
+
+impl Shape {
+    /// The default: tools/bench_config.json.
+    pub fn bench() -> Self {
+        Self {
+            config_json: BENCH_CONFIG.to_string(),
+            name: "tools/bench_config.json".into(),
+        }
+    }
+
+    /// Qwen2-VL-2B-Instruct's released config.
+    pub fn qwen2_vl_2b() -> Self {
+        Self {
+            config_json: crate::init::QWEN2_VL_2B_CONFIG.to_string(),
+            name: "Qwen2-VL-2B-Instruct".into(),
+        }
+    }
+
+    /// A config.json file, or a checkpoint directory's.
+    pub fn from_path(path: &std::path::Path) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        let config_json = std::fs::read_to_string(&file)
+            .with_context(|| format!("{}: cannot read the config", file.display()))?;
+        Ok(Self {
+            config_json,
+            name: file.display().to_string(),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// The config the random model was built from.
+    pub shape: String,
     pub parameters: usize,
     pub threads: usize,
     pub prompt_tokens: usize,
     pub image_tokens: usize,
     pub new_tokens: usize,
     pub preprocess_ms: f64,
+    /// The vision tower alone on the image.
+    pub vision_ms: f64,
+    /// Vision tower and prompt prefill (the first token's latency).
     pub prefill_ms: f64,
     pub decode_tok_s_batch1: f64,
     pub group_size: usize,
@@ -76,15 +123,29 @@ pub(crate) fn text_ids(n: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
-pub fn run(device: &Device, dtype: DType, new_tokens: usize, group: usize) -> Result<BenchReport> {
-    let config = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "tools/bench_config.json")?;
+pub fn run(
+    shape: &Shape,
+    device: &Device,
+    dtype: DType,
+    new_tokens: usize,
+    group: usize,
+) -> Result<BenchReport> {
+    let config = Qwen2VlConfig::from_json_str(&shape.config_json, &shape.name)?;
     let vb = random_var_builder(0.02, 0, dtype, device);
     let model = Qwen2Vl::from_var_builder(vb, WeightLayout::Legacy, config.clone(), dtype, device)
         .context("building the benchmark model")?;
     let parameters = count_parameters(&config);
 
     let t = Instant::now();
-    let patches = ImageProcessor::new(ImageProcessorConfig::default()).preprocess(&test_image())?;
+    // The 448x448 card at the default resolution limits (Qwen2-VL's), patch size and merge
+    // size from the config.
+    let ipc = ImageProcessorConfig {
+        patch_size: config.vision.patch_size,
+        merge_size: config.vision.spatial_merge_size,
+        temporal_patch_size: config.vision.temporal_patch_size,
+        ..ImageProcessorConfig::default()
+    };
+    let patches = ImageProcessor::new(ipc).preprocess(&test_image())?;
     let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
     let m = config.vision.spatial_merge_size;
     let image_tokens = patches.grid_thw.iter().product::<usize>() / (m * m);
@@ -107,8 +168,17 @@ pub fn run(device: &Device, dtype: DType, new_tokens: usize, group: usize) -> Re
         max_new_tokens: max_new,
         num_samples: 1,
     };
-    // Warm-up (allocator, thread pool), then prefill alone (1 new token), then a full run.
+    // Warm-up (allocator, thread pool), then the vision tower alone, then prefill (1 new
+    // token), then a full run.
     engine.generate(&[greedy(1)], |_, _, _| {})?;
+    let pixels = prompt
+        .pixel_values(device)?
+        .context("the benchmark prompt has an image")?;
+    let t = Instant::now();
+    let v = model.encode_images(&pixels, &prompt.grids())?;
+    candle_core::Device::synchronize(device)?;
+    drop(v);
+    let vision_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     engine.generate(&[greedy(1)], |_, _, _| {})?;
     let prefill_s = t.elapsed().as_secs_f64();
@@ -130,12 +200,14 @@ pub fn run(device: &Device, dtype: DType, new_tokens: usize, group: usize) -> Re
         (group * (new_tokens - 1)) as f64 / (group_total_s - prefill_s).max(1e-9);
 
     Ok(BenchReport {
+        shape: shape.name.clone(),
         parameters,
         threads: candle_core::utils::get_num_threads(),
         prompt_tokens: prompt.input_ids.len(),
         image_tokens,
         new_tokens,
         preprocess_ms,
+        vision_ms,
         prefill_ms: prefill_s * 1e3,
         decode_tok_s_batch1,
         group_size: group,
@@ -172,8 +244,9 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "model            random Qwen2-VL, {:.1}M parameters (tools/bench_config.json)",
-            self.parameters as f64 / 1e6
+            "model            random Qwen2-VL, {:.1}M parameters ({})",
+            self.parameters as f64 / 1e6,
+            self.shape
         )?;
         writeln!(
             f,
@@ -181,10 +254,12 @@ impl std::fmt::Display for BenchReport {
             self.prompt_tokens, self.image_tokens, self.new_tokens, self.threads
         )?;
         writeln!(f, "preprocess       {:.1} ms", self.preprocess_ms)?;
+        writeln!(f, "vision tower     {:.0} ms", self.vision_ms)?;
         writeln!(
             f,
-            "prefill          {:.0} ms (vision tower + prompt, batch 1)",
-            self.prefill_ms
+            "prefill          {:.0} ms (vision tower + prompt, batch 1; the prompt alone about {:.0} ms)",
+            self.prefill_ms,
+            self.prefill_ms - self.vision_ms
         )?;
         writeln!(
             f,

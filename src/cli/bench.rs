@@ -57,7 +57,12 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
     } else {
         DType::BF16
     });
-    let report = crate::bench::run(&device, dtype, a.new_tokens, a.group)?;
+    let shape = match (&a.config, a.preset) {
+        (Some(p), _) => crate::bench::Shape::from_path(p)?,
+        (None, crate::init::Preset::Qwen2Vl2b) => crate::bench::Shape::qwen2_vl_2b(),
+        (None, crate::init::Preset::Qwen2VlBench) => crate::bench::Shape::bench(),
+    };
+    let report = crate::bench::run(&shape, &device, dtype, a.new_tokens, a.group)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -558,6 +558,19 @@ pub struct BenchTrainArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchGenerateArgs {
+    /// The model shape (random weights): qwen2-vl-bench (tools/bench_config.json, 119.7M
+    /// parameters) or qwen2-vl-2b (Qwen2-VL-2B-Instruct's config, 2.2B; about 9 GB in f32).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "qwen2-vl-bench",
+        value_name = "NAME"
+    )]
+    pub preset: crate::init::Preset,
+    /// Another shape: a config.json, or a checkpoint directory (only its config.json is
+    /// read; the weights are random). Overrides --preset.
+    #[arg(long, value_name = "FILE|DIR")]
+    pub config: Option<PathBuf>,
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub new_tokens: usize,
