@@ -96,6 +96,10 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     if opts.prefill_chunk == 0 {
         anyhow::bail!("--prefill-chunk must be at least 1");
     }
+    if opts.max_queue == 0 {
+        // Every request waits in the queue for the engine's next step, however short.
+        anyhow::bail!("--max-queue must be at least 1");
+    }
     let media = MediaPolicy::new(
         opts.allowed_local_media_path.as_deref(),
         opts.max_body_bytes,
@@ -241,11 +245,17 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        if given != Some(key.as_str()) {
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
+}
+
+/// Compares a given key with the server's in time that does not depend on where they first
+/// differ, so response times do not leak the key byte by byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
