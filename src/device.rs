@@ -52,11 +52,7 @@ fn new_cuda(n: usize, spec: &str) -> Result<Device> {
             bail!("--device {spec}: no such CUDA device ({first})")
         }
         Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let msg = crate::panic_message(payload.as_ref()).unwrap_or_default();
             // cudarc's message goes on to list every file name it tried.
             let first = msg
                 .split(" - ")

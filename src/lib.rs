@@ -32,3 +32,12 @@ pub mod serve;
 pub mod sft;
 pub mod synth;
 pub mod train;
+
+/// The text a panic carried (`panic!("...")` gives a `&str` or a `String`), for the places
+/// that turn a caught panic into an error message.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+}

@@ -19,12 +19,7 @@ fn install_panic_hook() {
     let user_wants_backtrace = std::env::var_os("RUST_BACKTRACE").is_some();
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
+        let msg = medvlm::panic_message(info.payload()).unwrap_or("unknown panic");
         // println! panics when the reader of stdout has gone away: end quietly, as cat and
         // ripgrep do.
         if msg.contains("Broken pipe") || msg.contains("os error 32") {

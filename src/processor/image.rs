@@ -196,11 +196,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage> {
     match catch_unwind(AssertUnwindSafe(|| jpeg_pixels(bytes))) {
         Ok(result) => result,
         Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown libjpeg error");
+            let msg = crate::panic_message(payload.as_ref()).unwrap_or("unknown libjpeg error");
             bail!(
                 "corrupt JPEG: {}",
                 msg.trim_start_matches("libjpeg fatal error: ")

@@ -131,11 +131,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
+            let msg = crate::panic_message(p.as_ref()).unwrap_or("unknown panic");
             Err(anyhow!("internal error in the engine: {msg}"))
         }
     }

@@ -253,11 +253,7 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match result {
         Ok(result) => result,
         Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown error");
+            let msg = crate::panic_message(payload.as_ref()).unwrap_or("unknown error");
             bail!(
                 "corrupt or truncated {what} file: the decoder failed ({})",
                 msg.trim_start_matches("libjpeg fatal error: ")
