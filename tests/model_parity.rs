@@ -44,9 +44,21 @@ fn stop_ids(l: &Loaded) -> Vec<u32> {
     medvlm::infer::stop_tokens(&l.proc)
 }
 
+/// Every check, with the weights as loaded (the layout training uses) and packed for
+/// inference (input-major, as `infer::load` leaves them): both must match transformers.
 fn check_model(name: &str) {
-    let l = load(name, DType::F32);
-    let cases = load_cases(name);
+    check_layout(name, false);
+    check_layout(name, true);
+}
+
+fn check_layout(name: &str, packed: bool) {
+    let mut l = load(name, DType::F32);
+    if packed {
+        let n = l.model.pack_for_inference().unwrap();
+        assert!(n > 0, "{name}: no layer was packed");
+    }
+    let name = &format!("{name}{}", if packed { " (packed)" } else { "" });
+    let cases = load_cases(name.split(' ').next().unwrap());
     for case in cases.list() {
         let cname = case["name"].as_str().unwrap();
         let prompt = prompt_for(&l, case);

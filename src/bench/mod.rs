@@ -132,8 +132,11 @@ pub fn run(
 ) -> Result<BenchReport> {
     let config = Qwen2VlConfig::from_json_str(&shape.config_json, &shape.name)?;
     let vb = random_var_builder(0.02, 0, dtype, device);
-    let model = Qwen2Vl::from_var_builder(vb, WeightLayout::Legacy, config.clone(), dtype, device)
-        .context("building the benchmark model")?;
+    let mut model =
+        Qwen2Vl::from_var_builder(vb, WeightLayout::Legacy, config.clone(), dtype, device)
+            .context("building the benchmark model")?;
+    // As every inference command loads its model (infer::load).
+    model.pack_for_inference()?;
     let parameters = count_parameters(&config);
 
     let t = Instant::now();

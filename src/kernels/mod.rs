@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod frozen;
 pub mod gemm;
 pub mod inplace;
+pub mod packed;
 pub mod skinny;
 pub mod softmax;
 pub mod workspace;

@@ -96,6 +96,64 @@ impl Linear {
         Ok(())
     }
 
+    /// Stores the weight input-major, (in, out) row-major, for inference on the CPU: every
+    /// product then reads it as gemm's contiguous right-hand side (see
+    /// [`crate::kernels::packed`]). `weight()` still has shape (out, in), as a transposed
+    /// view. Only f32 CPU weights outside any gradient graph are repacked; returns whether
+    /// this one was. Training must not call this: the optimizer updates the (out, in)
+    /// variables in place.
+    pub fn pack_for_inference(&mut self) -> Result<bool> {
+        let w = &self.weight;
+        let packable = crate::kernels::cpu_kernels()
+            && w.device().is_cpu()
+            && w.dtype() == DType::F32
+            && w.rank() == 2
+            && w.is_contiguous()
+            && !w.is_variable()
+            && !w.track_op();
+        if !packable {
+            return Ok(false);
+        }
+        self.weight = w.t()?.contiguous()?.t()?;
+        Ok(true)
+    }
+
+    /// The product against an input-major weight ([`Self::pack_for_inference`]), when the
+    /// weight is stored so and no gradient is tracked.
+    fn packed(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
+        use crate::kernels::{is_cpu_f32_contiguous, packed, with_f32};
+        let w = &self.weight;
+        if w.dtype() != DType::F32
+            || !w.device().is_cpu()
+            || w.is_contiguous()
+            || x.track_op()
+            || w.track_op()
+            || !is_cpu_f32_contiguous(x)
+        {
+            return Ok(None);
+        }
+        let wt = w.t()?;
+        if !wt.is_contiguous() {
+            return Ok(None);
+        }
+        let n = w.dim(0)?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![0f32; m * n];
+        let done = with_f32(x, |xs| {
+            with_f32(&wt, |ws| {
+                packed::linear(xs, ws, bias.as_deref(), (m, k, n), &mut out);
+            })
+        })
+        .flatten();
+        if done.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
+    }
+
     /// The skinny kernel's product, when it applies.
     fn few_rows(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
         use crate::kernels::{is_cpu_f32_contiguous, skinny, with_bf16, with_f32};
@@ -165,7 +223,11 @@ impl Module for Linear {
         };
         let m: usize = lead.iter().product();
         let x2 = x.reshape((m, k))?;
-        let y = match self.few_rows(&x2, m, k)? {
+        let fast = match self.packed(&x2, m, k)? {
+            Some(y) => Some(y),
+            None => self.few_rows(&x2, m, k)?,
+        };
+        let y = match fast {
             Some(y) => y,
             None => {
                 let y = if crate::kernels::frozen::applies(&x2, &self.weight) {

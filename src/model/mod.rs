@@ -98,6 +98,21 @@ impl Qwen2Vl {
         out
     }
 
+    /// Readies a model that will only run inference (ask, eval, generate, serve, bench):
+    /// on the CPU in f32, every linear layer's weight is stored input-major so that each
+    /// product is gemm's fast, contiguous case (see [`crate::kernels::packed`]). Same
+    /// memory, same results up to summation order. Merge adapters first; a model being
+    /// trained must not be packed (its optimizer updates the checkpoint layout in place).
+    /// Returns how many layers were repacked.
+    pub fn pack_for_inference(&mut self) -> Result<usize> {
+        let mut packed = 0;
+        for (_, lin) in self.linears_mut() {
+            packed += usize::from(lin.pack_for_inference()?);
+        }
+        self.vision.pack_patch_embed()?;
+        Ok(packed)
+    }
+
     /// The same model with every LoRA adapter switched off (sharing the base weights): GRPO's
     /// KL reference under LoRA.
     pub fn without_adapters(&self) -> Self {

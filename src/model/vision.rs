@@ -208,6 +208,21 @@ impl VisionTower {
         })
     }
 
+    /// Stores the patch embedding input-major, as `Linear::pack_for_inference` does for the
+    /// linear layers (f32 CPU weights only; the shape seen through the view is unchanged).
+    pub fn pack_patch_embed(&mut self) -> Result<()> {
+        let w = &self.patch_embed;
+        if crate::kernels::cpu_kernels()
+            && w.device().is_cpu()
+            && w.dtype() == DType::F32
+            && w.is_contiguous()
+            && !w.is_variable()
+        {
+            self.patch_embed = w.t()?.contiguous()?.t()?;
+        }
+        Ok(())
+    }
+
     /// Runs the tower in `dtype` whatever its weights are stored in.
     pub fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute = dtype;
