@@ -127,7 +127,7 @@ fn evaluate(
 ) -> Result<Vec<Vec<ItemResult>>> {
     let processor = Processor::from_dir(model_dir, &ProcessorOptions::default())?;
     let mut model = Qwen2Vl::load(model_dir, DType::F32, &Device::Cpu)?;
-    model.pack_for_inference()?;
+    model.prepare_for_inference()?;
     sets.iter()
         .map(|items| eval::run_greedy(&model, &processor, items, template, 48, 32, |_, _| {}))
         .collect()

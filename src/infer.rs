@@ -49,7 +49,7 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
             .merge_adapter(a)
             .with_context(|| format!("applying adapter {}", a.display()))?;
     }
-    model.pack_for_inference()?;
+    model.prepare_for_inference()?;
     let vocab = model.config.text.vocab_size;
     if processor.tokenizer.vocab_size() > vocab {
         bail!(

@@ -54,7 +54,7 @@ fn check_model(name: &str) {
 fn check_layout(name: &str, packed: bool) {
     let mut l = load(name, DType::F32);
     if packed {
-        let n = l.model.pack_for_inference().unwrap();
+        let n = l.model.prepare_for_inference().unwrap();
         assert!(n > 0, "{name}: no layer was packed");
     }
     let name = &format!("{name}{}", if packed { " (packed)" } else { "" });
@@ -212,6 +212,42 @@ fn tiny_b_in_bf16_is_as_accurate_as_transformers_bf16() {
         ours <= 2.0 * theirs,
         "bf16 error {ours} vs transformers' {theirs}"
     );
+    let a: u32 = last.argmax(0).unwrap().to_scalar().unwrap();
+    let b: u32 = f32_ref.argmax(0).unwrap().to_scalar().unwrap();
+    assert_eq!(a, b);
+}
+
+/// `--dtype bf16` on the CPU as the inference commands load it: bf16 weights (half the
+/// memory), f32 activations. Only the weights are rounded, so the logits must be closer to
+/// transformers' f32 reference than transformers' own bf16 run is, with the same argmax.
+#[test]
+fn tiny_b_bf16_weights_on_cpu_are_closer_than_transformers_bf16() {
+    let mut l = load("tiny-b", DType::BF16);
+    assert!(l.model.prepare_for_inference().unwrap() > 0);
+    for (path, lin) in l.model.linears_mut() {
+        assert_eq!(lin.weight().dtype(), DType::BF16, "{path}");
+    }
+    let cases = load_cases("tiny-b");
+    let case = &cases.list()[1];
+    let prompt = prompt_for(&l, case);
+    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+    let logits = l
+        .model
+        .forward_logits(&prompt.input_ids, pixels.as_ref(), &prompt.grids())
+        .unwrap();
+    assert_eq!(logits.dtype(), DType::F32);
+    let n = prompt.input_ids.len();
+    let last = logits.narrow(0, n - 1, 1).unwrap().squeeze(0).unwrap();
+    let f32_ref = cases
+        .tensor("one_image.logits")
+        .narrow(0, n - 1, 1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let (ours, _) = max_abs_diff(&last, &f32_ref);
+    let (theirs, _) = max_abs_diff(cases.tensor("one_image.logits_last_bf16"), &f32_ref);
+    println!("tiny-b bf16 weights, f32 compute: error {ours:.3e} (transformers bf16 {theirs:.3e})");
+    assert!(ours < theirs, "error {ours} vs transformers' bf16 {theirs}");
     let a: u32 = last.argmax(0).unwrap().to_scalar().unwrap();
     let b: u32 = f32_ref.argmax(0).unwrap().to_scalar().unwrap();
     assert_eq!(a, b);

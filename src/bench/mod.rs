@@ -136,7 +136,7 @@ pub fn run(
         Qwen2Vl::from_var_builder(vb, WeightLayout::Legacy, config.clone(), dtype, device)
             .context("building the benchmark model")?;
     // As every inference command loads its model (infer::load).
-    model.pack_for_inference()?;
+    model.prepare_for_inference()?;
     let parameters = count_parameters(&config);
 
     let t = Instant::now();

@@ -1,5 +1,5 @@
 //! `x · W` against a weight stored input-major, (in, out) row-major: the layout inference
-//! keeps its linear layers in (see `Linear::pack_for_inference`).
+//! keeps its linear layers in (see `Qwen2Vl::prepare_for_inference`).
 //!
 //! Why: checkpoints store W as (out, in), so `x · Wᵀ` hands gemm a right-hand side whose
 //! rows are strided by `in`. gemm repacks that operand on every call, and on this layout its
@@ -11,17 +11,35 @@
 //! One row (decoding a single sequence) takes a streaming kernel instead: gemm packs the
 //! whole weight for a single output row, while the product only needs to read it once.
 
+//!
+//! Weights stored in bf16 (`--dtype bf16` on the CPU: half the memory, activations in f32)
+//! are widened as they are read: row by row inside the streaming kernel, and a block of
+//! rows at a time into a reused f32 buffer ahead of gemm otherwise.
+
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat};
+use super::skinny::WeightElem;
 
-/// Rows at or below which [`linear`] streams the weight instead of calling gemm.
+/// Rows at or below which [`linear`] streams an f32 weight instead of calling gemm.
 pub const STREAM_ROWS: usize = 2;
 
+/// The same for a bf16 weight: widening it for gemm costs a full extra pass over the
+/// weight, which only pays off once enough rows share it.
+pub const STREAM_ROWS_WIDENED: usize = 8;
+
+/// Weight rows widened to f32 per gemm call when the weight is not f32: large enough for
+/// gemm's own blocking over k, small enough for the buffer to stay in cache.
+const WIDEN_ROWS: usize = 256;
+
+thread_local! {
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `out (m x n) = x (m x k) · wt (k x n) (+ bias)`, all row-major, on the pool's threads.
-pub fn linear(
+pub fn linear<W: WeightElem>(
     x: &[f32],
-    wt: &[f32],
+    wt: &[W],
     bias: Option<&[f32]>,
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
@@ -31,11 +49,17 @@ pub fn linear(
     if m == 0 || n == 0 {
         return;
     }
-    if m <= STREAM_ROWS && stream(x, wt, bias, (m, k, n), out) {
+    let wide = std::any::TypeId::of::<W>() != std::any::TypeId::of::<f32>();
+    let stream_rows = if wide {
+        STREAM_ROWS_WIDENED
+    } else {
+        STREAM_ROWS
+    };
+    if m <= stream_rows && stream(x, wt, bias, (m, k, n), out) {
         return;
     }
     // gemm accumulates onto the bias rows: one pass over the output instead of two.
-    let accumulate = match bias {
+    let mut accumulate = match bias {
         Some(b) => {
             for row in out[..m * n].chunks_exact_mut(n) {
                 row.copy_from_slice(&b[..n]);
@@ -45,14 +69,56 @@ pub fn linear(
         None => false,
     };
     let threads = rayon::current_num_threads();
-    matmul(
-        out,
-        Mat::rows(x, m, k),
-        Mat::rows(wt, k, n),
-        1.0,
-        accumulate,
-        threads,
-    );
+    if let Some(wt) = as_f32(wt) {
+        matmul(
+            out,
+            Mat::rows(x, m, k),
+            Mat::rows(wt, k, n),
+            1.0,
+            accumulate,
+            threads,
+        );
+        return;
+    }
+    WIDE.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let rows = WIDEN_ROWS.min(k);
+        if buf.len() < rows * n {
+            buf.resize(rows * n, 0.0);
+        }
+        let mut p0 = 0;
+        while p0 < k {
+            let kb = rows.min(k - p0);
+            let dst = &mut buf[..kb * n];
+            let src = &wt[p0 * n..(p0 + kb) * n];
+            dst.par_chunks_mut(4096)
+                .zip(src.par_chunks(4096))
+                .for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d = s.to_f32();
+                    }
+                });
+            // Columns p0..p0 + kb of x against the widened rows.
+            let lhs = Mat {
+                data: &x[p0..],
+                rows: m,
+                cols: kb,
+                row_stride: k,
+                col_stride: 1,
+            };
+            matmul(out, lhs, Mat::rows(dst, kb, n), 1.0, accumulate, threads);
+            accumulate = true;
+            p0 += kb;
+        }
+    });
+}
+
+/// `wt` as f32, when it is.
+fn as_f32<W: WeightElem>(wt: &[W]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<W>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: W is f32 (checked just above), so the slice is reinterpreted as itself.
+        unsafe { std::slice::from_raw_parts(wt.as_ptr() as *const f32, wt.len()) }
+    })
 }
 
 /// The few-rows case: the weight's rows are split into one contiguous slab per task, so each
@@ -60,9 +126,9 @@ pub fn linear(
 /// like best; bands of columns, one per task, read short strided pieces of every row and
 /// ran at half the speed). Each task sums into its own m x n partial product, in cache;
 /// the partials are added at the end. Returns false without AVX-512 (the caller uses gemm).
-fn stream(
+fn stream<W: WeightElem>(
     x: &[f32],
-    wt: &[f32],
+    wt: &[W],
     bias: Option<&[f32]>,
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
@@ -105,13 +171,24 @@ fn stream(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::WeightElem;
     use std::arch::x86_64::*;
+
+    /// The last `len` (< 16) weights of a row from `p`, widened, zeros after.
+    #[inline(always)]
+    unsafe fn load_tail<W: WeightElem>(p: *const W, len: usize) -> __m512 {
+        let mut t = [0f32; 16];
+        for (q, v) in t.iter_mut().enumerate().take(len) {
+            *v = (*p.add(q)).to_f32();
+        }
+        _mm512_loadu_ps(t.as_ptr())
+    }
 
     /// `acc (m x n) += x[:, p0..p1] · wt[p0..p1, :]`, four weight rows at a time.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn slab(
+    pub unsafe fn slab<W: WeightElem>(
         x: &[f32],
-        wt: &[f32],
+        wt: &[W],
         (m, k, n): (usize, usize, usize),
         p0: usize,
         p1: usize,
@@ -142,7 +219,7 @@ mod avx512 {
                 while j < full {
                     let mut s = _mm512_loadu_ps(a.add(j));
                     for q in 0..4 {
-                        s = _mm512_fmadd_ps(xs[q], _mm512_loadu_ps(rows[q].add(j)), s);
+                        s = _mm512_fmadd_ps(xs[q], W::load16(rows[q].add(j)), s);
                     }
                     _mm512_storeu_ps(a.add(j), s);
                     j += 16;
@@ -150,7 +227,7 @@ mod avx512 {
                 if tail > 0 {
                     let mut s = _mm512_maskz_loadu_ps(tmask, a.add(j));
                     for q in 0..4 {
-                        s = _mm512_fmadd_ps(xs[q], _mm512_maskz_loadu_ps(tmask, rows[q].add(j)), s);
+                        s = _mm512_fmadd_ps(xs[q], load_tail(rows[q].add(j), tail), s);
                     }
                     _mm512_mask_storeu_ps(a.add(j), tmask, s);
                 }
@@ -164,15 +241,14 @@ mod avx512 {
                 let a = acc.as_mut_ptr().add(r * n);
                 let mut j = 0;
                 while j < full {
-                    let s =
-                        _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(j)), _mm512_loadu_ps(a.add(j)));
+                    let s = _mm512_fmadd_ps(xv, W::load16(row.add(j)), _mm512_loadu_ps(a.add(j)));
                     _mm512_storeu_ps(a.add(j), s);
                     j += 16;
                 }
                 if tail > 0 {
                     let s = _mm512_fmadd_ps(
                         xv,
-                        _mm512_maskz_loadu_ps(tmask, row.add(j)),
+                        load_tail(row.add(j), tail),
                         _mm512_maskz_loadu_ps(tmask, a.add(j)),
                     );
                     _mm512_mask_storeu_ps(a.add(j), tmask, s);
@@ -198,7 +274,9 @@ mod tests {
             (3, 64, 1030),
             (4, 33, 48),
             (5, 40, 9),
+            (9, 70, 40),
             (40, 100, 130),
+            (12, 600, 50),
         ] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
             let wt: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.17).cos()).collect();
@@ -206,6 +284,10 @@ mod tests {
             for bias in [None, Some(b.as_slice())] {
                 let mut out = vec![f32::NAN; m * n];
                 linear(&x, &wt, bias, (m, k, n), &mut out);
+                // The same weights in bf16 give the product of their exact widened values.
+                let wb: Vec<half::bf16> = wt.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                let mut outb = vec![f32::NAN; m * n];
+                linear(&x, &wb, bias, (m, k, n), &mut outb);
                 for i in 0..m {
                     for j in 0..n {
                         let want: f32 = (0..k).map(|p| x[i * k + p] * wt[p * n + j]).sum::<f32>()
@@ -214,6 +296,16 @@ mod tests {
                         assert!(
                             (got - want).abs() < 1e-4,
                             "({m},{k},{n}) bias {} [{i},{j}]: {got} vs {want}",
+                            bias.is_some()
+                        );
+                        let want: f32 = (0..k)
+                            .map(|p| x[i * k + p] * wb[p * n + j].to_f32())
+                            .sum::<f32>()
+                            + bias.map_or(0.0, |b| b[j]);
+                        let got = outb[i * n + j];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "bf16 ({m},{k},{n}) bias {} [{i},{j}]: {got} vs {want}",
                             bias.is_some()
                         );
                     }

@@ -99,14 +99,15 @@ impl Linear {
     /// Stores the weight input-major, (in, out) row-major, for inference on the CPU: every
     /// product then reads it as gemm's contiguous right-hand side (see
     /// [`crate::kernels::packed`]). `weight()` still has shape (out, in), as a transposed
-    /// view. Only f32 CPU weights outside any gradient graph are repacked; returns whether
-    /// this one was. Training must not call this: the optimizer updates the (out, in)
-    /// variables in place.
+    /// view. Only f32 or bf16 CPU weights outside any gradient graph are repacked (a bf16
+    /// one then serves f32 activations, widened as it is read); returns whether this one
+    /// was. Training must not call this: the optimizer updates the (out, in) variables in
+    /// place.
     pub fn pack_for_inference(&mut self) -> Result<bool> {
         let w = &self.weight;
         let packable = crate::kernels::cpu_kernels()
             && w.device().is_cpu()
-            && w.dtype() == DType::F32
+            && matches!(w.dtype(), DType::F32 | DType::BF16)
             && w.rank() == 2
             && w.is_contiguous()
             && !w.is_variable()
@@ -121,9 +122,9 @@ impl Linear {
     /// The product against an input-major weight ([`Self::pack_for_inference`]), when the
     /// weight is stored so and no gradient is tracked.
     fn packed(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
-        use crate::kernels::{is_cpu_f32_contiguous, packed, with_f32};
+        use crate::kernels::{is_cpu_f32_contiguous, packed, with_bf16, with_f32};
         let w = &self.weight;
-        if w.dtype() != DType::F32
+        if !matches!(w.dtype(), DType::F32 | DType::BF16)
             || !w.device().is_cpu()
             || w.is_contiguous()
             || x.track_op()
@@ -143,9 +144,15 @@ impl Linear {
         };
         let mut out = vec![0f32; m * n];
         let done = with_f32(x, |xs| {
-            with_f32(&wt, |ws| {
-                packed::linear(xs, ws, bias.as_deref(), (m, k, n), &mut out);
-            })
+            if wt.dtype() == DType::F32 {
+                with_f32(&wt, |ws| {
+                    packed::linear(xs, ws, bias.as_deref(), (m, k, n), &mut out);
+                })
+            } else {
+                with_bf16(&wt, |ws| {
+                    packed::linear(xs, ws, bias.as_deref(), (m, k, n), &mut out);
+                })
+            }
         })
         .flatten();
         if done.is_none() {

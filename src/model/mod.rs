@@ -98,13 +98,24 @@ impl Qwen2Vl {
         out
     }
 
-    /// Readies a model that will only run inference (ask, eval, generate, serve, bench):
-    /// on the CPU in f32, every linear layer's weight is stored input-major so that each
-    /// product is gemm's fast, contiguous case (see [`crate::kernels::packed`]). Same
-    /// memory, same results up to summation order. Merge adapters first; a model being
-    /// trained must not be packed (its optimizer updates the checkpoint layout in place).
-    /// Returns how many layers were repacked.
-    pub fn pack_for_inference(&mut self) -> Result<usize> {
+    /// Readies a model that will only run inference (ask, eval, generate, serve, bench).
+    /// On the CPU every linear layer's weight is stored input-major so that each product is
+    /// gemm's fast, contiguous case (see [`crate::kernels::packed`]): same memory, same
+    /// results up to summation order. A bf16 model on the CPU keeps its bf16 weights (half
+    /// the memory and half the bytes to read per decoded token) but computes in f32: the
+    /// kernels widen the weights as they read them, while candle's bf16 CPU arithmetic runs
+    /// several times slower than its f32. Merge adapters first; a model being trained must
+    /// not be prepared (its optimizer updates the checkpoint layout in place). Returns how
+    /// many layers were repacked.
+    pub fn prepare_for_inference(&mut self) -> Result<usize> {
+        if !crate::kernels::cpu_kernels() || !self.device.is_cpu() {
+            return Ok(0);
+        }
+        if self.dtype == DType::BF16 {
+            // The embedding table stays bf16 too: lookups are cast row by row, and the LM
+            // head reads it through the few-rows kernel, which widens bf16 as it goes.
+            self.set_compute_dtype(DType::F32);
+        }
         let mut packed = 0;
         for (_, lin) in self.linears_mut() {
             packed += usize::from(lin.pack_for_inference()?);

@@ -208,7 +208,7 @@ impl VisionTower {
         })
     }
 
-    /// Stores the patch embedding input-major, as `Linear::pack_for_inference` does for the
+    /// Stores the patch embedding input-major, as `Qwen2Vl::prepare_for_inference` does for the
     /// linear layers (f32 CPU weights only; the shape seen through the view is unchanged).
     pub fn pack_patch_embed(&mut self) -> Result<()> {
         let w = &self.patch_embed;
