@@ -3,7 +3,7 @@
 README can compare the two side by side on the same machine and thread count.
 
     python tools/bench_transformers.py --threads 2 [--new-tokens 64] [--group 8] \
-        [--preset qwen2-vl-bench|qwen2-vl-2b | --config FILE]
+        [--preset qwen2-vl-bench|qwen2-vl-2b | --config FILE] [--dtype f32|bf16]
 
 Same random model (tools/bench_config.json by default; --preset qwen2-vl-2b reads the 2B
 config embedded in src/init.rs, --config any config.json), same prompt shape (20 text
@@ -49,14 +49,17 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
+                    help="bf16: weights and activations in bfloat16 (torch's CPU bf16 path)")
     args = ap.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     raw, shape = load_config(args)
     cfg = Qwen2VLConfig(**raw)
     cfg._attn_implementation = "sdpa"
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = Qwen2VLForConditionalGeneration(cfg).eval().to(dtype)
     params = model.num_parameters()
 
     x, y = np.meshgrid(np.arange(448), np.arange(448))
@@ -72,7 +75,7 @@ def main():
     ids += [cfg.vision_end_token_id] + text_ids(TEXT_AFTER, 2)
     input_ids = torch.tensor([ids])
     kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-              pixel_values=pv["pixel_values"], image_grid_thw=grid)
+              pixel_values=pv["pixel_values"].to(dtype), image_grid_thw=grid)
     if int(__import__("transformers").__version__.split(".")[0]) >= 5:
         # transformers 5 finds the image tokens through mm_token_type_ids.
         kw["mm_token_type_ids"] = (input_ids == cfg.image_token_id).int()
@@ -86,7 +89,7 @@ def main():
     with torch.no_grad():
         gen(1, do_sample=False)  # warm-up
         t = time.perf_counter()
-        visual(pv["pixel_values"], grid_thw=grid)
+        visual(kw["pixel_values"], grid_thw=grid)
         vision = time.perf_counter() - t
         t = time.perf_counter()
         gen(1, do_sample=False)
@@ -102,6 +105,7 @@ def main():
         shape=shape,
         parameters=params,
         threads=torch.get_num_threads(),
+        dtype=args.dtype,
         prompt_tokens=len(ids),
         image_tokens=n_img,
         new_tokens=n,

@@ -72,6 +72,8 @@ pub struct BenchReport {
     pub shape: String,
     pub parameters: usize,
     pub threads: usize,
+    /// The model's dtype as asked for (on the CPU, bf16 weights compute in f32).
+    pub dtype: String,
     pub prompt_tokens: usize,
     pub image_tokens: usize,
     pub new_tokens: usize,
@@ -206,6 +208,7 @@ pub fn run(
         shape: shape.name.clone(),
         parameters,
         threads: candle_core::utils::get_num_threads(),
+        dtype: format!("{dtype:?}").to_lowercase(),
         prompt_tokens: prompt.input_ids.len(),
         image_tokens,
         new_tokens,
@@ -253,8 +256,8 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "prompt           {} tokens ({} for one 448x448 image), {} new tokens, {} threads",
-            self.prompt_tokens, self.image_tokens, self.new_tokens, self.threads
+            "prompt           {} tokens ({} for one 448x448 image), {} new tokens, {} threads, {}",
+            self.prompt_tokens, self.image_tokens, self.new_tokens, self.threads, self.dtype
         )?;
         writeln!(f, "preprocess       {:.1} ms", self.preprocess_ms)?;
         writeln!(f, "vision tower     {:.0} ms", self.vision_ms)?;

@@ -309,9 +309,14 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.weight.dtype() == x.dtype() && elementwise::applies(&[x, &self.weight, &self.bias])
-        {
-            return elementwise::layer_norm(x, &self.weight, &self.bias, self.eps);
+        // Weights stored in bf16 under f32 activations (`--dtype bf16` on the CPU) are cast
+        // up (a vector each) so the fused kernel still applies: torch too runs the affine
+        // part in f32.
+        if x.dtype() == DType::F32 {
+            let (w, b) = (cast(&self.weight, x.dtype())?, cast(&self.bias, x.dtype())?);
+            if elementwise::applies(&[x, &w, &b]) {
+                return elementwise::layer_norm(x, &w, &b, self.eps);
+            }
         }
         let dtype = x.dtype();
         let xf = x.to_dtype(upcast(dtype))?;
