@@ -5,6 +5,7 @@
 //! numbers are the same function of the inputs either way.
 
 pub mod attention;
+pub mod bf16dot;
 pub mod elementwise;
 pub mod frozen;
 pub mod gemm;

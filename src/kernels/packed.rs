@@ -58,6 +58,24 @@ pub fn linear<W: WeightElem>(
     if m <= stream_rows && stream(x, wt, bias, (m, k, n), out) {
         return;
     }
+    // bf16 weights on a CPU with AVX-512 BF16: bf16 dot products, faster than f32 gemm.
+    if let Some(wt) = as_bf16(wt) {
+        if super::bf16dot::linear(x, wt, bias, (m, k, n), out) {
+            return;
+        }
+    }
+    gemm_product(x, wt, bias, (m, k, n), out);
+}
+
+/// The product through gemm: directly for f32 weights, through blocks of widened rows
+/// otherwise.
+fn gemm_product<W: WeightElem>(
+    x: &[f32],
+    wt: &[W],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+) {
     // gemm accumulates onto the bias rows: one pass over the output instead of two.
     let mut accumulate = match bias {
         Some(b) => {
@@ -118,6 +136,14 @@ fn as_f32<W: WeightElem>(wt: &[W]) -> Option<&[f32]> {
     (std::any::TypeId::of::<W>() == std::any::TypeId::of::<f32>()).then(|| {
         // SAFETY: W is f32 (checked just above), so the slice is reinterpreted as itself.
         unsafe { std::slice::from_raw_parts(wt.as_ptr() as *const f32, wt.len()) }
+    })
+}
+
+/// `wt` as bf16, when it is.
+fn as_bf16<W: WeightElem>(wt: &[W]) -> Option<&[half::bf16]> {
+    (std::any::TypeId::of::<W>() == std::any::TypeId::of::<half::bf16>()).then(|| {
+        // SAFETY: W is bf16 (checked just above), so the slice is reinterpreted as itself.
+        unsafe { std::slice::from_raw_parts(wt.as_ptr() as *const half::bf16, wt.len()) }
     })
 }
 
@@ -284,10 +310,22 @@ mod tests {
             for bias in [None, Some(b.as_slice())] {
                 let mut out = vec![f32::NAN; m * n];
                 linear(&x, &wt, bias, (m, k, n), &mut out);
-                // The same weights in bf16 give the product of their exact widened values.
+                // The same weights in bf16 give the product of their exact widened values;
+                // beyond the streamed rows, on a CPU with bf16 dot products, of the
+                // activations rounded to bf16 too.
                 let wb: Vec<half::bf16> = wt.iter().map(|&v| half::bf16::from_f32(v)).collect();
                 let mut outb = vec![f32::NAN; m * n];
                 linear(&x, &wb, bias, (m, k, n), &mut outb);
+                let mut outw = vec![f32::NAN; m * n];
+                gemm_product(&x, &wb, bias, (m, k, n), &mut outw);
+                let round_x = m > STREAM_ROWS_WIDENED && crate::kernels::bf16dot::available();
+                let xr = |v: f32| {
+                    if round_x {
+                        half::bf16::from_f32(v).to_f32()
+                    } else {
+                        v
+                    }
+                };
                 for i in 0..m {
                     for j in 0..n {
                         let want: f32 = (0..k).map(|p| x[i * k + p] * wt[p * n + j]).sum::<f32>()
@@ -299,13 +337,24 @@ mod tests {
                             bias.is_some()
                         );
                         let want: f32 = (0..k)
-                            .map(|p| x[i * k + p] * wb[p * n + j].to_f32())
+                            .map(|p| xr(x[i * k + p]) * wb[p * n + j].to_f32())
                             .sum::<f32>()
                             + bias.map_or(0.0, |b| b[j]);
                         let got = outb[i * n + j];
                         assert!(
                             (got - want).abs() < 1e-4,
                             "bf16 ({m},{k},{n}) bias {} [{i},{j}]: {got} vs {want}",
+                            bias.is_some()
+                        );
+                        // The widening path CPUs without bf16 dot products take.
+                        let want: f32 = (0..k)
+                            .map(|p| x[i * k + p] * wb[p * n + j].to_f32())
+                            .sum::<f32>()
+                            + bias.map_or(0.0, |b| b[j]);
+                        let got = outw[i * n + j];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "widened ({m},{k},{n}) bias {} [{i},{j}]: {got} vs {want}",
                             bias.is_some()
                         );
                     }
