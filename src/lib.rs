@@ -22,6 +22,7 @@ pub mod generate;
 pub mod infer;
 pub mod init;
 pub mod kernels;
+pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod plot;
