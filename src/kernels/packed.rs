@@ -55,8 +55,16 @@ pub fn linear<W: WeightElem>(
     } else {
         STREAM_ROWS
     };
-    if m <= stream_rows && stream(x, wt, bias, (m, k, n), out) {
-        return;
+    if m <= stream_rows {
+        // bf16 weights on a CPU with AVX-512 BF16: dot products of pairs, no widening.
+        if let Some(wt) = as_bf16(wt) {
+            if super::bf16dot::stream(x, wt, bias, (m, k, n), out) {
+                return;
+            }
+        }
+        if stream(x, wt, bias, (m, k, n), out) {
+            return;
+        }
     }
     // bf16 weights on a CPU with AVX-512 BF16: bf16 dot products, faster than f32 gemm.
     if let Some(wt) = as_bf16(wt) {
@@ -311,14 +319,15 @@ mod tests {
                 let mut out = vec![f32::NAN; m * n];
                 linear(&x, &wt, bias, (m, k, n), &mut out);
                 // The same weights in bf16 give the product of their exact widened values;
-                // beyond the streamed rows, on a CPU with bf16 dot products, of the
-                // activations rounded to bf16 too.
+                // on a CPU with bf16 dot products, of the activations rounded to bf16 too.
                 let wb: Vec<half::bf16> = wt.iter().map(|&v| half::bf16::from_f32(v)).collect();
                 let mut outb = vec![f32::NAN; m * n];
                 linear(&x, &wb, bias, (m, k, n), &mut outb);
                 let mut outw = vec![f32::NAN; m * n];
                 gemm_product(&x, &wb, bias, (m, k, n), &mut outw);
-                let round_x = m > STREAM_ROWS_WIDENED && crate::kernels::bf16dot::available();
+                // Few rows without bf16 dot products: the slab kernel widens as it reads.
+                let streamed = m <= STREAM_ROWS_WIDENED && stream(&x, &wb, bias, (m, k, n), &mut outw);
+                let round_x = crate::kernels::bf16dot::available();
                 let xr = |v: f32| {
                     if round_x {
                         half::bf16::from_f32(v).to_f32()
@@ -346,7 +355,8 @@ mod tests {
                             "bf16 ({m},{k},{n}) bias {} [{i},{j}]: {got} vs {want}",
                             bias.is_some()
                         );
-                        // The widening path CPUs without bf16 dot products take.
+                        // The widening paths CPUs without bf16 dot products take (gemm on
+                        // widened blocks, or the slab kernel when `streamed`).
                         let want: f32 = (0..k)
                             .map(|p| x[i * k + p] * wb[p * n + j].to_f32())
                             .sum::<f32>()
@@ -354,7 +364,7 @@ mod tests {
                         let got = outw[i * n + j];
                         assert!(
                             (got - want).abs() < 1e-4,
-                            "widened ({m},{k},{n}) bias {} [{i},{j}]: {got} vs {want}",
+                            "widened ({m},{k},{n}) streamed {streamed} bias {} [{i},{j}]: {got} vs {want}",
                             bias.is_some()
                         );
                     }
