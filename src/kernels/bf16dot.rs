@@ -174,6 +174,41 @@ pub fn stream(
     true
 }
 
+/// `out (m x n) = bf16(x) (m x k) · w (n x k)ᵀ (+ bias)` for a few rows against a weight
+/// stored output-major, as checkpoints store it: the tied LM head, which shares the
+/// embedding table's layout. A weight row is already in pairs along k, so 4 rows of w
+/// against up to 4 rows of x are 16 dot products of `vdpbf16ps` vectors, summed across
+/// lanes at the end. Returns false (out untouched) for more than [`STREAM_ROWS`] rows or a
+/// CPU without AVX-512 BF16.
+pub fn rows(
+    x: &[f32],
+    w: &[half::bf16],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+) -> bool {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    assert!(bias.is_none_or(|b| b.len() >= n));
+    if m > STREAM_ROWS || !available() {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    let xb = round_rows(x, m, k);
+    // Enough weight rows per task to amortise it, enough tasks to balance the cores.
+    let chunk = (n / (8 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let j0 = c * chunk;
+        let j1 = (j0 + chunk).min(n);
+        // SAFETY: AVX-512 BF16 and BW are present (`available`); the task reads rows j0..j1
+        // of w and every row of xb, and writes only columns j0..j1 of out.
+        unsafe { avx512::rows_range(&xb, w, bias, (m, k, n), (j0, j1), out_ptr.get()) };
+    });
+    true
+}
+
 /// What a tile's accumulators start from.
 #[derive(Clone, Copy)]
 enum Start<'a> {
@@ -340,7 +375,11 @@ mod avx512 {
     /// instructions work within 128-bit lanes). `mask`: the columns present.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     #[inline]
-    unsafe fn chunk(even: *const half::bf16, odd: Option<*const half::bf16>, mask: __mmask32) -> (__m512bh, __m512bh) {
+    unsafe fn chunk(
+        even: *const half::bf16,
+        odd: Option<*const half::bf16>,
+        mask: __mmask32,
+    ) -> (__m512bh, __m512bh) {
         let a = _mm512_maskz_loadu_epi16(mask, even as *const i16);
         let b = match odd {
             Some(o) => _mm512_maskz_loadu_epi16(mask, o as *const i16),
@@ -427,7 +466,11 @@ mod avx512 {
         let a = acc.as_mut_ptr();
         let mut j = 0;
         while j < n {
-            let mask: __mmask32 = if n - j >= 32 { !0 } else { (1u32 << (n - j)) - 1 };
+            let mask: __mmask32 = if n - j >= 32 {
+                !0
+            } else {
+                (1u32 << (n - j)) - 1
+            };
             let (wl, wh) = chunk(w.add(j), None, mask);
             for r in 0..M {
                 let x = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
@@ -475,7 +518,10 @@ mod avx512 {
                 let mut o1 = _mm512_permutex2var_ps(lo, second, hi);
                 if let Some(b) = bias {
                     o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(m0, b.as_ptr().add(j)));
-                    o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(m1, b.as_ptr().wrapping_add(j + 16)));
+                    o1 = _mm512_add_ps(
+                        o1,
+                        _mm512_maskz_loadu_ps(m1, b.as_ptr().wrapping_add(j + 16)),
+                    );
                 }
                 let o = out.as_mut_ptr().add(r * n + j);
                 _mm512_mask_storeu_ps(o, m0, o0);
@@ -484,6 +530,110 @@ mod avx512 {
                 j += 32;
             }
         }
+    }
+
+    /// Columns j0..j1 of `rows`' product, for every row of x.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub unsafe fn rows_range(
+        xb: &[u32],
+        w: &[half::bf16],
+        bias: Option<&[f32]>,
+        (m, k, n): (usize, usize, usize),
+        (j0, j1): (usize, usize),
+        out: *mut f32,
+    ) {
+        let mut j = j0;
+        while j < j1 {
+            let nc = (j1 - j).min(4);
+            let mut i = 0;
+            while i < m {
+                let nr = (m - i).min(4);
+                let sums = match nr {
+                    4 => rows_block::<4>(xb, w, k, i, j, nc),
+                    3 => rows_block::<3>(xb, w, k, i, j, nc),
+                    2 => rows_block::<2>(xb, w, k, i, j, nc),
+                    _ => rows_block::<1>(xb, w, k, i, j, nc),
+                };
+                for (r, s) in sums.iter().enumerate().take(nr) {
+                    for (c, &v) in s.iter().enumerate().take(nc) {
+                        *out.add((i + r) * n + j + c) = v + bias.map_or(0.0, |b| b[j + c]);
+                    }
+                }
+                i += nr;
+            }
+            j += nc;
+        }
+    }
+
+    /// R rows of x (from i) against `nc` (<= 4) rows of w (from j): R x nc dot products of
+    /// length k, 32 values per instruction; the next 4 rows of w are prefetched meanwhile.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    #[inline]
+    unsafe fn rows_block<const R: usize>(
+        xb: &[u32],
+        w: &[half::bf16],
+        k: usize,
+        i: usize,
+        j: usize,
+        nc: usize,
+    ) -> [[f32; 4]; 4] {
+        let kp = k.div_ceil(2);
+        let xp = xb.as_ptr().add(i * kp);
+        let wp = w.as_ptr().add(j * k);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut p = 0;
+        while p < k {
+            let (wmask, xmask): (__mmask32, __mmask16) = if k - p >= 32 {
+                (!0, !0)
+            } else {
+                (
+                    (1u32 << (k - p)) - 1,
+                    ((1u32 << (k - p).div_ceil(2)) - 1) as u16,
+                )
+            };
+            let wv: [__m512bh; 4] = std::array::from_fn(|c| {
+                if c < nc {
+                    _mm_prefetch(wp.wrapping_add((c + 4) * k + p) as *const i8, _MM_HINT_T0);
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                        wmask,
+                        wp.add(c * k + p) as *const i16,
+                    ))
+                } else {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512())
+                }
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
+                    xmask,
+                    xp.add(r * kp + p / 2) as *const i32,
+                ));
+                for (c, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_dpbf16_ps(*a, wv[c], xv);
+                }
+            }
+            p += 32;
+        }
+        let mut sums = [[0f32; 4]; 4];
+        for (r, row) in acc.iter().enumerate() {
+            _mm_storeu_ps(sums[r].as_mut_ptr(), hsum4(row));
+        }
+        sums
+    }
+
+    /// The lane sums of four vectors, as one vector of four.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn hsum4(v: &[__m512; 4]) -> __m128 {
+        let half = |v: __m512| {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            _mm256_add_ps(_mm512_castps512_ps256(v), hi)
+        };
+        // hadd pairs neighbours: after three rounds lane r of each 128-bit half holds part
+        // of vector r's sum; the two halves together hold all of it.
+        let h01 = _mm256_hadd_ps(half(v[0]), half(v[1]));
+        let h23 = _mm256_hadd_ps(half(v[2]), half(v[3]));
+        let h = _mm256_hadd_ps(h01, h23);
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
     }
 
     /// The inner loop for R rows: per pair, four weight vectors and R broadcasts feed
@@ -559,6 +709,13 @@ mod tests {
                     stream(&x, &wt, bias, (m, k, n), &mut streamed),
                     m <= STREAM_ROWS
                 );
+                // The same weight stored output-major (n x k), as the tied LM head is.
+                let w_rows: Vec<half::bf16> = (0..n * k).map(|i| wt[(i % k) * n + i / k]).collect();
+                let mut by_rows = vec![f32::NAN; m * n];
+                assert_eq!(
+                    rows(&x, &w_rows, bias, (m, k, n), &mut by_rows),
+                    m <= STREAM_ROWS
+                );
                 for i in 0..m {
                     for j in 0..n {
                         let want: f64 = (0..k)
@@ -578,6 +735,11 @@ mod tests {
                             assert!(
                                 (got - want).abs() < 1e-3,
                                 "streamed ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                            );
+                            let got = by_rows[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-3,
+                                "output-major ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
                             );
                         }
                     }

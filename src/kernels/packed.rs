@@ -326,7 +326,8 @@ mod tests {
                 let mut outw = vec![f32::NAN; m * n];
                 gemm_product(&x, &wb, bias, (m, k, n), &mut outw);
                 // Few rows without bf16 dot products: the slab kernel widens as it reads.
-                let streamed = m <= STREAM_ROWS_WIDENED && stream(&x, &wb, bias, (m, k, n), &mut outw);
+                let streamed =
+                    m <= STREAM_ROWS_WIDENED && stream(&x, &wb, bias, (m, k, n), &mut outw);
                 let round_x = crate::kernels::bf16dot::available();
                 let xr = |v: f32| {
                     if round_x {

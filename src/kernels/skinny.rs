@@ -79,6 +79,25 @@ pub fn linear<W: WeightElem>(
 ) -> bool {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
     assert!(bias.is_none_or(|b| b.len() >= n));
+    // bf16 weights on a CPU with AVX-512 BF16: dot products of pairs, no widening.
+    if std::any::TypeId::of::<W>() == std::any::TypeId::of::<half::bf16>() {
+        // SAFETY: W is bf16 (checked just above), so the slice is reinterpreted as itself.
+        let wb = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const half::bf16, w.len()) };
+        if super::bf16dot::rows(x, wb, bias, (m, k, n), out) {
+            return true;
+        }
+    }
+    widening(x, w, bias, (m, k, n), out)
+}
+
+/// [`linear`] with every weight type read as f32 (bf16 widened exactly).
+fn widening<W: WeightElem>(
+    x: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx512() {
         // Chunks of weight rows per task: enough work to amortise the task, and enough
@@ -248,9 +267,18 @@ mod tests {
         }
     }
 
-    /// bf16 weights give the f32 product of their exact f32 values (bf16 widens losslessly).
+    /// bf16 weights give the f32 product of their exact f32 values (bf16 widens losslessly)
+    /// without bf16 dot products; with them, of the activations rounded to bf16 too.
     #[test]
     fn bf16_weights_widen_exactly() {
+        let dot = crate::kernels::bf16dot::available();
+        let xr = |v: f32| {
+            if dot {
+                half::bf16::from_f32(v).to_f32()
+            } else {
+                v
+            }
+        };
         for &(m, k, n) in &[(1, 5, 3), (2, 16, 4), (4, 37, 9), (5, 100, 130)] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
             let w: Vec<half::bf16> = (0..n * k)
@@ -260,13 +288,23 @@ mod tests {
             if !linear(&x, &w, None, (m, k, n), &mut out) {
                 return;
             }
+            let mut widened = vec![f32::NAN; m * n];
+            assert!(widening(&x, &w, None, (m, k, n), &mut widened));
             for i in 0..m {
                 for j in 0..n {
-                    let want: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p].to_f32()).sum();
+                    let want: f32 = (0..k)
+                        .map(|p| xr(x[i * k + p]) * w[j * k + p].to_f32())
+                        .sum();
                     let got = out[i * n + j];
                     assert!(
                         (got - want).abs() < 1e-4,
                         "({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                    );
+                    let want: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p].to_f32()).sum();
+                    let got = widened[i * n + j];
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "widened ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
                     );
                 }
             }
