@@ -156,19 +156,12 @@ pub fn stream(
     // Accumulators in chunks of 32 columns, each kept in the unpacked lane order (see
     // `avx512::chunk`) until the reduction puts them back in column order.
     let np = n.div_ceil(32) * 32;
-    let tasks = rayon::current_num_threads().clamp(1, kp);
-    let slab = kp.div_ceil(tasks);
-    let mut partial = vec![0f32; tasks * m * np];
-    partial
-        .par_chunks_mut(m * np)
-        .enumerate()
-        .for_each(|(t, acc)| {
-            let q0 = (t * slab).min(kp);
-            let q1 = ((t + 1) * slab).min(kp);
-            // SAFETY: AVX-512 BF16 and BW are present (`available`); pairs q0..q1 of the
-            // weight's rows and of xb's rows lie inside the slices, acc holds m x np floats.
-            unsafe { avx512::stream_slab(&xb, wt, (m, k, n), np, q0, q1, acc) };
-        });
+    let partial = super::slab_partials(kp, m * np, |pairs, acc| {
+        // SAFETY: AVX-512 BF16 and BW are present (`available`); the slab's pairs of the
+        // weight's rows and of xb's rows lie inside the slices, acc holds m x np floats.
+        unsafe { avx512::stream_slab(&xb, wt, (m, k, n), np, pairs.start, pairs.end, acc) };
+    });
+    let tasks = partial.len() / (m * np);
     // SAFETY: as above; partial holds `tasks` blocks of m x np, out m x n.
     unsafe { avx512::reduce(&partial, tasks, (m, n), np, bias, out) };
     true

@@ -98,6 +98,27 @@ pub fn has_avx512() -> bool {
     }
 }
 
+/// Splits `0..len` (rows of a weight, in streaming order) into one contiguous slab per pool
+/// thread and runs `f(slab, acc)` for each on its own zeroed accumulator of `acc_len`
+/// floats; returns the accumulators, one after the other, for the caller to add up. The
+/// few-rows kernels read the weight this way: each thread streams its slab front to back
+/// once, the pattern prefetchers like best.
+pub(crate) fn slab_partials(
+    len: usize,
+    acc_len: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let tasks = rayon::current_num_threads().clamp(1, len.max(1));
+    let slab = len.div_ceil(tasks);
+    let mut partial = vec![0f32; tasks * acc_len];
+    partial
+        .par_chunks_mut(acc_len.max(1))
+        .enumerate()
+        .for_each(|(t, acc)| f((t * slab).min(len)..((t + 1) * slab).min(len), acc));
+    partial
+}
+
 /// A raw pointer that may cross into rayon tasks that write disjoint parts of its buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);

@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat};
-use super::skinny::WeightElem;
+use super::skinny::{as_bf16, WeightElem};
 
 /// Rows at or below which [`linear`] streams an f32 weight instead of calling gemm.
 pub const STREAM_ROWS: usize = 2;
@@ -147,14 +147,6 @@ fn as_f32<W: WeightElem>(wt: &[W]) -> Option<&[f32]> {
     })
 }
 
-/// `wt` as bf16, when it is.
-fn as_bf16<W: WeightElem>(wt: &[W]) -> Option<&[half::bf16]> {
-    (std::any::TypeId::of::<W>() == std::any::TypeId::of::<half::bf16>()).then(|| {
-        // SAFETY: W is bf16 (checked just above), so the slice is reinterpreted as itself.
-        unsafe { std::slice::from_raw_parts(wt.as_ptr() as *const half::bf16, wt.len()) }
-    })
-}
-
 /// The few-rows case: the weight's rows are split into one contiguous slab per task, so each
 /// task streams its slab from memory front to back once (the access pattern prefetchers
 /// like best; bands of columns, one per task, read short strided pieces of every row and
@@ -169,20 +161,12 @@ fn stream<W: WeightElem>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx512() {
-        let tasks = rayon::current_num_threads().clamp(1, k.max(1));
-        let slab = k.div_ceil(tasks);
-        let mut partial = vec![0f32; tasks * m * n];
-        partial
-            .par_chunks_mut(m * n)
-            .enumerate()
-            .for_each(|(t, acc)| {
-                let p0 = (t * slab).min(k);
-                let p1 = ((t + 1) * slab).min(k);
-                // SAFETY: AVX-512F is present (checked above); rows p0..p1 of wt and columns
-                // p0..p1 of x's rows lie inside the slices (lengths asserted by the caller),
-                // and acc holds m x n floats.
-                unsafe { avx512::slab(x, wt, (m, k, n), p0, p1, acc) };
-            });
+        let partial = super::slab_partials(k, m * n, |rows, acc| {
+            // SAFETY: AVX-512F is present (checked above); the slab's rows of wt and columns
+            // of x's rows lie inside the slices (lengths asserted by the caller), and acc
+            // holds m x n floats.
+            unsafe { avx512::slab(x, wt, (m, k, n), rows.start, rows.end, acc) };
+        });
         let out = &mut out[..m * n];
         match bias {
             Some(b) => {

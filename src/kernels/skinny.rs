@@ -68,6 +68,14 @@ impl WeightElem for half::bf16 {
     }
 }
 
+/// `w` as bf16, when it is.
+pub(crate) fn as_bf16<W: WeightElem>(w: &[W]) -> Option<&[half::bf16]> {
+    (std::any::TypeId::of::<W>() == std::any::TypeId::of::<half::bf16>()).then(|| {
+        // SAFETY: W is bf16 (checked just above), so the slice is reinterpreted as itself.
+        unsafe { std::slice::from_raw_parts(w.as_ptr() as *const half::bf16, w.len()) }
+    })
+}
+
 /// `out (m x n) = x (m x k) · w (n x k)ᵀ (+ bias)`, all row-major. Returns false (and
 /// leaves `out` alone) when the CPU lacks AVX-512, so the caller falls back to gemm.
 pub fn linear<W: WeightElem>(
@@ -80,9 +88,7 @@ pub fn linear<W: WeightElem>(
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
     assert!(bias.is_none_or(|b| b.len() >= n));
     // bf16 weights on a CPU with AVX-512 BF16: dot products of pairs, no widening.
-    if std::any::TypeId::of::<W>() == std::any::TypeId::of::<half::bf16>() {
-        // SAFETY: W is bf16 (checked just above), so the slice is reinterpreted as itself.
-        let wb = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const half::bf16, w.len()) };
+    if let Some(wb) = as_bf16(w) {
         if super::bf16dot::rows(x, wb, bias, (m, k, n), out) {
             return true;
         }
