@@ -346,8 +346,9 @@ mod avx512 {
                     }
                     j0 = j1;
                 }
-                if whole < q1 {
-                    half_pair::<$m>(xb, kp, wt, n, np, whole, acc);
+                // The half pair belongs to the slab that holds it (a slab may be empty).
+                if k % 2 == 1 && (q0..q1).contains(&(k / 2)) {
+                    half_pair::<$m>(xb, kp, wt, n, np, k / 2, acc);
                 }
             }};
         }
@@ -685,6 +686,7 @@ mod tests {
             (3, 77, 48),
             (4, 18, 65),
             (5, 9, 17),
+            (1, 15, 40),
             (6, 130, 1),
             (7, 41, 96),
             (8, 1001, 40),
@@ -702,6 +704,13 @@ mod tests {
                     stream(&x, &wt, bias, (m, k, n), &mut streamed),
                     m <= STREAM_ROWS
                 );
+                // More threads than this machine has: slabs of one pair, or none at all.
+                let mut streamed_wide = vec![f32::NAN; m * n];
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(7)
+                    .build()
+                    .unwrap()
+                    .install(|| stream(&x, &wt, bias, (m, k, n), &mut streamed_wide));
                 // The same weight stored output-major (n x k), as the tied LM head is.
                 let w_rows: Vec<half::bf16> = (0..n * k).map(|i| wt[(i % k) * n + i / k]).collect();
                 let mut by_rows = vec![f32::NAN; m * n];
@@ -724,11 +733,16 @@ mod tests {
                             "({m},{k},{n}) [{i},{j}]: {got} vs {want}"
                         );
                         if m <= STREAM_ROWS {
-                            let got = streamed[i * n + j] as f64;
-                            assert!(
-                                (got - want).abs() < 1e-3,
-                                "streamed ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
-                            );
+                            for (got, threads) in [
+                                (streamed[i * n + j], "pool"),
+                                (streamed_wide[i * n + j], "7"),
+                            ] {
+                                let got = got as f64;
+                                assert!(
+                                    (got - want).abs() < 1e-3,
+                                    "streamed on {threads} threads ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                                );
+                            }
                             let got = by_rows[i * n + j] as f64;
                             assert!(
                                 (got - want).abs() < 1e-3,

@@ -13,8 +13,9 @@
 
 //!
 //! Weights stored in bf16 (`--dtype bf16` on the CPU: half the memory, activations in f32)
-//! are widened as they are read: row by row inside the streaming kernel, and a block of
-//! rows at a time into a reused f32 buffer ahead of gemm otherwise.
+//! go to `bf16dot`'s AVX-512 BF16 kernels (activations rounded to bf16, sums in f32) where
+//! the CPU has them; elsewhere they are widened as they are read: row by row inside the
+//! streaming kernel, and a block of rows at a time into a reused f32 buffer ahead of gemm.
 
 use rayon::prelude::*;
 

@@ -102,9 +102,10 @@ impl Qwen2Vl {
     /// On the CPU every linear layer's weight is stored input-major so that each product is
     /// gemm's fast, contiguous case (see [`crate::kernels::packed`]): same memory, same
     /// results up to summation order. A bf16 model on the CPU keeps its bf16 weights (half
-    /// the memory and half the bytes to read per decoded token) but computes in f32: the
-    /// kernels widen the weights as they read them, while candle's bf16 CPU arithmetic runs
-    /// several times slower than its f32. Merge adapters first; a model being trained must
+    /// the memory and half the bytes to read per decoded token) but its activations in f32:
+    /// the products run on AVX-512 BF16 dot products (activations rounded to bf16, f32
+    /// sums) or widen the weights as they read them, while candle's bf16 CPU arithmetic
+    /// runs several times slower than its f32. Merge adapters first; a model being trained must
     /// not be prepared (its optimizer updates the checkpoint layout in place). Returns how
     /// many layers were repacked.
     pub fn prepare_for_inference(&mut self) -> Result<usize> {
@@ -113,7 +114,7 @@ impl Qwen2Vl {
         }
         if self.dtype == DType::BF16 {
             // The embedding table stays bf16 too: lookups are cast row by row, and the LM
-            // head reads it through the few-rows kernel, which widens bf16 as it goes.
+            // head reads it through the few-rows kernels, which take bf16 as it is.
             self.set_compute_dtype(DType::F32);
         }
         let mut packed = 0;
