@@ -76,3 +76,40 @@ pub fn name(d: &Device) -> String {
         _ => format!("{:?}", d.location()),
     }
 }
+
+/// What the device can give a run or a generation: available RAM on the CPU (MemAvailable), free memory
+/// on an NVIDIA GPU (from nvidia-smi, when present).
+pub fn available_memory(device: &candle_core::Device) -> (String, Option<u64>) {
+    match device {
+        candle_core::Device::Cpu => {
+            let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemAvailable:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+                    .map(|kb| kb * 1024)
+            });
+            ("CPU RAM available".into(), avail)
+        }
+        other => {
+            let ordinal = match other.location() {
+                candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+                _ => 0,
+            };
+            let free = std::process::Command::new("nvidia-smi")
+                .args([
+                    "--query-gpu=memory.free",
+                    "--format=csv,noheader,nounits",
+                    "-i",
+                    &ordinal.to_string(),
+                ])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(|mib| mib << 20);
+            (format!("GPU {ordinal} memory free"), free)
+        }
+    }
+}

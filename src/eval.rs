@@ -1,5 +1,5 @@
 //! Evaluation: greedy answers to multiple-choice items, read with the same strict rule as
-//! the GRPO accuracy reward (one definition, [`crate::rl::reward::extract_answer`]), or the
+//! the GRPO accuracy reward (one definition, [`crate::data::answer::extract_answer`]), or the
 //! likelihood baseline (the option letter the model finds most probable); per-modality
 //! reports with confidence intervals.
 
@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::data::answer::{extract_answer, format_reward, Extraction};
 use crate::data::{PromptTemplate, VqaItem};
 use crate::generate::{Engine, Request, SamplingParams};
 use crate::model::Qwen2Vl;
 use crate::processor::Processor;
-use crate::rl::reward::{extract_answer, format_reward, Extraction};
 use crate::train::logps::SeqRef;
 
 /// One item's outcome.
@@ -48,7 +48,7 @@ pub fn run_greedy(
     batch_size: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<ItemResult>> {
-    let stop = crate::infer::stop_tokens(processor);
+    let stop = processor.tokenizer.stop_tokens().to_vec();
     let vision = processor.tokenizer.special.vision_ids().to_vec();
     let engine = Engine::new(model, stop, vision);
     let mut out = Vec::with_capacity(items.len());

@@ -1,6 +1,7 @@
 //! What every command that runs a trained model needs (ask, eval, generate, score, the
-//! demo, and the server): a checkpoint loaded with its processor, the tokens that end an
-//! answer, and the reasoning split from the answer.
+//! demo, and the server): a checkpoint loaded with its processor (whose tokenizer holds the
+//! tokens that end an answer: `QwenTokenizer::stop_tokens`), and the reasoning split from
+//! the answer.
 
 use std::path::PathBuf;
 
@@ -67,19 +68,6 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
         );
     }
     Ok(Loaded { model, processor })
-}
-
-/// Token ids that end an assistant turn: `<|im_end|>`, `<|endoftext|>`, and the
-/// tokenizer's eos token.
-pub fn stop_tokens(proc: &Processor) -> Vec<u32> {
-    let s = &proc.tokenizer.special;
-    let mut v: Vec<u32> = [s.im_end, s.endoftext, proc.tokenizer.eos_token_id]
-        .into_iter()
-        .flatten()
-        .collect();
-    v.sort_unstable();
-    v.dedup();
-    v
 }
 
 /// Splits a completion into its reasoning (the `<think>` block) and the rest.

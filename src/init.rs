@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::data::PromptTemplate;
-use crate::model::Qwen2VlConfig;
+use crate::model::{Preset, Qwen2VlConfig};
 use crate::train::{checkpoint, TrainableModel};
 
 /// Qwen2's special tokens, in Qwen2-VL's order.
@@ -320,37 +320,6 @@ mod tests {
     }
 }
 
-/// Real models' architectures with random weights, for scale tests and benchmarks where the
-/// released weights cannot be downloaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Preset {
-    /// Qwen2-VL-2B-Instruct: 28 layers x 1536, 12/2 heads, MLP 8960, vocabulary 151,936,
-    /// tied embeddings, vision 32 x 1280; its config.json as released.
-    #[value(name = "qwen2-vl-2b")]
-    Qwen2Vl2b,
-    /// The benchmark shape (tools/bench_config.json, 119.7M parameters).
-    #[value(name = "qwen2-vl-bench")]
-    Qwen2VlBench,
-}
-
-/// Qwen/Qwen2-VL-2B-Instruct's config.json, as released.
-pub const QWEN2_VL_2B_CONFIG: &str = r#"{
-  "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0,
-  "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
-  "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
-  "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 1536,
-  "initializer_range": 0.02, "intermediate_size": 8960, "max_position_embeddings": 32768,
-  "max_window_layers": 28, "model_type": "qwen2_vl", "num_attention_heads": 12,
-  "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
-  "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": true,
-  "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": true,
-  "use_sliding_window": false,
-  "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16,
-    "in_chans": 3, "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2,
-    "spatial_patch_size": 14, "temporal_patch_size": 2},
-  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-  "vocab_size": 151936}"#;
-
 /// Where Qwen2's special tokens sit in its vocabulary: `<|endoftext|>` and the 13 after it.
 const QWEN2_SPECIAL_BASE: u32 = 151_643;
 
@@ -403,13 +372,13 @@ fn random_bf16(name: &str, shape: &[usize], std: f32, seed: u64) -> Vec<half::bf
     if shape.len() == 1 {
         return vec![half::bf16::ONE; n];
     }
-    let key = crate::rl::trainer::mix(seed, crate::model::lora::stream_of(name));
+    let key = crate::seed::mix(seed, crate::seed::of_name(name));
     const CHUNK: usize = 1 << 16;
     let mut out = vec![half::bf16::ZERO; n];
     out.par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let mut rng = StdRng::seed_from_u64(crate::rl::trainer::mix(key, c as u64));
+            let mut rng = StdRng::seed_from_u64(crate::seed::mix(key, c as u64));
             for pair in chunk.chunks_mut(2) {
                 // Box-Muller: two uniforms, two normals.
                 let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
@@ -433,14 +402,9 @@ pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
     if out.exists() {
         bail!("{}: already exists; choose a new directory", out.display());
     }
-    let config_text = match preset {
-        Preset::Qwen2Vl2b => QWEN2_VL_2B_CONFIG.to_string(),
-        Preset::Qwen2VlBench => {
-            let mut v: serde_json::Value = serde_json::from_str(crate::bench::BENCH_CONFIG)?;
-            v["torch_dtype"] = json!("bfloat16");
-            serde_json::to_string_pretty(&v)?
-        }
-    };
+    let mut v: serde_json::Value = serde_json::from_str(preset.config_json())?;
+    v["torch_dtype"] = json!("bfloat16");
+    let config_text = serde_json::to_string_pretty(&v)?;
     let config = Qwen2VlConfig::from_json_str(&config_text, "preset config.json")?;
     let (_, _, staging) = staging_dir(out)?;
     std::fs::write(staging.join("config.json"), &config_text)?;

@@ -1,15 +1,26 @@
 //! medvlm: teach vision-language models to reason about medical images with GRPO
 //! (MedVLM-R1), and serve that reasoning.
 //!
-//! The crate is organised by what each part does:
-//! - [`model`]: Qwen2-VL (vision tower, M-RoPE decoder, KV cache) loaded from a local
-//!   Hugging Face checkpoint directory, numerically equal to transformers.
-//! - [`processor`]: images to pixel patches, tokenizer, chat template, image-token expansion.
-//! - [`generate`]: sampling and teacher-forced scoring.
-//! - [`train`]: what GRPO and SFT share: the teacher-forced forward and backward passes,
-//!   AdamW, checkpoints; [`rl`] and [`sft`] build their objectives on it.
-//! - [`kernels`]: CPU fast paths (fused ops with backward passes, the LM head's softmax,
-//!   few-row matmuls, in-place updates), each with a tensor-op path for other devices.
+//! # Layers
+//!
+//! The modules form layers: a module uses only modules of lower layers, so there is no
+//! import circle and each layer can be read, tested and changed knowing only those below
+//! it. `tests/layers.rs` reads this table and checks every `crate::` path in `src/`
+//! against it.
+//!
+//! | layer | modules | what they are |
+//! |---|---|---|
+//! | 0 | [`seed`], [`files`], [`memory`], [`device`], [`kernels`] | foundations: derived seeds, writing files, the allocator, device choice and memory, CPU fast paths |
+//! | 1 | [`model`], [`processor`] | Qwen2-VL and Qwen2.5-VL (numerically equal to transformers, presets, parameter counts); images, tokenizer, chat template, stop tokens, DICOM/NIfTI |
+//! | 2 | [`data`], [`generate`], [`infer`] | VQA rows, prompts and THE answer rule; the rollout engine and sampling; loading a checkpoint to run it |
+//! | 3 | [`train`] | what GRPO and SFT share: forward and backward passes, LoRA parameters, AdamW, checkpoints, the run session, the memory plan |
+//! | 4 | [`eval`] | greedy and likelihood evaluation, per-modality reports |
+//! | 5 | [`rl`], [`sft`] | GRPO (rewards, loss, loop) and supervised fine-tuning |
+//! | 6 | [`bench`], [`init`], [`synth`], [`merge`], [`plot`], [`serve`] | tools built on them: benchmarks, random checkpoints, synthetic scans, adapter merging, curves, the OpenAI-compatible server |
+//! | 7 | [`selftest`], [`demo`] | the device check and the offline MedVLM-R1 demo |
+//! | 8 | [`cli`] | argument parsing and one file per command |
+//!
+//! The crate root holds only what every layer may use: [`panic_message`].
 
 pub mod bench;
 pub mod cli;
@@ -28,6 +39,7 @@ pub mod model;
 pub mod plot;
 pub mod processor;
 pub mod rl;
+pub mod seed;
 pub mod selftest;
 pub mod serve;
 pub mod sft;

@@ -13,18 +13,6 @@ use candle_core::{DType, Device, Tensor};
 use crate::model::lora::AdapterConfig;
 use crate::model::{CheckpointWeights, Qwen2VlConfig, WeightLayout};
 
-/// Files copied from the base as they are.
-const COPIED: [&str; 8] = [
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-];
-
 /// The module path an adapter tensor name refers to, in transformers >= 4.52 naming, and
 /// whether it is A or B: `base_model.model.<path>.lora_A[.default].weight`.
 fn parse_key(key: &str) -> Option<(String, bool)> {
@@ -36,26 +24,12 @@ fn parse_key(key: &str) -> Option<(String, bool)> {
     } else {
         (rest.strip_suffix(".lora_B")?, false)
     };
-    let canonical = if let Some(r) = path.strip_prefix("model.layers.") {
-        format!("model.language_model.layers.{r}")
-    } else if let Some(r) = path.strip_prefix("visual.") {
-        format!("model.visual.{r}")
-    } else {
-        path.to_string()
-    };
-    Some((canonical, is_a))
+    Some((WeightLayout::current_name(path), is_a))
 }
 
 /// A module's weight tensor name in a checkpoint of `layout`.
 fn weight_name(layout: WeightLayout, module: &str) -> String {
-    let local = if let Some(r) = module.strip_prefix("model.language_model.") {
-        format!("{}.{r}", layout.text_prefix())
-    } else if let Some(r) = module.strip_prefix("model.visual.") {
-        format!("{}.{r}", layout.vision_prefix())
-    } else {
-        module.to_string()
-    };
-    format!("{local}.weight")
+    format!("{}.weight", layout.local_name(module))
 }
 
 /// Writes `out` (which must not exist): `base` with `adapter` merged in. Returns how many
@@ -146,13 +120,10 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    for f in COPIED {
-        let src = base.join(f);
-        if src.is_file() {
-            fs::copy(&src, tmp.join(f))
-                .with_context(|| format!("{}: cannot copy", src.display()))?;
-        }
-    }
+    // The base's config.json and side files as they are.
+    fs::copy(base.join("config.json"), tmp.join("config.json"))
+        .with_context(|| format!("{}: cannot copy", base.join("config.json").display()))?;
+    crate::processor::copy_side_files(base, &tmp)?;
     let wpath = tmp.join("model.safetensors");
     crate::files::save_safetensors(&tensors, &wpath)?;
     fs::File::open(&wpath)?.sync_all()?;

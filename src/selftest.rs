@@ -204,7 +204,7 @@ fn model_checks(opts: &Options, name: &str) -> Result<Vec<Check>> {
     let model = Qwen2Vl::load(&dir, DType::F32, &opts.device)?;
     let proc = Processor::from_dir(&dir, &ProcessorOptions::default())?;
     let cases = Cases::load(&opts.fixtures, name)?;
-    let stop = crate::infer::stop_tokens(&proc);
+    let stop = proc.tokenizer.stop_tokens().to_vec();
     let (mut worst_rel, mut worst_abs, mut scale_at) = (0f32, 0f32, 0f32);
     let (mut greedy_same, mut greedy_n) = (0, 0);
     let (mut lp_worst, mut lp_n) = (0f32, 0);

@@ -12,11 +12,11 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::VqaItem;
-use crate::rl::trainer::DataOrder;
+use crate::processor::{Processor, Prompt};
 use crate::train::config::{Method, RunConfig, TrainConfig};
 use crate::train::logps::{self, SeqRef};
 use crate::train::metrics::Record;
-use crate::train::run::{self, RunInputs};
+use crate::train::run::{self, DataOrder, RunInputs};
 use crate::train::session::export_dtype;
 use crate::train::{GradAccumulator, TrainableModel};
 
@@ -137,55 +137,37 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
             return last_ckpt.context("stopped before any checkpoint was written");
         }
         let t = Instant::now();
-        let base = session.step * bs;
-        let batch: Vec<&VqaItem> = (0..bs).map(|j| &items[order.at(base + j)]).collect();
-        let mut prompts = Vec::with_capacity(batch.len());
-        let mut targets = Vec::with_capacity(batch.len());
-        for it in &batch {
-            let images = it
-                .images
-                .iter()
-                .map(|p| processor.load_image(p))
-                .collect::<Result<Vec<_>>>()?;
-            prompts.push(processor.prepare(&config.run.template.messages(it), images, true)?);
-            let mut ids = processor.tokenizer.encode(&target_text(it))?;
-            ids.push(im_end);
-            targets.push(ids);
-        }
-        let total_tokens: usize = targets.iter().map(Vec::len).sum();
-        let seqs: Vec<SeqRef> = prompts
-            .iter()
-            .zip(&targets)
-            .enumerate()
-            .map(|(i, (p, t))| SeqRef {
-                prompt: p,
-                prompt_index: i,
-                tokens: t,
-            })
-            .collect();
+
+        // Batch: the next `batch_size` items in the run's order, as prompts and targets.
+        let first = session.step * bs;
+        let batch: Vec<&VqaItem> = (0..bs).map(|j| &items[order.at(first + j)]).collect();
+        let (prompts, targets) = supervised(&processor, &batch, config.run.template, im_end)?;
+        let seqs = seq_refs(&prompts, &targets);
+
+        // Optimize: the token-mean negative log-likelihood's gradient, one AdamW step.
         let options = logps::TrainOptions {
-            dropout_seed: Some(crate::rl::trainer::mix(config.run.seed, session.step)),
+            dropout_seed: Some(crate::seed::mix(config.run.seed, session.step)),
             checkpointing: config.run.gradient_checkpointing,
         };
-        let (mut grads, nll_sum) = gradients(&model, &seqs, config.run.micro_batch, options)?;
-        let (norm, lr) = session.apply(&model, &mut grads)?;
+        let (mut grads, nll) = gradients(&model, &seqs, config.run.micro_batch, options)?;
+        let (grad_norm, lr) = session.apply(&model, &mut grads)?;
+
+        // Log: the step's metrics.
         let secs = t.elapsed().as_secs_f64();
+        let tokens: usize = targets.iter().map(Vec::len).sum();
         let mut rec = Record::new(session.step);
-        rec.num("epoch", (base + bs) as f64 / items.len() as f64)
-            .num("loss", nll_sum)
+        rec.num("epoch", (first + bs) as f64 / items.len() as f64)
+            .num("loss", nll)
             .num("lr", lr)
-            .num("grad_norm", norm)
+            .num("grad_norm", grad_norm)
             .num("step_time_s", secs)
-            .num("tokens_per_s", total_tokens as f64 / secs.max(1e-9));
-        session.log(
-            rec,
-            &format!(
-                "loss {}  {secs:.1}s/step",
-                crate::train::metrics::num(nll_sum)
-            ),
-        )?;
-        if config.run.save_steps > 0 && session.step % config.run.save_steps == 0 && !session.done()
-        {
+            .num("tokens_per_s", tokens as f64 / secs.max(1e-9));
+        let summary = format!("loss {}  {secs:.1}s/step", crate::train::metrics::num(nll));
+        session.log(rec, &summary)?;
+
+        // Checkpoint.
+        let save_every = config.run.save_steps;
+        if save_every > 0 && session.step.is_multiple_of(save_every) && !session.done() {
             last_ckpt = Some(session.checkpoint(&model, session.step * bs)?);
         }
     }
@@ -194,6 +176,44 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
         session.step * bs,
         export_dtype(&config.run.final_dtype)?,
     )
+}
+
+/// The prompts of `batch` (images loaded, chat template applied) and their supervised
+/// targets ([`target_text`] then `<|im_end|>`).
+fn supervised(
+    processor: &Processor,
+    batch: &[&VqaItem],
+    template: crate::data::PromptTemplate,
+    im_end: u32,
+) -> Result<(Vec<Prompt>, Vec<Vec<u32>>)> {
+    let mut prompts = Vec::with_capacity(batch.len());
+    let mut targets = Vec::with_capacity(batch.len());
+    for it in batch {
+        let images = it
+            .images
+            .iter()
+            .map(|p| processor.load_image(p))
+            .collect::<Result<Vec<_>>>()?;
+        prompts.push(processor.prepare(&template.messages(it), images, true)?);
+        let mut ids = processor.tokenizer.encode(&target_text(it))?;
+        ids.push(im_end);
+        targets.push(ids);
+    }
+    Ok((prompts, targets))
+}
+
+/// Each prompt with its target, as the training passes take them.
+fn seq_refs<'a>(prompts: &'a [Prompt], targets: &'a [Vec<u32>]) -> Vec<SeqRef<'a>> {
+    prompts
+        .iter()
+        .zip(targets)
+        .enumerate()
+        .map(|(i, (p, t))| SeqRef {
+            prompt: p,
+            prompt_index: i,
+            tokens: t,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ fn fixture_in(name: &str, dtype: DType) -> Fixture {
 }
 
 fn stop(f: &Fixture) -> Vec<u32> {
-    medvlm::infer::stop_tokens(&f.proc)
+    f.proc.tokenizer.stop_tokens().to_vec()
 }
 
 fn greedy(p: &Prompt, max_new_tokens: usize) -> Request<'_> {

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use medvlm::generate::{self, Engine, FinishReason, Request, SamplingParams};
-use medvlm::model::Qwen2Vl;
+use medvlm::model::{Mode, Qwen2Vl};
 use medvlm::processor::{Processor, ProcessorOptions, Prompt};
 
 struct Loaded {
@@ -41,7 +41,7 @@ fn prompt_for(l: &Loaded, case: &serde_json::Value) -> Prompt {
 }
 
 fn stop_ids(l: &Loaded) -> Vec<u32> {
-    medvlm::infer::stop_tokens(&l.proc)
+    l.proc.tokenizer.stop_tokens().to_vec()
 }
 
 /// Every check, with the weights as loaded (the layout training uses) and packed for
@@ -261,7 +261,7 @@ fn images_do_not_attend_to_each_other() {
         .unwrap();
     let joint = l
         .model
-        .encode_images(&both, &[a.grid_thw, b.grid_thw])
+        .encode_images(&both, &[a.grid_thw, b.grid_thw], Mode::Infer)
         .unwrap();
     let pa = medvlm::processor::pixel_tensor(std::slice::from_ref(&a), &Device::Cpu)
         .unwrap()
@@ -269,8 +269,14 @@ fn images_do_not_attend_to_each_other() {
     let pb = medvlm::processor::pixel_tensor(std::slice::from_ref(&b), &Device::Cpu)
         .unwrap()
         .unwrap();
-    let ea = l.model.encode_images(&pa, &[a.grid_thw]).unwrap();
-    let eb = l.model.encode_images(&pb, &[b.grid_thw]).unwrap();
+    let ea = l
+        .model
+        .encode_images(&pa, &[a.grid_thw], Mode::Infer)
+        .unwrap();
+    let eb = l
+        .model
+        .encode_images(&pb, &[b.grid_thw], Mode::Infer)
+        .unwrap();
     let sep = Tensor::cat(&[&ea, &eb], 0).unwrap();
     let (diff, _) = max_abs_diff(&joint, &sep);
     assert!(diff < 1e-5, "{diff}");

@@ -1,14 +1,14 @@
-//! Table tests for the rewards and the answer-extraction rule (`medvlm::rl::reward`).
+//! Table tests for the rewards and the answer-extraction rule (`medvlm::rl::reward`, `medvlm::data::answer`).
 //!
 //! The `paper` and `format` columns are not hand-written: they are what Python 3.11 computes
 //! when MedVLM-R1's accuracy code (quoted on `paper_accuracy`) and
 //! `re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", content, re.DOTALL)` are run on
 //! each row. The `strict` columns are the Strict rule's specification.
 
-use medvlm::rl::reward::Extraction::{self, *};
+use medvlm::data::answer::Extraction::{self, *};
+use medvlm::data::answer::{extract_answer, format_reward, ground_truth, paper_accuracy};
 use medvlm::rl::reward::{
-    extract_answer, format_reward, ground_truth, paper_accuracy, AccuracyReward, AnswerMode,
-    FormatReward, Reward, RewardContext, RewardSet,
+    AccuracyReward, AnswerMode, FormatReward, Reward, RewardContext, RewardSet,
 };
 
 struct Row {

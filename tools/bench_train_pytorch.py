@@ -5,7 +5,7 @@ so the README can compare the two side by side (same machine, same threads, same
     python tools/bench_train_pytorch.py --threads 2 [--prompts 1 --group 8 --completion-len 256
                                          --micro-batch 2 --beta 0.04 --steps 3]
 
-Same random model (tools/bench_config.json, f32), same prompt shape (20 text tokens, one
+Same random model (src/model/presets/qwen2-vl-bench.json, f32), same prompt shape (20 text tokens, one
 224x224 image = 64 image tokens, text up to 261 tokens), same work per optimizer step:
   1. generation: the prompt repeated G times (TRL's RepeatSampler), model.generate with
      sampling at temperature 1, every completion forced to --completion-len tokens;
@@ -79,7 +79,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cfg = Qwen2VLConfig(**json.load(open(os.path.join(ROOT, "tools", "bench_config.json"))))
+    cfg = Qwen2VLConfig(**json.load(open(os.path.join(ROOT, "src", "model", "presets", "qwen2-vl-bench.json"))))
     cfg._attn_implementation = "sdpa"
     policy = Qwen2VLForConditionalGeneration(cfg)
     policy.train()

@@ -5,7 +5,7 @@ README can compare the two side by side on the same machine and thread count.
     python tools/bench_transformers.py --threads 2 [--new-tokens 64] [--group 8] \
         [--preset qwen2-vl-bench|qwen2-vl-2b | --config FILE] [--dtype f32|bf16]
 
-Same random model (tools/bench_config.json by default; --preset qwen2-vl-2b reads the 2B
+Same random model (src/model/presets/qwen2-vl-bench.json by default; --preset qwen2-vl-2b reads the 2B
 config embedded in src/init.rs, --config any config.json), same prompt shape (20 text
 tokens, one 448x448 image = 256 tokens, 80 text tokens), same decoding work (every sequence
 runs to --new-tokens; no stop tokens). Works with transformers 4.5x and 5.x.
@@ -14,7 +14,6 @@ runs to --new-tokens; no stop tokens). Works with transformers 4.5x and 5.x.
 import argparse
 import json
 import os
-import re
 import resource
 import time
 
@@ -24,6 +23,7 @@ from PIL import Image
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = os.path.join("src", "model", "presets")
 TEXT_BEFORE, TEXT_AFTER = 20, 80
 
 
@@ -36,10 +36,8 @@ def load_config(args):
         path = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
         return json.load(open(path)), path
     if args.preset == "qwen2-vl-2b":
-        src = open(os.path.join(ROOT, "src", "init.rs")).read()
-        m = re.search(r'pub const QWEN2_VL_2B_CONFIG: &str = r#"(.*?)"#;', src, re.S)
-        return json.loads(m.group(1)), "Qwen2-VL-2B-Instruct"
-    return json.load(open(os.path.join(ROOT, "tools", "bench_config.json"))), "tools/bench_config.json"
+        return json.load(open(os.path.join(ROOT, PRESETS, "qwen2-vl-2b.json"))), "Qwen2-VL-2B-Instruct"
+    return json.load(open(os.path.join(ROOT, PRESETS, "qwen2-vl-bench.json"))), "src/model/presets/qwen2-vl-bench.json"
 
 
 def main():

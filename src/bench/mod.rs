@@ -1,5 +1,5 @@
 //! `medvlm bench generate`: the rollout workload on a ~120M-parameter random Qwen2-VL
-//! (tools/bench_config.json: Qwen2-VL's architecture and 151,936-token vocabulary, scaled
+//! (src/model/presets/qwen2-vl-bench.json: Qwen2-VL's architecture and 151,936-token vocabulary, scaled
 //! down) with one 448x448 image. tools/bench_transformers.py runs the same workload with
 //! transformers so the two can be compared side by side.
 
@@ -13,11 +13,8 @@ use serde::Serialize;
 
 use crate::generate::{Engine, Request, SamplingParams};
 use crate::model::random::random_var_builder;
-use crate::model::{Qwen2Vl, Qwen2VlConfig, WeightLayout};
-use crate::processor::{ImageProcessor, ImageProcessorConfig, Prompt};
-
-/// The benchmark model's config.json.
-pub const BENCH_CONFIG: &str = include_str!("../../tools/bench_config.json");
+use crate::model::{Preset, Qwen2Vl, Qwen2VlConfig, WeightLayout};
+use crate::processor::{ImageProcessor, ImageProcessorConfig, PixelPatches, Prompt};
 
 /// Text tokens before and after the image in the benchmark prompt (the chat template's
 /// system turn and a MedVLM-R1-length question are about this long).
@@ -34,20 +31,17 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// The default: tools/bench_config.json.
-    pub fn bench() -> Self {
+    /// A released architecture; the default is [`Preset::Qwen2VlBench`].
+    pub fn preset(p: Preset) -> Self {
         Self {
-            config_json: BENCH_CONFIG.to_string(),
-            name: "tools/bench_config.json".into(),
+            config_json: p.config_json().to_string(),
+            name: p.label().into(),
         }
     }
 
-    /// Qwen2-VL-2B-Instruct's released config.
-    pub fn qwen2_vl_2b() -> Self {
-        Self {
-            config_json: crate::init::QWEN2_VL_2B_CONFIG.to_string(),
-            name: "Qwen2-VL-2B-Instruct".into(),
-        }
+    /// The default: the benchmark shape.
+    pub fn bench() -> Self {
+        Self::preset(Preset::Qwen2VlBench)
     }
 
     /// A config.json file, or a checkpoint directory's.
@@ -125,6 +119,39 @@ pub(crate) fn text_ids(n: usize, salt: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The image processor of a benchmark shape: the default resolution limits (Qwen2-VL's),
+/// patch, merge and temporal sizes from the config.
+pub fn image_processor(config: &Qwen2VlConfig) -> ImageProcessor {
+    ImageProcessor::new(ImageProcessorConfig {
+        patch_size: config.vision.patch_size,
+        merge_size: config.vision.spatial_merge_size,
+        temporal_patch_size: config.vision.temporal_patch_size,
+        ..ImageProcessorConfig::default()
+    })
+}
+
+/// A prompt of `before` synthetic text tokens, the image, and `after` more.
+pub fn prompt_with_image(
+    config: &Qwen2VlConfig,
+    patches: PixelPatches,
+    before: usize,
+    after: usize,
+) -> Prompt {
+    let mut ids = text_ids(before, 1);
+    ids.push(config.vision_start_token_id);
+    ids.extend(std::iter::repeat_n(
+        config.image_token_id,
+        patches.num_tokens(),
+    ));
+    ids.push(config.vision_end_token_id);
+    ids.extend(text_ids(after, 2));
+    Prompt {
+        text: String::new(),
+        input_ids: ids,
+        images: vec![patches],
+    }
+}
+
 pub fn run(
     shape: &Shape,
     device: &Device,
@@ -139,31 +166,13 @@ pub fn run(
             .context("building the benchmark model")?;
     // As every inference command loads its model (infer::load).
     model.prepare_for_inference()?;
-    let parameters = count_parameters(&config);
+    let parameters = crate::model::num_parameters(&config)?;
 
     let t = Instant::now();
-    // The 448x448 card at the default resolution limits (Qwen2-VL's), patch size and merge
-    // size from the config.
-    let ipc = ImageProcessorConfig {
-        patch_size: config.vision.patch_size,
-        merge_size: config.vision.spatial_merge_size,
-        temporal_patch_size: config.vision.temporal_patch_size,
-        ..ImageProcessorConfig::default()
-    };
-    let patches = ImageProcessor::new(ipc).preprocess(&test_image())?;
+    let patches = image_processor(&config).preprocess(&test_image())?;
     let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
-    let m = config.vision.spatial_merge_size;
-    let image_tokens = patches.grid_thw.iter().product::<usize>() / (m * m);
-    let mut ids = text_ids(TEXT_BEFORE, 1);
-    ids.push(config.vision_start_token_id);
-    ids.extend(std::iter::repeat_n(config.image_token_id, image_tokens));
-    ids.push(config.vision_end_token_id);
-    ids.extend(text_ids(TEXT_AFTER, 2));
-    let prompt = Prompt {
-        text: String::new(),
-        input_ids: ids,
-        images: vec![patches],
-    };
+    let image_tokens = patches.num_tokens();
+    let prompt = prompt_with_image(&config, patches, TEXT_BEFORE, TEXT_AFTER);
 
     // No stop tokens: every sequence runs to `new_tokens`, as the reference script forces.
     let engine = Engine::new(&model, vec![], vec![]);
@@ -180,7 +189,7 @@ pub fn run(
         .pixel_values(device)?
         .context("the benchmark prompt has an image")?;
     let t = Instant::now();
-    let v = model.encode_images(&pixels, &prompt.grids())?;
+    let v = model.encode_images(&pixels, &prompt.grids(), crate::model::Mode::Infer)?;
     candle_core::Device::synchronize(device)?;
     drop(v);
     let vision_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -223,29 +232,6 @@ pub fn run(
     })
 }
 
-/// Parameter count implied by a config (tied embeddings counted once).
-pub fn count_parameters(c: &Qwen2VlConfig) -> usize {
-    let t = &c.text;
-    let v = &c.vision;
-    let (h, hd) = (t.hidden_size, t.head_dim());
-    let kv = t.num_key_value_heads * hd;
-    let layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * t.intermediate_size + 2 * h;
-    let text = t.vocab_size * h * if t.tie_word_embeddings { 1 } else { 2 }
-        + t.num_hidden_layers * layer
-        + h;
-    let (d, i) = (v.embed_dim, v.mlp_hidden());
-    let attn = (3 * d * d + 3 * d) + (d * d + d);
-    // Qwen2-VL: two LayerNorms (weight and bias), fc1/fc2 with biases; Qwen2.5-VL: two
-    // RMSNorms (weight only), gate/up/down with biases. The merger's norm likewise.
-    let (block, norm) = match v.arch {
-        crate::model::config::Arch::Qwen2Vl => (4 * d + attn + 2 * d * i + i + d, 2 * d),
-        crate::model::config::Arch::Qwen25Vl => (2 * d + attn + 3 * d * i + 2 * i + d, d),
-    };
-    let merged = d * v.spatial_merge_size * v.spatial_merge_size;
-    let merger = norm + merged * merged + merged + merged * v.hidden_size + v.hidden_size;
-    text + v.patch_dim() * d + v.depth * block + merger
-}
-
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
@@ -278,22 +264,5 @@ impl std::fmt::Display for BenchReport {
             self.group_size, self.group_total_s, self.group_decode_tok_s
         )?;
         write!(f, "peak memory      {:.0} MiB resident", self.peak_rss_mib)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// transformers counts this config at 119,719,168 parameters
-    /// (`Qwen2VLForConditionalGeneration(config).num_parameters()`).
-    #[test]
-    fn parameter_count_matches_transformers() {
-        let c = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "bench").unwrap();
-        assert_eq!(count_parameters(&c), 119_719_168);
-        // And the released Qwen2-VL-2B-Instruct config: 2,208,985,600 (transformers 5.24,
-        // model built on the meta device).
-        let c = Qwen2VlConfig::from_json_str(crate::init::QWEN2_VL_2B_CONFIG, "2b").unwrap();
-        assert_eq!(count_parameters(&c), 2_208_985_600);
     }
 }

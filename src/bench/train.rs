@@ -1,4 +1,4 @@
-//! `medvlm bench train`: GRPO optimizer steps on the benchmark model (tools/bench_config.json,
+//! `medvlm bench train`: GRPO optimizer steps on the benchmark model (src/model/presets/qwen2-vl-bench.json,
 //! random weights) with one synthetic image per prompt, timed phase by phase: generation of
 //! the G completions, the reference model's log-probs, the policy's forward and backward
 //! passes, and the optimizer (clipping + AdamW). It calls the trainer's own step functions
@@ -13,11 +13,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::{count_parameters, peak_rss_mib, reset_peak_rss, text_ids, BENCH_CONFIG};
+use super::{peak_rss_mib, reset_peak_rss, text_ids};
 use crate::generate::{Engine, FinishReason, Request, SamplingParams};
 use crate::model::random::random_var_builder;
 use crate::model::{Qwen2Vl, Qwen2VlConfig, WeightLayout};
-use crate::processor::{ImageProcessor, ImageProcessorConfig, Prompt};
+use crate::processor::Prompt;
 use crate::rl::grpo::{self, LossConfig, ScaleRewards, SeqRef};
 use crate::rl::step::{self, StepBatch};
 use crate::train::{AdamW, AdamWConfig, TrainableModel};
@@ -125,9 +125,8 @@ pub fn bench_prompt(config: &Qwen2VlConfig, size: u32, total: usize) -> Result<(
         let b = ((x ^ y) % 256) as u8;
         image::Rgb([r, g, b])
     });
-    let patches = ImageProcessor::new(ImageProcessorConfig::default()).preprocess(&img)?;
-    let m = config.vision.spatial_merge_size;
-    let image_tokens = patches.grid_thw.iter().product::<usize>() / (m * m);
+    let patches = super::image_processor(config).preprocess(&img)?;
+    let image_tokens = patches.num_tokens();
     let before = 20;
     let fixed = before + image_tokens + 2;
     if total < fixed + 1 {
@@ -136,17 +135,8 @@ pub fn bench_prompt(config: &Qwen2VlConfig, size: u32, total: usize) -> Result<(
             image_tokens + 2
         );
     }
-    let mut ids = text_ids(before, 1);
-    ids.push(config.vision_start_token_id);
-    ids.extend(std::iter::repeat_n(config.image_token_id, image_tokens));
-    ids.push(config.vision_end_token_id);
-    ids.extend(text_ids(total - fixed, 2));
     Ok((
-        Prompt {
-            text: String::new(),
-            input_ids: ids,
-            images: vec![patches],
-        },
+        super::prompt_with_image(config, patches, before, total - fixed),
         image_tokens,
     ))
 }
@@ -192,7 +182,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
     let compute = crate::train::config::parse_dtype(&w.dtype, "--dtype")?;
     let (config, mut policy, reference) = match &w.model {
         None => {
-            let config = Qwen2VlConfig::from_json_str(BENCH_CONFIG, "tools/bench_config.json")?;
+            let config = crate::model::Preset::Qwen2VlBench.config();
             if w.lora_r > 0 {
                 bail!("--lora-r needs --model DIR (e.g. a checkpoint from `medvlm init --preset`)");
             }
@@ -270,8 +260,8 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         freeze_vision: w.freeze_vision,
         cpu: device.is_cpu(),
     };
-    let (avail_what, available) = crate::train::plan::available_memory(device);
-    let plan = crate::train::plan::estimate(&plan_input, &avail_what, available);
+    let (avail_what, available) = crate::device::available_memory(device);
+    let plan = crate::train::plan::estimate(&plan_input, &avail_what, available)?;
     eprintln!("{plan}");
     let mut setup = Setup {
         config: config.clone(),
@@ -310,7 +300,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         steps.push(st);
     }
     Ok(TrainBenchReport {
-        parameters: count_parameters(&config),
+        parameters: crate::model::num_parameters(&config)?,
         threads: candle_core::utils::get_num_threads(),
         workload: w.clone(),
         image_tokens,
@@ -324,7 +314,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
 /// LoRA dropout and checkpointing settings of step `s`.
 fn train_options(w: &TrainWorkload, s: usize) -> crate::train::logps::TrainOptions {
     crate::train::logps::TrainOptions {
-        dropout_seed: Some(crate::rl::trainer::mix(7, s as u64)),
+        dropout_seed: Some(crate::seed::mix(7, s as u64)),
         checkpointing: w.gradient_checkpointing,
     }
 }
@@ -495,7 +485,7 @@ impl std::fmt::Display for TrainBenchReport {
             "model            {}, {:.1}M parameters, {} compute{}{}, {} threads",
             match &w.model {
                 Some(d) => d.display().to_string(),
-                None => "random Qwen2-VL (tools/bench_config.json)".into(),
+                None => "random Qwen2-VL (src/model/presets/qwen2-vl-bench.json)".into(),
             },
             self.parameters as f64 / 1e6,
             w.dtype,

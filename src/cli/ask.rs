@@ -3,8 +3,8 @@
 use super::*;
 
 pub(super) fn run_ask(a: AskArgs) -> Result<()> {
+    use crate::data::answer::{extract_answer, Extraction};
     use crate::data::{build_problem, PromptTemplate, LETTERS};
-    use crate::rl::reward::{extract_answer, Extraction};
     let options: Vec<String> = a
         .options
         .as_deref()
@@ -48,12 +48,12 @@ pub(super) fn run_ask(a: AskArgs) -> Result<()> {
         "image: resized to {}x{} pixels, {} image tokens",
         image.grid_thw[2] * ps,
         image.grid_thw[1] * ps,
-        image.num_patches / (proc.images.config.merge_size * proc.images.config.merge_size)
+        image.num_tokens()
     );
     let prompt = proc.prepare(&[Message::user_with_images(1, text)], vec![image], true)?;
     let engine = Engine::new(
         &loaded.model,
-        stop_tokens(proc),
+        proc.tokenizer.stop_tokens().to_vec(),
         proc.tokenizer.special.vision_ids().to_vec(),
     );
     let req = Request {

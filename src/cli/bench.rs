@@ -59,8 +59,7 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
     });
     let shape = match (&a.config, a.preset) {
         (Some(p), _) => crate::bench::Shape::from_path(p)?,
-        (None, crate::init::Preset::Qwen2Vl2b) => crate::bench::Shape::qwen2_vl_2b(),
-        (None, crate::init::Preset::Qwen2VlBench) => crate::bench::Shape::bench(),
+        (None, p) => crate::bench::Shape::preset(p),
     };
     let report = crate::bench::run(&shape, &device, dtype, a.new_tokens, a.group)?;
     if a.json {

@@ -37,13 +37,9 @@ pub(super) fn run_generate(a: GenerateArgs) -> Result<()> {
     let proc = &loaded.processor;
     let prompt = prepare_prompt(proc, &a.prompt)?;
     eprintln!("sampling: {settings}");
-    let mut stop = stop_tokens(proc);
-    stop.extend(&gen_cfg.eos_token_id);
-    stop.sort_unstable();
-    stop.dedup();
     let engine = Engine::new(
         &loaded.model,
-        stop,
+        proc.tokenizer.stop_tokens().to_vec(),
         proc.tokenizer.special.vision_ids().to_vec(),
     );
     let request = Request {
@@ -56,7 +52,9 @@ pub(super) fn run_generate(a: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout();
     let mut stream_err = None;
     let out = engine.generate(std::slice::from_ref(&request), |_, _, tok| {
-        if a.stream && stream_err.is_none() {
+        // A stop token ends the text without being part of it (`Completion::content_tokens`).
+        let stop = proc.tokenizer.stop_tokens().contains(&tok);
+        if a.stream && stream_err.is_none() && !stop {
             let r = stream.push(tok).and_then(|t| {
                 if let Some(t) = t {
                     write!(stdout, "{t}")?;

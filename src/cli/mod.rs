@@ -407,7 +407,7 @@ pub struct InitArgs {
     /// qwen2-vl-2b (Qwen2-VL-2B-Instruct's config.json, 2.2B parameters, two shards, 4.4 GB)
     /// or qwen2-vl-bench (the benchmark shape, 120M parameters).
     #[arg(long, value_enum, value_name = "NAME")]
-    pub preset: Option<crate::init::Preset>,
+    pub preset: Option<crate::model::Preset>,
     /// Seed of the random weights (and of the tokenizer's corpus).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -485,7 +485,7 @@ pub enum BenchCommand {
     /// time, decode tokens/s at batch 1 and for one prompt x G samples, peak memory.
     /// tools/bench_transformers.py runs the same workload with transformers.
     Generate(BenchGenerateArgs),
-    /// Training steps on the benchmark model (tools/bench_config.json: 119.7M parameters,
+    /// Training steps on the benchmark model (src/model/presets/qwen2-vl-bench.json: 119.7M parameters,
     /// random weights), timed phase by phase: generation, reference forward, policy
     /// forward+backward, optimizer; peak memory. GRPO by default (1 prompt x 8 completions
     /// of 256 tokens, a 261-token prompt with a 224x224 image, micro-batch 2, beta 0.04),
@@ -558,7 +558,7 @@ pub struct BenchTrainArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchGenerateArgs {
-    /// The model shape (random weights): qwen2-vl-bench (tools/bench_config.json, 119.7M
+    /// The model shape (random weights): qwen2-vl-bench (src/model/presets/qwen2-vl-bench.json, 119.7M
     /// parameters) or qwen2-vl-2b (Qwen2-VL-2B-Instruct's config, 2.2B; about 9 GB in f32).
     #[arg(
         long,
@@ -566,7 +566,7 @@ pub struct BenchGenerateArgs {
         default_value = "qwen2-vl-bench",
         value_name = "NAME"
     )]
-    pub preset: crate::init::Preset,
+    pub preset: crate::model::Preset,
     /// Another shape: a config.json, or a checkpoint directory (only its config.json is
     /// read; the weights are random). Overrides --preset.
     #[arg(long, value_name = "FILE|DIR")]
@@ -800,7 +800,7 @@ impl From<DTypeArg> for DType {
 }
 
 pub use crate::device::parse as parse_device;
-pub use crate::infer::{split_reasoning, stop_tokens, Loaded};
+pub use crate::infer::{split_reasoning, Loaded};
 
 impl ModelArgs {
     pub fn source(&self) -> crate::infer::ModelSource {

@@ -100,11 +100,11 @@ pub(super) fn print_plan<M: crate::train::config::Method>(
             &input,
             &format!("a GPU with {g} GiB free"),
             Some((g * (1u64 << 30) as f64) as u64),
-        );
+        )?;
     }
     println!("{plan}");
     if !plan.fits() {
-        let fixes = crate::train::plan::suggestions(&input, plan.available.unwrap_or(u64::MAX));
+        let fixes = crate::train::plan::suggestions(&input, plan.available.unwrap_or(u64::MAX))?;
         println!("  does not fit; settings that would:");
         if fixes.is_empty() {
             println!("    none that medvlm knows: a device with more memory, or shorter prompts and completions");

@@ -6,6 +6,7 @@
 //! Files are a JSON list or JSON lines. Rows that cannot be used are reported with file, row
 //! and reason, never silently dropped into a score.
 
+pub mod answer;
 pub mod prompt;
 
 use std::path::{Path, PathBuf};

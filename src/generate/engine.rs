@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, IndexOp, Tensor};
 
 use super::sampling::{Sampler, SamplingParams};
-use crate::model::{Caching, KvCache, Pos3, Qwen2Vl};
+use crate::model::{Caching, KvCache, Mode, Pos3, Qwen2Vl};
 use crate::processor::Prompt;
 
 /// Why a completion ended.
@@ -398,7 +398,7 @@ impl<'m> Engine<'m> {
                     let blocks = m.vision.num_blocks();
                     let end = done.saturating_add(per_call).min(blocks);
                     while done < end {
-                        x = m.vision.block(done, &x, &input)?;
+                        x = m.vision.block(done, &x, &input, Mode::Infer)?;
                         done += 1;
                     }
                     if done < blocks {
@@ -410,7 +410,7 @@ impl<'m> Engine<'m> {
                         };
                         return Ok(());
                     }
-                    let img = m.vision.merge(&x, &input)?;
+                    let img = m.vision.merge(&x, &input, Mode::Infer)?;
                     p.embeds =
                         Embeds::Ready(m.input_embeds(std::slice::from_ref(&ids), Some(&img))?);
                     if limited {
@@ -546,6 +546,7 @@ impl<'m> Engine<'m> {
                 rows: &rows,
                 caches: &mut caches,
             },
+            Mode::Infer,
         )?;
         let logits = m.text.logits(&hidden.squeeze(1)?)?; // (rows, vocab)
         let mut start = 0;
@@ -622,7 +623,7 @@ pub(crate) fn check_context(
         * samples.max(1) as u128
         * per_token as u128
         * m.dtype.size_in_bytes() as u128;
-    let (device, available) = crate::train::plan::available_memory(&m.device);
+    let (device, available) = crate::device::available_memory(&m.device);
     if let Some(a) = available {
         if bytes > a as u128 {
             bail!(

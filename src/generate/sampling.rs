@@ -88,12 +88,9 @@ pub struct Sampler {
     rng: StdRng,
 }
 
-/// A 64-bit mix (SplitMix64's finaliser): nearby seeds give unrelated streams.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// One SplitMix64 step from state `z`: nearby seeds give unrelated streams.
+fn mix(z: u64) -> u64 {
+    crate::seed::scramble(z.wrapping_add(crate::seed::GOLDEN))
 }
 
 impl Sampler {

@@ -40,7 +40,6 @@ pub struct GenerationConfig {
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub max_new_tokens: Option<usize>,
-    pub eos_token_id: Vec<u32>,
 }
 
 impl GenerationConfig {
@@ -56,15 +55,6 @@ impl GenerationConfig {
             .with_context(|| format!("{}: not valid JSON", path.display()))?;
         let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
         let u = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
-        let eos = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect(),
-            _ => vec![],
-        };
         Ok(Self {
             do_sample: v.get("do_sample").and_then(Value::as_bool),
             temperature: f("temperature"),
@@ -73,7 +63,6 @@ impl GenerationConfig {
             min_p: f("min_p"),
             repetition_penalty: f("repetition_penalty"),
             max_new_tokens: u("max_new_tokens"),
-            eos_token_id: eos,
         })
     }
 }
@@ -217,7 +206,6 @@ mod tests {
             top_k: Some(1),
             top_p: Some(0.001),
             repetition_penalty: Some(1.0),
-            eos_token_id: vec![151645, 151643],
             ..Default::default()
         }
     }
@@ -264,6 +252,5 @@ mod tests {
         let g = GenerationConfig::from_dir(&dir).unwrap();
         assert_eq!(g.do_sample, Some(true));
         assert_eq!(g.top_k, Some(1));
-        assert_eq!(g.eos_token_id.len(), 2);
     }
 }

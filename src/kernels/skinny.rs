@@ -10,25 +10,6 @@ use super::SendPtr;
 /// Rows at or below which [`linear`] is used for inference matmuls.
 pub const MAX_ROWS: usize = 32;
 
-thread_local! {
-    static OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with this kernel switched off: training passes multiply every layer with the
-/// same kernel whether its input is tracked or (under gradient checkpointing) not, so a
-/// layer run again in the backward pass reproduces its forward pass bit for bit.
-pub fn disabled<R>(f: impl FnOnce() -> R) -> R {
-    let prev = OFF.with(|o| o.replace(true));
-    let out = f();
-    OFF.with(|o| o.set(prev));
-    out
-}
-
-/// Whether [`disabled`] is in force on this thread.
-pub fn is_disabled() -> bool {
-    OFF.with(|o| o.get())
-}
-
 /// Element types the weight may be stored in: f32, or bf16 widened to f32 as it is read
 /// (a frozen bf16 base under LoRA; decoding is bound by reading the weights, so reading
 /// half the bytes is faster than first casting the whole matrix).

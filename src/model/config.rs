@@ -812,7 +812,7 @@ mod tests {
     use super::*;
 
     /// The released Qwen/Qwen2-VL-2B-Instruct config.json (all text fields at the top level).
-    const QWEN2_VL_2B: &str = crate::init::QWEN2_VL_2B_CONFIG;
+    const QWEN2_VL_2B: &str = crate::model::presets::QWEN2_VL_2B;
 
     #[test]
     fn parses_the_released_2b_config() {

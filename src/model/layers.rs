@@ -25,7 +25,35 @@ pub fn upcast(dtype: DType) -> DType {
     }
 }
 
-/// A linear layer loaded from `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+/// How a forward pass runs: what candle's `forward_t(xs, train)` says with a bool, with the
+/// two things training changes here spelt out. Every layer that has a linear layer in it
+/// takes one, so what a `Linear` computes depends on its arguments only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Inference (and passes no gradient will follow): no dropout; a few rows without a
+    /// gradient graph take the streaming kernels ([`crate::kernels::skinny`]).
+    #[default]
+    Infer,
+    /// A pass whose gradient is taken. Every product runs on the same kernel whether its
+    /// input is tracked or (under gradient checkpointing) not, so a layer run again in the
+    /// backward pass reproduces its forward pass bit for bit. LoRA adapters drop their
+    /// input with masks drawn from `dropout` (`None`: no dropout), a key that depends on the
+    /// run's seed, step and pass only (see [`super::lora`]).
+    Train { dropout: Option<u64> },
+}
+
+impl Mode {
+    /// The dropout key in force, if any.
+    pub fn dropout(self) -> Option<u64> {
+        match self {
+            Mode::Infer => None,
+            Mode::Train { dropout } => dropout,
+        }
+    }
+}
+
+/// A linear layer loaded from `{prefix}.weight` (and `{prefix}.bias` when `bias`), named by
+/// `prefix`.
 pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     let w = vb.get((out_dim, in_dim), "weight")?;
     let b = if bias {
@@ -33,7 +61,7 @@ pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Res
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Ok(Linear::new(w, b).named(vb.prefix()))
 }
 
 /// `x · Wᵀ + b` over the last axis of `x`, multiplied as one 2-D matrix product whatever the
@@ -49,6 +77,9 @@ pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<Lora>,
+    /// The module path it was loaded from, in the checkpoint's own layout (empty when built
+    /// directly): the one place a layer's name is written.
+    name: String,
 }
 
 impl Linear {
@@ -57,7 +88,20 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            name: String::new(),
         }
+    }
+
+    /// The same layer under the module path `name`.
+    pub fn named(self, name: String) -> Self {
+        Self { name, ..self }
+    }
+
+    /// The module path it was loaded from, in the checkpoint's layout
+    /// (`model.layers.3.self_attn.q_proj`); [`crate::model::WeightLayout::module_path`]
+    /// turns it into transformers' current name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// (out, in).
@@ -161,8 +205,8 @@ impl Linear {
         Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
     }
 
-    /// The skinny kernel's product, when it applies.
-    fn few_rows(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
+    /// The skinny kernel's product, when it applies (inference only: see [`Mode::Train`]).
+    fn few_rows(&self, x: &Tensor, m: usize, k: usize, mode: Mode) -> Result<Option<Tensor>> {
         use crate::kernels::{is_cpu_f32_contiguous, skinny, with_bf16, with_f32};
         enum WeightSlice<'a> {
             F32(&'a [f32]),
@@ -171,7 +215,7 @@ impl Linear {
         let n = self.weight.dim(0)?;
         let w = &self.weight;
         let usable = m <= skinny::MAX_ROWS
-            && !skinny::is_disabled()
+            && mode == Mode::Infer
             && !x.track_op()
             && !w.track_op()
             && is_cpu_f32_contiguous(x)
@@ -222,8 +266,9 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// `x · Wᵀ + b` (plus the adapter's update) in `mode`.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&k, lead)) = dims.split_last() else {
             candle_core::bail!("linear: a scalar input");
@@ -232,7 +277,7 @@ impl Module for Linear {
         let x2 = x.reshape((m, k))?;
         let fast = match self.packed(&x2, m, k)? {
             Some(y) => Some(y),
-            None => self.few_rows(&x2, m, k)?,
+            None => self.few_rows(&x2, m, k, mode)?,
         };
         let y = match fast {
             Some(y) => y,
@@ -249,7 +294,7 @@ impl Module for Linear {
             }
         };
         let y = match &self.lora {
-            Some(l) => (y + l.delta(&x2)?)?,
+            Some(l) => (y + l.delta(&x2, mode.dropout())?)?,
             None => y,
         };
         let mut out = lead.to_vec();

@@ -9,10 +9,10 @@
 //! names (`model.layers.…`, `visual.…`) load too.
 //!
 //! Dropout masks must not depend on anything but the run: a resumed run and a recomputed
-//! (checkpointed) layer must draw the same mask. Masks are a hash of a key set by the
-//! trainer around each training forward pass ([`dropout_scope`]), the layer, and the element.
+//! (checkpointed) layer must draw the same mask. Masks are a hash of the key the trainer
+//! passes with each training forward pass ([`super::layers::Mode::Train`]), the layer, and
+//! the element.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -28,49 +28,25 @@ pub struct Lora {
     /// (out, r)
     pub b: Tensor,
     pub scaling: f64,
-    /// Dropout probability on the adapter's input while a [`dropout_scope`] is active.
+    /// Dropout probability on the adapter's input in passes that carry a dropout key.
     pub dropout: f32,
     /// Identifies the layer in dropout streams (a hash of its module path).
     pub stream: u64,
 }
 
-thread_local! {
-    static DROPOUT_KEY: Cell<Option<u64>> = const { Cell::new(None) };
-}
-
-/// Runs `f` with LoRA dropout active, its masks drawn from `key` (a function of the run's
-/// seed, step, micro-batch and pass): outside a scope, adapters apply no dropout.
-pub fn dropout_scope<R>(key: u64, f: impl FnOnce() -> R) -> R {
-    let prev = DROPOUT_KEY.with(|k| k.replace(Some(key)));
-    let out = f();
-    DROPOUT_KEY.with(|k| k.set(prev));
-    out
-}
-
-/// SplitMix64's finaliser: a well-mixed 64-bit hash of `x`.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// FNV-1a of a module path: the layer's dropout stream.
+/// A layer's dropout stream: a hash of its module path.
 pub fn stream_of(path: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in path.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    crate::seed::of_name(path)
 }
 
 /// The dropout mask (0 or 1/(1-p)) for `n` elements of stream `stream` under `key`.
 fn dropout_mask(key: u64, stream: u64, n: usize, p: f32) -> Vec<f32> {
     let keep = 1.0 / (1.0 - p);
-    let base = mix64(key ^ mix64(stream));
+    use crate::seed::{scramble, GOLDEN};
+    let base = scramble(key ^ scramble(stream));
     (0..n as u64)
         .map(|i| {
-            let u = (mix64(base.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 40) as f32
+            let u = (scramble(base.wrapping_add(i.wrapping_mul(GOLDEN))) >> 40) as f32
                 / (1u64 << 24) as f32;
             if u < p {
                 0.0
@@ -82,11 +58,13 @@ fn dropout_mask(key: u64, stream: u64, n: usize, p: f32) -> Vec<f32> {
 }
 
 impl Lora {
-    /// `s · dropout(x) Aᵀ Bᵀ` for x (.., in), as a 2-D product like the base layer.
-    pub fn delta(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
+    /// `s · dropout(x) Aᵀ Bᵀ` for x (.., in), as a 2-D product like the base layer; masks
+    /// drawn from `dropout_key` (a function of the run's seed, step, micro-batch and pass),
+    /// none without one.
+    pub fn delta(&self, x2: &Tensor, dropout_key: Option<u64>) -> candle_core::Result<Tensor> {
         let a = cast(&self.a, x2.dtype())?;
         let b = cast(&self.b, x2.dtype())?;
-        let x = match DROPOUT_KEY.with(|k| k.get()) {
+        let x = match dropout_key {
             Some(key) if self.dropout > 0.0 => {
                 let mask = dropout_mask(key, self.stream, x2.elem_count(), self.dropout);
                 let mask = Tensor::from_vec(mask, x2.shape(), x2.device())?.to_dtype(x2.dtype())?;
@@ -134,12 +112,10 @@ pub fn peft_keys(path: &str) -> (String, String) {
 /// Other names the same adapter has been saved under: transformers < 4.52 module paths,
 /// and PEFT's in-memory names with the adapter name `default`.
 fn alternative_keys(path: &str) -> Vec<(String, String)> {
+    let legacy = super::WeightLayout::Legacy.local_name(path);
     let mut paths = vec![path.to_string()];
-    if let Some(rest) = path.strip_prefix("model.language_model.") {
-        paths.push(format!("model.{rest}"));
-    }
-    if let Some(rest) = path.strip_prefix("model.visual.") {
-        paths.push(format!("visual.{rest}"));
+    if legacy != path {
+        paths.push(legacy);
     }
     let mut out = Vec::new();
     for p in paths {

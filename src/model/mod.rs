@@ -4,6 +4,7 @@
 pub mod config;
 pub mod layers;
 pub mod lora;
+pub mod presets;
 pub mod random;
 pub mod rope;
 pub mod text;
@@ -39,10 +40,35 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::{Qwen2VlConfig, TextConfig, VisionConfig};
+pub use layers::Mode;
+pub use presets::Preset;
 pub use rope::{mrope_positions, Pos3};
 pub use text::{attention_mask, log_softmax_f32, Caching, KvCache, PackedSegment, TextModel};
 pub use vision::VisionTower;
 pub use weights::{CheckpointWeights, WeightLayout};
+
+/// Number of parameters of a model of `config` (tied embeddings counted once), from the
+/// tensors the model itself asks for: no formula to keep in step with the layers.
+pub fn num_parameters(config: &Qwen2VlConfig) -> Result<usize> {
+    Ok(random::tensor_shapes(config)?
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum())
+}
+
+/// Every linear layer of a model of `config` as (module path, in, out), from a model built
+/// without weight memory: what LoRA could adapt, for memory plans.
+pub fn linear_shapes(config: &Qwen2VlConfig) -> Result<Vec<(String, usize, usize)>> {
+    let (mut model, _) = random::shape_only(config)?;
+    model
+        .linears_mut()
+        .into_iter()
+        .map(|(name, l)| {
+            let (out, inp) = l.weight().dims2()?;
+            Ok((name, inp, out))
+        })
+        .collect()
+}
 
 /// A loaded Qwen2-VL model.
 #[derive(Debug, Clone)]
@@ -90,12 +116,15 @@ impl Qwen2Vl {
         })
     }
 
-    /// Every linear layer with its module path (transformers >= 4.52 names): where LoRA
-    /// adapters go.
+    /// Every linear layer with its module path (transformers >= 4.52 names, whatever the
+    /// checkpoint's layout): where LoRA adapters go. The names are the ones the layers were
+    /// loaded under, so they cannot drift from the weights.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut layers::Linear)> {
         let mut out = self.text.linears_mut();
         out.extend(self.vision.linears_mut());
-        out
+        out.into_iter()
+            .map(|l| (WeightLayout::current_name(l.name()), l))
+            .collect()
     }
 
     /// Readies a model that will only run inference (ask, eval, generate, serve, bench).
@@ -158,8 +187,13 @@ impl Qwen2Vl {
     }
 
     /// Image embeddings, (total image tokens, hidden), for stacked pixel patches.
-    pub fn encode_images(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
-        Ok(self.vision.forward(pixels, grids)?)
+    pub fn encode_images(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        mode: layers::Mode,
+    ) -> Result<Tensor> {
+        Ok(self.vision.forward(pixels, grids, mode)?)
     }
 
     /// Input embeddings for equal-length rows of token ids, with the image embeddings
@@ -258,8 +292,8 @@ impl Qwen2Vl {
         )
     }
 
-    /// Full forward pass over one sequence (no cache): logits for every position,
-    /// (seq, vocab), in f32 (f64 for an f64 model).
+    /// Full forward pass over one sequence (no cache, inference): logits for every
+    /// position, (seq, vocab), in f32 (f64 for an f64 model).
     pub fn forward_logits(
         &self,
         ids: &[u32],
@@ -267,12 +301,14 @@ impl Qwen2Vl {
         grids: &[[usize; 3]],
     ) -> Result<Tensor> {
         let img = match pixels {
-            Some(p) => Some(self.encode_images(p, grids)?),
+            Some(p) => Some(self.encode_images(p, grids, layers::Mode::Infer)?),
             None => None,
         };
         let embeds = self.input_embeds(&[ids.to_vec()], img.as_ref())?;
         let (pos, _) = self.positions(ids, grids)?;
-        let hidden = self.text.forward(&embeds, &[pos], Caching::None)?;
+        let hidden = self
+            .text
+            .forward(&embeds, &[pos], Caching::None, layers::Mode::Infer)?;
         Ok(self
             .text
             .logits(&hidden)?

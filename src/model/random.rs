@@ -116,6 +116,14 @@ impl SimpleBackend for ShapeRecorder {
 pub fn tensor_shapes(
     config: &crate::model::Qwen2VlConfig,
 ) -> anyhow::Result<Vec<(String, Vec<usize>)>> {
+    Ok(shape_only(config)?.1)
+}
+
+/// A model of `config` whose every weight is a broadcast zero (no weight memory), in the
+/// released checkpoint layout, and the tensors it asked for (name and shape, in order).
+pub fn shape_only(
+    config: &crate::model::Qwen2VlConfig,
+) -> anyhow::Result<(crate::model::Qwen2Vl, Vec<(String, Vec<usize>)>)> {
     let rec = std::sync::Arc::new(ShapeRecorder {
         seen: Mutex::new(Vec::new()),
     });
@@ -139,7 +147,7 @@ pub fn tensor_shapes(
         }
     }
     let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
-    crate::model::Qwen2Vl::from_var_builder(
+    let model = crate::model::Qwen2Vl::from_var_builder(
         vb,
         crate::model::WeightLayout::Legacy,
         config.clone(),
@@ -147,5 +155,5 @@ pub fn tensor_shapes(
         &Device::Cpu,
     )?;
     let seen = std::mem::take(&mut *rec.seen.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok(seen)
+    Ok((model, seen))
 }

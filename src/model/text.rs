@@ -5,7 +5,9 @@ use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, TextConfig};
-use super::layers::{gated, linear, rotary_heads_first, softmax_upcast, upcast, Linear, RmsNorm};
+use super::layers::{
+    gated, linear, rotary_heads_first, softmax_upcast, upcast, Linear, Mode, RmsNorm,
+};
 use super::rope::{MRope, Pos3};
 use crate::kernels::attention::{self, Visibility};
 
@@ -203,14 +205,19 @@ impl Attention {
         sin: &Tensor,
         layer: usize,
         caching: &mut Caching,
+        mode: Mode,
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let hd = self.head_dim;
         // (b, l, heads * hd) -> (b, heads, l, hd), q and k rotated on the way.
         let split = |t: Tensor, n: usize| t.reshape((b, l, n, hd));
-        let q = rotary_heads_first(&split(self.q.forward(x)?, self.num_heads)?, cos, sin)?;
-        let k = rotary_heads_first(&split(self.k.forward(x)?, self.num_kv_heads)?, cos, sin)?;
-        let v = split(self.v.forward(x)?, self.num_kv_heads)?
+        let q = rotary_heads_first(&split(self.q.forward(x, mode)?, self.num_heads)?, cos, sin)?;
+        let k = rotary_heads_first(
+            &split(self.k.forward(x, mode)?, self.num_kv_heads)?,
+            cos,
+            sin,
+        )?;
+        let v = split(self.v.forward(x, mode)?, self.num_kv_heads)?
             .transpose(1, 2)?
             .contiguous()?;
         let out = match caching {
@@ -285,7 +292,7 @@ impl Attention {
             }
         };
         let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * hd))?;
-        self.o.forward(&out)
+        self.o.forward(&out, mode)
     }
 
     /// Scaled dot-product attention of q (b, heads, l, hd) over k/v (b, kv_heads, t, hd);
@@ -348,10 +355,14 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = gated(&self.gate.forward(x)?, &self.up.forward(x)?, self.act)?;
-        self.down.forward(&h)
+impl Mlp {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let h = gated(
+            &self.gate.forward(x, mode)?,
+            &self.up.forward(x, mode)?,
+            self.act,
+        )?;
+        self.down.forward(&h, mode)
     }
 }
 
@@ -388,14 +399,17 @@ impl DecoderLayer {
         sin: &Tensor,
         layer: usize,
         caching: &mut Caching,
+        mode: Mode,
     ) -> Result<Tensor> {
-        let h =
-            x.add(
-                &self
-                    .attn
-                    .forward(&self.input_norm.forward(x)?, cos, sin, layer, caching)?,
-            )?;
-        h.add(&self.mlp.forward(&self.post_norm.forward(&h)?)?)
+        let h = x.add(&self.attn.forward(
+            &self.input_norm.forward(x)?,
+            cos,
+            sin,
+            layer,
+            caching,
+            mode,
+        )?)?;
+        h.add(&self.mlp.forward(&self.post_norm.forward(&h)?, mode)?)
     }
 }
 
@@ -410,38 +424,15 @@ pub struct TextModel {
     cfg: TextConfig,
 }
 
-impl Attention {
-    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
-        [
-            ("self_attn.q_proj", &mut self.q),
-            ("self_attn.k_proj", &mut self.k),
-            ("self_attn.v_proj", &mut self.v),
-            ("self_attn.o_proj", &mut self.o),
-        ]
-    }
-}
-
-impl Mlp {
-    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 3] {
-        [
-            ("mlp.gate_proj", &mut self.gate),
-            ("mlp.up_proj", &mut self.up),
-            ("mlp.down_proj", &mut self.down),
-        ]
-    }
-}
-
 impl TextModel {
-    /// Every linear layer of the decoder (not the LM head) with its module path as
-    /// transformers >= 4.52 names it (`model.language_model.layers.3.self_attn.q_proj`).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+    /// Every linear layer of the decoder (not the LM head), in order; each knows its name
+    /// ([`Linear::name`]).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let attn = layer.attn.linears_mut();
-            let mlp = layer.mlp.linears_mut();
-            for (name, lin) in attn.into_iter().chain(mlp) {
-                out.push((format!("model.language_model.layers.{i}.{name}"), lin));
-            }
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.attn, &mut l.mlp);
+            out.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]);
+            out.extend([&mut m.gate, &mut m.up, &mut m.down]);
         }
         out
     }
@@ -508,11 +499,12 @@ impl TextModel {
         embeds: &Tensor,
         positions: &[Vec<Pos3>],
         mut caching: Caching,
+        mode: Mode,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rope_tables(positions, embeds.dtype(), embeds.device())?;
         let mut x = embeds.clone();
         for i in 0..self.layers.len() {
-            x = self.layer(i, &x, &cos, &sin, &mut caching)?;
+            x = self.layer(i, &x, &cos, &sin, &mut caching, mode)?;
         }
         self.final_norm(&x)
     }
@@ -536,12 +528,13 @@ impl TextModel {
         cos: &Tensor,
         sin: &Tensor,
         caching: &mut Caching,
+        mode: Mode,
     ) -> Result<Tensor> {
         let layer = self
             .layers
             .get(i)
             .ok_or_else(|| candle_core::Error::Msg(format!("no decoder layer {i}")))?;
-        layer.forward(x, cos, sin, i, caching)
+        layer.forward(x, cos, sin, i, caching, mode)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -553,7 +546,8 @@ impl TextModel {
         self.norm.forward(x)
     }
 
-    /// Prefill or decode for one cache (one prompt, or one group of samples of it).
+    /// Prefill or decode for one cache (one prompt, or one group of samples of it), for
+    /// inference.
     pub fn forward_cached(
         &self,
         embeds: &Tensor,
@@ -569,6 +563,7 @@ impl TextModel {
                 rows: &rows,
                 caches: &mut caches,
             },
+            Mode::Infer,
         )
     }
 
@@ -582,9 +577,10 @@ impl TextModel {
         &self.embed_tokens
     }
 
-    /// Logits over the vocabulary for hidden states (.., hidden).
+    /// Logits over the vocabulary for hidden states (.., hidden), for inference (training
+    /// takes log-probabilities outside autograd: `crate::train::token_logps`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+        self.lm_head.forward(hidden, Mode::Infer)
     }
 }
 

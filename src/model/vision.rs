@@ -8,7 +8,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Arch, VisionConfig};
-use super::layers::{rotary_heads_first, softmax_upcast, upcast, Linear};
+use super::layers::{rotary_heads_first, softmax_upcast, upcast, Linear, Mode};
 use super::rope::vision_tables;
 use super::{vision_qwen2 as qwen2, vision_qwen25 as qwen25};
 use crate::kernels::attention;
@@ -93,14 +93,14 @@ impl<N: candle_core::Module> PatchMerger<N> {
         })
     }
 
-    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![("mlp.0", &mut self.fc1), ("mlp.2", &mut self.fc2)]
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.fc1, &mut self.fc2]
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        use candle_core::Module;
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let x = self.ln_q.forward(x)?.reshape(((), self.merged_dim))?;
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
+        self.fc2
+            .forward(&self.fc1.forward(&x, mode)?.gelu_erf()?, mode)
     }
 }
 
@@ -145,26 +145,17 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
-    /// Every linear layer of the tower and merger with its module path as transformers
-    /// >= 4.52 names it (`model.visual.blocks.0.attn.qkv`, `model.visual.merger.mlp.0`).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out: Vec<(String, &mut Linear)> = Vec::new();
-        let per_block: Vec<Vec<(&'static str, &mut Linear)>> = match &mut self.blocks {
-            Blocks::Qwen2(b) => b.iter_mut().map(|b| b.linears_mut()).collect(),
-            Blocks::Qwen25(b) => b.iter_mut().map(|b| b.linears_mut()).collect(),
+    /// Every linear layer of the tower and merger, in order; each knows its name
+    /// ([`Linear::name`]).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> = match &mut self.blocks {
+            Blocks::Qwen2(b) => b.iter_mut().flat_map(|b| b.linears_mut()).collect(),
+            Blocks::Qwen25(b) => b.iter_mut().flat_map(|b| b.linears_mut()).collect(),
         };
-        for (i, v) in per_block.into_iter().enumerate() {
-            for (name, lin) in v {
-                out.push((format!("model.visual.blocks.{i}.{name}"), lin));
-            }
-        }
-        let merger = match &mut self.merger {
+        out.extend(match &mut self.merger {
             Merger::Qwen2(m) => m.linears_mut(),
             Merger::Qwen25(m) => m.linears_mut(),
-        };
-        for (name, lin) in merger {
-            out.push((format!("model.visual.merger.{name}"), lin));
-        }
+        });
         out
     }
 
@@ -232,21 +223,15 @@ impl VisionTower {
         &self.cfg
     }
 
-    /// Number of text-model tokens an image of this grid becomes.
-    pub fn tokens_for(&self, grid: [usize; 3]) -> usize {
-        let m = self.cfg.spatial_merge_size;
-        grid[0] * grid[1] * grid[2] / (m * m)
-    }
-
     /// `pixels`: (total_patches, patch_dim) for all images in order; returns
     /// (total_tokens, text_hidden) image embeddings in the same order.
-    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], mode: Mode) -> Result<Tensor> {
         let input = self.embed(pixels, grids)?;
         let mut x = input.x.clone();
         for i in 0..self.num_blocks() {
-            x = self.block(i, &x, &input)?;
+            x = self.block(i, &x, &input, mode)?;
         }
-        self.merge(&x, &input)
+        self.merge(&x, &input, mode)
     }
 
     /// The patch embeddings and what every block needs (rotary tables, segments, the window
@@ -315,14 +300,16 @@ impl VisionTower {
     }
 
     /// Vision block `i` alone on `x`.
-    pub fn block(&self, i: usize, x: &Tensor, input: &VisionInput) -> Result<Tensor> {
+    pub fn block(&self, i: usize, x: &Tensor, input: &VisionInput, mode: Mode) -> Result<Tensor> {
         let missing = || candle_core::Error::Msg(format!("no vision block {i}"));
         match &self.blocks {
-            Blocks::Qwen2(b) => {
-                b.get(i)
-                    .ok_or_else(missing)?
-                    .forward(x, &input.cos, &input.sin, &input.segments)
-            }
+            Blocks::Qwen2(b) => b.get(i).ok_or_else(missing)?.forward(
+                x,
+                &input.cos,
+                &input.sin,
+                &input.segments,
+                mode,
+            ),
             Blocks::Qwen25(b) => {
                 let full = self
                     .cfg
@@ -335,7 +322,7 @@ impl VisionTower {
                 };
                 b.get(i)
                     .ok_or_else(missing)?
-                    .forward(x, &input.cos, &input.sin, segments)
+                    .forward(x, &input.cos, &input.sin, segments, mode)
             }
         }
     }
@@ -348,10 +335,10 @@ impl VisionTower {
     }
 
     /// The patch merger: the blocks' output to text-model tokens, in the processor's order.
-    pub fn merge(&self, x: &Tensor, input: &VisionInput) -> Result<Tensor> {
+    pub fn merge(&self, x: &Tensor, input: &VisionInput, mode: Mode) -> Result<Tensor> {
         let merged = match &self.merger {
-            Merger::Qwen2(m) => m.forward(x)?,
-            Merger::Qwen25(m) => m.forward(x)?,
+            Merger::Qwen2(m) => m.forward(x, mode)?,
+            Merger::Qwen25(m) => m.forward(x, mode)?,
         };
         match &input.restore {
             Some(r) => merged.index_select(r, 0),

@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, VisionConfig};
-use super::layers::{activate, linear, LayerNorm, Linear};
+use super::layers::{activate, linear, LayerNorm, Linear, Mode};
 use super::vision::{attend, PatchMerger};
 
 const LN_EPS: f64 = 1e-6;
@@ -38,13 +38,8 @@ impl Block {
         })
     }
 
-    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![
-            ("attn.qkv", &mut self.qkv),
-            ("attn.proj", &mut self.proj),
-            ("mlp.fc1", &mut self.fc1),
-            ("mlp.fc2", &mut self.fc2),
-        ]
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.qkv, &mut self.proj, &mut self.fc1, &mut self.fc2]
     }
 
     /// `x`: (patches, dim); `segments`: patch counts attended separately.
@@ -54,17 +49,18 @@ impl Block {
         cos: &Tensor,
         sin: &Tensor,
         segments: &[usize],
+        mode: Mode,
     ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?, mode)?;
         let h = x.add(
             &self
                 .proj
-                .forward(&attend(&qkv, self.num_heads, cos, sin, segments)?)?,
+                .forward(&attend(&qkv, self.num_heads, cos, sin, segments)?, mode)?,
         )?;
-        let m = self.fc2.forward(&activate(
-            &self.fc1.forward(&self.norm2.forward(&h)?)?,
-            self.act,
-        )?)?;
+        let m = self.fc2.forward(
+            &activate(&self.fc1.forward(&self.norm2.forward(&h)?, mode)?, self.act)?,
+            mode,
+        )?;
         h.add(&m)
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, VisionConfig};
-use super::layers::{gated, linear, Linear, RmsNorm};
+use super::layers::{gated, linear, Linear, Mode, RmsNorm};
 use super::vision::{attend, PatchMerger};
 
 const NORM_EPS: f64 = 1e-6;
@@ -43,13 +43,13 @@ impl Block {
         })
     }
 
-    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         vec![
-            ("attn.qkv", &mut self.qkv),
-            ("attn.proj", &mut self.proj),
-            ("mlp.gate_proj", &mut self.gate),
-            ("mlp.up_proj", &mut self.up),
-            ("mlp.down_proj", &mut self.down),
+            &mut self.qkv,
+            &mut self.proj,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
         ]
     }
 
@@ -59,19 +59,23 @@ impl Block {
         cos: &Tensor,
         sin: &Tensor,
         segments: &[usize],
+        mode: Mode,
     ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?, mode)?;
         let h = x.add(
             &self
                 .proj
-                .forward(&attend(&qkv, self.num_heads, cos, sin, segments)?)?,
+                .forward(&attend(&qkv, self.num_heads, cos, sin, segments)?, mode)?,
         )?;
         let n = self.norm2.forward(&h)?;
-        let m = self.down.forward(&gated(
-            &self.gate.forward(&n)?,
-            &self.up.forward(&n)?,
-            self.act,
-        )?)?;
+        let m = self.down.forward(
+            &gated(
+                &self.gate.forward(&n, mode)?,
+                &self.up.forward(&n, mode)?,
+                self.act,
+            )?,
+            mode,
+        )?;
         h.add(&m)
     }
 }

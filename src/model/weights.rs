@@ -33,6 +33,39 @@ impl WeightLayout {
             Self::Nested => "model.visual",
         }
     }
+
+    /// transformers' current (>= 4.52) name of a module path written in either layout:
+    /// `model.layers.3.mlp.up_proj` and `model.language_model.layers.3.mlp.up_proj` both
+    /// give the latter, `visual.blocks.0.attn.qkv` gives `model.visual.blocks.0.attn.qkv`.
+    /// This is how LoRA adapters name layers (PEFT keys follow the module tree).
+    pub fn current_name(path: &str) -> String {
+        let nested = Self::Nested;
+        if path.starts_with(&format!("{}.", nested.text_prefix()))
+            || path.starts_with(&format!("{}.", nested.vision_prefix()))
+        {
+            return path.to_string();
+        }
+        let legacy = Self::Legacy;
+        if let Some(rest) = path.strip_prefix(&format!("{}.", legacy.vision_prefix())) {
+            format!("{}.{rest}", nested.vision_prefix())
+        } else if let Some(rest) = path.strip_prefix(&format!("{}.", legacy.text_prefix())) {
+            format!("{}.{rest}", nested.text_prefix())
+        } else {
+            path.to_string()
+        }
+    }
+
+    /// A module path in current naming ([`Self::current_name`]) as this layout writes it.
+    pub fn local_name(self, module: &str) -> String {
+        let nested = Self::Nested;
+        if let Some(rest) = module.strip_prefix(&format!("{}.", nested.text_prefix())) {
+            format!("{}.{rest}", self.text_prefix())
+        } else if let Some(rest) = module.strip_prefix(&format!("{}.", nested.vision_prefix())) {
+            format!("{}.{rest}", self.vision_prefix())
+        } else {
+            module.to_string()
+        }
+    }
 }
 
 /// The weight files of one checkpoint, opened and checked.

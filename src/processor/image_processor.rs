@@ -312,6 +312,16 @@ pub struct PixelPatches {
     pub patch_dim: usize,
     /// (temporal, height, width) in patches.
     pub grid_thw: [usize; 3],
+    /// Patches per side the vision tower's merger joins into one token.
+    pub merge_size: usize,
+}
+
+impl PixelPatches {
+    /// How many `<|image_pad|>` tokens the image becomes: one per merge x merge patches
+    /// (what transformers' processor computes as `grid_thw.prod() // merge_size**2`).
+    pub fn num_tokens(&self) -> usize {
+        self.num_patches / (self.merge_size * self.merge_size)
+    }
 }
 
 /// The Qwen2-VL image processor.
@@ -412,6 +422,7 @@ impl ImageProcessor {
             num_patches,
             patch_dim,
             grid_thw: [1, gh, gw],
+            merge_size: self.config.merge_size,
         }
     }
 }

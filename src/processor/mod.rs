@@ -70,6 +70,36 @@ pub fn pixel_tensor(images: &[PixelPatches], device: &Device) -> Result<Option<T
     Ok(Some(Tensor::from_vec(data, (rows, dim), device)?))
 }
 
+/// The files beside a checkpoint's weights that say how to talk to the model: tokenizer
+/// (fast and slow forms), chat template, image processor and generation settings. Copied as
+/// they are into every checkpoint medvlm writes (training, `merge`), so each one loads by
+/// itself here and in transformers.
+pub const SIDE_FILES: [&str; 11] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+];
+
+/// Copies the [`SIDE_FILES`] that `from` has into `to`.
+pub fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
+    for f in SIDE_FILES {
+        let src = from.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(f))
+                .with_context(|| format!("{}: cannot copy", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Tokenizer, chat template and image processor of one checkpoint.
 #[derive(Debug)]
 pub struct Processor {
@@ -104,12 +134,6 @@ impl Processor {
             images: ImageProcessor { config },
             medical: opts.medical.clone(),
         })
-    }
-
-    /// Number of `<|image_pad|>` tokens an image becomes.
-    pub fn image_tokens(&self, p: &PixelPatches) -> usize {
-        let m = self.images.config.merge_size;
-        p.grid_thw.iter().product::<usize>() / (m * m)
     }
 
     /// Preprocesses an image file (anything [`image::load_rgb`] reads; DICOM and NIfTI with
@@ -177,12 +201,12 @@ impl Processor {
                 images.len()
             );
         }
-        let extra: usize = images.iter().map(|p| self.image_tokens(p)).sum();
+        let extra: usize = images.iter().map(|p| p.num_tokens()).sum();
         let mut out = Vec::with_capacity(ids.len() + extra);
         let mut next = images.iter();
         for &id in ids {
             if id == pad {
-                let n = next.next().map(|p| self.image_tokens(p)).unwrap_or(0);
+                let n = next.next().map(|p| p.num_tokens()).unwrap_or(0);
                 out.extend(std::iter::repeat_n(pad, n));
             } else {
                 out.push(id);
@@ -196,7 +220,7 @@ impl Processor {
             return Ok(());
         };
         if len > limit {
-            let img: usize = images.iter().map(|p| self.image_tokens(p)).sum();
+            let img: usize = images.iter().map(|p| p.num_tokens()).sum();
             bail!(
                 "the prompt is {len} tokens ({img} of them for {} image(s)) but the limit is \
                  {limit}; image tokens are never truncated, so lower --max-pixels or shorten \

@@ -1,4 +1,24 @@
-//! `tokenizer.json` through the `tokenizers` crate, plus the special tokens Qwen2-VL needs.
+//! `tokenizer.json` through the `tokenizers` crate, plus the special tokens Qwen2-VL needs
+//! and the tokens that end a completion.
+//!
+//! # What ends a completion
+//!
+//! One set of stop tokens, built here from the checkpoint's files, serves every command
+//! (`generate`, `ask`, `eval`, `score`, `serve`, the demo) and GRPO's rollouts, so a checkpoint
+//! stops at the same tokens whatever runs it. A completion ends at the first of:
+//!
+//! - `<|im_end|>`, the end of an assistant turn in the chat template (the token SFT teaches
+//!   the model to write);
+//! - `<|endoftext|>`, the end of a document (Qwen's pad token, and its base models' eos);
+//! - tokenizer_config.json's `eos_token`: what TRL's GRPOTrainer generates up to and masks a
+//!   completion after (`processing_class.eos_token_id`);
+//! - every id of generation_config.json's `eos_token_id`: what transformers' `generate`
+//!   stops at.
+//!
+//! The union, not one source: the reference implementations disagree (transformers reads the
+//! generation config, TRL the tokenizer), and a token either calls an end is an end. The stop
+//! token stays in the completion's tokens, so training scores it (TRL's completion mask also
+//! keeps the first eos) and a policy learns to stop.
 
 use std::path::Path;
 
@@ -36,6 +56,8 @@ pub struct QwenTokenizer {
     pub model_max_length: Option<usize>,
     /// `eos_token` of tokenizer_config.json, resolved to an id.
     pub eos_token_id: Option<u32>,
+    /// The tokens that end a completion (see the module docs), sorted.
+    stop_tokens: Vec<u32>,
     /// Tokens including added ones. Kept here because `tokenizers` computes it by building
     /// a map of the whole vocabulary (about 60 ms for Qwen's 151,646 tokens), which
     /// per-token streaming decodes would otherwise pay every step.
@@ -55,6 +77,34 @@ fn token_name(v: &Json) -> Option<&str> {
     // tokenizer_config.json writes special tokens as strings or as {"content": ...}
     v.as_str()
         .or_else(|| v.get("content").and_then(Json::as_str))
+}
+
+/// `eos_token_id` of `dir/generation_config.json` (a number or a list; none without the
+/// file or the key).
+fn generation_eos(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let v: Json = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let id = |x: &Json| -> Result<u32> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .with_context(|| {
+                format!(
+                    "{}: eos_token_id holds {x}, which is not a token id",
+                    path.display()
+                )
+            })
+    };
+    match v.get("eos_token_id") {
+        None | Some(Json::Null) => Ok(vec![]),
+        Some(Json::Array(a)) => a.iter().map(id).collect(),
+        Some(x) => Ok(vec![id(x)?]),
+    }
 }
 
 impl QwenTokenizer {
@@ -104,13 +154,27 @@ impl QwenTokenizer {
                 .map(|v| v as usize);
             eos_token_id = cfg.get("eos_token").and_then(token_name).and_then(id);
         }
+        let mut stop_tokens: Vec<u32> = [special.im_end, special.endoftext, eos_token_id]
+            .into_iter()
+            .flatten()
+            .collect();
+        stop_tokens.extend(generation_eos(dir)?);
+        stop_tokens.sort_unstable();
+        stop_tokens.dedup();
         Ok(Self {
             vocab_size: inner.get_vocab_size(true),
             inner,
             special,
             model_max_length,
             eos_token_id,
+            stop_tokens,
         })
+    }
+
+    /// The token ids that end a completion, sorted: the one set every command and GRPO's
+    /// rollouts stop at (see the module docs).
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
     }
 
     /// Token ids of `text` with special tokens in it recognised (as transformers does with

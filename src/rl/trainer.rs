@@ -10,9 +10,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde_json::json;
 
 use super::config::GrpoConfig;
@@ -24,42 +21,18 @@ use crate::data::{self, VqaItem};
 use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
 use crate::model::Qwen2Vl;
 use crate::processor::{Processor, Prompt};
+use crate::seed::mix;
 use crate::train::logps;
 use crate::train::metrics::{mean_std, Record};
-use crate::train::run::{self, RunInputs};
+use crate::train::run::{self, DataOrder, RunInputs};
 use crate::train::session::{export_dtype, Session};
 use crate::train::TrainableModel;
-
-/// SplitMix64 finaliser: derives independent seeds from (seed, counter).
-pub fn mix(seed: u64, n: u64) -> u64 {
-    let mut z = seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The order items are visited in: a fresh seeded shuffle per epoch.
-pub struct DataOrder {
-    n: usize,
-    seed: u64,
-}
-
-impl DataOrder {
-    pub fn new(n: usize, seed: u64) -> Self {
-        Self { n, seed }
-    }
-    /// The item index visited at global position `k` (k-th item drawn since the start).
-    pub fn at(&self, k: u64) -> usize {
-        let epoch = k / self.n as u64;
-        let mut idx: Vec<usize> = (0..self.n).collect();
-        idx.shuffle(&mut StdRng::seed_from_u64(mix(self.seed, epoch)));
-        idx[(k % self.n as u64) as usize]
-    }
-}
 
 /// One generated batch: prompts, their completions, rewards and advantages, and the
 /// log-probabilities that stay fixed while the batch is reused.
 struct Rollout {
+    /// Its generation number (a rollout serves `num_iterations` steps).
+    gen: u64,
     items: Vec<usize>,
     prompts: Vec<Prompt>,
     /// Grouped by prompt, G each.
@@ -172,12 +145,7 @@ impl GrpoRun {
         };
         let session = run::open_session(&config, total_steps, resume, &device)?;
         let s = &processor.tokenizer.special;
-        let mut stop: Vec<u32> = [s.im_end, s.endoftext, processor.tokenizer.eos_token_id]
-            .into_iter()
-            .flatten()
-            .collect();
-        stop.sort_unstable();
-        stop.dedup();
+        let stop = processor.tokenizer.stop_tokens().to_vec();
         let banned = s.vision_ids().to_vec();
         Ok(Self {
             config,
@@ -219,7 +187,10 @@ impl GrpoRun {
         }
     }
 
-    /// Samples, scores and prepares the batch for generation number `gen`.
+    /// Rollout for generation number `gen`: its prompts, G sampled completions each, and
+    /// the log-probabilities that stay fixed while the batch is reused (the sampling
+    /// policy's, when it is reused, and the reference model's). Rewards come after
+    /// ([`Self::score`]).
     fn rollout(&self, gen: u64) -> Result<Rollout> {
         let c = &self.config;
         let order = DataOrder::new(self.train.len(), c.run.seed);
@@ -251,69 +222,61 @@ impl GrpoRun {
         let engine = Engine::new(&self.sampler_model, self.stop.clone(), self.banned.clone());
         let completions = engine.generate(&requests, |_, _, _| {})?;
         let gen_seconds = t.elapsed().as_secs_f64();
-
-        let mut texts = Vec::new();
-        let mut rewards = Vec::new();
-        let mut per_reward = vec![Vec::new(); self.rewards.names().len()];
-        for (pi, group) in completions.iter().enumerate() {
-            let item = &self.train[items[pi]];
-            let sol = item.solution.to_string();
-            for comp in group {
-                let text = self
-                    .processor
-                    .tokenizer
-                    .decode(comp.content_tokens(), true)?;
-                let (total, parts) = self.rewards.score(&text, &Self::context(item, &sol));
-                rewards.push(total);
-                for (k, p) in parts.into_iter().enumerate() {
-                    per_reward[k].push(p);
-                }
-                texts.push(text);
-            }
-        }
-        let advantages =
-            grpo::advantages(&rewards, c.method.num_generations, c.method.scale_rewards)?;
+        let texts = completions
+            .iter()
+            .flatten()
+            .map(|comp| self.processor.tokenizer.decode(comp.content_tokens(), true))
+            .collect::<Result<Vec<_>>>()?;
         let truncated = completions
             .iter()
             .flatten()
             .map(|c| c.finish == FinishReason::Length)
             .collect();
         let mut r = Rollout {
+            gen,
             truncated,
             items,
             prompts,
             completions,
             texts,
-            rewards,
-            per_reward,
-            advantages,
+            rewards: vec![],
+            per_reward: vec![],
+            advantages: vec![],
             old_logps: None,
             ref_logps: None,
             gen_seconds,
         };
-        // Log-probs that stay fixed over the batch's iterations.
-        let (old, reference) = {
-            let batch = r.batch();
-            let t = c.method.temperature as f64;
-            let old = if c.method.num_iterations > 1 {
-                Some(step::fixed_logps(
-                    &self.sampler_model,
-                    &batch,
-                    c.run.micro_batch,
-                    t,
-                )?)
-            } else {
-                None
-            };
-            let reference = match &self.reference {
-                Some(m) => Some(step::fixed_logps(m, &batch, c.run.micro_batch, t)?),
-                None => None,
-            };
-            (old, reference)
-        };
-        r.old_logps = old;
-        r.ref_logps = reference;
+        let t = c.method.temperature as f64;
+        if c.method.num_iterations > 1 {
+            r.old_logps = Some(step::fixed_logps(
+                &self.sampler_model,
+                &r.batch(),
+                c.run.micro_batch,
+                t,
+            )?);
+        }
+        if let Some(m) = &self.reference {
+            r.ref_logps = Some(step::fixed_logps(m, &r.batch(), c.run.micro_batch, t)?);
+        }
         Ok(r)
+    }
+
+    /// Rewards of every completion (weighted total and each reward's own) and their
+    /// group-relative advantages.
+    fn score(&self, r: &mut Rollout) -> Result<()> {
+        let g = self.config.method.num_generations;
+        r.per_reward = vec![Vec::new(); self.rewards.names().len()];
+        for (k, text) in r.texts.iter().enumerate() {
+            let item = &self.train[r.items[k / g]];
+            let sol = item.solution.to_string();
+            let (total, parts) = self.rewards.score(text, &Self::context(item, &sol));
+            r.rewards.push(total);
+            for (each, p) in r.per_reward.iter_mut().zip(parts) {
+                each.push(p);
+            }
+        }
+        r.advantages = grpo::advantages(&r.rewards, g, self.config.method.scale_rewards)?;
+        Ok(())
     }
 
     /// One optimizer step on a rollout.
@@ -365,7 +328,7 @@ impl GrpoRun {
     /// an interruption for tests). Returns the exported final model's directory, or the last
     /// checkpoint when stopped early.
     pub fn run(&mut self, stop_after: Option<u64>) -> Result<PathBuf> {
-        let c = self.config.clone();
+        let iterations = self.config.method.num_iterations;
         let mut rollout: Option<Rollout> = None;
         let mut last_ckpt = None;
         while !self.session.done() {
@@ -374,110 +337,145 @@ impl GrpoRun {
                 return last_ckpt.context("stopped before any checkpoint was written");
             }
             let t = Instant::now();
-            let gen = self.session.step / c.method.num_iterations;
-            let fresh =
-                self.session.step.is_multiple_of(c.method.num_iterations) || rollout.is_none();
+            let step = self.session.step; // optimizer updates done before this one
+            let fresh = step.is_multiple_of(iterations) || rollout.is_none();
+
+            // Rollout: every `num_iterations` steps, G completions for each of B prompts.
+            // Rewards: each completion scored, advantages relative to its group.
             if fresh {
-                rollout = Some(self.rollout(gen)?);
+                let mut r = self.rollout(step / iterations)?;
+                self.score(&mut r)?;
+                rollout = Some(r);
             }
             let r = rollout.as_ref().context("no rollout")?;
-            let out = self.optimize(r)?;
-            let step_time = t.elapsed().as_secs_f64();
-            let step = self.session.step;
 
-            let flat = r.flat();
-            let lens: Vec<f32> = flat.iter().map(|c| c.tokens.len() as f32).collect();
-            let (len_mean, _) = mean_std(&lens);
-            let (rm, rs) = mean_std(&r.rewards);
-            let g = c.method.num_generations;
-            let groups = r.rewards.len() / g;
-            let zero_std = r
-                .rewards
-                .chunks(g)
-                .filter(|grp| mean_std(grp).1 < 1e-6)
-                .count() as f64
-                / groups as f64;
-            let truncated = flat
-                .iter()
-                .filter(|c| c.finish == FinishReason::Length)
-                .count() as f64
-                / flat.len() as f64;
-            let mut rec = Record::new(step);
-            rec.num(
-                "epoch",
-                (gen * c.method.batch_prompts as u64) as f64 / self.train.len() as f64,
-            )
-            .num("loss", out.loss)
-            .num("reward_mean", rm)
-            .num("reward_std", rs);
-            for (name, vals) in self.rewards.names().iter().zip(&r.per_reward) {
-                let (m, s) = mean_std(vals);
-                rec.num(&format!("reward_{name}_mean"), m)
-                    .num(&format!("reward_{name}_std"), s);
-            }
-            rec.num("frac_reward_zero_std", zero_std)
-                .num("kl", out.kl)
-                .num("clip_ratio", out.clip_ratio)
-                .num("completion_length_mean", len_mean)
-                .num(
-                    "completion_length_max",
-                    lens.iter().copied().fold(0.0, f32::max) as f64,
-                )
-                .num("clipped_ratio", truncated)
-                .num("lr", out.lr)
-                .num("grad_norm", out.grad_norm)
-                .num("step_time_s", step_time);
+            // Optimize: one AdamW step on the clipped objective with the KL penalty.
+            let out = self.optimize(r)?;
+
+            // Log: the step's metrics, and a few completions of a fresh rollout.
+            let step = self.session.step;
+            let mut rec = self.record(r, &out, fresh, t.elapsed().as_secs_f64());
             if fresh {
-                let toks: f64 = lens.iter().map(|&x| x as f64).sum();
-                rec.num("tokens_per_s", toks / r.gen_seconds.max(1e-9));
-                for (k, text) in r.texts.iter().enumerate().take(c.method.log_completions) {
-                    let item = &self.train[r.items[k / g]];
-                    let parts: serde_json::Map<String, serde_json::Value> = self
-                        .rewards
-                        .names()
-                        .into_iter()
-                        .zip(&r.per_reward)
-                        .map(|(n, v)| (n, json!(v[k])))
-                        .collect();
-                    self.session.log_sample(&json!({
-                        "step": step,
-                        "item": item.index,
-                        "question": item.question,
-                        "solution": item.solution.to_string(),
-                        "completion": text,
-                        "reward": r.rewards[k],
-                        "rewards": parts,
-                        "advantage": r.advantages[k],
-                    }))?;
-                }
+                self.log_samples(r)?;
             }
-            if c.method.eval_steps > 0
+
+            // Evaluate: greedy accuracy on the held-out items.
+            let eval_every = self.config.method.eval_steps;
+            if eval_every > 0
                 && !self.eval.is_empty()
-                && (step.is_multiple_of(c.method.eval_steps) || step == self.session.total_steps)
+                && (step.is_multiple_of(eval_every) || step == self.session.total_steps)
             {
                 let acc = self.evaluate()?;
                 rec.num("eval_accuracy", acc);
                 self.session
                     .note(&format!("step {step}: held-out accuracy {acc:.3}"));
             }
-            let summary = format!(
-                "reward {}  kl {}  len {len_mean:.0}  {step_time:.1}s/step",
-                crate::train::metrics::num(rm),
-                crate::train::metrics::num(out.kl)
-            );
+            let summary = summary(&rec);
             self.session.log(rec, &summary)?;
-            let at_boundary = step.is_multiple_of(c.method.num_iterations);
-            if c.run.save_steps > 0
-                && step.is_multiple_of(c.run.save_steps)
-                && at_boundary
+
+            // Checkpoint: only where a rollout ends, so a resumed run samples afresh.
+            let save_every = self.config.run.save_steps;
+            if save_every > 0
+                && step.is_multiple_of(save_every)
+                && step.is_multiple_of(iterations)
                 && !self.session.done()
             {
                 last_ckpt = Some(self.session.checkpoint(&self.policy, self.items_seen())?);
             }
         }
-        let dtype = export_dtype(&c.run.final_dtype)?;
+        let dtype = export_dtype(&self.config.run.final_dtype)?;
         self.session.finish(&self.policy, self.items_seen(), dtype)
     }
+
+    /// The metrics of the step that just ran on `r` (TRL's names where TRL has one).
+    fn record(&self, r: &Rollout, out: &StepOutcome, fresh: bool, step_time: f64) -> Record {
+        let c = &self.config;
+        let flat = r.flat();
+        let lens: Vec<f32> = flat.iter().map(|c| c.tokens.len() as f32).collect();
+        let (len_mean, _) = mean_std(&lens);
+        let (reward_mean, reward_std) = mean_std(&r.rewards);
+        let groups: Vec<&[f32]> = r.rewards.chunks(c.method.num_generations).collect();
+        let zero_std = groups.iter().filter(|g| mean_std(g).1 < 1e-6).count();
+        let truncated = r.truncated.iter().filter(|&&t| t).count();
+        let mut rec = Record::new(self.session.step);
+        rec.num(
+            "epoch",
+            (r.gen * c.method.batch_prompts as u64) as f64 / self.train.len() as f64,
+        )
+        .num("loss", out.loss)
+        .num("reward_mean", reward_mean)
+        .num("reward_std", reward_std);
+        for (name, vals) in self.rewards.names().iter().zip(&r.per_reward) {
+            let (m, s) = mean_std(vals);
+            rec.num(&format!("reward_{name}_mean"), m)
+                .num(&format!("reward_{name}_std"), s);
+        }
+        rec.num(
+            "frac_reward_zero_std",
+            zero_std as f64 / groups.len() as f64,
+        )
+        .num("kl", out.kl)
+        .num("clip_ratio", out.clip_ratio)
+        .num("completion_length_mean", len_mean)
+        .num(
+            "completion_length_max",
+            lens.iter().copied().fold(0.0, f32::max) as f64,
+        )
+        .num("clipped_ratio", truncated as f64 / flat.len() as f64)
+        .num("lr", out.lr)
+        .num("grad_norm", out.grad_norm)
+        .num("step_time_s", step_time);
+        if fresh {
+            let tokens: f64 = lens.iter().map(|&x| x as f64).sum();
+            rec.num("tokens_per_s", tokens / r.gen_seconds.max(1e-9));
+        }
+        rec
+    }
+
+    /// The first `log_completions` completions of a fresh rollout, with their rewards, into
+    /// completions.jsonl.
+    fn log_samples(&mut self, r: &Rollout) -> Result<()> {
+        let g = self.config.method.num_generations;
+        let names = self.rewards.names();
+        for (k, text) in r
+            .texts
+            .iter()
+            .enumerate()
+            .take(self.config.method.log_completions)
+        {
+            let item = &self.train[r.items[k / g]];
+            let parts: serde_json::Map<String, serde_json::Value> = names
+                .iter()
+                .zip(&r.per_reward)
+                .map(|(n, v)| (n.clone(), json!(v[k])))
+                .collect();
+            self.session.log_sample(&json!({
+                "step": self.session.step,
+                "item": item.index,
+                "question": item.question,
+                "solution": item.solution.to_string(),
+                "completion": text,
+                "reward": r.rewards[k],
+                "rewards": parts,
+                "advantage": r.advantages[k],
+            }))?;
+        }
+        Ok(())
+    }
+}
+
+/// The progress bar's line for a step's record.
+fn summary(rec: &Record) -> String {
+    let num = |k: &str| rec.get(k).map_or("-".into(), crate::train::metrics::num);
+    format!(
+        "reward {}  kl {}  len {}  {}s/step",
+        num("reward_mean"),
+        num("kl"),
+        rec.get("completion_length_mean")
+            .map_or("-".into(), |l| format!("{l:.0}")),
+        rec.get("step_time_s")
+            .map_or("-".into(), |t| format!("{t:.1}"))
+    )
 }
 
 /// What one optimizer step reports.

@@ -107,10 +107,7 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     let gen_cfg = GenerationConfig::from_dir(&opts.source.model)?;
     eprintln!("loading {}", opts.source.model.display());
     let loaded = Arc::new(crate::infer::load(&opts.source, &opts.processor)?);
-    let mut stop = crate::infer::stop_tokens(&loaded.processor);
-    stop.extend(&gen_cfg.eos_token_id);
-    stop.sort_unstable();
-    stop.dedup();
+    let stop = loaded.processor.tokenizer.stop_tokens().to_vec();
     let name = opts.served_model_name.clone().unwrap_or_else(|| {
         opts.source
             .model

@@ -343,10 +343,13 @@ impl<'m> Worker<'m> {
             return Ok(());
         }
         s.tokens += 1;
-        if let Some(p) = s.stream.push(t.token)? {
-            s.text.push_str(&p);
-        }
         let mut finish = t.finished.as_ref().map(|c| c.finish);
+        // A stop token ends the text without being part of it (`Completion::content_tokens`).
+        if finish != Some(FinishReason::Stop) {
+            if let Some(p) = s.stream.push(t.token)? {
+                s.text.push_str(&p);
+            }
+        }
         if finish.is_some() {
             if let Some(p) = s.stream.finish()? {
                 s.text.push_str(&p);

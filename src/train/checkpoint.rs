@@ -15,17 +15,6 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamW;
 use super::params::TrainableModel;
 
-/// Files copied from the source checkpoint so a saved checkpoint is complete.
-const COPIED: [&str; 7] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-];
-
 /// Where a run stands: enough to continue it exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -177,14 +166,7 @@ fn write_full_model(tmp: &Path, model: &TrainableModel, save_dtype: DType) -> Re
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
     write_tensors(&tmp.join("model.safetensors"), model, save_dtype)?;
-    for f in COPIED {
-        let src = model.source_dir.join(f);
-        if src.is_file() {
-            fs::copy(&src, tmp.join(f))
-                .with_context(|| format!("{}: cannot copy", src.display()))?;
-        }
-    }
-    Ok(())
+    crate::processor::copy_side_files(&model.source_dir, tmp)
 }
 
 /// adapter_config.json and adapter_model.safetensors, as PEFT's `save_pretrained` writes

@@ -31,7 +31,7 @@ use candle_core::{DType, Tensor, Var};
 use super::optim::GradAccumulator;
 use super::params::TrainableModel;
 use super::token_logps;
-use crate::model::{lora, Caching, PackedSegment, Pos3, Qwen2Vl};
+use crate::model::{Caching, Mode, PackedSegment, Pos3, Qwen2Vl};
 use crate::processor::Prompt;
 
 /// One completion to score: which prompt it answers and its tokens.
@@ -72,14 +72,6 @@ enum Keep {
     Inputs,
 }
 
-/// Runs `f` under LoRA dropout drawn from `key`, or without dropout.
-fn with_dropout<R>(key: Option<u64>, f: impl FnOnce() -> R) -> R {
-    match key {
-        Some(k) => lora::dropout_scope(k, f),
-        None => f(),
-    }
-}
-
 /// A checkpointed prompt pass: what running its layers again needs.
 struct PromptTape {
     /// Inputs of every decoder layer (detached).
@@ -90,7 +82,8 @@ struct PromptTape {
     tokens: Tensor,
     head: Vec<u32>,
     vision: Option<VisionTape>,
-    dropout: Option<u64>,
+    /// The pass's mode, for running its layers again.
+    mode: Mode,
 }
 
 /// A checkpointed vision tower pass.
@@ -135,7 +128,7 @@ impl PromptPass {
         prompt: &Prompt,
         remaining: usize,
         keep: Keep,
-        dropout: Option<u64>,
+        mode: Mode,
     ) -> Result<Self> {
         let ids = &prompt.input_ids;
         let grids = prompt.grids();
@@ -150,9 +143,7 @@ impl PromptPass {
             match keep {
                 Keep::Nothing | Keep::Graph => {
                     let img = match &px {
-                        Some(px) => {
-                            Some(with_dropout(dropout, || model.encode_images(px, &grids))?)
-                        }
+                        Some(px) => Some(model.encode_images(px, &grids, mode)?),
                         None => None,
                     };
                     let tokens = if keep == Keep::Graph {
@@ -168,17 +159,16 @@ impl PromptPass {
                         model.token_embeds(&head)?
                     };
                     let embeds = model.merge_images(&tokens, &head, img.as_ref())?;
-                    with_dropout(dropout, || {
-                        model.text.forward(
-                            &embeds,
-                            &[positions[..p].to_vec()],
-                            Caching::Capture(&mut kv),
-                        )
-                    })?;
+                    model.text.forward(
+                        &embeds,
+                        &[positions[..p].to_vec()],
+                        Caching::Capture(&mut kv),
+                        mode,
+                    )?;
                 }
                 Keep::Inputs => {
                     let vision = match px {
-                        Some(px) => Some(vision_forward_kept(model, px, &grids, dropout)?),
+                        Some(px) => Some(vision_forward_kept(model, px, &grids, mode)?),
                         None => None,
                     };
                     let tokens = embed_untracked(model, &head[0])?
@@ -196,15 +186,14 @@ impl PromptPass {
                     for i in 0..model.text.num_layers() {
                         inputs.push(x.clone());
                         let mut layer_kv = Vec::with_capacity(1);
-                        let y = with_dropout(dropout, || {
-                            model.text.layer(
-                                i,
-                                &x,
-                                &cos,
-                                &sin,
-                                &mut Caching::Capture(&mut layer_kv),
-                            )
-                        })?;
+                        let y = model.text.layer(
+                            i,
+                            &x,
+                            &cos,
+                            &sin,
+                            &mut Caching::Capture(&mut layer_kv),
+                            mode,
+                        )?;
                         let (k, v) = layer_kv.pop().context("the layer kept no keys")?;
                         kv.push((k.detach(), v.detach()));
                         x = y.detach();
@@ -216,7 +205,7 @@ impl PromptPass {
                         tokens,
                         head: head[0].clone(),
                         vision,
-                        dropout,
+                        mode,
                     });
                 }
             }
@@ -308,7 +297,7 @@ fn vision_forward_kept(
     model: &Qwen2Vl,
     pixels: Tensor,
     grids: &[[usize; 3]],
-    dropout: Option<u64>,
+    mode: Mode,
 ) -> Result<VisionTape> {
     let v = &model.vision;
     let input = v.embed(&pixels, grids)?;
@@ -320,10 +309,10 @@ fn vision_forward_kept(
     let mut x = input.x.clone();
     for b in 0..v.num_blocks() {
         inputs.push(x.clone());
-        x = with_dropout(dropout, || v.block(b, &x, &input))?.detach();
+        x = v.block(b, &x, &input, mode)?.detach();
     }
     inputs.push(x.clone());
-    let features = with_dropout(dropout, || v.merge(&x, &input))?.detach();
+    let features = v.merge(&x, &input, mode)?.detach();
     Ok(VisionTape {
         pixels,
         grids: grids.to_vec(),
@@ -369,11 +358,14 @@ fn prompt_backward_kept(
         let (gk, gv) = &kv_grads[i];
         let (leaf, store) = replay(&tape.inputs[i], policy, grads, |x| {
             let mut kv = Vec::with_capacity(1);
-            let y = with_dropout(tape.dropout, || {
-                model
-                    .text
-                    .layer(i, x, &tape.cos, &tape.sin, &mut Caching::Capture(&mut kv))
-            })?;
+            let y = model.text.layer(
+                i,
+                x,
+                &tape.cos,
+                &tape.sin,
+                &mut Caching::Capture(&mut kv),
+                tape.mode,
+            )?;
             let (k, v) = kv.pop().context("the layer kept no keys")?;
             let mut pairs = Vec::new();
             for (t, g) in [(k, gk), (v, gv)] {
@@ -416,10 +408,7 @@ fn prompt_backward_kept(
     let n = v.num_blocks();
     // Merger, then the blocks from the top, then the patch embedding.
     let (leaf, store) = replay(&vt.inputs[n], policy, grads, |x| {
-        Ok(vec![(
-            with_dropout(tape.dropout, || v.merge(x, &vt.input))?,
-            g.clone(),
-        )])
+        Ok(vec![(v.merge(x, &vt.input, tape.mode)?, g.clone())])
     })?;
     g = store
         .get(leaf.as_tensor())
@@ -427,10 +416,7 @@ fn prompt_backward_kept(
         .context("merger input gradient")?;
     for b in (0..n).rev() {
         let (leaf, store) = replay(&vt.inputs[b], policy, grads, |x| {
-            Ok(vec![(
-                with_dropout(tape.dropout, || v.block(b, x, &vt.input))?,
-                g.clone(),
-            )])
+            Ok(vec![(v.block(b, x, &vt.input, tape.mode)?, g.clone())])
         })?;
         g = store
             .get(leaf.as_tensor())
@@ -465,13 +451,13 @@ impl PromptPasses {
         }
     }
 
-    /// Runs the passes the micro-batch needs that are not open yet; `dropout(i)` is the
-    /// dropout key of prompt `i`'s pass.
+    /// Runs the passes the micro-batch needs that are not open yet; `mode(i)` is the mode
+    /// of prompt `i`'s pass.
     fn open_for(
         &mut self,
         model: &Qwen2Vl,
         mb: &[SeqRef],
-        dropout: impl Fn(usize) -> Option<u64>,
+        mode: impl Fn(usize) -> Mode,
     ) -> Result<()> {
         for s in mb {
             if let std::collections::hash_map::Entry::Vacant(e) = self.open.entry(s.prompt_index) {
@@ -481,7 +467,7 @@ impl PromptPasses {
                     s.prompt,
                     n,
                     self.keep,
-                    dropout(s.prompt_index),
+                    mode(s.prompt_index),
                 )?);
             }
         }
@@ -627,28 +613,29 @@ fn rows_pass(
     mb: &[SeqRef],
     passes: &PromptPasses,
     keep: Keep,
-    dropout: Option<u64>,
+    mode: Mode,
 ) -> Result<(Tensor, RowsKept)> {
     let rows = Rows::of(mb, passes);
     match keep {
         Keep::Nothing => {
             let embeds = model.token_embeds(&[rows.ids])?;
-            let hidden =
-                model
-                    .text
-                    .forward(&embeds, &[rows.positions], Caching::Packed(&rows.segments))?;
+            let hidden = model.text.forward(
+                &embeds,
+                &[rows.positions],
+                Caching::Packed(&rows.segments),
+                mode,
+            )?;
             Ok((hidden.squeeze(0)?, RowsKept::Nothing))
         }
         Keep::Graph => {
             let leaf =
                 Var::from_tensor(&embed_untracked(model, &rows.ids)?.to_dtype(model.dtype)?)?;
-            let hidden = with_dropout(dropout, || {
-                model.text.forward(
-                    &leaf.as_tensor().unsqueeze(0)?,
-                    &[rows.positions],
-                    Caching::Packed(&rows.segments),
-                )
-            })?;
+            let hidden = model.text.forward(
+                &leaf.as_tensor().unsqueeze(0)?,
+                &[rows.positions],
+                Caching::Packed(&rows.segments),
+                mode,
+            )?;
             Ok((hidden.squeeze(0)?, RowsKept::Graph((leaf, rows.ids))))
         }
         Keep::Inputs => {
@@ -662,12 +649,17 @@ fn rows_pass(
             let mut x = x0;
             for i in 0..model.text.num_layers() {
                 inputs.push(x.clone());
-                x = with_dropout(dropout, || {
-                    model
-                        .text
-                        .layer(i, &x, &cos, &sin, &mut Caching::Packed(&rows.segments))
-                })?
-                .detach();
+                x = model
+                    .text
+                    .layer(
+                        i,
+                        &x,
+                        &cos,
+                        &sin,
+                        &mut Caching::Packed(&rows.segments),
+                        mode,
+                    )?
+                    .detach();
             }
             inputs.push(x.clone());
             let hidden = model.text.final_norm(&x)?.detach();
@@ -697,7 +689,7 @@ fn rows_backward(
     policy: &TrainableModel,
     params: &HeadParams,
     grads: &mut GradAccumulator,
-    dropout: Option<u64>,
+    mode: Mode,
 ) -> Result<()> {
     match kept {
         RowsKept::Nothing => bail!("internal error: no graph kept for a backward pass"),
@@ -731,11 +723,14 @@ fn rows_backward(
                 let (leaf, store) = {
                     let rows = Rows::of(mb, passes);
                     replay(&inputs[i], policy, grads, |x| {
-                        let y = with_dropout(dropout, || {
-                            model
-                                .text
-                                .layer(i, x, &cos, &sin, &mut Caching::Packed(&rows.segments))
-                        })?;
+                        let y = model.text.layer(
+                            i,
+                            x,
+                            &cos,
+                            &sin,
+                            &mut Caching::Packed(&rows.segments),
+                            mode,
+                        )?;
                         Ok(vec![(y, g.clone())])
                     })?
                 };
@@ -787,8 +782,8 @@ pub fn logps(
     let mut out = Vec::with_capacity(seqs.len());
     for range in micro_batches(seqs.len(), micro_batch) {
         let mb = &seqs[range];
-        passes.open_for(model, mb, |_| None)?;
-        let (hidden, _) = rows_pass(model, mb, &passes, Keep::Nothing, None)?;
+        passes.open_for(model, mb, |_| Mode::Infer)?;
+        let (hidden, _) = rows_pass(model, mb, &passes, Keep::Nothing, Mode::Infer)?;
         let (lp, _) = token_logps::forward(
             &hidden,
             model.text.lm_head_weight(),
@@ -871,10 +866,11 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    /// The dropout key of one forward pass (`what` tells passes apart).
-    fn dropout(&self, what: u64) -> Option<u64> {
-        self.dropout_seed
-            .map(|seed| crate::rl::trainer::mix(seed, what))
+    /// The mode of one training pass: its dropout key (`what` tells passes apart).
+    fn mode(&self, what: u64) -> Mode {
+        Mode::Train {
+            dropout: self.dropout_seed.map(|seed| crate::seed::mix(seed, what)),
+        }
     }
 
     fn keep(&self) -> Keep {
@@ -898,20 +894,6 @@ pub fn backward(
     temperature: f64,
     pass: TrainOptions,
     grads: &mut GradAccumulator,
-    loss_of: impl FnMut(&MicroBatch) -> Result<Tensor>,
-) -> Result<f64> {
-    crate::kernels::skinny::disabled(|| {
-        backward_passes(policy, seqs, micro_batch, temperature, pass, grads, loss_of)
-    })
-}
-
-fn backward_passes(
-    policy: &TrainableModel,
-    seqs: &[SeqRef],
-    micro_batch: usize,
-    temperature: f64,
-    pass: TrainOptions,
-    grads: &mut GradAccumulator,
     mut loss_of: impl FnMut(&MicroBatch) -> Result<Tensor>,
 ) -> Result<f64> {
     let model = &policy.model;
@@ -927,9 +909,9 @@ fn backward_passes(
     {
         let mb = &seqs[range.clone()];
         // Dropout streams: prompt passes by prompt, completion rows by micro-batch.
-        passes.open_for(model, mb, |i| pass.dropout((1 << 40) | i as u64))?;
-        let dropout = pass.dropout(index as u64);
-        let (hidden, kept) = rows_pass(model, mb, &passes, keep, dropout)?;
+        passes.open_for(model, mb, |i| pass.mode((1 << 40) | i as u64))?;
+        let mode = pass.mode(index as u64);
+        let (hidden, kept) = rows_pass(model, mb, &passes, keep, mode)?;
 
         // Log-probs outside the graph, then the loss's gradient with respect to them.
         let (lp, saved) =
@@ -967,7 +949,7 @@ fn backward_passes(
             policy,
             &params,
             grads,
-            dropout,
+            mode,
         )?;
         for done in passes.finish(mb)? {
             done.backward(policy, &params, grads)?;

@@ -219,7 +219,7 @@ impl TrainableModel {
             }
             None => AdapterConfig::new(lora.r, lora.alpha, lora.dropout, &lora.target_modules),
         };
-        let mut rng = StdRng::seed_from_u64(crate::rl::trainer::mix(seed, 0x10_7A));
+        let mut rng = StdRng::seed_from_u64(crate::seed::mix(seed, 0x10_7A));
         let mut params = Vec::new();
         for (path, lin) in model.linears_mut() {
             if !lora::targets(&path, &lora.target_modules) {

@@ -80,104 +80,26 @@ struct Shape {
     linears: Vec<(String, u64, u64)>,
 }
 
-fn shape(c: &Qwen2VlConfig) -> Shape {
+fn shape(c: &Qwen2VlConfig) -> Result<Shape> {
     let t = &c.text;
-    let v = &c.vision;
-    let (h, kv, i) = (
-        t.hidden_size as u64,
-        (t.num_key_value_heads * t.head_dim()) as u64,
-        t.intermediate_size as u64,
-    );
-    let mut linears = Vec::new();
-    for l in 0..t.num_hidden_layers {
-        let p = format!("model.language_model.layers.{l}");
-        for (name, inp, out) in [
-            ("self_attn.q_proj", h, h),
-            ("self_attn.k_proj", h, kv),
-            ("self_attn.v_proj", h, kv),
-            ("self_attn.o_proj", h, h),
-            ("mlp.gate_proj", h, i),
-            ("mlp.up_proj", h, i),
-            ("mlp.down_proj", i, h),
-        ] {
-            linears.push((format!("{p}.{name}"), inp, out));
-        }
-    }
-    let (d, m) = (v.embed_dim as u64, v.mlp_hidden() as u64);
-    for b in 0..v.depth {
-        let p = format!("model.visual.blocks.{b}");
-        let mlp: &[(&str, u64, u64)] = match v.arch {
-            crate::model::config::Arch::Qwen2Vl => &[("mlp.fc1", d, m), ("mlp.fc2", m, d)],
-            crate::model::config::Arch::Qwen25Vl => &[
-                ("mlp.gate_proj", d, m),
-                ("mlp.up_proj", d, m),
-                ("mlp.down_proj", m, d),
-            ],
-        };
-        for &(name, inp, out) in [("attn.qkv", d, 3 * d), ("attn.proj", d, d)]
-            .iter()
-            .chain(mlp)
-        {
-            linears.push((format!("{p}.{name}"), inp, out));
-        }
-    }
-    let merged = d * (v.spatial_merge_size * v.spatial_merge_size) as u64;
-    linears.push(("model.visual.merger.mlp.0".into(), merged, merged));
-    linears.push((
-        "model.visual.merger.mlp.2".into(),
-        merged,
-        v.hidden_size as u64,
-    ));
-    let embed = t.vocab_size as u64 * h * if t.tie_word_embeddings { 1 } else { 2 };
-    Shape {
-        total: crate::bench::count_parameters(c) as u64,
+    let linears = crate::model::linear_shapes(c)?
+        .into_iter()
+        .map(|(name, inp, out)| (name, inp as u64, out as u64))
+        .collect();
+    let embed =
+        t.vocab_size as u64 * t.hidden_size as u64 * if t.tie_word_embeddings { 1 } else { 2 };
+    Ok(Shape {
+        total: crate::model::num_parameters(c)? as u64,
         embed,
         linears,
-    }
-}
-
-/// What the device can give the run: available RAM on the CPU (MemAvailable), free memory
-/// on an NVIDIA GPU (from nvidia-smi, when present).
-pub fn available_memory(device: &candle_core::Device) -> (String, Option<u64>) {
-    match device {
-        candle_core::Device::Cpu => {
-            let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("MemAvailable:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-                    .map(|kb| kb * 1024)
-            });
-            ("CPU RAM available".into(), avail)
-        }
-        other => {
-            let ordinal = match other.location() {
-                candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
-                _ => 0,
-            };
-            let free = std::process::Command::new("nvidia-smi")
-                .args([
-                    "--query-gpu=memory.free",
-                    "--format=csv,noheader,nounits",
-                    "-i",
-                    &ordinal.to_string(),
-                ])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .and_then(|o| String::from_utf8(o.stdout).ok())
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .map(|mib| mib << 20);
-            (format!("GPU {ordinal} memory free"), free)
-        }
-    }
+    })
 }
 
 /// The estimate for `p`, against `available` bytes on `device` (a description).
-pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Plan {
+pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<Plan> {
     let c = &p.config;
     let t = &c.text;
-    let sh = shape(c);
+    let sh = shape(c)?;
     let b = bytes_of(p.compute);
     let (h, kv, i, layers) = (
         t.hidden_size as u64,
@@ -366,13 +288,13 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Plan {
         line("generation KV cache", kv_cache),
         line("runtime and allocator slack", runtime + slack),
     ];
-    Plan {
+    Ok(Plan {
         lines,
         peak,
         peak_phase,
         available,
         device: device.into(),
-    }
+    })
 }
 
 fn gib(b: u64) -> String {
@@ -409,7 +331,7 @@ impl std::fmt::Display for Plan {
 /// Settings that would bring `input` under `available`, cheapest change first: gradient
 /// checkpointing, a micro-batch of 1, LoRA (rank 16, bf16 base), bf16 compute, and their
 /// combinations. Each as the flags to add and the peak it would give.
-pub fn suggestions(input: &PlanInput, available: u64) -> Vec<(String, u64)> {
+pub fn suggestions(input: &PlanInput, available: u64) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     let lora16 = LoraConfig {
         r: 16,
@@ -456,14 +378,14 @@ pub fn suggestions(input: &PlanInput, available: u64) -> Vec<(String, u64)> {
         },
     );
     for (flags, p) in tries {
-        let e = estimate(&p, "", None);
+        let e = estimate(&p, "", None)?;
         if e.peak <= available
             && (input.lora.as_ref().is_none_or(|l| !l.enabled()) || !flags.contains("lora"))
         {
             out.push((flags, e.peak));
         }
     }
-    out
+    Ok(out)
 }
 
 /// The plan of a run config: the model's config.json, the objective, and the longest prompt
@@ -500,7 +422,7 @@ mod tests {
     /// image: 256 image tokens, 1024 patches).
     fn input_2b() -> PlanInput {
         PlanInput {
-            config: Qwen2VlConfig::from_json_str(crate::init::QWEN2_VL_2B_CONFIG, "2B").unwrap(),
+            config: crate::model::Preset::Qwen2Vl2b.config(),
             objective: Objective::Grpo {
                 prompts: 1,
                 group: 4,
@@ -532,7 +454,7 @@ mod tests {
     #[test]
     fn full_fine_tuning_state_is_sixteen_bytes_per_parameter_plus_the_reference() {
         const PARAMS: u64 = 2_208_985_600;
-        let p = estimate(&input_2b(), "test", None);
+        let p = estimate(&input_2b(), "test", None).unwrap();
         assert_eq!(line(&p, "weights"), 4 * PARAMS);
         assert_eq!(line(&p, "gradients"), 4 * PARAMS);
         assert_eq!(line(&p, "optimizer"), 8 * PARAMS);
@@ -540,7 +462,7 @@ mod tests {
         let mut bf16 = input_2b();
         bf16.compute = DType::BF16;
         assert_eq!(
-            line(&estimate(&bf16, "test", None), "reference"),
+            line(&estimate(&bf16, "test", None).unwrap(), "reference"),
             2 * PARAMS
         );
     }
@@ -559,7 +481,7 @@ mod tests {
             alpha: 32.0,
             ..LoraConfig::default()
         });
-        let p = estimate(&i, "test", None);
+        let p = estimate(&i, "test", None).unwrap();
         assert_eq!(line(&p, "gradients"), 4 * ADAPTERS);
         assert_eq!(line(&p, "optimizer"), 8 * ADAPTERS);
         assert!(p
@@ -578,23 +500,23 @@ mod tests {
     /// linearly with the completion length; every suggested setting fits.
     #[test]
     fn activations_follow_the_settings_and_suggestions_fit() {
-        let full = estimate(&input_2b(), "test", None);
+        let full = estimate(&input_2b(), "test", None).unwrap();
         let mut ck = input_2b();
         ck.checkpointing = true;
-        let ckp = estimate(&ck, "test", None);
+        let ckp = estimate(&ck, "test", None).unwrap();
         let act = |p: &Plan| line(p, "activations: completions");
         assert!(act(&ckp) * 5 < act(&full), "{ckp}\n{full}");
         assert!(ckp.peak < full.peak);
         let mut long = input_2b();
         long.completion_tokens *= 2;
-        assert_eq!(act(&estimate(&long, "test", None)), 2 * act(&full));
+        assert_eq!(act(&estimate(&long, "test", None).unwrap()), 2 * act(&full));
 
         let available = 24u64 << 30;
         assert!(
             full.peak > available,
             "2B full fine-tuning cannot fit 24 GiB"
         );
-        let fixes = suggestions(&input_2b(), available);
+        let fixes = suggestions(&input_2b(), available).unwrap();
         assert!(!fixes.is_empty());
         for (flags, peak) in &fixes {
             assert!(*peak <= available, "{flags}");

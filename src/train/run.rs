@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use candle_core::Device;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 
 use super::config::{Method, RunConfig, TrainConfig};
 use super::optim::AdamWConfig;
@@ -13,6 +16,27 @@ use super::params::TrainableModel;
 use super::session::{Session, SessionSpec};
 use crate::data::{self, VqaItem};
 use crate::processor::{Processor, ProcessorOptions};
+
+/// The order items are visited in: a fresh seeded shuffle per epoch.
+pub struct DataOrder {
+    n: usize,
+    seed: u64,
+}
+
+impl DataOrder {
+    pub fn new(n: usize, seed: u64) -> Self {
+        Self { n, seed }
+    }
+    /// The item index visited at global position `k` (k-th item drawn since the start).
+    pub fn at(&self, k: u64) -> usize {
+        let epoch = k / self.n as u64;
+        let mut idx: Vec<usize> = (0..self.n).collect();
+        idx.shuffle(&mut StdRng::seed_from_u64(crate::seed::mix(
+            self.seed, epoch,
+        )));
+        idx[(k % self.n as u64) as usize]
+    }
+}
 
 /// What a run starts from, loaded and checked before any model is.
 pub struct RunInputs {
@@ -109,8 +133,8 @@ pub fn memory_plan<M: Method>(
         completion,
         &inputs.device,
     )?;
-    let (device, available) = super::plan::available_memory(&inputs.device);
-    Ok((super::plan::estimate(&input, &device, available), input))
+    let (device, available) = crate::device::available_memory(&inputs.device);
+    Ok((super::plan::estimate(&input, &device, available)?, input))
 }
 
 /// Prints the run's memory plan and, when it does not fit (and `memory_check` is on),
@@ -122,7 +146,7 @@ pub fn check_memory<M: Method>(config: &TrainConfig<M>, inputs: &RunInputs) -> R
         return Ok(());
     }
     let available = plan.available.unwrap_or(u64::MAX);
-    let fixes = super::plan::suggestions(&input, available);
+    let fixes = super::plan::suggestions(&input, available)?;
     let advice = if fixes.is_empty() {
         "no setting medvlm knows brings it under what is available; use a device with more \
          memory, or shorter prompts/completions"

@@ -1,0 +1,68 @@
+//! Released architectures as config.json files, for scale tests, benchmarks and memory
+//! plans where the released weights cannot be downloaded (`medvlm init --preset`, `medvlm
+//! bench --preset`). The files live in `src/model/presets/`, where tools/ scripts read them
+//! too, so transformers and medvlm build the same shapes.
+
+/// A named architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// Qwen2-VL-2B-Instruct: 28 layers x 1536, 12/2 heads, MLP 8960, vocabulary 151,936,
+    /// tied embeddings, vision 32 x 1280; its config.json as released.
+    #[value(name = "qwen2-vl-2b")]
+    Qwen2Vl2b,
+    /// The benchmark shape (src/model/presets/qwen2-vl-bench.json, 119.7M parameters):
+    /// Qwen2-VL's architecture and 151,936-token vocabulary, scaled down.
+    #[value(name = "qwen2-vl-bench")]
+    Qwen2VlBench,
+}
+
+impl Preset {
+    /// The config.json text.
+    pub fn config_json(self) -> &'static str {
+        match self {
+            Preset::Qwen2Vl2b => QWEN2_VL_2B,
+            Preset::Qwen2VlBench => QWEN2_VL_BENCH,
+        }
+    }
+
+    /// Its name in reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Preset::Qwen2Vl2b => "Qwen2-VL-2B-Instruct",
+            Preset::Qwen2VlBench => "src/model/presets/qwen2-vl-bench.json",
+        }
+    }
+
+    /// The parsed config.
+    pub fn config(self) -> super::Qwen2VlConfig {
+        super::Qwen2VlConfig::from_json_str(self.config_json(), self.label())
+            .expect("the preset configs are valid (tested)")
+    }
+}
+
+/// Qwen/Qwen2-VL-2B-Instruct's config.json, as released.
+pub const QWEN2_VL_2B: &str = include_str!("presets/qwen2-vl-2b.json");
+
+/// The benchmark model's config.json.
+pub const QWEN2_VL_BENCH: &str = include_str!("presets/qwen2-vl-bench.json");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    /// Every preset parses, and transformers counts the same parameters:
+    /// `Qwen2VLForConditionalGeneration(config).num_parameters()` gives 119,719,168 for the
+    /// bench shape and 2,208,985,600 for the released 2B config (transformers 5.24, built
+    /// on the meta device).
+    #[test]
+    fn presets_parse_with_transformers_parameter_counts() {
+        for p in Preset::value_variants() {
+            let expected = match p {
+                Preset::Qwen2VlBench => 119_719_168,
+                Preset::Qwen2Vl2b => 2_208_985_600,
+            };
+            assert_eq!(super::super::num_parameters(&p.config()).unwrap(), expected);
+        }
+    }
+}
