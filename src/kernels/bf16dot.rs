@@ -71,9 +71,10 @@ pub fn linear(
                 let mut i = 0;
                 while i < m {
                     let mr = MR.min(m - i);
-                    // SAFETY: AVX-512 BF16 is present (checked above); the tile reads rows
-                    // i..i+mr of xb (pairs q0..q0+qc) and the packed panel, and writes
-                    // rows i..i+mr, columns j0..j0+nc of out, which only this task owns.
+                    // SAFETY: AVX-512 BF16 is present (checked above); 1 <= mr <= MR and
+                    // nc <= NB; the tile reads rows i..i+mr of xb (pairs q0..q0+qc) and the
+                    // packed panel of qc x NB, and reads and writes rows i..i+mr, columns
+                    // j0..j0+nc of out, which only this task owns.
                     unsafe {
                         avx512::tile(
                             &xb[i * kp + q0..],
@@ -157,12 +158,14 @@ pub fn stream(
     // `avx512::chunk`) until the reduction puts them back in column order.
     let np = n.div_ceil(32) * 32;
     let partial = super::slab_partials(kp, m * np, |pairs, acc| {
-        // SAFETY: AVX-512 BF16 and BW are present (`available`); the slab's pairs of the
-        // weight's rows and of xb's rows lie inside the slices, acc holds m x np floats.
+        // SAFETY: AVX-512 BF16 and BW are present (`available`); 1 <= m <= STREAM_ROWS
+        // (8, checked above); xb holds m rows of kp pairs, wt k x n values (asserted above),
+        // and acc m x np floats, np being n rounded up to whole 32-column chunks.
         unsafe { avx512::stream_slab(&xb, wt, (m, k, n), np, pairs.start, pairs.end, acc) };
     });
     let tasks = partial.len() / (m * np);
-    // SAFETY: as above; partial holds `tasks` blocks of m x np, out m x n.
+    // SAFETY: as above; partial holds `tasks` (>= 1) blocks of m x np, bias (asserted
+    // above) n floats, out m x n.
     unsafe { avx512::reduce(&partial, tasks, (m, n), np, bias, out) };
     true
 }
@@ -196,7 +199,8 @@ pub fn rows(
         let j0 = c * chunk;
         let j1 = (j0 + chunk).min(n);
         // SAFETY: AVX-512 BF16 and BW are present (`available`); the task reads rows j0..j1
-        // of w and every row of xb, and writes only columns j0..j1 of out.
+        // (j1 <= n) of w, n x k (asserted above), and xb's m rows of kp pairs, and writes
+        // only columns j0..j1 of out (m x n), which no other task touches.
         unsafe { avx512::rows_range(&xb, w, bias, (m, k, n), (j0, j1), out_ptr.get()) };
     });
     true
@@ -248,6 +252,10 @@ mod avx512 {
     /// Rounds `src` to bf16 pairs into `dst`, 32 values per instruction (round to nearest
     /// even, as `half` does); returns how many pairs it wrote (the rest, under 16, is the
     /// caller's).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 must be present. Nothing else: the loop stops before
+    /// either slice would be overrun.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn round_pairs(src: &[f32], dst: &mut [u32]) -> usize {
         let mut q = 0;
@@ -265,6 +273,13 @@ mod avx512 {
 
     /// `mr` (<= MR) rows x `nc` (<= NB) columns of the product over one panel of `qc`
     /// pairs. `xb` starts at the tile's first row and first pair; rows are `kp` pairs apart.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 must be present. Nothing is bounds-checked: `1 <= mr <=
+    /// MR` and `nc <= NB`; `xb` must hold `(mr - 1) * kp + qc` pairs, `panel` `qc * NB`, a
+    /// `Start::Bias` slice nc floats; `out` must be valid for reads (`Start::Accumulate`)
+    /// and writes of columns 0..nc of mr rows n floats apart, which no other thread
+    /// touches meanwhile.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile(
@@ -286,9 +301,14 @@ mod avx512 {
         for (r, row) in acc.iter_mut().enumerate().take(mr) {
             for (c, a) in row.iter_mut().enumerate() {
                 *a = match start {
-                    Start::Bias(Some(b)) => _mm512_maskz_loadu_ps(masks[c], b.as_ptr().add(c * 16)),
+                    // wrapping_add: a chunk past nc lies outside the buffers (mask 0, no load).
+                    Start::Bias(Some(b)) => {
+                        _mm512_maskz_loadu_ps(masks[c], b.as_ptr().wrapping_add(c * 16))
+                    }
                     Start::Bias(None) => _mm512_setzero_ps(),
-                    Start::Accumulate => _mm512_maskz_loadu_ps(masks[c], out.add(r * n + c * 16)),
+                    Start::Accumulate => {
+                        _mm512_maskz_loadu_ps(masks[c], out.wrapping_add(r * n + c * 16))
+                    }
                 };
             }
         }
@@ -313,6 +333,12 @@ mod avx512 {
 
     /// Pairs q0..q1 of the weight's rows (row 2q and 2q + 1, the second zero past k) times
     /// the same pairs of xb's m rows, added into acc (m x np, chunk lane order).
+    ///
+    /// # Safety
+    /// AVX-512F, BW and BF16 must be present. Nothing is bounds-checked: `1 <= m <= 8`
+    /// (any other m runs as 8 rows); `xb` must hold m rows of `k.div_ceil(2)` pairs, `wt`
+    /// `k * n` values, and `acc` m rows of `np` floats, with `np >= n.div_ceil(32) * 32`
+    /// (whole 32-column chunks). Any q0..q1 is safe: pairs past k are never read.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn stream_slab(
@@ -367,6 +393,11 @@ mod avx512 {
     /// Interleaves 32 columns of two weight rows into bf16 pairs: (lo, hi), where lane t of
     /// lo holds columns 8(t / 4) + t % 4 and lane t of hi the four after those (the unpack
     /// instructions work within 128-bit lanes). `mask`: the columns present.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and BF16 must be present, and for every bit t set in `mask` the bf16
+    /// at `even + t` (and at `odd + t`, when given) must be readable; lanes masked off are
+    /// not read.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     #[inline]
     unsafe fn chunk(
@@ -391,6 +422,13 @@ mod avx512 {
     /// prefetched: the rows of a pair group are only a few KB apart, too many short
     /// streams for the hardware prefetcher, which left decoding at ~20 GB/s where f32
     /// weights streamed at ~40.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and BF16 must be present. Nothing is bounds-checked: `xb` must hold M
+    /// rows of `kp` pairs, with `q + G <= kp`; weight rows 2q..2(q + G) must all exist (`wt`
+    /// at least `2 * (q + G) * n` values) and `j1 <= n`; `acc` must hold M rows of `np`
+    /// floats with `j0 + (j1 - j0).div_ceil(32) * 32 <= np` (it loads and stores whole
+    /// 32-column chunks from j0).
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
@@ -446,6 +484,11 @@ mod avx512 {
     }
 
     /// The last pair of an odd k: one weight row, its partner zero.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and BF16 must be present. Nothing is bounds-checked: `xb` must hold M
+    /// rows of `kp` pairs with `q < kp`, `wt` row 2q (`(2q + 1) * n` values at least), and
+    /// `acc` M rows of `np` floats with `np >= n.div_ceil(32) * 32`.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     unsafe fn half_pair<const M: usize>(
         xb: &[u32],
@@ -480,6 +523,11 @@ mod avx512 {
     }
 
     /// out = bias + the sum of the tasks' partial products, back in column order.
+    ///
+    /// # Safety
+    /// AVX-512F must be present. Nothing is bounds-checked: `tasks >= 1` (the first block
+    /// is always read) and `np >= n.div_ceil(32) * 32`; `partial` must hold `tasks * m * np`
+    /// floats, `bias` (when given) n, `out` `m * n` (the column tails are masked).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn reduce(
         partial: &[f32],
@@ -527,6 +575,12 @@ mod avx512 {
     }
 
     /// Columns j0..j1 of `rows`' product, for every row of x.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and BF16 must be present. Only `bias` is indexed with checks: `xb` must
+    /// hold m rows of `k.div_ceil(2)` pairs, `w` at least `j1 * k` values (rows j0..j1),
+    /// `j1 <= n`, and `out` must be valid for writes of m rows n floats apart, whose columns
+    /// j0..j1 (all this writes) no other thread reads or writes meanwhile.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     pub unsafe fn rows_range(
         xb: &[u32],
@@ -561,6 +615,11 @@ mod avx512 {
 
     /// R rows of x (from i) against `nc` (<= 4) rows of w (from j): R x nc dot products of
     /// length k, 32 values per instruction; the next 4 rows of w are prefetched meanwhile.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and BF16 must be present. The reads are unchecked: `xb` must hold rows
+    /// i..i + R of `k.div_ceil(2)` pairs, `w` rows j..j + nc.min(4) of k values; the tail of
+    /// k is masked (prefetches past w's end are harmless).
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     #[inline]
     unsafe fn rows_block<const R: usize>(
@@ -615,6 +674,9 @@ mod avx512 {
     }
 
     /// The lane sums of four vectors, as one vector of four.
+    ///
+    /// # Safety
+    /// AVX-512F must be present; no memory is touched.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn hsum4(v: &[__m512; 4]) -> __m128 {
@@ -632,6 +694,10 @@ mod avx512 {
 
     /// The inner loop for R rows: per pair, four weight vectors and R broadcasts feed
     /// 4R dot-product instructions.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 must be present, `R <= MR` (or the copies panic), `xp`
+    /// readable at `r * kp + q` for every r < R and q < qc, and `pp` for `qc * NB` u32s.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
     unsafe fn run<const R: usize>(
@@ -667,10 +733,16 @@ mod tests {
 
     /// Every edge (row tiles, column panels, odd k, several k panels, bias or none) gives
     /// the product of the bf16-rounded activations and the bf16 weights, summed in f32.
+    /// Without AVX-512 BF16 the kernels must decline (out untouched), and the paths their
+    /// callers take instead must give the product of the activations as they are.
     #[test]
     fn matches_the_definition_for_every_edge_shape() {
-        if !available() {
-            return; // no AVX-512 BF16 here: callers widen to f32 and use gemm
+        let dot = available();
+        if !dot {
+            crate::kernels::skip_or_require(
+                "bf16dot kernels (this CPU lacks AVX-512 BF16); checked the widening fallback \
+                 its callers (packed::linear, skinny::linear) take instead",
+            );
         }
         for &(m, k, n) in &[
             (1, 1, 1),
@@ -695,8 +767,56 @@ mod tests {
             let wt: Vec<half::bf16> = (0..k * n)
                 .map(|i| half::bf16::from_f32((i as f32 * 0.17).cos()))
                 .collect();
+            // The same weight stored output-major (n x k), as the tied LM head is.
+            let w_rows: Vec<half::bf16> = (0..n * k).map(|i| wt[(i % k) * n + i / k]).collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
             for bias in [None, Some(b.as_slice())] {
+                // The definition, with the activations rounded to bf16 (the kernels) or not
+                // (the widening fallback).
+                let want = |i: usize, j: usize, round: bool| -> f64 {
+                    (0..k)
+                        .map(|p| {
+                            let v = x[i * k + p];
+                            let xr = if round {
+                                half::bf16::from_f32(v).to_f32()
+                            } else {
+                                v
+                            };
+                            xr as f64 * wt[p * n + j].to_f32() as f64
+                        })
+                        .sum::<f64>()
+                        + bias.map_or(0.0, |b| b[j] as f64)
+                };
+                if !dot {
+                    let mut out = vec![f32::NAN; m * n];
+                    assert!(!linear(&x, &wt, bias, (m, k, n), &mut out));
+                    assert!(!stream(&x, &wt, bias, (m, k, n), &mut out));
+                    assert!(!rows(&x, &w_rows, bias, (m, k, n), &mut out));
+                    assert!(out.iter().all(|v| v.is_nan()), "a declining kernel wrote");
+                    let mut packed = vec![f32::NAN; m * n];
+                    crate::kernels::packed::linear(&x, &wt, bias, (m, k, n), &mut packed);
+                    let mut by_rows = vec![f32::NAN; m * n];
+                    if !crate::kernels::skinny::linear(&x, &w_rows, bias, (m, k, n), &mut by_rows) {
+                        // No AVX-512 at all: `Linear::forward`'s plain ops.
+                        by_rows = crate::kernels::plain_linear(&x, &w_rows, bias, (m, k, n));
+                    }
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want = want(i, j, false);
+                            for (got, path) in [
+                                (packed[i * n + j], "input-major"),
+                                (by_rows[i * n + j], "output-major"),
+                            ] {
+                                let got = got as f64;
+                                assert!(
+                                    (got - want).abs() < 1e-3,
+                                    "widened {path} ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let mut out = vec![f32::NAN; m * n];
                 assert!(linear(&x, &wt, bias, (m, k, n), &mut out));
                 let mut streamed = vec![f32::NAN; m * n];
@@ -711,8 +831,6 @@ mod tests {
                     .build()
                     .unwrap()
                     .install(|| stream(&x, &wt, bias, (m, k, n), &mut streamed_wide));
-                // The same weight stored output-major (n x k), as the tied LM head is.
-                let w_rows: Vec<half::bf16> = (0..n * k).map(|i| wt[(i % k) * n + i / k]).collect();
                 let mut by_rows = vec![f32::NAN; m * n];
                 assert_eq!(
                     rows(&x, &w_rows, bias, (m, k, n), &mut by_rows),
@@ -720,13 +838,7 @@ mod tests {
                 );
                 for i in 0..m {
                     for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|p| {
-                                let xr = half::bf16::from_f32(x[i * k + p]).to_f32() as f64;
-                                xr * wt[p * n + j].to_f32() as f64
-                            })
-                            .sum::<f64>()
-                            + bias.map_or(0.0, |b| b[j] as f64);
+                        let want = want(i, j, true);
                         let got = out[i * n + j] as f64;
                         assert!(
                             (got - want).abs() < 1e-3,

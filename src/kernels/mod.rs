@@ -132,3 +132,41 @@ impl SendPtr {
         self.0
     }
 }
+
+/// For a unit test whose SIMD kernel this CPU cannot run (the test then checks the fallback
+/// callers take instead): says so in one line on stderr, `what` naming what was skipped and
+/// why, so that a pass here is not mistaken for a check of the kernel. With
+/// `MEDVLM_REQUIRE_SIMD=1` it panics instead: a CI machine that should have the features
+/// cannot skip silently.
+#[cfg(test)]
+pub(crate) fn skip_or_require(what: &str) {
+    if std::env::var("MEDVLM_REQUIRE_SIMD").is_ok_and(|v| v == "1") {
+        panic!("MEDVLM_REQUIRE_SIMD=1, but this test would have skipped: {what}");
+    }
+    // Through the handle, not `eprintln!`: the test harness swallows the macro's output
+    // of a passing test, and this line is for exactly those runs.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {what}");
+}
+
+/// `x (m x k) · w (n x k)ᵀ (+ bias)` as `Linear::forward` computes it when no kernel takes
+/// the product: the weight widened to f32 (exactly), then candle's matmul.
+#[cfg(test)]
+pub(crate) fn plain_linear<W: skinny::WeightElem>(
+    x: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<f32> {
+    let dev = candle_core::Device::Cpu;
+    let x = Tensor::from_slice(&x[..m * k], (m, k), &dev).unwrap();
+    let w: Vec<f32> = w[..n * k].iter().map(|v| v.to_f32()).collect();
+    let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
+    let mut y = x.matmul(&w.t().unwrap()).unwrap();
+    if let Some(b) = bias {
+        y = y
+            .broadcast_add(&Tensor::from_slice(&b[..n], n, &dev).unwrap())
+            .unwrap();
+    }
+    y.flatten_all().unwrap().to_vec1().unwrap()
+}

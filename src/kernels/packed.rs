@@ -163,9 +163,9 @@ fn stream<W: WeightElem>(
     #[cfg(target_arch = "x86_64")]
     if super::has_avx512() {
         let partial = super::slab_partials(k, m * n, |rows, acc| {
-            // SAFETY: AVX-512F is present (checked above); the slab's rows of wt and columns
-            // of x's rows lie inside the slices (lengths asserted by the caller), and acc
-            // holds m x n floats.
+            // SAFETY: AVX-512F is present (checked above); the slab lies inside 0..k, x
+            // holds m x k floats and wt k x n (asserted by `linear`, the only caller), and
+            // acc holds m x n floats.
             unsafe { avx512::slab(x, wt, (m, k, n), rows.start, rows.end, acc) };
         });
         let out = &mut out[..m * n];
@@ -194,6 +194,11 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     /// The last `len` (< 16) weights of a row from `p`, widened, zeros after.
+    ///
+    /// # Safety
+    /// AVX-512F must be present (the load; this has no `target_feature` of its own and is
+    /// only inlined into [`slab`]), and `p` must point to `len.min(16)` readable `W`s,
+    /// aligned for `W` as any pointer into a `&[W]` is (they are read one by one).
     #[inline(always)]
     unsafe fn load_tail<W: WeightElem>(p: *const W, len: usize) -> __m512 {
         let mut t = [0f32; 16];
@@ -204,6 +209,11 @@ mod avx512 {
     }
 
     /// `acc (m x n) += x[:, p0..p1] · wt[p0..p1, :]`, four weight rows at a time.
+    ///
+    /// # Safety
+    /// AVX-512F must be present. Nothing is bounds-checked: `p1 <= k`, and `x` must hold
+    /// `m * k` floats (columns p0..p1 of each row are read), `wt` at least `p1 * n` values
+    /// (rows p0..p1), `acc` `m * n` floats (the column tail is masked).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn slab<W: WeightElem>(
         x: &[f32],
@@ -283,9 +293,23 @@ mod tests {
     use super::*;
 
     /// Every row count (streamed and gemm), ragged column bands and bias or none give the
-    /// product by its definition.
+    /// product by its definition. Without AVX-512 the slab kernel declines and gemm, the
+    /// fallback, gives every product; without AVX-512 BF16, bf16 weights are widened.
     #[test]
     fn matches_the_definition_for_every_edge_shape() {
+        let simd = crate::kernels::has_avx512();
+        let dot = crate::kernels::bf16dot::available();
+        if !simd {
+            crate::kernels::skip_or_require(
+                "packed's slab kernel and bf16dot's (this CPU lacks AVX-512); checked gemm, \
+                 on f32 and on widened bf16 weights, the fallback, instead",
+            );
+        } else if !dot {
+            crate::kernels::skip_or_require(
+                "bf16dot kernels under packed::linear (this CPU lacks AVX-512 BF16); checked \
+                 bf16 weights through the widening slab kernel and gemm instead",
+            );
+        }
         for &(m, k, n) in &[
             (1, 5, 3),
             (1, 37, 700),
@@ -313,9 +337,9 @@ mod tests {
                 // Few rows without bf16 dot products: the slab kernel widens as it reads.
                 let streamed =
                     m <= STREAM_ROWS_WIDENED && stream(&x, &wb, bias, (m, k, n), &mut outw);
-                let round_x = crate::kernels::bf16dot::available();
+                assert_eq!(streamed, m <= STREAM_ROWS_WIDENED && simd);
                 let xr = |v: f32| {
-                    if round_x {
+                    if dot {
                         half::bf16::from_f32(v).to_f32()
                     } else {
                         v

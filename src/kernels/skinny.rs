@@ -94,8 +94,9 @@ fn widening<W: WeightElem>(
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
             let j0 = c * chunk;
             let j1 = (j0 + chunk).min(n);
-            // SAFETY: AVX-512F is present (checked above); each task writes only columns
-            // j0..j1 of `out`, which no other task touches; reads stay inside x and w.
+            // SAFETY: AVX-512F is present (checked above); x, w and out hold m x k, n x k
+            // and m x n values (asserted by `linear`), j1 <= n, and each task writes only
+            // columns j0..j1 of `out`, which no other task touches.
             unsafe { avx512::columns(x, w, bias, m, k, n, j0, j1, out_ptr.get()) };
         });
         return true;
@@ -110,6 +111,12 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     /// Columns j0..j1 of the product, for every row.
+    ///
+    /// # Safety
+    /// AVX-512F must be present. Only `bias` is indexed with checks (it panics short of j1):
+    /// `x` must hold `m * k` floats, `w` at least `j1 * k` values (rows j0..j1 are read),
+    /// `j1 <= n`, and `out` must be valid for writes of m rows n floats apart, whose columns
+    /// j0..j1 (all this writes) no other thread reads or writes meanwhile.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn columns<W: WeightElem>(
@@ -149,6 +156,10 @@ mod avx512 {
         }
     }
 
+    /// [`block`] with C chosen at run time: `nc` columns (a band's tail, or fewer rows).
+    ///
+    /// # Safety
+    /// That of [`block`] with C = `nc` (an `nc` outside 2..=4 runs as C = 1).
     #[target_feature(enable = "avx512f")]
     unsafe fn tail_cols<W: WeightElem, const R: usize>(
         x: &[f32],
@@ -168,6 +179,11 @@ mod avx512 {
     }
 
     /// R rows of x (from i) against C rows of w (from j): R x C dot products of length k.
+    ///
+    /// # Safety
+    /// AVX-512F must be present. The reads are unchecked: `x` must hold rows i..i + R of k
+    /// floats (`(i + R) * k` at least), `w` rows j..j + C of k values (`(j + C) * k` at
+    /// least); the tail of k is masked or copied, never read past.
     #[target_feature(enable = "avx512f")]
     unsafe fn block<W: WeightElem, const R: usize, const C: usize>(
         x: &[f32],
@@ -224,9 +240,19 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::{has_avx512, plain_linear, skip_or_require};
 
+    /// The kernel's product by its definition; without AVX-512 it must decline (out
+    /// untouched), and the plain ops its callers run instead must give the same.
     #[test]
     fn matches_the_definition_for_every_edge_shape() {
+        let simd = has_avx512();
+        if !simd {
+            skip_or_require(
+                "skinny kernel (this CPU lacks AVX-512F); checked the plain matmul its callers \
+                 take instead",
+            );
+        }
         for &(m, k, n) in &[
             (1, 5, 3),
             (3, 16, 4),
@@ -238,8 +264,10 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.17).cos()).collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
             let mut out = vec![f32::NAN; m * n];
-            if !linear(&x, &w, Some(&b), (m, k, n), &mut out) {
-                return; // no AVX-512 here: the callers use gemm instead
+            assert_eq!(linear(&x, &w, Some(&b), (m, k, n), &mut out), simd);
+            if !simd {
+                assert!(out.iter().all(|v| v.is_nan()), "a declining kernel wrote");
+                out = plain_linear(&x, &w, Some(&b), (m, k, n));
             }
             for i in 0..m {
                 for j in 0..n {
@@ -255,10 +283,23 @@ mod tests {
     }
 
     /// bf16 weights give the f32 product of their exact f32 values (bf16 widens losslessly)
-    /// without bf16 dot products; with them, of the activations rounded to bf16 too.
+    /// without bf16 dot products; with them, of the activations rounded to bf16 too. Without
+    /// AVX-512, the plain ops the callers run instead give the widened product.
     #[test]
     fn bf16_weights_widen_exactly() {
         let dot = crate::kernels::bf16dot::available();
+        let simd = has_avx512();
+        if !simd {
+            skip_or_require(
+                "skinny kernels on bf16 weights (this CPU lacks AVX-512F); checked the plain \
+                 matmul on the widened weight, which their callers take, instead",
+            );
+        } else if !dot {
+            skip_or_require(
+                "bf16dot's output-major kernel (this CPU lacks AVX-512 BF16); checked the \
+                 widening kernel, which skinny::linear falls back to, instead",
+            );
+        }
         let xr = |v: f32| {
             if dot {
                 half::bf16::from_f32(v).to_f32()
@@ -272,11 +313,18 @@ mod tests {
                 .map(|i| half::bf16::from_f32((i as f32 * 0.17).cos()))
                 .collect();
             let mut out = vec![f32::NAN; m * n];
-            if !linear(&x, &w, None, (m, k, n), &mut out) {
-                return;
-            }
             let mut widened = vec![f32::NAN; m * n];
-            assert!(widening(&x, &w, None, (m, k, n), &mut widened));
+            // bf16 dot products need AVX-512F too, so either path runs exactly when it does.
+            assert_eq!(linear(&x, &w, None, (m, k, n), &mut out), simd);
+            assert_eq!(widening(&x, &w, None, (m, k, n), &mut widened), simd);
+            if !simd {
+                assert!(
+                    out.iter().chain(&widened).all(|v| v.is_nan()),
+                    "a declining kernel wrote"
+                );
+                out = plain_linear(&x, &w, None, (m, k, n));
+                widened.clone_from(&out);
+            }
             for i in 0..m {
                 for j in 0..n {
                     let want: f32 = (0..k)

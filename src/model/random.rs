@@ -113,17 +113,18 @@ impl SimpleBackend for ShapeRecorder {
 
 /// Every tensor of a model of `config` in the released checkpoint layout, with its shape,
 /// in the order the model asks for them (tied embeddings once). Costs no weight memory.
-pub fn tensor_shapes(
-    config: &crate::model::Qwen2VlConfig,
-) -> anyhow::Result<Vec<(String, Vec<usize>)>> {
+pub fn tensor_shapes(config: &crate::model::Qwen2VlConfig) -> anyhow::Result<TensorShapes> {
     Ok(shape_only(config)?.1)
 }
+
+/// Tensor names with their shapes, in the order a model asked for them.
+pub type TensorShapes = Vec<(String, Vec<usize>)>;
 
 /// A model of `config` whose every weight is a broadcast zero (no weight memory), in the
 /// released checkpoint layout, and the tensors it asked for (name and shape, in order).
 pub fn shape_only(
     config: &crate::model::Qwen2VlConfig,
-) -> anyhow::Result<(crate::model::Qwen2Vl, Vec<(String, Vec<usize>)>)> {
+) -> anyhow::Result<(crate::model::Qwen2Vl, TensorShapes)> {
     let rec = std::sync::Arc::new(ShapeRecorder {
         seen: Mutex::new(Vec::new()),
     });
