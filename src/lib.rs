@@ -5,7 +5,7 @@
 //!
 //! The modules form layers: a module uses only modules of lower layers, so there is no
 //! import circle and each layer can be read, tested and changed knowing only those below
-//! it. `tests/layers.rs` reads this table and checks every `crate::` path in `src/`
+//! it. `tests/suite/layers.rs` reads this table and checks every `crate::` path in `src/`
 //! against it.
 //!
 //! | layer | modules | what they are |

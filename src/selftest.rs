@@ -4,7 +4,7 @@
 //! them) through the same code paths as `generate`, `eval` and `train`, on whichever device
 //! it is given: `--device cpu` in CI, `--device cuda:0` on the first GPU machine.
 //!
-//! Bounds are the integration tests' (tests/model_parity.rs, tests/grpo_parity.rs): logits
+//! Bounds are the integration tests' (tests/suite/model_parity.rs, tests/suite/grpo_parity.rs): logits
 //! within 1e-4 of the logit scale, greedy continuations token for token, teacher-forced
 //! log-probs within 1e-4, bf16 logits at most twice as far from the f32 reference as
 //! transformers' own bf16 logits with the same argmax, the GRPO loss within 1e-5 and its

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the medical-image fixtures that tests/medical.rs compares medvlm against.
+"""Build the medical-image fixtures that tests/suite/medical.rs compares medvlm against.
 
 The expected pictures come from the Python reference stack (pydicom, nibabel, numpy, Pillow,
 GDCM for the one file pydicom cannot decode); nothing is computed by medvlm. CI never runs this

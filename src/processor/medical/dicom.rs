@@ -549,7 +549,7 @@ mod tests {
     }
 
     /// Our sequential decoder, run on an 8-bit stream, equals libjpeg-turbo exactly (both
-    /// are IJG's islow IDCT); the 12-bit path is checked against GDCM in tests/medical.rs.
+    /// are IJG's islow IDCT); the 12-bit path is checked against GDCM in tests/suite/medical.rs.
     #[test]
     fn own_jpeg_decoder_equals_libjpeg_on_8_bit() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

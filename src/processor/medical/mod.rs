@@ -35,7 +35,7 @@
 //! message becomes part of the error.
 //!
 //! The reference for all of this is `tools/make_medical_fixtures.py` (pydicom, nibabel), and
-//! `tests/medical.rs` compares against its pictures.
+//! `tests/suite/medical.rs` compares against its pictures.
 
 mod dicom;
 mod jpeg;

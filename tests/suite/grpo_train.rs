@@ -4,12 +4,10 @@
 //! accuracy well above the warm start's. Also: resuming an interrupted run ends with exactly
 //! the weights of an uninterrupted one, and bad configs fail before any work.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use medvlm::data::{self, PromptTemplate};
 use medvlm::model::Qwen2VlConfig;
 use medvlm::processor::{Processor, ProcessorOptions};

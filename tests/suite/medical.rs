@@ -1,11 +1,9 @@
 //! DICOM and NIfTI decoding against the pictures pydicom / nibabel / GDCM make of the same
 //! files (tools/make_medical_fixtures.py writes tests/fixtures/medical/).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::medvlm;
+use crate::common::medvlm;
 use image::RgbImage;
 use medvlm::processor::image::{
     decode_rgb, is_medical, load_medical_values, load_rgb, load_rgb_with, MedicalOptions,

@@ -3,10 +3,8 @@
 //! greedy continuations and teacher-forced log-probabilities out, each compared with what
 //! transformers 4.57 computed for the same files (tools/make_fixtures.py).
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use medvlm::generate::{self, Engine, FinishReason, Request, SamplingParams};
 use medvlm::model::{Mode, Qwen2Vl};
 use medvlm::processor::{Processor, ProcessorOptions, Prompt};
@@ -53,6 +51,9 @@ fn check_model(name: &str) {
 
 fn check_layout(name: &str, packed: bool) {
     let mut l = load(name, DType::F32);
+    if packed && !medvlm::kernels::has_avx512() {
+        note_without_simd("the packed and few-row kernels (AVX-512F): gemm takes the products");
+    }
     if packed {
         let n = l.model.prepare_for_inference().unwrap();
         assert!(n > 0, "{name}: no layer was packed");
@@ -230,6 +231,9 @@ fn tiny_b_in_bf16_is_as_accurate_as_transformers_bf16() {
 /// closer to transformers' f32 reference than that run is, with the same argmax.
 #[test]
 fn tiny_b_bf16_weights_on_cpu_are_closer_than_transformers_bf16() {
+    if !medvlm::kernels::bf16dot::available() {
+        note_without_simd("bf16 dot products (AVX-512 BF16): bf16 weights are widened");
+    }
     let mut l = load("tiny-b", DType::BF16);
     assert!(l.model.prepare_for_inference().unwrap() > 0);
     for (path, lin) in l.model.linears_mut() {

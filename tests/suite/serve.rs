@@ -7,8 +7,6 @@
 //! the next. Its greedy output is therefore known by construction:
 //! `<think>The liver is enlarged.</think>\n<answer>A</answer>` then `<|im_end|>`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -16,9 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use base64::Engine as _;
 use candle_core::{Device, Tensor};
-use common::*;
 use serde_json::{json, Value};
 
 const PARROT_TEXT: &str = "<think>The liver is enlarged.</think>\n<answer>A</answer>";

@@ -1,11 +1,9 @@
 //! The `medvlm` binary as a user runs it: results equal to transformers' for the same files,
 //! and bad input answered with one line naming the problem, a non-zero exit and no panic.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A failing run must say one line, starting with "error:", mentioning every `needles`.

@@ -3,10 +3,8 @@
 //! model as reference, 3 prompts with an image each, 3 completions per prompt, fixed
 //! rewards, and for two iterations fixed old log-probs that make PPO clipping bite.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use medvlm::model::Qwen2Vl;
 use medvlm::processor::{Message, Processor, ProcessorOptions, Prompt};
 use medvlm::rl::grpo::{self, LossConfig, LossType, ScaleRewards};

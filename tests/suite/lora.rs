@@ -4,10 +4,8 @@
 //! `medvlm merge` writes a checkpoint equal to base + adapter; training touches only the
 //! adapters.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use medvlm::model::Qwen2Vl;
 use medvlm::processor::{Message, Processor, ProcessorOptions, Prompt};
 use medvlm::train::config::LoraConfig;

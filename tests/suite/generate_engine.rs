@@ -2,10 +2,8 @@
 //! transformers; group sampling is reproducible, diverse, and its log-probabilities equal a
 //! separate teacher-forced pass; stop tokens and length limits end sequences correctly.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use medvlm::generate::{score, Engine, FinishReason, Request, SamplingParams};
 use medvlm::model::Qwen2Vl;
 use medvlm::processor::{Processor, ProcessorOptions, Prompt};

@@ -7,14 +7,12 @@
 //! token, which decodes to nothing; one that ignores it decodes tiny-a's usual text (the
 //! control below shows that text is there).
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medvlm::data::PromptTemplate;
 use medvlm::rl::config::{GrpoConfig, GrpoMethod};
 use medvlm::train::config::RunConfig;

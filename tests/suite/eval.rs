@@ -2,12 +2,10 @@
 //! beside the repository (../shared/data/medvlm-r1-testset: 900 questions, 8 of their
 //! images).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use medvlm::data::{self, Modality};
 use medvlm::sft::{SftConfig, SftMethod};
 use medvlm::train::config::RunConfig;

@@ -1,0 +1,25 @@
+//! The integration tests, as one test binary: each module was a file of its own under
+//! tests/, and so a binary of its own that linked the whole crate again (18 links of
+//! medvlm and its dependencies per build). `cargo test NAME` still selects tests by name
+//! (`cargo test serve::` runs one module).
+
+mod common;
+
+mod cli;
+mod demo;
+mod eval;
+mod generate_engine;
+mod grpo_parity;
+mod grpo_train;
+mod help;
+mod image_processor;
+mod layers;
+mod lora;
+mod medical;
+mod model_parity;
+mod plot;
+mod readme;
+mod rewards;
+mod selftest;
+mod serve;
+mod stop_tokens;
