@@ -55,12 +55,7 @@ pub fn run_greedy(
     for chunk in items.chunks(batch_size.max(1)) {
         let mut prompts = Vec::with_capacity(chunk.len());
         for it in chunk {
-            let images = it
-                .images
-                .iter()
-                .map(|p| processor.load_image(p))
-                .collect::<Result<Vec<_>>>()?;
-            prompts.push(processor.prepare(&template.messages(it), images, true)?);
+            prompts.push(template.prompt(processor, it)?);
         }
         let reqs: Vec<Request> = prompts
             .iter()
@@ -113,12 +108,7 @@ pub fn run_likelihood(
 ) -> Result<Vec<ItemResult>> {
     let mut out = Vec::with_capacity(items.len());
     for it in items {
-        let images = it
-            .images
-            .iter()
-            .map(|p| processor.load_image(p))
-            .collect::<Result<Vec<_>>>()?;
-        let prompt = processor.prepare(&template.messages(it), images, true)?;
+        let prompt = template.prompt(processor, it)?;
         let letters: Vec<char> = crate::data::LETTERS[..it.options.len()].to_vec();
         let toks: Vec<Vec<u32>> = letters
             .iter()

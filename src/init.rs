@@ -201,7 +201,6 @@ fn write_side_files(
     write_json(dir, "generation_config.json", &generation)
 }
 
-/// Writes a fresh checkpoint directory at `out` (which must not exist).
 /// An empty directory beside `out` (its parent created if needed) to stage a checkpoint's
 /// tokenizer and config files in: the checkpoint writer copies them and renames the
 /// finished directory into place, so `out` never exists half-written.
@@ -228,6 +227,7 @@ fn staging_dir(out: &Path) -> Result<(PathBuf, String, PathBuf)> {
     Ok((parent.to_path_buf(), name, staging))
 }
 
+/// Writes a fresh checkpoint directory at `out` (which must not exist).
 pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
     if out.exists() {
         bail!("{}: already exists; choose a new directory", out.display());
@@ -296,28 +296,6 @@ pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
     let done = checkpoint::save(&parent, &name, &model, DType::F32, None)?;
     std::fs::remove_dir_all(&staging)?;
     Ok(done)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokenizer_round_trips_the_answer_format() {
-        let tok = train_tokenizer(400).unwrap();
-        let text = "<think>This is a CT image.</think><answer>B</answer><|im_end|>";
-        let enc = tok.encode(text, false).unwrap();
-        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
-        let im_end = tok.token_to_id("<|im_end|>").unwrap();
-        assert_eq!(
-            *enc.get_ids().last().unwrap(),
-            im_end,
-            "special tokens stay whole"
-        );
-        // Unseen text still encodes: the byte alphabet covers everything.
-        let e = tok.encode("Größe 42 µm", false).unwrap();
-        assert_eq!(tok.decode(e.get_ids(), false).unwrap(), "Größe 42 µm");
-    }
 }
 
 /// Where Qwen2's special tokens sit in its vocabulary: `<|endoftext|>` and the 13 after it.
@@ -461,4 +439,26 @@ pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
     std::fs::rename(&staging, out)
         .with_context(|| format!("{}: cannot move into place", out.display()))?;
     Ok(out.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizer_round_trips_the_answer_format() {
+        let tok = train_tokenizer(400).unwrap();
+        let text = "<think>This is a CT image.</think><answer>B</answer><|im_end|>";
+        let enc = tok.encode(text, false).unwrap();
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+        let im_end = tok.token_to_id("<|im_end|>").unwrap();
+        assert_eq!(
+            *enc.get_ids().last().unwrap(),
+            im_end,
+            "special tokens stay whole"
+        );
+        // Unseen text still encodes: the byte alphabet covers everything.
+        let e = tok.encode("Größe 42 µm", false).unwrap();
+        assert_eq!(tok.decode(e.get_ids(), false).unwrap(), "Größe 42 µm");
+    }
 }

@@ -189,12 +189,7 @@ fn supervised(
     let mut prompts = Vec::with_capacity(batch.len());
     let mut targets = Vec::with_capacity(batch.len());
     for it in batch {
-        let images = it
-            .images
-            .iter()
-            .map(|p| processor.load_image(p))
-            .collect::<Result<Vec<_>>>()?;
-        prompts.push(processor.prepare(&template.messages(it), images, true)?);
+        prompts.push(template.prompt(processor, it)?);
         let mut ids = processor.tokenizer.encode(&target_text(it))?;
         ids.push(im_end);
         targets.push(ids);

@@ -48,6 +48,22 @@ impl PromptTemplate {
         )]
     }
 
+    /// The model's input for an item: its images read and preprocessed, the conversation
+    /// rendered with the chat template (generation prompt added) and tokenized. Training,
+    /// evaluation and the memory plan all build prompts here.
+    pub fn prompt(
+        self,
+        processor: &crate::processor::Processor,
+        item: &VqaItem,
+    ) -> anyhow::Result<crate::processor::Prompt> {
+        let images = item
+            .images
+            .iter()
+            .map(|p| processor.load_image(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        processor.prepare(&self.messages(item), images, true)
+    }
+
     /// The template a checkpoint was trained with, from the `medvlm.json` medvlm writes
     /// into it (checked in `dirs` in order: an adapter before its base model).
     pub fn of_checkpoint(

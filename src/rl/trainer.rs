@@ -171,13 +171,7 @@ impl GrpoRun {
     }
 
     fn prompt_for(&self, item: &VqaItem) -> Result<Prompt> {
-        let images = item
-            .images
-            .iter()
-            .map(|p| self.processor.load_image(p))
-            .collect::<Result<Vec<_>>>()?;
-        self.processor
-            .prepare(&self.config.run.template.messages(item), images, true)
+        self.config.run.template.prompt(&self.processor, item)
     }
 
     fn context<'a>(item: &'a VqaItem, sol: &'a str) -> RewardContext<'a> {

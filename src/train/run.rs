@@ -97,13 +97,8 @@ pub fn longest_prompt(
     });
     let mut best = (1, 0);
     for it in order.into_iter().take(16) {
-        let images = it
-            .images
-            .iter()
-            .map(|p| processor.load_image(p))
-            .collect::<Result<Vec<_>>>()?;
-        let patches: usize = images.iter().map(|i| i.num_patches).sum();
-        let p = processor.prepare(&template.messages(it), images, true)?;
+        let p = template.prompt(processor, it)?;
+        let patches: usize = p.images.iter().map(|i| i.num_patches).sum();
         if p.input_ids.len() > best.0 {
             best = (p.input_ids.len(), patches);
         }
