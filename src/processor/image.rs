@@ -93,6 +93,17 @@ pub fn decode_rgb_with(bytes: &[u8], opts: &MedicalOptions) -> Result<RgbImage> 
     Ok(rgb)
 }
 
+/// The memory decoding `bytes` takes at most, in bytes (the decoded pixels, the RGB copy,
+/// the decoder's buffers), from the file's header alone; an error when the header already
+/// refuses the image. Callers admit decodes by it (the server runs several at once).
+pub fn decode_cost(bytes: &[u8]) -> Result<u64> {
+    if medical::is_medical(Path::new(""), bytes) {
+        return medical::decode_cost(Path::new(""), bytes);
+    }
+    // Placeholder until the header checks land (issue 25).
+    Ok(bytes.len() as u64 * 16)
+}
+
 /// Converts a decoded image to 8-bit RGB with PIL's `convert("RGB")` semantics: gray is
 /// replicated, alpha is dropped, 16-bit samples become `round(v / 257)`. Float images
 /// (0.0..=1.0) are clamped and scaled to 0..=255.
