@@ -331,13 +331,13 @@ impl GrpoRun {
                 return last_ckpt.context("stopped before any checkpoint was written");
             }
             let t = Instant::now();
-            let step = self.session.step; // optimizer updates done before this one
-            let fresh = step.is_multiple_of(iterations) || rollout.is_none();
+            let done = self.session.step; // optimizer updates before this one
+            let fresh = done.is_multiple_of(iterations) || rollout.is_none();
 
             // Rollout: every `num_iterations` steps, G completions for each of B prompts.
             // Rewards: each completion scored, advantages relative to its group.
             if fresh {
-                let mut r = self.rollout(step / iterations)?;
+                let mut r = self.rollout(done / iterations)?;
                 self.score(&mut r)?;
                 rollout = Some(r);
             }
@@ -347,7 +347,7 @@ impl GrpoRun {
             let out = self.optimize(r)?;
 
             // Log: the step's metrics, and a few completions of a fresh rollout.
-            let step = self.session.step;
+            let step = self.session.step; // this step's number
             let mut rec = self.record(r, &out, fresh, t.elapsed().as_secs_f64());
             if fresh {
                 self.log_samples(r)?;
