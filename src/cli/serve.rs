@@ -12,6 +12,9 @@ pub(super) fn run_serve(a: ServeArgs) -> Result<()> {
     if a.max_body_mb == 0 {
         bail!("--max-body-mb must be at least 1");
     }
+    if let Some(k) = &a.api_key {
+        check_api_key(k)?;
+    }
     crate::serve::run(crate::serve::ServeOptions {
         source: a.model.source(),
         // DICOM/NIfTI windows and slices are per request ("window", "slice").
@@ -21,12 +24,36 @@ pub(super) fn run_serve(a: ServeArgs) -> Result<()> {
         max_batch: a.max_batch,
         max_queue: a.max_queue,
         served_model_name: a.served_model_name,
-        api_key: a.api_key.filter(|k| !k.is_empty()),
+        api_key: a.api_key,
         allowed_local_media_path: a.allowed_local_media_path,
         max_body_bytes: a.max_body_mb.saturating_mul(1 << 20),
         request_timeout: secs("--request-timeout", a.request_timeout)?,
         shutdown_timeout: secs("--shutdown-timeout", a.shutdown_timeout)?,
         reasoning: a.reasoning_format,
         prefill_chunk: a.prefill_chunk,
+        max_connections: a.max_connections,
+        header_timeout: secs("--header-timeout", a.header_timeout)?,
+        idle_timeout: secs("--idle-timeout", a.idle_timeout)?,
+        body_timeout: secs("--body-timeout", a.body_timeout)?,
+        decode_budget: a.decode_budget_mb.map(|mb| mb.saturating_mul(1 << 20)),
     })
+}
+
+/// A key that clients can send: an empty one (a deploy script's unset `$KEY`) would
+/// otherwise have meant an open server, and a key with surrounding spaces or characters a
+/// header cannot carry could never be matched.
+fn check_api_key(k: &str) -> Result<()> {
+    if k.trim().is_empty() {
+        bail!(
+            "--api-key (or MEDVLM_API_KEY) is empty; give a key, or leave the flag out to \
+             serve without one"
+        );
+    }
+    if k.trim() != k {
+        bail!("--api-key must not begin or end with spaces");
+    }
+    if !k.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        bail!("--api-key must be printable ASCII (it travels in an HTTP header)");
+    }
+    Ok(())
 }
