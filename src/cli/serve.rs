@@ -3,9 +3,11 @@
 use super::*;
 
 pub(super) fn run_serve(a: ServeArgs) -> Result<()> {
+    // At most a year: deadlines are instants, and an instant too far ahead overflows.
+    const MAX_SECS: f64 = 365.0 * 86400.0;
     let secs = |name: &str, v: f64| -> Result<std::time::Duration> {
-        if !(v.is_finite() && v > 0.0) {
-            bail!("{name} must be a positive number of seconds, got {v}");
+        if !(v.is_finite() && v > 0.0 && v <= MAX_SECS) {
+            bail!("{name} must be a positive number of seconds, at most {MAX_SECS}, got {v:?}");
         }
         Ok(std::time::Duration::from_secs_f64(v))
     };

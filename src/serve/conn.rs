@@ -170,7 +170,9 @@ pub struct Connections {
 impl Connections {
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
-            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            slots: Arc::new(Semaphore::new(
+                limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+            )),
             limits,
             epoch: Instant::now(),
             open: Mutex::new(HashMap::new()),
