@@ -334,7 +334,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
     /// Require `Authorization: Bearer KEY` on /v1/ endpoints (/health and /metrics stay
-    /// open). Default: no key.
+    /// open). Default: no key (a warning when listening beyond loopback). An empty key is
+    /// refused, not taken as "no key".
     #[arg(
         long,
         value_name = "KEY",
@@ -364,6 +365,27 @@ pub struct ServeArgs {
     /// decoding: bounds how long a new request stalls the running streams.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub prefill_chunk: usize,
+    /// Most open connections. A new one beyond them closes the connection that has gone
+    /// longest without a request in progress; if every one is busy, it waits for one to
+    /// end. Lowered to what `ulimit -n` allows.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_connections: usize,
+    /// Seconds from the first byte of a request's headers to the last; then the
+    /// connection is closed.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub header_timeout: f64,
+    /// Seconds a connection may stay open with no request in progress and no byte
+    /// arriving (keep-alive); then it is closed.
+    #[arg(long, default_value_t = 75.0, value_name = "SECS")]
+    pub idle_timeout: f64,
+    /// Seconds from a request's headers to the last byte of its body; then 408.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub body_timeout: f64,
+    /// MiB of memory image decoding may take at once, by each image's declared size; an
+    /// image needing more is refused (400), others wait for room. Default: a quarter of
+    /// the memory available after the model is loaded.
+    #[arg(long, value_name = "MB")]
+    pub decode_budget_mb: Option<u64>,
     #[command(flatten)]
     pub limits: PromptLimits,
 }

@@ -10,33 +10,48 @@ use crate::processor::image::MedicalOptions;
 use crate::processor::{Content, Message};
 
 /// Most `stop` strings per request (OpenAI's limit).
-const MAX_STOP: usize = 4;
+pub const MAX_STOP: usize = 4;
+/// Longest stop string, in bytes. Matching is incremental (a token costs the same whatever
+/// their length), but a stream holds back up to this many bytes that could begin one.
+pub const MAX_STOP_BYTES: usize = 1024;
 /// Most `top_logprobs` (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Lowest temperature above 0 (0 is greedy). The sampler divides the f32 logits by it; well
+/// above the ~1e-30 where that overflows, and below it sampling is greedy in all but name.
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+/// Highest temperature, OpenAI's.
+pub const MAX_TEMPERATURE: f64 = 2.0;
+/// Range of repetition_penalty: the sampler divides positive logits by it and multiplies
+/// negative ones; 1 is off.
+pub const REPETITION_PENALTY: (f64, f64) = (0.01, 10.0);
 
 /// The fields this server reads; others (`user`, `metadata`, ...) are accepted and ignored,
-/// as OpenAI-compatible servers do, so existing clients work unchanged.
+/// as OpenAI-compatible servers do, so existing clients work unchanged. Numbers are read as
+/// f64 and checked before they become the sampler's f32: a JSON number f32 cannot hold
+/// (1e-45 is subnormal, 1e-50 rounds to 0, 1e39 to infinity) must not change meaning on
+/// the way.
 #[derive(Deserialize)]
 struct Raw {
     model: Option<String>,
     messages: Vec<Value>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
     /// vLLM's convention: -1 (or 0) keeps every token.
     top_k: Option<i64>,
-    min_p: Option<f32>,
-    repetition_penalty: Option<f32>,
-    seed: Option<u64>,
+    min_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    /// An integer; OpenAI's is int64, so negative ones are accepted too.
+    seed: Option<serde_json::Number>,
     n: Option<u64>,
     stop: Option<Stop>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     logprobs: Option<bool>,
     top_logprobs: Option<u64>,
-    frequency_penalty: Option<f32>,
-    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
     /// Extra: DICOM/NIfTI window, "lung" or "C,W" or [C, W].
     window: Option<Value>,
     /// Extra: slice of a 3-D volume.
@@ -83,10 +98,44 @@ pub struct ChatRequest {
     pub ignore_eos: bool,
 }
 
+/// A float field as the sampler's f32, if `ok` accepts it (`range` says what that is).
+/// Nonzero values that f32 cannot hold as a normal number are refused rather than rounded
+/// to 0 or infinity, or kept subnormal.
+fn float(
+    name: &str,
+    v: Option<f64>,
+    range: &str,
+    ok: impl Fn(f64) -> bool,
+) -> Result<Option<f32>, ApiError> {
+    let Some(x) = v else { return Ok(None) };
+    let normal =
+        x == 0.0 || (x.abs() >= f64::from(f32::MIN_POSITIVE) && x.abs() <= f64::from(f32::MAX));
+    if normal && ok(x) {
+        return Ok(Some(x as f32));
+    }
+    Err(ApiError::param(
+        name,
+        format!("{name} must be {range}, got {}", number(x)),
+    ))
+}
+
+/// A number as people write it: 0.5, 1e-45, 3e39 (JSON's 1e-45 reads as 1.0000000000000001e-45).
+fn number(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        let s = format!("{x:.6e}");
+        match s.split_once('e') {
+            Some((m, e)) => format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.')),
+            None => s,
+        }
+    } else {
+        format!("{}", (x * 1e6).round() / 1e6)
+    }
+}
+
 /// Reads a request body.
 pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    let raw: Raw = serde_path_to_error::deserialize(de).map_err(|e| {
+    let raw: Raw = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -97,11 +146,21 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
             ApiError::param(&path, format!("{path}: {inner}"))
         }
     })?;
+    // One JSON value and nothing after it but whitespace: trailing bytes are a broken or
+    // smuggled body, not something to ignore.
+    de.end().map_err(|e| {
+        ApiError::bad_request(format!(
+            "the request body has data after its JSON value: {e}"
+        ))
+    })?;
     let (messages, images) = parse_messages(&raw.messages)?;
     let positive = |name: &str, v: Option<u64>| -> Result<Option<usize>, ApiError> {
         match v {
             Some(0) => Err(ApiError::param(name, format!("{name} must be at least 1"))),
-            v => Ok(v.map(|x| x as usize)),
+            Some(x) => usize::try_from(x)
+                .map(Some)
+                .map_err(|_| ApiError::param(name, format!("{name} is too large, got {x}"))),
+            None => Ok(None),
         }
     };
     let max_tokens = positive("max_completion_tokens", raw.max_completion_tokens)?
@@ -118,11 +177,42 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
             ));
         }
     }
+    let temperature = float(
+        "temperature",
+        raw.temperature,
+        &format!("0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}"),
+        |x| x == 0.0 || (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&x),
+    )?;
+    let top_p = float("top_p", raw.top_p, "in (0, 1]", |x| x > 0.0 && x <= 1.0)?;
+    let min_p = float("min_p", raw.min_p, "in [0, 1]", |x| {
+        (0.0..=1.0).contains(&x)
+    })?;
+    let (lo, hi) = REPETITION_PENALTY;
+    let repetition_penalty = float(
+        "repetition_penalty",
+        raw.repetition_penalty,
+        &format!("between {lo} and {hi} (1 is off)"),
+        |x| (lo..=hi).contains(&x),
+    )?;
     let top_k = match raw.top_k {
         None => None,
-        Some(k) if k <= 0 => Some(0),
-        Some(k) => Some(k as usize),
+        Some(-1 | 0) => Some(0),
+        Some(k) if k < 0 => {
+            return Err(ApiError::param(
+                "top_k",
+                format!("top_k must be -1 or 0 (every token) or at least 1, got {k}"),
+            ))
+        }
+        Some(k) => Some(usize::try_from(k).unwrap_or(usize::MAX)),
     };
+    let seed =
+        match raw.seed {
+            None => None,
+            // Negative seeds keep their bits: -1 and u64::MAX are the same stream.
+            Some(s) => Some(s.as_u64().or(s.as_i64().map(|x| x as u64)).ok_or_else(|| {
+                ApiError::param("seed", format!("seed must be an integer, got {s}"))
+            })?),
+        };
     let stop = match raw.stop {
         None => vec![],
         Some(Stop::One(s)) => vec![s],
@@ -137,6 +227,15 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::param("stop", "stop strings must not be empty"));
     }
+    if let Some(s) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::param(
+            "stop",
+            format!(
+                "stop strings must be at most {MAX_STOP_BYTES} bytes, got one of {}",
+                s.len()
+            ),
+        ));
+    }
     let logprobs = match (raw.logprobs.unwrap_or(false), raw.top_logprobs) {
         (false, Some(k)) if k > 0 => {
             return Err(ApiError::param(
@@ -146,14 +245,14 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
         }
         (false, _) => None,
         (true, k) => {
-            let k = k.unwrap_or(0) as usize;
-            if k > MAX_TOP_LOGPROBS {
+            let k = k.unwrap_or(0);
+            if k > MAX_TOP_LOGPROBS as u64 {
                 return Err(ApiError::param(
                     "top_logprobs",
                     format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {k}"),
                 ));
             }
-            Some(k)
+            Some(k as usize)
         }
     };
     let window = match &raw.window {
@@ -181,12 +280,12 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
         messages,
         images,
         sampling: UserSampling {
-            temperature: raw.temperature,
+            temperature,
             top_k,
-            top_p: raw.top_p,
-            min_p: raw.min_p,
-            repetition_penalty: raw.repetition_penalty,
-            seed: raw.seed,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
             max_new_tokens: max_tokens,
         },
         n,
@@ -357,5 +456,114 @@ mod tests {
         for e in [err("[]"), err("{}")] {
             assert_eq!(e.status.as_u16(), 400);
         }
+    }
+
+    /// Every numeric field is checked against what it means and what the sampler can
+    /// compute with, f32's subnormals and overflow included; the error names the field.
+    #[test]
+    fn numbers_out_of_range_name_their_field() {
+        let with = |field: &str, v: &str| {
+            format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"{field}":{v}}}"#)
+        };
+        for (field, v) in [
+            ("temperature", "1e-45"),
+            ("temperature", "1e-50"),
+            ("temperature", "0.0001"),
+            ("temperature", "-0.5"),
+            ("temperature", "2.5"),
+            ("temperature", "1e39"),
+            ("top_p", "0"),
+            ("top_p", "1e-45"),
+            ("top_p", "1.5"),
+            ("top_p", "-1"),
+            ("min_p", "1e-40"),
+            ("min_p", "2"),
+            ("min_p", "-0.1"),
+            ("repetition_penalty", "0"),
+            ("repetition_penalty", "1e-45"),
+            ("repetition_penalty", "-1"),
+            ("repetition_penalty", "1e30"),
+            ("top_k", "-2"),
+            ("top_k", "1.5"),
+            ("max_tokens", "0"),
+            ("max_tokens", "-1"),
+            ("max_tokens", "2.5"),
+            ("max_tokens", "1e30"),
+            ("max_completion_tokens", "0"),
+            ("n", "0"),
+            ("n", "-3"),
+            ("seed", "1.5"),
+            ("seed", "1e300"),
+            ("seed", "\"7\""),
+            ("top_logprobs", "-1"),
+            ("frequency_penalty", "1e-45"),
+            ("presence_penalty", "3"),
+            ("slice", "-1"),
+        ] {
+            let body = with(field, v);
+            let body = if field == "top_logprobs" {
+                body.replace("\"top_logprobs\"", "\"logprobs\":true,\"top_logprobs\"")
+            } else {
+                body
+            };
+            let e = err(&body);
+            assert_eq!(e.status.as_u16(), 400, "{body}");
+            assert_eq!(e.param.as_deref(), Some(field), "{body}: {}", e.message);
+            assert!(!e.message.contains('\n'), "{}", e.message);
+        }
+        let e = err(&with("temperature", "1e-45"));
+        assert!(e.message.contains("got 1e-45"), "{}", e.message);
+        // The edges are accepted, and mean what they say.
+        let ok = |field: &str, v: &str| parse(with(field, v).as_bytes()).expect(v).sampling;
+        assert_eq!(ok("temperature", "0").temperature, Some(0.0));
+        assert_eq!(ok("temperature", "0.001").temperature, Some(0.001));
+        assert_eq!(ok("temperature", "2").temperature, Some(2.0));
+        assert_eq!(ok("top_p", "1").top_p, Some(1.0));
+        assert_eq!(ok("min_p", "0").min_p, Some(0.0));
+        assert_eq!(ok("repetition_penalty", "1").repetition_penalty, Some(1.0));
+        assert_eq!(ok("top_k", "-1").top_k, Some(0));
+        assert_eq!(ok("top_k", "40").top_k, Some(40));
+        // OpenAI's seed is an int64: a negative one is a seed, not an error.
+        assert_eq!(ok("seed", "-1").seed, Some(u64::MAX));
+        assert_eq!(ok("seed", "18446744073709551615").seed, Some(u64::MAX));
+    }
+
+    /// One JSON value and only whitespace after it.
+    #[test]
+    fn bytes_after_the_json_value_are_refused() {
+        let good = r#"{"messages":[{"role":"user","content":"x"}]}"#;
+        assert!(parse(good.as_bytes()).is_ok());
+        assert!(parse(format!("{good} \r\n\t ").as_bytes()).is_ok());
+        for tail in ["x", "{}", "\u{0}", " 1", "\n{\"messages\":[]}", "]"] {
+            let e = err(&format!("{good}{tail}"));
+            assert_eq!(e.status.as_u16(), 400);
+            assert!(
+                e.message.contains("after its JSON value"),
+                "{tail:?}: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn stop_strings_are_capped_in_number_and_length() {
+        let with = |stop: Value| {
+            serde_json::json!({"messages":[{"role":"user","content":"x"}],"stop":stop}).to_string()
+        };
+        let long = "a".repeat(MAX_STOP_BYTES + 1);
+        for stop in [
+            serde_json::json!(long),
+            serde_json::json!(["ok", long]),
+            serde_json::json!(["a", "b", "c", "d", "e"]),
+            serde_json::json!([""]),
+            // Bytes, not characters: 342 three-byte characters are 1026 bytes.
+            serde_json::json!("€".repeat(342)),
+        ] {
+            let e = err(&with(stop));
+            assert_eq!(e.param.as_deref(), Some("stop"), "{}", e.message);
+        }
+        let four = vec!["a".repeat(MAX_STOP_BYTES); 4];
+        let r = parse(with(serde_json::json!(four)).as_bytes());
+        assert_eq!(r.unwrap().stop.len(), 4);
     }
 }

@@ -123,6 +123,18 @@ impl ApiError {
         e
     }
 
+    /// 408: the body did not arrive in time (a slow or stalled upload holds a connection
+    /// and a buffer).
+    pub fn body_timeout(secs: f64) -> Self {
+        let mut e = Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the request body did not arrive within {secs} s (--body-timeout)"),
+        );
+        e.code = Some("body_timeout");
+        e
+    }
+
     pub fn shutting_down() -> Self {
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

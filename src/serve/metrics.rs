@@ -77,8 +77,19 @@ pub struct Metrics {
     pub running_sequences: AtomicUsize,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
-    /// Requests whose client went away (or timed out) before they finished.
+    /// Requests dropped before they finished: client gone, timed out, or cut by shutdown.
     pub cancelled: AtomicU64,
+    /// Bytes of the image-decode budget reserved now, and decodes waiting for room.
+    pub decode_reserved_bytes: AtomicU64,
+    pub decodes_waiting: AtomicUsize,
+    /// Open HTTP connections.
+    pub open_connections: AtomicUsize,
+    /// Connections the server closed: no request for --idle-timeout, a request head
+    /// unfinished after --header-timeout, or idle when a newcomer needed its place at
+    /// --max-connections.
+    pub closed_idle: AtomicU64,
+    pub closed_header_timeout: AtomicU64,
+    pub closed_evicted: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -97,6 +108,12 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            decode_reserved_bytes: AtomicU64::new(0),
+            decodes_waiting: AtomicUsize::new(0),
+            open_connections: AtomicUsize::new(0),
+            closed_idle: AtomicU64::new(0),
+            closed_header_timeout: AtomicU64::new(0),
+            closed_evicted: AtomicU64::new(0),
         }
     }
 }
@@ -191,6 +208,42 @@ impl Metrics {
             "counter",
             lq(&self.cancelled),
         );
+        gauge(
+            &mut out,
+            "medvlm_image_decode_reserved_bytes",
+            "Bytes of the image-decode budget (--decode-budget-mb) held by decodes now.",
+            "gauge",
+            lq(&self.decode_reserved_bytes),
+        );
+        gauge(
+            &mut out,
+            "medvlm_image_decodes_waiting",
+            "Image decodes waiting for room in the decode budget.",
+            "gauge",
+            ld(&self.decodes_waiting),
+        );
+        gauge(
+            &mut out,
+            "medvlm_open_connections",
+            "Open HTTP connections (at most --max-connections).",
+            "gauge",
+            ld(&self.open_connections),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP medvlm_connections_closed_total Connections the server closed, by reason.\n# TYPE medvlm_connections_closed_total counter"
+        );
+        for (reason, n) in [
+            ("idle_timeout", &self.closed_idle),
+            ("header_timeout", &self.closed_header_timeout),
+            ("evicted", &self.closed_evicted),
+        ] {
+            let _ = writeln!(
+                out,
+                "medvlm_connections_closed_total{{reason=\"{reason}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         self.with(|m| {
             let _ = writeln!(
                 out,

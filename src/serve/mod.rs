@@ -10,9 +10,13 @@
 //! - Every error is OpenAI-shaped JSON ([`error::ApiError`]).
 
 pub mod api;
+pub mod budget;
+pub mod conn;
+pub mod detok;
 pub mod error;
 pub mod media;
 pub mod metrics;
+pub mod stop;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -23,23 +27,24 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::generate::{settings, FinishReason, GenerationConfig};
 use crate::infer::{Loaded, ModelSource, ReasoningStream};
 use crate::processor::ProcessorOptions;
+use budget::{DecodeBudget, Refused};
 use error::ApiError;
 use media::MediaPolicy;
 use metrics::Metrics;
-use worker::{Event, Job, TokenLogprob};
+use worker::{Event, Job, Ticket, TokenLogprob};
 
 /// How a reasoning model's output is returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,6 +72,16 @@ pub struct ServeOptions {
     pub shutdown_timeout: Duration,
     pub reasoning: ReasoningFormat,
     pub prefill_chunk: usize,
+    /// Open connections at most; beyond them the longest-idle one is closed.
+    pub max_connections: usize,
+    /// From a request head's first byte to its last.
+    pub header_timeout: Duration,
+    /// A connection with no request in progress and no byte coming in.
+    pub idle_timeout: Duration,
+    /// From a request's head to the last byte of its body.
+    pub body_timeout: Duration,
+    /// Bytes of image decoding at once; `None`: a quarter of the memory available.
+    pub decode_budget: Option<u64>,
 }
 
 struct AppState {
@@ -76,6 +91,7 @@ struct AppState {
     opts: ServeOptions,
     gen_cfg: GenerationConfig,
     media: MediaPolicy,
+    decode: DecodeBudget,
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     next_id: AtomicUsize,
     metrics: Arc<Metrics>,
@@ -88,8 +104,12 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// File descriptors kept for everything but connections (model files, stdio, the
+/// listener, the runtime's own).
+const RESERVED_FDS: u64 = 64;
+
 /// Loads the model, listens, and serves until SIGTERM or Ctrl-C.
-pub fn run(opts: ServeOptions) -> Result<()> {
+pub fn run(mut opts: ServeOptions) -> Result<()> {
     if opts.max_batch == 0 {
         anyhow::bail!("--max-batch must be at least 1");
     }
@@ -99,6 +119,25 @@ pub fn run(opts: ServeOptions) -> Result<()> {
     if opts.max_queue == 0 {
         // Every request waits in the queue for the engine's next step, however short.
         anyhow::bail!("--max-queue must be at least 1");
+    }
+    if opts.max_connections == 0 {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
+    if opts.decode_budget == Some(0) {
+        anyhow::bail!("--decode-budget-mb must be at least 1");
+    }
+    // Connections are open files: a cap above the file limit would fail in accept() instead
+    // of closing idle connections.
+    if let Some(files) = conn::raise_open_file_limit() {
+        let most = files.saturating_sub(RESERVED_FDS).max(1) as usize;
+        if opts.max_connections > most {
+            eprintln!(
+                "warning: --max-connections {} lowered to {most}: this process may open {files} \
+                 files (ulimit -n)",
+                opts.max_connections
+            );
+            opts.max_connections = most;
+        }
     }
     let media = MediaPolicy::new(
         opts.allowed_local_media_path.as_deref(),
@@ -116,6 +155,12 @@ pub fn run(opts: ServeOptions) -> Result<()> {
             .unwrap_or_else(|| "medvlm".into())
     });
     let metrics = Arc::new(Metrics::default());
+    // Measured after the model is loaded, so its weights are not counted as free.
+    let decode = DecodeBudget::new(
+        opts.decode_budget.unwrap_or_else(budget::default_budget),
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+        metrics.clone(),
+    );
     let abort = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let engine = worker::spawn(
@@ -136,6 +181,7 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         created: unix_now(),
         gen_cfg,
         media,
+        decode,
         jobs: Mutex::new(Some(tx)),
         next_id: AtomicUsize::new(0),
         metrics,
@@ -147,7 +193,10 @@ pub fn run(opts: ServeOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(state.clone(), abort.clone()))?;
+    let served = rt.block_on(serve(state.clone(), abort.clone()));
+    // A decode still running for a client that left is not waited for.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served?;
     // Dropping the last sender lets the engine thread finish and end.
     state.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
     abort.store(true, Ordering::Relaxed);
@@ -162,24 +211,44 @@ async fn serve(state: Arc<AppState>, abort: Arc<AtomicBool>) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", o.host, o.port))?;
     let addr: SocketAddr = listener.local_addr()?;
+    if o.api_key.is_none() && !addr.ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {} without --api-key: anyone who can reach this port can \
+             use the model",
+            addr.ip()
+        );
+    }
     eprintln!(
-        "serving {} as \"{}\" on http://{addr}/v1 (max batch {}, max queue {}{})",
+        "serving {} as \"{}\" on http://{addr}/v1 (max batch {}, max queue {}, max connections \
+         {}, decode budget {} MiB{})",
         o.source.model.display(),
         state.name,
         o.max_batch,
         o.max_queue,
+        o.max_connections,
+        state.decode.total() >> 20,
         if o.api_key.is_some() {
             ", API key required"
         } else {
             ""
         }
     );
+    let conns = conn::Connections::new(
+        conn::Limits {
+            max_connections: o.max_connections,
+            header_timeout: o.header_timeout,
+            idle_timeout: o.idle_timeout,
+        },
+        state.metrics.clone(),
+    );
     let app = router(state.clone());
     let drain = {
         let state = state.clone();
+        let conns = conns.clone();
         async move {
             shutdown_signal().await;
             state.draining.store(true, Ordering::Relaxed);
+            conns.start_draining();
             let t = state.opts.shutdown_timeout;
             eprintln!(
                 "shutting down: finishing the requests in flight (at most {} s more)",
@@ -189,12 +258,13 @@ async fn serve(state: Arc<AppState>, abort: Arc<AtomicBool>) -> Result<()> {
                 tokio::time::sleep(t).await;
                 abort.store(true, Ordering::Relaxed);
             });
+            // Meanwhile the listener stays open and /health answers 503. Requests still
+            // running at the timeout are failed by the engine and end soon after.
+            let _ = tokio::time::timeout(t + Duration::from_secs(5), conns.requests_done()).await;
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(drain)
-        .await
-        .context("the HTTP server failed")
+    conn::serve(listener, app, conns, drain, Duration::from_secs(2)).await;
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -229,7 +299,6 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
         .with_state(state)
 }
 
@@ -284,34 +353,85 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-async fn chat(
-    State(st): State<Arc<AppState>>,
-    _headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+/// How a chat request ended, for /metrics: recorded once, when it is known, or as 499
+/// when the handler is dropped because its client went away (hyper drops the handler of a
+/// connection the client closed).
+struct Outcome {
+    st: Arc<AppState>,
+    t0: Instant,
+    recorded: bool,
+    /// Handed to the engine: a 503 after that is a request cut by the shutdown.
+    accepted: bool,
+}
+
+impl Outcome {
+    fn new(st: &Arc<AppState>, t0: Instant) -> Self {
+        Self {
+            st: st.clone(),
+            t0,
+            recorded: false,
+            accepted: false,
+        }
+    }
+
+    fn record(&mut self, status: u16) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        self.st.metrics.request_done(status, self.t0.elapsed());
+        // Dropped before finishing: client gone, timed out, or cut by the shutdown.
+        if status == 499 || status == 504 || (status == 503 && self.accepted) {
+            self.st.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.record(499);
+    }
+}
+
+async fn chat(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let t0 = Instant::now();
-    match start(&st, body, t0).await {
-        Ok(Started::Stream(r)) => r,
+    let mut outcome = Outcome::new(&st, t0);
+    match start(&st, req, t0, &mut outcome).await {
+        Ok(Started::Stream(p)) => p.stream(outcome),
         Ok(Started::Wait(w)) => match w.collect().await {
             Ok(v) => {
-                st.metrics.request_done(200, t0.elapsed());
+                outcome.record(200);
                 axum::Json(v).into_response()
             }
             Err(e) => {
-                st.metrics.request_done(e.status.as_u16(), t0.elapsed());
+                outcome.record(e.status.as_u16());
                 e.into_response()
             }
         },
         Err(e) => {
-            st.metrics.request_done(e.status.as_u16(), t0.elapsed());
+            outcome.record(e.status.as_u16());
             e.into_response()
         }
     }
 }
 
 enum Started {
-    Stream(Response),
+    Stream(Pending),
     Wait(Pending),
+}
+
+/// A request's place in the queue, given back if its handler ends (client gone, timeout)
+/// before the engine takes the request.
+struct QueuePlace {
+    ticket: Arc<Ticket>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        if self.ticket.claim() {
+            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A request handed to the engine, with what the response needs.
@@ -324,25 +444,53 @@ struct Pending {
     include_usage: bool,
     events: UnboundedReceiver<Event>,
     deadline: tokio::time::Instant,
+    _place: QueuePlace,
+}
+
+/// Runs CPU work (JSON, base64, image decoding, tokenizing) on the blocking pool: on the
+/// two async threads it would stall every connection, /health included.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
+}
+
+/// The request body, within --max-body-mb and --body-timeout.
+async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = st.opts.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let read = http_body_util::Limited::new(body, limit).collect();
+    match tokio::time::timeout(st.opts.body_timeout, read).await {
+        Err(_) => Err(ApiError::body_timeout(st.opts.body_timeout.as_secs_f64())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
 }
 
 async fn start(
     st: &Arc<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    req: Request,
     t0: Instant,
+    outcome: &mut Outcome,
 ) -> Result<Started, ApiError> {
     if st.draining.load(Ordering::Relaxed) {
         return Err(ApiError::shutting_down());
     }
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(st.opts.max_body_bytes)
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {r}"))
-        }
-    })?;
-    let req = api::parse(&body)?;
-    drop(body);
+    let deadline = tokio::time::Instant::from_std(t0 + st.opts.request_timeout);
+    let (parts, body) = req.into_parts();
+    let body = read_body(st, &parts.headers, body).await?;
+    let req = Arc::new(blocking(move || api::parse(&body)).await?);
     if let Some(m) = &req.model {
         if m != &st.name {
             return Err(ApiError::model_not_found(m, &st.name));
@@ -357,14 +505,7 @@ async fn start(
             ),
         ));
     }
-    // Images and the chat template: CPU work, off the async threads.
-    let prompt = {
-        let st = st.clone();
-        let req = req.clone();
-        tokio::task::spawn_blocking(move || build_prompt(&st, &req))
-            .await
-            .map_err(|e| ApiError::internal(format!("preparing the prompt failed: {e}")))??
-    };
+    let prompt = build_prompt(st, req.clone(), deadline).await?;
     let prompt_tokens = prompt.input_ids.len();
     let model = &st.loaded.model;
     let ctx = model.config.text.max_position_embeddings;
@@ -383,8 +524,12 @@ async fn start(
         .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
     // The queue: requests accepted but not yet in the batch.
     let q = st.metrics.queued.fetch_add(1, Ordering::Relaxed);
+    let place = QueuePlace {
+        ticket: Arc::new(Ticket::default()),
+        metrics: st.metrics.clone(),
+    };
     if q >= st.opts.max_queue {
-        st.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        drop(place);
         return Err(ApiError::queue_full(q, 1));
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -395,11 +540,12 @@ async fn start(
         sampling: eff.params,
         max_new_tokens,
         n: req.n,
-        stop: req.stop.clone(),
+        stop: stop::StopSet::new(&req.stop),
         logprobs: req.logprobs,
         ignore_eos: req.ignore_eos,
         events: tx,
         received: t0,
+        ticket: place.ticket.clone(),
     };
     let sent = st
         .jobs
@@ -409,9 +555,9 @@ async fn start(
         .map(|s| s.send(job).is_ok())
         .unwrap_or(false);
     if !sent {
-        st.metrics.queued.fetch_sub(1, Ordering::Relaxed);
         return Err(ApiError::shutting_down());
     }
+    outcome.accepted = true;
     let p = Pending {
         st: st.clone(),
         id: format!("chatcmpl-{}-{id}", st.created),
@@ -420,40 +566,81 @@ async fn start(
         logprobs: req.logprobs.is_some(),
         include_usage: req.include_usage,
         events: rx,
-        deadline: tokio::time::Instant::from_std(t0 + st.opts.request_timeout),
+        deadline,
+        _place: place,
     };
-    if req.stream {
-        Ok(Started::Stream(p.stream(t0)))
+    Ok(if req.stream {
+        Started::Stream(p)
     } else {
-        Ok(Started::Wait(p))
-    }
+        Started::Wait(p)
+    })
 }
 
-/// Reads the images and renders the conversation into token ids.
-fn build_prompt(
-    st: &AppState,
-    req: &api::ChatRequest,
+/// Reads the images and renders the conversation into token ids. Each image's decode is
+/// admitted by the decode budget first, with the cost its header declares.
+async fn build_prompt(
+    st: &Arc<AppState>,
+    req: Arc<api::ChatRequest>,
+    deadline: tokio::time::Instant,
 ) -> Result<crate::processor::Prompt, ApiError> {
-    let proc = &st.loaded.processor;
     let mut images = Vec::with_capacity(req.images.len());
-    for r in &req.images {
-        let bytes = st.media.read(r)?;
-        let rgb = crate::processor::image::decode_rgb_with(&bytes, &req.medical).map_err(|e| {
-            ApiError::param(
-                &r.param,
-                format!("{}: cannot read the image: {e:#}", r.param),
-            )
-        })?;
-        let p = proc.images.preprocess(&rgb).map_err(|e| {
-            ApiError::param(
-                &r.param,
-                format!("{}: cannot preprocess the image: {e:#}", r.param),
-            )
-        })?;
-        images.push(p);
+    for i in 0..req.images.len() {
+        let (s, r) = (st.clone(), req.clone());
+        let (bytes, cost) = blocking(move || {
+            let image = &r.images[i];
+            let bytes = s.media.read(image)?;
+            let cost = crate::processor::image::decode_cost(&bytes)
+                .map_err(|e| unreadable(&image.param, &e))?;
+            Ok((bytes, cost))
+        })
+        .await?;
+        let param = &req.images[i].param;
+        let reservation = st
+            .decode
+            .reserve(cost, deadline)
+            .await
+            .map_err(|e| match e {
+                Refused::TooLarge => ApiError::param(
+                    param,
+                    format!(
+                        "{param}: decoding this image takes up to {} MiB, more than this \
+                         server decodes at once ({} MiB, --decode-budget-mb); send a smaller \
+                         image",
+                        cost.div_ceil(1 << 20),
+                        st.decode.total() >> 20
+                    ),
+                ),
+                Refused::Timeout => ApiError::timeout(st.opts.request_timeout.as_secs_f64()),
+            })?;
+        let (s, r) = (st.clone(), req.clone());
+        let patches = blocking(move || {
+            let _reservation = reservation;
+            let image = &r.images[i];
+            let rgb = crate::processor::image::decode_rgb_with(&bytes, &r.medical)
+                .map_err(|e| unreadable(&image.param, &e))?;
+            drop(bytes);
+            s.loaded.processor.images.preprocess(&rgb).map_err(|e| {
+                ApiError::param(
+                    &image.param,
+                    format!("{}: cannot preprocess the image: {e:#}", image.param),
+                )
+            })
+        })
+        .await?;
+        images.push(patches);
     }
-    proc.prepare(&req.messages, images, true)
-        .map_err(|e| ApiError::param("messages", format!("{e:#}")))
+    let s = st.clone();
+    blocking(move || {
+        s.loaded
+            .processor
+            .prepare(&req.messages, images, true)
+            .map_err(|e| ApiError::param("messages", format!("{e:#}")))
+    })
+    .await
+}
+
+fn unreadable(param: &str, e: &anyhow::Error) -> ApiError {
+    ApiError::param(param, format!("{param}: cannot read the image: {e:#}"))
 }
 
 /// One choice being assembled.
@@ -483,7 +670,7 @@ impl Pending {
     async fn next(&mut self) -> Result<Option<Event>, ApiError> {
         match tokio::time::timeout_at(self.deadline, self.events.recv()).await {
             Ok(e) => Ok(e),
-            // Dropping `self.events` then tells the engine (which counts the cancellation).
+            // Dropping `self.events` then tells the engine, which drops the sequences.
             Err(_) => Err(ApiError::timeout(
                 self.st.opts.request_timeout.as_secs_f64(),
             )),
@@ -548,9 +735,9 @@ impl Pending {
     }
 
     /// Server-sent events: one `chat.completion.chunk` per piece of text, then `[DONE]`.
-    fn stream(self, t0: Instant) -> Response {
+    fn stream(self, outcome: Outcome) -> Response {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-        tokio::spawn(self.pump(tx, t0));
+        tokio::spawn(self.pump(tx, outcome));
         let body = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv()
                 .await
@@ -580,14 +767,29 @@ impl Pending {
         Bytes::from(format!("data: {v}\n\n"))
     }
 
+    /// Sends a frame unless the client is gone (or stopped reading past the deadline).
+    async fn send(&self, tx: &tokio::sync::mpsc::Sender<Bytes>, b: Bytes) -> bool {
+        matches!(
+            tokio::time::timeout_at(self.deadline, tx.send(b)).await,
+            Ok(Ok(()))
+        )
+    }
+
     /// Moves events to the client until every choice is done; stops (and so cancels the
-    /// request in the engine) as soon as the client is gone.
-    async fn pump(mut self, tx: tokio::sync::mpsc::Sender<Bytes>, t0: Instant) {
+    /// request in the engine, or frees its queue place) as soon as the client is gone:
+    /// whether or not there is text to send, since a queued request has none and tokens
+    /// can decode to nothing for a while. Returning early drops `outcome`, which counts a
+    /// 499.
+    async fn pump(mut self, tx: tokio::sync::mpsc::Sender<Bytes>, mut outcome: Outcome) {
         let mut choices: Vec<Choice> = (0..self.n).map(|_| Choice::default()).collect();
         let raw = self.raw();
-        let mut status = 200;
         while choices.iter().any(|c| c.finish.is_none()) {
-            let ev = match self.next().await {
+            let next = tokio::select! {
+                // hyper drops the body, and with it the receiver, when the peer closes.
+                () = tx.closed() => return,
+                e = self.next() => e,
+            };
+            let ev = match next {
                 Ok(Some(e)) => e,
                 Ok(None) => Event::Failed(ApiError::shutting_down()),
                 Err(e) => Event::Failed(e),
@@ -649,31 +851,33 @@ impl Pending {
                     frames.push(json!({"index": sample, "delta": {}, "logprobs": null, "finish_reason": finish_str(finish)}));
                 }
                 Event::Failed(e) => {
-                    status = e.status.as_u16();
-                    let _ = tx
-                        .send(Bytes::from(format!("data: {}\n\n", e.body())))
-                        .await;
-                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    self.st.metrics.request_done(status, t0.elapsed());
+                    outcome.record(e.status.as_u16());
+                    let _ = self
+                        .send(&tx, Bytes::from(format!("data: {}\n\n", e.body())))
+                        .await
+                        && self
+                            .send(&tx, Bytes::from_static(b"data: [DONE]\n\n"))
+                            .await;
                     return;
                 }
             }
             for f in frames {
                 let b = self.chunk(vec![f], None);
-                if tx.send(b).await.is_err() {
-                    // The client is gone: dropping `self.events` frees its slot.
-                    self.st.metrics.request_done(499, t0.elapsed());
+                if !self.send(&tx, b).await {
+                    // The client is gone: dropping `self.events` frees its sequences.
                     return;
                 }
             }
         }
+        outcome.record(200);
         if self.include_usage {
             let completion = choices.iter().map(|c| c.tokens).sum();
             let b = self.chunk(vec![], Some(usage(self.prompt_tokens, completion)));
-            let _ = tx.send(b).await;
+            let _ = self.send(&tx, b).await;
         }
-        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-        self.st.metrics.request_done(status, t0.elapsed());
+        let _ = self
+            .send(&tx, Bytes::from_static(b"data: [DONE]\n\n"))
+            .await;
     }
 }
 

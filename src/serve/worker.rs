@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,11 +17,12 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::detok::Detok;
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::stop::{StopMatcher, StopSet};
 use crate::generate::{
-    Engine, FinishReason, RawLogprobs, Request, Running, SamplingParams, SeqOptions, TextStream,
-    Token,
+    Engine, FinishReason, RawLogprobs, Request, Running, SamplingParams, SeqOptions, Token,
 };
 use crate::infer::Loaded;
 use crate::processor::{Prompt, QwenTokenizer};
@@ -33,11 +34,29 @@ pub struct Job {
     pub sampling: SamplingParams,
     pub max_new_tokens: usize,
     pub n: usize,
-    pub stop: Vec<String>,
+    pub stop: StopSet,
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
     pub events: UnboundedSender<Event>,
     pub received: Instant,
+    /// Its place in the queue (`Metrics::queued`).
+    pub ticket: Arc<Ticket>,
+}
+
+/// A queued request's place, claimed once: by the engine when it admits (or fails) the
+/// request, or by the handler when its client goes away first. Whoever claims it gives the
+/// place back, so a client that leaves frees its place at once, not at the engine's next
+/// step (a ghost holding a place turns real clients away with 429).
+#[derive(Debug, Default)]
+pub struct Ticket(AtomicU8);
+
+impl Ticket {
+    /// True for the first caller only.
+    pub fn claim(&self) -> bool {
+        self.0
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 /// What the engine tells a request's handler.
@@ -98,7 +117,8 @@ pub fn spawn(
 }
 
 struct Sample<'t> {
-    stream: TextStream<'t>,
+    stream: Detok<'t>,
+    stops: StopMatcher,
     text: String,
     /// Bytes of `text` already sent.
     sent: usize,
@@ -108,7 +128,6 @@ struct Sample<'t> {
 
 struct Active<'t> {
     events: UnboundedSender<Event>,
-    stop: Vec<String>,
     logprobs: Option<usize>,
     samples: Vec<Sample<'t>>,
     received: Instant,
@@ -197,16 +216,19 @@ impl<'m> Worker<'m> {
     }
 
     /// Requests whose handler is gone (client disconnected, timed out) stop using compute.
+    /// The handler counts them in the metrics (it knows why they ended) and gives back
+    /// their queue place.
     fn drop_abandoned(&mut self) {
-        let before = self.waiting.len();
-        self.waiting.retain(|j| !j.events.is_closed());
-        let dropped = before - self.waiting.len();
-        if dropped > 0 {
-            self.metrics.queued.fetch_sub(dropped, Ordering::Relaxed);
-            self.metrics
-                .cancelled
-                .fetch_add(dropped as u64, Ordering::Relaxed);
-        }
+        let metrics = &self.metrics;
+        self.waiting.retain(|j| {
+            if !j.events.is_closed() {
+                return true;
+            }
+            if j.ticket.claim() {
+                metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+            false
+        });
         let gone: Vec<usize> = self
             .active
             .iter()
@@ -216,7 +238,6 @@ impl<'m> Worker<'m> {
         for id in gone {
             self.run.cancel(id);
             self.active.remove(&id);
-            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -232,6 +253,10 @@ impl<'m> Worker<'m> {
             let Some(j) = self.waiting.pop_front() else {
                 return;
             };
+            if !j.ticket.claim() {
+                // Its client left while it waited; the handler gave its place back.
+                continue;
+            }
             self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
             let request = Request {
                 prompt: &j.prompt,
@@ -254,11 +279,11 @@ impl<'m> Worker<'m> {
                         j.id,
                         Active {
                             events: j.events,
-                            stop: j.stop,
                             logprobs: j.logprobs,
                             samples: (0..j.n)
                                 .map(|_| Sample {
-                                    stream: TextStream::new(tok),
+                                    stream: Detok::new(tok),
+                                    stops: j.stop.matcher(),
                                     text: String::new(),
                                     sent: 0,
                                     tokens: 0,
@@ -344,6 +369,7 @@ impl<'m> Worker<'m> {
         }
         s.tokens += 1;
         let mut finish = t.finished.as_ref().map(|c| c.finish);
+        let before = s.text.len();
         // A stop token ends the text without being part of it (`Completion::content_tokens`).
         if finish != Some(FinishReason::Stop) {
             if let Some(p) = s.stream.push(t.token)? {
@@ -355,7 +381,8 @@ impl<'m> Worker<'m> {
                 s.text.push_str(&p);
             }
         }
-        if let Some(at) = find_stop(&s.text, s.sent, &a.stop) {
+        // Only a stop string ending in the new bytes can be new (see `stop`).
+        if let Some(at) = s.stops.feed(&s.text.as_bytes()[before..], before) {
             s.text.truncate(at);
             if finish.is_none() {
                 self.run.cancel_sample(t.request, t.sample)?;
@@ -365,7 +392,7 @@ impl<'m> Worker<'m> {
         let upto = if finish.is_some() {
             s.text.len()
         } else {
-            s.text.len() - held_back(&s.text, &a.stop)
+            s.text.len() - s.stops.held().min(s.text.len())
         }
         .max(s.sent);
         let text = s.text[s.sent..upto].to_string();
@@ -392,10 +419,8 @@ impl<'m> Worker<'m> {
                 })
                 .is_err();
         }
+        // A handler that is gone counted its request already.
         if gone || a.samples.iter().all(|s| s.done) {
-            if gone {
-                self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-            }
             self.run.cancel(t.request);
             self.active.remove(&t.request);
         }
@@ -406,45 +431,14 @@ impl<'m> Worker<'m> {
         for (_, a) in self.active.drain() {
             let _ = a.events.send(Event::Failed(e.clone()));
         }
-        let waiting = self.waiting.len();
         for j in self.waiting.drain(..) {
-            let _ = j.events.send(Event::Failed(e.clone()));
-        }
-        self.metrics.queued.fetch_sub(waiting, Ordering::Relaxed);
-        self.run = Running::default();
-    }
-}
-
-/// Byte offset of the earliest stop string in `text`, looking only where one could have
-/// been completed since `sent` bytes were sent.
-fn find_stop(text: &str, sent: usize, stop: &[String]) -> Option<usize> {
-    let longest = stop.iter().map(String::len).max()?;
-    let mut from = sent.saturating_sub(longest);
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    stop.iter()
-        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
-        .min()
-}
-
-/// Bytes at the end of `text` that may be the start of a stop string: not sent yet, since
-/// the stop string would remove them.
-fn held_back(text: &str, stop: &[String]) -> usize {
-    let mut hold = 0;
-    for s in stop {
-        for k in (1..s.len()).rev() {
-            if k <= text.len()
-                && k > hold
-                && text.is_char_boundary(text.len() - k)
-                && s.as_bytes().starts_with(&text.as_bytes()[text.len() - k..])
-            {
-                hold = k;
-                break;
+            if j.ticket.claim() {
+                self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+                let _ = j.events.send(Event::Failed(e.clone()));
             }
         }
+        self.run = Running::default();
     }
-    hold
 }
 
 fn token_logprob(tok: &QwenTokenizer, id: u32, raw: &RawLogprobs) -> Result<TokenLogprob> {
@@ -466,24 +460,4 @@ fn token_logprob(tok: &QwenTokenizer, id: u32, raw: &RawLogprobs) -> Result<Toke
             })
             .collect::<Result<_>>()?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_strings_are_found_and_their_starts_held_back() {
-        let stop = vec!["</answer>".to_string(), "XY".to_string()];
-        assert_eq!(find_stop("<answer>A</answer> more", 0, &stop), Some(9));
-        assert_eq!(find_stop("<answer>A</ans", 0, &stop), None);
-        assert_eq!(find_stop("aXYb</answer>", 0, &stop), Some(1));
-        // Only text that could hold a new match is searched.
-        assert_eq!(find_stop("XY then much more text", 20, &stop), None);
-        assert_eq!(held_back("<answer>A</ans", &stop), 5);
-        assert_eq!(held_back("abcX", &stop), 1);
-        assert_eq!(held_back("abc", &stop), 0);
-        assert_eq!(held_back("é", &["éa".to_string()]), 2);
-        assert_eq!(find_stop("anything", 0, &[]), None);
-    }
 }

@@ -22,4 +22,5 @@ mod readme;
 mod rewards;
 mod selftest;
 mod serve;
+mod serve_limits;
 mod stop_tokens;

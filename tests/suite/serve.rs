@@ -21,14 +21,14 @@ use serde_json::{json, Value};
 
 const PARROT_TEXT: &str = "<think>The liver is enlarged.</think>\n<answer>A</answer>";
 
-struct Server {
-    child: Child,
-    base: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
     log: Arc<Mutex<String>>,
 }
 
 impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_medvlm"))
             .args(["serve", "--model", s(model), "--port", "0"])
             .args(extra)
@@ -57,11 +57,11 @@ impl Server {
         Server { child, base, log }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    fn post_raw(&self, body: &Value, key: Option<&str>) -> reqwest::blocking::Response {
+    pub(crate) fn post_raw(&self, body: &Value, key: Option<&str>) -> reqwest::blocking::Response {
         let mut r = client().post(self.url("/v1/chat/completions")).json(body);
         if let Some(k) = key {
             r = r.bearer_auth(k);
@@ -70,7 +70,7 @@ impl Server {
     }
 
     /// (status, JSON body) of a chat completion.
-    fn post(&self, body: &Value) -> (u16, Value) {
+    pub(crate) fn post(&self, body: &Value) -> (u16, Value) {
         let r = self.post_raw(body, None);
         let status = r.status().as_u16();
         (status, r.json().expect("a JSON body"))
@@ -78,7 +78,7 @@ impl Server {
 
     /// A streamed completion's events (the JSON of each `data:` line) until `[DONE]`,
     /// checking the SSE framing on the way.
-    fn stream(&self, body: &Value) -> Vec<Value> {
+    pub(crate) fn stream(&self, body: &Value) -> Vec<Value> {
         let r = self.post_raw(body, None);
         assert_eq!(r.status(), 200);
         assert_eq!(
@@ -90,7 +90,7 @@ impl Server {
         parse_sse(&text)
     }
 
-    fn metric(&self, name: &str) -> f64 {
+    pub(crate) fn metric(&self, name: &str) -> f64 {
         let t = client()
             .get(self.url("/metrics"))
             .send()
@@ -102,7 +102,7 @@ impl Server {
             .unwrap_or_else(|| panic!("no metric {name} in\n{t}"))
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 }
@@ -114,7 +114,7 @@ impl Drop for Server {
     }
 }
 
-fn client() -> reqwest::blocking::Client {
+pub(crate) fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()
@@ -122,7 +122,7 @@ fn client() -> reqwest::blocking::Client {
 }
 
 /// Every event is `data: ...` followed by a blank line; the last is `[DONE]`.
-fn parse_sse(text: &str) -> Vec<Value> {
+pub(crate) fn parse_sse(text: &str) -> Vec<Value> {
     assert!(
         text.ends_with("data: [DONE]\n\n"),
         "no [DONE] at the end: {text}"
@@ -141,7 +141,7 @@ fn parse_sse(text: &str) -> Vec<Value> {
 }
 
 /// Per choice: (role announced, reasoning deltas joined, content deltas joined, finish).
-fn join_stream(events: &[Value]) -> Vec<(bool, String, String, Option<String>)> {
+pub(crate) fn join_stream(events: &[Value]) -> Vec<(bool, String, String, Option<String>)> {
     let mut out: Vec<(bool, String, String, Option<String>)> = Vec::new();
     let id = events[0]["id"].clone();
     for e in events {
@@ -172,7 +172,7 @@ fn join_stream(events: &[Value]) -> Vec<(bool, String, String, Option<String>)> 
     out
 }
 
-fn data_url(path: &Path, mime: &str) -> String {
+pub(crate) fn data_url(path: &Path, mime: &str) -> String {
     let b = std::fs::read(path).unwrap();
     format!(
         "data:{mime};base64,{}",
@@ -180,7 +180,7 @@ fn data_url(path: &Path, mime: &str) -> String {
     )
 }
 
-fn ask(text: &str, image_url: Option<&str>) -> Value {
+pub(crate) fn ask(text: &str, image_url: Option<&str>) -> Value {
     let mut content = vec![];
     if let Some(u) = image_url {
         content.push(json!({"type": "image_url", "image_url": {"url": u}}));
@@ -189,7 +189,7 @@ fn ask(text: &str, image_url: Option<&str>) -> Value {
     json!([{"role": "user", "content": content}])
 }
 
-fn tiny() -> PathBuf {
+pub(crate) fn tiny() -> PathBuf {
     fixtures().join("tiny-a")
 }
 
@@ -629,6 +629,39 @@ fn bad_requests_get_openai_errors() {
         key,
     );
     check(st, &v, 413, "invalid_request_error");
+    // Numbers the sampler cannot use (temperature 1e-45 was a 500) name their field.
+    for (field, v) in [
+        ("temperature", json!(1e-45)),
+        ("temperature", json!(3)),
+        ("top_p", json!(0)),
+        ("min_p", json!(1e-40)),
+        ("repetition_penalty", json!(1e-45)),
+        ("top_k", json!(-7)),
+        ("max_tokens", json!(0)),
+        ("seed", json!(0.5)),
+    ] {
+        let mut b = json!({"messages": ask("hi", None)});
+        b[field] = v;
+        let (st, v, _) = send(&b.to_string(), key);
+        check(st, &v, 400, "invalid_request_error");
+        assert_eq!(v["error"]["param"], field, "{v}");
+    }
+    // Bytes after the JSON value are refused; whitespace is not.
+    let (st, v, _) = send(&format!("{ok} trailing"), key);
+    check(st, &v, 400, "invalid_request_error");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("after"),
+        "{v}"
+    );
+    let (st, v, _) = send(&format!("{ok}\r\n  "), key);
+    assert_eq!(st, 200, "{v}");
+    // Stop strings: at most 4, each at most 1024 bytes.
+    let (st, v, _) = send(
+        &json!({"messages": ask("hi", None), "stop": ["x".repeat(1025)]}).to_string(),
+        key,
+    );
+    check(st, &v, 400, "invalid_request_error");
+    assert_eq!(v["error"]["param"], "stop");
     // Unknown endpoint and wrong method.
     let r = client()
         .get(srv.url("/v1/nothing"))
@@ -718,18 +751,24 @@ fn queue_full_disconnect_and_sigterm() {
         .send();
     assert!(gave_up.is_err(), "4000 tokens took under 150 ms");
     let t = Instant::now();
-    while srv.metric("medvlm_cancelled_requests_total") < cancelled + 1.0 {
+    while srv.metric("medvlm_cancelled_requests_total") < cancelled + 1.0
+        || srv.metric("medvlm_running_sequences") > 0.0
+    {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "the abandoned request kept running"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(srv.metric("medvlm_running_sequences"), 0.0);
+    // Both clients that left are counted as such, streamed or not.
+    assert!(srv.metric("medvlm_requests_total{status=\"499\"}") >= 2.0);
 
-    // SIGTERM during a stream: the stream completes, then the server exits 0.
+    // SIGTERM during a stream: the stream completes, then the server exits 0. Until then
+    // the server still answers, /health with 503 (so a load balancer moves on) and new
+    // requests with 503. The stream is not read meanwhile, and is too long for the socket
+    // buffers, so it cannot finish early.
     let mut c = BufReader::new(srv.post_raw(
-        &json!({"messages": ask("hi", None), "max_tokens": 300, "ignore_eos": true, "stream": true}),
+        &json!({"messages": ask("hi", None), "max_tokens": 4000, "ignore_eos": true, "stream": true}),
         None,
     ));
     let mut line = String::new();
@@ -740,6 +779,20 @@ fn queue_full_disconnect_and_sigterm() {
         .status()
         .unwrap()
         .success());
+    let t = Instant::now();
+    loop {
+        let h = client().get(srv.url("/health")).send().unwrap();
+        if h.status() == 503 {
+            assert_eq!(h.headers()["connection"], "close");
+            let v: Value = h.json().unwrap();
+            assert_eq!(v["error"]["code"], "shutting_down", "{v}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no 503 from /health");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = srv.post_raw(&json!({"messages": ask("hi", None), "max_tokens": 3}), None);
+    assert_eq!(r.status(), 503);
     let mut rest = String::new();
     c.read_to_string(&mut rest).unwrap();
     let events = parse_sse(&(line + &rest));
