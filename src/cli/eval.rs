@@ -39,6 +39,21 @@ const EVAL_OUTPUT: crate::train::checkpoint::OutputSpec = crate::train::checkpoi
     entries: &["report.md", "report.json", "items.jsonl"],
 };
 
+/// `--max-new-tokens` against the model's context (its config.json alone): refused now
+/// rather than at the first item, after the model is loaded.
+pub(super) fn check_new_tokens(model: &ModelArgs, n: usize) -> Result<()> {
+    let config = Qwen2VlConfig::from_file(&model.model.join("config.json"))?;
+    let context = config.text.max_position_embeddings;
+    if n >= context {
+        bail!(
+            "--max-new-tokens {n} leaves no room for the prompt in {}'s context of {context} \
+             tokens (max_position_embeddings)",
+            model.model.display()
+        );
+    }
+    Ok(())
+}
+
 /// `--min-pixels` / `--max-pixels`: at least 1, and the floor not above the ceiling.
 pub(super) fn check_pixels(min: Option<usize>, max: Option<usize>) -> Result<()> {
     for (flag, v) in [("--min-pixels", min), ("--max-pixels", max)] {
@@ -77,6 +92,9 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         bail!("--max-new-tokens must be at least 1 (an answer needs a token)");
     }
     check_pixels(a.min_pixels, a.max_pixels)?;
+    if !a.likelihood {
+        check_new_tokens(&a.model, a.max_new_tokens)?;
+    }
     let started = std::time::Instant::now();
     let ds = data::load(&a.data, a.image_root.as_deref())?;
     // Only the selected modalities count, skipped rows included.

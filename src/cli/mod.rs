@@ -494,7 +494,8 @@ pub struct PlotArgs {
     /// Run directory (with metrics.jsonl).
     #[arg(value_name = "RUN_DIR")]
     pub run_dir: PathBuf,
-    /// Output PNG (default: RUN_DIR/curves.png).
+    /// Output PNG (default: RUN_DIR/curves.png): a .png path that is new or holds an
+    /// earlier plot (any other file there is refused, not replaced).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Image width in pixels.

@@ -90,7 +90,8 @@ impl Session {
         if resume {
             if let Some(other) = checkpoint::output_command(dir).filter(|c| *c != command) {
                 bail!(
-                    "{}: holds the output of `medvlm {other}`, not a {kind} run; resume it with                      `medvlm {other} --resume {}`",
+                    "{}: holds the output of `medvlm {other}`, not a {kind} run; resume it with \
+                     `medvlm {other} --resume {}`",
                     dir.display(),
                     dir.display()
                 );

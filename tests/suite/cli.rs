@@ -1261,6 +1261,34 @@ fn nonsense_values_are_refused_naming_the_flag() {
             ]),
             vec!["--max-new-tokens"],
         ),
+        (
+            args(&[
+                "eval",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--max-new-tokens",
+                "1000000000",
+                "--out",
+                r,
+            ]),
+            vec!["--max-new-tokens 1000000000", "context of 4096"],
+        ),
+        (
+            args(&[
+                "ask",
+                "--model",
+                m,
+                "--image",
+                i,
+                "--question",
+                "q",
+                "--max-new-tokens",
+                "4096",
+            ]),
+            vec!["--max-new-tokens 4096", "context"],
+        ),
     ];
     for (a, needles) in cases {
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
