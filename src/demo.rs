@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::Serialize;
 
@@ -80,6 +80,179 @@ impl DemoSpec {
         } else {
             full
         }
+    }
+}
+
+/// The names `demo` writes in its output directory.
+pub const ENTRIES: &[&str] = &[
+    "data-train",
+    "data-test",
+    "data-ood",
+    "data-warm",
+    "model-init",
+    "warm-start",
+    "grpo",
+    "sft",
+    "eval",
+    "demo.json",
+];
+
+/// Memory one GRPO sequence of the demo's tiny model takes while the group is generated
+/// and scored (KV cache, logits, log-probs, bookkeeping), rounded up from about 150 KiB:
+/// enough to refuse a batch that cannot fit before any work, not a plan.
+const DEMO_SEQUENCE_BYTES: u128 = 256 << 10;
+/// Memory a training row takes once loaded (its JSON value and item), rounded up.
+const DEMO_ROW_BYTES: u128 = 4 << 10;
+
+/// Makes `out` ready for the demo: new, empty, or (with `force`) an earlier demo's output,
+/// which is removed. A directory holding anything else is refused, --force or not.
+pub fn prepare_output(out: &Path, force: bool) -> Result<()> {
+    use crate::train::checkpoint;
+    let state = checkpoint::check_output_dir(
+        out,
+        &checkpoint::OutputSpec {
+            command: "demo",
+            flag: "--out",
+            entries: ENTRIES,
+        },
+        checkpoint::Earlier::Replace { force },
+    )?;
+    if state == checkpoint::OutputState::Earlier {
+        std::fs::remove_dir_all(out)
+            .map_err(|e| crate::files::io_error(out, "cannot replace", e))?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| crate::files::io_error(out, "cannot create", e))?;
+    checkpoint::mark_output(out, "demo")
+}
+
+impl DemoSpec {
+    /// The demo's settings as its flags name them, checked before any work: counts, the
+    /// learning rate and temperature, and the sizes against the disk and memory.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_train < 2 {
+            bail!(
+                "--train-items must be at least 2 (the warm start draws half as many other \
+                 scans), got {}",
+                self.n_train
+            );
+        }
+        if self.n_test < 2 {
+            bail!(
+                "--test-items must be at least 2 (the out-of-domain set has half as many), got {}",
+                self.n_test
+            );
+        }
+        if self.warm_steps == 0 {
+            bail!("--warm-steps must be at least 1");
+        }
+        if self.rl_steps == 0 {
+            bail!("--rl-steps must be at least 1");
+        }
+        if self.kinds.is_empty() {
+            bail!("--task: at least one question kind is needed");
+        }
+        // The training runs' own checks, with their keys named by the demo's flags.
+        let flag = |key: &str| match key {
+            "learning_rate" => "--rl-lr".to_string(),
+            "max_steps" => "--rl-steps".to_string(),
+            "num_generations" => "--group".to_string(),
+            "batch_prompts" => "--rl-batch".to_string(),
+            "micro_batch" => "--rl-batch".to_string(),
+            "temperature" => "--temperature".to_string(),
+            "seed" => "--seed".to_string(),
+            other => format!("the demo's {other}"),
+        };
+        let (sft, grpo) = self.configs(Path::new("."), Path::new("."), Path::new("."));
+        for r in [sft.validate_settings(), grpo.validate_settings()] {
+            if let Err(e) = r {
+                bail!(
+                    "{} {}",
+                    flag(&e.key),
+                    e.problem.replace("{0}", &e.related.join(", "))
+                );
+            }
+        }
+        // Disk: every scan set; memory: the rows loaded to train and the GRPO group.
+        let rows = self.n_train + self.n_train / 2 + self.n_test + self.n_test / 2;
+        let need = rows as u128 * crate::synth::ROW_BYTES as u128;
+        if let Some(free) = crate::train::checkpoint::free_disk_bytes(&self.out) {
+            if need > free {
+                bail!(
+                    "--train-items {} and --test-items {} make {rows} scans, about {} on disk, \
+                     but the disk holding {} has {} free",
+                    self.n_train,
+                    self.n_test,
+                    crate::train::checkpoint::human_bytes(need),
+                    self.out.display(),
+                    crate::train::checkpoint::human_bytes(free)
+                );
+            }
+        }
+        let sequences = self.batch_prompts as u128 * self.num_generations as u128;
+        let memory = sequences * DEMO_SEQUENCE_BYTES + self.n_train as u128 * DEMO_ROW_BYTES;
+        let (what, available) = crate::device::available_memory(&Device::Cpu);
+        if let Some(a) = available {
+            if memory > a as u128 {
+                bail!(
+                    "--rl-batch {} x --group {} ({sequences} sequences per step) with \
+                     --train-items {} need about {} of memory but {what} is {}",
+                    self.batch_prompts,
+                    self.num_generations,
+                    self.n_train,
+                    crate::train::checkpoint::human_bytes(memory),
+                    crate::train::checkpoint::human_bytes(a as u128)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The SFT (warm start and baseline) and GRPO configurations of the demo's runs, with
+    /// `model`, `data` and `out` filled in where each run sets them.
+    fn configs(&self, model: &Path, data: &Path, out: &Path) -> (SftConfig, GrpoConfig) {
+        let sft = SftConfig {
+            run: RunConfig {
+                model: model.to_path_buf(),
+                train_data: data.to_path_buf(),
+                output_dir: out.to_path_buf(),
+                template: self.template,
+                micro_batch: 8,
+                learning_rate: 5e-3,
+                save_steps: 0,
+                max_pixels: None,
+                device: Some("cpu".into()),
+                seed: self.seed,
+                ..SftConfig::default().run
+            },
+            method: SftMethod { batch_size: 8 },
+        };
+        let grpo = GrpoConfig {
+            run: RunConfig {
+                model: model.to_path_buf(),
+                train_data: data.to_path_buf(),
+                output_dir: out.to_path_buf(),
+                template: self.template,
+                micro_batch: 64,
+                learning_rate: self.rl_lr,
+                max_steps: self.rl_steps,
+                save_steps: 0,
+                max_pixels: None,
+                seed: self.seed,
+                device: Some("cpu".into()),
+                ..GrpoConfig::default().run
+            },
+            method: GrpoMethod {
+                num_generations: self.num_generations,
+                batch_prompts: self.batch_prompts,
+                max_completion_length: 48,
+                temperature: self.temperature,
+                beta: 0.04,
+                log_completions: 2,
+                eval_steps: (self.rl_steps / 6).max(1),
+                ..GrpoMethod::default()
+            },
+        };
+        (sft, grpo)
     }
 }
 
@@ -154,19 +327,19 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
     let train = synth(
         "data-train",
         spec.n_train,
-        spec.seed * 10 + 1,
+        spec.seed.wrapping_mul(10).wrapping_add(1),
         in_domain.clone(),
     )?;
     let test = synth(
         "data-test",
         spec.n_test,
-        spec.seed * 10 + 2,
+        spec.seed.wrapping_mul(10).wrapping_add(2),
         in_domain.clone(),
     )?;
     let ood = synth(
         "data-ood",
         spec.n_test / 2,
-        spec.seed * 10 + 3,
+        spec.seed.wrapping_mul(10).wrapping_add(3),
         vec![Style::XRay],
     )?;
     // The warm-start set: other scans of the same kinds, with random answer letters. Other
@@ -175,7 +348,7 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
     let warm_rows = synth(
         "data-warm",
         spec.n_train / 2,
-        spec.seed * 10 + 4,
+        spec.seed.wrapping_mul(10).wrapping_add(4),
         in_domain.clone(),
     )?;
     let warm = out.join("data-warm").join("warm.json");
@@ -195,19 +368,7 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
     )?;
 
     step("3/6 SFT warm start on the answer format (random letters)");
-    let sft_common = SftConfig {
-        run: RunConfig {
-            template: spec.template,
-            micro_batch: 8,
-            learning_rate: 5e-3,
-            save_steps: 0,
-            max_pixels: None,
-            device: Some("cpu".into()),
-            seed: spec.seed,
-            ..SftConfig::default().run
-        },
-        method: SftMethod { batch_size: 8 },
-    };
+    let (sft_common, grpo_config) = spec.configs(Path::new(""), Path::new(""), Path::new(""));
     let warm_dir = fresh(&out.join("warm-start"))?;
     let mut warm_cfg = sft_common.clone();
     warm_cfg.run.model = init;
@@ -218,38 +379,13 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
 
     step("4/6 GRPO from the warm start");
     let grpo_dir = fresh(&out.join("grpo"))?;
-    let grpo_model = crate::rl::trainer::train(
-        GrpoConfig {
-            run: RunConfig {
-                model: warm_model.clone(),
-                train_data: train.clone(),
-                output_dir: grpo_dir.clone(),
-                template: spec.template,
-                micro_batch: 64,
-                learning_rate: spec.rl_lr,
-                max_steps: spec.rl_steps,
-                save_steps: 0,
-                max_pixels: None,
-                seed: spec.seed,
-                device: Some("cpu".into()),
-                ..GrpoConfig::default().run
-            },
-            method: GrpoMethod {
-                num_generations: spec.num_generations,
-                batch_prompts: spec.batch_prompts,
-                max_completion_length: 48,
-                temperature: spec.temperature,
-                beta: 0.04,
-                log_completions: 2,
-                // Held-out greedy accuracy along the way, for the curves.
-                eval_data: Some(test.clone()),
-                eval_steps: (spec.rl_steps / 6).max(1),
-                ..GrpoMethod::default()
-            },
-        },
-        false,
-        None,
-    )?;
+    let mut grpo_cfg = grpo_config;
+    grpo_cfg.run.model = warm_model.clone();
+    grpo_cfg.run.train_data = train.clone();
+    grpo_cfg.run.output_dir = grpo_dir.clone();
+    // Held-out greedy accuracy along the way, for the curves.
+    grpo_cfg.method.eval_data = Some(test.clone());
+    let grpo_model = crate::rl::trainer::train(grpo_cfg, false, None)?;
 
     step("5/6 the SFT baseline: correct answers, same steps and items per step");
     let sft_dir = fresh(&out.join("sft"))?;

@@ -9,10 +9,10 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::data::answer::{extract_answer, format_reward, Extraction};
-use crate::data::{PromptTemplate, VqaItem};
+use crate::data::{PromptTemplate, Skipped, VqaItem};
 use crate::generate::{Engine, Request, SamplingParams};
 use crate::model::Qwen2Vl;
-use crate::processor::Processor;
+use crate::processor::{Processor, Prompt};
 use crate::train::logps::SeqRef;
 
 /// One item's outcome.
@@ -38,7 +38,42 @@ pub struct ItemResult {
     pub option_logprobs: Option<Vec<f32>>,
 }
 
-/// Greedy-decodes every item (batched) and reads each answer.
+/// What an evaluation produced: a result per usable item, and the items skipped because
+/// their image could not be read or their prompt built (with the reason, counted in
+/// reports like the rows skipped when the data was loaded).
+#[derive(Debug, Clone, Default)]
+pub struct Evaluated {
+    pub results: Vec<ItemResult>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// An item's prompt, or why the item cannot be asked: one unreadable image (a file that is
+/// not an image, a damaged one) skips its row, it does not end the whole evaluation.
+fn item_prompt(
+    processor: &Processor,
+    it: &VqaItem,
+    template: PromptTemplate,
+) -> std::result::Result<Prompt, Skipped> {
+    let skip = |kind: &'static str, e: anyhow::Error| Skipped {
+        file: String::new(),
+        row: it.index,
+        reason: format!("{e:#}"),
+        modality: it.modality.name().to_string(),
+        kind,
+    };
+    let images = it
+        .images
+        .iter()
+        .map(|p| processor.load_image(p))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| skip("unreadable image", e))?;
+    processor
+        .prepare(&template.messages(it), images, true)
+        .map_err(|e| skip("unusable prompt", e))
+}
+
+/// Greedy-decodes every item (batched) and reads each answer; items whose prompt cannot be
+/// built are skipped, each reported on stderr.
 pub fn run_greedy(
     model: &Qwen2Vl,
     processor: &Processor,
@@ -46,16 +81,57 @@ pub fn run_greedy(
     template: PromptTemplate,
     max_new_tokens: usize,
     batch_size: usize,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Vec<ItemResult>> {
+    let e = greedy(
+        model,
+        processor,
+        items,
+        template,
+        max_new_tokens,
+        batch_size,
+        progress,
+    )?;
+    warn_skipped(&e.skipped);
+    Ok(e.results)
+}
+
+fn warn_skipped(skipped: &[Skipped]) {
+    for s in skipped {
+        eprintln!("warning: skipped row {}: {}", s.row, s.reason);
+    }
+}
+
+/// Greedy-decodes every item (batched) and reads each answer, skipping (and returning) the
+/// items whose prompt cannot be built.
+pub fn greedy(
+    model: &Qwen2Vl,
+    processor: &Processor,
+    items: &[VqaItem],
+    template: PromptTemplate,
+    max_new_tokens: usize,
+    batch_size: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Evaluated> {
     let stop = processor.tokenizer.stop_tokens().to_vec();
     let vision = processor.tokenizer.special.vision_ids().to_vec();
     let engine = Engine::new(model, stop, vision);
-    let mut out = Vec::with_capacity(items.len());
+    let mut out = Evaluated {
+        results: Vec::with_capacity(items.len()),
+        skipped: Vec::new(),
+    };
+    let mut done = 0;
     for chunk in items.chunks(batch_size.max(1)) {
+        let mut usable = Vec::with_capacity(chunk.len());
         let mut prompts = Vec::with_capacity(chunk.len());
         for it in chunk {
-            prompts.push(template.prompt(processor, it)?);
+            match item_prompt(processor, it, template) {
+                Ok(p) => {
+                    usable.push(it);
+                    prompts.push(p);
+                }
+                Err(s) => out.skipped.push(s),
+            }
         }
         let reqs: Vec<Request> = prompts
             .iter()
@@ -66,8 +142,12 @@ pub fn run_greedy(
                 num_samples: 1,
             })
             .collect();
-        let gens = engine.generate(&reqs, |_, _, _| {})?;
-        for ((it, group), p) in chunk.iter().zip(&gens).zip(&prompts) {
+        let gens = if reqs.is_empty() {
+            Vec::new()
+        } else {
+            engine.generate(&reqs, |_, _, _| {})?
+        };
+        for ((it, group), p) in usable.iter().zip(&gens).zip(&prompts) {
             let text = processor
                 .tokenizer
                 .decode(group[0].content_tokens(), true)?;
@@ -76,7 +156,7 @@ pub fn run_greedy(
                 Extraction::Letter { letter, .. } => Some(letter),
                 _ => None,
             };
-            out.push(ItemResult {
+            out.results.push(ItemResult {
                 row: it.index,
                 modality: it.modality.name().to_string(),
                 images: it.images.iter().map(|p| p.display().to_string()).collect(),
@@ -90,25 +170,47 @@ pub fn run_greedy(
                 option_logprobs: None,
             });
         }
-        progress(out.len(), items.len());
+        done += chunk.len();
+        progress(done, items.len());
     }
     Ok(out)
+}
+
+/// The likelihood baseline (see [`likelihood`]); items whose prompt cannot be built are
+/// skipped, each reported on stderr.
+pub fn run_likelihood(
+    model: &Qwen2Vl,
+    processor: &Processor,
+    items: &[VqaItem],
+    template: PromptTemplate,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<ItemResult>> {
+    let e = likelihood(model, processor, items, template, progress)?;
+    warn_skipped(&e.skipped);
+    Ok(e.results)
 }
 
 /// The likelihood baseline: for each item, the log-probability of answering with each
 /// option's letter (the completion is just the letter, as the "simple" template asks), and
 /// the most probable one as the answer. One forward pass per item scores all its options
 /// (the image is encoded once).
-pub fn run_likelihood(
+pub fn likelihood(
     model: &Qwen2Vl,
     processor: &Processor,
     items: &[VqaItem],
     template: PromptTemplate,
     mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<ItemResult>> {
-    let mut out = Vec::with_capacity(items.len());
-    for it in items {
-        let prompt = template.prompt(processor, it)?;
+) -> Result<Evaluated> {
+    let mut out = Evaluated::default();
+    for (done, it) in items.iter().enumerate() {
+        let prompt = match item_prompt(processor, it, template) {
+            Ok(p) => p,
+            Err(s) => {
+                out.skipped.push(s);
+                progress(done + 1, items.len());
+                continue;
+            }
+        };
         let letters: Vec<char> = crate::data::LETTERS[..it.options.len()].to_vec();
         let toks: Vec<Vec<u32>> = letters
             .iter()
@@ -132,7 +234,7 @@ pub fn run_likelihood(
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(i, _)| letters[i]);
-        out.push(ItemResult {
+        out.results.push(ItemResult {
             row: it.index,
             modality: it.modality.name().to_string(),
             images: it.images.iter().map(|p| p.display().to_string()).collect(),
@@ -145,7 +247,7 @@ pub fn run_likelihood(
             extraction: "likelihood",
             option_logprobs: Some(sums),
         });
-        progress(out.len(), items.len());
+        progress(done + 1, items.len());
     }
     Ok(out)
 }

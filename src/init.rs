@@ -201,47 +201,96 @@ fn write_side_files(
     write_json(dir, "generation_config.json", &generation)
 }
 
-/// An empty directory beside `out` (its parent created if needed) to stage a checkpoint's
-/// tokenizer and config files in: the checkpoint writer copies them and renames the
-/// finished directory into place, so `out` never exists half-written.
-/// Returns (the parent, the directory name, the staging directory).
-fn staging_dir(out: &Path) -> Result<(PathBuf, String, PathBuf)> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
+/// Widest and deepest decoder `init` writes: Qwen2-VL-72B is 8192 wide and 80 layers deep,
+/// and a tiny test model needs neither; beyond them `init` would build for minutes.
+pub const MAX_HIDDEN_SIZE: usize = 16384;
+pub const MAX_LAYERS: usize = 256;
+
+impl InitSpec {
+    /// The sizes' ranges, named by their flags (`--hidden-size`, `--layers`), before any
+    /// work.
+    pub fn validate(&self) -> Result<()> {
+        let unit = 2 * self.heads;
+        let min = 8 * self.heads;
+        if self.hidden_size < min
+            || self.hidden_size > MAX_HIDDEN_SIZE
+            || !self.hidden_size.is_multiple_of(unit)
+        {
+            bail!(
+                "--hidden-size must be a multiple of {unit} from {min} to {MAX_HIDDEN_SIZE} ({} \
+                 attention heads, each of an even width of at least 8), got {}",
+                self.heads,
+                self.hidden_size
+            );
+        }
+        if self.layers == 0 || self.layers > MAX_LAYERS {
+            bail!(
+                "--layers must be from 1 to {MAX_LAYERS} (Qwen2-VL-72B has 80), got {}",
+                self.layers
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a model whose weights (`bytes_per_param` each) do not fit on the disk holding
+/// `out`, or whose build (`peak_per_param` bytes of memory each) not in the memory available.
+fn check_fits(
+    config: &Qwen2VlConfig,
+    out: &Path,
+    bytes_per_param: u128,
+    peak_per_param: u128,
+) -> Result<()> {
+    let params = crate::model::num_parameters(config)? as u128;
+    let (bytes, peak) = (params * bytes_per_param, params * peak_per_param);
+    let sizes = format!(
+        "a {}-wide, {}-layer decoder has {params} parameters",
+        config.text.hidden_size, config.text.num_hidden_layers
+    );
+    let (what, available) = crate::device::available_memory(&Device::Cpu);
+    if let Some(a) = available {
+        if peak > a as u128 {
+            bail!(
+                "{sizes}: building it takes about {} of memory but {what} is {}; choose a \
+                 smaller --hidden-size or fewer --layers",
+                checkpoint::human_bytes(peak),
+                checkpoint::human_bytes(a as u128)
+            );
+        }
+    }
+    if let Some(free) = checkpoint::free_disk_bytes(out) {
+        if bytes > free {
+            bail!(
+                "{sizes}: its weights take {} but the disk holding {} has {} free",
+                checkpoint::human_bytes(bytes),
+                out.display(),
+                checkpoint::human_bytes(free)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes a fresh checkpoint directory at `out` (which must not exist). Staged beside it and
+/// renamed into place when complete: a failure leaves nothing behind.
+pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
+    if out.exists() {
+        bail!(
+            "--out {}: already exists; choose a new directory",
+            out.display()
+        );
+    }
+    spec.validate()?;
+    let staging = checkpoint::Staging::beside(out, "init")?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let name = out
         .file_name()
         .context("the output needs a directory name")?
         .to_string_lossy()
         .to_string();
-    let staging = parent.join(format!(".{name}.init"));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .with_context(|| format!("{}: cannot clear", staging.display()))?;
-    }
-    std::fs::create_dir_all(&staging)
-        .with_context(|| format!("{}: cannot create", staging.display()))?;
-    Ok((parent.to_path_buf(), name, staging))
-}
-
-/// Writes a fresh checkpoint directory at `out` (which must not exist).
-pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
-    if out.exists() {
-        bail!("{}: already exists; choose a new directory", out.display());
-    }
-    if !spec.hidden_size.is_multiple_of(spec.heads)
-        || !(spec.hidden_size / spec.heads).is_multiple_of(2)
-    {
-        bail!(
-            "hidden size {} must split into {} even-sized heads",
-            spec.hidden_size,
-            spec.heads
-        );
-    }
-    let (parent, name, staging) = staging_dir(out)?;
     let tok = train_tokenizer(spec.vocab)?;
     let id = |t: &str| tok.token_to_id(t).context("special token missing");
     let n_tokens = tok.get_vocab_size(true);
@@ -289,13 +338,16 @@ pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
             "hidden_act": "quick_gelu",
         },
     });
-    write_json(&staging, "config.json", &config)?;
-    write_side_files(&staging, &tok, 56 * 56, spec.max_pixels, None)?;
-    let cfg = Qwen2VlConfig::from_file(&staging.join("config.json"))?;
-    let model = TrainableModel::random(cfg, spec.init_std, spec.seed, &staging, &Device::Cpu)?;
-    let done = checkpoint::save(&parent, &name, &model, DType::F32, None)?;
-    std::fs::remove_dir_all(&staging)?;
-    Ok(done)
+    write_json(staging.path(), "config.json", &config)?;
+    write_side_files(staging.path(), &tok, 56 * 56, spec.max_pixels, None)?;
+    let cfg = Qwen2VlConfig::from_file(&staging.path().join("config.json"))?;
+    // f32 weights, held once plus a tensor's copy while it is written.
+    check_fits(&cfg, out, 4, 8)?;
+    let model =
+        TrainableModel::random(cfg, spec.init_std, spec.seed, staging.path(), &Device::Cpu)?;
+    // The checkpoint writer copies the staged side files and renames its own temporary
+    // directory into place; the staging directory goes when `staging` is dropped.
+    checkpoint::save(parent, &name, &model, DType::F32, None)
 }
 
 /// Where Qwen2's special tokens sit in its vocabulary: `<|endoftext|>` and the 13 after it.
@@ -378,17 +430,24 @@ fn random_bf16(name: &str, shape: &[usize], std: f32, seed: u64) -> Vec<half::bf
 /// and generation settings. `out` must not exist.
 pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
     if out.exists() {
-        bail!("{}: already exists; choose a new directory", out.display());
+        bail!(
+            "--out {}: already exists; choose a new directory",
+            out.display()
+        );
     }
     let mut v: serde_json::Value = serde_json::from_str(preset.config_json())?;
     v["torch_dtype"] = json!("bfloat16");
     let config_text = serde_json::to_string_pretty(&v)?;
     let config = Qwen2VlConfig::from_json_str(&config_text, "preset config.json")?;
-    let (_, _, staging) = staging_dir(out)?;
-    std::fs::write(staging.join("config.json"), &config_text)?;
+    // bf16 weights, built a shard at a time.
+    check_fits(&config, out, 2, 2)?;
+    let stage = checkpoint::Staging::beside(out, "init")?;
+    let staging = stage.path();
+    std::fs::write(staging.join("config.json"), &config_text)
+        .map_err(|e| crate::files::io_error(&staging.join("config.json"), "cannot write", e))?;
     let tok = tokenizer_with_qwen2_ids(640)?;
     write_side_files(
-        &staging,
+        staging,
         &tok,
         56 * 56,
         12_845_056,
@@ -430,15 +489,13 @@ pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
         crate::files::save_safetensors(&tensors, &p)?;
     }
     write_json(
-        &staging,
+        staging,
         "model.safetensors.index.json",
         &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
     )?;
     // The directory loads as a checkpoint before it is put in place.
-    crate::model::CheckpointWeights::open(&staging)?.layout(&config)?;
-    std::fs::rename(&staging, out)
-        .with_context(|| format!("{}: cannot move into place", out.display()))?;
-    Ok(out.to_path_buf())
+    crate::model::CheckpointWeights::open(staging)?.layout(&config)?;
+    stage.commit(out)
 }
 
 #[cfg(test)]

@@ -47,26 +47,11 @@ fn main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            // One line: the context chain joined with ": ". Errors that carry a backtrace
-            // or several lines (a shape mismatch deep in candle) are cut to their first line
-            // per cause unless the user asked for backtraces.
-            let full = std::env::var_os("RUST_BACKTRACE").is_some();
-            let msg = if full {
-                format!("{e:#}")
-            } else {
-                e.chain()
-                    .map(|c| {
-                        c.to_string()
-                            .lines()
-                            .next()
-                            .unwrap_or("")
-                            .trim()
-                            .to_string()
-                    })
-                    .collect::<Vec<_>>()
-                    .join(": ")
-            };
-            eprintln!("error: {}", msg.replace('\n', " "));
+            // The error as one line; with RUST_BACKTRACE set, the details (a library's
+            // backtrace, medvlm's own with "full") follow on lines of their own.
+            let detail =
+                medvlm::cli::ErrorDetail::from_env(std::env::var_os("RUST_BACKTRACE").as_deref());
+            eprintln!("{}", medvlm::cli::error_report(&e, detail));
             ExitCode::FAILURE
         }
         // The hook has printed the one line.

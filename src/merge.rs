@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -36,11 +36,42 @@ fn weight_name(layout: WeightLayout, module: &str) -> String {
 /// weights changed.
 pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
     if out.exists() {
-        bail!("{}: already exists; choose a new directory", out.display());
+        bail!(
+            "--out {}: already exists; choose a new directory",
+            out.display()
+        );
     }
     let config = Qwen2VlConfig::from_file(&base.join("config.json"))?;
     let weights = CheckpointWeights::open(base)?;
     let layout = weights.layout(&config)?;
+    // Every tensor of the base is held while the merged file is written, and the file takes
+    // as much disk: check both before reading any.
+    let bytes: u128 = weights
+        .files()
+        .iter()
+        .map(|f| fs::metadata(f).map(|m| m.len() as u128).unwrap_or(0))
+        .sum();
+    let (what, available) = crate::device::available_memory(&Device::Cpu);
+    if let Some(a) = available {
+        if bytes > a as u128 {
+            bail!(
+                "--model {}: its weights ({}) do not fit in memory ({what}: {})",
+                base.display(),
+                crate::train::checkpoint::human_bytes(bytes),
+                crate::train::checkpoint::human_bytes(a as u128)
+            );
+        }
+    }
+    if let Some(free) = crate::train::checkpoint::free_disk_bytes(out) {
+        if bytes > free {
+            bail!(
+                "--out {}: the merged weights take {} but the disk has {} free",
+                out.display(),
+                crate::train::checkpoint::human_bytes(bytes),
+                crate::train::checkpoint::human_bytes(free)
+            );
+        }
+    }
     let acfg = AdapterConfig::read(adapter)?;
     let scaling = acfg.scaling();
     let apath = adapter.join("adapter_model.safetensors");
@@ -105,29 +136,17 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
         changed += 1;
     }
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-    let name = out
-        .file_name()
-        .context("the output needs a directory name")?
-        .to_string_lossy()
-        .to_string();
-    let tmp: PathBuf = parent.join(format!(".{name}.merge"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    // Staged beside `out` and renamed into place when complete; removed on any failure.
+    let staging = crate::train::checkpoint::Staging::beside(out, "merge")?;
+    let tmp = staging.path();
     // The base's config.json and side files as they are.
     fs::copy(base.join("config.json"), tmp.join("config.json"))
         .with_context(|| format!("{}: cannot copy", base.join("config.json").display()))?;
-    crate::processor::copy_side_files(base, &tmp)?;
+    crate::processor::copy_side_files(base, tmp)?;
     let wpath = tmp.join("model.safetensors");
     crate::files::save_safetensors(&tensors, &wpath)?;
     fs::File::open(&wpath)?.sync_all()?;
-    fs::rename(&tmp, out).with_context(|| format!("{}: cannot move into place", out.display()))?;
+    staging.commit(out)?;
     Ok(changed)
 }
 

@@ -212,11 +212,17 @@ pub fn plot_run(run_dir: &Path, opts: &PlotOptions) -> Result<PathBuf> {
     let (width, height) = (opts.width, opts.height);
     if width < MIN_SIZE.0 || height < MIN_SIZE.1 || width > MAX_SIDE || height > MAX_SIDE {
         bail!(
-            "plot size {width}x{height} is out of range ({}x{} to {MAX_SIDE}x{MAX_SIDE})",
+            "--width {width} --height {height}: the plot must be from {}x{} to \
+             {MAX_SIDE}x{MAX_SIDE} pixels",
             MIN_SIZE.0,
             MIN_SIZE.1
         );
     }
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| run_dir.join("curves.png"));
+    check_png_out(&out, if opts.out.is_some() { "--out " } else { "" })?;
     if !run_dir.is_dir() {
         if run_dir.exists() {
             bail!(
@@ -268,10 +274,6 @@ pub fn plot_run(run_dir: &Path, opts: &PlotOptions) -> Result<PathBuf> {
         );
     }
 
-    let out = opts
-        .out
-        .clone()
-        .unwrap_or_else(|| run_dir.join("curves.png"));
     let title = format!("{}: training curves", run_name(run_dir));
     let mut buffer = vec![255u8; width as usize * height as usize * 3];
     draw(&mut buffer, (width, height), &title, &metrics, &panels)
@@ -280,6 +282,39 @@ pub fn plot_run(run_dir: &Path, opts: &PlotOptions) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("{}: plot buffer has the wrong size", out.display()))?;
     write_png_atomic(&out, &image)?;
     Ok(out)
+}
+
+/// The plot may be written to `out`: a `.png` path that is absent or holds an image (an
+/// earlier plot, redrawn while a run trains). Anything else there (a config, a log, a
+/// directory) is a user's file that a PNG must not replace. `flag` prefixes messages.
+fn check_png_out(out: &Path, flag: &str) -> Result<()> {
+    let is_png_name = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png_name {
+        bail!(
+            "{flag}{}: the plot is a PNG image: give a file name ending in .png",
+            out.display()
+        );
+    }
+    if out.is_dir() {
+        bail!("{flag}{}: is a directory; give a file name", out.display());
+    }
+    if out.exists() {
+        let mut magic = [0u8; 8];
+        let is_png = fs::File::open(out)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && magic == *b"\x89PNG\r\n\x1a\n";
+        if !is_png {
+            bail!(
+                "{flag}{}: exists and is not a PNG image; plot replaces only an earlier plot: \
+                 choose another file",
+                out.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// "line 12" / "3 unparsable lines (4, 9, 12)", noting when the only bad line is the last one,

@@ -8,12 +8,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::VqaItem;
 use crate::processor::{Processor, Prompt};
-use crate::train::config::{Method, RunConfig, TrainConfig};
+use crate::train::config::{Method, RunConfig, SettingError, TrainConfig};
 use crate::train::logps::{self, SeqRef};
 use crate::train::metrics::Record;
 use crate::train::run::{self, DataOrder, RunInputs};
@@ -44,11 +44,8 @@ impl Method for SftMethod {
         # can also be given as a flag (`--learning-rate 1e-5`), which wins over this file.";
     const EXAMPLE: &'static str = include_str!("sft.example.toml");
 
-    fn validate(&self, _run: &RunConfig) -> Result<()> {
-        if self.batch_size == 0 {
-            bail!("config: batch_size must be positive");
-        }
-        Ok(())
+    fn validate_settings(&self, _run: &RunConfig) -> std::result::Result<(), SettingError> {
+        crate::train::config::batch_count("batch_size", self.batch_size as u64)
     }
 
     fn objective(&self) -> crate::train::plan::Objective {

@@ -335,20 +335,54 @@ fn generate_one(rng: &mut StdRng, style: Style, kind: Kind) -> Generated {
     }
 }
 
+/// Disk space a row takes: its 112x112 grey PNG (8.1-8.3 KB, three 4 KiB blocks) and its
+/// JSON row (about 420 bytes).
+pub const ROW_BYTES: u64 = 13 << 10;
+
+/// The names `data synth` writes in its output directory.
+pub const ENTRIES: &[&str] = &["data.json", "images"];
+
+/// Refuses, before anything is drawn, `n` rows (`flag` names the setting) that would not fit
+/// on the disk holding `out`.
+pub fn check_size(out: &Path, n: usize, flag: &str) -> Result<()> {
+    let need = n as u128 * ROW_BYTES as u128;
+    if let Some(free) = crate::train::checkpoint::free_disk_bytes(out) {
+        if need > free {
+            bail!(
+                "{flag} {n}: the scans would take about {} on disk (about 13 KiB a row: a \
+                 112x112 PNG and its JSON) but the disk holding {} has {} free",
+                crate::train::checkpoint::human_bytes(need),
+                out.display(),
+                crate::train::checkpoint::human_bytes(free)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes `n` rows with their images under `out`: `out/images/*.png` and `out/data.json`
-/// (the paper's format). Returns the JSON path.
+/// (the paper's format). Returns the JSON path. The rows are streamed to the file (memory
+/// does not grow with `n`), into a directory beside `out` that replaces it only when
+/// complete: a failure leaves `out` as it was and nothing else behind.
 pub fn write(out: &Path, spec: &SynthSpec) -> Result<PathBuf> {
+    use std::io::Write;
     if spec.n == 0 {
         bail!("--n must be at least 1");
     }
     if spec.styles.is_empty() || spec.kinds.is_empty() {
         bail!("at least one modality and one question kind are needed");
     }
-    let img_dir = out.join("images");
+    check_size(out, spec.n, "--n")?;
+    let staging = crate::train::checkpoint::Staging::beside(out, "synth")?;
+    let img_dir = staging.path().join("images");
     std::fs::create_dir_all(&img_dir)
         .with_context(|| format!("{}: cannot create", img_dir.display()))?;
+    let json_path = staging.path().join("data.json");
+    let write_err = |e| crate::files::io_error(&out.join("data.json"), "cannot write", e);
+    let file = std::fs::File::create(&json_path).map_err(write_err)?;
+    let mut json = std::io::BufWriter::new(file);
+    json.write_all(b"[\n").map_err(write_err)?;
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    let mut rows = Vec::with_capacity(spec.n);
     for i in 0..spec.n {
         // Round-robin over (style, kind) so every combination is balanced.
         let style = spec.styles[i % spec.styles.len()];
@@ -360,14 +394,17 @@ pub fn write(out: &Path, spec: &SynthSpec) -> Result<PathBuf> {
             i
         );
         let path = img_dir.join(&name);
-        g.image
-            .save(&path)
-            .with_context(|| format!("{}: cannot write image", path.display()))?;
+        g.image.save(&path).with_context(|| {
+            format!(
+                "{}: cannot write image",
+                out.join("images").join(&name).display()
+            )
+        })?;
         let problem = crate::data::build_problem(
             g.question,
             &g.options.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         );
-        rows.push(json!({
+        let row = json!({
             "image": [format!("images/{name}")],
             "question": g.question,
             "options": g.options,
@@ -378,12 +415,31 @@ pub fn write(out: &Path, spec: &SynthSpec) -> Result<PathBuf> {
             "subset": g.style.subset(),
             "task": g.kind.name(),
             "rationale": g.rationale,
-        }));
+        });
+        // The layout serde_json's pretty printer gives the whole list: each row indented
+        // by two spaces, rows separated by ",\n".
+        let text = serde_json::to_string_pretty(&row)?;
+        let mut chunk = String::with_capacity(text.len() + 64);
+        if i > 0 {
+            chunk.push_str(",\n");
+        }
+        for (j, line) in text.lines().enumerate() {
+            if j > 0 {
+                chunk.push('\n');
+            }
+            chunk.push_str("  ");
+            chunk.push_str(line);
+        }
+        json.write_all(chunk.as_bytes()).map_err(write_err)?;
     }
-    let path = out.join("data.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(path)
+    json.write_all(b"\n]").map_err(write_err)?;
+    json.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|f| f.sync_all())
+        .map_err(write_err)?;
+    crate::train::checkpoint::mark_output(staging.path(), "data synth")?;
+    staging.commit(out)?;
+    Ok(out.join("data.json"))
 }
 
 #[cfg(test)]
@@ -428,5 +484,44 @@ mod tests {
         assert_eq!(a, b);
         let img = |d: &Path| std::fs::read(d.join("images/mri-00000.png")).unwrap();
         assert_eq!(img(d1.path()), img(d2.path()));
+        // Streamed, the file is what serde_json writes for the whole list at once.
+        let rows: serde_json::Value = serde_json::from_str(&a).unwrap();
+        assert_eq!(rows.as_array().unwrap().len(), 12);
+        assert_eq!(serde_json::to_string_pretty(&rows).unwrap(), a);
+        // Nothing but the output: no staging directory beside it.
+        let beside: Vec<_> = std::fs::read_dir(d1.path().parent().unwrap())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.contains(&d1.path().file_name().unwrap().to_string_lossy().to_string())
+                    && n.ends_with(".synth")
+            })
+            .collect();
+        assert!(beside.is_empty());
+    }
+
+    #[test]
+    fn impossible_sizes_are_refused_before_drawing() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("big");
+        let e = write(
+            &out,
+            &SynthSpec {
+                n: 1_000_000_000_000,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        if crate::train::checkpoint::free_disk_bytes(d.path()).is_some() {
+            assert!(e.contains("--n 1000000000000") && e.contains("free"), "{e}");
+        }
+        assert!(!out.exists());
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
     }
 }

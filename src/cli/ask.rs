@@ -15,6 +15,11 @@ pub(super) fn run_ask(a: AskArgs) -> Result<()> {
                 .collect()
         })
         .unwrap_or_default();
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1 (an answer needs a token)");
+    }
+    super::eval::check_pixels(None, a.max_pixels)?;
+    super::eval::check_new_tokens(&a.model, a.max_new_tokens)?;
     if options.len() > LETTERS.len() {
         bail!(
             "--options: at most {} options are supported, got {}",

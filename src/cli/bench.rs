@@ -13,16 +13,125 @@ pub(super) fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Most sequences a benchmark step may hold (prompts x group): far beyond what any device
+/// holds, and low enough that the memory plan's arithmetic cannot overflow.
+const MAX_SEQUENCES: usize = 1 << 16;
+/// Largest benchmark image side: a 4096x4096 RGB image is 50 MB before resizing.
+const MAX_IMAGE_SIDE: u32 = 4096;
+
+/// The benchmark's workload checked before any model is built, each size named by its
+/// flag: counts of at least 1, the prompt and completion within the model's context, the
+/// image size, and the step's memory plan against what the device has.
+fn check_train_workload(a: &BenchTrainArgs, device: &Device, compute: DType) -> Result<()> {
+    for (flag, v) in [
+        ("--prompts", a.prompts),
+        ("--group", a.group),
+        ("--completion-len", a.completion_len),
+        ("--micro-batch", a.micro_batch),
+        ("--steps", a.steps),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    let sequences = a.prompts.saturating_mul(a.group);
+    if sequences > MAX_SEQUENCES {
+        bail!(
+            "--prompts {} x --group {} is {sequences} sequences per step; at most \
+             {MAX_SEQUENCES}",
+            a.prompts,
+            a.group
+        );
+    }
+    if !(a.beta.is_finite() && a.beta >= 0.0) {
+        bail!(
+            "--beta must be a finite number of at least 0, got {}",
+            a.beta
+        );
+    }
+    if !(28..=MAX_IMAGE_SIDE).contains(&a.image_size) {
+        bail!(
+            "--image-size must be from 28 (one image token) to {MAX_IMAGE_SIDE} pixels, got {}",
+            a.image_size
+        );
+    }
+    let config = match &a.model {
+        None => crate::model::Preset::Qwen2VlBench.config(),
+        Some(dir) => Qwen2VlConfig::from_file(&dir.join("config.json"))?,
+    };
+    let context = config.text.max_position_embeddings;
+    if a.prompt_tokens.saturating_add(a.completion_len) > context {
+        bail!(
+            "--prompt-tokens {} plus --completion-len {} exceeds the model's context of \
+             {context} tokens",
+            a.prompt_tokens,
+            a.completion_len
+        );
+    }
+    if a.lora_r > config.text.hidden_size {
+        bail!(
+            "--lora-r {} exceeds the width of the layers it adapts ({})",
+            a.lora_r,
+            config.text.hidden_size
+        );
+    }
+    let (prompt, _) = crate::bench::train::bench_prompt(&config, a.image_size, a.prompt_tokens)?;
+    let lora = (a.lora_r > 0).then(|| crate::train::config::LoraConfig {
+        r: a.lora_r,
+        alpha: 2.0 * a.lora_r as f64,
+        ..Default::default()
+    });
+    let input = crate::train::plan::PlanInput {
+        config,
+        objective: if a.sft {
+            crate::train::plan::Objective::Sft { items: sequences }
+        } else {
+            crate::train::plan::Objective::Grpo {
+                prompts: a.prompts,
+                group: a.group,
+                beta: a.beta != 0.0,
+            }
+        },
+        prompt_tokens: prompt.input_ids.len(),
+        image_patches: prompt.images.iter().map(|i| i.num_patches).sum(),
+        completion_tokens: a.completion_len,
+        micro_batch: a.micro_batch,
+        compute,
+        lora,
+        checkpointing: a.gradient_checkpointing,
+        freeze_vision: a.freeze_vision,
+        cpu: device.is_cpu(),
+    };
+    let (what, available) = crate::device::available_memory(device);
+    let plan = crate::train::plan::estimate(&input, &what, available)?;
+    if !plan.fits() {
+        bail!(
+            "the workload needs about {:.2} GiB at its peak ({}) but {what} is {:.2} GiB; \
+             lower --prompts, --group, --completion-len or --micro-batch",
+            plan.peak as f64 / (1u64 << 30) as f64,
+            plan.peak_phase,
+            available.unwrap_or(0) as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
+
 pub(super) fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
     set_threads(a.threads)?;
     let device = parse_device(a.device.as_deref())?;
+    let compute = match a.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::Bf16 => DType::BF16,
+        DTypeArg::F16 => bail!("--dtype: training computes in f32 or bf16"),
+    };
+    check_train_workload(&a, &device, compute)?;
     let w = crate::bench::train::TrainWorkload {
         prompts: a.prompts,
         group: a.group,
         completion_len: a.completion_len,
         micro_batch: a.micro_batch,
         beta: a.beta,
-        steps: a.steps.max(1),
+        steps: a.steps,
         image_size: a.image_size,
         prompt_tokens: a.prompt_tokens,
         freeze_vision: a.freeze_vision,
@@ -61,6 +170,21 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
         (Some(p), _) => crate::bench::Shape::from_path(p)?,
         (None, p) => crate::bench::Shape::preset(p),
     };
+    // The random weights are built before anything else: they must fit.
+    let config = Qwen2VlConfig::from_json_str(&shape.config_json, &shape.name)?;
+    let bytes = crate::model::num_parameters(&config)? as u128 * dtype.size_in_bytes() as u128;
+    if let (what, Some(available)) = crate::device::available_memory(&device) {
+        if bytes > available as u128 {
+            bail!(
+                "{}: its {} weights take {:.2} GiB but {what} is {:.2} GiB; use a smaller \
+                 --preset or --config, or --dtype bf16",
+                shape.name,
+                format!("{dtype:?}").to_lowercase(),
+                bytes as f64 / (1u64 << 30) as f64,
+                available as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     let report = crate::bench::run(&shape, &device, dtype, a.new_tokens, a.group)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

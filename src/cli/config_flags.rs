@@ -1,10 +1,12 @@
 //! One command-line flag per config key, generated from the commented example config, so a
 //! new config field is a flag (with its comment as help) without touching the CLI.
 //!
-//! Values are read as TOML (`--learning-rate 1e-5`, `--modalities '["MRI"]'`,
-//! `--freeze-vision true`); anything that is not a TOML value is taken as a string
-//! (`--model ./Qwen2-VL-2B-Instruct`). They are merged over the config file and checked by
-//! the same deserializer, so a wrong type is reported the same way from both places.
+//! Values are read as TOML (`--learning-rate 1e-5`, `--freeze-vision true`); anything that
+//! is not a TOML value is taken as a string (`--model ./Qwen2-VL-2B-Instruct`). List keys
+//! take one value, comma-separated values or a TOML array (`--modalities MRI`, `--rewards
+//! accuracy,format`, `--modalities '["MRI", "CT"]'`). They are merged over the config file
+//! and checked by the same deserializer, so a wrong type is reported the same way from both
+//! places, named as the user wrote it.
 
 use std::marker::PhantomData;
 
@@ -14,11 +16,15 @@ pub use crate::train::config::parse_example_keys;
 
 /// A config type whose example file lists its keys.
 pub trait ConfigKind {
+    /// The method's name: "grpo" or "sft".
+    const NAME: &'static str;
     /// The commented example config (one `key = value  # help` line per key, optional keys
     /// commented out as `# key = value  # help`).
     fn example() -> &'static str;
     /// Keys (in order) with their help text, parsed once from the example.
     fn keys() -> &'static [(String, String)];
+    /// The keys whose value is a list.
+    fn list_keys() -> Vec<String>;
 }
 
 /// Flag values given on the command line, as a TOML table to merge over the config file.
@@ -66,13 +72,25 @@ impl<K: ConfigKind> FromArgMatches for ConfigOverrides<K> {
 impl<K: ConfigKind> Args for ConfigOverrides<K> {
     fn augment_args(mut cmd: Command) -> Command {
         cmd = cmd.next_help_heading("Config keys (each overrides the config file)");
+        let lists = K::list_keys();
         for (key, help) in K::keys() {
+            let (value_name, help) = if lists.contains(key) {
+                (
+                    "LIST",
+                    format!("{help} [a list: one value, comma-separated values, or a TOML array]"),
+                )
+            } else {
+                ("VALUE", help.clone())
+            };
             cmd = cmd.arg(
                 Arg::new(key.clone())
                     .long(flag_name(key))
-                    .value_name("VALUE")
+                    .value_name(value_name)
                     .action(ArgAction::Set)
-                    .help(help.clone()),
+                    // `--learning-rate -1e-5` reaches the range check (and names the flag)
+                    // instead of being taken for a flag `-1`.
+                    .allow_hyphen_values(true)
+                    .help(help),
             );
         }
         cmd

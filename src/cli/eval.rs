@@ -32,6 +32,43 @@ pub(super) fn resolve_template(
     })
 }
 
+/// The names `eval` writes in its output directory.
+const EVAL_OUTPUT: crate::train::checkpoint::OutputSpec = crate::train::checkpoint::OutputSpec {
+    command: "eval",
+    flag: "--out",
+    entries: &["report.md", "report.json", "items.jsonl"],
+};
+
+/// `--max-new-tokens` against the model's context (its config.json alone): refused now
+/// rather than at the first item, after the model is loaded.
+pub(super) fn check_new_tokens(model: &ModelArgs, n: usize) -> Result<()> {
+    let config = Qwen2VlConfig::from_file(&model.model.join("config.json"))?;
+    let context = config.text.max_position_embeddings;
+    if n >= context {
+        bail!(
+            "--max-new-tokens {n} leaves no room for the prompt in {}'s context of {context} \
+             tokens (max_position_embeddings)",
+            model.model.display()
+        );
+    }
+    Ok(())
+}
+
+/// `--min-pixels` / `--max-pixels`: at least 1, and the floor not above the ceiling.
+pub(super) fn check_pixels(min: Option<usize>, max: Option<usize>) -> Result<()> {
+    for (flag, v) in [("--min-pixels", min), ("--max-pixels", max)] {
+        if v == Some(0) {
+            bail!("{flag} must be at least 1 pixel, got 0 (leave it out for the model's own)");
+        }
+    }
+    if let (Some(lo), Some(hi)) = (min, max) {
+        if lo > hi {
+            bail!("--min-pixels ({lo}) is larger than --max-pixels ({hi})");
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     use crate::data::{self, PromptTemplate};
     let fallback = if a.likelihood {
@@ -47,6 +84,16 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     }
     if a.limit == Some(0) {
         bail!("--limit must be at least 1 (it caps the number of items evaluated)");
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1 (items decoded together)");
+    }
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1 (an answer needs a token)");
+    }
+    check_pixels(a.min_pixels, a.max_pixels)?;
+    if !a.likelihood {
+        check_new_tokens(&a.model, a.max_new_tokens)?;
     }
     let started = std::time::Instant::now();
     let ds = data::load(&a.data, a.image_root.as_deref())?;
@@ -110,6 +157,22 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     if let Some(n) = a.limit {
         items.truncate(n);
     }
+    // Where the report goes is checked now, before the model is loaded, not after the
+    // evaluation's hours.
+    let out = a.out.clone().unwrap_or_else(|| {
+        let name = a
+            .model
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into());
+        PathBuf::from(format!("eval-{name}"))
+    });
+    crate::train::checkpoint::check_output_dir(
+        &out,
+        &EVAL_OUTPUT,
+        crate::train::checkpoint::Earlier::Replace { force: a.force },
+    )?;
     let loaded = load(
         &a.model,
         &ProcessorOptions {
@@ -126,20 +189,14 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     let progress = |done: usize, _total: usize| pb.set_position(done as u64);
-    let (results, mode) = if a.likelihood {
+    let (evaluated, mode) = if a.likelihood {
         (
-            crate::eval::run_likelihood(
-                &loaded.model,
-                &loaded.processor,
-                &items,
-                template,
-                progress,
-            )?,
+            crate::eval::likelihood(&loaded.model, &loaded.processor, &items, template, progress)?,
             "likelihood",
         )
     } else {
         (
-            crate::eval::run_greedy(
+            crate::eval::greedy(
                 &loaded.model,
                 &loaded.processor,
                 &items,
@@ -152,6 +209,18 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         )
     };
     pb.finish_and_clear();
+    let results = evaluated.results;
+    // Rows whose image could not be read count as skipped, like rows whose image is missing.
+    let mut skipped = skipped;
+    for mut s in evaluated.skipped {
+        s.file = a.data.display().to_string();
+        eprintln!("skipped {s}");
+        skipped.push(s);
+    }
+    let evaluated_items: Vec<&crate::data::VqaItem> = {
+        let used: std::collections::BTreeSet<usize> = results.iter().map(|r| r.row).collect();
+        items.iter().filter(|it| used.contains(&it.index)).collect()
+    };
     let settings = json!({
         "model": a.model.model.display().to_string(),
         "adapter": a.model.adapter.as_ref().map(|p| p.display().to_string()),
@@ -179,26 +248,17 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         &file_rows,
         settings,
     );
-    let out = a.out.clone().unwrap_or_else(|| {
-        let name = a
-            .model
-            .model
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "model".into());
-        PathBuf::from(format!("eval-{name}"))
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    std::fs::create_dir_all(&out).map_err(|e| crate::files::io_error(&out, "cannot create", e))?;
+    crate::train::checkpoint::mark_output(&out, "eval")?;
     let md = report.markdown();
-    std::fs::write(out.join("report.md"), &md)
-        .with_context(|| format!("{}: cannot write report.md", out.display()))?;
-    std::fs::write(
-        out.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )
-    .with_context(|| format!("{}: cannot write report.json", out.display()))?;
+    let write = crate::train::checkpoint::write_atomic;
+    write(&out.join("report.md"), md.as_bytes())?;
+    write(
+        &out.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     let mut lines = String::new();
-    for (r, it) in results.iter().zip(&items) {
+    for (r, it) in results.iter().zip(&evaluated_items) {
         let mut v = serde_json::to_value(r)?;
         v["question"] = json!(it.question);
         v["options"] = json!(it.options);
@@ -206,8 +266,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         lines.push_str(&serde_json::to_string(&v)?);
         lines.push('\n');
     }
-    std::fs::write(out.join("items.jsonl"), lines)
-        .with_context(|| format!("{}: cannot write items.jsonl", out.display()))?;
+    write(&out.join("items.jsonl"), lines.as_bytes())?;
     println!("{md}");
     println!(
         "written to {}/ (report.md, report.json, items.jsonl)",

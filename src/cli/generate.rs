@@ -25,6 +25,8 @@ pub(super) fn prepare_prompt(proc: &Processor, p: &PromptArgs) -> Result<Prompt>
 }
 
 pub(super) fn run_generate(a: GenerateArgs) -> Result<()> {
+    a.sampling.validate()?;
+    super::eval::check_pixels(a.prompt.limits.min_pixels, a.prompt.limits.max_pixels)?;
     if a.num_samples == 0 {
         bail!("--num-samples must be at least 1");
     }
@@ -114,6 +116,7 @@ pub(super) fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub(super) fn run_score(a: ScoreArgs) -> Result<()> {
+    super::eval::check_pixels(a.prompt.limits.min_pixels, a.prompt.limits.max_pixels)?;
     let loaded = load(&a.model, &processor_options(&a.prompt))?;
     let proc = &loaded.processor;
     proc.check_user_text(&a.completion)?;

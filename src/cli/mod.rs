@@ -162,9 +162,12 @@ pub enum TrainCommand {
                       step on the clipped objective with a KL penalty against the starting \
                       model.\n\nSettings come from --config (see --print-config for every key \
                       with its default and meaning), and any key can be set as a flag, which \
-                      wins. The run directory receives config.toml, metrics.jsonl, \
-                      completions.jsonl, checkpoint-N/ (Hugging Face layout plus optimizer \
-                      state) and final/.",
+                      wins; list keys take one value, comma-separated values or a TOML array \
+                      (--modalities MRI, --rewards accuracy,format). The run directory \
+                      (output_dir: new, empty, or an earlier grpo run without checkpoints) \
+                      receives config.toml, metrics.jsonl, completions.jsonl, checkpoint-N/ \
+                      (Hugging Face layout plus optimizer state; save_total_limit keeps the \
+                      newest N) and final/.",
         after_help = "Examples:\n  medvlm train grpo --print-config > grpo.toml\n  medvlm train grpo --config grpo.toml --model ./Qwen2-VL-2B-Instruct --train-data mri_train.json\n  medvlm train grpo --config grpo.toml --model ./Qwen2-VL-2B-Instruct \\\n      --train-data mri_train.json --lora-r 16 --output-dir runs/grpo-lora\n  medvlm train grpo --resume runs/grpo"
     )]
     Grpo(TrainArgs<GrpoKeys>),
@@ -182,6 +185,10 @@ pub struct GrpoKeys;
 pub struct SftKeys;
 
 impl config_flags::ConfigKind for GrpoKeys {
+    const NAME: &'static str = "grpo";
+    fn list_keys() -> Vec<String> {
+        crate::rl::config::GrpoConfig::list_keys()
+    }
     fn example() -> &'static str {
         crate::rl::config::GrpoConfig::example()
     }
@@ -193,6 +200,10 @@ impl config_flags::ConfigKind for GrpoKeys {
 }
 
 impl config_flags::ConfigKind for SftKeys {
+    const NAME: &'static str = "sft";
+    fn list_keys() -> Vec<String> {
+        crate::sft::SftConfig::list_keys()
+    }
     fn example() -> &'static str {
         crate::sft::SftConfig::example()
     }
@@ -212,7 +223,8 @@ pub struct TrainArgs<K: config_flags::ConfigKind + Send + Sync + Clone + std::fm
     /// Continue the run in this directory from its newest checkpoint, with its saved
     /// config.toml; the result equals an uninterrupted run. Only --max-steps / --epochs
     /// may change (to extend a run); other changed settings (from flags or a --config
-    /// file) are named and refused.
+    /// file) are named and refused, and so are a base model or training data replaced
+    /// under the same path (each checkpoint records their sizes and content hashes).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// Print the commented default config and exit.
@@ -244,8 +256,9 @@ pub struct EvalArgs {
     /// Root of the rows' relative image paths (default: the data file's folder).
     #[arg(long, value_name = "DIR")]
     pub image_root: Option<PathBuf>,
-    /// Keep only these modalities (MRI, CT, X-Ray, OCT, Ultrasound, ...); repeatable.
-    #[arg(long = "modality", value_name = "NAME")]
+    /// Keep only these modalities (MRI, CT, X-Ray, OCT, Ultrasound, ...); repeatable or
+    /// comma-separated (--modality MRI,CT).
+    #[arg(long = "modality", value_name = "NAME", value_delimiter = ',')]
     pub modalities: Vec<String>,
     /// Evaluate the test part of a seeded, modality-stratified split of this fraction.
     #[arg(long, value_name = "FRACTION")]
@@ -276,9 +289,14 @@ pub struct EvalArgs {
     pub min_pixels: Option<usize>,
     #[command(flatten)]
     pub medical: MedicalArgs,
-    /// Directory for report.md, report.json, items.jsonl (default: eval-<model>/).
+    /// Directory for report.md, report.json, items.jsonl (default: eval-<model>/): new or
+    /// empty, or an earlier evaluation's with --force.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Replace an earlier evaluation's report in --out (refused otherwise; a directory
+    /// holding anything else is always refused).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -400,7 +418,8 @@ pub enum DataCommand {
 
 #[derive(Args, Debug)]
 pub struct SynthArgs {
-    /// Directory to write data.json and images/ into (new or empty; see --force).
+    /// Directory to write data.json and images/ into: new or empty, or an earlier `data
+    /// synth` output with --force.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Number of rows.
@@ -409,20 +428,23 @@ pub struct SynthArgs {
     /// Seed of the drawings and questions: the same seed writes the same files.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Modality styles to draw (MRI, CT, X-Ray); repeatable. Default: all three.
-    #[arg(long = "modality", value_name = "NAME")]
+    /// Modality styles to draw (MRI, CT, X-Ray); repeatable or comma-separated. Default:
+    /// all three.
+    #[arg(long = "modality", value_name = "NAME", value_delimiter = ',')]
     pub modalities: Vec<String>,
-    /// Question kinds (presence, side, count, modality); repeatable. Default: all.
-    #[arg(long = "task", value_name = "KIND")]
+    /// Question kinds (presence, side, count, modality); repeatable or comma-separated.
+    /// Default: all.
+    #[arg(long = "task", value_name = "KIND", value_delimiter = ',')]
     pub tasks: Vec<String>,
-    /// Replace the contents of a non-empty --out directory (refused otherwise).
+    /// Replace an earlier `data synth` output in --out (refused otherwise; a directory
+    /// holding anything else is always refused).
     #[arg(long)]
     pub force: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// Directory to create.
+    /// Directory to create (must not exist).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Write a real architecture with random bf16 weights instead of the tiny demo model:
@@ -433,31 +455,35 @@ pub struct InitArgs {
     /// Seed of the random weights (and of the tokenizer's corpus).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Decoder width.
+    /// Decoder width: a multiple of 8 from 32 to 16384.
     #[arg(long, default_value_t = 64)]
     pub hidden_size: usize,
-    /// Decoder layers.
+    /// Decoder layers: 1 to 256.
     #[arg(long, default_value_t = 2)]
     pub layers: usize,
 }
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Where everything is written.
+    /// Where everything is written: a new or empty directory, or an earlier demo's with
+    /// --force.
     #[arg(long, value_name = "DIR", default_value = "runs/demo")]
     pub out: PathBuf,
     /// A reduced run (fewer items and steps), for a first look or a test.
     #[arg(long)]
     pub quick: bool,
-    /// Replace the contents of a non-empty --out directory (an earlier demo's results;
-    /// refused otherwise).
+    /// Replace an earlier demo's results in --out (refused otherwise; a directory holding
+    /// anything else is always refused).
     #[arg(long)]
     pub force: bool,
-    /// Seed of the whole demo (data, model, sampling): the same seed gives the same run.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the whole demo (data, model, sampling): the same seed gives the same run. At
+    /// most 9223372036854775807: the training runs record it in TOML, whose integers are
+    /// signed 64-bit.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
     pub seed: u64,
-    /// Question kinds to train and test on (presence, side, count, modality); repeatable.
-    #[arg(long = "task", value_name = "KIND")]
+    /// Question kinds to train and test on (presence, side, count, modality); repeatable or
+    /// comma-separated.
+    #[arg(long = "task", value_name = "KIND", value_delimiter = ',')]
     pub tasks: Vec<String>,
     /// Training items (default 512, quick 256).
     #[arg(long, value_name = "N")]
@@ -490,7 +516,8 @@ pub struct PlotArgs {
     /// Run directory (with metrics.jsonl).
     #[arg(value_name = "RUN_DIR")]
     pub run_dir: PathBuf,
-    /// Output PNG (default: RUN_DIR/curves.png).
+    /// Output PNG (default: RUN_DIR/curves.png): a .png path that is new or holds an
+    /// earlier plot (any other file there is refused, not replaced).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Image width in pixels.
@@ -767,6 +794,35 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// Every value the user gave, named by its flag, whatever the decoding: `--min-p 2`
+    /// under greedy decoding is as wrong as under sampling (it would be ignored silently).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(t) = self.temperature {
+            if !(t.is_finite() && t >= 0.0) {
+                bail!("--temperature must be a finite number of at least 0 (0 is greedy), got {t}");
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("--top-p must be in (0, 1], got {p}");
+            }
+        }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                bail!("--min-p must be in [0, 1], got {p}");
+            }
+        }
+        if let Some(r) = self.repetition_penalty {
+            if !(r.is_finite() && r > 0.0) {
+                bail!("--repetition-penalty must be a finite number above 0 (1 is off), got {r}");
+            }
+        }
+        if self.max_new_tokens == Some(0) {
+            bail!("--max-new-tokens must be at least 1");
+        }
+        Ok(())
+    }
+
     pub fn user(&self) -> UserSampling {
         UserSampling {
             temperature: self.temperature,
@@ -840,6 +896,64 @@ pub fn load(m: &ModelArgs, opts: &ProcessorOptions) -> Result<Loaded> {
     crate::infer::load(&m.source(), opts)
 }
 
+/// How much of an error `main` prints, from RUST_BACKTRACE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorDetail {
+    /// Unset or "0": the one line.
+    Line,
+    /// "1": then what a cause has beyond its first line (a library's backtrace, a shape
+    /// mismatch's details), on lines of their own. A user's mistake stays one line, since
+    /// many developers keep RUST_BACKTRACE=1 set.
+    Causes,
+    /// "full": then also the backtrace of where medvlm raised the error.
+    Full,
+}
+
+impl ErrorDetail {
+    pub fn from_env(v: Option<&std::ffi::OsStr>) -> Self {
+        match v.and_then(|v| v.to_str()) {
+            None | Some("0") | Some("") => Self::Line,
+            Some("full") => Self::Full,
+            Some(_) => Self::Causes,
+        }
+    }
+}
+
+/// How `main` prints an error: `error: ` and the chain of causes on one line (each cause's
+/// first line), so that a script or a reader sees one line; with more `detail`, the rest on
+/// lines of their own below it.
+pub fn error_report(e: &anyhow::Error, detail: ErrorDetail) -> String {
+    let line = e
+        .chain()
+        .map(|c| {
+            c.to_string()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .filter(|c| !c.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ");
+    let mut out = format!("error: {line}");
+    if detail != ErrorDetail::Line {
+        for c in e.chain() {
+            let text = c.to_string();
+            if text.trim().lines().count() > 1 {
+                out.push_str(&format!("\n\n{}", text.trim_end()));
+            }
+        }
+    }
+    if detail == ErrorDetail::Full {
+        let bt = e.backtrace();
+        if bt.status() == std::backtrace::BacktraceStatus::Captured {
+            out.push_str(&format!("\n\nbacktrace:\n{bt}"));
+        }
+    }
+    out
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => run_generate(a),
@@ -884,7 +998,17 @@ pub fn run(cli: Cli) -> Result<()> {
             if !kinds.is_empty() {
                 spec.kinds = kinds;
             }
-            crate::files::prepare_output_dir(&a.out, a.force)?;
+            // Written beside --out and moved into place when complete, so an earlier
+            // output (--force) is replaced only by a finished one.
+            crate::train::checkpoint::check_output_dir(
+                &a.out,
+                &crate::train::checkpoint::OutputSpec {
+                    command: "data synth",
+                    flag: "--out",
+                    entries: crate::synth::ENTRIES,
+                },
+                crate::train::checkpoint::Earlier::Replace { force: a.force },
+            )?;
             let p = crate::synth::write(&a.out, &spec)?;
             println!("{}", p.display());
             Ok(())
@@ -942,7 +1066,9 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(t) = a.temperature {
                 spec.temperature = t;
             }
-            crate::files::prepare_output_dir(&spec.out, a.force)?;
+            // Every flag is checked before any work, named as the user wrote it.
+            spec.validate()?;
+            crate::demo::prepare_output(&spec.out, a.force)?;
             crate::demo::run(&spec).map(|_| ())
         }
         Command::Ask(a) => run_ask(a),
@@ -961,5 +1087,95 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", out.display());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cause with several lines (a library's error with its backtrace) stays one line
+    /// unless details are asked for, and then they follow on lines of their own.
+    #[test]
+    fn errors_are_one_line_and_details_follow_only_when_asked() {
+        let inner = anyhow::anyhow!("shape mismatch in matmul\n   0: candle::frame\n   1: main");
+        let e = inner.context("model.safetensors: cannot load");
+        let line = error_report(&e, ErrorDetail::Line);
+        assert_eq!(
+            line,
+            "error: model.safetensors: cannot load: shape mismatch in matmul"
+        );
+        let more = error_report(&e, ErrorDetail::Causes);
+        let mut lines = more.lines();
+        assert_eq!(lines.next(), Some(line.as_str()));
+        assert!(more.contains("\n   0: candle::frame\n   1: main"), "{more}");
+        assert!(!more.contains("backtrace:"), "{more}");
+        assert_eq!(
+            ErrorDetail::from_env(Some(std::ffi::OsStr::new("1"))),
+            ErrorDetail::Causes
+        );
+        assert_eq!(
+            ErrorDetail::from_env(Some(std::ffi::OsStr::new("0"))),
+            ErrorDetail::Line
+        );
+        assert_eq!(ErrorDetail::from_env(None), ErrorDetail::Line);
+        assert_eq!(
+            ErrorDetail::from_env(Some(std::ffi::OsStr::new("full"))),
+            ErrorDetail::Full
+        );
+    }
+
+    /// A sampling value the user gave is checked even when greedy decoding ignores it.
+    #[test]
+    fn sampling_flags_are_checked_whatever_the_decoding() {
+        let bad = [
+            (
+                SamplingArgs {
+                    min_p: Some(2.0),
+                    ..Default::default()
+                },
+                "--min-p",
+            ),
+            (
+                SamplingArgs {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingArgs {
+                    temperature: Some(f32::NAN),
+                    ..Default::default()
+                },
+                "--temperature",
+            ),
+            (
+                SamplingArgs {
+                    repetition_penalty: Some(f32::INFINITY),
+                    ..Default::default()
+                },
+                "--repetition-penalty",
+            ),
+            (
+                SamplingArgs {
+                    max_new_tokens: Some(0),
+                    ..Default::default()
+                },
+                "--max-new-tokens",
+            ),
+        ];
+        for (args, flag) in bad {
+            let e = args.validate().unwrap_err().to_string();
+            assert!(e.starts_with(flag), "{e}");
+        }
+        assert!(SamplingArgs {
+            temperature: Some(0.0),
+            top_p: Some(1.0),
+            min_p: Some(0.0),
+            ..Default::default()
+        }
+        .validate()
+        .is_ok());
     }
 }

@@ -2,55 +2,80 @@
 
 use super::*;
 
-/// The config file (or a resumed run's saved config) with flags merged over it.
-pub(super) fn resolve_config_text<
+/// The layers of a run's settings, later ones winning: a resumed run's saved config.toml,
+/// the --config file, the flags (with --resume's directory as output_dir).
+pub(super) fn config_layers<
     K: config_flags::ConfigKind + Send + Sync + Clone + std::fmt::Debug + 'static,
 >(
     a: &TrainArgs<K>,
-) -> Result<(String, String, toml::Table)> {
-    let mut over = a.keys.table.clone();
-    let (text, file) = match (&a.resume, &a.config) {
-        (Some(dir), config) => {
-            let p = dir.join("config.toml");
-            let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("{}: cannot read the run's config", p.display()))?;
-            // A config file given with --resume counts like flags: what it sets is checked
-            // against the run's settings (flags win over the file).
-            if let Some(c) = config {
-                let file_text = std::fs::read_to_string(c)
-                    .with_context(|| format!("{}: cannot read config", c.display()))?;
-                let table: toml::Table = file_text
-                    .parse()
-                    .with_context(|| format!("{}: not valid TOML", c.display()))?;
-                merge_missing(&mut over, table);
-            }
-            over.insert(
-                "output_dir".into(),
-                toml::Value::String(dir.display().to_string()),
+) -> Result<Vec<crate::train::config::Layer>> {
+    use crate::train::config::Layer;
+    let mut layers = Vec::new();
+    let mut flags = a.keys.table.clone();
+    if let Some(dir) = &a.resume {
+        // Another method's run: say so, not "unknown key" for its first method setting.
+        let command = format!("train {}", K::NAME);
+        if let Some(other) = crate::train::checkpoint::output_command(dir).filter(|c| *c != command)
+        {
+            bail!(
+                "--resume {}: holds the output of `medvlm {other}`, not a {} run; resume it with \
+                 `medvlm {other} --resume {}`",
+                dir.display(),
+                K::NAME,
+                dir.display()
             );
-            (text, p.display().to_string())
         }
-        (None, Some(p)) => (
-            std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read config", p.display()))?,
-            p.display().to_string(),
-        ),
-        (None, None) => (String::new(), "command line".to_string()),
-    };
-    Ok((text, file, over))
+        let p = dir.join("config.toml");
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            if dir.is_dir() {
+                crate::files::io_error(&p, "cannot read", e)
+            } else {
+                anyhow::anyhow!("--resume {}: no such run directory", dir.display())
+            }
+        })?;
+        layers.push(Layer::file(&p.display().to_string(), &text)?);
+        flags.insert(
+            "output_dir".into(),
+            toml::Value::String(dir.display().to_string()),
+        );
+    }
+    // A config file given with --resume counts like flags: what it sets is checked against
+    // the run's settings (flags win over the file).
+    if let Some(c) = &a.config {
+        let text = std::fs::read_to_string(c).map_err(|e| {
+            anyhow::anyhow!("--config {}", crate::files::io_error(c, "cannot read", e))
+        })?;
+        layers.push(Layer::file(&c.display().to_string(), &text)?);
+    }
+    layers.push(Layer::flags(flags));
+    Ok(layers)
 }
 
-/// Adds to `into` what `from` sets and `into` does not (tables merged key by key).
-pub(super) fn merge_missing(into: &mut toml::Table, from: toml::Table) {
-    for (k, v) in from {
-        match (into.get_mut(&k), v) {
-            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_missing(a, b),
-            (Some(_), _) => {}
-            (None, v) => {
-                into.insert(k, v);
-            }
-        }
+/// A new run writes its resolved config to OUTPUT_DIR/config.toml: refuse when that is the
+/// --config file itself (the user's commented file would become the resolved one).
+fn refuse_config_overwrite<
+    K: config_flags::ConfigKind + Send + Sync + Clone + std::fmt::Debug + 'static,
+>(
+    a: &TrainArgs<K>,
+    output_dir: &Path,
+) -> Result<()> {
+    let (Some(c), None) = (&a.config, &a.resume) else {
+        return Ok(());
+    };
+    let written = output_dir.join("config.toml");
+    let same = match (c.canonicalize(), written.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    if same {
+        bail!(
+            "--config {}: is the config.toml a run in {} writes its resolved settings to; copy \
+             it elsewhere and pass the copy, or choose another --output-dir",
+            c.display(),
+            output_dir.display()
+        );
     }
+    Ok(())
 }
 
 pub(super) fn run_train_grpo(a: TrainArgs<GrpoKeys>) -> Result<()> {
@@ -58,12 +83,14 @@ pub(super) fn run_train_grpo(a: TrainArgs<GrpoKeys>) -> Result<()> {
         print!("{}", crate::rl::config::GrpoConfig::example());
         return Ok(());
     }
-    let (text, file, over) = resolve_config_text(&a)?;
-    let cfg = crate::rl::config::GrpoConfig::from_toml(&text, &file, Some(over))?;
+    let (cfg, origins) = crate::rl::config::GrpoConfig::from_layers(config_layers(&a)?)?;
+    refuse_config_overwrite(&a, &cfg.run.output_dir)?;
     if a.plan {
-        return print_plan(&cfg, a.resume.is_some(), a.plan_gpu_gib);
+        return print_plan(&cfg, a.resume.is_some(), a.plan_gpu_gib)
+            .map_err(|e| origins.name_settings(e));
     }
-    let out = crate::rl::trainer::train(cfg, a.resume.is_some(), a.stop_after)?;
+    let out = crate::rl::trainer::train(cfg, a.resume.is_some(), a.stop_after)
+        .map_err(|e| origins.name_settings(e))?;
     println!("{}", out.display());
     Ok(())
 }
@@ -73,12 +100,14 @@ pub(super) fn run_train_sft(a: TrainArgs<SftKeys>) -> Result<()> {
         print!("{}", crate::sft::SftConfig::example());
         return Ok(());
     }
-    let (text, file, over) = resolve_config_text(&a)?;
-    let cfg = crate::sft::SftConfig::from_toml(&text, &file, Some(over))?;
+    let (cfg, origins) = crate::sft::SftConfig::from_layers(config_layers(&a)?)?;
+    refuse_config_overwrite(&a, &cfg.run.output_dir)?;
     if a.plan {
-        return print_plan(&cfg, a.resume.is_some(), a.plan_gpu_gib);
+        return print_plan(&cfg, a.resume.is_some(), a.plan_gpu_gib)
+            .map_err(|e| origins.name_settings(e));
     }
-    let out = crate::sft::train(cfg, a.resume.is_some(), a.stop_after)?;
+    let out = crate::sft::train(cfg, a.resume.is_some(), a.stop_after)
+        .map_err(|e| origins.name_settings(e))?;
     println!("{}", out.display());
     Ok(())
 }
@@ -89,12 +118,14 @@ pub(super) fn print_plan<M: crate::train::config::Method>(
     resume: bool,
     gpu_gib: Option<f64>,
 ) -> Result<()> {
+    if let Some(g) = gpu_gib {
+        if !(g.is_finite() && g > 0.0) {
+            bail!("--plan-gpu-gib must be a finite number of GiB above 0, got {g}");
+        }
+    }
     let inputs = crate::train::run::RunInputs::prepare(cfg, resume)?;
     let (mut plan, mut input) = crate::train::run::memory_plan(cfg, &inputs)?;
     if let Some(g) = gpu_gib {
-        if g.is_nan() || g <= 0.0 {
-            bail!("--plan-gpu-gib must be positive, got {g}");
-        }
         input.cpu = false;
         plan = crate::train::plan::estimate(
             &input,

@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use super::grpo::{LossConfig, LossType, ScaleRewards};
 use super::reward::AnswerMode;
-use crate::train::config::{Method, RunConfig, TrainConfig};
+use crate::train::config::{
+    at_least_one, batch_count, non_negative, positive, unit_interval, Method, RunConfig,
+    SettingError, TrainConfig, MAX_SEQUENCES_PER_STEP,
+};
 
 /// A GRPO run's whole configuration.
 pub type GrpoConfig = TrainConfig<GrpoMethod>;
@@ -86,53 +89,97 @@ impl Method for GrpoMethod {
         # MedVLM-R1's settings.";
     const EXAMPLE: &'static str = include_str!("grpo.example.toml");
 
-    fn validate(&self, run: &RunConfig) -> Result<()> {
+    fn validate_files(&self) -> Result<()> {
         if let Some(e) = &self.eval_data {
             if !e.is_file() {
                 bail!("config: eval_data {}: no such file", e.display());
             }
         }
+        Ok(())
+    }
+
+    fn validate_settings(&self, run: &RunConfig) -> std::result::Result<(), SettingError> {
         if self.num_generations < 2 {
-            bail!(
-                "config: num_generations must be at least 2 (GRPO compares completions of the \
-                 same prompt), got {}",
-                self.num_generations
-            );
+            return Err(SettingError::new(
+                "num_generations",
+                &format!(
+                    "must be at least 2 (GRPO compares completions of the same prompt), got {}",
+                    self.num_generations
+                ),
+                &[],
+            ));
         }
-        if self.batch_prompts == 0 || self.max_completion_length == 0 {
-            bail!("config: batch_prompts and max_completion_length must be positive");
+        batch_count("batch_prompts", self.batch_prompts as u64)?;
+        let sequences = (self.batch_prompts as u64).saturating_mul(self.num_generations as u64);
+        if sequences > MAX_SEQUENCES_PER_STEP {
+            return Err(SettingError::new(
+                "num_generations",
+                &format!(
+                    "({}) x {{0}} ({}) is {sequences} sequences per step; at most \
+                     {MAX_SEQUENCES_PER_STEP}",
+                    self.num_generations, self.batch_prompts
+                ),
+                &["batch_prompts"],
+            ));
         }
-        if self.num_iterations == 0 {
-            bail!("config: num_iterations must be at least 1");
-        }
+        at_least_one("max_completion_length", self.max_completion_length as u64)?;
+        at_least_one("num_iterations", self.num_iterations)?;
         if !run.save_steps.is_multiple_of(self.num_iterations) {
-            bail!(
-                "config: save_steps ({}) must be a multiple of num_iterations ({}): checkpoints \
-                 are taken between generated batches so a resumed run is exact",
-                run.save_steps,
-                self.num_iterations
-            );
+            return Err(SettingError::new(
+                "save_steps",
+                &format!(
+                    "({}) must be a multiple of {{0}} ({}): checkpoints are taken between \
+                     generated batches so a resumed run is exact",
+                    run.save_steps, self.num_iterations
+                ),
+                &["num_iterations"],
+            ));
         }
-        if self.temperature.is_nan() || self.temperature <= 0.0 {
-            bail!("config: temperature must be positive for GRPO sampling");
+        positive("temperature", self.temperature as f64)?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SettingError::new(
+                "top_p",
+                &format!("must be in (0, 1], got {}", self.top_p),
+                &[],
+            ));
         }
-        if self.beta < 0.0 || self.epsilon_low < 0.0 || self.epsilon_high < 0.0 {
-            bail!("config: beta and epsilons must be non-negative");
-        }
+        non_negative("beta", self.beta)?;
+        // The clipped ratio's floor is 1 - epsilon_low: at 1 or above it is not positive.
+        unit_interval("epsilon_low", self.epsilon_low)?;
+        non_negative("epsilon_high", self.epsilon_high)?;
         if self.rewards.is_empty() {
-            bail!("config: at least one reward is needed");
+            return Err(SettingError::new(
+                "rewards",
+                "is empty: at least one reward is needed (built in: accuracy, format)",
+                &[],
+            ));
         }
         for r in &self.rewards {
             if !matches!(r.as_str(), "accuracy" | "format") {
-                bail!("config: unknown reward {r:?} (built in: \"accuracy\", \"format\")");
+                return Err(SettingError::new(
+                    "rewards",
+                    &format!("names an unknown reward {r:?} (built in: accuracy, format)"),
+                    &[],
+                ));
             }
         }
         if !self.reward_weights.is_empty() && self.reward_weights.len() != self.rewards.len() {
-            bail!(
-                "config: {} reward weights for {} rewards",
-                self.reward_weights.len(),
-                self.rewards.len()
-            );
+            return Err(SettingError::new(
+                "reward_weights",
+                &format!(
+                    "has {} weights for {} rewards ({{0}})",
+                    self.reward_weights.len(),
+                    self.rewards.len()
+                ),
+                &["rewards"],
+            ));
+        }
+        if let Some(w) = self.reward_weights.iter().find(|w| !w.is_finite()) {
+            return Err(SettingError::new(
+                "reward_weights",
+                &format!("must be finite numbers, got {w}"),
+                &[],
+            ));
         }
         Ok(())
     }
@@ -218,5 +265,212 @@ mod tests {
             c.run.lora.alpha, 16.0,
             "unset section keys keep their defaults"
         );
+    }
+
+    fn flags(pairs: &[(&str, &str)]) -> toml::Table {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                let value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+                    Ok(mut t) => t.remove("v").unwrap(),
+                    Err(_) => toml::Value::String(v.to_string()),
+                };
+                (k.to_string(), value)
+            })
+            .collect()
+    }
+
+    fn err(file: &str, pairs: &[(&str, &str)]) -> String {
+        GrpoConfig::from_toml(file, "run.toml", Some(flags(pairs)))
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Every numeric setting's range, named as the user wrote it: a flag as the flag, a
+    /// file's key with the file.
+    #[test]
+    fn out_of_range_settings_are_named_as_written() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "learning_rate",
+                "inf",
+                "--learning-rate must be a finite number above 0, got inf",
+            ),
+            (
+                "learning_rate",
+                "nan",
+                "--learning-rate must be a finite number above 0, got NaN",
+            ),
+            (
+                "learning_rate",
+                "0",
+                "--learning-rate must be a finite number above 0, got 0",
+            ),
+            (
+                "adam_beta1",
+                "1.5",
+                "--adam-beta1 must be in [0, 1), got 1.5",
+            ),
+            ("adam_beta2", "1.0", "--adam-beta2 must be in [0, 1), got 1"),
+            (
+                "adam_epsilon",
+                "0",
+                "--adam-epsilon must be a finite number above 0",
+            ),
+            (
+                "weight_decay",
+                "-0.1",
+                "--weight-decay must be a finite number of at least 0",
+            ),
+            (
+                "max_grad_norm",
+                "inf",
+                "--max-grad-norm must be a finite number of at least 0",
+            ),
+            (
+                "epochs",
+                "nan",
+                "--epochs must be a finite number of at least 0",
+            ),
+            ("micro_batch", "0", "--micro-batch must be at least 1"),
+            ("max_pixels", "0", "--max-pixels must be at least 1 pixel"),
+            ("epsilon_low", "2", "--epsilon-low must be in [0, 1), got 2"),
+            (
+                "epsilon_high",
+                "-1",
+                "--epsilon-high must be a finite number of at least 0",
+            ),
+            (
+                "beta",
+                "-inf",
+                "--beta must be a finite number of at least 0",
+            ),
+            (
+                "temperature",
+                "0",
+                "--temperature must be a finite number above 0",
+            ),
+            ("top_p", "0", "--top-p must be in (0, 1], got 0"),
+            ("top_p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+            ("num_iterations", "0", "--num-iterations must be at least 1"),
+            (
+                "batch_prompts",
+                "100000000",
+                "--batch-prompts (100000000) exceeds 65536",
+            ),
+            (
+                "reward_weights",
+                "nan",
+                "--reward-weights must be finite numbers, got NaN",
+            ),
+            (
+                "reward_weights",
+                "1,2,3",
+                "--reward-weights has 3 weights for 2 rewards (rewards)",
+            ),
+            (
+                "save_steps",
+                "3",
+                "--save-steps (3) must be a multiple of --num-iterations (2)",
+            ),
+        ];
+        for (key, value, want) in cases {
+            let mut pairs = vec![(*key, *value)];
+            if *key == "save_steps" {
+                pairs.push(("num_iterations", "2"));
+            }
+            if *value == "nan" && *key == "reward_weights" {
+                pairs.push(("rewards", "accuracy"));
+            }
+            let e = err("", &pairs);
+            assert!(e.contains(want), "{key} = {value}: {e}");
+        }
+        // A related key set in the file is named as the file's key.
+        let e = err("num_iterations = 2\n", &[("save_steps", "3")]);
+        assert!(e.contains("multiple of num_iterations (2)"), "{e}");
+        // The same key from a file: the file and the key.
+        let e = err("epsilon_low = 2.0\n", &[]);
+        assert_eq!(e, "run.toml: epsilon_low must be in [0, 1), got 2");
+        let e = err("[lora]\nr = 4\ndropout = 1.0\n", &[]);
+        assert_eq!(e, "run.toml: lora.dropout must be in [0, 1), got 1");
+        let e = err("", &[("lora.r", "4"), ("lora.alpha", "0")]);
+        assert!(e.starts_with("--lora-alpha must be"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_huge_seeds_name_the_flag() {
+        let e = err("", &[("learning_rate", "abc")]);
+        assert_eq!(e, "--learning-rate: expected a number, got \"abc\"");
+        let e = err("learning_rate = \"abc\"\n", &[]);
+        assert_eq!(e, "run.toml: learning_rate: expected a number, got \"abc\"");
+        let e = err("", &[("seed", "18446744073709551615")]);
+        assert!(
+            e.starts_with(
+                "--seed: 18446744073709551615 is out of range: at most 9223372036854775807"
+            ),
+            "{e}"
+        );
+        let e = err("", &[("micro_batch", "-1")]);
+        assert!(
+            e.starts_with("--micro-batch: expected a whole number"),
+            "{e}"
+        );
+        // The largest seed TOML holds round-trips through the config a run writes.
+        let c = GrpoConfig::from_toml("", "x", Some(flags(&[("seed", "9223372036854775807")])))
+            .unwrap();
+        let again = GrpoConfig::from_toml(&c.to_toml().unwrap(), "written", None).unwrap();
+        assert_eq!(again.run.seed, i64::MAX as u64);
+    }
+
+    /// List keys take one value, comma-separated values or a TOML array, from flags and
+    /// files alike.
+    #[test]
+    fn lists_take_one_value_commas_or_arrays() {
+        let c =
+            |pairs: &[(&str, &str)]| GrpoConfig::from_toml("", "x", Some(flags(pairs))).unwrap();
+        assert_eq!(c(&[("modalities", "MRI")]).run.modalities, vec!["MRI"]);
+        assert_eq!(
+            c(&[("modalities", "MRI, CT")]).run.modalities,
+            vec!["MRI", "CT"]
+        );
+        assert_eq!(
+            c(&[("modalities", "[\"X-Ray\"]")]).run.modalities,
+            vec!["X-Ray"]
+        );
+        assert!(c(&[("modalities", "")]).run.modalities.is_empty());
+        let g = c(&[("rewards", "accuracy,format"), ("reward_weights", "1,0.5")]);
+        assert_eq!(g.method.rewards, vec!["accuracy", "format"]);
+        assert_eq!(g.method.reward_weights, vec![1.0, 0.5]);
+        assert_eq!(
+            c(&[("lora.target_modules", "q_proj")])
+                .run
+                .lora
+                .target_modules,
+            vec!["q_proj"]
+        );
+        let f = GrpoConfig::from_toml("modalities = \"CT\"\n", "x", None).unwrap();
+        assert_eq!(f.run.modalities, vec!["CT"]);
+        let mut keys = GrpoConfig::list_keys();
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                "lora.target_modules",
+                "modalities",
+                "reward_weights",
+                "rewards"
+            ]
+        );
+    }
+
+    /// save_total_limit changes no trajectory: a resume may change it.
+    #[test]
+    fn save_total_limit_is_not_part_of_the_fingerprint() {
+        let a = GrpoConfig::default();
+        let mut b = a.clone();
+        b.run.save_total_limit = 3;
+        assert_eq!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
+        b.run.learning_rate = 2e-6;
+        assert_ne!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
     }
 }

@@ -33,6 +33,11 @@ pub struct TrainerState {
     /// The settings behind the hash (`TrainConfig::fingerprint_text`), to name what changed.
     #[serde(default)]
     pub settings: Option<String>,
+    /// What the run started from (base model files, training data), to refuse resuming
+    /// when they were replaced under the same paths. Absent in checkpoints written before
+    /// medvlm recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<InputIdentity>,
 }
 
 pub fn checkpoint_name(step: u64) -> String {
@@ -72,35 +77,10 @@ pub fn save(
         fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot clear", tmp.display()))?;
     }
     fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    if let Some(t) = model.template {
-        let info = serde_json::json!({
-            "template": t.name(),
-            "written_by": format!("medvlm {}", env!("CARGO_PKG_VERSION")),
-        });
-        write_synced(
-            &tmp.join(crate::data::RUN_INFO_FILE),
-            serde_json::to_string_pretty(&info)?.as_bytes(),
-        )?;
-    }
-
-    match &model.adapter {
-        None => write_full_model(&tmp, model, save_dtype)?,
-        Some(adapter) => write_adapter(&tmp, model, adapter, save_dtype)?,
-    }
-
-    if let Some((opt, state)) = trainer {
-        let moments: HashMap<String, Tensor> = opt
-            .state_tensors()
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
-            .collect::<Result<_>>()?;
-        let p = tmp.join("optimizer.safetensors");
-        crate::files::save_safetensors(&moments, &p)?;
-        fs::File::open(&p)?.sync_all()?;
-        write_synced(
-            &tmp.join("trainer_state.json"),
-            serde_json::to_string_pretty(state)?.as_bytes(),
-        )?;
+    // A failed write (disk full, a bad tensor) leaves no half-written directory behind.
+    if let Err(e) = write_checkpoint_files(&tmp, model, save_dtype, trainer) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
 
     // Swap into place: an older checkpoint of the same name is replaced only now.
@@ -124,6 +104,46 @@ pub fn save(
         let _ = d.sync_all();
     }
     Ok(final_path)
+}
+
+/// The files of a checkpoint, written into the (empty) directory `tmp`.
+fn write_checkpoint_files(
+    tmp: &Path,
+    model: &TrainableModel,
+    save_dtype: DType,
+    trainer: Option<(&AdamW, &TrainerState)>,
+) -> Result<()> {
+    if let Some(t) = model.template {
+        let info = serde_json::json!({
+            "template": t.name(),
+            "written_by": format!("medvlm {}", env!("CARGO_PKG_VERSION")),
+        });
+        write_synced(
+            &tmp.join(crate::data::RUN_INFO_FILE),
+            serde_json::to_string_pretty(&info)?.as_bytes(),
+        )?;
+    }
+
+    match &model.adapter {
+        None => write_full_model(tmp, model, save_dtype)?,
+        Some(adapter) => write_adapter(tmp, model, adapter, save_dtype)?,
+    }
+
+    if let Some((opt, state)) = trainer {
+        let moments: HashMap<String, Tensor> = opt
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        let p = tmp.join("optimizer.safetensors");
+        crate::files::save_safetensors(&moments, &p)?;
+        fs::File::open(&p)?.sync_all()?;
+        write_synced(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )?;
+    }
+    Ok(())
 }
 
 /// config.json (with the dtype it is now saved in), model.safetensors and the tokenizer and
@@ -259,4 +279,621 @@ pub fn load_trainer_state(ckpt: &Path) -> Result<(TrainerState, HashMap<String, 
     let moments = candle_core::safetensors::load(&o, &Device::Cpu)
         .with_context(|| format!("{}: cannot read optimizer state", o.display()))?;
     Ok((state, moments))
+}
+
+/// Hashes bytes: FNV-1a over little-endian 64-bit words (the tail zero-padded). Stable
+/// across builds and platforms, unlike std's hasher, because checkpoints outlive the binary
+/// that wrote them; a word at a time, so hashing a data file costs little next to a step.
+struct WordHash(u64);
+
+impl WordHash {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let v = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+            self.0 = (self.0 ^ v).wrapping_mul(0x0100_0000_01b3);
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            self.0 = (self.0 ^ u64::from_le_bytes(last)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Model files up to this size are hashed whole; larger ones (weight shards) by sample.
+const HASH_WHOLE_UP_TO: u64 = 64 << 20;
+/// A large file's sample: its first MiB (a safetensors header, which names every tensor with
+/// its dtype, shape and byte range), and this many 64 KiB windows spread evenly over it.
+const SAMPLE_WINDOWS: u64 = 32;
+const SAMPLE_WINDOW: u64 = 64 << 10;
+
+/// A file's size and content hash, as `size N, hash H` (the whole file) or `size N,
+/// sampled hash H` (a file over 64 MiB unless `whole`). Why sample weights: hashing a 4.4 GB
+/// checkpoint on every resume costs tens of seconds from a cold disk (minutes on network
+/// storage); modification times are no substitute, since copying a model changes them. Any
+/// other model (fine-tuned, re-initialised, another size) differs in the sampled bytes.
+pub fn file_digest(path: &Path, whole: bool) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(path).map_err(|e| crate::files::io_error(path, "cannot read", e))?;
+    let size = f
+        .metadata()
+        .map_err(|e| crate::files::io_error(path, "cannot read", e))?
+        .len();
+    let mut h = WordHash::new();
+    let read_err = |e| crate::files::io_error(path, "cannot read", e);
+    if whole || size <= HASH_WHOLE_UP_TO {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        return Ok(format!("size {size}, hash {:016x}", h.0));
+    }
+    let mut take = |at: u64, len: u64| -> Result<()> {
+        let mut buf = vec![0u8; len as usize];
+        f.seek(SeekFrom::Start(at)).map_err(read_err)?;
+        f.read_exact(&mut buf).map_err(read_err)?;
+        h.update(&buf);
+        Ok(())
+    };
+    take(0, 1 << 20)?;
+    for i in 0..SAMPLE_WINDOWS {
+        take(
+            (size - SAMPLE_WINDOW) * i / (SAMPLE_WINDOWS - 1),
+            SAMPLE_WINDOW,
+        )?;
+    }
+    Ok(format!("size {size}, sampled hash {:016x}", h.0))
+}
+
+/// What a run started from, recorded in every checkpoint: resuming with another base model
+/// or other data under the same paths would silently continue a different run (KL against
+/// an unrelated reference, a data cursor into other rows).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputIdentity {
+    /// Each file of the base model that decides the run (config.json, tokenizer and
+    /// processor files, weights) by name, with [`file_digest`]: files over 64 MiB by sample.
+    pub model: std::collections::BTreeMap<String, String>,
+    /// The training data file, hashed whole.
+    pub train_data: String,
+}
+
+impl InputIdentity {
+    pub fn of(model_dir: &Path, train_data: &Path) -> Result<Self> {
+        let mut names: Vec<String> = vec!["config.json".into()];
+        // generation_config.json only sets sampling defaults for inference: editing it does
+        // not change what a run trains.
+        names.extend(
+            crate::processor::SIDE_FILES
+                .iter()
+                .filter(|f| **f != "generation_config.json")
+                .map(|f| f.to_string()),
+        );
+        let listing = fs::read_dir(model_dir)
+            .map_err(|e| crate::files::io_error(model_dir, "cannot list", e))?;
+        let mut weights = Vec::new();
+        for e in listing {
+            let name = e?.file_name().to_string_lossy().to_string();
+            if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
+                weights.push(name);
+            }
+        }
+        weights.sort();
+        names.extend(weights);
+        let mut model = std::collections::BTreeMap::new();
+        for n in names {
+            let p = model_dir.join(&n);
+            if p.is_file() {
+                model.insert(n, file_digest(&p, false)?);
+            }
+        }
+        Ok(Self {
+            model,
+            train_data: file_digest(train_data, true)?,
+        })
+    }
+
+    /// What differs between the checkpoint's record (`self`) and `now`, one clause each:
+    /// `the base model's model.safetensors (size .. in the checkpoint, size .. now)`.
+    pub fn differences(&self, now: &Self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = self.model.keys().chain(now.model.keys()).collect();
+        names.sort();
+        names.dedup();
+        for n in names {
+            let (a, b) = (self.model.get(n), now.model.get(n));
+            if a != b {
+                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "absent".into());
+                out.push(format!(
+                    "the base model's {n} ({} in the checkpoint, {} now)",
+                    show(a),
+                    show(b)
+                ));
+            }
+        }
+        if self.train_data != now.train_data {
+            out.push(format!(
+                "the training data ({} in the checkpoint, {} now)",
+                self.train_data, now.train_data
+            ));
+        }
+        out
+    }
+}
+
+/// Deletes the oldest complete checkpoints of `run_dir` so that at most `keep` remain (0
+/// keeps all), as TRL's `save_total_limit`. The newest, which a resume continues from, is
+/// never deleted, and nothing is deleted unless the newest verifies: a damaged newest
+/// checkpoint leaves the older ones to resume from. Returns what was deleted.
+pub fn rotate(run_dir: &Path, keep: u64) -> Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let all = all(run_dir)?;
+    let Some(newest) = all.last() else {
+        return Ok(Vec::new());
+    };
+    if verify(newest).is_err() {
+        return Ok(Vec::new());
+    }
+    let excess = all
+        .len()
+        .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
+    let mut removed = Vec::new();
+    for old in &all[..excess] {
+        // Renamed out of the checkpoint-N namespace first, so that an interrupted deletion
+        // never leaves a partial directory that looks like a checkpoint.
+        let name = old.file_name().unwrap_or_default().to_string_lossy();
+        let doomed = run_dir.join(format!(".{name}.old"));
+        if doomed.exists() {
+            fs::remove_dir_all(&doomed)
+                .map_err(|e| crate::files::io_error(&doomed, "cannot remove", e))?;
+        }
+        fs::rename(old, &doomed).map_err(|e| crate::files::io_error(old, "cannot remove", e))?;
+        fs::remove_dir_all(&doomed)
+            .map_err(|e| crate::files::io_error(&doomed, "cannot remove", e))?;
+        removed.push(old.clone());
+    }
+    Ok(removed)
+}
+
+// Output directories. Every command that fills a directory records which command it is in
+// OUTPUT_MARKER, and writes into an existing directory only when it is empty or holds an
+// earlier output of the same command: a user's files (a config, notes, an earlier
+// evaluation, another command's output) are never overwritten or mixed in.
+
+/// The file that names the medvlm command whose output a directory holds.
+pub const OUTPUT_MARKER: &str = "medvlm-output.json";
+
+/// The medvlm command whose output `dir` holds: its OUTPUT_MARKER, else (run directories
+/// written before the marker existed) the kind of its newest checkpoint, as `train grpo`.
+pub fn output_command(dir: &Path) -> Option<String> {
+    if let Ok(text) = fs::read_to_string(dir.join(OUTPUT_MARKER)) {
+        return serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("command")?.as_str().map(String::from));
+    }
+    let newest = latest(dir).ok().flatten()?;
+    let text = fs::read_to_string(newest.join("trainer_state.json")).ok()?;
+    let state: TrainerState = serde_json::from_str(&text).ok()?;
+    Some(format!("train {}", state.kind))
+}
+
+/// Records in `dir` that it holds `command`'s output.
+pub fn mark_output(dir: &Path, command: &str) -> Result<()> {
+    let v = serde_json::json!({
+        "command": command,
+        "written_by": format!("medvlm {}", env!("CARGO_PKG_VERSION")),
+    });
+    write_atomic(
+        &dir.join(OUTPUT_MARKER),
+        serde_json::to_string_pretty(&v)?.as_bytes(),
+    )
+}
+
+/// A command whose output fills a directory.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputSpec<'a> {
+    /// The command as typed after `medvlm`: "train grpo", "data synth", "eval", "demo".
+    pub command: &'a str,
+    /// The flag (or config key) that named the directory, for messages: "--out".
+    pub flag: &'a str,
+    /// The names the command writes in it (`checkpoint-*` matches a prefix).
+    pub entries: &'a [&'a str],
+}
+
+/// How a command treats an earlier output of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Earlier {
+    /// Written over in place (a training run restarted, which replaces only its own files).
+    Reuse,
+    /// Replaced as a whole, only when the user passed `--force` (the bool).
+    Replace { force: bool },
+}
+
+/// What an output directory holds before the command writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputState {
+    /// Nothing: it is absent or empty.
+    Fresh,
+    /// An earlier output of the same command, which may be written over.
+    Earlier,
+}
+
+/// The temporary names medvlm's own writers leave beside their output while they work.
+fn is_medvlm_temporary(name: &str) -> bool {
+    name.starts_with('.')
+        && [".tmp", ".init", ".merge", ".synth", ".old"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+fn matches_entry(name: &str, patterns: &[&str]) -> bool {
+    name == OUTPUT_MARKER
+        || is_medvlm_temporary(name)
+        || patterns.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == *p,
+        })
+}
+
+/// Checks, before any work, that `dir` may receive `spec.command`'s output: it is absent,
+/// empty, or holds an earlier output of the same command that `earlier` allows to be
+/// written over. Creates nothing.
+pub fn check_output_dir(dir: &Path, spec: &OutputSpec, earlier: Earlier) -> Result<OutputState> {
+    let (flag, command, shown) = (spec.flag, spec.command, dir.display());
+    if !dir.exists() {
+        return Ok(OutputState::Fresh);
+    }
+    if !dir.is_dir() {
+        bail!("{flag} {shown}: exists and is not a directory");
+    }
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map_err(|e| crate::files::io_error(dir, "cannot list", e))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Ok(OutputState::Fresh);
+    }
+    let some = |list: &[String]| {
+        let mut s = list.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+        if list.len() > 4 {
+            s.push_str(&format!(" and {} more", list.len() - 4));
+        }
+        s
+    };
+    match output_command(dir) {
+        Some(c) if c == command => match earlier {
+            Earlier::Reuse => Ok(OutputState::Earlier),
+            Earlier::Replace { force: false } => bail!(
+                "{flag} {shown}: holds an earlier `medvlm {command}` output; pass --force to \
+                 replace it, or choose a new directory"
+            ),
+            Earlier::Replace { force: true } => {
+                let foreign: Vec<String> = names
+                    .into_iter()
+                    .filter(|n| !matches_entry(n, spec.entries))
+                    .collect();
+                if !foreign.is_empty() {
+                    bail!(
+                        "{flag} {shown}: also holds files `medvlm {command}` does not write ({}); \
+                         --force replaces only medvlm's own output: move them out, or choose a \
+                         new directory",
+                        some(&foreign)
+                    );
+                }
+                Ok(OutputState::Earlier)
+            }
+        },
+        Some(other) => bail!(
+            "{flag} {shown}: holds the output of `medvlm {other}`, which `medvlm {command}` \
+             would overwrite or mix with its own; choose a new or empty directory"
+        ),
+        None => bail!(
+            "{flag} {shown}: exists, is not empty ({}) and is no `medvlm {command}` output (it \
+             has no {OUTPUT_MARKER}), so its files could be overwritten; choose a new or empty \
+             directory",
+            some(&names)
+        ),
+    }
+}
+
+/// Writes a file atomically: into a temporary file beside it, flushed, then renamed into
+/// place, so a reader (or a crash) never sees it half-written.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(crate::files::io_error(path, "cannot write", e));
+    }
+    Ok(())
+}
+
+/// A directory a command fills beside its output (`.NAME.TAG`) and then moves into place:
+/// the output never exists half-written, and a failure on any path removes it (on drop).
+pub struct Staging {
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    /// An empty `.NAME.TAG` beside `out` (the parent created when missing; a leftover of a
+    /// killed earlier attempt cleared).
+    pub fn beside(out: &Path, tag: &str) -> Result<Self> {
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = out
+            .file_name()
+            .with_context(|| format!("{}: the output needs a directory name", out.display()))?
+            .to_string_lossy();
+        fs::create_dir_all(parent)
+            .map_err(|e| crate::files::io_error(parent, "cannot create", e))?;
+        let dir = parent.join(format!(".{name}.{tag}"));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)
+                .map_err(|e| crate::files::io_error(&dir, "cannot clear", e))?;
+        }
+        fs::create_dir(&dir).map_err(|e| crate::files::io_error(&dir, "cannot create", e))?;
+        Ok(Self {
+            dir,
+            committed: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves the staged directory to `out`, replacing what is there (an earlier output the
+    /// caller has checked may go: it is removed only once the new one is in place).
+    pub fn commit(mut self, out: &Path) -> Result<PathBuf> {
+        if out.exists() {
+            let old = self.dir.with_extension("old");
+            if old.exists() {
+                fs::remove_dir_all(&old)
+                    .map_err(|e| crate::files::io_error(&old, "cannot clear", e))?;
+            }
+            fs::rename(out, &old).map_err(|e| crate::files::io_error(out, "cannot replace", e))?;
+            if let Err(e) = fs::rename(&self.dir, out) {
+                let _ = fs::rename(&old, out);
+                return Err(crate::files::io_error(out, "cannot move into place", e));
+            }
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&self.dir, out)
+                .map_err(|e| crate::files::io_error(out, "cannot move into place", e))?;
+        }
+        self.committed = true;
+        Ok(out.to_path_buf())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Free space on the file system that would hold `path` (its nearest existing ancestor).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn free_disk_bytes(path: &Path) -> Option<u128> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut dir = path;
+    while !dir.exists() {
+        dir = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st` is writable and
+    // statvfs writes only within it.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u128 * st.f_frsize as u128)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn free_disk_bytes(_path: &Path) -> Option<u128> {
+    None
+}
+
+/// Bytes in words: "3.2 GB".
+pub fn human_bytes(b: u128) -> String {
+    let b = b as f64;
+    if b >= 1e12 {
+        format!("{:.1} TB", b / 1e12)
+    } else if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else {
+        format!("{:.1} MB", b / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SYNTH: OutputSpec = OutputSpec {
+        command: "data synth",
+        flag: "--out",
+        entries: &["data.json", "images"],
+    };
+
+    #[test]
+    fn output_dirs_take_only_their_own_earlier_output() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("out");
+        let check = |e| check_output_dir(&d, &SYNTH, e);
+        assert_eq!(check(Earlier::Reuse).unwrap(), OutputState::Fresh);
+        fs::create_dir(&d).unwrap();
+        assert_eq!(check(Earlier::Reuse).unwrap(), OutputState::Fresh);
+        // A user's file, no marker: refused even with --force, naming the file.
+        fs::write(d.join("notes.txt"), "mine").unwrap();
+        let e = check(Earlier::Replace { force: true })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--out") && e.contains("notes.txt") && e.contains("not empty"),
+            "{e}"
+        );
+        // Another command's output.
+        mark_output(&d, "eval").unwrap();
+        let e = check(Earlier::Replace { force: true })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`medvlm eval`"), "{e}");
+        // Its own output: --force needed, and only medvlm's names may be in it.
+        mark_output(&d, "data synth").unwrap();
+        let e = check(Earlier::Replace { force: false })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--force"), "{e}");
+        let e = check(Earlier::Replace { force: true })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not write (notes.txt)"), "{e}");
+        fs::remove_file(d.join("notes.txt")).unwrap();
+        fs::create_dir(d.join("images")).unwrap();
+        fs::write(d.join(".images.123.tmp"), "").unwrap();
+        assert_eq!(
+            check(Earlier::Replace { force: true }).unwrap(),
+            OutputState::Earlier
+        );
+        assert_eq!(check(Earlier::Reuse).unwrap(), OutputState::Earlier);
+        // A file where the directory should be.
+        let f = t.path().join("file");
+        fs::write(&f, "x").unwrap();
+        let e = check_output_dir(&f, &SYNTH, Earlier::Reuse)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn staging_is_removed_unless_committed_and_replaces_on_commit() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("sub/out");
+        {
+            let s = Staging::beside(&out, "synth").unwrap();
+            fs::write(s.path().join("a"), "1").unwrap();
+            assert!(t.path().join("sub/.out.synth/a").is_file());
+        }
+        assert!(
+            !t.path().join("sub/.out.synth").exists(),
+            "dropped uncommitted"
+        );
+        let s = Staging::beside(&out, "synth").unwrap();
+        fs::write(s.path().join("a"), "1").unwrap();
+        s.commit(&out).unwrap();
+        let s = Staging::beside(&out, "synth").unwrap();
+        fs::write(s.path().join("b"), "2").unwrap();
+        s.commit(&out).unwrap();
+        assert!(out.join("b").is_file() && !out.join("a").exists());
+        let left: Vec<_> = fs::read_dir(t.path().join("sub")).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary left beside the output");
+    }
+
+    #[test]
+    fn digests_see_content_not_just_size() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        fs::write(&p, vec![1u8; 100]).unwrap();
+        let a = file_digest(&p, true).unwrap();
+        fs::write(&p, [vec![1u8; 99], vec![2u8]].concat()).unwrap();
+        let b = file_digest(&p, true).unwrap();
+        assert!(a.starts_with("size 100, hash ") && a != b, "{a} {b}");
+        // Large files by sample: a change inside a sampled window is seen.
+        let big = (HASH_WHOLE_UP_TO + 4096) as usize;
+        let mut bytes = vec![0u8; big];
+        fs::write(&p, &bytes).unwrap();
+        let a = file_digest(&p, false).unwrap();
+        bytes[big - 10] = 7;
+        fs::write(&p, &bytes).unwrap();
+        let b = file_digest(&p, false).unwrap();
+        assert!(a.contains("sampled hash") && a != b, "{a} {b}");
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_and_only_complete_checkpoints_count() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        // Minimal complete checkpoints: a trainer state, an optimizer file that verifies.
+        for step in 1..=4u64 {
+            let c = d.join(checkpoint_name(step));
+            fs::create_dir(&c).unwrap();
+            let state = TrainerState {
+                kind: "sft".into(),
+                step,
+                total_steps: 4,
+                seed: 0,
+                items_seen: step,
+                config_hash: String::new(),
+                settings: None,
+                inputs: None,
+            };
+            fs::write(
+                c.join("trainer_state.json"),
+                serde_json::to_string(&state).unwrap(),
+            )
+            .unwrap();
+            let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+            crate::files::save_safetensors(
+                &HashMap::from([("m".to_string(), t)]),
+                &c.join("optimizer.safetensors"),
+            )
+            .unwrap();
+        }
+        assert!(rotate(d, 0).unwrap().is_empty(), "0 keeps all");
+        let removed = rotate(d, 2).unwrap();
+        assert_eq!(removed.len(), 2);
+        let left: Vec<u64> = all(d)
+            .unwrap()
+            .iter()
+            .map(|p| {
+                p.file_name().unwrap().to_string_lossy()[11..]
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(left, vec![3, 4]);
+        // A damaged newest checkpoint: nothing older is deleted.
+        fs::write(
+            d.join(checkpoint_name(4)).join("optimizer.safetensors"),
+            "x",
+        )
+        .unwrap();
+        assert!(rotate(d, 1).unwrap().is_empty());
+        assert_eq!(all(d).unwrap().len(), 2);
+    }
 }

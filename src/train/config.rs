@@ -118,6 +118,9 @@ pub struct RunConfig {
 
     /// Save a checkpoint every this many optimizer steps (0 = only at the end).
     pub save_steps: u64,
+    /// Keep only the newest this many checkpoints (0 = keep all); the newest, which a resume
+    /// continues from, is never deleted.
+    pub save_total_limit: u64,
     /// dtype of the final exported model: "f32" or "bf16" (checkpoints stay f32 so
     /// resuming is exact).
     pub final_dtype: String,
@@ -153,6 +156,7 @@ impl Default for RunConfig {
             gradient_checkpointing: false,
             freeze_vision: false,
             save_steps: 50,
+            save_total_limit: 0,
             final_dtype: "f32".into(),
             seed: 42,
             device: None,
@@ -177,8 +181,8 @@ impl RunConfig {
         parse_dtype(&self.dtype, "dtype")
     }
 
-    /// Checks of the shared settings that need no model.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks that the model and data the settings name exist.
+    pub fn validate_files(&self) -> Result<()> {
         if self.model.as_os_str().is_empty() {
             bail!("config: `model` (the checkpoint directory to train) is required");
         }
@@ -197,34 +201,190 @@ impl RunConfig {
                 self.train_data.display()
             );
         }
-        if self.micro_batch == 0 {
-            bail!("config: micro_batch must be at least 1");
+        Ok(())
+    }
+
+    /// The ranges of the shared settings: everything that needs neither files nor a model.
+    pub fn validate_settings(&self) -> std::result::Result<(), SettingError> {
+        batch_count("micro_batch", self.micro_batch as u64)?;
+        positive("learning_rate", self.learning_rate)?;
+        unit_interval("adam_beta1", self.adam_beta1)?;
+        unit_interval("adam_beta2", self.adam_beta2)?;
+        positive("adam_epsilon", self.adam_epsilon)?;
+        non_negative("weight_decay", self.weight_decay)?;
+        non_negative("max_grad_norm", self.max_grad_norm)?;
+        non_negative("epochs", self.epochs)?;
+        if self.epochs == 0.0 && self.max_steps == 0 {
+            return Err(SettingError::new(
+                "epochs",
+                "is 0 and so is {0}: set epochs > 0 or max_steps > 0",
+                &["max_steps"],
+            ));
         }
-        if self.learning_rate < 0.0 || self.learning_rate.is_nan() {
-            bail!("config: learning_rate must be non-negative");
+        for (key, v) in [
+            ("min_pixels", self.min_pixels),
+            ("max_pixels", self.max_pixels),
+        ] {
+            if v == Some(0) {
+                return Err(SettingError::new(
+                    key,
+                    "must be at least 1 pixel, got 0 (leave it unset for the model's own)",
+                    &[],
+                ));
+            }
         }
-        if self.epochs <= 0.0 && self.max_steps == 0 {
-            bail!("config: set epochs > 0 or max_steps > 0");
+        if let (Some(lo), Some(hi)) = (self.min_pixels, self.max_pixels) {
+            if lo > hi {
+                return Err(SettingError::new(
+                    "min_pixels",
+                    &format!("({lo}) is larger than {{0}} ({hi})"),
+                    &["max_pixels"],
+                ));
+            }
         }
-        parse_dtype(&self.final_dtype, "final_dtype")?;
-        self.compute_dtype()?;
+        setting(parse_dtype(&self.final_dtype, "final_dtype"), "final_dtype")?;
+        setting(self.compute_dtype(), "dtype")?;
         if self.lora.enabled() {
-            self.lora.base_dtype()?;
+            setting(self.lora.base_dtype(), "lora.base_dtype")?;
             if self.lora.target_modules.is_empty() {
-                bail!("config: lora.target_modules is empty: name the layers to adapt");
+                return Err(SettingError::new(
+                    "lora.target_modules",
+                    "is empty: name the layers to adapt",
+                    &[],
+                ));
             }
             if !(0.0..1.0).contains(&self.lora.dropout) {
-                bail!(
-                    "config: lora.dropout must be in [0, 1), got {}",
-                    self.lora.dropout
-                );
+                return Err(SettingError::new(
+                    "lora.dropout",
+                    &format!("must be in [0, 1), got {}", self.lora.dropout),
+                    &[],
+                ));
             }
-            if self.lora.alpha <= 0.0 || self.lora.alpha.is_nan() {
-                bail!("config: lora.alpha must be positive");
-            }
+            positive("lora.alpha", self.lora.alpha)?;
         }
         Ok(())
     }
+}
+
+/// A setting out of its range, by config key: the front end that knows whether the user
+/// wrote the key as a flag or in a file names it as they wrote it (`--learning-rate`,
+/// `grpo.toml: learning_rate`); [`Origins::render`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingError {
+    /// The config key (`learning_rate`, `lora.alpha`).
+    pub key: String,
+    /// What is wrong, after the key's name; `{0}`, `{1}` stand for the `related` keys.
+    pub problem: String,
+    /// Other keys the problem names.
+    pub related: Vec<String>,
+}
+
+impl SettingError {
+    pub fn new(key: &str, problem: &str, related: &[&str]) -> Self {
+        Self {
+            key: key.to_string(),
+            problem: problem.to_string(),
+            related: related.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    /// The problem with its related keys named by `name`.
+    fn problem_with(&self, name: impl Fn(&str) -> String) -> String {
+        let mut p = self.problem.clone();
+        for (i, r) in self.related.iter().enumerate() {
+            p = p.replace(&format!("{{{i}}}"), &name(r));
+        }
+        p
+    }
+}
+
+impl std::fmt::Display for SettingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "config: {} {}",
+            self.key,
+            self.problem_with(|k| k.to_string())
+        )
+    }
+}
+
+impl std::error::Error for SettingError {}
+
+type Checked = std::result::Result<(), SettingError>;
+
+/// A finite number above 0 (a learning rate, an epsilon).
+pub fn positive(key: &str, v: f64) -> Checked {
+    if v.is_finite() && v > 0.0 {
+        return Ok(());
+    }
+    Err(SettingError::new(
+        key,
+        &format!("must be a finite number above 0, got {v}"),
+        &[],
+    ))
+}
+
+/// A finite number of at least 0 (a weight, a clipping norm).
+pub fn non_negative(key: &str, v: f64) -> Checked {
+    if v.is_finite() && v >= 0.0 {
+        return Ok(());
+    }
+    Err(SettingError::new(
+        key,
+        &format!("must be a finite number of at least 0, got {v}"),
+        &[],
+    ))
+}
+
+/// In [0, 1): a decay rate (Adam's betas), a dropout, a clipping range below 1.
+pub fn unit_interval(key: &str, v: f64) -> Checked {
+    if (0.0..1.0).contains(&v) {
+        return Ok(());
+    }
+    Err(SettingError::new(
+        key,
+        &format!("must be in [0, 1), got {v}"),
+        &[],
+    ))
+}
+
+/// Most sequences one step may hold (a batch, prompts x completions): far beyond any
+/// device's memory (the paper's steps hold a few dozen), and low enough that the memory
+/// plan's byte counts cannot overflow even at a 32k context and a 152k vocabulary.
+pub const MAX_SEQUENCES_PER_STEP: u64 = 1 << 16;
+
+/// A count of sequences per step: from 1 to [`MAX_SEQUENCES_PER_STEP`].
+pub fn batch_count(key: &str, v: u64) -> Checked {
+    at_least_one(key, v)?;
+    if v > MAX_SEQUENCES_PER_STEP {
+        return Err(SettingError::new(
+            key,
+            &format!("({v}) exceeds {MAX_SEQUENCES_PER_STEP} sequences per step"),
+            &[],
+        ));
+    }
+    Ok(())
+}
+
+/// A count that must be at least 1.
+pub fn at_least_one(key: &str, v: u64) -> Checked {
+    if v >= 1 {
+        return Ok(());
+    }
+    Err(SettingError::new(key, "must be at least 1, got 0", &[]))
+}
+
+/// A check that already names its key in its message, as a [`SettingError`] for `key`.
+fn setting<T>(r: Result<T>, key: &str) -> Checked {
+    r.map(|_| ()).map_err(|e| {
+        let text = e.to_string();
+        let problem = text
+            .strip_prefix(&format!("config: {key} "))
+            .unwrap_or(&text)
+            .to_string();
+        SettingError::new(key, &problem, &[])
+    })
 }
 
 /// A training method's own settings (GRPO's sampling and objective, SFT's batch size).
@@ -244,8 +404,12 @@ pub trait Method:
             ..RunConfig::default()
         }
     }
-    /// Checks of the method's settings (with the shared ones at hand).
-    fn validate(&self, run: &RunConfig) -> Result<()>;
+    /// The ranges of the method's settings (with the shared ones at hand).
+    fn validate_settings(&self, run: &RunConfig) -> std::result::Result<(), SettingError>;
+    /// Checks that the files the method's settings name exist.
+    fn validate_files(&self) -> Result<()> {
+        Ok(())
+    }
     /// Clears what does not change a run's trajectory (how often to log), for the resume
     /// fingerprint.
     fn without_logging(&mut self) {}
@@ -369,6 +533,188 @@ fn fill_missing(table: &mut toml::Table, defaults: toml::Table) {
     }
 }
 
+/// Where a layer of settings came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// A config file (its path as given), or a resumed run's config.toml.
+    File(String),
+    /// Flags on the command line.
+    Flags,
+}
+
+/// One layer of settings: a config file's table, or the flags' (keys as `key` or
+/// `section.key`).
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub origin: Origin,
+    pub table: toml::Table,
+}
+
+impl Layer {
+    /// A config file's text; `name` names it in errors.
+    pub fn file(name: &str, text: &str) -> Result<Self> {
+        let table: toml::Table = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{name}: invalid TOML: {}", e.message().trim()))?;
+        Ok(Self {
+            origin: Origin::File(name.to_string()),
+            table,
+        })
+    }
+
+    pub fn flags(table: toml::Table) -> Self {
+        Self {
+            origin: Origin::Flags,
+            table,
+        }
+    }
+}
+
+/// A key's flag: `lora.target_modules` is `--lora-target-modules`.
+pub fn flag_of(key: &str) -> String {
+    format!("--{}", key.replace(['_', '.'], "-"))
+}
+
+/// Where each key of a config came from, to name it as the user wrote it.
+#[derive(Debug, Clone, Default)]
+pub struct Origins {
+    layers: Vec<Origin>,
+    /// Key (`section.key` in sections) -> the index of the layer that set it last.
+    set_by: std::collections::BTreeMap<String, usize>,
+    /// Key -> its value after merging.
+    values: std::collections::BTreeMap<String, toml::Value>,
+}
+
+impl Origins {
+    pub fn origin(&self, key: &str) -> Option<&Origin> {
+        self.set_by.get(key).and_then(|&i| self.layers.get(i))
+    }
+
+    /// A key as the user wrote it: its flag when set by one, else the key.
+    pub fn name(&self, key: &str) -> String {
+        match self.origin(key) {
+            Some(Origin::Flags) => flag_of(key),
+            _ => key.to_string(),
+        }
+    }
+
+    /// A setting error's message with its key named as the user wrote it: `--epsilon-low
+    /// must be ...`, `grpo.toml: epsilon_low must be ...`.
+    pub fn render(&self, e: &SettingError) -> String {
+        let problem = e.problem_with(|k| self.name(k));
+        match self.origin(&e.key) {
+            Some(Origin::Flags) => format!("{} {problem}", flag_of(&e.key)),
+            Some(Origin::File(f)) => format!("{f}: {} {problem}", e.key),
+            None => format!("{} {problem}", e.key),
+        }
+    }
+
+    /// `e`, with a [`SettingError`] it is rendered by [`Origins::render`].
+    pub fn name_settings(&self, e: anyhow::Error) -> anyhow::Error {
+        match e.downcast_ref::<SettingError>() {
+            Some(s) => anyhow::anyhow!(self.render(s)),
+            None => e,
+        }
+    }
+
+    /// Deserializes a table of settings; a value of the wrong type is named by its key as
+    /// the user wrote it.
+    fn deserialize<T: DeserializeOwned>(&self, table: toml::Table) -> Result<T> {
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let key = path.split('[').next().unwrap_or(&path).to_string();
+            let message = e.inner().message().trim().to_string();
+            let label = match self.origin(&key) {
+                Some(Origin::Flags) => flag_of(&key),
+                Some(Origin::File(f)) => format!("{f}: {key}"),
+                None => format!("config: {key}"),
+            };
+            let digits = match self.values.get(&key) {
+                Some(toml::Value::String(s)) if s.bytes().all(|b| b.is_ascii_digit()) => {
+                    Some(s.clone())
+                }
+                _ => None,
+            };
+            match digits {
+                // A number beyond TOML's integers reaches serde as a string.
+                Some(d) if !d.is_empty() && message.contains("expected u") => anyhow::anyhow!(
+                    "{label}: {d} is out of range: at most {} (a TOML integer is a signed \
+                     64-bit number)",
+                    i64::MAX
+                ),
+                _ => anyhow::anyhow!("{label}: {}", plain_type_error(&message)),
+            }
+        })
+    }
+}
+
+/// serde's "invalid type: string \"abc\", expected f64" in a user's words: "expected a
+/// number, got \"abc\"".
+fn plain_type_error(message: &str) -> String {
+    static RE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^invalid (?:type|value): (.*), expected (.*)$").expect("valid regex")
+    });
+    let Some(c) = RE.captures(message) else {
+        return message.to_string();
+    };
+    let got = c[1]
+        .trim_start_matches("string ")
+        .trim_start_matches("integer ")
+        .trim_start_matches("floating point ")
+        .trim_start_matches("boolean ")
+        .replace('`', "");
+    let expected = match &c[2] {
+        "f64" | "f32" => "a number",
+        "u64" | "usize" | "u32" => "a whole number of at least 0",
+        "a boolean" => "true or false",
+        "a sequence" => "a list",
+        other => other,
+    };
+    format!("expected {expected}, got {got}")
+}
+
+/// A table's keys flattened to `key` and `section.key`; `name` names it in errors.
+fn flatten(table: toml::Table, name: &str) -> Result<Vec<(String, toml::Value)>> {
+    let mut out = Vec::new();
+    for (k, v) in table {
+        match v {
+            toml::Value::Table(t) if !k.contains('.') => {
+                for (k2, v2) in t {
+                    out.push((format!("{k}.{k2}"), v2));
+                }
+            }
+            _ if k == "lora" => bail!("{name}: `lora` must be a section ([lora])"),
+            v => out.push((k, v)),
+        }
+    }
+    Ok(out)
+}
+
+/// A list setting given as one value, as flags are written: `MRI` is `["MRI"]`,
+/// `accuracy,format` is `["accuracy", "format"]`, `1,0.5` is `[1, 0.5]`; `""` is empty.
+fn as_list(v: toml::Value) -> toml::Value {
+    let s = match v {
+        toml::Value::Array(_) => return v,
+        toml::Value::String(s) => s,
+        // One number (`--reward-weights 0.5`) is a list of one.
+        other => return toml::Value::Array(vec![other]),
+    };
+    let items = s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(
+            |x| match toml::from_str::<toml::Table>(&format!("v = {x}")) {
+                Ok(mut t) => match t.remove("v") {
+                    Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_))) => v,
+                    _ => toml::Value::String(x.to_string()),
+                },
+                Err(_) => toml::Value::String(x.to_string()),
+            },
+        )
+        .collect();
+    toml::Value::Array(items)
+}
+
 impl<M: Method> TrainConfig<M> {
     /// The commented default config (`--print-config`): header, shared keys, the method's
     /// keys, the `[lora]` section last (TOML sections end the top-level keys).
@@ -390,14 +736,14 @@ impl<M: Method> TrainConfig<M> {
     }
 
     /// Parses TOML text (`file` names it in errors) with `overrides` (a table of flag
-    /// values, which win) merged over it.
+    /// values, keys as `key` or `section.key`, which win) merged over it, and checks every
+    /// setting's range.
     pub fn from_toml(text: &str, file: &str, overrides: Option<toml::Table>) -> Result<Self> {
-        let mut table: toml::Table =
-            toml::from_str(text).with_context(|| format!("{file}: invalid TOML"))?;
+        let mut layers = vec![Layer::file(file, text)?];
         if let Some(o) = overrides {
-            merge_overrides(&mut table, o);
+            layers.push(Layer::flags(o));
         }
-        Self::from_table(table, file)
+        Ok(Self::from_layers(layers)?.0)
     }
 
     pub fn from_file(path: &Path, overrides: Option<toml::Table>) -> Result<Self> {
@@ -406,41 +752,97 @@ impl<M: Method> TrainConfig<M> {
         Self::from_toml(&text, &path.display().to_string(), overrides)
     }
 
-    fn from_table(table: toml::Table, file: &str) -> Result<Self> {
+    /// The keys whose value is a list (`modalities`, `rewards`, `lora.target_modules`, ...).
+    pub fn list_keys() -> Vec<String> {
+        let mut out = Vec::new();
+        let tables = [
+            toml::Table::try_from(M::run_defaults()).unwrap_or_default(),
+            toml::Table::try_from(M::default()).unwrap_or_default(),
+        ];
+        for t in tables {
+            for (k, v) in t {
+                match v {
+                    toml::Value::Array(_) => out.push(k),
+                    toml::Value::Table(inner) => out.extend(
+                        inner
+                            .into_iter()
+                            .filter(|(_, v)| v.is_array())
+                            .map(|(k2, _)| format!("{k}.{k2}")),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// The config from `layers` (config files, flags), later layers winning, with every
+    /// setting's range checked; and where each key came from, to name it as the user wrote
+    /// it in later errors ([`Origins::name_settings`]).
+    pub fn from_layers(layers: Vec<Layer>) -> Result<(Self, Origins)> {
         let run_keys = keys_of(RUN_EXAMPLE);
         let method_keys = keys_of(M::EXAMPLE);
         let lora_keys = keys_of(LORA_EXAMPLE);
+        let lists = Self::list_keys();
+        let mut origins = Origins::default();
+        for (i, layer) in layers.into_iter().enumerate() {
+            let name = match &layer.origin {
+                Origin::File(f) => f.clone(),
+                Origin::Flags => "command line".to_string(),
+            };
+            origins.layers.push(layer.origin);
+            for (key, value) in flatten(layer.table, &name)? {
+                let known = if key.starts_with("lora.") {
+                    lora_keys.contains(&key)
+                } else {
+                    run_keys.contains(&key) || method_keys.contains(&key)
+                };
+                if !known {
+                    let all: Vec<String> = run_keys
+                        .iter()
+                        .chain(&method_keys)
+                        .chain(&lora_keys)
+                        .cloned()
+                        .collect();
+                    return Err(unknown_key(&name, &key, &all));
+                }
+                let value = if lists.contains(&key) {
+                    as_list(value)
+                } else {
+                    value
+                };
+                origins.set_by.insert(key.clone(), i);
+                origins.values.insert(key, value);
+            }
+        }
         let mut run = toml::Table::new();
         let mut method = toml::Table::new();
-        for (k, v) in table {
-            if k == "lora" {
-                let toml::Value::Table(t) = &v else {
-                    bail!("{file}: `lora` must be a section ([lora])");
-                };
-                for key in t.keys() {
-                    let full = format!("lora.{key}");
-                    if !lora_keys.contains(&full) {
-                        return Err(unknown_key(file, &full, &lora_keys));
+        for (key, value) in &origins.values {
+            match key.split_once('.') {
+                Some((section, k)) => {
+                    let entry = run
+                        .entry(section.to_string())
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    if let toml::Value::Table(t) = entry {
+                        t.insert(k.to_string(), value.clone());
                     }
                 }
-                run.insert(k, v);
-            } else if run_keys.contains(&k) {
-                run.insert(k, v);
-            } else if method_keys.contains(&k) {
-                method.insert(k, v);
-            } else {
-                let all: Vec<String> = run_keys.iter().chain(&method_keys).cloned().collect();
-                return Err(unknown_key(file, &k, &all));
+                None if run_keys.contains(key) => {
+                    run.insert(key.clone(), value.clone());
+                }
+                None => {
+                    method.insert(key.clone(), value.clone());
+                }
             }
         }
         fill_missing(&mut run, toml::Table::try_from(M::run_defaults())?);
-        let run: RunConfig = toml::Value::Table(run)
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{file}: {}", e.message().trim()))?;
-        let method: M = toml::Value::Table(method)
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{file}: {}", e.message().trim()))?;
-        Ok(Self { run, method })
+        let run: RunConfig = origins.deserialize(run)?;
+        let method: M = origins.deserialize(method)?;
+        let config = Self { run, method };
+        config
+            .validate_settings()
+            .map_err(|e| anyhow::anyhow!(origins.render(&e)))?;
+        Ok((config, origins))
     }
 
     /// The config as TOML: the method's keys, the shared keys, the `[lora]` section.
@@ -463,8 +865,15 @@ impl<M: Method> TrainConfig<M> {
 
     /// Everything that can be checked before loading a model.
     pub fn validate(&self) -> Result<()> {
-        self.run.validate()?;
-        self.method.validate(&self.run)
+        self.validate_settings()?;
+        self.run.validate_files()?;
+        self.method.validate_files()
+    }
+
+    /// The ranges of every setting (no files read).
+    pub fn validate_settings(&self) -> std::result::Result<(), SettingError> {
+        self.run.validate_settings()?;
+        self.method.validate_settings(&self.run)
     }
 
     /// A stable fingerprint of the settings that determine the run's trajectory (where
@@ -480,6 +889,7 @@ impl<M: Method> TrainConfig<M> {
         let mut c = self.clone();
         c.run.output_dir = PathBuf::new();
         c.run.save_steps = 0;
+        c.run.save_total_limit = 0;
         c.run.device = None;
         c.run.memory_check = true;
         c.run.max_steps = 0;

@@ -1,7 +1,7 @@
 //! Per-step metrics as JSON lines, flushed line by line so a crashed run keeps every step
 //! it finished, and trimmed on resume so steps are never duplicated.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -34,7 +34,8 @@ impl JsonlWriter {
             if !text.is_empty() {
                 text.push('\n');
             }
-            fs::write(path, text).with_context(|| format!("{}: cannot rewrite", path.display()))?;
+            // Atomically: a crash while trimming must not lose the steps being kept.
+            super::checkpoint::write_atomic(path, text.as_bytes())?;
         }
         let file = OpenOptions::new()
             .create(true)

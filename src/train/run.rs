@@ -10,10 +10,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::config::{Method, RunConfig, TrainConfig};
+use super::checkpoint::InputIdentity;
+use super::config::{Method, RunConfig, SettingError, TrainConfig};
 use super::optim::AdamWConfig;
 use super::params::TrainableModel;
-use super::session::{Session, SessionSpec};
+use super::session::{ResumeCheck, Session, SessionSpec};
 use crate::data::{self, VqaItem};
 use crate::processor::{Processor, ProcessorOptions};
 
@@ -54,7 +55,27 @@ impl RunInputs {
         config.validate()?;
         let run = &config.run;
         let device = crate::device::parse(run.device.as_deref())?;
-        let resume_from = Session::resume_point(&run.output_dir, resume)?;
+        let resume_from = Session::resume_point(&run.output_dir, resume, M::NAME)?;
+        if let Some(c) = &resume_from {
+            // Everything the checkpoint recorded is checked now, before any model is loaded.
+            let inputs = InputIdentity::of(&run.model, &run.train_data)?;
+            let state = Session::check_resume(
+                c,
+                &ResumeCheck {
+                    kind: M::NAME,
+                    config_hash: &config.fingerprint()?,
+                    settings: &config.fingerprint_text()?,
+                    inputs: &inputs,
+                },
+            )?;
+            if state.inputs.is_none() {
+                eprintln!(
+                    "note: {} predates medvlm's record of the base model and data, so they \
+                     cannot be checked against the ones the run started from",
+                    c.display()
+                );
+            }
+        }
         let processor = Processor::from_dir(&run.model, &processor_options(run))?;
         let ds = data::load(&run.train_data, run.image_root.as_deref())?;
         for s in ds.skipped.iter().take(5) {
@@ -114,11 +135,14 @@ pub fn memory_plan<M: Method>(
 ) -> Result<(super::plan::Plan, super::plan::PlanInput)> {
     let run = &config.run;
     let model_config = crate::model::Qwen2VlConfig::from_file(&run.model.join("config.json"))?;
+    // Before any image is decoded: a huge min_pixels would upscale every image to it.
+    check_model_limits(config, &model_config)?;
     let (prompt_tokens, image_patches) =
         longest_prompt(&inputs.processor, &inputs.train, run.template)?;
     let completion = config
         .method
         .completion_tokens(&inputs.processor, &inputs.train)?;
+    check_context(config, &model_config, prompt_tokens, completion)?;
     let input = super::plan::input_for(
         run,
         model_config,
@@ -130,6 +154,80 @@ pub fn memory_plan<M: Method>(
     )?;
     let (device, available) = crate::device::available_memory(&inputs.device);
     Ok((super::plan::estimate(&input, &device, available)?, input))
+}
+
+/// Refuses a completion that does not fit the model's context after the longest prompt.
+fn check_context<M: Method>(
+    config: &TrainConfig<M>,
+    model: &crate::model::Qwen2VlConfig,
+    prompt_tokens: usize,
+    completion: usize,
+) -> Result<()> {
+    let context = model.text.max_position_embeddings;
+    if prompt_tokens.saturating_add(completion) <= context {
+        return Ok(());
+    }
+    let whose = format!(
+        "{}'s context of {context} tokens (max_position_embeddings)",
+        config.run.model.display()
+    );
+    if M::NAME == "grpo" {
+        return Err(SettingError::new(
+            "max_completion_length",
+            &format!(
+                "({completion}) plus the longest prompt ({prompt_tokens} tokens, images \
+                 included) exceeds {whose}; use at most {}",
+                context.saturating_sub(prompt_tokens)
+            ),
+            &[],
+        )
+        .into());
+    }
+    bail!(
+        "the longest prompt ({prompt_tokens} tokens, images included) plus the longest target \
+         ({completion} tokens) exceeds {whose}; lower max_pixels or shorten the rows"
+    )
+}
+
+/// Refuses, from the model's config.json alone, settings it cannot hold: an image floor
+/// (`min_pixels`) that alone exceeds the context, a LoRA rank above the layers' width.
+fn check_model_limits<M: Method>(
+    config: &TrainConfig<M>,
+    model: &crate::model::Qwen2VlConfig,
+) -> Result<()> {
+    let run = &config.run;
+    let context = model.text.max_position_embeddings;
+    // One image token covers a 28x28-pixel cell (14-pixel patches merged 2x2).
+    if let Some(min) = run.min_pixels {
+        let tokens = min / (28 * 28);
+        if tokens >= context {
+            return Err(SettingError::new(
+                "min_pixels",
+                &format!(
+                    "({min}) makes every image at least {tokens} tokens but {}'s context is \
+                     {context} tokens",
+                    run.model.display()
+                ),
+                &[],
+            )
+            .into());
+        }
+    }
+    let width = model.text.hidden_size;
+    if run.lora.enabled() && run.lora.r > width {
+        return Err(SettingError::new(
+            "lora.r",
+            &format!(
+                "({}) exceeds the width of the layers it adapts ({width} in {}): a higher rank \
+                 adds parameters and no capacity",
+                run.lora.r,
+                run.model.display()
+            ),
+            &[],
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Prints the run's memory plan and, when it does not fit (and `memory_check` is on),
@@ -213,6 +311,8 @@ pub fn open_session<M: Method>(
     let run = &config.run;
     Session::open(
         SessionSpec {
+            inputs: InputIdentity::of(&run.model, &run.train_data)?,
+            save_total_limit: run.save_total_limit,
             kind: M::NAME,
             dir: &run.output_dir,
             config_toml: config.to_toml()?,

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use super::checkpoint::{self, TrainerState};
+use super::checkpoint::{self, InputIdentity, TrainerState};
 use super::metrics::{JsonlWriter, Record};
 use super::optim::{linear_lr, AdamW, AdamWConfig, GradAccumulator};
 use super::params::TrainableModel;
@@ -31,6 +31,37 @@ pub struct SessionSpec<'a> {
     pub seed: u64,
     /// Continue from the newest checkpoint in `dir` instead of starting fresh.
     pub resume: bool,
+    /// What the run started from, recorded in every checkpoint and checked on resume.
+    pub inputs: InputIdentity,
+    /// Keep only the newest this many checkpoints (0 = all).
+    pub save_total_limit: u64,
+}
+
+/// The names a training run writes in its directory.
+pub const RUN_ENTRIES: &[&str] = &[
+    "config.toml",
+    "metrics.jsonl",
+    "completions.jsonl",
+    "checkpoint-*",
+    "final",
+    "curves.png",
+];
+
+/// The output-directory rules of a `kind` ("grpo", "sft") run in `output_dir`.
+fn run_output(command: &str) -> checkpoint::OutputSpec<'_> {
+    checkpoint::OutputSpec {
+        command,
+        flag: "--output-dir",
+        entries: RUN_ENTRIES,
+    }
+}
+
+/// What the newest checkpoint of a run recorded, checked against the run about to resume.
+pub struct ResumeCheck<'a> {
+    pub kind: &'a str,
+    pub config_hash: &'a str,
+    pub settings: &'a str,
+    pub inputs: &'a InputIdentity,
 }
 
 pub struct Session {
@@ -43,15 +74,28 @@ pub struct Session {
     max_grad_norm: f64,
     config_hash: String,
     settings: String,
+    inputs: InputIdentity,
+    save_total_limit: u64,
     metrics: JsonlWriter,
     samples: JsonlWriter,
     pb: ProgressBar,
 }
 
 impl Session {
-    /// The checkpoint a session would resume from (checked before models are loaded).
-    pub fn resume_point(dir: &Path, resume: bool) -> Result<Option<PathBuf>> {
+    /// The checkpoint a session would resume from (checked before models are loaded). A
+    /// fresh run's directory must be absent, empty, or an earlier `kind` run without
+    /// checkpoints: anything else there would be overwritten.
+    pub fn resume_point(dir: &Path, resume: bool, kind: &str) -> Result<Option<PathBuf>> {
+        let command = format!("train {kind}");
         if resume {
+            if let Some(other) = checkpoint::output_command(dir).filter(|c| *c != command) {
+                bail!(
+                    "{}: holds the output of `medvlm {other}`, not a {kind} run; resume it with \
+                     `medvlm {other} --resume {}`",
+                    dir.display(),
+                    dir.display()
+                );
+            }
             let c = checkpoint::latest(dir)?
                 .with_context(|| format!("{}: no checkpoint to resume from", dir.display()))?;
             if let Err(e) = checkpoint::verify(&c) {
@@ -78,6 +122,7 @@ impl Session {
             }
             return Ok(Some(c));
         }
+        checkpoint::check_output_dir(dir, &run_output(&command), checkpoint::Earlier::Reuse)?;
         if dir.is_dir() {
             if let Some(c) = checkpoint::latest(dir)? {
                 bail!(
@@ -92,42 +137,79 @@ impl Session {
         Ok(None)
     }
 
+    /// Refuses to resume from `ckpt` a run that is not the one it was written by: another
+    /// method, other settings (only `max_steps` and `epochs` may change), or another base
+    /// model or training data under the same paths. Reads only the trainer state.
+    pub fn check_resume(ckpt: &Path, now: &ResumeCheck) -> Result<TrainerState> {
+        let p = ckpt.join("trainer_state.json");
+        let state: TrainerState = serde_json::from_str(
+            &std::fs::read_to_string(&p)
+                .with_context(|| format!("{}: cannot read", p.display()))?,
+        )
+        .with_context(|| format!("{}: not a trainer state", p.display()))?;
+        if state.kind != now.kind {
+            bail!(
+                "{}: a {} checkpoint cannot resume a {} run; resume it with `medvlm train {} \
+                 --resume`",
+                ckpt.display(),
+                state.kind,
+                now.kind,
+                state.kind
+            );
+        }
+        if state.config_hash != now.config_hash {
+            let changed = state
+                .settings
+                .as_deref()
+                .map(|old| crate::train::config::changed_settings(old, now.settings))
+                .unwrap_or_default();
+            let what = if changed.is_empty() {
+                "the run's settings changed since this checkpoint was written".to_string()
+            } else {
+                format!(
+                    "settings changed since this checkpoint was written: {}",
+                    changed.join(", ")
+                )
+            };
+            bail!(
+                "{}: {what}; resume with the run's own settings (only max_steps and epochs \
+                 may change, to extend a run)",
+                ckpt.display()
+            );
+        }
+        // Checkpoints written before medvlm recorded its inputs are resumed unchecked (the
+        // caller says so).
+        if let Some(then) = &state.inputs {
+            let changed = then.differences(now.inputs);
+            if !changed.is_empty() {
+                bail!(
+                    "{}: the run's inputs changed since this checkpoint was written: {}; put \
+                     back the model and data the run started from, or start a new run",
+                    ckpt.display(),
+                    changed.join("; ")
+                );
+            }
+        }
+        Ok(state)
+    }
+
     /// Opens the run directory (restoring optimizer state and step when resuming).
     pub fn open(spec: SessionSpec, device: &Device) -> Result<Self> {
         let dir = spec.dir.to_path_buf();
-        let resume_from = Self::resume_point(&dir, spec.resume)?;
+        let resume_from = Self::resume_point(&dir, spec.resume, spec.kind)?;
         let mut optimizer = AdamW::new(spec.adam);
         let mut step = 0;
         if let Some(c) = &resume_from {
-            let (state, moments) = checkpoint::load_trainer_state(c)?;
-            if state.kind != spec.kind {
-                bail!(
-                    "{}: a {} checkpoint cannot resume a {} run",
-                    c.display(),
-                    state.kind,
-                    spec.kind
-                );
-            }
-            if state.config_hash != spec.config_hash {
-                let changed = state
-                    .settings
-                    .as_deref()
-                    .map(|old| crate::train::config::changed_settings(old, &spec.settings))
-                    .unwrap_or_default();
-                let what = if changed.is_empty() {
-                    "the run's settings changed since this checkpoint was written".to_string()
-                } else {
-                    format!(
-                        "settings changed since this checkpoint was written: {}",
-                        changed.join(", ")
-                    )
-                };
-                bail!(
-                    "{}: {what}; resume with the run's own settings (only max_steps and epochs \
-                     may change, to extend a run)",
-                    c.display()
-                );
-            }
+            let state = Self::check_resume(
+                c,
+                &ResumeCheck {
+                    kind: spec.kind,
+                    config_hash: &spec.config_hash,
+                    settings: &spec.settings,
+                    inputs: &spec.inputs,
+                },
+            )?;
+            let (_, moments) = checkpoint::load_trainer_state(c)?;
             if state.total_steps != spec.total_steps {
                 eprintln!(
                     "note: the run was planned for {} steps and now for {}: the learning-rate \
@@ -150,8 +232,8 @@ impl Session {
         }
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
-        std::fs::write(dir.join("config.toml"), &spec.config_toml)
-            .with_context(|| format!("{}: cannot write config.toml", dir.display()))?;
+        checkpoint::mark_output(&dir, &format!("train {}", spec.kind))?;
+        checkpoint::write_atomic(&dir.join("config.toml"), spec.config_toml.as_bytes())?;
         let keep = Some(step);
         let metrics = JsonlWriter::open(&dir.join("metrics.jsonl"), keep)?;
         let samples = JsonlWriter::open(&dir.join("completions.jsonl"), keep)?;
@@ -173,6 +255,8 @@ impl Session {
             max_grad_norm: spec.max_grad_norm,
             config_hash: spec.config_hash,
             settings: spec.settings,
+            inputs: spec.inputs,
+            save_total_limit: spec.save_total_limit,
             metrics,
             samples,
             pb,
@@ -231,7 +315,7 @@ impl Session {
     }
 
     /// Writes `checkpoint-<step>` with the optimizer and trainer state (always f32, so a
-    /// resumed run is exact).
+    /// resumed run is exact), then deletes the oldest checkpoints beyond `save_total_limit`.
     pub fn checkpoint(&self, model: &TrainableModel, items_seen: u64) -> Result<PathBuf> {
         let state = TrainerState {
             kind: self.kind.into(),
@@ -241,14 +325,23 @@ impl Session {
             items_seen,
             config_hash: self.config_hash.clone(),
             settings: Some(self.settings.clone()),
+            inputs: Some(self.inputs.clone()),
         };
-        checkpoint::save(
+        let saved = checkpoint::save(
             &self.dir,
             &checkpoint::checkpoint_name(self.step),
             model,
             DType::F32,
             Some((&self.optimizer, &state)),
-        )
+        )?;
+        for old in checkpoint::rotate(&self.dir, self.save_total_limit)? {
+            self.note(&format!(
+                "removed {} (save_total_limit = {})",
+                old.display(),
+                self.save_total_limit
+            ));
+        }
+        Ok(saved)
     }
 
     /// Final checkpoint plus the exported model in `final/`; returns the latter.

@@ -6,9 +6,27 @@ use std::path::PathBuf;
 use crate::common::*;
 use serde_json::Value;
 
-/// A failing run must say one line, starting with "error:", mentioning every `needles`.
+/// Runs `medvlm` with RUST_BACKTRACE as given (`None`: unset, whatever the test's own
+/// environment says); returns (success, stdout, stderr).
+fn medvlm_with_backtrace(args: &[&str], bt: Option<&str>) -> (bool, String, String) {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_medvlm"));
+    c.args(args);
+    match bt {
+        Some(v) => c.env("RUST_BACKTRACE", v),
+        None => c.env_remove("RUST_BACKTRACE"),
+    };
+    let o = c.output().expect("run medvlm");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A failing run must say one line, starting with "error:", mentioning every `needles`
+/// (RUST_BACKTRACE unset: with it, a library's backtrace may follow the line).
 fn assert_clean_error(args: &[&str], needles: &[&str]) {
-    let (ok, _out, err) = medvlm(args);
+    let (ok, _out, err) = medvlm_with_backtrace(args, None);
     assert!(!ok, "expected failure for {args:?}");
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
     let lines: Vec<&str> = err.lines().collect();
@@ -684,8 +702,8 @@ fn sizes_beyond_the_context_are_refused_before_allocating() {
     );
 }
 
-/// `data synth` and `demo` refuse a non-empty output directory unless --force, which
-/// replaces its contents (nothing old is mixed in).
+/// `data synth` and `demo` refuse a non-empty output directory; --force replaces only
+/// their own earlier output, never a directory of anything else.
 #[test]
 fn non_empty_output_directories_need_force() {
     let tmp = tempfile::tempdir().unwrap();
@@ -694,29 +712,711 @@ fn non_empty_output_directories_need_force() {
     std::fs::write(out.join("old.txt"), "earlier work").unwrap();
     assert_clean_error(
         &["data", "synth", "--out", s(&out), "--n", "2"],
-        &["not empty", "--force"],
+        &["--out", "not empty", "old.txt"],
+    );
+    // --force does not make a user's directory medvlm's.
+    assert_clean_error(
+        &["data", "synth", "--out", s(&out), "--n", "2", "--force"],
+        &["--out", "not empty"],
     );
     assert!(out.join("old.txt").is_file(), "nothing may be touched");
     let demo_out = tmp.path().join("demo");
     std::fs::create_dir(&demo_out).unwrap();
     std::fs::write(demo_out.join("keep"), "x").unwrap();
     assert_clean_error(
-        &["demo", "--quick", "--out", s(&demo_out)],
-        &["not empty", "--force"],
+        &["demo", "--quick", "--out", s(&demo_out), "--force"],
+        &["--out", "not empty"],
     );
     assert!(demo_out.join("keep").is_file());
-    let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&out), "--n", "2", "--force"]);
+    // Its own earlier output: refused without --force, replaced with it.
+    let own = tmp.path().join("own");
+    let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&own), "--n", "2"]);
     assert!(ok, "{err}");
-    assert!(
-        !out.join("old.txt").exists(),
-        "--force replaces the contents"
+    assert_clean_error(
+        &["data", "synth", "--out", s(&own), "--n", "3"],
+        &["earlier `medvlm data synth`", "--force"],
     );
-    assert!(out.join("data.json").is_file());
+    let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&own), "--n", "3", "--force"]);
+    assert!(ok, "{err}");
+    let rows: Value =
+        serde_json::from_str(&std::fs::read_to_string(own.join("data.json")).unwrap()).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 3, "--force replaced it");
+    // ... but not when a user's file was put into it.
+    std::fs::write(own.join("notes.txt"), "mine").unwrap();
+    assert_clean_error(
+        &["data", "synth", "--out", s(&own), "--n", "2", "--force"],
+        &["does not write (notes.txt)"],
+    );
+    assert!(own.join("notes.txt").is_file());
     // An empty directory is fine without --force.
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&empty), "--n", "2"]);
     assert!(ok, "{err}");
+    assert_only(tmp.path(), &["synth", "demo", "own", "empty"]);
+}
+
+/// `dir` holds exactly `names` (no hidden temporary directory left beside them).
+fn assert_only(dir: &std::path::Path, names: &[&str]) {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    found.sort();
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    assert_eq!(found, want, "in {}", dir.display());
+}
+
+/// Bytes of every file under `dir`, by relative path: to check that nothing was touched.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// No command writes over files it did not write: a training run into a directory of the
+/// user's (even the --config file itself), a run of another kind, an evaluation into a
+/// training run or an earlier evaluation, a plot over a config, a synth or init over
+/// anything. Each is refused in one line naming the flag, and every file is left as it was.
+#[test]
+fn commands_never_write_over_files_they_did_not_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = fixtures().join("tiny-a");
+    let data_dir = dir.join("data");
+    let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&data_dir), "--n", "2"]);
+    assert!(ok, "{err}");
+    let data = data_dir.join("data.json");
+
+    // A user's directory holding their commented config.
+    let mine = dir.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    let config = mine.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# my settings, with comments\nmodel = {:?}\ntrain_data = {:?}\noutput_dir = {:?}\n\
+             max_steps = 1\nmax_pixels = 3136\n",
+            s(&model),
+            s(&data),
+            s(&mine)
+        ),
+    )
+    .unwrap();
+    std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+    let before = snapshot(&mine);
+    // The --config file itself would become the resolved config.
+    assert_clean_error(
+        &["train", "sft", "--config", s(&config)],
+        &["--config", "config.toml", "--output-dir"],
+    );
+    // The same settings from elsewhere: the directory is still the user's.
+    let elsewhere = dir.join("elsewhere.toml");
+    std::fs::copy(&config, &elsewhere).unwrap();
+    assert_clean_error(
+        &["train", "sft", "--config", s(&elsewhere)],
+        &["--output-dir", "not empty", "config.toml", "notes.txt"],
+    );
+    std::fs::remove_file(&elsewhere).unwrap();
+    assert_clean_error(
+        &[
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&mine),
+            "--force",
+        ],
+        &["--out", "not empty"],
+    );
+    assert_clean_error(
+        &["plot", s(&mine), "--out", s(&config)],
+        &["--out", "config.toml", ".png"],
+    );
+    std::fs::write(mine.join("fake.png"), "not a picture").unwrap();
+    assert_clean_error(
+        &["plot", s(&mine), "--out", s(&mine.join("fake.png"))],
+        &["--out", "not a PNG"],
+    );
+    std::fs::remove_file(mine.join("fake.png")).unwrap();
+    assert_clean_error(&["init", "--out", s(&mine)], &["--out", "already exists"]);
+    assert_eq!(snapshot(&mine), before, "the user's files are untouched");
+
+    // A medvlm run without checkpoints (stopped before its first) may be restarted, but not
+    // from its own config.toml, which the new run would replace.
+    let run = dir.join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "sft",
+            "--model",
+            s(&model),
+            "--train-data",
+            s(&data),
+            "--output-dir",
+            s(&run),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--max-pixels",
+            "3136",
+        ];
+        args.extend_from_slice(extra);
+        medvlm(&args)
+    };
+    let (ok, _, err) = train(&["--stop-after", "0"]);
+    assert!(
+        !ok && err.contains("stopped before any checkpoint"),
+        "{err}"
+    );
+    assert!(run.join("medvlm-output.json").is_file());
+    let run_config = run.join("config.toml");
+    let written = std::fs::read(&run_config).unwrap();
+    assert_clean_error(
+        &["train", "sft", "--config", s(&run_config)],
+        &["--config", "config.toml", "--output-dir"],
+    );
+    assert_eq!(std::fs::read(&run_config).unwrap(), written);
+    // Another kind of run in it: refused, named.
+    assert_clean_error(
+        &[
+            "train",
+            "grpo",
+            "--model",
+            s(&model),
+            "--train-data",
+            s(&data),
+            "--output-dir",
+            s(&run),
+        ],
+        &["--output-dir", "`medvlm train sft`"],
+    );
+    assert_clean_error(
+        &["train", "grpo", "--resume", s(&run)],
+        &["--resume", "train sft", "medvlm train sft --resume"],
+    );
+    // An evaluation into the training run: refused.
+    assert_clean_error(
+        &[
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&run),
+        ],
+        &["--out", "`medvlm train sft`"],
+    );
+    // The run itself restarts in place.
+    let (ok, _, err) = train(&[]);
+    assert!(ok, "{err}");
+
+    // An earlier evaluation is replaced only with --force.
+    let ev = dir.join("ev");
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--max-new-tokens",
+            "2",
+            "--out",
+            s(&ev),
+        ];
+        args.extend_from_slice(extra);
+        medvlm(&args)
+    };
+    let (ok, _, err) = eval(&[]);
+    assert!(ok, "{err}");
+    let t = std::time::Instant::now();
+    let (ok, _, err) = eval(&[]);
+    assert!(!ok && err.contains("--force"), "{err}");
+    assert!(t.elapsed().as_secs_f64() < 5.0, "refused before evaluating");
+    let (ok, _, err) = eval(&["--force"]);
+    assert!(ok, "{err}");
+    assert!(ev.join("report.json").is_file());
+    assert_only(dir, &["data", "mine", "run", "ev"]);
+}
+
+/// Sizes no machine can hold are refused at once, in one line naming the flag, before
+/// anything is allocated or written; nothing is left behind.
+#[test]
+fn impossible_sizes_are_refused_at_once_and_leave_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = dir.join("out");
+    let o = s(&out);
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["init", "--out", o, "--hidden-size", "1000000000"],
+            vec!["--hidden-size", "1000000000"],
+        ),
+        (
+            vec!["init", "--out", o, "--hidden-size", "0"],
+            vec!["--hidden-size"],
+        ),
+        (
+            vec!["init", "--out", o, "--layers", "100000"],
+            vec!["--layers", "100000"],
+        ),
+        (vec!["init", "--out", o, "--layers", "0"], vec!["--layers"]),
+        (
+            vec![
+                "init",
+                "--out",
+                o,
+                "--hidden-size",
+                "16384",
+                "--layers",
+                "256",
+            ],
+            vec!["parameters", "--hidden-size"],
+        ),
+        (
+            vec!["data", "synth", "--out", o, "--n", "1000000000000"],
+            vec!["--n 1000000000000", "free"],
+        ),
+        (
+            vec!["demo", "--out", o, "--train-items", "1000000000000"],
+            vec!["--train-items"],
+        ),
+        (
+            vec!["demo", "--out", o, "--test-items", "1"],
+            vec!["--test-items"],
+        ),
+        (
+            vec![
+                "demo",
+                "--out",
+                o,
+                "--rl-batch",
+                "100000",
+                "--group",
+                "100000",
+            ],
+            vec!["--rl-batch"],
+        ),
+        (
+            vec!["bench", "train", "--prompts", "1000000000"],
+            vec!["--prompts"],
+        ),
+        (
+            vec!["bench", "train", "--image-size", "100000"],
+            vec!["--image-size"],
+        ),
+        (
+            vec!["bench", "train", "--completion-len", "100000000"],
+            vec!["--completion-len", "context"],
+        ),
+        (vec!["bench", "train", "--steps", "0"], vec!["--steps"]),
+        (vec!["bench", "train", "--beta", "nan"], vec!["--beta"]),
+        (vec!["plot", o, "--width", "100000"], vec!["--width 100000"]),
+    ];
+    for (args, needles) in cases {
+        let t = std::time::Instant::now();
+        assert_clean_error(&args, &needles);
+        assert!(
+            t.elapsed().as_secs_f64() < 5.0,
+            "{args:?} worked before refusing"
+        );
+        assert_only(dir, &[]);
+    }
+}
+
+/// Numbers outside their meaning are refused, named by the flag the user wrote, before
+/// any model is loaded: the training family (NaN, inf, negative, zero, probabilities and
+/// betas out of range, lengths beyond the context) and the inference commands' flags,
+/// whatever the decoding.
+#[test]
+fn nonsense_values_are_refused_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = fixtures().join("tiny-a");
+    let m = s(&model);
+    let img = fixture_image("square.png");
+    let i = s(&img);
+    let data_dir = dir.join("data");
+    let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&data_dir), "--n", "2"]);
+    assert!(ok, "{err}");
+    let data = data_dir.join("data.json");
+    let d = s(&data);
+    let run = dir.join("run");
+    let r = s(&run);
+    let train = |kind: &'static str, extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            kind,
+            "--model",
+            m,
+            "--train-data",
+            d,
+            "--output-dir",
+            r,
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let args = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            train("grpo", &["--learning-rate", "inf"]),
+            vec!["--learning-rate", "inf"],
+        ),
+        (
+            train("grpo", &["--learning-rate", "-1e-5"]),
+            vec!["--learning-rate"],
+        ),
+        (
+            train("grpo", &["--epsilon-low", "2"]),
+            vec!["--epsilon-low", "2"],
+        ),
+        (
+            train("grpo", &["--adam-beta1", "1.5"]),
+            vec!["--adam-beta1", "1.5"],
+        ),
+        (
+            train("grpo", &["--adam-beta2", "nan"]),
+            vec!["--adam-beta2", "NaN"],
+        ),
+        (train("grpo", &["--top-p", "0"]), vec!["--top-p"]),
+        (train("grpo", &["--beta", "-0.1"]), vec!["--beta"]),
+        (
+            train("grpo", &["--temperature", "inf"]),
+            vec!["--temperature"],
+        ),
+        (
+            train("grpo", &["--seed", "18446744073709551615"]),
+            vec!["--seed", "9223372036854775807"],
+        ),
+        (
+            train("grpo", &["--learning-rate", "fast"]),
+            vec!["--learning-rate", "expected a number"],
+        ),
+        (
+            train("grpo", &["--max-completion-length", "100000"]),
+            vec!["--max-completion-length", "context"],
+        ),
+        (
+            train(
+                "grpo",
+                &["--min-pixels", "100000000", "--max-pixels", "100000000"],
+            ),
+            vec!["--min-pixels", "context"],
+        ),
+        (
+            train("grpo", &["--lora-r", "4", "--lora-dropout", "1"]),
+            vec!["--lora-dropout"],
+        ),
+        (
+            train("grpo", &["--rewards", "accuracy,speed"]),
+            vec!["--rewards", "speed"],
+        ),
+        (train("sft", &["--batch-size", "0"]), vec!["--batch-size"]),
+        (
+            train("sft", &["--max-grad-norm", "nan"]),
+            vec!["--max-grad-norm"],
+        ),
+        (
+            train("sft", &["--weight-decay", "-1"]),
+            vec!["--weight-decay"],
+        ),
+        (
+            train("sft", &["--epochs", "0"]),
+            vec!["--epochs", "max_steps"],
+        ),
+        (
+            args(&[
+                "train",
+                "sft",
+                "--model",
+                m,
+                "--train-data",
+                d,
+                "--plan",
+                "--plan-gpu-gib",
+                "inf",
+            ]),
+            vec!["--plan-gpu-gib"],
+        ),
+        (
+            args(&["generate", "--model", m, "--prompt", "hi", "--min-p", "2"]),
+            vec!["--min-p", "2"],
+        ),
+        (
+            args(&["generate", "--model", m, "--prompt", "hi", "--top-p", "0"]),
+            vec!["--top-p"],
+        ),
+        (
+            args(&[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "hi",
+                "--temperature=-1",
+            ]),
+            vec!["--temperature"],
+        ),
+        (
+            args(&[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "hi",
+                "--repetition-penalty",
+                "0",
+            ]),
+            vec!["--repetition-penalty"],
+        ),
+        (
+            args(&[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "hi",
+                "--max-pixels",
+                "0",
+            ]),
+            vec!["--max-pixels"],
+        ),
+        (
+            args(&[
+                "eval",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--batch-size",
+                "0",
+                "--out",
+                r,
+            ]),
+            vec!["--batch-size"],
+        ),
+        (
+            args(&[
+                "eval",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--max-new-tokens",
+                "0",
+                "--out",
+                r,
+            ]),
+            vec!["--max-new-tokens"],
+        ),
+        (
+            args(&[
+                "eval",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--min-pixels",
+                "5000",
+                "--max-pixels",
+                "4000",
+                "--out",
+                r,
+            ]),
+            vec!["--min-pixels", "--max-pixels"],
+        ),
+        (
+            args(&[
+                "ask",
+                "--model",
+                m,
+                "--image",
+                i,
+                "--question",
+                "q",
+                "--max-new-tokens",
+                "0",
+            ]),
+            vec!["--max-new-tokens"],
+        ),
+        (
+            args(&[
+                "eval",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--max-new-tokens",
+                "1000000000",
+                "--out",
+                r,
+            ]),
+            vec!["--max-new-tokens 1000000000", "context of 4096"],
+        ),
+        (
+            args(&[
+                "ask",
+                "--model",
+                m,
+                "--image",
+                i,
+                "--question",
+                "q",
+                "--max-new-tokens",
+                "4096",
+            ]),
+            vec!["--max-new-tokens 4096", "context"],
+        ),
+    ];
+    for (a, needles) in cases {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let t = std::time::Instant::now();
+        assert_clean_error(&a, &needles);
+        assert!(t.elapsed().as_secs_f64() < 5.0, "{a:?} did work first");
+        assert!(!run.exists(), "{a:?} created its output");
+    }
+}
+
+/// List settings take what a newcomer writes: one value, comma-separated values, or a TOML
+/// array; and --help says so.
+#[test]
+fn list_flags_take_one_value_or_commas_and_help_says_so() {
+    let (ok, help, _) = medvlm(&["train", "grpo", "--help"]);
+    assert!(ok);
+    assert!(
+        help.contains("--modalities <LIST>") && help.contains("comma-separated"),
+        "{help}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let (ok, _, err) = medvlm(&[
+        "data",
+        "synth",
+        "--out",
+        s(&data_dir),
+        "--n",
+        "6",
+        "--modality",
+        "MRI,CT",
+    ]);
+    assert!(ok, "{err}");
+    let model = fixtures().join("tiny-a");
+    let data = data_dir.join("data.json");
+    for lists in [
+        ["--modalities", "MRI", "--rewards", "accuracy,format"],
+        ["--modalities", "MRI,CT", "--rewards", "accuracy"],
+        [
+            "--modalities",
+            "[\"MRI\"]",
+            "--rewards",
+            "[\"format\", \"accuracy\"]",
+        ],
+    ] {
+        let mut a = vec![
+            "train",
+            "grpo",
+            "--model",
+            s(&model),
+            "--train-data",
+            s(&data),
+            "--plan",
+        ];
+        a.extend_from_slice(&lists);
+        let (ok, out, err) = medvlm(&a);
+        assert!(ok, "{lists:?}: {err}");
+        assert!(out.contains("peak"), "{out}");
+    }
+}
+
+/// `demo` checks every flag before drawing a scan, naming it as the user wrote it.
+#[test]
+fn demo_checks_its_flags_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    for (flag, value, needle) in [
+        ("--group", "1", "--group must be at least 2"),
+        ("--rl-lr", "inf", "--rl-lr must be a finite number"),
+        ("--temperature", "0", "--temperature"),
+        ("--rl-steps", "0", "--rl-steps"),
+        ("--task", "size", "--task size"),
+    ] {
+        let t = std::time::Instant::now();
+        assert_clean_error(
+            &["demo", "--quick", "--out", s(&out), flag, value],
+            &[needle],
+        );
+        assert!(t.elapsed().as_secs_f64() < 5.0, "{flag} checked late");
+        assert!(!out.exists(), "{flag}: nothing may be written");
+    }
+    let (ok, _, err) = medvlm(&["demo", "--out", s(&out), "--seed", "18446744073709551615"]);
+    assert!(!ok && err.contains("--seed"), "{err}");
+}
+
+/// An error is one line; with RUST_BACKTRACE=1 a library's backtrace carried by a cause
+/// (candle's) follows on lines of its own instead of being flattened into the line, and a
+/// user's mistake stays one line; RUST_BACKTRACE=full adds medvlm's own backtrace.
+#[test]
+fn errors_stay_one_line_and_backtraces_come_only_when_asked() {
+    let missing = ["inspect", "--model", "/no/such/model"];
+    for bt in [None, Some("0"), Some("1")] {
+        let (ok, _, err) = medvlm_with_backtrace(&missing, bt);
+        assert!(!ok);
+        assert_eq!(err.trim().lines().count(), 1, "{bt:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains("/no/such/model"),
+            "{err}"
+        );
+    }
+    let (_, _, err) = medvlm_with_backtrace(&missing, Some("full"));
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("/no/such/model"),
+        "{err}"
+    );
+    assert!(lines.len() > 3 && lines.contains(&"backtrace:"), "{err}");
+
+    // A candle error (weights that disagree with the config) carries candle's backtrace.
+    let (_tmp, dir) = scratch_copy("tiny-a");
+    let p = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["text_config"]["num_hidden_layers"] = 3.into();
+    if let Some(t) = cfg["text_config"]["layer_types"].as_array_mut() {
+        t.push("full_attention".into());
+    }
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let args = ["inspect", "--model", s(&dir)];
+    let (_, _, plain) = medvlm_with_backtrace(&args, None);
+    assert_eq!(plain.trim().lines().count(), 1, "{plain}");
+    let (_, _, asked) = medvlm_with_backtrace(&args, Some("1"));
+    let lines: Vec<&str> = asked.lines().collect();
+    assert_eq!(lines[0], plain.trim_end(), "the same first line");
+    assert!(plain.len() < 500, "{plain}");
+    assert!(
+        lines.len() > 2,
+        "the backtrace on lines of its own: {asked}"
+    );
 }
 
 /// A failing run whose last stderr line is the one error line (informational lines such as

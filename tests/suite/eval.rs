@@ -326,3 +326,57 @@ fn eval_reports_skipped_rows_per_modality_and_its_settings() {
     ]);
     assert!(!ok && err.contains("--limit must be at least 1"), "{err}");
 }
+
+/// A row whose file is not an image (or is damaged) is skipped with its reason and counted
+/// like the other skipped rows, as the README says; the evaluation goes on.
+#[test]
+fn rows_whose_file_is_not_an_image_are_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let (ok, _, err) = medvlm(&["data", "synth", "--out", s(&data_dir), "--n", "3"]);
+    assert!(ok, "{err}");
+    let file = data_dir.join("data.json");
+    let rows: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let first = rows[0]["image"][0].as_str().unwrap();
+    std::fs::write(data_dir.join(first), "this is not an image").unwrap();
+    let model = fixtures().join("tiny-a");
+    for (name, extra) in [
+        ("greedy", vec!["--max-new-tokens", "2"]),
+        ("likelihood", vec!["--likelihood"]),
+    ] {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&file),
+            "--out",
+            s(&out),
+        ];
+        args.extend(extra);
+        let (ok, _, err) = medvlm(&args);
+        assert!(ok, "{name}: {err}");
+        assert!(err.contains("skipped") && err.contains("row 0"), "{err}");
+        let report: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        let all = report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["modality"] == "all")
+            .unwrap()
+            .clone();
+        assert_eq!(all["rows"], 3, "{name}");
+        assert_eq!(all["n"], 2, "{name}");
+        assert_eq!(all["skipped"], 1, "{name}");
+        assert_eq!(all["skipped_by_reason"]["unreadable image"], 1, "{name}");
+        assert_eq!(report["skipped_rows"], 1);
+        let items = std::fs::read_to_string(out.join("items.jsonl")).unwrap();
+        assert_eq!(items.lines().count(), 2);
+        assert!(!items.contains(first), "{items}");
+        let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(md.contains("1 unreadable image"), "{md}");
+    }
+}

@@ -462,7 +462,7 @@ fn bad_configs_fail_before_any_work() {
                 "--num-generations".into(),
                 "1".into(),
             ],
-            "num_generations",
+            "--num-generations",
         ),
         (
             vec![
@@ -857,4 +857,110 @@ fn checkpoints_carry_their_template_to_ask_and_eval() {
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("template: simple"), "{err}");
+}
+
+/// A resume continues only the run the checkpoint belongs to: a base model or data file
+/// replaced under the same path is refused with both records (in the checkpoint, now) and
+/// accepted again once restored. save_total_limit keeps the newest checkpoints, the one a
+/// resume continues from among them.
+#[test]
+fn resume_checks_model_and_data_and_checkpoints_rotate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = make_task(dir, "d", 8, 5, false);
+    let init = fresh_model(&dir.join("init-run"));
+    let out = dir.join("run");
+    let (ok, _, err) = medvlm(&[
+        "train",
+        "sft",
+        "--model",
+        s(&init),
+        "--train-data",
+        s(&data),
+        "--output-dir",
+        s(&out),
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "1",
+        "--save-total-limit",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-pixels",
+        "3136",
+    ]);
+    assert!(ok, "{err}");
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains("checkpoint-"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&out), vec!["checkpoint-000002", "checkpoint-000003"]);
+    assert!(
+        err.contains("removed") && err.contains("save_total_limit = 2"),
+        "{err}"
+    );
+    let resume = |steps: &str| medvlm(&["train", "sft", "--resume", s(&out), "--max-steps", steps]);
+
+    // Another model under the same path: same architecture, other weights.
+    let weights = init.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let src = fixtures().join("tiny-a");
+    let cfg = Qwen2VlConfig::from_file(&src.join("config.json")).unwrap();
+    let other = TrainableModel::random(cfg, 0.02, 8, &src, &Device::Cpu).unwrap();
+    let other_dir = checkpoint::save(dir, "other", &other, DType::F32, None).unwrap();
+    std::fs::copy(other_dir.join("model.safetensors"), &weights).unwrap();
+    let (ok, _, err) = resume("4");
+    assert!(!ok);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("base model's model.safetensors")
+            && last.contains("in the checkpoint")
+            && last.contains("now"),
+        "{err}"
+    );
+    // Another model altogether (another config).
+    std::fs::write(&weights, &original).unwrap();
+    let config = init.join("config.json");
+    let config_text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        config_text.replace("\"rms_norm_eps\"", "\"x\": 1, \"rms_norm_eps\""),
+    )
+    .unwrap();
+    let (ok, _, err) = resume("4");
+    assert!(!ok && err.contains("base model's config.json"), "{err}");
+    std::fs::write(&config, &config_text).unwrap();
+    // Other data under the same path: one row's answer changed, same size.
+    let rows = std::fs::read_to_string(&data).unwrap();
+    let changed = rows.replacen("\"answer\":\"bright\"", "\"answer\":\"dark\"  ", 1);
+    assert!(rows != changed && rows.len() == changed.len());
+    std::fs::write(&data, &changed).unwrap();
+    let (ok, _, err) = resume("4");
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        !ok && last.contains("training data") && last.contains("in the checkpoint"),
+        "{err}"
+    );
+    // Restored: the run continues, and rotation keeps the newest two.
+    std::fs::write(&data, &rows).unwrap();
+    let (ok, _, err) = resume("4");
+    assert!(ok, "{err}");
+    assert_eq!(names(&out), vec!["checkpoint-000003", "checkpoint-000004"]);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-000004/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(state["inputs"]["model"]["model.safetensors"]
+        .as_str()
+        .unwrap()
+        .starts_with("size "));
+    // A GRPO resume of this SFT run says what it is.
+    let (ok, _, err) = medvlm(&["train", "grpo", "--resume", s(&out)]);
+    assert!(!ok && err.contains("`medvlm train sft --resume"), "{err}");
 }
