@@ -458,24 +458,64 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The request body, within --max-body-mb and --body-timeout.
-async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+///
+/// A body over the limit is still read and thrown away, up to [`DRAIN_BYTES`] and
+/// [`DRAIN_TIME`]: a server that answers 413 and closes while the client is still sending
+/// resets the connection, and the client sees "broken pipe" instead of the 413 that says
+/// what to change. Discarded bytes cost bandwidth, not memory.
+async fn read_body(st: &AppState, headers: &HeaderMap, mut body: Body) -> Result<Bytes, ApiError> {
     let limit = st.opts.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(body).await;
         return Err(ApiError::too_large(limit));
     }
-    let read = http_body_util::Limited::new(body, limit).collect();
+    let read = async {
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Ok(None);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Some(buf))
+    };
     match tokio::time::timeout(st.opts.body_timeout, read).await {
         Err(_) => Err(ApiError::body_timeout(st.opts.body_timeout.as_secs_f64())),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Ok(Err(e)) => Err(ApiError::bad_request(format!(
-            "cannot read the request body: {e}"
-        ))),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(None)) => {
+            drain(body).await;
+            Err(ApiError::too_large(limit))
+        }
+        Ok(Ok(Some(buf))) => Ok(Bytes::from(buf)),
     }
+}
+
+/// How much of a refused body is read and discarded so that its client sees the answer.
+const DRAIN_BYTES: usize = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+async fn drain(mut body: Body) {
+    let discard = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len();
+                if seen > DRAIN_BYTES {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
 }
 
 async fn start(
