@@ -763,6 +763,42 @@ fn nifti_header_fields_are_checked() {
     }
 }
 
+/// A `.hdr` + `.img` pair: the `.img` must hold the volume from vox_offset, by its size.
+#[test]
+fn nifti_pair_image_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = |name: &str, vox_offset: f32, img: &[u8]| {
+        let mut hdr = nifti_header(&[4, 4, 1], 2, 8, vox_offset);
+        hdr[344..348].copy_from_slice(b"ni1\0");
+        hdr.extend_from_slice(&[0; 4]);
+        write(dir.path(), &format!("{name}.img"), img);
+        write(dir.path(), &format!("{name}.hdr"), &hdr)
+    };
+    let ramp: Vec<u8> = (0..16u8).map(|v| v * 16).collect();
+    let ok = pair("ok", 0.0, &ramp);
+    assert_eq!(load_rgb(&ok).unwrap().as_raw(), &nifti_ramp_picture());
+    for (name, offset, says) in [
+        (
+            "short",
+            1.0,
+            "15 bytes, but the header describes 16 bytes of voxels from byte 1",
+        ),
+        (
+            "far",
+            1e12,
+            "16 bytes, but the header describes 16 bytes of voxels from byte",
+        ),
+        ("nan", f32::NAN, "vox_offset NaN"),
+    ] {
+        let hdr = pair(name, offset, &ramp[..15 + usize::from(name != "short")]);
+        let err = refused(&hdr);
+        assert!(err.contains(says), "{name}: {err}");
+        let bytes = std::fs::read(&hdr).unwrap();
+        let cost = decode_cost(&hdr, &bytes).expect_err(name).to_string();
+        assert!(cost.contains(says), "{name}: {cost}");
+    }
+}
+
 /// A .nii.gz is inflated up to the volume its header declares plus a little; what follows
 /// is never inflated. Shown with a corrupt gzip trailer (CRC) 2 MiB past the volume: read
 /// to the end it would be an error; one within the slack still is.
