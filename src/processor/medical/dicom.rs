@@ -18,13 +18,14 @@ use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::RgbImage;
 
-use super::jpeg;
 use super::window::{VoiFunction, Window};
+use super::{jpeg, scan};
 use super::{GreyPlane, MedicalOptions, Plane};
 use crate::processor::image::EofWatch;
 
 const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
 const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 
 /// For error messages.
 const DECODED: &str = "uncompressed, deflated, RLE Lossless, JPEG Baseline, JPEG Extended \
@@ -40,9 +41,132 @@ pub fn looks_like_dataset(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes[0] == 0x08 && bytes[1] == 0x00
 }
 
+/// What [`check`] found: the data set's encoding and structure.
+pub struct Checked {
+    layout: scan::Layout,
+    walk: scan::Walk,
+}
+
+/// The checks before dicom-rs parses a file: a known and decodable transfer syntax, then
+/// the structure walk of [`scan`] (nesting depth, every declared length against the bytes
+/// present, bounded inflation).
+pub fn check(bytes: &[u8]) -> Result<Checked> {
+    ensure!(!bytes.is_empty(), "the file is empty, not a DICOM file");
+    let layout = scan::layout(bytes)?;
+    let ts = layout.transfer_syntax()?;
+    if !is_ours(ts.uid()) && !ts.can_decode_all() {
+        bail!(
+            "unsupported DICOM transfer syntax {} ({}); medvlm decodes {DECODED}",
+            ts.uid(),
+            ts.name()
+        );
+    }
+    let walk = scan::walk(bytes, &layout)?;
+    Ok(Checked { layout, walk })
+}
+
+/// JPEG Baseline and Extended are decoded here, not by dicom-rs.
+fn is_ours(ts_uid: &str) -> bool {
+    ts_uid == JPEG_BASELINE || ts_uid == JPEG_EXTENDED
+}
+
+/// The memory decoding this file takes at most beyond its bytes, from the checks alone (see
+/// [`super::decode_cost`]): dicom-rs' object, the pixel data's copies on the way to one
+/// frame, the decoded frame and the codec's working memory, the f64 plane, the picture.
+pub fn decode_cost(bytes: &[u8]) -> Result<u64> {
+    let checked = check(bytes)?;
+    let top = &checked.walk.top;
+    let ts = checked.layout.transfer_syntax()?;
+    let a = Attrs::new(
+        top.rows,
+        top.cols,
+        top.bits_allocated,
+        None,
+        top.samples,
+        top.frames,
+        top.pi.clone(),
+        false,
+        false,
+    )?;
+    crate::processor::image::check_size(a.cols, a.rows)?;
+    let pixel = checked
+        .walk
+        .pixel
+        .clone()
+        .ok_or_else(|| anyhow!("this DICOM file holds no image (it has no Pixel Data)"))?;
+    check_pixel_data(&a, &pixel, ts.is_encapsulated_pixel_data())?;
+
+    let n = u64::from(a.rows) * u64::from(a.cols);
+    let samples = u64::from(a.samples);
+    // One decoded frame, as a codec (or a native frame's copy) holds it.
+    let frame = n * samples * u64::from(a.bits_allocated).div_ceil(8);
+    let codec = match pixel {
+        // OW data is copied whole into bytes, then the frame out of it.
+        scan::PixelData::Native { len } => len + frame,
+        // The fragments cloned and one frame's gathered (dicom-rs, or ours for JPEG); the
+        // decoder's output, its planes or coefficients, and the adapter's frame buffer.
+        scan::PixelData::Encapsulated { bytes, .. } => 3 * bytes + 3 * frame,
+    };
+    // The f64 plane and, for grey, its 8-bit levels and the RGB picture (up to twice its
+    // size while it grows); colour pictures are the decoded RGB samples themselves.
+    let plane = if a.samples == 1 { n * 8 + n * 7 } else { n * 3 };
+    // Decoder state, inflate and read buffers, the file meta table.
+    const FIXED: u64 = 1 << 20;
+    Ok(checked.walk.model + codec + plane + FIXED)
+}
+
+/// Declared sizes that the pixel data must back: native data at least as long as all the
+/// frames the header declares (as pydicom requires), encapsulated data a fragment per
+/// frame at least.
+fn check_pixel_data(a: &Attrs, pixel: &scan::PixelData, encapsulated: bool) -> Result<()> {
+    match *pixel {
+        scan::PixelData::Native { len } => {
+            ensure!(
+                !encapsulated,
+                "corrupt DICOM file: native pixel data in a file whose transfer syntax says \
+                 it is encapsulated"
+            );
+            let n = u128::from(a.rows) * u128::from(a.cols);
+            let frames = a.frames as u128;
+            let need = if a.bits_allocated == 1 {
+                (n * frames).div_ceil(8)
+            } else {
+                let samples = if a.samples == 3 && a.pi == "YBR_FULL_422" {
+                    2
+                } else {
+                    u128::from(a.samples)
+                };
+                n * samples * u128::from(a.bits_allocated / 8) * frames
+            };
+            ensure!(
+                u128::from(len) >= need,
+                "the pixel data holds {len} bytes, but {} frame(s) of {}x{} pixels need {need} \
+                 (truncated or corrupt file?)",
+                a.frames,
+                a.cols,
+                a.rows
+            );
+        }
+        scan::PixelData::Encapsulated { fragments, .. } => {
+            ensure!(
+                encapsulated,
+                "corrupt DICOM file: encapsulated pixel data in a file whose transfer syntax \
+                 says it is native"
+            );
+            ensure!(
+                fragments >= a.frames as u64,
+                "the pixel data holds {fragments} fragment(s) for {} frame(s) (truncated or \
+                 corrupt file?)",
+                a.frames
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Decodes the wanted frame of a DICOM file held in memory.
 pub fn read(bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
-    ensure!(!bytes.is_empty(), "the file is empty, not a DICOM file");
+    let checked = check(bytes)?;
     let obj = open(bytes)?;
     let ts_uid = obj
         .meta()
@@ -52,14 +176,12 @@ pub fn read(bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
     let ts = TransferSyntaxRegistry
         .get(&ts_uid)
         .ok_or_else(|| anyhow!("unknown DICOM transfer syntax UID {ts_uid}"))?;
-    let is_jpeg = ts_uid == JPEG_BASELINE || ts_uid == JPEG_EXTENDED;
-    if !is_jpeg && !ts.can_decode_all() {
-        bail!(
-            "unsupported DICOM transfer syntax {} ({}); medvlm decodes {DECODED}",
-            ts.uid(),
-            ts.name()
-        );
-    }
+    let is_jpeg = is_ours(&ts_uid);
+    ensure!(
+        ts_uid == checked.layout.ts_uid,
+        "internal error: transfer syntax {ts_uid} read, {} checked",
+        checked.layout.ts_uid
+    );
     if obj.get(tags::PIXEL_DATA).is_none() {
         if obj.get(tags::FLOAT_PIXEL_DATA).is_some()
             || obj.get(tags::DOUBLE_FLOAT_PIXEL_DATA).is_some()
@@ -69,6 +191,20 @@ pub fn read(bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
         bail!("this DICOM file holds no image (it has no Pixel Data)");
     }
     let a = Attrs::read(&obj)?;
+    // decode_cost sized this decode by the walk's reading of these attributes.
+    let top = &checked.walk.top;
+    ensure!(
+        top.rows == Some(u64::from(a.rows))
+            && top.cols == Some(u64::from(a.cols))
+            && top.bits_allocated == Some(u64::from(a.bits_allocated))
+            && top.samples.unwrap_or(1) == u64::from(a.samples),
+        "the DICOM image attributes (Rows, Columns, Bits Allocated, Samples per Pixel) are \
+         encoded in a way medvlm cannot read consistently"
+    );
+    let pixel =
+        checked.walk.pixel.as_ref().ok_or_else(|| {
+            anyhow!("the Pixel Data is not at the top level of the DICOM data set")
+        })?;
     let frame = match opts.slice {
         Some(s) => {
             ensure!(
@@ -82,10 +218,14 @@ pub fn read(bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
         None => a.frames / 2,
     };
     crate::processor::image::check_size(a.cols, a.rows)?;
+    check_pixel_data(&a, pixel, ts.is_encapsulated_pixel_data())?;
 
     let samples = if is_jpeg {
         jpeg_frame(&obj, &a, frame, ts_uid == JPEG_BASELINE)?
     } else if ts.is_encapsulated_pixel_data() {
+        if ts_uid != RLE_LOSSLESS {
+            check_jpeg_frame_header(&obj, &a, frame)?;
+        }
         let decoded = obj
             .decode_pixel_data_frame(frame as u32)
             .map_err(|e| anyhow!("cannot decode the {} pixel data: {}", ts.name(), chain(&e)))?;
@@ -192,16 +332,43 @@ struct Attrs {
 
 impl Attrs {
     fn read(obj: &InMemDicomObject) -> Result<Self> {
-        let need = |tag: Tag, name: &str| {
-            uint(obj, tag).ok_or_else(|| anyhow!("the DICOM file has no valid {name}"))
+        let int = |tag: Tag| uint(obj, tag).map(u64::from);
+        Self::new(
+            int(tags::ROWS),
+            int(tags::COLUMNS),
+            int(tags::BITS_ALLOCATED),
+            int(tags::BITS_STORED),
+            int(tags::SAMPLES_PER_PIXEL),
+            int(tags::NUMBER_OF_FRAMES),
+            text(obj, tags::PHOTOMETRIC_INTERPRETATION),
+            uint(obj, tags::PIXEL_REPRESENTATION) == Some(1),
+            uint(obj, tags::PLANAR_CONFIGURATION) == Some(1),
+        )
+    }
+
+    /// The attributes' checks, shared by the decode (values from dicom-rs) and
+    /// `decode_cost` (values from the structure walk).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        rows: Option<u64>,
+        cols: Option<u64>,
+        bits_allocated: Option<u64>,
+        bits_stored: Option<u64>,
+        samples: Option<u64>,
+        frames: Option<u64>,
+        pi: Option<String>,
+        signed: bool,
+        planar: bool,
+    ) -> Result<Self> {
+        let need = |v: Option<u64>, name: &str| {
+            v.and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| anyhow!("the DICOM file has no valid {name}"))
         };
-        let rows = need(tags::ROWS, "Rows")?;
-        let cols = need(tags::COLUMNS, "Columns")?;
-        let bits_allocated = need(tags::BITS_ALLOCATED, "Bits Allocated")? as u16;
-        let bits_stored = uint(obj, tags::BITS_STORED).map_or(bits_allocated, |b| b as u16);
-        let samples = uint(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1) as u16;
-        let frames = uint(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as usize;
-        let pi = text(obj, tags::PHOTOMETRIC_INTERPRETATION)
+        let rows = need(rows, "Rows")?;
+        let cols = need(cols, "Columns")?;
+        let bits_allocated = need(bits_allocated, "Bits Allocated")?;
+        let samples = samples.unwrap_or(1);
+        let pi = pi
             .unwrap_or_else(|| if samples == 3 { "RGB" } else { "MONOCHROME2" }.to_owned())
             .to_ascii_uppercase();
         ensure!(
@@ -216,15 +383,21 @@ impl Attrs {
             matches!(bits_allocated, 1 | 8 | 16 | 32),
             "DICOM images with {bits_allocated} bits allocated are not supported"
         );
+        let bits_allocated = bits_allocated as u16;
+        // Frames are only counted (one is decoded); beyond the pixel data they are refused
+        // by `check_pixel_data`.
+        let frames = usize::try_from(frames.unwrap_or(1).max(1))
+            .map_err(|_| anyhow!("the DICOM file has an invalid Number of Frames"))?;
+        let bits_stored = bits_stored.map_or(bits_allocated, |b| b.min(64) as u16);
         Ok(Self {
             rows,
             cols,
             frames,
-            samples,
+            samples: samples as u16,
             bits_allocated,
             bits_stored: bits_stored.clamp(1, bits_allocated),
-            signed: uint(obj, tags::PIXEL_REPRESENTATION) == Some(1),
-            planar: uint(obj, tags::PLANAR_CONFIGURATION) == Some(1),
+            signed,
+            planar,
             pi,
         })
     }
@@ -493,6 +666,67 @@ fn jpeg_frame_data(obj: &DefaultDicomObject, frame: usize, frames: usize) -> Opt
     obj.frame_pixel_data(frame as u32).map(|d| d.into_owned())
 }
 
+/// dicom-rs decodes JPEG Lossless with jpeg-decoder, which allocates for the size that the
+/// JPEG stream's own frame header states, whatever the DICOM header says (up to 65535 x
+/// 65535 samples of 16 bits per component, from a few bytes). So that frame header, in the
+/// bytes dicom-rs' adapter will hand the decoder (its own choice of fragments, repeated
+/// here), must match the DICOM image before the decoder runs.
+fn check_jpeg_frame_header(obj: &DefaultDicomObject, a: &Attrs, frame: usize) -> Result<()> {
+    let Some(fragments) = obj.number_of_fragments() else {
+        return Ok(());
+    };
+    let frames = obj.number_of_frames().unwrap_or(1) as usize;
+    let data = if fragments == 1 || fragments as usize == frames {
+        obj.fragment(frame)
+    } else {
+        let table = obj.offset_table().unwrap_or_default();
+        let base = match table.get(frame) {
+            Some(&b) => b as usize,
+            None if frame == 0 => 0,
+            // dicom-rs fails without an offset for this frame, before decoding.
+            None => return Ok(()),
+        };
+        let next = table.get(frame + 1).map(|&n| n as usize);
+        let mut out = Vec::new();
+        let mut offset = 0usize;
+        for i in 0..fragments as usize {
+            let Some(f) = obj.fragment(i) else { break };
+            if offset >= base {
+                out.extend_from_slice(&f);
+            }
+            offset += f.len() + 8;
+            if next.is_some_and(|n| offset >= n) {
+                break;
+            }
+        }
+        Some(std::borrow::Cow::Owned(out))
+    };
+    // dicom-rs reports missing fragments itself, before decoding.
+    let Some(data) = data else { return Ok(()) };
+    let info = jpeg::info(&data)?;
+    ensure!(
+        u32::from(info.width) == a.cols && u32::from(info.height) == a.rows,
+        "the JPEG image is {}x{} but the DICOM header says {}x{}",
+        info.width,
+        info.height,
+        a.cols,
+        a.rows
+    );
+    ensure!(
+        info.component_ids.len() == usize::from(a.samples),
+        "the JPEG image has {} component(s) but the DICOM header says {} sample(s) per pixel",
+        info.component_ids.len(),
+        a.samples
+    );
+    ensure!(
+        u16::from(info.precision).div_ceil(8) <= a.bits_allocated.div_ceil(8),
+        "the JPEG image has {}-bit samples but the DICOM header allocates {} bits",
+        info.precision,
+        a.bits_allocated
+    );
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Out {
     Grey,
@@ -562,6 +796,191 @@ mod tests {
         assert_eq!((w, h), (56, 40));
         let ours: Vec<u8> = ours.into_iter().map(|v| v as u8).collect();
         assert_eq!(ours, theirs);
+    }
+
+    /// Deepest sequence nesting in a dicom-rs object, counted with an explicit stack.
+    fn object_depth(obj: &InMemDicomObject) -> usize {
+        let mut deepest = 0;
+        let mut todo = vec![(obj, 0usize)];
+        while let Some((o, depth)) = todo.pop() {
+            deepest = deepest.max(depth);
+            for e in o.iter() {
+                for item in e.items().unwrap_or_default() {
+                    todo.push((item, depth + 1));
+                }
+            }
+        }
+        deepest
+    }
+
+    fn dicom_files() -> Vec<std::path::PathBuf> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        for dir in [
+            "tests/fixtures/medical",
+            "tests/fixtures/medical/synthetic",
+            "../shared/data/medical-files",
+        ] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
+            for e in entries {
+                let p = e.expect("entry").path();
+                if p.extension().is_some_and(|x| x == "dcm") {
+                    files.push(p);
+                }
+            }
+        }
+        files.sort();
+        files
+    }
+
+    /// The structure walk reads every real file as dicom-rs does: the same nesting, the
+    /// same image attributes, the same pixel data.
+    #[test]
+    fn walk_agrees_with_dicom_rs_on_real_files() {
+        let files = dicom_files();
+        assert!(files.len() >= 20, "{} files", files.len());
+        let mut nested = 0;
+        for path in files {
+            let name = path.display();
+            let bytes = std::fs::read(&path).expect("read");
+            let checked = match check(&bytes) {
+                Ok(c) => c,
+                // The one fixture refused by transfer syntax, before any walk.
+                Err(e) => {
+                    assert!(e.to_string().contains("JPEG 2000"), "{name}: {e}");
+                    continue;
+                }
+            };
+            let obj = open(&bytes).expect("dicom-rs reads it");
+            let walk = &checked.walk;
+            assert_eq!(walk.depth, object_depth(&obj), "{name}");
+            nested += usize::from(walk.depth > 0);
+            let a = Attrs::read(&obj).expect("attributes");
+            let t = &walk.top;
+            assert_eq!(t.rows, Some(u64::from(a.rows)), "{name}");
+            assert_eq!(t.cols, Some(u64::from(a.cols)), "{name}");
+            assert_eq!(
+                t.bits_allocated,
+                Some(u64::from(a.bits_allocated)),
+                "{name}"
+            );
+            assert_eq!(t.samples.unwrap_or(1), u64::from(a.samples), "{name}");
+            assert_eq!(t.frames.unwrap_or(1).max(1), a.frames as u64, "{name}");
+            match walk.pixel.clone().expect("pixel data") {
+                scan::PixelData::Native { len } => {
+                    let px = obj.get(tags::PIXEL_DATA).expect("pixel data");
+                    assert_eq!(len as usize, px.to_bytes().expect("bytes").len(), "{name}");
+                }
+                scan::PixelData::Encapsulated { fragments, .. } => {
+                    assert_eq!(Some(fragments as u32), obj.number_of_fragments(), "{name}");
+                }
+            }
+            assert!(decode_cost(&bytes).is_ok(), "{name}");
+        }
+        assert!(nested >= 3, "only {nested} files with sequences");
+    }
+
+    /// Edge cases of dicom-rs' reader that the walk must follow rather than refuse (or the
+    /// reverse): each data set is read by both, and both must agree.
+    #[test]
+    fn walk_follows_dicom_rs_edge_cases() {
+        let le = |g: u16, e: u16, len: u32| {
+            let mut v = g.to_le_bytes().to_vec();
+            v.extend_from_slice(&e.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+            v
+        };
+        let ui = |e: u16| [le(0x0008, e, 4), b"1.2\0".to_vec()].concat();
+        let mut cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            // An item delimiter outside any sequence is skipped.
+            (
+                "stray delimiter",
+                [ui(0x16), le(0xFFFE, 0xE00D, 0), ui(0x18)].concat(),
+                true,
+            ),
+            // A defined-length item ended early by a delimiter.
+            (
+                "delimited defined item",
+                [
+                    ui(0x16),
+                    le(0x0008, 0x1115, 0xFFFF_FFFF),
+                    le(0xFFFE, 0xE000, 20),
+                    ui(0x1150),
+                    le(0xFFFE, 0xE00D, 0),
+                    le(0xFFFE, 0xE0DD, 0),
+                ]
+                .concat(),
+                true,
+            ),
+            // Encapsulated pixel data cut off after a fragment: accepted in explicit VR
+            // (below), not in implicit VR, whose item header reader fails differently.
+            (
+                "open pixel sequence",
+                [
+                    ui(0x16),
+                    le(0x7FE0, 0x0010, 0xFFFF_FFFF),
+                    le(0xFFFE, 0xE000, 0),
+                ]
+                .concat(),
+                false,
+            ),
+            // A sequence left open at the end: refused.
+            (
+                "open sequence",
+                [
+                    ui(0x16),
+                    le(0x0008, 0x1115, 0xFFFF_FFFF),
+                    le(0xFFFE, 0xE000, 0),
+                ]
+                .concat(),
+                false,
+            ),
+            // A tag cut short ends the data set; a header cut short does not.
+            ("short tag", [ui(0x16), vec![0x08, 0x00]].concat(), true),
+            (
+                "short header",
+                [ui(0x16), vec![0x08, 0x00, 0x18, 0x00, 4]].concat(),
+                false,
+            ),
+            // An item delimiter where an item should start.
+            (
+                "delimiter for item",
+                [
+                    ui(0x16),
+                    le(0x0008, 0x1115, 0xFFFF_FFFF),
+                    le(0xFFFE, 0xE00D, 0),
+                ]
+                .concat(),
+                false,
+            ),
+        ];
+        let explicit = [
+            vec![0x08, 0x00, 0x16, 0x00],
+            b"UI\x04\x001.2\0".to_vec(),
+            vec![0xE0, 0x7F, 0x10, 0x00],
+            b"OB\0\0".to_vec(),
+            0xFFFF_FFFFu32.to_le_bytes().to_vec(),
+            le(0xFFFE, 0xE000, 0),
+            le(0xFFFE, 0xE000, 2),
+            vec![1, 2],
+        ]
+        .concat();
+        cases.push(("open pixel sequence, explicit", explicit, true));
+        for (name, data, ok) in cases {
+            let uid = if name.ends_with("explicit") {
+                uids::EXPLICIT_VR_LITTLE_ENDIAN
+            } else {
+                uids::IMPLICIT_VR_LITTLE_ENDIAN
+            };
+            let ts = TransferSyntaxRegistry.get(uid).expect("ts");
+            let theirs = InMemDicomObject::read_dataset_with_ts(&data[..], ts).is_ok();
+            let layout = scan::layout(&data).expect("bare data set");
+            let ours = scan::walk(&data, &layout);
+            assert_eq!(theirs, ok, "{name}: dicom-rs");
+            assert_eq!(ours.is_ok(), ok, "{name}: walk {ours:?}");
+        }
     }
 
     #[test]

@@ -78,7 +78,12 @@ pub fn decode_grey(data: &[u8]) -> Result<(u32, u32, Vec<u16>)> {
                 ensure!(body.len() >= 2, "corrupt JPEG: short DRI marker");
                 restart_interval = usize::from(u16::from_be_bytes([body[0], body[1]]));
             }
-            0xC0 | 0xC1 => frame = Some(Frame::parse(marker, body)?),
+            0xC0 | 0xC1 => {
+                // The caller checked the first frame header's size against the DICOM
+                // header; a second one would size the output instead (IJG refuses it too).
+                ensure!(frame.is_none(), "corrupt JPEG: a second frame header (SOF)");
+                frame = Some(Frame::parse(marker, body)?);
+            }
             0xC2 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => bail!(
                 "{} JPEG is not supported at {} bits (only sequential Huffman JPEG is)",
                 process_name(marker),
@@ -634,5 +639,31 @@ mod tests {
         assert!(info(b"").is_err());
         assert!(decode_grey(&[0xFF, 0xD8, 0xFF]).is_err());
         assert!(decode_grey(&[0xFF, 0xD8, 0xFF, 0xD9]).is_err());
+    }
+
+    /// A frame header checked by `info` (8x8) followed by another claiming 65535x65535
+    /// must not size the output.
+    #[test]
+    fn second_frame_header_is_refused() {
+        let sof = |w: u16, h: u16| {
+            let mut v = vec![0xFF, 0xC0, 0, 11, 8];
+            v.extend_from_slice(&h.to_be_bytes());
+            v.extend_from_slice(&w.to_be_bytes());
+            v.extend_from_slice(&[1, 1, 0x11, 0]);
+            v
+        };
+        let data = [
+            vec![0xFF, 0xD8],
+            sof(8, 8),
+            sof(65535, 65535),
+            vec![0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0, 0, 0xFF, 0xD9],
+        ]
+        .concat();
+        assert_eq!(
+            (info(&data).unwrap().width, info(&data).unwrap().height),
+            (8, 8)
+        );
+        let err = decode_grey(&data).unwrap_err().to_string();
+        assert!(err.contains("second frame header"), "{err}");
     }
 }

@@ -34,12 +34,32 @@
 //! (dicom-rs' RLE decoder does on some corrupt data) run under `catch_unwind`, and the panic's
 //! message becomes part of the error.
 //!
+//! **Hostile files** are refused before anything is allocated by what they declare, and
+//! before any recursive parse (a stack overflow cannot be caught: it aborts the process):
+//!
+//! - DICOM: an iterative walk over the element structure (`scan.rs`) runs before dicom-rs
+//!   parses the file. It refuses sequences nested more than 128 deep (`scan::MAX_DEPTH`),
+//!   any element, sequence, item or fragment length beyond the bytes present (or beyond its
+//!   enclosing sequence or item), a deflated data set inflating past 512 MiB
+//!   (`scan::MAX_INFLATED`). Then the header: Rows x Columns within `MAX_IMAGE_PIXELS`,
+//!   Bits Allocated 1/8/16/32, 1 or 3 samples, native pixel data at least as long as all
+//!   the frames declared (as pydicom requires), a fragment per frame at least, and for JPEG
+//!   Lossless (decoded by dicom-rs) a JPEG frame header of the DICOM image's size.
+//! - NIfTI: every header field used is checked first: dim[] (1..32767, their product in 64
+//!   bits), datatype and bitpix agreeing, vox_offset finite, non-negative and, with the
+//!   volume after it, within the file (a `.hdr`'s `.img` by its size). A `.nii.gz` is
+//!   inflated only as far as the header's volume and 64 KiB beyond, never into memory
+//!   beyond the one slice.
+//!
+//! [`decode_cost`] runs the same checks and bounds the memory of a decode from them.
+//!
 //! The reference for all of this is `tools/make_medical_fixtures.py` (pydicom, nibabel), and
 //! `tests/suite/medical.rs` compares against its pictures.
 
 mod dicom;
 mod jpeg;
 mod nifti;
+mod scan;
 pub mod window;
 
 use std::cell::Cell;
@@ -84,13 +104,23 @@ pub fn is_medical(path: &Path, bytes: &[u8]) -> bool {
     kind(path, bytes).is_some()
 }
 
-/// The memory decoding `bytes` (a DICOM or NIfTI file) takes at most, in bytes, from its
-/// header alone (no pixel is decoded); an error when the header is refused. Callers admit
-/// decodes by it (the server runs several at once).
+/// The memory decoding `bytes` (a DICOM or NIfTI file) takes at most, in bytes, beyond the
+/// bytes themselves, from its header alone (no pixel is decoded): the decoder's own copies
+/// and buffers, the pixels as decoded, the f64 plane and the RGB picture. An error when the
+/// header is refused, as the decode would refuse it (the checks are the decode's own).
+/// Callers admit decodes by it (the server runs several at once).
+///
+/// "Header" is the whole element structure for DICOM: the structure walk that guards the
+/// decoder (`scan.rs`) runs here too, which for a deflated data set means inflating it (to
+/// nothing: no memory, but the time). NIfTI reads only its 348-byte header (for `.nii.gz`
+/// through gzip) and, for a `.hdr`, the size of the `.img` beside it. Errors do not name
+/// the file (the caller does, as for `decode_medical`).
 pub fn decode_cost(path: &Path, bytes: &[u8]) -> Result<u64> {
-    // Placeholder until the header checks land (issue 25): every byte as an f64 value.
-    let _ = path;
-    Ok(bytes.len() as u64 * 8)
+    match kind(path, bytes) {
+        Some(Kind::Dicom) => guarded("DICOM", || dicom::decode_cost(bytes)),
+        Some(Kind::Nifti) => guarded("NIfTI", || nifti::decode_cost(path, bytes)),
+        None => bail!("not a DICOM or NIfTI file"),
+    }
 }
 
 /// Reads a DICOM or NIfTI file as an 8-bit RGB picture (see the module docs).

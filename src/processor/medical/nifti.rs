@@ -16,6 +16,7 @@
 //!   data (both test files) is the radiological convention (patient's right on the left) and
 //!   for RAS data the neurological one.
 
+use std::borrow::Cow;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
@@ -47,12 +48,34 @@ fn magic_in(head: &[u8]) -> bool {
     nifti1 || nifti2
 }
 
-/// Reads the wanted slice of a NIfTI-1 file held in `bytes` (`path` is used for the `.img`
-/// of a header/image pair).
-pub fn read(path: &Path, bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
+/// How much of the stream past the voxels the header declares is still inflated, so that a
+/// corrupt end (a bad gzip CRC, which comes after the data) is still an error; beyond it a
+/// `.nii.gz` is not inflated further (a gzip bomb behind a small volume costs nothing).
+const GZIP_SLACK: u64 = 64 << 10;
+
+/// A checked NIfTI-1 header and the volume it locates.
+struct Volume {
+    header: NiftiHeader,
+    nx: u64,
+    ny: u64,
+    nz: u64,
+    kind: SampleType,
+    /// Bytes per voxel.
+    size: u64,
+    /// Bytes of one slice (nx * ny voxels) and of the whole volume (every axis).
+    plane_bytes: u64,
+    volume_bytes: u64,
+    /// Where the voxels start: in this file, or in the `.img` of a pair.
+    start: u64,
+    pair: bool,
+    gz: bool,
+}
+
+/// Reads and checks the header; the stream is left after its 348 bytes.
+fn open<'a>(bytes: &'a [u8]) -> Result<(Volume, Box<dyn Read + 'a>)> {
     ensure!(!bytes.is_empty(), "the file is empty, not a NIfTI file");
     let gz = bytes.starts_with(&GZIP_MAGIC);
-    let mut stream: Box<dyn Read + '_> = if gz {
+    let mut stream: Box<dyn Read + 'a> = if gz {
         Box::new(MultiGzDecoder::new(bytes))
     } else {
         Box::new(bytes)
@@ -73,95 +96,188 @@ pub fn read(path: &Path, bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
     );
     let header =
         NiftiHeader::from_reader(&head[..]).map_err(|e| anyhow!("not a NIfTI-1 file: {e}"))?;
+    let file_len = (!gz).then_some(bytes.len() as u64);
+    Ok((Volume::new(header, gz, file_len)?, stream))
+}
 
-    let rank = usize::from(header.dim[0]);
-    ensure!(
-        (1..=7).contains(&rank),
-        "corrupt NIfTI header: dim[0] = {} (must be 1..7)",
-        header.dim[0]
-    );
-    let dims: Vec<u64> = header.dim[1..=rank].iter().map(|&d| u64::from(d)).collect();
-    ensure!(
-        dims.iter().all(|&d| d > 0 && d < 32768),
-        "corrupt NIfTI header: dimensions {:?}",
-        &header.dim[1..=rank]
-    );
-    let nx = dims[0];
-    let ny = dims.get(1).copied().unwrap_or(1);
-    let nz = dims.get(2).copied().unwrap_or(1);
+impl Volume {
+    /// Every header field used, checked before anything is allocated or read by it.
+    /// `file_len`: the bytes of an uncompressed single file, which must hold the volume.
+    fn new(header: NiftiHeader, gz: bool, file_len: Option<u64>) -> Result<Self> {
+        let rank = usize::from(header.dim[0]);
+        ensure!(
+            (1..=7).contains(&rank),
+            "corrupt NIfTI header: dim[0] = {} (must be 1..7)",
+            header.dim[0]
+        );
+        let dims: Vec<u64> = header.dim[1..=rank].iter().map(|&d| u64::from(d)).collect();
+        ensure!(
+            dims.iter().all(|&d| d > 0 && d < 32768),
+            "corrupt NIfTI header: dimensions {:?}",
+            &header.dim[1..=rank]
+        );
+        let (kind, size) = sample_type(header.datatype)?;
+        ensure!(
+            i64::from(header.bitpix) == size as i64 * 8,
+            "corrupt NIfTI header: bitpix {} does not match datatype {} ({} bits per voxel)",
+            header.bitpix,
+            header.datatype,
+            size * 8
+        );
+        let volume_bytes = dims
+            .iter()
+            .try_fold(size, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                anyhow!(
+                    "corrupt NIfTI header: dimensions {:?} describe more than 2^64 bytes",
+                    &header.dim[1..=rank]
+                )
+            })?;
+        let nx = dims[0];
+        let ny = dims.get(1).copied().unwrap_or(1);
+        let nz = dims.get(2).copied().unwrap_or(1);
+        crate::processor::image::check_size(nx as u32, ny as u32)?;
+
+        let offset = header.vox_offset;
+        ensure!(
+            offset.is_finite() && offset >= 0.0,
+            "corrupt NIfTI header: vox_offset {offset} (must be a finite, non-negative byte \
+             offset)"
+        );
+        let pair = &header.magic == b"ni1\0";
+        // The voxels of a pair start at vox_offset in the .img (usually 0); nibabel reads a
+        // single file whose vox_offset is below 352 from byte 352. A float too large for
+        // u64 saturates, and fails the checks below.
+        let start = if pair {
+            offset as u64
+        } else {
+            (offset as u64).max(352)
+        };
+        let end = start.checked_add(volume_bytes).ok_or_else(|| {
+            anyhow!("corrupt NIfTI header: vox_offset {offset} is past any file's end")
+        })?;
+        if let Some(len) = file_len.filter(|_| !pair) {
+            ensure!(
+                start <= len,
+                "corrupt NIfTI header: vox_offset {offset} is past the end of the file ({len} \
+                 bytes)"
+            );
+            ensure!(
+                end <= len,
+                "truncated NIfTI file: {len} bytes, but the header describes {volume_bytes} \
+                 bytes of voxels from byte {start}"
+            );
+        }
+        Ok(Self {
+            header,
+            nx,
+            ny,
+            nz,
+            kind,
+            size,
+            plane_bytes: nx * ny * size,
+            volume_bytes,
+            start,
+            pair,
+            gz,
+        })
+    }
+}
+
+/// The memory `read` takes at most beyond the file's bytes (see `super::decode_cost`): the
+/// slice's raw bytes (twice, while a read grows them), the f64 plane, the 8-bit levels and
+/// the RGB picture (up to twice its size while it grows), gzip and read buffers.
+pub fn decode_cost(path: &Path, bytes: &[u8]) -> Result<u64> {
+    let (volume, _) = open(bytes)?;
+    if volume.pair {
+        let img = pair_image(path)?;
+        check_pair_image(&img, &volume)?;
+    }
+    let n = volume.nx * volume.ny;
+    Ok(2 * volume.plane_bytes + n * (8 + 7) + (1 << 20))
+}
+
+/// Reads the wanted slice of a NIfTI-1 file held in `bytes` (`path` is used for the `.img`
+/// of a header/image pair).
+pub fn read(path: &Path, bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
+    let (v, mut stream) = open(bytes)?;
     let k = match opts.slice {
         Some(k) => {
             ensure!(
-                (k as u64) < nz,
-                "slice {k} is out of range: the volume has {nz} slice(s) along its third axis \
+                (k as u64) < v.nz,
+                "slice {k} is out of range: the volume has {} slice(s) along its third axis \
                  (valid slices: 0..={})",
-                nz - 1
+                v.nz,
+                v.nz - 1
             );
             k as u64
         }
-        None => nz / 2,
+        None => v.nz / 2,
     };
-    crate::processor::image::check_size(nx as u32, ny as u32)?;
+    let big = v.header.endianness == Endianness::Big;
+    // Within the volume, so within the bytes checked present (or read below).
+    let at = v.start + k * v.plane_bytes;
 
-    let (kind, size) = sample_type(header.datatype)?;
-    let plane_bytes = nx * ny * size;
-    let big = header.endianness == Endianness::Big;
-
-    let raw = if &header.magic == b"ni1\0" {
-        // The voxels live in the .img beside the .hdr, from vox_offset (usually 0).
-        let offset = header.vox_offset.max(0.0) as u64 + k * plane_bytes;
-        read_pair_image(path, offset, plane_bytes)?
+    let raw: Cow<[u8]> = if v.pair {
+        let img = pair_image(path)?;
+        check_pair_image(&img, &v)?;
+        Cow::Owned(read_pair_image(&img, at, v.plane_bytes)?)
+    } else if !v.gz {
+        // `Volume::new` checked that the file holds the whole volume.
+        Cow::Borrowed(&bytes[at as usize..(at + v.plane_bytes) as usize])
     } else {
-        // nibabel reads a single-file NIfTI with vox_offset below 352 from byte 352.
-        let start = (header.vox_offset as u64).max(352);
-        let skip = start - 348 + k * plane_bytes;
-        io::copy(&mut stream.by_ref().take(skip), &mut io::sink())
+        let skip = at - 348;
+        let skipped = io::copy(&mut stream.by_ref().take(skip), &mut io::sink())
             .map_err(|e| anyhow!("corrupt gzip data: {e}"))?;
+        // Grown as the data comes, so a header that overstates the data costs nothing.
         let mut raw = Vec::new();
-        raw.try_reserve_exact(plane_bytes as usize)
-            .map_err(|_| anyhow!("the slice is too large to hold in memory"))?;
         stream
             .by_ref()
-            .take(plane_bytes)
+            .take(v.plane_bytes)
             .read_to_end(&mut raw)
             .map_err(|e| anyhow!("corrupt gzip data: {e}"))?;
-        // The rest is read too (and dropped), so that a truncated or corrupt file is an error
-        // whichever slice is asked for, as it is for nibabel.
-        let rest = io::copy(&mut stream, &mut io::sink())
-            .map_err(|e| anyhow!("truncated or corrupt gzip data: {e}"))?;
-        let volume = dims.iter().product::<u64>() * size;
-        let total = 348 + skip + raw.len() as u64 + rest;
+        // The rest of the volume is inflated too (and dropped), so that a truncated or corrupt
+        // file is an error whichever slice is asked for, as it is for nibabel; past the
+        // volume only a little, whatever follows.
+        let after = v.volume_bytes - (at - v.start) - v.plane_bytes;
+        let rest = io::copy(
+            &mut stream.by_ref().take(after + GZIP_SLACK),
+            &mut io::sink(),
+        )
+        .map_err(|e| anyhow!("truncated or corrupt gzip data: {e}"))?;
+        let total = 348 + skipped + raw.len() as u64 + rest;
         ensure!(
-            total >= start + volume,
-            "truncated NIfTI file: {total} bytes{}, but the header describes {} bytes of voxels \
-             from byte {start}",
-            if gz { " uncompressed" } else { "" },
-            volume
+            total >= v.start + v.volume_bytes,
+            "truncated NIfTI file: {total} bytes uncompressed, but the header describes {} \
+             bytes of voxels from byte {}",
+            v.volume_bytes,
+            v.start
         );
-        raw
+        Cow::Owned(raw)
     };
     ensure!(
-        raw.len() as u64 == plane_bytes,
+        raw.len() as u64 == v.plane_bytes,
         "truncated NIfTI file: it ends inside slice {k}'s data"
     );
 
-    let (slope, inter) = scaling(header.scl_slope, header.scl_inter);
+    let (slope, inter) = scaling(v.header.scl_slope, v.header.scl_inter);
+    let size = v.size as usize;
     let sample = |i: usize| {
-        let v = kind.read(&raw[i * size as usize..(i + 1) * size as usize], big);
+        let x = v.kind.read(&raw[i * size..(i + 1) * size], big);
         match slope {
-            Some(s) => v * s + inter,
-            None => v,
+            Some(s) => x * s + inter,
+            None => x,
         }
     };
-    let (w, h) = (nx as usize, ny as usize);
+    let (w, h) = (v.nx as usize, v.ny as usize);
     let mut values = Vec::with_capacity(w * h);
     for r in 0..h {
         let j = h - 1 - r;
         values.extend((0..w).map(|i| sample(i + w * j)));
     }
     Ok(Plane::Grey(GreyPlane {
-        width: nx as u32,
-        height: ny as u32,
+        width: v.nx as u32,
+        height: v.ny as u32,
         values,
         window: None,
         invert: false,
@@ -181,7 +297,8 @@ fn scaling(slope: f32, inter: f32) -> (Option<f64>, f64) {
     (Some(f64::from(slope)), inter)
 }
 
-fn read_pair_image(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
+/// The `.img` (or `.img.gz`) beside a `.hdr`.
+fn pair_image(path: &Path) -> Result<PathBuf> {
     let name = path.to_string_lossy();
     let stem = name
         .strip_suffix(".hdr.gz")
@@ -194,19 +311,49 @@ fn read_pair_image(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
         PathBuf::from(format!("{stem}.img")),
         PathBuf::from(format!("{stem}.img.gz")),
     ];
-    let img = candidates
+    candidates
         .iter()
         .find(|p| p.is_file())
-        .ok_or_else(|| anyhow!("the image file {} is missing", candidates[0].display()))?;
+        .cloned()
+        .ok_or_else(|| anyhow!("the image file {} is missing", candidates[0].display()))
+}
+
+fn is_gz(img: &Path) -> bool {
+    img.extension().is_some_and(|e| e == "gz")
+}
+
+/// An uncompressed `.img` must hold the volume from vox_offset, by its size on disk.
+fn check_pair_image(img: &Path, v: &Volume) -> Result<()> {
+    if is_gz(img) {
+        return Ok(());
+    }
+    let len = std::fs::metadata(img)
+        .with_context(|| format!("cannot read {}", img.display()))?
+        .len();
+    ensure!(
+        v.start
+            .checked_add(v.volume_bytes)
+            .is_some_and(|end| end <= len),
+        "truncated NIfTI image file {}: {len} bytes, but the header describes {} bytes of \
+         voxels from byte {}",
+        img.display(),
+        v.volume_bytes,
+        v.start
+    );
+    Ok(())
+}
+
+fn read_pair_image(img: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let file =
         std::fs::File::open(img).with_context(|| format!("cannot read {}", img.display()))?;
-    let mut stream: Box<dyn Read> = if img.extension().is_some_and(|e| e == "gz") {
+    let mut stream: Box<dyn Read> = if is_gz(img) {
         Box::new(MultiGzDecoder::new(io::BufReader::new(file)))
     } else {
         Box::new(io::BufReader::new(file))
     };
     io::copy(&mut stream.by_ref().take(offset), &mut io::sink())
         .with_context(|| format!("cannot read {}", img.display()))?;
+    // Grown as the data comes (a .img.gz's length is not known in advance).
     let mut raw = Vec::new();
     stream
         .take(len)
