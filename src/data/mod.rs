@@ -183,9 +183,11 @@ pub fn build_problem(question: &str, options: &[String]) -> String {
 }
 
 /// Reads the rows of a JSON list or JSON-lines file.
+/// The file must be a regular file of at most
+/// [`MAX_DATA_FILE_BYTES`](crate::processor::input::MAX_DATA_FILE_BYTES).
 pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read dataset file", path.display()))?;
+    use crate::processor::input::{read_bounded_string, MAX_DATA_FILE_BYTES};
+    let text = read_bounded_string(path, MAX_DATA_FILE_BYTES, "dataset")?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
         let values: Vec<serde_json::Value> = serde_json::from_str(trimmed)
@@ -379,6 +381,35 @@ pub fn require_items(ds: &Dataset, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dataset_files_must_be_regular_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = read_rows(dir.path()).expect_err("a directory");
+        assert!(
+            err.to_string()
+                .contains("is a directory, not a regular dataset file"),
+            "{err}"
+        );
+        #[cfg(target_os = "linux")]
+        for (path, why) in [
+            ("/dev/zero", "is a character device"),
+            ("/proc/self/environ", "holds more than the 0 bytes"),
+        ] {
+            let err = read_rows(Path::new(path)).expect_err(path);
+            assert!(
+                err.to_string().starts_with(path) && err.to_string().contains(why),
+                "{err}"
+            );
+        }
+        let rows = dir.path().join("rows.jsonl");
+        std::fs::write(
+            &rows,
+            "{\"question\": \"q\", \"options\": [\"a\"], \"answer\": \"a\"}\n",
+        )
+        .expect("write");
+        assert_eq!(read_rows(&rows).expect("rows").len(), 1);
+    }
 
     #[test]
     fn modality_spellings() {

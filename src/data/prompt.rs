@@ -69,17 +69,16 @@ impl PromptTemplate {
     pub fn of_checkpoint(
         dirs: &[&std::path::Path],
     ) -> anyhow::Result<Option<(Self, std::path::PathBuf)>> {
+        use crate::processor::input::{is_regular_file, read_bounded_string, MAX_SIDE_FILE_BYTES};
         use anyhow::Context;
         for d in dirs {
             let p = d.join(RUN_INFO_FILE);
-            if !p.is_file() {
+            if !is_regular_file(&p, "run info")? {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&p)
-                    .with_context(|| format!("{}: cannot read", p.display()))?,
-            )
-            .with_context(|| format!("{}: not valid JSON", p.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&read_bounded_string(&p, MAX_SIDE_FILE_BYTES, "run info")?)
+                    .with_context(|| format!("{}: not valid JSON", p.display()))?;
             if let Some(t) = v.get("template").and_then(|t| t.as_str()) {
                 let t = Self::parse(t).with_context(|| {
                     format!(

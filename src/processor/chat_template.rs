@@ -10,6 +10,8 @@ use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use super::input::{is_regular_file, read_bounded_string, MAX_SIDE_FILE_BYTES};
+
 /// One piece of a message: text, or a placeholder for the next image.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -85,18 +87,16 @@ impl ChatTemplate {
     /// `chat_template` (a string, or a list of named templates of which "default" is used).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            let s = std::fs::read_to_string(&jinja)
-                .with_context(|| format!("{}: cannot read chat template", jinja.display()))?;
+        if is_regular_file(&jinja, "chat template")? {
+            let s = read_bounded_string(&jinja, MAX_SIDE_FILE_BYTES, "chat template")?;
             return Self::new(s, jinja.display().to_string());
         }
         for name in ["chat_template.json", "tokenizer_config.json"] {
             let path = dir.join(name);
-            if !path.is_file() {
+            if !is_regular_file(&path, "chat template")? {
                 continue;
             }
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
+            let text = read_bounded_string(&path, MAX_SIDE_FILE_BYTES, "chat template")?;
             let json: Json = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not valid JSON", path.display()))?;
             match json.get("chat_template") {

@@ -32,8 +32,22 @@ fn to_f32_triple(v: [f64; 3]) -> [f32; 3] {
     v.map(|x| x as f32)
 }
 
-/// The aspect ratio above which transformers refuses an image.
-const MAX_ASPECT_RATIO: f64 = 200.0;
+use super::image::MAX_ASPECT_RATIO;
+
+/// Most pixels an image may have after resizing, and so the largest `min_pixels` and
+/// `max_pixels` accepted: 2^24 = 16384 x 32 x 32, the largest of any released Qwen-VL
+/// processor (Qwen2-VL's preprocessor_config.json says 12845056 = 16384 x 28 x 28). What one
+/// image costs grows with it: at 2^24 pixels its patches alone are 400 MB (`3 x
+/// temporal_patch_size x 4` bytes per pixel) before the vision tower sees them.
+pub const MAX_PIXELS: usize = 1 << 24;
+
+/// Largest `patch_size` accepted: vision transformers use 14 (Qwen2-VL), 16 or 32.
+pub const MAX_PATCH_SIZE: usize = 64;
+
+/// Largest `merge_size` and `temporal_patch_size` accepted: Qwen-VL uses 2 for both; each
+/// multiplies what an image costs (a merge window's patches, a patch's frames).
+pub const MAX_MERGE_SIZE: usize = 4;
+pub const MAX_TEMPORAL_PATCH_SIZE: usize = 4;
 
 /// Settings of the image processor, as in preprocessor_config.json.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,8 +95,11 @@ impl ImageProcessorConfig {
     /// limits come from `min_pixels`/`max_pixels`, else from `size.shortest_edge`/
     /// `size.longest_edge`. Errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+        let text = super::input::read_bounded_string(
+            path,
+            super::input::MAX_SIDE_FILE_BYTES,
+            "image processor config",
+        )?;
         Self::from_json(&text).map_err(|e| anyhow!("{}: {e:#}", path.display()))
     }
 
@@ -94,13 +111,24 @@ impl ImageProcessorConfig {
             .ok_or_else(|| anyhow!("expected a JSON object"))?;
         let d = Self::default();
         let (size_min, size_max) = size_limits(obj)?;
+        let min_pixels = get_usize(obj, "min_pixels")?;
+        let max_pixels = get_usize(obj, "max_pixels")?;
+        // Errors name the field the value came from.
+        let names = Names {
+            min: if min_pixels.is_none() && size_min.is_some() {
+                "field size.shortest_edge"
+            } else {
+                "field min_pixels"
+            },
+            max: if max_pixels.is_none() && size_max.is_some() {
+                "field size.longest_edge"
+            } else {
+                "field max_pixels"
+            },
+        };
         let config = Self {
-            min_pixels: get_usize(obj, "min_pixels")?
-                .or(size_min)
-                .unwrap_or(d.min_pixels),
-            max_pixels: get_usize(obj, "max_pixels")?
-                .or(size_max)
-                .unwrap_or(d.max_pixels),
+            min_pixels: min_pixels.or(size_min).unwrap_or(d.min_pixels),
+            max_pixels: max_pixels.or(size_max).unwrap_or(d.max_pixels),
             patch_size: get_positive(obj, "patch_size")?.unwrap_or(d.patch_size),
             temporal_patch_size: get_positive(obj, "temporal_patch_size")?
                 .unwrap_or(d.temporal_patch_size),
@@ -117,12 +145,13 @@ impl ImageProcessorConfig {
                 None => d.resample,
             },
         };
-        config.validate()?;
+        config.validate(&names)?;
         Ok(config)
     }
 
     /// Applies user overrides of the pixel budget (e.g. MedVLM-R1 trains with
-    /// `max_pixels = 401408`).
+    /// `max_pixels = 401408`), checked as the file's values are; errors name an override by
+    /// its command-line flag.
     pub fn with_pixel_limits(mut self, min: Option<usize>, max: Option<usize>) -> Result<Self> {
         if let Some(min) = min {
             self.min_pixels = min;
@@ -130,7 +159,18 @@ impl ImageProcessorConfig {
         if let Some(max) = max {
             self.max_pixels = max;
         }
-        self.validate()?;
+        self.validate(&Names {
+            min: if min.is_some() {
+                "--min-pixels"
+            } else {
+                "min_pixels"
+            },
+            max: if max.is_some() {
+                "--max-pixels"
+            } else {
+                "max_pixels"
+            },
+        })?;
         Ok(self)
     }
 
@@ -139,35 +179,119 @@ impl ImageProcessorConfig {
         self.patch_size * self.merge_size
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every value against what the pipeline can do with it: pixel limits ordered and
+    /// within [`MAX_PIXELS`] (so a config cannot make one image cost gigabytes), patch sizes
+    /// positive and within their maxima, and mean, std and rescale factor such that every
+    /// normalised pixel value is a finite `f32`.
+    fn validate(&self, names: &Names) -> Result<()> {
+        let (min, max) = (names.min, names.max);
+        ensure!(self.max_pixels > 0, "{max}: must be at least 1, got 0");
+        for (name, value) in [(min, self.min_pixels), (max, self.max_pixels)] {
+            ensure!(
+                value <= MAX_PIXELS,
+                "{name}: {value} is more than the {MAX_PIXELS} pixels an image may have after \
+                 resizing"
+            );
+        }
         ensure!(
             self.min_pixels <= self.max_pixels,
-            "min_pixels ({}) is larger than max_pixels ({})",
+            "{min} ({}) is larger than {max} ({})",
             self.min_pixels,
             self.max_pixels
         );
+        for (name, value, most) in [
+            ("patch_size", self.patch_size, MAX_PATCH_SIZE),
+            ("merge_size", self.merge_size, MAX_MERGE_SIZE),
+            (
+                "temporal_patch_size",
+                self.temporal_patch_size,
+                MAX_TEMPORAL_PATCH_SIZE,
+            ),
+        ] {
+            ensure!(
+                (1..=most).contains(&value),
+                "field {name}: must be between 1 and {most}, got {value}"
+            );
+        }
         ensure!(
-            self.max_pixels > 0,
-            "max_pixels must be positive, got {}",
-            self.max_pixels
+            self.rescale_factor.is_finite() && self.rescale_factor > 0.0,
+            "field rescale_factor: must be a positive finite number, got {:?}",
+            self.rescale_factor
         );
+        if let Some(i) = self.image_mean.iter().position(|m| !m.is_finite()) {
+            bail!(
+                "field image_mean: entry {i} is {:?}, but it must be a finite number",
+                self.image_mean[i]
+            );
+        }
         if let Some(i) = self
             .image_std
             .iter()
             .position(|&s| s == 0.0 || !s.is_finite())
         {
             bail!(
-                "field image_std: entry {i} is {}, but it divides the pixels and must be a \
+                "field image_std: entry {i} is {:?}, but it divides the pixels and must be a \
                  non-zero finite number",
                 self.image_std[i]
             );
         }
+        // The extremes of what `normalized_planes` computes, in its arithmetic.
+        let top = if self.do_rescale {
+            (255.0 * self.rescale_factor) as f32
+        } else {
+            255.0
+        };
         ensure!(
-            self.rescale_factor.is_finite(),
-            "field rescale_factor: must be a finite number"
+            top.is_finite(),
+            "field rescale_factor: {:?} makes a pixel of 255 {top}, which is not a finite \
+             32-bit float",
+            self.rescale_factor
         );
+        if self.do_normalize {
+            for ch in 0..3 {
+                let (mean, std) = (self.image_mean[ch], self.image_std[ch]);
+                for v in [0.0, top] {
+                    let x = (v - mean) / std;
+                    ensure!(
+                        x.is_finite(),
+                        "field image_std: with image_mean {mean:?} and image_std {std:?}, a \
+                         pixel of channel {ch} becomes {x}, which is not a finite 32-bit float"
+                    );
+                }
+            }
+        }
         Ok(())
     }
+
+    /// The size (width, height) `preprocess` makes a `width` x `height` image, or the error it
+    /// would give: without resizing, both sides must be multiples of [`Self::factor`] and the
+    /// image within [`MAX_PIXELS`]. Cheap, so that an image can be refused from its header.
+    pub fn output_size(&self, width: u32, height: u32) -> Result<(u32, u32)> {
+        let (w, h) = (width as usize, height as usize);
+        let factor = self.factor();
+        if self.do_resize {
+            let (h, w) = smart_resize(h, w, factor, self.min_pixels, self.max_pixels)?;
+            return Ok((to_u32(w)?, to_u32(h)?));
+        }
+        ensure!(
+            h % factor == 0 && w % factor == 0 && h > 0 && w > 0,
+            "the image is {width}x{height}, but with do_resize false both sides must be \
+             positive multiples of {factor} (patch_size x merge_size)"
+        );
+        ensure!(
+            w * h <= MAX_PIXELS,
+            "the image is {width}x{height} = {} pixels; with do_resize false images keep their \
+             size, and at most {MAX_PIXELS} pixels are accepted",
+            w * h
+        );
+        Ok((width, height))
+    }
+}
+
+/// How errors name the pixel limits: by the config field they came from, or the flag.
+struct Names {
+    min: &'static str,
+    max: &'static str,
 }
 
 /// Reads `size.shortest_edge` / `size.longest_edge`. transformers requires both when `size`
@@ -245,16 +369,26 @@ fn get_triple(obj: &Map<String, Value>, key: &str) -> Result<Option<[f32; 3]>> {
     };
     let bad =
         || anyhow!("field {key}: expected a list of 3 numbers (one per RGB channel), got {v}");
-    if let Some(x) = v.as_f64() {
-        return Ok(Some([x as f32; 3]));
+    // A value beyond f32's range would become infinite (and one below its smallest
+    // subnormal, zero) where numpy rounds it; said here, with the value as written.
+    let narrow = |i: usize, x: &Value| -> Result<f32> {
+        let f = x.as_f64().ok_or_else(bad)?;
+        ensure!(
+            f.abs() <= f64::from(f32::MAX),
+            "field {key}: entry {i} is {x}, beyond the range of a 32-bit float"
+        );
+        Ok(f as f32)
+    };
+    if v.is_number() {
+        return Ok(Some([narrow(0, v)?; 3]));
     }
     let list = v.as_array().ok_or_else(bad)?;
     if list.len() != 3 {
         return Err(bad());
     }
     let mut out = [0f32; 3];
-    for (o, x) in out.iter_mut().zip(list) {
-        *o = x.as_f64().ok_or_else(bad)? as f32;
+    for (i, (o, x)) in out.iter_mut().zip(list).enumerate() {
+        *o = narrow(i, x)?;
     }
     Ok(Some(out))
 }
@@ -339,25 +473,13 @@ impl ImageProcessor {
     /// `Qwen2VLImageProcessor` does for a single image.
     pub fn preprocess(&self, img: &RgbImage) -> Result<PixelPatches> {
         let c = &self.config;
-        let (height, width) = (img.height() as usize, img.width() as usize);
-        let factor = c.factor();
+        let (w, h) = c.output_size(img.width(), img.height())?;
         let resized;
-        let img = if c.do_resize {
-            let (h, w) = smart_resize(height, width, factor, c.min_pixels, c.max_pixels)?;
-            if (h, w) == (height, width) {
-                img
-            } else {
-                let (w32, h32) = (to_u32(w)?, to_u32(h)?);
-                resized = resize(img, w32, h32, c.resample)?;
-                &resized
-            }
-        } else {
-            ensure!(
-                height % factor == 0 && width % factor == 0 && height > 0 && width > 0,
-                "the image is {width}x{height}, but with do_resize false both sides must be \
-                 positive multiples of {factor} (patch_size x merge_size)"
-            );
+        let img = if (w, h) == img.dimensions() {
             img
+        } else {
+            resized = resize(img, w, h, c.resample)?;
+            &resized
         };
         let planes = self.normalized_planes(img);
         Ok(self.patchify(&planes, img.height() as usize, img.width() as usize))
@@ -506,6 +628,76 @@ mod tests {
             (r#"{"do_resize": 1}"#, "do_resize"),
             ("[1, 2]", "object"),
             ("{", "JSON"),
+            // The family of impossible values (issue 25): each names its field.
+            (
+                r#"{"min_pixels": 100000000000}"#,
+                "field min_pixels: 100000000000 is more",
+            ),
+            (
+                r#"{"max_pixels": 16777217}"#,
+                "field max_pixels: 16777217 is more",
+            ),
+            (
+                r#"{"max_pixels": 1e300}"#,
+                "field max_pixels: expected a non-negative integer",
+            ),
+            (
+                r#"{"max_pixels": "big"}"#,
+                "field max_pixels: expected a non-negative integer",
+            ),
+            (
+                r#"{"max_pixels": 0, "min_pixels": 0}"#,
+                "field max_pixels: must be at least 1",
+            ),
+            (
+                r#"{"size": {"shortest_edge": 20000000, "longest_edge": 30000000}}"#,
+                "field size.shortest_edge: 20000000",
+            ),
+            (
+                r#"{"patch_size": 65}"#,
+                "field patch_size: must be between 1 and 64",
+            ),
+            (
+                r#"{"patch_size": -14}"#,
+                "field patch_size: expected a non-negative",
+            ),
+            (
+                r#"{"merge_size": 5}"#,
+                "field merge_size: must be between 1 and 4",
+            ),
+            (
+                r#"{"temporal_patch_size": 0}"#,
+                "field temporal_patch_size: must be at least 1",
+            ),
+            (
+                r#"{"image_mean": [0.5, 1e39, 0.5]}"#,
+                "field image_mean: entry 1 is 1e+39",
+            ),
+            (
+                r#"{"image_mean": ["a", 0, 0]}"#,
+                "field image_mean: expected a list",
+            ),
+            (
+                r#"{"image_std": -1e39}"#,
+                "field image_std: entry 0 is -1e+39",
+            ),
+            (
+                r#"{"image_std": [1, 1e-46, 1]}"#,
+                "field image_std: entry 1 is 0.0",
+            ),
+            (
+                r#"{"image_std": 1e-40}"#,
+                "field image_std: with image_mean",
+            ),
+            (
+                r#"{"rescale_factor": 0}"#,
+                "field rescale_factor: must be a positive",
+            ),
+            (
+                r#"{"rescale_factor": 1e39}"#,
+                "field rescale_factor: 1e39 makes a pixel",
+            ),
+            (r#"{"rescale_factor": NaN}"#, "JSON"),
         ] {
             let err = ImageProcessorConfig::from_json(json).expect_err(json);
             assert!(format!("{err:#}").contains(needle), "{json}: {err:#}");
@@ -518,9 +710,66 @@ mod tests {
             .with_pixel_limits(None, Some(401_408))
             .expect("valid");
         assert_eq!((c.min_pixels, c.max_pixels), (3136, 401_408));
+        // The largest accepted, and the errors naming the flags.
         assert!(ImageProcessorConfig::default()
-            .with_pixel_limits(Some(10_000), Some(9_999))
-            .is_err());
+            .with_pixel_limits(Some(MAX_PIXELS), Some(MAX_PIXELS))
+            .is_ok());
+        for (min, max, want) in [
+            (
+                Some(10_000),
+                Some(9_999),
+                "--min-pixels (10000) is larger than --max-pixels (9999)",
+            ),
+            (
+                None,
+                Some(100),
+                "min_pixels (3136) is larger than --max-pixels (100)",
+            ),
+            (None, Some(0), "--max-pixels: must be at least 1, got 0"),
+            (
+                Some(MAX_PIXELS + 1),
+                None,
+                "--min-pixels: 16777217 is more than the 16777216",
+            ),
+            (
+                None,
+                Some(usize::MAX),
+                "--max-pixels: 18446744073709551615 is more",
+            ),
+        ] {
+            let err = ImageProcessorConfig::default()
+                .with_pixel_limits(min, max)
+                .expect_err(want);
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        }
+    }
+
+    #[test]
+    fn output_size_is_what_preprocess_makes() {
+        let c = ImageProcessorConfig {
+            min_pixels: 3136,
+            max_pixels: 9408,
+            ..Default::default()
+        };
+        // 300x400 (width x height) becomes 84x112, as in `smart_resize_shrinks_to_the_budget`.
+        assert_eq!(c.output_size(300, 400).expect("valid"), (84, 112));
+        let out = ImageProcessor::new(c.clone())
+            .preprocess(&RgbImage::new(300, 400))
+            .expect("preprocess");
+        assert_eq!(out.grid_thw, [1, 112 / 14, 84 / 14]);
+        assert!(c.output_size(1, 201).is_err());
+        let fixed = ImageProcessorConfig {
+            do_resize: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            fixed.output_size(56, 28).expect("multiples of 28"),
+            (56, 28)
+        );
+        let err = fixed.output_size(57, 28).expect_err("not a multiple");
+        assert!(err.to_string().contains("multiples of 28"), "{err}");
+        let err = fixed.output_size(4116, 4116).expect_err("over MAX_PIXELS");
+        assert!(err.to_string().contains("at most 16777216 pixels"), "{err}");
     }
 
     #[test]

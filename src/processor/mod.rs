@@ -5,6 +5,7 @@
 pub mod chat_template;
 pub mod image;
 pub mod image_processor;
+pub mod input;
 pub mod resize;
 pub mod tokenizer;
 
@@ -15,14 +16,20 @@ use candle_core::{Device, Tensor};
 
 pub use chat_template::{ChatTemplate, Content, Message};
 pub use image_processor::{ImageProcessor, ImageProcessorConfig, PixelPatches};
-pub use tokenizer::{QwenTokenizer, SpecialTokens};
+pub use tokenizer::{Limited, QwenTokenizer, SpecialTokens};
+
+/// Longest prompt accepted, in tokens, whatever the checkpoint or the user says (and the limit
+/// when neither says one): 2^20, eight times the longest context of the Qwen2-VL family
+/// (128K). It bounds the work spent counting a prompt's tokens.
+pub const MAX_PROMPT_TOKENS: usize = 1 << 20;
 
 /// User-facing overrides of what the checkpoint's files say.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessorOptions {
     pub min_pixels: Option<usize>,
     pub max_pixels: Option<usize>,
-    /// Longest prompt accepted, in tokens (text plus image tokens).
+    /// Longest prompt accepted, in tokens (text plus image tokens); at most
+    /// [`MAX_PROMPT_TOKENS`].
     pub max_prompt_tokens: Option<usize>,
     /// Slice and window for DICOM and NIfTI images (ignored for other images).
     pub medical: image::MedicalOptions,
@@ -106,18 +113,32 @@ pub struct Processor {
     pub tokenizer: QwenTokenizer,
     pub template: ChatTemplate,
     pub images: ImageProcessor,
+    /// The prompt limit in tokens: `--max-prompt-tokens`, else tokenizer_config.json's
+    /// `model_max_length`, capped at [`MAX_PROMPT_TOKENS`] (which applies when neither says
+    /// one). `None` only for a processor built by hand; [`Self::prompt_limit`] then gives the
+    /// cap.
     pub max_prompt_tokens: Option<usize>,
     /// How DICOM and NIfTI files become pictures (slice, window).
     pub medical: image::MedicalOptions,
 }
 
 impl Processor {
-    /// Loads tokenizer.json, the chat template and preprocessor_config.json from `dir`.
+    /// Loads tokenizer.json, the chat template and preprocessor_config.json from `dir`, and
+    /// checks the image settings against the prompt limit: a `min_pixels` that makes even a
+    /// 1x1 image longer than the limit is refused here, not at the first image.
     pub fn from_dir(dir: &Path, opts: &ProcessorOptions) -> Result<Self> {
+        if let Some(n) = opts.max_prompt_tokens {
+            if !(1..=MAX_PROMPT_TOKENS).contains(&n) {
+                bail!(
+                    "--max-prompt-tokens {n}: must be between 1 and {MAX_PROMPT_TOKENS} (eight \
+                     times the longest context of any Qwen2-VL model)"
+                );
+            }
+        }
         let tokenizer = QwenTokenizer::from_dir(dir)?;
         let template = ChatTemplate::from_dir(dir)?;
         let pp = dir.join("preprocessor_config.json");
-        let config = if pp.is_file() {
+        let config = if input::is_regular_file(&pp, "image processor config")? {
             ImageProcessorConfig::from_file(&pp)?
         } else {
             bail!(
@@ -127,27 +148,93 @@ impl Processor {
             );
         };
         let config = config.with_pixel_limits(opts.min_pixels, opts.max_pixels)?;
-        Ok(Self {
-            max_prompt_tokens: opts.max_prompt_tokens.or(tokenizer.model_max_length),
+        let limit = opts
+            .max_prompt_tokens
+            .or(tokenizer.model_max_length)
+            .unwrap_or(MAX_PROMPT_TOKENS)
+            .min(MAX_PROMPT_TOKENS);
+        let proc = Self {
+            max_prompt_tokens: Some(limit),
             tokenizer,
             template,
             images: ImageProcessor { config },
             medical: opts.medical.clone(),
-        })
+        };
+        // The smallest image there is: resizing makes it min_pixels; without resizing the
+        // smallest accepted is one merge window.
+        let c = &proc.images.config;
+        let smallest = if c.do_resize { 1 } else { c.factor() as u32 };
+        if let Err(e) = proc.check_image_size(smallest, smallest) {
+            let source = match opts.min_pixels {
+                Some(_) => "--min-pixels".to_string(),
+                None => format!("{}: min_pixels", pp.display()),
+            };
+            bail!(
+                "{source} {} cannot be used with a prompt limit of {limit} tokens: {e:#}",
+                proc.images.config.min_pixels
+            );
+        }
+        Ok(proc)
+    }
+
+    /// The prompt limit in force (see [`Self::max_prompt_tokens`]).
+    pub fn prompt_limit(&self) -> usize {
+        self.max_prompt_tokens
+            .unwrap_or(MAX_PROMPT_TOKENS)
+            .min(MAX_PROMPT_TOKENS)
+    }
+
+    /// Refuses an image of `width` x `height` pixels that the image processor would refuse, or
+    /// whose tokens alone exceed the prompt limit; cheap, so images are checked from their
+    /// header before being decoded.
+    pub fn check_image_size(&self, width: u32, height: u32) -> Result<()> {
+        let (w, h) = self.images.config.output_size(width, height)?;
+        let c = &self.images.config;
+        let tokens = (w as usize / c.patch_size) * (h as usize / c.patch_size)
+            / (c.merge_size * c.merge_size);
+        let limit = self.prompt_limit();
+        if tokens > limit {
+            bail!(
+                "the image would be {tokens} tokens after resizing to {w}x{h}, but the limit is \
+                 {limit} tokens for the whole prompt; image tokens are never truncated, so lower \
+                 --max-pixels"
+            );
+        }
+        Ok(())
     }
 
     /// Preprocesses an image file (anything [`image::load_rgb`] reads; DICOM and NIfTI with
-    /// this processor's slice and window).
+    /// this processor's slice and window). Raster images are refused from their header when
+    /// [`Self::check_image_size`] refuses their size.
     pub fn load_image(&self, path: &Path) -> Result<PixelPatches> {
-        let rgb = image::load_rgb_with(path, &self.medical)?;
+        let check = |w, h| self.check_image_size(w, h);
+        let rgb = image::load_rgb_checked(path, &self.medical, &check)?;
         self.images
             .preprocess(&rgb)
             .with_context(|| format!("{}: cannot preprocess image", path.display()))
     }
 
+    /// [`Self::load_image`] for an image held in memory (a file's bytes, as the server gets
+    /// them), with the slice and window `medical` for DICOM and NIfTI data.
+    pub fn decode_image(
+        &self,
+        bytes: &[u8],
+        medical: &image::MedicalOptions,
+    ) -> Result<PixelPatches> {
+        let check = |w, h| self.check_image_size(w, h);
+        let rgb = image::decode_rgb_checked(bytes, medical, &check)?;
+        self.images
+            .preprocess(&rgb)
+            .context("cannot preprocess the image")
+    }
+
     /// Renders `messages` with the chat template, tokenizes, and expands each image
     /// placeholder to its image's token count. `images` are in the order the messages
     /// mention them.
+    ///
+    /// A prompt over the limit is refused with as little work as its length allows: before
+    /// rendering when its texts alone are certainly too long, else after tokenizing about the
+    /// limit's worth of it ([`QwenTokenizer::encode_limited`]).
     pub fn prepare(
         &self,
         messages: &[Message],
@@ -161,22 +248,61 @@ impl Processor {
                 images.len()
             );
         }
-        for m in messages {
-            for c in &m.content {
-                if let Content::Text { text } = c {
-                    self.check_user_text(text)?;
-                }
-            }
+        let texts = || {
+            messages
+                .iter()
+                .flat_map(|m| &m.content)
+                .filter_map(|c| match c {
+                    Content::Text { text } => Some(text.as_str()),
+                    Content::Image => None,
+                })
+        };
+        for text in texts() {
+            self.check_user_text(text)?;
+        }
+        let limit = self.prompt_limit();
+        let image_tokens: usize = images.iter().map(|p| p.num_tokens()).sum();
+        // The rendered text holds the messages' texts, each token of which stands for a
+        // bounded number of bytes, besides one placeholder per image.
+        // One bound for all texts: a token may span two adjacent ones.
+        let text_bytes: usize = texts().map(str::len).sum();
+        let text_min = self
+            .tokenizer
+            .min_tokens(text_bytes, texts().all(str::is_ascii));
+        if image_tokens + text_min > limit {
+            return Err(self.too_long(image_tokens + text_min, false, &images));
         }
         let text = self.template.render(messages, add_generation_prompt)?;
-        let ids = self.tokenizer.encode(&text)?;
+        // Each placeholder is one id of the text, replaced by its image's tokens.
+        let budget = (limit + images.len()).saturating_sub(image_tokens);
+        let ids = match self.tokenizer.encode_limited(&text, budget)? {
+            Limited::Ids(ids) => ids,
+            Limited::Over { at_least, .. } => {
+                let at_least = (at_least + image_tokens).saturating_sub(images.len());
+                return Err(self.too_long(at_least, false, &images));
+            }
+        };
         let input_ids = self.expand_image_tokens(&ids, &images)?;
-        self.check_length(input_ids.len(), &images)?;
+        if input_ids.len() > limit {
+            return Err(self.too_long(input_ids.len(), true, &images));
+        }
         Ok(Prompt {
             text,
             input_ids,
             images,
         })
+    }
+
+    /// The error for a prompt of `len` tokens (`exact`), or at least `len`, over the limit.
+    fn too_long(&self, len: usize, exact: bool, images: &[PixelPatches]) -> anyhow::Error {
+        let img: usize = images.iter().map(|p| p.num_tokens()).sum();
+        anyhow::anyhow!(
+            "the prompt is {}{len} tokens ({img} of them for {} image(s)) but the limit is \
+             {}; image tokens are never truncated, so lower --max-pixels or shorten the text",
+            if exact { "" } else { "at least " },
+            images.len(),
+            self.prompt_limit()
+        )
     }
 
     /// Vision tokens typed into a prompt would pair with no image and break every forward
@@ -213,21 +339,5 @@ impl Processor {
             }
         }
         Ok(out)
-    }
-
-    fn check_length(&self, len: usize, images: &[PixelPatches]) -> Result<()> {
-        let Some(limit) = self.max_prompt_tokens else {
-            return Ok(());
-        };
-        if len > limit {
-            let img: usize = images.iter().map(|p| p.num_tokens()).sum();
-            bail!(
-                "the prompt is {len} tokens ({img} of them for {} image(s)) but the limit is \
-                 {limit}; image tokens are never truncated, so lower --max-pixels or shorten \
-                 the text",
-                images.len()
-            );
-        }
-        Ok(())
     }
 }

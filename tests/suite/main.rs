@@ -12,6 +12,7 @@ mod generate_engine;
 mod grpo_parity;
 mod grpo_train;
 mod help;
+mod hostile;
 mod image_processor;
 mod layers;
 mod lora;
