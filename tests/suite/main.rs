@@ -16,6 +16,7 @@ mod image_processor;
 mod layers;
 mod lora;
 mod medical;
+mod memory_plan;
 mod model_parity;
 mod plot;
 mod readme;
