@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::{peak_rss_mib, reset_peak_rss, text_ids};
-use crate::generate::{Engine, FinishReason, Request, SamplingParams};
+use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
 use crate::model::random::random_var_builder;
 use crate::model::{Qwen2Vl, Qwen2VlConfig, WeightLayout};
 use crate::processor::Prompt;
@@ -115,6 +115,8 @@ pub struct TrainBenchReport {
     pub per_phase_peaks: bool,
     /// The memory plan's estimate of the peak for this workload, MiB.
     pub planned_peak_mib: f64,
+    /// The whole plan: each term, the phase it expects the peak in.
+    pub plan: crate::train::plan::Plan,
 }
 
 /// The benchmark prompt: text, one image, text, `total` tokens in all.
@@ -135,10 +137,29 @@ pub fn bench_prompt(config: &Qwen2VlConfig, size: u32, total: usize) -> Result<(
             image_tokens + 2
         );
     }
-    Ok((
-        super::prompt_with_image(config, patches, before, total - fixed),
-        image_tokens,
-    ))
+    let mut prompt = super::prompt_with_image(config, patches, before, total - fixed);
+    let specials = [
+        config.image_token_id,
+        config.vision_start_token_id,
+        config.vision_end_token_id,
+    ];
+    for id in prompt.input_ids.iter_mut() {
+        if !specials.contains(id) {
+            *id = in_vocab(config, *id);
+        }
+    }
+    Ok((prompt, image_tokens))
+}
+
+/// A synthetic text id moved into `config`'s ordinary tokens (below the vision tokens and
+/// the vocabulary's end), so the tiny test checkpoints run the same workloads as the
+/// benchmark model, whose ids it leaves as they are.
+fn in_vocab(config: &Qwen2VlConfig, id: u32) -> u32 {
+    let limit = (config.text.vocab_size as u32)
+        .min(config.vision_start_token_id)
+        .min(config.image_token_id)
+        .max(1);
+    id % limit
 }
 
 /// The models and inputs of a benchmark run.
@@ -150,6 +171,9 @@ struct Setup {
     sampler: Qwen2Vl,
     prompts: Vec<Prompt>,
     optimizer: AdamW,
+    /// The previous step's completions and reference log-probs: the trainer holds a rollout
+    /// until the next one has replaced it, through that one's generation and reference pass.
+    previous: Option<(Vec<Vec<Completion>>, Option<Vec<Vec<f32>>>)>,
 }
 
 /// Tracks peak memory per phase (when asked to) and over the whole run.
@@ -180,58 +204,15 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         bail!("GRPO compares completions within a group: --group must be at least 2");
     }
     let compute = crate::train::config::parse_dtype(&w.dtype, "--dtype")?;
-    let (config, mut policy, reference) = match &w.model {
-        None => {
-            let config = crate::model::Preset::Qwen2VlBench.config();
-            if w.lora_r > 0 {
-                bail!("--lora-r needs --model DIR (e.g. a checkpoint from `medvlm init --preset`)");
-            }
-            let mut policy =
-                TrainableModel::random(config.clone(), 0.02, 0, std::path::Path::new("."), device)
-                    .context("building the benchmark policy")?;
-            policy.model.set_compute_dtype(compute);
-            // The reference: the same initial weights in storage of their own.
-            let reference = if !w.sft && w.beta != 0.0 {
-                let mut r = Qwen2Vl::from_var_builder(
-                    random_var_builder(0.02, 0, compute, device),
-                    WeightLayout::Legacy,
-                    config.clone(),
-                    compute,
-                    device,
-                )?;
-                r.set_compute_dtype(compute);
-                Some(r)
-            } else {
-                None
-            };
-            (config, policy, reference)
-        }
-        Some(dir) => {
-            let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
-            let policy = if w.lora_r > 0 {
-                let lora = crate::train::config::LoraConfig {
-                    r: w.lora_r,
-                    alpha: 2.0 * w.lora_r as f64,
-                    ..Default::default()
-                };
-                TrainableModel::load_lora(dir, &lora, compute, None, 0, device)?
-            } else {
-                let mut p = TrainableModel::load(dir, device)?;
-                p.model.set_compute_dtype(compute);
-                p
-            };
-            let reference = match (!w.sft && w.beta != 0.0, w.lora_r > 0) {
-                (false, _) => None,
-                (true, true) => Some(policy.model.without_adapters()),
-                (true, false) => Some(Qwen2Vl::load(dir, compute, device)?),
-            };
-            (config, policy, reference)
-        }
-    };
-    if w.freeze_vision {
-        policy.freeze_vision();
+    if w.model.is_none() && w.lora_r > 0 {
+        bail!("--lora-r needs --model DIR (e.g. a checkpoint from `medvlm init --preset`)");
     }
-    let sampler = policy.detached()?;
+    // The plan needs only the shape: it refuses a workload that cannot fit before any
+    // model is built.
+    let config = match &w.model {
+        None => crate::model::Preset::Qwen2VlBench.config(),
+        Some(dir) => Qwen2VlConfig::from_file(&dir.join("config.json"))?,
+    };
     let (prompt, image_tokens) = bench_prompt(&config, w.image_size, w.prompt_tokens)?;
     let plan_input = crate::train::plan::PlanInput {
         config: config.clone(),
@@ -244,6 +225,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
                 prompts: w.prompts,
                 group: w.group,
                 beta: w.beta != 0.0,
+                iterations: 1,
             }
         },
         prompt_tokens: prompt.input_ids.len(),
@@ -263,6 +245,63 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
     let (avail_what, available) = crate::device::available_memory(device);
     let plan = crate::train::plan::estimate(&plan_input, &avail_what, available)?;
     eprintln!("{plan}");
+    if !plan.fits() {
+        bail!(
+            "the workload needs about {:.2} GiB at its peak ({}) but {} has {:.2} GiB: use a \
+             smaller --group, --prompts, --micro-batch or --completion-len",
+            plan.peak as f64 / (1u64 << 30) as f64,
+            plan.peak_phase,
+            plan.device,
+            plan.available.unwrap_or(0) as f64 / (1u64 << 30) as f64
+        );
+    }
+    let (mut policy, reference) = match &w.model {
+        None => {
+            let mut policy =
+                TrainableModel::random(config.clone(), 0.02, 0, std::path::Path::new("."), device)
+                    .context("building the benchmark policy")?;
+            policy.model.set_compute_dtype(compute);
+            // The reference: the same initial weights in storage of their own.
+            let reference = if !w.sft && w.beta != 0.0 {
+                let mut r = Qwen2Vl::from_var_builder(
+                    random_var_builder(0.02, 0, compute, device),
+                    WeightLayout::Legacy,
+                    config.clone(),
+                    compute,
+                    device,
+                )?;
+                r.set_compute_dtype(compute);
+                Some(r)
+            } else {
+                None
+            };
+            (policy, reference)
+        }
+        Some(dir) => {
+            let policy = if w.lora_r > 0 {
+                let lora = crate::train::config::LoraConfig {
+                    r: w.lora_r,
+                    alpha: 2.0 * w.lora_r as f64,
+                    ..Default::default()
+                };
+                TrainableModel::load_lora(dir, &lora, compute, None, 0, device)?
+            } else {
+                let mut p = TrainableModel::load(dir, device)?;
+                p.model.set_compute_dtype(compute);
+                p
+            };
+            let reference = match (!w.sft && w.beta != 0.0, w.lora_r > 0) {
+                (false, _) => None,
+                (true, true) => Some(policy.model.without_adapters()),
+                (true, false) => Some(Qwen2Vl::load(dir, compute, device)?),
+            };
+            (policy, reference)
+        }
+    };
+    if w.freeze_vision {
+        policy.freeze_vision();
+    }
+    let sampler = policy.detached()?;
     let mut setup = Setup {
         config: config.clone(),
         policy,
@@ -273,6 +312,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             lr: 1e-6,
             ..Default::default()
         }),
+        previous: None,
     };
     let mut peaks = Peaks {
         per_phase: false,
@@ -308,6 +348,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         peak_rss_mib: peaks.overall.max(peak_rss_mib()),
         per_phase_peaks: peaks.per_phase,
         planned_peak_mib: plan.peak as f64 / (1u64 << 20) as f64,
+        plan,
     })
 }
 
@@ -392,6 +433,7 @@ fn grpo_step(
     };
     let reference_s = t1.elapsed().as_secs_f64();
     let reference_peak_mib = peaks.phase();
+    setup.previous = None;
     let loss_cfg = LossConfig {
         beta: w.beta,
         max_completion_length: w.completion_len,
@@ -412,6 +454,7 @@ fn grpo_step(
     drop(batch);
     let (grad_norm, optimizer_s) = optimizer_phase(setup, grads)?;
     let optimizer_peak_mib = peaks.phase();
+    setup.previous = Some((completions, reference_logps));
     Ok(StepTimes {
         generation_s,
         reference_s,
@@ -438,13 +481,24 @@ fn sft_step(
 ) -> Result<StepTimes> {
     let n = w.prompts * w.group;
     let targets: Vec<Vec<u32>> = (0..n)
-        .map(|i| text_ids(w.completion_len, (3 + s * n + i) as u32))
+        .map(|i| {
+            text_ids(w.completion_len, (3 + s * n + i) as u32)
+                .into_iter()
+                .map(|id| in_vocab(&setup.config, id))
+                .collect()
+        })
+        .collect();
+    // A prompt (with its image's pixels) per item, as `train sft` prepares its batch: the
+    // items of a step are held together, so their memory grows with the batch.
+    let prompts: Vec<Prompt> = (0..n)
+        .map(|i| setup.prompts[i % setup.prompts.len()].clone())
         .collect();
     let seqs: Vec<SeqRef> = targets
         .iter()
+        .zip(&prompts)
         .enumerate()
-        .map(|(i, t)| SeqRef {
-            prompt: &setup.prompts[i % setup.prompts.len()],
+        .map(|(i, (t, p))| SeqRef {
+            prompt: p,
             prompt_index: i,
             tokens: t,
         })

@@ -193,6 +193,7 @@ impl Method for GrpoMethod {
             prompts: self.batch_prompts,
             group: self.num_generations,
             beta: self.beta != 0.0,
+            iterations: self.num_iterations,
         }
     }
 

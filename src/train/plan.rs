@@ -23,6 +23,8 @@ pub enum Objective {
         prompts: usize,
         group: usize,
         beta: bool,
+        /// Optimizer steps per rollout: above 1, the sampling policy's log-probs are kept.
+        iterations: u64,
     },
     /// `items` sequences per step, each its own prompt.
     Sft { items: usize },
@@ -72,15 +74,135 @@ fn bytes_of(d: DType) -> u64 {
     d.size_in_bytes() as u64
 }
 
-/// Parameter counts: (total, embedding table incl. an untied head, linear weights of the
-/// layers LoRA could adapt by module path with (in, out)).
-struct Shape {
+/// The model's sizes the activation terms are counted in.
+struct Dims {
+    layers: u64,
+    h: u64,
+    /// Query width (heads x head_dim) and key/value width (kv_heads x head_dim).
+    q: u64,
+    kv: u64,
+    i: u64,
+    heads: u64,
+    vocab: u64,
+    /// Vision tower: blocks, width, MLP width, heads, values per input patch.
+    v_depth: u64,
+    v_d: u64,
+    v_m: u64,
+    v_heads: u64,
+    patch_dim: u64,
+}
+
+impl Dims {
+    fn of(c: &Qwen2VlConfig) -> Self {
+        let (t, v) = (&c.text, &c.vision);
+        Self {
+            layers: t.num_hidden_layers as u64,
+            h: t.hidden_size as u64,
+            q: (t.num_attention_heads * t.head_dim()) as u64,
+            kv: (t.num_key_value_heads * t.head_dim()) as u64,
+            i: t.intermediate_size as u64,
+            heads: t.num_attention_heads as u64,
+            vocab: t.vocab_size as u64,
+            v_depth: v.depth as u64,
+            v_d: v.embed_dim as u64,
+            v_m: v.mlp_hidden() as u64,
+            v_heads: v.num_heads as u64,
+            patch_dim: v.patch_dim() as u64,
+        }
+    }
+}
+
+/// How the training passes run, which decides what they keep. `fused`: the CPU kernels
+/// for f32 (attention, norms, rotary, SwiGLU, log-softmax as single ops that keep little);
+/// otherwise (bf16 on the CPU, any GPU) they are composed of tensor ops, every intermediate
+/// of which candle's graph holds until the backward pass.
+#[derive(Clone, Copy)]
+struct Regime {
+    fused: bool,
+    /// Bytes per element in the compute dtype.
+    b: u64,
+}
+
+impl Regime {
+    /// A cast to f32 and back costs nothing when the compute dtype is f32 already.
+    fn upcast(&self) -> u64 {
+        if self.b == 4 {
+            0
+        } else {
+            4
+        }
+    }
+
+    /// Bytes one decoder layer keeps per token for the backward pass, attention scores and
+    /// the prompt's keys aside (see [`Regime::scores`]).
+    fn layer_token(&self, d: &Dims, lora_extra: u64) -> u64 {
+        let (h, q, kv, i, b) = (d.h, d.q, d.kv, d.i, self.b);
+        let kept = if self.fused {
+            // Norm, o_proj, residual, norm, down_proj, residual (6h); q: matmul, bias,
+            // rotated, the segment's copy, attention output, concatenation, transposed copy
+            // (7q); k: matmul, bias, rotated, v: matmul, bias, transposed copy (6kv); gate,
+            // up, SwiGLU (3i).
+            b * (6 * h + 7 * q + 6 * kv + 3 * i)
+        } else {
+            // Each RMSNorm: f32 input, square, division, cast back, weight (in f32 the casts
+            // are the input itself); q and k rotated by composed ops (5.5 each: products,
+            // negated half, concatenation, sum, copy); SiLU and product beside gate and up.
+            let norm = 12 * h + 2 * self.upcast() / 4 * b * h;
+            2 * norm + b * (4 * h) + (b * 23 * q) / 2 + (b * 21 * kv) / 2 + b * 4 * i
+        };
+        kept + lora_extra
+    }
+
+    /// Bytes composed attention keeps for `queries` x `keys` scores per head (the fused
+    /// op keeps none): the product, scaled, in f32, masked, the softmax's difference,
+    /// exponential and quotient, cast back.
+    fn scores(&self, heads: u64, queries: u64, keys: u64, masked: bool) -> u64 {
+        if self.fused {
+            return 0;
+        }
+        let casts = if self.b == 4 { 0 } else { 4 + self.b };
+        let per = 2 * self.b + casts + 12 + if masked { 4 } else { 0 };
+        heads * queries * keys * per
+    }
+
+    /// Bytes of the gradients composed attention's backward pass holds at once for one
+    /// layer's scores (three f32 tensors of them); none for the fused op.
+    fn score_grads(&self, heads: u64, queries: u64, keys: u64) -> u64 {
+        if self.fused {
+            0
+        } else {
+            12 * heads * queries * keys
+        }
+    }
+
+    /// Bytes one vision block keeps per patch, attention scores aside.
+    fn vision_patch(&self, d: &Dims) -> u64 {
+        let (dd, m, b) = (d.v_d, d.v_m, self.b);
+        if self.fused {
+            // Norm, qkv (matmul and bias), rotated q and k, v's copy, attention output,
+            // concatenation, transposed copy, proj (2), residual, norm, fc2 (2),
+            // residual (20d); fc1 (2) and QuickGELU (3m).
+            b * (20 * dd + 3 * m)
+        } else {
+            // LayerNorms composed in f32 (about 6 tensors each), rotary in f32 and back,
+            // QuickGELU as product, sigmoid and scale.
+            2 * 6 * 4 * dd + 2 * (4 * 5 + b) * dd + b * (16 * dd + 5 * m)
+        }
+    }
+}
+
+/// Parameter counts by role.
+struct Params {
     total: u64,
+    /// The embedding table (and an untied LM head): their gradients are added by hand.
     embed: u64,
+    /// The vision tower without the merger: what `freeze_vision` stops training.
+    vision: u64,
+    /// Linear layers LoRA could adapt, by module path, with (in, out).
     linears: Vec<(String, u64, u64)>,
 }
 
-fn shape(c: &Qwen2VlConfig) -> Result<Shape> {
+fn params(c: &Qwen2VlConfig) -> Result<Params> {
     let t = &c.text;
     let linears = crate::model::linear_shapes(c)?
         .into_iter()
@@ -88,41 +210,89 @@ fn shape(c: &Qwen2VlConfig) -> Result<Shape> {
         .collect();
     let embed =
         t.vocab_size as u64 * t.hidden_size as u64 * if t.tie_word_embeddings { 1 } else { 2 };
-    Ok(Shape {
+    let vision = crate::model::random::tensor_shapes(c)?
+        .iter()
+        .filter(|(n, _)| {
+            (n.starts_with("visual.") || n.contains(".visual.")) && !n.contains("merger")
+        })
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum();
+    Ok(Params {
         total: crate::model::num_parameters(c)? as u64,
         embed,
+        vision,
         linears,
     })
+}
+
+/// The most prompts whose passes are open at once: completions go through in order,
+/// `mb` at a time, and a prompt's pass stays open from its first completion's micro-batch
+/// to its last one's.
+fn prompts_open(prompts: u64, group: u64, mb: u64) -> u64 {
+    let n = prompts * group;
+    let windows = n.div_ceil(mb.max(1));
+    if windows > 1 << 20 {
+        return (mb.div_ceil(group) + 1).min(prompts);
+    }
+    (0..windows)
+        .map(|k| {
+            let first = k * mb / group;
+            let last = ((k + 1) * mb).min(n).saturating_sub(1) / group;
+            last - first + 1
+        })
+        .max()
+        .unwrap_or(1)
+}
+
+/// Memory the process has before the model: the binary, its libraries, thread stacks and
+/// the heap's first allocations (measured 19-20 MiB resident on the CPU with 1 to 16
+/// threads). On a GPU, the CUDA context and the kernels loaded on the device.
+fn runtime(cpu: bool) -> u64 {
+    if cpu {
+        20 << 20
+    } else {
+        200 << 20
+    }
 }
 
 /// The estimate for `p`, against `available` bytes on `device` (a description).
 pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<Plan> {
     let c = &p.config;
-    let t = &c.text;
-    let sh = shape(c)?;
+    let d = Dims::of(c);
+    let sh = params(c)?;
     let b = bytes_of(p.compute);
-    let (h, kv, i, layers) = (
-        t.hidden_size as u64,
-        (t.num_key_value_heads * t.head_dim()) as u64,
-        t.intermediate_size as u64,
-        t.num_hidden_layers as u64,
-    );
-    let vocab = t.vocab_size as u64;
+    let regime = Regime {
+        fused: p.cpu && p.compute == DType::F32 && crate::kernels::cpu_kernels(),
+        b,
+    };
     let lora = p.lora.as_ref().filter(|l| l.enabled());
+    let (n_prompts, group, beta, iterations) = match p.objective {
+        Objective::Grpo {
+            prompts,
+            group,
+            beta,
+            iterations,
+        } => (prompts as u64, group as u64, beta, iterations.max(1)),
+        Objective::Sft { items } => (items as u64, 1, false, 1),
+    };
+    let grpo = matches!(p.objective, Objective::Grpo { .. });
+    let seqs = n_prompts * group;
+    let mb = (p.micro_batch.max(1) as u64).min(seqs.max(1));
+    let (pt, ct, patches) = (
+        p.prompt_tokens.max(1) as u64,
+        p.completion_tokens.max(1) as u64,
+        p.image_patches as u64,
+    );
+    // The prompt pass covers all but the prompt's last token.
+    let pp = pt - 1;
+    let layers = d.layers;
 
-    // Weights, gradients, optimizer state.
+    // Weights, gradients, optimizer state: 4 bytes per parameter each for the f32 masters,
+    // their gradients and the two AdamW moments of what trains.
     let (weights, trainable, adapted): (u64, u64, Vec<(String, u64, u64)>) = match lora {
         None => {
-            let frozen_vision = if p.freeze_vision {
-                sh.linears
-                    .iter()
-                    .filter(|(n, _, _)| n.contains("visual.blocks."))
-                    .map(|(_, i, o)| i * o)
-                    .sum::<u64>()
-            } else {
-                0
-            };
-            (4 * sh.total, sh.total - frozen_vision, vec![])
+            let frozen = if p.freeze_vision { sh.vision } else { 0 };
+            (4 * sh.total, sh.total - frozen, vec![])
         }
         Some(l) => {
             let base_b = l.base_dtype().map(bytes_of).unwrap_or(2);
@@ -139,122 +309,234 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     };
     let grads = 4 * trainable;
     let optimizer = 8 * trainable;
-    let reference = match (p.objective, lora) {
-        (Objective::Grpo { beta: true, .. }, None) => sh.total * b,
-        _ => 0,
+    let reference = if beta && lora.is_none() {
+        sh.total * b
+    } else {
+        0
+    };
+    // A backward pass's gradients of every weight in its graph, held by candle's store until
+    // they are added into the accumulated ones (whether those weights train or not: frozen
+    // vision weights are variables too). The embedding table's and the LM head's are added
+    // by hand, row by row.
+    let in_flight = match lora {
+        None => 4 * (sh.total - sh.embed),
+        Some(_) => 4 * trainable,
     };
 
-    // Activations kept per token and decoder layer (compute dtype): the layer's input and
-    // norm output, q/k/v before and after bias and rotation, the attention output and its
-    // reshaped copy, o_proj's output, the residual, the second norm, gate and up, SwiGLU's
-    // output, down's output. LoRA with dropout keeps each adapted input's mask and masked
-    // copy too.
-    let mut per_token_layer = 11 * h + 7 * kv + 3 * i;
-    let v = &c.vision;
-    let (d, m) = (v.embed_dim as u64, v.mlp_hidden() as u64);
-    // Per patch and vision block: inputs, norms, qkv (before and after bias), rotated q/k,
-    // attention output and copy, projections, the MLP's two layers and activation.
-    let mut per_patch_block = 18 * d + 3 * m;
-    if let Some(l) = lora {
-        // Per adapted layer and row: x·Aᵀ, and with dropout the mask and the masked input.
-        let kept = |inp: u64| if l.dropout > 0.0 { 2 * inp } else { 0 } + l.r as u64;
-        let text: u64 = adapted
-            .iter()
-            .filter(|(n, _, _)| n.contains("language_model"))
-            .map(|(_, inp, _)| kept(*inp))
-            .sum();
-        let vision: u64 = adapted
-            .iter()
-            .filter(|(n, _, _)| n.contains("visual.blocks"))
-            .map(|(_, inp, _)| kept(*inp))
-            .sum();
-        per_token_layer += text / layers.max(1);
-        per_patch_block += vision / (v.depth as u64).max(1);
-    }
-    let (prompts_open, rows) = match p.objective {
-        Objective::Grpo { prompts, .. } => (prompts.min(2) as u64, p.micro_batch as u64),
-        Objective::Sft { .. } => (p.micro_batch as u64, p.micro_batch as u64),
-    };
-    let tokens = rows * p.completion_tokens as u64;
-    let prompt_tokens = p.prompt_tokens as u64;
-    let patches = p.image_patches as u64;
-    let (rows_act, prompt_act, vision_act) = if p.checkpointing {
-        (
-            // Layer inputs, plus one layer's activations while it runs.
-            tokens * (layers + 1) * h * b + tokens * per_token_layer * b,
-            prompts_open * prompt_tokens * layers * (h + 2 * kv) * b
-                + prompt_tokens * per_token_layer * b,
-            prompts_open * patches * (v.depth as u64 + 1) * d * b + patches * per_patch_block * b,
-        )
-    } else {
-        (
-            tokens * layers * per_token_layer * b,
-            prompts_open * prompt_tokens * layers * per_token_layer * b,
-            prompts_open * patches * v.depth as u64 * per_patch_block * b,
-        )
-    };
-    // The LM head's softmax over the micro-batch's tokens (f32): kept once by the fused CPU
-    // kernel, logits + log-softmax + probabilities on other devices.
-    let lm_head = tokens
-        * vocab
-        * 4
-        * if p.cpu && p.compute == DType::F32 {
-            1
-        } else {
-            3
+    // What a step holds from start to end. A prompt: its ids and its images' pixels (f32).
+    // A completion: its tokens, sampling log-probs and decoded text, and the fixed
+    // log-probs (reference, and the sampling policy's when a rollout serves several steps).
+    let prompt_bytes = 4 * pt + 4 * patches * d.patch_dim + 256;
+    let fixed_logps = (beta as u64) + (iterations > 1) as u64;
+    let per_completion = ct * (12 + 4 * fixed_logps) + 256;
+    let step_data = n_prompts * prompt_bytes + seqs * per_completion;
+
+    // LoRA: per token and adapted layer, the dropout mask (f32) and its product with the
+    // input, x·Aᵀ, its product with Bᵀ, the scaled delta and the sum.
+    let lora_extra = |text: bool| -> u64 {
+        let Some(l) = lora else { return 0 };
+        let kept = |inp: u64, out: u64| {
+            let dropout = if l.dropout > 0.0 {
+                inp * (4 + b + regime.upcast() / 4 * b)
+            } else {
+                0
+            };
+            dropout + b * (l.r as u64 + 3 * out)
         };
-    let kv_cache = match p.objective {
-        Objective::Grpo { prompts, group, .. } => {
-            (prompts * group) as u64
-                * (prompt_tokens + p.completion_tokens as u64)
-                * layers
-                * 2
-                * kv
-                * b
-        }
-        Objective::Sft { .. } => 0,
+        let sum: u64 = adapted
+            .iter()
+            .filter(|(n, _, _)| {
+                if text {
+                    n.contains("language_model")
+                } else {
+                    n.contains("visual.blocks")
+                }
+            })
+            .map(|(_, inp, out)| kept(*inp, *out))
+            .sum();
+        sum / if text { layers } else { d.v_depth }.max(1)
     };
+    let per_token_layer = regime.layer_token(&d, lora_extra(true));
+    let per_patch_block = regime.vision_patch(&d) + lora_extra(false);
+
+    // Completions of one micro-batch, packed in one row: every layer's activations, and
+    // per completion the prompt's keys and values joined to its own (and, composed, the
+    // scores over them).
+    let tokens = mb * ct;
+    let segment_layer = 2 * d.kv * (pp + ct) * b + regime.scores(d.heads, ct, pp + ct, true);
+    let rows_graph = tokens * layers * per_token_layer + mb * layers * segment_layer;
+    let rows_act = if p.checkpointing {
+        // Every layer's input, one layer's activations while it runs again, the gradient.
+        (layers + 1) * tokens * d.h * b
+            + tokens * per_token_layer
+            + mb * segment_layer
+            + 2 * tokens * d.h * 4
+    } else {
+        rows_graph + 3 * tokens * d.h * b
+    };
+
+    // A prompt's pass: its decoder layers (keys and values handed to the completions as
+    // leaves, with their summed gradients) and its image through the vision tower.
+    let open = if grpo {
+        prompts_open(n_prompts, group, mb)
+    } else {
+        mb
+    };
+    let prompt_kv = layers * 2 * d.kv * pp * b;
+    let vision_scores = regime.scores(d.v_heads, patches, patches, false);
+    let merged = patches / 4;
+    let vision_graph = if patches == 0 {
+        0
+    } else {
+        patches * d.v_depth * per_patch_block
+            + d.v_depth * vision_scores
+            + patches * (d.v_d + d.patch_dim * regime.upcast() / 4) * b
+            + merged * (3 * 4 * d.v_d + 2 * d.h) * b
+    };
+    let prompt_graph = pp * layers * per_token_layer
+        + layers * regime.scores(d.heads, pp, pp, true)
+        + 2 * pp * d.h * b;
+    let pixels = 4 * patches * d.patch_dim;
+    let prompt_act = if p.checkpointing {
+        // Layer inputs, the keys and values (detached, leaves, gradients), the vision
+        // tower's block inputs and features; one layer runs again at a time.
+        let tape =
+            layers * pp * d.h * b + 3 * prompt_kv + pixels + (d.v_depth + 2) * patches * d.v_d * b;
+        let replay = (pp * per_token_layer + regime.scores(d.heads, pp, pp, true))
+            .max(patches * per_patch_block + vision_scores);
+        open * tape + replay
+    } else {
+        open * (prompt_graph + vision_graph + pixels + 2 * prompt_kv)
+    };
+
+    // The LM head over the micro-batch's tokens (f32): the fused kernel keeps one softmax;
+    // as tensor ops the logits, log-softmax and its intermediates live at once, and the
+    // weight is read in f32.
+    let head_f32_copy = if regime.fused || (lora.is_none() && b == 4) {
+        0
+    } else {
+        d.vocab * d.h * 4
+    };
+    // When the head is a trained variable (full fine-tuning) candle records the tensor ops
+    // on it, and the saved softmax then holds the logits, the scaled logits, the
+    // log-softmax's difference, exponential and result (backward adds two more).
+    let lm_head = if regime.fused {
+        tokens * d.vocab * 4
+    } else if lora.is_none() {
+        8 * tokens * d.vocab * 4
+    } else {
+        4 * tokens * d.vocab * 4 + head_f32_copy
+    };
+
     // Weights cast to the compute dtype are kept by the graph until the backward pass when
     // the weights are trained (full fine-tuning in bf16: the f32 masters' bf16 copies, as
-    // PyTorch's autocast keeps them) or, off the CPU, for a frozen base in another dtype
-    // (on the CPU a custom op casts the frozen base again in the backward pass instead).
-    // Checkpointing keeps one layer's (and one vision block's) copies at a time.
+    // PyTorch's autocast keeps them) or, off the CPU, for a frozen base in another dtype (on
+    // the CPU a custom op casts the frozen base again in the backward pass instead). Every
+    // pass casts again: the completions' and each open prompt's.
     let base_dtype = lora.and_then(|l| l.base_dtype().ok());
     let kept_casts = match (lora, base_dtype) {
         (None, _) => p.compute != DType::F32,
         (Some(_), Some(bd)) => !p.cpu && bd != p.compute,
         (Some(_), None) => false,
     };
+    let linear_sum = |prefix: &str| {
+        sh.linears
+            .iter()
+            .filter(|(n, _, _)| n.contains(prefix))
+            .map(|(_, i, o)| i * o)
+            .sum::<u64>()
+    };
+    let (text_w, vision_w) = (linear_sum("language_model"), linear_sum("visual"));
     let weight_casts = if !kept_casts {
         0
     } else if p.checkpointing {
-        let layer0 = |prefix: &str| {
-            sh.linears
-                .iter()
-                .filter(|(n, _, _)| n.starts_with(prefix))
-                .map(|(_, i, o)| i * o)
-                .sum::<u64>()
-        };
-        (layer0("model.language_model.layers.0.") + layer0("model.visual.blocks.0.")) * b
+        (linear_sum("language_model.layers.0.") + linear_sum("visual.blocks.0.")) * b
     } else {
-        (sh.total - sh.embed) * b
+        (text_w * (1 + open) + vision_w * open) * b
     };
-    let runtime: u64 = 200 << 20;
-    let activations = rows_act + prompt_act + vision_act + lm_head + weight_casts;
-    // Allocator slack: freed activations are not all reused at once.
-    let slack = activations / 10;
-    let base = weights + reference + optimizer + runtime;
-    let mut phases = vec![
-        (
-            "policy forward/backward",
-            base + grads + activations + slack,
-        ),
-        ("optimizer", base + grads),
-    ];
-    if let Objective::Grpo { beta, .. } = p.objective {
-        phases.push(("generation", base + kv_cache));
-        if beta {
-            phases.push(("reference forward", base + lm_head));
+
+    // Generation: every prompt's cache forked into G rows with room for the whole
+    // completion; per sequence its history and log-probs; per decoding step the logits of
+    // every row (the previous step's are held until the new ones exist), one layer's
+    // activations with its attention scores, and a group's logits copied out in f32 rows
+    // to sample from (the heap keeps those rows' memory for the next step's copy).
+    let kv_cache = if grpo {
+        seqs * (pt + ct) * layers * 2 * d.kv * b
+    } else {
+        0
+    };
+    let seq_state = seqs * (8 * (pt + ct) + 4 * ct + 512);
+    let logits = seqs * d.vocab * b;
+    let sampled = group * d.vocab * 4 * (1 + regime.upcast() / 4);
+    let decode_layer = seqs * ((3 * d.h + 3 * d.i) * b + d.heads * (pt + ct) * 8);
+    let decode = logits + logits.max(decode_layer) + sampled;
+    let prefill = pt * (3 * d.h + 3 * d.i) * b
+        + if regime.fused || !p.cpu && b == 4 {
+            0
+        } else {
+            d.heads * pt * pt * 12
+        }
+        + patches * (3 * d.v_d + 2 * d.v_m) * b
+        + regime.scores(d.v_heads, patches, patches, false) / 2;
+    let generation = if grpo { decode.max(prefill) } else { 0 };
+
+    // The reference model's (and sampling policy's) log-probs: no graph; the open prompts'
+    // keys and values, one layer's activations at a time, the LM head in chunks (kept as
+    // the scratch buffer the policy pass reuses).
+    let chunk_rows = ((320u64 << 20) / (4 * d.vocab)).clamp(1, tokens);
+    let infer_head = if regime.fused {
+        chunk_rows * d.vocab * 4
+    } else {
+        4 * tokens * d.vocab * 4 + head_f32_copy
+    };
+    let infer_rows = tokens * (3 * d.h + 3 * d.i) * b
+        + if regime.fused {
+            0
+        } else {
+            d.heads * ct * (pp + ct) * 12
+        };
+    let fixed_pass = open * prompt_kv + infer_rows + infer_head;
+
+    // candle's backward pass holds the gradients of the tensors whose consumers it has been
+    // through and they not yet: measured at 22 bytes per token and unit of i + h (the MLP's
+    // and the residual stream's) for the largest pass (the micro-batch's rows, a prompt, an
+    // image's patches), and as composed ops three f32 gradients of every score of a layer.
+    let grads_of = |n: u64, width: u64, heads: u64, queries: u64, keys: u64| {
+        22 * n * width + regime.score_grads(heads, queries, keys)
+    };
+    let frontier = grads_of(tokens, d.i + d.h, mb * d.heads, ct, pp + ct)
+        .max(grads_of(pp, d.i + d.h, d.heads, pp, pp))
+        .max(grads_of(
+            patches,
+            d.v_m + d.v_d,
+            d.v_heads,
+            patches,
+            patches,
+        ));
+    let activations = rows_act + prompt_act + lm_head + weight_casts + frontier;
+    let runtime = runtime(p.cpu);
+    // Allocator slack: what a phase frees and allocates is not all reused (the heap keeps
+    // freed memory; buffers of different sizes and threads' arenas fragment it): measured
+    // 3-20% over the live heap, 10% of each phase's transient memory here.
+    let slack = |transient: u64| transient + transient / 10;
+    let base = runtime + weights + reference + optimizer;
+    let mut phases = vec![(
+        "policy forward/backward",
+        base + grads + in_flight + step_data + slack(activations),
+    )];
+    phases.push(("optimizer", base + step_data + grads));
+    if grpo {
+        // The previous rollout is held until the new one (with its fixed log-probs)
+        // replaces it.
+        phases.push((
+            "generation",
+            base + 2 * step_data + slack(kv_cache + seq_state + generation),
+        ));
+        if beta || iterations > 1 {
+            phases.push((
+                "reference/old log-probs forward",
+                base + 2 * step_data + slack(fixed_pass),
+            ));
         }
     }
     let (peak_phase, peak) = phases
@@ -277,16 +559,35 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
         line("gradients", grads),
         line("optimizer state (AdamW)", optimizer),
         line("reference model", reference),
+        line(
+            if grpo {
+                "step data: prompts, completions, log-probs"
+            } else {
+                "step data: items with their images and targets"
+            },
+            step_data,
+        ),
         line("activations: completions, one micro-batch", rows_act),
-        line("activations: prompt passes", prompt_act),
-        line("activations: vision tower", vision_act),
+        line("activations: prompt passes and images", prompt_act),
         line("LM-head softmax, one micro-batch", lm_head),
         line(
             "weights cast to the compute dtype, kept for backward",
             weight_casts,
         ),
+        line("gradients in flight (backward pass)", in_flight + frontier),
         line("generation KV cache", kv_cache),
-        line("runtime and allocator slack", runtime + slack),
+        line(
+            "generation: sequences, logits, one layer",
+            if grpo { seq_state + generation } else { 0 },
+        ),
+        line(
+            "reference/old log-probs pass",
+            if grpo { fixed_pass } else { 0 },
+        ),
+        line(
+            "runtime and allocator slack",
+            runtime + slack(activations) - activations,
+        ),
     ];
     Ok(Plan {
         lines,
@@ -297,8 +598,13 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     })
 }
 
+/// GiB, or MiB under one GiB (small models' terms would all read 0.00 GiB).
 fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
 impl Plan {
@@ -330,7 +636,8 @@ impl std::fmt::Display for Plan {
 
 /// Settings that would bring `input` under `available`, cheapest change first: gradient
 /// checkpointing, a micro-batch of 1, LoRA (rank 16, bf16 base), bf16 compute, and their
-/// combinations. Each as the flags to add and the peak it would give.
+/// combinations; then the largest batch (SFT's items, GRPO's prompts or group) that fits as
+/// the rest is. Each as the flags to add and the peak it would give.
 pub fn suggestions(input: &PlanInput, available: u64) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     let lora16 = LoraConfig {
@@ -385,6 +692,48 @@ pub fn suggestions(input: &PlanInput, available: u64) -> Result<Vec<(String, u64
             out.push((flags, e.peak));
         }
     }
+    // What a step holds grows with its batch, which no memory saver shrinks: the largest
+    // batch that fits with the other settings as they are.
+    let sizes: Vec<(&str, usize, usize, fn(&mut PlanInput, usize))> = match input.objective {
+        Objective::Sft { items } => vec![("--batch-size", items, 1, |p, n| {
+            if let Objective::Sft { items } = &mut p.objective {
+                *items = n;
+            }
+        })],
+        Objective::Grpo { prompts, group, .. } => vec![
+            ("--batch-prompts", prompts, 1, |p, n| {
+                if let Objective::Grpo { prompts, .. } = &mut p.objective {
+                    *prompts = n;
+                }
+            }),
+            ("--num-generations", group, 2, |p, n| {
+                if let Objective::Grpo { group, .. } = &mut p.objective {
+                    *group = n;
+                }
+            }),
+        ],
+    };
+    for (flag, now, least, set) in sizes {
+        let peak_at = |n: usize| -> Result<u64> {
+            let mut p = input.clone();
+            set(&mut p, n);
+            Ok(estimate(&p, "", None)?.peak)
+        };
+        if now <= least || peak_at(least)? > available || peak_at(now)? <= available {
+            continue;
+        }
+        // The peak grows with the batch: the largest size under `available` by bisection.
+        let (mut lo, mut hi) = (least, now);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if peak_at(mid)? <= available {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        out.push((format!("{flag} {lo}"), peak_at(lo)?));
+    }
     Ok(out)
 }
 
@@ -427,6 +776,7 @@ mod tests {
                 prompts: 1,
                 group: 4,
                 beta: true,
+                iterations: 1,
             },
             prompt_tokens: 300,
             image_patches: 1024,

@@ -18,6 +18,7 @@ mod layers;
 mod lora;
 mod medical;
 mod medical_hostile;
+mod memory_plan;
 mod model_parity;
 mod plot;
 mod readme;
