@@ -107,22 +107,22 @@ const DEMO_ROW_BYTES: u128 = 4 << 10;
 /// Makes `out` ready for the demo: new, empty, or (with `force`) an earlier demo's output,
 /// which is removed. A directory holding anything else is refused, --force or not.
 pub fn prepare_output(out: &Path, force: bool) -> Result<()> {
-    use crate::train::checkpoint;
-    let state = checkpoint::check_output_dir(
+    let state = crate::files::check_output_dir(
         out,
-        &checkpoint::OutputSpec {
+        &crate::files::OutputSpec {
             command: "demo",
             flag: "--out",
             entries: ENTRIES,
+            legacy: None,
         },
-        checkpoint::Earlier::Replace { force },
+        crate::files::Earlier::Replace { force },
     )?;
-    if state == checkpoint::OutputState::Earlier {
+    if state == crate::files::OutputState::Earlier {
         std::fs::remove_dir_all(out)
             .map_err(|e| crate::files::io_error(out, "cannot replace", e))?;
     }
     std::fs::create_dir_all(out).map_err(|e| crate::files::io_error(out, "cannot create", e))?;
-    checkpoint::mark_output(out, "demo")
+    crate::files::mark_output(out, "demo")
 }
 
 impl DemoSpec {

@@ -281,7 +281,7 @@ pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
         );
     }
     spec.validate()?;
-    let staging = checkpoint::Staging::beside(out, "init")?;
+    let staging = crate::files::Staging::beside(out, "init")?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -441,7 +441,7 @@ pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
     let config = Qwen2VlConfig::from_json_str(&config_text, "preset config.json")?;
     // bf16 weights, built a shard at a time.
     check_fits(&config, out, 2, 2)?;
-    let stage = checkpoint::Staging::beside(out, "init")?;
+    let stage = crate::files::Staging::beside(out, "init")?;
     let staging = stage.path();
     std::fs::write(staging.join("config.json"), &config_text)
         .map_err(|e| crate::files::io_error(&staging.join("config.json"), "cannot write", e))?;

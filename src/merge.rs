@@ -137,7 +137,7 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
     }
 
     // Staged beside `out` and renamed into place when complete; removed on any failure.
-    let staging = crate::train::checkpoint::Staging::beside(out, "merge")?;
+    let staging = crate::files::Staging::beside(out, "merge")?;
     let tmp = staging.path();
     // The base's config.json and side files as they are.
     fs::copy(base.join("config.json"), tmp.join("config.json"))

@@ -373,7 +373,7 @@ pub fn write(out: &Path, spec: &SynthSpec) -> Result<PathBuf> {
         bail!("at least one modality and one question kind are needed");
     }
     check_size(out, spec.n, "--n")?;
-    let staging = crate::train::checkpoint::Staging::beside(out, "synth")?;
+    let staging = crate::files::Staging::beside(out, "synth")?;
     let img_dir = staging.path().join("images");
     std::fs::create_dir_all(&img_dir)
         .with_context(|| format!("{}: cannot create", img_dir.display()))?;
@@ -437,7 +437,7 @@ pub fn write(out: &Path, spec: &SynthSpec) -> Result<PathBuf> {
         .map_err(|e| e.into_error())
         .and_then(|f| f.sync_all())
         .map_err(write_err)?;
-    crate::train::checkpoint::mark_output(staging.path(), "data synth")?;
+    crate::files::mark_output(staging.path(), "data synth")?;
     staging.commit(out)?;
     Ok(out.join("data.json"))
 }

@@ -173,8 +173,11 @@ struct Setup {
     optimizer: AdamW,
     /// The previous step's completions and reference log-probs: the trainer holds a rollout
     /// until the next one has replaced it, through that one's generation and reference pass.
-    previous: Option<(Vec<Vec<Completion>>, Option<Vec<Vec<f32>>>)>,
+    previous: Option<Rollout>,
 }
+
+/// A step's completions per prompt and, with a KL term, their reference log-probs.
+type Rollout = (Vec<Vec<Completion>>, Option<Vec<Vec<f32>>>);
 
 /// Tracks peak memory per phase (when asked to) and over the whole run.
 struct Peaks {

@@ -33,10 +33,11 @@ pub(super) fn resolve_template(
 }
 
 /// The names `eval` writes in its output directory.
-const EVAL_OUTPUT: crate::train::checkpoint::OutputSpec = crate::train::checkpoint::OutputSpec {
+const EVAL_OUTPUT: crate::files::OutputSpec = crate::files::OutputSpec {
     command: "eval",
     flag: "--out",
     entries: &["report.md", "report.json", "items.jsonl"],
+    legacy: None,
 };
 
 /// `--max-new-tokens` against the model's context (its config.json alone): refused now
@@ -168,10 +169,10 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
             .unwrap_or_else(|| "model".into());
         PathBuf::from(format!("eval-{name}"))
     });
-    crate::train::checkpoint::check_output_dir(
+    crate::files::check_output_dir(
         &out,
         &EVAL_OUTPUT,
-        crate::train::checkpoint::Earlier::Replace { force: a.force },
+        crate::files::Earlier::Replace { force: a.force },
     )?;
     let loaded = load(
         &a.model,
@@ -249,9 +250,9 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         settings,
     );
     std::fs::create_dir_all(&out).map_err(|e| crate::files::io_error(&out, "cannot create", e))?;
-    crate::train::checkpoint::mark_output(&out, "eval")?;
+    crate::files::mark_output(&out, "eval")?;
     let md = report.markdown();
-    let write = crate::train::checkpoint::write_atomic;
+    let write = crate::files::write_atomic;
     write(&out.join("report.md"), md.as_bytes())?;
     write(
         &out.join("report.json"),

@@ -1000,14 +1000,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             // Written beside --out and moved into place when complete, so an earlier
             // output (--force) is replaced only by a finished one.
-            crate::train::checkpoint::check_output_dir(
+            crate::files::check_output_dir(
                 &a.out,
-                &crate::train::checkpoint::OutputSpec {
+                &crate::files::OutputSpec {
                     command: "data synth",
                     flag: "--out",
                     entries: crate::synth::ENTRIES,
+                    legacy: None,
                 },
-                crate::train::checkpoint::Earlier::Replace { force: a.force },
+                crate::files::Earlier::Replace { force: a.force },
             )?;
             let p = crate::synth::write(&a.out, &spec)?;
             println!("{}", p.display());

@@ -476,9 +476,8 @@ async fn read_body(st: &AppState, headers: &HeaderMap, mut body: Body) -> Result
     let read = async {
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                ApiError::bad_request(format!("cannot read the request body: {e}"))
-            })?;
+            let frame = frame
+                .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
             if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > limit {
                     return Ok(None);

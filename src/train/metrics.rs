@@ -35,7 +35,7 @@ impl JsonlWriter {
                 text.push('\n');
             }
             // Atomically: a crash while trimming must not lose the steps being kept.
-            super::checkpoint::write_atomic(path, text.as_bytes())?;
+            crate::files::write_atomic(path, text.as_bytes())?;
         }
         let file = OpenOptions::new()
             .create(true)

@@ -48,11 +48,12 @@ pub const RUN_ENTRIES: &[&str] = &[
 ];
 
 /// The output-directory rules of a `kind` ("grpo", "sft") run in `output_dir`.
-fn run_output(command: &str) -> checkpoint::OutputSpec<'_> {
-    checkpoint::OutputSpec {
+fn run_output(command: &str) -> crate::files::OutputSpec<'_> {
+    crate::files::OutputSpec {
         command,
         flag: "--output-dir",
         entries: RUN_ENTRIES,
+        legacy: Some(checkpoint::output_command),
     }
 }
 
@@ -122,7 +123,7 @@ impl Session {
             }
             return Ok(Some(c));
         }
-        checkpoint::check_output_dir(dir, &run_output(&command), checkpoint::Earlier::Reuse)?;
+        crate::files::check_output_dir(dir, &run_output(&command), crate::files::Earlier::Reuse)?;
         if dir.is_dir() {
             if let Some(c) = checkpoint::latest(dir)? {
                 bail!(
@@ -232,8 +233,8 @@ impl Session {
         }
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
-        checkpoint::mark_output(&dir, &format!("train {}", spec.kind))?;
-        checkpoint::write_atomic(&dir.join("config.toml"), spec.config_toml.as_bytes())?;
+        crate::files::mark_output(&dir, &format!("train {}", spec.kind))?;
+        crate::files::write_atomic(&dir.join("config.toml"), spec.config_toml.as_bytes())?;
         let keep = Some(step);
         let metrics = JsonlWriter::open(&dir.join("metrics.jsonl"), keep)?;
         let samples = JsonlWriter::open(&dir.join("completions.jsonl"), keep)?;

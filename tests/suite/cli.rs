@@ -1123,7 +1123,7 @@ fn nonsense_values_are_refused_naming_the_flag() {
                 "grpo",
                 &["--min-pixels", "100000000", "--max-pixels", "100000000"],
             ),
-            vec!["--min-pixels", "context"],
+            vec!["--min-pixels", "16777216"],
         ),
         (
             train("grpo", &["--lora-r", "4", "--lora-dropout", "1"]),

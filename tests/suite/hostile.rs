@@ -281,138 +281,7 @@ fn headers_of_accepted_images_give_their_size() {
 // ---------------------------------------------------------------------------------------------
 // Measuring a child's peak memory.
 
-struct Run {
-    ok: bool,
-    stderr: String,
-    /// Peak resident memory, in bytes.
-    peak: u64,
-    secs: f64,
-    killed: bool,
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn measure(mut cmd: Command, timeout: Duration) -> Option<Run> {
-    use std::os::unix::process::CommandExt;
-    use std::process::Stdio;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: ptrace(PTRACE_TRACEME) is async-signal-safe and touches no memory of ours.
-    unsafe {
-        cmd.pre_exec(|| {
-            let null = std::ptr::null_mut::<libc::c_void>();
-            if libc::ptrace(libc::PTRACE_TRACEME, 0, null, null) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let start = std::time::Instant::now();
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        // No ptrace here (a sandbox): the caller reports the test as skipped.
-        Err(_) => return None,
-    };
-    let pid = child.id() as libc::pid_t;
-    let read = |r: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut s);
-            }
-            String::from_utf8_lossy(&s).into_owned()
-        })
-    };
-    let out = read(child.stdout.take().map(|r| Box::new(r) as Box<_>));
-    let err = read(child.stderr.take().map(|r| Box::new(r) as Box<_>));
-    let done = Arc::new(AtomicBool::new(false));
-    let killed = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (done, killed) = (done.clone(), killed.clone());
-        std::thread::spawn(move || {
-            while start.elapsed() < timeout {
-                if done.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            killed.store(true, Ordering::SeqCst);
-            // SAFETY: the pid is our child's, not yet reaped (`done` is unset).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        })
-    };
-    let (mut status, mut peak, mut first) = (0, 0u64, true);
-    loop {
-        // SAFETY: waits for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-        if r == -1 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            panic!("waitpid: {}", std::io::Error::last_os_error());
-        }
-        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-            break;
-        }
-        if libc::WIFSTOPPED(status) {
-            let sig = libc::WSTOPSIG(status);
-            let event = (status >> 16) & 0xff;
-            let null = std::ptr::null_mut::<libc::c_void>();
-            let mut inject = 0;
-            if first && sig == libc::SIGTRAP {
-                // Stopped after exec: ask for a stop at exit, while the memory is still there.
-                first = false;
-                let opts = (libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL) as usize;
-                // SAFETY: ptrace on our stopped tracee.
-                unsafe {
-                    libc::ptrace(
-                        libc::PTRACE_SETOPTIONS,
-                        pid,
-                        null,
-                        opts as *mut libc::c_void,
-                    )
-                };
-            } else if sig == libc::SIGTRAP && event == libc::PTRACE_EVENT_EXIT {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                peak = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                    .map_or(0, |kib| kib * 1024);
-            } else {
-                inject = sig;
-            }
-            // SAFETY: resumes our stopped tracee, passing on any signal it was stopped by.
-            unsafe {
-                libc::ptrace(
-                    libc::PTRACE_CONT,
-                    pid,
-                    null,
-                    inject as usize as *mut libc::c_void,
-                )
-            };
-        }
-    }
-    done.store(true, Ordering::SeqCst);
-    let _ = watchdog.join();
-    let _ = out.join();
-    Some(Run {
-        ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        stderr: err.join().unwrap_or_default(),
-        peak,
-        secs: start.elapsed().as_secs_f64(),
-        killed: killed.load(Ordering::SeqCst),
-    })
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn measure(_cmd: Command, _timeout: Duration) -> Option<Run> {
-    None
-}
+use crate::common::{measure, Measured as Run};
 
 fn skipped(what: &str) {
     let _ = writeln!(
@@ -783,7 +652,7 @@ fn impossible_preprocessor_configs_are_refused_on_load() {
             "100000000000",
             "--max-pixels: 100000000000 is more than the 16777216",
         ),
-        ("--max-pixels", "0", "--max-pixels: must be at least 1"),
+        ("--max-pixels", "0", "--max-pixels must be at least 1"),
         (
             "--max-pixels",
             "1000",

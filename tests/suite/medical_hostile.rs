@@ -827,129 +827,26 @@ fn nifti_gzip_is_inflated_only_as_far_as_the_header_declares() {
 
 // ---- In a child process: no abort, bounded memory ----
 
-/// How a child process ended, and its peak resident memory.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-struct Ended {
-    code: Option<i32>,
-    signal: Option<i32>,
-    stderr: String,
-    peak_rss: u64,
-}
+use crate::common::Measured as Ended;
 
-/// Runs `cmd` to its end, measuring its peak RSS with `wait4` (which also says whether a
-/// signal, such as the SIGABRT of a stack overflow, killed it).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-// The child is reaped by `wait4` (std's `wait` cannot report its rusage).
-#[allow(clippy::zombie_processes)]
-fn run_measured(cmd: &mut std::process::Command) -> Ended {
-    use std::io::Read;
-    use std::process::Stdio;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .ok();
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet reaped (`child` is never waited on); `status`
-    // and `usage` are valid for writes.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
-    Ended {
-        code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
-        signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
-        stderr,
-        // Kilobytes on Linux.
-        peak_rss: usage.ru_maxrss as u64 * 1024,
-    }
-}
-
-/// `medvlm ask` on `image` with the tiny model, measured from a small intermediate process
-/// (this test binary again, running `measure_ask`): the peak RSS the kernel reports for a
-/// child includes that of the address space it was spawned from (exec keeps the larger),
-/// and this test process can be large while other tests run; the intermediate is not.
+/// `medvlm ask` on `image` with the tiny model, measured (see [`crate::common::measure`]).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn ask(image: &Path) -> Ended {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "medical_hostile::measure_ask",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("MEDVLM_MEASURE_ASK", image)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let measured = stdout
-        .lines()
-        .find_map(|l| Some(l.split_once("MEASURED ")?.1))
-        .unwrap_or_else(|| {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            panic!("no measurement: {stdout} {stderr}")
-        });
-    let field = |name: &str| -> Option<i64> {
-        measured
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix(name))
-            .and_then(|v| v.parse().ok())
-    };
-    Ended {
-        code: field("code=").map(|v| v as i32),
-        signal: field("signal=").map(|v| v as i32),
-        stderr: stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("CHILD-STDERR: "))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        peak_rss: field("rss=").expect("rss") as u64,
-    }
-}
-
-/// The intermediate of [`ask`]: runs `medvlm ask` on MEDVLM_MEASURE_ASK and prints how it
-/// ended.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[test]
-#[ignore = "run by ask_fails_cleanly_on_hostile_files in a child process"]
-fn measure_ask() {
-    let Ok(image) = std::env::var("MEDVLM_MEASURE_ASK") else {
-        panic!("MEDVLM_MEASURE_ASK is not set: this test is run by another");
-    };
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-a");
-    let end = run_measured(
-        std::process::Command::new(env!("CARGO_BIN_EXE_medvlm")).args([
-            "ask",
-            "--model",
-            model.to_str().unwrap(),
-            "--image",
-            &image,
-            "--question",
-            "q",
-            "--max-new-tokens",
-            "1",
-        ]),
-    );
-    let show = |v: Option<i32>| v.map_or("-".to_owned(), |v| v.to_string());
-    println!(
-        "MEASURED code={} signal={} rss={}",
-        show(end.code),
-        show(end.signal),
-        end.peak_rss
-    );
-    for line in end.stderr.lines() {
-        println!("CHILD-STDERR: {line}");
-    }
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_medvlm"));
+    cmd.args([
+        "ask",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "q",
+        "--max-new-tokens",
+        "1",
+    ]);
+    crate::common::measure(cmd, std::time::Duration::from_secs(120))
+        .expect("ptrace, to measure a child's peak memory")
 }
 
 /// Peak RSS allowed to `medvlm ask` on a hostile file. The tiny model's run on a small
@@ -980,9 +877,9 @@ fn assert_clean_failure(what: &str, end: &Ended, says: &str) {
     assert_eq!(lines.len(), 1, "{what}: {}", end.stderr);
     assert!(lines[0].contains(says), "{what}: {}", end.stderr);
     assert!(
-        end.peak_rss < ASK_PEAK,
+        end.peak < ASK_PEAK,
         "{what}: peak RSS {} MB",
-        end.peak_rss >> 20
+        end.peak >> 20
     );
 }
 
@@ -1005,18 +902,18 @@ fn ask_fails_cleanly_on_hostile_files() {
         let end = ask(&path);
         let what = format!("depth {depth} {enc:?}");
         assert_clean_failure(&what, &end, "nested more than 128 deep");
-        report.push(format!("{what}: peak RSS {} MB", end.peak_rss >> 20));
+        report.push(format!("{what}: peak RSS {} MB", end.peak >> 20));
     }
     for liar in liars() {
         let path = write(dir.path(), &format!("{}.dcm", liar.name), &liar.bytes);
         let end = ask(&path);
         assert_clean_failure(liar.name, &end, liar.says);
-        report.push(format!("{}: peak RSS {} MB", liar.name, end.peak_rss >> 20));
+        report.push(format!("{}: peak RSS {} MB", liar.name, end.peak >> 20));
     }
     let bomb = write(dir.path(), "bomb.dcm", &deflate_bomb());
     let end = ask(&bomb);
     assert_clean_failure("deflate bomb", &end, "inflates to more than 512 MiB");
-    report.push(format!("deflate bomb: peak RSS {} MB", end.peak_rss >> 20));
+    report.push(format!("deflate bomb: peak RSS {} MB", end.peak >> 20));
 
     // NIfTI: a header declaring 8 GB over 16 bytes of data, as .nii and .nii.gz.
     let mut large = nifti_header(&[2048, 2048, 1000], 4, 16, 352.0);
@@ -1025,7 +922,7 @@ fn ask_fails_cleanly_on_hostile_files() {
         let path = write(dir.path(), name, &bytes);
         let end = ask(&path);
         assert_clean_failure(name, &end, "truncated NIfTI file");
-        report.push(format!("{name}: peak RSS {} MB", end.peak_rss >> 20));
+        report.push(format!("{name}: peak RSS {} MB", end.peak >> 20));
     }
     println!("{}", report.join("\n"));
 }
@@ -1046,14 +943,10 @@ fn nifti_gzip_bomb_is_not_inflated() {
     let start = std::time::Instant::now();
     let end = ask(&path);
     assert_eq!((end.signal, end.code), (None, Some(0)), "{}", end.stderr);
-    assert!(
-        end.peak_rss < ASK_PEAK,
-        "peak RSS {} MB",
-        end.peak_rss >> 20
-    );
+    assert!(end.peak < ASK_PEAK, "peak RSS {} MB", end.peak >> 20);
     println!(
         "nii.gz bomb: peak RSS {} MB, {:?}",
-        end.peak_rss >> 20,
+        end.peak >> 20,
         start.elapsed()
     );
 }
