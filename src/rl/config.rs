@@ -91,7 +91,7 @@ impl Method for GrpoMethod {
 
     fn validate_files(&self) -> Result<()> {
         if let Some(e) = &self.eval_data {
-            if !e.is_file() {
+            if !crate::processor::input::is_regular_file(e, "eval_data")? {
                 bail!("config: eval_data {}: no such file", e.display());
             }
         }

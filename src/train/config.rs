@@ -195,7 +195,8 @@ impl RunConfig {
         if self.train_data.as_os_str().is_empty() {
             bail!("config: `train_data` is required");
         }
-        if !self.train_data.is_file() {
+        // A directory, a device (/dev/zero) or a FIFO is named as what it is.
+        if !crate::processor::input::is_regular_file(&self.train_data, "train_data")? {
             bail!(
                 "config: train_data {}: no such file",
                 self.train_data.display()

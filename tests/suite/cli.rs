@@ -1467,3 +1467,40 @@ fn ask_says_what_the_model_saw() {
         "{err}"
     );
 }
+
+/// Data files that are not regular files are named as what they are, not "no such file"
+/// (and never read: /dev/zero would never end).
+#[test]
+fn data_paths_that_are_not_files_are_named_by_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-a");
+    let run = tmp.path().join("run");
+    let rows = tmp.path().join("rows.json");
+    std::fs::write(&rows, "[]").unwrap();
+    for (data, says) in [
+        ("/dev/zero", "is a character device"),
+        (s(tmp.path()), "is a directory"),
+    ] {
+        for (flag, train_data) in [("--train-data", data), ("--eval-data", s(&rows))] {
+            let mut args = vec![
+                "train",
+                "grpo",
+                "--model",
+                s(&model),
+                "--output-dir",
+                s(&run),
+                "--train-data",
+                train_data,
+            ];
+            if flag == "--eval-data" {
+                args.extend(["--eval-data", data]);
+            }
+            let (ok, _, err) = medvlm(&args);
+            assert!(!ok, "{args:?}");
+            assert!(
+                err.contains(data) && err.contains(says) && err.lines().count() == 1,
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
