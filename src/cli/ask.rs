@@ -42,20 +42,43 @@ pub(super) fn run_ask(a: AskArgs) -> Result<()> {
     } else {
         template.render(&build_problem(&a.question, &options))
     };
-    let image = proc.load_image(&a.image)?;
-    // What the model sees: the picture after decoding (medical files: slice and window)
+    // What the model sees: the pictures after decoding (medical files: slices and window)
     // and after resizing.
-    if let Some(d) = crate::processor::image::medical::describe(&a.image, &a.medical.options())? {
-        eprintln!("image: {}: {d}", a.image.display());
-    }
     let ps = proc.images.config.patch_size;
+    let images = match &a.slices {
+        Some(spec) => {
+            let slices = proc.load_slices(&a.image, spec)?;
+            let indices: Vec<String> = slices.iter().map(|(k, _)| k.to_string()).collect();
+            eprintln!(
+                "image: {}: {} slices ({}) as {} images",
+                a.image.display(),
+                slices.len(),
+                indices.join(", "),
+                slices.len()
+            );
+            slices.into_iter().map(|(_, p)| p).collect()
+        }
+        None => {
+            if !a.image.is_dir() {
+                let opts = a.medical.options();
+                if let Some(d) = crate::processor::image::medical::describe(&a.image, &opts)? {
+                    eprintln!("image: {}: {d}", a.image.display());
+                }
+            }
+            vec![proc.load_image(&a.image)?]
+        }
+    };
+    let tokens: usize = images.iter().map(|i| i.num_tokens()).sum();
     eprintln!(
-        "image: resized to {}x{} pixels, {} image tokens",
-        image.grid_thw[2] * ps,
-        image.grid_thw[1] * ps,
-        image.num_tokens()
+        "image: resized to {}x{} pixels, {tokens} image tokens in all",
+        images[0].grid_thw[2] * ps,
+        images[0].grid_thw[1] * ps,
     );
-    let prompt = proc.prepare(&[Message::user_with_images(1, text)], vec![image], true)?;
+    let prompt = proc.prepare(
+        &[Message::user_with_images(images.len(), text)],
+        images,
+        true,
+    )?;
     let engine = Engine::new(
         &loaded.model,
         proc.tokenizer.stop_tokens().to_vec(),

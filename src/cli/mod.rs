@@ -303,9 +303,17 @@ pub struct EvalArgs {
 pub struct AskArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The scan (PNG, JPEG, DICOM, NIfTI, ...).
-    #[arg(long, value_name = "FILE")]
+    /// The scan (PNG, JPEG, DICOM, NIfTI, ...), or a directory holding one DICOM series
+    /// (its slices ordered by Instance Number).
+    #[arg(long, value_name = "FILE|DIR")]
     pub image: PathBuf,
+    /// Show a 3-D scan (NIfTI, multi-frame DICOM, a DICOM series directory) as several
+    /// images: N slices evenly spaced through the volume (the middle of each of N equal
+    /// parts), or a comma-separated list of slice indices (10,20,30). At most 64; every
+    /// slice costs its own image tokens. Without it one slice is shown (--slice, or the
+    /// middle one).
+    #[arg(long, value_name = "N|I,J,K", conflicts_with = "slice", value_parser = parse_slices)]
+    pub slices: Option<crate::processor::image::medical::Slices>,
     /// The question about the scan (without the options; see --options).
     #[arg(long, value_name = "TEXT")]
     pub question: String,
@@ -744,6 +752,10 @@ impl MedicalArgs {
 }
 
 pub use crate::processor::image::medical::window::parse_window;
+
+fn parse_slices(s: &str) -> Result<crate::processor::image::medical::Slices, String> {
+    crate::processor::image::medical::Slices::parse(s).map_err(|e| e.to_string())
+}
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {

@@ -99,6 +99,10 @@ pub fn load_rgb_with(path: &Path, opts: &MedicalOptions) -> Result<RgbImage> {
 /// [`load_rgb_with`], refusing also the sizes `check` refuses, from the header of a raster
 /// image (after decoding for DICOM and NIfTI, whose own header checks come first).
 pub fn load_rgb_checked(path: &Path, opts: &MedicalOptions, check: SizeCheck) -> Result<RgbImage> {
+    // A directory where an image is expected is a DICOM series: one of its slices.
+    if path.is_dir() {
+        return medical::load_series_slice(path, opts);
+    }
     let bytes = read_file(path)?;
     decode_named(path, &bytes, opts, check)
         .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e)))

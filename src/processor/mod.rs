@@ -214,6 +214,26 @@ impl Processor {
             .with_context(|| format!("{}: cannot preprocess image", path.display()))
     }
 
+    /// Several slices of a volume (a NIfTI file, a multi-frame DICOM file, a DICOM series
+    /// directory) preprocessed as separate images, each with its slice index, windowed as
+    /// this processor's medical options say.
+    pub fn load_slices(
+        &self,
+        path: &Path,
+        spec: &image::medical::Slices,
+    ) -> Result<Vec<(usize, PixelPatches)>> {
+        image::medical::load_slices(path, &self.medical, spec)?
+            .into_iter()
+            .map(|(k, rgb)| {
+                self.check_image_size(rgb.width(), rgb.height())?;
+                let patches = self.images.preprocess(&rgb).with_context(|| {
+                    format!("{}: cannot preprocess slice {k}", path.display())
+                })?;
+                Ok((k, patches))
+            })
+            .collect()
+    }
+
     /// [`Self::load_image`] for an image held in memory (a file's bytes, as the server gets
     /// them), with the slice and window `medical` for DICOM and NIfTI data.
     pub fn decode_image(

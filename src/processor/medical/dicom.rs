@@ -115,6 +115,23 @@ pub fn decode_cost(bytes: &[u8]) -> Result<u64> {
     Ok(checked.walk.model + codec + plane + FIXED)
 }
 
+/// Frames in the file, from its checked structure (no pixel decoded).
+pub fn slice_count(bytes: &[u8]) -> Result<usize> {
+    let checked = check(bytes)?;
+    let frames = checked.walk.top.frames.unwrap_or(1).max(1);
+    Ok(usize::try_from(frames).unwrap_or(usize::MAX))
+}
+
+/// The Instance Number (0020,0013) of a checked file, which orders a series' files.
+pub fn instance_number(bytes: &[u8]) -> Result<Option<i64>> {
+    check(bytes)?;
+    let obj = open(bytes)?;
+    Ok(obj
+        .get(tags::INSTANCE_NUMBER)
+        .and_then(|e| e.to_str().ok())
+        .and_then(|s| s.trim().parse::<i64>().ok()))
+}
+
 /// Declared sizes that the pixel data must back: native data at least as long as all the
 /// frames the header declares (as pydicom requires), encapsulated data a fragment per
 /// frame at least.

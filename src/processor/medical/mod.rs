@@ -200,6 +200,208 @@ pub fn describe(path: &Path, opts: &MedicalOptions) -> Result<Option<String>> {
     }))
 }
 
+/// Several slices of a volume shown to the model as several images: a 3-D scan as input.
+/// Qwen2-VL takes them as separate images (each its own vision tokens), in slice order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slices {
+    /// `N` slices evenly spaced through the volume: the middle slice of each of `N` equal
+    /// parts (slice `floor((2k + 1) * count / 2N)` for k = 0..N), so `N = 1` is the middle
+    /// slice, the single-image default.
+    Evenly(usize),
+    /// These slice indices, in this order.
+    List(Vec<usize>),
+}
+
+/// Most slices one volume may become: each is a whole image to the model (at least 4
+/// vision tokens, usually hundreds), and the prompt's token limit applies to them all.
+pub const MAX_SLICES: usize = 64;
+
+/// Most files a DICOM series directory may hold (CT series reach a few thousand slices).
+pub const MAX_SERIES_FILES: usize = 8192;
+
+impl Slices {
+    /// `N` (evenly spaced) or a comma-separated list of indices (`10,20,30`).
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        let spec = if s.contains(',') {
+            let list = s
+                .split(',')
+                .map(|x| {
+                    x.trim().parse::<usize>().map_err(|_| {
+                        anyhow!("{x:?} is not a slice index (a whole number from 0)")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Slices::List(list)
+        } else {
+            let n = s.parse::<usize>().map_err(|_| {
+                anyhow!("{s:?} is neither a number of slices nor a list of indices (10,20,30)")
+            })?;
+            Slices::Evenly(n)
+        };
+        let n = match &spec {
+            Slices::Evenly(n) => *n,
+            Slices::List(l) => l.len(),
+        };
+        if n == 0 || n > MAX_SLICES {
+            bail!("from 1 to {MAX_SLICES} slices may be shown, got {n}");
+        }
+        Ok(spec)
+    }
+
+    /// The slice indices for a volume of `count` slices.
+    pub fn indices(&self, count: usize) -> Result<Vec<usize>> {
+        match self {
+            Slices::Evenly(n) => {
+                if *n > count {
+                    bail!("{n} slices asked for, but the volume has {count}");
+                }
+                Ok((0..*n)
+                    .map(|k| ((2 * k + 1) as u128 * count as u128 / (2 * *n) as u128) as usize)
+                    .collect())
+            }
+            Slices::List(l) => {
+                if let Some(bad) = l.iter().find(|&&i| i >= count) {
+                    bail!(
+                        "slice {bad} is out of range: the volume has {count} slice(s) (valid \
+                         slices: 0..={})",
+                        count.saturating_sub(1)
+                    );
+                }
+                Ok(l.clone())
+            }
+        }
+    }
+}
+
+/// The files of a DICOM series directory in slice order: by Instance Number, then by name
+/// (files without one after those with one). Every regular file in it must be DICOM.
+pub fn series_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| anyhow!("{}: cannot list: {e}", dir.display()))? {
+        let e = e.map_err(|e| anyhow!("{}: cannot list: {e}", dir.display()))?;
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        // Hidden files and the DICOMDIR index are not slices.
+        if name.starts_with('.') || name.eq_ignore_ascii_case("DICOMDIR") || !path.is_file() {
+            continue;
+        }
+        files.push(path);
+        if files.len() > MAX_SERIES_FILES {
+            bail!(
+                "{}: more than {MAX_SERIES_FILES} files; a DICOM series directory holds one \
+                 series",
+                dir.display()
+            );
+        }
+    }
+    if files.is_empty() {
+        bail!("{}: an empty directory, not a DICOM series", dir.display());
+    }
+    let mut keyed = Vec::with_capacity(files.len());
+    for f in files {
+        let bytes = super::read_file(&f)?;
+        if kind(&f, &bytes) != Some(Kind::Dicom) {
+            bail!(
+                "{}: not a DICOM file; a series directory holds only the series' DICOM files",
+                f.display()
+            );
+        }
+        let number = guarded("DICOM", || dicom::instance_number(&bytes))
+            .map_err(|e| name_file(&f, &e))?;
+        keyed.push((number.is_none(), number, f));
+    }
+    keyed.sort();
+    Ok(keyed.into_iter().map(|(_, _, f)| f).collect())
+}
+
+/// One slice of a DICOM series directory: `opts.slice`, else the middle file.
+pub fn load_series_slice(dir: &Path, opts: &MedicalOptions) -> Result<RgbImage> {
+    let files = series_files(dir)?;
+    let k = opts.slice.unwrap_or(files.len() / 2);
+    let Some(file) = files.get(k) else {
+        bail!(
+            "{}: slice {k} is out of range: the series has {} file(s) (valid slices: 0..={})",
+            dir.display(),
+            files.len(),
+            files.len() - 1
+        );
+    };
+    load_medical(
+        file,
+        &MedicalOptions {
+            slice: None,
+            ..opts.clone()
+        },
+    )
+}
+
+/// Slices in a volume: along the third axis of a NIfTI file (its first volume), the frames
+/// of a DICOM file, the files of a DICOM series directory. From headers alone.
+pub fn slice_count(path: &Path) -> Result<usize> {
+    if path.is_dir() {
+        return Ok(series_files(path)?.len());
+    }
+    let bytes = super::read_file(path)?;
+    match kind(path, &bytes) {
+        Some(Kind::Dicom) => guarded("DICOM", || dicom::slice_count(&bytes)),
+        Some(Kind::Nifti) => guarded("NIfTI", || nifti::slice_count(&bytes)),
+        None => bail!("not a DICOM or NIfTI file, so it has no slices"),
+    }
+    .map_err(|e| name_file(path, &e))
+}
+
+/// The slices `spec` names of a volume (a NIfTI file, a multi-frame DICOM file or a DICOM
+/// series directory) as pictures, each with its index, windowed as `opts` says
+/// (`opts.slice` is ignored). Each slice is decoded on its own, as [`load_medical`] would
+/// show it with `--slice`.
+pub fn load_slices(
+    path: &Path,
+    opts: &MedicalOptions,
+    spec: &Slices,
+) -> Result<Vec<(usize, RgbImage)>> {
+    let series = if path.is_dir() {
+        Some(series_files(path)?)
+    } else {
+        None
+    };
+    let count = match &series {
+        Some(files) => files.len(),
+        None => slice_count(path)?,
+    };
+    let indices = spec
+        .indices(count)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let bytes = match &series {
+        Some(_) => Vec::new(),
+        None => super::read_file(path)?,
+    };
+    indices
+        .into_iter()
+        .map(|k| {
+            let picture = match &series {
+                Some(files) => load_medical(
+                    &files[k],
+                    &MedicalOptions {
+                        slice: None,
+                        ..opts.clone()
+                    },
+                )?,
+                None => decode_medical(
+                    path,
+                    &bytes,
+                    &MedicalOptions {
+                        slice: Some(k),
+                        ..opts.clone()
+                    },
+                )
+                .map_err(|e| name_file(path, &e))?,
+            };
+            Ok((k, picture))
+        })
+        .collect()
+}
+
 /// [`load_medical`] on bytes already read; errors do not name the file (the caller does).
 /// `path` decides by its name when the bytes do not (see [`is_medical`]) and locates the
 /// `.img` of a NIfTI `.hdr`.

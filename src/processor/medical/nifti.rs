@@ -197,6 +197,12 @@ pub fn decode_cost(path: &Path, bytes: &[u8]) -> Result<u64> {
     Ok(2 * volume.plane_bytes + n * (8 + 7) + (1 << 20))
 }
 
+/// Slices along the third voxel axis (of the first volume), from the header alone.
+pub fn slice_count(bytes: &[u8]) -> Result<usize> {
+    let (volume, _) = open(bytes)?;
+    Ok(usize::try_from(volume.nz).unwrap_or(usize::MAX))
+}
+
 /// Reads the wanted slice of a NIfTI-1 file held in `bytes` (`path` is used for the `.img`
 /// of a header/image pair).
 pub fn read(path: &Path, bytes: &[u8], opts: &MedicalOptions) -> Result<Plane> {
