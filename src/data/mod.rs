@@ -8,6 +8,7 @@
 
 pub mod answer;
 pub mod prompt;
+pub mod score;
 
 use std::path::{Path, PathBuf};
 

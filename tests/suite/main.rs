@@ -23,6 +23,7 @@ mod model_parity;
 mod plot;
 mod readme;
 mod rewards;
+mod score;
 mod selftest;
 mod serve;
 mod serve_limits;
