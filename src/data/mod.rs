@@ -7,6 +7,7 @@
 //! and reason, never silently dropped into a score.
 
 pub mod answer;
+pub mod bench;
 pub mod prompt;
 pub mod score;
 
@@ -156,7 +157,10 @@ pub struct Skipped {
     /// The row's modality (normalised name), so reports count skipped rows per modality.
     pub modality: String,
     /// The reason's kind, for counting: "missing image", "answer not among the options",
-    /// "no options", "too many options", "no image".
+    /// "no options", "too many options", "no image"; the benchmark loaders ([`bench`]) add
+    /// "no answer", "malformed row" (wrong JSON types, short CSV rows), "bad options" (MMMU
+    /// options that are no Python list of strings), "unknown answer type" and "unknown
+    /// language" (SLAKE).
     pub kind: &'static str,
 }
 

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod bench_data;
 mod cli;
 mod demo;
 mod eval;

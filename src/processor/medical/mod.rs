@@ -478,7 +478,7 @@ thread_local! {
 /// `mozjpeg`) into an error. The panic's message goes into the error; the panic hook (which
 /// would print it, and a backtrace, to stderr) is skipped for panics inside decoders: the
 /// first call wraps the hook in place then, other panics still reach it.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     static QUIET_HOOK: Once = Once::new();
     QUIET_HOOK.call_once(|| {
         let previous = std::panic::take_hook();
