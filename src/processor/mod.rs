@@ -226,9 +226,10 @@ impl Processor {
             .into_iter()
             .map(|(k, rgb)| {
                 self.check_image_size(rgb.width(), rgb.height())?;
-                let patches = self.images.preprocess(&rgb).with_context(|| {
-                    format!("{}: cannot preprocess slice {k}", path.display())
-                })?;
+                let patches = self
+                    .images
+                    .preprocess(&rgb)
+                    .with_context(|| format!("{}: cannot preprocess slice {k}", path.display()))?;
                 Ok((k, patches))
             })
             .collect()

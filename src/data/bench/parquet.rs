@@ -1,6 +1,10 @@
-//! Hugging Face parquet files (VQA-RAD, PathVQA, MMMU) read through the Arrow reader, into
-//! rows of the few cell kinds those files hold: text, the `datasets` Image struct
-//! `{bytes: binary, path: string}`, and nulls.
+//! Hugging Face parquet files (VQA-RAD, PathVQA, MMMU) read through the `parquet` crate's
+//! record reader, into rows of the few cell kinds those files hold: text, the `datasets`
+//! Image struct `{bytes: binary, path: string}`, and nulls.
+//!
+//! Why the record reader and not Arrow's: these files are a few columns of text and image
+//! bytes, read once; the Arrow reader would add the Arrow crates, about 7 CPU-minutes to
+//! every clean build (and CI), for columnar speed nothing here needs.
 //!
 //! The file is read whole within the dataset bound ([`read_bounded`]); the reader runs
 //! under the decoders' panic guard, so a corrupt file is an error, never a crash. Only
@@ -11,13 +15,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef};
-use arrow_schema::DataType;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use parquet::basic::Compression;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::{Field, Row};
+use parquet::schema::types::Type;
 
 use crate::processor::input::{is_regular_file, read_bounded, MAX_DATA_FILE_BYTES};
 
@@ -100,9 +102,9 @@ fn read_bytes(
     wanted: &[&str],
     required: &[&str],
 ) -> Result<Table> {
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| not_parquet(path, e))?;
-    let names = roots(builder.metadata());
+    let reader = SerializedFileReader::new(bytes).map_err(|e| not_parquet(path, e))?;
+    let meta = reader.metadata();
+    let names = roots(meta);
     let missing: Vec<&str> = required
         .iter()
         .copied()
@@ -116,11 +118,7 @@ fn read_bytes(
             names.join(", ")
         );
     }
-    // Root columns to read, and where each wanted column sits among them.
-    let picked: Vec<usize> = (0..names.len())
-        .filter(|&i| wanted.contains(&names[i].as_str()))
-        .collect();
-    for rg in builder.metadata().row_groups() {
+    for rg in meta.row_groups() {
         for col in rg.columns() {
             let c = col.compression();
             if !matches!(c, Compression::UNCOMPRESSED | Compression::SNAPPY) {
@@ -133,84 +131,81 @@ fn read_bytes(
             }
         }
     }
-    let mask = ProjectionMask::roots(builder.parquet_schema(), picked.iter().copied());
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(256)
+    // Only the wanted root columns are decoded (image bytes of other columns are skipped).
+    let schema = meta.file_metadata().schema_descr().root_schema();
+    let fields: Vec<_> = schema
+        .get_fields()
+        .iter()
+        .filter(|f| wanted.contains(&f.name()))
+        .cloned()
+        .collect();
+    let projection = Type::group_type_builder(schema.name())
+        .with_fields(fields)
         .build()
         .map_err(|e| not_parquet(path, e))?;
-    let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| not_parquet(path, e))?;
-        let schema = batch.schema();
-        let columns: Vec<Option<ArrayRef>> = wanted
-            .iter()
-            .map(|w| schema.index_of(w).ok().map(|i| Arc::clone(batch.column(i))))
-            .collect();
-        for r in 0..batch.num_rows() {
-            let mut row = Vec::with_capacity(wanted.len());
-            for (w, col) in wanted.iter().zip(&columns) {
-                row.push(match col {
-                    None => Cell::Null,
-                    Some(a) => cell(a.as_ref(), r)
-                        .map_err(|t| anyhow!("{}: column {w} is {t}", path.display()))?,
-                });
-            }
-            rows.push(row);
+    let mut rows = Vec::with_capacity(meta.file_metadata().num_rows().max(0) as usize);
+    for row in reader
+        .get_row_iter(Some(projection))
+        .map_err(|e| not_parquet(path, e))?
+    {
+        let row = row.map_err(|e| not_parquet(path, e))?;
+        let mut cells = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            cells.push(match column(&row, w) {
+                None => Cell::Null,
+                Some(f) => cell(f).map_err(|t| anyhow!("{}: column {w} is {t}", path.display()))?,
+            });
         }
+        rows.push(cells);
     }
     Ok(Table { rows })
 }
 
-/// Text of a string or binary column at `r`; `Err` names a type that is neither.
-fn text(a: &dyn Array, r: usize) -> std::result::Result<Option<String>, String> {
-    if a.is_null(r) {
-        return Ok(None);
-    }
-    let s = match a.data_type() {
-        DataType::Utf8 => a.as_string::<i32>().value(r).to_string(),
-        DataType::LargeUtf8 => a.as_string::<i64>().value(r).to_string(),
-        DataType::Utf8View => a.as_string_view().value(r).to_string(),
-        DataType::Null => return Ok(None),
-        t => return Err(format!("{t}, not text")),
-    };
-    Ok(Some(s))
+fn column<'a>(row: &'a Row, name: &str) -> Option<&'a Field> {
+    row.get_column_iter()
+        .find(|(n, _)| n.as_str() == name)
+        .map(|(_, f)| f)
 }
 
-fn binary(a: &dyn Array, r: usize) -> std::result::Result<Option<Arc<[u8]>>, String> {
-    if a.is_null(r) {
-        return Ok(None);
-    }
-    let b: &[u8] = match a.data_type() {
-        DataType::Binary => a.as_binary::<i32>().value(r),
-        DataType::LargeBinary => a.as_binary::<i64>().value(r),
-        DataType::BinaryView => a.as_binary_view().value(r),
-        DataType::Null => return Ok(None),
-        t => return Err(format!("{t}, not bytes")),
-    };
-    Ok(Some(Arc::from(b)))
+/// What kind of value `f` is, for an error naming an unexpected one.
+fn kind(f: &Field) -> String {
+    let debug = format!("{f:?}");
+    let name = debug.split(['(', ' ', '{']).next().unwrap_or("a value");
+    format!("a {name} value")
 }
 
-fn cell(a: &dyn Array, r: usize) -> std::result::Result<Cell, String> {
-    if a.is_null(r) {
-        return Ok(Cell::Null);
+fn text(f: &Field) -> std::result::Result<Option<String>, String> {
+    match f {
+        Field::Null => Ok(None),
+        Field::Str(s) => Ok(Some(s.clone())),
+        other => Err(format!("{}, not text", kind(other))),
     }
-    match a.data_type() {
-        DataType::Struct(_) => {
-            let s = a.as_struct();
-            let Some(b) = s.column_by_name("bytes") else {
+}
+
+fn binary(f: &Field) -> std::result::Result<Option<Arc<[u8]>>, String> {
+    match f {
+        Field::Null => Ok(None),
+        Field::Bytes(b) => Ok(Some(Arc::from(b.data()))),
+        // A binary column with a UTF-8 annotation reads as text; its bytes are the same.
+        Field::Str(s) => Ok(Some(Arc::from(s.as_bytes()))),
+        other => Err(format!("{}, not bytes", kind(other))),
+    }
+}
+
+fn cell(f: &Field) -> std::result::Result<Cell, String> {
+    match f {
+        Field::Null => Ok(Cell::Null),
+        Field::Group(g) => {
+            let Some(b) = column(g, "bytes") else {
                 return Err("a struct without `bytes`, not an image".into());
             };
-            let bytes =
-                binary(b.as_ref(), r).map_err(|t| format!("an image whose bytes are {t}"))?;
-            let path = match s.column_by_name("path") {
-                Some(p) => {
-                    text(p.as_ref(), r).map_err(|t| format!("an image whose path is {t}"))?
-                }
+            let bytes = binary(b).map_err(|t| format!("an image whose bytes are {t}"))?;
+            let path = match column(g, "path") {
+                Some(p) => text(p).map_err(|t| format!("an image whose path is {t}"))?,
                 None => None,
             };
             Ok(Cell::Image { bytes, path })
         }
-        _ => Ok(text(a, r)?.map_or(Cell::Null, Cell::Text)),
+        other => Ok(text(other)?.map_or(Cell::Null, Cell::Text)),
     }
 }

@@ -227,9 +227,9 @@ impl Slices {
             let list = s
                 .split(',')
                 .map(|x| {
-                    x.trim().parse::<usize>().map_err(|_| {
-                        anyhow!("{x:?} is not a slice index (a whole number from 0)")
-                    })
+                    x.trim()
+                        .parse::<usize>()
+                        .map_err(|_| anyhow!("{x:?} is not a slice index (a whole number from 0)"))
                 })
                 .collect::<Result<Vec<_>>>()?;
             Slices::List(list)
@@ -307,8 +307,8 @@ pub fn series_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
                 f.display()
             );
         }
-        let number = guarded("DICOM", || dicom::instance_number(&bytes))
-            .map_err(|e| name_file(&f, &e))?;
+        let number =
+            guarded("DICOM", || dicom::instance_number(&bytes)).map_err(|e| name_file(&f, &e))?;
         keyed.push((number.is_none(), number, f));
     }
     keyed.sort();
