@@ -522,3 +522,165 @@ fn cli_reads_scans_with_window_presets_and_slices() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A 3-D scan as several images.
+
+use medvlm::processor::image::medical::{load_series_slice, load_slices, slice_count, Slices};
+
+/// Evenly spaced slices are the middles of N equal parts, by hand: 25 slices in 4 parts of
+/// 6.25 have middles 3.1, 9.4, 15.6, 21.9; one part is the middle slice, the default.
+#[test]
+fn evenly_spaced_slices_are_the_middles_of_equal_parts() {
+    assert_eq!(Slices::Evenly(4).indices(25).unwrap(), vec![3, 9, 15, 21]);
+    assert_eq!(Slices::Evenly(1).indices(25).unwrap(), vec![12]);
+    assert_eq!(Slices::Evenly(3).indices(3).unwrap(), vec![0, 1, 2]);
+    assert_eq!(Slices::Evenly(2).indices(5).unwrap(), vec![1, 3]);
+    assert!(Slices::Evenly(6).indices(5).is_err());
+    assert!(Slices::List(vec![0, 5])
+        .indices(5)
+        .unwrap_err()
+        .to_string()
+        .contains("slice 5 is out of range"));
+    assert_eq!(Slices::parse("8").unwrap(), Slices::Evenly(8));
+    assert_eq!(
+        Slices::parse(" 3, 1 ,2").unwrap(),
+        Slices::List(vec![3, 1, 2])
+    );
+    for bad in ["0", "65", "a", "1,,2", "-1", ""] {
+        assert!(Slices::parse(bad).is_err(), "{bad}");
+    }
+}
+
+/// Each slice of a multi-slice load is the picture pydicom / nibabel make of that slice
+/// (every reference case that names a slice, loaded among other slices of its volume).
+#[test]
+fn every_slice_of_a_volume_matches_its_reference() {
+    let mut checked = 0;
+    for case in cases() {
+        let (Some(path), Some(k)) = (&case.path, case.opts.slice) else {
+            continue;
+        };
+        let count = slice_count(path).unwrap();
+        assert!(k < count, "{}: slice {k} of {count}", case.name);
+        // The case's slice between two others (where the volume has them).
+        let list: Vec<usize> = [k.saturating_sub(1), k, (k + 1).min(count - 1)].to_vec();
+        let slices = load_slices(path, &case.opts, &Slices::List(list.clone())).unwrap();
+        assert_eq!(
+            slices.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            list,
+            "{}",
+            case.name
+        );
+        let (max, count) = diff(&slices[1].1, &case.expected);
+        assert!(
+            max <= case.max_diff,
+            "{}: max diff {max} ({count} samples)",
+            case.name
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} cases name a slice");
+    // Slice counts from the headers (pydicom's NumberOfFrames, nibabel's shape[2]).
+    assert_eq!(
+        slice_count(&fixture("synthetic/multiframe.dcm")).unwrap(),
+        5
+    );
+    assert_eq!(slice_count(&fixture("anatomical.nii")).unwrap(), 25);
+    assert_eq!(slice_count(&fixture("CT_small.dcm")).unwrap(), 1);
+    assert!(slice_count(&fixture("expected/ct_small.png")).is_err());
+}
+
+/// A directory is a DICOM series ordered by Instance Number (pydicom reads 1 in CT_small and
+/// MR_small, none in mono1), ties by file name, files without one last; hidden files and
+/// DICOMDIR are not slices; anything else in it is an error naming it.
+#[test]
+fn a_dicom_series_directory_is_ordered_by_instance_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("series");
+    std::fs::create_dir(&dir).unwrap();
+    for (from, to) in [
+        ("CT_small.dcm", "z.dcm"),
+        ("MR_small.dcm", "m.dcm"),
+        ("synthetic/mono1.dcm", "a.dcm"),
+    ] {
+        std::fs::copy(fixture(from), dir.join(to)).unwrap();
+    }
+    std::fs::write(dir.join(".DS_Store"), b"x").unwrap();
+    std::fs::write(dir.join("DICOMDIR"), b"x").unwrap();
+    assert_eq!(slice_count(&dir).unwrap(), 3);
+    let opts = MedicalOptions::default();
+    for (k, expected) in [
+        (0, "expected/mr_small.png"),
+        (1, "expected/ct_small.png"),
+        (2, "expected/mono1.png"),
+    ] {
+        let one = load_series_slice(
+            &dir,
+            &MedicalOptions {
+                slice: Some(k),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(diff(&one, &fixture(expected)).0, 0, "slice {k}");
+    }
+    // The default is the middle file, as for a volume; through load_rgb too.
+    let middle = load_rgb(&dir).unwrap();
+    assert_eq!(diff(&middle, &fixture("expected/ct_small.png")).0, 0);
+    let all = load_slices(&dir, &opts, &Slices::Evenly(3)).unwrap();
+    assert_eq!(
+        all.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    let err = load_series_slice(
+        &dir,
+        &MedicalOptions {
+            slice: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("slice 3 is out of range") && err.contains("3 file(s)"),
+        "{err}"
+    );
+    std::fs::copy(fixture("expected/ct_small.png"), dir.join("notes.png")).unwrap();
+    let err = load_rgb(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("notes.png") && err.contains("not a DICOM file"),
+        "{err}"
+    );
+}
+
+/// `ask --slices` shows the slices as images and says which.
+#[test]
+fn ask_shows_a_volume_as_several_slices() {
+    let model = tiny_model();
+    let nii = fixture("anatomical.nii");
+    let ask = |extra: &[&str]| {
+        let mut args = vec![
+            "ask",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            nii.to_str().unwrap(),
+            "--question",
+            "Which lobe?",
+            "--max-new-tokens",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        medvlm(&args)
+    };
+    let (ok, _, err) = ask(&["--slices", "3"]);
+    assert!(ok, "{err}");
+    // 25 slices in 3 parts: middles 4.2, 12.5, 20.8.
+    assert!(err.contains("3 slices (4, 12, 20) as 3 images"), "{err}");
+    let (ok, _, err) = ask(&["--slices", "2,30"]);
+    assert!(!ok && err.contains("slice 30 is out of range"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (ok, _, err) = ask(&["--slices", "3", "--slice", "2"]);
+    assert!(!ok && err.contains("--slice"), "{err}");
+}
