@@ -435,6 +435,7 @@ pub fn run(spec: &DemoSpec) -> Result<DemoReport> {
                 spec.template,
                 &[],
                 &Default::default(),
+                &eval::Scoring::default(),
                 serde_json::Value::Null,
             );
             for row in report.rows.iter().filter(|r| r.modality != "all") {
@@ -543,7 +544,7 @@ fn print_summary(r: &DemoReport, traces: &[ItemResult]) {
                 t.modality,
                 reasoning.unwrap_or_default(),
                 t.letter.map(String::from).unwrap_or_else(|| "?".into()),
-                t.solution
+                t.solution.map(String::from).unwrap_or_default()
             );
         }
     }

@@ -1,7 +1,8 @@
-//! Evaluation: greedy answers to multiple-choice items, read with the same strict rule as
-//! the GRPO accuracy reward (one definition, [`crate::data::answer::extract_answer`]), or the
-//! likelihood baseline (the option letter the model finds most probable); per-modality
-//! reports with confidence intervals.
+//! Evaluation: greedy answers read with the same strict rule as the GRPO accuracy reward
+//! (one definition, [`crate::data::answer::extract_answer`]) for multiple choice, and with
+//! named scoring protocols ([`crate::data::score`]) for closed and open questions; or the
+//! likelihood baseline (the option letter the model finds most probable). Per-modality and
+//! per-kind reports with confidence intervals, naming every protocol that ran.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::data::answer::{extract_answer, format_reward, Extraction};
-use crate::data::{PromptTemplate, Skipped, VqaItem};
+use crate::data::score::{answer_block, Protocol};
+use crate::data::{Answer, PromptTemplate, Skipped, VqaItem};
 use crate::generate::{Engine, Request, SamplingParams};
 use crate::model::Qwen2Vl;
 use crate::processor::{Processor, Prompt};
@@ -20,22 +22,134 @@ use crate::train::logps::SeqRef;
 pub struct ItemResult {
     /// Row index in the data file.
     pub row: usize,
+    /// The benchmark's id of the row (else the row index).
+    pub id: String,
     pub modality: String,
+    /// `choice`, `closed` or `open`.
+    pub kind: &'static str,
     /// The image file(s) the item shows.
     pub images: Vec<String>,
     pub prompt: String,
     pub output: String,
-    /// The letter read from the output, if one could be read.
+    /// The letter read from the output, if one could be read (multiple choice).
     pub letter: Option<char>,
-    pub solution: char,
+    /// The correct letter (multiple choice).
+    pub solution: Option<char>,
+    /// The gold answer as text.
+    pub answer: String,
+    /// Right by the item's first protocol (the letter for multiple choice).
     pub correct: bool,
+    /// Each protocol's score of the output, by protocol name.
+    pub scores: BTreeMap<&'static str, f64>,
+    /// An answer could be read: a letter for multiple choice, a non-empty answer otherwise.
+    pub answered: bool,
     /// The output has the `<think>…</think><answer>…</answer>` shape.
     pub format_ok: bool,
-    /// How the answer was read (`letter`, `no_answer_block`, `ambiguous`, …).
+    /// How the answer was read (`letter`, `no_answer_block`, `ambiguous`, `answer_block`,
+    /// `whole_output`, …).
     pub extraction: &'static str,
     /// Likelihood mode: the log-probability of each option's letter.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub option_logprobs: Option<Vec<f32>>,
+}
+
+/// The protocols an evaluation scores closed and open questions with (multiple choice is
+/// always `mc-letter`, the reward's rule). The first open protocol decides `correct`; every
+/// one is reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Scoring {
+    pub closed: Protocol,
+    pub open: Vec<Protocol>,
+}
+
+impl Default for Scoring {
+    /// Closed: MedEvalKit's rule with its case quirk corrected (SLAKE's "Yes" is judged as a
+    /// yes/no answer). Open: exact match after lmms-eval's normaliser, LLaVA-Med's recall (the
+    /// number its paper tables quote) and LLaVA-Med's token F1.
+    fn default() -> Self {
+        Self {
+            closed: Protocol::Closed,
+            open: vec![
+                Protocol::OpenExact,
+                Protocol::OpenRecallLlavaMed,
+                Protocol::OpenF1,
+            ],
+        }
+    }
+}
+
+/// Whether medvlm gives `p` the `<answer>` block of a reasoning output rather than the whole
+/// text: the harnesses these protocols come from extract nothing (their models answer
+/// bare), and a whole reasoning text would let words of the reasoning count (LLaVA-Med's
+/// recall finds "no" in "no nodule"). MedEvalKit's rules extract `<answer>` blocks
+/// themselves and get the raw output.
+pub fn reads_answer_block(p: Protocol) -> bool {
+    matches!(
+        p,
+        Protocol::OpenExact | Protocol::OpenRecallLlavaMed | Protocol::OpenF1
+    )
+}
+
+impl Scoring {
+    /// The scores of `output` for a closed or open item with gold `answer`, whether it was
+    /// answered, and how the answer was read.
+    fn score(
+        &self,
+        kind: &Answer,
+        output: &str,
+        answer: &str,
+    ) -> (BTreeMap<&'static str, f64>, bool, &'static str) {
+        let block = answer_block(output);
+        let (text, how) = match block {
+            Some(b) => (b, "answer_block"),
+            None => (output.trim(), "whole_output"),
+        };
+        let protocols: Vec<Protocol> = match kind {
+            Answer::Closed { .. } => vec![self.closed],
+            _ => self.open.clone(),
+        };
+        let scores = protocols
+            .into_iter()
+            .map(|p| {
+                let input = if reads_answer_block(p) { text } else { output };
+                (p.name(), p.score(input, answer))
+            })
+            .collect();
+        (scores, !text.is_empty(), how)
+    }
+
+    /// Refuses a closed protocol among the open ones and the other way round, naming the
+    /// flag.
+    pub fn check(&self) -> Result<()> {
+        let closed = [Protocol::Closed, Protocol::ClosedMedEvalKit];
+        if !closed.contains(&self.closed) {
+            anyhow::bail!(
+                "--closed-protocol {} is not a closed-question protocol; closed or \
+                 closed-medevalkit",
+                self.closed
+            );
+        }
+        if let Some(p) = self
+            .open
+            .iter()
+            .find(|p| closed.contains(p) || **p == Protocol::McLetter)
+        {
+            anyhow::bail!(
+                "--open-protocol {p} is not an open-question protocol; open-exact, \
+                 open-recall-llavamed, open-f1 or open-medevalkit"
+            );
+        }
+        Ok(())
+    }
+
+    /// The protocol deciding `correct` for an item of `kind`.
+    pub fn primary(&self, kind: &Answer) -> Protocol {
+        match kind {
+            Answer::Choice { .. } => Protocol::McLetter,
+            Answer::Closed { .. } => self.closed,
+            Answer::Open { .. } => self.open.first().copied().unwrap_or(Protocol::OpenExact),
+        }
+    }
 }
 
 /// What an evaluation produced: a result per usable item, and the items skipped because
@@ -61,12 +175,7 @@ fn item_prompt(
         modality: it.modality.name().to_string(),
         kind,
     };
-    let images = it
-        .images
-        .iter()
-        .map(|p| processor.load_image(p))
-        .collect::<Result<Vec<_>>>()
-        .map_err(|e| skip("unreadable image", e))?;
+    let images = PromptTemplate::images(processor, it).map_err(|e| skip("unreadable image", e))?;
     processor
         .prepare(&template.messages(it), images, true)
         .map_err(|e| skip("unusable prompt", e))
@@ -88,6 +197,7 @@ pub fn run_greedy(
         processor,
         items,
         template,
+        &Scoring::default(),
         max_new_tokens,
         batch_size,
         progress,
@@ -102,13 +212,15 @@ fn warn_skipped(skipped: &[Skipped]) {
     }
 }
 
-/// Greedy-decodes every item (batched) and reads each answer, skipping (and returning) the
-/// items whose prompt cannot be built.
+/// Greedy-decodes every item (batched) and reads each answer (closed and open ones scored
+/// by `scoring`), skipping (and returning) the items whose prompt cannot be built.
+#[allow(clippy::too_many_arguments)]
 pub fn greedy(
     model: &Qwen2Vl,
     processor: &Processor,
     items: &[VqaItem],
     template: PromptTemplate,
+    scoring: &Scoring,
     max_new_tokens: usize,
     batch_size: usize,
     mut progress: impl FnMut(usize, usize),
@@ -151,29 +263,70 @@ pub fn greedy(
             let text = processor
                 .tokenizer
                 .decode(group[0].content_tokens(), true)?;
-            let ex = extract_answer(&text, Some(it.options.len()));
-            let letter = match ex {
-                Extraction::Letter { letter, .. } => Some(letter),
-                _ => None,
-            };
-            out.results.push(ItemResult {
-                row: it.index,
-                modality: it.modality.name().to_string(),
-                images: it.images.iter().map(|p| p.display().to_string()).collect(),
-                prompt: p.text.clone(),
-                correct: letter == Some(it.solution),
-                format_ok: format_reward(&text) == 1.0,
-                extraction: ex.kind(),
-                letter,
-                solution: it.solution,
-                output: text,
-                option_logprobs: None,
-            });
+            out.results.push(judge(it, p.text.clone(), text, scoring));
         }
         done += chunk.len();
         progress(done, items.len());
     }
     Ok(out)
+}
+
+/// An item's result from its greedy output: the letter for multiple choice, `scoring`'s
+/// protocols for closed and open questions.
+fn judge(it: &VqaItem, prompt: String, output: String, scoring: &Scoring) -> ItemResult {
+    let format_ok = format_reward(&output) == 1.0;
+    let base = ItemResult {
+        row: it.index,
+        id: it.id.clone(),
+        modality: it.modality.name().to_string(),
+        kind: it.answer.kind(),
+        images: it.images.iter().map(|r| r.label()).collect(),
+        prompt,
+        output: String::new(),
+        letter: None,
+        solution: it.letter(),
+        answer: it.answer.text().to_string(),
+        correct: false,
+        scores: BTreeMap::new(),
+        answered: false,
+        format_ok,
+        extraction: "",
+        option_logprobs: None,
+    };
+    match &it.answer {
+        Answer::Choice { options, .. } => {
+            let ex = extract_answer(&output, Some(options.len()));
+            let letter = match ex {
+                Extraction::Letter { letter, .. } => Some(letter),
+                _ => None,
+            };
+            let correct = letter.is_some() && letter == it.letter();
+            ItemResult {
+                letter,
+                correct,
+                scores: BTreeMap::from([(
+                    Protocol::McLetter.name(),
+                    if correct { 1.0 } else { 0.0 },
+                )]),
+                answered: letter.is_some(),
+                extraction: ex.kind(),
+                output,
+                ..base
+            }
+        }
+        kind => {
+            let (scores, answered, how) = scoring.score(kind, &output, it.answer.text());
+            let primary = scoring.primary(kind).name();
+            ItemResult {
+                correct: scores.get(primary).is_some_and(|s| *s >= 1.0),
+                scores,
+                answered,
+                extraction: how,
+                output,
+                ..base
+            }
+        }
+    }
 }
 
 /// The likelihood baseline (see [`likelihood`]); items whose prompt cannot be built are
@@ -211,7 +364,21 @@ pub fn likelihood(
                 continue;
             }
         };
-        let letters: Vec<char> = crate::data::LETTERS[..it.options.len()].to_vec();
+        let Answer::Choice { options, .. } = &it.answer else {
+            out.skipped.push(Skipped {
+                file: String::new(),
+                row: it.index,
+                reason: format!(
+                    "a {} question has no options to score by likelihood",
+                    it.answer.kind()
+                ),
+                modality: it.modality.name().to_string(),
+                kind: "not multiple choice",
+            });
+            progress(done + 1, items.len());
+            continue;
+        };
+        let letters: Vec<char> = crate::data::LETTERS[..options.len()].to_vec();
         let toks: Vec<Vec<u32>> = letters
             .iter()
             .map(|l| processor.tokenizer.encode(&l.to_string()))
@@ -234,15 +401,21 @@ pub fn likelihood(
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(i, _)| letters[i]);
+        let correct = best.is_some() && best == it.letter();
         out.results.push(ItemResult {
             row: it.index,
+            id: it.id.clone(),
             modality: it.modality.name().to_string(),
-            images: it.images.iter().map(|p| p.display().to_string()).collect(),
+            kind: it.answer.kind(),
+            images: it.images.iter().map(|r| r.label()).collect(),
             prompt: prompt.text.clone(),
             output: String::new(),
             letter: best,
-            solution: it.solution,
-            correct: best == Some(it.solution),
+            solution: it.letter(),
+            answer: it.answer.text().to_string(),
+            correct,
+            scores: BTreeMap::from([(Protocol::McLetter.name(), if correct { 1.0 } else { 0.0 })]),
+            answered: best.is_some(),
             format_ok: false,
             extraction: "likelihood",
             option_logprobs: Some(sums),
@@ -285,8 +458,10 @@ pub struct ReportRow {
     pub ci95_high: Option<f64>,
     /// Share of outputs in the `<think>…</think><answer>…</answer>` shape (generation only).
     pub format_rate: Option<f64>,
-    /// Share of outputs from which no letter could be read (generation only).
+    /// Share of outputs from which no answer could be read (generation only).
     pub no_answer_rate: Option<f64>,
+    /// The mean score of each protocol over the items it scored.
+    pub scores: BTreeMap<String, f64>,
 }
 
 /// Per-modality accuracy table.
@@ -299,6 +474,10 @@ pub struct Report {
     pub template: String,
     pub skipped_rows: usize,
     pub rows: Vec<ReportRow>,
+    /// The same, by kind of question (choice, closed, open), where there is more than one.
+    pub by_kind: Vec<ReportRow>,
+    /// The protocols that scored each kind: choice `mc-letter`; closed and open as given.
+    pub scoring: Scoring,
     /// How the run was made (model, template, decoding, pixel limits, split, seed, limit,
     /// medvlm version, elapsed time), for reproducing it.
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
@@ -322,6 +501,18 @@ fn row_of(
     for s in skipped {
         *by_reason.entry(s.kind.to_string()).or_insert(0) += 1;
     }
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for r in rs {
+        for (p, v) in &r.scores {
+            let e = sums.entry(p.to_string()).or_default();
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+    let scores = sums
+        .into_iter()
+        .map(|(p, (sum, n))| (p, sum / n as f64))
+        .collect();
     ReportRow {
         modality: name.to_string(),
         rows: file_rows,
@@ -338,10 +529,11 @@ fn row_of(
             None
         },
         no_answer_rate: if generated {
-            frac(&|r| r.letter.is_none())
+            frac(&|r| !r.answered)
         } else {
             None
         },
+        scores,
     }
 }
 
@@ -358,6 +550,7 @@ impl Report {
         template: PromptTemplate,
         skipped: &[crate::data::Skipped],
         file_rows: &BTreeMap<String, usize>,
+        scoring: &Scoring,
         settings: serde_json::Value,
     ) -> Self {
         let generated = mode != "likelihood";
@@ -400,6 +593,18 @@ impl Report {
             file_rows.values().sum(),
             generated,
         ));
+        let mut kinds: BTreeMap<&'static str, Vec<&ItemResult>> = BTreeMap::new();
+        for r in results {
+            kinds.entry(r.kind).or_default().push(r);
+        }
+        let by_kind = if kinds.len() > 1 {
+            kinds
+                .iter()
+                .map(|(k, rs)| row_of(k, rs, &[], 0, generated))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
             model: model.to_string(),
             data: data.to_string(),
@@ -407,6 +612,8 @@ impl Report {
             template: format!("{template:?}").to_lowercase(),
             skipped_rows: skipped.len(),
             rows,
+            by_kind,
+            scoring: scoring.clone(),
             settings,
         }
     }
@@ -456,6 +663,50 @@ impl Report {
                 opt(r.no_answer_rate)
             ));
         }
+        if !self.by_kind.is_empty() {
+            s.push_str("\n| kind | n | protocol: accuracy | 95% CI | other protocols |\n");
+            s.push_str("| --- | ---: | --- | --- | --- |\n");
+            for r in &self.by_kind {
+                let primary = match r.modality.as_str() {
+                    "choice" => Protocol::McLetter,
+                    "closed" => self.scoring.closed,
+                    _ => self.scoring.open[0],
+                };
+                let ci = match (r.ci95_low, r.ci95_high) {
+                    (Some(lo), Some(hi)) => format!("{}-{}", pct(lo), pct(hi)),
+                    _ => "-".into(),
+                };
+                let others: Vec<String> = r
+                    .scores
+                    .iter()
+                    .filter(|(p, _)| p.as_str() != primary.name())
+                    .map(|(p, v)| format!("{p} {}", pct(*v)))
+                    .collect();
+                s.push_str(&format!(
+                    "| {} | {} | {primary}: {} | {ci} | {} |\n",
+                    r.modality,
+                    r.n,
+                    opt(r.accuracy),
+                    if others.is_empty() {
+                        "-".to_string()
+                    } else {
+                        others.join(", ")
+                    }
+                ));
+            }
+        }
+        s.push_str(&format!(
+            "\nScoring: multiple choice mc-letter; closed {}; open {} (the first decides \
+             accuracy; open-exact, open-recall-llavamed and open-f1 read the <answer> block \
+             when there is one)\n",
+            self.scoring.closed,
+            self.scoring
+                .open
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         if !self.settings.is_null() {
             s.push_str(&format!("\nSettings: `{}`\n", self.settings));
         }

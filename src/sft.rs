@@ -68,6 +68,14 @@ impl Method for SftMethod {
     }
 }
 
+/// What an item's `<answer>` block holds: the letter of a multiple-choice item (as the
+/// paper's template asks), the answer text of a closed or open one.
+fn answer_of(item: &VqaItem) -> String {
+    item.letter()
+        .map(String::from)
+        .unwrap_or_else(|| item.answer.text().to_string())
+}
+
 /// The assistant text an item is supervised with.
 pub fn target_text(item: &VqaItem) -> String {
     match &item.rationale {
@@ -75,10 +83,10 @@ pub fn target_text(item: &VqaItem) -> String {
             format!(
                 "<think>{}</think><answer>{}</answer>",
                 r.trim(),
-                item.solution
+                answer_of(item)
             )
         }
-        _ => format!("<answer>{}</answer>", item.solution),
+        _ => format!("<answer>{}</answer>", answer_of(item)),
     }
 }
 

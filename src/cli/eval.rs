@@ -97,7 +97,23 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         check_new_tokens(&a.model, a.max_new_tokens)?;
     }
     let started = std::time::Instant::now();
-    let ds = data::load(&a.data, a.image_root.as_deref())?;
+    if a.open_protocol.is_empty() {
+        bail!("--open-protocol needs at least one protocol");
+    }
+    let scoring = crate::eval::Scoring {
+        closed: a.closed_protocol,
+        open: a.open_protocol.clone(),
+    };
+    scoring.check()?;
+    let (ds, format) = data::load_data(
+        &a.data,
+        &data::DataOptions {
+            format: a.format,
+            image_root: a.image_root.clone(),
+            splits: a.splits.clone(),
+            language: a.language,
+        },
+    )?;
     // Only the selected modalities count, skipped rows included.
     let wanted =
         |m: &str| a.modalities.is_empty() || a.modalities.iter().any(|k| k.eq_ignore_ascii_case(m));
@@ -202,6 +218,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
                 &loaded.processor,
                 &items,
                 template,
+                &scoring,
                 a.max_new_tokens,
                 a.batch_size,
                 progress,
@@ -218,14 +235,25 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         eprintln!("skipped {s}");
         skipped.push(s);
     }
+    // Results come in the items' order, less the skipped ones (rows of different files of a
+    // benchmark can share a row number, so they are matched in order, not by number).
     let evaluated_items: Vec<&crate::data::VqaItem> = {
-        let used: std::collections::BTreeSet<usize> = results.iter().map(|r| r.row).collect();
-        items.iter().filter(|it| used.contains(&it.index)).collect()
+        let mut rest = items.iter();
+        results
+            .iter()
+            .filter_map(|r| rest.find(|it| it.index == r.row && it.id == r.id))
+            .collect()
     };
     let settings = json!({
         "model": a.model.model.display().to_string(),
         "adapter": a.model.adapter.as_ref().map(|p| p.display().to_string()),
         "data": a.data.display().to_string(),
+        "format": match format {
+            data::DataFormat::MedVlm => "medvlm",
+            data::DataFormat::Bench(f) => f.name(),
+        },
+        "splits": a.splits,
+        "language": a.language.map(|l| l.code()),
         "image_root": a.image_root.as_ref().map(|p| p.display().to_string()),
         "modalities": a.modalities,
         "template": template.name(),
@@ -247,6 +275,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         template,
         &skipped,
         &file_rows,
+        &scoring,
         settings,
     );
     std::fs::create_dir_all(&out).map_err(|e| crate::files::io_error(&out, "cannot create", e))?;
@@ -262,7 +291,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     for (r, it) in results.iter().zip(&evaluated_items) {
         let mut v = serde_json::to_value(r)?;
         v["question"] = json!(it.question);
-        v["options"] = json!(it.options);
+        v["options"] = json!(it.options());
         v["subset"] = json!(it.subset);
         lines.push_str(&serde_json::to_string(&v)?);
         lines.push('\n');

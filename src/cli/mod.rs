@@ -250,10 +250,40 @@ pub struct TrainArgs<K: config_flags::ConfigKind + Send + Sync + Clone + std::fm
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Dataset file (JSON list or JSON lines).
-    #[arg(long, value_name = "FILE")]
+    /// The data: a MedVLM-R1 JSON file (a list or JSON lines), or a benchmark as
+    /// downloaded, its folder or one of its files: VQA-RAD, PathVQA, SLAKE, PMC-VQA,
+    /// OmniMedVQA, MMMU (Health & Medicine), MedXpertQA (MM). The format is found from what
+    /// is there unless --format names it.
+    #[arg(long, value_name = "FILE|DIR")]
     pub data: PathBuf,
-    /// Root of the rows' relative image paths (default: the data file's folder).
+    /// The data's layout: medvlm, vqa-rad, path-vqa, slake, pmc-vqa, omnimedvqa, mmmu,
+    /// medxpertqa (default: found from the files).
+    #[arg(long, value_name = "NAME")]
+    pub format: Option<crate::data::DataFormat>,
+    /// Benchmarks: only these splits (test, validation, test_clean, ...; comma-separated).
+    /// Default: every split there is.
+    #[arg(long = "split", value_name = "NAME", value_delimiter = ',')]
+    pub splits: Vec<String>,
+    /// Benchmarks: only questions in this language (en or zh; SLAKE has both).
+    #[arg(long, value_name = "en|zh")]
+    pub language: Option<crate::data::Language>,
+    /// Scoring protocol of closed (yes/no) questions: closed (MedEvalKit's rule, its case
+    /// quirk corrected) or closed-medevalkit (as MedEvalKit scores SLAKE, quirk kept).
+    #[arg(long, default_value = "closed", value_name = "NAME")]
+    pub closed_protocol: crate::data::score::Protocol,
+    /// Scoring protocols of open questions, comma-separated; the first decides "correct",
+    /// all are reported: open-exact (lmms-eval's normalised exact match),
+    /// open-recall-llavamed (LLaVA-Med's recall), open-f1 (LLaVA-Med's token F1),
+    /// open-medevalkit (MedEvalKit's exact match).
+    #[arg(
+        long,
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        default_value = "open-exact,open-recall-llavamed,open-f1"
+    )]
+    pub open_protocol: Vec<crate::data::score::Protocol>,
+    /// Root of the rows' relative image paths (MedVLM-R1 data; default: the data file's
+    /// folder).
     #[arg(long, value_name = "DIR")]
     pub image_root: Option<PathBuf>,
     /// Keep only these modalities (MRI, CT, X-Ray, OCT, Ultrasound, ...); repeatable or

@@ -12,6 +12,7 @@ pub mod prompt;
 pub mod score;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -128,24 +129,162 @@ impl std::fmt::Display for Modality {
     }
 }
 
-/// A usable item: images resolved to paths, the correct letter known.
+/// The language of a question. SLAKE has English and Chinese rows (`q_lang`); the others
+/// are English.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    #[default]
+    En,
+    Zh,
+}
+
+impl std::str::FromStr for Language {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "en" | "english" => Ok(Language::En),
+            "zh" | "chinese" => Ok(Language::Zh),
+            _ => bail!("unknown language {s:?}; en or zh"),
+        }
+    }
+}
+
+impl Language {
+    /// `en` or `zh`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Language::En => "en",
+            Language::Zh => "zh",
+        }
+    }
+}
+
+/// An image of a row: a file that exists, or bytes embedded in a parquet file.
+#[derive(Clone, PartialEq)]
+pub enum ImageRef {
+    Path(PathBuf),
+    /// The `datasets` Image struct's `bytes`, with its `path` (a file name only, often null).
+    Bytes {
+        bytes: Arc<[u8]>,
+        name: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageRef::Path(p) => write!(f, "Path({})", p.display()),
+            ImageRef::Bytes { bytes, name } => {
+                write!(f, "Bytes({} bytes, name {name:?})", bytes.len())
+            }
+        }
+    }
+}
+
+/// What kind of answer a question has, and the answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Answer {
+    /// Multiple choice: the options' texts (prefixes such as PMC-VQA's `A:` removed) and the
+    /// index of the correct one.
+    Choice { options: Vec<String>, answer: usize },
+    /// Closed-ended: VQA-RAD and PathVQA answers that are yes or no
+    /// (`answer.lower().strip() in ["yes", "no"]`, as the harnesses decide), SLAKE rows with
+    /// `answer_type` `CLOSED` (which include words such as `Lung` and Chinese answers).
+    Closed { answer: String },
+    /// Open-ended: the gold answer as the file has it.
+    Open { answer: String },
+}
+
+impl Answer {
+    /// The correct option's letter (multiple choice only).
+    pub fn letter(&self) -> Option<char> {
+        match self {
+            Answer::Choice { answer, .. } => LETTERS.get(*answer).copied(),
+            _ => None,
+        }
+    }
+
+    /// The options of a multiple-choice question; none for the others.
+    pub fn options(&self) -> &[String] {
+        match self {
+            Answer::Choice { options, .. } => options,
+            _ => &[],
+        }
+    }
+
+    /// The gold answer as text: the correct option's text, or the closed/open answer.
+    pub fn text(&self) -> &str {
+        match self {
+            Answer::Choice { options, answer } => options.get(*answer).map_or("", String::as_str),
+            Answer::Closed { answer } | Answer::Open { answer } => answer,
+        }
+    }
+
+    /// `choice`, `closed` or `open`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Answer::Choice { .. } => "choice",
+            Answer::Closed { .. } => "closed",
+            Answer::Open { .. } => "open",
+        }
+    }
+}
+
+impl ImageRef {
+    /// How reports name the image: its path, or the embedded image's name.
+    pub fn label(&self) -> String {
+        match self {
+            ImageRef::Path(p) => p.display().to_string(),
+            ImageRef::Bytes { name, bytes } => match name {
+                Some(n) => format!("(embedded) {n}"),
+                None => format!("(embedded, {} bytes)", bytes.len()),
+            },
+        }
+    }
+}
+
+impl Serialize for ImageRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.label())
+    }
+}
+
+/// A usable item: images resolved (files that exist, or bytes embedded in the data), the
+/// kind of answer and the answer known. MedVLM-R1's rows are multiple choice; benchmarks
+/// ([`bench`]) add closed and open questions, text-only rows and rows with several images.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VqaItem {
     /// Row index in the file (0-based).
     pub index: usize,
-    pub images: Vec<PathBuf>,
+    /// The benchmark's id of the row, else its index.
+    pub id: String,
+    pub images: Vec<ImageRef>,
     pub question: String,
-    pub options: Vec<String>,
-    pub answer: String,
-    /// The correct option letter.
-    pub solution: char,
+    pub answer: Answer,
     pub modality: Modality,
     /// The raw modality string of the file.
     pub subset: String,
     pub dataset: String,
-    /// Question followed by `A) option` lines: what the prompt templates wrap.
+    pub language: Language,
+    /// Multiple choice: the question followed by `A) option` lines, what the prompt
+    /// templates wrap; otherwise the question.
     pub problem: String,
     pub rationale: Option<String>,
+}
+
+impl VqaItem {
+    /// The options of a multiple-choice item (none for closed and open questions).
+    pub fn options(&self) -> &[String] {
+        self.answer.options()
+    }
+
+    /// The correct letter of a multiple-choice item.
+    pub fn letter(&self) -> Option<char> {
+        self.answer.letter()
+    }
 }
 
 /// A row that was not used, and why.
@@ -291,7 +430,6 @@ fn resolve(
     else {
         return Err(format!("answer {:?} is not among the options", row.answer));
     };
-    let solution = LETTERS[pos];
     let paths = row.image.paths();
     if paths.is_empty() {
         return Err("no image".into());
@@ -312,17 +450,118 @@ fn resolve(
     let subset = row.subset.unwrap_or_default();
     Ok(VqaItem {
         index,
-        images,
+        id: index.to_string(),
+        images: images.into_iter().map(ImageRef::Path).collect(),
         modality: Modality::parse(&subset),
         subset,
         dataset: row.dataset.unwrap_or_default(),
         question: row.question,
-        options: row.options,
-        answer: row.answer,
-        solution,
+        answer: Answer::Choice {
+            options: row.options,
+            answer: pos,
+        },
+        language: Language::En,
         problem,
         rationale: row.rationale,
     })
+}
+
+/// The layout of a data file or folder: MedVLM-R1's JSON, or a benchmark as downloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataFormat {
+    MedVlm,
+    Bench(bench::Format),
+}
+
+impl std::str::FromStr for DataFormat {
+    type Err = anyhow::Error;
+
+    /// `medvlm` (MedVLM-R1 / HuatuoGPT-Vision JSON) or a benchmark's name (`slake`, ...).
+    fn from_str(s: &str) -> Result<Self> {
+        if s.eq_ignore_ascii_case("medvlm") || s.eq_ignore_ascii_case("medvlm-r1") {
+            return Ok(DataFormat::MedVlm);
+        }
+        s.parse::<bench::Format>()
+            .map(DataFormat::Bench)
+            .map_err(|e| anyhow::anyhow!("{e}, or medvlm (the MedVLM-R1 JSON)"))
+    }
+}
+
+/// What [`load_data`] reads.
+#[derive(Debug, Clone, Default)]
+pub struct DataOptions {
+    /// Found from what is there when `None`: a folder is a benchmark, a file a benchmark's
+    /// when its content says so, else MedVLM-R1's JSON.
+    pub format: Option<DataFormat>,
+    /// MedVLM-R1's JSON: the folder image paths are relative to (default: the file's).
+    pub image_root: Option<PathBuf>,
+    /// Benchmarks: the splits to read (all when empty).
+    pub splits: Vec<String>,
+    /// Benchmarks: the questions of this language only (SLAKE's `q_lang`).
+    pub language: Option<Language>,
+}
+
+/// Loads any data medvlm reads, MedVLM-R1's JSON or a benchmark, as items and skipped rows.
+/// Returns the format read.
+pub fn load_data(path: &Path, opts: &DataOptions) -> Result<(Dataset, DataFormat)> {
+    let format = match opts.format {
+        Some(f) => f,
+        None if path.is_dir() => DataFormat::Bench(bench::detect(path)?),
+        None => bench::detect(path)
+            .map(DataFormat::Bench)
+            .unwrap_or(DataFormat::MedVlm),
+    };
+    let medvlm_only = |what: &str, set: bool| -> Result<()> {
+        if set {
+            bail!(
+                "{what} applies to benchmarks; {} is MedVLM-R1 data",
+                path.display()
+            );
+        }
+        Ok(())
+    };
+    match format {
+        DataFormat::MedVlm => {
+            medvlm_only("--split", !opts.splits.is_empty())?;
+            medvlm_only("--language", opts.language.is_some())?;
+            Ok((load(path, opts.image_root.as_deref())?, format))
+        }
+        DataFormat::Bench(f) => {
+            if opts.image_root.is_some() {
+                bail!(
+                    "--image-root applies to MedVLM-R1 data; a benchmark's images are found \
+                     in its own folder"
+                );
+            }
+            let mut set = bench::load(
+                path,
+                &bench::LoadOptions {
+                    format: Some(f),
+                    splits: opts.splits.clone(),
+                },
+            )?;
+            if let Some(lang) = opts.language {
+                set.retain_language(lang);
+            }
+            let items = set
+                .items
+                .into_iter()
+                .map(bench::BenchItem::into_item)
+                .collect();
+            // Skipped rows are counted by modality as the items are.
+            let skipped = set
+                .skipped
+                .into_iter()
+                .map(|mut s| {
+                    if s.modality.is_empty() {
+                        s.modality = bench::UNSPECIFIED.into();
+                    }
+                    s
+                })
+                .collect();
+            Ok((Dataset { items, skipped }, format))
+        }
+    }
 }
 
 /// Keeps items whose modality is in `keep` (by short name, case-insensitive).
@@ -442,11 +681,14 @@ mod tests {
     fn split_is_deterministic_and_stratified() {
         let item = |i: usize, m: &str| VqaItem {
             index: i,
+            id: i.to_string(),
             images: vec![],
             question: String::new(),
-            options: vec!["x".into()],
-            answer: "x".into(),
-            solution: 'A',
+            answer: Answer::Choice {
+                options: vec!["x".into()],
+                answer: 0,
+            },
+            language: Language::En,
             modality: Modality::parse(m),
             subset: m.into(),
             dataset: String::new(),

@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::VqaItem;
-use crate::processor::Message;
+use super::{Answer, ImageRef, VqaItem};
+use crate::processor::{Content, Message};
 
 /// The file medvlm writes into every checkpoint it trains: how it was trained (the prompt
 /// template), so `ask` and `eval` put questions the same way.
@@ -40,12 +40,83 @@ impl PromptTemplate {
         }
     }
 
-    /// The conversation for an item: its images, then the templated problem.
+    /// The user text for a closed or open question: as [`Self::render`], asking for a word or
+    /// short phrase instead of a letter (the answer still inside `<answer>` tags for the
+    /// paper's template, so that the scoring reads the same block the reward does).
+    pub fn render_open(self, question: &str) -> String {
+        match self {
+            PromptTemplate::Paper => format!(
+                "\n        {question} \n        Your task: \n        1. Think through the question \
+                 step by step, enclose your reasoning process in <think>...</think> tags. \n        \
+                 2. Then provide the answer, a single word or a short phrase, inside \
+                 <answer>...</answer> tags.\n        3. No extra information or text outside of \
+                 these tags.\n        "
+            ),
+            PromptTemplate::Simple => format!(
+                "\n    {question} \n    Your task: answer with a single word or a short phrase.\n    "
+            ),
+        }
+    }
+
+    /// The user text for an item: [`Self::render`] of its problem for multiple choice,
+    /// [`Self::render_open`] of its question otherwise.
+    pub fn text(self, item: &VqaItem) -> String {
+        match item.answer {
+            Answer::Choice { .. } => self.render(&item.problem),
+            Answer::Closed { .. } | Answer::Open { .. } => self.render_open(&item.problem),
+        }
+    }
+
+    /// The conversation for an item: its images, then the templated problem. A question
+    /// that places its images itself (MMMU's `<image 1>` ... `<image N>`, each once and in
+    /// order) gets each image where its placeholder is.
     pub fn messages(self, item: &VqaItem) -> Vec<Message> {
-        vec![Message::user_with_images(
-            item.images.len(),
-            self.render(&item.problem),
-        )]
+        let text = self.text(item);
+        let n = item.images.len();
+        let marks: Vec<String> = (1..=n).map(|k| format!("<image {k}>")).collect();
+        let positions: Vec<Option<usize>> = marks.iter().map(|m| text.find(m.as_str())).collect();
+        let in_order = n > 0
+            && positions.iter().all(Option::is_some)
+            && positions.windows(2).all(|w| w[0] < w[1])
+            && marks.iter().all(|m| text.matches(m.as_str()).count() == 1);
+        if !in_order {
+            return vec![Message::user_with_images(n, text)];
+        }
+        let mut content = Vec::with_capacity(2 * n + 1);
+        let mut rest = text.as_str();
+        for m in &marks {
+            let at = rest.find(m.as_str()).unwrap_or(0);
+            if at > 0 {
+                content.push(Content::text(&rest[..at]));
+            }
+            content.push(Content::Image);
+            rest = &rest[at + m.len()..];
+        }
+        if !rest.is_empty() {
+            content.push(Content::text(rest));
+        }
+        vec![Message {
+            role: "user".into(),
+            content,
+        }]
+    }
+
+    /// The images of an item, read and preprocessed in order: files, or bytes embedded in
+    /// the data (parquet benchmarks).
+    pub fn images(
+        processor: &crate::processor::Processor,
+        item: &VqaItem,
+    ) -> anyhow::Result<Vec<crate::processor::PixelPatches>> {
+        use anyhow::Context;
+        item.images
+            .iter()
+            .map(|r| match r {
+                ImageRef::Path(p) => processor.load_image(p),
+                ImageRef::Bytes { bytes, .. } => processor
+                    .decode_image(bytes, &processor.medical)
+                    .with_context(|| r.label()),
+            })
+            .collect()
     }
 
     /// The model's input for an item: its images read and preprocessed, the conversation
@@ -56,11 +127,7 @@ impl PromptTemplate {
         processor: &crate::processor::Processor,
         item: &VqaItem,
     ) -> anyhow::Result<crate::processor::Prompt> {
-        let images = item
-            .images
-            .iter()
-            .map(|p| processor.load_image(p))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let images = Self::images(processor, item)?;
         processor.prepare(&self.messages(item), images, true)
     }
 

@@ -91,6 +91,15 @@ pub struct GrpoRun {
     banned: Vec<u32>,
 }
 
+/// The answer the accuracy reward checks: the correct letter. GRPO's data is multiple
+/// choice (the MedVLM-R1 format, whose loader gives only such items); a closed or open
+/// item would be scored against its answer text, which the letter rules never match.
+fn solution(item: &VqaItem) -> String {
+    item.letter()
+        .map(String::from)
+        .unwrap_or_else(|| item.answer.text().to_string())
+}
+
 impl GrpoRun {
     /// Loads models and data for `config` and opens (or resumes) the run directory. All
     /// validation happens before any model is loaded.
@@ -177,7 +186,7 @@ impl GrpoRun {
     fn context<'a>(item: &'a VqaItem, sol: &'a str) -> RewardContext<'a> {
         RewardContext {
             solution: sol,
-            num_options: Some(item.options.len()),
+            num_options: Some(item.options().len()),
         }
     }
 
@@ -262,7 +271,7 @@ impl GrpoRun {
         r.per_reward = vec![Vec::new(); self.rewards.names().len()];
         for (k, text) in r.texts.iter().enumerate() {
             let item = &self.train[r.items[k / g]];
-            let sol = item.solution.to_string();
+            let sol = solution(item);
             let (total, parts) = self.rewards.score(text, &Self::context(item, &sol));
             r.rewards.push(total);
             for (each, p) in r.per_reward.iter_mut().zip(parts) {
@@ -447,7 +456,7 @@ impl GrpoRun {
                 "step": self.session.step,
                 "item": item.index,
                 "question": item.question,
-                "solution": item.solution.to_string(),
+                "solution": solution(item),
                 "completion": text,
                 "reward": r.rewards[k],
                 "rewards": parts,

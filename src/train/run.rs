@@ -114,7 +114,7 @@ pub fn longest_prompt(
 ) -> Result<(usize, usize)> {
     let mut order: Vec<&VqaItem> = items.iter().collect();
     order.sort_by_key(|it| {
-        std::cmp::Reverse(it.question.len() + it.options.iter().map(|o| o.len()).sum::<usize>())
+        std::cmp::Reverse(it.question.len() + it.options().iter().map(|o| o.len()).sum::<usize>())
     });
     let mut best = (1, 0);
     for it in order.into_iter().take(16) {

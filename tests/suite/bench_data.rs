@@ -529,3 +529,136 @@ fn hostile_files_are_one_line_errors() {
     let msg = one_line_error(&csv, None);
     assert!(msg.contains("not valid CSV"), "{msg}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Benchmarks through `medvlm eval`.
+
+/// `eval --data <benchmark folder>` reads each benchmark as downloaded and reports it: the
+/// items and skipped rows per kind the fixture script counted (tools/make_bench_fixtures.py,
+/// not our loader), each kind scored by its protocols (named in report.json and report.md),
+/// every item's `correct` the verdict of its kind's first protocol.
+#[test]
+fn eval_reads_every_benchmark_and_names_its_protocols() {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::common::fixtures().join("bench/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = crate::common::fixtures().join("tiny-a");
+    for (name, want) in expected.as_object().unwrap() {
+        let out = tmp.path().join(name);
+        let data = crate::common::fixtures().join("bench").join(name);
+        let (ok, _, err) = crate::common::medvlm(&[
+            "eval",
+            "--model",
+            crate::common::s(&model),
+            "--data",
+            crate::common::s(&data),
+            "--out",
+            crate::common::s(&out),
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert!(ok, "{name}: {err}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        let all = report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["modality"] == "all")
+            .unwrap();
+        assert_eq!(all["n"], want["items"], "{name}: items");
+        let skipped: u64 = want["skipped"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(all["skipped"].as_u64().unwrap(), skipped, "{name}: skipped");
+        assert_eq!(report["settings"]["format"], name.as_str(), "{name}");
+        assert_eq!(report["scoring"]["closed"], "closed", "{name}");
+        let items: Vec<serde_json::Value> = std::fs::read_to_string(out.join("items.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
+        for it in &items {
+            let kind = it["kind"].as_str().unwrap();
+            *kinds.entry(kind.to_string()).or_default() += 1;
+            let scores = it["scores"].as_object().unwrap();
+            let (names, primary): (Vec<&str>, &str) = match kind {
+                "choice" => (vec!["mc-letter"], "mc-letter"),
+                "closed" => (vec!["closed"], "closed"),
+                _ => (
+                    vec!["open-exact", "open-f1", "open-recall-llavamed"],
+                    "open-exact",
+                ),
+            };
+            let mut got: Vec<&str> = scores.keys().map(String::as_str).collect();
+            got.sort_unstable();
+            assert_eq!(got, names, "{name}: {it}");
+            assert_eq!(
+                it["correct"].as_bool().unwrap(),
+                scores[primary].as_f64().unwrap() >= 1.0,
+                "{name}: {it}"
+            );
+            assert!(it["answer"].as_str().is_some_and(|a| !a.is_empty()), "{it}");
+        }
+        let want_kinds: std::collections::BTreeMap<String, u64> = want["kind"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+            .collect();
+        assert_eq!(kinds, want_kinds, "{name}: kinds");
+        let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(
+            md.contains("Scoring: multiple choice mc-letter; closed closed"),
+            "{md}"
+        );
+        if want_kinds.len() > 1 {
+            assert!(md.contains("| kind | n |"), "{name}: {md}");
+        }
+    }
+}
+
+/// Wrong flags for the data are one line naming them.
+#[test]
+fn eval_refuses_flags_that_do_not_fit_the_data() {
+    let model = crate::common::fixtures().join("tiny-a");
+    let m = crate::common::s(&model);
+    let slake = crate::common::fixtures().join("bench/slake");
+    let s = crate::common::s(&slake);
+    for (args, says) in [
+        (vec!["--format", "pathvqa2"], "unknown benchmark format"),
+        (vec!["--language", "fr"], "unknown language"),
+        (
+            vec!["--closed-protocol", "open-f1"],
+            "not a closed-question protocol",
+        ),
+        (
+            vec!["--open-protocol", "closed"],
+            "not an open-question protocol",
+        ),
+        (vec!["--open-protocol", "bleu"], "unknown scoring protocol"),
+        (vec!["--split", "train2"], "train2"),
+        (
+            vec!["--image-root", "/tmp"],
+            "--image-root applies to MedVLM-R1 data",
+        ),
+    ] {
+        let mut all = vec!["eval", "--model", m, "--data", s];
+        all.extend(args.iter().copied());
+        let (ok, _, err) = crate::common::medvlm(&all);
+        assert!(!ok, "{args:?}");
+        // The first line says it (clap adds a hint line after its own).
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("error:") && first.contains(says),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -23,12 +23,12 @@ mod pylist;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 
 pub use hf::HEALTH_AND_MEDICINE;
 
+pub use super::{Answer, ImageRef, Language};
 use super::{Modality, Skipped};
 use crate::processor::input::is_regular_file;
 
@@ -122,71 +122,6 @@ impl std::str::FromStr for Format {
     }
 }
 
-/// The language of a question. SLAKE has English and Chinese rows (`q_lang`); the others
-/// are English.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Language {
-    En,
-    Zh,
-}
-
-impl Language {
-    /// `en` or `zh`.
-    pub fn code(self) -> &'static str {
-        match self {
-            Language::En => "en",
-            Language::Zh => "zh",
-        }
-    }
-}
-
-/// An image of a row: a file that exists, or bytes embedded in a parquet file.
-#[derive(Clone, PartialEq)]
-pub enum ImageRef {
-    Path(PathBuf),
-    /// The `datasets` Image struct's `bytes`, with its `path` (a file name only, often null).
-    Bytes {
-        bytes: Arc<[u8]>,
-        name: Option<String>,
-    },
-}
-
-impl std::fmt::Debug for ImageRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ImageRef::Path(p) => write!(f, "Path({})", p.display()),
-            ImageRef::Bytes { bytes, name } => {
-                write!(f, "Bytes({} bytes, name {name:?})", bytes.len())
-            }
-        }
-    }
-}
-
-/// What kind of answer a question has, and the answer.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Answer {
-    /// Multiple choice: the options' texts (prefixes such as PMC-VQA's `A:` removed) and the
-    /// index of the correct one.
-    Choice { options: Vec<String>, answer: usize },
-    /// Closed-ended: VQA-RAD and PathVQA answers that are yes or no
-    /// (`answer.lower().strip() in ["yes", "no"]`, as the harnesses decide), SLAKE rows with
-    /// `answer_type` `CLOSED` (which include words such as `Lung` and Chinese answers).
-    Closed { answer: String },
-    /// Open-ended: the gold answer as the file has it.
-    Open { answer: String },
-}
-
-impl Answer {
-    /// `choice`, `closed` or `open`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Answer::Choice { .. } => "choice",
-            Answer::Closed { .. } => "closed",
-            Answer::Open { .. } => "open",
-        }
-    }
-}
-
 /// One benchmark question.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchItem {
@@ -218,6 +153,36 @@ pub struct BenchItem {
     pub file: String,
     pub row: usize,
 }
+
+impl BenchItem {
+    /// The item evaluation, training and `ask` take: the same question, images and answer;
+    /// the modality (`unspecified` where the benchmark names none), the benchmark as the
+    /// dataset, and for multiple choice the lettered problem the templates wrap.
+    pub fn into_item(self) -> super::VqaItem {
+        let problem = match &self.answer {
+            Answer::Choice { options, .. } => super::build_problem(&self.question, options),
+            _ => self.question.clone(),
+        };
+        super::VqaItem {
+            index: self.row,
+            id: self.id,
+            images: self.images,
+            modality: self
+                .modality
+                .unwrap_or_else(|| Modality::Other(UNSPECIFIED.into())),
+            subset: self.modality_raw.unwrap_or_default(),
+            dataset: self.benchmark.title().to_string(),
+            question: self.question,
+            answer: self.answer,
+            language: self.language,
+            problem,
+            rationale: None,
+        }
+    }
+}
+
+/// The modality of items whose benchmark names none.
+pub const UNSPECIFIED: &str = "unspecified";
 
 /// A loaded benchmark: the usable questions and the rows that were skipped.
 #[derive(Debug, Clone)]
