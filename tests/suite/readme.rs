@@ -174,6 +174,17 @@ fn sandbox() -> (tempfile::TempDir, PathBuf) {
         work.join("scan.png"),
     )
     .unwrap();
+    // Benchmarks as downloaded: the fixtures in each real layout.
+    for (fixture, name) in [
+        ("slake", "SLAKE"),
+        ("vqa-rad", "vqa-rad"),
+        ("pmc-vqa", "PMC-VQA"),
+    ] {
+        copy_dir(
+            &repo().join("tests/fixtures/bench").join(fixture),
+            &work.join(name),
+        );
+    }
     stand_in_data(&work, "mri_train.json", "MRI", 2, 1);
     stand_in_data(&work, "test.json", "CT", 2, 2);
     // The paper's file where `--image-root data/` finds its 8 images.
