@@ -377,6 +377,8 @@ fn ask_refuses_what_is_not_a_regular_image_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fifo = dir.path().join("pipe.png");
     let made = Command::new("mkfifo").arg(&fifo).status();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("empty dir");
     let sparse = dir.path().join("sparse.png");
     std::fs::File::create(&sparse)
         .and_then(|f| f.set_len(64 << 30))
@@ -389,7 +391,8 @@ fn ask_refuses_what_is_not_a_regular_image_file() {
         ("/dev/zero".into(), "is a character device"),
         ("/dev/urandom".into(), "is a character device"),
         ("/dev/null".into(), "is a character device"),
-        (dir.path().to_path_buf(), "is a directory"),
+        // A directory is read as a DICOM series; an empty one is none.
+        (empty.clone(), "an empty directory, not a DICOM series"),
         (sparse.clone(), "more than the 1073741824"),
         (big.clone(), "1073741825 bytes, more than the 1073741824"),
         ("/proc/self/environ".into(), "holds more than the 0 bytes"),

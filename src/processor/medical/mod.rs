@@ -300,7 +300,14 @@ pub fn series_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     }
     let mut keyed = Vec::with_capacity(files.len());
     for f in files {
-        let bytes = super::read_file(&f)?;
+        // A directory where an image was expected: say how it was read.
+        let bytes = super::read_file(&f).map_err(|e| {
+            anyhow!(
+                "{} (read as a DICOM series directory): {}",
+                dir.display(),
+                super::one_line(&e)
+            )
+        })?;
         if kind(&f, &bytes) != Some(Kind::Dicom) {
             bail!(
                 "{}: not a DICOM file; a series directory holds only the series' DICOM files",
