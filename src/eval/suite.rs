@@ -951,6 +951,13 @@ pub fn run(suite: &Suite, opts: &RunOptions, pb: &indicatif::ProgressBar) -> Res
             .iter()
             .zip(&loaded)
             .any(|(p, l)| p.done.iter().any(Option::is_none) && !l.items.is_empty());
+        pb.suspend(|| {
+            if needs_model {
+                eprintln!("model {}: loading {}", m.name, m.path.display());
+            } else {
+                eprintln!("model {}: every pair complete, not loaded", m.name);
+            }
+        });
         let model = if needs_model {
             Some(
                 crate::infer::load(

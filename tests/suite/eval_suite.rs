@@ -85,6 +85,9 @@ fn suite_tables_every_benchmark_for_every_model() {
     let out = tmp.path().join("out");
     let (ok, stdout, err) = run_suite(&file, &out, &[]);
     assert!(ok, "{err}");
+    // Each model is loaded once, not once per benchmark.
+    assert_eq!(err.matches("model a: loading").count(), 1, "{err}");
+    assert_eq!(err.matches("model b: loading").count(), 1, "{err}");
     let r = report(&out);
     let rows = r["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -252,6 +255,10 @@ fn suite_resumes_and_refuses_changed_settings() {
     let (ok, stdout, err) = run_suite(&file, &out, &[]);
     assert!(ok, "{err}");
     assert!(stdout.contains("0 items scored, 12 reused"), "{stdout}");
+    assert!(
+        err.contains("model tiny: every pair complete, not loaded"),
+        "{err}"
+    );
 
     // A changed setting is refused, naming the pair, the setting and --force.
     let text = std::fs::read_to_string(&file).unwrap();
