@@ -4,6 +4,8 @@
 //! likelihood baseline (the option letter the model finds most probable). Per-modality and
 //! per-kind reports with confidence intervals, naming every protocol that ran.
 
+pub mod suite;
+
 use std::collections::BTreeMap;
 
 use anyhow::Result;

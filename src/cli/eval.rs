@@ -72,12 +72,17 @@ pub(super) fn check_pixels(min: Option<usize>, max: Option<usize>) -> Result<()>
 
 pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     use crate::data::{self, PromptTemplate};
+    let model = a.model_args()?;
+    let data_path = a
+        .data
+        .clone()
+        .context("--data is required without --suite")?;
     let fallback = if a.likelihood {
         PromptTemplate::Simple
     } else {
         PromptTemplate::Paper
     };
-    let template = resolve_template(a.template.as_deref(), &a.model, fallback)?;
+    let template = resolve_template(a.template.as_deref(), &model, fallback)?;
     if let Some(f) = a.test_split {
         if !(0.0..=1.0).contains(&f) || f == 0.0 {
             bail!("--test-split must be in (0, 1], got {f}");
@@ -94,7 +99,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     }
     check_pixels(a.min_pixels, a.max_pixels)?;
     if !a.likelihood {
-        check_new_tokens(&a.model, a.max_new_tokens)?;
+        check_new_tokens(&model, a.max_new_tokens)?;
     }
     let started = std::time::Instant::now();
     if a.open_protocol.is_empty() {
@@ -106,7 +111,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     };
     scoring.check()?;
     let (ds, format) = data::load_data(
-        &a.data,
+        &data_path,
         &data::DataOptions {
             format: a.format,
             image_root: a.image_root.clone(),
@@ -147,7 +152,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         if skipped.is_empty() {
             bail!(
                 "{}: no rows for modalities {:?}",
-                a.data.display(),
+                data_path.display(),
                 a.modalities
             );
         }
@@ -158,7 +163,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         let why: Vec<String> = why.iter().map(|(k, v)| format!("{v} {k}")).collect();
         bail!(
             "{}: all {} rows{} were skipped ({}); check --image-root",
-            a.data.display(),
+            data_path.display(),
             skipped.len(),
             if a.modalities.is_empty() {
                 String::new()
@@ -177,8 +182,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     // Where the report goes is checked now, before the model is loaded, not after the
     // evaluation's hours.
     let out = a.out.clone().unwrap_or_else(|| {
-        let name = a
-            .model
+        let name = model
             .model
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
@@ -191,7 +195,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         crate::files::Earlier::Replace { force: a.force },
     )?;
     let loaded = load(
-        &a.model,
+        &model,
         &ProcessorOptions {
             min_pixels: a.min_pixels,
             max_pixels: a.max_pixels,
@@ -231,7 +235,7 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     // Rows whose image could not be read count as skipped, like rows whose image is missing.
     let mut skipped = skipped;
     for mut s in evaluated.skipped {
-        s.file = a.data.display().to_string();
+        s.file = data_path.display().to_string();
         eprintln!("skipped {s}");
         skipped.push(s);
     }
@@ -245,9 +249,9 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
             .collect()
     };
     let settings = json!({
-        "model": a.model.model.display().to_string(),
-        "adapter": a.model.adapter.as_ref().map(|p| p.display().to_string()),
-        "data": a.data.display().to_string(),
+        "model": model.model.display().to_string(),
+        "adapter": model.adapter.as_ref().map(|p| p.display().to_string()),
+        "data": data_path.display().to_string(),
         "format": match format {
             data::DataFormat::MedVlm => "medvlm",
             data::DataFormat::Bench(f) => f.name(),
@@ -269,8 +273,8 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     });
     let report = crate::eval::Report::new(
         &results,
-        &a.model.model.display().to_string(),
-        &a.data.display().to_string(),
+        &model.model.display().to_string(),
+        &data_path.display().to_string(),
         mode,
         template,
         &skipped,
@@ -300,6 +304,75 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
     println!("{md}");
     println!(
         "written to {}/ (report.md, report.json, items.jsonl)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// The names `eval --suite` writes in its output directory (models' folders besides).
+const SUITE_OUTPUT: crate::files::OutputSpec = crate::files::OutputSpec {
+    command: "eval --suite",
+    flag: "--out",
+    entries: &crate::eval::suite::SUITE_FILES,
+    legacy: None,
+};
+
+/// `medvlm eval --suite FILE`: every model of the file on every benchmark of it, resumed
+/// where an earlier run into the same --out stopped.
+pub(super) fn run_suite(a: EvalArgs) -> Result<()> {
+    use crate::eval::suite;
+    let file = a.suite.clone().context("--suite names the suite file")?;
+    let s = suite::Suite::load(&file)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let stem = file
+            .file_stem()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "suite".into());
+        PathBuf::from(format!("eval-{stem}"))
+    });
+    crate::files::check_output_dir(&out, &SUITE_OUTPUT, crate::files::Earlier::Reuse)?;
+    std::fs::create_dir_all(&out).map_err(|e| crate::files::io_error(&out, "cannot create", e))?;
+    crate::files::mark_output(&out, SUITE_OUTPUT.command)?;
+    let text = std::fs::read(&file).map_err(|e| crate::files::io_error(&file, "cannot read", e))?;
+    crate::files::write_atomic(&out.join("suite.toml"), &text)?;
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "eval --suite [{bar:30}] {pos}/{len} items  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let report = suite::run(
+        &s,
+        &suite::RunOptions {
+            out: out.clone(),
+            force: a.force,
+            dtype: a.dtype.map(DType::from),
+            device: a.device.clone(),
+            medical: a.medical.options(),
+        },
+        &pb,
+    )?;
+    pb.finish_and_clear();
+    let write = crate::files::write_atomic;
+    write(&out.join("report.md"), report.markdown().as_bytes())?;
+    write(
+        &out.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    println!("{}", report.table_markdown());
+    let (reused, scored): (usize, usize) = report
+        .pairs
+        .iter()
+        .fold((0, 0), |(r, s), p| (r + p.reused, s + p.scored));
+    println!(
+        "{} models x {} benchmarks: {scored} items scored, {reused} reused from an earlier run",
+        s.models.len(),
+        s.benchmarks.len()
+    );
+    println!(
+        "written to {}/ (report.md, report.json, <model>/<benchmark>/items.jsonl)",
         out.display()
     );
     Ok(())

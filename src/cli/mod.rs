@@ -74,8 +74,11 @@ pub enum Command {
                       and read with the same strict rule as the GRPO accuracy reward; \
                       --likelihood instead picks the option letter the model finds most \
                       probable, without generating. Writes report.md, report.json and \
-                      items.jsonl (every prompt, output, extracted letter and verdict).",
-        after_help = "Examples:\n  medvlm eval --model runs/grpo/final --data MRI_CT_XRAY_300each_dataset.json --image-root data/\n  medvlm eval --model ./Qwen2-VL-2B-Instruct --data test.json --modality CT \\\n      --limit 100 --likelihood --out runs/eval-ct"
+                      items.jsonl (every prompt, output, extracted letter and verdict).\n\n\
+                      --suite FILE evaluates every model a TOML file lists on every benchmark it \
+                      lists (one table of models by benchmarks, each pair's report below it), \
+                      resuming an interrupted run from the items already written (see --suite).",
+        after_help = "Examples:\n  medvlm eval --model runs/grpo/final --data MRI_CT_XRAY_300each_dataset.json --image-root data/\n  medvlm eval --model ./Qwen2-VL-2B-Instruct --data test.json --modality CT \\\n      --limit 100 --likelihood --out runs/eval-ct\n  medvlm eval --suite suite.toml --out runs/suite   # rerun the same line to resume"
     )]
     Eval(EvalArgs),
     /// Ask a model a multiple-choice question about a scan and read its reasoning.
@@ -248,28 +251,76 @@ pub struct TrainArgs<K: config_flags::ConfigKind + Send + Sync + Clone + std::fm
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// Checkpoint directory (Hugging Face layout). With --suite the file names the models.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "suite",
+        conflicts_with = "suite"
+    )]
+    pub model: Option<PathBuf>,
+    /// A LoRA adapter directory (PEFT format: adapter_config.json,
+    /// adapter_model.safetensors), e.g. a LoRA run's final/: merged into the model's
+    /// weights on load. With --suite, a model's `adapter` key.
+    #[arg(long, value_name = "DIR", conflicts_with = "suite")]
+    pub adapter: Option<PathBuf>,
+    /// Model dtype (every model of a --suite). Weights stored in another dtype are
+    /// converted on load. Default: f32 on CPU, bf16 on CUDA.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// `cpu`, `cuda` or `cuda:N`. Default: CUDA when built with it and present, else CPU.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// Evaluate every model on every benchmark a suite file (TOML) lists, into --out:
+    /// <model>/<benchmark>/items.jsonl per pair, appended batch by batch, and report.md /
+    /// report.json, a table of models by benchmarks (accuracy, 95% Wilson interval, n) with
+    /// each pair's per-modality and per-kind report below. Rerunning the same command
+    /// resumes: items already in a pair's items.jsonl are not scored again. A pair whose
+    /// settings changed since (settings.json beside its items) is refused; --force scores
+    /// it again from the start. The file's keys: template, max_new_tokens, batch_size,
+    /// min_pixels, max_pixels; [[model]] tables with path, adapter, name; [[benchmark]]
+    /// tables with path, format, splits, language, limit, closed_protocol, open_protocol,
+    /// name (relative paths from the file's folder; names default to the model's folder
+    /// and the benchmark's format). Greedy decoding only. Takes the place of --model, --data
+    /// and the flags the file sets; --dtype, --device, --window, --slice apply to every
+    /// model.
+    #[arg(long, value_name = "FILE")]
+    pub suite: Option<PathBuf>,
     /// The data: a MedVLM-R1 JSON file (a list or JSON lines), or a benchmark as
     /// downloaded, its folder or one of its files: VQA-RAD, PathVQA, SLAKE, PMC-VQA,
     /// OmniMedVQA, MMMU (Health & Medicine), MedXpertQA (MM). The format is found from what
     /// is there unless --format names it.
-    #[arg(long, value_name = "FILE|DIR")]
-    pub data: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE|DIR",
+        required_unless_present = "suite",
+        conflicts_with = "suite"
+    )]
+    pub data: Option<PathBuf>,
     /// The data's layout: medvlm, vqa-rad, path-vqa, slake, pmc-vqa, omnimedvqa, mmmu,
     /// medxpertqa (default: found from the files).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "suite")]
     pub format: Option<crate::data::DataFormat>,
     /// Benchmarks: only these splits (test, validation, test_clean, ...; comma-separated).
     /// Default: every split there is.
-    #[arg(long = "split", value_name = "NAME", value_delimiter = ',')]
+    #[arg(
+        long = "split",
+        value_name = "NAME",
+        value_delimiter = ',',
+        conflicts_with = "suite"
+    )]
     pub splits: Vec<String>,
     /// Benchmarks: only questions in this language (en or zh; SLAKE has both).
-    #[arg(long, value_name = "en|zh")]
+    #[arg(long, value_name = "en|zh", conflicts_with = "suite")]
     pub language: Option<crate::data::Language>,
     /// Scoring protocol of closed (yes/no) questions: closed (MedEvalKit's rule, its case
     /// quirk corrected) or closed-medevalkit (as MedEvalKit scores SLAKE, quirk kept).
-    #[arg(long, default_value = "closed", value_name = "NAME")]
+    #[arg(
+        long,
+        default_value = "closed",
+        value_name = "NAME",
+        conflicts_with = "suite"
+    )]
     pub closed_protocol: crate::data::score::Protocol,
     /// Scoring protocols of open questions, comma-separated; the first decides "correct",
     /// all are reported: open-exact (lmms-eval's normalised exact match),
@@ -279,54 +330,82 @@ pub struct EvalArgs {
         long,
         value_name = "NAME,...",
         value_delimiter = ',',
-        default_value = "open-exact,open-recall-llavamed,open-f1"
+        default_value = "open-exact,open-recall-llavamed,open-f1",
+        conflicts_with = "suite"
     )]
     pub open_protocol: Vec<crate::data::score::Protocol>,
     /// Root of the rows' relative image paths (MedVLM-R1 data; default: the data file's
     /// folder).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "suite")]
     pub image_root: Option<PathBuf>,
     /// Keep only these modalities (MRI, CT, X-Ray, OCT, Ultrasound, ...); repeatable or
     /// comma-separated (--modality MRI,CT).
-    #[arg(long = "modality", value_name = "NAME", value_delimiter = ',')]
+    #[arg(
+        long = "modality",
+        value_name = "NAME",
+        value_delimiter = ',',
+        conflicts_with = "suite"
+    )]
     pub modalities: Vec<String>,
     /// Evaluate the test part of a seeded, modality-stratified split of this fraction.
-    #[arg(long, value_name = "FRACTION")]
+    #[arg(long, value_name = "FRACTION", conflicts_with = "suite")]
     pub test_split: Option<f64>,
     /// Seed of the split.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// At most this many items (after filtering and splitting).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "suite")]
     pub limit: Option<usize>,
     /// Question template: "paper" (reasoning in <think>, letter in <answer>) or "simple".
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "suite")]
     pub template: Option<String>,
     /// Score each option's letter instead of generating (default template: simple).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "suite")]
     pub likelihood: bool,
     /// Items decoded together.
-    #[arg(long, default_value_t = 16, value_name = "N")]
+    #[arg(long, default_value_t = 16, value_name = "N", conflicts_with = "suite")]
     pub batch_size: usize,
     /// New tokens per answer at most (a longer answer is cut and counts as unanswered).
-    #[arg(long, default_value_t = 512, value_name = "N")]
+    #[arg(
+        long,
+        default_value_t = 512,
+        value_name = "N",
+        conflicts_with = "suite"
+    )]
     pub max_new_tokens: usize,
     /// Image area limit after resizing, in pixels (default: preprocessor_config.json's).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "suite")]
     pub max_pixels: Option<usize>,
     /// Smallest image area after resizing, in pixels (default: preprocessor_config.json's).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "suite")]
     pub min_pixels: Option<usize>,
     #[command(flatten)]
     pub medical: MedicalArgs,
-    /// Directory for report.md, report.json, items.jsonl (default: eval-<model>/): new or
-    /// empty, or an earlier evaluation's with --force.
+    /// Directory for report.md, report.json, items.jsonl (default: eval-<model>/, with
+    /// --suite eval-<suite file name>/): new or empty, or an earlier evaluation's with
+    /// --force; with --suite, an earlier run of the suite is resumed.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Replace an earlier evaluation's report in --out (refused otherwise; a directory
-    /// holding anything else is always refused).
+    /// holding anything else is always refused). With --suite: score again from the start
+    /// the pairs whose settings changed (refused otherwise).
     #[arg(long)]
     pub force: bool,
+}
+
+impl EvalArgs {
+    /// The one model of an evaluation without --suite.
+    pub fn model_args(&self) -> Result<ModelArgs> {
+        Ok(ModelArgs {
+            model: self
+                .model
+                .clone()
+                .context("--model is required without --suite")?,
+            adapter: self.adapter.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -1010,6 +1089,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Selftest(a) => run_selftest(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a),
         Command::Bench(BenchCommand::Train(a)) => run_bench_train(a),
+        Command::Eval(a) if a.suite.is_some() => run_suite(a),
         Command::Eval(a) => run_eval(a),
         Command::Data(DataCommand::Synth(a)) => {
             let styles = a

@@ -9,6 +9,7 @@ mod bench_data;
 mod cli;
 mod demo;
 mod eval;
+mod eval_suite;
 mod generate_engine;
 mod grpo_parity;
 mod grpo_train;
