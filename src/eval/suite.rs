@@ -123,8 +123,9 @@ fn file_name_of(p: &Path) -> Option<String> {
 impl Suite {
     /// Reads and checks a suite file; every error is one line naming the file and the key.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| crate::files::io_error(path, "cannot read the suite file", e))?;
+        use crate::processor::input::{read_bounded_string, MAX_SIDE_FILE_BYTES};
+        // Bounded, regular files only: `--suite /dev/zero` is refused, not read forever.
+        let text = read_bounded_string(path, MAX_SIDE_FILE_BYTES, "suite")?;
         Self::parse(&text, path)
     }
 

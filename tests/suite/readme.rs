@@ -185,6 +185,13 @@ fn sandbox() -> (tempfile::TempDir, PathBuf) {
             &work.join(name),
         );
     }
+    // The suite `eval --help` shows, over two of them.
+    std::fs::write(
+        work.join("suite.toml"),
+        "max_new_tokens = 4\n\n[[model]]\npath = \"Qwen2-VL-2B-Instruct\"\n\n\
+         [[benchmark]]\npath = \"vqa-rad\"\n\n[[benchmark]]\npath = \"SLAKE\"\n",
+    )
+    .unwrap();
     stand_in_data(&work, "mri_train.json", "MRI", 2, 1);
     stand_in_data(&work, "test.json", "CT", 2, 2);
     // The paper's file where `--image-root data/` finds its 8 images.
