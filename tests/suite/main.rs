@@ -29,3 +29,4 @@ mod selftest;
 mod serve;
 mod serve_limits;
 mod stop_tokens;
+mod train_bench;
