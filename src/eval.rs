@@ -12,7 +12,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::data::answer::{extract_answer, format_reward, Extraction};
-use crate::data::score::{answer_block, Protocol};
+use crate::data::score::{answer_block, score_completion, Protocol};
 use crate::data::{Answer, PromptTemplate, Skipped, VqaItem};
 use crate::generate::{Engine, Request, SamplingParams};
 use crate::model::Qwen2Vl;
@@ -81,15 +81,10 @@ impl Default for Scoring {
 }
 
 /// Whether medvlm gives `p` the `<answer>` block of a reasoning output rather than the whole
-/// text: the harnesses these protocols come from extract nothing (their models answer
-/// bare), and a whole reasoning text would let words of the reasoning count (LLaVA-Med's
-/// recall finds "no" in "no nodule"). MedEvalKit's rules extract `<answer>` blocks
-/// themselves and get the raw output.
+/// text; see [`Protocol::reads_answer_block`], where the fact lives so that the GRPO reward
+/// reads answers the same way.
 pub fn reads_answer_block(p: Protocol) -> bool {
-    matches!(
-        p,
-        Protocol::OpenExact | Protocol::OpenRecallLlavaMed | Protocol::OpenF1
-    )
+    p.reads_answer_block()
 }
 
 impl Scoring {
@@ -112,10 +107,7 @@ impl Scoring {
         };
         let scores = protocols
             .into_iter()
-            .map(|p| {
-                let input = if reads_answer_block(p) { text } else { output };
-                (p.name(), p.score(input, answer))
-            })
+            .map(|p| (p.name(), score_completion(p, output, answer)))
             .collect();
         (scores, !text.is_empty(), how)
     }

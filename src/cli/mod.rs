@@ -160,10 +160,13 @@ pub enum TrainCommand {
     /// Group Relative Policy Optimization with format and accuracy rewards (MedVLM-R1).
     #[command(
         long_about = "Group Relative Policy Optimization as in MedVLM-R1: per step, sample G \
-                      completions for each of B prompts, reward them (answer format and \
-                      correct letter), compute group-relative advantages, and take an AdamW \
-                      step on the clipped objective with a KL penalty against the starting \
-                      model.\n\nSettings come from --config (see --print-config for every key \
+                      completions for each of B prompts, reward them (answer format, and the \
+                      correct letter, or a closed or open question's answer scored by \
+                      closed_reward_protocol / open_reward_protocol), compute \
+                      group-relative advantages, and take an AdamW step on the clipped \
+                      objective with a KL penalty against the starting model. Training data \
+                      is MedVLM-R1's JSON or a benchmark as downloaded (--format, --split, \
+                      --language).\n\nSettings come from --config (see --print-config for every key \
                       with its default and meaning), and any key can be set as a flag, which \
                       wins; list keys take one value, comma-separated values or a TOML array \
                       (--modalities MRI, --rewards accuracy,format). The run directory \

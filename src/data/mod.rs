@@ -501,15 +501,23 @@ pub struct DataOptions {
     pub language: Option<Language>,
 }
 
+/// The format [`load_data`] reads `path` in when none is given: a folder is a benchmark, a
+/// file a benchmark's when its content says so, else MedVLM-R1's JSON.
+pub fn detect_format(path: &Path) -> Result<DataFormat> {
+    if path.is_dir() {
+        return Ok(DataFormat::Bench(bench::detect(path)?));
+    }
+    Ok(bench::detect(path)
+        .map(DataFormat::Bench)
+        .unwrap_or(DataFormat::MedVlm))
+}
+
 /// Loads any data medvlm reads, MedVLM-R1's JSON or a benchmark, as items and skipped rows.
 /// Returns the format read.
 pub fn load_data(path: &Path, opts: &DataOptions) -> Result<(Dataset, DataFormat)> {
     let format = match opts.format {
         Some(f) => f,
-        None if path.is_dir() => DataFormat::Bench(bench::detect(path)?),
-        None => bench::detect(path)
-            .map(DataFormat::Bench)
-            .unwrap_or(DataFormat::MedVlm),
+        None => detect_format(path)?,
     };
     let medvlm_only = |what: &str, set: bool| -> Result<()> {
         if set {

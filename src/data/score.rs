@@ -22,7 +22,9 @@
 //! would be by those harnesses (the think text counts toward recall, against exact match).
 //! `mc-letter` needs exactly one `<answer>` block (our Strict rule). An evaluation that wants the
 //! answer block alone scored by LLaVA-Med's or lmms-eval's rule calls [`answer_block`] first
-//! and says so in its report; this module never does it silently.
+//! and says so in its report; [`Protocol::score`] never does it silently. [`score_completion`]
+//! is medvlm's reading ([`Protocol::reads_answer_block`]), which `medvlm eval` and GRPO's
+//! accuracy reward share.
 //!
 //! Python semantics reproduced: `str.lower()` (Rust's `to_lowercase`, the same full Unicode
 //! mapping including the final sigma), `str.strip()`/`str.split()` (Unicode whitespace plus
@@ -129,6 +131,63 @@ impl Protocol {
             Protocol::OpenRecallLlavaMed => b(llavamed_recall(prediction, answer)),
             Protocol::OpenF1 => llavamed_f1(prediction, answer).f1,
         }
+    }
+}
+
+impl Protocol {
+    /// A rule for closed questions (`closed`, `closed-medevalkit`).
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Protocol::Closed | Protocol::ClosedMedEvalKit)
+    }
+
+    /// A rule for open questions (`open-exact`, `open-recall-llavamed`, `open-f1`,
+    /// `open-medevalkit`).
+    pub fn is_open(&self) -> bool {
+        matches!(
+            self,
+            Protocol::OpenMedEvalKit
+                | Protocol::OpenExact
+                | Protocol::OpenRecallLlavaMed
+                | Protocol::OpenF1
+        )
+    }
+
+    /// Whether medvlm gives this protocol the `<answer>` block of a reasoning output rather
+    /// than the whole text: the harnesses these protocols come from extract nothing (their
+    /// models answer bare), and a whole reasoning text would let words of the reasoning count
+    /// (LLaVA-Med's recall finds "no" in "no nodule"). MedEvalKit's rules extract `<answer>`
+    /// blocks themselves and get the raw output. Evaluation ([`crate::eval`]) and the GRPO
+    /// accuracy reward both score completions this way ([`score_completion`]).
+    pub fn reads_answer_block(&self) -> bool {
+        matches!(
+            self,
+            Protocol::OpenExact | Protocol::OpenRecallLlavaMed | Protocol::OpenF1
+        )
+    }
+}
+
+/// The text of `completion` that `p` scores: its [`answer_block`] (else the whole output,
+/// trimmed) where [`Protocol::reads_answer_block`], the raw output otherwise.
+pub fn scored_text(p: Protocol, completion: &str) -> &str {
+    if p.reads_answer_block() {
+        answer_block(completion).unwrap_or_else(|| completion.trim())
+    } else {
+        completion
+    }
+}
+
+/// The score of a (reasoning) completion against the gold `answer` by `p`, the answer read
+/// as [`scored_text`] says: what `medvlm eval` reports and what GRPO's accuracy reward gives
+/// a closed or open item.
+pub fn score_completion(p: Protocol, completion: &str, answer: &str) -> f64 {
+    p.score(scored_text(p, completion), answer)
+}
+
+impl<'de> serde::Deserialize<'de> for Protocol {
+    /// A [`Protocol::name`] (config files).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -7,7 +7,8 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::grpo::{LossConfig, LossType, ScaleRewards};
-use super::reward::AnswerMode;
+use super::reward::{AccuracyReward, AnswerMode, DEFAULT_CLOSED_PROTOCOL, DEFAULT_OPEN_PROTOCOL};
+use crate::data::score::Protocol;
 use crate::train::config::{
     at_least_one, batch_count, non_negative, positive, unit_interval, Method, RunConfig,
     SettingError, TrainConfig, MAX_SEQUENCES_PER_STEP,
@@ -25,6 +26,9 @@ pub struct GrpoMethod {
     pub eval_steps: u64,
     /// Evaluate at most this many held-out items (0 = all).
     pub eval_limit: usize,
+    /// Benchmarks: the splits of eval_data to read (all when empty); `format` and `language`
+    /// apply to it as to train_data.
+    pub eval_split: Vec<String>,
 
     /// Completions sampled per prompt (G).
     pub num_generations: usize,
@@ -48,8 +52,12 @@ pub struct GrpoMethod {
     pub rewards: Vec<String>,
     /// One weight per reward (default all 1).
     pub reward_weights: Vec<f32>,
-    /// "strict" (default) or "paper" accuracy rule.
+    /// "strict" (default) or "paper" accuracy rule (multiple choice).
     pub answer_mode: AnswerMode,
+    /// The accuracy reward's protocol for closed questions.
+    pub closed_reward_protocol: Protocol,
+    /// The accuracy reward's protocol for open questions.
+    pub open_reward_protocol: Protocol,
     /// Completions per step written to completions.jsonl.
     pub log_completions: usize,
 }
@@ -60,6 +68,7 @@ impl Default for GrpoMethod {
             eval_data: None,
             eval_steps: 0,
             eval_limit: 0,
+            eval_split: vec![],
             num_generations: 4,
             batch_prompts: 1,
             max_completion_length: 512,
@@ -76,6 +85,8 @@ impl Default for GrpoMethod {
             rewards: vec!["accuracy".into(), "format".into()],
             reward_weights: vec![],
             answer_mode: AnswerMode::Strict,
+            closed_reward_protocol: DEFAULT_CLOSED_PROTOCOL,
+            open_reward_protocol: DEFAULT_OPEN_PROTOCOL,
             log_completions: 2,
         }
     }
@@ -91,8 +102,9 @@ impl Method for GrpoMethod {
 
     fn validate_files(&self) -> Result<()> {
         if let Some(e) = &self.eval_data {
-            if !crate::processor::input::is_regular_file(e, "eval_data")? {
-                bail!("config: eval_data {}: no such file", e.display());
+            // A benchmark as downloaded is a folder.
+            if !e.is_dir() && !crate::processor::input::is_regular_file(e, "eval_data")? {
+                bail!("config: eval_data {}: no such file or folder", e.display());
             }
         }
         Ok(())
@@ -174,6 +186,34 @@ impl Method for GrpoMethod {
                 &["rewards"],
             ));
         }
+        if !self.eval_split.is_empty() && self.eval_data.is_none() {
+            return Err(SettingError::new(
+                "eval_split",
+                "is set but {0} is not",
+                &["eval_data"],
+            ));
+        }
+        if !self.closed_reward_protocol.is_closed() {
+            return Err(SettingError::new(
+                "closed_reward_protocol",
+                &format!(
+                    "{} is not a closed-question protocol; closed or closed-medevalkit",
+                    self.closed_reward_protocol
+                ),
+                &[],
+            ));
+        }
+        if !self.open_reward_protocol.is_open() {
+            return Err(SettingError::new(
+                "open_reward_protocol",
+                &format!(
+                    "{} is not an open-question protocol; open-f1, open-exact, \
+                     open-recall-llavamed or open-medevalkit",
+                    self.open_reward_protocol
+                ),
+                &[],
+            ));
+        }
         if let Some(w) = self.reward_weights.iter().find(|w| !w.is_finite()) {
             return Err(SettingError::new(
                 "reward_weights",
@@ -207,6 +247,15 @@ impl Method for GrpoMethod {
 }
 
 impl GrpoConfig {
+    /// The accuracy reward these settings describe.
+    pub fn accuracy_reward(&self) -> AccuracyReward {
+        AccuracyReward {
+            mode: self.method.answer_mode,
+            closed: self.method.closed_reward_protocol,
+            open: self.method.open_reward_protocol,
+        }
+    }
+
     pub fn loss(&self) -> LossConfig {
         let m = &self.method;
         LossConfig {
@@ -456,12 +505,55 @@ mod tests {
         assert_eq!(
             keys,
             vec![
+                "eval_split",
                 "lora.target_modules",
                 "modalities",
                 "reward_weights",
-                "rewards"
+                "rewards",
+                "split"
             ]
         );
+    }
+
+    /// The data settings and the reward protocols: parsed, checked, named as written.
+    #[test]
+    fn data_settings_and_reward_protocols() {
+        let c = GrpoConfig::from_toml(
+            "format = \"vqa-rad\"\nsplit = \"train\"\nlanguage = \"en\"\n\
+             open_reward_protocol = \"open-exact\"\n",
+            "x",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.run.data_format().unwrap(),
+            Some(crate::data::DataFormat::Bench(
+                crate::data::bench::Format::VqaRad
+            ))
+        );
+        assert_eq!(c.run.split, vec!["train"]);
+        assert_eq!(
+            c.run.data_language().unwrap(),
+            Some(crate::data::Language::En)
+        );
+        let r = c.accuracy_reward();
+        assert_eq!((r.closed, r.open), (Protocol::Closed, Protocol::OpenExact));
+        let again = GrpoConfig::from_toml(&c.to_toml().unwrap(), "written", None).unwrap();
+        assert_eq!(again, c);
+        let e = err("closed_reward_protocol = \"open-f1\"\n", &[]);
+        assert!(
+            e.starts_with("run.toml: closed_reward_protocol open-f1 is not a closed-question"),
+            "{e}"
+        );
+        let e = err("", &[("open_reward_protocol", "f1")]);
+        assert!(
+            e.starts_with("--open-reward-protocol: unknown scoring protocol \"f1\"; known:"),
+            "{e}"
+        );
+        let e = err("", &[("language", "de")]);
+        assert_eq!(e, "--language must be en or zh, got \"de\"");
+        let e = err("", &[("format", "vqa")]);
+        assert!(e.starts_with("--format must be medvlm"), "{e}");
     }
 
     /// save_total_limit changes no trajectory: a resume may change it.

@@ -8,18 +8,19 @@ pub mod trainer;
 
 use anyhow::{bail, Result};
 
-use reward::{AccuracyReward, AnswerMode, FormatReward, Reward, RewardSet};
+use reward::{AccuracyReward, FormatReward, Reward, RewardSet};
 
-/// The reward set named in a config (`"accuracy"`, `"format"`), weighted.
+/// The reward set named in a config (`"accuracy"`, `"format"`), weighted; `accuracy` is the
+/// accuracy reward to use (its letter rule and closed/open protocols).
 pub fn rewards_from_names(
     names: &[String],
     weights: &[f32],
-    mode: AnswerMode,
+    accuracy: AccuracyReward,
 ) -> Result<RewardSet> {
     let mut v: Vec<(Box<dyn Reward>, f32)> = Vec::new();
     for (name, &w) in names.iter().zip(weights) {
         let r: Box<dyn Reward> = match name.as_str() {
-            "accuracy" => Box::new(AccuracyReward { mode }),
+            "accuracy" => Box::new(accuracy),
             "format" => Box::new(FormatReward),
             other => bail!("unknown reward {other:?} (built in: \"accuracy\", \"format\")"),
         };

@@ -91,30 +91,16 @@ pub struct GrpoRun {
     banned: Vec<u32>,
 }
 
-/// The answer the accuracy reward checks: the correct letter. GRPO's data is multiple
-/// choice (the MedVLM-R1 format, whose loader gives only such items); a closed or open
-/// item would be scored against its answer text, which the letter rules never match.
-fn solution(item: &VqaItem) -> String {
-    item.letter()
-        .map(String::from)
-        .unwrap_or_else(|| item.answer.text().to_string())
-}
-
 impl GrpoRun {
     /// Loads models and data for `config` and opens (or resumes) the run directory. All
     /// validation happens before any model is loaded.
     pub fn prepare(config: GrpoConfig, resume: bool) -> Result<Self> {
         let inputs = RunInputs::prepare(&config, resume)?;
-        run::check_memory(&config, &inputs)?;
-        let RunInputs {
-            device,
-            resume_from,
-            processor,
-            train,
-        } = inputs;
+        // The held-out rows are read before the memory plan is printed, so that a setting
+        // they refuse is the only thing said.
         let eval = match &config.method.eval_data {
             Some(p) => {
-                let ds = data::load(p, config.run.image_root.as_deref())?;
+                let ds = run::load_rows(&config.run, p, &config.method.eval_split, "eval_split")?;
                 let mut items = data::filter_modalities(ds.items, &config.run.modalities);
                 if config.method.eval_limit > 0 {
                     items.truncate(config.method.eval_limit);
@@ -123,13 +109,20 @@ impl GrpoRun {
             }
             None => vec![],
         };
+        run::check_memory(&config, &inputs)?;
+        let RunInputs {
+            device,
+            resume_from,
+            processor,
+            train,
+        } = inputs;
         let weights = if config.method.reward_weights.is_empty() {
             vec![1.0; config.method.rewards.len()]
         } else {
             config.method.reward_weights.clone()
         };
         let rewards =
-            rewards_from_names(&config.method.rewards, &weights, config.method.answer_mode)?;
+            rewards_from_names(&config.method.rewards, &weights, config.accuracy_reward())?;
         let gens_per_epoch = train.len().div_ceil(config.method.batch_prompts) as f64;
         let total_steps = if config.run.max_steps > 0 {
             config.run.max_steps
@@ -181,13 +174,6 @@ impl GrpoRun {
 
     fn prompt_for(&self, item: &VqaItem) -> Result<Prompt> {
         self.config.run.template.prompt(&self.processor, item)
-    }
-
-    fn context<'a>(item: &'a VqaItem, sol: &'a str) -> RewardContext<'a> {
-        RewardContext {
-            solution: sol,
-            num_options: Some(item.options().len()),
-        }
     }
 
     /// Rollout for generation number `gen`: its prompts, G sampled completions each, and
@@ -271,8 +257,7 @@ impl GrpoRun {
         r.per_reward = vec![Vec::new(); self.rewards.names().len()];
         for (k, text) in r.texts.iter().enumerate() {
             let item = &self.train[r.items[k / g]];
-            let sol = solution(item);
-            let (total, parts) = self.rewards.score(text, &Self::context(item, &sol));
+            let (total, parts) = self.rewards.score(text, &RewardContext::of(item));
             r.rewards.push(total);
             for (each, p) in r.per_reward.iter_mut().zip(parts) {
                 each.push(p);
@@ -455,8 +440,10 @@ impl GrpoRun {
             self.session.log_sample(&json!({
                 "step": self.session.step,
                 "item": item.index,
+                "id": item.id,
                 "question": item.question,
-                "solution": solution(item),
+                "kind": item.answer.kind(),
+                "solution": RewardContext::of(item).solution(),
                 "completion": text,
                 "reward": r.rewards[k],
                 "rewards": parts,

@@ -305,6 +305,55 @@ impl WordHash {
     }
 }
 
+/// The identity of the training data: a file's [`file_digest`] (hashed whole), or a
+/// benchmark folder's: every file under it by relative path, its table files (`.json`,
+/// `.jsonl`, `.csv`, `.tsv`, `.parquet`, `.txt`: the questions and answers) by
+/// [`file_digest`], its other files (images) by size alone, so a resume does not read
+/// gigabytes of images.
+pub fn data_digest(path: &Path) -> Result<String> {
+    if !path.is_dir() {
+        return file_digest(path, true);
+    }
+    fn walk(root: &Path, dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+        if depth > 16 {
+            return Ok(());
+        }
+        let listing =
+            fs::read_dir(dir).map_err(|e| crate::files::io_error(dir, "cannot list", e))?;
+        for e in listing {
+            let p = e
+                .map_err(|e| crate::files::io_error(dir, "cannot list", e))?
+                .path();
+            if p.is_dir() {
+                walk(root, &p, depth + 1, out)?;
+            } else if p.is_file() {
+                out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf());
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(path, path, 0, &mut files)?;
+    files.sort();
+    let mut h = WordHash::new();
+    for rel in &files {
+        let p = path.join(rel);
+        let table = rel.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            ["json", "jsonl", "csv", "tsv", "parquet", "txt"]
+                .contains(&e.to_ascii_lowercase().as_str())
+        });
+        let id = if table {
+            file_digest(&p, false)?
+        } else {
+            let meta =
+                fs::metadata(&p).map_err(|e| crate::files::io_error(&p, "cannot read", e))?;
+            format!("size {}", meta.len())
+        };
+        h.update(format!("{}\0{id}\n", rel.display()).as_bytes());
+    }
+    Ok(format!("{} files, hash {:016x}", files.len(), h.0))
+}
+
 /// Model files up to this size are hashed whole; larger ones (weight shards) by sample.
 const HASH_WHOLE_UP_TO: u64 = 64 << 20;
 /// A large file's sample: its first MiB (a safetensors header, which names every tensor with
@@ -397,7 +446,7 @@ impl InputIdentity {
         }
         Ok(Self {
             model,
-            train_data: file_digest(train_data, true)?,
+            train_data: data_digest(train_data)?,
         })
     }
 

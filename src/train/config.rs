@@ -14,7 +14,7 @@ use candle_core::DType;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::data::PromptTemplate;
+use crate::data::{DataFormat, Language, PromptTemplate};
 
 /// The shared keys' commented example (top-level keys).
 pub const RUN_EXAMPLE: &str = include_str!("run.example.toml");
@@ -81,8 +81,16 @@ impl LoraConfig {
 pub struct RunConfig {
     /// Checkpoint directory to start from (Hugging Face layout). Required.
     pub model: PathBuf,
-    /// Training data: the MedVLM-R1 JSON format or JSON lines. Required.
+    /// Training data: the MedVLM-R1 JSON format or JSON lines, or a benchmark as downloaded
+    /// (a folder or file [`crate::data::load_data`] reads). Required.
     pub train_data: PathBuf,
+    /// The data's format: `medvlm` or a benchmark's name (`slake`, `vqa-rad`, ...); unset =
+    /// found from what is there. Applies to GRPO's eval_data too.
+    pub format: Option<String>,
+    /// Benchmarks: the splits of train_data to read (all when empty).
+    pub split: Vec<String>,
+    /// Benchmarks: only questions in this language (`en`, `zh`); applies to eval_data too.
+    pub language: Option<String>,
     /// Root for the rows' relative image paths (default: the data file's directory).
     pub image_root: Option<PathBuf>,
     /// Keep only these modalities (e.g. ["MRI"]); empty keeps all.
@@ -137,6 +145,9 @@ impl Default for RunConfig {
         Self {
             model: PathBuf::new(),
             train_data: PathBuf::new(),
+            format: None,
+            split: vec![],
+            language: None,
             image_root: None,
             modalities: vec![],
             output_dir: PathBuf::from("runs/run"),
@@ -195,18 +206,65 @@ impl RunConfig {
         if self.train_data.as_os_str().is_empty() {
             bail!("config: `train_data` is required");
         }
-        // A directory, a device (/dev/zero) or a FIFO is named as what it is.
-        if !crate::processor::input::is_regular_file(&self.train_data, "train_data")? {
+        // A benchmark as downloaded is a folder; a device (/dev/zero) or a FIFO is named as
+        // what it is.
+        if !self.train_data.is_dir()
+            && !crate::processor::input::is_regular_file(&self.train_data, "train_data")?
+        {
             bail!(
-                "config: train_data {}: no such file",
+                "config: train_data {}: no such file or folder",
                 self.train_data.display()
             );
         }
         Ok(())
     }
 
+    /// The data format setting, parsed (`None`: found from what is there).
+    pub fn data_format(&self) -> std::result::Result<Option<DataFormat>, SettingError> {
+        self.format
+            .as_deref()
+            .map(|f| {
+                f.parse::<DataFormat>().map_err(|_| {
+                    let names: Vec<&str> = crate::data::bench::Format::ALL
+                        .iter()
+                        .map(|f| f.name())
+                        .collect();
+                    SettingError::new(
+                        "format",
+                        &format!(
+                            "must be medvlm (the MedVLM-R1 JSON) or a benchmark: {}; got {f:?}",
+                            names.join(", ")
+                        ),
+                        &[],
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// The language setting, parsed.
+    pub fn data_language(&self) -> std::result::Result<Option<Language>, SettingError> {
+        self.language
+            .as_deref()
+            .map(|l| {
+                l.parse::<Language>().map_err(|_| {
+                    SettingError::new("language", &format!("must be en or zh, got {l:?}"), &[])
+                })
+            })
+            .transpose()
+    }
+
     /// The ranges of the shared settings: everything that needs neither files nor a model.
     pub fn validate_settings(&self) -> std::result::Result<(), SettingError> {
+        self.data_format()?;
+        self.data_language()?;
+        if let Some(s) = self.split.iter().find(|s| s.trim().is_empty()) {
+            return Err(SettingError::new(
+                "split",
+                &format!("names an empty split {s:?}"),
+                &[],
+            ));
+        }
         batch_count("micro_batch", self.micro_batch as u64)?;
         positive("learning_rate", self.learning_rate)?;
         unit_interval("adam_beta1", self.adam_beta1)?;

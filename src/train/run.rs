@@ -15,7 +15,7 @@ use super::config::{Method, RunConfig, SettingError, TrainConfig};
 use super::optim::AdamWConfig;
 use super::params::TrainableModel;
 use super::session::{ResumeCheck, Session, SessionSpec};
-use crate::data::{self, VqaItem};
+use crate::data::{self, DataFormat, DataOptions, VqaItem};
 use crate::processor::{Processor, ProcessorOptions};
 
 /// The order items are visited in: a fresh seeded shuffle per epoch.
@@ -77,7 +77,7 @@ impl RunInputs {
             }
         }
         let processor = Processor::from_dir(&run.model, &processor_options(run))?;
-        let ds = data::load(&run.train_data, run.image_root.as_deref())?;
+        let ds = load_rows(run, &run.train_data, &run.split, "split")?;
         for s in ds.skipped.iter().take(5) {
             eprintln!("warning: skipped {s}");
         }
@@ -105,20 +105,85 @@ impl RunInputs {
     }
 }
 
+/// Reads the rows of `path` (train_data, or GRPO's eval_data) with the run's data settings
+/// (`format`, `language`, `image_root`) and `splits` (the setting `split_key`). A setting that
+/// does not apply to the data found is an error naming it.
+pub fn load_rows(
+    run: &RunConfig,
+    path: &Path,
+    splits: &[String],
+    split_key: &str,
+) -> Result<data::Dataset> {
+    let format = match run.data_format()? {
+        Some(f) => f,
+        None => data::detect_format(path)?,
+    };
+    let language = run.data_language()?;
+    let refuse = |key: &str, problem: String| -> Result<()> {
+        Err(SettingError::new(key, &problem, &[]).into())
+    };
+    match format {
+        DataFormat::MedVlm => {
+            let what = format!(
+                "applies to benchmarks; {} is MedVLM-R1 data",
+                path.display()
+            );
+            if !splits.is_empty() {
+                refuse(split_key, what.clone())?;
+            }
+            if language.is_some() {
+                refuse("language", what)?;
+            }
+        }
+        DataFormat::Bench(f) => {
+            if run.image_root.is_some() {
+                refuse(
+                    "image_root",
+                    format!(
+                        "applies to MedVLM-R1 data; {} is {} data, whose images are found in \
+                         its own folder",
+                        path.display(),
+                        f.name()
+                    ),
+                )?;
+            }
+        }
+    }
+    let (ds, _) = data::load_data(
+        path,
+        &DataOptions {
+            format: Some(format),
+            image_root: run.image_root.clone(),
+            splits: splits.to_vec(),
+            language,
+        },
+    )?;
+    Ok(ds)
+}
+
 /// The longest prompt among (a sample of) the items, images included: (tokens, vision
-/// patches). The 16 items with the longest questions are prepared in full.
+/// patches). Prepared in full: the 16 items with the longest text (question and options, if
+/// any) and the 16 with the most images (benchmark rows have none, one or several), the
+/// longest text first among equals.
 pub fn longest_prompt(
     processor: &Processor,
     items: &[VqaItem],
     template: crate::data::PromptTemplate,
 ) -> Result<(usize, usize)> {
-    let mut order: Vec<&VqaItem> = items.iter().collect();
-    order.sort_by_key(|it| {
-        std::cmp::Reverse(it.question.len() + it.options().iter().map(|o| o.len()).sum::<usize>())
-    });
+    // A multiple-choice problem holds its options.
+    let text = |it: &VqaItem| it.problem.len();
+    let mut by_text: Vec<usize> = (0..items.len()).collect();
+    by_text.sort_by_key(|&i| std::cmp::Reverse(text(&items[i])));
+    let mut by_images = by_text.clone();
+    // Stable: among rows with as many images, the longest text comes first.
+    by_images.sort_by_key(|&i| std::cmp::Reverse(items[i].images.len()));
+    let mut chosen: Vec<usize> = by_text.into_iter().take(16).collect();
+    chosen.extend(by_images.into_iter().take(16));
+    chosen.sort_unstable();
+    chosen.dedup();
     let mut best = (1, 0);
-    for it in order.into_iter().take(16) {
-        let p = template.prompt(processor, it)?;
+    for i in chosen {
+        let p = template.prompt(processor, &items[i])?;
         let patches: usize = p.images.iter().map(|i| i.num_patches).sum();
         if p.input_ids.len() > best.0 {
             best = (p.input_ids.len(), patches);

@@ -30,3 +30,4 @@ mod selftest;
 mod serve;
 mod serve_limits;
 mod stop_tokens;
+mod train_bench;

@@ -138,18 +138,11 @@ const FORMAT_ROWS: &[(&str, f32)] = &[
 
 #[test]
 fn accuracy_table() {
-    let paper = AccuracyReward {
-        mode: AnswerMode::Paper,
-    };
-    let strict = AccuracyReward {
-        mode: AnswerMode::Strict,
-    };
+    let paper = AccuracyReward::with_mode(AnswerMode::Paper);
+    let strict = AccuracyReward::with_mode(AnswerMode::Strict);
     let mut failures = Vec::new();
     for r in ROWS {
-        let ctx = RewardContext {
-            solution: r.solution,
-            num_options: r.num_options,
-        };
+        let ctx = RewardContext::choice(r.solution, r.num_options);
         let got = (
             paper.score(r.completion, &ctx),
             strict.score(r.completion, &ctx),
@@ -189,22 +182,13 @@ fn paper_mode_ignores_num_options() {
     // The paper's code never saw the number of options: E is accepted on a 4-option question.
     let c = "<think>x</think><answer>E</answer>";
     assert_eq!(paper_accuracy(c, "E"), 1.0);
-    let ctx = RewardContext {
-        solution: "E",
-        num_options: Some(4),
-    };
+    let ctx = RewardContext::choice("E", Some(4));
     assert_eq!(
-        AccuracyReward {
-            mode: AnswerMode::Paper
-        }
-        .score(c, &ctx),
+        AccuracyReward::with_mode(AnswerMode::Paper).score(c, &ctx),
         1.0
     );
     assert_eq!(
-        AccuracyReward {
-            mode: AnswerMode::Strict
-        }
-        .score(c, &ctx),
+        AccuracyReward::with_mode(AnswerMode::Strict).score(c, &ctx),
         0.0
     );
 }
@@ -300,10 +284,7 @@ fn reward_set_weights_scores() {
     ]);
     assert_eq!(set.names(), ["x", "y", "z"]);
     assert_eq!(set.weights(), [2.0, -1.0, 0.0]);
-    let ctx = RewardContext {
-        solution: "A",
-        num_options: Some(4),
-    };
+    let ctx = RewardContext::choice("A", Some(4));
     let (total, scores) = set.score("anything", &ctx);
     // Per-function scores are reported unweighted; the total is the weighted sum.
     assert_eq!(scores, [1.0, 0.5, 0.25]);
@@ -315,10 +296,7 @@ fn reward_set_weights_scores() {
 
 #[test]
 fn paper_default_is_accuracy_plus_format() {
-    let ctx = RewardContext {
-        solution: "A",
-        num_options: Some(4),
-    };
+    let ctx = RewardContext::choice("A", Some(4));
     for mode in [AnswerMode::Paper, AnswerMode::Strict] {
         let set = RewardSet::paper_default(mode);
         assert_eq!(set.names(), ["accuracy", "format"]);
@@ -357,4 +335,91 @@ fn answer_mode_defaults_to_strict_and_serialises_lowercase() {
         serde_json::from_str::<AnswerMode>("\"strict\"").unwrap(),
         AnswerMode::Strict
     );
+}
+
+/// Closed and open items: the accuracy reward is the named protocol's score of the
+/// completion (its `<answer>` block where the protocol's harness extracts nothing), as
+/// `medvlm eval` scores it. The expected values are worked out by hand.
+#[test]
+fn closed_and_open_items_are_scored_by_their_protocols() {
+    use medvlm::data::score::{score_completion, Protocol};
+    let reward = AccuracyReward::default();
+    assert_eq!(
+        (reward.closed, reward.open),
+        (Protocol::Closed, Protocol::OpenF1)
+    );
+    let yes = RewardContext::closed("yes");
+    // The answer block says Yes; the "no" of the reasoning is not read (the closed rule
+    // extracts the <answer> block itself).
+    let c = "<think>There is no lesion, the lung is normal.</think><answer>Yes</answer>";
+    assert_eq!(reward.score(c, &yes), 1.0);
+    assert_eq!(
+        reward.score(c, &yes) as f64,
+        score_completion(Protocol::Closed, c, "yes")
+    );
+    assert_eq!(
+        reward.score("<think>x</think><answer>No</answer>", &yes),
+        0.0
+    );
+    // Both substrings yes and no: the closed rule refuses the answer.
+    assert_eq!(
+        reward.score("<think>x</think><answer>yes or no</answer>", &yes),
+        0.0
+    );
+    // SLAKE's capitalised gold is a yes/no answer too under `closed`.
+    assert_eq!(reward.score(c, &RewardContext::closed("Yes")), 1.0);
+    // The whole set: accuracy 1 + format 1.
+    assert_eq!(
+        RewardSet::paper_default(AnswerMode::Strict).score(c, &yes),
+        (2.0, vec![1.0, 1.0])
+    );
+
+    // Open, token F1 (the default): "right lung" against "left lung" shares one token of
+    // two on each side: precision 1/2, recall 1/2, F1 1/2.
+    let lung = RewardContext::open("left lung");
+    let c = "<think>The right side looks dense.</think><answer>right lung</answer>";
+    assert_eq!(reward.score(c, &lung), 0.5);
+    assert_eq!(Protocol::OpenF1.score("right lung", "left lung"), 0.5);
+    assert_eq!(
+        reward.score(c, &lung) as f64,
+        score_completion(Protocol::OpenF1, c, "left lung")
+    );
+    // "the" is dropped by the normaliser: left lung and heart, 2 of 4 tokens right, both gold
+    // tokens found: precision 1/2, recall 1, F1 2/3.
+    let c = "<think>x</think><answer>the left lung and heart</answer>";
+    assert!((reward.score(c, &lung) - 2.0 / 3.0).abs() < 1e-6);
+    // Only the answer block is read: the reasoning's words do not dilute the F1.
+    let c = "<think>The right side is clear.</think><answer>Left lung</answer>";
+    assert_eq!(reward.score(c, &lung), 1.0);
+    // No answer block: the whole output is scored, 2 of 5 tokens: F1 2 * (2/5) / (1 + 2/5).
+    let c = "it is the left lung probably";
+    let f1 = 2.0 * 0.4 * 1.0 / 1.4;
+    assert!(
+        (reward.score(c, &lung) as f64 - f1).abs() < 1e-6,
+        "{}",
+        reward.score(c, &lung)
+    );
+
+    // Exact match as the open protocol: all or nothing.
+    let exact = AccuracyReward {
+        open: Protocol::OpenExact,
+        ..AccuracyReward::default()
+    };
+    assert_eq!(
+        exact.score("<think>x</think><answer>right lung</answer>", &lung),
+        0.0
+    );
+    assert_eq!(
+        exact.score("<think>x</think><answer>Left lung.</answer>", &lung),
+        1.0
+    );
+
+    // Multiple choice keeps its letter rule whatever the protocols are.
+    let item = RewardContext::choice("B", Some(4));
+    assert_eq!(
+        exact.score("<think>x</think><answer>B</answer>", &item),
+        1.0
+    );
+    assert_eq!(item.solution(), "B");
+    assert_eq!(lung.solution(), "left lung");
 }
