@@ -1468,8 +1468,9 @@ fn ask_says_what_the_model_saw() {
     );
 }
 
-/// Data files that are not regular files are named as what they are, not "no such file"
-/// (and never read: /dev/zero would never end).
+/// Data paths that are neither a data file nor a benchmark folder are named as what they
+/// are, not "no such file" (and never read: /dev/zero would never end); a folder is read as
+/// a benchmark as downloaded, and one that is none says what was looked for.
 #[test]
 fn data_paths_that_are_not_files_are_named_by_kind() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1477,30 +1478,36 @@ fn data_paths_that_are_not_files_are_named_by_kind() {
     let run = tmp.path().join("run");
     let rows = tmp.path().join("rows.json");
     std::fs::write(&rows, "[]").unwrap();
-    for (data, says) in [
-        ("/dev/zero", "is a character device"),
-        (s(tmp.path()), "is a directory"),
-    ] {
-        for (flag, train_data) in [("--train-data", data), ("--eval-data", s(&rows))] {
-            let mut args = vec![
-                "train",
-                "grpo",
-                "--model",
-                s(&model),
-                "--output-dir",
-                s(&run),
-                "--train-data",
-                train_data,
-            ];
-            if flag == "--eval-data" {
-                args.extend(["--eval-data", data]);
-            }
-            let (ok, _, err) = medvlm(&args);
-            assert!(!ok, "{args:?}");
-            assert!(
-                err.contains(data) && err.contains(says) && err.lines().count() == 1,
-                "{args:?}: {err}"
-            );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let cases = [
+        ("--train-data", "/dev/zero", "is a character device"),
+        ("--eval-data", "/dev/zero", "is a character device"),
+        (
+            "--train-data",
+            s(&empty),
+            "not a medical VQA benchmark medvlm knows",
+        ),
+    ];
+    for (flag, data, says) in cases {
+        let mut args = vec![
+            "train",
+            "grpo",
+            "--model",
+            s(&model),
+            "--output-dir",
+            s(&run),
+        ];
+        if flag == "--eval-data" {
+            args.extend(["--train-data", s(&rows), "--eval-data", data]);
+        } else {
+            args.extend(["--train-data", data]);
         }
+        let (ok, _, err) = medvlm(&args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            err.contains(data) && err.contains(says) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
     }
 }
