@@ -293,18 +293,28 @@ impl GrpoRun {
         })
     }
 
-    /// Greedy decoding of the held-out items; accuracy with the strict answer rule.
+    /// Greedy decoding of the held-out items; accuracy by the strict letter rule for
+    /// multiple choice and by the reward's protocols for closed and open questions, so the
+    /// held-out number measures what the reward trains for.
     pub fn evaluate(&self) -> Result<f64> {
-        let results = crate::eval::run_greedy(
+        let scoring = crate::eval::Scoring {
+            closed: self.config.method.closed_reward_protocol,
+            open: vec![self.config.method.open_reward_protocol],
+        };
+        let evaluated = crate::eval::greedy(
             &self.sampler_model,
             &self.processor,
             &self.eval,
             self.config.run.template,
+            &scoring,
             self.config.method.max_completion_length,
             16,
             |_, _| {},
         )?;
-        Ok(crate::eval::accuracy(&results))
+        for s in &evaluated.skipped {
+            eprintln!("warning: skipped held-out row {}: {}", s.row, s.reason);
+        }
+        Ok(crate::eval::accuracy(&evaluated.results))
     }
 
     fn items_seen(&self) -> u64 {
