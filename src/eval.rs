@@ -115,22 +115,17 @@ impl Scoring {
     /// Refuses a closed protocol among the open ones and the other way round, naming the
     /// flag.
     pub fn check(&self) -> Result<()> {
-        let closed = [Protocol::Closed, Protocol::ClosedMedEvalKit];
-        if !closed.contains(&self.closed) {
+        if !self.closed.is_closed() {
             anyhow::bail!(
                 "--closed-protocol {} is not a closed-question protocol; closed or \
                  closed-medevalkit",
                 self.closed
             );
         }
-        if let Some(p) = self
-            .open
-            .iter()
-            .find(|p| closed.contains(p) || **p == Protocol::McLetter)
-        {
+        if let Some(p) = self.open.iter().find(|p| !p.is_open()) {
             anyhow::bail!(
                 "--open-protocol {p} is not an open-question protocol; open-exact, \
-                 open-recall-llavamed, open-f1 or open-medevalkit"
+                 open-recall-llavamed, open-f1, open-medevalkit or open-mmmu"
             );
         }
         Ok(())

@@ -9,10 +9,11 @@ each is recorded in the fixture), not copied here:
     M=$(mktemp -d); git -C <MedEvalKit git dir> archive 9b12e3b34232a8779cc1275417bf4f72f03d28e0 utils | tar -x -C $M
     L=$(mktemp -d); git -C <LLaVA-Med git dir> archive v1.0.0 llava/eval/eval_metrics/{__init__,glossary,evaluate_metrics,utils}.py | tar -x -C $L
     E=$(mktemp -d); git -C <lmms-eval git dir> archive 75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3 lmms_eval/tasks/slake | tar -x -C $E
-    pip install nltk==3.10.4 rouge==1.0.1 mathruler==0.1.0 pylatexenc sympy
+    U=$(mktemp -d); git -C <MMMU git dir> archive bb0b95a945998d91dfef37e969e07d49d1139438 mmmu/utils/eval_utils.py | tar -x -C $U
+    pip install nltk==3.10.4 rouge==1.0.1 mathruler==0.1.0 pylatexenc sympy numpy
     python3 tools/score_reference.py --medevalkit $M --medevalkit-commit 9b12e3b… \
         --llava-med $L --llava-med-commit b9a98a7… --lmms-eval $E --lmms-eval-commit 75571cf… \
-        --out tests/fixtures/score/reference.json
+        --mmmu $U --mmmu-commit bb0b95a… --out tests/fixtures/score/reference.json
 
 What is imported and what is stubbed:
 
@@ -31,6 +32,12 @@ What is imported and what is stubbed:
 * lmms-eval `lmms_eval/tasks/slake/utils.py` is loaded as a file with datasets, numpy,
   huggingface_hub, loguru and PIL stubbed (only used for loading and logging);
   `slake_process_results` itself is called.
+* MMMU `mmmu/utils/eval_utils.py` is loaded as a file (it needs numpy, installed).
+  `parse_multi_choice_response` + `eval_multi_choice` and `parse_open_response` + `eval_open`
+  are called. Where the multiple-choice parser finds no candidate the original returns
+  `random.choice(all_choices)`; the module's `random` is replaced by a stub whose `choice`
+  returns None, so the fixture records `"parsed": null` and the case as wrong (medvlm's
+  deterministic reading of that fallback; see `src/data/score.rs::mmmu_parse_choice`).
 
 A case where the original raises (MedEvalKit's open-ended judge on an empty prediction) is
 recorded with `"error"` instead of values.
@@ -90,6 +97,13 @@ def load_llava_med(root):
     import eval_metrics.glossary as gl  # noqa: E402
 
     return em, gl
+
+
+def load_mmmu(root):
+    mod = load_file("mmmu_eval_utils", os.path.join(root, "mmmu", "utils", "eval_utils.py"))
+    # The no-candidate fallback `random.choice(all_choices)` becomes "no answer" (None).
+    mod.random = types.SimpleNamespace(choice=lambda seq: None)
+    return mod
 
 
 def load_lmms_eval(root):
@@ -192,6 +206,49 @@ OPEN_CASES = [
     ("**answer**answer** lung", "lung"), ("**answer**answer**", "answer**"),
 ]
 
+# MMMU-style open answers (numbers with trailing zeros, units, answer phrases, equations).
+MMMU_OPEN_CASES = [
+    ("3.5", "3.5"), ("3.50", "3.5"), ("3.5", "3.50"), ("3.504", "3.5"), ("3.505", "3.51"),
+    ("3.515", "3.52"), ("0.125", "0.12"), ("2.675", "2.67"), ("1,234.5", "1234.5"), ("1234.5", "1,234.5"),
+    ("-2", "-2"), ("-2", "2"), ("The answer is 42 mg.", "42"), ("The dose is 42 mg", "42 mg"),
+    ("So the volume is 12 mL", "12"), ("Thus x = 7", "7"), ("x = 7", "7"), ("7 = x", "7"),
+    ("The final answer: 1.2e3", "1200"), ("1.2e3", "1.2e3"), ("1e-3 mol", "0.001"),
+    ("Therefore the pressure is 120/80 mmHg.", "120/80 mmHg"), ("120 mmHg", "120"),
+    ("It is 5 cm. So the answer is 6 cm.", "6"), ("It is 5 cm.\nSo the answer is 6 cm.", "5"),
+    ("It is 5 cm.\nSo the answer is 6 cm.", "6"), ("The answer is \n", "answer"),
+    ("The answer is .", "."), ("the result is b", "b"), ("b", "B"), ("ab", "b"), ("a b c", "b"),
+    ("Answer: 10%", "10%"), ("10 percent", "10"), ("about 1,000,000 cells", "1000000"),
+    ("inf", "inf"), ("nan", "nan"), ("1_000", "1000"), ("+5", "5"), (".5", "0.5"), ("5.", "5"),
+    ("12345", "12,345"), ("12,34", "1234"), ("3x", "3"), ("x3", "3"), ("-.5 V", "-0.5"),
+    ("The heart rate could be 72 bpm", "72"), ("answer 88", "88"), ("final 9", "9"),
+    ("is ", "is"), ("so so so fine", "fine"),
+]
+
+# MMMU-style multiple choice: (response, options, gold index). The gold is a letter A, B, ….
+MMMU_OPTIONS = ["Pneumonia", "Pleural effusion", "Pneumothorax", "Atelectasis"]
+MMMU_MC_CASES = [
+    (r, MMMU_OPTIONS, 1)
+    for r in [
+        "B", "(B)", "The answer is (B)", "The answer is (B).", "B. Pleural effusion", "B.",
+        "b", "(b)", "Answer: B", "answer: B", "B,", "'B'", "...B...", "B!?",
+        "Pleural effusion", "The finding is most consistent with pleural effusion on the right side.",
+        "The finding is most consistent with pneumothorax and not pleural effusion here.",
+        "It is either pleural effusion or pneumothorax, probably pneumothorax in this case.",
+        "(A) or (B)", "(B) or (A)", "A or B", "B or A", "A B C D", "(C) is wrong, (B) is right",
+        "I think C", "I think C is the answer, B is not", "C B", "ABC", "(B)(C)", "",
+        "no idea", "The options are A B C", "pneumo", "Pneumonia.",
+        "We see a pneumothorax in the image; the answer is (C)", "The answer is C.",
+        "A) Pneumonia", "<answer>B</answer>", "\\boxed{B}", "I would choose option B here",
+    ]
+] + [
+    ("The answer is (C)", MMMU_OPTIONS, 2), ("Pneumothorax", MMMU_OPTIONS, 2), ("no idea", MMMU_OPTIONS, 0),
+    ("Lung cancer is seen on the scan image here.", ["Lung", "Lung cancer", "Heart", "Liver"], 1),
+    ("Lung is seen on the scan image here.", ["Lung cancer", "Lung", "Heart", "Liver"], 1),
+    ("The scan image shows the heart and no liver here.", ["Lung", "", "Heart", "Liver"], 1),
+    ("(E) Other", ["a", "b", "c", "d", "e"], 4),
+    ("E", ["a", "b", "c", "d"], 3),
+]
+
 # Multiple-choice letters are NOT here: `mc-letter` is our own rule (data::answer), with no
 # Python original to compare against; it is unit-tested in Rust.
 
@@ -220,6 +277,8 @@ def main():
     ap.add_argument("--llava-med-commit", required=True)
     ap.add_argument("--lmms-eval", required=True, help="checkout holding lmms_eval/tasks/slake/utils.py")
     ap.add_argument("--lmms-eval-commit", required=True)
+    ap.add_argument("--mmmu", required=True, help="checkout holding mmmu/utils/eval_utils.py")
+    ap.add_argument("--mmmu-commit", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -230,6 +289,7 @@ def main():
     mek = load_medevalkit(args.medevalkit)
     llm_em, llm_gl = load_llava_med(args.llava_med)
     lmms = load_lmms_eval(args.lmms_eval)
+    mmmu = load_mmmu(args.mmmu)
     import mathruler
     import nltk
 
@@ -287,8 +347,33 @@ def main():
         f1, p, r = llm_em.calculate_f1score(llava_norm(pred), llava_norm(gold))
         return {"f1": float(f1), "precision": float(p), "recall": float(r)}
 
+    def py_value(v):
+        # A parsed MMMU prediction: a float (as Python's repr, since JSON has no inf/nan) or a string.
+        return {"number": repr(v)} if isinstance(v, float) else {"text": v}
+
+    def open_mmmu(pred, gold):
+        # mmmu/utils/eval_utils.py: parse_open_response, then eval_open against the gold string.
+        parsed = mmmu.parse_open_response(pred)
+        ordered = sorted(parsed, key=lambda v: (isinstance(v, str), repr(v)))
+        return {"correct": bool(mmmu.eval_open(gold, parsed)), "parsed": [py_value(v) for v in ordered]}
+
+    def mc_mmmu(resp, options, gold_index):
+        # MMMU's get_multi_choice_info: letters A, B, … for the options in order.
+        all_choices = [chr(ord("A") + i) for i in range(len(options))]
+        index2ans = dict(zip(all_choices, options))
+        parsed = mmmu.parse_multi_choice_response(resp, all_choices, index2ans)
+        gold = all_choices[gold_index]
+        return {"parsed": parsed, "correct": bool(mmmu.eval_multi_choice(gold, parsed))}
+
+    mc_cases = []
+    for i, (resp, options, g) in enumerate(MMMU_MC_CASES):
+        mc_cases.append({"id": i, "prediction": resp, "options": options, "gold_index": g,
+                         "mc-mmmu": mc_mmmu(resp, options, g)})
+
     out_cases = []
-    for i, (pred, gold) in enumerate(all_cases()):
+    shared = all_cases()
+    shared += [c for c in MMMU_OPEN_CASES if c not in set(shared)]
+    for i, (pred, gold) in enumerate(shared):
         out_cases.append(
             {
                 "id": i,
@@ -300,6 +385,7 @@ def main():
                 "open-exact": open_exact(pred, gold),
                 "open-recall-llavamed": open_recall_llavamed(pred, gold),
                 "open-f1": open_f1(pred, gold),
+                "open-mmmu": open_mmmu(pred, gold),
                 "llavamed_normalized": {"prediction": llava_norm(pred), "answer": llava_norm(gold)},
             }
         )
@@ -327,22 +413,32 @@ def main():
                 "commit": args.lmms_eval_commit,
                 "files": ["lmms_eval/tasks/slake/utils.py"],
             },
+            "MMMU": {
+                "repo": "MMMU-Benchmark/MMMU",
+                "commit": args.mmmu_commit,
+                "files": ["mmmu/utils/eval_utils.py"],
+            },
         },
         "packages": {
             "nltk": nltk.__version__,
             "rouge": "1.0.1",
             "mathruler": getattr(mathruler, "__version__", "0.1.0"),
+            "numpy": sys.modules["numpy"].__version__,
         },
+        "mc_cases": mc_cases,
         "cases": out_cases,
     }
     with open(args.out, "w", encoding="utf-8") as f:
         # One case a line: small, and diffs of a regenerated fixture stay readable.
         cases = fixture.pop("cases")
+        mc = fixture.pop("mc_cases")
         head = json.dumps(fixture, ensure_ascii=False, indent=1)
-        f.write(head[:-2] + ',\n "cases": [\n')
+        f.write(head[:-2] + ',\n "mc_cases": [\n')
+        f.write(",\n".join(json.dumps(c, ensure_ascii=False) for c in mc))
+        f.write('\n ],\n "cases": [\n')
         f.write(",\n".join(json.dumps(c, ensure_ascii=False) for c in cases))
         f.write("\n ]\n}\n")
-    print(f"{len(out_cases)} cases -> {args.out} ({os.path.getsize(args.out)} bytes)")
+    print(f"{len(out_cases)} cases, {len(mc_cases)} multiple-choice cases -> {args.out} ({os.path.getsize(args.out)} bytes)")
 
 
 if __name__ == "__main__":

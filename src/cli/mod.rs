@@ -328,7 +328,7 @@ pub struct EvalArgs {
     /// Scoring protocols of open questions, comma-separated; the first decides "correct",
     /// all are reported: open-exact (lmms-eval's normalised exact match),
     /// open-recall-llavamed (LLaVA-Med's recall), open-f1 (LLaVA-Med's token F1),
-    /// open-medevalkit (MedEvalKit's exact match).
+    /// open-medevalkit (MedEvalKit's exact match), open-mmmu (MMMU's open parser).
     #[arg(
         long,
         value_name = "NAME,...",

@@ -12,6 +12,8 @@
 //! | `open-exact` | exact match after lmms-eval's SLAKE normaliser | lmms-eval `lmms_eval/tasks/slake/utils.py::normalize_answer` @ 75571cf |
 //! | `open-recall-llavamed` | normalised gold is a substring of the normalised prediction | LLaVA-Med v1.0.0 `llava/eval/run_eval_batch.py::evaluate` |
 //! | `open-f1` | LLaVA-Med's token F1 (counts) after its normaliser | LLaVA-Med v1.0.0 `llava/eval/eval_metrics/evaluate_metrics.py::calculate_f1score` |
+//! | `mc-mmmu` | MMMU's option parser (`(B)`, ` B `, option text), no-answer counted wrong | MMMU `mmmu/utils/eval_utils.py::parse_multi_choice_response` + `eval_multi_choice` @ bb0b95a |
+//! | `open-mmmu` | MMMU's open parser (key phrases, numbers rounded to 2 places) | MMMU `mmmu/utils/eval_utils.py::parse_open_response` + `eval_open` @ bb0b95a |
 //!
 //! **Where the answer is pulled out of a reasoning completion.** [`Protocol::score`] takes the
 //! model's raw output. A protocol that mirrors a harness applies exactly the extraction that
@@ -75,11 +77,26 @@ pub enum Protocol {
     /// on the normalised texts, as `run_eval_batch.py` calls it (@ v1.0.0). [`llavamed_f1`]
     /// gives precision and recall too.
     OpenF1,
+    /// MMMU's multiple-choice rule, `mmmu/utils/eval_utils.py::parse_multi_choice_response`
+    /// then `eval_multi_choice` @ `bb0b95a` ([`mmmu_parse_choice`]). It needs the option texts:
+    /// [`mmmu_choice_correct`] is the rule; [`Protocol::score`] without options knows only the
+    /// letters `A`..=`max(D, gold)` and no option text (see there). One divergence: where the
+    /// original finds no candidate it answers `random.choice(all_choices)` (module seeded once
+    /// with 42, so an item's draw depends on every item parsed before it); medvlm counts such
+    /// an output as unanswered and wrong, deterministically (the original's expectation there is
+    /// 1/n right).
+    McMmmu,
+    /// MMMU's open-question rule, `mmmu/utils/eval_utils.py::parse_open_response` then
+    /// `eval_open` @ `bb0b95a` ([`mmmu_parse_open`], [`mmmu_eval_open`]): the tails after key
+    /// phrases ("is ", "so ", "answer " …, `=` in the last line) and every number in them; a
+    /// number matches a numeric gold after rounding both to 2 places, a text matches when the
+    /// lowercased gold is a substring.
+    OpenMmmu,
 }
 
 impl Protocol {
     /// Every protocol, in report order.
-    pub const ALL: [Protocol; 7] = [
+    pub const ALL: [Protocol; 9] = [
         Protocol::McLetter,
         Protocol::ClosedMedEvalKit,
         Protocol::Closed,
@@ -87,6 +104,8 @@ impl Protocol {
         Protocol::OpenExact,
         Protocol::OpenRecallLlavaMed,
         Protocol::OpenF1,
+        Protocol::McMmmu,
+        Protocol::OpenMmmu,
     ];
 
     /// The stable name used in reports and on the command line.
@@ -99,6 +118,8 @@ impl Protocol {
             Protocol::OpenExact => "open-exact",
             Protocol::OpenRecallLlavaMed => "open-recall-llavamed",
             Protocol::OpenF1 => "open-f1",
+            Protocol::McMmmu => "mc-mmmu",
+            Protocol::OpenMmmu => "open-mmmu",
         }
     }
 
@@ -115,7 +136,10 @@ impl Protocol {
 
     /// The score of one raw model output against the dataset's gold answer: 0.0 or 1.0, except
     /// [`Protocol::OpenF1`] (a fraction). Where the harness itself crashes
-    /// ([`medevalkit_open`] returns `None`), 0.0.
+    /// ([`medevalkit_open`] returns `None`), 0.0. [`Protocol::McMmmu`] here has no options: the
+    /// gold is a letter (read as [`ground_truth`] reads it), the choices are the letters `A` to
+    /// the later of `D` and the gold, with no option texts (so MMMU's option-text fallback never
+    /// fires); call [`mmmu_choice_correct`] with the options for the full rule.
     pub fn score(&self, prediction: &str, answer: &str) -> f64 {
         let b = |x: bool| if x { 1.0 } else { 0.0 };
         match self {
@@ -130,6 +154,20 @@ impl Protocol {
             }
             Protocol::OpenRecallLlavaMed => b(llavamed_recall(prediction, answer)),
             Protocol::OpenF1 => llavamed_f1(prediction, answer).f1,
+            Protocol::McMmmu => {
+                let gold = ground_truth(answer);
+                let mut g = gold.chars();
+                let (Some(gold), None) = (g.next(), g.next()) else {
+                    return 0.0;
+                };
+                if !gold.is_ascii_uppercase() {
+                    return 0.0;
+                }
+                let n = (gold.max('D') as u8 - b'A' + 1) as usize;
+                let options = vec![None; n];
+                b(mmmu_parse_choice_opt(prediction, &options) == Some(gold))
+            }
+            Protocol::OpenMmmu => b(mmmu_eval_open(answer, &mmmu_parse_open(prediction))),
         }
     }
 }
@@ -141,7 +179,7 @@ impl Protocol {
     }
 
     /// A rule for open questions (`open-exact`, `open-recall-llavamed`, `open-f1`,
-    /// `open-medevalkit`).
+    /// `open-medevalkit`, `open-mmmu`).
     pub fn is_open(&self) -> bool {
         matches!(
             self,
@@ -149,19 +187,31 @@ impl Protocol {
                 | Protocol::OpenExact
                 | Protocol::OpenRecallLlavaMed
                 | Protocol::OpenF1
+                | Protocol::OpenMmmu
         )
+    }
+
+    /// A rule for multiple-choice questions (`mc-letter`, `mc-mmmu`).
+    pub fn is_choice(&self) -> bool {
+        matches!(self, Protocol::McLetter | Protocol::McMmmu)
     }
 
     /// Whether medvlm gives this protocol the `<answer>` block of a reasoning output rather
     /// than the whole text: the harnesses these protocols come from extract nothing (their
     /// models answer bare), and a whole reasoning text would let words of the reasoning count
     /// (LLaVA-Med's recall finds "no" in "no nodule"). MedEvalKit's rules extract `<answer>`
-    /// blocks themselves and get the raw output. Evaluation ([`crate::eval`]) and the GRPO
-    /// accuracy reward both score completions this way ([`score_completion`]).
+    /// blocks themselves and get the raw output. MMMU's parsers extract nothing either (its
+    /// models answer bare), so `mc-mmmu` and `open-mmmu` get the block too. Evaluation
+    /// ([`crate::eval`]) and the GRPO accuracy reward both score completions this way
+    /// ([`score_completion`]).
     pub fn reads_answer_block(&self) -> bool {
         matches!(
             self,
-            Protocol::OpenExact | Protocol::OpenRecallLlavaMed | Protocol::OpenF1
+            Protocol::OpenExact
+                | Protocol::OpenRecallLlavaMed
+                | Protocol::OpenF1
+                | Protocol::McMmmu
+                | Protocol::OpenMmmu
         )
     }
 }
@@ -753,6 +803,241 @@ pub fn llavamed_f1(prediction: &str, answer: &str) -> TokenF1 {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// MMMU (MMMU-Benchmark/MMMU @ bb0b95a945998d91dfef37e969e07d49d1139438, mmmu/utils/eval_utils.py)
+// ---------------------------------------------------------------------------------------------
+
+/// The letter of option `i` as MMMU's `get_multi_choice_info` names it (`A`, `B`, …).
+fn mmmu_letter(i: usize) -> char {
+    char::from_u32('A' as u32 + i as u32).unwrap_or('?')
+}
+
+/// MMMU `mmmu/utils/eval_utils.py::parse_multi_choice_response` @ `bb0b95a`, the choices being
+/// the letters `A`, `B`, … of `options` (as `get_multi_choice_info` makes them):
+/// 1. strip `, . ! ? ; : '` from both ends, one character kind after the other, then pad with a
+///    space on each side;
+/// 2. candidates: every letter written `(X)`; if none, every letter standing alone (` X `); if
+///    none and the padded response has more than 5 whitespace tokens, every option whose
+///    lowercased text occurs in the lowercased response (an empty option text always does);
+/// 3. one candidate is the answer; of several, the one whose last occurrence (of the form that
+///    found it) starts latest, the first such in option order on a tie (`np.argmax`).
+///
+/// `None` where nothing is found: the original then returns `random.choice(all_choices)`;
+/// medvlm counts it as no answer (see [`Protocol::McMmmu`]).
+pub fn mmmu_parse_choice(response: &str, options: &[&str]) -> Option<char> {
+    let options: Vec<Option<&str>> = options.iter().map(|o| Some(*o)).collect();
+    mmmu_parse_choice_opt(response, &options)
+}
+
+/// [`mmmu_parse_choice`] where an option's text may be unknown (`None`: never matched by text).
+fn mmmu_parse_choice_opt(response: &str, options: &[Option<&str>]) -> Option<char> {
+    let mut r = response;
+    for c in [',', '.', '!', '?', ';', ':', '\''] {
+        r = r.trim_matches(c);
+    }
+    let padded = format!(" {r} ");
+    let letters: Vec<char> = (0..options.len()).map(mmmu_letter).collect();
+    // (candidate index, where its deciding occurrence starts)
+    let bracket: Vec<(usize, usize)> = letters
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| padded.rfind(&format!("({l})")).map(|at| (i, at)))
+        .collect();
+    let cands = if !bracket.is_empty() {
+        bracket
+    } else {
+        let alone: Vec<(usize, usize)> = letters
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| padded.rfind(&format!(" {l} ")).map(|at| (i, at)))
+            .collect();
+        if !alone.is_empty() || py_split(&padded).count() <= 5 {
+            alone
+        } else {
+            let lower = py_lower(&padded);
+            options
+                .iter()
+                .enumerate()
+                .filter_map(|(i, o)| o.and_then(|o| lower.rfind(&py_lower(o)).map(|at| (i, at))))
+                .collect()
+        }
+    };
+    // np.argmax: the first of the maxima. (Byte offsets order like Python's code-point ones.)
+    let mut best: Option<(usize, usize)> = None;
+    for (i, at) in cands {
+        if best.is_none_or(|(_, b)| at > b) {
+            best = Some((i, at));
+        }
+    }
+    best.map(|(i, _)| letters[i])
+}
+
+/// `mc-mmmu` with the options: MMMU's `eval_multi_choice(gold, parsed)` for the letter of
+/// `options[gold_index]`, the response parsed by [`mmmu_parse_choice`] (no answer is wrong).
+pub fn mmmu_choice_correct(response: &str, options: &[&str], gold_index: usize) -> bool {
+    gold_index < options.len()
+        && mmmu_parse_choice(response, options) == Some(mmmu_letter(gold_index))
+}
+
+/// One normalised MMMU value (`normalize_str`): a number rounded to 2 places, or lowercased text.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MmmuValue {
+    Number(f64),
+    Text(String),
+}
+
+/// Python's `float(s)` on a `str`: surrounding whitespace ignored, Unicode decimal digits read
+/// as digits, `_` allowed between digits, `inf`/`infinity`/`nan` in any case, with a sign.
+fn py_float(s: &str) -> Option<f64> {
+    static ND: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\d$").expect("valid regex"));
+    let is_nd = |c: char| ND.is_match(c.encode_utf8(&mut [0; 4]));
+    let chars: Vec<char> = py_strip(s).chars().collect();
+    let mut out = String::with_capacity(chars.len());
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_ascii() {
+            if c == '_' {
+                let digit = |j: Option<&char>| j.is_some_and(|&d| is_nd(d));
+                if !(i > 0 && digit(chars.get(i - 1)) && digit(chars.get(i + 1))) {
+                    return None;
+                }
+                continue;
+            }
+            out.push(c);
+        } else if is_nd(c) {
+            // Unicode's decimal digits come in runs of ten from zero.
+            let mut start = c as u32;
+            while start > 0 && char::from_u32(start - 1).is_some_and(is_nd) {
+                start -= 1;
+            }
+            out.push(char::from(b'0' + ((c as u32 - start) % 10) as u8));
+        } else {
+            return None;
+        }
+    }
+    out.parse::<f64>().ok()
+}
+
+/// Python's `round(x, 2)` on a float: correctly rounded to 2 decimals (half to even on the
+/// exact binary value, as Rust's `{:.2}` formats), read back.
+fn py_round2(x: f64) -> f64 {
+    if !x.is_finite() {
+        return x;
+    }
+    format!("{x:.2}").parse().unwrap_or(x)
+}
+
+/// MMMU `eval_utils.py::normalize_str` @ `bb0b95a`: stripped; a number (Python `float` of the
+/// text without commas) becomes that number rounded to 2 places; other text is lowercased, and a
+/// one-character text becomes the two padded forms `" x"`, `"x "`.
+pub fn mmmu_normalize(s: &str) -> Vec<MmmuValue> {
+    let s = py_strip(s);
+    if let Some(x) = py_float(&s.replace(',', "")) {
+        return vec![MmmuValue::Number(py_round2(x))];
+    }
+    let lower = py_lower(s);
+    if lower.chars().count() == 1 {
+        return vec![
+            MmmuValue::Text(format!(" {lower}")),
+            MmmuValue::Text(format!("{lower} ")),
+        ];
+    }
+    vec![MmmuValue::Text(lower)]
+}
+
+static MMMU_NUM_COMMAS: LazyLock<fancy_regex::Regex> =
+    LazyLock::new(|| fancy_regex::Regex::new(r"-?\b\d{1,3}(?:,\d{3})+\b").expect("valid regex"));
+static MMMU_NUM_SCI: LazyLock<fancy_regex::Regex> =
+    LazyLock::new(|| fancy_regex::Regex::new(r"-?\d+(?:\.\d+)?[eE][+-]?\d+").expect("valid regex"));
+static MMMU_NUM_SIMPLE: LazyLock<fancy_regex::Regex> = LazyLock::new(|| {
+    fancy_regex::Regex::new(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
+        .expect("valid regex")
+});
+
+/// MMMU `eval_utils.py::extract_numbers` @ `bb0b95a`: the matches of its three patterns (with
+/// commas, scientific, simple; the last needs look-ahead with backtracking, hence
+/// `fancy_regex`), in that order.
+pub fn mmmu_extract_numbers(s: &str) -> Vec<String> {
+    [&*MMMU_NUM_COMMAS, &*MMMU_NUM_SCI, &*MMMU_NUM_SIMPLE]
+        .into_iter()
+        .flat_map(|re| {
+            re.find_iter(s)
+                .filter_map(|m| m.ok().map(|m| m.as_str().to_string()))
+        })
+        .collect()
+}
+
+/// MMMU `eval_utils.py::parse_open_response` @ `bb0b95a` (with its `get_key_subresponses`):
+/// 1. the response stripped, `.` stripped from both ends, lowercased, then split into lines
+///    (its sentence split `\.\s(?=[A-Z])` runs on the lowercased text, so it never fires);
+/// 2. per line, after each key phrase present (`could be `, `so `, `is `, `thus `,
+///    `therefore `, `final `, `answer `, `result `; also `=` on the last line) the text after
+///    its last occurrence, stripped; the shortest (in characters, the earliest on a tie; an
+///    empty one is replaced by the next) is kept unless it is empty or one punctuation mark;
+/// 3. no kept tail: the whole prepared response; then every number in each tail is added, all
+///    go through [`mmmu_normalize`], and duplicates go (first kept).
+pub fn mmmu_parse_open(response: &str) -> Vec<MmmuValue> {
+    let prepared = py_lower(py_strip(response).trim_matches('.'));
+    let lines: Vec<&str> = prepared.split('\n').collect();
+    let mut keys: Vec<String> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let mut indicators = vec![
+            "could be ",
+            "so ",
+            "is ",
+            "thus ",
+            "therefore ",
+            "final ",
+            "answer ",
+            "result ",
+        ];
+        if i + 1 == lines.len() {
+            indicators.push("=");
+        }
+        let mut shortest: Option<&str> = None;
+        for ind in indicators {
+            if !line.contains(ind) {
+                continue;
+            }
+            let tail = py_strip(line.split(ind).last().unwrap_or(""));
+            match shortest {
+                Some(s) if !s.is_empty() && tail.chars().count() >= s.chars().count() => {}
+                _ => shortest = Some(tail),
+            }
+        }
+        if let Some(s) = shortest.filter(|s| !s.is_empty()) {
+            if ![":", ",", ".", "!", "?", ";", "'"].contains(&py_strip(s)) {
+                keys.push(s.to_string());
+            }
+        }
+    }
+    if keys.is_empty() {
+        keys.push(prepared.clone());
+    }
+    let numbers: Vec<String> = keys.iter().flat_map(|k| mmmu_extract_numbers(k)).collect();
+    let mut out: Vec<MmmuValue> = Vec::new();
+    for v in keys.iter().chain(&numbers).flat_map(|s| mmmu_normalize(s)) {
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// MMMU `eval_utils.py::eval_open` @ `bb0b95a` for one gold string: a parsed text is right when
+/// a text form of the normalised gold is its substring; a parsed number when it equals a
+/// numeric gold (both rounded to 2 places: `3.50` is `3.5`, NaN is nothing).
+pub fn mmmu_eval_open(answer: &str, parsed: &[MmmuValue]) -> bool {
+    let gold = mmmu_normalize(answer);
+    parsed.iter().any(|p| match p {
+        MmmuValue::Text(t) => gold
+            .iter()
+            .any(|g| matches!(g, MmmuValue::Text(g) if t.contains(g.as_str()))),
+        MmmuValue::Number(x) => gold
+            .iter()
+            .any(|g| matches!(g, MmmuValue::Number(g) if g == x)),
+    })
+}
+
 /// The VQA-v2 contraction table LLaVA-Med's `glossary.py` carries (`contractions`), as data: a
 /// word equal to a key becomes the value. (Keys with capitals never match, since the text is
 /// lowercased first; kept so the table is the harness's.)
@@ -1037,6 +1322,45 @@ mod tests {
         assert!((f.f1 - 0.8).abs() < 1e-15);
         assert_eq!(llavamed_f1("", "lung").f1, 0.0);
         assert_eq!(llavamed_f1("heart", "lung").f1, 0.0);
+    }
+
+    #[test]
+    fn mmmu_parsers_by_hand() {
+        let opts = [
+            "Pneumonia",
+            "Pleural effusion",
+            "Pneumothorax",
+            "Atelectasis",
+        ];
+        assert_eq!(mmmu_parse_choice("The answer is (B).", &opts), Some('B'));
+        assert_eq!(
+            mmmu_parse_choice("(A) or (B)", &opts),
+            Some('B'),
+            "last wins"
+        );
+        assert_eq!(
+            mmmu_parse_choice("no idea", &opts),
+            None,
+            "random fallback: none"
+        );
+        assert_eq!(
+            mmmu_parse_choice("it is most likely a pleural effusion here", &opts),
+            Some('B')
+        );
+        // "B." is no lone letter and 3 tokens are too few for the option text: unparsed.
+        assert!(!mmmu_choice_correct("B. Pleural effusion", &opts, 1));
+        assert!(mmmu_choice_correct("B", &opts, 1));
+        assert_eq!(Protocol::McMmmu.score("The answer is (C)", "C"), 1.0);
+        assert_eq!(Protocol::McMmmu.score("no idea", "A"), 0.0);
+        assert!(mmmu_eval_open("3.5", &mmmu_parse_open("3.50")));
+        assert!(mmmu_eval_open("42", &mmmu_parse_open("The dose is 42 mg.")));
+        assert!(
+            !mmmu_eval_open("b", &mmmu_parse_open("ab")),
+            "one letter padded"
+        );
+        assert_eq!(mmmu_normalize("0.125"), vec![MmmuValue::Number(0.12)]);
+        assert_eq!(mmmu_extract_numbers("1.23e5"), vec!["1.23e5", "1", "5"]);
+        assert!(Protocol::OpenMmmu.is_open() && Protocol::McMmmu.is_choice());
     }
 
     #[test]

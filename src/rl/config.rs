@@ -208,7 +208,7 @@ impl Method for GrpoMethod {
                 "open_reward_protocol",
                 &format!(
                     "{} is not an open-question protocol; open-f1, open-exact, \
-                     open-recall-llavamed or open-medevalkit",
+                     open-recall-llavamed, open-medevalkit or open-mmmu",
                     self.open_reward_protocol
                 ),
                 &[],

@@ -6,7 +6,8 @@
 
 use medvlm::data::score::{
     closed_corrected, closed_medevalkit, llavamed_f1, llavamed_normalize, llavamed_recall,
-    lmms_slake_normalize, medevalkit_open, Protocol,
+    lmms_slake_normalize, medevalkit_open, mmmu_choice_correct, mmmu_eval_open, mmmu_parse_choice,
+    mmmu_parse_open, MmmuValue, Protocol,
 };
 use serde_json::Value;
 
@@ -38,8 +39,62 @@ fn score_fixture_records_its_sources() {
         src["lmms-eval"]["commit"],
         "75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3"
     );
+    assert_eq!(
+        src["MMMU"]["commit"],
+        "bb0b95a945998d91dfef37e969e07d49d1139438"
+    );
     let n = r["cases"].as_array().expect("cases").len();
     assert!(n >= 300, "{n} cases");
+    let n = r["mc_cases"].as_array().expect("mc_cases").len();
+    assert!(n >= 40, "{n} multiple-choice cases");
+}
+
+/// A parsed MMMU value as a comparable key: numbers by bits (every NaN alike), texts as is.
+fn mmmu_key(v: &MmmuValue) -> String {
+    match v {
+        MmmuValue::Number(x) if x.is_nan() => "n:nan".into(),
+        MmmuValue::Number(x) => format!("n:{:x}", x.to_bits()),
+        MmmuValue::Text(t) => format!("t:{t}"),
+    }
+}
+
+#[test]
+fn score_mmmu_multiple_choice_equals_the_python_original() {
+    let r = reference();
+    let cases = r["mc_cases"].as_array().expect("mc_cases");
+    let mut bad: Vec<String> = Vec::new();
+    let mut unparsed = 0;
+    for c in cases {
+        let pred = c["prediction"].as_str().expect("prediction");
+        let options: Vec<&str> = c["options"]
+            .as_array()
+            .expect("options")
+            .iter()
+            .map(|o| o.as_str().expect("option"))
+            .collect();
+        let gold = c["gold_index"].as_u64().expect("gold index") as usize;
+        let py = &c["mc-mmmu"];
+        // null: the original's random fallback, which medvlm counts as no answer.
+        let want = py["parsed"]
+            .as_str()
+            .map(|s| s.chars().next().expect("letter"));
+        unparsed += usize::from(want.is_none());
+        let ours = mmmu_parse_choice(pred, &options);
+        let correct = mmmu_choice_correct(pred, &options, gold);
+        if ours != want || correct != py["correct"].as_bool().expect("bool") {
+            bad.push(format!(
+                "case {} pred {pred:?}: ours {ours:?}/{correct} python {want:?}/{}",
+                c["id"], py["correct"]
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert!(unparsed > 0, "the fixture has random-fallback cases");
 }
 
 #[test]
@@ -170,6 +225,43 @@ fn score_protocols_equal_the_python_originals() {
             if p.score(pred, gold) != w {
                 check(p.name(), p.score(pred, gold).to_string(), w.to_string());
             }
+        }
+        let pm = &c["open-mmmu"];
+        let parsed = mmmu_parse_open(pred);
+        let mut ours: Vec<String> = parsed.iter().map(mmmu_key).collect();
+        let mut want: Vec<String> = pm["parsed"]
+            .as_array()
+            .expect("parsed")
+            .iter()
+            .map(|v| match (v.get("number"), v.get("text")) {
+                (Some(n), _) => {
+                    let n = n.as_str().expect("repr");
+                    let x: f64 = n.parse().expect("a Python float repr");
+                    mmmu_key(&MmmuValue::Number(x))
+                }
+                (_, Some(t)) => mmmu_key(&MmmuValue::Text(t.as_str().expect("str").into())),
+                _ => panic!("bad parsed value {v}"),
+            })
+            .collect();
+        ours.sort();
+        want.sort();
+        check("open-mmmu parsed", format!("{ours:?}"), format!("{want:?}"));
+        check(
+            "open-mmmu",
+            mmmu_eval_open(gold, &parsed).to_string(),
+            b(&pm["correct"]),
+        );
+        let w = if pm["correct"].as_bool().expect("bool") {
+            1.0
+        } else {
+            0.0
+        };
+        if Protocol::OpenMmmu.score(pred, gold) != w {
+            check(
+                "open-mmmu protocol",
+                Protocol::OpenMmmu.score(pred, gold).to_string(),
+                w.to_string(),
+            );
         }
         let w = pf["f1"].as_f64().expect("number");
         if !close(Protocol::OpenF1.score(pred, gold), w) {
