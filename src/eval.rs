@@ -80,13 +80,6 @@ impl Default for Scoring {
     }
 }
 
-/// Whether medvlm gives `p` the `<answer>` block of a reasoning output rather than the whole
-/// text; see [`Protocol::reads_answer_block`], where the fact lives so that the GRPO reward
-/// reads answers the same way.
-pub fn reads_answer_block(p: Protocol) -> bool {
-    p.reads_answer_block()
-}
-
 impl Scoring {
     /// The scores of `output` for a closed or open item with gold `answer`, whether it was
     /// answered, and how the answer was read.
@@ -117,15 +110,15 @@ impl Scoring {
     pub fn check(&self) -> Result<()> {
         if !self.closed.is_closed() {
             anyhow::bail!(
-                "--closed-protocol {} is not a closed-question protocol; closed or \
-                 closed-medevalkit",
-                self.closed
+                "--closed-protocol {} is not a closed-question protocol; one of {}",
+                self.closed,
+                Protocol::names_where(Protocol::is_closed)
             );
         }
         if let Some(p) = self.open.iter().find(|p| !p.is_open()) {
             anyhow::bail!(
-                "--open-protocol {p} is not an open-question protocol; open-exact, \
-                 open-recall-llavamed, open-f1, open-medevalkit or open-mmmu"
+                "--open-protocol {p} is not an open-question protocol; one of {}",
+                Protocol::names_where(Protocol::is_open)
             );
         }
         Ok(())

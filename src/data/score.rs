@@ -178,6 +178,17 @@ impl Protocol {
         matches!(self, Protocol::Closed | Protocol::ClosedMedEvalKit)
     }
 
+    /// The names of the protocols `keep` accepts, for an error that lists them: derived from
+    /// [`Protocol::ALL`], so a new protocol appears in every such message.
+    pub fn names_where(keep: impl Fn(&Protocol) -> bool) -> String {
+        let names: Vec<&str> = Protocol::ALL
+            .iter()
+            .filter(|p| keep(p))
+            .map(|p| p.name())
+            .collect();
+        names.join(", ")
+    }
+
     /// A rule for open questions (`open-exact`, `open-recall-llavamed`, `open-f1`,
     /// `open-medevalkit`, `open-mmmu`).
     pub fn is_open(&self) -> bool {

@@ -197,8 +197,9 @@ impl Method for GrpoMethod {
             return Err(SettingError::new(
                 "closed_reward_protocol",
                 &format!(
-                    "{} is not a closed-question protocol; closed or closed-medevalkit",
-                    self.closed_reward_protocol
+                    "{} is not a closed-question protocol; one of {}",
+                    self.closed_reward_protocol,
+                    Protocol::names_where(Protocol::is_closed)
                 ),
                 &[],
             ));
@@ -207,9 +208,9 @@ impl Method for GrpoMethod {
             return Err(SettingError::new(
                 "open_reward_protocol",
                 &format!(
-                    "{} is not an open-question protocol; open-f1, open-exact, \
-                     open-recall-llavamed, open-medevalkit or open-mmmu",
-                    self.open_reward_protocol
+                    "{} is not an open-question protocol; one of {}",
+                    self.open_reward_protocol,
+                    Protocol::names_where(Protocol::is_open)
                 ),
                 &[],
             ));

@@ -15,8 +15,8 @@ fn bench(name: &str) -> std::path::PathBuf {
 /// One GRPO step of tiny-a on `data` (every row in the step); returns completions.jsonl's
 /// records.
 fn grpo_step(data: &Path, out: &Path, rows: usize, extra: &[&str]) -> Vec<serde_json::Value> {
+    let completions = (2 * rows).to_string();
     let rows = rows.to_string();
-    let completions = (2 * rows.parse::<usize>().unwrap()).to_string();
     let model = fixtures().join("tiny-a");
     let mut args = vec![
         "train",
