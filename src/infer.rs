@@ -59,13 +59,27 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
             processor.tokenizer.vocab_size()
         );
     }
-    if processor.tokenizer.special.image_pad != model.config.image_token_id {
-        bail!(
-            "{}: config.json's image_token_id ({}) is not the tokenizer's <|image_pad|> ({})",
-            m.model.display(),
+    let special = &processor.tokenizer.special;
+    for (field, id, token, tok_id) in [
+        (
+            "image_token_id",
             model.config.image_token_id,
-            processor.tokenizer.special.image_pad
-        );
+            "<|image_pad|>",
+            special.image_pad,
+        ),
+        (
+            "video_token_id",
+            model.config.video_token_id,
+            "<|video_pad|>",
+            special.video_pad,
+        ),
+    ] {
+        if id != tok_id {
+            bail!(
+                "{}: config.json's {field} ({id}) is not the tokenizer's {token} ({tok_id})",
+                m.model.display()
+            );
+        }
     }
     Ok(Loaded { model, processor })
 }

@@ -46,6 +46,18 @@ pub(super) fn run_ask(a: AskArgs) -> Result<()> {
     // and after resizing.
     let ps = proc.images.config.patch_size;
     let images = match &a.slices {
+        Some(spec) if a.slices_as == SlicesAs::Video => {
+            let (indices, video) = proc.load_video(&a.image, spec)?;
+            let list: Vec<String> = indices.iter().map(usize::to_string).collect();
+            eprintln!(
+                "image: {}: {} slices ({}) as the frames of one video ({} temporal patches)",
+                a.image.display(),
+                indices.len(),
+                list.join(", "),
+                video.grid_thw[0]
+            );
+            vec![video]
+        }
         Some(spec) => {
             let slices = proc.load_slices(&a.image, spec)?;
             let indices: Vec<String> = slices.iter().map(|(k, _)| k.to_string()).collect();
@@ -74,11 +86,8 @@ pub(super) fn run_ask(a: AskArgs) -> Result<()> {
         images[0].grid_thw[2] * ps,
         images[0].grid_thw[1] * ps,
     );
-    let prompt = proc.prepare(
-        &[Message::user_with_images(images.len(), text)],
-        images,
-        true,
-    )?;
+    let kinds: Vec<_> = images.iter().map(|p| p.kind).collect();
+    let prompt = proc.prepare(&[Message::user_with_visuals(&kinds, text)], images, true)?;
     let engine = Engine::new(
         &loaded.model,
         proc.tokenizer.stop_tokens().to_vec(),

@@ -411,6 +411,13 @@ impl EvalArgs {
     }
 }
 
+/// How `ask --slices` sends a volume's slices.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlicesAs {
+    Images,
+    Video,
+}
+
 #[derive(Args, Debug)]
 pub struct AskArgs {
     #[command(flatten)]
@@ -426,6 +433,11 @@ pub struct AskArgs {
     /// middle one).
     #[arg(long, value_name = "N|I,J,K", conflicts_with = "slice", value_parser = parse_slices)]
     pub slices: Option<crate::processor::image::medical::Slices>,
+    /// How --slices reach the model: `images` (one image each, the form the model sees
+    /// most in training) or `video` (the frames of one video: Qwen2-VL's 3-D patches join
+    /// each two consecutive slices, so N slices cost about half the tokens of N images).
+    #[arg(long, value_enum, default_value_t = SlicesAs::Images, requires = "slices")]
+    pub slices_as: SlicesAs,
     /// The question about the scan (without the options; see --options).
     #[arg(long, value_name = "TEXT")]
     pub question: String,

@@ -537,7 +537,9 @@ impl<'m> Engine<'m> {
             }
             rows.push(g.seqs.len());
         }
-        let embeds = m.input_embeds(&ids, None)?;
+        // Generated tokens are text to the model, even a vision pad token a random model
+        // may emit (transformers embeds it as a token too: no pixels come with it).
+        let embeds = m.token_embeds(&ids)?;
         let mut caches: Vec<&mut KvCache> = groups.iter_mut().map(|g| &mut g.cache).collect();
         let hidden = m.text.forward(
             &embeds,

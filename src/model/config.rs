@@ -92,7 +92,17 @@ pub struct VisionConfig {
     pub rope_theta: f64,
     /// Qwen2.5-VL only.
     pub window: Option<WindowAttention>,
+    /// M-RoPE temporal step between a video's temporal patches: 1 for Qwen2-VL; for
+    /// Qwen2.5-VL `tokens_per_second x temporal_patch_size / fps` with fps 2, the frame
+    /// rate transformers 4.57's processor (and qwen-vl-utils) assume for a list of frames.
+    /// The slices of a volume have no frame rate; this keeps them as far apart as the
+    /// model's own videos at that rate.
+    pub video_time_interval: f64,
 }
+
+/// The frame rate assumed for videos given as frames (see
+/// [`VisionConfig::video_time_interval`]).
+pub const VIDEO_FPS: f64 = 2.0;
 
 impl VisionConfig {
     pub fn head_dim(&self) -> usize {
@@ -167,6 +177,9 @@ mod defaults {
     /// Qwen2.5-VL's tower width, MLP width, full-attention blocks.
     pub const QWEN25_WIDTH: usize = 3584;
     pub const QWEN25_INTERMEDIATE: usize = 3420;
+    /// transformers 5.24's `Qwen2_5_VLVisionConfig.tokens_per_second` (the released
+    /// checkpoints say 2).
+    pub const QWEN25_TOKENS_PER_SECOND: f64 = 4.0;
     pub const QWEN25_FULL_BLOCKS: [usize; 4] = [7, 15, 23, 31];
 }
 
@@ -790,6 +803,17 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
             d::VISION_ROPE_THETA
         }
     };
+    let temporal_patch_size = vf.positive("temporal_patch_size", 2)?;
+    let video_time_interval = match arch {
+        Arch::Qwen2Vl => 1.0,
+        Arch::Qwen25Vl => {
+            let tps = vf.f64_or("tokens_per_second", d::QWEN25_TOKENS_PER_SECOND)?;
+            if !(tps.is_finite() && tps > 0.0) {
+                bail!("{file}: vision_config.tokens_per_second must be a positive number");
+            }
+            tps * temporal_patch_size as f64 / VIDEO_FPS
+        }
+    };
     Ok(VisionConfig {
         arch,
         depth: vf.positive("depth", d::VISION_DEPTH)?,
@@ -800,10 +824,11 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
         in_channels,
         patch_size,
         spatial_merge_size,
-        temporal_patch_size: vf.positive("temporal_patch_size", 2)?,
+        temporal_patch_size,
         hidden_act,
         rope_theta,
         window,
+        video_time_interval,
     })
 }
 

@@ -42,7 +42,7 @@ use candle_nn::VarBuilder;
 pub use config::{Qwen2VlConfig, TextConfig, VisionConfig};
 pub use layers::Mode;
 pub use presets::Preset;
-pub use rope::{mrope_positions, Pos3};
+pub use rope::{mrope_positions, Pos3, VisionTokens};
 pub use text::{attention_mask, log_softmax_f32, Caching, KvCache, PackedSegment, TextModel};
 pub use vision::VisionTower;
 pub use weights::{CheckpointWeights, WeightLayout};
@@ -196,8 +196,9 @@ impl Qwen2Vl {
         Ok(self.vision.forward(pixels, grids, mode)?)
     }
 
-    /// Input embeddings for equal-length rows of token ids, with the image embeddings
-    /// written over the `<|image_pad|>` positions in reading order.
+    /// Input embeddings for equal-length rows of token ids, with the image (and video)
+    /// embeddings written over the `<|image_pad|>` (and `<|video_pad|>`) positions in reading
+    /// order.
     pub fn input_embeds(&self, ids: &[Vec<u32>], image_embeds: Option<&Tensor>) -> Result<Tensor> {
         let tokens = self.token_embeds(ids)?;
         self.merge_images(&tokens, ids, image_embeds)
@@ -230,8 +231,9 @@ impl Qwen2Vl {
         self.vision.set_compute_dtype(dtype);
     }
 
-    /// `token_embeds` (batch, seq, hidden) of `ids` with the image embeddings written over
-    /// the `<|image_pad|>` positions in reading order; differentiable through both.
+    /// `token_embeds` (batch, seq, hidden) of `ids` with the image and video embeddings
+    /// written over the `<|image_pad|>` and `<|video_pad|>` positions in reading order (the
+    /// tower ran over them in that order); differentiable through both.
     pub fn merge_images(
         &self,
         token_embeds: &Tensor,
@@ -243,8 +245,9 @@ impl Qwen2Vl {
         if flat.len() != b * l {
             bail!("{} ids for {b} x {l} embeddings", flat.len());
         }
-        let image_tok = self.config.image_token_id;
-        let n_slots = flat.iter().filter(|&&t| t == image_tok).count();
+        let (image_tok, video_tok) = (self.config.image_token_id, self.config.video_token_id);
+        let is_slot = |t: u32| t == image_tok || t == video_tok;
+        let n_slots = flat.iter().filter(|&&t| is_slot(t)).count();
         let Some(img) = image_embeds else {
             if n_slots > 0 {
                 bail!("the input has {n_slots} image tokens but no image was given");
@@ -270,7 +273,7 @@ impl Qwen2Vl {
             .iter()
             .enumerate()
             .map(|(i, &t)| {
-                if t == image_tok {
+                if is_slot(t) {
                     next_img += 1;
                     next_img - 1
                 } else {
@@ -282,12 +285,21 @@ impl Qwen2Vl {
         Ok(table.index_select(&index, 0)?.reshape((b, l, h))?)
     }
 
+    /// The prompt tokens vision features fill, and the spacing of a video's frames.
+    pub fn vision_tokens(&self) -> VisionTokens {
+        VisionTokens {
+            image: self.config.image_token_id,
+            video: self.config.video_token_id,
+            video_time_interval: self.config.vision.video_time_interval,
+        }
+    }
+
     /// M-RoPE positions of one unpadded sequence and its rope delta.
     pub fn positions(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<(Vec<Pos3>, i64)> {
         mrope_positions(
             ids,
             grids,
-            self.config.image_token_id,
+            self.vision_tokens(),
             self.config.vision.spatial_merge_size,
         )
     }

@@ -9,25 +9,41 @@ use candle_core::{DType, Device, Tensor};
 /// One token's position on the (temporal, height, width) axes.
 pub type Pos3 = [i64; 3];
 
-/// M-RoPE positions of one unpadded sequence, as transformers' `get_rope_index`:
-/// text tokens share one counter on all three axes; the `t*h*w/merge²` pad tokens of an image
-/// get (t, row, col) offsets from the position after the preceding text; text after an image
-/// resumes at the largest position used so far plus one.
+/// The prompt tokens that stand for vision features, and how a video's frames are spaced on
+/// the temporal axis.
+#[derive(Debug, Clone, Copy)]
+pub struct VisionTokens {
+    pub image: u32,
+    pub video: u32,
+    /// Temporal position step between a video's temporal patches: 1 in Qwen2-VL;
+    /// `tokens_per_second x second_per_grid_t` in Qwen2.5-VL (positions `floor(t x step)`).
+    pub video_time_interval: f64,
+}
+
+/// M-RoPE positions of one unpadded sequence, as transformers 4.57's `get_rope_index` (the
+/// rule of the released models and of vLLM): text tokens share one counter on all three
+/// axes; the `t*h*w/merge²` pad tokens of an image or video get (t, row, col) offsets from
+/// the position after the preceding text (a video's t scaled by its time interval); text
+/// after them resumes at the largest position used so far plus one.
+///
+/// (transformers 5.24 resumes at the start plus `max(h, w) / merge` instead, which differs
+/// from the released rule after a video whose temporal extent is the larger one.)
 ///
 /// Returns the positions and the rope delta: how far the next position (`max + 1`) is from the
 /// sequence length, which is what decoding adds to the cache length for each new token.
 pub fn mrope_positions(
     input_ids: &[u32],
-    image_grids: &[[usize; 3]],
-    image_token_id: u32,
+    grids: &[[usize; 3]],
+    vision: VisionTokens,
     spatial_merge_size: usize,
 ) -> Result<(Vec<Pos3>, i64)> {
     let mut out: Vec<Pos3> = Vec::with_capacity(input_ids.len());
     let mut next: i64 = 0; // max position so far + 1
-    let mut grids = image_grids.iter();
+    let mut grids = grids.iter();
     let mut i = 0;
     while i < input_ids.len() {
-        if input_ids[i] != image_token_id {
+        let tok = input_ids[i];
+        if tok != vision.image && tok != vision.video {
             out.push([next; 3]);
             next += 1;
             i += 1;
@@ -38,18 +54,25 @@ pub fn mrope_positions(
         };
         let (gh, gw) = (h / spatial_merge_size, w / spatial_merge_size);
         let n = t * gh * gw;
-        if i + n > input_ids.len() || input_ids[i..i + n].iter().any(|&id| id != image_token_id) {
+        if i + n > input_ids.len() || input_ids[i..i + n].iter().any(|&id| id != tok) {
             bail!(
                 "image placeholder run at token {i} is shorter than the image's {n} tokens \
                  (grid {t}x{h}x{w})"
             );
         }
+        let step = if tok == vision.video {
+            vision.video_time_interval
+        } else {
+            1.0
+        };
         let base = next;
         let mut max = base;
         for ti in 0..t {
+            // torch's `(arange(t) * interval).long()`: truncation of the f32 product.
+            let tp = base + (ti as f32 * step as f32) as i64;
             for hi in 0..gh {
                 for wi in 0..gw {
-                    let p = [base + ti as i64, base + hi as i64, base + wi as i64];
+                    let p = [tp, base + hi as i64, base + wi as i64];
                     max = max.max(p[0]).max(p[1]).max(p[2]);
                     out.push(p);
                 }
@@ -188,6 +211,12 @@ mod tests {
     use super::*;
 
     const IMG: u32 = 9;
+    const VID: u32 = 10;
+    const TOKENS: VisionTokens = VisionTokens {
+        image: IMG,
+        video: VID,
+        video_time_interval: 1.0,
+    };
 
     /// The worked example of transformers' get_rope_index docstring, shifted by a text prefix:
     /// 3 text tokens, a 1x4x6 grid (merge 2 -> 1x2x3 tokens), 2 text tokens.
@@ -196,7 +225,7 @@ mod tests {
         let mut ids = vec![1, 2, 3];
         ids.extend([IMG; 6]);
         ids.extend([4, 5]);
-        let (pos, delta) = mrope_positions(&ids, &[[1, 4, 6]], IMG, 2).unwrap();
+        let (pos, delta) = mrope_positions(&ids, &[[1, 4, 6]], TOKENS, 2).unwrap();
         let expect: Vec<Pos3> = vec![
             [0, 0, 0],
             [1, 1, 1],
@@ -217,16 +246,56 @@ mod tests {
 
     #[test]
     fn text_only_is_plain_counting() {
-        let (pos, delta) = mrope_positions(&[5, 6, 7], &[], IMG, 2).unwrap();
+        let (pos, delta) = mrope_positions(&[5, 6, 7], &[], TOKENS, 2).unwrap();
         assert_eq!(pos, vec![[0; 3], [1; 3], [2; 3]]);
         assert_eq!(delta, 0);
     }
 
     #[test]
     fn mismatched_images_are_errors() {
-        assert!(mrope_positions(&[1, IMG, IMG], &[[1, 4, 4]], IMG, 2).is_err());
-        assert!(mrope_positions(&[1, 2], &[[1, 2, 2]], IMG, 2).is_err());
-        assert!(mrope_positions(&[IMG, 1], &[], IMG, 2).is_err());
+        assert!(mrope_positions(&[1, IMG, IMG], &[[1, 4, 4]], TOKENS, 2).is_err());
+        assert!(mrope_positions(&[1, 2], &[[1, 2, 2]], TOKENS, 2).is_err());
+        assert!(mrope_positions(&[IMG, 1], &[], TOKENS, 2).is_err());
+    }
+
+    /// A video of 3 temporal patches of 2x2 merged tokens with time interval 2.5 (Qwen2.5-VL's
+    /// tokens_per_second 2.5 at one second per temporal patch), one text token before and
+    /// after, by hand from transformers 4.57's rule: t = floor(k x 2.5) = 0, 2, 5; the text
+    /// after resumes at max + 1 = 1 + 5 + 1 = 7. An image run of the same grid would not be
+    /// scaled, and a video run of image tokens' length must use the video token throughout.
+    #[test]
+    fn video_runs_space_their_frames() {
+        let tokens = VisionTokens {
+            video_time_interval: 2.5,
+            ..TOKENS
+        };
+        let mut ids = vec![1];
+        ids.extend([VID; 12]);
+        ids.push(2);
+        let (pos, delta) = mrope_positions(&ids, &[[3, 4, 4]], tokens, 2).unwrap();
+        assert_eq!(pos[0], [0; 3]);
+        let mut want = Vec::new();
+        for t in [0, 2, 5] {
+            for r in 0..2 {
+                for c in 0..2 {
+                    want.push([1 + t, 1 + r, 1 + c]);
+                }
+            }
+        }
+        assert_eq!(&pos[1..13], &want[..]);
+        assert_eq!(pos[13], [7; 3]);
+        assert_eq!(delta, 8 - 14);
+        // The same run as an image: t positions 0, 1, 2, text after at 1 + 2 + 1 = 4.
+        let img: Vec<u32> = ids
+            .iter()
+            .map(|&t| if t == VID { IMG } else { t })
+            .collect();
+        let (pos, _) = mrope_positions(&img, &[[3, 4, 4]], tokens, 2).unwrap();
+        assert_eq!(pos[9], [1 + 2, 1, 1]);
+        assert_eq!(pos[13], [4; 3]);
+        let mut mixed = ids.clone();
+        mixed[5] = IMG;
+        assert!(mrope_positions(&mixed, &[[3, 4, 4]], tokens, 2).is_err());
     }
 
     #[test]

@@ -12,11 +12,12 @@ use serde_json::Value as Json;
 
 use super::input::{is_regular_file, read_bounded_string, MAX_SIDE_FILE_BYTES};
 
-/// One piece of a message: text, or a placeholder for the next image.
+/// One piece of a message: text, or a placeholder for the next image or video.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Content {
     Image,
+    Video,
     Text { text: String },
 }
 
@@ -55,11 +56,31 @@ impl Message {
             content: vec![Content::text(text)],
         }
     }
-    pub fn num_images(&self) -> usize {
-        self.content
+    /// A user turn: the images and videos first, in the order of `kinds`, then the text.
+    pub fn user_with_visuals(kinds: &[super::Visual], text: impl Into<String>) -> Self {
+        let mut content: Vec<Content> = kinds
             .iter()
-            .filter(|c| matches!(c, Content::Image))
-            .count()
+            .map(|k| match k {
+                super::Visual::Image => Content::Image,
+                super::Visual::Video => Content::Video,
+            })
+            .collect();
+        content.push(Content::text(text));
+        Self {
+            role: "user".into(),
+            content,
+        }
+    }
+    pub fn num_images(&self) -> usize {
+        self.visuals().count()
+    }
+    /// The images and videos the message refers to, in order.
+    pub fn visuals(&self) -> impl Iterator<Item = super::Visual> + '_ {
+        self.content.iter().filter_map(|c| match c {
+            Content::Image => Some(super::Visual::Image),
+            Content::Video => Some(super::Visual::Video),
+            Content::Text { .. } => None,
+        })
     }
 }
 

@@ -11,6 +11,13 @@
 //! 4. Normalize: `(x - mean) / std` in `f32`, with mean and std rounded to `f32` first.
 //! 5. A single image is repeated `temporal_patch_size` times (the vision tower's patches
 //!    are 3-D, built for video), then cut into patches in 2x2 merge-window order.
+//!
+//! Frames of a video (the slices of a scan sent as one) follow transformers 5.24's
+//! `Qwen2VLVideoProcessor` instead: the pixel bounds of video_preprocessor_config.json, the
+//! frame count padded to a multiple of `temporal_patch_size` with the last frame, and its
+//! torch arithmetic for step 3-4 (one fused `(x - mean * 255) / (std * 255)` in `f32`). Its
+//! resize is torchvision's; ours stays Pillow's, so frames that need resizing differ from it
+//! by the two filters' rounding (frames already at the target size are bit-identical).
 
 use std::path::Path;
 
@@ -105,11 +112,37 @@ impl ImageProcessorConfig {
 
     /// Parses the contents of preprocessor_config.json (see [`Self::from_file`]).
     pub fn from_json(text: &str) -> Result<Self> {
+        Self::parse(text, &Self::default())
+    }
+
+    /// What videos use when a checkpoint has no video_preprocessor_config.json: this
+    /// (image) config with the per-frame pixel bounds of transformers' video processor.
+    pub fn video_defaults(&self) -> Self {
+        Self {
+            min_pixels: VIDEO_MIN_PIXELS,
+            max_pixels: VIDEO_MAX_PIXELS,
+            ..self.clone()
+        }
+    }
+
+    /// Reads video_preprocessor_config.json; missing keys take [`Self::video_defaults`] of
+    /// the image config `image`.
+    pub fn video_from_file(path: &Path, image: &Self) -> Result<Self> {
+        let text = super::input::read_bounded_string(
+            path,
+            super::input::MAX_SIDE_FILE_BYTES,
+            "video processor config",
+        )?;
+        Self::parse(&text, &image.video_defaults())
+            .map_err(|e| anyhow!("{}: {e:#}", path.display()))
+    }
+
+    /// Parses a processor config, missing keys taken from `d`.
+    fn parse(text: &str, d: &Self) -> Result<Self> {
         let value: Value = serde_json::from_str(text).context("not valid JSON")?;
         let obj = value
             .as_object()
             .ok_or_else(|| anyhow!("expected a JSON object"))?;
-        let d = Self::default();
         let (size_min, size_max) = size_limits(obj)?;
         let min_pixels = get_usize(obj, "min_pixels")?;
         let max_pixels = get_usize(obj, "max_pixels")?;
@@ -448,17 +481,36 @@ pub struct PixelPatches {
     pub grid_thw: [usize; 3],
     /// Patches per side the vision tower's merger joins into one token.
     pub merge_size: usize,
+    /// A still image or the frames of a video.
+    pub kind: Visual,
 }
 
 impl PixelPatches {
-    /// How many `<|image_pad|>` tokens the image becomes: one per merge x merge patches
+    /// How many `<|image_pad|>` (or `<|video_pad|>`) tokens the image becomes: one per merge x merge patches
     /// (what transformers' processor computes as `grid_thw.prod() // merge_size**2`).
     pub fn num_tokens(&self) -> usize {
         self.num_patches / (self.merge_size * self.merge_size)
     }
 }
 
-/// The Qwen2-VL image processor.
+/// What a [`PixelPatches`] is to the model: the prompt token it fills (`<|image_pad|>` or
+/// `<|video_pad|>`) and, for Qwen2.5-VL, how its temporal positions are spaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visual {
+    Image,
+    Video,
+}
+
+/// transformers' `Qwen2VLVideoProcessor` pixel bounds per frame (`size.shortest_edge` and
+/// `size.longest_edge`), used when a checkpoint has no video_preprocessor_config.json.
+pub const VIDEO_MIN_PIXELS: usize = 128 * 28 * 28;
+pub const VIDEO_MAX_PIXELS: usize = 768 * 28 * 28;
+
+/// Most frames one video may have: the `max_frames` of transformers' Qwen2-VL video
+/// processor. A volume has at most a few hundred slices; each frame costs its patches.
+pub const MAX_FRAMES: usize = 768;
+
+/// The Qwen2-VL image processor (and, with [`Self::video`], its video processor).
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
     pub config: ImageProcessorConfig,
@@ -467,6 +519,80 @@ pub struct ImageProcessor {
 impl ImageProcessor {
     pub fn new(config: ImageProcessorConfig) -> Self {
         Self { config }
+    }
+
+    /// Several frames (all the same size: the slices of one volume) as one video: each
+    /// resized to the size [`ImageProcessorConfig::output_size`] gives the first, normalised
+    /// with the torch arithmetic of transformers' video processor, the count padded to a
+    /// multiple of `temporal_patch_size` by repeating the last frame, then cut into patches
+    /// that each span `temporal_patch_size` consecutive frames.
+    pub fn preprocess_video(&self, frames: &[RgbImage]) -> Result<PixelPatches> {
+        let c = &self.config;
+        let Some(first) = frames.first() else {
+            bail!("a video needs at least one frame");
+        };
+        ensure!(
+            frames.len() <= MAX_FRAMES,
+            "a video may have at most {MAX_FRAMES} frames, got {}",
+            frames.len()
+        );
+        if let Some((k, f)) = frames
+            .iter()
+            .enumerate()
+            .find(|(_, f)| f.dimensions() != first.dimensions())
+        {
+            bail!(
+                "frame {k} is {}x{} but frame 0 is {}x{}: the frames of a video must have one size",
+                f.width(),
+                f.height(),
+                first.width(),
+                first.height()
+            );
+        }
+        let (w, h) = c.output_size(first.width(), first.height())?;
+        let mut planes = Vec::with_capacity(frames.len().next_multiple_of(c.temporal_patch_size));
+        for f in frames {
+            let resized;
+            let f = if (w, h) == f.dimensions() {
+                f
+            } else {
+                resized = resize(f, w, h, c.resample)?;
+                &resized
+            };
+            planes.push(self.planes_torch(f));
+        }
+        while planes.len() % c.temporal_patch_size != 0 {
+            planes.push(planes[planes.len() - 1].clone());
+        }
+        let refs: Vec<&[Vec<f32>; 3]> = planes.iter().collect();
+        let mut out = self.patchify(&refs, h as usize, w as usize);
+        out.kind = Visual::Video;
+        Ok(out)
+    }
+
+    /// The frame as (C, H, W) `f32` planes, as transformers' torch backend computes them:
+    /// with rescale and normalize both on, mean and std become `f32` tensors scaled by
+    /// `1 / rescale_factor` and the pixel is `(x - mean') / std'` in `f32`.
+    fn planes_torch(&self, img: &RgbImage) -> [Vec<f32>; 3] {
+        let c = &self.config;
+        if !(c.do_rescale && c.do_normalize) {
+            return self.normalized_planes(img);
+        }
+        let scale = (1.0 / c.rescale_factor) as f32;
+        let mean = c.image_mean.map(|m| m * scale);
+        let std = c.image_std.map(|s| s * scale);
+        let n = img.width() as usize * img.height() as usize;
+        let mut planes = [
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        ];
+        for px in img.pixels() {
+            for (ch, plane) in planes.iter_mut().enumerate() {
+                plane.push((f32::from(px.0[ch]) - mean[ch]) / std[ch]);
+            }
+        }
+        planes
     }
 
     /// Resizes, rescales, normalises and patchifies one image, exactly as transformers'
@@ -482,7 +608,9 @@ impl ImageProcessor {
             &resized
         };
         let planes = self.normalized_planes(img);
-        Ok(self.patchify(&planes, img.height() as usize, img.width() as usize))
+        // A still image is every frame of its one temporal patch.
+        let frames = vec![&planes; self.config.temporal_patch_size];
+        Ok(self.patchify(&frames, img.height() as usize, img.width() as usize))
     }
 
     /// The image as three `f32` channel planes (C, H, W), rescaled and normalised as numpy
@@ -511,27 +639,32 @@ impl ImageProcessor {
         planes
     }
 
-    /// Cuts (C, H, W) planes into patches. transformers reshapes the (T, C, H, W) frames to
+    /// Cuts (C, H, W) frames, a multiple of `temporal_patch_size` of them, into patches.
+    /// transformers reshapes the (F, C, H, W) frames to
     /// `(grid_t, T, C, gh/m, m, P, gw/m, m, P)` and transposes to
     /// `(grid_t, gh/m, gw/m, m, m, C, T, P, P)`: patches in merge-window order (each 2x2
     /// window's four patches consecutive), each patch channel-major, then frame, row, column.
-    /// A single image is its own every frame.
-    fn patchify(&self, planes: &[Vec<f32>; 3], height: usize, width: usize) -> PixelPatches {
+    fn patchify(&self, frames: &[&[Vec<f32>; 3]], height: usize, width: usize) -> PixelPatches {
         let c = &self.config;
         let (p, m, t) = (c.patch_size, c.merge_size, c.temporal_patch_size);
         let (gh, gw) = (height / p, width / p);
+        let grid_t = frames.len() / t;
+        debug_assert_eq!(grid_t * t, frames.len());
         let patch_dim = 3 * t * p * p;
-        let num_patches = gh * gw;
+        let num_patches = grid_t * gh * gw;
         let mut data = Vec::with_capacity(num_patches * patch_dim);
-        for bh in 0..gh / m {
-            for bw in 0..gw / m {
-                for mh in 0..m {
-                    for mw in 0..m {
-                        let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
-                        for plane in planes {
-                            for _frame in 0..t {
-                                for y in y0..y0 + p {
-                                    data.extend_from_slice(&plane[y * width + x0..][..p]);
+        for group in frames.chunks_exact(t) {
+            for bh in 0..gh / m {
+                for bw in 0..gw / m {
+                    for mh in 0..m {
+                        for mw in 0..m {
+                            let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                            for ch in 0..3 {
+                                for frame in group {
+                                    let plane = &frame[ch];
+                                    for y in y0..y0 + p {
+                                        data.extend_from_slice(&plane[y * width + x0..][..p]);
+                                    }
                                 }
                             }
                         }
@@ -543,8 +676,9 @@ impl ImageProcessor {
             data,
             num_patches,
             patch_dim,
-            grid_thw: [1, gh, gw],
+            grid_thw: [grid_t, gh, gw],
             merge_size: self.config.merge_size,
+            kind: Visual::Image,
         }
     }
 }

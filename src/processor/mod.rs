@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 pub use chat_template::{ChatTemplate, Content, Message};
-pub use image_processor::{ImageProcessor, ImageProcessorConfig, PixelPatches};
+pub use image_processor::{ImageProcessor, ImageProcessorConfig, PixelPatches, Visual};
 pub use tokenizer::{Limited, QwenTokenizer, SpecialTokens};
 
 /// Longest prompt accepted, in tokens, whatever the checkpoint or the user says (and the limit
@@ -113,6 +113,9 @@ pub struct Processor {
     pub tokenizer: QwenTokenizer,
     pub template: ChatTemplate,
     pub images: ImageProcessor,
+    /// How the slices of a volume become one video: video_preprocessor_config.json, else
+    /// the image settings with transformers' video pixel bounds.
+    pub video: ImageProcessor,
     /// The prompt limit in tokens: `--max-prompt-tokens`, else tokenizer_config.json's
     /// `model_max_length`, capped at [`MAX_PROMPT_TOKENS`] (which applies when neither says
     /// one). `None` only for a processor built by hand; [`Self::prompt_limit`] then gives the
@@ -147,7 +150,20 @@ impl Processor {
                 pp.display()
             );
         };
+        let vp = dir.join("video_preprocessor_config.json");
+        let video = if input::is_regular_file(&vp, "video processor config")? {
+            ImageProcessorConfig::video_from_file(&vp, &config)?
+        } else {
+            config.video_defaults()
+        };
         let config = config.with_pixel_limits(opts.min_pixels, opts.max_pixels)?;
+        // The user's pixel bounds hold for each frame of a video too; a bound the user
+        // gives alone moves the video's other bound where they would cross.
+        let (vmin, vmax) = (video.min_pixels, video.max_pixels);
+        let video = video.with_pixel_limits(
+            opts.min_pixels.or(opts.max_pixels.map(|max| vmin.min(max))),
+            opts.max_pixels.or(opts.min_pixels.map(|min| vmax.max(min))),
+        )?;
         let limit = opts
             .max_prompt_tokens
             .or(tokenizer.model_max_length)
@@ -158,6 +174,7 @@ impl Processor {
             tokenizer,
             template,
             images: ImageProcessor { config },
+            video: ImageProcessor { config: video },
             medical: opts.medical.clone(),
         };
         // The smallest image there is: resizing makes it min_pixels; without resizing the
@@ -235,6 +252,41 @@ impl Processor {
             .collect()
     }
 
+    /// The slices of a volume (as [`Self::load_slices`] picks them) as the frames of one
+    /// video, with their slice indices.
+    pub fn load_video(
+        &self,
+        path: &Path,
+        spec: &image::medical::Slices,
+    ) -> Result<(Vec<usize>, PixelPatches)> {
+        let slices = image::medical::load_slices(path, &self.medical, spec)?;
+        let (indices, frames): (Vec<usize>, Vec<_>) = slices.into_iter().unzip();
+        let patches = self.preprocess_video(&frames).with_context(|| {
+            format!(
+                "{}: cannot preprocess the slices as a video",
+                path.display()
+            )
+        })?;
+        Ok((indices, patches))
+    }
+
+    /// Frames as one video, refused when its tokens alone exceed the prompt limit.
+    pub fn preprocess_video(&self, frames: &[::image::RgbImage]) -> Result<PixelPatches> {
+        let patches = self.video.preprocess_video(frames)?;
+        let limit = self.prompt_limit();
+        if patches.num_tokens() > limit {
+            bail!(
+                "the video would be {} tokens ({} frames at {}x{} patches), but the limit is \
+                 {limit} tokens for the whole prompt; use fewer slices or lower --max-pixels",
+                patches.num_tokens(),
+                frames.len(),
+                patches.grid_thw[2],
+                patches.grid_thw[1]
+            );
+        }
+        Ok(patches)
+    }
+
     /// [`Self::load_image`] for an image held in memory (a file's bytes, as the server gets
     /// them), with the slice and window `medical` for DICOM and NIfTI data.
     pub fn decode_image(
@@ -262,11 +314,19 @@ impl Processor {
         images: Vec<PixelPatches>,
         add_generation_prompt: bool,
     ) -> Result<Prompt> {
-        let mentioned: usize = messages.iter().map(Message::num_images).sum();
-        if mentioned != images.len() {
+        let mentioned: Vec<Visual> = messages.iter().flat_map(Message::visuals).collect();
+        let given: Vec<Visual> = images.iter().map(|p| p.kind).collect();
+        if mentioned.len() != given.len() {
             bail!(
-                "the conversation refers to {mentioned} image(s) but {} were given",
+                "the conversation refers to {} image(s) but {} were given",
+                mentioned.len(),
                 images.len()
+            );
+        }
+        if mentioned != given {
+            bail!(
+                "the conversation's images and videos ({mentioned:?}) are not those given \
+                 ({given:?})"
             );
         }
         let texts = || {
@@ -275,7 +335,7 @@ impl Processor {
                 .flat_map(|m| &m.content)
                 .filter_map(|c| match c {
                     Content::Text { text } => Some(text.as_str()),
-                    Content::Image => None,
+                    Content::Image | Content::Video => None,
                 })
         };
         for text in texts() {
@@ -339,12 +399,25 @@ impl Processor {
         Ok(())
     }
 
+    /// Replaces each `<|image_pad|>` and `<|video_pad|>` of the rendered ids by as many
+    /// copies as its image or video has tokens, in order.
     fn expand_image_tokens(&self, ids: &[u32], images: &[PixelPatches]) -> Result<Vec<u32>> {
-        let pad = self.tokenizer.special.image_pad;
-        let found = ids.iter().filter(|&&i| i == pad).count();
-        if found != images.len() {
+        let special = &self.tokenizer.special;
+        let pad_of = |kind: Visual| match kind {
+            Visual::Image => special.image_pad,
+            Visual::Video => special.video_pad,
+        };
+        let placeholders: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&i| i == special.image_pad || i == special.video_pad)
+            .collect();
+        let expected: Vec<u32> = images.iter().map(|p| pad_of(p.kind)).collect();
+        if placeholders != expected {
             bail!(
-                "the chat template produced {found} image placeholder(s) for {} image(s)",
+                "the chat template produced {} image/video placeholder(s) for {} image(s) and \
+                 video(s), or in another order",
+                placeholders.len(),
                 images.len()
             );
         }
@@ -352,9 +425,9 @@ impl Processor {
         let mut out = Vec::with_capacity(ids.len() + extra);
         let mut next = images.iter();
         for &id in ids {
-            if id == pad {
+            if id == special.image_pad || id == special.video_pad {
                 let n = next.next().map(|p| p.num_tokens()).unwrap_or(0);
-                out.extend(std::iter::repeat_n(pad, n));
+                out.extend(std::iter::repeat_n(id, n));
             } else {
                 out.push(id);
             }

@@ -112,6 +112,7 @@ pub fn messages(v: &Value) -> Vec<Message> {
                     .iter()
                     .map(|p| match p["type"].as_str().unwrap() {
                         "image" => Content::Image,
+                        "video" => Content::Video,
                         "text" => Content::text(p["text"].as_str().unwrap()),
                         other => panic!("unexpected part {other}"),
                     })

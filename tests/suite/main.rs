@@ -31,3 +31,4 @@ mod serve;
 mod serve_limits;
 mod stop_tokens;
 mod train_bench;
+mod video;

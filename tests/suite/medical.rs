@@ -654,7 +654,7 @@ fn a_dicom_series_directory_is_ordered_by_instance_number() {
     );
 }
 
-/// `ask --slices` shows the slices as images and says which.
+/// `ask --slices` shows the slices as images (or as one video) and says which.
 #[test]
 fn ask_shows_a_volume_as_several_slices() {
     let model = tiny_model();
@@ -683,4 +683,13 @@ fn ask_shows_a_volume_as_several_slices() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     let (ok, _, err) = ask(&["--slices", "3", "--slice", "2"]);
     assert!(!ok && err.contains("--slice"), "{err}");
+    // As one video: 3 frames pad to 4, two temporal patches.
+    let (ok, _, err) = ask(&["--slices", "3", "--slices-as", "video"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("3 slices (4, 12, 20) as the frames of one video (2 temporal patches)"),
+        "{err}"
+    );
+    let (ok, _, err) = ask(&["--slices-as", "video"]);
+    assert!(!ok && err.contains("--slices"), "{err}");
 }
