@@ -47,7 +47,42 @@ static FORMAT_RE: LazyLock<Regex> = LazyLock::new(|| {
 /// and `<think>x</think><answer>A</answer><answer>B</answer>` both score 1.0, as in Python.
 /// Leading whitespace or any text after the last `</answer>` scores 0.0.
 pub fn format_reward(completion: &str) -> f32 {
-    if FORMAT_RE.is_match(completion) {
+    layout_reward(Layout::ThinkThenAnswer, completion)
+}
+
+/// The completion layouts a format reward can ask for: the paper's reasoning then answer,
+/// answer then reasoning, or the answer alone (Med-R1 found the last two generalise better
+/// on some modalities).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `<think>…</think><answer>…</answer>` (MedVLM-R1).
+    ThinkThenAnswer,
+    /// `<answer>…</answer><think>…</think>`.
+    AnswerThenThink,
+    /// `<answer>…</answer>` and nothing else.
+    AnswerOnly,
+}
+
+/// The other layouts, matched with the paper regex's conventions (whole completion, tags
+/// case-sensitive, blocks may span lines, Python's whitespace between the blocks).
+static ANSWER_FIRST_RE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\A(?s:<answer>.*?</answer>[\s\x1C-\x1F]*<think>.*?</think>)\z")
+        .expect("format regex is valid")
+});
+static ANSWER_ONLY_RE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\A(?s:<answer>.*?</answer>)\z").expect("format regex is valid"));
+
+/// 1.0 when the whole completion has `layout`, else 0.0 ([`format_reward`] for the paper's).
+/// An answer-only completion must not reason in a `<think>` block.
+pub fn layout_reward(layout: Layout, completion: &str) -> f32 {
+    let ok = match layout {
+        Layout::ThinkThenAnswer => FORMAT_RE.is_match(completion),
+        Layout::AnswerThenThink => ANSWER_FIRST_RE.is_match(completion),
+        Layout::AnswerOnly => {
+            ANSWER_ONLY_RE.is_match(completion) && !completion.contains("<think>")
+        }
+    };
+    if ok {
         1.0
     } else {
         0.0

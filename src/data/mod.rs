@@ -41,6 +41,10 @@ pub struct RawRow {
     /// Reasoning for the answer, when the data has it (supervised targets use it).
     #[serde(default, alias = "reasoning", alias = "thinking")]
     pub rationale: Option<String>,
+    /// Every other field of the row, kept for rewards outside the binary (which see them as
+    /// the sample's `fields`).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `image` is a list of paths in the paper's files; a single string is accepted too.
@@ -273,6 +277,8 @@ pub struct VqaItem {
     /// templates wrap; otherwise the question.
     pub problem: String,
     pub rationale: Option<String>,
+    /// The row's fields beyond those above (JSON data files), for external rewards.
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl VqaItem {
@@ -463,6 +469,7 @@ fn resolve(
         language: Language::En,
         problem,
         rationale: row.rationale,
+        extra: row.extra,
     })
 }
 
@@ -702,6 +709,7 @@ mod tests {
             dataset: String::new(),
             problem: String::new(),
             rationale: None,
+            extra: Default::default(),
         };
         let items: Vec<VqaItem> = (0..40)
             .map(|i| item(i, if i % 4 == 0 { "CT" } else { "MRI" }))

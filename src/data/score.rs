@@ -244,6 +244,33 @@ pub fn score_completion(p: Protocol, completion: &str, answer: &str) -> f64 {
     p.score(scored_text(p, completion), answer)
 }
 
+/// The first number written in `s` (`-3`, `2.5`, `1,200`, `4e-3`, `.5`), thousands commas
+/// dropped.
+pub fn first_number(s: &str) -> Option<f64> {
+    static NUMBER: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?")
+            .expect("number regex is valid")
+    });
+    NUMBER
+        .find_iter(s)
+        .map(|m| m.as_str())
+        .filter(|t| t.bytes().any(|b| b.is_ascii_digit()))
+        .find_map(|t| t.replace(',', "").parse::<f64>().ok())
+}
+
+/// Whether the first number of `prediction` is within `tolerance` (relative to the gold's
+/// magnitude, absolute when the gold is 0) of the first number of `answer`. False when
+/// either has no number.
+pub fn numeric_match(prediction: &str, answer: &str, tolerance: f64) -> bool {
+    match (first_number(prediction), first_number(answer)) {
+        (Some(p), Some(g)) => {
+            let scale = if g == 0.0 { 1.0 } else { g.abs() };
+            (p - g).abs() <= tolerance * scale
+        }
+        _ => false,
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for Protocol {
     /// A [`Protocol::name`] (config files).
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

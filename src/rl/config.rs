@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::external::{check_url, JudgeSpec, DEFAULT_TIMEOUT_S};
 use super::grpo::{LossConfig, LossType, ScaleRewards};
-use super::reward::{AccuracyReward, AnswerMode, DEFAULT_CLOSED_PROTOCOL, DEFAULT_OPEN_PROTOCOL};
+use super::reward::{
+    builtin_names, AccuracyReward, AnswerMode, BUILTIN, DEFAULT_CLOSED_PROTOCOL,
+    DEFAULT_OPEN_PROTOCOL,
+};
 use crate::data::score::Protocol;
 use crate::train::config::{
     at_least_one, batch_count, non_negative, positive, unit_interval, Method, RunConfig,
@@ -48,10 +52,19 @@ pub struct GrpoMethod {
     pub scale_rewards: ScaleRewards,
     pub mask_truncated_completions: bool,
 
-    /// Reward functions, summed: "accuracy", "format".
-    pub rewards: Vec<String>,
-    /// One weight per reward (default all 1).
+    /// Reward functions, summed: built-in names ("accuracy", "format", ...) or tables for a
+    /// command, an HTTP endpoint or an LLM judge ([`RewardEntry`]).
+    pub rewards: Vec<RewardEntry>,
+    /// One weight per reward (default all 1, or each table's `weight`).
     pub reward_weights: Vec<f32>,
+    /// The `numeric` reward's relative tolerance.
+    pub numeric_tolerance: f64,
+    /// DAPO's dynamic sampling: groups whose rewards all agree carry no signal; drop them and
+    /// sample more prompts until `batch_prompts` groups remain.
+    pub dynamic_sampling: bool,
+    /// Dynamic sampling: at most this many generation batches per step (the first one
+    /// included) before the run stops, as verl's `max_num_gen_batches`.
+    pub max_generation_batches: u64,
     /// "strict" (default) or "paper" accuracy rule (multiple choice).
     pub answer_mode: AnswerMode,
     /// The accuracy reward's protocol for closed questions.
@@ -82,8 +95,14 @@ impl Default for GrpoMethod {
             loss_type: LossType::Grpo,
             scale_rewards: ScaleRewards::Group,
             mask_truncated_completions: false,
-            rewards: vec!["accuracy".into(), "format".into()],
+            rewards: vec![
+                RewardEntry::Builtin("accuracy".into()),
+                RewardEntry::Builtin("format".into()),
+            ],
             reward_weights: vec![],
+            numeric_tolerance: 0.01,
+            dynamic_sampling: false,
+            max_generation_batches: 10,
             answer_mode: AnswerMode::Strict,
             closed_reward_protocol: DEFAULT_CLOSED_PROTOCOL,
             open_reward_protocol: DEFAULT_OPEN_PROTOCOL,
@@ -162,28 +181,68 @@ impl Method for GrpoMethod {
         if self.rewards.is_empty() {
             return Err(SettingError::new(
                 "rewards",
-                "is empty: at least one reward is needed (built in: accuracy, format)",
+                &format!(
+                    "is empty: at least one reward is needed (built in: {})",
+                    builtin_names()
+                ),
                 &[],
             ));
         }
-        for r in &self.rewards {
-            if !matches!(r.as_str(), "accuracy" | "format") {
+        let mut names: Vec<String> = Vec::new();
+        for (k, r) in self.rewards.iter().enumerate() {
+            let name = r
+                .check()
+                .map_err(|e| SettingError::new("rewards", &format!("entry {}: {e}", k + 1), &[]))?;
+            if names.contains(&name) {
                 return Err(SettingError::new(
                     "rewards",
-                    &format!("names an unknown reward {r:?} (built in: accuracy, format)"),
+                    &format!(
+                        "names {name:?} twice; give each reward its own `name` (metrics are \
+                         logged by name)"
+                    ),
                     &[],
                 ));
             }
+            names.push(name);
         }
-        if !self.reward_weights.is_empty() && self.reward_weights.len() != self.rewards.len() {
+        if !self.reward_weights.is_empty() {
+            if self.reward_weights.len() != self.rewards.len() {
+                return Err(SettingError::new(
+                    "reward_weights",
+                    &format!(
+                        "has {} weights for {} rewards ({{0}})",
+                        self.reward_weights.len(),
+                        self.rewards.len()
+                    ),
+                    &["rewards"],
+                ));
+            }
+            if self.rewards.iter().any(|r| r.weight().is_some()) {
+                return Err(SettingError::new(
+                    "reward_weights",
+                    "is given and so is a `weight` in {0}; say the weights in one place",
+                    &["rewards"],
+                ));
+            }
+        }
+        if !(self.numeric_tolerance.is_finite() && self.numeric_tolerance >= 0.0) {
             return Err(SettingError::new(
-                "reward_weights",
+                "numeric_tolerance",
                 &format!(
-                    "has {} weights for {} rewards ({{0}})",
-                    self.reward_weights.len(),
-                    self.rewards.len()
+                    "must be a non-negative number, got {}",
+                    self.numeric_tolerance
                 ),
-                &["rewards"],
+                &[],
+            ));
+        }
+        if !(1..=1000).contains(&self.max_generation_batches) {
+            return Err(SettingError::new(
+                "max_generation_batches",
+                &format!(
+                    "must be between 1 and 1000, got {}",
+                    self.max_generation_batches
+                ),
+                &[],
             ));
         }
         if !self.eval_split.is_empty() && self.eval_data.is_none() {
@@ -215,7 +274,13 @@ impl Method for GrpoMethod {
                 &[],
             ));
         }
-        if let Some(w) = self.reward_weights.iter().find(|w| !w.is_finite()) {
+        if let Some(w) = self
+            .reward_weights
+            .iter()
+            .copied()
+            .chain(self.rewards.iter().filter_map(RewardEntry::weight))
+            .find(|w| !w.is_finite())
+        {
             return Err(SettingError::new(
                 "reward_weights",
                 &format!("must be finite numbers, got {w}"),
@@ -244,6 +309,149 @@ impl Method for GrpoMethod {
         _items: &[crate::data::VqaItem],
     ) -> Result<usize> {
         Ok(self.max_completion_length)
+    }
+}
+
+/// One reward of a run: a built-in name, or a table describing a reward (built-in,
+/// command, HTTP endpoint or LLM judge) with its name and weight.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum RewardEntry {
+    Builtin(String),
+    Spec(Box<RewardSpec>),
+}
+
+/// A reward described by a table (`{ name = "brevity", command = ["python3", "r.py"] }`).
+/// Exactly one of `builtin`, `command`, `url` and `judge`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSpec {
+    /// How metrics and completions.jsonl name it (a built-in's own name by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<String>,
+    /// A program and its arguments (a list, or one string split at spaces), started once
+    /// in the directory medvlm runs in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandLine>,
+    /// A reward server's URL (http://).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge: Option<JudgeSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f32>,
+    /// Seconds a command or server may take for a step, a judge for one completion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+}
+
+/// A command as a list of arguments or one string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    Args(Vec<String>),
+    Line(String),
+}
+
+impl CommandLine {
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            CommandLine::Args(a) => a.clone(),
+            CommandLine::Line(l) => l.split_whitespace().map(str::to_string).collect(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RewardEntry {
+    /// A string, or a table read field by field so that a misspelt key is named (an untagged
+    /// enum would only say that nothing matched).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => Ok(RewardEntry::Builtin(s)),
+            v @ toml::Value::Table(_) => RewardSpec::deserialize(v)
+                .map(|s| RewardEntry::Spec(Box::new(s)))
+                .map_err(serde::de::Error::custom),
+            other => Err(serde::de::Error::custom(format!(
+                "a reward is a built-in name or a table, not {}",
+                other.type_str()
+            ))),
+        }
+    }
+}
+
+impl RewardEntry {
+    /// Its table, a bare name being a built-in.
+    pub fn spec(&self) -> RewardSpec {
+        match self {
+            RewardEntry::Builtin(n) => RewardSpec {
+                builtin: Some(n.clone()),
+                ..Default::default()
+            },
+            RewardEntry::Spec(s) => (**s).clone(),
+        }
+    }
+
+    pub fn weight(&self) -> Option<f32> {
+        match self {
+            RewardEntry::Builtin(_) => None,
+            RewardEntry::Spec(s) => s.weight,
+        }
+    }
+
+    /// Checks the entry and returns the name it goes by.
+    pub fn check(&self) -> std::result::Result<String, String> {
+        let s = self.spec();
+        let kinds = [
+            s.builtin.is_some(),
+            s.command.is_some(),
+            s.url.is_some(),
+            s.judge.is_some(),
+        ];
+        if kinds.iter().filter(|&&k| k).count() != 1 {
+            return Err("needs exactly one of `builtin`, `command`, `url`, `judge`".to_string());
+        }
+        if let Some(b) = &s.builtin {
+            if !BUILTIN.iter().any(|(n, _)| n == b) {
+                return Err(format!(
+                    "unknown reward {b:?} (built in: {})",
+                    builtin_names()
+                ));
+            }
+            return Ok(s.name.clone().unwrap_or_else(|| b.clone()));
+        }
+        let Some(name) = s.name.clone().filter(|n| !n.trim().is_empty()) else {
+            return Err("a command, url or judge reward needs a `name`".to_string());
+        };
+        if name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(format!(
+                "name {name:?}: it names a file in the run directory, so no slashes or \
+                 leading dot"
+            ));
+        }
+        if let Some(c) = &s.command {
+            if c.argv().is_empty() {
+                return Err(format!("{name}: `command` is empty"));
+            }
+        }
+        if let Some(u) = &s.url {
+            check_url(u).map_err(|e| format!("{name}: {e}"))?;
+        }
+        if let Some(j) = &s.judge {
+            j.validate().map_err(|e| format!("{name}: {e}"))?;
+        }
+        if let Some(t) = s.timeout_s {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(format!("{name}: timeout_s must be a positive number"));
+            }
+        }
+        Ok(name)
+    }
+
+    /// The timeout in seconds.
+    pub fn timeout_s(&self) -> f64 {
+        self.spec().timeout_s.unwrap_or(DEFAULT_TIMEOUT_S)
     }
 }
 
@@ -490,7 +698,10 @@ mod tests {
         );
         assert!(c(&[("modalities", "")]).run.modalities.is_empty());
         let g = c(&[("rewards", "accuracy,format"), ("reward_weights", "1,0.5")]);
-        assert_eq!(g.method.rewards, vec!["accuracy", "format"]);
+        assert_eq!(
+            g.method.rewards,
+            ["accuracy", "format"].map(|n| RewardEntry::Builtin(n.into()))
+        );
         assert_eq!(g.method.reward_weights, vec![1.0, 0.5]);
         assert_eq!(
             c(&[("lora.target_modules", "q_proj")])

@@ -9,13 +9,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::config::GrpoConfig;
 use super::grpo::{self, SeqRef};
-use super::reward::{RewardContext, RewardSet};
-use super::rewards_from_names;
+use super::reward::{RewardContext, RewardSet, Sample};
+use super::rewards_of;
 use super::step::{self, StepBatch};
 use crate::data::{self, VqaItem};
 use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
@@ -40,6 +40,8 @@ struct Rollout {
     texts: Vec<String>,
     rewards: Vec<f32>,
     per_reward: Vec<Vec<f32>>,
+    /// Extra metrics the rewards reported, `{reward}/{metric}`, over every generated batch.
+    reward_metrics: Vec<(String, Vec<f64>)>,
     advantages: Vec<f32>,
     /// One per completion: whether it hit the length limit.
     truncated: Vec<bool>,
@@ -47,9 +49,58 @@ struct Rollout {
     old_logps: Option<Vec<Vec<f32>>>,
     ref_logps: Option<Vec<Vec<f32>>>,
     gen_seconds: f64,
+    /// Dynamic sampling: generation batches this rollout took, groups dropped.
+    generation_batches: u64,
+    groups_dropped: usize,
 }
 
 impl Rollout {
+    /// Keeps the groups (prompts with their G completions) where `keep` is true.
+    fn retain_groups(&mut self, keep: &[bool], g: usize) {
+        per_seq_retain(&mut self.items, keep, 1);
+        per_seq_retain(&mut self.prompts, keep, 1);
+        per_seq_retain(&mut self.completions, keep, 1);
+        per_seq_retain(&mut self.texts, keep, g);
+        per_seq_retain(&mut self.rewards, keep, g);
+        per_seq_retain(&mut self.truncated, keep, g);
+        for v in &mut self.per_reward {
+            per_seq_retain(v, keep, g);
+        }
+    }
+
+    /// Appends another generation batch's groups.
+    fn append(&mut self, mut o: Rollout) {
+        self.items.append(&mut o.items);
+        self.prompts.append(&mut o.prompts);
+        self.completions.append(&mut o.completions);
+        self.texts.append(&mut o.texts);
+        self.rewards.append(&mut o.rewards);
+        self.truncated.append(&mut o.truncated);
+        for (mine, theirs) in self.per_reward.iter_mut().zip(o.per_reward) {
+            mine.extend(theirs);
+        }
+        for (name, vals) in o.reward_metrics {
+            match self.reward_metrics.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.extend(vals),
+                None => self.reward_metrics.push((name, vals)),
+            }
+        }
+        self.gen_seconds += o.gen_seconds;
+    }
+
+    /// Keeps the first `n` groups.
+    fn truncate_groups(&mut self, n: usize, g: usize) {
+        self.items.truncate(n);
+        self.prompts.truncate(n);
+        self.completions.truncate(n);
+        self.texts.truncate(n * g);
+        self.rewards.truncate(n * g);
+        self.truncated.truncate(n * g);
+        for v in &mut self.per_reward {
+            v.truncate(n * g);
+        }
+    }
+
     fn seqs(&self) -> Vec<SeqRef<'_>> {
         let mut v = Vec::new();
         for (pi, group) in self.completions.iter().enumerate() {
@@ -73,6 +124,21 @@ impl Rollout {
     fn flat(&self) -> Vec<&Completion> {
         self.completions.iter().flatten().collect()
     }
+}
+
+/// Keeps the entries of per-completion `v` whose group (`index / g`) is kept.
+fn per_seq_retain<T>(v: &mut Vec<T>, keep: &[bool], g: usize) {
+    let mut n = 0;
+    v.retain(|_| {
+        n += 1;
+        keep[(n - 1) / g]
+    });
+}
+
+/// DAPO's filter (verl's `filter_groups`): a group carries signal when its rewards are not
+/// all equal (population standard deviation above 0, exactly, as verl tests it).
+fn has_signal(group: &[f32]) -> bool {
+    group.iter().any(|&r| r != group[0])
 }
 
 /// Everything a run needs, loaded and checked.
@@ -116,13 +182,6 @@ impl GrpoRun {
             processor,
             train,
         } = inputs;
-        let weights = if config.method.reward_weights.is_empty() {
-            vec![1.0; config.method.rewards.len()]
-        } else {
-            config.method.reward_weights.clone()
-        };
-        let rewards =
-            rewards_from_names(&config.method.rewards, &weights, config.accuracy_reward())?;
         let gens_per_epoch = train.len().div_ceil(config.method.batch_prompts) as f64;
         let total_steps = if config.run.max_steps > 0 {
             config.run.max_steps
@@ -146,6 +205,7 @@ impl GrpoRun {
             None
         };
         let session = run::open_session(&config, total_steps, resume, &device)?;
+        let rewards = rewards_of(&config, &session.dir)?;
         let s = &processor.tokenizer.special;
         let stop = processor.tokenizer.stop_tokens().to_vec();
         let banned = s.vision_ids().to_vec();
@@ -176,16 +236,77 @@ impl GrpoRun {
         self.config.run.template.prompt(&self.processor, item)
     }
 
-    /// Rollout for generation number `gen`: its prompts, G sampled completions each, and
-    /// the log-probabilities that stay fixed while the batch is reused (the sampling
-    /// policy's, when it is reused, and the reference model's). Rewards come after
-    /// ([`Self::score`]).
-    fn rollout(&self, gen: u64) -> Result<Rollout> {
+    /// The rollout of generation number `gen`: G completions for each of B prompts, scored,
+    /// with group-relative advantages and the log-probabilities that stay fixed while the
+    /// batch is reused (the sampling policy's, when it is reused, and the reference model's).
+    ///
+    /// With dynamic sampling, groups whose rewards all agree are dropped and further
+    /// batches of prompts generated until B groups remain (the surplus of the last batch
+    /// dropped too, as verl does). Batch `a > 0` of generation `gen` draws its prompts from a
+    /// second shuffle of the data at a position fixed by `(gen, a)`, and its samples from
+    /// `(seed, gen, a)`, so a resumed run repeats them.
+    fn fresh_rollout(&mut self, gen: u64) -> Result<Rollout> {
+        let m = &self.config.method;
+        let (b, g) = (m.batch_prompts, m.num_generations);
+        let items = self.batch_items(gen, 0);
+        let mut r = self.generate(gen, items, mix(self.config.run.seed, gen))?;
+        self.score(&mut r)?;
+        if self.config.method.dynamic_sampling {
+            let max = self.config.method.max_generation_batches;
+            let mut kept = self.filter_groups(&mut r);
+            let mut a = 0;
+            while kept < b {
+                a += 1;
+                if a >= max {
+                    bail!(
+                        "dynamic sampling: {a} generation batches gave {kept} of the {b} groups \
+                         with different rewards that a step needs (max_generation_batches = \
+                         {max}); the data may be too hard or too easy for the rewards, or raise \
+                         max_generation_batches"
+                    );
+                }
+                let items = self.batch_items(gen, a);
+                let seed = mix(mix(self.config.run.seed, gen), a);
+                let mut more = self.generate(gen, items, seed)?;
+                self.score(&mut more)?;
+                kept += self.filter_groups(&mut more);
+                r.groups_dropped += more.groups_dropped;
+                r.append(more);
+            }
+            r.truncate_groups(b, g);
+            r.generation_batches = a + 1;
+        }
+        r.advantages = grpo::advantages(&r.rewards, g, self.config.method.scale_rewards)?;
+        self.fixed_logps(&mut r)?;
+        Ok(r)
+    }
+
+    /// The data rows of generation batch `a` of generation `gen` (see [`Self::fresh_rollout`]).
+    fn batch_items(&self, gen: u64, a: u64) -> Vec<usize> {
         let c = &self.config;
-        let order = DataOrder::new(self.train.len(), c.run.seed);
-        let items: Vec<usize> = (0..c.method.batch_prompts as u64)
-            .map(|j| order.at(gen * c.method.batch_prompts as u64 + j))
-            .collect();
+        let b = c.method.batch_prompts as u64;
+        if a == 0 {
+            let order = DataOrder::new(self.train.len(), c.run.seed);
+            (0..b).map(|j| order.at(gen * b + j)).collect()
+        } else {
+            let order = DataOrder::new(self.train.len(), mix(c.run.seed, 0xDA9_5A3));
+            let slot = gen * c.method.max_generation_batches + a;
+            (0..b).map(|j| order.at(slot * b + j)).collect()
+        }
+    }
+
+    /// Drops the groups without signal; returns how many remain.
+    fn filter_groups(&self, r: &mut Rollout) -> usize {
+        let g = self.config.method.num_generations;
+        let keep: Vec<bool> = r.rewards.chunks(g).map(has_signal).collect();
+        r.groups_dropped += keep.iter().filter(|&&k| !k).count();
+        r.retain_groups(&keep, g);
+        r.items.len()
+    }
+
+    /// Samples G completions for each of `items` with sampling seed `seed`.
+    fn generate(&self, gen: u64, items: Vec<usize>, seed: u64) -> Result<Rollout> {
+        let c = &self.config;
         let prompts = items
             .iter()
             .map(|&i| self.prompt_for(&self.train[i]))
@@ -196,7 +317,7 @@ impl GrpoRun {
             top_p: c.method.top_p,
             min_p: 0.0,
             repetition_penalty: 1.0,
-            seed: mix(c.run.seed, gen),
+            seed,
         };
         let requests: Vec<Request> = prompts
             .iter()
@@ -221,7 +342,7 @@ impl GrpoRun {
             .flatten()
             .map(|c| c.finish == FinishReason::Length)
             .collect();
-        let mut r = Rollout {
+        Ok(Rollout {
             gen,
             truncated,
             items,
@@ -230,11 +351,19 @@ impl GrpoRun {
             texts,
             rewards: vec![],
             per_reward: vec![],
+            reward_metrics: vec![],
             advantages: vec![],
             old_logps: None,
             ref_logps: None,
             gen_seconds,
-        };
+            generation_batches: 1,
+            groups_dropped: 0,
+        })
+    }
+
+    /// The log-probabilities that stay fixed over the rollout's iterations.
+    fn fixed_logps(&self, r: &mut Rollout) -> Result<()> {
+        let c = &self.config;
         let t = c.method.temperature as f64;
         if c.method.num_iterations > 1 {
             r.old_logps = Some(step::fixed_logps(
@@ -247,23 +376,30 @@ impl GrpoRun {
         if let Some(m) = &self.reference {
             r.ref_logps = Some(step::fixed_logps(m, &r.batch(), c.run.micro_batch, t)?);
         }
-        Ok(r)
+        Ok(())
     }
 
-    /// Rewards of every completion (weighted total and each reward's own) and their
-    /// group-relative advantages.
-    fn score(&self, r: &mut Rollout) -> Result<()> {
+    /// Rewards of every completion: the weighted total, each reward's own, and the metrics
+    /// rewards report. A reward that fails stops the run here, before the step changes
+    /// anything, so the last checkpoint is where a resumed run starts.
+    fn score(&mut self, r: &mut Rollout) -> Result<()> {
         let g = self.config.method.num_generations;
-        r.per_reward = vec![Vec::new(); self.rewards.names().len()];
-        for (k, text) in r.texts.iter().enumerate() {
-            let item = &self.train[r.items[k / g]];
-            let (total, parts) = self.rewards.score(text, &RewardContext::of(item));
-            r.rewards.push(total);
-            for (each, p) in r.per_reward.iter_mut().zip(parts) {
-                each.push(p);
-            }
-        }
-        r.advantages = grpo::advantages(&r.rewards, g, self.config.method.scale_rewards)?;
+        let samples: Vec<Sample> = r
+            .texts
+            .iter()
+            .enumerate()
+            .map(|(k, text)| Sample {
+                prompt: &r.prompts[k / g].text,
+                completion: text,
+                item: &self.train[r.items[k / g]],
+                group: k / g,
+            })
+            .collect();
+        // Reported as the step the rollout's first update will be.
+        let scored = self.rewards.score_step(self.session.step + 1, &samples)?;
+        r.rewards = scored.totals;
+        r.per_reward = scored.per_reward;
+        r.reward_metrics = scored.metrics;
         Ok(())
     }
 
@@ -341,9 +477,7 @@ impl GrpoRun {
             // Rollout: every `num_iterations` steps, G completions for each of B prompts.
             // Rewards: each completion scored, advantages relative to its group.
             if fresh {
-                let mut r = self.rollout(done / iterations)?;
-                self.score(&mut r)?;
-                rollout = Some(r);
+                rollout = Some(self.fresh_rollout(done / iterations)?);
             }
             let r = rollout.as_ref().context("no rollout")?;
 
@@ -407,6 +541,14 @@ impl GrpoRun {
             let (m, s) = mean_std(vals);
             rec.num(&format!("reward_{name}_mean"), m)
                 .num(&format!("reward_{name}_std"), s);
+        }
+        for (name, vals) in &r.reward_metrics {
+            let v: Vec<f32> = vals.iter().map(|&x| x as f32).collect();
+            rec.num(&format!("{name}_mean"), mean_std(&v).0);
+        }
+        if c.method.dynamic_sampling {
+            rec.num("generation_batches", r.generation_batches as f64)
+                .num("groups_dropped", r.groups_dropped as f64);
         }
         rec.num(
             "frac_reward_zero_std",

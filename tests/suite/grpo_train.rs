@@ -20,11 +20,17 @@ use rand::{Rng, SeedableRng};
 /// "Is this image bright or dark?" over noisy grey images: the answer is in the image
 /// and nowhere else (classes balanced, option order fixed). `random_answers` writes a random
 /// option as the answer (a format-only warm-start set).
-fn make_task(dir: &Path, name: &str, n: usize, seed: u64, random_answers: bool) -> PathBuf {
+pub(crate) fn make_task(
+    dir: &Path,
+    name: &str,
+    n: usize,
+    seed: u64,
+    random_answers: bool,
+) -> PathBuf {
     make_task_sized(dir, name, n, seed, random_answers, 56)
 }
 
-fn make_task_sized(
+pub(crate) fn make_task_sized(
     dir: &Path,
     name: &str,
     n: usize,
@@ -66,7 +72,7 @@ fn make_task_sized(
 }
 
 /// A fresh tiny Qwen2-VL (tiny-a's architecture and tokenizer, random N(0, 0.02) weights).
-fn fresh_model(dir: &Path) -> PathBuf {
+pub(crate) fn fresh_model(dir: &Path) -> PathBuf {
     let src = fixtures().join("tiny-a");
     let cfg = Qwen2VlConfig::from_file(&src.join("config.json")).unwrap();
     let m = TrainableModel::random(cfg, 0.02, 7, &src, &Device::Cpu).unwrap();
@@ -235,6 +241,35 @@ fn grpo_learns_what_the_warm_start_could_not() {
     assert!(
         with_lora >= before + 0.25 && with_lora >= 0.8,
         "GRPO with LoRA reached only {with_lora} (warm start {before})"
+    );
+
+    // A reward that lives only in a Python file (the README's example, which reads the
+    // answer letter by its own regex) in place of the built-in accuracy teaches it too.
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/rewards/answer_letter.py");
+    let python = grpo_run("grpo-python", &|c| {
+        c.method.rewards = vec![
+            toml::Value::try_into(toml::Value::Table(
+                toml::from_str(&format!(
+                    "name = \"letter\"\ncommand = [\"python3\", {:?}]",
+                    script.display().to_string()
+                ))
+                .unwrap(),
+            ))
+            .unwrap(),
+            medvlm::rl::config::RewardEntry::Builtin("format".into()),
+        ];
+    });
+    let with_python = held_out_accuracy(&python, &held_out, template);
+    println!("held-out accuracy after GRPO with the Python reward: {with_python:.3}");
+    assert!(
+        with_python >= before + 0.25 && with_python >= 0.8,
+        "GRPO with the Python reward reached only {with_python} (warm start {before})"
+    );
+    let samples = std::fs::read_to_string(dir.join("grpo-python/completions.jsonl")).unwrap();
+    assert!(
+        samples.contains("\"letter\":"),
+        "the reward is logged by its name"
     );
 }
 
@@ -963,4 +998,132 @@ fn resume_checks_model_and_data_and_checkpoints_rotate() {
     // A GRPO resume of this SFT run says what it is.
     let (ok, _, err) = medvlm(&["train", "grpo", "--resume", s(&out)]);
     assert!(!ok && err.contains("`medvlm train sft --resume"), "{err}");
+}
+
+/// The bright/dark task as free-text questions in SLAKE's layout (`{name}/test.json` and
+/// `imgs/`): the answer is the word, not a letter. `random_answers` as in [`make_task`].
+fn make_open_task(dir: &Path, name: &str, n: usize, seed: u64, random_answers: bool) -> PathBuf {
+    let root = dir.join(name);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rows = Vec::new();
+    for i in 0..n {
+        let bright = i % 2 == 0;
+        let base: f32 = if bright { 190.0 } else { 65.0 };
+        let img = image::GrayImage::from_fn(112, 112, |_, _| {
+            image::Luma([(base + rng.random_range(-40.0..40.0f32)).clamp(0.0, 255.0) as u8])
+        });
+        let rel = format!("xmlab{i}/source.png");
+        std::fs::create_dir_all(root.join("imgs").join(format!("xmlab{i}"))).unwrap();
+        img.save(root.join("imgs").join(&rel)).unwrap();
+        let answer = match (random_answers, bright) {
+            (true, _) if rng.random::<bool>() => "bright",
+            (true, _) => "dark",
+            (false, true) => "bright",
+            (false, false) => "dark",
+        };
+        rows.push(serde_json::json!({
+            "img_id": i, "img_name": rel, "question": "Is this image bright or dark?",
+            "answer": answer, "q_lang": "en", "location": "Brain", "modality": "MRI",
+            "answer_type": "OPEN", "base_type": "vqa", "content_type": "Color",
+            "triple": ["vhead", "_", "_"], "qid": i,
+        }));
+    }
+    std::fs::write(
+        root.join("test.json"),
+        serde_json::to_string(&rows).unwrap(),
+    )
+    .unwrap();
+    root
+}
+
+/// GRPO on free-text questions with the token-F1 reward alone: the warm start (answers in
+/// the right form, random words) is at chance on held-out questions; GRPO lifts exact-match
+/// accuracy (lmms-eval's normaliser, scored as `medvlm eval` scores it) well above it.
+#[test]
+fn grpo_learns_open_answers_from_token_f1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let template = PromptTemplate::Simple;
+    let warm = make_open_task(dir, "warm", 64, 11, true);
+    let train = make_open_task(dir, "train", 64, 12, false);
+    let held_out = make_open_task(dir, "heldout", 40, 13, false);
+    let init = fresh_model(&dir.join("init-run"));
+    let sft = medvlm::sft::train(
+        SftConfig {
+            run: RunConfig {
+                model: init,
+                train_data: warm,
+                output_dir: dir.join("sft"),
+                template,
+                micro_batch: 8,
+                learning_rate: 5e-3,
+                max_steps: 80,
+                save_steps: 0,
+                max_pixels: Some(MAX_PIXELS),
+                device: Some("cpu".into()),
+                ..SftConfig::default().run
+            },
+            method: SftMethod { batch_size: 8 },
+        },
+        false,
+        None,
+    )
+    .unwrap();
+    let accuracy = |model: &Path| {
+        let opts = ProcessorOptions {
+            max_pixels: Some(MAX_PIXELS),
+            ..Default::default()
+        };
+        let proc = Processor::from_dir(model, &opts).unwrap();
+        let m = medvlm::model::Qwen2Vl::load(model, DType::F32, &Device::Cpu).unwrap();
+        let (ds, _) = data::load_data(&held_out, &data::DataOptions::default()).unwrap();
+        assert_eq!(ds.items.len(), 40);
+        assert!(ds.items.iter().all(|i| i.answer.kind() == "open"));
+        let scoring = medvlm::eval::Scoring {
+            closed: medvlm::data::score::Protocol::Closed,
+            open: vec![medvlm::data::score::Protocol::OpenExact],
+        };
+        let r = medvlm::eval::greedy(&m, &proc, &ds.items, template, &scoring, 16, 16, |_, _| {})
+            .unwrap();
+        println!("  first output {:?}", r.results[0].output);
+        medvlm::eval::accuracy(&r.results)
+    };
+    let before = accuracy(&sft);
+    println!("open held-out exact match after the warm start: {before:.3}");
+    let grpo = medvlm::rl::trainer::train(
+        GrpoConfig {
+            run: RunConfig {
+                model: sft,
+                train_data: train,
+                output_dir: dir.join("grpo"),
+                template,
+                micro_batch: 32,
+                learning_rate: 1e-3,
+                max_steps: 40,
+                save_steps: 0,
+                max_pixels: Some(MAX_PIXELS),
+                device: Some("cpu".into()),
+                ..GrpoConfig::default().run
+            },
+            method: GrpoMethod {
+                num_generations: 8,
+                batch_prompts: 8,
+                max_completion_length: 16,
+                temperature: 0.7,
+                beta: 0.04,
+                log_completions: 1,
+                rewards: vec![medvlm::rl::config::RewardEntry::Builtin("token_f1".into())],
+                ..GrpoMethod::default()
+            },
+        },
+        false,
+        None,
+    )
+    .unwrap();
+    let after = accuracy(&grpo);
+    println!("open held-out exact match after GRPO: {after:.3}");
+    assert!(
+        after >= before + 0.25 && after >= 0.8,
+        "GRPO {after} vs warm start {before}"
+    );
 }

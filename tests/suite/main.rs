@@ -10,6 +10,7 @@ mod cli;
 mod demo;
 mod eval;
 mod eval_suite;
+mod external_rewards;
 mod generate_engine;
 mod grpo_parity;
 mod grpo_train;

@@ -147,7 +147,7 @@ fn accuracy_table() {
             paper.score(r.completion, &ctx),
             strict.score(r.completion, &ctx),
             extract_answer(r.completion, r.num_options),
-            FormatReward.score(r.completion, &ctx),
+            FormatReward::default().score(r.completion, &ctx),
         );
         let want = (r.paper, r.strict, r.extraction, r.format);
         if got != want {
@@ -285,13 +285,13 @@ fn reward_set_weights_scores() {
     assert_eq!(set.names(), ["x", "y", "z"]);
     assert_eq!(set.weights(), [2.0, -1.0, 0.0]);
     let ctx = RewardContext::choice("A", Some(4));
-    let (total, scores) = set.score("anything", &ctx);
+    let (total, scores) = set.score("anything", &ctx).unwrap();
     // Per-function scores are reported unweighted; the total is the weighted sum.
     assert_eq!(scores, [1.0, 0.5, 0.25]);
     assert_eq!(total, 2.0 * 1.0 - 0.5);
 
     let empty = RewardSet::new(Vec::new());
-    assert_eq!(empty.score("x", &ctx), (0.0, Vec::new()));
+    assert_eq!(empty.score("x", &ctx).unwrap(), (0.0, Vec::new()));
 }
 
 #[test]
@@ -302,23 +302,32 @@ fn paper_default_is_accuracy_plus_format() {
         assert_eq!(set.names(), ["accuracy", "format"]);
         assert_eq!(set.weights(), [1.0, 1.0]);
         assert_eq!(
-            set.score("<think>x</think>\n<answer>A</answer>", &ctx),
+            set.score("<think>x</think>\n<answer>A</answer>", &ctx)
+                .unwrap(),
             (2.0, vec![1.0, 1.0])
         );
-        assert_eq!(set.score("<answer>A</answer>", &ctx), (1.0, vec![1.0, 0.0]));
         assert_eq!(
-            set.score("<think>x</think><answer>B</answer>", &ctx),
+            set.score("<answer>A</answer>", &ctx).unwrap(),
+            (1.0, vec![1.0, 0.0])
+        );
+        assert_eq!(
+            set.score("<think>x</think><answer>B</answer>", &ctx)
+                .unwrap(),
             (1.0, vec![0.0, 1.0])
         );
     }
     // Where the modes differ: "Option A" is half right under Strict, wrong under Paper.
     let c = "<think>x</think><answer>Option A</answer>";
     assert_eq!(
-        RewardSet::paper_default(AnswerMode::Paper).score(c, &ctx),
+        RewardSet::paper_default(AnswerMode::Paper)
+            .score(c, &ctx)
+            .unwrap(),
         (1.0, vec![0.0, 1.0])
     );
     assert_eq!(
-        RewardSet::paper_default(AnswerMode::Strict).score(c, &ctx),
+        RewardSet::paper_default(AnswerMode::Strict)
+            .score(c, &ctx)
+            .unwrap(),
         (1.5, vec![0.5, 1.0])
     );
 }
@@ -370,7 +379,9 @@ fn closed_and_open_items_are_scored_by_their_protocols() {
     assert_eq!(reward.score(c, &RewardContext::closed("Yes")), 1.0);
     // The whole set: accuracy 1 + format 1.
     assert_eq!(
-        RewardSet::paper_default(AnswerMode::Strict).score(c, &yes),
+        RewardSet::paper_default(AnswerMode::Strict)
+            .score(c, &yes)
+            .unwrap(),
         (2.0, vec![1.0, 1.0])
     );
 
@@ -422,4 +433,127 @@ fn closed_and_open_items_are_scored_by_their_protocols() {
     );
     assert_eq!(item.solution(), "B");
     assert_eq!(lung.solution(), "left lung");
+}
+
+/// The built-in rewards beyond accuracy and the paper's format, by hand.
+#[test]
+fn builtin_layout_and_answer_rewards_score_by_hand() {
+    use medvlm::rl::reward::{builtin, BUILTIN};
+    let acc = AccuracyReward::default();
+    let r = |name: &str| builtin(name, acc, 0.01).unwrap();
+    let open = RewardContext::open("12 mm");
+    let closed = RewardContext::closed("yes");
+    let choice = RewardContext::choice("B", Some(4));
+    // Layouts: each accepts its own order only; answer-only refuses a think block.
+    let think_answer = "<think>r</think>\n<answer>12 mm</answer>";
+    let answer_think = "<answer>12 mm</answer> <think>r</think>";
+    let answer_only = "<answer>12 mm</answer>";
+    for (name, want) in [
+        ("format", [1.0, 0.0, 0.0]),
+        ("format_answer_first", [0.0, 1.0, 0.0]),
+        ("format_answer_only", [0.0, 0.0, 1.0]),
+    ] {
+        let got = [think_answer, answer_think, answer_only].map(|c| r(name).score(c, &open));
+        assert_eq!(got, want, "{name}");
+    }
+    assert_eq!(
+        r("format_answer_only").score("<answer><think>x</think>a</answer>", &open),
+        0.0
+    );
+    // Answer rules read the <answer> block, else the whole completion.
+    assert_eq!(r("exact_match").score(think_answer, &open), 1.0);
+    assert_eq!(r("exact_match").score("<answer>12mm</answer>", &open), 0.0);
+    // token F1: "about 12 mm" vs "12 mm": precision 2/3, recall 1 -> 0.8.
+    let f1 = r("token_f1").score("<answer>about 12 mm</answer>", &open);
+    assert!((f1 - 0.8).abs() < 1e-6, "{f1}");
+    assert_eq!(r("token_recall").score("it is 12 mm wide", &open), 1.0);
+    assert_eq!(r("yes_no").score("<answer>Yes</answer>", &closed), 1.0);
+    assert_eq!(r("yes_no").score("<answer>No</answer>", &closed), 0.0);
+    // numeric: 12.1 is within 1% of 12; 12.2 is not; 1,200 reads as 1200.
+    assert_eq!(
+        r("numeric").score("<answer>12.1 millimetres</answer>", &open),
+        1.0
+    );
+    assert_eq!(r("numeric").score("<answer>12.2</answer>", &open), 0.0);
+    assert_eq!(r("numeric").score("<answer>no size</answer>", &open), 0.0);
+    let big = RewardContext::open("1200 ml");
+    assert_eq!(r("numeric").score("about 1,200", &big), 1.0);
+    // A multiple-choice row under any answer reward is scored by its letter.
+    for name in [
+        "exact_match",
+        "token_f1",
+        "token_recall",
+        "yes_no",
+        "numeric",
+    ] {
+        assert_eq!(
+            r(name).score("<think>x</think><answer>B</answer>", &choice),
+            1.0,
+            "{name}"
+        );
+        assert_eq!(
+            r(name).score("<think>x</think><answer>C</answer>", &choice),
+            0.0,
+            "{name}"
+        );
+    }
+    // Every listed built-in builds; an unknown one names them all.
+    for (name, _) in BUILTIN {
+        assert_eq!(r(name).name(), name);
+    }
+    let e = builtin("f1", acc, 0.01).err().unwrap().to_string();
+    assert!(e.contains("token_f1") && e.contains("numeric"), "{e}");
+}
+
+/// Reward entries in a config: names, tables, one-line errors naming the entry.
+#[test]
+fn reward_entries_are_checked_with_one_line_errors() {
+    use medvlm::rl::config::GrpoConfig;
+    let err = |toml: &str| {
+        GrpoConfig::from_toml(toml, "x.toml", None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        err(r#"rewards = ["accuracy", { name = "mine", command = "python3 r.py" }]"#).is_empty()
+    );
+    for (toml, want) in [
+        (r#"rewards = ["acuracy"]"#, "unknown reward \"acuracy\""),
+        (
+            r#"rewards = [{ command = "python3 r.py" }]"#,
+            "needs a `name`",
+        ),
+        (r#"rewards = [{ name = "a", comand = "x" }]"#, "comand"),
+        (
+            r#"rewards = [{ name = "a", command = "x", url = "http://h/s" }]"#,
+            "exactly one of",
+        ),
+        (
+            r#"rewards = [{ name = "a", url = "https://h/s" }]"#,
+            "https is not supported",
+        ),
+        (
+            r#"rewards = ["format", { builtin = "format" }]"#,
+            "names \"format\" twice",
+        ),
+        (
+            r#"rewards = [{ name = "j", judge = { url = "http://h/v1", prompt = "rate it" } }]"#,
+            "never shows the completion",
+        ),
+        (
+            r#"rewards = [{ name = "a/b", command = "x" }]"#,
+            "no slashes",
+        ),
+        (
+            r#"rewards = [{ name = "a", command = "x", weight = 2.0 }]
+reward_weights = [1.0]"#,
+            "say the weights in one place",
+        ),
+        ("max_generation_batches = 0", "max_generation_batches"),
+    ] {
+        let e = err(toml);
+        assert!(e.contains(want), "{toml}: {e}");
+        assert!(!e.trim().contains('\n'), "{toml}: {e}");
+    }
 }

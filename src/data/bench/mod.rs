@@ -177,6 +177,7 @@ impl BenchItem {
             language: self.language,
             problem,
             rationale: None,
+            extra: Default::default(),
         }
     }
 }
