@@ -1,5 +1,6 @@
 //! Per-step metrics as JSON lines, flushed line by line so a crashed run keeps every step
-//! it finished, and trimmed on resume so steps are never duplicated.
+//! it finished, and trimmed on resume so steps are never duplicated; the same numbers as
+//! TensorBoard scalars ([`MetricsWriter`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -7,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
+
+use super::tensorboard::{self, EventWriter};
 
 /// Appends JSON objects to a `.jsonl` file.
 pub struct JsonlWriter {
@@ -55,6 +58,57 @@ impl JsonlWriter {
             .write_all(line.as_bytes())
             .and_then(|_| self.file.flush())
             .with_context(|| format!("{}: cannot write", self.path.display()))
+    }
+}
+
+/// A run's metrics: each record a line of `metrics.jsonl` and, its numbers as scalars at its
+/// step, an event of a TensorBoard event file in `tensorboard/` (one writer for both, so the
+/// two never disagree). metrics.jsonl is the record: it is written first, and an event file
+/// that cannot be written costs only the TensorBoard view (one warning line naming it).
+pub struct MetricsWriter {
+    jsonl: JsonlWriter,
+    events: Option<EventWriter>,
+}
+
+impl MetricsWriter {
+    /// Opens `dir/metrics.jsonl` and a new event file in `dir/tensorboard/`, both trimmed to
+    /// the steps through `keep_through_step` (a resumed run rewrites the later ones).
+    pub fn open(dir: &Path, keep_through_step: u64) -> Result<Self> {
+        let jsonl = JsonlWriter::open(&dir.join("metrics.jsonl"), Some(keep_through_step))?;
+        let tb = dir.join(tensorboard::DIR);
+        let events = match tensorboard::trim(&tb, keep_through_step)
+            .and_then(|_| EventWriter::create(&tb))
+        {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!(
+                    "warning: {e:#}; no TensorBoard event file for this session (metrics.jsonl \
+                     has every step)"
+                );
+                None
+            }
+        };
+        Ok(Self { jsonl, events })
+    }
+
+    /// Writes `record` (an object with a `"step"`). Returns a warning to show when the event
+    /// file failed this time; the run then writes metrics.jsonl only.
+    pub fn write(&mut self, record: &Value) -> Result<Option<String>> {
+        self.jsonl.write(record)?;
+        let (Some(w), Some(step)) = (&mut self.events, record.get("step").and_then(Value::as_u64))
+        else {
+            return Ok(None);
+        };
+        match w.scalars(step, &tensorboard::scalars_of(record)) {
+            Ok(()) => Ok(None),
+            Err(e) => {
+                self.events = None;
+                Ok(Some(format!(
+                    "warning: {e:#}; TensorBoard's scalars stop before step {step} (metrics.jsonl \
+                     has every step)"
+                )))
+            }
+        }
     }
 }
 
@@ -112,6 +166,57 @@ pub fn num(x: f64) -> String {
         format!("{x:.decimals$}")
     } else {
         format!("{x:.3e}")
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+
+    fn lines(dir: &Path) -> Vec<Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn record(step: u64) -> Value {
+        let mut r = Record::new(step);
+        r.num("loss", 0.5 / step as f64);
+        r.into_value()
+    }
+
+    /// The event file is a second view: when it cannot be opened or written, metrics.jsonl
+    /// still gets every record, and the warning names the file.
+    #[test]
+    fn event_file_failures_cost_only_the_event_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        // `tensorboard` taken by a file: no event file, every record in metrics.jsonl.
+        let blocked = tmp.path().join("blocked");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join(tensorboard::DIR), "not a folder").unwrap();
+        let mut w = MetricsWriter::open(&blocked, 0).unwrap();
+        assert!(w.events.is_none());
+        for step in 1..=2 {
+            assert_eq!(w.write(&record(step)).unwrap(), None);
+        }
+        assert_eq!(lines(&blocked), [record(1), record(2)]);
+
+        // A write that fails mid-run: one warning naming the file, then metrics.jsonl only.
+        let run = tmp.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        let mut w = MetricsWriter::open(&run, 0).unwrap();
+        assert_eq!(w.write(&record(1)).unwrap(), None);
+        let path = w.events.as_ref().unwrap().path().to_path_buf();
+        w.events.as_mut().unwrap().make_unwritable();
+        let warning = w.write(&record(2)).unwrap().expect("a warning");
+        assert!(
+            warning.contains(&path.display().to_string()) && !warning.contains('\n'),
+            "{warning}"
+        );
+        assert_eq!(w.write(&record(3)).unwrap(), None);
+        assert_eq!(lines(&run), [record(1), record(2), record(3)]);
     }
 }
 

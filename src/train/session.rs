@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
 use super::checkpoint::{self, InputIdentity, TrainerState};
-use super::metrics::{JsonlWriter, Record};
+use super::metrics::{JsonlWriter, MetricsWriter, Record};
 use super::optim::{linear_lr, AdamW, AdamWConfig, GradAccumulator};
 use super::params::TrainableModel;
 
@@ -45,6 +45,7 @@ pub const RUN_ENTRIES: &[&str] = &[
     "checkpoint-*",
     "final",
     "curves.png",
+    "tensorboard",
 ];
 
 /// The output-directory rules of a `kind` ("grpo", "sft") run in `output_dir`.
@@ -77,7 +78,7 @@ pub struct Session {
     settings: String,
     inputs: InputIdentity,
     save_total_limit: u64,
-    metrics: JsonlWriter,
+    metrics: MetricsWriter,
     samples: JsonlWriter,
     pb: ProgressBar,
 }
@@ -235,9 +236,8 @@ impl Session {
             .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
         crate::files::mark_output(&dir, &format!("train {}", spec.kind))?;
         crate::files::write_atomic(&dir.join("config.toml"), spec.config_toml.as_bytes())?;
-        let keep = Some(step);
-        let metrics = JsonlWriter::open(&dir.join("metrics.jsonl"), keep)?;
-        let samples = JsonlWriter::open(&dir.join("completions.jsonl"), keep)?;
+        let metrics = MetricsWriter::open(&dir, step)?;
+        let samples = JsonlWriter::open(&dir.join("completions.jsonl"), Some(step))?;
         let pb = ProgressBar::new(spec.total_steps);
         pb.set_style(
             ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
@@ -290,7 +290,9 @@ impl Session {
     /// Records a step's metrics and shows `summary` on the progress bar (or as a line when
     /// there is no terminal to draw on).
     pub fn log(&mut self, rec: Record, summary: &str) -> Result<()> {
-        self.metrics.write(&rec.into_value())?;
+        if let Some(warning) = self.metrics.write(&rec.into_value())? {
+            self.note(&warning);
+        }
         self.pb.set_position(self.step);
         self.pb.set_message(summary.to_string());
         if self.pb.is_hidden() {

@@ -31,5 +31,6 @@ mod selftest;
 mod serve;
 mod serve_limits;
 mod stop_tokens;
+mod tensorboard;
 mod train_bench;
 mod video;
