@@ -6,7 +6,8 @@
 //! - One engine thread ([`worker`]) decodes every running request together and streams
 //!   tokens back; a request joins at the next decoding step and leaves when done.
 //! - Reasoning models' `<think>` blocks go to `message.reasoning_content` (DeepSeek's and
-//!   vLLM's convention), the rest to `message.content`.
+//!   vLLM's convention until 0.10) and, the same text, to `message.reasoning` (vLLM's name
+//!   since); clients read one or the other. The rest goes to `message.content`.
 //! - Every error is OpenAI-shaped JSON ([`error::ApiError`]).
 
 pub mod api;
@@ -753,7 +754,7 @@ impl Pending {
                 } else {
                     c.split.push(&c.text);
                     let (reasoning, content) = c.split.parts();
-                    json!({"role": "assistant", "content": content, "reasoning_content": reasoning})
+                    json!({"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning})
                 };
                 json!({
                     "index": i,
@@ -856,7 +857,9 @@ impl Pending {
                     } else {
                         let p = c.split.push(&text);
                         if !p.reasoning.is_empty() {
-                            deltas.push(json!({"reasoning_content": p.reasoning}));
+                            deltas.push(
+                                json!({"reasoning_content": p.reasoning, "reasoning": p.reasoning}),
+                            );
                         }
                         if !p.content.is_empty() {
                             deltas.push(json!({"content": p.content}));
@@ -881,7 +884,7 @@ impl Pending {
                     if !raw {
                         let p = c.split.finish();
                         if !p.reasoning.is_empty() {
-                            frames.push(json!({"index": sample, "delta": {"reasoning_content": p.reasoning}, "logprobs": null, "finish_reason": null}));
+                            frames.push(json!({"index": sample, "delta": {"reasoning_content": p.reasoning, "reasoning": p.reasoning}, "logprobs": null, "finish_reason": null}));
                         }
                         if !p.content.is_empty() {
                             frames.push(json!({"index": sample, "delta": {"content": p.content}, "logprobs": null, "finish_reason": null}));

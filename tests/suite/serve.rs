@@ -157,6 +157,8 @@ pub(crate) fn join_stream(events: &[Value]) -> Vec<(bool, String, String, Option
                 assert!(out[i].1.is_empty() && out[i].2.is_empty(), "role first");
                 out[i].0 = true;
             }
+            // Both names carry the same text (vLLM renamed the field).
+            assert_eq!(d["reasoning_content"], d["reasoning"], "{d}");
             if let Some(r) = d["reasoning_content"].as_str() {
                 out[i].1 += r;
             }
@@ -370,6 +372,7 @@ fn reasoning_is_split_and_stop_strings_and_logprobs_work() {
     assert_eq!(status, 200, "{r}");
     let m = &r["choices"][0]["message"];
     assert_eq!(m["reasoning_content"], "The liver is enlarged.");
+    assert_eq!(m["reasoning"], "The liver is enlarged.");
     assert_eq!(m["content"], "<answer>A</answer>");
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
 
