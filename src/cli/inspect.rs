@@ -66,10 +66,7 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
     println!(
         "architecture {} ({})",
         config.arch.name(),
-        match config.arch {
-            crate::model::config::Arch::Qwen2Vl => "Qwen2VLForConditionalGeneration",
-            crate::model::config::Arch::Qwen25Vl => "Qwen2_5_VLForConditionalGeneration",
-        }
+        config.arch.class_name()
     );
     println!("parameters   {} ({:.1}M)", params, params as f64 / 1e6);
     let stored: Vec<String> = dtypes.iter().map(|(k, n)| format!("{k} ({n})")).collect();
@@ -85,7 +82,7 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
         t.hidden_size,
         t.num_attention_heads,
         t.num_key_value_heads,
-        t.head_dim(),
+        t.head_dim,
         t.intermediate_size,
         t.vocab_size,
         t.rope_theta,

@@ -158,15 +158,27 @@ impl PromptPass {
                     } else {
                         model.token_embeds(&head)?
                     };
-                    let embeds = model.merge_images(&tokens, &head, img.as_ref())?;
+                    let embeds =
+                        model.merge_images(&tokens, &head, img.as_ref().map(|f| &f.tokens))?;
+                    let deepstack = match &img {
+                        Some(f) => model.deepstack(&head, &f.deepstack)?,
+                        None => None,
+                    };
                     model.text.forward(
                         &embeds,
                         &[positions[..p].to_vec()],
                         Caching::Capture(&mut kv),
+                        deepstack.as_ref(),
                         mode,
                     )?;
                 }
                 Keep::Inputs => {
+                    if px.is_some() && !model.config.vision.deepstack.is_empty() {
+                        bail!(
+                            "gradient checkpointing does not support Qwen3-VL's DeepStack with \
+                             images yet; train without checkpointing"
+                        );
+                    }
                     let vision = match px {
                         Some(px) => Some(vision_forward_kept(model, px, &grids, mode)?),
                         None => None,
@@ -623,6 +635,7 @@ fn rows_pass(
                 &embeds,
                 &[rows.positions],
                 Caching::Packed(&rows.segments),
+                None,
                 mode,
             )?;
             Ok((hidden.squeeze(0)?, RowsKept::Nothing))
@@ -634,6 +647,7 @@ fn rows_pass(
                 &leaf.as_tensor().unsqueeze(0)?,
                 &[rows.positions],
                 Caching::Packed(&rows.segments),
+                None,
                 mode,
             )?;
             Ok((hidden.squeeze(0)?, RowsKept::Graph((leaf, rows.ids))))

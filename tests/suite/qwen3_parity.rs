@@ -1,0 +1,276 @@
+//! Qwen3-VL (dense) in Rust against Hugging Face transformers 5.24 (tools/make_qwen3_fixtures.py),
+//! through the public loading path: checkpoint directories and image files on disk in; the
+//! chat-templated text, token ids, M-RoPE positions, logits (on transformers' pixels), greedy
+//! continuations and teacher-forced log-probabilities out, within the bounds model_parity.rs
+//! holds Qwen2-VL to.
+//!
+//! tiny-3a is laid out as the released checkpoints are (rope_scaling, legacy vision
+//! model_type, tied, f32, chat_template.json); tiny-3b as transformers 5.24 saves (untied, bf16
+//! weights, explicit head_dim wider than hidden / heads, DeepStack blocks listed out of order).
+
+use crate::common::*;
+use candle_core::{DType, Device};
+use medvlm::generate::{self, Engine, FinishReason, Request, SamplingParams, SeqOptions};
+use medvlm::model::{Mode, Qwen2Vl};
+use medvlm::processor::{PixelPatches, Processor, ProcessorOptions, Prompt};
+
+struct Loaded {
+    model: Qwen2Vl,
+    proc: Processor,
+}
+
+fn load(name: &str, dtype: DType) -> Loaded {
+    let dir = fixtures().join(name);
+    Loaded {
+        model: Qwen2Vl::load(&dir, dtype, &Device::Cpu).unwrap(),
+        proc: Processor::from_dir(&dir, &ProcessorOptions::default()).unwrap(),
+    }
+}
+
+fn prompt_for(l: &Loaded, case: &serde_json::Value) -> Prompt {
+    let images = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            l.proc
+                .load_image(&fixture_image(n.as_str().unwrap()))
+                .unwrap()
+        })
+        .collect();
+    l.proc
+        .prepare(&messages(&case["messages"]), images, true)
+        .unwrap()
+}
+
+/// The prompt with transformers' pixel values in place of ours (same grids): the model's
+/// parity on its own.
+fn with_reference_pixels(mut prompt: Prompt, cases: &Cases, cname: &str) -> Prompt {
+    if prompt.images.is_empty() {
+        return prompt;
+    }
+    let all = cases.tensor(&format!("{cname}.pixel_values"));
+    let mut at = 0;
+    for img in &mut prompt.images {
+        let rows = all.narrow(0, at, img.num_patches).unwrap();
+        img.data = rows.flatten_all().unwrap().to_vec1().unwrap();
+        at += img.num_patches;
+    }
+    assert_eq!(at, all.dim(0).unwrap());
+    prompt
+}
+
+fn check_model(name: &str) {
+    check_layout(name, false);
+    check_layout(name, true);
+}
+
+fn check_layout(name: &str, packed: bool) {
+    let mut l = load(name, DType::F32);
+    if packed && !medvlm::kernels::has_avx512() {
+        note_without_simd("the packed and few-row kernels (AVX-512F): gemm takes the products");
+    }
+    if packed {
+        let n = l.model.prepare_for_inference().unwrap();
+        assert!(n > 0, "{name}: no layer was packed");
+    }
+    let cases = load_cases(name);
+    let name = &format!("{name}{}", if packed { " (packed)" } else { "" });
+    for case in cases.list() {
+        let cname = case["name"].as_str().unwrap();
+        let prompt = prompt_for(&l, case);
+
+        // The checkpoint's own chat template rendered, and the expanded ids, exactly.
+        assert_eq!(
+            prompt.text,
+            case["prompt"].as_str().unwrap(),
+            "{name}/{cname}: prompt text"
+        );
+        assert_eq!(
+            prompt.input_ids,
+            u32s(&case["input_ids"]),
+            "{name}/{cname}: input ids"
+        );
+        // The model on transformers' pixels (the image processor is checked on its own).
+        let prompt = with_reference_pixels(prompt, &cases, cname);
+
+        // M-RoPE positions, exactly.
+        let grids = prompt.grids();
+        let (pos, delta) = l.model.positions(&prompt.input_ids, &grids).unwrap();
+        let want: Vec<Vec<i64>> = cases
+            .tensor(&format!("{cname}.position_ids"))
+            .to_vec2()
+            .unwrap();
+        for (i, p) in pos.iter().enumerate() {
+            for axis in 0..3 {
+                assert_eq!(
+                    p[axis], want[axis][i],
+                    "{name}/{cname}: position {i} axis {axis}"
+                );
+            }
+        }
+        assert_eq!(
+            delta,
+            case["rope_delta"].as_i64().unwrap(),
+            "{name}/{cname}: rope delta"
+        );
+
+        // Logits at every prompt position, fp32: within 1e-4 relative to the logit scale.
+        let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+        let logits = l
+            .model
+            .forward_logits(&prompt.input_ids, pixels.as_ref(), &grids)
+            .unwrap();
+        let (diff, scale) = max_abs_diff(&logits, cases.tensor(&format!("{cname}.logits")));
+        println!("{name}/{cname}: max |logit diff| {diff:.3e} (max |logit| {scale:.2})");
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{name}/{cname}: logits differ by {diff}"
+        );
+
+        // Greedy continuation, token for token (nothing banned: transformers does emit
+        // vision tokens from these random models).
+        let want_new = u32s(&case["greedy_new_tokens"]);
+        let engine = Engine::new(&l.model, l.proc.tokenizer.stop_tokens().to_vec(), vec![]);
+        let req = Request {
+            prompt: &prompt,
+            sampling: SamplingParams::default(),
+            max_new_tokens: 24,
+            num_samples: 1,
+        };
+        let out = engine
+            .generate(&[req], |_, _, _| {})
+            .unwrap()
+            .remove(0)
+            .remove(0);
+        assert_eq!(out.tokens, want_new, "{name}/{cname}: greedy continuation");
+        assert_eq!(want_new.len(), 24);
+        assert_eq!(out.finish, FinishReason::Length);
+
+        // Teacher-forced log-probabilities of a completion.
+        if let Some(c) = case.get("completion") {
+            let comp = l.proc.tokenizer.encode(c.as_str().unwrap()).unwrap();
+            assert_eq!(
+                comp,
+                u32s(&case["completion_ids"]),
+                "{name}/{cname}: completion ids"
+            );
+            let lps = generate::score(&l.model, &prompt, &comp).unwrap();
+            let want = f32s(&case["completion_logprobs"]);
+            let worst = lps
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!("{name}/{cname}: max |logprob diff| {worst:.3e}");
+            assert!(worst <= 1e-4, "{name}/{cname}: log-probs differ by {worst}");
+        }
+    }
+}
+
+/// Released layout: rope_scaling + rope_theta in text_config, vision model_type "qwen3_vl",
+/// tied (no lm_head.weight), f32, DeepStack from blocks 0, 1, 3.
+#[test]
+fn tiny_3a_released_layout_matches_transformers() {
+    check_model("tiny-3a");
+}
+
+/// transformers 5.24's own save: rope_parameters, untied, bf16 weights computed in f32,
+/// 4 x 32 query width over a hidden size of 96, DeepStack blocks [2, 0].
+#[test]
+fn tiny_3b_transformers5_layout_matches_transformers() {
+    check_model("tiny-3b");
+}
+
+/// The decoder adds DeepStack features at the image tokens of whatever part of the prompt a
+/// prefill call covers: prefilled 5 tokens at a time (image runs split across calls, the
+/// vision tower a few blocks per call), the greedy continuations are still transformers'.
+#[test]
+fn chunked_prefill_keeps_deepstack_in_place() {
+    for name in ["tiny-3a", "tiny-3b"] {
+        let l = load(name, DType::F32);
+        let cases = load_cases(name);
+        let engine = Engine::new(&l.model, l.proc.tokenizer.stop_tokens().to_vec(), vec![]);
+        let prompts: Vec<Prompt> = cases.list().iter().map(|c| prompt_for(&l, c)).collect();
+        let mut run = Default::default();
+        for (i, p) in prompts.iter().enumerate() {
+            let req = Request {
+                prompt: p,
+                sampling: SamplingParams::default(),
+                max_new_tokens: 24,
+                num_samples: 1,
+            };
+            engine
+                .admit(&mut run, i, &req, SeqOptions::default())
+                .unwrap();
+        }
+        let mut got = vec![Vec::new(); prompts.len()];
+        let mut steps = 0;
+        loop {
+            engine.prefill_chunk(&mut run, 5).unwrap();
+            for t in engine.sample(&mut run).unwrap() {
+                got[t.request].push(t.token);
+            }
+            if run.is_empty() {
+                break;
+            }
+            engine.decode(&mut run).unwrap();
+            steps += 1;
+            assert!(steps < 1000, "{name}: never finished");
+        }
+        for (i, g) in got.iter().enumerate() {
+            let want = u32s(&cases.list()[i]["greedy_new_tokens"]);
+            assert_eq!(g, &want, "{name} case {i}");
+        }
+    }
+}
+
+/// DeepStack is not a no-op on these fixtures: the tower hands the decoder one feature level
+/// per listed block, and images give different logits without them than with.
+#[test]
+fn deepstack_features_reach_the_decoder() {
+    let l = load("tiny-3a", DType::F32);
+    let cases = load_cases("tiny-3a");
+    let case = &cases.list()[1];
+    let prompt = prompt_for(&l, case);
+    let pixels = prompt.pixel_values(&Device::Cpu).unwrap().unwrap();
+    let grids = prompt.grids();
+    let f = l.model.encode_images(&pixels, &grids, Mode::Infer).unwrap();
+    assert_eq!(f.deepstack.len(), 3);
+    let n: usize = prompt.images.iter().map(PixelPatches::num_tokens).sum();
+    for level in &f.deepstack {
+        assert_eq!(level.dims(), f.tokens.dims());
+        assert_eq!(level.dim(0).unwrap(), n);
+    }
+    let rows = [prompt.input_ids.clone()];
+    let embeds = l.model.input_embeds(&rows, Some(&f.tokens)).unwrap();
+    let (pos, _) = l.model.positions(&prompt.input_ids, &grids).unwrap();
+    let without = l
+        .model
+        .text
+        .forward(
+            &embeds,
+            &[pos],
+            medvlm::model::Caching::None,
+            None,
+            Mode::Infer,
+        )
+        .unwrap();
+    let logits = l.model.text.logits(&without).unwrap().squeeze(0).unwrap();
+    let (diff, _) = max_abs_diff(&logits, cases.tensor("one_image.logits"));
+    assert!(diff > 1e-2, "DeepStack changed the logits by only {diff}");
+    // The text before the first image token is not touched by it.
+    let first = prompt
+        .input_ids
+        .iter()
+        .position(|&t| t == l.model.config.image_token_id)
+        .unwrap();
+    let (before, _) = max_abs_diff(
+        &logits.narrow(0, 0, first).unwrap(),
+        &cases
+            .tensor("one_image.logits")
+            .narrow(0, 0, first)
+            .unwrap(),
+    );
+    assert!(before < 1e-4, "{before}");
+}
