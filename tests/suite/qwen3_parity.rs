@@ -1,8 +1,12 @@
 //! Qwen3-VL (dense) in Rust against Hugging Face transformers 5.24 (tools/make_qwen3_fixtures.py),
 //! through the public loading path: checkpoint directories and image files on disk in; the
-//! chat-templated text, token ids, M-RoPE positions, logits (on transformers' pixels), greedy
+//! chat-templated text, token ids, pixel values (bit for bit), M-RoPE positions, logits, greedy
 //! continuations and teacher-forced log-probabilities out, within the bounds model_parity.rs
 //! holds Qwen2-VL to.
+//!
+//! The image processor is transformers' torchvision backend (the checkpoints' preprocessor
+//! config names `Qwen2VLImageProcessorFast`): pixels/qwen3 fixtures check its resize byte for
+//! byte and its pixel values bit for bit on every test image.
 //!
 //! tiny-3a is laid out as the released checkpoints are (rope_scaling, legacy vision
 //! model_type, tied, f32, chat_template.json); tiny-3b as transformers 5.24 saves (untied, bf16
@@ -12,6 +16,7 @@ use crate::common::*;
 use candle_core::{DType, Device};
 use medvlm::generate::{self, Engine, FinishReason, Request, SamplingParams, SeqOptions};
 use medvlm::model::{Mode, Qwen2Vl};
+use medvlm::processor::image::{load_rgb_checked, Alpha};
 use medvlm::processor::{PixelPatches, Processor, ProcessorOptions, Prompt};
 
 struct Loaded {
@@ -43,21 +48,31 @@ fn prompt_for(l: &Loaded, case: &serde_json::Value) -> Prompt {
         .unwrap()
 }
 
-/// The prompt with transformers' pixel values in place of ours (same grids): the model's
-/// parity on its own.
-fn with_reference_pixels(mut prompt: Prompt, cases: &Cases, cname: &str) -> Prompt {
-    if prompt.images.is_empty() {
-        return prompt;
-    }
-    let all = cases.tensor(&format!("{cname}.pixel_values"));
-    let mut at = 0;
-    for img in &mut prompt.images {
-        let rows = all.narrow(0, at, img.num_patches).unwrap();
-        img.data = rows.flatten_all().unwrap().to_vec1().unwrap();
-        at += img.num_patches;
-    }
-    assert_eq!(at, all.dim(0).unwrap());
-    prompt
+/// Our processor's pixel values must be transformers' to the bit.
+fn assert_pixels_equal(name: &str, prompt: &Prompt, cases: &Cases, cname: &str) {
+    let Some(ours) = prompt.pixel_values(&Device::Cpu).unwrap() else {
+        return;
+    };
+    let theirs = cases.tensor(&format!("{cname}.pixel_values"));
+    assert_eq!(ours.dims(), theirs.dims(), "{name}/{cname}: pixel shape");
+    let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = theirs.flatten_all().unwrap().to_vec1().unwrap();
+    let differ = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    assert_eq!(differ, 0, "{name}/{cname}: {differ} pixel values differ");
+    let grids: Vec<Vec<i64>> = cases
+        .tensor(&format!("{cname}.image_grid_thw"))
+        .to_vec2()
+        .unwrap();
+    let ours: Vec<Vec<i64>> = prompt
+        .grids()
+        .iter()
+        .map(|g| g.iter().map(|&x| x as i64).collect())
+        .collect();
+    assert_eq!(ours, grids, "{name}/{cname}: image grids");
 }
 
 fn check_model(name: &str) {
@@ -91,8 +106,7 @@ fn check_layout(name: &str, packed: bool) {
             u32s(&case["input_ids"]),
             "{name}/{cname}: input ids"
         );
-        // The model on transformers' pixels (the image processor is checked on its own).
-        let prompt = with_reference_pixels(prompt, &cases, cname);
+        assert_pixels_equal(name, &prompt, &cases, cname);
 
         // M-RoPE positions, exactly.
         let grids = prompt.grids();
@@ -273,4 +287,114 @@ fn deepstack_features_reach_the_decoder() {
             .unwrap(),
     );
     assert!(before < 1e-4, "{before}");
+}
+
+fn read_manifest() -> serde_json::Value {
+    let path = fixtures().join("pixels-qwen3/manifest.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// torch's uint8 antialiased bicubic resize (what torchvision's `resize` runs for
+/// transformers' torchvision backend), byte for byte, on every test image at six sizes each:
+/// shrinking, enlarging, one side kept.
+#[test]
+fn torch_resize_matches_torchvision_byte_for_byte() {
+    use medvlm::processor::resize::{resize_torch, Filter};
+    let manifest = read_manifest();
+    let want = candle_core::safetensors::load(
+        fixtures().join("pixels-qwen3/resized.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut checked = 0;
+    for run in manifest["runs"].as_array().unwrap() {
+        let name = run["image"].as_str().unwrap();
+        // RGB as transformers 5.24 makes it (transparency over white).
+        let img = load_rgb_checked(
+            &fixture_image(name),
+            &Default::default(),
+            Alpha::OverWhite,
+            &|_, _| Ok(()),
+        )
+        .unwrap();
+        for size in run["resized"].as_array().unwrap() {
+            let (h, w) = (size[0].as_u64().unwrap(), size[1].as_u64().unwrap());
+            let ours = resize_torch(&img, w as u32, h as u32, Filter::Bicubic).unwrap();
+            let theirs: Vec<Vec<Vec<u8>>> = want[&format!("{name}@{h}x{w}")].to_vec3().unwrap();
+            let mut differ = 0;
+            for (c, plane) in theirs.iter().enumerate() {
+                for (y, row) in plane.iter().enumerate() {
+                    for (x, &v) in row.iter().enumerate() {
+                        if ours.get_pixel(x as u32, y as u32).0[c] != v {
+                            differ += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(differ, 0, "{name} to {h}x{w}: {differ} bytes differ");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "{checked}");
+}
+
+/// The torchvision backend's pixel values and grids, bit for bit, for every test image at a
+/// budget of 2..4 merged tokens (every image resized).
+#[test]
+fn qwen3_pixel_values_match_transformers_bit_for_bit() {
+    let manifest = read_manifest();
+    let want = candle_core::safetensors::load(
+        fixtures().join("pixels-qwen3/pixels.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (lo, hi) = (
+        manifest["min_pixels"].as_u64().unwrap() as usize,
+        manifest["max_pixels"].as_u64().unwrap() as usize,
+    );
+    let config = medvlm::processor::ImageProcessorConfig::from_file(
+        &fixtures().join("tiny-3a/preprocessor_config.json"),
+    )
+    .unwrap()
+    .with_pixel_limits(Some(lo), Some(hi))
+    .unwrap();
+    assert_eq!(
+        config.backend,
+        medvlm::processor::image_processor::Backend::Torchvision
+    );
+    let proc = medvlm::processor::ImageProcessor { config };
+    for run in manifest["runs"].as_array().unwrap() {
+        let name = run["image"].as_str().unwrap();
+        let img = load_rgb_checked(
+            &fixture_image(name),
+            &Default::default(),
+            proc.config.backend.alpha(),
+            &|_, _| Ok(()),
+        )
+        .unwrap();
+        let out = proc.preprocess(&img).unwrap();
+        let grid: Vec<i64> = want[&format!("{name}.image_grid_thw")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            out.grid_thw.map(|g| g as i64).to_vec(),
+            grid,
+            "{name}: grid"
+        );
+        let theirs: Vec<f32> = want[&format!("{name}.pixel_values")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(out.data.len(), theirs.len(), "{name}: length");
+        let differ = out
+            .data
+            .iter()
+            .zip(&theirs)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{name}: {differ} pixel values differ");
+    }
 }
