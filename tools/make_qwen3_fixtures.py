@@ -27,7 +27,8 @@ What it writes:
                     and is added after decoder layer 0), chat_template.jinja
   cases-tiny-3a.json / .safetensors (same for tiny-3b)
                     per prompt: chat-templated text, input ids, M-RoPE positions and rope delta,
-                    pixel_values and image_grid_thw (as transformers' processor made them), logits,
+                    pixel_values (in cases-tiny-3a only: both checkpoints have the same processor
+                    files) and image_grid_thw as transformers' processor made them, logits,
                     a 24-token greedy continuation with its smallest top-2 margin, teacher-forced
                     log-probs of a completion
   pixels-qwen3/     the torchvision backend on every test image: resized.safetensors, the uint8 RGB
@@ -65,6 +66,9 @@ OUT = os.path.join(ROOT, "tests", "fixtures")
 TEMPLATE = open(os.path.join(ROOT, "tools", "qwen3_vl_chat_template.jinja")).read()
 
 VOCAB_SIZE = 512
+
+# The checkpoint whose cases file holds the pixel values of every model's cases.
+PIXELS_IN = "tiny-3a"
 
 # Small pixel budgets keep the fixtures small: 4..12 merged tokens (32x32 pixels each) per image,
 # grids of 4..10 patches a side, so the 8x8 and 10x10 learned position tables are both
@@ -463,6 +467,12 @@ def main():
             print(f"  {name}: seed {spec['seed']} gives a short or near-tied greedy continuation; next seed")
         else:
             sys.exit(f"{name}: no seed gave clear greedy margins")
+        if name != PIXELS_IN:
+            # The processor files are the same for both checkpoints: the pixels are stored once,
+            # in cases-tiny-3a, after checking they are the same here.
+            ref = load_file(os.path.join(OUT, f"cases-{PIXELS_IN}.safetensors"))
+            for k in [k for k in tensors if k.endswith(".pixel_values")]:
+                assert torch.equal(tensors.pop(k), ref[k]), k
         save_file(tensors, os.path.join(OUT, f"cases-{name}.safetensors"))
         meta = dict(
             model=name,
@@ -470,6 +480,7 @@ def main():
             versions=dict(torch=torch.__version__, torchvision=torchvision.__version__,
                           transformers=transformers.__version__, pillow=PIL.__version__),
             image_processor=type(proc.image_processor).__name__,
+            pixel_values_in=f"cases-{PIXELS_IN}.safetensors",
             seed=spec["seed"],
             special_token_ids=ids,
             num_parameters=model.num_parameters(),
