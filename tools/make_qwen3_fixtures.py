@@ -9,7 +9,7 @@ script: it commits its small outputs under tests/fixtures/.
     /tmp/ref5/bin/python tools/make_qwen3_fixtures.py
 
 Inputs: the test images written by tools/make_fixtures.py (tests/fixtures/images/), its tokenizer
-recipe, and tools/qwen3_vl_chat_template.jinja: the Qwen3-VL Instruct chat template, copied
+recipe, and src/model/presets/qwen3-vl-chat-template.jinja: the Qwen3-VL Instruct chat template, copied
 verbatim from TRL 1.16.0 (trl/chat_templates/qwen3_vl.jinja, "Original Qwen3-VL chat template",
 5292 bytes, sha256 3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4, the same
 bytes as the tokenizer.chat_template of Qwen/Qwen3-VL-8B-Instruct-GGUF).
@@ -63,7 +63,7 @@ from make_fixtures import SPECIAL_TOKENS, make_tokenizer, seed_all  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures")
-TEMPLATE = open(os.path.join(ROOT, "tools", "qwen3_vl_chat_template.jinja")).read()
+TEMPLATE = open(os.path.join(ROOT, "src", "model", "presets", "qwen3-vl-chat-template.jinja")).read()
 
 VOCAB_SIZE = 512
 

@@ -406,3 +406,34 @@ fn qwen3_pixel_values_match_transformers_bit_for_bit() {
         assert_eq!(differ, 0, "{name}: {differ} pixel values differ");
     }
 }
+
+/// `medvlm inspect` describes a Qwen3-VL checkpoint: family and class, the Qwen3 decoder's
+/// head width and rotary layout, the learned positions and DeepStack, the image backend.
+#[test]
+fn inspect_describes_qwen3_vl() {
+    let dir = fixtures().join("tiny-3b");
+    let (ok, out, err) = medvlm(&["inspect", "--model", s(&dir), "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["model_type"], "qwen3_vl");
+    assert_eq!(j["architecture"], "Qwen3-VL");
+    assert_eq!(j["text"]["head_dim"], 32);
+    assert_eq!(j["text"]["mrope_interleaved"], true);
+    assert_eq!(j["text"]["qk_norm"], true);
+    assert_eq!(j["text"]["tie_word_embeddings"], false);
+    assert_eq!(j["vision"]["num_position_embeddings"], 100);
+    assert_eq!(
+        j["vision"]["deepstack_visual_indexes"],
+        serde_json::json!([2, 0])
+    );
+    assert_eq!(
+        j["image_processor"]["backend"],
+        "torchvision (transformers 5.24)"
+    );
+    assert_eq!(j["weight_layout"], "nested");
+    let (ok, out, err) = medvlm(&["inspect", "--model", s(&fixtures().join("tiny-3a"))]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Qwen3VLForConditionalGeneration"), "{out}");
+    assert!(out.contains("DeepStack: blocks [0, 1, 3]"), "{out}");
+    assert!(out.contains("interleaved"), "{out}");
+}
