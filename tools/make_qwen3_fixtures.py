@@ -20,7 +20,8 @@ What it writes:
                     vision_config.model_type "qwen3_vl", top-level tie_word_embeddings true (so no
                     lm_head.weight), f32 weights named model.visual.* / model.language_model.*,
                     chat_template.json, preprocessor_config.json naming Qwen2VLImageProcessorFast;
-                    DeepStack from vision blocks 0, 1 and 3 of 4 (injected after decoder layers 0, 1, 2)
+                    DeepStack from vision blocks 0, 1 and 3 of 4 (added after decoder layers 0, 1, 2
+                    of 4)
   tiny-3b/          the same family as transformers 5.24 saves it (rope_parameters, dtype), untied,
                     bf16 weights, an explicit head_dim (num_heads x head_dim != hidden_size), GQA 4:1,
                     DeepStack from blocks [2, 0] in that order (block 0's output goes through merger 1
@@ -82,7 +83,10 @@ MODELS = {
         text=dict(
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=3,
+            # More layers than DeepStack levels: a level added after the last layer could not
+            # reach any completion token (only the image positions' own logits), and its merger
+            # would get no gradient in training.
+            num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=16,
