@@ -1,8 +1,10 @@
 //! The vision tower: patch embedding (a Conv3d whose kernel equals its stride, so a matmul
 //! over flattened patches), 2D rotary tables, attention within segments of the patch
 //! sequence, blocks, and a merger that turns each 2x2 group of patches into one token of the
-//! text model's width. What the two families share lives here; their blocks and mergers in
-//! `vision_qwen2` (Qwen2-VL) and `vision_qwen25` (Qwen2.5-VL, with window attention).
+//! text model's width. What the families share lives here; their blocks and mergers in
+//! `vision_qwen2` (Qwen2-VL), `vision_qwen25` (Qwen2.5-VL, with window attention) and
+//! `vision_qwen3` (Qwen3-VL: Qwen2-VL's blocks plus a patch bias, learned position
+//! embeddings and DeepStack mergers).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
