@@ -19,6 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::data::PromptTemplate;
+use crate::model::config::Arch;
 use crate::model::{Preset, Qwen2VlConfig};
 use crate::train::{checkpoint, TrainableModel};
 
@@ -142,12 +143,13 @@ fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
         .with_context(|| format!("{}: cannot write", p.display()))
 }
 
-/// tokenizer.json, tokenizer_config.json (with Qwen2-VL-2B-Instruct's chat template),
-/// preprocessor_config.json and generation_config.json (`generation` replaces the greedy
-/// default).
+/// tokenizer.json, tokenizer_config.json (with the family's chat template: Qwen2-VL-2B-
+/// Instruct's, or Qwen3-VL's), preprocessor_config.json (the family's image settings) and
+/// generation_config.json (`generation` replaces the greedy default).
 fn write_side_files(
     dir: &Path,
     tok: &Tokenizer,
+    arch: Arch,
     min_pixels: usize,
     max_pixels: usize,
     generation: Option<serde_json::Value>,
@@ -155,12 +157,16 @@ fn write_side_files(
     tok.save(dir.join("tokenizer.json"), true)
         .map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
     let id = |t: &str| tok.token_to_id(t).context("special token missing");
+    let template = match arch {
+        Arch::Qwen2Vl | Arch::Qwen25Vl => QWEN2_VL_CHAT_TEMPLATE,
+        Arch::Qwen3Vl => crate::model::presets::QWEN3_VL_CHAT_TEMPLATE,
+    };
     write_json(
         dir,
         "tokenizer_config.json",
         &json!({
             "tokenizer_class": "Qwen2Tokenizer",
-            "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+            "chat_template": template,
             "eos_token": "<|im_end|>",
             "pad_token": "<|endoftext|>",
             "unk_token": null,
@@ -172,10 +178,8 @@ fn write_side_files(
             "clean_up_tokenization_spaces": false,
         }),
     )?;
-    write_json(
-        dir,
-        "preprocessor_config.json",
-        &json!({
+    let preprocessor = match arch {
+        Arch::Qwen2Vl | Arch::Qwen25Vl => json!({
             "image_processor_type": "Qwen2VLImageProcessor",
             "processor_class": "Qwen2VLProcessor",
             "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
@@ -188,7 +192,20 @@ fn write_side_files(
             "resample": 3,
             "rescale_factor": 0.00392156862745098,
         }),
-    )?;
+        // Qwen3-VL's released preprocessor_config.json (notes/28-research.md §4.2): the
+        // torchvision processor, 16-pixel patches, mean and std 0.5.
+        Arch::Qwen3Vl => json!({
+            "size": {"longest_edge": max_pixels, "shortest_edge": min_pixels},
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+            "processor_class": "Qwen3VLProcessor",
+            "image_processor_type": "Qwen2VLImageProcessorFast",
+        }),
+    };
+    write_json(dir, "preprocessor_config.json", &preprocessor)?;
     let generation = match generation {
         Some(g) => g,
         None => json!({
@@ -339,7 +356,14 @@ pub fn write(out: &Path, spec: &InitSpec) -> Result<PathBuf> {
         },
     });
     write_json(staging.path(), "config.json", &config)?;
-    write_side_files(staging.path(), &tok, 56 * 56, spec.max_pixels, None)?;
+    write_side_files(
+        staging.path(),
+        &tok,
+        Arch::Qwen2Vl,
+        56 * 56,
+        spec.max_pixels,
+        None,
+    )?;
     let cfg = Qwen2VlConfig::from_file(&staging.path().join("config.json"))?;
     // f32 weights, held once plus a tensor's copy while it is written.
     check_fits(&cfg, out, 4, 8)?;
@@ -425,9 +449,10 @@ fn random_bf16(name: &str, shape: &[usize], std: f32, seed: u64) -> Vec<half::bf
 }
 
 /// Writes a checkpoint with `preset`'s architecture and random weights (N(0, 0.02), norms 1,
-/// biases 0) in bf16, sharded in two files with model.safetensors.index.json as released,
-/// the synthetic-corpus tokenizer with Qwen2's special-token ids, and Qwen2-VL's processor
-/// and generation settings. `out` must not exist.
+/// biases 0) in bf16, sharded in two files with model.safetensors.index.json as released
+/// (named as the family's releases name them), the synthetic-corpus tokenizer with Qwen2's
+/// special-token ids, and the family's chat template, processor and generation settings.
+/// `out` must not exist.
 pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
     if out.exists() {
         bail!(
@@ -446,17 +471,35 @@ pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
     std::fs::write(staging.join("config.json"), &config_text)
         .map_err(|e| crate::files::io_error(&staging.join("config.json"), "cannot write", e))?;
     let tok = tokenizer_with_qwen2_ids(640)?;
+    let (min_pixels, max_pixels, generation) = match config.arch {
+        // Qwen2-VL-2B-Instruct's generation_config.json.
+        Arch::Qwen2Vl | Arch::Qwen25Vl => (
+            56 * 56,
+            12_845_056,
+            json!({
+                "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true,
+                "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,
+                "temperature": 0.1, "top_k": 1, "top_p": 0.001,
+            }),
+        ),
+        // Qwen3-VL's pixel bounds; of its generation_config.json only the token ids are
+        // known (notes/28-research.md §1.5), so decoding stays greedy unless asked.
+        Arch::Qwen3Vl => (
+            65_536,
+            16_777_216,
+            json!({
+                "bos_token_id": 151643, "pad_token_id": 151643,
+                "eos_token_id": [151645, 151643], "do_sample": false,
+            }),
+        ),
+    };
     write_side_files(
         staging,
         &tok,
-        56 * 56,
-        12_845_056,
-        // Qwen2-VL-2B-Instruct's generation_config.json.
-        Some(json!({
-            "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true,
-            "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,
-            "temperature": 0.1, "top_k": 1, "top_p": 0.001,
-        })),
+        config.arch,
+        min_pixels,
+        max_pixels,
+        Some(generation),
     )?;
 
     // Two shards, as the 2B was released: the first ends where half the bytes are written.

@@ -4,7 +4,7 @@ loads in transformers 5 and gives the log-probs medvlm gives.
 
     /work/venv/bin/python tools/check_checkpoint.py DIR [DIR ...] [--medvlm target/release/medvlm]
 
-For each DIR: transformers' Auto class for its model_type (Qwen2-VL or Qwen2.5-VL) loads it
+For each DIR: transformers' Auto class for its model_type (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) loads it
 with no missing or unexpected weights; one prompt with a fixture image (several windows for
 Qwen2.5-VL) and a completion is scored by transformers (f32, eager) and by `medvlm score
 --json`; the per-token log-probs must agree within 1e-4. Exits non-zero otherwise.
@@ -33,7 +33,9 @@ def model_class(d):
         return transformers.Qwen2_5_VLForConditionalGeneration
     if mt == "qwen2_vl":
         return transformers.Qwen2VLForConditionalGeneration
-    sys.exit(f"{d}: model_type {mt!r} is not Qwen2-VL or Qwen2.5-VL")
+    if mt == "qwen3_vl":
+        return transformers.Qwen3VLForConditionalGeneration
+    sys.exit(f"{d}: model_type {mt!r} is not Qwen2-VL, Qwen2.5-VL or Qwen3-VL")
 
 
 def check(d, medvlm):
@@ -58,6 +60,8 @@ def check(d, medvlm):
     n_img = int((full == image_id).sum())
     grid = pv["image_grid_thw"]
     assert n_img == int(grid.prod()) // 4, (n_img, grid)
+    # (With torchvision installed transformers 5 gives the torchvision backend here, which is
+    # what a Qwen3-VL checkpoint's "Fast" processor type asks medvlm for.)
     kw = dict(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=pv["pixel_values"],
               image_grid_thw=grid, mm_token_type_ids=(full == image_id).int())
     with torch.no_grad():

@@ -9,6 +9,9 @@ produces, for a fixed tiny model, fixed prompts, fixed completions and fixed rew
     /work/venv/bin/python tools/make_grpo_fixture.py --ref=tiny-25a --prefix=grpo25
                                   # the same on Qwen2.5-VL (transformers 5.x): grpo25-policy/,
                                   # grpo25-cases.json
+    /tmp/ref5/bin/python tools/make_grpo_fixture.py --ref=tiny-3a --prefix=grpo3
+                                  # the same on Qwen3-VL (transformers 5.24 with torchvision: the
+                                  # checkpoint's own chat template and image processor, DeepStack)
     TRL_SRC=/path/to/trl/src python tools/make_grpo_fixture.py --check-trl   # optional: also run
                                   # TRL's own _compute_loss on the same log-probs and compare
 
@@ -132,7 +135,23 @@ CASES = [
     dict(loss_type="grpo", beta=0.04, num_iterations=1, mask_truncated_completions=True),
 ]
 
+with open(os.path.join(REF_DIR, "config.json")) as _f:
+    MODEL_TYPE = json.load(_f)["model_type"]
+QWEN3 = MODEL_TYPE == "qwen3_vl"
+
 # Parameters whose gradient norms are recorded, by their names in model.safetensors.
+GRAD_PARAMS_QWEN3 = [
+    "model.language_model.embed_tokens.weight",
+    "model.visual.patch_embed.proj.weight",
+    "model.visual.patch_embed.proj.bias",
+    "model.visual.pos_embed.weight",
+    "model.visual.merger.linear_fc2.weight",
+    "model.visual.deepstack_merger_list.0.linear_fc1.weight",
+    "model.visual.deepstack_merger_list.2.norm.weight",
+    "model.visual.blocks.3.mlp.linear_fc2.weight",
+    "model.language_model.layers.0.self_attn.q_norm.weight",
+    "model.language_model.layers.2.mlp.down_proj.weight",
+]
 GRAD_PARAMS = [
     "model.embed_tokens.weight",
     "visual.patch_embed.proj.weight",
@@ -142,7 +161,10 @@ GRAD_PARAMS = [
 
 
 def checkpoint_name(internal):
-    """transformers >= 4.52 module names -> the names save_pretrained writes (released layout)."""
+    """transformers >= 4.52 module names -> the names save_pretrained writes (released layout;
+    Qwen3-VL's released names are the module names)."""
+    if QWEN3:
+        return internal
     if internal.startswith("model.language_model."):
         return "model." + internal[len("model.language_model."):]
     if internal.startswith("model.visual."):
@@ -155,6 +177,8 @@ def load(d):
         model_type = json.load(f)["model_type"]
     if model_type == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration as cls
+    elif model_type == "qwen3_vl":
+        from transformers import Qwen3VLForConditionalGeneration as cls
     else:
         cls = Qwen2VLForConditionalGeneration
     m = cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
@@ -183,20 +207,34 @@ def make_policy():
         # transformers 5 saves its own layout; keep the reference's (released) one.
         from make_fixtures import to_released_layout
         to_released_layout(POLICY_DIR)
-    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
-        shutil.copy(os.path.join(REF_DIR, f), os.path.join(POLICY_DIR, f))
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json",
+              "chat_template.json", "chat_template.jinja"):
+        if os.path.exists(os.path.join(REF_DIR, f)):
+            shutil.copy(os.path.join(REF_DIR, f), os.path.join(POLICY_DIR, f))
     # Saved under the released names, in f32, tied lm_head not stored.
     with safe_open(os.path.join(POLICY_DIR, "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert all(f.get_tensor(k).dtype == torch.float32 for k in keys)
-    assert set(GRAD_PARAMS) <= keys, keys
+    assert set(grad_params()) <= keys, keys
     assert "lm_head.weight" not in keys
 
 
+def grad_params():
+    return GRAD_PARAMS_QWEN3 if QWEN3 else GRAD_PARAMS
+
+
 def build_inputs(tok):
-    with open(os.path.join(REF_DIR, "tokenizer_config.json")) as f:
-        template = json.load(f)["chat_template"]
-    proc = image_processor()
+    if QWEN3:
+        # The checkpoint's own template and image processor (transformers 5.24's torchvision
+        # backend, as tools/make_qwen3_fixtures.py records it).
+        from transformers import AutoImageProcessor
+        with open(os.path.join(REF_DIR, "chat_template.json")) as f:
+            template = json.load(f)["chat_template"]
+        proc = AutoImageProcessor.from_pretrained(REF_DIR)
+    else:
+        with open(os.path.join(REF_DIR, "tokenizer_config.json")) as f:
+            template = json.load(f)["chat_template"]
+        proc = image_processor()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -399,7 +437,7 @@ def main():
     for p in ref_model.parameters():
         p.requires_grad_(False)
     names = {checkpoint_name(k): p for k, p in policy.named_parameters()}
-    assert set(GRAD_PARAMS) <= set(names)
+    assert set(grad_params()) <= set(names)
 
     with torch.no_grad():
         ref_rows = [seq_logps(ref_model, s) for s in seqs]
@@ -444,7 +482,7 @@ def main():
             if p.grad is not None:
                 sq += float((p.grad.double() ** 2).sum())
         grad_norm = math.sqrt(sq)
-        pgn = {nm: math.sqrt(float((names[nm].grad.double() ** 2).sum())) for nm in GRAD_PARAMS}
+        pgn = {nm: math.sqrt(float((names[nm].grad.double() ** 2).sum())) for nm in grad_params()}
         assert math.isfinite(loss.item()) and grad_norm > 0 and math.isfinite(grad_norm), name
         assert all(v > 0 for v in pgn.values()), (name, pgn)
         if case["num_iterations"] == 1:

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::generate::{Engine, Request, SamplingParams};
 use crate::model::random::random_var_builder;
-use crate::model::{Preset, Qwen2Vl, Qwen2VlConfig, WeightLayout};
+use crate::model::{Preset, Qwen2Vl, Qwen2VlConfig};
 use crate::processor::{ImageProcessor, ImageProcessorConfig, PixelPatches, Prompt};
 
 /// Text tokens before and after the image in the benchmark prompt (the chat template's
@@ -161,9 +161,14 @@ pub fn run(
 ) -> Result<BenchReport> {
     let config = Qwen2VlConfig::from_json_str(&shape.config_json, &shape.name)?;
     let vb = random_var_builder(0.02, 0, dtype, device);
-    let mut model =
-        Qwen2Vl::from_var_builder(vb, WeightLayout::Legacy, config.clone(), dtype, device)
-            .context("building the benchmark model")?;
+    let mut model = Qwen2Vl::from_var_builder(
+        vb,
+        config.arch.released_layout(),
+        config.clone(),
+        dtype,
+        device,
+    )
+    .context("building the benchmark model")?;
     // As every inference command loads its model (infer::load).
     model.prepare_for_inference()?;
     let parameters = crate::model::num_parameters(&config)?;

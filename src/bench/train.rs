@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::{peak_rss_mib, reset_peak_rss, text_ids};
 use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
 use crate::model::random::random_var_builder;
-use crate::model::{Qwen2Vl, Qwen2VlConfig, WeightLayout};
+use crate::model::{Qwen2Vl, Qwen2VlConfig};
 use crate::processor::Prompt;
 use crate::rl::grpo::{self, LossConfig, ScaleRewards, SeqRef};
 use crate::rl::step::{self, StepBatch};
@@ -268,7 +268,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             let reference = if !w.sft && w.beta != 0.0 {
                 let mut r = Qwen2Vl::from_var_builder(
                     random_var_builder(0.02, 0, compute, device),
-                    WeightLayout::Legacy,
+                    config.arch.released_layout(),
                     config.clone(),
                     compute,
                     device,

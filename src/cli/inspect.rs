@@ -35,7 +35,10 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
                 "kv_heads": config.text.num_key_value_heads,
                 "intermediate_size": config.text.intermediate_size,
                 "vocab_size": config.text.vocab_size,
+                "head_dim": config.text.head_dim,
                 "mrope_section": config.text.mrope_section,
+                "mrope_interleaved": config.text.mrope_interleaved,
+                "qk_norm": config.text.qk_norm,
                 "rope_theta": config.text.rope_theta,
                 "tie_word_embeddings": config.text.tie_word_embeddings,
             },
@@ -51,9 +54,16 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
                 "window_size": config.vision.window.as_ref().map(|w| w.window_size),
                 "fullatt_block_indexes":
                     config.vision.window.as_ref().map(|w| w.full_attention_blocks.clone()),
+                "num_position_embeddings": config.vision.position_grid.map(|s| s * s),
+                "deepstack_visual_indexes": config.vision.deepstack,
             },
             "defaults_applied": config.defaults,
-            "image_processor": {"min_pixels": ipc.min_pixels, "max_pixels": ipc.max_pixels},
+            "image_processor": {
+                "min_pixels": ipc.min_pixels,
+                "max_pixels": ipc.max_pixels,
+                "patch_size": ipc.patch_size,
+                "backend": backend_name(ipc.backend),
+            },
             "tokenizer_vocab": proc.tokenizer.vocab_size(),
             "weight_layout": format!("{layout:?}").to_lowercase(),
         });
@@ -66,10 +76,7 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
     println!(
         "architecture {} ({})",
         config.arch.name(),
-        match config.arch {
-            crate::model::config::Arch::Qwen2Vl => "Qwen2VLForConditionalGeneration",
-            crate::model::config::Arch::Qwen25Vl => "Qwen2_5_VLForConditionalGeneration",
-        }
+        config.arch.class_name()
     );
     println!("parameters   {} ({:.1}M)", params, params as f64 / 1e6);
     let stored: Vec<String> = dtypes.iter().map(|(k, n)| format!("{k} ({n})")).collect();
@@ -80,22 +87,30 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
     );
     println!(
         "decoder      {} layers, hidden {}, {} heads / {} kv heads (head {}), mlp {}, vocab {}, \
-         rope theta {}, mrope_section {:?}, lm_head {}",
+         rope theta {}, mrope_section {:?}{}, lm_head {}",
         t.num_hidden_layers,
         t.hidden_size,
         t.num_attention_heads,
         t.num_key_value_heads,
-        t.head_dim(),
+        t.head_dim,
         t.intermediate_size,
         t.vocab_size,
         t.rope_theta,
         t.mrope_section,
+        if t.mrope_interleaved {
+            " interleaved"
+        } else {
+            ""
+        },
         if t.tie_word_embeddings {
             "tied to embeddings"
         } else {
             "separate"
         }
     );
+    if t.qk_norm {
+        println!("             per-head RMSNorm of q and k, no q/k/v bias (Qwen3)");
+    }
     println!(
         "vision       {} blocks, dim {}, {} heads, mlp {}, patch {}x{} over {} frames, merge {}x{} -> hidden {}",
         v.depth,
@@ -115,6 +130,14 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
             w.window_size, w.full_attention_blocks
         );
     }
+    if let Some(side) = v.position_grid {
+        let levels = v.deepstack.len().min(t.num_hidden_layers);
+        println!(
+            "             learned {side}x{side} position embeddings resampled to each image; \
+             DeepStack: blocks {:?} added after the first {levels} decoder layers",
+            v.deepstack,
+        );
+    }
     if config.defaults.is_empty() {
         println!("defaults     none: config.json sets every setting medvlm reads");
     } else {
@@ -124,11 +147,12 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
         }
     }
     println!(
-        "images       {}..{} pixels after resizing, one token per {}x{} pixels",
+        "images       {}..{} pixels after resizing, one token per {}x{} pixels, {} arithmetic",
         ipc.min_pixels,
         ipc.max_pixels,
         ipc.patch_size * ipc.merge_size,
-        ipc.patch_size * ipc.merge_size
+        ipc.patch_size * ipc.merge_size,
+        backend_name(ipc.backend)
     );
     println!(
         "tokenizer    {} tokens; weights in {} file(s), {} layout",
@@ -137,4 +161,14 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
         format!("{layout:?}").to_lowercase()
     );
     Ok(())
+}
+
+/// How `inspect` names an image backend.
+fn backend_name(b: crate::processor::image_processor::Backend) -> &'static str {
+    match b {
+        crate::processor::image_processor::Backend::Pil => "PIL (transformers 4.57)",
+        crate::processor::image_processor::Backend::Torchvision => {
+            "torchvision (transformers 5.24)"
+        }
+    }
 }

@@ -580,8 +580,9 @@ pub struct InitArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Write a real architecture with random bf16 weights instead of the tiny demo model:
-    /// qwen2-vl-2b (Qwen2-VL-2B-Instruct's config.json, 2.2B parameters, two shards, 4.4 GB)
-    /// or qwen2-vl-bench (the benchmark shape, 120M parameters).
+    /// qwen2-vl-2b (Qwen2-VL-2B-Instruct's config.json, 2.2B parameters, two shards, 4.4 GB),
+    /// qwen3-vl-2b (Qwen3-VL-2B-Instruct's, 2.1B parameters, 4.3 GB) or qwen2-vl-bench (the
+    /// benchmark shape, 120M parameters).
     #[arg(long, value_enum, value_name = "NAME")]
     pub preset: Option<crate::model::Preset>,
     /// Seed of the random weights (and of the tokenizer's corpus).
@@ -740,7 +741,8 @@ pub struct BenchTrainArgs {
 #[derive(Args, Debug)]
 pub struct BenchGenerateArgs {
     /// The model shape (random weights): qwen2-vl-bench (src/model/presets/qwen2-vl-bench.json, 119.7M
-    /// parameters) or qwen2-vl-2b (Qwen2-VL-2B-Instruct's config, 2.2B; about 9 GB in f32).
+    /// parameters), qwen2-vl-2b (Qwen2-VL-2B-Instruct's config, 2.2B; about 9 GB in f32) or
+    /// qwen3-vl-2b (Qwen3-VL-2B-Instruct's, 2.1B).
     #[arg(
         long,
         value_enum,

@@ -129,6 +129,9 @@ struct Prefill {
     /// Tokens already in the cache.
     done: usize,
     cache: KvCache,
+    /// Qwen3-VL with images: the features the first decoder layers add at the image tokens,
+    /// once the vision tower has run.
+    deepstack: Option<crate::model::DeepStack>,
     seqs: Vec<Seq>,
 }
 
@@ -139,12 +142,14 @@ enum Embeds {
         pixels: Tensor,
         grids: Vec<[usize; 3]>,
     },
-    /// The vision tower part way: the activations after `done` blocks.
+    /// The vision tower part way: the activations after `done` blocks, and the DeepStack
+    /// features of those blocks.
     Vision {
         ids: Vec<u32>,
         input: Box<crate::model::vision::VisionInput>,
         x: Tensor,
         done: usize,
+        deepstack: Vec<Tensor>,
     },
     Ready(Tensor),
     /// Momentarily, while a call works on it.
@@ -353,6 +358,7 @@ impl<'m> Engine<'m> {
             delta,
             done: 0,
             cache: m.text.new_cache(ids.len() + r.max_new_tokens),
+            deepstack: None,
             seqs,
         });
         Ok(())
@@ -380,6 +386,7 @@ impl<'m> Engine<'m> {
                         x: input.x.clone(),
                         input: Box::new(input),
                         done: 0,
+                        deepstack: Vec::new(),
                     };
                 }
                 Embeds::Vision {
@@ -387,6 +394,7 @@ impl<'m> Engine<'m> {
                     input,
                     mut x,
                     mut done,
+                    mut deepstack,
                 } => {
                     let rows = x.dim(0)?.max(1);
                     let unit = m.vision.config().spatial_merge_size.pow(2);
@@ -399,6 +407,7 @@ impl<'m> Engine<'m> {
                     let end = done.saturating_add(per_call).min(blocks);
                     while done < end {
                         x = m.vision.block(done, &x, &input, Mode::Infer)?;
+                        deepstack.extend(m.vision.deepstack_tap(done, &x, Mode::Infer)?);
                         done += 1;
                     }
                     if done < blocks {
@@ -407,12 +416,14 @@ impl<'m> Engine<'m> {
                             input,
                             x,
                             done,
+                            deepstack,
                         };
                         return Ok(());
                     }
                     let img = m.vision.merge(&x, &input, Mode::Infer)?;
-                    p.embeds =
-                        Embeds::Ready(m.input_embeds(std::slice::from_ref(&ids), Some(&img))?);
+                    let rows = std::slice::from_ref(&ids);
+                    p.deepstack = m.deepstack(rows, &deepstack)?;
+                    p.embeds = Embeds::Ready(m.input_embeds(rows, Some(&img))?);
                     if limited {
                         return Ok(());
                     }
@@ -435,7 +446,13 @@ impl<'m> Engine<'m> {
             all.narrow(1, p.done, n)?
         };
         let pos = p.positions[p.done..p.done + n].to_vec();
-        let hidden = m.text.forward_cached(&embeds, &[pos], &mut p.cache)?;
+        let deepstack = match &p.deepstack {
+            Some(d) => d.window(p.done, n)?,
+            None => None,
+        };
+        let hidden = m
+            .text
+            .forward_cached(&embeds, &[pos], &mut p.cache, deepstack.as_ref())?;
         p.done += n;
         if p.done < len {
             return Ok(());
@@ -548,6 +565,7 @@ impl<'m> Engine<'m> {
                 rows: &rows,
                 caches: &mut caches,
             },
+            None,
             Mode::Infer,
         )?;
         let logits = m.text.logits(&hidden.squeeze(1)?)?; // (rows, vocab)
@@ -620,7 +638,7 @@ pub(crate) fn check_context(
         );
     }
     // Keys and values of every layer for every sample, in the compute dtype.
-    let per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim();
+    let per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim;
     let bytes = (prompt + max_new) as u128
         * samples.max(1) as u128
         * per_token as u128

@@ -1,16 +1,17 @@
-//! `config.json` of a Hugging Face Qwen2-VL checkpoint.
+//! `config.json` of a Hugging Face Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint.
 //!
-//! Two layouts exist in the wild: the released checkpoints keep the text model's fields at the
-//! top level; transformers >= 4.52 writes them again under `text_config`. When `text_config` is
-//! present it wins, as in transformers. Fields the architecture cannot do without are required
-//! and reported by name; everything else takes transformers' defaults.
+//! Two layouts exist in the wild: the released Qwen2(.5)-VL checkpoints keep the text model's
+//! fields at the top level; transformers >= 4.52 (and every Qwen3-VL release) writes them under
+//! `text_config`. When `text_config` is present it wins, as in transformers. Fields the
+//! architecture cannot do without are required and reported by name; everything else takes
+//! transformers' defaults for the family's config class.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-/// The text decoder (Qwen2 with multimodal rotary embeddings).
+/// The text decoder (Qwen2, or Qwen3 for Qwen3-VL, with multimodal rotary embeddings).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextConfig {
     pub vocab_size: usize,
@@ -19,24 +20,28 @@ pub struct TextConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
+    /// Width of one attention head: `hidden_size / num_attention_heads` in Qwen2; its own
+    /// field in Qwen3 (128 in every release, so `heads x head_dim` need not be the hidden size).
+    pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     /// How the rotary frequencies are split between the (temporal, height, width) axes.
     /// Sums to `head_dim / 2`.
     pub mrope_section: [usize; 3],
+    /// Qwen3-VL: frequency `i` follows the height axis when `i % 3 == 1` and the width axis when
+    /// `i % 3 == 2` (within `3 x` their sections), the temporal axis otherwise; Qwen2(.5)-VL give
+    /// each axis a contiguous run of frequencies.
+    pub mrope_interleaved: bool,
+    /// Qwen3: q and k are RMS-normed per head (`q_norm`, `k_norm`) before the rotary embedding,
+    /// and q/k/v have no bias; Qwen2: q/k/v biases, no norms.
+    pub qk_norm: bool,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub hidden_act: Activation,
 }
 
-impl TextConfig {
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
-}
-
-/// Which model family a checkpoint is: the decoders are the same Qwen2 with M-RoPE; the
-/// vision towers differ.
+/// Which model family a checkpoint is: Qwen2(.5)-VL share the Qwen2 decoder with M-RoPE and
+/// differ in the vision tower; Qwen3-VL has its own of both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     /// `qwen2_vl`: LayerNorm blocks, a quick-GELU MLP, full attention within each image.
@@ -44,6 +49,11 @@ pub enum Arch {
     /// `qwen2_5_vl`: RMSNorm blocks, a gated SiLU MLP, window attention except in the
     /// blocks listed in `fullatt_block_indexes`, a merger with RMSNorm.
     Qwen25Vl,
+    /// `qwen3_vl` (dense): a patch embedding with bias plus learned position embeddings
+    /// resampled to each image's grid, LayerNorm blocks with a tanh-GELU MLP, DeepStack
+    /// mergers whose features are added after the first decoder layers; a Qwen3 decoder
+    /// (per-head q/k RMSNorm, no q/k/v bias) with interleaved M-RoPE.
+    Qwen3Vl,
 }
 
 impl Arch {
@@ -51,12 +61,30 @@ impl Arch {
         match self {
             Self::Qwen2Vl => "qwen2_vl",
             Self::Qwen25Vl => "qwen2_5_vl",
+            Self::Qwen3Vl => "qwen3_vl",
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             Self::Qwen2Vl => "Qwen2-VL",
             Self::Qwen25Vl => "Qwen2.5-VL",
+            Self::Qwen3Vl => "Qwen3-VL",
+        }
+    }
+    /// transformers' model class (`architectures` in config.json).
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Qwen2Vl => "Qwen2VLForConditionalGeneration",
+            Self::Qwen25Vl => "Qwen2_5_VLForConditionalGeneration",
+            Self::Qwen3Vl => "Qwen3VLForConditionalGeneration",
+        }
+    }
+    /// How the family's released checkpoints name their tensors: `model.*` / `visual.*` for
+    /// Qwen2(.5)-VL, `model.language_model.*` / `model.visual.*` for Qwen3-VL.
+    pub fn released_layout(self) -> super::WeightLayout {
+        match self {
+            Self::Qwen2Vl | Self::Qwen25Vl => super::WeightLayout::Legacy,
+            Self::Qwen3Vl => super::WeightLayout::Nested,
         }
     }
 }
@@ -92,6 +120,13 @@ pub struct VisionConfig {
     pub rope_theta: f64,
     /// Qwen2.5-VL only.
     pub window: Option<WindowAttention>,
+    /// Qwen3-VL only: the learned absolute position embeddings are a `side x side` table
+    /// (`num_position_embeddings = side²`), resampled bilinearly to each image's patch grid.
+    pub position_grid: Option<usize>,
+    /// Qwen3-VL's `deepstack_visual_indexes`: the blocks whose outputs go, each through its own
+    /// merger (the `j`-th listed block through `deepstack_merger_list.j`), to the decoder; the
+    /// features are taken in block order and the `k`-th is added after decoder layer `k`.
+    pub deepstack: Vec<usize>,
     /// M-RoPE temporal step between a video's temporal patches: 1 for Qwen2-VL; for
     /// Qwen2.5-VL `tokens_per_second x temporal_patch_size / fps` with fps 2, the frame
     /// rate transformers 4.57's processor (and qwen-vl-utils) assume for a list of frames.
@@ -153,6 +188,31 @@ pub struct Qwen2VlConfig {
     /// Settings the file does not hold, filled with transformers' defaults for its config
     /// class: `field = value`, for `medvlm inspect`.
     pub defaults: Vec<String>,
+}
+
+/// transformers 5.24's `Qwen3VLTextConfig` / `Qwen3VLVisionConfig` defaults
+/// (models/qwen3_vl/configuration_qwen3_vl.py), for fields a Qwen3-VL file leaves out.
+mod qwen3_defaults {
+    pub const VOCAB: usize = 151_936;
+    pub const HIDDEN: usize = 4096;
+    pub const INTERMEDIATE: usize = 22_016;
+    pub const LAYERS: usize = 32;
+    pub const HEADS: usize = 32;
+    pub const KV_HEADS: usize = 32;
+    pub const HEAD_DIM: usize = 128;
+    pub const MAX_POSITIONS: usize = 128_000;
+    pub const RMS_EPS: f64 = 1e-6;
+    /// What the modeling code falls back to (`rope_parameters.get("mrope_section", [24, 20,
+    /// 20])`).
+    pub const MROPE_SECTION: [usize; 3] = [24, 20, 20];
+    pub const VISION_DEPTH: usize = 27;
+    pub const VISION_WIDTH: usize = 1152;
+    pub const VISION_INTERMEDIATE: usize = 4304;
+    pub const VISION_HEADS: usize = 16;
+    pub const VISION_OUT: usize = 3584;
+    pub const PATCH: usize = 16;
+    pub const POSITION_EMBEDDINGS: usize = 2304;
+    pub const DEEPSTACK: [usize; 3] = [8, 16, 24];
 }
 
 /// transformers' config-class defaults (5.x; equal in 4.5x), for fields a file leaves out.
@@ -346,13 +406,19 @@ impl Qwen2VlConfig {
         let arch = match top.str_opt("model_type")? {
             Some("qwen2_vl") => Arch::Qwen2Vl,
             Some("qwen2_5_vl") => Arch::Qwen25Vl,
+            Some("qwen3_vl") => Arch::Qwen3Vl,
+            Some("qwen3_vl_moe") => bail!(
+                "{file}: model_type \"qwen3_vl_moe\" is Qwen3-VL's mixture-of-experts family \
+                 (Qwen3-VL-30B-A3B, Qwen3-VL-235B-A22B), which medvlm does not run; the dense \
+                 Qwen3-VL checkpoints (model_type \"qwen3_vl\") load"
+            ),
             Some(other) => bail!(
-                "{file}: model_type is {other:?}, but medvlm runs Qwen2-VL and Qwen2.5-VL \
-                 checkpoints (model_type \"qwen2_vl\" or \"qwen2_5_vl\")"
+                "{file}: model_type is {other:?}, but medvlm runs Qwen2-VL, Qwen2.5-VL and \
+                 Qwen3-VL checkpoints (model_type \"qwen2_vl\", \"qwen2_5_vl\" or \"qwen3_vl\")"
             ),
             None => bail!(
-                "{file}: required field `model_type` is missing (expected \"qwen2_vl\" or \
-                 \"qwen2_5_vl\")"
+                "{file}: required field `model_type` is missing (expected \"qwen2_vl\", \
+                 \"qwen2_5_vl\" or \"qwen3_vl\")"
             ),
         };
 
@@ -375,7 +441,20 @@ impl Qwen2VlConfig {
                 defaults: &defaults,
             },
         };
-        let text = parse_text(&tf, &top)?;
+        if arch == Arch::Qwen3Vl {
+            // A mixture-of-experts config under the dense model_type is still one medvlm
+            // cannot run: its experts' weights would be missing or ignored.
+            for key in ["num_experts", "moe_intermediate_size"] {
+                if tf.get(key).is_some() {
+                    bail!(
+                        "{file}: `{}` is a mixture-of-experts setting (Qwen3-VL-MoE), which \
+                         medvlm does not run",
+                        tf.name(key)
+                    );
+                }
+            }
+        }
+        let text = parse_text(&tf, &top, arch)?;
 
         let empty = Map::new();
         let vobj = match top.object_opt("vision_config")? {
@@ -396,7 +475,7 @@ impl Qwen2VlConfig {
         if vision.hidden_size != text.hidden_size {
             let out = match arch {
                 Arch::Qwen2Vl => "vision_config.hidden_size",
-                Arch::Qwen25Vl => "vision_config.out_hidden_size",
+                Arch::Qwen25Vl | Arch::Qwen3Vl => "vision_config.out_hidden_size",
             };
             bail!(
                 "{file}: {out} ({}) must equal the text hidden_size ({}): the patch merger \
@@ -481,11 +560,15 @@ fn rope_blocks<'a>(f: &Fields<'a>) -> Result<Vec<(String, &'a Map<String, Value>
     Ok(out)
 }
 
-fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
+fn parse_text(tf: &Fields, top: &Fields, arch: Arch) -> Result<TextConfig> {
     use defaults as d;
+    use qwen3_defaults as d3;
     let file = tf.file;
-    let hidden_size = tf.positive("hidden_size", d::HIDDEN)?;
-    let num_attention_heads = tf.positive("num_attention_heads", d::HEADS)?;
+    let q3 = arch == Arch::Qwen3Vl;
+    let pick = |qwen2: usize, qwen3: usize| if q3 { qwen3 } else { qwen2 };
+    let hidden_size = tf.positive("hidden_size", pick(d::HIDDEN, d3::HIDDEN))?;
+    let num_attention_heads = tf.positive("num_attention_heads", pick(d::HEADS, d3::HEADS))?;
+    let kv_default = pick(d::KV_HEADS, d3::KV_HEADS);
     let num_key_value_heads = match tf.usize_opt("num_key_value_heads")? {
         Some(0) => bail!(
             "{file}: field `{}` must be positive",
@@ -494,25 +577,38 @@ fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
         Some(v) => v,
         None if tf.obj.contains_key("num_key_value_heads") => num_attention_heads,
         None => {
-            tf.defaulted("num_key_value_heads", d::KV_HEADS);
-            d::KV_HEADS
+            tf.defaulted("num_key_value_heads", kv_default);
+            kv_default
         }
     };
-    if hidden_size % num_attention_heads != 0 {
-        bail!(
-            "{file}: hidden_size ({hidden_size}) must be divisible by num_attention_heads \
-             ({num_attention_heads})"
-        );
-    }
     if num_attention_heads % num_key_value_heads != 0 {
         bail!(
             "{file}: num_attention_heads ({num_attention_heads}) must be a multiple of \
              num_key_value_heads ({num_key_value_heads})"
         );
     }
-    let head_dim = hidden_size / num_attention_heads;
+    let head_dim = if q3 {
+        // Qwen3VLTextConfig has its own head_dim (default 128): q_proj is heads x head_dim
+        // wide whatever the hidden size.
+        tf.positive("head_dim", d3::HEAD_DIM)?
+    } else {
+        if hidden_size % num_attention_heads != 0 {
+            bail!(
+                "{file}: hidden_size ({hidden_size}) must be divisible by num_attention_heads \
+                 ({num_attention_heads})"
+            );
+        }
+        hidden_size / num_attention_heads
+    };
     if head_dim % 2 != 0 {
         bail!("{file}: the attention head size ({head_dim}) must be even for rotary embeddings");
+    }
+    if q3 && tf.bool_opt("attention_bias")?.unwrap_or(false) {
+        bail!(
+            "{file}: {} = true is not supported (no released Qwen3-VL checkpoint has biases on \
+             its attention projections)",
+            tf.name("attention_bias")
+        );
     }
 
     // Rotary settings: `rope_parameters` / `rope_scaling` blocks and a plain `rope_theta`,
@@ -561,6 +657,13 @@ fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
     let rope_theta = match agreeing(file, "rope_theta", thetas)? {
         Some(t) if t > 0.0 => t,
         Some(t) => bail!("{file}: rope_theta must be positive, found {t}"),
+        // transformers 5.24 would take 500000 here and 4.57 took 5000000 (the released
+        // value): no default is safe.
+        None if q3 => bail!(
+            "{file}: required field `{}` is missing (Qwen3-VL's rotary base; the released \
+             checkpoints use 5000000, and transformers 4.57 and 5.24 default to different values)",
+            tf.name("rope_parameters.rope_theta")
+        ),
         None => {
             tf.defaulted("rope_parameters.rope_theta", d::ROPE_THETA);
             d::ROPE_THETA
@@ -585,11 +688,31 @@ fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
     }
     let mrope_section = match agreeing(file, "mrope_section", sections)? {
         Some(s) => s,
+        None if q3 => {
+            tf.defaulted("rope_parameters.mrope_section", "[24, 20, 20]");
+            d3::MROPE_SECTION
+        }
         None => {
             tf.defaulted("rope_parameters.mrope_section", "[16, 24, 24]");
             d::MROPE_SECTION
         }
     };
+    // transformers never reads `mrope_interleaved`: Qwen3-VL's rotary embedding is always
+    // interleaved (modeling_qwen3_vl.py 5.24, Qwen3VLTextRotaryEmbedding). A file saying
+    // otherwise describes a model transformers does not run.
+    if q3 {
+        for (at, o) in &blocks {
+            if let Some(v) = o.get("mrope_interleaved").filter(|v| !v.is_null()) {
+                if v.as_bool() != Some(true) {
+                    bail!(
+                        "{file}: {at}.mrope_interleaved = {v} is not supported (Qwen3-VL's \
+                         multimodal rotary embedding is interleaved; transformers ignores the \
+                         field and interleaves)"
+                    );
+                }
+            }
+        }
+    }
     if mrope_section.iter().sum::<usize>() != head_dim / 2 {
         bail!(
             "{file}: mrope_section {mrope_section:?} must sum to half the attention head size \
@@ -604,7 +727,7 @@ fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
             tf.name("use_sliding_window")
         );
     }
-    let num_hidden_layers = tf.positive("num_hidden_layers", d::LAYERS)?;
+    let num_hidden_layers = tf.positive("num_hidden_layers", pick(d::LAYERS, d3::LAYERS))?;
     if let Some(v) = tf.get("layer_types") {
         let kinds = v.as_array().with_context(|| {
             format!(
@@ -629,35 +752,96 @@ fn parse_text(tf: &Fields, top: &Fields) -> Result<TextConfig> {
             }
         }
     }
-    // transformers 5: the top-level flag (default false), or true inside text_config (older
-    // saves put it there).
-    let tie = top.bool_opt("tie_word_embeddings")?.unwrap_or(false)
-        || tf
-            .obj
-            .get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-    if top.get("tie_word_embeddings").is_none() && !tf.obj.contains_key("tie_word_embeddings") {
-        top.defaulted("tie_word_embeddings", false);
-    }
+    let tie = if q3 {
+        qwen3_tie(tf, top)?
+    } else {
+        // transformers 5: the top-level flag (default false), or true inside text_config (older
+        // saves put it there).
+        let tie = top.bool_opt("tie_word_embeddings")?.unwrap_or(false)
+            || tf
+                .obj
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+        if top.get("tie_word_embeddings").is_none() && !tf.obj.contains_key("tie_word_embeddings") {
+            top.defaulted("tie_word_embeddings", false);
+        }
+        tie
+    };
     Ok(TextConfig {
-        vocab_size: tf.positive("vocab_size", d::VOCAB)?,
+        vocab_size: tf.positive("vocab_size", pick(d::VOCAB, d3::VOCAB))?,
         hidden_size,
-        intermediate_size: tf.positive("intermediate_size", d::INTERMEDIATE)?,
+        intermediate_size: tf
+            .positive("intermediate_size", pick(d::INTERMEDIATE, d3::INTERMEDIATE))?,
         num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
-        rms_norm_eps: tf.f64_or("rms_norm_eps", d::RMS_EPS)?,
+        head_dim,
+        rms_norm_eps: tf.f64_or("rms_norm_eps", if q3 { d3::RMS_EPS } else { d::RMS_EPS })?,
         rope_theta,
         mrope_section,
+        mrope_interleaved: q3,
+        qk_norm: q3,
         tie_word_embeddings: tie,
-        max_position_embeddings: tf.positive("max_position_embeddings", d::MAX_POSITIONS)?,
+        max_position_embeddings: tf.positive(
+            "max_position_embeddings",
+            pick(d::MAX_POSITIONS, d3::MAX_POSITIONS),
+        )?,
         hidden_act: tf.activation("hidden_act", Activation::Silu, "silu")?,
     })
 }
 
+/// Whether a Qwen3-VL ties its LM head to the embeddings. transformers 5.24 reads the top-level
+/// `tie_word_embeddings` (Qwen3VLConfig, default false); 4.57 read `text_config`'s (default
+/// false). The released files that tie say so in both places. Where the two would disagree,
+/// medvlm refuses rather than pick one.
+fn qwen3_tie(tf: &Fields, top: &Fields) -> Result<bool> {
+    let file = tf.file;
+    let at_top = top.obj.get("tie_word_embeddings").filter(|v| !v.is_null());
+    let at_top = match at_top {
+        Some(v) => Some(v.as_bool().with_context(|| {
+            format!("{file}: field `tie_word_embeddings` must be true or false, found {v}")
+        })?),
+        None => None,
+    };
+    let in_text = if tf.fallback.is_some() {
+        tf.obj.get("tie_word_embeddings").filter(|v| !v.is_null())
+    } else {
+        None
+    };
+    let in_text = match in_text {
+        Some(v) => Some(v.as_bool().with_context(|| {
+            format!(
+                "{file}: field `{}` must be true or false, found {v}",
+                tf.name("tie_word_embeddings")
+            )
+        })?),
+        None => None,
+    };
+    match (at_top, in_text) {
+        (Some(a), Some(b)) if a != b => bail!(
+            "{file}: tie_word_embeddings is {a} but {} is {b}; transformers 5.24 reads the \
+             first and 4.57 the second, so make them agree",
+            tf.name("tie_word_embeddings")
+        ),
+        (Some(a), _) => Ok(a),
+        (None, Some(true)) => bail!(
+            "{file}: {} is true but the top-level tie_word_embeddings is missing; transformers \
+             5.24 reads only the top-level flag (default false) and 4.57 only this one, so add \
+             the top-level flag",
+            tf.name("tie_word_embeddings")
+        ),
+        (None, Some(false)) => Ok(false),
+        (None, None) => {
+            top.defaulted("tie_word_embeddings", false);
+            Ok(false)
+        }
+    }
+}
+
 fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
     use defaults as d;
+    use qwen3_defaults as d3;
     let file = vf.file;
     // The tower's width and its output width are named differently in the two families.
     let (embed_dim, hidden_size, intermediate_size, hidden_act, window) = match arch {
@@ -724,8 +908,23 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
                 }),
             )
         }
+        Arch::Qwen3Vl => (
+            vf.positive("hidden_size", d3::VISION_WIDTH)?,
+            vf.positive("out_hidden_size", d3::VISION_OUT)?,
+            vf.positive("intermediate_size", d3::VISION_INTERMEDIATE)?,
+            vf.activation("hidden_act", Activation::GeluTanh, "gelu_pytorch_tanh")?,
+            None,
+        ),
     };
-    let num_heads = vf.positive("num_heads", d::VISION_HEADS)?;
+    let q3 = arch == Arch::Qwen3Vl;
+    let num_heads = vf.positive(
+        "num_heads",
+        if q3 {
+            d3::VISION_HEADS
+        } else {
+            d::VISION_HEADS
+        },
+    )?;
     if embed_dim % num_heads != 0 {
         bail!(
             "{file}: the vision tower's width ({embed_dim}) must be divisible by \
@@ -754,8 +953,9 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
         None => match vf.usize_opt("spatial_patch_size")? {
             Some(p) => p,
             None => {
-                vf.defaulted("patch_size", 14);
-                14
+                let p = if q3 { d3::PATCH } else { 14 };
+                vf.defaulted("patch_size", p);
+                p
             }
         },
     };
@@ -804,8 +1004,23 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
         }
     };
     let temporal_patch_size = vf.positive("temporal_patch_size", 2)?;
+    let depth = vf.positive(
+        "depth",
+        if q3 {
+            d3::VISION_DEPTH
+        } else {
+            d::VISION_DEPTH
+        },
+    )?;
+    let (position_grid, deepstack) = if q3 {
+        qwen3_vision_extras(vf, depth)?
+    } else {
+        (None, Vec::new())
+    };
     let video_time_interval = match arch {
-        Arch::Qwen2Vl => 1.0,
+        // Qwen3-VL numbers a video's temporal patches like separate images, with timestamps in
+        // the text between them (not supported yet: see `Qwen2Vl::positions`).
+        Arch::Qwen2Vl | Arch::Qwen3Vl => 1.0,
         Arch::Qwen25Vl => {
             let tps = vf.f64_or("tokens_per_second", d::QWEN25_TOKENS_PER_SECOND)?;
             if !(tps.is_finite() && tps > 0.0) {
@@ -816,7 +1031,7 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
     };
     Ok(VisionConfig {
         arch,
-        depth: vf.positive("depth", d::VISION_DEPTH)?,
+        depth,
         embed_dim,
         num_heads,
         intermediate_size,
@@ -828,8 +1043,55 @@ fn parse_vision(vf: &Fields, arch: Arch) -> Result<VisionConfig> {
         hidden_act,
         rope_theta,
         window,
+        position_grid,
+        deepstack,
         video_time_interval,
     })
+}
+
+/// Qwen3-VL's learned position table side and DeepStack blocks.
+fn qwen3_vision_extras(vf: &Fields, depth: usize) -> Result<(Option<usize>, Vec<usize>)> {
+    use qwen3_defaults as d3;
+    let file = vf.file;
+    let n = vf.positive("num_position_embeddings", d3::POSITION_EMBEDDINGS)?;
+    // transformers takes int(sqrt(n)) as the side; a table that is not square would have rows
+    // it never reads.
+    let side = (n as f64).sqrt().round() as usize;
+    if side * side != n {
+        bail!(
+            "{file}: vision_config.num_position_embeddings ({n}) must be a square (the learned \
+             position embeddings are a side x side grid)"
+        );
+    }
+    let deepstack = match vf.get("deepstack_visual_indexes") {
+        None => {
+            vf.defaulted("deepstack_visual_indexes", "[8, 16, 24]");
+            d3::DEEPSTACK.to_vec()
+        }
+        Some(v) => {
+            let arr = v.as_array().with_context(|| {
+                format!(
+                    "{file}: `vision_config.deepstack_visual_indexes` must be a list of block \
+                     numbers, found {v}"
+                )
+            })?;
+            let mut out: Vec<usize> = Vec::new();
+            for b in arr {
+                match b.as_u64() {
+                    Some(b) if (b as usize) < depth && !out.contains(&(b as usize)) => {
+                        out.push(b as usize)
+                    }
+                    _ => bail!(
+                        "{file}: vision_config.deepstack_visual_indexes holds {b}, not a \
+                         distinct block of the {depth}-block tower (0..{})",
+                        depth.saturating_sub(1)
+                    ),
+                }
+            }
+            out
+        }
+    };
+    Ok((Some(side), deepstack))
 }
 
 #[cfg(test)]
@@ -843,7 +1105,7 @@ mod tests {
     fn parses_the_released_2b_config() {
         let c = Qwen2VlConfig::from_json_str(QWEN2_VL_2B, "config.json").unwrap();
         assert_eq!(c.text.hidden_size, 1536);
-        assert_eq!(c.text.head_dim(), 128);
+        assert_eq!(c.text.head_dim, 128);
         assert_eq!(c.text.num_key_value_heads, 2);
         assert_eq!(c.text.mrope_section, [16, 24, 24]);
         assert!(c.text.tie_word_embeddings);
@@ -1061,5 +1323,130 @@ mod tests {
         );
         let e = bad(&|v| v["vision_config"]["window_size"] = 20.into());
         assert!(e.contains("window_size"), "{e}");
+    }
+    const TINY_3A: &str = include_str!("../../tests/fixtures/tiny-3a/config.json");
+    const TINY_3B: &str = include_str!("../../tests/fixtures/tiny-3b/config.json");
+
+    #[test]
+    fn qwen3_configs_parse_in_both_layouts() {
+        let a = Qwen2VlConfig::from_json_str(TINY_3A, "a.json").unwrap();
+        assert_eq!(a.arch, Arch::Qwen3Vl);
+        assert!(a.text.tie_word_embeddings);
+        assert!(a.text.qk_norm && a.text.mrope_interleaved);
+        assert_eq!(a.text.head_dim, 16);
+        assert_eq!(a.text.rope_theta, 5_000_000.0);
+        assert_eq!(a.text.mrope_section, [4, 2, 2]);
+        assert_eq!(a.vision.embed_dim, 32);
+        assert_eq!(a.vision.hidden_size, 64);
+        assert_eq!(a.vision.patch_size, 16);
+        assert_eq!(a.vision.hidden_act, Activation::GeluTanh);
+        assert_eq!(a.vision.position_grid, Some(8));
+        assert_eq!(a.vision.deepstack, vec![0, 1, 3]);
+        assert_eq!(a.vision.rope_theta, 10_000.0);
+        let b = Qwen2VlConfig::from_json_str(TINY_3B, "b.json").unwrap();
+        assert!(!b.text.tie_word_embeddings);
+        // An explicit head_dim: 4 heads x 32 over a hidden size of 96.
+        assert_eq!((b.text.head_dim, b.text.hidden_size), (32, 96));
+        assert_eq!(b.text.rope_theta, 20_000.0);
+        assert_eq!(b.vision.deepstack, vec![2, 0]);
+        assert_eq!(b.vision.position_grid, Some(10));
+        assert_eq!(b.saved_dtype.as_deref(), Some("bfloat16"));
+    }
+
+    /// The released Qwen3-VL-2B-Instruct shape, written as the released files write it: what
+    /// `init --preset qwen3-vl-2b` builds.
+    #[test]
+    fn qwen3_defaults_are_transformers_5_24s() {
+        let v = serde_json::json!({
+            "model_type": "qwen3_vl",
+            "text_config": {"rope_theta": 5000000},
+            "vision_config": {"out_hidden_size": 4096},
+        });
+        let c = Qwen2VlConfig::from_json_str(&v.to_string(), "c.json").unwrap();
+        assert_eq!(c.text.vocab_size, 151_936);
+        assert_eq!(c.text.hidden_size, 4096);
+        assert_eq!(c.text.num_key_value_heads, 32);
+        assert_eq!(c.text.head_dim, 128);
+        assert_eq!(c.text.mrope_section, [24, 20, 20]);
+        assert_eq!(c.text.max_position_embeddings, 128_000);
+        assert!(!c.text.tie_word_embeddings);
+        assert_eq!(c.vision.depth, 27);
+        assert_eq!(c.vision.embed_dim, 1152);
+        assert_eq!(c.vision.mlp_hidden(), 4304);
+        assert_eq!(c.vision.patch_size, 16);
+        assert_eq!(c.vision.position_grid, Some(48));
+        assert_eq!(c.vision.deepstack, vec![8, 16, 24]);
+        for d in [
+            "text_config.head_dim = 128",
+            "vision_config.deepstack_visual_indexes = [8, 16, 24]",
+            "tie_word_embeddings = false",
+        ] {
+            assert!(
+                c.defaults.iter().any(|x| x == d),
+                "{d} not in {:?}",
+                c.defaults
+            );
+        }
+    }
+
+    #[test]
+    fn qwen3_refusals_name_the_field() {
+        let bad = |f: &dyn Fn(&mut Value)| {
+            let mut v: Value = serde_json::from_str(TINY_3A).unwrap();
+            f(&mut v);
+            format!(
+                "{:#}",
+                Qwen2VlConfig::from_json_str(&v.to_string(), "q.json").unwrap_err()
+            )
+        };
+        let e = bad(&|v| v["model_type"] = "qwen3_vl_moe".into());
+        assert!(
+            e.contains("q.json") && e.contains("mixture-of-experts"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+        let e = bad(&|v| v["text_config"]["num_experts"] = 128.into());
+        assert!(e.contains("text_config.num_experts"), "{e}");
+        let e = bad(&|v| {
+            v["text_config"]
+                .as_object_mut()
+                .unwrap()
+                .remove("rope_theta");
+        });
+        assert!(e.contains("rope_theta") && e.contains("5000000"), "{e}");
+        let e = bad(&|v| v["text_config"]["rope_scaling"]["mrope_interleaved"] = false.into());
+        assert!(
+            e.contains("text_config.rope_scaling.mrope_interleaved"),
+            "{e}"
+        );
+        let e = bad(&|v| v["text_config"]["tie_word_embeddings"] = false.into());
+        assert!(
+            e.contains("tie_word_embeddings is true")
+                && e.contains("text_config.tie_word_embeddings is false"),
+            "{e}"
+        );
+        let e = bad(&|v| {
+            v.as_object_mut().unwrap().remove("tie_word_embeddings");
+        });
+        assert!(e.contains("top-level"), "{e}");
+        let e = bad(&|v| v["text_config"]["attention_bias"] = true.into());
+        assert!(e.contains("text_config.attention_bias"), "{e}");
+        let e =
+            bad(&|v| v["vision_config"]["deepstack_visual_indexes"] = serde_json::json!([0, 4]));
+        assert!(
+            e.contains("deepstack_visual_indexes") && e.contains('4'),
+            "{e}"
+        );
+        let e =
+            bad(&|v| v["vision_config"]["deepstack_visual_indexes"] = serde_json::json!([1, 1]));
+        assert!(e.contains("distinct"), "{e}");
+        let e = bad(&|v| v["vision_config"]["num_position_embeddings"] = 60.into());
+        assert!(e.contains("vision_config.num_position_embeddings"), "{e}");
+        // Both tie flags false, or only text_config's false: untied, as both versions read it.
+        let mut v: Value = serde_json::from_str(TINY_3A).unwrap();
+        v.as_object_mut().unwrap().remove("tie_word_embeddings");
+        v["text_config"]["tie_word_embeddings"] = false.into();
+        let c = Qwen2VlConfig::from_json_str(&v.to_string(), "q.json").unwrap();
+        assert!(!c.text.tie_word_embeddings);
     }
 }

@@ -1,5 +1,5 @@
-//! Qwen2-VL: the vision tower, the M-RoPE decoder, and loading a local Hugging Face
-//! checkpoint directory into them.
+//! Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the vision tower, the M-RoPE decoder, and loading a
+//! local Hugging Face checkpoint directory into them.
 
 pub mod config;
 pub mod layers;
@@ -11,6 +11,7 @@ pub mod text;
 pub mod vision;
 pub mod vision_qwen2;
 pub mod vision_qwen25;
+pub mod vision_qwen3;
 pub mod weights;
 
 use std::path::Path;
@@ -43,8 +44,10 @@ pub use config::{Qwen2VlConfig, TextConfig, VisionConfig};
 pub use layers::Mode;
 pub use presets::Preset;
 pub use rope::{mrope_positions, Pos3, VisionTokens};
-pub use text::{attention_mask, log_softmax_f32, Caching, KvCache, PackedSegment, TextModel};
-pub use vision::VisionTower;
+pub use text::{
+    attention_mask, log_softmax_f32, Caching, DeepStack, KvCache, PackedSegment, TextModel,
+};
+pub use vision::{VisionFeatures, VisionTower};
 pub use weights::{CheckpointWeights, WeightLayout};
 
 /// Number of parameters of a model of `config` (tied embeddings counted once), from the
@@ -186,14 +189,34 @@ impl Qwen2Vl {
         Ok(file.config)
     }
 
-    /// Image embeddings, (total image tokens, hidden), for stacked pixel patches.
+    /// Image embeddings, (total image tokens, hidden), and Qwen3-VL's DeepStack features, for
+    /// stacked pixel patches.
     pub fn encode_images(
         &self,
         pixels: &Tensor,
         grids: &[[usize; 3]],
         mode: layers::Mode,
-    ) -> Result<Tensor> {
+    ) -> Result<VisionFeatures> {
         Ok(self.vision.forward(pixels, grids, mode)?)
+    }
+
+    /// The DeepStack of a pass over equal-length rows `ids` whose vision features are
+    /// `deepstack` (one tensor per level, as [`VisionFeatures::deepstack`]): the features go
+    /// to the image and video pad tokens in reading order, as the tokens' embeddings do.
+    /// `None` without levels (every family but Qwen3-VL, or a prompt without images).
+    pub fn deepstack(&self, ids: &[Vec<u32>], deepstack: &[Tensor]) -> Result<Option<DeepStack>> {
+        if deepstack.is_empty() {
+            return Ok(None);
+        }
+        let (image, video) = (self.config.image_token_id, self.config.video_token_id);
+        let rows: Vec<u32> = ids
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, &t)| t == image || t == video)
+            .map(|(i, _)| i as u32)
+            .collect();
+        Ok(Some(DeepStack::new(rows, deepstack.to_vec())?))
     }
 
     /// Input embeddings for equal-length rows of token ids, with the image (and video)
@@ -296,6 +319,15 @@ impl Qwen2Vl {
 
     /// M-RoPE positions of one unpadded sequence and its rope delta.
     pub fn positions(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<(Vec<Pos3>, i64)> {
+        if self.config.arch == config::Arch::Qwen3Vl && ids.contains(&self.config.video_token_id) {
+            // Qwen3-VL's processor writes each temporal patch of a video as its own
+            // `<t seconds><|vision_start|>...<|vision_end|>` group, numbered like an image;
+            // medvlm does not build those prompts yet.
+            bail!(
+                "videos are not supported for Qwen3-VL yet (its prompts carry per-frame \
+                 timestamps); send the slices as images"
+            );
+        }
         mrope_positions(
             ids,
             grids,
@@ -312,15 +344,24 @@ impl Qwen2Vl {
         pixels: Option<&Tensor>,
         grids: &[[usize; 3]],
     ) -> Result<Tensor> {
+        let (pos, _) = self.positions(ids, grids)?;
         let img = match pixels {
             Some(p) => Some(self.encode_images(p, grids, layers::Mode::Infer)?),
             None => None,
         };
-        let embeds = self.input_embeds(&[ids.to_vec()], img.as_ref())?;
-        let (pos, _) = self.positions(ids, grids)?;
-        let hidden = self
-            .text
-            .forward(&embeds, &[pos], Caching::None, layers::Mode::Infer)?;
+        let rows = [ids.to_vec()];
+        let embeds = self.input_embeds(&rows, img.as_ref().map(|f| &f.tokens))?;
+        let deepstack = match &img {
+            Some(f) => self.deepstack(&rows, &f.deepstack)?,
+            None => None,
+        };
+        let hidden = self.text.forward(
+            &embeds,
+            &[pos],
+            Caching::None,
+            deepstack.as_ref(),
+            layers::Mode::Infer,
+        )?;
         Ok(self
             .text
             .logits(&hidden)?
@@ -346,7 +387,7 @@ impl Qwen2Vl {
             t.hidden_size,
             t.num_attention_heads,
             t.num_key_value_heads,
-            t.head_dim(),
+            t.head_dim,
             t.intermediate_size,
             t.vocab_size,
             t.mrope_section,
@@ -363,12 +404,16 @@ impl Qwen2Vl {
             v.patch_size,
             v.spatial_merge_size,
             v.spatial_merge_size,
-            match &v.window {
-                Some(w) => format!(
+            match (&v.window, v.position_grid) {
+                (Some(w), _) => format!(
                     ", window attention ({} px windows, full attention in blocks {:?})",
                     w.window_size, w.full_attention_blocks
                 ),
-                None => String::new(),
+                (None, Some(side)) => format!(
+                    ", {side}x{side} learned positions, DeepStack from blocks {:?}",
+                    v.deepstack
+                ),
+                (None, None) => String::new(),
             },
         )
     }

@@ -14,6 +14,11 @@ pub enum Preset {
     /// Qwen2-VL's architecture and 151,936-token vocabulary, scaled down.
     #[value(name = "qwen2-vl-bench")]
     Qwen2VlBench,
+    /// Qwen3-VL-2B-Instruct: 28 layers x 2048, 16/8 heads of 128, MLP 6144, vocabulary
+    /// 151,936, tied embeddings, vision 24 x 1024 with DeepStack from blocks 5, 11, 17;
+    /// 2,127,532,032 parameters.
+    #[value(name = "qwen3-vl-2b")]
+    Qwen3Vl2b,
 }
 
 impl Preset {
@@ -22,6 +27,7 @@ impl Preset {
         match self {
             Preset::Qwen2Vl2b => QWEN2_VL_2B,
             Preset::Qwen2VlBench => QWEN2_VL_BENCH,
+            Preset::Qwen3Vl2b => QWEN3_VL_2B,
         }
     }
 
@@ -30,6 +36,7 @@ impl Preset {
         match self {
             Preset::Qwen2Vl2b => "Qwen2-VL-2B-Instruct",
             Preset::Qwen2VlBench => "src/model/presets/qwen2-vl-bench.json",
+            Preset::Qwen3Vl2b => "Qwen3-VL-2B-Instruct",
         }
     }
 
@@ -46,6 +53,21 @@ pub const QWEN2_VL_2B: &str = include_str!("presets/qwen2-vl-2b.json");
 /// The benchmark model's config.json.
 pub const QWEN2_VL_BENCH: &str = include_str!("presets/qwen2-vl-bench.json");
 
+/// Qwen/Qwen3-VL-2B-Instruct's config.json in the released files' layout (transformers 4.57:
+/// text_config with rope_scaling, legacy vision model_type, the tie flag at both levels).
+/// Not the file itself, which no source here holds verbatim: its values as third-party
+/// copies of it give them (text sizes, DeepStack blocks), the vision tower as torchtitan's
+/// "2B" flavour and the 4B release (the same tower) give it, and the tie inferred from the
+/// released weights' size (4.26 GB of bf16 is 2.128B parameters, tied; see
+/// notes/28-research.md §1.3). transformers 5.24 builds 2,127,532,032 parameters from it.
+pub const QWEN3_VL_2B: &str = include_str!("presets/qwen3-vl-2b.json");
+
+/// The Qwen3-VL Instruct chat template, verbatim (TRL 1.16.0's trl/chat_templates/
+/// qwen3_vl.jinja, "Original Qwen3-VL chat template", sha256 3636d0f0..; the same bytes as
+/// Qwen/Qwen3-VL-8B-Instruct-GGUF's): no default system prompt, generation prompt
+/// `<|im_start|>assistant\n`.
+pub const QWEN3_VL_CHAT_TEMPLATE: &str = include_str!("presets/qwen3-vl-chat-template.jinja");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,14 +75,16 @@ mod tests {
 
     /// Every preset parses, and transformers counts the same parameters:
     /// `Qwen2VLForConditionalGeneration(config).num_parameters()` gives 119,719,168 for the
-    /// bench shape and 2,208,985,600 for the released 2B config (transformers 5.24, built
-    /// on the meta device).
+    /// bench shape and 2,208,985,600 for the released 2B config, and
+    /// `Qwen3VLForConditionalGeneration` 2,127,532,032 for Qwen3-VL-2B (transformers 5.24,
+    /// built on the meta device).
     #[test]
     fn presets_parse_with_transformers_parameter_counts() {
         for p in Preset::value_variants() {
             let expected = match p {
                 Preset::Qwen2VlBench => 119_719_168,
                 Preset::Qwen2Vl2b => 2_208_985_600,
+                Preset::Qwen3Vl2b => 2_127_532_032,
             };
             assert_eq!(super::super::num_parameters(&p.config()).unwrap(), expected);
         }

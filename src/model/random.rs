@@ -150,7 +150,7 @@ pub fn shape_only(
     let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
     let model = crate::model::Qwen2Vl::from_var_builder(
         vb,
-        crate::model::WeightLayout::Legacy,
+        config.arch.released_layout(),
         config.clone(),
         DType::F32,
         &Device::Cpu,

@@ -95,6 +95,32 @@ fn inv_freq(dim: usize, theta: f64) -> Vec<f32> {
         .collect()
 }
 
+/// Which position axis (0 temporal, 1 height, 2 width) drives each of the `n` rotary
+/// frequencies.
+///
+/// Qwen2(.5)-VL: the first `section[0]` frequencies follow t, the next `section[1]` h, the
+/// rest w. Qwen3-VL interleaves them (transformers 5.24, modeling_qwen3_vl.py,
+/// `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`): starting from all-t, frequency `i`
+/// takes h where `i % 3 == 1 and i < 3 x section[1]`, and w where `i % 3 == 2 and i < 3 x
+/// section[2]` (for [24, 20, 20]: h at 1, 4, .., 58, w at 2, 5, .., 59, t at the rest).
+pub fn axes_of_frequencies(n: usize, section: [usize; 3], interleaved: bool) -> Vec<usize> {
+    if interleaved {
+        return (0..n)
+            .map(|i| match i % 3 {
+                1 if i < 3 * section[1] => 1,
+                2 if i < 3 * section[2] => 2,
+                _ => 0,
+            })
+            .collect();
+    }
+    let mut axes = Vec::with_capacity(n);
+    for (axis, &k) in section.iter().enumerate() {
+        axes.extend(std::iter::repeat_n(axis, k));
+    }
+    debug_assert_eq!(axes.len(), n);
+    axes
+}
+
 /// The decoder's multimodal rotary tables.
 #[derive(Debug, Clone)]
 pub struct MRope {
@@ -105,12 +131,10 @@ pub struct MRope {
 }
 
 impl MRope {
-    pub fn new(head_dim: usize, theta: f64, mrope_section: [usize; 3]) -> Self {
-        let mut axis_of_freq = Vec::with_capacity(head_dim / 2);
-        for (axis, &n) in mrope_section.iter().enumerate() {
-            axis_of_freq.extend(std::iter::repeat_n(axis, n));
-        }
-        debug_assert_eq!(axis_of_freq.len(), head_dim / 2);
+    /// `interleaved`: Qwen3-VL's layout, else Qwen2(.5)-VL's contiguous sections (see
+    /// [`axes_of_frequencies`]).
+    pub fn new(head_dim: usize, theta: f64, mrope_section: [usize; 3], interleaved: bool) -> Self {
+        let axis_of_freq = axes_of_frequencies(head_dim / 2, mrope_section, interleaved);
         Self {
             head_dim,
             inv_freq: inv_freq(head_dim, theta),
@@ -301,7 +325,7 @@ mod tests {
     #[test]
     fn mrope_axes_follow_sections() {
         // head_dim 8 -> 4 freqs, sections [1, 2, 1]: freq 0 <- t, 1..3 <- h, 3 <- w
-        let r = MRope::new(8, 10_000.0, [1, 2, 1]);
+        let r = MRope::new(8, 10_000.0, [1, 2, 1], false);
         let (cos, _) = r
             .tables(&[vec![[0, 5, 7]]], DType::F32, &Device::Cpu)
             .unwrap();
@@ -316,6 +340,24 @@ mod tests {
         for j in 0..8 {
             assert!((c[j] - want[j % 4]).abs() < 1e-7, "dim {j}");
         }
+    }
+
+    /// Qwen3-VL's released split [24, 20, 20] of 64 frequencies, by transformers' rule: h at
+    /// 1, 4, .., 58, w at 2, 5, .., 59, t at 0, 3, .., 57 and 60..63 (24, 20, 20 of them).
+    #[test]
+    fn interleaved_axes_follow_transformers() {
+        let axes = axes_of_frequencies(64, [24, 20, 20], true);
+        for (i, &a) in axes.iter().enumerate() {
+            let want = if i >= 60 { 0 } else { i % 3 };
+            assert_eq!(a, want, "frequency {i}");
+        }
+        let count = |k| axes.iter().filter(|&&a| a == k).count();
+        assert_eq!((count(0), count(1), count(2)), (24, 20, 20));
+        // Sections longer than the interleaving can hold stop at the last frequency.
+        assert_eq!(
+            axes_of_frequencies(8, [2, 3, 3], true),
+            vec![0, 1, 2, 0, 1, 2, 0, 1]
+        );
     }
 
     #[test]

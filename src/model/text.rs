@@ -1,5 +1,7 @@
-//! The Qwen2 decoder of Qwen2-VL: RMSNorm, grouped-query attention with q/k/v biases and
-//! multimodal rotary embeddings, SwiGLU MLP, optional tied lm_head, and a KV cache.
+//! The decoder: Qwen2 for Qwen2(.5)-VL (RMSNorm, grouped-query attention with q/k/v biases
+//! and multimodal rotary embeddings, SwiGLU MLP, optional tied lm_head, a KV cache) and Qwen3
+//! for Qwen3-VL (no q/k/v biases, per-head RMSNorm of q and k, interleaved M-RoPE, and
+//! DeepStack: vision features added to the hidden states after the first layers).
 
 use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -173,12 +175,96 @@ pub struct PackedSegment<'a> {
     pub prefix: Option<&'a [(Tensor, Tensor)]>,
 }
 
+/// DeepStack (Qwen3-VL): for one pass, the vision features each of the first decoder layers
+/// adds to its output at the visual positions. transformers 5.24
+/// (`Qwen3VLTextModel._deepstack_process`): `hidden[visual_pos_masks] += deepstack[k]` after
+/// layer `k`, in the hidden dtype, for `k < len(deepstack)`.
+#[derive(Debug, Clone)]
+pub struct DeepStack {
+    /// The visual positions among the pass's flattened (batch x seq) rows, ascending.
+    rows: Vec<u32>,
+    /// Per level, (rows.len(), hidden): level `k` is added after decoder layer `k`.
+    levels: Vec<Tensor>,
+}
+
+impl DeepStack {
+    /// `rows`: the visual positions of the pass (flattened, ascending); `levels`: one
+    /// (rows.len(), hidden) tensor per level.
+    pub fn new(rows: Vec<u32>, levels: Vec<Tensor>) -> Result<Self> {
+        for l in &levels {
+            if l.dim(0)? != rows.len() {
+                candle_core::bail!(
+                    "deepstack: {} features for {} visual positions",
+                    l.dim(0)?,
+                    rows.len()
+                );
+            }
+        }
+        if rows.windows(2).any(|w| w[0] >= w[1]) {
+            candle_core::bail!("deepstack: visual positions must ascend");
+        }
+        Ok(Self { rows, levels })
+    }
+
+    pub fn num_levels(&self) -> usize {
+        self.levels.len()
+    }
+
+    /// The part of a batch-1 pass's DeepStack that falls in its positions `start..start +
+    /// len` (a prefill chunk), renumbered from 0; `None` when no visual position does.
+    pub fn window(&self, start: usize, len: usize) -> Result<Option<Self>> {
+        let (lo, hi) = (start as u32, (start + len) as u32);
+        let first = self.rows.partition_point(|&r| r < lo);
+        let end = self.rows.partition_point(|&r| r < hi);
+        if first == end {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            rows: self.rows[first..end].iter().map(|&r| r - lo).collect(),
+            levels: self
+                .levels
+                .iter()
+                .map(|l| l.narrow(0, first, end - first))
+                .collect::<Result<_>>()?,
+        }))
+    }
+
+    /// `x` (batch, seq, hidden) after decoder layer `layer`: with level `layer`'s features
+    /// added at the visual positions (cast to x's dtype), else unchanged. Differentiable in
+    /// both (a gather from `[x; x[rows] + features]`).
+    pub fn add_after(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
+        let Some(feat) = self.levels.get(layer) else {
+            return Ok(x.clone());
+        };
+        let (b, l, h) = x.dims3()?;
+        let n = b * l;
+        if self.rows.last().is_some_and(|&r| r as usize >= n) {
+            candle_core::bail!("deepstack: a visual position beyond the pass's {n} tokens");
+        }
+        let flat = x.reshape((n, h))?;
+        let rows = Tensor::from_slice(&self.rows, self.rows.len(), x.device())?;
+        let added = flat
+            .index_select(&rows, 0)?
+            .add(&feat.to_dtype(x.dtype())?)?;
+        let table = Tensor::cat(&[&flat, &added], 0)?;
+        let mut index: Vec<u32> = (0..n as u32).collect();
+        for (k, &r) in self.rows.iter().enumerate() {
+            index[r as usize] = (n + k) as u32;
+        }
+        let index = Tensor::from_vec(index, n, x.device())?;
+        table.index_select(&index, 0)?.reshape((b, l, h))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Qwen3: RMSNorm over each head of q and of k, before the rotary embedding.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -186,12 +272,24 @@ struct Attention {
 
 impl Attention {
     fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        // Qwen2 has q/k/v biases; Qwen3 (attention_bias false in every release) none, but
+        // q/k norms.
+        let bias = !cfg.qk_norm;
+        let norm = |name: &str| -> Result<Option<RmsNorm>> {
+            if cfg.qk_norm {
+                Ok(Some(RmsNorm::load(&vb.pp(name), hd, cfg.rms_norm_eps)?))
+            } else {
+                Ok(None)
+            }
+        };
         Ok(Self {
-            q: linear(&vb.pp("q_proj"), h, cfg.num_attention_heads * hd, true)?,
-            k: linear(&vb.pp("k_proj"), h, cfg.num_key_value_heads * hd, true)?,
-            v: linear(&vb.pp("v_proj"), h, cfg.num_key_value_heads * hd, true)?,
+            q: linear(&vb.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?,
+            k: linear(&vb.pp("k_proj"), h, cfg.num_key_value_heads * hd, bias)?,
+            v: linear(&vb.pp("v_proj"), h, cfg.num_key_value_heads * hd, bias)?,
             o: linear(&vb.pp("o_proj"), cfg.num_attention_heads * hd, h, false)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -209,15 +307,26 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let hd = self.head_dim;
-        // (b, l, heads * hd) -> (b, heads, l, hd), q and k rotated on the way.
-        let split = |t: Tensor, n: usize| t.reshape((b, l, n, hd));
-        let q = rotary_heads_first(&split(self.q.forward(x, mode)?, self.num_heads)?, cos, sin)?;
-        let k = rotary_heads_first(
-            &split(self.k.forward(x, mode)?, self.num_kv_heads)?,
+        // (b, l, heads * hd) -> (b, heads, l, hd), q and k (per-head normed in Qwen3) rotated
+        // on the way.
+        let split = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((b, l, n, hd))?;
+            match norm {
+                Some(norm) => norm.forward(&t),
+                None => Ok(t),
+            }
+        };
+        let q = rotary_heads_first(
+            &split(self.q.forward(x, mode)?, self.num_heads, &self.q_norm)?,
             cos,
             sin,
         )?;
-        let v = split(self.v.forward(x, mode)?, self.num_kv_heads)?
+        let k = rotary_heads_first(
+            &split(self.k.forward(x, mode)?, self.num_kv_heads, &self.k_norm)?,
+            cos,
+            sin,
+        )?;
+        let v = split(self.v.forward(x, mode)?, self.num_kv_heads, &None)?
             .transpose(1, 2)?
             .contiguous()?;
         let out = match caching {
@@ -468,7 +577,12 @@ impl TextModel {
             layers,
             norm: RmsNorm::load(&vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
             lm_head: Linear::new(lm_head, None),
-            rope: MRope::new(cfg.head_dim(), cfg.rope_theta, cfg.mrope_section),
+            rope: MRope::new(
+                cfg.head_dim,
+                cfg.rope_theta,
+                cfg.mrope_section,
+                cfg.mrope_interleaved,
+            ),
             cfg: cfg.clone(),
         })
     }
@@ -491,20 +605,24 @@ impl TextModel {
     }
 
     /// Runs the decoder over `embeds` (batch, seq, hidden) whose tokens sit at `positions`
-    /// (one row per batch entry), with or without KV caches (see [`Caching`]). Without
-    /// caches the additive mask, broadcastable to (batch, 1, seq, keys), is applied (`None`
-    /// when every query may see every key). Returns the final-normed hidden states.
+    /// (one row per batch entry), with or without KV caches (see [`Caching`]), adding the
+    /// pass's DeepStack features after the first layers (Qwen3-VL with images). Returns the
+    /// final-normed hidden states.
     pub fn forward(
         &self,
         embeds: &Tensor,
         positions: &[Vec<Pos3>],
         mut caching: Caching,
+        deepstack: Option<&DeepStack>,
         mode: Mode,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rope_tables(positions, embeds.dtype(), embeds.device())?;
         let mut x = embeds.clone();
         for i in 0..self.layers.len() {
             x = self.layer(i, &x, &cos, &sin, &mut caching, mode)?;
+            if let Some(ds) = deepstack {
+                x = ds.add_after(i, &x)?;
+            }
         }
         self.final_norm(&x)
     }
@@ -553,6 +671,7 @@ impl TextModel {
         embeds: &Tensor,
         positions: &[Vec<Pos3>],
         cache: &mut KvCache,
+        deepstack: Option<&DeepStack>,
     ) -> Result<Tensor> {
         let rows = [embeds.dim(0)?];
         let mut caches = [cache];
@@ -563,6 +682,7 @@ impl TextModel {
                 rows: &rows,
                 caches: &mut caches,
             },
+            deepstack,
             Mode::Infer,
         )
     }
@@ -605,4 +725,49 @@ pub fn attention_mask(l: usize, past: usize, device: &Device) -> Result<Option<T
 /// even when the model runs in bf16.
 pub fn log_softmax_f32(logits: &Tensor) -> Result<Tensor> {
     candle_nn::ops::log_softmax(&logits.to_dtype(upcast(logits.dtype()))?, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// transformers' `hidden[mask] += features` after layer k, by hand: rows 1 and 3 of a
+    /// (1, 4, 2) pass get level k's rows; other layers and rows are untouched; a prefill
+    /// window keeps only its own rows, renumbered.
+    #[test]
+    fn deepstack_adds_at_the_visual_rows() {
+        let ds = DeepStack::new(
+            vec![1, 3],
+            vec![
+                t(&[10., 20., 30., 40.], (2, 2)),
+                t(&[1., 1., 2., 2.], (2, 2)),
+            ],
+        )
+        .unwrap();
+        let x = Tensor::arange(0f32, 8., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 4, 2))
+            .unwrap();
+        let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            flat(&ds.add_after(0, &x).unwrap()),
+            vec![0., 1., 12., 23., 4., 5., 36., 47.]
+        );
+        assert_eq!(
+            flat(&ds.add_after(1, &x).unwrap()),
+            vec![0., 1., 3., 4., 4., 5., 8., 9.]
+        );
+        // No level 2: the layer's output as it is.
+        assert_eq!(flat(&ds.add_after(2, &x).unwrap()), flat(&x));
+        let w = ds.window(2, 2).unwrap().unwrap();
+        assert_eq!(w.rows, vec![1]);
+        assert_eq!(flat(&w.levels[0]), vec![30., 40.]);
+        assert!(ds.window(0, 1).unwrap().is_none());
+        assert!(DeepStack::new(vec![3, 1], vec![]).is_err());
+        assert!(DeepStack::new(vec![1], vec![t(&[1., 2., 3., 4.], (2, 2))]).is_err());
+    }
 }

@@ -1,8 +1,10 @@
 //! The vision tower: patch embedding (a Conv3d whose kernel equals its stride, so a matmul
 //! over flattened patches), 2D rotary tables, attention within segments of the patch
 //! sequence, blocks, and a merger that turns each 2x2 group of patches into one token of the
-//! text model's width. What the two families share lives here; their blocks and mergers in
-//! `vision_qwen2` (Qwen2-VL) and `vision_qwen25` (Qwen2.5-VL, with window attention).
+//! text model's width. What the families share lives here; their blocks and mergers in
+//! `vision_qwen2` (Qwen2-VL), `vision_qwen25` (Qwen2.5-VL, with window attention) and
+//! `vision_qwen3` (Qwen3-VL: Qwen2-VL's blocks plus a patch bias, learned position
+//! embeddings and DeepStack mergers).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -10,7 +12,7 @@ use candle_nn::VarBuilder;
 use super::config::{Arch, VisionConfig};
 use super::layers::{rotary_heads_first, softmax_upcast, upcast, Linear, Mode};
 use super::rope::vision_tables;
-use super::{vision_qwen2 as qwen2, vision_qwen25 as qwen25};
+use super::{vision_qwen2 as qwen2, vision_qwen25 as qwen25, vision_qwen3 as qwen3};
 use crate::kernels::attention;
 
 /// Multi-head attention of the tokens within each segment of the sequence, from the
@@ -70,26 +72,41 @@ pub fn attend(
     o.transpose(0, 1)?.reshape((n, d))
 }
 
-/// The patch merger of both families: norm each patch, group each 2x2 window of patches
-/// (consecutive in the processor's order, so a reshape), then a GELU MLP to the text width.
-/// Qwen2-VL norms with LayerNorm, Qwen2.5-VL with RMSNorm.
+/// The patch merger of every family: norm each patch, group each 2x2 window of patches
+/// (consecutive in the processor's order, so a reshape), then an (erf) GELU MLP to the text
+/// width. Qwen2-VL norms with LayerNorm, Qwen2.5-VL with RMSNorm; Qwen3-VL's DeepStack mergers
+/// group first and norm the grouped vector ("postshuffle").
 #[derive(Debug, Clone)]
 pub struct PatchMerger<N> {
     ln_q: N,
     fc1: Linear,
     fc2: Linear,
     merged_dim: usize,
+    postshuffle: bool,
 }
 
 impl<N: candle_core::Module> PatchMerger<N> {
     /// `ln_q` loaded by the caller (its kind is the family's).
     pub fn load(vb: VarBuilder, cfg: &VisionConfig, ln_q: N) -> Result<Self> {
+        Self::load_named(vb, cfg, ln_q, ["mlp.0", "mlp.2"], false)
+    }
+
+    /// With the MLP's layers under `names`; `postshuffle`: the norm (loaded over the merged
+    /// width) comes after the grouping.
+    pub fn load_named(
+        vb: VarBuilder,
+        cfg: &VisionConfig,
+        ln_q: N,
+        names: [&str; 2],
+        postshuffle: bool,
+    ) -> Result<Self> {
         let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
         Ok(Self {
             ln_q,
-            fc1: super::layers::linear(&vb.pp("mlp.0"), merged_dim, merged_dim, true)?,
-            fc2: super::layers::linear(&vb.pp("mlp.2"), merged_dim, cfg.hidden_size, true)?,
+            fc1: super::layers::linear(&vb.pp(names[0]), merged_dim, merged_dim, true)?,
+            fc2: super::layers::linear(&vb.pp(names[1]), merged_dim, cfg.hidden_size, true)?,
             merged_dim,
+            postshuffle,
         })
     }
 
@@ -98,10 +115,24 @@ impl<N: candle_core::Module> PatchMerger<N> {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let x = self.ln_q.forward(x)?.reshape(((), self.merged_dim))?;
+        let x = if self.postshuffle {
+            self.ln_q.forward(&x.reshape(((), self.merged_dim))?)?
+        } else {
+            self.ln_q.forward(x)?.reshape(((), self.merged_dim))?
+        };
         self.fc2
             .forward(&self.fc1.forward(&x, mode)?.gelu_erf()?, mode)
     }
+}
+
+/// What the tower gives the decoder.
+#[derive(Debug, Clone)]
+pub struct VisionFeatures {
+    /// (tokens, text hidden): written over the image and video pad tokens, in order.
+    pub tokens: Tensor,
+    /// Qwen3-VL: one (tokens, text hidden) tensor per DeepStack level, in block order (see
+    /// [`crate::model::text::DeepStack`]); empty for the other families.
+    pub deepstack: Vec<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,8 +167,14 @@ pub struct VisionInput {
 #[derive(Debug, Clone)]
 pub struct VisionTower {
     patch_embed: Tensor,
+    /// Qwen3-VL: the patch embedding's bias.
+    patch_bias: Option<Tensor>,
+    /// Qwen3-VL: the learned position table, (side², embed_dim).
+    pos_embed: Option<Tensor>,
     blocks: Blocks,
     merger: Merger,
+    /// Qwen3-VL: `(block, merger)` per entry of `deepstack_visual_indexes`, in its order.
+    deepstack: Vec<(usize, PatchMerger<super::layers::LayerNorm>)>,
     cfg: VisionConfig,
     /// The dtype activations run in (the weights' dtype unless set otherwise: a bf16 base
     /// under f32 compute).
@@ -156,6 +193,9 @@ impl VisionTower {
             Merger::Qwen2(m) => m.linears_mut(),
             Merger::Qwen25(m) => m.linears_mut(),
         });
+        for (_, m) in &mut self.deepstack {
+            out.extend(m.linears_mut());
+        }
         out
     }
 
@@ -189,14 +229,62 @@ impl VisionTower {
                 ),
                 Merger::Qwen25(qwen25::merger(vb.pp("merger"), cfg)?),
             ),
+            Arch::Qwen3Vl => return qwen3::load(vb, cfg, patch_embed),
         };
-        Ok(Self {
-            compute: patch_embed.dtype(),
+        Ok(Self::assemble(
             patch_embed,
+            None,
+            None,
             blocks,
             merger,
+            vec![],
+            cfg,
+        ))
+    }
+
+    /// A tower from its loaded parts.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        patch_embed: Tensor,
+        patch_bias: Option<Tensor>,
+        pos_embed: Option<Tensor>,
+        blocks: Blocks,
+        merger: Merger,
+        deepstack: Vec<(usize, PatchMerger<super::layers::LayerNorm>)>,
+        cfg: &VisionConfig,
+    ) -> Self {
+        Self {
+            compute: patch_embed.dtype(),
+            patch_embed,
+            patch_bias,
+            pos_embed,
+            blocks,
+            merger,
+            deepstack,
             cfg: cfg.clone(),
-        })
+        }
+    }
+
+    /// Qwen3-VL's tower: the LayerNorm blocks and merger of Qwen2-VL under Qwen3-VL's names,
+    /// with the patch bias, the position table and the DeepStack mergers.
+    pub(crate) fn qwen3(
+        patch_embed: Tensor,
+        patch_bias: Tensor,
+        pos_embed: Tensor,
+        blocks: Vec<qwen2::Block>,
+        merger: PatchMerger<super::layers::LayerNorm>,
+        deepstack: Vec<(usize, PatchMerger<super::layers::LayerNorm>)>,
+        cfg: &VisionConfig,
+    ) -> Self {
+        Self::assemble(
+            patch_embed,
+            Some(patch_bias),
+            Some(pos_embed),
+            Blocks::Qwen2(blocks),
+            Merger::Qwen2(merger),
+            deepstack,
+            cfg,
+        )
     }
 
     /// Stores the patch embedding input-major, as `Qwen2Vl::prepare_for_inference` does for the
@@ -223,15 +311,39 @@ impl VisionTower {
         &self.cfg
     }
 
-    /// `pixels`: (total_patches, patch_dim) for all images in order; returns
-    /// (total_tokens, text_hidden) image embeddings in the same order.
-    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], mode: Mode) -> Result<Tensor> {
+    /// `pixels`: (total_patches, patch_dim) for all images in order; returns their
+    /// (total_tokens, text_hidden) embeddings in the same order, and Qwen3-VL's DeepStack
+    /// features.
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        mode: Mode,
+    ) -> Result<VisionFeatures> {
         let input = self.embed(pixels, grids)?;
         let mut x = input.x.clone();
+        let mut deepstack = Vec::with_capacity(self.deepstack.len());
         for i in 0..self.num_blocks() {
             x = self.block(i, &x, &input, mode)?;
+            if let Some(f) = self.deepstack_tap(i, &x, mode)? {
+                deepstack.push(f);
+            }
         }
-        self.merge(&x, &input, mode)
+        Ok(VisionFeatures {
+            tokens: self.merge(&x, &input, mode)?,
+            deepstack,
+        })
+    }
+
+    /// Qwen3-VL: when block `i` is one of `deepstack_visual_indexes`, its output `x` through
+    /// that entry's merger (transformers 5.24, `Qwen3VLVisionModel.forward`: the merger at
+    /// `deepstack_visual_indexes.index(i)`); `None` for other blocks and families. The
+    /// features of one pass are in block order.
+    pub fn deepstack_tap(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Option<Tensor>> {
+        match self.deepstack.iter().find(|(b, _)| *b == i) {
+            Some((_, m)) => Ok(Some(m.forward(x, mode)?)),
+            None => Ok(None),
+        }
     }
 
     /// The patch embeddings and what every block needs (rotary tables, segments, the window
@@ -250,9 +362,15 @@ impl VisionTower {
         if let Some(g) = grids.iter().find(|g| g[1] % m != 0 || g[2] % m != 0) {
             candle_core::bail!("image grid {g:?} is not divisible by the merge size {m}");
         }
-        let x = pixels
+        let mut x = pixels
             .to_dtype(dtype)?
             .matmul(&super::lora::cast(&self.patch_embed, dtype)?.t()?)?;
+        if let Some(b) = &self.patch_bias {
+            x = x.broadcast_add(&super::lora::cast(b, dtype)?)?;
+        }
+        if let (Some(table), Some(side)) = (&self.pos_embed, self.cfg.position_grid) {
+            x = x.add(&qwen3::position_embeddings(table, side, grids, m)?.to_dtype(dtype)?)?;
+        }
         let (cos, sin) = vision_tables(
             grids,
             m,

@@ -9,7 +9,7 @@ use super::config::{Activation, VisionConfig};
 use super::layers::{activate, linear, LayerNorm, Linear, Mode};
 use super::vision::{attend, PatchMerger};
 
-const LN_EPS: f64 = 1e-6;
+pub(crate) const LN_EPS: f64 = 1e-6;
 
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -25,14 +25,20 @@ pub struct Block {
 
 impl Block {
     pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
+        Self::load_named(vb, cfg, ["mlp.fc1", "mlp.fc2"])
+    }
+
+    /// The same block with its MLP's two layers under other names (Qwen3-VL's blocks are
+    /// Qwen2-VL's with `mlp.linear_fc1` / `mlp.linear_fc2` and a tanh GELU).
+    pub fn load_named(vb: VarBuilder, cfg: &VisionConfig, mlp: [&str; 2]) -> Result<Self> {
         let d = cfg.embed_dim;
         Ok(Self {
             norm1: LayerNorm::load(&vb.pp("norm1"), d, LN_EPS)?,
             norm2: LayerNorm::load(&vb.pp("norm2"), d, LN_EPS)?,
             qkv: linear(&vb.pp("attn.qkv"), d, 3 * d, true)?,
             proj: linear(&vb.pp("attn.proj"), d, d, true)?,
-            fc1: linear(&vb.pp("mlp.fc1"), d, cfg.mlp_hidden(), true)?,
-            fc2: linear(&vb.pp("mlp.fc2"), cfg.mlp_hidden(), d, true)?,
+            fc1: linear(&vb.pp(mlp[0]), d, cfg.mlp_hidden(), true)?,
+            fc2: linear(&vb.pp(mlp[1]), cfg.mlp_hidden(), d, true)?,
             num_heads: cfg.num_heads,
             act: cfg.hidden_act,
         })

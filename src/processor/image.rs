@@ -7,6 +7,10 @@
 //! - RGB: as stored. Grayscale (L): the gray value in all three channels. Palette PNGs: the
 //!   palette colour. LA and RGBA: the colour channels, with alpha **dropped**, not composited
 //!   over a background (transformers 4.57's `convert_to_rgb` is a plain `convert("RGB")`).
+//!   With [`Alpha::OverWhite`] (what transformers 5.24's `convert_to_rgb` does, used for
+//!   checkpoints whose processor is transformers 5's torchvision backend) an image with an
+//!   alpha channel, or a transparent colour, is composited over opaque white instead, with
+//!   PIL's `alpha_composite` arithmetic.
 //! - JPEG is decoded with libjpeg-turbo's decoder (through the `mozjpeg` crate, whose decoder
 //!   is libjpeg-turbo's), the library inside Pillow, with the same default settings (accurate
 //!   integer IDCT, fancy upsampling), so pixels match PIL exactly. The `image` crate's pure-Rust
@@ -77,6 +81,17 @@ pub struct Header {
     decoder_alloc: u64,
 }
 
+/// What becomes of an image's transparency on the way to RGB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Alpha {
+    /// `convert("RGB")`: the colour channels as they are (transformers 4.57).
+    #[default]
+    Drop,
+    /// Composited over opaque white (transformers 5.24's `convert_to_rgb`:
+    /// `PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")`).
+    OverWhite,
+}
+
 /// Reads an image file and converts it to 8-bit RGB with PIL's `Image.open(path)
 /// .convert("RGB")` semantics (see the module docs for the 16-bit deviation).
 ///
@@ -93,18 +108,24 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 /// [`load_rgb`] with the slice and window used for DICOM and NIfTI files (see [`medical`]);
 /// other images ignore `opts`.
 pub fn load_rgb_with(path: &Path, opts: &MedicalOptions) -> Result<RgbImage> {
-    load_rgb_checked(path, opts, &|_, _| Ok(()))
+    load_rgb_checked(path, opts, Alpha::Drop, &|_, _| Ok(()))
 }
 
-/// [`load_rgb_with`], refusing also the sizes `check` refuses, from the header of a raster
-/// image (after decoding for DICOM and NIfTI, whose own header checks come first).
-pub fn load_rgb_checked(path: &Path, opts: &MedicalOptions, check: SizeCheck) -> Result<RgbImage> {
+/// [`load_rgb_with`] with the transparency rule `alpha`, refusing also the sizes `check`
+/// refuses, from the header of a raster image (after decoding for DICOM and NIfTI, whose own
+/// header checks come first).
+pub fn load_rgb_checked(
+    path: &Path,
+    opts: &MedicalOptions,
+    alpha: Alpha,
+    check: SizeCheck,
+) -> Result<RgbImage> {
     // A directory where an image is expected is a DICOM series: one of its slices.
     if path.is_dir() {
         return medical::load_series_slice(path, opts);
     }
     let bytes = read_file(path)?;
-    decode_named(path, &bytes, opts, check)
+    decode_named(path, &bytes, opts, alpha, check)
         .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e)))
 }
 
@@ -116,16 +137,18 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
 
 /// [`decode_rgb`] with the slice and window used for DICOM and NIfTI data.
 pub fn decode_rgb_with(bytes: &[u8], opts: &MedicalOptions) -> Result<RgbImage> {
-    decode_rgb_checked(bytes, opts, &|_, _| Ok(()))
+    decode_rgb_checked(bytes, opts, Alpha::Drop, &|_, _| Ok(()))
 }
 
-/// [`decode_rgb_with`], refusing also the sizes `check` refuses (see [`load_rgb_checked`]).
+/// [`decode_rgb_with`] with the transparency rule `alpha`, refusing also the sizes `check`
+/// refuses (see [`load_rgb_checked`]).
 pub fn decode_rgb_checked(
     bytes: &[u8],
     opts: &MedicalOptions,
+    alpha: Alpha,
     check: SizeCheck,
 ) -> Result<RgbImage> {
-    decode_named(Path::new(""), bytes, opts, check)
+    decode_named(Path::new(""), bytes, opts, alpha, check)
 }
 
 /// The memory decoding `bytes` takes at most, in bytes (the decoded pixels, the RGB copy,
@@ -224,6 +247,7 @@ fn decode_named(
     name: &Path,
     bytes: &[u8],
     opts: &MedicalOptions,
+    alpha: Alpha,
     check: SizeCheck,
 ) -> Result<RgbImage> {
     if bytes.is_empty() {
@@ -242,9 +266,57 @@ fn decode_named(
     check(header.width, header.height)?;
     let rgb = match header.format {
         ImageFormat::Jpeg => decode_jpeg(bytes, &header)?,
-        _ => to_rgb(decode_other(bytes, &header)?),
+        _ => match alpha {
+            Alpha::Drop => to_rgb(decode_other(bytes, &header)?),
+            Alpha::OverWhite => over_white(decode_other(bytes, &header)?),
+        },
     };
     Ok(rgb)
+}
+
+/// transformers 5.24's `convert_to_rgb` for an image with transparency:
+/// `PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")`, in PIL's integer
+/// arithmetic (libImaging/AlphaComposite.c: 7 extra bits, rounded divisions by 255). Images
+/// without an alpha channel (PNG transparency chunks are decoded into one) convert as
+/// [`to_rgb`] does.
+pub fn over_white(img: DynamicImage) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    let rgba: Vec<[u8; 4]> = match &img {
+        DynamicImage::ImageRgba8(im) => im.pixels().map(|p| p.0).collect(),
+        DynamicImage::ImageLumaA8(im) => im
+            .pixels()
+            .map(|p| [p.0[0], p.0[0], p.0[0], p.0[1]])
+            .collect(),
+        DynamicImage::ImageRgba16(im) => im.pixels().map(|p| p.0.map(narrow)).collect(),
+        DynamicImage::ImageLumaA16(im) => im
+            .pixels()
+            .map(|p| {
+                let (g, a) = (narrow(p.0[0]), narrow(p.0[1]));
+                [g, g, g, a]
+            })
+            .collect(),
+        _ => return to_rgb(img),
+    };
+    const PRECISION_BITS: u32 = 7;
+    let div255 = |a: u32| ((a >> 8) + a) >> 8;
+    let white = [255u32; 4];
+    let mut data = Vec::with_capacity(w as usize * h as usize * 3);
+    for p in rgba {
+        let src = p.map(u32::from);
+        if src[3] == 0 {
+            data.extend([255u8; 3]);
+            continue;
+        }
+        let blend = white[3] * (255 - src[3]);
+        let outa255 = src[3] * 255 + blend;
+        let coef1 = src[3] * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+        let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+        for c in 0..3 {
+            let tmp = src[c] * coef1 + white[c] * coef2;
+            data.push((div255(tmp + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8);
+        }
+    }
+    RgbImage::from_raw(w, h, data).unwrap_or_else(|| RgbImage::new(w, h))
 }
 
 /// Converts a decoded image to 8-bit RGB with PIL's `convert("RGB")` semantics: gray is
@@ -721,7 +793,23 @@ mod tests {
         let rgb = to_rgb(DynamicImage::ImageLumaA8(la));
         assert_eq!(rgb.as_raw(), &[10, 10, 10, 200, 200, 200]);
         let rgba = image::RgbaImage::from_raw(1, 1, vec![1, 2, 3, 0]).expect("buffer");
-        assert_eq!(to_rgb(DynamicImage::ImageRgba8(rgba)).as_raw(), &[1, 2, 3]);
+        assert_eq!(
+            to_rgb(DynamicImage::ImageRgba8(rgba.clone())).as_raw(),
+            &[1, 2, 3]
+        );
+        // Over white: a half-transparent (128) dark pixel by PIL's arithmetic, coef1 =
+        // 128 x 128 = 16384, coef2 = 255 x 128 - 16384 = 16256: (1 x 16384 + 255 x 16256 +
+        // 16384) / 255 / 128 -> 128; a fully transparent one is white.
+        assert_eq!(
+            over_white(DynamicImage::ImageRgba8(rgba)).as_raw(),
+            &[255; 3],
+            "a transparent pixel is white"
+        );
+        let half = image::RgbaImage::from_pixel(1, 1, image::Rgba([1, 2, 3, 128]));
+        assert_eq!(
+            over_white(DynamicImage::ImageRgba8(half)).as_raw(),
+            &[128, 128, 129]
+        );
         let l16 = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(1, 1, vec![1000u16])
             .expect("buffer");
         assert_eq!(to_rgb(DynamicImage::ImageLuma16(l16)).as_raw(), &[4, 4, 4]);

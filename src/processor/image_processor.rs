@@ -12,6 +12,16 @@
 //! 5. A single image is repeated `temporal_patch_size` times (the vision tower's patches
 //!    are 3-D, built for video), then cut into patches in 2x2 merge-window order.
 //!
+//! A checkpoint whose preprocessor_config.json names a "fast" processor
+//! (`"image_processor_type": "Qwen2VLImageProcessorFast"`, as Qwen3-VL's releases do) gets
+//! transformers' torchvision backend instead, bit for bit: the resize is torch's uint8
+//! antialiased convolution ([`super::resize::resize_torch`]) and steps 3-4 are one fused
+//! `(x - mean / rescale_factor) / (std / rescale_factor)` in `f32` (transformers 5.24,
+//! image_processing_backends.py, `TorchvisionBackend.rescale_and_normalize`). transformers
+//! 5.24 takes that backend whenever torchvision is installed, whatever the type says; the
+//! type is the one place a checkpoint records which backend it was made with (4.57 loaded the
+//! "Fast" class only when told to), so it decides here.
+//!
 //! Frames of a video (the slices of a scan sent as one) follow transformers 5.24's
 //! `Qwen2VLVideoProcessor` instead: the pixel bounds of video_preprocessor_config.json, the
 //! frame count padded to a multiple of `temporal_patch_size` with the last frame, and its
@@ -25,7 +35,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use image::RgbImage;
 use serde_json::{Map, Value};
 
-use super::resize::{resize, Filter};
+use super::resize::{resize, resize_torch, Filter};
 
 /// transformers' `OPENAI_CLIP_MEAN`, as the Python floats (`f64`) it is written as.
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -74,6 +84,41 @@ pub struct ImageProcessorConfig {
     /// (it takes an [`RgbImage`]); the field is kept so that configs round-trip.
     pub do_convert_rgb: bool,
     pub resample: Filter,
+    /// Whose arithmetic resizes and normalises images.
+    pub backend: Backend,
+}
+
+/// The two image backends of transformers' Qwen2-VL image processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `Qwen2VLImageProcessor` of transformers 4.x (`Qwen2VLImageProcessorPil` in 5.x): Pillow's
+    /// resize, numpy's rescale and normalise.
+    Pil,
+    /// `Qwen2VLImageProcessorFast` (transformers 5's default): torch's resize and one fused
+    /// normalisation in `f32`.
+    Torchvision,
+}
+
+impl Backend {
+    /// How images lose their transparency before this backend sees them: dropped, as
+    /// transformers 4.57 did (whose PIL processor [`Backend::Pil`] mirrors), or composited
+    /// over white, as transformers 5.24 does (whose torchvision backend
+    /// [`Backend::Torchvision`] mirrors).
+    pub fn alpha(self) -> super::image::Alpha {
+        match self {
+            Backend::Pil => super::image::Alpha::Drop,
+            Backend::Torchvision => super::image::Alpha::OverWhite,
+        }
+    }
+
+    /// The backend an `image_processor_type` was saved with: a "Fast" class is the torchvision
+    /// one; anything else (or nothing) the PIL one.
+    fn of_type(image_processor_type: Option<&str>) -> Self {
+        match image_processor_type {
+            Some(t) if t.ends_with("Fast") => Backend::Torchvision,
+            _ => Backend::Pil,
+        }
+    }
 }
 
 impl Default for ImageProcessorConfig {
@@ -93,6 +138,7 @@ impl Default for ImageProcessorConfig {
             do_normalize: true,
             do_convert_rgb: true,
             resample: Filter::Bicubic,
+            backend: Backend::Pil,
         }
     }
 }
@@ -177,6 +223,12 @@ impl ImageProcessorConfig {
                 Some(v) => Filter::from_pil(v).context("field resample")?,
                 None => d.resample,
             },
+            backend: match field(obj, "image_processor_type") {
+                Some(v) => Backend::of_type(Some(v.as_str().ok_or_else(|| {
+                    anyhow!("field image_processor_type: expected a string, got {v}")
+                })?)),
+                None => d.backend,
+            },
         };
         config.validate(&names)?;
         Ok(config)
@@ -218,6 +270,14 @@ impl ImageProcessorConfig {
     /// normalised pixel value is a finite `f32`.
     fn validate(&self, names: &Names) -> Result<()> {
         let (min, max) = (names.min, names.max);
+        ensure!(
+            self.backend == Backend::Pil
+                || matches!(self.resample, Filter::Bilinear | Filter::Bicubic),
+            "field resample: {} ({:?}) is not supported by the torchvision backend this \
+             processor type uses (2 bilinear or 3 bicubic)",
+            self.resample.to_pil(),
+            self.resample
+        );
         ensure!(self.max_pixels > 0, "{max}: must be at least 1, got 0");
         for (name, value) in [(min, self.min_pixels), (max, self.max_pixels)] {
             ensure!(
@@ -572,9 +632,14 @@ impl ImageProcessor {
 
     /// The frame as (C, H, W) `f32` planes, as transformers' torch backend computes them:
     /// with rescale and normalize both on, mean and std become `f32` tensors scaled by
-    /// `1 / rescale_factor` and the pixel is `(x - mean') / std'` in `f32`.
+    /// `1 / rescale_factor` and the pixel is `(x - mean') / std'` in `f32`; rescaling alone is
+    /// `x * rescale_factor` in `f32` (a uint8 tensor times a Python float).
     fn planes_torch(&self, img: &RgbImage) -> [Vec<f32>; 3] {
         let c = &self.config;
+        if c.do_rescale && !c.do_normalize {
+            let factor = c.rescale_factor as f32;
+            return [0, 1, 2].map(|ch| img.pixels().map(|p| f32::from(p.0[ch]) * factor).collect());
+        }
         if !(c.do_rescale && c.do_normalize) {
             return self.normalized_planes(img);
         }
@@ -596,7 +661,7 @@ impl ImageProcessor {
     }
 
     /// Resizes, rescales, normalises and patchifies one image, exactly as transformers'
-    /// `Qwen2VLImageProcessor` does for a single image.
+    /// `Qwen2VLImageProcessor` does for a single image with the config's backend.
     pub fn preprocess(&self, img: &RgbImage) -> Result<PixelPatches> {
         let c = &self.config;
         let (w, h) = c.output_size(img.width(), img.height())?;
@@ -604,10 +669,16 @@ impl ImageProcessor {
         let img = if (w, h) == img.dimensions() {
             img
         } else {
-            resized = resize(img, w, h, c.resample)?;
+            resized = match c.backend {
+                Backend::Pil => resize(img, w, h, c.resample)?,
+                Backend::Torchvision => resize_torch(img, w, h, c.resample)?,
+            };
             &resized
         };
-        let planes = self.normalized_planes(img);
+        let planes = match c.backend {
+            Backend::Pil => self.normalized_planes(img),
+            Backend::Torchvision => self.planes_torch(img),
+        };
         // A still image is every frame of its one temporal patch.
         let frames = vec![&planes; self.config.temporal_patch_size];
         Ok(self.patchify(&frames, img.height() as usize, img.width() as usize))
@@ -836,6 +907,41 @@ mod tests {
             let err = ImageProcessorConfig::from_json(json).expect_err(json);
             assert!(format!("{err:#}").contains(needle), "{json}: {err:#}");
         }
+    }
+
+    /// A "fast" processor type selects transformers' torchvision backend, which resizes with
+    /// bilinear or bicubic only; everything else keeps the PIL one.
+    #[test]
+    fn processor_type_picks_the_backend() {
+        for (json, backend) in [
+            ("{}", Backend::Pil),
+            (
+                r#"{"image_processor_type": "Qwen2VLImageProcessor"}"#,
+                Backend::Pil,
+            ),
+            (
+                r#"{"image_processor_type": "Qwen2VLImageProcessorPil"}"#,
+                Backend::Pil,
+            ),
+            (
+                r#"{"image_processor_type": "Qwen2VLImageProcessorFast"}"#,
+                Backend::Torchvision,
+            ),
+        ] {
+            let c = ImageProcessorConfig::from_json(json).expect(json);
+            assert_eq!(c.backend, backend, "{json}");
+        }
+        let err = ImageProcessorConfig::from_json(
+            r#"{"image_processor_type": "Qwen2VLImageProcessorFast", "resample": 1}"#,
+        )
+        .expect_err("lanczos");
+        assert!(format!("{err:#}").contains("field resample: 1"), "{err:#}");
+        let err = ImageProcessorConfig::from_json(r#"{"image_processor_type": 3}"#)
+            .expect_err("a number");
+        assert!(
+            format!("{err:#}").contains("image_processor_type"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -225,7 +225,12 @@ impl Processor {
     /// [`Self::check_image_size`] refuses their size.
     pub fn load_image(&self, path: &Path) -> Result<PixelPatches> {
         let check = |w, h| self.check_image_size(w, h);
-        let rgb = image::load_rgb_checked(path, &self.medical, &check)?;
+        let rgb = image::load_rgb_checked(
+            path,
+            &self.medical,
+            self.images.config.backend.alpha(),
+            &check,
+        )?;
         self.images
             .preprocess(&rgb)
             .with_context(|| format!("{}: cannot preprocess image", path.display()))
@@ -295,7 +300,8 @@ impl Processor {
         medical: &image::MedicalOptions,
     ) -> Result<PixelPatches> {
         let check = |w, h| self.check_image_size(w, h);
-        let rgb = image::decode_rgb_checked(bytes, medical, &check)?;
+        let rgb =
+            image::decode_rgb_checked(bytes, medical, self.images.config.backend.alpha(), &check)?;
         self.images
             .preprocess(&rgb)
             .context("cannot preprocess the image")

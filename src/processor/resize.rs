@@ -18,14 +18,24 @@
 //! The intermediate 8-bit rounding is part of Pillow's output, so it is reproduced rather than
 //! "improved" by a single float pass. Checked against Pillow 13.0.0 on over 4,000 random
 //! sizes and all six filters: every output byte equal.
+//!
+//! [`resize_torch`] is the same convolution as PyTorch runs it on a uint8 image
+//! (`F.interpolate(..., antialias=True)`, which torchvision's `resize` calls and transformers'
+//! torchvision image backend uses): ATen's port of Pillow-SIMD
+//! (aten/src/ATen/native/cpu/UpSampleKernel.cpp, `_compute_indices_int16_weights_aa` and
+//! `basic_loop_aa_horizontal<uint8_t>`; the AVX2 kernels compute the same integers). It
+//! differs from Pillow in three places: the fixed-point weights are int16, with as many
+//! fractional bits as keep the largest weight below 2^15 (at most 22), per axis; the cubic
+//! kernel's far lobe is written `((a x - 5a) x + 8a) x - 4a`; and the horizontal pass always
+//! runs first.
 
 use std::ops::Range;
 
 use anyhow::{bail, ensure, Result};
 use image::RgbImage;
 
-/// Fractional bits of the fixed-point weights (Pillow: `32 - 8 - 2`), leaving room for
-/// 8-bit samples times weights slightly above one without overflowing an `i32`.
+/// Fractional bits of Pillow's fixed-point weights (`32 - 8 - 2`), leaving room for 8-bit
+/// samples times weights slightly above one without overflowing an `i32`.
 pub const PRECISION_BITS: u32 = 22;
 
 /// RGB: three interleaved 8-bit channels.
@@ -128,6 +138,28 @@ fn hamming_kernel(x: f64) -> f64 {
     }
 }
 
+/// Which library's resampler to reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    Pillow,
+    Torch,
+}
+
+/// Keys' cubic convolution with a = -0.5 as ATen writes it (`cubic_convolution1/2` in
+/// UpSample.h, `HelperInterpCubic::aa_filter`): the far lobe's products in another order than
+/// Pillow's, so the `f64` weights may differ in the last bit.
+fn bicubic_kernel_torch(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+    } else {
+        0.0
+    }
+}
+
 /// Keys' cubic convolution with a = -0.5 (Pillow's choice; some libraries use -0.75).
 fn bicubic_kernel(x: f64) -> f64 {
     const A: f64 = -0.5;
@@ -166,6 +198,8 @@ struct Coefficients {
     /// `bounds.len() * ksize` weights; output pixel `i` uses `weights[i * ksize..][..count]`.
     weights: Vec<i32>,
     ksize: usize,
+    /// Fractional bits of the weights.
+    precision: u32,
 }
 
 impl Coefficients {
@@ -186,7 +220,10 @@ impl Coefficients {
 ///
 /// When shrinking, the kernel is stretched by the scale factor so that every input pixel
 /// contributes (antialiasing); when enlarging it keeps its natural width.
-fn precompute_coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+///
+/// Both libraries share the windows and the `f64` weights (torch with its own cubic kernel);
+/// the fixed point has Pillow's 22 bits or torch's [`torch_precision`].
+fn coefficients(in_size: usize, out_size: usize, filter: Filter, flavour: Flavour) -> Coefficients {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
     let support = filter.support() * filter_scale;
@@ -195,35 +232,60 @@ fn precompute_coefficients(in_size: usize, out_size: usize, filter: Filter) -> C
     // in the last bit for some scales.
     let inv_scale = 1.0 / filter_scale;
     let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
-    let mut window = vec![0f64; ksize];
-    for (i, out) in weights.chunks_exact_mut(ksize).enumerate() {
+    let mut normalised = vec![0f64; out_size * ksize];
+    for (i, out) in normalised.chunks_exact_mut(ksize).enumerate() {
         let center = (i as f64 + 0.5) * scale;
         // `as` truncates toward zero like C's (int) cast; negative starts are clamped to 0.
         let start = ((center - support + 0.5) as i64).max(0) as usize;
         let end = ((center + support + 0.5) as i64).clamp(0, in_size as i64) as usize;
         let count = end.saturating_sub(start).min(ksize);
         let mut sum = 0.0;
-        for (x, w) in window[..count].iter_mut().enumerate() {
-            *w = filter.eval((x as f64 + start as f64 - center + 0.5) * inv_scale);
+        for (x, w) in out[..count].iter_mut().enumerate() {
+            let at = (x as f64 + start as f64 - center + 0.5) * inv_scale;
+            *w = match (flavour, filter) {
+                (Flavour::Torch, Filter::Bicubic) => bicubic_kernel_torch(at),
+                _ => filter.eval(at),
+            };
             sum += *w;
         }
-        for (w, fixed) in window[..count].iter().zip(out.iter_mut()) {
-            let normalised = if sum != 0.0 { w / sum } else { *w };
-            *fixed = to_fixed(normalised);
+        if sum != 0.0 {
+            for w in &mut out[..count] {
+                *w /= sum;
+            }
         }
         bounds.push((start, count));
     }
+    let precision = match flavour {
+        Flavour::Pillow => PRECISION_BITS,
+        Flavour::Torch => torch_precision(&normalised),
+    };
     Coefficients {
         bounds,
-        weights,
+        weights: normalised.iter().map(|&w| to_fixed(w, precision)).collect(),
         ksize,
+        precision,
     }
 }
 
-/// Converts a weight to fixed point, rounding half away from zero as Pillow does.
-fn to_fixed(w: f64) -> i32 {
-    let scaled = w * f64::from(1u32 << PRECISION_BITS);
+/// ATen's fractional bits for int16 weights: the most, up to 22, for which the largest weight
+/// (or zero, the padding's) times `2^(bits + 1)`, rounded, stays below 2^15.
+fn torch_precision(weights: &[f64]) -> u32 {
+    let w_max = weights.iter().copied().fold(0f64, f64::max);
+    let mut bits = 0;
+    while bits < 22 {
+        let next = (0.5 + w_max * f64::from(1u32 << (bits + 1))) as i64;
+        if next >= 1 << 15 {
+            break;
+        }
+        bits += 1;
+    }
+    bits
+}
+
+/// Converts a weight to fixed point with `bits` fractional bits, rounding half away from zero
+/// as Pillow (and ATen) do.
+fn to_fixed(w: f64, bits: u32) -> i32 {
+    let scaled = w * f64::from(1u32 << bits);
     if w < 0.0 {
         (scaled - 0.5) as i32
     } else {
@@ -231,22 +293,18 @@ fn to_fixed(w: f64) -> i32 {
     }
 }
 
-/// Rounds an accumulator (which started at one half) back to 8 bits, clamping to 0..=255.
-fn clip8(acc: i32) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// One output sample: the weighted sum of `count` samples `stride` bytes apart.
+/// One output sample: the weighted sum of `count` samples `stride` bytes apart, from an
+/// accumulator that starts at one half, rounded back to 8 bits and clamped to 0..=255.
 ///
 /// Wrapping arithmetic mirrors C's `int` accumulator; with weights summing to one the sum
 /// cannot overflow, and wrapping keeps a pathological kernel from panicking.
-fn convolve(src: &[u8], first: usize, stride: usize, weights: &[i32]) -> u8 {
-    let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+fn convolve(src: &[u8], first: usize, stride: usize, weights: &[i32], precision: u32) -> u8 {
+    let mut acc: i32 = 1 << (precision.max(1) - 1);
     for (k, &w) in weights.iter().enumerate() {
         let sample = i32::from(src[first + k * stride]);
         acc = acc.wrapping_add(sample.wrapping_mul(w));
     }
-    clip8(acc)
+    (acc >> precision).clamp(0, 255) as u8
 }
 
 /// Horizontal pass over input rows `rows`, producing `coeffs.bounds.len()` columns.
@@ -276,7 +334,13 @@ fn resample_horizontal_shifted(
             let (start, weights) = coeffs.window(x);
             let first = (start - col_offset) * CHANNELS;
             for c in 0..CHANNELS {
-                out.push(convolve(row, first + c, CHANNELS, weights));
+                out.push(convolve(
+                    row,
+                    first + c,
+                    CHANNELS,
+                    weights,
+                    coeffs.precision,
+                ));
             }
         }
     }
@@ -298,7 +362,7 @@ fn resample_vertical(
         let (start, weights) = coeffs.window(y);
         let first = (start - row_offset) * stride;
         for i in cols.start * CHANNELS..cols.end * CHANNELS {
-            out.push(convolve(src, first + i, stride, weights));
+            out.push(convolve(src, first + i, stride, weights, coeffs.precision));
         }
     }
     out
@@ -341,18 +405,26 @@ fn vertical_first(in_w: usize, in_h: usize, width: usize, height: usize) -> bool
     height < in_h && (in_h - height) as i64 > 2 * (in_w as i64 - width as i64)
 }
 
-/// Two-pass convolution as Pillow does it: a pass whose axis keeps its size is skipped, and
-/// the first pass covers only the rows (or columns) the second pass reads.
-fn resize_convolution(img: &RgbImage, width: usize, height: usize, filter: Filter) -> Vec<u8> {
+/// Two-pass convolution as Pillow (or ATen) does it: a pass whose axis keeps its size is
+/// skipped, and the first pass covers only the rows (or columns) the second pass reads.
+fn resize_convolution(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    filter: Filter,
+    flavour: Flavour,
+) -> Vec<u8> {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
-    let vertical = (height != in_h).then(|| precompute_coefficients(in_h, height, filter));
-    let horizontal = (width != in_w).then(|| precompute_coefficients(in_w, width, filter));
+    let vertical = (height != in_h).then(|| coefficients(in_h, height, filter, flavour));
+    let horizontal = (width != in_w).then(|| coefficients(in_w, width, filter, flavour));
     match (&horizontal, &vertical) {
         (None, None) => src.clone(),
         (Some(h), None) => resample_horizontal(src, in_w, 0..in_h, h),
         (None, Some(v)) => resample_vertical(src, in_w, 0..in_w, 0, v),
-        (Some(h), Some(v)) if vertical_first(in_w, in_h, width, height) => {
+        (Some(h), Some(v))
+            if flavour == Flavour::Pillow && vertical_first(in_w, in_h, width, height) =>
+        {
             let (first, last) = h.span();
             let tmp = resample_vertical(src, in_w, first..last, 0, v);
             resample_horizontal_shifted(&tmp, last - first, 0..height, h, first)
@@ -386,8 +458,37 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> Result
     let (w, h) = (width as usize, height as usize);
     let data = match filter {
         Filter::Nearest => resize_nearest(img, w, h),
-        _ => resize_convolution(img, w, h, filter),
+        _ => resize_convolution(img, w, h, filter, Flavour::Pillow),
     };
+    RgbImage::from_raw(width, height, data)
+        .ok_or_else(|| anyhow::anyhow!("internal error: resized buffer has the wrong length"))
+}
+
+/// Resizes `img` to `width` x `height` exactly as torchvision's `resize(..., antialias=True)`
+/// does for a uint8 RGB tensor on the CPU (see the module notes): what transformers' default
+/// (torchvision) image backend computes. Bilinear and bicubic only (the filters its antialiased
+/// uint8 path has).
+pub fn resize_torch(img: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
+    ensure!(
+        matches!(filter, Filter::Bilinear | Filter::Bicubic),
+        "resample {} ({filter:?}) is not supported with the torchvision image backend (bilinear \
+         or bicubic)",
+        filter.to_pil()
+    );
+    ensure!(
+        width > 0 && height > 0,
+        "cannot resize to {width}x{height}: both sides must be at least 1 pixel"
+    );
+    ensure!(
+        img.width() > 0 && img.height() > 0,
+        "cannot resize an empty {}x{} image",
+        img.width(),
+        img.height()
+    );
+    if (width, height) == img.dimensions() {
+        return Ok(img.clone());
+    }
+    let data = resize_convolution(img, width as usize, height as usize, filter, Flavour::Torch);
     RgbImage::from_raw(width, height, data)
         .ok_or_else(|| anyhow::anyhow!("internal error: resized buffer has the wrong length"))
 }
@@ -472,7 +573,7 @@ mod tests {
         // 0.8671875, 0.2265625, -0.0703125 (sum 1.890625). The first weight normalised is
         // 0.45867768..., so 255 * 0.45867768 = 116.96 rounds to 117; the negative lobe alone
         // clips to 0.
-        let coeffs = precompute_coefficients(4, 2, Filter::Bicubic);
+        let coeffs = coefficients(4, 2, Filter::Bicubic, Flavour::Pillow);
         assert_eq!(coeffs.bounds[0], (0, 4));
         let w0 = 0.8671875 / 1.890625;
         assert_eq!(coeffs.window(0).1[0], (w0 * 4194304.0 + 0.5) as i32);
@@ -484,6 +585,31 @@ mod tests {
         assert_eq!(out.get_pixel(0, 0).0, [117; 3]);
         let out = resize(&row(&[0, 0, 0, 255]), 2, 1, Filter::Bicubic).expect("resize");
         assert_eq!(out.get_pixel(0, 0).0, [0; 3]);
+    }
+
+    /// torch's int16 weights for the same 4 -> 2 halving: the largest weight 0.45867768..
+    /// times 2^17 would reach 60121 >= 2^15, so 16 fractional bits; the rounding is Pillow's.
+    #[test]
+    fn torch_weights_are_int16_with_the_most_bits_that_fit() {
+        let c = coefficients(4, 2, Filter::Bicubic, Flavour::Torch);
+        assert_eq!(c.precision, 16);
+        let w0 = 0.8671875 / 1.890625;
+        assert_eq!(c.window(0).1[0], (w0 * 65536.0 + 0.5) as i32);
+        assert_eq!(
+            c.window(0).1[3],
+            (-0.0703125 / 1.890625 * 65536.0 - 0.5) as i32
+        );
+        // Enlarging: weights up to 1 leave 14 bits (1 x 2^15 would not fit).
+        assert_eq!(torch_precision(&[1.0, 0.0]), 14);
+        assert_eq!(torch_precision(&[0.0]), 22);
+        // Torch runs the horizontal pass first, where Pillow 13 would not (see below).
+        let gray = [[195, 103], [9, 211], [21, 242]];
+        let img = RgbImage::from_fn(2, 3, |x, y| image::Rgb([gray[y as usize][x as usize]; 3]));
+        assert!(vertical_first(2, 3, 4, 2));
+        let ours = resize_torch(&img, 4, 2, Filter::Bicubic).expect("resize");
+        let horizontal_first = resize_convolution(&img, 4, 2, Filter::Bicubic, Flavour::Torch);
+        assert_eq!(ours.as_raw(), &horizontal_first);
+        assert!(resize_torch(&img, 4, 2, Filter::Lanczos).is_err());
     }
 
     #[test]
@@ -510,7 +636,7 @@ mod tests {
             let out = resize(&gradient(3, 2), 50, 41, filter).expect("resize");
             assert_eq!(out.dimensions(), (50, 41));
         }
-        let c = precompute_coefficients(3, 50, Filter::Lanczos);
+        let c = coefficients(3, 50, Filter::Lanczos, Flavour::Pillow);
         assert!(c.bounds.iter().all(|&(s, n)| s + n <= 3 && n > 0));
     }
 

@@ -31,7 +31,7 @@ use candle_core::{DType, Tensor, Var};
 use super::optim::GradAccumulator;
 use super::params::TrainableModel;
 use super::token_logps;
-use crate::model::{Caching, Mode, PackedSegment, Pos3, Qwen2Vl};
+use crate::model::{Caching, DeepStack, Mode, PackedSegment, Pos3, Qwen2Vl};
 use crate::processor::Prompt;
 
 /// One completion to score: which prompt it answers and its tokens.
@@ -82,6 +82,9 @@ struct PromptTape {
     tokens: Tensor,
     head: Vec<u32>,
     vision: Option<VisionTape>,
+    /// Qwen3-VL: the DeepStack the first layers added, over leaves holding the tower's
+    /// (detached) DeepStack features, whose gradients the layers' replays leave.
+    deepstack: Option<(DeepStack, Vec<Var>)>,
     /// The pass's mode, for running its layers again.
     mode: Mode,
 }
@@ -95,6 +98,10 @@ struct VisionTape {
     inputs: Vec<Tensor>,
     /// The tower's output (detached).
     features: Tensor,
+    /// Qwen3-VL: the blocks whose outputs went to DeepStack mergers, in block order (level
+    /// `k` came from `taps[k]`), and those features (detached).
+    taps: Vec<usize>,
+    deepstack: Vec<Tensor>,
 }
 
 /// A prompt's pass: its keys and values per layer, and where its completions continue.
@@ -158,11 +165,17 @@ impl PromptPass {
                     } else {
                         model.token_embeds(&head)?
                     };
-                    let embeds = model.merge_images(&tokens, &head, img.as_ref())?;
+                    let embeds =
+                        model.merge_images(&tokens, &head, img.as_ref().map(|f| &f.tokens))?;
+                    let deepstack = match &img {
+                        Some(f) => model.deepstack(&head, &f.deepstack)?,
+                        None => None,
+                    };
                     model.text.forward(
                         &embeds,
                         &[positions[..p].to_vec()],
                         Caching::Capture(&mut kv),
+                        deepstack.as_ref(),
                         mode,
                     )?;
                 }
@@ -176,6 +189,19 @@ impl PromptPass {
                         .unsqueeze(0)?;
                     let x0 =
                         model.merge_images(&tokens, &head, vision.as_ref().map(|v| &v.features))?;
+                    let deepstack = match &vision {
+                        Some(v) if !v.deepstack.is_empty() => {
+                            let leaves = v
+                                .deepstack
+                                .iter()
+                                .map(Var::from_tensor)
+                                .collect::<candle_core::Result<Vec<_>>>()?;
+                            let levels: Vec<Tensor> =
+                                leaves.iter().map(|l| l.as_tensor().clone()).collect();
+                            model.deepstack(&head, &levels)?.map(|d| (d, leaves))
+                        }
+                        _ => None,
+                    };
                     let (cos, sin) = model.text.rope_tables(
                         &[positions[..p].to_vec()],
                         x0.dtype(),
@@ -196,6 +222,10 @@ impl PromptPass {
                         )?;
                         let (k, v) = layer_kv.pop().context("the layer kept no keys")?;
                         kv.push((k.detach(), v.detach()));
+                        let y = match &deepstack {
+                            Some((d, _)) => d.add_after(i, &y)?,
+                            None => y,
+                        };
                         x = y.detach();
                     }
                     tape = Some(PromptTape {
@@ -205,6 +235,7 @@ impl PromptPass {
                         tokens,
                         head: head[0].clone(),
                         vision,
+                        deepstack,
                         mode,
                     });
                 }
@@ -292,7 +323,8 @@ impl PromptPass {
     }
 }
 
-/// The vision tower block by block, keeping each block's input.
+/// The vision tower block by block, keeping each block's input (and Qwen3-VL's DeepStack
+/// features).
 fn vision_forward_kept(
     model: &Qwen2Vl,
     pixels: Tensor,
@@ -306,10 +338,15 @@ fn vision_forward_kept(
         ..input
     };
     let mut inputs = Vec::with_capacity(v.num_blocks() + 1);
+    let (mut taps, mut deepstack) = (Vec::new(), Vec::new());
     let mut x = input.x.clone();
     for b in 0..v.num_blocks() {
         inputs.push(x.clone());
         x = v.block(b, &x, &input, mode)?.detach();
+        if let Some(f) = v.deepstack_tap(b, &x, mode)? {
+            taps.push(b);
+            deepstack.push(f.detach());
+        }
     }
     inputs.push(x.clone());
     let features = v.merge(&x, &input, mode)?.detach();
@@ -319,6 +356,8 @@ fn vision_forward_kept(
         input,
         inputs,
         features,
+        taps,
+        deepstack,
     })
 }
 
@@ -354,6 +393,9 @@ fn prompt_backward_kept(
 ) -> Result<()> {
     let model = &policy.model;
     let mut g_above: Option<Tensor> = None;
+    // DeepStack level `i`'s gradient, from layer `i`'s replay.
+    let mut g_deepstack: Vec<Option<Tensor>> =
+        vec![None; tape.deepstack.as_ref().map_or(0, |(_, l)| l.len())];
     for i in (0..tape.inputs.len()).rev() {
         let (gk, gv) = &kv_grads[i];
         let (leaf, store) = replay(&tape.inputs[i], policy, grads, |x| {
@@ -366,6 +408,10 @@ fn prompt_backward_kept(
                 &mut Caching::Capture(&mut kv),
                 tape.mode,
             )?;
+            let y = match &tape.deepstack {
+                Some((d, _)) => d.add_after(i, &y)?,
+                None => y,
+            };
             let (k, v) = kv.pop().context("the layer kept no keys")?;
             let mut pairs = Vec::new();
             for (t, g) in [(k, gk), (v, gv)] {
@@ -379,6 +425,11 @@ fn prompt_backward_kept(
             Ok(pairs)
         })?;
         g_above = store.get(leaf.as_tensor()).cloned();
+        if let Some((_, leaves)) = &tape.deepstack {
+            if let (Some(l), Some(slot)) = (leaves.get(i), g_deepstack.get_mut(i)) {
+                *slot = store.get(l.as_tensor()).cloned();
+            }
+        }
     }
     let Some(g0) = g_above else { return Ok(()) };
     // The first layer's input came from the text embeddings and the image features.
@@ -415,8 +466,23 @@ fn prompt_backward_kept(
         .cloned()
         .context("merger input gradient")?;
     for b in (0..n).rev() {
+        // A DeepStack block's output went to its merger too: that gradient joins here.
+        let tap = vt
+            .taps
+            .iter()
+            .position(|&t| t == b)
+            .and_then(|k| g_deepstack.get(k).cloned().flatten());
         let (leaf, store) = replay(&vt.inputs[b], policy, grads, |x| {
-            Ok(vec![(v.block(b, x, &vt.input, tape.mode)?, g.clone())])
+            let y = v.block(b, x, &vt.input, tape.mode)?;
+            let mut pairs = Vec::with_capacity(2);
+            if let Some(gd) = &tap {
+                let f = v
+                    .deepstack_tap(b, &y, tape.mode)?
+                    .context("a DeepStack block without its merger")?;
+                pairs.push((f, gd.clone()));
+            }
+            pairs.push((y, g.clone()));
+            Ok(pairs)
         })?;
         g = store
             .get(leaf.as_tensor())
@@ -623,6 +689,7 @@ fn rows_pass(
                 &embeds,
                 &[rows.positions],
                 Caching::Packed(&rows.segments),
+                None,
                 mode,
             )?;
             Ok((hidden.squeeze(0)?, RowsKept::Nothing))
@@ -634,6 +701,7 @@ fn rows_pass(
                 &leaf.as_tensor().unsqueeze(0)?,
                 &[rows.positions],
                 Caching::Packed(&rows.segments),
+                None,
                 mode,
             )?;
             Ok((hidden.squeeze(0)?, RowsKept::Graph((leaf, rows.ids))))

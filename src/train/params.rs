@@ -130,10 +130,11 @@ impl TrainableModel {
         source_dir: &Path,
         device: &Device,
     ) -> Result<Self> {
+        let layout = config.arch.released_layout();
         Self::build(
             random_backend(std, seed),
             config,
-            WeightLayout::Legacy,
+            layout,
             source_dir,
             device,
         )

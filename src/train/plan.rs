@@ -98,8 +98,8 @@ impl Dims {
         Self {
             layers: t.num_hidden_layers as u64,
             h: t.hidden_size as u64,
-            q: (t.num_attention_heads * t.head_dim()) as u64,
-            kv: (t.num_key_value_heads * t.head_dim()) as u64,
+            q: (t.num_attention_heads * t.head_dim) as u64,
+            kv: (t.num_key_value_heads * t.head_dim) as u64,
             i: t.intermediate_size as u64,
             heads: t.num_attention_heads as u64,
             vocab: t.vocab_size as u64,

@@ -30,6 +30,15 @@ fn grpo_loss_and_gradient_match_pytorch_on_qwen25_vl() {
     check_grpo_cases("grpo25", "tiny-25a");
 }
 
+/// The same on Qwen3-VL (tiny-3a: DeepStack from three blocks into the first three of four
+/// decoder layers, learned position embeddings, q/k norms; its own chat template and the
+/// torchvision image backend), from transformers 5.24. Checkpointing replays the DeepStack
+/// additions and sends their gradients back into the tapped blocks.
+#[test]
+fn grpo_loss_and_gradient_match_pytorch_on_qwen3_vl() {
+    check_grpo_cases("grpo3", "tiny-3a");
+}
+
 fn check_grpo_cases(prefix: &str, reference_name: &str) {
     let policy_dir = fixtures().join(format!("{prefix}-policy"));
     let policy = TrainableModel::load(&policy_dir, &Device::Cpu).unwrap();

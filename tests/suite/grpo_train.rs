@@ -720,6 +720,88 @@ fn qwen25_trains_and_saves_in_the_layout_it_was_read_in() {
     }
 }
 
+/// Qwen3-VL trains too (GRPO with gradient checkpointing on tiny-3a: the DeepStack features
+/// replayed layer by layer; SFT on tiny-3b), and saves in the layout it was read in: the
+/// released tensor names (`model.language_model.*`, `model.visual.*`, no lm_head when tied),
+/// the config's layout.
+#[test]
+fn qwen3_trains_and_saves_in_the_layout_it_was_read_in() {
+    use safetensors::SafeTensors;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = make_task_sized(dir, "d", 4, 5, false, 112);
+    let names = |p: &Path| -> Vec<String> {
+        let bytes = std::fs::read(p).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut n: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        n.sort();
+        n
+    };
+    for (fixture, method) in [("tiny-3a", "grpo"), ("tiny-3b", "sft")] {
+        let src = fixtures().join(fixture);
+        let out = dir.join(format!("{fixture}-{method}"));
+        let mut args = vec![
+            "train",
+            method,
+            "--model",
+            s(&src),
+            "--train-data",
+            s(&data),
+            "--output-dir",
+            s(&out),
+            "--max-steps",
+            "2",
+            "--learning-rate",
+            "1e-3",
+        ];
+        if method == "grpo" {
+            args.extend([
+                "--max-completion-length",
+                "8",
+                "--batch-prompts",
+                "2",
+                "--gradient-checkpointing",
+                "true",
+            ]);
+        }
+        let (ok, stdout, err) = medvlm(&args);
+        assert!(ok, "{fixture} {method}: {err}");
+        assert!(
+            !stdout.contains("NaN") && !err.contains("NaN"),
+            "{stdout}{err}"
+        );
+        let fin = out.join("final");
+        assert_eq!(
+            names(&fin.join("model.safetensors")),
+            names(&src.join("model.safetensors")),
+            "{fixture} {method}: tensor names"
+        );
+        let config = |p: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+        };
+        let (a, b) = (config(&src), config(&fin));
+        assert_eq!(b["model_type"], "qwen3_vl");
+        assert_eq!(
+            a["text_config"].get("rope_scaling").is_some(),
+            b["text_config"].get("rope_scaling").is_some()
+        );
+        assert_eq!(a["tie_word_embeddings"], b["tie_word_embeddings"]);
+        let before = std::fs::read(src.join("model.safetensors")).unwrap();
+        let after = std::fs::read(fin.join("model.safetensors")).unwrap();
+        assert_ne!(before, after);
+        let (ok, _, err) = medvlm(&[
+            "generate",
+            "--model",
+            s(&fin),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ]);
+        assert!(ok, "{err}");
+    }
+}
+
 /// `--resume` names the settings that changed, lets a finished run be extended with a
 /// larger --max-steps, and, when the newest checkpoint is damaged, points at the newest
 /// intact one.

@@ -266,7 +266,8 @@ fn images_do_not_attend_to_each_other() {
     let joint = l
         .model
         .encode_images(&both, &[a.grid_thw, b.grid_thw], Mode::Infer)
-        .unwrap();
+        .unwrap()
+        .tokens;
     let pa = medvlm::processor::pixel_tensor(std::slice::from_ref(&a), &Device::Cpu)
         .unwrap()
         .unwrap();
@@ -276,11 +277,13 @@ fn images_do_not_attend_to_each_other() {
     let ea = l
         .model
         .encode_images(&pa, &[a.grid_thw], Mode::Infer)
-        .unwrap();
+        .unwrap()
+        .tokens;
     let eb = l
         .model
         .encode_images(&pb, &[b.grid_thw], Mode::Infer)
-        .unwrap();
+        .unwrap()
+        .tokens;
     let sep = Tensor::cat(&[&ea, &eb], 0).unwrap();
     let (diff, _) = max_abs_diff(&joint, &sep);
     assert!(diff < 1e-5, "{diff}");
