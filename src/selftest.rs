@@ -8,7 +8,8 @@
 //! within 1e-4 of the logit scale, greedy continuations token for token, teacher-forced
 //! log-probs within 1e-4, bf16 logits at most twice as far from the f32 reference as
 //! transformers' own bf16 logits with the same argmax, the GRPO loss within 1e-5 and its
-//! gradient norm within 1e-4 relative.
+//! gradient norm within 1e-4 relative (also with TRL's GSPO ratio and high-entropy mask, whose
+//! `entropy` metric is held within 1e-5).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -429,6 +430,7 @@ fn grpo_checks(opts: &Options) -> Result<Vec<Check>> {
     let want_norm = case["grad_norm"].as_f64().unwrap_or(f64::NAN);
     let dl = (stats.loss - want_loss).abs();
     let dn = ((norm - want_norm) / want_norm).abs();
+    let options = grpo_option_check(fx, &policy, &fixture, &ref_lp, &adv)?;
     Ok(vec![
         Check::new(
             format!("GRPO step loss, {} completions", seqs.len()),
@@ -445,7 +447,87 @@ fn grpo_checks(opts: &Options) -> Result<Vec<Check>> {
             "1e-4 relative",
             dn <= 1e-4,
         ),
+        options,
     ])
+}
+
+/// TRL 1.16's loss options in one step (grpo-options-cases.json, case
+/// sequence_grpo_beta0.04_iter2_rho0.4_masktrunc): GSPO's sequence-level ratio with old
+/// log-probs off the policy's by the fixture's offsets, the high-entropy token mask over the
+/// micro-batch and the `entropy` metric.
+fn grpo_option_check(
+    fx: &Path,
+    policy: &TrainableModel,
+    fixture: &GrpoFixture,
+    ref_lp: &[Vec<f32>],
+    adv: &[f32],
+) -> Result<Check> {
+    const CASE: &str = "sequence_grpo_beta0.04_iter2_rho0.4_masktrunc";
+    let path = fx.join("grpo-options-cases.json");
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let case = meta["cases"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == CASE))
+        .with_context(|| format!("{}: no case {CASE}", path.display()))?;
+    let num = |k: &str| case[k].as_f64().unwrap_or(f64::NAN);
+    let cfg = LossConfig {
+        beta: num("beta"),
+        epsilon_low: num("epsilon_low"),
+        epsilon_high: num("epsilon_high"),
+        mask_truncated_completions: true,
+        importance_sampling_level: grpo::ImportanceSamplingLevel::Sequence,
+        top_entropy_quantile: num("top_entropy_quantile"),
+        ..Default::default()
+    };
+    let seqs = fixture.seqs();
+    let truncated = fixture.truncated();
+    let offsets: Vec<Vec<f32>> = meta["old_logp_offsets"]
+        .as_array()
+        .map_or(&[][..], |v| v.as_slice())
+        .iter()
+        .map(f32s)
+        .collect();
+    let old: Vec<Vec<f32>> = logps::logps(&policy.detached()?, &seqs, seqs.len(), 1.0)?
+        .into_iter()
+        .zip(&offsets)
+        .map(|(lp, off)| lp.iter().zip(off).map(|(a, b)| a + b).collect())
+        .collect();
+    let batch = StepBatch {
+        seqs: seqs.clone(),
+        advantages: adv,
+        truncated: &truncated,
+    };
+    let (grads, stats) = step::policy_gradients(
+        policy,
+        &batch,
+        &cfg,
+        case["micro_batch"].as_u64().unwrap_or(9) as usize,
+        Some(&old),
+        Some(ref_lp),
+        logps::TrainOptions {
+            entropy: true,
+            ..Default::default()
+        },
+    )?;
+    let norm = grads.norm()?;
+    let entropy = stats.entropy.unwrap_or(f64::NAN);
+    let (want_loss, want_norm, want_h) = (num("loss"), num("grad_norm"), num("entropy"));
+    let dl = (stats.loss - want_loss).abs();
+    let dn = ((norm - want_norm) / want_norm).abs();
+    let dh = (entropy - want_h).abs();
+    Ok(Check::new(
+        "GRPO step, GSPO ratio + high-entropy mask",
+        format!(
+            "loss diff {dl:.1e}, gradient norm relative {dn:.1e}, entropy {entropy:.5} vs \
+             {want_h:.5}"
+        ),
+        "1e-5, 1e-4 relative, 1e-5",
+        dl <= 1e-5 && dn <= 1e-4 && dh <= 1e-5,
+    ))
 }
 
 /// Memory in use on the device: resident memory of the process on the CPU, used device

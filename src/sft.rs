@@ -153,6 +153,7 @@ pub fn train(config: SftConfig, resume: bool, stop_after: Option<u64>) -> Result
         let options = logps::TrainOptions {
             dropout_seed: Some(crate::seed::mix(config.run.seed, session.step)),
             checkpointing: config.run.gradient_checkpointing,
+            entropy: false,
         };
         let (mut grads, nll) = gradients(&model, &seqs, config.run.micro_batch, options)?;
         let (grad_norm, lr) = session.apply(&model, &mut grads)?;

@@ -184,7 +184,14 @@ TINY_MAX_PIXELS = 28 * 28 * 12
 def image_processor(**overrides):
     kw = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     kw.update(overrides)
-    return Qwen2VLImageProcessor(**kw)
+    try:
+        # transformers 5 names the torchvision processor Qwen2VLImageProcessor when torchvision
+        # is installed (its resize differs, up to 0.015 in a normalised pixel); the PIL one,
+        # the processor these fixtures follow, is Qwen2VLImageProcessorPil.
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        return Qwen2VLImageProcessorPil(**kw)
+    except ImportError:
+        return Qwen2VLImageProcessor(**kw)
 
 
 def make_pixel_fixtures(images):

@@ -50,6 +50,9 @@ pub struct TrainWorkload {
     pub sft: bool,
     /// Recompute each layer in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// GRPO: compute each completion token's entropy in the policy pass, as `train grpo` does
+    /// for its `entropy` metric.
+    pub entropy: bool,
     /// A checkpoint to train instead of the random benchmark model (e.g. `medvlm init
     /// --preset qwen2-vl-2b`).
     pub model: Option<std::path::PathBuf>,
@@ -76,6 +79,7 @@ impl Default for TrainWorkload {
             phase_memory: false,
             sft: false,
             gradient_checkpointing: false,
+            entropy: true,
             model: None,
             lora_r: 0,
             dtype: "f32".into(),
@@ -360,6 +364,7 @@ fn train_options(w: &TrainWorkload, s: usize) -> crate::train::logps::TrainOptio
     crate::train::logps::TrainOptions {
         dropout_seed: Some(crate::seed::mix(7, s as u64)),
         checkpointing: w.gradient_checkpointing,
+        entropy: !w.sft && w.entropy,
     }
 }
 
@@ -578,7 +583,7 @@ impl std::fmt::Display for TrainBenchReport {
             writeln!(
                 f,
                 "workload         GRPO: B={} x G={} completions of {} tokens, prompt {} tokens \
-                 ({} image), micro-batch {}, beta {}{frozen}",
+                 ({} image), micro-batch {}, beta {}{frozen}{}",
                 w.prompts,
                 w.group,
                 w.completion_len,
@@ -586,6 +591,7 @@ impl std::fmt::Display for TrainBenchReport {
                 self.image_tokens,
                 w.micro_batch,
                 w.beta,
+                if w.entropy { "" } else { ", no entropies" },
             )?;
         }
         let col = |g: fn(&StepTimes) -> f64, mem: Option<fn(&StepTimes) -> f64>| {

@@ -96,6 +96,7 @@ pub(super) fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
         phase_memory: a.phase_memory,
         sft: a.sft,
         gradient_checkpointing: a.gradient_checkpointing,
+        entropy: !a.no_entropy,
         model: a.model,
         lora_r: a.lora_r,
         dtype: match a.dtype {

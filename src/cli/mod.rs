@@ -716,6 +716,10 @@ pub struct BenchTrainArgs {
     /// Keep only each layer's input and recompute the layers in the backward pass.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Skip the per-token entropies `train grpo` computes for its `entropy` metric (to time
+    /// what they cost).
+    #[arg(long)]
+    pub no_entropy: bool,
     /// Train this checkpoint instead of the random benchmark model (e.g. one written by
     /// `medvlm init --preset qwen2-vl-2b`).
     #[arg(long, value_name = "DIR")]

@@ -2,8 +2,9 @@
 //! every training step's log-probabilities (a 2-row x 256-token micro-batch is 78M logits
 //! for Qwen2-VL's 151,936-token vocabulary). One pass finds the maximum, one computes
 //! `exp(x - max)` (optionally kept, normalised, as the softmax for the backward pass) and its
-//! sum. The exponential is a vectorised polynomial on AVX-512 (libm's scalar `expf` costs
-//! more than the matmul that produced the row) and std's elsewhere.
+//! sum, and, when asked, `Σ exp(x - max)·(x - max)` for the row's entropy in the same pass.
+//! The exponential is a vectorised polynomial on AVX-512 (libm's scalar `expf` costs more than
+//! the matmul that produced the row) and std's elsewhere.
 
 use rayon::prelude::*;
 
@@ -17,6 +18,35 @@ pub fn pick_log_softmax(
     inv_temp: f32,
     keep_probs: bool,
 ) -> Vec<f32> {
+    pick::<false>(logits, vocab, targets, inv_temp, keep_probs)
+        .into_iter()
+        .map(|(lp, _)| lp)
+        .collect()
+}
+
+/// [`pick_log_softmax`], and each row's entropy `-Σ p log p` of `softmax(row · inv_temp)` in
+/// nats, from the same pass over the row: with `d = z - max`, `e = exp(d)` and `S = Σ e`,
+/// `H = ln S - Σ e·d / S` (TRL's fused LM head computes `log Z - Σ e·z / S`, the same
+/// quantity before the shift). Both sums run in f32 lanes flushed into f64.
+pub fn pick_log_softmax_entropy(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[u32],
+    inv_temp: f32,
+    keep_probs: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    pick::<true>(logits, vocab, targets, inv_temp, keep_probs)
+        .into_iter()
+        .unzip()
+}
+
+fn pick<const ENTROPY: bool>(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[u32],
+    inv_temp: f32,
+    keep_probs: bool,
+) -> Vec<(f32, f32)> {
     assert_eq!(logits.len(), vocab * targets.len());
     logits
         .par_chunks_mut(vocab)
@@ -27,13 +57,19 @@ pub fn pick_log_softmax(
             }
             let picked = row[t as usize];
             let max = row_max(row);
-            let sum = exp_shift_sum(row, max, keep_probs);
+            let (sum, dot) = exp_shift_sum::<ENTROPY>(row, max, keep_probs);
             if keep_probs {
                 let inv = (1.0 / sum) as f32;
                 row.iter_mut().for_each(|x| *x *= inv);
             }
             // log_softmax as torch computes it: (x - max) - log(sum(exp(x - max))).
-            (picked - max) - (sum.ln() as f32)
+            let logp = (picked - max) - (sum.ln() as f32);
+            let entropy = if ENTROPY {
+                (sum.ln() - dot / sum) as f32
+            } else {
+                0.0
+            };
+            (logp, entropy)
         })
         .collect()
 }
@@ -49,7 +85,7 @@ pub fn softmax_prefix(row: &mut [f32], n: usize, scale: f32) {
         live.iter_mut().for_each(|x| *x *= scale);
     }
     let max = row_max(live);
-    let sum = exp_shift_sum(live, max, true);
+    let (sum, _) = exp_shift_sum::<false>(live, max, true);
     let inv = (1.0 / sum) as f32;
     live.iter_mut().for_each(|x| *x *= inv);
 }
@@ -69,29 +105,34 @@ fn row_max(row: &[f32]) -> f32 {
     m
 }
 
-/// Sum over the row of `exp(x - max)`, in f64; the row is overwritten with the exponentials
-/// when `store`.
-fn exp_shift_sum(row: &mut [f32], max: f32, store: bool) -> f64 {
+/// Sums over the row of `exp(x - max)` and (with `DOT`, else 0) of `exp(x - max)·(x - max)`,
+/// in f64; the row is overwritten with the exponentials when `store`.
+fn exp_shift_sum<const DOT: bool>(row: &mut [f32], max: f32, store: bool) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx512() {
         // SAFETY: AVX-512F is present (checked just above); the kernel stays inside `row`.
-        return unsafe { avx512::exp_shift_sum(row, max, store) };
+        return unsafe { avx512::exp_shift_sum::<DOT>(row, max, store) };
     }
-    portable::exp_shift_sum(row, max, store)
+    portable::exp_shift_sum::<DOT>(row, max, store)
 }
 
 /// The same with std's exp, for CPUs without AVX-512.
 mod portable {
-    pub fn exp_shift_sum(row: &mut [f32], max: f32, store: bool) -> f64 {
-        let mut sum = 0f64;
+    pub fn exp_shift_sum<const DOT: bool>(row: &mut [f32], max: f32, store: bool) -> (f64, f64) {
+        let (mut sum, mut dot) = (0f64, 0f64);
         for x in row.iter_mut() {
-            let e = (*x - max).exp();
+            let d = *x - max;
+            let e = d.exp();
             sum += e as f64;
+            if DOT {
+                // exp(d) is 0 in f32 below -104: a -inf logit adds 0, not 0·(-inf).
+                dot += (e * d.max(-104.0)) as f64;
+            }
             if store {
                 *x = e;
             }
         }
-        sum
+        (sum, dot)
     }
 
     pub fn exp_in_place(xs: &mut [f32]) {
@@ -121,10 +162,26 @@ mod avx512 {
     /// AVX-512F must be present; no memory is touched.
     #[target_feature(enable = "avx512f")]
     unsafe fn exp16(x: __m512) -> __m512 {
-        // Below -104, exp underflows to zero in f32; scalef turns 2^n with n down to -150
-        // into the right subnormal or zero. (max returns its second operand for a NaN, so
-        // NaNs propagate.)
-        let x = _mm512_max_ps(_mm512_set1_ps(-104.0), x);
+        exp16_floored(floor104(x))
+    }
+
+    /// `max(-104, x)`: below -104, exp underflows to zero in f32. (max returns its second
+    /// operand for a NaN, so NaNs propagate.)
+    ///
+    /// # Safety
+    /// AVX-512F must be present; no memory is touched.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn floor104(x: __m512) -> __m512 {
+        _mm512_max_ps(_mm512_set1_ps(-104.0), x)
+    }
+
+    /// [`exp16`] of an `x` already at or above -104 ([`floor104`]): scalef turns 2^n with n
+    /// down to -150 into the right subnormal or zero.
+    ///
+    /// # Safety
+    /// AVX-512F must be present; no memory is touched.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp16_floored(x: __m512) -> __m512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -169,38 +226,55 @@ mod avx512 {
     /// AVX-512F must be present. Nothing else: every load and store stays inside `row` (the
     /// tail's are masked).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn exp_shift_sum(row: &mut [f32], max: f32, store: bool) -> f64 {
+    pub unsafe fn exp_shift_sum<const DOT: bool>(
+        row: &mut [f32],
+        max: f32,
+        store: bool,
+    ) -> (f64, f64) {
         let m = _mm512_set1_ps(max);
         // Four f32 accumulators per lane group over short runs, flushed into f64, so the sum
         // of 151,936 terms keeps f64-like accuracy without f64 arithmetic in the hot loop.
-        let mut total = 0f64;
+        let (mut total, mut total_dot) = (0f64, 0f64);
         let n = row.len();
         let ptr = row.as_mut_ptr();
         let mut i = 0;
         while i + 16 <= n {
             let end = (i + 1024).min(n / 16 * 16);
             let mut acc = _mm512_setzero_ps();
+            let mut acc_dot = _mm512_setzero_ps();
             while i < end {
-                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(i)), m));
+                // Floored once for both sums: a -inf logit adds 0 to the second, not
+                // 0·(-inf).
+                let d = floor104(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(i)), m));
+                let e = exp16_floored(d);
                 if store {
                     _mm512_storeu_ps(ptr.add(i), e);
                 }
                 acc = _mm512_add_ps(acc, e);
+                if DOT {
+                    acc_dot = _mm512_fmadd_ps(e, d, acc_dot);
+                }
                 i += 16;
             }
             total += _mm512_reduce_add_ps(acc) as f64;
+            if DOT {
+                total_dot += _mm512_reduce_add_ps(acc_dot) as f64;
+            }
         }
         if i < n {
             let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
             let x = _mm512_maskz_loadu_ps(mask, ptr.add(i));
-            let e = exp16(_mm512_sub_ps(x, m));
-            let e = _mm512_maskz_mov_ps(mask, e);
+            let d = floor104(_mm512_maskz_sub_ps(mask, x, m));
+            let e = _mm512_maskz_mov_ps(mask, exp16_floored(d));
             if store {
                 _mm512_mask_storeu_ps(ptr.add(i), mask, e);
             }
             total += _mm512_reduce_add_ps(e) as f64;
+            if DOT {
+                total_dot += _mm512_reduce_add_ps(_mm512_mul_ps(e, d)) as f64;
+            }
         }
-        total
+        (total, total_dot)
     }
 }
 
@@ -260,13 +334,27 @@ mod tests {
             .map(|x| if x.is_nan() { 0.0 } else { x.min(0.0) })
             .collect();
         let exact: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+        let exact_dot: f64 = row
+            .iter()
+            .filter(|x| x.is_finite())
+            .map(|&x| (x as f64).exp() * x as f64)
+            .sum();
         let mut row2 = row.clone();
-        let a = exp_shift_sum(&mut row, 0.0, true);
-        let b = portable::exp_shift_sum(&mut row2, 0.0, true);
+        let mut row3 = row.clone();
+        let (a, a_dot) = exp_shift_sum::<true>(&mut row, 0.0, true);
+        let (b, b_dot) = portable::exp_shift_sum::<true>(&mut row2, 0.0, true);
+        let (a_plain, no_dot) = exp_shift_sum::<false>(&mut row3, 0.0, true);
+        assert_eq!((a_plain, no_dot), (a, 0.0));
+        assert_eq!(row, row3);
         assert!(((a - b) / b).abs() < 1e-6, "{a} vs {b}");
         assert!(
             ((b - exact) / exact).abs() < 1e-6,
             "std's: {b} vs f64's {exact}"
+        );
+        assert!(((a_dot - b_dot) / b_dot).abs() < 1e-6, "{a_dot} vs {b_dot}");
+        assert!(
+            ((b_dot - exact_dot) / exact_dot).abs() < 1e-6,
+            "std's: {b_dot} vs f64's {exact_dot}"
         );
     }
 
@@ -278,6 +366,15 @@ mod tests {
         let d: Vec<f64> = xs.iter().map(|&x| (x - m) as f64).collect();
         let s: f64 = d.iter().map(|x| x.exp()).sum();
         (d[t] - s.ln(), d.iter().map(|x| x.exp() / s).collect())
+    }
+
+    /// `-Σ p ln p` in f64 (0 ln 0 = 0).
+    fn reference_entropy(probs: &[f64]) -> f64 {
+        -probs
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|&p| p * p.ln())
+            .sum::<f64>()
     }
 
     #[test]
@@ -293,11 +390,22 @@ mod tests {
             for inv_temp in [1.0f32, 1.0 / 0.7] {
                 let mut d = orig.clone();
                 let lp = pick_log_softmax(&mut d, vocab, &targets, inv_temp, keep);
+                // The entropy variant: the same log-probs and rows, and each row's entropy.
+                let mut d2 = orig.clone();
+                let (lp2, ent) = pick_log_softmax_entropy(&mut d2, vocab, &targets, inv_temp, keep);
+                assert_eq!(lp, lp2);
+                assert_eq!(d, d2);
                 for r in 0..rows {
                     let (want, probs) = reference(
                         &orig[r * vocab..(r + 1) * vocab],
                         targets[r] as usize,
                         inv_temp,
+                    );
+                    let want_h = reference_entropy(&probs);
+                    assert!(
+                        (ent[r] as f64 - want_h).abs() < 2e-6 * want_h.max(1.0),
+                        "row {r} entropy: {} vs {want_h}",
+                        ent[r]
                     );
                     assert!(
                         (lp[r] as f64 - want).abs() < 2e-6,

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::external::{check_url, JudgeSpec, DEFAULT_TIMEOUT_S};
-use super::grpo::{LossConfig, LossType, ScaleRewards};
+use super::grpo::{ImportanceSamplingLevel, LossConfig, LossType, ScaleRewards};
 use super::reward::{
     builtin_names, AccuracyReward, AnswerMode, BUILTIN, DEFAULT_CLOSED_PROTOCOL,
     DEFAULT_OPEN_PROTOCOL,
@@ -51,6 +51,12 @@ pub struct GrpoMethod {
     pub loss_type: LossType,
     pub scale_rewards: ScaleRewards,
     pub mask_truncated_completions: bool,
+    /// "token" (GRPO's per-token ratio) or "sequence" (GSPO's per-completion ratio), TRL's
+    /// `importance_sampling_level`.
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// TRL's `top_entropy_quantile` (ρ): the policy-gradient term only for tokens whose
+    /// entropy is in the top ρ of the micro-batch's; 1.0 = all tokens.
+    pub top_entropy_quantile: f64,
 
     /// Reward functions, summed: built-in names ("accuracy", "format", ...) or tables for a
     /// command, an HTTP endpoint or an LLM judge ([`RewardEntry`]).
@@ -95,6 +101,8 @@ impl Default for GrpoMethod {
             loss_type: LossType::Grpo,
             scale_rewards: ScaleRewards::Group,
             mask_truncated_completions: false,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            top_entropy_quantile: 1.0,
             rewards: vec![
                 RewardEntry::Builtin("accuracy".into()),
                 RewardEntry::Builtin("format".into()),
@@ -178,6 +186,16 @@ impl Method for GrpoMethod {
         // The clipped ratio's floor is 1 - epsilon_low: at 1 or above it is not positive.
         unit_interval("epsilon_low", self.epsilon_low)?;
         non_negative("epsilon_high", self.epsilon_high)?;
+        if !(self.top_entropy_quantile > 0.0 && self.top_entropy_quantile <= 1.0) {
+            return Err(SettingError::new(
+                "top_entropy_quantile",
+                &format!(
+                    "must be in (0, 1] (1 = every token), got {}",
+                    self.top_entropy_quantile
+                ),
+                &[],
+            ));
+        }
         if self.rewards.is_empty() {
             return Err(SettingError::new(
                 "rewards",
@@ -476,6 +494,8 @@ impl GrpoConfig {
             mask_truncated_completions: m.mask_truncated_completions,
             max_completion_length: m.max_completion_length,
             temperature: m.temperature as f64,
+            importance_sampling_level: m.importance_sampling_level,
+            top_entropy_quantile: m.top_entropy_quantile,
         }
     }
 }
@@ -610,6 +630,27 @@ mod tests {
                 "--temperature must be a finite number above 0",
             ),
             ("top_p", "0", "--top-p must be in (0, 1], got 0"),
+            (
+                "top_entropy_quantile",
+                "0",
+                "--top-entropy-quantile must be in (0, 1] (1 = every token), got 0",
+            ),
+            (
+                "top_entropy_quantile",
+                "1.5",
+                "--top-entropy-quantile must be in (0, 1] (1 = every token), got 1.5",
+            ),
+            (
+                "top_entropy_quantile",
+                "nan",
+                "--top-entropy-quantile must be in (0, 1] (1 = every token), got NaN",
+            ),
+            (
+                "importance_sampling_level",
+                "seq",
+                "--importance-sampling-level: unknown variant `seq`, expected `token` or \
+                 `sequence`",
+            ),
             ("top_p", "1.5", "--top-p must be in (0, 1], got 1.5"),
             ("num_iterations", "0", "--num-iterations must be at least 1"),
             (

@@ -45,12 +45,17 @@ pub struct PolicyStats {
     pub kl: f64,
     /// Mean over completions of the clipped-token fraction.
     pub clip_ratio: f64,
+    /// TRL's `entropy`: the mean over micro-batches of each micro-batch's mean entropy over
+    /// its completion tokens (what TRL logs for a step), when entropies were computed.
+    pub entropy: Option<f64>,
 }
 
 /// Forward and backward passes of the policy over the step's completions in micro-batches
 /// of `micro_batch`, accumulating the gradient of the GRPO loss. `old` and `reference` are
-/// per-completion fixed log-probs from [`fixed_logps`]; `options` sets LoRA dropout and
-/// gradient checkpointing (see [`logps::TrainOptions`]).
+/// per-completion fixed log-probs from [`fixed_logps`]; `options` sets LoRA dropout,
+/// gradient checkpointing and whether the `entropy` metric is computed (see
+/// [`logps::TrainOptions`]; the entropies are computed regardless when the loss's
+/// high-entropy mask needs them).
 pub fn policy_gradients(
     policy: &TrainableModel,
     batch: &StepBatch,
@@ -87,8 +92,13 @@ pub fn policy_gradients(
         tokens,
         micro_batches: n_all.div_ceil(micro_batch.max(1)),
     };
+    let options = logps::TrainOptions {
+        entropy: options.entropy || loss_cfg.top_entropy_quantile < 1.0,
+        ..options
+    };
     let mut grads = GradAccumulator::new(policy.params.len());
     let mut stats = PolicyStats::default();
+    let mut entropies = Vec::new();
     let dev = policy.model.device.clone();
     let fixed = |v: Option<&[Vec<f32>]>, r: Range<usize>| -> Result<Option<Tensor>> {
         match v {
@@ -118,15 +128,20 @@ pub fn policy_gradients(
                 old: old_t.as_ref(),
                 reference: ref_t.as_ref(),
                 truncated: &batch.truncated[r],
+                entropy: mb.entropy,
             };
             let (loss, s) = grpo::loss(loss_cfg, &inputs, shape)?;
             stats.kl += s.kl * n as f64;
             stats.clip_ratio += s.clip_ratio * n as f64;
+            entropies.extend(s.entropy);
             Ok(loss)
         },
     )?;
     let n = n_all.max(1) as f64;
     stats.kl /= n;
     stats.clip_ratio /= n;
+    if !entropies.is_empty() {
+        stats.entropy = Some(entropies.iter().sum::<f64>() / entropies.len() as f64);
+    }
     Ok((grads, stats))
 }

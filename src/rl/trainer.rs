@@ -176,6 +176,9 @@ impl GrpoRun {
             None => vec![],
         };
         run::check_memory(&config, &inputs)?;
+        if let Some(w) = config.loss().sequence_level_warning() {
+            eprintln!("warning: {w}");
+        }
         let RunInputs {
             device,
             resume_from,
@@ -417,6 +420,8 @@ impl GrpoRun {
                 // LoRA dropout masks: a function of (seed, step) only, so resuming repeats them.
                 dropout_seed: Some(mix(c.run.seed ^ 0xD80_0A7, self.session.step)),
                 checkpointing: c.run.gradient_checkpointing,
+                // The `entropy` metric (TRL's), always logged.
+                entropy: true,
             },
         )?;
         let (norm, lr) = self.session.apply(&self.policy, &mut grads)?;
@@ -426,6 +431,7 @@ impl GrpoRun {
             lr,
             kl: stats.kl,
             clip_ratio: stats.clip_ratio,
+            entropy: stats.entropy,
         })
     }
 
@@ -555,16 +561,19 @@ impl GrpoRun {
             zero_std as f64 / groups.len() as f64,
         )
         .num("kl", out.kl)
-        .num("clip_ratio", out.clip_ratio)
-        .num("completion_length_mean", len_mean)
-        .num(
-            "completion_length_max",
-            lens.iter().copied().fold(0.0, f32::max) as f64,
-        )
-        .num("clipped_ratio", truncated as f64 / flat.len() as f64)
-        .num("lr", out.lr)
-        .num("grad_norm", out.grad_norm)
-        .num("step_time_s", step_time);
+        .num("clip_ratio", out.clip_ratio);
+        if let Some(h) = out.entropy {
+            rec.num("entropy", h);
+        }
+        rec.num("completion_length_mean", len_mean)
+            .num(
+                "completion_length_max",
+                lens.iter().copied().fold(0.0, f32::max) as f64,
+            )
+            .num("clipped_ratio", truncated as f64 / flat.len() as f64)
+            .num("lr", out.lr)
+            .num("grad_norm", out.grad_norm)
+            .num("step_time_s", step_time);
         if fresh {
             let tokens: f64 = lens.iter().map(|&x| x as f64).sum();
             rec.num("tokens_per_s", tokens / r.gen_seconds.max(1e-9));
@@ -627,6 +636,7 @@ struct StepOutcome {
     lr: f64,
     kl: f64,
     clip_ratio: f64,
+    entropy: Option<f64>,
 }
 
 /// Prepares and runs (the CLI's and the tests' entry point).

@@ -54,6 +54,9 @@ pub struct MicroBatch<'a> {
     pub logp: &'a Tensor,
     /// (n, c_max): 1 for real tokens.
     pub mask: &'a Tensor,
+    /// (n, c_max) per-token entropies of the softmax at the sampling temperature, in nats, 0
+    /// where `mask` is 0; only when [`TrainOptions::entropy`] asked for them. No gradient.
+    pub entropy: Option<&'a Tensor>,
 }
 
 /// A leaf holding looked-up embeddings, with the ids it embeds: its gradient goes into the
@@ -852,13 +855,15 @@ pub fn logps(
         let mb = &seqs[range];
         passes.open_for(model, mb, |_| Mode::Infer)?;
         let (hidden, _) = rows_pass(model, mb, &passes, Keep::Nothing, Mode::Infer)?;
-        let (lp, _) = token_logps::forward(
+        let lp = token_logps::forward(
             &hidden,
             model.text.lm_head_weight(),
             &targets_of(mb),
             temperature,
             false,
-        )?;
+            false,
+        )?
+        .logp;
         out.extend(per_seq(&lp, mb).into_iter().map(<[f32]>::to_vec));
         passes.finish(mb)?;
     }
@@ -931,6 +936,9 @@ pub struct TrainOptions {
     /// Gradient checkpointing: keep each layer's input only and run the layers again in the
     /// backward pass.
     pub checkpointing: bool,
+    /// Also compute each completion token's entropy ([`MicroBatch::entropy`]), from the same
+    /// pass over the logits as the log-probs.
+    pub entropy: bool,
 }
 
 impl TrainOptions {
@@ -982,16 +990,31 @@ pub fn backward(
         let (hidden, kept) = rows_pass(model, mb, &passes, keep, mode)?;
 
         // Log-probs outside the graph, then the loss's gradient with respect to them.
-        let (lp, saved) =
-            token_logps::forward(&hidden.detach(), head_w, &targets_of(mb), temperature, true)?;
+        let token_logps::Forward {
+            logp: lp,
+            entropy,
+            saved,
+        } = token_logps::forward(
+            &hidden.detach(),
+            head_w,
+            &targets_of(mb),
+            temperature,
+            true,
+            pass.entropy,
+        )?;
         let saved = saved.context("token log-probs kept nothing for the backward pass")?;
         let (logp, mask) = pad_rows(&per_seq(&lp, mb), &model.device)?;
+        let entropy = match entropy {
+            Some(h) => Some(pad_rows(&per_seq(&h, mb), &model.device)?.0),
+            None => None,
+        };
         let logp = Var::from_tensor(&logp)?;
         let loss = loss_of(&MicroBatch {
             index,
             range: range.clone(),
             logp: logp.as_tensor(),
             mask: &mask,
+            entropy: entropy.as_ref(),
         })?;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let g: Vec<f32> = match loss.backward()?.get(logp.as_tensor()) {

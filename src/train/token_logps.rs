@@ -9,7 +9,9 @@
 //! will follow), and the backward pass turns it in place into `∂L/∂logits = g (onehot - p)
 //! / T` and runs the two matmuls: `∂L/∂h = G · W` and `∂L/∂W += Gᵀ · h`, the latter added
 //! straight into the accumulated gradient. On CPU the matmuls call gemm and the softmax runs
-//! in [`crate::kernels::softmax`]; elsewhere the same formulas run as tensor ops.
+//! in [`crate::kernels::softmax`]; elsewhere the same formulas run as tensor ops. Each
+//! token's entropy (GRPO's `entropy` metric and high-entropy mask) comes, when asked for, from
+//! the same pass over the logits.
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, D};
@@ -40,8 +42,20 @@ fn threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
-/// `log_softmax(hidden · weightᵀ / temperature)[t, targets[t]]` for every row `t` of
-/// `hidden` (tokens x h, no gradient tracked), with what [`Saved::backward`] needs when
+/// What [`forward`] returns.
+pub struct Forward {
+    /// `log_softmax(hidden · weightᵀ / temperature)[t, targets[t]]` for every row `t`.
+    pub logp: Vec<f32>,
+    /// When asked for: each row's entropy `-Σ p log p` of `softmax(hidden · weightᵀ /
+    /// temperature)`, in nats (no gradient).
+    pub entropy: Option<Vec<f32>>,
+    /// What [`Saved::backward`] needs, when `keep` was set.
+    pub saved: Option<Saved>,
+}
+
+/// The log-probabilities of `targets` under `hidden · weightᵀ / temperature` for every row of
+/// `hidden` (tokens x h, no gradient tracked), with each row's entropy when `entropy` is set
+/// (from the same pass over the logits on the CPU) and what [`Saved::backward`] needs when
 /// `keep` is set. `weight` is (vocab x h).
 pub fn forward(
     hidden: &Tensor,
@@ -49,7 +63,8 @@ pub fn forward(
     targets: &[u32],
     temperature: f64,
     keep: bool,
-) -> Result<(Vec<f32>, Option<Saved>)> {
+    entropy: bool,
+) -> Result<Forward> {
     let (t, h) = hidden.dims2()?;
     let (vocab, hw) = weight.dims2()?;
     if hw != h || targets.len() != t {
@@ -65,41 +80,84 @@ pub fn forward(
     if is_cpu_f32_contiguous(hidden) && is_cpu_f32_contiguous(weight) {
         let out = with_f32(hidden, |hs| {
             with_f32(weight, |ws| {
-                cpu_forward(hs, ws, (t, h, vocab), targets, inv_temp, keep)
+                cpu_forward(hs, ws, (t, h, vocab), targets, inv_temp, keep, entropy)
             })
         })
         .flatten()
         .flatten();
-        if let Some((logp, probs)) = out {
-            let saved = probs.map(|p| Saved {
+        if let Some(out) = out {
+            let saved = out.probs.map(|p| Saved {
                 probs: Probs::Cpu(p),
                 hidden: hidden.clone(),
                 targets: targets.to_vec(),
                 inv_temp,
             });
-            return Ok((logp, saved));
+            return Ok(Forward {
+                logp: out.logp,
+                entropy: out.entropy,
+                saved,
+            });
         }
     }
-    // Any device: the same formulas as tensor ops, in f32.
+    // Any device: the same formulas as tensor ops, in f32 (the entropy as TRL's
+    // `entropy_from_logits` writes it).
     let hf = hidden.to_dtype(DType::F32)?;
     let logits = (hf.matmul(&weight.to_dtype(DType::F32)?.t()?)? * inv_temp as f64)?;
     let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let idx = Tensor::from_vec(targets.to_vec(), (t, 1), hidden.device())?;
     let logp: Vec<f32> = lp.gather(&idx, 1)?.squeeze(1)?.to_vec1()?;
-    let saved = if keep {
-        Some(Saved {
-            probs: Probs::Tensor(lp.exp()?),
-            hidden: hf,
-            targets: targets.to_vec(),
-            inv_temp,
-        })
+    let probs = if keep || entropy {
+        Some(lp.exp()?)
     } else {
         None
     };
-    Ok((logp, saved))
+    let entropy = match (&probs, entropy) {
+        (Some(p), true) => Some((p * &lp)?.sum(D::Minus1)?.neg()?.to_vec1()?),
+        _ => None,
+    };
+    let saved = match probs {
+        Some(p) if keep => Some(Saved {
+            probs: Probs::Tensor(p),
+            hidden: hf,
+            targets: targets.to_vec(),
+            inv_temp,
+        }),
+        _ => None,
+    };
+    Ok(Forward {
+        logp,
+        entropy,
+        saved,
+    })
 }
 
-type CpuOut = (Vec<f32>, Option<Vec<f32>>);
+/// The CPU kernels' results: log-probs, entropies when asked, the kept softmax.
+struct CpuOut {
+    logp: Vec<f32>,
+    entropy: Option<Vec<f32>>,
+    probs: Option<Vec<f32>>,
+}
+
+/// `log_softmax` picked at the targets (and the entropies) of one block of logit rows, in
+/// place.
+fn pick(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[u32],
+    inv_temp: f32,
+    keep: bool,
+    entropy: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    if entropy {
+        let (lp, h) = softmax::pick_log_softmax_entropy(logits, vocab, targets, inv_temp, keep);
+        (lp, Some(h))
+    } else {
+        (
+            softmax::pick_log_softmax(logits, vocab, targets, inv_temp, keep),
+            None,
+        )
+    }
+}
 
 fn cpu_forward(
     hs: &[f32],
@@ -108,17 +166,23 @@ fn cpu_forward(
     targets: &[u32],
     inv_temp: f32,
     keep: bool,
+    entropy: bool,
 ) -> Option<CpuOut> {
     let w_t = Mat::rows(ws, vocab, h).t();
     if keep {
         let mut probs = workspace::take(t * vocab);
         matmul(&mut probs, Mat::rows(hs, t, h), w_t, 1.0, false, threads());
-        let logp = softmax::pick_log_softmax(&mut probs, vocab, targets, inv_temp, true);
-        return Some((logp, Some(probs)));
+        let (logp, entropy) = pick(&mut probs, vocab, targets, inv_temp, true, entropy);
+        return Some(CpuOut {
+            logp,
+            entropy,
+            probs: Some(probs),
+        });
     }
     let rows = (ROWS_PER_CHUNK_BYTES / (4 * vocab)).clamp(1, t.max(1));
     let mut buf = workspace::take(rows * vocab);
     let mut logp = Vec::with_capacity(t);
+    let mut ent = entropy.then(|| Vec::with_capacity(t));
     for start in (0..t).step_by(rows) {
         let r = rows.min(t - start);
         let chunk = &mut buf[..r * vocab];
@@ -130,16 +194,25 @@ fn cpu_forward(
             false,
             threads(),
         );
-        logp.extend(softmax::pick_log_softmax(
+        let (lp, h) = pick(
             chunk,
             vocab,
             &targets[start..start + r],
             inv_temp,
             false,
-        ));
+            entropy,
+        );
+        logp.extend(lp);
+        if let (Some(all), Some(h)) = (ent.as_mut(), h) {
+            all.extend(h);
+        }
     }
     workspace::give(buf);
-    Some((logp, None))
+    Some(CpuOut {
+        logp,
+        entropy: ent,
+        probs: None,
+    })
 }
 
 /// `dst += scale * lhsᵀ · rhs` into a gradient buffer, in place.
@@ -279,7 +352,8 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// The hand-written gradient equals autograd's on the plain formula, on the CPU kernels
-    /// and on the tensor-op path, with a temperature, accumulating into an existing gradient.
+    /// and on the tensor-op path, with a temperature, accumulating into an existing gradient;
+    /// the entropies equal TRL's formula on both paths.
     #[test]
     fn hand_gradient_equals_autograd() {
         let dev = Device::Cpu;
@@ -297,6 +371,15 @@ mod tests {
         let idx = Tensor::from_vec(targets.to_vec(), (t, 1), &dev).unwrap();
         let picked = lp.gather(&idx, 1).unwrap().squeeze(1).unwrap();
         let want_lp: Vec<f32> = picked.to_vec1().unwrap();
+        // TRL's entropy_from_logits: -(exp(logp) * logp).sum(-1).
+        let want_entropy: Vec<f32> = (lp.exp().unwrap() * &lp)
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .neg()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let gt = Tensor::new(&g, &dev).unwrap();
         let store = (picked * gt)
             .unwrap()
@@ -329,14 +412,21 @@ mod tests {
                     .unwrap()
             };
             assert_eq!(is_cpu_f32_contiguous(&hin), cpu_kernels);
-            let (lp, saved) = forward(&hin, &w, &targets, temp, true).unwrap();
+            let out = forward(&hin, &w, &targets, temp, true, false).unwrap();
+            let (lp, saved) = (out.logp, out.saved);
+            assert!(out.entropy.is_none());
             for (a, b) in lp.iter().zip(&want_lp) {
                 assert!((a - b).abs() < 1e-5, "log-prob {a} vs {b}");
             }
-            // The no-backward path gives the same log-probs.
-            let (lp2, none) = forward(&hin, &w, &targets, temp, false).unwrap();
-            assert!(none.is_none());
-            assert_eq!(lp, lp2);
+            // The no-backward path gives the same log-probs; asked for, the entropies too.
+            for keep in [false, true] {
+                let out = forward(&hin, &w, &targets, temp, keep, true).unwrap();
+                assert_eq!(out.saved.is_some(), keep);
+                assert_eq!(out.logp, lp);
+                for (a, b) in out.entropy.unwrap().iter().zip(&want_entropy) {
+                    assert!((a - b).abs() < 1e-5, "entropy {a} vs {b}");
+                }
+            }
             let mut acc = Some(Tensor::ones((v, h), DType::F32, &dev).unwrap());
             let dh = saved.unwrap().backward(&g, &w, Some(&mut acc)).unwrap();
             close(&dh, &want_dh, "dL/dh");

@@ -7,7 +7,7 @@ use crate::common::*;
 use candle_core::{DType, Device, Tensor};
 use medvlm::model::Qwen2Vl;
 use medvlm::processor::{Message, Processor, ProcessorOptions, Prompt};
-use medvlm::rl::grpo::{self, LossConfig, LossType, ScaleRewards};
+use medvlm::rl::grpo::{self, ImportanceSamplingLevel, LossConfig, LossType, ScaleRewards};
 use medvlm::rl::step::{self, StepBatch};
 use medvlm::selftest::GrpoFixture;
 use medvlm::train::logps::{self, SeqRef};
@@ -141,6 +141,7 @@ fn check_grpo_cases(prefix: &str, reference_name: &str) {
                 let opts = logps::TrainOptions {
                     dropout_seed: None,
                     checkpointing,
+                    ..Default::default()
                 };
                 step::policy_gradients(&policy, &batch, &cfg, mb, None, Some(&ref_lp), opts)
                     .unwrap()
@@ -202,6 +203,7 @@ fn check_grpo_cases(prefix: &str, reference_name: &str) {
             mask_truncated_completions: case["mask_truncated_completions"].as_bool().unwrap(),
             max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
             temperature: 1.0,
+            ..Default::default()
         };
         let old = (case["num_iterations"].as_u64().unwrap() > 1).then_some(old_lp.as_slice());
         let adv = grpo::advantages(rewards, g, cfg.scale_rewards).unwrap();
@@ -282,6 +284,274 @@ fn check_grpo_cases(prefix: &str, reference_name: &str) {
             );
         }
     }
+}
+
+/// The loss options of TRL 1.16 on the same fixture (tools/make_grpo_fixture.py
+/// --options-only, checked against TRL 1.16.0's own `_compute_loss`): GSPO's sequence-level
+/// importance ratio with old log-probs that move the ratios off 1, the high-entropy token
+/// mask (`top_entropy_quantile`) over each micro-batch's tokens, and the `entropy` metric.
+#[test]
+fn loss_options_match_trl() {
+    check_option_cases("grpo", "tiny-a");
+}
+
+#[test]
+fn loss_options_match_trl_on_qwen25_vl() {
+    check_option_cases("grpo25", "tiny-25a");
+}
+
+fn loss_type(name: &str) -> LossType {
+    match name {
+        "grpo" => LossType::Grpo,
+        "bnpo" => LossType::Bnpo,
+        "dr_grpo" => LossType::DrGrpo,
+        "dapo" => LossType::Dapo,
+        other => panic!("{other}"),
+    }
+}
+
+/// TRL's `entropy` for a step split into micro-batches of `mb`: the mean over micro-batches
+/// of each one's token mean (over the loss mask, its count clamped at 1).
+fn trl_entropy_metric(entropies: &[Vec<f32>], keep: &[bool], mb: usize) -> f64 {
+    let means: Vec<f64> = (0..entropies.len())
+        .step_by(mb)
+        .map(|start| {
+            let end = (start + mb).min(entropies.len());
+            let (mut sum, mut count) = (0f64, 0usize);
+            for i in (start..end).filter(|&i| keep[i]) {
+                sum += entropies[i].iter().map(|&x| x as f64).sum::<f64>();
+                count += entropies[i].len();
+            }
+            sum / count.max(1) as f64
+        })
+        .collect();
+    means.iter().sum::<f64>() / means.len() as f64
+}
+
+fn check_option_cases(prefix: &str, reference_name: &str) {
+    let policy_dir = fixtures().join(format!("{prefix}-policy"));
+    let policy = TrainableModel::load(&policy_dir, &Device::Cpu).unwrap();
+    let reference =
+        Qwen2Vl::load(&fixtures().join(reference_name), DType::F32, &Device::Cpu).unwrap();
+    let proc = Processor::from_dir(&policy_dir, &ProcessorOptions::default()).unwrap();
+    let fixture = GrpoFixture::load(&fixtures(), prefix, &proc).unwrap();
+    let seqs = fixture.seqs();
+    let truncated = fixture.truncated();
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{prefix}-options-cases.json"))).unwrap(),
+    )
+    .unwrap();
+    let g = meta["num_generations"].as_u64().unwrap() as usize;
+    let adv = grpo::advantages(&fixture.rewards, g, ScaleRewards::Group).unwrap();
+    for (x, y) in adv.iter().zip(f32s(&meta["advantages"])) {
+        assert!((x - y).abs() < 1e-6, "advantages: {x} vs {y}");
+    }
+
+    // torch.quantile: to the bit as torch 2.15 computes it; torch 2.8 (the grpo fixture's
+    // environment) rounds the rank q·(n-1) to f32 first, which moves some results by an ulp.
+    let torch = meta["versions"]["torch"].as_str().unwrap();
+    let exact = !torch.starts_with("2.8.");
+    let mut off = 0;
+    for (k, c) in meta["quantile_checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let got = grpo::quantile_linear(&f32s(&c["values"]), c["q"].as_f64().unwrap()).unwrap();
+        let want = c["quantile"].as_f64().unwrap() as f32;
+        if exact {
+            assert_eq!(got, want, "quantile check {k} (q {})", c["q"]);
+        } else if got != want {
+            off += 1;
+            let ulp = f32::from_bits(want.to_bits() + 1) - want;
+            assert!(
+                (got - want).abs() <= ulp,
+                "quantile check {k}: {got} vs {want}"
+            );
+        }
+    }
+    println!("torch {torch}'s quantile: {off} of 100 one ulp off");
+
+    // Per temperature: the reference's and the policy's log-probs, and the policy's
+    // per-token entropies from the fused LM-head pass (micro-batches of 2 and 9).
+    let sampler = policy.detached().unwrap();
+    let mut per_t = std::collections::HashMap::new();
+    for (t_key, stored) in meta["temperatures"].as_object().unwrap() {
+        let t: f64 = t_key.parse().unwrap();
+        let ref_lp = logps::logps(&reference, &seqs, 9, t).unwrap();
+        let pol_lp = logps::logps(&sampler, &seqs, 9, t).unwrap();
+        let (mut d_ref, mut d_pol) = (0f32, 0f32);
+        for (rows, want, d) in [
+            (&ref_lp, &stored["ref_logps"], &mut d_ref),
+            (&pol_lp, &stored["policy_logps"], &mut d_pol),
+        ] {
+            for (a, b) in rows.iter().zip(f32s2(want)) {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(&b) {
+                    *d = d.max((x - y).abs());
+                }
+            }
+        }
+        let want_h = f32s2(&stored["entropies"]);
+        let mut d_h = 0f32;
+        for mb in [9, 2] {
+            let mut got: Vec<Vec<f32>> = Vec::new();
+            let mut grads = GradAccumulator::new(policy.params.len());
+            let opts = logps::TrainOptions {
+                entropy: true,
+                ..Default::default()
+            };
+            logps::backward(&policy, &seqs, mb, t, opts, &mut grads, |m| {
+                let h: Vec<Vec<f32>> = m.entropy.unwrap().to_vec2()?;
+                for (row, s) in h.iter().zip(&seqs[m.range.clone()]) {
+                    got.push(row[..s.tokens.len()].to_vec());
+                }
+                Ok((m.logp * m.mask)?.sum_all()?)
+            })
+            .unwrap();
+            for (a, b) in got.iter().zip(&want_h) {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    d_h = d_h.max((x - y).abs());
+                }
+            }
+        }
+        println!(
+            "temperature {t}: reference log-probs max diff {d_ref:.1e}, policy {d_pol:.1e}, \
+             entropies {d_h:.1e}"
+        );
+        assert!(
+            d_ref < 1e-4 && d_pol < 1e-4,
+            "log-probs differ by {d_ref}, {d_pol}"
+        );
+        assert!(d_h < 1e-4, "entropies differ by {d_h}");
+        per_t.insert(t_key.clone(), (ref_lp, pol_lp, want_h));
+    }
+
+    let offsets = f32s2(&meta["old_logp_offsets"]);
+    for case in meta["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let temperature = case["temperature"].as_f64().unwrap();
+        let cfg = LossConfig {
+            loss_type: loss_type(case["loss_type"].as_str().unwrap()),
+            beta: case["beta"].as_f64().unwrap(),
+            epsilon_low: case["epsilon_low"].as_f64().unwrap(),
+            epsilon_high: case["epsilon_high"].as_f64().unwrap(),
+            scale_rewards: ScaleRewards::Group,
+            mask_truncated_completions: case["mask_truncated_completions"].as_bool().unwrap(),
+            max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
+            temperature,
+            importance_sampling_level: match case["importance_sampling_level"].as_str().unwrap() {
+                "token" => ImportanceSamplingLevel::Token,
+                "sequence" => ImportanceSamplingLevel::Sequence,
+                other => panic!("{other}"),
+            },
+            top_entropy_quantile: case["top_entropy_quantile"].as_f64().unwrap(),
+        };
+        let key = format!("{temperature:?}");
+        let (ref_lp, pol_lp, entropies) = &per_t[&key];
+        let old: Vec<Vec<f32>> = pol_lp
+            .iter()
+            .zip(&offsets)
+            .map(|(lp, off)| lp.iter().zip(off).map(|(a, b)| a + b).collect())
+            .collect();
+        let old = (case["num_iterations"].as_u64().unwrap() > 1).then_some(old.as_slice());
+        let batch = StepBatch {
+            seqs: seqs.clone(),
+            advantages: &adv,
+            truncated: &truncated,
+        };
+        let keep: Vec<bool> = truncated
+            .iter()
+            .map(|&t| !(cfg.mask_truncated_completions && t))
+            .collect();
+        let want_loss = case["loss"].as_f64().unwrap();
+        let want_norm = case["grad_norm"].as_f64().unwrap();
+        let case_mb = case["micro_batch"].as_u64().unwrap() as usize;
+        // The case's split (TRL's per-device batch); where neither the loss nor the mask
+        // depends on the split (grpo and dapo without the entropy mask), 2 and 4 too.
+        let mut splits = vec![case_mb];
+        if cfg.top_entropy_quantile == 1.0
+            && matches!(cfg.loss_type, LossType::Grpo | LossType::Dapo)
+        {
+            splits.extend([2, 4]);
+        }
+        for mb in splits {
+            let opts = logps::TrainOptions {
+                entropy: true,
+                ..Default::default()
+            };
+            let (grads, stats) =
+                step::policy_gradients(&policy, &batch, &cfg, mb, old, Some(ref_lp), opts).unwrap();
+            let norm = grads.norm().unwrap();
+            let entropy = stats.entropy.unwrap();
+            let want_entropy = if mb == case_mb {
+                case["entropy"].as_f64().unwrap()
+            } else {
+                trl_entropy_metric(entropies, &keep, mb)
+            };
+            let (dl, dn, dh) = (
+                (stats.loss - want_loss).abs(),
+                ((norm - want_norm) / want_norm).abs(),
+                (entropy - want_entropy).abs(),
+            );
+            println!(
+                "{name} (micro-batch {mb}): loss {:.8} vs {want_loss:.8} (diff {dl:.1e}); grad \
+                 norm {norm:.6} vs {want_norm:.6} (rel {dn:.1e}); entropy {entropy:.6} vs \
+                 {want_entropy:.6} (diff {dh:.1e})",
+                stats.loss
+            );
+            for (pname, want) in case["param_grad_norms"].as_object().unwrap() {
+                let i = policy.params.iter().position(|p| &p.name == pname).unwrap();
+                let gn = grads
+                    .get(i)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt() as f64;
+                let want = want.as_f64().unwrap();
+                assert!(
+                    ((gn - want) / want).abs() < 1e-3,
+                    "{name}: {pname} grad norm {gn} vs {want}"
+                );
+            }
+            assert!(dl <= 1e-5, "{name}: loss {} vs {want_loss}", stats.loss);
+            assert!(dn <= 1e-4, "{name}: grad norm {norm} vs {want_norm}");
+            assert!(dh <= 1e-5, "{name}: entropy {entropy} vs {want_entropy}");
+            if mb == case_mb {
+                let want_clip = case["clip_ratio"].as_f64().unwrap();
+                assert!(
+                    (stats.clip_ratio - want_clip).abs() < 1e-6,
+                    "{name}: clip ratio {} vs {want_clip}",
+                    stats.clip_ratio
+                );
+            }
+        }
+    }
+    // A sequence-level ratio at one iteration is 1 with the token level's gradient.
+    let by_name = |n: &str| {
+        meta["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let seq1 = by_name("sequence_grpo_beta0.04_iter1");
+    let base = &fixture.meta["cases"][0];
+    assert_eq!(base["name"], "grpo_beta0.04_iter1");
+    assert!((seq1["loss"].as_f64().unwrap() - base["loss"].as_f64().unwrap()).abs() < 1e-6);
+    let (a, b) = (
+        seq1["grad_norm"].as_f64().unwrap(),
+        base["grad_norm"].as_f64().unwrap(),
+    );
+    assert!(((a - b) / b).abs() < 1e-5, "{a} vs {b}");
 }
 
 /// Mixed precision: bf16 activations over f32 master weights (log-softmax and loss in

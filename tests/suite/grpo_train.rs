@@ -684,9 +684,31 @@ fn qwen25_trains_and_saves_in_the_layout_it_was_read_in() {
         ];
         if method == "grpo" {
             args.extend(["--max-completion-length", "8", "--batch-prompts", "2"]);
+            // TRL's loss options on the way: GSPO's sequence-level ratio (off-policy on the
+            // rollout's second step) and the high-entropy token mask.
+            args.extend([
+                "--num-iterations",
+                "2",
+                "--importance-sampling-level",
+                "sequence",
+                "--top-entropy-quantile",
+                "0.2",
+            ]);
         }
         let (ok, _, err) = medvlm(&args);
         assert!(ok, "{fixture} {method}: {err}");
+        if method == "grpo" {
+            // Every step logs TRL's `entropy`: a mean entropy in nats, at most ln(vocab).
+            let vocab = config(&src)["vocab_size"].as_f64().unwrap();
+            let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+            assert_eq!(metrics.lines().count(), 2);
+            for line in metrics.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let h = v["entropy"].as_f64().unwrap();
+                assert!(h > 0.0 && h <= vocab.ln() + 1e-6, "{line}");
+            }
+            assert!(!err.contains("warning"), "{err}");
+        }
         let fin = out.join("final");
         assert_eq!(
             names(&fin.join("model.safetensors")),

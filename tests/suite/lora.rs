@@ -280,7 +280,7 @@ fn lora_training_moves_only_the_adapters() {
             2,
             logps::TrainOptions {
                 dropout_seed: Some(step),
-                checkpointing: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -410,6 +410,7 @@ fn checkpointed_lora_gradients_equal_kept_ones() {
         let opts = logps::TrainOptions {
             dropout_seed: Some(seed),
             checkpointing,
+            ..Default::default()
         };
         medvlm::sft::gradients(&policy, &seqs, 2, opts).unwrap()
     };
