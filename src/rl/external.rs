@@ -54,12 +54,21 @@ pub fn sample_json(step: u64, index: usize, s: &Sample) -> Value {
     v
 }
 
-/// One reply: a bare number, or `{"score": number, "metrics": {name: number}}`.
+/// One reply line: a bare number, or `{"score": number, "metrics": {name: number}}`.
 fn parse_reply(line: &str) -> Result<(f32, Vec<(String, f64)>)> {
-    let shown = clip(line.trim(), 200);
-    let v: Value = serde_json::from_str(line.trim())
-        .map_err(|_| anyhow!("reply {shown:?} is not JSON (a number or {{\"score\": ...}})"))?;
-    let (score, metrics) = match &v {
+    let v: Value = serde_json::from_str(line.trim()).map_err(|_| {
+        anyhow!(
+            "reply {:?} is not JSON (a number or {{\"score\": ...}})",
+            clip(line.trim(), 200)
+        )
+    })?;
+    parse_score(&v)
+}
+
+/// One score as JSON (a reply line, or an entry of a server's `scores` list).
+fn parse_score(v: &Value) -> Result<(f32, Vec<(String, f64)>)> {
+    let shown = clip(&v.to_string(), 200);
+    let (score, metrics) = match v {
         Value::Number(n) => (n.as_f64(), None),
         Value::Object(o) => (o.get("score").and_then(Value::as_f64), o.get("metrics")),
         _ => (None, None),
@@ -494,8 +503,8 @@ impl BatchReward for HttpReward {
         let mut scores = Vec::with_capacity(list.len());
         let mut metrics = Vec::with_capacity(list.len());
         for (k, item) in list.iter().enumerate() {
-            let (s, m) = parse_reply(&item.to_string())
-                .with_context(|| format!("POST {}: score {}", self.url, k + 1))?;
+            let (s, m) =
+                parse_score(item).with_context(|| format!("POST {}: score {}", self.url, k + 1))?;
             scores.push(s);
             metrics.push(m);
         }

@@ -109,26 +109,15 @@ fn adapted_accuracy(
     medvlm::eval::accuracy(&r)
 }
 
-#[test]
-fn grpo_learns_what_the_warm_start_could_not() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    // 112x112 images (16 image tokens) and the paper's short "simple" question template:
-    // with the long reasoning template the 16 image tokens are a small share of what a
-    // 2-layer model attends to and learning takes several times longer.
-    let template = PromptTemplate::Simple;
-    let warm_data = make_task_sized(dir, "warm", 64, 1, true, 112);
-    let train_data = make_task_sized(dir, "train", 64, 2, false, 112);
-    let held_out = make_task_sized(dir, "heldout", 40, 3, false, 112);
-    let init = fresh_model(&dir.join("init-run"));
-
-    let t = std::time::Instant::now();
-    let sft = medvlm::sft::train(
+/// The learning tests' warm start: 80 SFT steps (batch 8, lr 5e-3) on `data`, whose random
+/// answers teach the answer form and nothing else.
+fn warm_start(init: PathBuf, data: PathBuf, out: &Path, template: PromptTemplate) -> PathBuf {
+    medvlm::sft::train(
         SftConfig {
             run: RunConfig {
                 model: init,
-                train_data: warm_data,
-                output_dir: dir.join("sft"),
+                train_data: data,
+                output_dir: out.to_path_buf(),
                 template,
                 micro_batch: 8,
                 learning_rate: 5e-3,
@@ -143,7 +132,24 @@ fn grpo_learns_what_the_warm_start_could_not() {
         false,
         None,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn grpo_learns_what_the_warm_start_could_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // 112x112 images (16 image tokens) and the paper's short "simple" question template:
+    // with the long reasoning template the 16 image tokens are a small share of what a
+    // 2-layer model attends to and learning takes several times longer.
+    let template = PromptTemplate::Simple;
+    let warm_data = make_task_sized(dir, "warm", 64, 1, true, 112);
+    let train_data = make_task_sized(dir, "train", 64, 2, false, 112);
+    let held_out = make_task_sized(dir, "heldout", 40, 3, false, 112);
+    let init = fresh_model(&dir.join("init-run"));
+
+    let t = std::time::Instant::now();
+    let sft = warm_start(init, warm_data, &dir.join("sft"), template);
     println!("warm start: {:.1}s", t.elapsed().as_secs_f64());
     let before = held_out_accuracy(&sft, &held_out, template);
     println!("held-out accuracy after the warm start: {before:.3}");
@@ -1152,27 +1158,7 @@ fn grpo_learns_open_answers_from_token_f1() {
     let train = make_open_task(dir, "train", 64, 12, false);
     let held_out = make_open_task(dir, "heldout", 40, 13, false);
     let init = fresh_model(&dir.join("init-run"));
-    let sft = medvlm::sft::train(
-        SftConfig {
-            run: RunConfig {
-                model: init,
-                train_data: warm,
-                output_dir: dir.join("sft"),
-                template,
-                micro_batch: 8,
-                learning_rate: 5e-3,
-                max_steps: 80,
-                save_steps: 0,
-                max_pixels: Some(MAX_PIXELS),
-                device: Some("cpu".into()),
-                ..SftConfig::default().run
-            },
-            method: SftMethod { batch_size: 8 },
-        },
-        false,
-        None,
-    )
-    .unwrap();
+    let sft = warm_start(init, warm, &dir.join("sft"), template);
     let accuracy = |model: &Path| {
         let opts = ProcessorOptions {
             max_pixels: Some(MAX_PIXELS),
