@@ -289,3 +289,36 @@ pub fn measure(mut cmd: Command, timeout: Duration) -> Option<Measured> {
 pub fn measure(_cmd: Command, _timeout: Duration) -> Option<Measured> {
     None
 }
+
+/// A prompt's M-RoPE positions and rope delta, exactly, and its logits at every position
+/// within 1e-4 of transformers' relative to the logit scale (f32): the checks every parity
+/// test makes of a prepared prompt. `label` names the case in failures.
+pub fn check_positions_and_logits(
+    model: &medvlm::model::Qwen2Vl,
+    prompt: &medvlm::processor::Prompt,
+    want_positions: &Tensor,
+    want_delta: i64,
+    want_logits: &Tensor,
+    label: &str,
+) {
+    let grids = prompt.grids();
+    let (pos, delta) = model.positions(&prompt.input_ids, &grids).unwrap();
+    let want: Vec<Vec<i64>> = want_positions.to_vec2().unwrap();
+    assert_eq!(pos.len(), want[0].len(), "{label}: position count");
+    for (i, p) in pos.iter().enumerate() {
+        for axis in 0..3 {
+            assert_eq!(p[axis], want[axis][i], "{label}: position {i} axis {axis}");
+        }
+    }
+    assert_eq!(delta, want_delta, "{label}: rope delta");
+    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+    let logits = model
+        .forward_logits(&prompt.input_ids, pixels.as_ref(), &grids)
+        .unwrap();
+    let (diff, scale) = max_abs_diff(&logits, want_logits);
+    println!("{label}: max |logit diff| {diff:.3e} (max |logit| {scale:.2})");
+    assert!(
+        diff <= 1e-4 * scale.max(1.0),
+        "{label}: logits differ by {diff}"
+    );
+}

@@ -76,36 +76,14 @@ fn check_layout(name: &str, packed: bool) {
             "{name}/{cname}: input ids"
         );
 
-        // M-RoPE positions, exactly.
-        let grids = prompt.grids();
-        let (pos, delta) = l.model.positions(&prompt.input_ids, &grids).unwrap();
-        let want = cases.tensor(&format!("{cname}.position_ids"));
-        let want: Vec<Vec<i64>> = want.to_vec2().unwrap();
-        for (i, p) in pos.iter().enumerate() {
-            for axis in 0..3 {
-                assert_eq!(
-                    p[axis], want[axis][i],
-                    "{name}/{cname}: position {i} axis {axis}"
-                );
-            }
-        }
-        assert_eq!(
-            delta,
+        // M-RoPE positions exactly; logits at every prompt position within 1e-4 relative.
+        check_positions_and_logits(
+            &l.model,
+            &prompt,
+            cases.tensor(&format!("{cname}.position_ids")),
             case["rope_delta"].as_i64().unwrap(),
-            "{name}/{cname}: rope delta"
-        );
-
-        // Logits at every prompt position, fp32: within 1e-4 relative to the logit scale.
-        let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
-        let logits = l
-            .model
-            .forward_logits(&prompt.input_ids, pixels.as_ref(), &grids)
-            .unwrap();
-        let (diff, scale) = max_abs_diff(&logits, cases.tensor(&format!("{cname}.logits")));
-        println!("{name}/{cname}: max |logit diff| {diff:.3e} (max |logit| {scale:.2})");
-        assert!(
-            diff <= 1e-4 * scale.max(1.0),
-            "{name}/{cname}: logits differ by {diff}"
+            cases.tensor(&format!("{cname}.logits")),
+            &format!("{name}/{cname}"),
         );
 
         // Greedy continuation, token for token.

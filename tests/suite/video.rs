@@ -122,27 +122,15 @@ fn videos_match_transformers() {
         assert_eq!(prompt.text, case["prompt"].as_str().unwrap(), "{key}: text");
         assert_eq!(prompt.input_ids, u32s(&case["input_ids"]), "{key}: ids");
 
-        // Positions exactly, with the video's time interval (1 in Qwen2-VL, 4 in tiny-25a).
-        let grids = prompt.grids();
-        let (pos, delta) = model.positions(&prompt.input_ids, &grids).unwrap();
-        let want: Vec<Vec<i64>> = tensors[&format!("{key}.position_ids")].to_vec2().unwrap();
-        for (i, p) in pos.iter().enumerate() {
-            for axis in 0..3 {
-                assert_eq!(p[axis], want[axis][i], "{key}: position {i} axis {axis}");
-            }
-        }
-        assert_eq!(delta, case["rope_delta"].as_i64().unwrap(), "{key}: delta");
-
-        // Logits within the bound the image parity tests use.
-        let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
-        let logits = model
-            .forward_logits(&prompt.input_ids, pixels.as_ref(), &grids)
-            .unwrap();
-        let (diff, scale) = max_abs_diff(&logits, &tensors[&format!("{key}.logits")]);
-        println!("{key}: max |logit diff| {diff:.3e} (max |logit| {scale:.2})");
-        assert!(
-            diff <= 1e-4 * scale.max(1.0),
-            "{key}: logits differ by {diff}"
+        // Positions exactly, with the video's time interval (1 in Qwen2-VL, 4 in tiny-25a);
+        // logits within the bound the image parity tests use.
+        check_positions_and_logits(
+            &model,
+            &prompt,
+            &tensors[&format!("{key}.position_ids")],
+            case["rope_delta"].as_i64().unwrap(),
+            &tensors[&format!("{key}.logits")],
+            &key,
         );
 
         // Greedy decoding through the engine (cached positions continue after the video).
