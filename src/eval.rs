@@ -242,9 +242,7 @@ pub fn greedy(
             engine.generate(&reqs, |_, _, _| {})?
         };
         for ((it, group), p) in usable.iter().zip(&gens).zip(&prompts) {
-            let text = processor
-                .tokenizer
-                .decode(group[0].content_tokens(), true)?;
+            let text = processor.decode_completion(group[0].content_tokens())?;
             out.results.push(judge(it, p.text.clone(), text, scoring));
         }
         done += chunk.len();
@@ -326,7 +324,8 @@ pub fn run_likelihood(
 }
 
 /// The likelihood baseline: for each item, the log-probability of answering with each
-/// option's letter (the completion is just the letter, as the "simple" template asks), and
+/// option's letter (the completion is just the letter, as the "simple" template asks; after
+/// a template that opens `<think>`, `</think>` and the letter), and
 /// the most probable one as the answer. One forward pass per item scores all its options
 /// (the image is encoded once).
 pub fn likelihood(
@@ -361,9 +360,14 @@ pub fn likelihood(
             continue;
         };
         let letters: Vec<char> = crate::data::LETTERS[..options.len()].to_vec();
+        // Under a Thinking template the prompt opened the reasoning block, so each option's
+        // continuation closes it (empty) before the letter.
         let toks: Vec<Vec<u32>> = letters
             .iter()
-            .map(|l| processor.tokenizer.encode(&l.to_string()))
+            .map(|l| {
+                let text = processor.target_after_prompt(None, &l.to_string());
+                processor.tokenizer.encode(&text)
+            })
             .collect::<Result<_>>()?;
         let seqs: Vec<SeqRef> = toks
             .iter()

@@ -84,12 +84,18 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
     Ok(Loaded { model, processor })
 }
 
-/// Splits a completion into its reasoning (the `<think>` block) and the rest.
+/// Splits a completion into its reasoning (the `<think>` block) and the rest. A block opened
+/// at the start and never closed (a Thinking template's completion cut off by the token
+/// limit) is all reasoning, as [`ReasoningStream`] shows it.
 pub fn split_reasoning(text: &str) -> (Option<String>, String) {
-    match (text.find("<think>"), text.find("</think>")) {
+    match (text.find(THINK), text.find(END_THINK)) {
         (Some(a), Some(b)) if b > a => (
-            Some(text[a + 7..b].trim().to_string()),
-            text[b + 8..].trim().to_string(),
+            Some(text[a + THINK.len()..b].trim().to_string()),
+            text[b + END_THINK.len()..].trim().to_string(),
+        ),
+        (Some(a), None) if text[..a].trim().is_empty() => (
+            Some(text[a + THINK.len()..].trim().to_string()),
+            String::new(),
         ),
         _ => (None, text.trim().to_string()),
     }
@@ -119,12 +125,21 @@ pub struct Parts {
     pub content: String,
 }
 
-const THINK: &str = "<think>";
-const END_THINK: &str = "</think>";
+use crate::processor::chat_template::{END_THINK, THINK};
 
 impl ReasoningStream {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A stream whose text starts with `opening`, what the chat template's generation prompt
+    /// wrote of the reasoning block ([`crate::processor::Processor::completion_text`]): under
+    /// a Thinking template the generated text is reasoning until `</think>`.
+    pub fn opened(opening: &str) -> Self {
+        Self {
+            text: opening.to_string(),
+            ..Self::default()
+        }
     }
 
     /// Adds a piece of the text; returns what can be shown now.
@@ -215,7 +230,7 @@ mod tests {
                 s.push(t);
                 s.parts()
             };
-            if t.trim_start().starts_with("<think>") && t.contains("</think>") {
+            if t.trim_start().starts_with("<think>") || !t.contains("<think>") {
                 assert_eq!(whole, split_reasoning(t), "{t:?}");
             }
             let chars: Vec<(usize, char)> = t.char_indices().collect();
@@ -254,5 +269,37 @@ mod tests {
             }
         );
         assert_eq!(s.push("think> x").content, "x");
+    }
+
+    /// Under a template that opened the block, generated text is reasoning until `</think>`,
+    /// streamed or whole; the opening itself shows nothing.
+    #[test]
+    fn an_opened_block_makes_the_generated_text_reasoning() {
+        for opening in ["<think>\n", "<think>"] {
+            let mut s = ReasoningStream::opened(opening);
+            assert_eq!(
+                s.push("The lesion "),
+                Parts {
+                    reasoning: "The lesion".into(),
+                    content: "".into()
+                }
+            );
+            assert_eq!(s.push("is cystic.</thi").reasoning, " is cystic.");
+            let p = s.push("nk>\n\n<answer>B</answer>");
+            assert_eq!(
+                (p.reasoning.as_str(), p.content.as_str()),
+                ("", "<answer>B</answer>")
+            );
+            let whole = format!("{opening}The lesion is cystic.</think>\n\n<answer>B</answer>");
+            assert_eq!(s.parts(), split_reasoning(&whole));
+            // Cut off before `</think>`: all reasoning.
+            let mut s = ReasoningStream::opened(opening);
+            let shown = s.push("still thinking ").reasoning + &s.finish().reasoning;
+            assert_eq!(shown, "still thinking");
+            assert_eq!(
+                split_reasoning(&format!("{opening}still thinking")),
+                (Some("still thinking".into()), String::new())
+            );
+        }
     }
 }

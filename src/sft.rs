@@ -62,7 +62,13 @@ impl Method for SftMethod {
     ) -> Result<usize> {
         let mut longest = 1;
         for it in items {
-            longest = longest.max(processor.tokenizer.encode(&target_text(it))?.len() + 1);
+            longest = longest.max(
+                processor
+                    .tokenizer
+                    .encode(&target_text(processor, it))?
+                    .len()
+                    + 1,
+            );
         }
         Ok(longest)
     }
@@ -76,18 +82,18 @@ fn answer_of(item: &VqaItem) -> String {
         .unwrap_or_else(|| item.answer.text().to_string())
 }
 
-/// The assistant text an item is supervised with.
-pub fn target_text(item: &VqaItem) -> String {
-    match &item.rationale {
-        Some(r) if !r.trim().is_empty() => {
-            format!(
-                "<think>{}</think><answer>{}</answer>",
-                r.trim(),
-                answer_of(item)
-            )
-        }
-        _ => format!("<answer>{}</answer>", answer_of(item)),
-    }
+/// The assistant text an item is supervised with: `<think>rationale</think><answer>X</answer>`
+/// when it has a rationale, else `<answer>X</answer>`, less what the chat template's
+/// generation prompt already wrote of the think block (a Thinking template opens it, so the
+/// target starts with the rationale and closes the block: [`Processor::target_after_prompt`]).
+pub fn target_text(processor: &Processor, item: &VqaItem) -> String {
+    let rationale = item
+        .rationale
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty());
+    let answer = format!("<answer>{}</answer>", answer_of(item));
+    processor.target_after_prompt(rationale, &answer)
 }
 
 /// The gradient of one SFT step over `seqs` (prompts with their target tokens): the
@@ -196,7 +202,7 @@ fn supervised(
     let mut targets = Vec::with_capacity(batch.len());
     for it in batch {
         prompts.push(template.prompt(processor, it)?);
-        let mut ids = processor.tokenizer.encode(&target_text(it))?;
+        let mut ids = processor.tokenizer.encode(&target_text(processor, it))?;
         ids.push(im_end);
         targets.push(ids);
     }

@@ -101,7 +101,7 @@ pub(super) fn run_ask(a: AskArgs) -> Result<()> {
     };
     let out = engine.generate(std::slice::from_ref(&req), |_, _, _| {})?;
     let c = &out[0][0];
-    let raw = proc.tokenizer.decode(c.content_tokens(), true)?;
+    let raw = proc.decode_completion(c.content_tokens())?;
     let (reasoning, rest) = split_reasoning(&raw);
     let letter = if options.is_empty() {
         None

@@ -93,8 +93,10 @@ pub enum Command {
                       GET /v1/models, GET /health, GET /metrics (Prometheus). Concurrent \
                       requests are decoded together (continuous batching): a request joins the \
                       running batch at the next step and leaves when it is done. For reasoning \
-                      models the <think> block is returned in message.reasoning_content and the \
-                      rest in message.content. Listens on 127.0.0.1 unless --host says \
+                      models the <think> block is returned in message.reasoning_content (and \
+                      message.reasoning) and the rest in message.content; under a template \
+                      that opens <think> in the prompt (Qwen3-VL Thinking) the generated text \
+                      is reasoning until </think>. Listens on 127.0.0.1 unless --host says \
                       otherwise; stops on SIGTERM or Ctrl-C after finishing the requests in \
                       flight.\n\nRequest extras beyond OpenAI's fields: \"window\" (DICOM/NIfTI \
                       intensity window: a CT preset such as \"lung\", \"CENTER,WIDTH\" or \
@@ -508,7 +510,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     pub shutdown_timeout: f64,
     /// "parsed": a <think> block goes to message.reasoning_content, the rest to
-    /// message.content; "raw": the whole text in content.
+    /// message.content; "raw": the generated text in content, as the model wrote it.
     #[arg(long, value_enum, default_value = "parsed", value_name = "FORMAT")]
     pub reasoning_format: crate::serve::ReasoningFormat,
     /// Prompt tokens prefilled between two decoding steps while other requests are

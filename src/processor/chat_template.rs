@@ -12,6 +12,10 @@ use serde_json::Value as Json;
 
 use super::input::{is_regular_file, read_bounded_string, MAX_SIDE_FILE_BYTES};
 
+/// The tags reasoning models write their reasoning between.
+pub const THINK: &str = "<think>";
+pub const END_THINK: &str = "</think>";
+
 /// One piece of a message: text, or a placeholder for the next image or video.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -90,17 +94,53 @@ pub struct ChatTemplate {
     source: String,
     /// Where it came from, for error messages.
     origin: String,
+    /// See [`Self::reasoning_opening`].
+    opening: String,
 }
 
 impl ChatTemplate {
     pub fn new(source: impl Into<String>, origin: impl Into<String>) -> Result<Self> {
-        let t = Self {
+        let mut t = Self {
             source: source.into(),
             origin: origin.into(),
+            opening: String::new(),
         };
         // Compile once up front so a broken template is reported at load time.
         t.environment()?;
+        t.opening = t.find_reasoning_opening();
         Ok(t)
+    }
+
+    /// What the template's generation prompt writes of the answer's reasoning block: `""` for
+    /// most templates, `"<think>\n"` for one that opens the block for the model (Qwen3-VL
+    /// Thinking, QwQ, Qwen3 Thinking-2507), `"<think>\n\n</think>\n\n"` for one that
+    /// writes an empty block (Qwen3 with thinking switched off). The model then generates the
+    /// rest, so whatever reads a completion (the format and accuracy rewards, evaluation,
+    /// `ask`, `serve`'s reasoning split) reads this opening followed by the generated text:
+    /// [`super::Processor::completion_text`].
+    pub fn reasoning_opening(&self) -> &str {
+        &self.opening
+    }
+
+    /// The generation prompt is what rendering with `add_generation_prompt` adds; its part
+    /// from the first `<think>` on belongs to the completion. Found by rendering a one-turn
+    /// conversation both ways, so it follows the template itself rather than a list of known
+    /// templates. A template that cannot render that conversation opens nothing here (the
+    /// real prompt reports its error).
+    fn find_reasoning_opening(&self) -> String {
+        let turn = [Message::user_with_images(0, "?")];
+        let (Ok(with), Ok(without)) = (self.render(&turn, true), self.render(&turn, false)) else {
+            return String::new();
+        };
+        with.strip_prefix(without.as_str())
+            .and_then(|added| added.find(THINK).map(|i| added[i..].to_string()))
+            .unwrap_or_default()
+    }
+
+    /// Whether [`Self::reasoning_opening`] leaves the reasoning block open (the model writes
+    /// the reasoning and then `</think>`), rather than writing a closed, empty one.
+    pub fn opens_reasoning(&self) -> bool {
+        !self.opening.is_empty() && !self.opening.contains(END_THINK)
     }
 
     /// Finds the template of a checkpoint directory, in transformers' order of preference:
@@ -231,6 +271,55 @@ mod tests {
              <|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>\
              Compare.<|im_end|>\n"
         );
+    }
+
+    /// The opening is found from the rendered prompt, whatever the template's wording: the
+    /// generation prompt's part from `<think>` on, open or closed; a `<think>` elsewhere (a
+    /// system prompt that names the tags, as the paper's prompt does) is not one.
+    #[test]
+    fn reasoning_opening_is_what_the_generation_prompt_writes_of_the_think_block() {
+        let with_prompt = |gen: &str| QWEN2_VL.replace("<|im_start|>assistant\n{% endif %}", gen);
+        let cases = [
+            (QWEN2_VL.to_string(), "", false),
+            // Qwen3-VL Thinking / QwQ: the block is opened for the model.
+            (
+                with_prompt("<|im_start|>assistant\n<think>\n{% endif %}"),
+                "<think>\n",
+                true,
+            ),
+            // Written as a Jinja expression, without the newline.
+            (
+                with_prompt("{{ '<|im_start|>assistant\\n' + '<think>' }}{% endif %}"),
+                "<think>",
+                true,
+            ),
+            // Qwen3 with thinking switched off: an empty, closed block.
+            (
+                with_prompt("<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"),
+                "<think>\n\n</think>\n\n",
+                false,
+            ),
+            // The tags named in the default system turn are not part of the generation prompt.
+            (
+                QWEN2_VL.replace(
+                    "You are a helpful assistant.",
+                    "Reason in <think>...</think>, answer in <answer>...</answer>.",
+                ),
+                "",
+                false,
+            ),
+            // A template that cannot render a plain turn opens nothing.
+            (
+                "{{ raise_exception('system turn required') }}".to_string(),
+                "",
+                false,
+            ),
+        ];
+        for (src, opening, open) in cases {
+            let t = ChatTemplate::new(src.clone(), "test").unwrap();
+            assert_eq!(t.reasoning_opening(), opening, "{src}");
+            assert_eq!(t.opens_reasoning(), open, "{src}");
+        }
     }
 
     #[test]

@@ -194,6 +194,47 @@ impl Processor {
         Ok(proc)
     }
 
+    /// A completion as everything that reads one sees it: the part of the reasoning block the
+    /// chat template's generation prompt already wrote ([`ChatTemplate::reasoning_opening`]),
+    /// then the generated text. For the Qwen2-VL and Qwen3-VL Instruct templates that is the
+    /// generated text; under a Thinking template, which opens `<think>` for the model, the
+    /// model writes `…</think><answer>B</answer>` and the format reward, the answer reader,
+    /// `ask` and `serve` read `<think>\n…</think><answer>B</answer>`, the paper's shape.
+    pub fn completion_text(&self, generated: &str) -> String {
+        format!("{}{generated}", self.template.reasoning_opening())
+    }
+
+    /// [`Self::completion_text`] of generated token ids (special tokens left out).
+    pub fn decode_completion(&self, ids: &[u32]) -> Result<String> {
+        Ok(self.completion_text(&self.tokenizer.decode(ids, true)?))
+    }
+
+    /// What a target written in the paper's shape (`<think>r</think><answer>a</answer>`, or
+    /// `<answer>a</answer>` without reasoning) leaves for the model to write after this
+    /// template's generation prompt: under a template that opens the block, the reasoning
+    /// (possibly empty) and `</think>`, then the answer; under one that writes an empty
+    /// closed block, the answer alone (the block is already there).
+    pub fn target_after_prompt(&self, reasoning: Option<&str>, answer_block: &str) -> String {
+        let t = &self.template;
+        match (
+            reasoning,
+            t.reasoning_opening().is_empty(),
+            t.opens_reasoning(),
+        ) {
+            (_, _, true) => format!(
+                "{}{}{answer_block}",
+                reasoning.unwrap_or(""),
+                chat_template::END_THINK
+            ),
+            (_, false, false) | (None, true, _) => answer_block.to_string(),
+            (Some(r), true, _) => format!(
+                "{}{r}{}{answer_block}",
+                chat_template::THINK,
+                chat_template::END_THINK
+            ),
+        }
+    }
+
     /// The prompt limit in force (see [`Self::max_prompt_tokens`]).
     pub fn prompt_limit(&self) -> usize {
         self.max_prompt_tokens

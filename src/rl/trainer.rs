@@ -338,7 +338,7 @@ impl GrpoRun {
         let texts = completions
             .iter()
             .flatten()
-            .map(|comp| self.processor.tokenizer.decode(comp.content_tokens(), true))
+            .map(|comp| self.processor.decode_completion(comp.content_tokens()))
             .collect::<Result<Vec<_>>>()?;
         let truncated = completions
             .iter()

@@ -7,7 +7,9 @@
 //!   tokens back; a request joins at the next decoding step and leaves when done.
 //! - Reasoning models' `<think>` blocks go to `message.reasoning_content` (DeepSeek's and
 //!   vLLM's convention until 0.10) and, the same text, to `message.reasoning` (vLLM's name
-//!   since); clients read one or the other. The rest goes to `message.content`.
+//!   since); clients read one or the other. The rest goes to `message.content`. Under a chat
+//!   template that opens `<think>` in the prompt (Qwen3-VL Thinking), the generated text is
+//!   reasoning until the model writes `</think>`, as vLLM's `deepseek_r1` parser reads it.
 //! - Every error is OpenAI-shaped JSON ([`error::ApiError`]).
 
 pub mod api;
@@ -52,7 +54,8 @@ use worker::{Event, Job, Ticket, TokenLogprob};
 pub enum ReasoningFormat {
     /// `<think>` block in `reasoning_content`, the rest in `content`.
     Parsed,
-    /// The whole text in `content`.
+    /// The generated text, as the model wrote it, in `content` (under a Thinking template it
+    /// starts inside the reasoning: the opening `<think>` was part of the prompt).
     Raw,
 }
 
@@ -707,6 +710,18 @@ impl Pending {
         self.st.opts.reasoning == ReasoningFormat::Raw
     }
 
+    /// Empty choices, each split as a completion after the template's generation prompt
+    /// (under a Thinking template, generated text is reasoning until `</think>`).
+    fn choices(&self) -> Vec<Choice> {
+        let opening = self.st.loaded.processor.template.reasoning_opening();
+        (0..self.n)
+            .map(|_| Choice {
+                split: ReasoningStream::opened(opening),
+                ..Choice::default()
+            })
+            .collect()
+    }
+
     async fn next(&mut self) -> Result<Option<Event>, ApiError> {
         match tokio::time::timeout_at(self.deadline, self.events.recv()).await {
             Ok(e) => Ok(e),
@@ -719,7 +734,7 @@ impl Pending {
 
     /// Waits for every choice and builds the `chat.completion` object.
     async fn collect(mut self) -> Result<Value, ApiError> {
-        let mut choices: Vec<Choice> = (0..self.n).map(|_| Choice::default()).collect();
+        let mut choices = self.choices();
         while choices.iter().any(|c| c.finish.is_none()) {
             match self.next().await? {
                 Some(Event::Delta {
@@ -821,7 +836,7 @@ impl Pending {
     /// can decode to nothing for a while. Returning early drops `outcome`, which counts a
     /// 499.
     async fn pump(mut self, tx: tokio::sync::mpsc::Sender<Bytes>, mut outcome: Outcome) {
-        let mut choices: Vec<Choice> = (0..self.n).map(|_| Choice::default()).collect();
+        let mut choices = self.choices();
         let raw = self.raw();
         while choices.iter().any(|c| c.finish.is_none()) {
             let next = tokio::select! {

@@ -322,3 +322,44 @@ pub fn check_positions_and_logits(
         "{label}: logits differ by {diff}"
     );
 }
+
+/// A copy of a fixture checkpoint whose chat template opens the reasoning block for the model,
+/// as Qwen3-VL Thinking's does: its generation prompt `<|im_start|>assistant\n` becomes
+/// `<|im_start|>assistant\n<think>\n` (the rest of the template unchanged), in
+/// chat_template.json (Qwen3-VL's Jinja statements) or tokenizer_config.json (Qwen2-VL's).
+pub fn thinking_copy(fixture: &str, to: &Path) -> PathBuf {
+    let from = fixtures().join(fixture);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(&from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    let rewrites = [
+        (
+            "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}",
+            "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}",
+        ),
+        (
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
+        ),
+    ];
+    for file in ["chat_template.json", "tokenizer_config.json"] {
+        let path = to.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let mut json: Value = serde_json::from_str(&text).unwrap();
+        let Some(t) = json["chat_template"].as_str() else {
+            continue;
+        };
+        let (from, into) = rewrites
+            .iter()
+            .find(|(f, _)| t.contains(f))
+            .unwrap_or_else(|| panic!("{fixture}: generation prompt not found"));
+        json["chat_template"] = t.replace(from, into).into();
+        std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+        return to.to_path_buf();
+    }
+    panic!("{fixture}: no chat template")
+}

@@ -241,6 +241,109 @@ fn ask_prints_reasoning_and_answer_apart() {
     assert!(j.get("reasoning").is_some() && j.get("output").is_some());
 }
 
+/// Under a template that opens `<think>` in the prompt, `ask` and `eval` read the completion
+/// with that opening in front: `ask --json`'s output starts with it and its reasoning is the
+/// generated text up to `</think>` (all of it when the model never closes the block), split
+/// here by the test's own rule; `eval` records the same text; `eval --likelihood` scores each
+/// option as `</think>` and the letter.
+#[test]
+fn ask_and_eval_read_a_thinking_templates_completion_after_its_opening() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = thinking_copy("tiny-a", &tmp.path().join("thinking"));
+    let img = testset().join("images/brain003631.png");
+    let (ok, out, err) = medvlm(&[
+        "ask",
+        "--model",
+        s(&model),
+        "--image",
+        s(&img),
+        "--question",
+        "What modality is this?",
+        "--options",
+        "MRI;CT;X-Ray",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let j: Value = serde_json::from_str(out.trim()).unwrap();
+    let output = j["output"].as_str().unwrap();
+    let generated = output
+        .strip_prefix("<think>\n")
+        .unwrap_or_else(|| panic!("{output:?}"));
+    let reasoning = generated.split("</think>").next().unwrap().trim();
+    assert_eq!(j["reasoning"], reasoning, "{j}");
+
+    let data = tmp.path().join("q.json");
+    std::fs::write(
+        &data,
+        serde_json::to_string(&serde_json::json!([{
+            "image": [s(&img)], "question": "What modality is this?",
+            "options": ["MRI", "CT", "X-Ray"], "answer": "MRI",
+        }]))
+        .unwrap(),
+    )
+    .unwrap();
+    for likelihood in [false, true] {
+        let out = tmp.path().join(format!("eval-{likelihood}"));
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--max-new-tokens",
+            "12",
+            "--out",
+            s(&out),
+        ];
+        if likelihood {
+            args.push("--likelihood");
+        }
+        let (ok, _, err) = medvlm(&args);
+        assert!(ok, "{err}");
+        let line = std::fs::read_to_string(out.join("items.jsonl")).unwrap();
+        let item: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+        if likelihood {
+            // The same prompt scored by `medvlm score` with the continuation `</think>A`.
+            let rendered = item["prompt"].as_str().unwrap();
+            let user = rendered
+                .split("<|vision_end|>")
+                .nth(1)
+                .and_then(|t| t.split("<|im_end|>").next())
+                .unwrap_or_else(|| panic!("{rendered:?}"));
+            let score = |completion: &str| -> f64 {
+                let (ok, out, err) = medvlm(&[
+                    "score",
+                    "--model",
+                    s(&model),
+                    "--image",
+                    s(&img),
+                    "--prompt",
+                    user,
+                    "--completion",
+                    completion,
+                    "--json",
+                ]);
+                assert!(ok, "{err}");
+                let j: Value = serde_json::from_str(out.trim()).unwrap();
+                j["logprob_sum"].as_f64().unwrap()
+            };
+            let a = item["option_logprobs"][0].as_f64().unwrap();
+            let (closed, bare) = (score("</think>A"), score("A"));
+            assert!((a - closed).abs() < 1e-3, "eval {a} vs score {closed}");
+            assert!(
+                (a - bare).abs() > 1e-2,
+                "eval {a} vs the bare letter {bare}"
+            );
+        } else {
+            // The eval prompt differs from ask's; its output opens the same way.
+            let o = item["output"].as_str().unwrap();
+            assert!(o.starts_with("<think>\n"), "{item}");
+        }
+    }
+}
+
 /// The paper's 900-row file with 8 of its images: every modality is reported with its
 /// rows, how many were skipped and why, and what was evaluated; a modality with nothing
 /// left says so instead of vanishing; the run's settings are recorded.

@@ -557,3 +557,75 @@ reward_weights = [1.0]"#,
         assert!(!e.trim().contains('\n'), "{toml}: {e}");
     }
 }
+
+/// Under a template that opens the think block in the prompt, a completion is read with the
+/// opening in front, and supervised targets leave it out; under one that writes an empty,
+/// closed block, the answer is all that is left to write; without one, nothing changes. The
+/// format values are the paper's regex on the whole text, as in the table above.
+#[test]
+fn thinking_templates_read_completions_after_their_opening() {
+    use medvlm::processor::Processor;
+    let tmp = tempfile::tempdir().unwrap();
+    let load = |dir: &std::path::Path| Processor::from_dir(dir, &Default::default()).unwrap();
+    let plain = load(&crate::common::fixtures().join("tiny-a"));
+    let open_dir = crate::common::thinking_copy("tiny-a", &tmp.path().join("open"));
+    let open = load(&open_dir);
+    // Qwen3 with thinking off: the generation prompt writes an empty, closed block.
+    let closed_dir = tmp.path().join("closed");
+    crate::common::thinking_copy("tiny-a", &closed_dir);
+    let cfg = closed_dir.join("tokenizer_config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("<think>\\n{%", "<think>\\n\\n</think>\\n\\n{%");
+    std::fs::write(&cfg, text).unwrap();
+    let closed = load(&closed_dir);
+    assert_eq!(plain.template.reasoning_opening(), "");
+    assert_eq!(open.template.reasoning_opening(), "<think>\n");
+    assert_eq!(
+        closed.template.reasoning_opening(),
+        "<think>\n\n</think>\n\n"
+    );
+
+    let answer = "<answer>B</answer>";
+    for (p, rationale, target) in [
+        (&plain, Some("r"), "<think>r</think><answer>B</answer>"),
+        (&plain, None, "<answer>B</answer>"),
+        (&open, Some("r"), "r</think><answer>B</answer>"),
+        (&open, None, "</think><answer>B</answer>"),
+        (&closed, Some("r"), "<answer>B</answer>"),
+        (&closed, None, "<answer>B</answer>"),
+    ] {
+        assert_eq!(p.target_after_prompt(rationale, answer), target);
+    }
+    // (processor, generated text, format reward of what is read, accuracy for "B")
+    for (p, generated, format, strict) in [
+        (
+            &plain,
+            "The mass enhances.</think><answer>B</answer>",
+            0.0,
+            1.0,
+        ),
+        (
+            &open,
+            "The mass enhances.</think><answer>B</answer>",
+            1.0,
+            1.0,
+        ),
+        (
+            &open,
+            "The mass enhances.</think>\n\n<answer>C</answer>",
+            1.0,
+            0.0,
+        ),
+        (&open, "<answer>B</answer>", 0.0, 1.0),
+        (&open, "still thinking about <answer>B</answer>", 0.0, 1.0),
+        (&closed, "<answer>B</answer>", 1.0, 1.0),
+        (&plain, "<think>x</think><answer>B</answer>", 1.0, 1.0),
+    ] {
+        let read = p.completion_text(generated);
+        assert!(read.ends_with(generated));
+        assert_eq!(format_reward(&read), format, "{read:?}");
+        let got = medvlm::data::answer::strict_accuracy(&read, "B", Some(4));
+        assert_eq!(got, strict, "{read:?}");
+    }
+}

@@ -197,9 +197,13 @@ pub(crate) fn tiny() -> PathBuf {
 
 /// tiny-a turned into a model whose greedy output is `PARROT_TEXT` (see the module docs).
 fn parrot(dir: &Path) -> PathBuf {
-    let src = tiny();
-    let out = dir.join("parrot");
-    std::fs::create_dir_all(&out).unwrap();
+    parrot_of(&tiny(), &dir.join("parrot"), "\n", PARROT_TEXT)
+}
+
+/// `src` turned into a model that answers `text` after a prompt ending in `prompt_end` (the
+/// last token of the chat template's generation prompt), each token of the chain once.
+fn parrot_of(src: &Path, out: &Path, prompt_end: &str, text: &str) -> PathBuf {
+    std::fs::create_dir_all(out).unwrap();
     for f in std::fs::read_dir(&src).unwrap() {
         let f = f.unwrap().path();
         let name = f.file_name().unwrap().to_str().unwrap().to_string();
@@ -216,9 +220,8 @@ fn parrot(dir: &Path) -> PathBuf {
     let ids = |t: &str| tok.encode(t, false).unwrap().get_ids().to_vec();
     // The chain: the prompt's last token ("\n" after "assistant"), the answer's tokens,
     // then <|im_end|>.
-    let mut chain = ids("\n");
-    assert_eq!(chain.len(), 1);
-    chain.extend(ids(PARROT_TEXT));
+    let mut chain = vec![*ids(prompt_end).last().unwrap()];
+    chain.extend(ids(text));
     let im_end = tok.token_to_id("<|im_end|>").unwrap();
     let mut seen = chain.clone();
     seen.sort_unstable();
@@ -250,7 +253,7 @@ fn parrot(dir: &Path) -> PathBuf {
         }
     }
     candle_core::safetensors::save(&w, out.join("model.safetensors")).unwrap();
-    out
+    out.to_path_buf()
 }
 
 /// Greedy completions equal `medvlm generate`'s for the same prompt and image; streaming
@@ -438,6 +441,48 @@ fn reasoning_is_split_and_stop_strings_and_logprobs_work() {
     let raw = Server::start(&model, &["--reasoning-format", "raw"]);
     let (_, r) = raw.post(&body);
     assert_eq!(r["choices"][0]["message"]["content"], PARROT_TEXT);
+}
+
+/// Under a template that opens `<think>` in the prompt (Qwen3-VL Thinking), the model's
+/// text is reasoning until it writes `</think>`: split so, whole and streamed; the raw format
+/// returns the generated text as written. The parrot here answers
+/// `The liver is enlarged.</think>A` after the prompt's `<think>\n`.
+#[test]
+fn a_thinking_template_starts_the_completion_inside_the_reasoning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let thinking = thinking_copy("tiny-a", &tmp.path().join("thinking"));
+    let text = "The liver is enlarged.</think>A";
+    let model = parrot_of(&thinking, &tmp.path().join("parrot"), "<think>\n", text);
+    let srv = Server::start(&model, &[]);
+    let body = json!({"messages": ask("Is the liver normal?", None), "max_tokens": 40});
+    let (status, r) = srv.post(&body);
+    assert_eq!(status, 200, "{r}");
+    let m = &r["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "The liver is enlarged.", "{r}");
+    assert_eq!(m["reasoning"], "The liver is enlarged.");
+    assert_eq!(m["content"], "A");
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let j = join_stream(&srv.stream(&sb));
+    assert_eq!(
+        (j[0].1.as_str(), j[0].2.as_str()),
+        ("The liver is enlarged.", "A")
+    );
+    // Cut before `</think>`: all of it is reasoning, none is content.
+    let mut short = body.clone();
+    short["max_tokens"] = json!(3);
+    let (_, r) = srv.post(&short);
+    let m = &r["choices"][0]["message"];
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(m["content"], "");
+    assert!(
+        "The liver is enlarged.".starts_with(m["reasoning_content"].as_str().unwrap()),
+        "{r}"
+    );
+    drop(srv);
+    let raw = Server::start(&model, &["--reasoning-format", "raw"]);
+    let (_, r) = raw.post(&body);
+    assert_eq!(r["choices"][0]["message"]["content"], text);
 }
 
 /// Images by data URL (PNG, JPEG, DICOM with a window) and by path under the allowed

@@ -126,13 +126,16 @@ fn sft_step_on_slake_supervises_the_answer_text() {
     )
     .unwrap();
     assert_eq!(ds.items.len(), 2);
+    let processor =
+        medvlm::processor::Processor::from_dir(&fixtures().join("tiny-a"), &Default::default())
+            .unwrap();
     for item in &ds.items {
         let gold = match &item.answer {
             Answer::Closed { answer } | Answer::Open { answer } => answer.clone(),
             Answer::Choice { .. } => panic!("SLAKE has no multiple choice"),
         };
         assert_eq!(
-            medvlm::sft::target_text(item),
+            medvlm::sft::target_text(&processor, item),
             format!("<answer>{gold}</answer>")
         );
         let prompt = PromptTemplate::Paper.text(item);
