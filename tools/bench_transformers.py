@@ -3,12 +3,14 @@
 README can compare the two side by side on the same machine and thread count.
 
     python tools/bench_transformers.py --threads 2 [--new-tokens 64] [--group 8] \
-        [--preset qwen2-vl-bench|qwen2-vl-2b | --config FILE] [--dtype f32|bf16]
+        [--preset qwen2-vl-bench|qwen2-vl-2b|qwen3-vl-2b | --config FILE] [--dtype f32|bf16]
 
-Same random model (src/model/presets/qwen2-vl-bench.json by default; --preset qwen2-vl-2b reads the 2B
-config embedded in src/init.rs, --config any config.json), same prompt shape (20 text
-tokens, one 448x448 image = 256 tokens, 80 text tokens), same decoding work (every sequence
-runs to --new-tokens; no stop tokens). Works with transformers 4.5x and 5.x.
+Same random model (src/model/presets/qwen2-vl-bench.json by default; --preset qwen2-vl-2b /
+qwen3-vl-2b read the 2B configs in src/model/presets, --config any config.json), same prompt
+shape (20 text tokens, one 448x448 image = 256 tokens with Qwen2-VL's 14-pixel patches, 196
+with Qwen3-VL's 16-pixel ones, 80 text tokens), same decoding work (every sequence runs to
+--new-tokens; no stop tokens). Qwen2-VL works with transformers 4.5x and 5.x; Qwen3-VL needs
+4.57 or later.
 """
 
 import argparse
@@ -37,12 +39,14 @@ def load_config(args):
         return json.load(open(path)), path
     if args.preset == "qwen2-vl-2b":
         return json.load(open(os.path.join(ROOT, PRESETS, "qwen2-vl-2b.json"))), "Qwen2-VL-2B-Instruct"
+    if args.preset == "qwen3-vl-2b":
+        return json.load(open(os.path.join(ROOT, PRESETS, "qwen3-vl-2b.json"))), "Qwen3-VL-2B-Instruct"
     return json.load(open(os.path.join(ROOT, PRESETS, "qwen2-vl-bench.json"))), "src/model/presets/qwen2-vl-bench.json"
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="qwen2-vl-bench", choices=["qwen2-vl-bench", "qwen2-vl-2b"])
+    ap.add_argument("--preset", default="qwen2-vl-bench", choices=["qwen2-vl-bench", "qwen2-vl-2b", "qwen3-vl-2b"])
     ap.add_argument("--config")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -55,20 +59,30 @@ def main():
     torch.manual_seed(0)
 
     raw, shape = load_config(args)
-    cfg = Qwen2VLConfig(**raw)
-    cfg._attn_implementation = "sdpa"
-    model = Qwen2VLForConditionalGeneration(cfg).eval().to(dtype)
+    qwen3 = raw.get("model_type") == "qwen3_vl"
+    if qwen3:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        cfg = Qwen3VLConfig(**raw)
+        cfg._attn_implementation = "sdpa"
+        model = Qwen3VLForConditionalGeneration(cfg).eval().to(dtype)
+    else:
+        cfg = Qwen2VLConfig(**raw)
+        cfg._attn_implementation = "sdpa"
+        model = Qwen2VLForConditionalGeneration(cfg).eval().to(dtype)
     params = model.num_parameters()
+    vision = raw["vision_config"]
+    patch, merge = vision.get("patch_size", 14), vision.get("spatial_merge_size", 2)
 
     x, y = np.meshgrid(np.arange(448), np.arange(448))
     img = np.stack([(x * 7 + y * 3) % 256, (np.sin(x / 9.0) * 120 + 128 + y % 17) % 256, (x ^ y) % 256], -1)
     image = Image.fromarray(img.astype(np.uint8), "RGB")
     t = time.perf_counter()
-    proc = Qwen2VLImageProcessor()
+    # The image processor with the model's patch and merge sizes (Qwen3-VL: 16 and 2).
+    proc = Qwen2VLImageProcessor(patch_size=patch, merge_size=merge)
     pv = proc(images=[image], return_tensors="pt")
     preprocess_ms = (time.perf_counter() - t) * 1e3
     grid = pv["image_grid_thw"]
-    n_img = int(grid.prod()) // 4
+    n_img = int(grid.prod()) // (merge * merge)
     ids = text_ids(TEXT_BEFORE, 1) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
     ids += [cfg.vision_end_token_id] + text_ids(TEXT_AFTER, 2)
     input_ids = torch.tensor([ids])

@@ -204,7 +204,7 @@ fn parrot(dir: &Path) -> PathBuf {
 /// last token of the chat template's generation prompt), each token of the chain once.
 fn parrot_of(src: &Path, out: &Path, prompt_end: &str, text: &str) -> PathBuf {
     std::fs::create_dir_all(out).unwrap();
-    for f in std::fs::read_dir(&src).unwrap() {
+    for f in std::fs::read_dir(src).unwrap() {
         let f = f.unwrap().path();
         let name = f.file_name().unwrap().to_str().unwrap().to_string();
         if name != "model.safetensors" && name != "config.json" {
