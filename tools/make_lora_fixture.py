@@ -16,6 +16,14 @@ prompts.
                        # DIR from `medvlm merge --model tests/fixtures/tiny-a --adapter
                        # tests/fixtures/lora-a --out DIR`: transformers loads it and gives the
                        # adapter's logits (max |diff| < 5e-5)
+    /work/venv/bin/python tools/make_lora_fixture.py --base tiny-3a --check-adapter DIR --out FILE.json
+    /work/venv/bin/python tools/make_lora_fixture.py --base tiny-3a --check-merged DIR --adapter ADAPTER
+                       # the same on a Qwen3-VL fixture (tiny-3a, or tiny-3b: bf16 weights) with
+                       # Qwen3VLForConditionalGeneration and the checkpoint's Qwen3VLProcessor
+                       # (chat template, torchvision image backend, pixel bounds), the prompts built
+                       # as tools/make_qwen3_fixtures.py builds its cases; --check-merged then
+                       # compares with PEFT's merge_and_unload() of ADAPTER computed here, rounded
+                       # to the base's dtype, weights and logits (the merge keeps the base's dtype)
 
 What it writes (default mode):
   tests/fixtures/lora-a/        adapter_config.json + adapter_model.safetensors (PEFT's own
@@ -37,6 +45,14 @@ LoRA (PEFT, plain LoRA: no rsLoRA / DoRA, dropout 0, bias "none"), for every tar
   layers) and qkv fc1 (vision blocks' attn.qkv, the fused (3*embed, embed) projection, and mlp.fc1).
   lora_A / lora_B are overwritten after get_peft_model: torch.manual_seed(7), then for every LoRA
   parameter in model.named_parameters() order, p = 0.05 * randn_like(p).
+
+Qwen3-VL bases (--base tiny-3a / tiny-3b, --check-adapter and --check-merged only): the same three
+prompts and completions, rendered by the checkpoint's own processor (no default system prompt in the
+Qwen3-VL template; pixels at the checkpoint's 4..12 merged-token budget); mm_token_type_ids is
+checked equal to (input_ids == image_token_id). The committed adapters lora-medvlm-3a / -3b were
+trained by medvlm (the commands are above the test medvlm_qwen3_adapters_are_ones_peft_reads in
+tests/suite/lora.rs), and lora-medvlm-3a-peft.json / -3b-peft.json are this script's
+--check-adapter output for them.
 
 Log-probs: batch 1, prompt + completion, no padding, eager attention, f32; logits at position j
 predict token j+1; log_softmax in f32, gathered at the completion tokens. Prompts: chat template
@@ -75,7 +91,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.save_and_load import load_peft_weights
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+from transformers import AutoProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_fixtures import expand_and_tokenize, image_processor  # noqa: E402  (same prompt pipeline)
@@ -83,6 +99,9 @@ from make_fixtures import expand_and_tokenize, image_processor  # noqa: E402  (s
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX_REL = os.path.join("tests", "fixtures")
 BASE_REL = os.path.join(FIX_REL, "tiny-a")  # relative, so adapter_config.json holds no local path
+# The bases --check-adapter / --check-merged take (--base): the Qwen2-VL fixture this script's own
+# adapter is made for, and the two Qwen3-VL fixtures of tools/make_qwen3_fixtures.py.
+BASES = {"tiny-a": "qwen2", "tiny-3a": "qwen3", "tiny-3b": "qwen3"}
 ADAPTER_REL = os.path.join(FIX_REL, "lora-a")
 OUT_JSON_REL = os.path.join(FIX_REL, "lora-a-cases.json")
 OUT_ST_REL = os.path.join(FIX_REL, "lora-a-cases.safetensors")
@@ -116,13 +135,20 @@ def versions():
                 safetensors=safetensors.__version__, pillow=PIL.__version__, numpy=np.__version__)
 
 
-def load_base():
-    m = Qwen2VLForConditionalGeneration.from_pretrained(BASE_REL, dtype=torch.float32, attn_implementation="eager")
+def model_class(base):
+    return Qwen3VLForConditionalGeneration if BASES[base] == "qwen3" else Qwen2VLForConditionalGeneration
+
+
+def load_base(base="tiny-a"):
+    m = model_class(base).from_pretrained(os.path.join(FIX_REL, base), dtype=torch.float32,
+                                          attn_implementation="eager")
     m.eval()
     return m
 
 
-def build_prompts(tok, image_token_id):
+def build_prompts(tok, image_token_id, base="tiny-a"):
+    if BASES[base] == "qwen3":
+        return build_prompts_qwen3(tok, image_token_id, base)
     with open(os.path.join(BASE_REL, "tokenizer_config.json")) as f:
         template = json.load(f)["chat_template"]
     proc = image_processor()
@@ -139,6 +165,31 @@ def build_prompts(tok, image_token_id):
         out.append(dict(index=i, image=p["image"], text=p["text"], prompt=prompt, input_ids=input_ids,
                         image_grid_thw=pv["image_grid_thw"].tolist(), completion=p["completion"],
                         completion_ids=comp_ids, pixel_values=pv["pixel_values"], grid=pv["image_grid_thw"]))
+    return out
+
+
+def build_prompts_qwen3(tok, image_token_id, base):
+    """The same prompts for a Qwen3-VL base, as tools/make_qwen3_fixtures.py builds its cases: the
+    checkpoint's Qwen3VLProcessor (its chat template, no default system prompt; the torchvision
+    image backend at the checkpoint's pixel bounds) renders, expands and tokenizes them."""
+    proc = AutoProcessor.from_pretrained(os.path.join(FIX_REL, base))
+    assert type(proc).__name__ == "Qwen3VLProcessor", type(proc)
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert image_pad == image_token_id
+    out = []
+    for i, p in enumerate(PROMPTS):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p["text"]}]}]
+        prompt = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        enc = proc(text=[prompt], images=[Image.open(os.path.join(FIX_REL, "images", p["image"]))],
+                   return_tensors="pt")
+        input_ids = enc["input_ids"][0].tolist()
+        # forward_logits rebuilds mm_token_type_ids from the ids: the processor's must be that.
+        assert torch.equal(enc["mm_token_type_ids"], (enc["input_ids"] == image_token_id).to(enc["mm_token_type_ids"].dtype))
+        comp_ids = tok(p["completion"], add_special_tokens=False)["input_ids"]
+        assert image_pad not in comp_ids
+        out.append(dict(index=i, image=p["image"], text=p["text"], prompt=prompt, input_ids=input_ids,
+                        image_grid_thw=enc["image_grid_thw"].tolist(), completion=p["completion"],
+                        completion_ids=comp_ids, pixel_values=enc["pixel_values"], grid=enc["image_grid_thw"]))
     return out
 
 
@@ -172,11 +223,11 @@ def prompt_record(p):
                               "completion", "completion_ids")}
 
 
-def setup():
+def setup(base="tiny-a"):
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # fixed reduction order: byte-identical output on every run
     os.chdir(ROOT)
-    tok = AutoTokenizer.from_pretrained(BASE_REL)
+    tok = AutoTokenizer.from_pretrained(os.path.join(FIX_REL, base))
     return tok
 
 
@@ -339,18 +390,18 @@ def make():
     print("wrote", ADAPTER_REL, OUT_JSON_REL, OUT_ST_REL)
 
 
-def load_adapter_checked(adapter_dir):
-    """PeftModel.from_pretrained(tiny-a, adapter_dir) plus a strict key check.
+def load_adapter_checked(adapter_dir, base="tiny-a"):
+    """PeftModel.from_pretrained(base, adapter_dir) plus a strict key check.
 
     from_pretrained loads with strict=False: it warns about missing adapter keys but silently drops
     unexpected ones. So the same weights are loaded a second time into the same adapter with
     set_peft_model_state_dict (PEFT's own key conversion, idempotent) and its load result is
     inspected: any missing LoRA key or any unexpected key is an error.
     """
-    base = load_base()
+    base_model = load_base(base)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(base, adapter_dir)
+        model = PeftModel.from_pretrained(base_model, adapter_dir)
     model.eval()
     msgs = [f"{w.category.__name__}: {w.message}" for w in caught]
     for m in msgs:
@@ -383,12 +434,12 @@ def load_adapter_checked(adapter_dir):
     return model, report
 
 
-def check_adapter(adapter_dir, out_path):
+def check_adapter(adapter_dir, out_path, base):
     adapter_dir, out_path = os.path.abspath(adapter_dir), os.path.abspath(out_path)
-    tok = setup()
-    image_token_id = load_base().config.image_token_id
-    model, report = load_adapter_checked(adapter_dir)
-    prompts = build_prompts(tok, image_token_id)
+    tok = setup(base)
+    image_token_id = load_base(base).config.image_token_id
+    model, report = load_adapter_checked(adapter_dir, base)
+    prompts = build_prompts(tok, image_token_id, base)
     records = []
     for p in prompts:
         lp = completion_logps(model, p, image_token_id)
@@ -410,10 +461,11 @@ def check_adapter(adapter_dir, out_path):
         adapter_config = json.load(f)
     keys, st_meta = adapter_file_keys(adapter_dir)
     out = dict(
-        generated_by="tools/make_lora_fixture.py --check-adapter",
+        generated_by=f"tools/make_lora_fixture.py --check-adapter --base {base}",
         versions=versions(),
-        base_model="tiny-a",
-        adapter_dir=adapter_dir,
+        base_model=base,
+        # Relative to the repository when inside it: the file then names no local path.
+        adapter_dir=os.path.relpath(adapter_dir, ROOT) if adapter_dir.startswith(ROOT + os.sep) else adapter_dir,
         adapter_config=adapter_config,
         adapter_safetensors_metadata=st_meta,
         adapter_keys=keys,
@@ -426,21 +478,73 @@ def check_adapter(adapter_dir, out_path):
     print("wrote", out_path)
 
 
-def check_merged(merged_dir):
-    """transformers loads a checkpoint written by `medvlm merge --model tiny-a --adapter lora-a`
-    and its prompt logits are the PEFT adapter's (tests/fixtures/lora-a-cases.safetensors)."""
-    from safetensors.torch import load_file
-    tok = setup()
-    merged = Qwen2VLForConditionalGeneration.from_pretrained(os.path.abspath(merged_dir), dtype=torch.float32,
-                                                            attn_implementation="eager").eval()
+def checkpoint_dtype(d):
+    """The one dtype of a checkpoint's floating-point tensors (medvlm merge keeps the base's)."""
+    dtypes = set()
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(d, name), "pt") as f:
+                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert len(dtypes) == 1, dtypes
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtypes.pop()]
+
+
+def check_merged(merged_dir, base, adapter_dir=None):
+    """transformers loads a checkpoint written by `medvlm merge --model BASE --adapter ADAPTER`
+    with no missing or unexpected weights, and its prompt logits are the PEFT adapter's: for
+    tiny-a without --adapter, lora-a's (tests/fixtures/lora-a-cases.safetensors); otherwise
+    PEFT's own merge_and_unload() of ADAPTER on BASE (loaded in f32), computed here. The merge
+    is stored in the base's dtype: for a bf16 base (tiny-3b) PEFT's f32 merged weights are
+    rounded to bf16 once before the comparison (and compared with the checkpoint's weights
+    too), the rounding's own effect on the logits being reported apart."""
+    tok = setup(base)
+    cls = model_class(base)
+    merged, info = cls.from_pretrained(os.path.abspath(merged_dir), dtype=torch.float32,
+                                       attn_implementation="eager", output_loading_info=True)
+    merged.eval()
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    assert not bad, f"{merged_dir}: {bad}"
     image_token_id = merged.config.image_token_id
-    want = load_file(os.path.join(FIX_REL, "lora-a-cases.safetensors"))
+    prompts = build_prompts(tok, image_token_id, base)
+    got = [prompt_logits(merged, p, image_token_id) for p in prompts]
+    if adapter_dir is None:
+        if base != "tiny-a":
+            sys.exit("--check-merged on a base other than tiny-a needs --adapter (the adapter that was merged)")
+        want = load_file(os.path.join(FIX_REL, "lora-a-cases.safetensors"))
+        want = [want[f"logits.{p['index']}"] for p in prompts]
+        worst = max((g - w).abs().max().item() for g, w in zip(got, want))
+        for p, g, w in zip(prompts, got, want):
+            print(f"  prompt {p['index']}: merged checkpoint in transformers vs PEFT adapter: "
+                  f"max |logit diff| {(g - w).abs().max().item():.2e}")
+        assert worst < MERGE_TOL, worst
+        print(f"merged checkpoint OK (max {worst:.2e})")
+        return
+    dtype = checkpoint_dtype(os.path.join(FIX_REL, base))
+    assert checkpoint_dtype(os.path.abspath(merged_dir)) == dtype, "the merge must keep the base's dtype"
+    peft_model, _ = load_adapter_checked(os.path.abspath(adapter_dir), base)
+    adapter = [prompt_logits(peft_model, p, image_token_id) for p in prompts]
+    with peft_model.disable_adapter():
+        base_logits = [prompt_logits(peft_model, p, image_token_id) for p in prompts]
+    ref = peft_model.merge_and_unload().eval()
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.copy_(prm.to(dtype).float())  # the identity for f32, and on the base's bf16 weights
+    want = [prompt_logits(ref, p, image_token_id) for p in prompts]
+    ref_sd, got_sd = ref.state_dict(), merged.state_dict()
+    assert set(ref_sd) == set(got_sd), set(ref_sd) ^ set(got_sd)
+    differ = sum(int((ref_sd[k] != got_sd[k]).sum()) for k in ref_sd)
+    total = sum(t.numel() for t in ref_sd.values())
+    worst_w = max((ref_sd[k] - got_sd[k]).abs().max().item() for k in ref_sd)
+    print(f"  weights ({dtype}): {differ} of {total} differ from PEFT's merge (max |diff| {worst_w:.2e})")
     worst = 0.0
-    for p in build_prompts(tok, image_token_id):
-        d = (prompt_logits(merged, p, image_token_id) - want[f"logits.{p['index']}"]).abs().max().item()
+    for p, g, w, a, b in zip(prompts, got, want, adapter, base_logits):
+        d = (g - w).abs().max().item()
         worst = max(worst, d)
-        print(f"  prompt {p['index']}: merged checkpoint in transformers vs PEFT adapter: max |logit diff| {d:.2e}")
-    assert worst < 5e-5, worst
+        change = (g - b).abs().max().item()
+        print(f"  prompt {p['index']}: merged checkpoint in transformers vs PEFT's merge: max |logit diff| {d:.2e}; "
+              f"vs PEFT's unmerged adapter {(g - a).abs().max().item():.2e}; vs the base {change:.2e}")
+        assert change > 1000 * MERGE_TOL, change  # the merge changed something
+    assert worst < MERGE_TOL, worst
     print(f"merged checkpoint OK (max {worst:.2e})")
 
 
@@ -450,21 +554,26 @@ def main():
         # which follows Python's per-process string-hash seed: pin it for byte-identical output.
         os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, PYTHONHASHSEED="0"))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--check-adapter", metavar="DIR", help="PEFT adapter directory to load onto tiny-a")
+    ap.add_argument("--check-adapter", metavar="DIR", help="PEFT adapter directory to load onto --base")
     ap.add_argument("--out", metavar="FILE.json", help="where --check-adapter writes its log-probs")
     ap.add_argument("--check-merged", metavar="DIR",
-                    help="a checkpoint from `medvlm merge --model tiny-a --adapter lora-a`: transformers must give "
+                    help="a checkpoint from `medvlm merge --model BASE --adapter ADAPTER`: transformers must give "
                          "the adapter's logits")
+    ap.add_argument("--adapter", metavar="DIR",
+                    help="with --check-merged: the adapter that was merged (default, tiny-a only: lora-a and its "
+                         "stored logits)")
+    ap.add_argument("--base", choices=sorted(BASES), default="tiny-a",
+                    help="the fixture checkpoint --check-adapter / --check-merged work on (default tiny-a)")
     a = ap.parse_args()
     if a.check_merged:
-        check_merged(a.check_merged)
+        check_merged(a.check_merged, a.base, a.adapter)
     elif a.check_adapter:
         if not a.out:
             ap.error("--check-adapter needs --out")
-        check_adapter(a.check_adapter, a.out)
+        check_adapter(a.check_adapter, a.out, a.base)
     else:
-        if a.out:
-            ap.error("--out only goes with --check-adapter")
+        if a.out or a.adapter or a.base != "tiny-a":
+            ap.error("--out, --adapter and --base only go with --check-adapter / --check-merged")
         make()
 
 

@@ -31,7 +31,8 @@ What it writes:
                     pixel_values (in cases-tiny-3a only: both checkpoints have the same processor
                     files) and image_grid_thw as transformers' processor made them, logits,
                     a 24-token greedy continuation with its smallest top-2 margin, teacher-forced
-                    log-probs of a completion
+                    log-probs of a completion; and one_image.logits_last_bf16, the one_image
+                    case's last-position logits with the model loaded and run in bfloat16
   pixels-qwen3/     the torchvision backend on every test image: resized.safetensors, the uint8 RGB
                     image after transformers' resize call (bicubic, antialias) at six sizes each;
                     pixels.safetensors, the image processor's pixel_values and image_grid_thw at a
@@ -387,6 +388,22 @@ def run_cases(name, model, proc, ids, images):
     return records, tensors
 
 
+def bf16_reference(d, images):
+    """The one_image case's last-position logits with the checkpoint computed in bfloat16 by
+    transformers (weights and activations bf16, eager attention): what medvlm's `--dtype bf16`
+    is held to, as tools/make_fixtures.py's bf16_reference for tiny-b."""
+    model = Qwen3VLForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16,
+                                                            attn_implementation="eager").eval()
+    proc = AutoProcessor.from_pretrained(d)
+    case = next(c for c in CASES if c["name"] == "one_image")
+    prompt = proc.apply_chat_template(messages_for(case), tokenize=False, add_generation_prompt=True)
+    kw = model_inputs(proc, prompt, [Image.open(images[i]) for i in case["images"]])
+    kw["pixel_values"] = kw["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(**kw).logits[0, -1].float()
+    return {f"{case['name']}.logits_last_bf16": logits.contiguous()}
+
+
 def good_enough(records):
     return all(len(r["greedy_new_tokens"]) == 24 and r["greedy_min_margin"] > 0.01 for r in records)
 
@@ -471,6 +488,7 @@ def main():
             print(f"  {name}: seed {spec['seed']} gives a short or near-tied greedy continuation; next seed")
         else:
             sys.exit(f"{name}: no seed gave clear greedy margins")
+        tensors.update(bf16_reference(d, images))
         if name != PIXELS_IN:
             # The processor files are the same for both checkpoints: the pixels are stored once,
             # in cases-tiny-3a, after checking they are the same here.

@@ -101,6 +101,27 @@ pub fn targets(path: &str, names: &[String]) -> bool {
         .any(|n| path == n || path.ends_with(&format!(".{n}")))
 }
 
+/// The modules of a checkpoint that `names` target but that get no adapter: PEFT matches
+/// target names against every module that has weights, medvlm adapts linear layers only.
+/// `proj`, meant for the vision blocks' `attn.proj`, also names the patch embedding
+/// (`model.visual.patch_embed.proj`, a Conv3d in transformers) in every family; PEFT would
+/// give it an adapter and, loading one medvlm wrote, report its keys missing. Modules in
+/// current naming ([`super::WeightLayout::current_name`]), sorted, from the checkpoint's
+/// tensor names (`<module>.weight`, `<module>.bias`).
+pub fn unadapted_matches<'a>(
+    tensor_names: impl IntoIterator<Item = &'a str>,
+    adapted: &std::collections::BTreeSet<String>,
+    names: &[String],
+) -> Vec<String> {
+    let modules: std::collections::BTreeSet<String> = tensor_names
+        .into_iter()
+        .filter_map(|t| t.rsplit_once('.').map(|(m, _)| m))
+        .map(super::WeightLayout::current_name)
+        .filter(|m| targets(m, names) && !adapted.contains(m))
+        .collect();
+    modules.into_iter().collect()
+}
+
 /// The tensor names PEFT gives a module's adapter.
 pub fn peft_keys(path: &str) -> (String, String) {
     (
@@ -142,6 +163,11 @@ pub struct AdapterConfig {
     /// A list of names, or (PEFT allows it) one regular expression.
     #[serde(default)]
     pub target_modules: Option<serde_json::Value>,
+    /// Modules PEFT must leave alone although `target_modules` names them (PEFT >= 0.14; a
+    /// list matched as target_modules is). medvlm writes the modules its targets name that
+    /// are not linear layers (see [`unadapted_matches`]); left out when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_modules: Option<serde_json::Value>,
     #[serde(default)]
     pub bias: Option<String>,
     #[serde(default)]
@@ -167,6 +193,7 @@ impl AdapterConfig {
             lora_alpha: alpha,
             lora_dropout: dropout,
             target_modules: Some(serde_json::json!(target_modules)),
+            exclude_modules: None,
             bias: Some("none".into()),
             use_rslora: false,
             use_dora: false,
@@ -309,6 +336,34 @@ mod tests {
             &t
         ));
         assert!(!targets("model.language_model.layers.0.mlp.gate_proj", &t));
+    }
+
+    /// `proj` targets the vision attention's output projection; the patch embedding's
+    /// `proj` (weight and bias, legacy names too) is reported once, the adapted layers and
+    /// modules no name targets are not.
+    #[test]
+    fn unadapted_matches_names_the_patch_embedding() {
+        let names = vec!["proj".to_string(), "q_proj".to_string()];
+        let adapted: std::collections::BTreeSet<String> = [
+            "model.visual.blocks.0.attn.proj",
+            "model.language_model.layers.0.self_attn.q_proj",
+        ]
+        .map(String::from)
+        .into();
+        let tensors = [
+            "visual.patch_embed.proj.weight",
+            "visual.patch_embed.proj.bias",
+            "visual.blocks.0.attn.proj.weight",
+            "visual.blocks.0.attn.proj.bias",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "lm_head.weight",
+        ];
+        assert_eq!(
+            unadapted_matches(tensors, &adapted, &names),
+            vec!["model.visual.patch_embed.proj".to_string()]
+        );
+        assert!(unadapted_matches(tensors, &adapted, &names[1..]).is_empty());
     }
 
     #[test]

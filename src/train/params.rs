@@ -1,7 +1,7 @@
 //! A model whose weights are trainable variables, loaded from a checkpoint directory (or
 //! drawn at random for a fresh tiny model), with its parameter list.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -195,7 +195,8 @@ impl TrainableModel {
             }
         }
         let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
-        let layout = CheckpointWeights::open(dir)?.layout(&config)?;
+        let weights = CheckpointWeights::open(dir)?;
+        let layout = weights.layout(&config)?;
         let mut model = Qwen2Vl::load(dir, lora.base_dtype()?, device)?;
         model.cast_embeddings(compute)?;
         model.set_compute_dtype(compute);
@@ -203,7 +204,7 @@ impl TrainableModel {
             Some(r) => Some(AdapterFile::read(r)?),
             None => None,
         };
-        let adapter = match &file {
+        let mut adapter = match &file {
             Some(f) => {
                 if f.config.r != lora.r || f.config.scaling() != lora.scaling() {
                     bail!(
@@ -222,6 +223,7 @@ impl TrainableModel {
         };
         let mut rng = StdRng::seed_from_u64(crate::seed::mix(seed, 0x10_7A));
         let mut params = Vec::new();
+        let mut adapted = BTreeSet::new();
         for (path, lin) in model.linears_mut() {
             if !lora::targets(&path, &lora.target_modules) {
                 continue;
@@ -257,6 +259,7 @@ impl TrainableModel {
                 stream: lora::stream_of(&path),
             }));
             let (ka, kb) = lora::peft_keys(&path);
+            adapted.insert(path);
             params.push(Param {
                 name: ka,
                 var: a,
@@ -270,6 +273,15 @@ impl TrainableModel {
         }
         if let Some(f) = &file {
             f.finish()?;
+        } else {
+            // What the names target beyond the adapted layers (the patch embedding under
+            // `proj`) is excluded in adapter_config.json, so that PEFT builds exactly these
+            // adapters.
+            let excluded =
+                lora::unadapted_matches(weights.tensor_names(), &adapted, &lora.target_modules);
+            if !excluded.is_empty() {
+                adapter.exclude_modules = Some(serde_json::json!(excluded));
+            }
         }
         if params.is_empty() {
             bail!(

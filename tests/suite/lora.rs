@@ -2,7 +2,9 @@
 //! PEFT wrote on tiny-a (language-model projections and vision attn.qkv / mlp.fc1) gives
 //! PEFT's logits and log-probs in medvlm, merged or not; switched off it gives the base;
 //! `medvlm merge` writes a checkpoint equal to base + adapter; training touches only the
-//! adapters.
+//! adapters. The other way round, adapters medvlm trained (on tiny-a, and on the Qwen3-VL
+//! tiny-3a / tiny-3b with the vision tower, merger and DeepStack mergers adapted too) load in
+//! PEFT without missing or unexpected keys and give PEFT medvlm's log-probs.
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor};
@@ -25,8 +27,9 @@ fn cases() -> (Value, Vec<Case>) {
     cases_from("lora-a-cases.json", Some("lora-a-cases.safetensors"))
 }
 
-/// Reads a fixture's prompts (rebuilt by our processor, which must give the same ids),
-/// completions, PEFT's log-probs and (when given) PEFT's prompt logits.
+/// Reads a fixture's prompts (rebuilt by our processor for the fixture's `base_model`, which
+/// must give the same ids), completions, PEFT's log-probs and (when given) PEFT's prompt
+/// logits.
 fn cases_from(json: &str, logits: Option<&str>) -> (Value, Vec<Case>) {
     let meta: Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join(json)).unwrap()).unwrap();
@@ -34,8 +37,8 @@ fn cases_from(json: &str, logits: Option<&str>) -> (Value, Vec<Case>) {
         Some(f) => candle_core::safetensors::load(fixtures().join(f), &Device::Cpu).unwrap(),
         None => Default::default(),
     };
-    let proc =
-        Processor::from_dir(&fixtures().join("tiny-a"), &ProcessorOptions::default()).unwrap();
+    let base = fixtures().join(meta["base_model"].as_str().unwrap());
+    let proc = Processor::from_dir(&base, &ProcessorOptions::default()).unwrap();
     let cases = meta["prompts"]
         .as_array()
         .unwrap()
@@ -322,8 +325,160 @@ fn lora_training_moves_only_the_adapters() {
 /// tensors under the same names.
 #[test]
 fn medvlm_adapter_is_one_peft_reads() {
-    let (_, cases) = cases_from("lora-medvlm-peft.json", None);
-    let dir = fixtures().join("lora-medvlm");
+    check_medvlm_adapter("lora-medvlm", "lora-medvlm-peft.json");
+}
+
+/// The same for Qwen3-VL: tests/fixtures/lora-medvlm-3a and -3b, trained by medvlm on tiny-3a
+/// (released layout, tied) and tiny-3b (transformers 5 layout, bf16 weights) with adapters on
+/// the decoder's projections and on every linear layer of the vision tower: the blocks'
+/// `attn.qkv`, `attn.proj`, `mlp.linear_fc1/2`, the merger's and the DeepStack mergers'
+/// `linear_fc1/2`. Made with (from the repository root; `N` is 3a or 3b):
+///
+/// ```text
+/// medvlm data synth --out /tmp/q3data --n 16 --seed 3
+/// medvlm train sft --model tests/fixtures/tiny-N --train-data /tmp/q3data/data.json \
+///   --output-dir /tmp/q3run-N --max-pixels 12288 --min-pixels 4096 --micro-batch 2 \
+///   --batch-size 2 --learning-rate 1e-2 --max-steps 6 --lora-r 4 --lora-alpha 8 \
+///   --lora-dropout 0.1 --device cpu --lora-target-modules \
+///   q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv,proj,linear_fc1,linear_fc2
+/// cp -r /tmp/q3run-N/final tests/fixtures/lora-medvlm-N   # less medvlm.json
+/// tools/make_lora_fixture.py --base tiny-N --check-adapter tests/fixtures/lora-medvlm-N \
+///   --out tests/fixtures/lora-medvlm-N-peft.json
+/// ```
+///
+/// `proj` also names the patch embedding (a Conv3d, no adapter in medvlm): the adapter's
+/// config must exclude it, or PEFT gives it an adapter and reports its keys missing.
+#[test]
+fn medvlm_qwen3_adapters_are_ones_peft_reads() {
+    for n in ["3a", "3b"] {
+        let dir = format!("lora-medvlm-{n}");
+        check_medvlm_adapter(&dir, &format!("{dir}-peft.json"));
+        let acfg = medvlm::model::lora::AdapterConfig::read(&fixtures().join(&dir)).unwrap();
+        assert_eq!(
+            acfg.exclude_modules,
+            Some(serde_json::json!(["model.visual.patch_embed.proj"])),
+            "{dir}"
+        );
+        let file = candle_core::safetensors::load(
+            fixtures().join(&dir).join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        // Each part of the tower's adapters matters to the log-probs by far more than the
+        // bound on the agreement with PEFT: the agreement covers them.
+        let (_, cases) = cases_from(&format!("{dir}-peft.json"), None);
+        let base = fixtures().join(format!("tiny-{n}"));
+        let cfg = LoraConfig {
+            r: acfg.r,
+            alpha: acfg.lora_alpha,
+            dropout: 0.0,
+            target_modules: serde_json::from_value(acfg.target_modules.clone().unwrap()).unwrap(),
+            base_dtype: "f32".into(),
+        };
+        let policy = TrainableModel::load_lora(
+            &base,
+            &cfg,
+            DType::F32,
+            Some(&fixtures().join(&dir)),
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for part in [
+            "model.visual.blocks.",
+            "model.visual.merger.",
+            "model.visual.deepstack_merger_list.",
+        ] {
+            let mut m = policy.detached().unwrap();
+            for (path, lin) in m.linears_mut() {
+                if path.starts_with(part) {
+                    lin.set_lora(None);
+                }
+            }
+            let without = logps_of(&m, &cases);
+            let moved = cases
+                .iter()
+                .zip(&without)
+                .map(|(c, w)| max_diff(w, &c.with_adapter))
+                .fold(0.0, f32::max);
+            println!("{dir}: without the adapters of {part}* the log-probs move by {moved:.2e}");
+            assert!(
+                moved > 1e-2,
+                "{dir}: {part} adapters move the log-probs by {moved}"
+            );
+        }
+        for module in [
+            "model.language_model.layers.0.self_attn.q_proj",
+            "model.language_model.layers.0.mlp.down_proj",
+            "model.visual.blocks.0.attn.qkv",
+            "model.visual.blocks.0.attn.proj",
+            "model.visual.blocks.0.mlp.linear_fc1",
+            "model.visual.blocks.0.mlp.linear_fc2",
+            "model.visual.merger.linear_fc1",
+            "model.visual.merger.linear_fc2",
+            "model.visual.deepstack_merger_list.0.linear_fc1",
+            "model.visual.deepstack_merger_list.1.linear_fc2",
+        ] {
+            let b = &file[&format!("base_model.model.{module}.lora_B.weight")];
+            let (norm, _) = max_abs_diff(b, &b.zeros_like().unwrap());
+            assert!(norm > 0.0, "{dir}: {module} was not trained");
+        }
+    }
+}
+
+/// `medvlm merge` of the Qwen3-VL adapter on the f32 tiny-3a: the checkpoint gives PEFT's
+/// log-probs with the adapter, and only the 52 adapted weights differ from the base's.
+/// (tiny-3b's merge is stored in bf16, so it is W + s B A rounded: `make_lora_fixture.py
+/// --base tiny-3b --check-merged DIR --adapter tests/fixtures/lora-medvlm-3b` finds its weights
+/// bit for bit PEFT's f32 merge rounded to bf16.)
+#[test]
+fn merged_qwen3_checkpoint_gives_peft_log_probs() {
+    let (_, cases) = cases_from("lora-medvlm-3a-peft.json", None);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let (base, adapter) = (
+        fixtures().join("tiny-3a"),
+        fixtures().join("lora-medvlm-3a"),
+    );
+    let (ok, _, err) = medvlm(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("merged 52 adapted weights"), "{err}");
+    let dev = Device::Cpu;
+    let merged = logps_of(&Qwen2Vl::load(&out, DType::F32, &dev).unwrap(), &cases);
+    for (i, c) in cases.iter().enumerate() {
+        let d = max_diff(&merged[i], &c.with_adapter);
+        println!("prompt {i}: merged tiny-3a checkpoint vs PEFT: {d:.2e}");
+        assert!(d < 1e-4, "prompt {i}: {d}");
+    }
+    let before = candle_core::safetensors::load(base.join("model.safetensors"), &dev).unwrap();
+    let after = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
+    assert_eq!(before.len(), after.len());
+    let changed = before
+        .iter()
+        .filter(|(k, t)| max_abs_diff(t, &after[*k]).0 > 0.0)
+        .count();
+    assert_eq!(changed, 52);
+}
+
+/// medvlm's log-probs with the adapter it wrote in `fixtures/dir` (training's unmerged
+/// adapters and `--adapter`'s merge) are PEFT's in `peft_json`, which PEFT got loading the
+/// directory with no missing or unexpected keys; saving it again writes the same tensors and
+/// config.
+fn check_medvlm_adapter(dir: &str, peft_json: &str) {
+    let (meta, cases) = cases_from(peft_json, None);
+    let report = &meta["load_report"];
+    assert_eq!(report["missing_keys"], serde_json::json!([]), "{dir}");
+    assert_eq!(report["unexpected_keys"], serde_json::json!([]), "{dir}");
+    assert_eq!(report["file_keys_equal_peft_save_names"], true, "{dir}");
+    let dir = fixtures().join(dir);
     let acfg = medvlm::model::lora::AdapterConfig::read(&dir).unwrap();
     let cfg = LoraConfig {
         r: acfg.r,
@@ -333,23 +488,27 @@ fn medvlm_adapter_is_one_peft_reads() {
         base_dtype: "f32".into(),
     };
     let dev = Device::Cpu;
-    let tiny = fixtures().join("tiny-a");
-    let policy = TrainableModel::load_lora(&tiny, &cfg, DType::F32, Some(&dir), 0, &dev).unwrap();
+    let base = fixtures().join(meta["base_model"].as_str().unwrap());
+    let policy = TrainableModel::load_lora(&base, &cfg, DType::F32, Some(&dir), 0, &dev).unwrap();
     let ours = logps_of(&policy.detached().unwrap(), &cases);
-    let mut merged = Qwen2Vl::load(&tiny, DType::F32, &dev).unwrap();
+    let mut merged = Qwen2Vl::load(&base, DType::F32, &dev).unwrap();
     merged.merge_adapter(&dir).unwrap();
     let ours_merged = logps_of(&merged, &cases);
+    let off = logps_of(&policy.model.without_adapters(), &cases);
     for (i, c) in cases.iter().enumerate() {
-        let (d1, d2) = (
+        let (d1, d2, d3) = (
             max_diff(&ours[i], &c.with_adapter),
             max_diff(&ours_merged[i], &c.with_adapter),
+            max_diff(&off[i], &c.adapter_off),
         );
-        println!("prompt {i}: medvlm vs PEFT on medvlm's adapter: {d1:.2e} (merged {d2:.2e})");
-        assert!(d1 < 1e-4 && d2 < 1e-4);
-        assert!(
-            max_diff(&c.with_adapter, &c.adapter_off) > 0.1,
-            "the adapter matters"
+        let change = max_diff(&c.with_adapter, &c.adapter_off);
+        println!(
+            "{} prompt {i}: medvlm vs PEFT on medvlm's adapter: {d1:.2e} (merged {d2:.2e}, \
+             adapter off {d3:.2e}); the adapter moves PEFT's log-probs by {change:.3}",
+            dir.display()
         );
+        assert!(d1 < 1e-4 && d2 < 1e-4 && d3 < 1e-4);
+        assert!(change > 0.1, "the adapter matters");
     }
     let tmp = tempfile::tempdir().unwrap();
     let again =
@@ -376,7 +535,12 @@ fn medvlm_adapter_is_one_peft_reads() {
         "task_type",
     ] {
         assert!(!written[k].is_null(), "{k}");
+        assert_eq!(written[k], meta["adapter_config"][k], "{k}");
     }
+    assert_eq!(
+        written["exclude_modules"],
+        meta["adapter_config"]["exclude_modules"]
+    );
 }
 
 /// With LoRA dropout on, gradient checkpointing draws the same masks when it runs a layer

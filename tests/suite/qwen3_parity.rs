@@ -2,7 +2,7 @@
 //! through the public loading path: checkpoint directories and image files on disk in; the
 //! chat-templated text, token ids, pixel values (bit for bit), M-RoPE positions, logits, greedy
 //! continuations and teacher-forced log-probabilities out, within the bounds model_parity.rs
-//! holds Qwen2-VL to.
+//! holds Qwen2-VL to; in bf16, against transformers' own bf16 error, as tiny-b is.
 //!
 //! The image processor is transformers' torchvision backend (the checkpoints' preprocessor
 //! config names `Qwen2VLImageProcessorFast`): pixels/qwen3 fixtures check its resize byte for
@@ -13,7 +13,7 @@
 //! weights, explicit head_dim wider than hidden / heads, DeepStack blocks listed out of order).
 
 use crate::common::*;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use medvlm::generate::{self, Engine, FinishReason, Request, SamplingParams, SeqOptions};
 use medvlm::model::{Mode, Qwen2Vl};
 use medvlm::processor::image::{load_rgb_checked, Alpha};
@@ -178,6 +178,94 @@ fn tiny_3a_released_layout_matches_transformers() {
 #[test]
 fn tiny_3b_transformers5_layout_matches_transformers() {
     check_model("tiny-3b");
+}
+
+/// The last position's logits for the one-image case, and transformers' f32 logits there:
+/// what the two bf16 checks compare (with transformers' own bf16 run,
+/// `one_image.logits_last_bf16`).
+fn last_logits_and_reference(l: &Loaded, cases: &Cases) -> (Tensor, Tensor) {
+    let case = cases
+        .list()
+        .iter()
+        .find(|c| c["name"] == "one_image")
+        .unwrap();
+    let prompt = prompt_for(l, case);
+    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+    let logits = l
+        .model
+        .forward_logits(&prompt.input_ids, pixels.as_ref(), &prompt.grids())
+        .unwrap();
+    let n = prompt.input_ids.len();
+    let last = logits.narrow(0, n - 1, 1).unwrap().squeeze(0).unwrap();
+    let f32_ref = cases
+        .tensor("one_image.logits")
+        .narrow(0, n - 1, 1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    (last, f32_ref)
+}
+
+/// As model_parity.rs holds tiny-b to: bf16 compute (every op rounded to 8 bits of
+/// mantissa, in another order than PyTorch's) is about as close to transformers' f32 logits
+/// as transformers' own bf16 run (within 2x of its error), with the same argmax. tiny-3b has
+/// bf16 weights; tiny-3a's f32 weights are rounded to bf16 on load, as transformers does with
+/// `dtype=torch.bfloat16`.
+#[test]
+fn qwen3_in_bf16_is_as_accurate_as_transformers_bf16() {
+    for name in ["tiny-3a", "tiny-3b"] {
+        let l = load(name, DType::BF16);
+        let cases = load_cases(name);
+        let (last, f32_ref) = last_logits_and_reference(&l, &cases);
+        let hf_bf16 = cases.tensor("one_image.logits_last_bf16");
+        let (ours, scale) = max_abs_diff(&last, &f32_ref);
+        let (theirs, _) = max_abs_diff(hf_bf16, &f32_ref);
+        let (between, _) = max_abs_diff(&last, hf_bf16);
+        println!(
+            "{name} bf16 vs f32 reference: ours {ours:.3e}, transformers {theirs:.3e} \
+             (ours vs transformers bf16 {between:.3e}; max |logit| {scale:.2})"
+        );
+        assert!(
+            ours <= 2.0 * theirs,
+            "{name}: bf16 error {ours} vs transformers' {theirs}"
+        );
+        let a: u32 = last.argmax(0).unwrap().to_scalar().unwrap();
+        let b: u32 = f32_ref.argmax(0).unwrap().to_scalar().unwrap();
+        assert_eq!(a, b, "{name}");
+    }
+}
+
+/// `--dtype bf16` on the CPU as the inference commands load it: bf16 weights, f32
+/// activations, rounded to bf16 only inside the products. Less is rounded than in
+/// transformers' all-bf16 run, so the logits must be closer to transformers' f32 reference
+/// than that run is, with the same argmax.
+#[test]
+fn qwen3_bf16_weights_on_cpu_are_closer_than_transformers_bf16() {
+    if !medvlm::kernels::bf16dot::available() {
+        note_without_simd("bf16 dot products (AVX-512 BF16): bf16 weights are widened");
+    }
+    for name in ["tiny-3a", "tiny-3b"] {
+        let mut l = load(name, DType::BF16);
+        assert!(l.model.prepare_for_inference().unwrap() > 0);
+        for (path, lin) in l.model.linears_mut() {
+            assert_eq!(lin.weight().dtype(), DType::BF16, "{name}: {path}");
+        }
+        let cases = load_cases(name);
+        let (last, f32_ref) = last_logits_and_reference(&l, &cases);
+        assert_eq!(last.dtype(), DType::F32);
+        let (ours, _) = max_abs_diff(&last, &f32_ref);
+        let (theirs, _) = max_abs_diff(cases.tensor("one_image.logits_last_bf16"), &f32_ref);
+        println!(
+            "{name} bf16 weights, f32 activations: error {ours:.3e} (transformers bf16 {theirs:.3e})"
+        );
+        assert!(
+            ours < theirs,
+            "{name}: error {ours} vs transformers' bf16 {theirs}"
+        );
+        let a: u32 = last.argmax(0).unwrap().to_scalar().unwrap();
+        let b: u32 = f32_ref.argmax(0).unwrap().to_scalar().unwrap();
+        assert_eq!(a, b, "{name}");
+    }
 }
 
 /// The decoder adds DeepStack features at the image tokens of whatever part of the prompt a
