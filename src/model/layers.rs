@@ -378,8 +378,12 @@ impl Module for LayerNorm {
 }
 
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    if act == Activation::QuickGelu && elementwise::applies(&[x]) {
-        return elementwise::quick_gelu(x);
+    if elementwise::applies(&[x]) {
+        match act {
+            Activation::QuickGelu => return elementwise::quick_gelu(x),
+            Activation::GeluTanh => return elementwise::gelu_tanh_op(x),
+            Activation::Silu | Activation::Gelu => {}
+        }
     }
     match act {
         Activation::Silu => x.silu(),

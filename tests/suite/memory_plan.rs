@@ -123,6 +123,49 @@ fn sweep_model(dir: &Path) -> PathBuf {
     )
 }
 
+/// The sweep's Qwen3-VL: the sweep model's widths with Qwen3-VL's parts (q/k RMSNorm, no q/k/v
+/// bias, LayerNorm vision blocks with learned position embeddings, DeepStack mergers from two
+/// of four vision blocks), on tiny-3a's tokenizer and processor (16-pixel patches).
+fn qwen3_sweep_model(dir: &Path) -> PathBuf {
+    let src = fixtures().join("tiny-3a");
+    let staging = dir.join("qwen3-src");
+    std::fs::create_dir_all(&staging).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "model.safetensors" {
+            std::fs::copy(e.path(), staging.join(e.file_name())).unwrap();
+        }
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    for (k, v) in [
+        ("hidden_size", json!(256)),
+        ("intermediate_size", json!(1024)),
+        ("num_hidden_layers", json!(4)),
+        ("num_attention_heads", json!(8)),
+        ("num_key_value_heads", json!(2)),
+        ("head_dim", json!(32)),
+        ("vocab_size", json!(4096)),
+    ] {
+        cfg["text_config"][k] = v;
+    }
+    cfg["text_config"]["rope_scaling"]["mrope_section"] = json!([6, 5, 5]);
+    for (k, v) in [
+        ("hidden_size", json!(256)),
+        ("intermediate_size", json!(1024)),
+        ("num_heads", json!(8)),
+        ("depth", json!(4)),
+        ("out_hidden_size", json!(256)),
+        ("deepstack_visual_indexes", json!([1, 2])),
+    ] {
+        cfg["vision_config"][k] = v;
+    }
+    std::fs::write(staging.join("config.json"), cfg.to_string()).unwrap();
+    let c = Qwen2VlConfig::from_file(&staging.join("config.json")).unwrap();
+    let m = TrainableModel::random(c, 0.02, 7, &staging, &Device::Cpu).unwrap();
+    checkpoint::save(dir, "qwen3", &m, DType::F32, None).unwrap()
+}
+
 /// How a point runs.
 enum Workload {
     /// `medvlm bench train --model MODEL ARGS`: fixed-length completions, two steps (the
@@ -253,6 +296,10 @@ fn points() -> Vec<Point> {
                 ),
             },
         },
+        p("Qwen3-VL (sweep widths, GRPO)", None, bench("qwen3", base)),
+        p("Qwen3-VL, dtype bf16", Some("Qwen3-VL (sweep widths, GRPO)"), bench("qwen3", &with("--dtype bf16"))),
+        p("Qwen3-VL, LoRA r=8", Some("Qwen3-VL (sweep widths, GRPO)"), bench("qwen3", &with("--lora-r 8"))),
+        p("Qwen3-VL, image 224x224", Some("Qwen3-VL (sweep widths, GRPO)"), bench("qwen3", &with("--image-size 224"))),
         p("train grpo, LoRA r=16 all targets", Some("train grpo, G=16"), Workload::Train {
             args: format!(
                 "{train_grpo} --num-generations 16 --lora-r 16 --lora-dropout 0.1 \
@@ -267,6 +314,7 @@ struct Inputs {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     sweep: PathBuf,
+    qwen3: PathBuf,
     data: PathBuf,
 }
 
@@ -274,6 +322,7 @@ fn inputs() -> Inputs {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let sweep = sweep_model(&dir);
+    let qwen3 = qwen3_sweep_model(&dir);
     let (ok, _, err) =
         crate::common::medvlm(&["data", "synth", "--out", s(&dir.join("scans")), "--n", "16"]);
     assert!(ok, "{err}");
@@ -282,6 +331,7 @@ fn inputs() -> Inputs {
         _tmp: tmp,
         dir,
         sweep,
+        qwen3,
     }
 }
 
@@ -292,6 +342,7 @@ fn measure(point: &Point, inputs: &Inputs, k: usize) -> Row {
         Workload::Bench { model, args } => {
             let model = match *model {
                 "sweep" => inputs.sweep.clone(),
+                "qwen3" => inputs.qwen3.clone(),
                 _ => fixtures().join("grpo-policy"),
             };
             let r = run(Command::new(binary())

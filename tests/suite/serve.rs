@@ -443,6 +443,52 @@ fn reasoning_is_split_and_stop_strings_and_logprobs_work() {
     assert_eq!(r["choices"][0]["message"]["content"], PARROT_TEXT);
 }
 
+/// Qwen3-VL served: the same greedy text as `medvlm generate` (whose greedy tokens equal
+/// transformers' on this checkpoint, `qwen3_parity.rs`), whole and streamed, for tiny-3a
+/// (released layout) and tiny-3b (transformers-5 layout, bf16 weights).
+#[test]
+fn qwen3_vl_is_served_as_generate_answers() {
+    let img = fixture_image("wide.png");
+    let prompt = "Which organ is shown?";
+    for name in ["tiny-3a", "tiny-3b"] {
+        let model = fixtures().join(name);
+        let (ok, out, err) = medvlm(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--image",
+            s(&img),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "16",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let want: Value = serde_json::from_str(&out).unwrap();
+        let srv = Server::start(&model, &["--reasoning-format", "raw"]);
+        let body = json!({
+            "messages": ask(prompt, Some(&data_url(&img, "image/png"))),
+            "max_tokens": 16,
+            "temperature": 0,
+        });
+        let (status, got) = srv.post(&body);
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(
+            got["choices"][0]["message"]["content"], want["text"],
+            "{name}"
+        );
+        assert_eq!(
+            got["usage"]["prompt_tokens"],
+            want["prompt_token_ids"].as_array().unwrap().len()
+        );
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        let j = join_stream(&srv.stream(&sb));
+        assert_eq!(Value::from(j[0].2.clone()), want["text"], "{name} streamed");
+    }
+}
+
 /// Under a template that opens `<think>` in the prompt (Qwen3-VL Thinking), the model's
 /// text is reasoning until it writes `</think>`: split so, whole and streamed; the raw format
 /// returns the generated text as written. The parrot here answers
