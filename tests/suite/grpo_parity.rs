@@ -560,19 +560,28 @@ fn check_option_cases(prefix: &str, reference_name: &str) {
 /// f32 step's: bf16 keeps 8 bits of mantissa, 2-3 significant digits per activation.
 #[test]
 fn bf16_step_stays_close_to_the_f32_reference() {
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("grpo-cases.json")).unwrap())
-            .unwrap();
-    let dev = Device::Cpu;
-    let mut policy = TrainableModel::load(&fixtures().join("grpo-policy"), &dev).unwrap();
-    let f32_policy = TrainableModel::load(&fixtures().join("grpo-policy"), &dev).unwrap();
-    policy.model.set_compute_dtype(DType::BF16);
-    let reference = Qwen2Vl::load(&fixtures().join("tiny-a"), DType::BF16, &dev).unwrap();
-    let proc = Processor::from_dir(
-        &fixtures().join("grpo-policy"),
-        &ProcessorOptions::default(),
+    bf16_step_check("grpo", "tiny-a");
+}
+
+/// The same for Qwen3-VL (tiny-3a and its perturbed policy, `grpo3-cases.json`): DeepStack,
+/// q/k norms and the LayerNorm vision tower in bf16 keep the step within the same bounds.
+#[test]
+fn qwen3_bf16_step_stays_close_to_the_f32_reference() {
+    bf16_step_check("grpo3", "tiny-3a");
+}
+
+fn bf16_step_check(prefix: &str, reference_model: &str) {
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("{prefix}-cases.json"))).unwrap(),
     )
     .unwrap();
+    let policy_dir = fixtures().join(format!("{prefix}-policy"));
+    let dev = Device::Cpu;
+    let mut policy = TrainableModel::load(&policy_dir, &dev).unwrap();
+    let f32_policy = TrainableModel::load(&policy_dir, &dev).unwrap();
+    policy.model.set_compute_dtype(DType::BF16);
+    let reference = Qwen2Vl::load(&fixtures().join(reference_model), DType::BF16, &dev).unwrap();
+    let proc = Processor::from_dir(&policy_dir, &ProcessorOptions::default()).unwrap();
     let groups = meta["groups"].as_array().unwrap();
     let prompts: Vec<Prompt> = groups
         .iter()
@@ -682,7 +691,7 @@ fn bf16_step_stays_close_to_the_f32_reference() {
     let rel_loss = ((stats.loss - want_loss) / want_loss).abs();
     let rel_norm = ((norm - want_norm) / want_norm).abs();
     println!(
-        "bf16: reference log-probs max diff {d_ref:.3}; loss {:.5} vs {want_loss:.5} (rel {rel_loss:.1e}); \
+        "{prefix} bf16: reference log-probs max diff {d_ref:.3}; loss {:.5} vs {want_loss:.5} (rel {rel_loss:.1e}); \
          grad norm {norm:.4} vs {want_norm:.4} (rel {rel_norm:.1e}); gradient cosine {cosine:.6}",
         stats.loss
     );

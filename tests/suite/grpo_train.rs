@@ -746,6 +746,26 @@ fn qwen25_trains_and_saves_in_the_layout_it_was_read_in() {
         ]);
         assert!(ok, "{err}");
     }
+
+    // GRPO with LoRA adapters on every linear layer, checkpointed: the run saves a PEFT
+    // adapter that `generate --adapter` applies to the base.
+    let src = fixtures().join("tiny-3a");
+    let out = dir.join("tiny-3a-grpo-lora");
+    let (ok, _, err) = medvlm(&[
+        "train", "grpo", "--model", s(&src), "--train-data", s(&data), "--output-dir", s(&out),
+        "--max-steps", "2", "--learning-rate", "1e-2", "--max-completion-length", "8",
+        "--batch-prompts", "2", "--gradient-checkpointing", "true", "--lora-r", "4",
+        "--lora-target-modules",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv,attn.proj,linear_fc1,linear_fc2",
+    ]);
+    assert!(ok, "{err}");
+    let adapter = out.join("final");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let (ok, _, err) = medvlm(&[
+        "generate", "--model", s(&src), "--adapter", s(&adapter), "--prompt", "hi",
+        "--max-new-tokens", "2",
+    ]);
+    assert!(ok, "{err}");
 }
 
 /// Qwen3-VL trains too (GRPO with gradient checkpointing on tiny-3a: the DeepStack features
