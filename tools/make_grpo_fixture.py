@@ -21,6 +21,13 @@ loss options (GSPO's sequence-level importance ratio, the high-entropy token mas
                                   # grpo-cases.json (checked to be reproduced first); the same
                                   # environments as above: tiny-a with transformers 4.57
                                   # (torch 2.8), tiny-25a with transformers 5.24 (torch 2.15)
+    python tools/make_grpo_fixture.py --bf16-reference [--ref=tiny-3a --prefix=grpo3]
+                                  # only PyTorch's own mixed-precision step on case 0, added as the
+                                  # key "bf16_autocast" to the existing {prefix}-cases.json (nothing
+                                  # else is regenerated or changed; the f32 log-probs, loss and
+                                  # gradient norm are checked to be reproduced first); the
+                                  # environment that wrote the file: tiny-a with transformers 4.57
+                                  # (torch 2.8), tiny-3a with transformers 5.24 (torch 2.15)
 
 What it writes:
   tests/fixtures/grpo-policy/   tiny-a with every parameter perturbed (p + 0.02 * randn, seed 1234),
@@ -30,6 +37,12 @@ What it writes:
                                 per-token log-probs of policy and reference, advantages, and per
                                 case: loss, gradient norm, a few per-parameter gradient norms and
                                 the number of clipped tokens.
+  tests/fixtures/grpo-cases.json "bf16_autocast" (--bf16-reference)
+                                PyTorch's mixed-precision step on case 0 (grpo_beta0.04_iter1):
+                                policy forward under torch.autocast("cpu", bfloat16) over the f32
+                                weights, logits cast to f32 before the log-softmax, the reference
+                                model cast to bf16; loss, gradient norm, the gradient's cosine with
+                                the f32 gradient, max |bf16 - f32| of policy and reference log-probs.
   tests/fixtures/grpo-options-cases.json
                                 the loss options' cases (OPTIONS_CASES): per-token log-probs and
                                 entropies at each temperature, and per case loss, gradient norm,
@@ -86,6 +99,9 @@ OPTIONS_JSON = os.path.join(FIX, f"{PREFIX}-options-cases.json")
 # `--options-only`: keep {PREFIX}-policy/ and {PREFIX}-cases.json as they are (after checking this
 # environment reproduces their log-probs) and write only {PREFIX}-options-cases.json.
 OPTIONS_ONLY = "--options-only" in sys.argv[1:]
+# `--bf16-reference`: keep everything, add PyTorch's bf16 autocast step on case 0 to
+# {PREFIX}-cases.json as the key "bf16_autocast" (see bf16_reference()).
+BF16_REFERENCE = "--bf16-reference" in sys.argv[1:]
 V5 = transformers.__version__.startswith("5.")
 
 TEMPERATURE = 1.0
@@ -793,9 +809,148 @@ def check_options_against_trl(policy, seqs, cmax, per_t, old_off, full_mask, tru
         assert dl < 1e-7 and dg < 1e-6 and de < 1e-6 and dr < 1e-6, rec["name"]
 
 
+BF16_NOTES = (
+    "PyTorch's own mixed-precision GRPO step on cases[0] (grpo_beta0.04_iter1), written by "
+    "tools/make_grpo_fixture.py --bf16-reference (the rest of this file is unchanged by it). Same inputs, "
+    "loss function (loss_from) and one CPU thread as the f32 cases. Policy: f32 master weights, each "
+    "completion's forward pass (batch 1, eager attention) and the log-softmax/gather under "
+    "torch.autocast('cpu', dtype=torch.bfloat16), the logits cast to float32 before the log-softmax as TRL "
+    "does before selective_log_softmax (autocast runs linears/matmuls/convs in bf16 and every other op in its "
+    "input's dtype: the vision tower is bf16 from its patch-embedding conv on, LayerNorms, GELUs and residual "
+    "stream included, while the language model's embeddings, residual stream and RMSNorms stay f32, the bf16 "
+    "attention/MLP outputs being added to f32; the lm_head's logits are bf16). Reference: the "
+    "reference model cast to bf16 (model.to(torch.bfloat16)), no autocast, logits cast to float32 before "
+    "the log-softmax; these bf16 reference log-probs enter the loss. Loss, exp/min/clamp and the "
+    "aggregation in f32, backward into f32 .grad. loss and grad_norm (sqrt of the f64 sum of squared f32 "
+    "gradients, all parameters) compare with cases[0].loss / grad_norm; grad_cosine_vs_f32 is the cosine "
+    "(f64 sums) between this gradient and the f32 step's gradient (recomputed in the same run, reproducing "
+    "cases[0]) over all parameters that get a gradient; ref_logps_max_diff / policy_logps_max_diff are the "
+    "max |bf16 - f32| over all completion tokens against ref_logps / policy_logps. "
+    "bf16_model: for comparison, the same step (same bf16 reference log-probs) with the policy itself cast to "
+    "bf16 (model.to(torch.bfloat16), no autocast): bf16 weights, activations everywhere (the language model's "
+    "residual stream included) and bf16 gradients, cast to f64 for the norm and the cosine."
+)
+
+
+def bf16_reference():
+    """--bf16-reference: PyTorch's own bf16 mixed-precision step on case 0, added to OUT_JSON as
+    "bf16_autocast". The existing file is loaded and written back with the same json.dump call, so
+    the only change is the added (or replaced) key; this environment must first reproduce the
+    stored f32 log-probs, loss and gradient norm."""
+    with open(OUT_JSON) as f:
+        stored = json.load(f)
+    tok = AutoTokenizer.from_pretrained(REF_DIR)
+    _, seqs = build_inputs(tok)
+    lens = [len(s["ids"]) for s in seqs]
+    cmax = max(lens)
+    ref_model = load(REF_DIR)
+    policy = load(POLICY_DIR)
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+
+    def max_diff(rows, want):
+        return max(abs(a - b) for r, w in zip(rows, want) for a, b in zip(r.tolist(), w))
+
+    with torch.no_grad():
+        ref_rows = [seq_logps(ref_model, s) for s in seqs]
+        pol_rows = [seq_logps(policy, s) for s in seqs]
+    d_pol, d_ref = max_diff(pol_rows, stored["policy_logps"]), max_diff(ref_rows, stored["ref_logps"])
+    print(f"  f32 log-probs vs {OUT_JSON}: policy max diff {d_pol:.2e}, reference {d_ref:.2e} (stored by "
+          f"torch {stored['versions']['torch']}, transformers {stored['versions']['transformers']})")
+    assert d_pol < 1e-5 and d_ref < 1e-5
+
+    case = dict(BASE)
+    case.update(CASES[0])
+    want = stored["cases"][0]
+    assert want["name"] == "grpo_beta0.04_iter1" and all(want[k] == v for k, v in case.items()), want["name"]
+    full_mask = padded([torch.ones(L) for L in lens], cmax)
+    old_off = padded([torch.tensor(o, dtype=torch.float32) for o in stored["old_logp_offsets"]], cmax)
+    rewards = [r for g in stored["groups"] for r in g["rewards"]]
+    adv = advantages(rewards, "group")
+    assert adv.tolist() == stored["advantages"]["group"]
+
+    def step(logp, ref):
+        policy.zero_grad(set_to_none=True)
+        loss, _, _, _ = loss_from(case, logp, ref, old_off, full_mask, adv)
+        loss.backward()
+        grads = {k: p.grad.detach().clone() for k, p in policy.named_parameters() if p.grad is not None}
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+        return loss.item(), norm, grads
+
+    # The f32 step again: the gradient the bf16 one is compared with.
+    loss32, norm32, g32 = step(padded([seq_logps(policy, s) for s in seqs], cmax), padded(ref_rows, cmax))
+    print(f"  f32 step: loss {loss32:+.9f} (stored {want['loss']:+.9f}), grad_norm {norm32:.9f} "
+          f"(stored {want['grad_norm']:.9f})")
+    assert abs(loss32 - want["loss"]) < 1e-6 and abs(norm32 - want["grad_norm"]) / want["grad_norm"] < 1e-5
+
+    ref_bf16 = load(REF_DIR).to(torch.bfloat16)
+    for p in ref_bf16.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        ref16_rows = [seq_logps(ref_bf16, s) for s in seqs]
+    del ref_bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pol16_rows = [seq_logps(policy, s) for s in seqs]
+    assert all(r.dtype == torch.float32 for r in pol16_rows + ref16_rows)
+    d_pol16 = max_diff([r.detach() for r in pol16_rows], stored["policy_logps"])
+    d_ref16 = max_diff(ref16_rows, stored["ref_logps"])
+    loss16, norm16, g16 = step(padded(pol16_rows, cmax), padded(ref16_rows, cmax))
+    assert set(g16) == set(g32) and all(g.dtype == torch.float32 for g in g16.values())
+
+    def cos(g):
+        return sum(float((g[k].double() * g32[k].double()).sum()) for k in g32) / (norm32 * math.sqrt(
+            sum(float((v.double() ** 2).sum()) for v in g.values())))
+
+    cosine = cos(g16)
+
+    # For comparison: the whole policy in bf16 (weights, activations, gradients).
+    policy_bf16 = load(POLICY_DIR).to(torch.bfloat16)
+    for p in policy_bf16.parameters():
+        p.requires_grad_(True)
+    policy_bf16.zero_grad(set_to_none=True)
+    polb_rows = [seq_logps(policy_bf16, s) for s in seqs]
+    lossb, _, _, _ = loss_from(case, padded(polb_rows, cmax), padded(ref16_rows, cmax), old_off, full_mask, adv)
+    lossb.backward()
+    gb = {k: p.grad for k, p in policy_bf16.named_parameters() if p.grad is not None}
+    assert set(gb) == set(g32)
+    bf16_model = dict(
+        loss=lossb.item(),
+        grad_norm=math.sqrt(sum(float((v.double() ** 2).sum()) for v in gb.values())),
+        grad_cosine_vs_f32=cos(gb),
+        policy_logps_max_diff=max_diff([r.detach() for r in polb_rows], stored["policy_logps"]),
+    )
+    print(f"  bf16 autocast: reference log-probs max diff {d_ref16:.3f}, policy {d_pol16:.3f}; loss {loss16:.6f} vs "
+          f"{want['loss']:.6f} (rel {abs(loss16 - want['loss']) / abs(want['loss']):.1e}); grad_norm {norm16:.5f} vs "
+          f"{want['grad_norm']:.5f} (rel {abs(norm16 - want['grad_norm']) / want['grad_norm']:.1e}); "
+          f"gradient cosine {cosine:.6f}")
+    print(f"  bf16 model: policy log-probs max diff {bf16_model['policy_logps_max_diff']:.3f}; loss "
+          f"{bf16_model['loss']:.6f}; grad_norm {bf16_model['grad_norm']:.5f}; gradient cosine "
+          f"{bf16_model['grad_cosine_vs_f32']:.6f}")
+    stored["bf16_autocast"] = dict(
+        case=want["name"],
+        loss=loss16,
+        grad_norm=norm16,
+        grad_cosine_vs_f32=cosine,
+        ref_logps_max_diff=d_ref16,
+        policy_logps_max_diff=d_pol16,
+        bf16_model=bf16_model,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        notes=BF16_NOTES,
+    )
+    with open(OUT_JSON, "w") as f:
+        json.dump(stored, f, indent=1)
+    print("wrote", OUT_JSON, "(added bf16_autocast)")
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # fixed reduction order: byte-identical output on every run
+    if BF16_REFERENCE:
+        bf16_reference()
+        return
     if not OPTIONS_ONLY:
         make_policy()
     tok = AutoTokenizer.from_pretrained(REF_DIR)

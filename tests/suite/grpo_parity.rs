@@ -555,21 +555,48 @@ fn check_option_cases(prefix: &str, reference_name: &str) {
 }
 
 /// Mixed precision: bf16 activations over f32 master weights (log-softmax and loss in
-/// f32), the reference model in bf16. The step's loss and gradient norm stay within 2% and
-/// 10% of PyTorch's f32 reference and the gradient's direction within cosine 0.998 of the
-/// f32 step's: bf16 keeps 8 bits of mantissa, 2-3 significant digits per activation.
+/// f32), the reference model in bf16. The step's errors against PyTorch's f32 reference are
+/// bounded by PyTorch's own bf16 errors on the same fixture (`bf16_autocast` in the cases
+/// JSON, `make_grpo_fixture.py --bf16-reference`), see [`bf16_step_check`].
 #[test]
 fn bf16_step_stays_close_to_the_f32_reference() {
     bf16_step_check("grpo", "tiny-a");
 }
 
 /// The same for Qwen3-VL (tiny-3a and its perturbed policy, `grpo3-cases.json`): DeepStack,
-/// q/k norms and the LayerNorm vision tower in bf16 keep the step within the same bounds.
+/// q/k norms and the LayerNorm vision tower in bf16.
 #[test]
 fn qwen3_bf16_step_stays_close_to_the_f32_reference() {
     bf16_step_check("grpo3", "tiny-3a");
 }
 
+/// Runs case 0 (`grpo_beta0.04_iter1`) with the policy in bf16 compute and the reference
+/// model in bf16, and bounds each error by what PyTorch's own bf16 step gives on the same
+/// fixture (`bf16_autocast`: the policy forward under `torch.autocast("cpu", bfloat16)` over
+/// f32 weights, logits cast to f32 before the log-softmax as TRL does, the reference model
+/// cast to bf16):
+///
+/// * reference log-probs, max |bf16 - f32| <= 2 x PyTorch's (both are plain bf16 models);
+/// * |loss - f32 loss| and |grad norm - f32 grad norm| <= 2 x PyTorch's. This fixture's
+///   policy is far from its reference (per-token KL ~4, exp(ref - logp) up to ~200), so a few
+///   tokens' rounding dominates both: PyTorch's loss error is almost all its bf16 reference
+///   log-probs' (0.8x / 1.0x of it remains with its f32 policy on Qwen2-VL / Qwen3-VL), a draw
+///   of rounding noise that medvlm's bf16 reference draws differently (measured, medvlm over
+///   PyTorch: loss 0.07x / 1.2x, grad norm 0.7x / 0.7x);
+/// * 1 - cosine(bf16 gradient, f32 gradient) <= 3 x PyTorch's. This error comes from the
+///   policy's own bf16 pass (with f32 reference log-probs it barely changes), where the
+///   schemes differ: autocast lowers only linears/matmuls/convs and keeps the language
+///   model's embeddings, residual stream and RMSNorm inputs in f32, while medvlm carries the
+///   activations in bf16 between ops, like PyTorch's fully bf16 policy
+///   (`bf16_autocast.bf16_model`, printed), whose 1 - cos is 3.8x autocast's on Qwen2-VL and
+///   1.3x on Qwen3-VL. medvlm measured 2.0x and 0.9x (per-token policy log-prob RMS error
+///   5.8e-2 vs autocast's 4.3e-2 and the bf16 model's 5.4e-2 on Qwen2-VL; 4.8e-2 vs 4.4e-2
+///   and 5.1e-2 on Qwen3-VL), hence 3x here rather than 2x.
+///
+/// Each PyTorch error is floored at bf16's resolution, so a lucky PyTorch draw cannot make a
+/// bound stricter than bf16 can meet: 2^-8 (bf16's epsilon) relative for loss and grad norm,
+/// 2^-8 x the largest |f32 reference log-prob| for the log-probs, 2^-16 for 1 - cos (a
+/// vector with ~2^-8 relative error per element has 1 - cos ~ 2^-17).
 fn bf16_step_check(prefix: &str, reference_model: &str) {
     let meta: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join(format!("{prefix}-cases.json"))).unwrap(),
@@ -688,19 +715,70 @@ fn bf16_step_check(prefix: &str, reference_model: &str) {
             .unwrap() as f64;
     }
     let cosine = dot / (n1.sqrt() * n2.sqrt());
-    let rel_loss = ((stats.loss - want_loss) / want_loss).abs();
-    let rel_norm = ((norm - want_norm) / want_norm).abs();
+    // Our bf16 policy's own log-probs, for the printout.
+    let pol_lp = logps::logps(&policy.model, &batch.seqs, 9, 1.0).unwrap();
+    let mut d_pol = 0f32;
+    for (a, b) in pol_lp.iter().zip(&f32s2(&meta["policy_logps"])) {
+        for (x, y) in a.iter().zip(b) {
+            d_pol = d_pol.max((x - y).abs());
+        }
+    }
+
+    // PyTorch's own bf16 step on this fixture, and its errors.
+    let torch = &meta["bf16_autocast"];
+    assert_eq!(torch["case"], case["name"]);
+    let tv = |k: &str| torch[k].as_f64().unwrap();
+    let eps = 2f64.powi(-8);
+    let max_ref = want_ref_f32
+        .iter()
+        .flatten()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64));
+    let err_ref = d_ref as f64;
+    let err_loss = (stats.loss - want_loss).abs();
+    let err_norm = (norm - want_norm).abs();
+    let err_cos = 1.0 - cosine;
+    let t_ref = tv("ref_logps_max_diff");
+    let t_loss = (tv("loss") - want_loss).abs();
+    let t_norm = (tv("grad_norm") - want_norm).abs();
+    let t_cos = 1.0 - tv("grad_cosine_vs_f32");
+    let bound_ref = 2.0 * t_ref.max(eps * max_ref);
+    let bound_loss = 2.0 * t_loss.max(eps * want_loss.abs());
+    let bound_norm = 2.0 * t_norm.max(eps * want_norm);
+    let bound_cos = 3.0 * t_cos.max(eps * eps);
+    let bm = &torch["bf16_model"];
     println!(
-        "{prefix} bf16: reference log-probs max diff {d_ref:.3}; loss {:.5} vs {want_loss:.5} (rel {rel_loss:.1e}); \
-         grad norm {norm:.4} vs {want_norm:.4} (rel {rel_norm:.1e}); gradient cosine {cosine:.6}",
-        stats.loss
+        "{prefix} bf16 (medvlm | PyTorch autocast {} | bound):\n  \
+         reference log-probs max diff {err_ref:.3} | {t_ref:.3} | {bound_ref:.3}\n  \
+         loss {:.5} vs f32 {want_loss:.5}: |diff| {err_loss:.2e} | {t_loss:.2e} | {bound_loss:.2e}\n  \
+         grad norm {norm:.4} vs f32 {want_norm:.4}: |diff| {err_norm:.2e} | {t_norm:.2e} | {bound_norm:.2e}\n  \
+         1 - gradient cosine {err_cos:.3e} | {t_cos:.3e} | {bound_cos:.3e}\n  \
+         policy log-probs max diff {d_pol:.3} | {:.3} (not bounded)\n  \
+         PyTorch's fully bf16 policy: policy log-probs max diff {:.3}, |loss diff| {:.2e}, \
+         |grad norm diff| {:.2e}, 1 - cos {:.3e}",
+        torch["torch"].as_str().unwrap(),
+        stats.loss,
+        tv("policy_logps_max_diff"),
+        bm["policy_logps_max_diff"].as_f64().unwrap(),
+        (bm["loss"].as_f64().unwrap() - want_loss).abs(),
+        (bm["grad_norm"].as_f64().unwrap() - want_norm).abs(),
+        1.0 - bm["grad_cosine_vs_f32"].as_f64().unwrap(),
     );
-    // Measured: 0.17, 5e-3, 4.7e-2, 0.99901. This fixture's policy is far from its reference
-    // (per-token KL ~4, exp(ref - logp) up to ~200), which amplifies bf16's rounding.
-    assert!(d_ref < 0.25, "bf16 reference log-probs off by {d_ref}");
-    assert!(rel_loss < 0.02, "bf16 loss off by {rel_loss}");
-    assert!(rel_norm < 0.1, "bf16 gradient norm off by {rel_norm}");
-    assert!(cosine > 0.998, "bf16 gradient direction: cosine {cosine}");
+    assert!(
+        err_ref <= bound_ref,
+        "bf16 reference log-probs off by {err_ref} (PyTorch's bf16: {t_ref})"
+    );
+    assert!(
+        err_loss <= bound_loss,
+        "bf16 loss off by {err_loss} (PyTorch's bf16: {t_loss})"
+    );
+    assert!(
+        err_norm <= bound_norm,
+        "bf16 gradient norm off by {err_norm} (PyTorch's bf16: {t_norm})"
+    );
+    assert!(
+        err_cos <= bound_cos,
+        "bf16 gradient direction: 1 - cosine {err_cos} (PyTorch's bf16: {t_cos})"
+    );
 }
 
 /// `--freeze-vision` trains the language model and the merger only: after an update the
