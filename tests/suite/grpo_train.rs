@@ -762,8 +762,15 @@ fn qwen25_trains_and_saves_in_the_layout_it_was_read_in() {
     let adapter = out.join("final");
     assert!(adapter.join("adapter_model.safetensors").is_file());
     let (ok, _, err) = medvlm(&[
-        "generate", "--model", s(&src), "--adapter", s(&adapter), "--prompt", "hi",
-        "--max-new-tokens", "2",
+        "generate",
+        "--model",
+        s(&src),
+        "--adapter",
+        s(&adapter),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
     ]);
     assert!(ok, "{err}");
 }
