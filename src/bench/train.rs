@@ -389,7 +389,13 @@ fn grpo_step(
 ) -> Result<StepTimes> {
     let t0 = Instant::now();
     // No stop tokens: every completion runs to completion_len, as the PyTorch side forces.
-    let engine = Engine::new(&setup.sampler, vec![], vec![setup.config.image_token_id]);
+    // The trainer's rollout model: bf16 runs decode through the inference kernels.
+    let fast = setup.policy.rollout_model()?;
+    let engine = Engine::new(
+        fast.as_ref().unwrap_or(&setup.sampler),
+        vec![],
+        vec![setup.config.image_token_id],
+    );
     let requests: Vec<Request> = setup
         .prompts
         .iter()
@@ -402,6 +408,8 @@ fn grpo_step(
         })
         .collect();
     let completions = engine.generate(&requests, |_, _, _| {})?;
+    drop(engine);
+    drop(fast);
     let generation_s = t0.elapsed().as_secs_f64();
     let generation_peak_mib = peaks.phase();
 

@@ -332,8 +332,12 @@ impl GrpoRun {
             })
             .collect();
         let t = Instant::now();
-        let engine = Engine::new(&self.sampler_model, self.stop.clone(), self.banned.clone());
+        let fast = self.policy.rollout_model()?;
+        let model = fast.as_ref().unwrap_or(&self.sampler_model);
+        let engine = Engine::new(model, self.stop.clone(), self.banned.clone());
         let completions = engine.generate(&requests, |_, _, _| {})?;
+        drop(engine);
+        drop(fast);
         let gen_seconds = t.elapsed().as_secs_f64();
         let texts = completions
             .iter()
@@ -443,8 +447,9 @@ impl GrpoRun {
             closed: self.config.method.closed_reward_protocol,
             open: vec![self.config.method.open_reward_protocol],
         };
+        let fast = self.policy.rollout_model()?;
         let evaluated = crate::eval::greedy(
-            &self.sampler_model,
+            fast.as_ref().unwrap_or(&self.sampler_model),
             &self.processor,
             &self.eval,
             self.config.run.template,

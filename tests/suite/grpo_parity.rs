@@ -781,6 +781,51 @@ fn bf16_step_check(prefix: &str, reference_model: &str) {
     );
 }
 
+/// A bf16 run's rollouts decode through the bf16 inference kernels (issue #29): the rollout
+/// model of a bf16 policy scores a completion exactly as `--dtype bf16` inference loading
+/// the same weights does (whose accuracy against transformers `model_parity.rs` checks),
+/// for Qwen2-VL and Qwen3-VL; f32 runs decode with the policy itself.
+#[test]
+fn bf16_rollouts_decode_as_bf16_inference_does() {
+    let dev = Device::Cpu;
+    for name in ["tiny-a", "tiny-3a"] {
+        let dir = fixtures().join(name);
+        let mut policy = TrainableModel::load(&dir, &dev).unwrap();
+        assert!(
+            policy.rollout_model().unwrap().is_none(),
+            "{name}: f32 decodes as it trains"
+        );
+        policy.model.set_compute_dtype(DType::BF16);
+        let Some(fast) = policy.rollout_model().unwrap() else {
+            assert!(!medvlm::kernels::cpu_kernels());
+            return;
+        };
+        let mut inference = Qwen2Vl::load(&dir, DType::BF16, &dev).unwrap();
+        inference.prepare_for_inference().unwrap();
+        let proc = Processor::from_dir(&dir, &ProcessorOptions::default()).unwrap();
+        let image = proc.load_image(&fixture_image("wide.png")).unwrap();
+        let prompt = proc
+            .prepare(
+                &[Message::user_with_images(1, "Which organ?")],
+                vec![image],
+                true,
+            )
+            .unwrap();
+        let completion = proc
+            .tokenizer
+            .encode("<think>The liver.</think><answer>A</answer>")
+            .unwrap();
+        let a = medvlm::generate::score(&fast, &prompt, &completion).unwrap();
+        let b = medvlm::generate::score(&inference, &prompt, &completion).unwrap();
+        assert_eq!(a, b, "{name}");
+        // Not the policy's own f32 numbers: the copy really is bf16.
+        let f32_policy = TrainableModel::load(&dir, &dev).unwrap();
+        let c =
+            medvlm::generate::score(&f32_policy.detached().unwrap(), &prompt, &completion).unwrap();
+        assert_ne!(a, c, "{name}");
+    }
+}
+
 /// `--freeze-vision` trains the language model and the merger only: after an update the
 /// vision blocks and patch embedding are bit-identical, everything else moved.
 #[test]
