@@ -317,6 +317,14 @@ impl TrainableModel {
             }
             return Ok(m);
         }
+        let mut m = self.weights_as(DType::F32)?;
+        m.set_compute_dtype(self.model.dtype);
+        Ok(m)
+    }
+
+    /// A model over the full fine-tuning parameters' current values, detached, stored in
+    /// `dtype` (the same storage when that is f32, a copy otherwise).
+    fn weights_as(&self, dtype: DType) -> Result<Qwen2Vl> {
         let tensors: HashMap<String, Tensor> = self
             .params
             .iter()
@@ -324,18 +332,16 @@ impl TrainableModel {
             .collect();
         let vb = VarBuilder::from_backend(
             Box::new(MapBackend { tensors }),
-            DType::F32,
+            dtype,
             self.model.device.clone(),
         );
-        let mut m = Qwen2Vl::from_var_builder(
+        Qwen2Vl::from_var_builder(
             vb,
             self.layout,
             self.model.config.clone(),
-            DType::F32,
+            dtype,
             &self.model.device,
-        )?;
-        m.set_compute_dtype(self.model.dtype);
-        Ok(m)
+        )
     }
 
     /// The model rollouts and held-out evaluation decode with, when it differs from the
@@ -353,23 +359,7 @@ impl TrainableModel {
         if !cpu_bf16 || self.adapter.is_some() {
             return Ok(None);
         }
-        let tensors: HashMap<String, Tensor> = self
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.as_tensor().detach()))
-            .collect();
-        let vb = VarBuilder::from_backend(
-            Box::new(MapBackend { tensors }),
-            DType::BF16,
-            self.model.device.clone(),
-        );
-        let mut m = Qwen2Vl::from_var_builder(
-            vb,
-            self.layout,
-            self.model.config.clone(),
-            DType::BF16,
-            &self.model.device,
-        )?;
+        let mut m = self.weights_as(DType::BF16)?;
         m.prepare_for_inference()?;
         Ok(Some(m))
     }

@@ -363,3 +363,25 @@ pub fn thinking_copy(fixture: &str, to: &Path) -> PathBuf {
     }
     panic!("{fixture}: no chat template")
 }
+
+/// The last prompt position's logits of `model` on `prompt`, and transformers' f32 logits
+/// there (`one_image.logits` of `cases`): what the bf16 checks compare.
+pub fn last_logits_and_reference(
+    model: &medvlm::model::Qwen2Vl,
+    prompt: &medvlm::processor::Prompt,
+    cases: &Cases,
+) -> (Tensor, Tensor) {
+    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+    let logits = model
+        .forward_logits(&prompt.input_ids, pixels.as_ref(), &prompt.grids())
+        .unwrap();
+    let n = prompt.input_ids.len();
+    let last = logits.narrow(0, n - 1, 1).unwrap().squeeze(0).unwrap();
+    let f32_ref = cases
+        .tensor("one_image.logits")
+        .narrow(0, n - 1, 1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    (last, f32_ref)
+}

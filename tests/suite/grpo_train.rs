@@ -135,6 +135,40 @@ fn warm_start(init: PathBuf, data: PathBuf, out: &Path, template: PromptTemplate
     .unwrap()
 }
 
+/// The learning tests' GRPO run: 40 steps of B=8 prompts x G=8 completions of at most 24
+/// tokens, lr 1e-3, temperature 0.7, beta 0.04, one completion logged per step.
+fn learning_grpo(
+    model: PathBuf,
+    data: PathBuf,
+    out: PathBuf,
+    template: PromptTemplate,
+) -> GrpoConfig {
+    GrpoConfig {
+        run: RunConfig {
+            model,
+            train_data: data,
+            output_dir: out,
+            template,
+            micro_batch: 32,
+            learning_rate: 1e-3,
+            max_steps: 40,
+            save_steps: 0,
+            max_pixels: Some(MAX_PIXELS),
+            device: Some("cpu".into()),
+            ..GrpoConfig::default().run
+        },
+        method: GrpoMethod {
+            num_generations: 8,
+            batch_prompts: 8,
+            max_completion_length: 24,
+            temperature: 0.7,
+            beta: 0.04,
+            log_completions: 1,
+            ..GrpoMethod::default()
+        },
+    }
+}
+
 #[test]
 fn grpo_learns_what_the_warm_start_could_not() {
     let tmp = tempfile::tempdir().unwrap();
@@ -156,32 +190,9 @@ fn grpo_learns_what_the_warm_start_could_not() {
 
     let grpo_run = |name: &str, tweak: &dyn Fn(&mut GrpoConfig)| {
         let t = std::time::Instant::now();
-        let mut cfg = GrpoConfig {
-            run: RunConfig {
-                model: sft.clone(),
-                train_data: train_data.clone(),
-                output_dir: dir.join(name),
-                template,
-                micro_batch: 32,
-                learning_rate: 1e-3,
-                max_steps: 40,
-                save_steps: 0,
-                max_pixels: Some(MAX_PIXELS),
-                device: Some("cpu".into()),
-                ..GrpoConfig::default().run
-            },
-            method: GrpoMethod {
-                num_generations: 8,
-                batch_prompts: 8,
-                max_completion_length: 24,
-                temperature: 0.7,
-                beta: 0.04,
-                eval_data: Some(held_out.clone()),
-                eval_steps: 10,
-                log_completions: 1,
-                ..GrpoMethod::default()
-            },
-        };
+        let mut cfg = learning_grpo(sft.clone(), train_data.clone(), dir.join(name), template);
+        cfg.method.eval_data = Some(held_out.clone());
+        cfg.method.eval_steps = 10;
         tweak(&mut cfg);
         let out = medvlm::rl::trainer::train(cfg, false, None).unwrap();
         println!("{name}: {:.1}s", t.elapsed().as_secs_f64());
@@ -879,35 +890,10 @@ fn qwen3_with_a_thinking_template_learns_under_the_papers_rewards() {
 
     let sft = warm_start(init, warm_data, &dir.join("sft"), template);
     let before = held_out_accuracy(&sft, &held_out, template);
-    let grpo = medvlm::rl::trainer::train(
-        GrpoConfig {
-            run: RunConfig {
-                model: sft.clone(),
-                train_data,
-                output_dir: dir.join("grpo"),
-                template,
-                micro_batch: 32,
-                learning_rate: 1.5e-3,
-                max_steps: 60,
-                save_steps: 0,
-                max_pixels: Some(MAX_PIXELS),
-                device: Some("cpu".into()),
-                ..GrpoConfig::default().run
-            },
-            method: GrpoMethod {
-                num_generations: 8,
-                batch_prompts: 8,
-                max_completion_length: 24,
-                temperature: 0.7,
-                beta: 0.04,
-                log_completions: 1,
-                ..GrpoMethod::default()
-            },
-        },
-        false,
-        None,
-    )
-    .unwrap();
+    let mut cfg = learning_grpo(sft.clone(), train_data, dir.join("grpo"), template);
+    cfg.run.learning_rate = 1.5e-3;
+    cfg.run.max_steps = 60;
+    let grpo = medvlm::rl::trainer::train(cfg, false, None).unwrap();
     let after = held_out_accuracy(&grpo, &held_out, template);
     println!("Qwen3-VL, Thinking template: held-out accuracy {before:.3} -> {after:.3}");
     assert!(
@@ -1285,36 +1271,10 @@ fn grpo_learns_open_answers_from_token_f1() {
     };
     let before = accuracy(&sft);
     println!("open held-out exact match after the warm start: {before:.3}");
-    let grpo = medvlm::rl::trainer::train(
-        GrpoConfig {
-            run: RunConfig {
-                model: sft,
-                train_data: train,
-                output_dir: dir.join("grpo"),
-                template,
-                micro_batch: 32,
-                learning_rate: 1e-3,
-                max_steps: 40,
-                save_steps: 0,
-                max_pixels: Some(MAX_PIXELS),
-                device: Some("cpu".into()),
-                ..GrpoConfig::default().run
-            },
-            method: GrpoMethod {
-                num_generations: 8,
-                batch_prompts: 8,
-                max_completion_length: 16,
-                temperature: 0.7,
-                beta: 0.04,
-                log_completions: 1,
-                rewards: vec![medvlm::rl::config::RewardEntry::Builtin("token_f1".into())],
-                ..GrpoMethod::default()
-            },
-        },
-        false,
-        None,
-    )
-    .unwrap();
+    let mut cfg = learning_grpo(sft, train, dir.join("grpo"), template);
+    cfg.method.max_completion_length = 16;
+    cfg.method.rewards = vec![medvlm::rl::config::RewardEntry::Builtin("token_f1".into())];
+    let grpo = medvlm::rl::trainer::train(cfg, false, None).unwrap();
     let after = accuracy(&grpo);
     println!("open held-out exact match after GRPO: {after:.3}");
     assert!(

@@ -59,6 +59,19 @@ fn printed_peak_mib(text: &str) -> Option<f64> {
     }
 }
 
+/// A fixture's files but its weights copied to `staging`; returns its config.json to edit.
+fn stage_side_files(fixture: &str, staging: &Path) -> Value {
+    let src = fixtures().join(fixture);
+    std::fs::create_dir_all(staging).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "model.safetensors" {
+            std::fs::copy(e.path(), staging.join(e.file_name())).unwrap();
+        }
+    }
+    serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap()
+}
+
 /// A checkpoint with tiny-a's tokenizer and processor, a text model and vision tower of the
 /// given config.json keys, and random weights.
 fn write_model(
@@ -67,17 +80,8 @@ fn write_model(
     text: &[(&str, Value)],
     vision: &[(&str, Value)],
 ) -> PathBuf {
-    let src = fixtures().join("tiny-a");
     let staging = dir.join(format!("{name}-src"));
-    std::fs::create_dir_all(&staging).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "model.safetensors" {
-            std::fs::copy(e.path(), staging.join(e.file_name())).unwrap();
-        }
-    }
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut cfg = stage_side_files("tiny-a", &staging);
     cfg.as_object_mut().unwrap().remove("text_config");
     for (k, v) in text {
         cfg[*k] = v.clone();
@@ -127,17 +131,8 @@ fn sweep_model(dir: &Path) -> PathBuf {
 /// bias, LayerNorm vision blocks with learned position embeddings, DeepStack mergers from two
 /// of four vision blocks), on tiny-3a's tokenizer and processor (16-pixel patches).
 fn qwen3_sweep_model(dir: &Path) -> PathBuf {
-    let src = fixtures().join("tiny-3a");
     let staging = dir.join("qwen3-src");
-    std::fs::create_dir_all(&staging).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "model.safetensors" {
-            std::fs::copy(e.path(), staging.join(e.file_name())).unwrap();
-        }
-    }
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut cfg = stage_side_files("tiny-3a", &staging);
     for (k, v) in [
         ("hidden_size", json!(256)),
         ("intermediate_size", json!(1024)),

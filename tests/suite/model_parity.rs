@@ -158,23 +158,9 @@ fn tiny_25b_qwen25_transformers5_layout_matches_transformers() {
 
 /// The last position's logits for tiny-b's one-image case, and transformers' f32 logits
 /// there: what the two bf16 checks compare.
-fn last_logits_and_reference(l: &Loaded, cases: &Cases) -> (Tensor, Tensor) {
+fn last_logits(l: &Loaded, cases: &Cases) -> (Tensor, Tensor) {
     let case = &cases.list()[1];
-    let prompt = prompt_for(l, case);
-    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
-    let logits = l
-        .model
-        .forward_logits(&prompt.input_ids, pixels.as_ref(), &prompt.grids())
-        .unwrap();
-    let n = prompt.input_ids.len();
-    let last = logits.narrow(0, n - 1, 1).unwrap().squeeze(0).unwrap();
-    let f32_ref = cases
-        .tensor("one_image.logits")
-        .narrow(0, n - 1, 1)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    (last, f32_ref)
+    last_logits_and_reference(&l.model, &prompt_for(l, case), cases)
 }
 
 /// bf16 compute rounds every op to 8 bits of mantissa, in a different order here than in
@@ -185,7 +171,7 @@ fn last_logits_and_reference(l: &Loaded, cases: &Cases) -> (Tensor, Tensor) {
 fn tiny_b_in_bf16_is_as_accurate_as_transformers_bf16() {
     let l = load("tiny-b", DType::BF16);
     let cases = load_cases("tiny-b");
-    let (last, f32_ref) = last_logits_and_reference(&l, &cases);
+    let (last, f32_ref) = last_logits(&l, &cases);
     let hf_bf16 = cases.tensor("one_image.logits_last_bf16");
     let (ours, scale) = max_abs_diff(&last, &f32_ref);
     let (theirs, _) = max_abs_diff(hf_bf16, &f32_ref);
@@ -218,7 +204,7 @@ fn tiny_b_bf16_weights_on_cpu_are_closer_than_transformers_bf16() {
         assert_eq!(lin.weight().dtype(), DType::BF16, "{path}");
     }
     let cases = load_cases("tiny-b");
-    let (last, f32_ref) = last_logits_and_reference(&l, &cases);
+    let (last, f32_ref) = last_logits(&l, &cases);
     assert_eq!(last.dtype(), DType::F32);
     let (ours, _) = max_abs_diff(&last, &f32_ref);
     let (theirs, _) = max_abs_diff(cases.tensor("one_image.logits_last_bf16"), &f32_ref);

@@ -183,27 +183,13 @@ fn tiny_3b_transformers5_layout_matches_transformers() {
 /// The last position's logits for the one-image case, and transformers' f32 logits there:
 /// what the two bf16 checks compare (with transformers' own bf16 run,
 /// `one_image.logits_last_bf16`).
-fn last_logits_and_reference(l: &Loaded, cases: &Cases) -> (Tensor, Tensor) {
+fn last_logits(l: &Loaded, cases: &Cases) -> (Tensor, Tensor) {
     let case = cases
         .list()
         .iter()
         .find(|c| c["name"] == "one_image")
         .unwrap();
-    let prompt = prompt_for(l, case);
-    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
-    let logits = l
-        .model
-        .forward_logits(&prompt.input_ids, pixels.as_ref(), &prompt.grids())
-        .unwrap();
-    let n = prompt.input_ids.len();
-    let last = logits.narrow(0, n - 1, 1).unwrap().squeeze(0).unwrap();
-    let f32_ref = cases
-        .tensor("one_image.logits")
-        .narrow(0, n - 1, 1)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    (last, f32_ref)
+    last_logits_and_reference(&l.model, &prompt_for(l, case), cases)
 }
 
 /// As model_parity.rs holds tiny-b to: bf16 compute (every op rounded to 8 bits of
@@ -216,7 +202,7 @@ fn qwen3_in_bf16_is_as_accurate_as_transformers_bf16() {
     for name in ["tiny-3a", "tiny-3b"] {
         let l = load(name, DType::BF16);
         let cases = load_cases(name);
-        let (last, f32_ref) = last_logits_and_reference(&l, &cases);
+        let (last, f32_ref) = last_logits(&l, &cases);
         let hf_bf16 = cases.tensor("one_image.logits_last_bf16");
         let (ours, scale) = max_abs_diff(&last, &f32_ref);
         let (theirs, _) = max_abs_diff(hf_bf16, &f32_ref);
@@ -251,7 +237,7 @@ fn qwen3_bf16_weights_on_cpu_are_closer_than_transformers_bf16() {
             assert_eq!(lin.weight().dtype(), DType::BF16, "{name}: {path}");
         }
         let cases = load_cases(name);
-        let (last, f32_ref) = last_logits_and_reference(&l, &cases);
+        let (last, f32_ref) = last_logits(&l, &cases);
         assert_eq!(last.dtype(), DType::F32);
         let (ours, _) = max_abs_diff(&last, &f32_ref);
         let (theirs, _) = max_abs_diff(cases.tensor("one_image.logits_last_bf16"), &f32_ref);
