@@ -366,26 +366,47 @@ impl CustomOp3 for Rotary {
 /// `silu(gate) · up`, the SwiGLU of Qwen2's MLP.
 pub struct SwiGlu;
 
-/// `x · sigmoid(1.702 x)`, CLIP's quick-GELU (Qwen2-VL's vision MLP).
-pub struct QuickGelu;
-
-/// GELU's tanh approximation, `gelu_pytorch_tanh` (Qwen3-VL's vision MLP):
-/// `0.5 x (1 + tanh(u))`, u = √(2/π) (x + 0.044715 x³), computed as the equal
-/// `x · sigmoid(2u)` through the vectorised exp (libm's scalar tanhf made it 14% of a bf16
-/// vision-tower profile), over both cores, with its gradient in one pass.
-pub struct GeluTanh;
+/// The GELU approximations of the vision MLPs, both `x · sigmoid(g(x))`: one kernel, forward
+/// and gradient, over both cores through the vectorised exp.
+#[derive(Clone, Copy)]
+pub enum XSigmoid {
+    /// CLIP's quick-GELU (Qwen2-VL's vision MLP): g(x) = 1.702 x.
+    Quick,
+    /// `gelu_pytorch_tanh` (Qwen3-VL's vision MLP): `0.5 x (1 + tanh(u))` with
+    /// u = √(2/π) (x + 0.044715 x³) equals `x · sigmoid(2u)`, so g(x) = 2u. Through the exp
+    /// rather than libm's scalar tanhf (14% of a bf16 vision-tower profile as candle's gelu).
+    Tanh,
+}
 
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044715;
 
-/// sigmoid(2u) of each x of a chunk, the factor GELU multiplies x by.
-fn gelu_gate_into(x: &[f32], s: &mut [f32]) {
-    for (o, &v) in s.iter_mut().zip(x) {
-        *o = -2.0 * SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v * v);
+impl XSigmoid {
+    /// g(x).
+    fn arg(self, v: f32) -> f32 {
+        match self {
+            Self::Quick => 1.702 * v,
+            Self::Tanh => 2.0 * SQRT_TWO_OVER_PI * v * (1.0 + GELU_CUBIC * v * v),
+        }
     }
-    exp_in_place(s);
-    for o in s.iter_mut() {
-        *o = 1.0 / (1.0 + *o);
+
+    /// g'(x).
+    fn darg(self, v: f32) -> f32 {
+        match self {
+            Self::Quick => 1.702,
+            Self::Tanh => 2.0 * SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * v * v),
+        }
+    }
+
+    /// sigmoid(g(x)) of each x of a chunk.
+    fn gate_into(self, x: &[f32], s: &mut [f32]) {
+        for (o, &v) in s.iter_mut().zip(x) {
+            *o = -self.arg(v);
+        }
+        exp_in_place(s);
+        for o in s.iter_mut() {
+            *o = 1.0 / (1.0 + *o);
+        }
     }
 }
 
@@ -465,18 +486,21 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-impl CustomOp1 for QuickGelu {
+impl CustomOp1 for XSigmoid {
     fn name(&self) -> &'static str {
-        "quick-gelu"
+        match self {
+            Self::Quick => "quick-gelu",
+            Self::Tanh => "gelu-tanh",
+        }
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = storage_f32(xs, xl, "quick-gelu")?;
+        let x = storage_f32(xs, xl, self.name())?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(yc, xc)| {
-                sigmoid_into(xc, 1.702, yc);
+                self.gate_into(xc, yc);
                 for (o, &v) in yc.iter_mut().zip(xc) {
                     *o *= v;
                 }
@@ -484,55 +508,17 @@ impl CustomOp1 for QuickGelu {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    /// d/dx x·σ(g) = σ + x σ (1 - σ) g'.
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dx = with2(x, grad, |x, d| {
             let mut dx = vec![0f32; x.len()];
             dx.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK).zip(d.par_chunks(CHUNK)))
                 .for_each(|(o, (xc, dc))| {
-                    sigmoid_into(xc, 1.702, o);
-                    for i in 0..xc.len() {
-                        let s = o[i];
-                        o[i] = dc[i] * (s + 1.702 * xc[i] * s * (1.0 - s));
-                    }
-                });
-            dx
-        })?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
-    }
-}
-
-impl CustomOp1 for GeluTanh {
-    fn name(&self) -> &'static str {
-        "gelu-tanh"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = storage_f32(xs, xl, "gelu-tanh")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(yc, xc)| {
-                gelu_gate_into(xc, yc);
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o *= v;
-                }
-            });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
-    }
-
-    /// d/dx x·σ(2u) = σ + x σ (1 - σ) · 2√(2/π) (1 + 3 · 0.044715 x²).
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with2(x, grad, |x, d| {
-            let mut dx = vec![0f32; x.len()];
-            dx.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK).zip(d.par_chunks(CHUNK)))
-                .for_each(|(o, (xc, dc))| {
-                    gelu_gate_into(xc, o);
+                    self.gate_into(xc, o);
                     for i in 0..xc.len() {
                         let (s, v) = (o[i], xc[i]);
-                        let du = 2.0 * SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * v * v);
-                        o[i] = dc[i] * (s + v * s * (1.0 - s) * du);
+                        o[i] = dc[i] * (s + v * s * (1.0 - s) * self.darg(v));
                     }
                 });
             dx
@@ -573,11 +559,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(QuickGelu)
+    x.contiguous()?.apply_op1(XSigmoid::Quick)
 }
 
 pub fn gelu_tanh_op(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(GeluTanh)
+    x.contiguous()?.apply_op1(XSigmoid::Tanh)
 }
 
 #[cfg(test)]

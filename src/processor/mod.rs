@@ -215,23 +215,14 @@ impl Processor {
     /// (possibly empty) and `</think>`, then the answer; under one that writes an empty
     /// closed block, the answer alone (the block is already there).
     pub fn target_after_prompt(&self, reasoning: Option<&str>, answer_block: &str) -> String {
+        use chat_template::{END_THINK, THINK};
         let t = &self.template;
-        match (
-            reasoning,
-            t.reasoning_opening().is_empty(),
-            t.opens_reasoning(),
-        ) {
-            (_, _, true) => format!(
-                "{}{}{answer_block}",
-                reasoning.unwrap_or(""),
-                chat_template::END_THINK
-            ),
-            (_, false, false) | (None, true, _) => answer_block.to_string(),
-            (Some(r), true, _) => format!(
-                "{}{r}{}{answer_block}",
-                chat_template::THINK,
-                chat_template::END_THINK
-            ),
+        if t.opens_reasoning() {
+            format!("{}{END_THINK}{answer_block}", reasoning.unwrap_or(""))
+        } else if let (Some(r), "") = (reasoning, t.reasoning_opening()) {
+            format!("{THINK}{r}{END_THINK}{answer_block}")
+        } else {
+            answer_block.to_string()
         }
     }
 
