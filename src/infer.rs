@@ -25,6 +25,9 @@ pub struct ModelSource {
     /// Compute dtype; default f32 on the CPU, bf16 on CUDA.
     pub dtype: Option<DType>,
     pub device: Option<String>,
+    /// Quantize the weights after loading (CPU only); a quantized checkpoint is loaded as
+    /// it is either way.
+    pub quantize: Option<crate::kernels::quant::QuantKind>,
 }
 
 /// Loads a checkpoint (with its adapter merged) and its processor, checking that the
@@ -38,17 +41,27 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
         );
     }
     let device = crate::device::parse(m.device.as_deref())?;
-    let dtype = m.dtype.unwrap_or(if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    });
+    // Weights about to be quantized are read in the narrowest dtype that holds them
+    // exactly (bf16 for a bf16 checkpoint: half the memory of f32 while loading), so that
+    // the result is what `medvlm quantize` writes; otherwise as asked.
+    let dtype = match (m.dtype, m.quantize) {
+        (Some(d), _) => d,
+        (None, Some(_)) => crate::model::CheckpointWeights::open(&m.model)?.exact_float_dtype(),
+        (None, None) if device.is_cpu() => DType::F32,
+        (None, None) => DType::BF16,
+    };
     let processor = Processor::from_dir(&m.model, opts)?;
     let mut model = Qwen2Vl::load(&m.model, dtype, &device)?;
     if let Some(a) = &m.adapter {
         model
             .merge_adapter(a)
             .with_context(|| format!("applying adapter {}", a.display()))?;
+    }
+    if let Some(kind) = m.quantize {
+        model
+            .quantize(kind)
+            .with_context(|| format!("{}: --quantize {}", m.model.display(), kind.name()))?;
+        crate::memory::release_freed();
     }
     model.prepare_for_inference()?;
     let vocab = model.config.text.vocab_size;

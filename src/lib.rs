@@ -11,12 +11,12 @@
 //! | layer | modules | what they are |
 //! |---|---|---|
 //! | 0 | [`seed`], [`files`], [`memory`], [`device`], [`kernels`] | foundations: derived seeds, writing files, the allocator, device choice and memory, CPU fast paths |
-//! | 1 | [`model`], [`processor`] | Qwen2-VL and Qwen2.5-VL (numerically equal to transformers, presets, parameter counts); images, tokenizer, chat template, stop tokens, DICOM/NIfTI |
+//! | 1 | [`model`], [`processor`] | Qwen2-VL, Qwen2.5-VL and Qwen3-VL (numerically equal to transformers, presets, parameter counts, quantized inference); images, tokenizer, chat template, stop tokens, DICOM/NIfTI |
 //! | 2 | [`data`], [`generate`], [`infer`] | VQA rows, prompts and THE answer rule; the rollout engine and sampling; loading a checkpoint to run it |
 //! | 3 | [`train`] | what GRPO and SFT share: forward and backward passes, LoRA parameters, AdamW, checkpoints, the run session, the memory plan |
 //! | 4 | [`eval`] | greedy and likelihood evaluation, per-modality reports |
 //! | 5 | [`rl`], [`sft`] | GRPO (rewards, loss, loop) and supervised fine-tuning |
-//! | 6 | [`bench`], [`init`], [`synth`], [`merge`], [`plot`], [`serve`] | tools built on them: benchmarks, random checkpoints, synthetic scans, adapter merging, curves, the OpenAI-compatible server |
+//! | 6 | [`bench`], [`init`], [`synth`], [`merge`], [`quantize`], [`plot`], [`serve`] | tools built on them: benchmarks, random checkpoints, synthetic scans, adapter merging, quantized checkpoints, curves, the OpenAI-compatible server |
 //! | 7 | [`selftest`], [`demo`] | the device check and the offline MedVLM-R1 demo |
 //! | 8 | [`cli`] | argument parsing and one file per command |
 //!
@@ -38,6 +38,7 @@ pub mod merge;
 pub mod model;
 pub mod plot;
 pub mod processor;
+pub mod quantize;
 pub mod rl;
 pub mod seed;
 pub mod selftest;

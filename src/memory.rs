@@ -22,6 +22,17 @@ pub fn keep_freed_memory() -> bool {
     apply()
 }
 
+/// Hands memory freed so far back to the system (glibc's `malloc_trim`), whatever
+/// [`keep_freed_memory`] set: once, after a big one-off release such as the dense weights a
+/// model was quantized from, so the resident size is the model's again.
+pub fn release_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's heaps to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn apply() -> bool {
     // Both must be set: setting either one turns off glibc's dynamic mmap threshold, and

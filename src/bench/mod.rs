@@ -68,6 +68,8 @@ pub struct BenchReport {
     pub threads: usize,
     /// The model's dtype as asked for (on the CPU, bf16 weights compute in f32).
     pub dtype: String,
+    /// The weight quantization, if any (`q8_0`, `q4_1`).
+    pub quantize: Option<String>,
     pub prompt_tokens: usize,
     pub image_tokens: usize,
     pub new_tokens: usize,
@@ -156,6 +158,7 @@ pub fn run(
     shape: &Shape,
     device: &Device,
     dtype: DType,
+    quantize: Option<crate::kernels::quant::QuantKind>,
     new_tokens: usize,
     group: usize,
 ) -> Result<BenchReport> {
@@ -170,6 +173,13 @@ pub fn run(
     )
     .context("building the benchmark model")?;
     // As every inference command loads its model (infer::load).
+    if let Some(kind) = quantize {
+        model.quantize(kind)?;
+        // The dense random weights are gone: the peak from here is the quantized model's,
+        // as when it is loaded from a quantized checkpoint.
+        crate::memory::release_freed();
+        reset_peak_rss();
+    }
     model.prepare_for_inference()?;
     let parameters = crate::model::num_parameters(&config)?;
 
@@ -223,6 +233,7 @@ pub fn run(
         parameters,
         threads: candle_core::utils::get_num_threads(),
         dtype: format!("{dtype:?}").to_lowercase(),
+        quantize: quantize.map(|q| q.name().to_string()),
         prompt_tokens: prompt.input_ids.len(),
         image_tokens,
         new_tokens,
@@ -247,8 +258,15 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "prompt           {} tokens ({} for one 448x448 image), {} new tokens, {} threads, {}",
-            self.prompt_tokens, self.image_tokens, self.new_tokens, self.threads, self.dtype
+            "prompt           {} tokens ({} for one 448x448 image), {} new tokens, {} threads, {}{}",
+            self.prompt_tokens,
+            self.image_tokens,
+            self.new_tokens,
+            self.threads,
+            self.dtype,
+            self.quantize
+                .as_ref()
+                .map_or(String::new(), |q| format!(", weights {q}"))
         )?;
         writeln!(f, "preprocess       {:.1} ms", self.preprocess_ms)?;
         writeln!(f, "vision tower     {:.0} ms", self.vision_ms)?;

@@ -120,11 +120,14 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
         bail!("--new-tokens must be at least 2 and --group at least 1");
     }
     let device = parse_device(a.device.as_deref())?;
-    let dtype = a.dtype.map(DType::from).unwrap_or(if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    });
+    let dtype = a
+        .dtype
+        .map(DType::from)
+        .unwrap_or(if device.is_cpu() && a.quantize.is_none() {
+            DType::F32
+        } else {
+            DType::BF16
+        });
     let shape = match (&a.config, a.preset) {
         (Some(p), _) => crate::bench::Shape::from_path(p)?,
         (None, p) => crate::bench::Shape::preset(p),
@@ -144,7 +147,14 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
             );
         }
     }
-    let report = crate::bench::run(&shape, &device, dtype, a.new_tokens, a.group)?;
+    let report = crate::bench::run(
+        &shape,
+        &device,
+        dtype,
+        a.quantize.map(Into::into),
+        a.new_tokens,
+        a.group,
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -351,6 +351,7 @@ pub(super) fn run_suite(a: EvalArgs) -> Result<()> {
             dtype: a.dtype.map(DType::from),
             device: a.device.clone(),
             medical: a.medical.options(),
+            quantize: a.quantize.map(Into::into),
         },
         &pb,
     )?;

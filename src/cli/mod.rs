@@ -30,6 +30,7 @@ use serde_json::json;
 
 use crate::generate::settings;
 use crate::generate::{Engine, GenerationConfig, Request, TextStream, UserSampling};
+use crate::kernels::quant::QuantKind;
 use crate::model::{CheckpointWeights, Qwen2Vl, Qwen2VlConfig};
 use crate::processor::{Message, Processor, ProcessorOptions, Prompt};
 
@@ -119,6 +120,13 @@ pub enum Command {
         after_help = "Example:\n  medvlm merge --model ./Qwen2-VL-2B-Instruct --adapter runs/grpo-lora/final \\\n      --out ./medvlm-r1-merged"
     )]
     Merge(MergeArgs),
+    /// Write a quantized copy of a checkpoint (8-bit q8_0 or 4-bit q4_1) that every
+    /// inference command loads as it is: no dense weights in memory, no quantizing at each
+    /// start. Tensor by tensor, so the memory peak is one weight, not the model.
+    #[command(
+        after_help = "Example:\n  medvlm quantize --model ./medvlm-r1-merged --to q8_0 --out ./medvlm-r1-q8_0\n  medvlm ask --model ./medvlm-r1-q8_0 --image scan.dcm --question q.txt"
+    )]
+    Quantize(QuantizeArgs),
     /// The whole MedVLM-R1 story on this machine: synthetic scans, a tiny model, SFT warm
     /// start, GRPO, the SFT baseline, and accuracy before and after, in and out of domain.
     Demo(DemoArgs),
@@ -276,6 +284,15 @@ pub struct EvalArgs {
     /// `cpu`, `cuda` or `cuda:N`. Default: CUDA when built with it and present, else CPU.
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
+    /// Quantize the weights on load (every model of a --suite) for CPU inference: q8_0 (8-bit, about half of bf16's
+    /// memory, error near bf16's) or q4_1 (4-bit, about a third; larger error): every
+    /// linear layer of the decoder and the vision tower in groups of 32 with their own
+    /// scales (ggml's Q8_0 / Q4_1 numbers), the LM head in 8 bits. Products run on the
+    /// CPU's integer dot products (AVX-512 VNNI; a portable path elsewhere). A checkpoint
+    /// written by `medvlm quantize` is already quantized and needs no flag. The README's
+    /// quantization table gives the error and speed of each.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub quantize: Option<QuantArg>,
     /// Evaluate every model on every benchmark a suite file (TOML) lists, into --out:
     /// <model>/<benchmark>/items.jsonl per pair, appended batch by batch, and report.md /
     /// report.json, a table of models by benchmarks (accuracy, 95% Wilson interval, n) with
@@ -409,6 +426,7 @@ impl EvalArgs {
             adapter: self.adapter.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
+            quantize: self.quantize,
         })
     }
 }
@@ -777,6 +795,10 @@ pub struct BenchGenerateArgs {
     /// tools/bench_transformers.py --dtype bf16 runs torch's all-bf16 path.
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
+    /// Quantize the random model's weights (as `generate --quantize` does) before
+    /// measuring; the peak memory is then the one after quantizing.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub quantize: Option<QuantArg>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -791,6 +813,19 @@ pub struct MergeArgs {
     #[arg(long, value_name = "DIR")]
     pub adapter: PathBuf,
     /// Where to write the merged checkpoint (must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// The checkpoint directory to quantize (Hugging Face layout, any dtype).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The format of the linear layers (the LM head is always q8_0).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub to: QuantArg,
+    /// Where to write the quantized checkpoint (must not exist).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 }
@@ -813,6 +848,15 @@ pub struct ModelArgs {
     /// `cpu`, `cuda` or `cuda:N`. Default: CUDA when built with it and present, else CPU.
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
+    /// Quantize the weights on load for CPU inference: q8_0 (8-bit, about half of bf16's
+    /// memory, error near bf16's) or q4_1 (4-bit, about a third; larger error): every
+    /// linear layer of the decoder and the vision tower in groups of 32 with their own
+    /// scales (ggml's Q8_0 / Q4_1 numbers), the LM head in 8 bits. Products run on the
+    /// CPU's integer dot products (AVX-512 VNNI; a portable path elsewhere). A checkpoint
+    /// written by `medvlm quantize` is already quantized and needs no flag. The README's
+    /// quantization table gives the error and speed of each.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub quantize: Option<QuantArg>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -1021,6 +1065,26 @@ impl From<DTypeArg> for DType {
     }
 }
 
+/// A weight-only quantization format (`--quantize`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantArg {
+    /// 8-bit weights, an f16 scale per 32 (8.5 bits per weight).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 4-bit weights, an f16 scale and minimum per 32 (5 bits per weight).
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
+impl From<QuantArg> for QuantKind {
+    fn from(q: QuantArg) -> Self {
+        match q {
+            QuantArg::Q8_0 => QuantKind::Q8_0,
+            QuantArg::Q4_1 => QuantKind::Q4_1,
+        }
+    }
+}
+
 pub use crate::device::parse as parse_device;
 pub use crate::infer::{split_reasoning, Loaded};
 
@@ -1031,6 +1095,7 @@ impl ModelArgs {
             adapter: self.adapter.clone(),
             dtype: self.dtype.map(DType::from),
             device: self.device.clone(),
+            quantize: self.quantize.map(QuantKind::from),
         }
     }
 }
@@ -1106,6 +1171,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => {
             let n = crate::merge::merge(&a.model, &a.adapter, &a.out)?;
             eprintln!("merged {n} adapted weights");
+            println!("{}", a.out.display());
+            Ok(())
+        }
+        Command::Quantize(a) => {
+            let n = crate::quantize::save(&a.model, a.to.into(), &a.out)?;
+            eprintln!("quantized {n} weights to {}", QuantKind::from(a.to).name());
             println!("{}", a.out.display());
             Ok(())
         }

@@ -850,6 +850,8 @@ pub struct RunOptions {
     pub dtype: Option<candle_core::DType>,
     pub device: Option<String>,
     pub medical: crate::processor::image::MedicalOptions,
+    /// `--quantize`: every model's weights quantized on load.
+    pub quantize: Option<crate::kernels::quant::QuantKind>,
 }
 
 /// A pair before it runs: its folder, settings, and the items already scored.
@@ -917,7 +919,12 @@ pub fn run(suite: &Suite, opts: &RunOptions, pb: &indicatif::ProgressBar) -> Res
         for (b, l) in suite.benchmarks.iter().zip(&loaded) {
             let dir = pair_dir(&opts.out, m, b);
             let label = format!("{}/{}", m.name, b.name);
-            let settings = pair_settings(suite, m, b, l, template, dtype.as_deref(), &opts.medical);
+            let mut settings =
+                pair_settings(suite, m, b, l, template, dtype.as_deref(), &opts.medical);
+            // Only when set, so that the settings of runs made before the flag still match.
+            if let Some(q) = opts.quantize {
+                settings["quantize"] = q.name().into();
+            }
             let earlier = prepare_pair(&dir, &label, &settings, opts.force)?;
             let found = earlier.len();
             let done = match_done(&l.items, earlier);
@@ -967,6 +974,7 @@ pub fn run(suite: &Suite, opts: &RunOptions, pb: &indicatif::ProgressBar) -> Res
                         adapter: m.adapter.clone(),
                         dtype: opts.dtype,
                         device: opts.device.clone(),
+                        quantize: opts.quantize,
                     },
                     &crate::processor::ProcessorOptions {
                         min_pixels: suite.min_pixels,

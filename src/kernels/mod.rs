@@ -11,6 +11,7 @@ pub mod frozen;
 pub mod gemm;
 pub mod inplace;
 pub mod packed;
+pub mod quant;
 pub mod skinny;
 pub mod softmax;
 pub mod workspace;

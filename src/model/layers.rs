@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 use super::config::Activation;
 use super::lora::{cast, Lora};
 use crate::kernels::elementwise;
+use crate::kernels::quant::{QWeight, QuantKind};
 
 /// The precision reductions and softmaxes run in: f32, or f64 for an f64 model (transformers
 /// upcasts half precision to f32 for norms, rotary tables and attention probabilities).
@@ -71,12 +72,18 @@ pub fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Res
 ///
 /// The weight may be stored in another dtype than the activations (a frozen bf16 base under
 /// f32 compute, f32 master weights under bf16 compute): it is cast for each use. A LoRA
-/// adapter, when attached, adds its low-rank update.
+/// adapter, when attached, adds its low-rank update. For inference the weight may instead
+/// be quantized ([`Self::quantize`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// (out, in). For a quantized layer only a placeholder of that shape (a single zero
+    /// broadcast, no memory): the weight lives in `quant`.
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<Lora>,
+    /// The weight quantized for inference (shared by clones: a model's copies for
+    /// several servers' workers cost nothing).
+    quant: Option<std::sync::Arc<QWeight>>,
     /// The module path it was loaded from, in the checkpoint's own layout (empty when built
     /// directly): the one place a layer's name is written.
     name: String,
@@ -88,6 +95,7 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            quant: None,
             name: String::new(),
         }
     }
@@ -117,8 +125,56 @@ impl Linear {
         self.lora = lora;
     }
 
+    /// The quantized weight, when the layer is quantized.
+    pub fn quantized(&self) -> Option<&QWeight> {
+        self.quant.as_deref()
+    }
+
+    /// Quantizes the weight for inference and frees the dense copy; returns whether it was
+    /// (a weight whose input width is not a whole number of groups stays as it is, see
+    /// [`crate::kernels::quant::quantizable`]). Merge adapters first.
+    pub fn quantize(&mut self, kind: QuantKind) -> Result<bool> {
+        if self.quant.is_some() {
+            candle_core::bail!("linear {}: already quantized", self.name);
+        }
+        let (n, k) = self.weight.dims2()?;
+        if !crate::kernels::quant::quantizable(k) || !self.weight.device().is_cpu() {
+            return Ok(false);
+        }
+        let w = self
+            .weight
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        self.set_quantized(QWeight::quantize(kind, &w, n, k))?;
+        Ok(true)
+    }
+
+    /// Installs an already quantized weight (a saved quantized checkpoint) of this layer's
+    /// shape, dropping the dense one.
+    pub fn set_quantized(&mut self, q: QWeight) -> Result<()> {
+        let (n, k) = self.weight.dims2()?;
+        if q.dims() != (n, k) {
+            candle_core::bail!(
+                "linear {}: quantized weight {:?} for a ({n}, {k}) layer",
+                self.name,
+                q.dims()
+            );
+        }
+        self.weight = placeholder(n, k, self.weight.dtype())?;
+        self.quant = Some(std::sync::Arc::new(q));
+        Ok(())
+    }
+
     /// Folds the adapter into the weight (`W + s B A`, in the weight's dtype) and drops it.
     pub fn merge_lora(&mut self) -> Result<()> {
+        if self.quant.is_some() && self.lora.is_some() {
+            candle_core::bail!(
+                "linear {}: cannot merge an adapter into a quantized weight (merge, then quantize)",
+                self.name
+            );
+        }
         if let Some(l) = self.lora.take() {
             let w = (self.weight.to_dtype(DType::F32)? + l.dense()?)?;
             self.weight = w.to_dtype(self.weight.dtype())?;
@@ -128,6 +184,9 @@ impl Linear {
 
     /// Replaces the weight (same shape), e.g. by a copy in another dtype.
     pub fn map_weight(&mut self, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<()> {
+        if self.quant.is_some() {
+            candle_core::bail!("linear {}: the weight is quantized", self.name);
+        }
         let w = f(&self.weight)?;
         if w.dims() != self.weight.dims() {
             candle_core::bail!(
@@ -149,7 +208,8 @@ impl Linear {
     /// place.
     pub fn pack_for_inference(&mut self) -> Result<bool> {
         let w = &self.weight;
-        let packable = crate::kernels::cpu_kernels()
+        let packable = self.quant.is_none()
+            && crate::kernels::cpu_kernels()
             && w.device().is_cpu()
             && matches!(w.dtype(), DType::F32 | DType::BF16)
             && w.rank() == 2
@@ -275,6 +335,9 @@ impl Linear {
         };
         let m: usize = lead.iter().product();
         let x2 = x.reshape((m, k))?;
+        if let Some(q) = &self.quant {
+            return self.quantized_forward(q, &x2, lead, mode);
+        }
         let fast = match self.packed(&x2, m, k)? {
             Some(y) => Some(y),
             None => self.few_rows(&x2, m, k, mode)?,
@@ -301,6 +364,49 @@ impl Linear {
         out.push(self.weight.dim(0)?);
         y.reshape(out)
     }
+}
+
+impl Linear {
+    /// The product against the quantized weight (inference only: a quantized layer has no
+    /// gradient), in f32 whatever the activations' dtype, returned in it.
+    fn quantized_forward(
+        &self,
+        q: &QWeight,
+        x2: &Tensor,
+        lead: &[usize],
+        mode: Mode,
+    ) -> Result<Tensor> {
+        if x2.track_op() || matches!(mode, Mode::Train { .. }) {
+            candle_core::bail!("linear {}: a quantized layer cannot be trained", self.name);
+        }
+        let (m, _) = x2.dims2()?;
+        let (n, _) = q.dims();
+        let xs = x2
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .contiguous()?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![0f32; m * n];
+        crate::kernels::with_f32(&xs, |xs| q.matmul(xs, m, bias.as_deref(), &mut out))
+            .ok_or_else(|| candle_core::Error::Msg("quantized linear: bad input".into()))?;
+        let y = Tensor::from_vec(out, (m, n), x2.device())?.to_dtype(x2.dtype())?;
+        let y = match &self.lora {
+            Some(l) => (y + l.delta(x2, None)?)?,
+            None => y,
+        };
+        let mut shape = lead.to_vec();
+        shape.push(n);
+        y.reshape(shape)
+    }
+}
+
+/// A tensor of shape (n, k) that holds no memory: one zero broadcast. It stands in for a
+/// weight that lives elsewhere (quantized), so that shapes still read as they did.
+pub fn placeholder(n: usize, k: usize, dtype: DType) -> Result<Tensor> {
+    Tensor::zeros((), dtype, &candle_core::Device::Cpu)?.broadcast_as((n, k))
 }
 
 /// Qwen2's RMSNorm: statistics in f32 whatever the compute dtype, as transformers does.

@@ -5,6 +5,7 @@ pub mod config;
 pub mod layers;
 pub mod lora;
 pub mod presets;
+pub mod quantized;
 pub mod random;
 pub mod rope;
 pub mod text;
@@ -89,6 +90,15 @@ impl Qwen2Vl {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
         let weights = CheckpointWeights::open(dir)?;
+        if quantized::checkpoint_format(dir)?.is_some() {
+            if !device.is_cpu() {
+                bail!(
+                    "{}: a quantized checkpoint runs on the CPU only",
+                    dir.display()
+                );
+            }
+            return Self::load_quantized(dir, config, &weights, dtype);
+        }
         let vb = weights.var_builder(dtype, device)?;
         let layout = weights.layout(&config)?;
         Self::from_var_builder(vb, layout, config, dtype, device).map_err(|e| weights.explain(e))

@@ -596,9 +596,52 @@ impl TextModel {
         KvCache::with_reserve(self.layers.len(), reserve)
     }
 
+    /// Quantizes the LM head in `kind` for inference. When the embeddings are tied, the
+    /// lookups then read their rows from the quantized head (as llama.cpp does with a tied
+    /// `token_embd`) and the dense table is freed: for a 2B model that table is a fifth of
+    /// the weights. Returns whether the head was quantized.
+    pub fn quantize_head(&mut self, kind: crate::kernels::quant::QuantKind) -> Result<bool> {
+        if !self.lm_head.quantize(kind)? {
+            return Ok(false);
+        }
+        self.tie_embeddings_to_quantized_head()?;
+        Ok(true)
+    }
+
+    /// The format of the decoder's linear layers, when they are quantized.
+    pub fn quantization(&self) -> Option<crate::kernels::quant::QuantKind> {
+        let l = self.layers.first()?;
+        l.attn.q.quantized().map(|q| q.kind())
+    }
+
+    /// The head, to install a saved quantized weight ([`Linear::set_quantized`]); call
+    /// [`Self::tie_embeddings_to_quantized_head`] after.
+    pub fn lm_head_mut(&mut self) -> &mut Linear {
+        &mut self.lm_head
+    }
+
+    /// With tied embeddings and a quantized head, frees the dense table (lookups read the
+    /// head's rows).
+    pub fn tie_embeddings_to_quantized_head(&mut self) -> Result<()> {
+        if self.cfg.tie_word_embeddings && self.lm_head.quantized().is_some() {
+            let (n, k) = self.embed_tokens.dims2()?;
+            self.embed_tokens = super::layers::placeholder(n, k, self.embed_tokens.dtype())?;
+        }
+        Ok(())
+    }
+
     /// Token embeddings, (batch, seq, hidden).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
+        if let (true, Some(q)) = (self.cfg.tie_word_embeddings, self.lm_head.quantized()) {
+            let hidden = self.cfg.hidden_size;
+            let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+            let mut rows = vec![0f32; ids.len() * hidden];
+            for (row, &id) in rows.chunks_exact_mut(hidden).zip(&ids) {
+                q.dequantize_row(id as usize, row);
+            }
+            return Tensor::from_vec(rows, (b, l, hidden), &Device::Cpu);
+        }
         self.embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, l, self.cfg.hidden_size))

@@ -192,6 +192,21 @@ impl CheckpointWeights {
         out
     }
 
+    /// The dtype that holds every stored float weight exactly: bf16 when all of them are
+    /// bf16, else f32 (quantizing on load reads the weights in it, so that the result is
+    /// the one `medvlm quantize` computes from the files).
+    pub fn exact_float_dtype(&self) -> DType {
+        let all_bf16 = self
+            .tensors
+            .values()
+            .all(|(dt, _)| !dt.is_float() || *dt == DType::BF16);
+        if all_bf16 {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }

@@ -24,6 +24,7 @@ mod medical_hostile;
 mod memory_plan;
 mod model_parity;
 mod plot;
+mod quantized;
 mod qwen3_parity;
 mod readme;
 mod rewards;

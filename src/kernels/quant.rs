@@ -1,0 +1,706 @@
+//! Weight-only quantization for inference on the CPU: 8-bit (`q8_0`) and 4-bit (`q4_1`)
+//! weights in groups of 32 along the input axis, each group with its own scale (and, for
+//! 4-bit, its own minimum), and products that run on the CPU's integer dot products.
+//!
+//! The numbers are ggml's: a group quantizes exactly as `quantize_row_q8_0_ref` /
+//! `quantize_row_q4_1_ref` in llama.cpp's ggml-quants.c (and gguf-py's numpy
+//! `Q8_0`/`Q4_1`, which tests/fixtures/quant checks bit for bit), scales and minima stored
+//! as f16. Only the arrangement differs: ggml stores each output row's groups one after the
+//! other and sums a row's dot product across SIMD lanes at the end; here 16 output rows are
+//! interleaved, so one 512-bit `vpdpbusd` multiplies 4 consecutive weights of 16 rows by the
+//! same 4 activations (broadcast), and the 16 lanes of the accumulator are 16 outputs: no
+//! horizontal sums, and the weights are read front to back once.
+//!
+//! Activations are quantized per call to 8 bits in groups of 32 (as ggml does for its
+//! `q8_0` dot products), scale kept in f32. The integer sums are exact; the float steps
+//! (per group: scale the integer sum, add the offset term, accumulate) happen in one fixed
+//! order with fused multiply-adds, so the AVX-512 VNNI kernel and the portable one give the
+//! same bits.
+
+use rayon::prelude::*;
+
+use super::SendPtr;
+
+/// Weights per group along the input axis (one scale each).
+pub const GROUP: usize = 32;
+/// Output rows interleaved in one record: the lanes of a 512-bit vector of f32 sums.
+pub const LANES: usize = 16;
+/// Rows of activations that share one pass over a record (register tile).
+const MR: usize = 4;
+
+/// A weight-only quantization format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantKind {
+    /// 8-bit signed weights, one f16 scale per 32 (ggml's Q8_0): 8.5 bits per weight.
+    Q8_0,
+    /// 4-bit unsigned weights with an f16 scale and an f16 minimum per 32 (ggml's Q4_1):
+    /// 5 bits per weight.
+    Q4_1,
+}
+
+impl QuantKind {
+    pub const ALL: [QuantKind; 2] = [QuantKind::Q8_0, QuantKind::Q4_1];
+
+    /// The name used on the command line and in saved checkpoints.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantKind::Q8_0 => "q8_0",
+            QuantKind::Q4_1 => "q4_1",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Bytes of one record: 16 rows x 32 weights.
+    pub fn record_bytes(self) -> usize {
+        match self {
+            // 16 f16 scales, then 512 bytes of weights.
+            QuantKind::Q8_0 => 2 * LANES + LANES * GROUP,
+            // 16 f16 scales, 16 f16 minima, then 256 bytes of nibbles.
+            QuantKind::Q4_1 => 4 * LANES + LANES * GROUP / 2,
+        }
+    }
+
+    /// Stored bits per weight, scales included.
+    pub fn bits_per_weight(self) -> f64 {
+        (self.record_bytes() * 8) as f64 / (LANES * GROUP) as f64
+    }
+
+    /// Where a record's weight bytes start.
+    fn quants_at(self) -> usize {
+        match self {
+            QuantKind::Q8_0 => 2 * LANES,
+            QuantKind::Q4_1 => 4 * LANES,
+        }
+    }
+}
+
+/// Whether a weight of `k` inputs can be quantized: whole groups only (every Qwen2/2.5/3-VL
+/// linear layer but the vision patch embedding, whose 1,176 inputs stay dense).
+pub fn quantizable(k: usize) -> bool {
+    k > 0 && k.is_multiple_of(GROUP)
+}
+
+/// An (n x k) weight, quantized: `ceil(n / 16)` row groups, each `k / 32` records long.
+#[derive(Clone)]
+pub struct QWeight {
+    kind: QuantKind,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for QWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QWeight({}, {} x {})", self.kind.name(), self.n, self.k)
+    }
+}
+
+impl QWeight {
+    /// Quantizes `w`, (n x k) row-major. Panics unless `quantizable(k)` and `w` holds n x k
+    /// values (callers check both).
+    pub fn quantize(kind: QuantKind, w: &[f32], n: usize, k: usize) -> Self {
+        assert!(quantizable(k) && w.len() >= n * k);
+        let blocks = k / GROUP;
+        let rb = kind.record_bytes();
+        let mut data = vec![0u8; n.div_ceil(LANES) * blocks * rb];
+        data.par_chunks_mut(blocks * rb)
+            .enumerate()
+            .for_each(|(g, group)| {
+                for lane in 0..LANES.min(n - g * LANES) {
+                    let row = &w[(g * LANES + lane) * k..(g * LANES + lane + 1) * k];
+                    for (b, rec) in group.chunks_exact_mut(rb).enumerate() {
+                        let x: &[f32; GROUP] = row[b * GROUP..(b + 1) * GROUP].try_into().unwrap();
+                        match kind {
+                            QuantKind::Q8_0 => {
+                                let (d, q) = quantize_q8_0(x);
+                                put_f16(rec, lane, d);
+                                for (i, &q) in q.iter().enumerate() {
+                                    rec[q8_index(lane, i)] = (q as i16 + 128) as u8;
+                                }
+                            }
+                            QuantKind::Q4_1 => {
+                                let (d, m, q) = quantize_q4_1(x);
+                                put_f16(rec, lane, d);
+                                put_f16(rec, LANES + lane, m);
+                                for (i, &q) in q.iter().enumerate() {
+                                    let (at, shift) = q4_index(lane, i);
+                                    rec[at] |= q << shift;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Self { kind, n, k, data }
+    }
+
+    /// Rebuilds a weight from its stored bytes (a saved checkpoint); `None` when their
+    /// length is not what (kind, n, k) takes.
+    pub fn from_bytes(kind: QuantKind, n: usize, k: usize, data: Vec<u8>) -> Option<Self> {
+        (quantizable(k) && data.len() == Self::stored_len(kind, n, k)).then_some(Self {
+            kind,
+            n,
+            k,
+            data,
+        })
+    }
+
+    /// Bytes an (n x k) weight takes in `kind`.
+    pub fn stored_len(kind: QuantKind, n: usize, k: usize) -> usize {
+        n.div_ceil(LANES) * (k / GROUP) * kind.record_bytes()
+    }
+
+    pub fn kind(&self) -> QuantKind {
+        self.kind
+    }
+
+    /// (n, k): outputs, inputs.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The stored bytes (what a saved checkpoint holds).
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Row `j` as the f32 values the quantized weight stands for (an embedding lookup from a
+    /// tied, quantized LM head), exactly as ggml dequantizes: `d * q` for 8-bit, `d * q + m`
+    /// (no fused multiply-add) for 4-bit.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.n && out.len() >= self.k);
+        let rb = self.kind.record_bytes();
+        let (g, lane) = (j / LANES, j % LANES);
+        let blocks = self.k / GROUP;
+        for b in 0..blocks {
+            let rec = &self.data[(g * blocks + b) * rb..(g * blocks + b + 1) * rb];
+            let d = get_f16(rec, lane);
+            let dst = &mut out[b * GROUP..(b + 1) * GROUP];
+            match self.kind {
+                QuantKind::Q8_0 => {
+                    for (i, v) in dst.iter_mut().enumerate() {
+                        *v = d * (rec[q8_index(lane, i)] as i32 - 128) as f32;
+                    }
+                }
+                QuantKind::Q4_1 => {
+                    let m = get_f16(rec, LANES + lane);
+                    for (i, v) in dst.iter_mut().enumerate() {
+                        let (at, shift) = q4_index(lane, i);
+                        *v = d * ((rec[at] >> shift) & 15) as f32 + m;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole weight dequantized, (n x k) row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * self.k];
+        out.par_chunks_mut(self.k)
+            .enumerate()
+            .for_each(|(j, row)| self.dequantize_row(j, row));
+        out
+    }
+
+    /// `out (m x n) = x (m x k) · Wᵀ (+ bias)` with the activations quantized to 8 bits per
+    /// 32 (see the module comment). Runs the AVX-512 VNNI kernel where the CPU has it, the
+    /// portable one elsewhere (same results).
+    pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+        self.matmul_with(x, m, bias, out, vnni_available());
+    }
+
+    /// [`Self::matmul`] on the kernel chosen by `simd` (tests run both).
+    fn matmul_with(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32], simd: bool) {
+        let (n, k) = (self.n, self.k);
+        assert!(x.len() >= m * k && out.len() >= m * n);
+        assert!(bias.is_none_or(|b| b.len() >= n));
+        if m == 0 || n == 0 {
+            return;
+        }
+        let act = Activations::quantize(self.kind, x, m, k);
+        let groups = n.div_ceil(LANES);
+        // Enough row groups per task to amortise it, enough tasks to balance the cores
+        // (a 1,536-row weight makes 16 tasks of 96 rows).
+        let per_task = (groups / (8 * rayon::current_num_threads().max(1))).clamp(1, 64);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..groups.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|t| {
+                let g0 = t * per_task;
+                let g1 = (g0 + per_task).min(groups);
+                for g in g0..g1 {
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let mr = MR.min(m - r0);
+                        let mut acc = [[0f32; LANES]; MR];
+                        #[cfg(target_arch = "x86_64")]
+                        if simd {
+                            // SAFETY: `simd` is only true where `vnni_available()` said so;
+                            // g < groups, r0 + mr <= m, and act/self hold what those index.
+                            unsafe { avx512::group(self, &act, g, r0, mr, &mut acc) };
+                        } else {
+                            portable_group(self, &act, g, r0, mr, &mut acc);
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        {
+                            let _ = simd;
+                            portable_group(self, &act, g, r0, mr, &mut acc);
+                        }
+                        let j0 = g * LANES;
+                        for (r, lanes) in acc.iter().enumerate().take(mr) {
+                            for (l, &v) in lanes.iter().enumerate().take(n - j0) {
+                                let v = v + bias.map_or(0.0, |b| b[j0 + l]);
+                                // SAFETY: row r0 + r < m, column j0 + l < n; this task owns
+                                // the columns of row group g.
+                                unsafe { *out_ptr.get().add((r0 + r) * n + j0 + l) = v };
+                            }
+                        }
+                        r0 += mr;
+                    }
+                }
+            });
+    }
+}
+
+/// Whether this CPU runs the AVX-512 VNNI kernel (checked once, cached by std).
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::cpu_kernels()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// ggml's `quantize_row_q8_0_ref` for one group: `d = max|x| / 127`, `q = round(x / d)`
+/// (half away from zero, through the f32 reciprocal), `d` stored as f16.
+fn quantize_q8_0(x: &[f32; GROUP]) -> (half::f16, [i8; GROUP]) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (
+        half::f16::from_f32(d),
+        std::array::from_fn(|i| (x[i] * id).round() as i8),
+    )
+}
+
+/// ggml's `quantize_row_q4_1_ref` for one group: `d = (max - min) / 15`, `m = min`,
+/// `q = min(15, trunc((x - min) / d + 0.5))`, `d` and `m` stored as f16.
+fn quantize_q4_1(x: &[f32; GROUP]) -> (half::f16, half::f16, [u8; GROUP]) {
+    let (min, max) = x
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (
+        half::f16::from_f32(d),
+        half::f16::from_f32(min),
+        std::array::from_fn(|i| (((x[i] - min) * id + 0.5) as i8).min(15) as u8),
+    )
+}
+
+/// Where weight `i` (0..32) of lane `lane` sits in an 8-bit record: step `i / 4` holds 4
+/// consecutive weights of each of the 16 lanes (one 32-bit lane of `vpdpbusd` each).
+fn q8_index(lane: usize, i: usize) -> usize {
+    QuantKind::Q8_0.quants_at() + (i / 4) * 64 + lane * 4 + i % 4
+}
+
+/// Where weight `i` of lane `lane` sits in a 4-bit record: step `i / 8` covers 8 weights,
+/// the first 4 in the low nibbles of the lane's 4 bytes, the next 4 in the high ones (one
+/// mask and one shift give two vectors of `vpdpbusd` operands). Returns (byte, shift).
+fn q4_index(lane: usize, i: usize) -> (usize, u32) {
+    let (step, r) = (i / 8, i % 8);
+    (
+        QuantKind::Q4_1.quants_at() + step * 64 + lane * 4 + r % 4,
+        if r < 4 { 0 } else { 4 },
+    )
+}
+
+fn put_f16(rec: &mut [u8], slot: usize, v: half::f16) {
+    rec[2 * slot..2 * slot + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get_f16(rec: &[u8], slot: usize) -> f32 {
+    half::f16::from_le_bytes([rec[2 * slot], rec[2 * slot + 1]]).to_f32()
+}
+
+/// The activations of one product, quantized to 8 bits per group of 32, with per-group
+/// floats the kernels need: `scale[r][b]` (the group's f32 scale) and `offset[r][b]` (for
+/// 8-bit weights stored as `q + 128`: `-128 · Σq_x · scale`; for 4-bit: `Σq_x · scale`,
+/// which the weight's minimum multiplies).
+struct Activations {
+    /// m x k, rows padded to whole groups (k is).
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+    blocks: usize,
+}
+
+impl Activations {
+    fn quantize(kind: QuantKind, x: &[f32], m: usize, k: usize) -> Self {
+        let blocks = k / GROUP;
+        let mut q = vec![0i8; m * k];
+        let mut scale = vec![0f32; m * blocks];
+        let mut offset = vec![0f32; m * blocks];
+        let rows = q
+            .par_chunks_mut(k)
+            .zip(scale.par_chunks_mut(blocks))
+            .zip(offset.par_chunks_mut(blocks))
+            .enumerate();
+        rows.for_each(|(r, ((qr, sr), or))| {
+            for b in 0..blocks {
+                let src = &x[r * k + b * GROUP..r * k + (b + 1) * GROUP];
+                let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let mut sum = 0i32;
+                for (dst, &v) in qr[b * GROUP..(b + 1) * GROUP].iter_mut().zip(src) {
+                    let v = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+                    sum += v as i32;
+                    *dst = v;
+                }
+                sr[b] = d;
+                or[b] = match kind {
+                    QuantKind::Q8_0 => -128.0 * sum as f32 * d,
+                    QuantKind::Q4_1 => sum as f32 * d,
+                };
+            }
+        });
+        Self {
+            q,
+            scale,
+            offset,
+            blocks,
+        }
+    }
+}
+
+/// The portable kernel: lane sums of row group `g` against activation rows r0..r0+mr, in
+/// exactly the float steps the SIMD kernel takes.
+fn portable_group(
+    w: &QWeight,
+    act: &Activations,
+    g: usize,
+    r0: usize,
+    mr: usize,
+    acc: &mut [[f32; LANES]; MR],
+) {
+    let rb = w.kind.record_bytes();
+    let (k, blocks) = (w.k, act.blocks);
+    for b in 0..blocks {
+        let rec = &w.data[(g * blocks + b) * rb..(g * blocks + b + 1) * rb];
+        for (r, lanes) in acc.iter_mut().enumerate().take(mr) {
+            let row = r0 + r;
+            let xq = &act.q[row * k + b * GROUP..row * k + (b + 1) * GROUP];
+            let (dx, off) = (act.scale[row * blocks + b], act.offset[row * blocks + b]);
+            for (lane, a) in lanes.iter_mut().enumerate() {
+                let d = get_f16(rec, lane);
+                match w.kind {
+                    QuantKind::Q8_0 => {
+                        let isum: i32 = (0..GROUP)
+                            .map(|i| rec[q8_index(lane, i)] as i32 * xq[i] as i32)
+                            .sum();
+                        let t = (isum as f32).mul_add(dx, off);
+                        *a = d.mul_add(t, *a);
+                    }
+                    QuantKind::Q4_1 => {
+                        let isum: i32 = (0..GROUP)
+                            .map(|i| {
+                                let (at, shift) = q4_index(lane, i);
+                                ((rec[at] >> shift) & 15) as i32 * xq[i] as i32
+                            })
+                            .sum();
+                        let t = isum as f32 * dx;
+                        *a = d.mul_add(t, *a);
+                        *a = get_f16(rec, LANES + lane).mul_add(off, *a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Activations, QWeight, QuantKind, GROUP, LANES, MR};
+    use std::arch::x86_64::*;
+
+    /// [`super::portable_group`] on AVX-512 VNNI: the same sums in the same order.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VNNI and F16C must be present; `g` a row group of `w`, `r0 + mr` at most
+    /// the activations' rows, `1 <= mr <= MR`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub unsafe fn group(
+        w: &QWeight,
+        act: &Activations,
+        g: usize,
+        r0: usize,
+        mr: usize,
+        acc: &mut [[f32; LANES]; MR],
+    ) {
+        match (w.kind, mr) {
+            (QuantKind::Q8_0, 1) => run::<1, false>(w, act, g, r0, acc),
+            (QuantKind::Q8_0, 2) => run::<2, false>(w, act, g, r0, acc),
+            (QuantKind::Q8_0, 3) => run::<3, false>(w, act, g, r0, acc),
+            (QuantKind::Q8_0, _) => run::<4, false>(w, act, g, r0, acc),
+            (QuantKind::Q4_1, 1) => run::<1, true>(w, act, g, r0, acc),
+            (QuantKind::Q4_1, 2) => run::<2, true>(w, act, g, r0, acc),
+            (QuantKind::Q4_1, 3) => run::<3, true>(w, act, g, r0, acc),
+            (QuantKind::Q4_1, _) => run::<4, true>(w, act, g, r0, acc),
+        }
+    }
+
+    /// One row group against R activation rows. Each row's integer sums are split over C
+    /// independent accumulators (summed at the end, exactly: integers): `vpdpbusd`'s
+    /// latency, not memory, bounded a single chain (one row decoding ran at a third of the
+    /// bandwidth).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    #[inline]
+    unsafe fn run<const R: usize, const Q4: bool>(
+        w: &QWeight,
+        act: &Activations,
+        g: usize,
+        r0: usize,
+        out: &mut [[f32; LANES]; MR],
+    ) {
+        const C: usize = 4;
+        let chains = (C / R).max(1);
+        let kind = w.kind;
+        let rb = kind.record_bytes();
+        let (k, blocks) = (w.k, act.blocks);
+        let base = w.data.as_ptr().add(g * blocks * rb);
+        let xq = act.q.as_ptr().add(r0 * k);
+        let scale = act.scale.as_ptr().add(r0 * blocks);
+        let offset = act.offset.as_ptr().add(r0 * blocks);
+        let nib = _mm512_set1_epi8(15);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let rec = base.add(b * rb);
+            // Prefetch a few records ahead: the weight is read once, front to back.
+            _mm_prefetch::<_MM_HINT_T0>(rec.add(8 * rb) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(rec.add(8 * rb + 64) as *const i8);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+            let mut isum = [[_mm512_setzero_si512(); C]; R];
+            let q = rec.add(kind.quants_at());
+            // Activation group b of row r, 4 bytes at a time as one i32, broadcast.
+            macro_rules! x4 {
+                ($r:expr, $i:expr) => {
+                    _mm512_set1_epi32(
+                        (xq.add($r * k + b * GROUP + 4 * $i) as *const i32).read_unaligned(),
+                    )
+                };
+            }
+            if Q4 {
+                for s in 0..GROUP / 8 {
+                    let v = _mm512_loadu_si512(q.add(64 * s) as *const _);
+                    let lo = _mm512_and_si512(v, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                    let (c0, c1) = ((2 * s) % chains, (2 * s + 1) % chains);
+                    for (r, is) in isum.iter_mut().enumerate() {
+                        is[c0] = _mm512_dpbusd_epi32(is[c0], lo, x4!(r, 2 * s));
+                        is[c1] = _mm512_dpbusd_epi32(is[c1], hi, x4!(r, 2 * s + 1));
+                    }
+                }
+            } else {
+                for s in 0..GROUP / 4 {
+                    let v = _mm512_loadu_si512(q.add(64 * s) as *const _);
+                    let c = s % chains;
+                    for (r, is) in isum.iter_mut().enumerate() {
+                        is[c] = _mm512_dpbusd_epi32(is[c], v, x4!(r, s));
+                    }
+                }
+            }
+            let m = if Q4 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(rec.add(2 * LANES) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for r in 0..R {
+                let total = isum[r][1..chains]
+                    .iter()
+                    .fold(isum[r][0], |t, &v| _mm512_add_epi32(t, v));
+                let dx = _mm512_set1_ps(*scale.add(r * blocks + b));
+                let off = _mm512_set1_ps(*offset.add(r * blocks + b));
+                let s = _mm512_cvtepi32_ps(total);
+                if Q4 {
+                    let t = _mm512_mul_ps(s, dx);
+                    acc[r] = _mm512_fmadd_ps(d, t, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(m, off, acc[r]);
+                } else {
+                    let t = _mm512_fmadd_ps(s, dx, off);
+                    acc[r] = _mm512_fmadd_ps(d, t, acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(n: usize, k: usize, seed: u64) -> Vec<f32> {
+        // A spread of magnitudes per row (and an all-zero group) so scales differ.
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let mut w: Vec<f32> = (0..n * k)
+            .map(|i| next() * (1.0 + (i / k % 7) as f32))
+            .collect();
+        if n > 0 && k >= GROUP {
+            w[..GROUP].fill(0.0);
+        }
+        w
+    }
+
+    /// The product by its definition: quantized activations times dequantized weights,
+    /// summed in f64.
+    fn definition(w: &QWeight, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let (n, k) = w.dims();
+        let act = Activations::quantize(w.kind, x, m, k);
+        let deq = w.dequantize();
+        let mut out = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for i in 0..k {
+                    let xv =
+                        act.q[r * k + i] as f64 * act.scale[r * (k / GROUP) + i / GROUP] as f64;
+                    s += xv * deq[j * k + i] as f64;
+                }
+                out[r * n + j] = (s + bias.map_or(0.0, |b| b[j] as f64)) as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn simd_and_portable_kernels_agree_bit_for_bit_and_match_the_definition() {
+        let simd = vnni_available();
+        if !simd {
+            super::super::skip_or_require("the AVX-512 VNNI quantized kernel (CPU lacks it)");
+        }
+        for kind in QuantKind::ALL {
+            // Rows that do not fill a group of 16, every register-tile height, a bias.
+            for &(m, n, k) in &[
+                (1, 16, 32),
+                (1, 37, 96),
+                (3, 50, 64),
+                (6, 33, 128),
+                (9, 16, 32),
+            ] {
+                let w = QWeight::quantize(kind, &weights(n, k, 1), n, k);
+                let x = weights(m, k, 2);
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
+                let mut a = vec![0f32; m * n];
+                w.matmul_with(&x, m, Some(&bias), &mut a, false);
+                let want = definition(&w, &x, m, Some(&bias));
+                for (i, (&got, &want)) in a.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (1.0 + want.abs()) * (k as f32).sqrt();
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{kind:?} {m}x{n}x{k} [{i}]: {got} vs {want}"
+                    );
+                }
+                if simd {
+                    let mut b = vec![0f32; m * n];
+                    w.matmul_with(&x, m, Some(&bias), &mut b, true);
+                    assert_eq!(a, b, "{kind:?} {m}x{n}x{k}: SIMD and portable differ");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantization_error_is_within_half_a_step() {
+        let (n, k) = (20, 64);
+        let w = weights(n, k, 3);
+        for kind in QuantKind::ALL {
+            let q = QWeight::quantize(kind, &w, n, k);
+            let deq = q.dequantize();
+            for j in 0..n {
+                for b in 0..k / GROUP {
+                    let g = &w[j * k + b * GROUP..j * k + (b + 1) * GROUP];
+                    let (lo, hi) = g
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(a, c), &v| (a.min(v), c.max(v)));
+                    let amax = lo.abs().max(hi.abs());
+                    // Half a step, plus the f16 rounding of the scale (and minimum).
+                    let step = match kind {
+                        QuantKind::Q8_0 => amax / 127.0,
+                        QuantKind::Q4_1 => (hi - lo) / 15.0,
+                    };
+                    for i in 0..GROUP {
+                        let e = (deq[j * k + b * GROUP + i] - g[i]).abs();
+                        assert!(
+                            e <= 0.5 * step + 2e-3 * amax + 1e-7,
+                            "{kind:?} row {j}: error {e}, step {step}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// gguf-py's numpy quantizers (bit-exact with ggml's reference ones) on a weight with
+    /// the edge cases (tools/make_quant_fixture.py): our weights must stand for exactly the
+    /// values ggml's stand for.
+    #[test]
+    fn quantizes_exactly_as_ggml() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/quant/gguf-py.safetensors"
+        );
+        let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+        let w = &t["weight"];
+        let (n, k) = w.dims2().unwrap();
+        let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        for kind in QuantKind::ALL {
+            let want: Vec<f32> = t[&format!("{}.dequantized", kind.name())]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got = QWeight::quantize(kind, &w, n, k).dequantize();
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    e.to_bits(),
+                    "{kind:?} [{}, {}]: {g} vs gguf-py's {e}",
+                    i / k,
+                    i % k
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stored_bytes_round_trip() {
+        let (n, k) = (18, 64);
+        let w = weights(n, k, 4);
+        for kind in QuantKind::ALL {
+            let q = QWeight::quantize(kind, &w, n, k);
+            assert_eq!(q.bytes().len(), QWeight::stored_len(kind, n, k));
+            let back = QWeight::from_bytes(kind, n, k, q.bytes().to_vec()).unwrap();
+            assert_eq!(back.dequantize(), q.dequantize());
+            assert!(QWeight::from_bytes(kind, n, k, q.bytes()[1..].to_vec()).is_none());
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Weight-only quantization of a whole model for inference (`--quantize`, `medvlm
+//! quantize`), and quantized checkpoints that load again without quantizing.
+//!
+//! What is quantized: every linear layer of the decoder and the vision tower whose input
+//! width is a whole number of groups of 32 (all of them but the vision patch embedding), in
+//! the chosen format, and the LM head in 8 bits whatever the format: the head decides every
+//! token and is one matrix (llama.cpp's 4-bit mixes keep it at 6 bits or more for the same
+//! reason). With tied embeddings the lookups read the quantized head, as llama.cpp does.
+//! Norms, biases and the patch embedding stay as they are.
+//!
+//! A quantized checkpoint is the source directory's config and side files, one
+//! `model.safetensors` holding every tensor under its usual name (quantized ones as the
+//! bytes of [`QWeight`], dtype u8), and [`MANIFEST`] naming the quantized tensors and their
+//! formats. transformers cannot read it; medvlm reads it with `--model` as any checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::weights::{expect_shape, TensorReader};
+use super::{CheckpointWeights, Qwen2Vl, Qwen2VlConfig};
+use crate::kernels::quant::{QWeight, QuantKind};
+
+/// The file that marks a quantized checkpoint and names its quantized tensors.
+pub const MANIFEST: &str = "medvlm-quantization.json";
+
+/// The LM head's format, whatever the linear layers' (see the module comment).
+pub const HEAD: QuantKind = QuantKind::Q8_0;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Manifest {
+    /// The linear layers' format.
+    pub format: String,
+    /// Tensor name -> format, for every quantized tensor.
+    pub tensors: BTreeMap<String, String>,
+}
+
+/// What quantizing a model did.
+#[derive(Debug, Clone, Default)]
+pub struct Quantized {
+    /// Layers quantized (the head included).
+    pub layers: usize,
+    /// Module paths left dense (input width not a whole number of groups).
+    pub kept: Vec<String>,
+}
+
+impl Qwen2Vl {
+    /// The format of the linear layers, when the model is quantized.
+    pub fn quantization(&self) -> Option<QuantKind> {
+        self.text.quantization()
+    }
+
+    /// Quantizes the model for inference (CPU only; merge adapters first). Quantizing a
+    /// model already quantized in the same format does nothing; in another format it is
+    /// refused (the error would compound).
+    pub fn quantize(&mut self, kind: QuantKind) -> Result<Quantized> {
+        if let Some(have) = self.quantization() {
+            if have == kind {
+                return Ok(Quantized::default());
+            }
+            bail!(
+                "the model is already quantized ({}); quantize the original checkpoint to {} \
+                 instead",
+                have.name(),
+                kind.name()
+            );
+        }
+        if !self.device.is_cpu() {
+            bail!("quantized models run on the CPU only (drop --quantize on a GPU)");
+        }
+        let mut done = Quantized::default();
+        for (name, lin) in self.linears_mut() {
+            if lin.quantize(kind)? {
+                done.layers += 1;
+            } else {
+                done.kept.push(name);
+            }
+        }
+        if self.text.quantize_head(HEAD)? {
+            done.layers += 1;
+        }
+        Ok(done)
+    }
+
+    /// Loads a quantized checkpoint (one with a [`MANIFEST`]): every layer the manifest
+    /// names gets its stored weight, nothing is quantized again.
+    pub(super) fn load_quantized(
+        dir: &Path,
+        config: Qwen2VlConfig,
+        weights: &CheckpointWeights,
+        dtype: DType,
+    ) -> Result<Self> {
+        let manifest = read_manifest(dir)?.context("no quantization manifest")?;
+        let mut kinds = HashMap::new();
+        for (name, f) in &manifest.tensors {
+            let kind = QuantKind::from_name(f).ok_or_else(|| {
+                anyhow!(
+                    "{}: tensor {name} has an unknown format {f:?}",
+                    dir.join(MANIFEST).display()
+                )
+            })?;
+            kinds.insert(name.clone(), kind);
+        }
+        let backend = Placeholders {
+            reader: weights.reader()?,
+            quantized: kinds.keys().cloned().collect(),
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, Device::Cpu);
+        let layout = weights.layout(&config)?;
+        let mut model = Self::from_var_builder(vb, layout, config, dtype, &Device::Cpu)
+            .map_err(|e| weights.explain(e))?;
+        let reader = weights.reader()?;
+        let install = |name: &str, lin: &mut super::layers::Linear| -> Result<bool> {
+            let Some(&kind) = kinds.get(name) else {
+                return Ok(false);
+            };
+            let (n, k) = lin.weight().dims2()?;
+            let bytes = reader
+                .read(name)?
+                .to_vec1::<u8>()
+                .map_err(|_| anyhow!("{}: tensor {name} is not a 1-D u8 tensor", dir.display()))?;
+            let q = QWeight::from_bytes(kind, n, k, bytes).ok_or_else(|| {
+                anyhow!(
+                    "{}: tensor {name} has the wrong length for a ({n}, {k}) {} weight",
+                    dir.display(),
+                    kind.name()
+                )
+            })?;
+            lin.set_quantized(q)?;
+            Ok(true)
+        };
+        let mut installed = 0;
+        for (_, lin) in model.linears_mut() {
+            let name = format!("{}.weight", lin.name());
+            installed += usize::from(install(&name, lin)?);
+        }
+        let head_name = head_tensor(weights, &model.config)?;
+        installed += usize::from(install(&head_name, model.text.lm_head_mut())?);
+        model.text.tie_embeddings_to_quantized_head()?;
+        if installed != kinds.len() {
+            bail!(
+                "{}: the manifest names {} quantized tensors but only {installed} belong to \
+                 linear layers of this model",
+                dir.join(MANIFEST).display(),
+                kinds.len()
+            );
+        }
+        Ok(model)
+    }
+}
+
+/// The manifest of a quantized checkpoint directory, `None` for any other checkpoint.
+pub(crate) fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let path = dir.join(MANIFEST);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| crate::files::io_error(&path, "cannot read", e))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{}: not a medvlm quantization manifest ({e})",
+            path.display()
+        )
+    })?;
+    Ok(Some(m))
+}
+
+/// Whether `dir` holds a quantized checkpoint, and in which format.
+pub fn checkpoint_format(dir: &Path) -> Result<Option<QuantKind>> {
+    Ok(match read_manifest(dir)? {
+        Some(m) => Some(QuantKind::from_name(&m.format).ok_or_else(|| {
+            anyhow!(
+                "{}: unknown format {:?}",
+                dir.join(MANIFEST).display(),
+                m.format
+            )
+        })?),
+        None => None,
+    })
+}
+
+/// The tensor the LM head reads: `lm_head.weight`, or the embedding table when tied.
+pub fn head_tensor(weights: &CheckpointWeights, config: &Qwen2VlConfig) -> Result<String> {
+    if !config.text.tie_word_embeddings {
+        return Ok("lm_head.weight".into());
+    }
+    let layout = weights.layout(config)?;
+    Ok(format!("{}.embed_tokens.weight", layout.text_prefix()))
+}
+
+/// The checkpoint's tensors, with a zero-memory placeholder of the requested shape for
+/// each quantized one (its bytes are installed after the model is built).
+struct Placeholders {
+    reader: TensorReader,
+    quantized: std::collections::HashSet<String>,
+}
+
+impl SimpleBackend for Placeholders {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if self.quantized.contains(name) {
+            let (n, k) = s.dims2()?;
+            return super::layers::placeholder(n, k, dtype);
+        }
+        expect_shape(self.reader.get(s.clone(), name, h, dtype, dev)?, &s, name)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.reader.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.reader.contains_tensor(name)
+    }
+}

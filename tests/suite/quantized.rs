@@ -1,0 +1,206 @@
+//! Weight-only quantization (`--quantize`, `medvlm quantize`): how far each format moves a
+//! model's next-token distributions from transformers' f32 ones on the fixtures (beside our
+//! bf16, for scale), that a saved quantized checkpoint runs exactly as quantizing on load
+//! does, and the one-line refusals.
+
+use crate::common::*;
+use candle_core::{DType, Device, Tensor};
+use medvlm::kernels::quant::QuantKind;
+use medvlm::model::Qwen2Vl;
+use medvlm::processor::{Processor, ProcessorOptions};
+
+/// Mean KL(reference || model) of the next-token distributions over a prompt's positions,
+/// and the share of positions whose top token is the reference's (greedy agreement under
+/// teacher forcing): llama.cpp's perplexity tool reports the same two for its quantizations.
+fn kl_and_top1(logits: &Tensor, reference: &Tensor) -> (f64, f64) {
+    let lp = |t: &Tensor| -> Vec<Vec<f32>> {
+        candle_nn::ops::log_softmax(&t.to_dtype(DType::F32).unwrap(), 1)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let (a, b) = (lp(logits), lp(reference));
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    let (mut kl, mut same) = (0f64, 0usize);
+    for (q, p) in a.iter().zip(&b) {
+        kl += p
+            .iter()
+            .zip(q)
+            .map(|(&lp, &lq)| (lp as f64).exp() * (lp as f64 - lq as f64))
+            .sum::<f64>();
+        same += usize::from(argmax(q) == argmax(p));
+    }
+    (kl / a.len() as f64, same as f64 / a.len() as f64)
+}
+
+/// Logits at every position of the fixture's one-image case, for a model prepared for
+/// inference as `infer::load` prepares it (quantized when `quant` says so).
+fn logits(name: &str, dtype: DType, quant: Option<QuantKind>) -> (Tensor, Tensor) {
+    let dir = fixtures().join(name);
+    let mut model = Qwen2Vl::load(&dir, dtype, &Device::Cpu).unwrap();
+    if let Some(q) = quant {
+        model.quantize(q).unwrap();
+        assert_eq!(model.quantization(), Some(q));
+    }
+    model.prepare_for_inference().unwrap();
+    let proc = Processor::from_dir(&dir, &ProcessorOptions::default()).unwrap();
+    let cases = load_cases(name);
+    let case = cases
+        .list()
+        .iter()
+        .find(|c| c["name"] == "one_image")
+        .unwrap();
+    let images = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            proc.load_image(&fixture_image(n.as_str().unwrap()))
+                .unwrap()
+        })
+        .collect();
+    let prompt = proc
+        .prepare(&messages(&case["messages"]), images, true)
+        .unwrap();
+    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+    let got = model
+        .forward_logits(&prompt.input_ids, pixels.as_ref(), &prompt.grids())
+        .unwrap();
+    (got, cases.tensor("one_image.logits").clone())
+}
+
+/// Every quantized format against transformers' f32 logits on a Qwen2-VL, a Qwen2.5-VL
+/// and a Qwen3-VL fixture (decoder, vision tower and head all quantized), with our bf16
+/// inference beside it: q8_0 stays within a few times bf16's divergence, q4_1 within a
+/// bound a 4-bit model meets, and both keep the top token almost everywhere.
+#[test]
+fn quantized_models_stay_close_to_transformers_f32() {
+    if !medvlm::kernels::quant::vnni_available() {
+        note_without_simd("the AVX-512 VNNI quantized kernel: the portable one runs");
+    }
+    let mut failures = Vec::new();
+    for name in ["tiny-a", "tiny-25a", "tiny-3a"] {
+        let (bf16, reference) = logits(name, DType::BF16, None);
+        let (kl_bf16, top_bf16) = kl_and_top1(&bf16, &reference);
+        for (q, kl_max, top_min) in [(QuantKind::Q8_0, 1e-2, 0.8), (QuantKind::Q4_1, 0.6, 0.2)] {
+            // The fixtures are stored in f32: quantized from those values, as on load.
+            let (got, _) = logits(name, DType::F32, Some(q));
+            let (kl, top) = kl_and_top1(&got, &reference);
+            println!(
+                "{name} {}: KL {kl:.2e} top-1 {top:.3} (bf16: KL {kl_bf16:.2e} top-1 {top_bf16:.3})",
+                q.name()
+            );
+            if kl > kl_max || top < top_min {
+                failures.push(format!("{name} {}: KL {kl:.3e}, top-1 {top:.3}", q.name()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// `medvlm quantize` writes a checkpoint that scores exactly as `--quantize` on the
+/// original does, takes less space, and refuses what would compound error or overwrite.
+#[test]
+fn a_saved_quantized_checkpoint_runs_as_quantizing_on_load_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-a");
+    let out = tmp.path().join("tiny-a-q4_1");
+    let (ok, stdout, stderr) = medvlm(&[
+        "quantize",
+        "--model",
+        s(&src),
+        "--to",
+        "q4_1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), s(&out));
+    let size = |d: &std::path::Path| -> u64 {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    assert!(
+        size(&out) < size(&src),
+        "the quantized checkpoint is not smaller"
+    );
+    let image = fixture_image("square.png");
+    let score = |model: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            "--model",
+            s(model),
+            "--image",
+            s(&image),
+            "--prompt",
+            "What is shown?",
+            "--completion",
+            "<think>a square</think><answer>A</answer>",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = medvlm(&args);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let saved = score(&out, &[]);
+    let on_load = score(&src, &["--quantize", "q4_1"]);
+    let dense = score(&src, &["--dtype", "bf16"]);
+    assert_eq!(
+        saved, on_load,
+        "a saved checkpoint must score as quantizing on load does"
+    );
+    assert_ne!(saved, dense, "quantizing changed nothing");
+
+    // Refusals, one line each, naming what to do.
+    let (ok, _, e) = medvlm(&[
+        "quantize",
+        "--model",
+        s(&out),
+        "--to",
+        "q8_0",
+        "--out",
+        s(&tmp.path().join("again")),
+    ]);
+    assert!(
+        !ok && e.contains("already quantized") && e.trim().lines().count() == 1,
+        "{e}"
+    );
+    let (ok, _, e) = medvlm(&[
+        "quantize",
+        "--model",
+        s(&src),
+        "--to",
+        "q8_0",
+        "--out",
+        s(&out),
+    ]);
+    assert!(!ok && e.contains("already exists"), "{e}");
+    let (ok, _, e) = medvlm(&[
+        "score",
+        "--model",
+        s(&out),
+        "--quantize",
+        "q8_0",
+        "--image",
+        s(&image),
+        "--prompt",
+        "x",
+        "--completion",
+        "y",
+    ]);
+    assert!(
+        !ok && e.contains("already quantized (q4_1)") && e.trim().lines().count() == 1,
+        "{e}"
+    );
+    // The same format again is no error: the checkpoint is used as it is.
+    score(&out, &["--quantize", "q4_1"]);
+}
