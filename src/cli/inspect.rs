@@ -17,7 +17,13 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
         &Device::Cpu,
     )
     .map_err(|e| weights.explain(e))?;
-    let params = weights.num_parameters();
+    // A quantized checkpoint stores bytes, not parameters: count them from the config.
+    let quantized = crate::model::quantized::checkpoint_format(dir)?;
+    let params = if quantized.is_some() {
+        crate::model::num_parameters(&config)?
+    } else {
+        weights.num_parameters()
+    };
     let dtypes = weights.dtype_counts();
     let proc = Processor::from_dir(dir, &ProcessorOptions::default())?;
     let ipc = &proc.images.config;
@@ -28,6 +34,11 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
             "parameters": params,
             "stored_dtypes": dtypes,
             "config_dtype": config.saved_dtype,
+            "quantized": quantized.map(|q| json!({
+                "format": q.name(),
+                "head": crate::model::quantized::HEAD.name(),
+                "tensors": weights.quantized().len(),
+            })),
             "text": {
                 "layers": config.text.num_hidden_layers,
                 "hidden_size": config.text.hidden_size,
@@ -85,6 +96,14 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
         stored.join(", "),
         config.saved_dtype.as_deref().unwrap_or("nothing")
     );
+    if let Some(q) = quantized {
+        println!(
+            "quantized    {} linear layers ({} tensors, u8 above), LM head {}; runs on the CPU",
+            q.name(),
+            weights.quantized().len(),
+            crate::model::quantized::HEAD.name()
+        );
+    }
     println!(
         "decoder      {} layers, hidden {}, {} heads / {} kv heads (head {}), mlp {}, vocab {}, \
          rope theta {}, mrope_section {:?}{}, lm_head {}",

@@ -285,7 +285,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
     /// Quantize the weights on load (every model of a --suite) for CPU inference: q8_0 (8-bit, about half of bf16's
-    /// memory, error near bf16's) or q4_1 (4-bit, about a third; larger error): every
+    /// memory, a few times bf16's error) or q4_1 (4-bit, about a third; larger error): every
     /// linear layer of the decoder and the vision tower in groups of 32 with their own
     /// scales (ggml's Q8_0 / Q4_1 numbers), the LM head in 8 bits. Products run on the
     /// CPU's integer dot products (AVX-512 VNNI; a portable path elsewhere). A checkpoint
@@ -849,7 +849,7 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
     /// Quantize the weights on load for CPU inference: q8_0 (8-bit, about half of bf16's
-    /// memory, error near bf16's) or q4_1 (4-bit, about a third; larger error): every
+    /// memory, a few times bf16's error) or q4_1 (4-bit, about a third; larger error): every
     /// linear layer of the decoder and the vision tower in groups of 32 with their own
     /// scales (ggml's Q8_0 / Q4_1 numbers), the LM head in 8 bits. Products run on the
     /// CPU's integer dot products (AVX-512 VNNI; a portable path elsewhere). A checkpoint

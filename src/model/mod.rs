@@ -90,7 +90,7 @@ impl Qwen2Vl {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
         let weights = CheckpointWeights::open(dir)?;
-        if quantized::checkpoint_format(dir)?.is_some() {
+        if !weights.quantized().is_empty() {
             if !device.is_cpu() {
                 bail!(
                     "{}: a quantized checkpoint runs on the CPU only",

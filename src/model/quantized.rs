@@ -13,10 +13,10 @@
 //! bytes of [`QWeight`], dtype u8), and [`MANIFEST`] naming the quantized tensors and their
 //! formats. transformers cannot read it; medvlm reads it with `--model` as any checkpoint.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -95,17 +95,7 @@ impl Qwen2Vl {
         weights: &CheckpointWeights,
         dtype: DType,
     ) -> Result<Self> {
-        let manifest = read_manifest(dir)?.context("no quantization manifest")?;
-        let mut kinds = HashMap::new();
-        for (name, f) in &manifest.tensors {
-            let kind = QuantKind::from_name(f).ok_or_else(|| {
-                anyhow!(
-                    "{}: tensor {name} has an unknown format {f:?}",
-                    dir.join(MANIFEST).display()
-                )
-            })?;
-            kinds.insert(name.clone(), kind);
-        }
+        let kinds = weights.quantized();
         let backend = Placeholders {
             reader: weights.reader()?,
             quantized: kinds.keys().cloned().collect(),
@@ -169,6 +159,27 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
         )
     })?;
     Ok(Some(m))
+}
+
+/// The quantized tensors a checkpoint directory's manifest names, with their formats
+/// (empty without a manifest).
+pub(super) fn read_formats(dir: &Path) -> Result<BTreeMap<String, QuantKind>> {
+    let Some(manifest) = read_manifest(dir)? else {
+        return Ok(BTreeMap::new());
+    };
+    manifest
+        .tensors
+        .iter()
+        .map(|(name, f)| {
+            let kind = QuantKind::from_name(f).ok_or_else(|| {
+                anyhow!(
+                    "{}: tensor {name} has an unknown format {f:?}",
+                    dir.join(MANIFEST).display()
+                )
+            })?;
+            Ok((name.clone(), kind))
+        })
+        .collect()
 }
 
 /// Whether `dir` holds a quantized checkpoint, and in which format.

@@ -74,6 +74,9 @@ pub struct CheckpointWeights {
     files: Vec<PathBuf>,
     /// tensor name -> (dtype, shape)
     tensors: BTreeMap<String, (DType, Vec<usize>)>,
+    /// The quantized tensors of a quantized checkpoint (see [`super::quantized`]), with
+    /// their formats; empty for any other checkpoint.
+    quantized: BTreeMap<String, crate::kernels::quant::QuantKind>,
 }
 
 impl CheckpointWeights {
@@ -105,11 +108,30 @@ impl CheckpointWeights {
                 tensors.insert(name, (dtype, view.shape().to_vec()));
             }
         }
+        let quantized = super::quantized::read_formats(dir)?;
+        for name in quantized.keys() {
+            if tensors
+                .get(name)
+                .is_none_or(|(dt, s)| *dt != DType::U8 || s.len() != 1)
+            {
+                bail!(
+                    "{}: {} names {name}, which the weights do not hold as quantized bytes",
+                    dir.display(),
+                    super::quantized::MANIFEST
+                );
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             files,
             tensors,
+            quantized,
         })
+    }
+
+    /// The quantized tensors and their formats (empty unless written by `medvlm quantize`).
+    pub fn quantized(&self) -> &BTreeMap<String, crate::kernels::quant::QuantKind> {
+        &self.quantized
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -171,6 +193,7 @@ impl CheckpointWeights {
     pub fn shape_checker(&self) -> VarBuilder<'static> {
         let backend = ShapeChecker {
             tensors: self.tensors.clone(),
+            quantized: self.quantized.clone(),
         };
         VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu)
     }
@@ -227,6 +250,7 @@ pub(crate) fn expect_shape(t: Tensor, s: &Shape, name: &str) -> candle_core::Res
 
 struct ShapeChecker {
     tensors: BTreeMap<String, (DType, Vec<usize>)>,
+    quantized: BTreeMap<String, crate::kernels::quant::QuantKind>,
 }
 
 impl SimpleBackend for ShapeChecker {
@@ -238,6 +262,19 @@ impl SimpleBackend for ShapeChecker {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if let Some(&kind) = self.quantized.get(name) {
+            // Quantized bytes: their length must be what the requested shape takes.
+            let (n, k) = s.dims2()?;
+            let have = self.tensors.get(name).map_or(0, |(_, sh)| sh[0]);
+            let want = crate::kernels::quant::QWeight::stored_len(kind, n, k);
+            if !crate::kernels::quant::quantizable(k) || have != want {
+                candle_core::bail!(
+                    "{name}: {have} bytes of {} weights, where a ({n}, {k}) weight takes {want}",
+                    kind.name()
+                );
+            }
+            return super::layers::placeholder(n, k, dtype);
+        }
         expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
     }
 

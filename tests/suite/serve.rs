@@ -489,6 +489,69 @@ fn qwen3_vl_is_served_as_generate_answers() {
     }
 }
 
+/// A quantized model is served as `generate` runs it: `serve --quantize` and a checkpoint
+/// written by `medvlm quantize` give `generate --quantize`'s greedy text, whole and
+/// streamed, and differ from the dense model's logprobs.
+#[test]
+fn a_quantized_model_is_served_as_generate_runs_it() {
+    let img = fixture_image("wide.png");
+    let prompt = "Which organ is shown?";
+    let model = fixtures().join("tiny-a");
+    let tmp = tempfile::tempdir().unwrap();
+    let saved = tmp.path().join("tiny-a-q8_0");
+    let (ok, _, err) = medvlm(&[
+        "quantize",
+        "--model",
+        s(&model),
+        "--to",
+        "q8_0",
+        "--out",
+        s(&saved),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = medvlm(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--quantize",
+        "q8_0",
+        "--image",
+        s(&img),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "16",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let want: Value = serde_json::from_str(&out).unwrap();
+    let body = json!({
+        "messages": ask(prompt, Some(&data_url(&img, "image/png"))),
+        "max_tokens": 16,
+        "temperature": 0,
+        "logprobs": true,
+    });
+    let dense = Server::start(&model, &["--reasoning-format", "raw"]);
+    let (_, dense_answer) = dense.post(&body);
+    drop(dense);
+    for (dir, extra) in [(&model, &["--quantize", "q8_0"][..]), (&saved, &[][..])] {
+        let mut args = vec!["--reasoning-format", "raw"];
+        args.extend_from_slice(extra);
+        let srv = Server::start(dir, &args);
+        let (status, got) = srv.post(&body);
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["choices"][0]["message"]["content"], want["text"]);
+        assert_ne!(
+            got["choices"][0]["logprobs"], dense_answer["choices"][0]["logprobs"],
+            "the served model is not the quantized one"
+        );
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        let j = join_stream(&srv.stream(&sb));
+        assert_eq!(Value::from(j[0].2.clone()), want["text"], "streamed");
+    }
+}
+
 /// Under a template that opens `<think>` in the prompt (Qwen3-VL Thinking), the model's
 /// text is reasoning until it writes `</think>`: split so, whole and streamed; the raw format
 /// returns the generated text as written. The parrot here answers
