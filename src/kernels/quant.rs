@@ -220,7 +220,7 @@ impl QWeight {
         if m == 0 || n == 0 {
             return;
         }
-        let act = Activations::quantize(self.kind, x, m, k);
+        let act = Activations::quantize(self.kind, x, m, k, simd);
         let groups = n.div_ceil(LANES);
         // Enough row groups per task to amortise it, enough tasks to balance the cores
         // (a 1,536-row weight makes 16 tasks of 96 rows).
@@ -346,7 +346,9 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize(kind: QuantKind, x: &[f32], m: usize, k: usize) -> Self {
+    /// `simd`: on the AVX-512 path (the caller checked the CPU has it), else the portable
+    /// one; both give the same numbers.
+    fn quantize(kind: QuantKind, x: &[f32], m: usize, k: usize, simd: bool) -> Self {
         let blocks = k / GROUP;
         let mut q = vec![0i8; m * k];
         let mut scale = vec![0f32; m * blocks];
@@ -358,16 +360,23 @@ impl Activations {
             .enumerate();
         rows.for_each(|(r, ((qr, sr), or))| {
             for b in 0..blocks {
-                let src = &x[r * k + b * GROUP..r * k + (b + 1) * GROUP];
-                let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let mut sum = 0i32;
-                for (dst, &v) in qr[b * GROUP..(b + 1) * GROUP].iter_mut().zip(src) {
-                    let v = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
-                    sum += v as i32;
-                    *dst = v;
-                }
+                let src: &[f32; GROUP] = x[r * k + b * GROUP..r * k + (b + 1) * GROUP]
+                    .try_into()
+                    .unwrap();
+                let dst: &mut [i8; GROUP] =
+                    (&mut qr[b * GROUP..(b + 1) * GROUP]).try_into().unwrap();
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` says AVX-512F/BW are present.
+                let (d, sum) = if simd {
+                    unsafe { avx512::quantize_group(src, dst) }
+                } else {
+                    quantize_group(src, dst)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let (d, sum) = {
+                    let _ = simd;
+                    quantize_group(src, dst)
+                };
                 sr[b] = d;
                 or[b] = match kind {
                     QuantKind::Q8_0 => -128.0 * sum as f32 * d,
@@ -382,6 +391,24 @@ impl Activations {
             blocks,
         }
     }
+}
+
+/// One group of activations to 8 bits: `d = max|x| / 127`, `q = x · (1 / d)` rounded half
+/// to even (what the SIMD conversion does); returns (d, Σq).
+fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
+    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // Adding and removing 1.5 * 2^23 rounds half to even for |y| < 2^22 (here |y| <= 127):
+    // the same rounding as the vector conversion, without a libm call per value.
+    const MAGIC: f32 = 12_582_912.0;
+    let mut sum = 0;
+    for (q, &v) in dst.iter_mut().zip(src) {
+        let y = ((v * id + MAGIC) - MAGIC).clamp(-127.0, 127.0);
+        *q = y as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
 }
 
 /// The portable kernel: lane sums of row group `g` against activation rows r0..r0+mr, in
@@ -458,6 +485,33 @@ mod avx512 {
             (QuantKind::Q4_1, 3) => run::<3, true>(w, act, g, r0, acc),
             (QuantKind::Q4_1, _) => run::<4, true>(w, act, g, r0, acc),
         }
+    }
+
+    /// [`super::quantize_group`] on 16 lanes: the same numbers.
+    ///
+    /// # Safety
+    /// AVX-512F and BW must be present.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
+        let a = _mm512_loadu_ps(src.as_ptr());
+        let b = _mm512_loadu_ps(src.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let vid = _mm512_set1_ps(id);
+        let lim = _mm512_set1_epi32(127);
+        let neg = _mm512_set1_epi32(-127);
+        // Round half to even (the default rounding mode of the conversion).
+        let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vid));
+        let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, vid));
+        let qa = _mm512_max_epi32(_mm512_min_epi32(qa, lim), neg);
+        let qb = _mm512_max_epi32(_mm512_min_epi32(qb, lim), neg);
+        _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128(
+            dst.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(qb),
+        );
+        (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
     }
 
     /// One row group against R activation rows. Each row's integer sums are split over C
@@ -574,7 +628,7 @@ mod tests {
     /// summed in f64.
     fn definition(w: &QWeight, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
         let (n, k) = w.dims();
-        let act = Activations::quantize(w.kind, x, m, k);
+        let act = Activations::quantize(w.kind, x, m, k, false);
         let deq = w.dequantize();
         let mut out = vec![0f32; m * n];
         for r in 0..m {
@@ -626,6 +680,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Activations on exact half steps (ties) and random ones: the vector and the portable
+    /// quantizer round the same way (half to even) and give the same scale and sum.
+    #[test]
+    fn activation_quantizers_agree() {
+        if !vnni_available() {
+            super::super::skip_or_require("the AVX-512 activation quantizer (CPU lacks it)");
+            return;
+        }
+        let mut groups: Vec<[f32; GROUP]> = vec![
+            std::array::from_fn(|i| i as f32 - 15.5),
+            std::array::from_fn(|i| {
+                if i == 0 {
+                    127.0
+                } else {
+                    (i as f32 - 16.0) + 0.5
+                }
+            }),
+            [0.0; GROUP],
+        ];
+        let w = weights(8, GROUP, 9);
+        groups.extend(
+            w.chunks(GROUP)
+                .map(|c| <[f32; GROUP]>::try_from(c).unwrap()),
+        );
+        for g in &groups {
+            let (mut a, mut b) = ([0i8; GROUP], [0i8; GROUP]);
+            let pa = quantize_group(g, &mut a);
+            // SAFETY: checked above.
+            let pb = unsafe { avx512::quantize_group(g, &mut b) };
+            assert_eq!(
+                (pa.0.to_bits(), pa.1, a),
+                (pb.0.to_bits(), pb.1, b),
+                "{g:?}"
+            );
+        }
+        // With max |x| = 127 the scale is 1: halves round to even.
+        let mut tie = [0f32; GROUP];
+        tie[..7].copy_from_slice(&[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5]);
+        let mut q = [0i8; GROUP];
+        assert_eq!(quantize_group(&tie, &mut q), (1.0, 127));
+        assert_eq!(&q[..7], &[127, 0, 2, 2, 0, -2, -2]);
     }
 
     #[test]
