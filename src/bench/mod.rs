@@ -211,10 +211,7 @@ pub fn run(
     let t = Instant::now();
     engine.generate(&[greedy(1)], |_, _, _| {})?;
     let prefill_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    engine.generate(&[greedy(new_tokens)], |_, _, _| {})?;
-    let total = t.elapsed().as_secs_f64();
-    let decode_tok_s_batch1 = (new_tokens - 1) as f64 / (total - prefill_s).max(1e-9);
+    let decode_tok_s_batch1 = decode_rate(&engine, greedy(new_tokens))?;
 
     let t = Instant::now();
     let sampled = Request {
@@ -223,10 +220,8 @@ pub fn run(
         max_new_tokens: new_tokens,
         num_samples: group,
     };
-    engine.generate(&[sampled], |_, _, _| {})?;
+    let group_decode_tok_s = decode_rate(&engine, sampled)?;
     let group_total_s = t.elapsed().as_secs_f64();
-    let group_decode_tok_s =
-        (group * (new_tokens - 1)) as f64 / (group_total_s - prefill_s).max(1e-9);
 
     Ok(BenchReport {
         shape: shape.name.clone(),
@@ -246,6 +241,24 @@ pub fn run(
         group_decode_tok_s,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// Decoded tokens per second of one request: the tokens after the first of each sample,
+/// over the time from the first sampled token (prefill done) to the last. Timed inside
+/// the run, so the prefill's own variation between runs does not leak into it.
+fn decode_rate(engine: &Engine, request: Request) -> Result<f64> {
+    let samples = request.num_samples;
+    let (mut first, mut last, mut tokens) = (None, None, 0usize);
+    engine.generate(&[request], |_, _, _| {
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = Some(now);
+        tokens += 1;
+    })?;
+    let (Some(first), Some(last)) = (first, last) else {
+        anyhow::bail!("the benchmark run produced no tokens");
+    };
+    Ok(tokens.saturating_sub(samples) as f64 / (last - first).as_secs_f64().max(1e-9))
 }
 
 impl std::fmt::Display for BenchReport {

@@ -261,6 +261,8 @@ pub(super) fn run_eval(a: EvalArgs) -> Result<()> {
         "image_root": a.image_root.as_ref().map(|p| p.display().to_string()),
         "modalities": a.modalities,
         "template": template.name(),
+        "dtype": a.dtype.map(|d| format!("{:?}", DType::from(d)).to_lowercase()),
+        "quantize": loaded.model.quantization().map(|q| q.name()),
         "mode": mode,
         "max_new_tokens": (!a.likelihood).then_some(a.max_new_tokens),
         "min_pixels": loaded.processor.images.config.min_pixels,

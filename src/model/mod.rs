@@ -164,6 +164,7 @@ impl Qwen2Vl {
             packed += usize::from(lin.pack_for_inference()?);
         }
         self.vision.pack_patch_embed()?;
+        packed += usize::from(self.text.pack_head_for_inference()?);
         Ok(packed)
     }
 

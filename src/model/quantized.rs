@@ -96,6 +96,16 @@ impl Qwen2Vl {
         dtype: DType,
     ) -> Result<Self> {
         let kinds = weights.quantized();
+        // The headers first (shapes, byte lengths; no data read), so a checkpoint that does
+        // not fit its config or manifest gets the error `inspect` gives.
+        Self::from_var_builder(
+            weights.shape_checker(),
+            weights.layout(&config)?,
+            config.clone(),
+            dtype,
+            &Device::Cpu,
+        )
+        .map_err(|e| weights.explain(e))?;
         let backend = Placeholders {
             reader: weights.reader()?,
             quantized: kinds.keys().cloned().collect(),

@@ -6,23 +6,6 @@ use std::path::PathBuf;
 use crate::common::*;
 use serde_json::Value;
 
-/// Runs `medvlm` with RUST_BACKTRACE as given (`None`: unset, whatever the test's own
-/// environment says); returns (success, stdout, stderr).
-fn medvlm_with_backtrace(args: &[&str], bt: Option<&str>) -> (bool, String, String) {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_medvlm"));
-    c.args(args);
-    match bt {
-        Some(v) => c.env("RUST_BACKTRACE", v),
-        None => c.env_remove("RUST_BACKTRACE"),
-    };
-    let o = c.output().expect("run medvlm");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 /// A failing run must say one line, starting with "error:", mentioning every `needles`
 /// (RUST_BACKTRACE unset: with it, a library's backtrace may follow the line).
 fn assert_clean_error(args: &[&str], needles: &[&str]) {

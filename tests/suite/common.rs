@@ -43,6 +43,23 @@ pub fn medvlm(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `medvlm` with RUST_BACKTRACE as given (`None`: unset, whatever the test's own
+/// environment says); returns (success, stdout, stderr).
+pub fn medvlm_with_backtrace(args: &[&str], bt: Option<&str>) -> (bool, String, String) {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_medvlm"));
+    c.args(args);
+    match bt {
+        Some(v) => c.env("RUST_BACKTRACE", v),
+        None => c.env_remove("RUST_BACKTRACE"),
+    };
+    let o = c.output().expect("run medvlm");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// A path as a command-line argument.
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()

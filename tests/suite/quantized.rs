@@ -161,15 +161,18 @@ fn a_saved_quantized_checkpoint_runs_as_quantizing_on_load_does() {
     assert_ne!(saved, dense, "quantizing changed nothing");
 
     // Refusals, one line each, naming what to do.
-    let (ok, _, e) = medvlm(&[
-        "quantize",
-        "--model",
-        s(&out),
-        "--to",
-        "q8_0",
-        "--out",
-        s(&tmp.path().join("again")),
-    ]);
+    let (ok, _, e) = medvlm_with_backtrace(
+        &[
+            "quantize",
+            "--model",
+            s(&out),
+            "--to",
+            "q8_0",
+            "--out",
+            s(&tmp.path().join("again")),
+        ],
+        None,
+    );
     assert!(
         !ok && e.contains("already quantized") && e.trim().lines().count() == 1,
         "{e}"
@@ -184,23 +187,96 @@ fn a_saved_quantized_checkpoint_runs_as_quantizing_on_load_does() {
         s(&out),
     ]);
     assert!(!ok && e.contains("already exists"), "{e}");
-    let (ok, _, e) = medvlm(&[
-        "score",
-        "--model",
-        s(&out),
-        "--quantize",
-        "q8_0",
-        "--image",
-        s(&image),
-        "--prompt",
-        "x",
-        "--completion",
-        "y",
-    ]);
+    let (ok, _, e) = medvlm_with_backtrace(
+        &[
+            "score",
+            "--model",
+            s(&out),
+            "--quantize",
+            "q8_0",
+            "--image",
+            s(&image),
+            "--prompt",
+            "x",
+            "--completion",
+            "y",
+        ],
+        None,
+    );
     assert!(
         !ok && e.contains("already quantized (q4_1)") && e.trim().lines().count() == 1,
         "{e}"
     );
     // The same format again is no error: the checkpoint is used as it is.
     score(&out, &["--quantize", "q4_1"]);
+}
+
+/// A quantized checkpoint whose manifest does not fit its weights is refused in one line
+/// naming the file and the tensor, by every command that reads it.
+#[test]
+fn a_manifest_that_does_not_fit_the_weights_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q");
+    let (ok, _, e) = medvlm(&[
+        "quantize",
+        "--model",
+        s(&fixtures().join("tiny-a")),
+        "--to",
+        "q4_1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{e}");
+    let manifest = out.join("medvlm-quantization.json");
+    let good = std::fs::read_to_string(&manifest).unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let cases = [
+        // The bytes of a q4_1 weight read as q8_0: the length does not fit.
+        (
+            good.replace(
+                &format!("\"{name}\": \"q4_1\""),
+                &format!("\"{name}\": \"q8_0\""),
+            ),
+            "bytes of q8_0 weights",
+        ),
+        // A tensor the weights do not hold.
+        (
+            good.replacen("{", "{\"tensors_extra\": 1, ", 1).replace(
+                "\"tensors\": {",
+                "\"tensors\": {\"model.nope.weight\": \"q4_1\", ",
+            ),
+            "model.nope.weight",
+        ),
+        (
+            good.replace(
+                &format!("\"{name}\": \"q4_1\""),
+                &format!("\"{name}\": \"q3\""),
+            ),
+            "unknown format",
+        ),
+        ("{".to_string(), "not a medvlm quantization manifest"),
+    ];
+    for (text, want) in cases {
+        assert_ne!(text, good, "the edit did not apply ({want})");
+        std::fs::write(&manifest, &text).unwrap();
+        for args in [
+            vec!["inspect", "--model", s(&out)],
+            vec![
+                "score",
+                "--model",
+                s(&out),
+                "--prompt",
+                "x",
+                "--completion",
+                "y",
+            ],
+        ] {
+            let (ok, _, e) = medvlm_with_backtrace(&args, None);
+            assert!(!ok, "{args:?} accepted a bad manifest ({want})");
+            assert!(
+                e.contains(want) && e.trim().lines().count() == 1,
+                "{args:?}: {e}"
+            );
+        }
+    }
 }
