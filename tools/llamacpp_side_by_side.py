@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Helper of tools/llamacpp_side_by_side.sh (standard library only, except `tokenizer`, which
+runs in the converter's venv and imports gguf-py from the llama.cpp tree).
+
+  tokenizer --checkpoint DIR --vocab-gguf FILE --out DIR
+      A view of a `medvlm init` checkpoint that llama.cpp's convert_hf_to_gguf.py accepts:
+      the same safetensors shards (symlinks, so the weights are bit for bit the checkpoint's),
+      config.json and preprocessor_config.json, and a tokenizer.json whose BPE vocabulary and
+      merges are Qwen2's real ones, read from models/ggml-vocab-qwen2.gguf (a vocab-only GGUF
+      of Qwen2's tokenizer that ships in the llama.cpp tree). medvlm's own small BPE tokenizer
+      fails the converter's pre-tokenizer hash check; Qwen2's passes it unpatched. The added
+      (special) tokens are the checkpoint's, which are Qwen2-VL's (ids 151643..151656), and
+      the converter pads the vocabulary to config.json's 151,936, so the embedding and the LM
+      head keep their shape.
+  png --out FILE
+      The 448x448 test card `medvlm bench generate` encodes (src/bench/mod.rs, test_image).
+  table --out DIR
+      Reads DIR/raw/rep*/ and DIR/meta.json, prints the markdown table, writes
+      DIR/table.md and DIR/summary.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def cmd_tokenizer(a):
+    ckpt = Path(a.checkpoint).resolve()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from gguf import GGUFReader  # gguf-py of the llama.cpp tree, on PYTHONPATH
+
+    r = GGUFReader(a.vocab_gguf)
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    merges = r.fields["tokenizer.ggml.merges"].contents()
+    if r.fields["tokenizer.ggml.pre"].contents() != "qwen2":
+        sys.exit(f"{a.vocab_gguf}: not Qwen2's vocabulary")
+    # Normal tokens (type 1) come first, ids 0..151642; control and padding entries follow.
+    n_normal = sum(1 for t in types if t == 1)
+    if any(t != 1 for t in types[:n_normal]):
+        sys.exit(f"{a.vocab_gguf}: normal tokens are not the first {n_normal} ids")
+
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    added = tok["added_tokens"]
+    if min(t["id"] for t in added) < n_normal:
+        sys.exit("the checkpoint's added tokens overlap Qwen2's normal vocabulary")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if max(t["id"] for t in added) >= cfg["vocab_size"]:
+        sys.exit("an added token lies beyond config.json's vocab_size")
+    tok["model"]["vocab"] = {t: i for i, t in enumerate(tokens[:n_normal])}
+    tok["model"]["merges"] = [m.split(" ", 1) for m in merges]
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+
+    for name in os.listdir(ckpt):
+        src = ckpt / name
+        dst = out / name
+        if name == "tokenizer.json":
+            continue
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(src)
+    print(
+        f"{out}: Qwen2 vocabulary ({n_normal} tokens, {len(merges)} merges) + "
+        f"{len(added)} added tokens of the checkpoint; weights linked from {ckpt}"
+    )
+
+
+# --------------------------------------------------------------------------- png
+
+
+def cmd_png(a):
+    w = h = 448
+    rows = bytearray()
+    for y in range(h):
+        rows.append(0)  # filter: none
+        for x in range(w):
+            r = (x * 7 + y * 3) % 256
+            g = (int(math.sin(x / 9.0) * 120.0 + 128.0) + (y % 17)) % 256
+            b = (x ^ y) % 256
+            rows += bytes((r, g, b))
+
+    def chunk(kind, data):
+        c = kind + data
+        return struct.pack(">I", len(data)) + c + struct.pack(">I", zlib.crc32(c) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n"
+    png += chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(bytes(rows), 9))
+    png += chunk(b"IEND", b"")
+    Path(a.out).write_bytes(png)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def max_rss_mib(path):
+    """Peak resident set size from GNU time -v, in MiB."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if "Maximum resident set size" in line:
+                return int(line.split(":")[1]) / 1024.0
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def exit_ok(path):
+    try:
+        for line in Path(path).read_text().splitlines():
+            if "Exit status:" in line:
+                return int(line.split(":")[1]) == 0
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def parse_llama(rep_dir, q):
+    res = {}
+    bench = rep_dir / f"llama-{q}-bench.json"
+    if bench.exists() and exit_ok(rep_dir / f"llama-{q}-bench.time"):
+        for t in json.loads(bench.read_text()):
+            if t.get("n_gen", 0) == 0 and t.get("n_prompt", 0) > 0:
+                res["prefill_tok_s"] = t["avg_ts"]
+                res["prompt_tokens"] = t["n_prompt"]
+            elif t.get("n_prompt", 0) == 0 and t.get("n_gen", 0) > 0:
+                res["decode_tok_s"] = t["avg_ts"]
+                res["new_tokens"] = t["n_gen"]
+            res["build"] = f"{t.get('build_commit')} (build {t.get('build_number')})"
+            res["model_size_mib"] = t.get("model_size", 0) / 2**20
+        res["rss_text_mib"] = max_rss_mib(rep_dir / f"llama-{q}-bench.time")
+    log = rep_dir / f"llama-{q}-mtmd.log"
+    if log.exists() and exit_ok(rep_dir / f"llama-{q}-mtmd.time"):
+        # One line per encoded image: "mtmd batch encoding done in N ms" (llama-mtmd-cli of
+        # the 0.3.36 sdist), "image slice encoded in N ms" (mtmd-helper, other versions).
+        pat = r"(?:mtmd batch encoding done|image slice encoded) in (\d+) ms"
+        enc = [int(m) for m in re.findall(pat, log.read_text(errors="replace"))]
+        if enc:
+            # The image is given twice: the first encode allocates the compute buffers;
+            # the second is the warm one (medvlm also times its tower after a warm-up).
+            res["vision_s"] = enc[-1] / 1e3
+            res["vision_first_s"] = enc[0] / 1e3
+        res["rss_vision_mib"] = max_rss_mib(rep_dir / f"llama-{q}-mtmd.time")
+    return res
+
+
+def parse_medvlm(rep_dir, v):
+    f = rep_dir / f"medvlm-{v}.json"
+    if not f.exists() or not exit_ok(rep_dir / f"medvlm-{v}.time"):
+        return {}
+    try:
+        j = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return {}
+    text_ms = j["prefill_ms"] - j["vision_ms"]
+    return {
+        "decode_tok_s": j["decode_tok_s_batch1"],
+        "prefill_tok_s": j["prompt_tokens"] / (text_ms / 1e3),
+        "prompt_tokens": j["prompt_tokens"],
+        "vision_s": j["vision_ms"] / 1e3,
+        "rss_mib": max_rss_mib(rep_dir / f"medvlm-{v}.time") or j["peak_rss_mib"],
+        "dtype": j["dtype"],
+    }
+
+
+def fmt(vals, digits, unit=""):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    s = lambda v: f"{v:,.{digits}f}"
+    if len(vals) <= 3:
+        body = ", ".join(s(v) for v in vals)
+    else:
+        body = f"{s(statistics.median(vals))} ({s(min(vals))}-{s(max(vals))})"
+    return body + unit
+
+
+def cmd_table(a):
+    out = Path(a.out)
+    meta = json.loads((out / "meta.json").read_text())
+    reps = sorted(
+        (p for p in (out / "raw").glob("rep*") if p.is_dir()),
+        key=lambda p: int(p.name[3:]),
+    )
+    cols = []  # (label, kind, variant)
+    for pair in meta["pairs"]:
+        if pair.get("llama"):
+            cols.append((f"llama.cpp {pair['llama_label']}", "llama", pair["llama"]))
+        if pair.get("medvlm"):
+            cols.append((f"medvlm {pair['medvlm']}", "medvlm", pair["medvlm"]))
+    data = {}
+    skipped = {}
+    sk = out / "skipped.tsv"
+    if sk.exists():
+        for line in sk.read_text().splitlines():
+            if "\t" in line:
+                name, why = line.split("\t", 1)
+                skipped[name] = why
+    for label, kind, v in cols:
+        runs = [parse_llama(r, v) if kind == "llama" else parse_medvlm(r, v) for r in reps]
+        data[label] = runs
+
+    def row(name, key, digits, unit="", kinds=("llama", "medvlm")):
+        cells = []
+        for label, kind, v in cols:
+            if kind not in kinds:
+                cells.append("—")
+            elif kind == "medvlm" and v in skipped:
+                cells.append("skipped")
+            else:
+                cells.append(fmt([r.get(key) for r in data[label]], digits, unit))
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    lines = []
+    lines.append(
+        f"CPU: {meta['cpu']}; {meta['threads']} threads, pinned with taskset -c {meta['cpus']}; "
+        f"llama.cpp: {meta['llama_version']}; {meta['medvlm_version']}; {meta['date']}; "
+        f"{len(reps)} alternating round(s), one value per round"
+    )
+    lines.append("")
+    lines.append("| Qwen2-VL-2B shape, random weights | " + " | ".join(c[0] for c in cols) + " |")
+    lines.append("| --- |" + " --- |" * len(cols))
+    nt = meta["llama_new_tokens"]
+    lines.append(row(f"decode, batch 1, {nt} new tokens", "decode_tok_s", 1, " tok/s"))
+    lines.append(
+        row(f"text prefill, {meta['llama_prompt_tokens']}-token prompt", "prefill_tok_s", 1, " tok/s")
+    )
+    lines.append(row("vision tower, 448x448 (1,024 patches)", "vision_s", 2, " s"))
+    lines.append(row("peak memory, text (llama-bench)", "rss_text_mib", 0, " MiB", ("llama",)))
+    lines.append(row("peak memory, text + vision (mtmd-cli)", "rss_vision_mib", 0, " MiB", ("llama",)))
+    lines.append(row("peak memory, whole bench process", "rss_mib", 0, " MiB", ("medvlm",)))
+    lines.append("")
+    lines.append(
+        "llama.cpp: llama-bench -p/-n (random tokens, decode from an empty cache), "
+        f"{meta['mmproj']} mmproj in llama-mtmd-cli for the vision tower (the image given twice, "
+        "the second, warm encode reported), peak RSS by /usr/bin/time -v (mmap'd weight pages "
+        "included). medvlm: bench generate --group 1 (its own random weights of the same "
+        "shape; decode after a 358-token prompt with 256 image tokens; text prefill = "
+        "prompt tokens / (prefill - vision tower))."
+    )
+    for v, why in skipped.items():
+        lines.append(f"medvlm {v}: skipped ({why})")
+    text = "\n".join(lines)
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "runs": data}, indent=2))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenizer")
+    t.add_argument("--checkpoint", required=True)
+    t.add_argument("--vocab-gguf", required=True)
+    t.add_argument("--out", required=True)
+    g = sub.add_parser("png")
+    g.add_argument("--out", required=True)
+    s = sub.add_parser("table")
+    s.add_argument("--out", required=True)
+    a = p.parse_args()
+    {"tokenizer": cmd_tokenizer, "png": cmd_png, "table": cmd_table}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

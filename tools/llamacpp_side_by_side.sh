@@ -1,0 +1,289 @@
+#!/usr/bin/env bash
+# llama.cpp and medvlm side by side at Qwen2-VL-2B's shape, random weights, on this CPU, with the
+# same threads, pinned to the same cores, alternating engines in one run.
+#
+#   tools/llamacpp_side_by_side.sh --out DIR [--reps N] [--engines llama,medvlm] [--prepare-only]
+#
+# What it does:
+#  1. llama.cpp: reuses the build in $LLAMA_CPP_DIR/build (llama-bench, llama-mtmd-cli,
+#     llama-quantize), or builds it there, offline, from the llama-cpp-python 0.3.36 sdist on
+#     PyPI (its vendor/llama.cpp; cmake and ninja from PyPI wheels; -DGGML_NATIVE=ON, CPU
+#     backend only, static). The compile runs under `nice -n 19`, 2 jobs.
+#  2. Weights: `medvlm init --preset qwen2-vl-2b` writes a random bf16 checkpoint of
+#     Qwen2-VL-2B-Instruct's shape (config.json as released). llama.cpp's convert_hf_to_gguf.py
+#     turns that same checkpoint into a bf16 text GGUF and a vision (mmproj) GGUF;
+#     llama-quantize makes Q8_0, Q4_1 and Q4_K_M from the bf16 file. bf16 -> GGUF bf16 is exact, so
+#     llama.cpp's bf16 weights are the checkpoint's bit for bit.
+#     The tokenizer: the converter refuses medvlm's own small BPE tokenizer (its pre-tokenizer
+#     hash check). The helper gives the converter a view of the checkpoint (symlinked
+#     shards) whose tokenizer.json has Qwen2's real vocabulary and merges, taken from
+#     models/ggml-vocab-qwen2.gguf in the same llama.cpp tree, with the checkpoint's
+#     Qwen2-VL special tokens; that passes the check unpatched, and the vocabulary stays
+#     151,936 rows (config.json's vocab_size), so the LM head costs the same.
+#     medvlm's `bench generate` builds its own random weights of the same shape (weight
+#     values do not change the speed of either engine).
+#  3. Per round (--reps, default 2), per precision: llama.cpp first, then medvlm.
+#     llama.cpp: llama-bench -p 358 -n 64 (prefill and decode tok/s) under /usr/bin/time -v
+#     (peak RSS), then llama-mtmd-cli with the mmproj on medvlm's 448x448 test card
+#     (1,024 patches, 256 image tokens), given twice: the second "mtmd batch encoding done in
+#     N ms" is the warm vision tower. medvlm: `medvlm bench generate --preset qwen2-vl-2b --group 1
+#     --json` with --dtype for bf16/f32/f16 and --quantize for anything else; a variant the
+#     binary does not accept is skipped and noted.
+#  4. Prints a markdown table (also DIR/table.md; DIR/summary.json; raw outputs in DIR/raw/).
+#
+# Environment (defaults in brackets):
+#   LLAMA_CPP_DIR    llama.cpp cache: sdist, source, build/, models/  [~/.cache/medvlm-llamacpp]
+#   LLCONV_VENV      venv for cmake, ninja and the converter (torch, transformers)  [/tmp/llconv]
+#   MEDVLM           medvlm binary  [target/release/medvlm of this checkout]
+#   LLAMA_VARIANTS   GGUF text types (llama-quantize names, lower case) ["bf16 q8_0 q4_1 q4_k_m"]
+#   MEDVLM_VARIANTS  medvlm variants  ["bf16 f32 q8_0 q4_1"]; a word NAME=ARG,ARG passes
+#                    those arguments instead (e.g. q4=--quantize,q4_1,--dtype,f32)
+#   MMPROJ_TYPE      vision GGUF type  [f16]
+#   THREADS [2]   CPUS (taskset list) [0,1]   PROMPT_TOKENS [358]   NEW_TOKENS [64]
+#   LLAMA_BENCH_REPS (llama-bench -r)  [3]
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+helper="$here/llamacpp_side_by_side.py"
+
+SDIST_VERSION=0.3.36
+SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMA_CPP_DIR="${LLAMA_CPP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/medvlm-llamacpp}"
+LLCONV_VENV="${LLCONV_VENV:-/tmp/llconv}"
+MEDVLM="${MEDVLM:-$repo/target/release/medvlm}"
+LLAMA_VARIANTS="${LLAMA_VARIANTS:-bf16 q8_0 q4_1 q4_k_m}"
+MEDVLM_VARIANTS="${MEDVLM_VARIANTS:-bf16 f32 q8_0 q4_1}"
+MMPROJ_TYPE="${MMPROJ_TYPE:-f16}"
+THREADS="${THREADS:-2}"
+CPUS="${CPUS:-0,1}"
+PROMPT_TOKENS="${PROMPT_TOKENS:-358}"
+NEW_TOKENS="${NEW_TOKENS:-64}"
+LLAMA_BENCH_REPS="${LLAMA_BENCH_REPS:-3}"
+
+out="" reps=2 engines="llama,medvlm" prepare_only=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --reps) reps="$2"; shift 2 ;;
+    --engines) engines="$2"; shift 2 ;;
+    --prepare-only) prepare_only=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ -n "$out" ] || [ "$prepare_only" = 1 ] || { echo "--out DIR is required" >&2; exit 2; }
+want() { case ",$engines," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+src="$LLAMA_CPP_DIR/llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp"
+bin="$LLAMA_CPP_DIR/build/bin"
+models="$LLAMA_CPP_DIR/models"
+ckpt="$models/hf-qwen2-vl-2b"
+stage="$models/stage-qwen2-vl-2b"
+mmproj="$models/mmproj-qwen2-vl-2b-$MMPROJ_TYPE.gguf"
+gguf() { echo "$models/qwen2-vl-2b-$1.gguf"; }
+
+# ------------------------------------------------------------------ python venv (build + convert)
+venv_has() { [ -x "$LLCONV_VENV/bin/python" ] && "$LLCONV_VENV/bin/python" -c "$1" 2>/dev/null; }
+ensure_venv() {  # $1: python import check, $2...: pip requirements
+  local check="$1"; shift
+  venv_has "$check" && return 0
+  [ -x "$LLCONV_VENV/bin/python" ] || python3 -m venv "$LLCONV_VENV"
+  log "pip install $* into $LLCONV_VENV"
+  (cd /tmp && nice -n 19 "$LLCONV_VENV/bin/pip" install -q "$@")
+}
+
+# ------------------------------------------------------------------ llama.cpp build
+ensure_build() {
+  if [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-mtmd-cli" ] && [ -x "$bin/llama-quantize" ]; then
+    return 0
+  fi
+  mkdir -p "$LLAMA_CPP_DIR"
+  local tarball="$LLAMA_CPP_DIR/llama_cpp_python-$SDIST_VERSION.tar.gz"
+  if [ ! -d "$src" ]; then
+    ensure_venv 'import sys' pip
+    if [ ! -f "$tarball" ]; then
+      # --no-binary for this one package only: with :all: pip would build cmake from source.
+      log "downloading the llama-cpp-python $SDIST_VERSION sdist"
+      (cd /tmp && "$LLCONV_VENV/bin/pip" download "llama-cpp-python==$SDIST_VERSION" --no-deps \
+         --no-binary llama-cpp-python -d "$LLAMA_CPP_DIR")
+    fi
+    echo "$SDIST_SHA256  $tarball" | sha256sum -c - >&2
+    tar xzf "$tarball" -C "$LLAMA_CPP_DIR"
+  fi
+  ensure_venv 'import cmake, ninja' cmake ninja
+  local PATH="$LLCONV_VENV/bin:$PATH"
+  log "building llama.cpp in $LLAMA_CPP_DIR/build (nice -n 19, 2 jobs; 15-30 minutes on 2 cores)"
+  (unset SOURCE_DATE_EPOCH  # when set, ggml turns GGML_NATIVE off
+   cmake -S "$src" -B "$LLAMA_CPP_DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+     -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF >&2
+   nice -n 19 cmake --build "$LLAMA_CPP_DIR/build" -j 2 \
+     --target llama-bench llama-mtmd-cli llama-quantize >&2)
+}
+
+# ------------------------------------------------------------------ GGUFs
+ensure_models() {
+  mkdir -p "$models"
+  if [ ! -f "$ckpt/config.json" ]; then
+    log "medvlm init --preset qwen2-vl-2b --out $ckpt (random bf16 weights, 4.4 GB)"
+    rm -rf "$ckpt"
+    "$MEDVLM" init --preset qwen2-vl-2b --out "$ckpt" >&2
+  fi
+  local need_convert=0
+  [ -f "$(gguf bf16)" ] && [ -f "$mmproj" ] || need_convert=1
+  if [ "$need_convert" = 1 ]; then
+    ensure_venv 'import torch, transformers, numpy, sentencepiece, google.protobuf' \
+      torch numpy sentencepiece 'transformers==4.57.6' 'protobuf>=4.21.0,<5.0.0'
+    PYTHONPATH="$src/gguf-py" "$LLCONV_VENV/bin/python" "$helper" tokenizer \
+      --checkpoint "$ckpt" --vocab-gguf "$src/models/ggml-vocab-qwen2.gguf" --out "$stage" >&2
+  fi
+  if [ ! -f "$(gguf bf16)" ]; then
+    log "convert_hf_to_gguf.py -> $(gguf bf16)"
+    nice -n 19 "$LLCONV_VENV/bin/python" "$src/convert_hf_to_gguf.py" "$stage" \
+      --outtype bf16 --outfile "$(gguf bf16).part" >&2
+    mv "$(gguf bf16).part" "$(gguf bf16)"
+  fi
+  if [ ! -f "$mmproj" ]; then
+    log "convert_hf_to_gguf.py --mmproj -> $mmproj"
+    nice -n 19 "$LLCONV_VENV/bin/python" "$src/convert_hf_to_gguf.py" "$stage" --mmproj \
+      --outtype "$MMPROJ_TYPE" --outfile "$mmproj.part" >&2
+    mv "$mmproj.part" "$mmproj"
+  fi
+  local q
+  for q in $LLAMA_VARIANTS; do
+    [ "$q" = bf16 ] || [ -f "$(gguf "$q")" ] && continue
+    log "llama-quantize $(gguf bf16) -> $(gguf "$q")"
+    nice -n 19 "$bin/llama-quantize" "$(gguf bf16)" "$(gguf "$q").part" "${q^^}" 2 >&2
+    mv "$(gguf "$q").part" "$(gguf "$q")"
+  done
+}
+
+if want llama || [ "$prepare_only" = 1 ]; then
+  ensure_build
+  ensure_models
+fi
+[ "$prepare_only" = 1 ] && { log "prepared: $bin, $models"; exit 0; }
+
+# ------------------------------------------------------------------ pairing
+# Which llama.cpp file and medvlm variant go side by side: the same name (q8_0 and Q8_0,
+# q4_1 and Q4_1), else the same family (q4_k_m next to a medvlm q4_*), else a column alone.
+prec_class() {
+  case "${1%%=*}" in
+    q8*) echo q8 ;; q4*) echo q4 ;; q5*) echo q5 ;; q6*) echo q6 ;; *) echo "${1%%=*}" ;;
+  esac
+}
+declare -a pair_llama=() pair_medvlm=()
+if want llama; then for q in $LLAMA_VARIANTS; do pair_llama+=("$q"); pair_medvlm+=(""); done; fi
+add_medvlm() {
+  local v="$1" name="${1%%=*}" i
+  for i in "${!pair_llama[@]}"; do
+    if [ "${pair_llama[$i]}" = "$name" ] && [ -z "${pair_medvlm[$i]}" ]; then pair_medvlm[$i]="$v"; return; fi
+  done
+  for i in "${!pair_llama[@]}"; do
+    if [ -n "${pair_llama[$i]}" ] && [ -z "${pair_medvlm[$i]}" ] \
+       && [ "$(prec_class "${pair_llama[$i]}")" = "$(prec_class "$name")" ] \
+       && ! [[ " $MEDVLM_VARIANTS " == *" ${pair_llama[$i]} "* ]]; then
+      pair_medvlm[$i]="$v"; return
+    fi
+  done
+  pair_llama+=(""); pair_medvlm+=("$v")
+}
+if want medvlm; then for v in $MEDVLM_VARIANTS; do add_medvlm "$v"; done; fi
+
+medvlm_args() {  # arguments of one medvlm variant
+  local v="$1"
+  case "$v" in
+    *=*) local rest="${v#*=}"; echo "${rest//,/ }" ;;
+    f32|bf16|f16) echo "--dtype $v" ;;
+    *) echo "--quantize $v" ;;
+  esac
+}
+
+# ------------------------------------------------------------------ run
+mkdir -p "$out/raw"
+out="$(cd "$out" && pwd)"
+img="$out/raw/card448.png"
+python3 "$helper" png --out "$img"
+: > "$out/skipped.tsv"
+
+if want medvlm; then
+  [ -x "$MEDVLM" ] || { echo "no medvlm binary at $MEDVLM (cargo build --release, or set MEDVLM)" >&2; exit 1; }
+  medvlm_help="$("$MEDVLM" bench generate --help 2>&1 || true)"
+fi
+
+cpu_model="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+cpu_family="$(grep -m1 '^cpu family' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')"
+cpu_modelno="$(grep -m1 '^model[[:space:]]*:' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')"
+cpu_flags="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -x -E 'avx512f|avx512_bf16|avx512_vnni|amx_tile' | tr '\n' ' ' | sed 's/ $//')"
+llama_version="llama-cpp-python $SDIST_VERSION sdist"
+if [ -f "$src/../../CHANGELOG.md" ]; then
+  upstream="$(grep -m1 -o 'llama.cpp@[0-9a-f]*' "$src/../../CHANGELOG.md" || true)"
+  [ -n "$upstream" ] && llama_version="$llama_version (ggml-org/${upstream})"
+fi
+medvlm_version="$( ( "$MEDVLM" --version 2>/dev/null || echo "medvlm ?" ) | head -1)"
+# The checkout the binary lies in (its HEAD now, which may be newer than the build) and the
+# binary's modification time.
+medvlm_commit="$(git -C "$(dirname "$MEDVLM")" rev-parse --short HEAD 2>/dev/null || echo "?")"
+medvlm_built="$(date -u -r "$MEDVLM" +%Y-%m-%dT%H:%MZ 2>/dev/null || echo "?")"
+
+run_llama() {  # $1 variant, $2 round dir
+  local q="$1" r="$2" m; m="$(gguf "$1")"
+  log "llama.cpp $q: llama-bench"
+  /usr/bin/time -v -o "$r/llama-$q-bench.time" taskset -c "$CPUS" "$bin/llama-bench" -m "$m" \
+    -t "$THREADS" -p "$PROMPT_TOKENS" -n "$NEW_TOKENS" -r "$LLAMA_BENCH_REPS" -o json \
+    > "$r/llama-$q-bench.json" 2> "$r/llama-$q-bench.err" || log "llama-bench $q failed (see $r)"
+  log "llama.cpp $q: llama-mtmd-cli (vision tower)"
+  /usr/bin/time -v -o "$r/llama-$q-mtmd.time" taskset -c "$CPUS" "$bin/llama-mtmd-cli" -m "$m" \
+    --mmproj "$mmproj" --image "$img,$img" -p "Describe the two images." \
+    -t "$THREADS" -c 4096 -n 16 --temp 0 --seed 0 --no-warmup \
+    > "$r/llama-$q-mtmd.log" 2>&1 || log "llama-mtmd-cli $q failed (see $r)"
+}
+
+run_medvlm() {  # $1 variant, $2 round dir
+  local v="$1" r="$2" name="${1%%=*}" args
+  grep -q "^$name"$'\t' "$out/skipped.tsv" && return 0
+  args="$(medvlm_args "$v")"
+  if [[ "$args" == *--quantize* ]] && ! grep -q -- '--quantize' <<<"$medvlm_help"; then
+    printf '%s\t%s\n' "$name" "this medvlm has no --quantize" >> "$out/skipped.tsv"
+    log "medvlm $name: skipped (no --quantize in this binary)"
+    return 0
+  fi
+  log "medvlm $name: bench generate $args"
+  # shellcheck disable=SC2086
+  if ! /usr/bin/time -v -o "$r/medvlm-$name.time" taskset -c "$CPUS" "$MEDVLM" bench generate \
+      --preset qwen2-vl-2b --group 1 --new-tokens "$NEW_TOKENS" --threads "$THREADS" --json $args \
+      > "$r/medvlm-$name.json" 2> "$r/medvlm-$name.err"; then
+    if grep -q -E "unexpected argument|invalid value|not supported|unsupported" "$r/medvlm-$name.err"; then
+      printf '%s\t%s\n' "$name" "$(grep -m1 -E 'error|Error' "$r/medvlm-$name.err" | tr '\t' ' ')" \
+        >> "$out/skipped.tsv"
+      log "medvlm $name: skipped (the binary rejects $args)"
+    else
+      log "medvlm $name failed (see $r/medvlm-$name.err)"
+    fi
+  fi
+}
+
+pairs_json=""
+for i in "${!pair_llama[@]}"; do
+  l="${pair_llama[$i]}" mv="${pair_medvlm[$i]%%=*}"
+  pairs_json+="${pairs_json:+,}{\"llama\":\"$l\",\"llama_label\":\"${l^^}\",\"medvlm\":\"$mv\"}"
+done
+cat > "$out/meta.json" <<JSON
+{"cpu": "$cpu_model (family $cpu_family, model $cpu_modelno; $cpu_flags)", "threads": $THREADS, "cpus": "$CPUS",
+ "llama_version": "$llama_version", "medvlm_version": "$medvlm_version (checkout $medvlm_commit, binary of $medvlm_built)",
+ "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "llama_prompt_tokens": $PROMPT_TOKENS,
+ "llama_new_tokens": $NEW_TOKENS, "llama_bench_reps": $LLAMA_BENCH_REPS,
+ "mmproj": "$MMPROJ_TYPE", "pairs": [$pairs_json]}
+JSON
+
+for ((rep = 1; rep <= reps; rep++)); do
+  r="$out/raw/rep$rep"; mkdir -p "$r"
+  for i in "${!pair_llama[@]}"; do
+    if [ -n "${pair_llama[$i]}" ]; then run_llama "${pair_llama[$i]}" "$r"; fi
+    if [ -n "${pair_medvlm[$i]}" ]; then run_medvlm "${pair_medvlm[$i]}" "$r"; fi
+  done
+done
+
+python3 "$helper" table --out "$out"
