@@ -437,6 +437,52 @@ fn pack_panel(
         }
         return;
     }
+    if let (Elems::F32(w), true) = (b.elems, b.transposed) {
+        // f32 stored (n x k), as an f32 master weight is for `x · Wᵀ` and the LM head:
+        // column j's pairs are consecutive, rounded 32 values per instruction.
+        let mut lanes = [0u32; KC];
+        for j in 0..nc {
+            let row = &w[(j0 + j) * k..(j0 + j + 1) * k];
+            let src = &row[2 * q0..(2 * (q0 + qc)).min(k)];
+            // SAFETY: callers checked AVX-512 BF16; the conversion stays inside src and
+            // lanes (qc <= KC pairs).
+            let done = unsafe { avx512::round_pairs(src, &mut lanes[..qc]) };
+            for (q, lane) in lanes.iter_mut().enumerate().take(qc).skip(done) {
+                let lo = half::bf16::from_f32(src[2 * q]).to_bits() as u32;
+                let hi = src
+                    .get(2 * q + 1)
+                    .map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
+                *lane = lo | (hi << 16);
+            }
+            for (q, &lane) in lanes.iter().enumerate().take(qc) {
+                panel[q * NB + j] = lane;
+            }
+        }
+        for q in 0..qc {
+            panel[q * NB + nc..(q + 1) * NB].fill(0);
+        }
+        return;
+    }
+    if let (Elems::F32(w), false) = (b.elems, b.transposed) {
+        // f32 stored (k x n), as `dy · W` reads a master weight: two rows make a pair row,
+        // rounded and interleaved 16 columns per step.
+        for q in 0..qc {
+            let p = 2 * (q0 + q);
+            let even = &w[p * n + j0..p * n + j0 + nc];
+            let odd = (p + 1 < k).then(|| &w[(p + 1) * n + j0..(p + 1) * n + j0 + nc]);
+            let dst = &mut panel[q * NB..(q + 1) * NB];
+            // SAFETY: callers checked AVX-512 BF16; the kernel reads nc values of each row
+            // and writes nc lanes of dst (nc <= NB).
+            let done = unsafe { avx512::interleave_rows(even, odd, &mut dst[..nc]) };
+            for (j, d) in dst.iter_mut().enumerate().take(nc).skip(done) {
+                let lo = half::bf16::from_f32(even[j]).to_bits() as u32;
+                let hi = odd.map_or(0, |o| half::bf16::from_f32(o[j]).to_bits() as u32);
+                *d = lo | (hi << 16);
+            }
+            dst[nc..].fill(0);
+        }
+        return;
+    }
     // Pairs run along k, which is b's column index in its transpose (n x k).
     with_view!(b.t(), (n, k), |bt| {
         if b.transposed {
@@ -485,6 +531,37 @@ mod avx512 {
             q += 16;
         }
         q
+    }
+
+    /// `dst[j] = (bf16(even[j]), bf16(odd[j]))` (odd zero when absent), 16 columns per
+    /// step; returns how many it wrote (the rest, under 16, is the caller's).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 must be present. Nothing else: the loop stops before any
+    /// slice would be overrun.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn interleave_rows(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32]) -> usize {
+        let len = dst
+            .len()
+            .min(even.len())
+            .min(odd.map_or(usize::MAX, <[f32]>::len));
+        let mut j = 0;
+        while j + 16 <= len {
+            let e: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(even.as_ptr().add(j))));
+            let lo = _mm512_cvtepu16_epi32(e);
+            let v = match odd {
+                Some(o) => {
+                    let h: __m256i =
+                        std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(o.as_ptr().add(j))));
+                    _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                }
+                None => lo,
+            };
+            _mm512_storeu_si512(dst.as_mut_ptr().add(j) as *mut _, v);
+            j += 16;
+        }
+        j
     }
 
     /// `mr` (<= MR) rows x `nc` (<= NB) columns of the product over one panel of `qc`

@@ -85,14 +85,17 @@ pub fn forward(
     // bf16 runs on the CPU take the kernels too: the tensor ops below hold several tokens x
     // vocabulary f32 tensors at once and (for a bf16 weight) an f32 copy of the weight,
     // which made the LM head the largest part of a bf16 step's memory and time. bf16 hidden
-    // states are widened (exactly) for an f32 weight, as the tensor ops do; against a bf16
-    // weight the product runs on bf16 dot products (f32 hidden states rounded to bf16, as
-    // bf16 inference's LM head does).
+    // states (bf16 compute) multiply on bf16 dot products, as PyTorch's autocast multiplies
+    // them: an f32 weight and the logits' gradient rounded to bf16, sums in f32 (the
+    // logits and the weight's gradient stay f32, where autocast rounds them too). Against a
+    // bf16 weight f32 hidden states are rounded to bf16, as bf16 inference's LM head does.
     let hidden_cpu = if cpu_kernels() && hidden.device().is_cpu() {
         match (hidden.dtype(), weight.dtype()) {
             (DType::F32, _) => Some(hidden.contiguous()?),
+            (DType::BF16, DType::F32 | DType::BF16) if bf16dot::available() => {
+                Some(hidden.contiguous()?)
+            }
             (DType::BF16, DType::F32) => Some(hidden.to_dtype(DType::F32)?),
-            (DType::BF16, DType::BF16) if bf16dot::available() => Some(hidden.contiguous()?),
             _ => None,
         }
     } else {
@@ -240,8 +243,15 @@ fn logits(hs: Hidden, w: HeadWeight, (rows, h, vocab): (usize, usize, usize), ou
             // `head_weight` hands out a bf16 weight only where AVX-512 BF16 is present.
             debug_assert!(done);
         }
-        (HeadWeight::F32(_), Hidden::Bf16(_)) => {
-            unreachable!("bf16 hidden states are widened for an f32 weight")
+        (HeadWeight::F32(ws), Hidden::Bf16(hs)) => {
+            let done = bf16dot::matmul(
+                bf16dot::Operand::rows(bf16dot::Elems::Bf16(hs)),
+                bf16dot::Operand::rows(bf16dot::Elems::F32(ws)).t(),
+                (rows, h, vocab),
+                out,
+            );
+            // `forward` keeps bf16 hidden states only where AVX-512 BF16 is present.
+            debug_assert!(done);
         }
     }
 }
@@ -363,9 +373,20 @@ impl Saved {
                         row.iter_mut().for_each(|p| *p *= -c);
                         row[target as usize] += c;
                     });
+                let bf16_compute = self.hidden.dtype() == DType::BF16;
                 let dh = head_weight(weight, |w| {
                     let mut dh = vec![0f32; t * h];
                     match w {
+                        // bf16 compute: on bf16 dot products, as the forward pass.
+                        HeadWeight::F32(ws) if bf16_compute => {
+                            let done = bf16dot::matmul(
+                                bf16dot::Operand::rows(bf16dot::Elems::F32(&probs)),
+                                bf16dot::Operand::rows(bf16dot::Elems::F32(ws)),
+                                (t, vocab, h),
+                                &mut dh,
+                            );
+                            debug_assert!(done);
+                        }
                         HeadWeight::F32(ws) => matmul(
                             &mut dh,
                             Mat::rows(&probs, t, vocab),
@@ -400,18 +421,20 @@ impl Saved {
                     dh
                 })
                 .ok_or_else(|| anyhow::anyhow!("LM head weight is not on the CPU"))?;
+                // ∂L/∂W from the hidden states widened (exactly), in f32.
+                let hidden = self.hidden.to_dtype(DType::F32)?;
                 match grad_w {
                     None => {}
                     Some(Some(acc)) if is_cpu_f32_contiguous(acc) => {
                         acc.inplace_op1(&AddTransposedProduct {
                             lhs: &probs,
-                            rhs: &self.hidden,
+                            rhs: &hidden,
                             k: t,
                             m: vocab,
                         })?;
                     }
                     Some(slot) => {
-                        let dw = with_f32(&self.hidden, |hs| {
+                        let dw = with_f32(&hidden, |hs| {
                             let mut dw = vec![0f32; vocab * h];
                             matmul(
                                 &mut dw,

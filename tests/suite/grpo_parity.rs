@@ -584,7 +584,7 @@ fn qwen3_bf16_step_stays_close_to_the_f32_reference() {
 ///   tokens' rounding dominates both: PyTorch's loss error is almost all its bf16 reference
 ///   log-probs' (0.8x / 1.0x of it remains with its f32 policy on Qwen2-VL / Qwen3-VL), a draw
 ///   of rounding noise that medvlm's bf16 reference draws differently (measured, medvlm over
-///   PyTorch: loss 0.39x / 0.95x, grad norm 0.37x / 0.33x);
+///   PyTorch: loss 0.44x / 0.96x, grad norm 0.41x / 0.36x);
 /// * 1 - cosine(bf16 gradient, f32 gradient) <= 3 x PyTorch's. This error comes from the
 ///   policy's own bf16 pass (with f32 reference log-probs it barely changes), where the
 ///   schemes differ: autocast lowers only linears/matmuls/convs and keeps the language
@@ -595,7 +595,7 @@ fn qwen3_bf16_step_stays_close_to_the_f32_reference() {
 ///   SwiGLU and attention were composed bf16 ops (per-token policy log-prob RMS error 5.8e-2
 ///   vs autocast's 4.3e-2 and the bf16 model's 5.4e-2 on Qwen2-VL; 4.8e-2 vs 4.4e-2 and
 ///   5.1e-2 on Qwen3-VL), hence 3x here rather than 2x; since those run as fused f32 ops
-///   over bf16 inputs (one rounding each, issue #29) it measures 0.98x and 0.86x.
+///   over bf16 inputs (one rounding each, issue #29) it measures 0.89x and 0.92x.
 ///
 /// Each PyTorch error is floored at bf16's resolution, so a lucky PyTorch draw cannot make a
 /// bound stricter than bf16 can meet: 2^-8 (bf16's epsilon) relative for loss and grad norm,
