@@ -20,10 +20,15 @@ With --sft, an SFT step as TRL's SFTTrainer runs it instead: prompts x group ite
 its own copy of the prompt and image and a --completion-len-token target, labels -100 on the
 prompt, transformers' own loss over the logits of every position (sum over target tokens /
 their count in the step, gradient accumulation over --micro-batch items), clipping, AdamW.
+With --autocast, the step as TRL runs it with `bf16=True` on the CPU: accelerate wraps every
+forward pass (generation, reference model, policy) in torch.autocast("cpu", bfloat16) over the
+f32 weights, and the logits are cast to f32 before the log-softmax, as `medvlm bench train
+--dtype bf16` computes its log-softmax and loss in f32.
 Prints one line per step and a JSON report.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -58,7 +63,7 @@ def per_token_logps(model, ids, mask, pixel_values, grid, logits_to_keep, temper
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
                 mm_token_type_ids=mm_types(ids, model.config.image_token_id),
                 logits_to_keep=logits_to_keep + 1, use_cache=False)
-    logits = out.logits[:, :-1, :] / temperature
+    logits = out.logits[:, :-1, :].float() / temperature
     return selective_log_softmax(logits, ids[:, -logits_to_keep:])
 
 
@@ -75,7 +80,10 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=261)
     ap.add_argument("--freeze-vision", action="store_true")
     ap.add_argument("--sft", action="store_true")
+    ap.add_argument("--autocast", action="store_true", help="bf16 autocast (TRL's bf16=True)")
     args = ap.parse_args()
+    # TRL's bf16=True: accelerate runs every forward pass under autocast.
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.autocast else contextlib.nullcontext
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -124,10 +132,11 @@ def main():
             loss_sum = 0.0
             for i in range(0, rows, mb):
                 sl = slice(i, i + mb)
-                out = policy(input_ids=full[sl], attention_mask=torch.ones_like(full[sl]),
-                             pixel_values=pixel_values[i * patches:(i + mb) * patches], image_grid_thw=grids[sl],
-                             mm_token_type_ids=mm_types(full[sl], cfg.image_token_id), labels=labels[sl],
-                             num_items_in_batch=n_items, use_cache=False)
+                with amp():
+                    out = policy(input_ids=full[sl], attention_mask=torch.ones_like(full[sl]),
+                                 pixel_values=pixel_values[i * patches:(i + mb) * patches],
+                                 image_grid_thw=grids[sl], mm_token_type_ids=mm_types(full[sl], cfg.image_token_id),
+                                 labels=labels[sl], num_items_in_batch=n_items, use_cache=False)
                 out.loss.backward()
                 loss_sum += out.loss.item()
             pol_s = time.perf_counter() - t0
@@ -143,7 +152,7 @@ def main():
             steps.append(rec)
     for step in range(0 if args.sft else args.steps):
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             policy.eval()
             out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
                                   image_grid_thw=grids, mm_token_type_ids=mm_types(prompt_ids, cfg.image_token_id),
@@ -171,7 +180,7 @@ def main():
         t1 = time.perf_counter()
         ref_lp = None
         if args.beta != 0.0:
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 ref_lp = torch.cat([per_token_logps(ref, *rows_of(i), C) for i in range(0, rows, mb)])
         ref_s = time.perf_counter() - t1
 
@@ -179,7 +188,8 @@ def main():
         steps_acc = (rows + mb - 1) // mb
         loss_sum = 0.0
         for i in range(0, rows, mb):
-            lp = per_token_logps(policy, *rows_of(i), C)
+            with amp():
+                lp = per_token_logps(policy, *rows_of(i), C)
             old = lp.detach()
             coef_1 = torch.exp(lp - old)
             coef_2 = torch.clamp(coef_1, 0.8, 1.2)
@@ -208,6 +218,7 @@ def main():
     med = {k: statistics.median(r[k] for r in steps) for k in steps[0]}
     print(json.dumps(dict(
         parameters=params, threads=torch.get_num_threads(), workload=vars(args), image_tokens=n_img,
+        precision="bf16 autocast" if args.autocast else "f32",
         steps=steps, median=med, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__),
     ), indent=1))

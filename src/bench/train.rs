@@ -278,6 +278,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
                     device,
                 )?;
                 r.set_compute_dtype(compute);
+                r.prepare_for_scoring()?;
                 Some(r)
             } else {
                 None
@@ -300,7 +301,11 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             let reference = match (!w.sft && w.beta != 0.0, w.lora_r > 0) {
                 (false, _) => None,
                 (true, true) => Some(policy.model.without_adapters()),
-                (true, false) => Some(Qwen2Vl::load(dir, compute, device)?),
+                (true, false) => {
+                    let mut r = Qwen2Vl::load(dir, compute, device)?;
+                    r.prepare_for_scoring()?;
+                    Some(r)
+                }
             };
             (policy, reference)
         }

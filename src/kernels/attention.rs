@@ -299,16 +299,17 @@ impl CustomOp3 for Attention {
 
 /// Whether [`attention`] can run these tensors (f32, on the CPU).
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    super::cpu_kernels()
-        && [q, k, v]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+    super::elementwise::applies(&[q, k, v])
 }
 
-/// Attention of q (.., rows, d) over k, v (.., keys, d): see [`Attention`].
+/// Attention of q (.., rows, d) over k, v (.., keys, d): see [`Attention`]. bf16 inputs run
+/// widened to f32, the output rounded to bf16 once ([`super::elementwise::Widened`]).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Result<Tensor> {
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        super::elementwise::Widened { op },
+    )
 }
 
 #[cfg(test)]

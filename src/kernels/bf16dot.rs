@@ -53,11 +53,168 @@ pub fn linear(
     if !available() {
         return false;
     }
+    product(
+        Operand::rows(Elems::F32(x)),
+        Operand::rows(Elems::Bf16(wt)),
+        bias,
+        (m, k, n),
+        out,
+    );
+    true
+}
+
+/// The elements of a row-major matrix, in f32 or bf16.
+#[derive(Clone, Copy)]
+pub enum Elems<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl Elems<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Elems::F32(v) => v.len(),
+            Elems::Bf16(v) => v.len(),
+        }
+    }
+}
+
+/// An element as bf16 bits: f32 rounded to nearest even (as `half` and PyTorch round), bf16
+/// as it is.
+trait Bits: Copy + Send + Sync {
+    fn bits(self) -> u32;
+}
+
+impl Bits for f32 {
+    #[inline]
+    fn bits(self) -> u32 {
+        half::bf16::from_f32(self).to_bits() as u32
+    }
+}
+
+impl Bits for half::bf16 {
+    #[inline]
+    fn bits(self) -> u32 {
+        self.to_bits() as u32
+    }
+}
+
+/// A factor of [`matmul`]: a row-major matrix read as it is stored or as its transpose,
+/// so the backward passes of a linear layer (`dy · W`, `dyᵀ · x`) need no transposed copy.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub elems: Elems<'a>,
+    pub transposed: bool,
+}
+
+impl<'a> Operand<'a> {
+    /// The matrix as it is stored.
+    pub fn rows(elems: Elems<'a>) -> Self {
+        Self {
+            elems,
+            transposed: false,
+        }
+    }
+
+    /// The transpose of the stored matrix.
+    pub fn t(self) -> Self {
+        Self {
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+}
+
+/// The (rows x cols) matrix an [`Operand`] stands for, over elements of one type.
+#[derive(Clone, Copy)]
+struct View<'a, E> {
+    data: &'a [E],
+    transposed: bool,
+    rows: usize,
+    cols: usize,
+}
+
+impl<E: Bits> View<'_, E> {
+    /// Element (i, j) as bf16 bits.
+    #[inline]
+    fn at(&self, i: usize, j: usize) -> u32 {
+        if self.transposed {
+            self.data[j * self.rows + i].bits()
+        } else {
+            self.data[i * self.cols + j].bits()
+        }
+    }
+
+    /// Pair q of row i: elements (i, 2q) and (i, 2q + 1), the second zero past the last
+    /// column.
+    #[inline]
+    fn pair(&self, i: usize, q: usize) -> u32 {
+        let lo = self.at(i, 2 * q);
+        let hi = if 2 * q + 1 < self.cols {
+            self.at(i, 2 * q + 1)
+        } else {
+            0
+        };
+        lo | (hi << 16)
+    }
+}
+
+/// Runs `f` on an operand's view as a (rows x cols) matrix, monomorphised per element type.
+macro_rules! with_view {
+    ($op:expr, ($rows:expr, $cols:expr), |$v:ident| $body:expr) => {
+        match $op.elems {
+            Elems::F32(data) => {
+                let $v = View {
+                    data,
+                    transposed: $op.transposed,
+                    rows: $rows,
+                    cols: $cols,
+                };
+                $body
+            }
+            Elems::Bf16(data) => {
+                let $v = View {
+                    data,
+                    transposed: $op.transposed,
+                    rows: $rows,
+                    cols: $cols,
+                };
+                $body
+            }
+        }
+    };
+}
+
+/// `out (m x n) = bf16(a) (m x k) · bf16(b) (k x n)`, each factor in f32 (rounded to bf16 to
+/// nearest even, as PyTorch's bf16 matmul sees its inputs) or bf16, as stored or
+/// transposed; products and sums in f32, as PyTorch's CPU bf16 matmul accumulates. The
+/// training passes of bf16 linear layers and the LM head run on it. Returns false (out
+/// untouched) when the CPU lacks AVX-512 BF16.
+pub fn matmul(a: Operand, b: Operand, (m, k, n): (usize, usize, usize), out: &mut [f32]) -> bool {
+    assert!(a.elems.len() >= m * k && b.elems.len() >= k * n && out.len() >= m * n);
+    if !available() {
+        return false;
+    }
+    product(a, b, None, (m, k, n), out);
+    true
+}
+
+/// The panel loop behind [`linear`] and [`matmul`]; AVX-512 BF16 must be present.
+fn product(
+    a: Operand,
+    b: Operand,
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+) {
     if m == 0 || n == 0 {
-        return true;
+        return;
     }
     let kp = k.div_ceil(2);
-    let xb = round_rows(x, m, k);
+    let xb = match (a.elems, a.transposed) {
+        (Elems::F32(x), false) if kp > 0 => round_rows(x, m, k),
+        _ => pair_rows(a, m, k),
+    };
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..n.div_ceil(NB)).into_par_iter().for_each_init(
         || vec![0u32; KC * NB],
@@ -65,13 +222,25 @@ pub fn linear(
             let j0 = jb * NB;
             let nc = NB.min(n - j0);
             let mut q0 = 0;
+            // k = 0: no panel runs; the first tile would have written the bias or zero.
+            if kp == 0 {
+                for i in 0..m {
+                    for j in 0..nc {
+                        // SAFETY: row i < m, column j0 + j < n of out (m x n), which only
+                        // this task writes.
+                        unsafe {
+                            *out_ptr.get().add(i * n + j0 + j) = bias.map_or(0.0, |b| b[j0 + j])
+                        };
+                    }
+                }
+            }
             while q0 < kp {
                 let qc = KC.min(kp - q0);
-                pack_panel(wt, (k, n), q0, qc, j0, nc, panel);
+                pack_panel(b, (k, n), q0, qc, j0, nc, panel);
                 let mut i = 0;
                 while i < m {
                     let mr = MR.min(m - i);
-                    // SAFETY: AVX-512 BF16 is present (checked above); 1 <= mr <= MR and
+                    // SAFETY: AVX-512 BF16 is present (callers checked); 1 <= mr <= MR and
                     // nc <= NB; the tile reads rows i..i+mr of xb (pairs q0..q0+qc) and the
                     // packed panel of qc x NB, and reads and writes rows i..i+mr, columns
                     // j0..j0+nc of out, which only this task owns.
@@ -98,7 +267,29 @@ pub fn linear(
             }
         },
     );
-    true
+}
+
+/// The rows of `a` (m x k) as bf16 pairs, each row padded to whole pairs with a zero: the
+/// general case of [`round_rows`] (bf16 elements, or a transposed view).
+fn pair_rows(a: Operand, m: usize, k: usize) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let mut xb = vec![0u32; m * kp];
+    if kp == 0 {
+        return xb;
+    }
+    with_view!(a, (m, k), |v| {
+        let fill = |(i, row): (usize, &mut [u32])| {
+            for (q, lane) in row.iter_mut().enumerate() {
+                *lane = v.pair(i, q);
+            }
+        };
+        if m * k >= 1 << 14 {
+            xb.par_chunks_mut(kp).enumerate().for_each(fill);
+        } else {
+            xb.chunks_mut(kp).enumerate().for_each(fill);
+        }
+    });
+    xb
 }
 
 /// The rows of x (m x k) rounded to bf16 pairs, each row padded to whole pairs with a zero.
@@ -215,10 +406,10 @@ enum Start<'a> {
     Accumulate,
 }
 
-/// Pairs q0..q0+qc of columns j0..j0+nc of the weight, as bf16 pairs, NB lanes per pair row
-/// (columns past nc and the row past k zero).
+/// Pairs q0..q0+qc of columns j0..j0+nc of `b` (k x n), as bf16 pairs, NB lanes per pair
+/// row (columns past nc and the row past k zero).
 fn pack_panel(
-    wt: &[half::bf16],
+    b: Operand,
     (k, n): (usize, usize),
     q0: usize,
     qc: usize,
@@ -226,21 +417,92 @@ fn pack_panel(
     nc: usize,
     panel: &mut [u32],
 ) {
-    for q in 0..qc {
-        let p = 2 * (q0 + q);
-        let even = &wt[p * n + j0..p * n + j0 + nc];
-        let dst = &mut panel[q * NB..(q + 1) * NB];
-        if p + 1 < k {
-            let odd = &wt[(p + 1) * n + j0..(p + 1) * n + j0 + nc];
-            for ((d, e), o) in dst.iter_mut().zip(even).zip(odd) {
-                *d = e.to_bits() as u32 | ((o.to_bits() as u32) << 16);
+    if let (Elems::Bf16(wt), false) = (b.elems, b.transposed) {
+        // An input-major bf16 weight (inference): pair rows straight from two weight rows.
+        for q in 0..qc {
+            let p = 2 * (q0 + q);
+            let even = &wt[p * n + j0..p * n + j0 + nc];
+            let dst = &mut panel[q * NB..(q + 1) * NB];
+            if p + 1 < k {
+                let odd = &wt[(p + 1) * n + j0..(p + 1) * n + j0 + nc];
+                for ((d, e), o) in dst.iter_mut().zip(even).zip(odd) {
+                    *d = e.to_bits() as u32 | ((o.to_bits() as u32) << 16);
+                }
+            } else {
+                for (d, e) in dst.iter_mut().zip(even) {
+                    *d = e.to_bits() as u32;
+                }
             }
-        } else {
-            for (d, e) in dst.iter_mut().zip(even) {
-                *d = e.to_bits() as u32;
+            dst[nc..].fill(0);
+        }
+        return;
+    }
+    if let (Elems::F32(w), true) = (b.elems, b.transposed) {
+        // f32 stored (n x k), as an f32 master weight is for `x · Wᵀ` and the LM head:
+        // column j's pairs are consecutive, rounded 32 values per instruction.
+        let mut lanes = [0u32; KC];
+        for j in 0..nc {
+            let row = &w[(j0 + j) * k..(j0 + j + 1) * k];
+            let src = &row[2 * q0..(2 * (q0 + qc)).min(k)];
+            // SAFETY: callers checked AVX-512 BF16; the conversion stays inside src and
+            // lanes (qc <= KC pairs).
+            let done = unsafe { avx512::round_pairs(src, &mut lanes[..qc]) };
+            for (q, lane) in lanes.iter_mut().enumerate().take(qc).skip(done) {
+                let lo = half::bf16::from_f32(src[2 * q]).to_bits() as u32;
+                let hi = src
+                    .get(2 * q + 1)
+                    .map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
+                *lane = lo | (hi << 16);
+            }
+            for (q, &lane) in lanes.iter().enumerate().take(qc) {
+                panel[q * NB + j] = lane;
             }
         }
-        dst[nc..].fill(0);
+        for q in 0..qc {
+            panel[q * NB + nc..(q + 1) * NB].fill(0);
+        }
+        return;
+    }
+    if let (Elems::F32(w), false) = (b.elems, b.transposed) {
+        // f32 stored (k x n), as `dy · W` reads a master weight: two rows make a pair row,
+        // rounded and interleaved 16 columns per step.
+        for q in 0..qc {
+            let p = 2 * (q0 + q);
+            let even = &w[p * n + j0..p * n + j0 + nc];
+            let odd = (p + 1 < k).then(|| &w[(p + 1) * n + j0..(p + 1) * n + j0 + nc]);
+            let dst = &mut panel[q * NB..(q + 1) * NB];
+            // SAFETY: callers checked AVX-512 BF16; the kernel reads nc values of each row
+            // and writes nc lanes of dst (nc <= NB).
+            let done = unsafe { avx512::interleave_rows(even, odd, &mut dst[..nc]) };
+            for (j, d) in dst.iter_mut().enumerate().take(nc).skip(done) {
+                let lo = half::bf16::from_f32(even[j]).to_bits() as u32;
+                let hi = odd.map_or(0, |o| half::bf16::from_f32(o[j]).to_bits() as u32);
+                *d = lo | (hi << 16);
+            }
+            dst[nc..].fill(0);
+        }
+        return;
+    }
+    // Pairs run along k, which is b's column index in its transpose (n x k).
+    with_view!(b.t(), (n, k), |bt| {
+        if b.transposed {
+            // Stored (n x k), output-major (a weight as checkpoints hold it): column j's
+            // pairs are consecutive in memory, so read along them.
+            for j in 0..nc {
+                for q in 0..qc {
+                    panel[q * NB + j] = bt.pair(j0 + j, q0 + q);
+                }
+            }
+        } else {
+            for q in 0..qc {
+                for j in 0..nc {
+                    panel[q * NB + j] = bt.pair(j0 + j, q0 + q);
+                }
+            }
+        }
+    });
+    for q in 0..qc {
+        panel[q * NB + nc..(q + 1) * NB].fill(0);
     }
 }
 
@@ -269,6 +531,37 @@ mod avx512 {
             q += 16;
         }
         q
+    }
+
+    /// `dst[j] = (bf16(even[j]), bf16(odd[j]))` (odd zero when absent), 16 columns per
+    /// step; returns how many it wrote (the rest, under 16, is the caller's).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 must be present. Nothing else: the loop stops before any
+    /// slice would be overrun.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn interleave_rows(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32]) -> usize {
+        let len = dst
+            .len()
+            .min(even.len())
+            .min(odd.map_or(usize::MAX, <[f32]>::len));
+        let mut j = 0;
+        while j + 16 <= len {
+            let e: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(even.as_ptr().add(j))));
+            let lo = _mm512_cvtepu16_epi32(e);
+            let v = match odd {
+                Some(o) => {
+                    let h: __m256i =
+                        std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(o.as_ptr().add(j))));
+                    _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                }
+                None => lo,
+            };
+            _mm512_storeu_si512(dst.as_mut_ptr().add(j) as *mut _, v);
+            j += 16;
+        }
+        j
     }
 
     /// `mr` (<= MR) rows x `nc` (<= NB) columns of the product over one panel of `qc`
@@ -730,6 +1023,81 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The general product: every combination of f32 or bf16 factors, stored as they are
+    /// read or transposed, gives the f64 sum of the bf16-rounded factors' products, over
+    /// shapes with row tiles, column panels, several k panels, odd k and k = 0.
+    #[test]
+    fn matmul_matches_the_definition_for_every_layout() {
+        if !available() {
+            crate::kernels::skip_or_require("bf16dot::matmul (this CPU lacks AVX-512 BF16)");
+            let mut out = vec![f32::NAN; 1];
+            let a = [1f32];
+            let e = Elems::F32(&a);
+            assert!(!matmul(
+                Operand::rows(e),
+                Operand::rows(e),
+                (1, 1, 1),
+                &mut out
+            ));
+            return;
+        }
+        let round = |v: f32| half::bf16::from_f32(v);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 3),
+            (13, 37, 70),
+            (20, 1100, 130),
+            (3, 0, 5),
+        ] {
+            // Values that are not bf16 already, so that rounding an f32 factor matters.
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| (i as f32 * 0.31).sin() * 1.001)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| (i as f32 * 0.17).cos() * 1.003)
+                .collect();
+            let want = |i: usize, j: usize| -> f64 {
+                (0..k)
+                    .map(|p| {
+                        round(a[i * k + p]).to_f32() as f64 * round(b[p * n + j]).to_f32() as f64
+                    })
+                    .sum()
+            };
+            // Stored forms: as read (a: m x k, b: k x n) and transposed (a: k x m, b: n x k).
+            let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let b_t: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let bf = |v: &[f32]| -> Vec<half::bf16> { v.iter().map(|&x| round(x)).collect() };
+            let (a16, a_t16, b16, b_t16) = (bf(&a), bf(&a_t), bf(&b), bf(&b_t));
+            for a_op in [
+                Operand::rows(Elems::F32(&a)),
+                Operand::rows(Elems::Bf16(&a16)),
+                Operand::rows(Elems::F32(&a_t)).t(),
+                Operand::rows(Elems::Bf16(&a_t16)).t(),
+            ] {
+                for b_op in [
+                    Operand::rows(Elems::F32(&b)),
+                    Operand::rows(Elems::Bf16(&b16)),
+                    Operand::rows(Elems::F32(&b_t)).t(),
+                    Operand::rows(Elems::Bf16(&b_t16)).t(),
+                ] {
+                    let mut out = vec![f32::NAN; m * n];
+                    assert!(matmul(a_op, b_op, (m, k, n), &mut out));
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (got, want) = (out[i * n + j] as f64, want(i, j));
+                            assert!(
+                                (got - want).abs() < 1e-3,
+                                "({m},{k},{n}) [{i},{j}] a^T {} b^T {}: {got} vs {want}",
+                                a_op.transposed,
+                                b_op.transposed
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// Every edge (row tiles, column panels, odd k, several k panels, bias or none) gives
     /// the product of the bf16-rounded activations and the bf16 weights, summed in f32.

@@ -4,10 +4,13 @@
 //! Composed from tensor ops each of these keeps three to six activation-sized tensors alive
 //! for the backward pass and makes as many passes over memory; as one op each keeps only its
 //! inputs and makes one pass (two for the norms' backward). They run for f32 tensors on the
-//! CPU; the model's layers use the composed form everywhere else (see `model::layers`), and
-//! the tests below hold the two to the same values and gradients.
+//! CPU, and for bf16 ones widened to f32 inside the op ([`Widened`]); the model's layers use
+//! the composed form everywhere else (see `model::layers`), and the tests below hold the two
+//! to the same values and gradients.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 use super::softmax::exp_in_place;
@@ -527,43 +530,194 @@ impl CustomOp1 for XSigmoid {
     }
 }
 
-/// Whether the fused ops can run on these tensors (f32 on the CPU).
+/// Whether the fused ops can run on these tensors: on the CPU, each f32 or bf16 (bf16 ones
+/// run widened, see [`widened`]).
 pub fn applies(ts: &[&Tensor]) -> bool {
     super::cpu_kernels()
         && ts
             .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+            .all(|t| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16))
+}
+
+/// A fused f32 op run on bf16 tensors (any f32 ones pass as they are): the inputs are
+/// widened (exactly) into temporaries, the f32 kernel runs, and its output is rounded to
+/// the dtype of the first input once; the backward pass widens the same way and rounds each
+/// gradient to its input's dtype. Why: a bf16 run on the CPU composed these ops from
+/// candle's generic bf16 ops, several passes each (through candle's spinning thread pool)
+/// that keep their f32 intermediates for the backward pass; wrapped, an op makes one pass
+/// and the graph keeps only its bf16 inputs and output (widening at the tensor level would
+/// keep f32 copies of both). It rounds once where the composed ops rounded after every
+/// step: closer to f32, as PyTorch's autocast, which runs norms, rotary embeddings and
+/// attention's softmax in f32.
+pub(crate) struct Widened<Op> {
+    pub op: Op,
+}
+
+/// `s` as f32, with the layout the copy has (the same one when it is f32 already).
+fn widen<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(std::borrow::Cow<'a, CpuStorage>, Layout)> {
+    use std::borrow::Cow;
+    match s {
+        CpuStorage::BF16(v) => {
+            let Some((start, end)) = l.contiguous_offsets() else {
+                candle_core::bail!("fused op: input is not contiguous");
+            };
+            let wide = v[start..end].iter().map(|x| x.to_f32()).collect();
+            Ok((
+                Cow::Owned(CpuStorage::F32(wide)),
+                Layout::contiguous(l.shape().clone()),
+            ))
+        }
+        _ => Ok((Cow::Borrowed(s), l.clone())),
+    }
+}
+
+/// An f32 output rounded to `dtype` (f32 or bf16).
+fn narrow(out: (CpuStorage, Shape), dtype: DType) -> Result<(CpuStorage, Shape)> {
+    match (out, dtype) {
+        ((CpuStorage::F32(v), shape), DType::BF16) => Ok((
+            CpuStorage::BF16(v.iter().map(|&x| half::bf16::from_f32(x)).collect()),
+            shape,
+        )),
+        (out, _) => Ok(out),
+    }
+}
+
+fn dtype_of(s: &CpuStorage) -> DType {
+    match s {
+        CpuStorage::BF16(_) => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// A tensor of the backward pass as f32 (outside any graph).
+fn wide(t: &Tensor) -> Result<Tensor> {
+    t.detach().to_dtype(DType::F32)
+}
+
+/// A gradient in the dtype of the input it belongs to.
+fn back(g: Option<Tensor>, like: &Tensor) -> Result<Option<Tensor>> {
+    g.map(|g| g.to_dtype(like.dtype())).transpose()
+}
+
+impl<Op: CustomOp1> CustomOp1 for Widened<Op> {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (w1, k1) = widen(s1, l1)?;
+        narrow(self.op.cpu_fwd(&w1, &k1)?, dtype_of(s1))
+    }
+
+    fn bwd(&self, a1: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        back(self.op.bwd(&wide(a1)?, &wide(res)?, &wide(g)?)?, a1)
+    }
+}
+
+impl<Op: CustomOp2> CustomOp2 for Widened<Op> {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((w1, k1), (w2, k2)) = (widen(s1, l1)?, widen(s2, l2)?);
+        narrow(self.op.cpu_fwd(&w1, &k1, &w2, &k2)?, dtype_of(s1))
+    }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g1, g2) = self
+            .op
+            .bwd(&wide(a1)?, &wide(a2)?, &wide(res)?, &wide(g)?)?;
+        Ok((back(g1, a1)?, back(g2, a2)?))
+    }
+}
+
+impl<Op: CustomOp3> CustomOp3 for Widened<Op> {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((w1, k1), (w2, k2), (w3, k3)) = (widen(s1, l1)?, widen(s2, l2)?, widen(s3, l3)?);
+        narrow(self.op.cpu_fwd(&w1, &k1, &w2, &k2, &w3, &k3)?, dtype_of(s1))
+    }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (g1, g2, g3) =
+            self.op
+                .bwd(&wide(a1)?, &wide(a2)?, &wide(a3)?, &wide(res)?, &wide(g)?)?;
+        Ok((back(g1, a1)?, back(g2, a2)?, back(g3, a3)?))
+    }
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        Widened {
+            op: RmsNorm { eps: eps as f32 },
+        },
+    )
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        LayerNorm { eps: eps as f32 },
+        Widened {
+            op: LayerNorm { eps: eps as f32 },
+        },
     )
 }
 
 /// Rotary embedding of x (b, l, heads, d) with cos, sin (b, l, d); returns (b, heads, l, d).
 pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary)
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Widened { op: Rotary },
+    )
 }
 
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, Widened { op: SwiGlu })
 }
 
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(XSigmoid::Quick)
+    x.contiguous()?.apply_op1(Widened {
+        op: XSigmoid::Quick,
+    })
 }
 
 pub fn gelu_tanh_op(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(XSigmoid::Tanh)
+    x.contiguous()?.apply_op1(Widened { op: XSigmoid::Tanh })
 }
 
 #[cfg(test)]

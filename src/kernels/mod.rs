@@ -1,11 +1,13 @@
 //! CPU fast paths for the few operations where candle's generic CPU kernels cost us most:
 //! matmuls with few rows (decoding), the fused LM-head log-softmax of training, and in-place
-//! gradient accumulation and optimizer updates. Each is used only for contiguous f32 tensors
-//! on the CPU; callers keep a plain tensor-op path for every other case (CUDA, bf16), so the
-//! numbers are the same function of the inputs either way.
+//! gradient accumulation and optimizer updates, and bf16 training's products and fused ops.
+//! Each is used only for contiguous f32 (or, where it says so, bf16) tensors on the CPU;
+//! callers keep a plain tensor-op path for every other case (CUDA, f16), so the numbers are
+//! the same function of the inputs either way.
 
 pub mod attention;
 pub mod bf16dot;
+pub mod bf16linear;
 pub mod elementwise;
 pub mod frozen;
 pub mod gemm;

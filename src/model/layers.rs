@@ -2,10 +2,12 @@
 //!
 //! The same code serves inference and training, so every op here must carry gradients:
 //! candle's own fused `rms_norm`, `layer_norm` and rotary kernels cut the autograd graph
-//! silently (see CANDLE-TRAINING-NOTES). For f32 on the CPU, norms, rotary embeddings and
-//! gated activations run as our fused ops with hand-written backward passes
-//! ([`crate::kernels::elementwise`]); elsewhere (CUDA, bf16) they are composed from primitive
-//! tensor ops, upcasting as transformers does. Softmax picks candle's fused kernel only when
+//! silently (see CANDLE-TRAINING-NOTES). For f32 and bf16 on the CPU, norms, rotary
+//! embeddings and gated activations run as our fused ops with hand-written backward passes
+//! ([`crate::kernels::elementwise`], bf16 widened to f32 inside them), and bf16 linear layers
+//! on AVX-512 BF16 dot products ([`crate::kernels::bf16linear`]); elsewhere (CUDA, f16,
+//! `MEDVLM_PLAIN_OPS`) they are composed from primitive tensor ops, upcasting as transformers
+//! does. Softmax picks candle's fused kernel only when
 //! no gradient is being tracked.
 
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -345,7 +347,9 @@ impl Linear {
         let y = match fast {
             Some(y) => y,
             None => {
-                let y = if crate::kernels::frozen::applies(&x2, &self.weight) {
+                let y = if crate::kernels::bf16linear::applies(&x2, &self.weight) {
+                    crate::kernels::bf16linear::linear(&x2, &self.weight)?
+                } else if crate::kernels::frozen::applies(&x2, &self.weight) {
                     crate::kernels::frozen::linear(&x2, &self.weight)?
                 } else {
                     x2.matmul(&cast(&self.weight, x.dtype())?.t()?)?
@@ -461,10 +465,11 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Weights stored in bf16 under f32 activations (`--dtype bf16` on the CPU) are cast
-        // up (a vector each) so the fused kernel still applies: torch too runs the affine
-        // part in f32.
-        if x.dtype() == DType::F32 {
-            let (w, b) = (cast(&self.weight, x.dtype())?, cast(&self.bias, x.dtype())?);
+        // up (a vector each) so the fused kernel still applies, and bf16 activations run
+        // widened: torch too runs the affine part in f32.
+        if matches!(x.dtype(), DType::F32 | DType::BF16) {
+            let up = upcast(x.dtype());
+            let (w, b) = (cast(&self.weight, up)?, cast(&self.bias, up)?);
             if elementwise::applies(&[x, &w, &b]) {
                 return elementwise::layer_norm(x, &w, &b, self.eps);
             }

@@ -168,6 +168,21 @@ impl Qwen2Vl {
         Ok(packed)
     }
 
+    /// Readies a model that only scores completions, never trained (GRPO's KL reference): a
+    /// bf16 model on the CPU is prepared for inference ([`Self::prepare_for_inference`]),
+    /// so its pass runs on the bf16 inference kernels (bf16 weights, f32 activations rounded
+    /// to bf16 inside the products, `vdpbf16ps`) instead of candle's generic bf16 ops: the
+    /// reference pass of a bf16 step took twice the f32 one's time (issue #29). Its
+    /// log-probs are then those `--dtype bf16` inference gives. Other models are left as
+    /// they are (f32 keeps the numbers of the policy's own pass). Returns how many layers
+    /// were repacked.
+    pub fn prepare_for_scoring(&mut self) -> Result<usize> {
+        if self.dtype != DType::BF16 {
+            return Ok(0);
+        }
+        self.prepare_for_inference()
+    }
+
     /// The same model with every LoRA adapter switched off (sharing the base weights): GRPO's
     /// KL reference under LoRA.
     pub fn without_adapters(&self) -> Self {

@@ -199,11 +199,9 @@ impl GrpoRun {
             // Under LoRA the reference is the frozen base itself, adapters off: no copy.
             Some(policy.model.without_adapters())
         } else if config.method.beta != 0.0 {
-            Some(Qwen2Vl::load(
-                &config.run.model,
-                config.run.compute_dtype()?,
-                &device,
-            )?)
+            let mut r = Qwen2Vl::load(&config.run.model, config.run.compute_dtype()?, &device)?;
+            r.prepare_for_scoring()?;
+            Some(r)
         } else {
             None
         };

@@ -113,9 +113,10 @@ impl Dims {
 }
 
 /// How the training passes run, which decides what they keep. `fused`: the CPU kernels
-/// for f32 (attention, norms, rotary, SwiGLU, log-softmax as single ops that keep little);
-/// otherwise (bf16 on the CPU, any GPU) they are composed of tensor ops, every intermediate
-/// of which candle's graph holds until the backward pass.
+/// (attention, norms, rotary, SwiGLU, log-softmax as single ops that keep little; bf16
+/// tensors run through them widened, keeping only their bf16 inputs and outputs);
+/// otherwise (any GPU, or `MEDVLM_PLAIN_OPS`) they are composed of tensor ops, every
+/// intermediate of which candle's graph holds until the backward pass.
 #[derive(Clone, Copy)]
 struct Regime {
     fused: bool,
@@ -261,8 +262,13 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     let d = Dims::of(c);
     let sh = params(c)?;
     let b = bytes_of(p.compute);
+    let cpu_kernels = p.cpu && crate::kernels::cpu_kernels();
+    // bf16 on a CPU with AVX-512 BF16: linear layers and the LM head run on bf16 dot
+    // products; models that only score or decode (the reference, the rollout copy) are
+    // prepared for inference, bf16 weights under f32 activations.
+    let bf16_dot = cpu_kernels && p.compute == DType::BF16 && crate::kernels::bf16dot::available();
     let regime = Regime {
-        fused: p.cpu && p.compute == DType::F32 && crate::kernels::cpu_kernels(),
+        fused: cpu_kernels && matches!(p.compute, DType::F32 | DType::BF16),
         b,
     };
     let lora = p.lora.as_ref().filter(|l| l.enabled());
@@ -411,8 +417,12 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
 
     // The LM head over the micro-batch's tokens (f32): the fused kernel keeps one softmax;
     // as tensor ops the logits, log-softmax and its intermediates live at once, and the
-    // weight is read in f32.
-    let head_f32_copy = if regime.fused || (lora.is_none() && b == 4) {
+    // weight is read in f32. bf16 compute on the CPU takes the kernel where AVX-512 BF16
+    // multiplies it: through the tensor ops it had measured 1.2 GB over this plan at the
+    // bench model's 151,936-word vocabulary (5.58 GB peak against 4.4 planned), memory
+    // that grew with the vocabulary while the small-vocabulary sweep stayed within 10%.
+    let head_kernel = cpu_kernels && (b == 4 || bf16_dot);
+    let head_f32_copy = if head_kernel || (lora.is_none() && b == 4) {
         0
     } else {
         d.vocab * d.h * 4
@@ -420,7 +430,7 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     // When the head is a trained variable (full fine-tuning) candle records the tensor ops
     // on it, and the saved softmax then holds the logits, the scaled logits, the
     // log-softmax's difference, exponential and result (backward adds two more).
-    let lm_head = if regime.fused {
+    let lm_head = if head_kernel {
         tokens * d.vocab * 4
     } else if lora.is_none() {
         8 * tokens * d.vocab * 4
@@ -434,8 +444,10 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     // the CPU a custom op casts the frozen base again in the backward pass instead). Every
     // pass casts again: the completions' and each open prompt's.
     let base_dtype = lora.and_then(|l| l.base_dtype().ok());
+    // (On the CPU with AVX-512 BF16, bf16 linear layers round the f32 masters again in the
+    // backward pass instead: `kernels::bf16linear`.)
     let kept_casts = match (lora, base_dtype) {
-        (None, _) => p.compute != DType::F32,
+        (None, _) => p.compute != DType::F32 && !bf16_dot,
         (Some(_), Some(bd)) => !p.cpu && bd != p.compute,
         (Some(_), None) => false,
     };
@@ -460,42 +472,52 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     // every row (the previous step's are held until the new ones exist), one layer's
     // activations with its attention scores, and a group's logits copied out in f32 rows
     // to sample from (the heap keeps those rows' memory for the next step's copy).
+    // A bf16 run with AVX-512 BF16 (not LoRA) decodes and scores the reference with
+    // models prepared for inference: f32 activations, caches and logits; its rollouts with
+    // a bf16 copy of the weights, built for each rollout (`TrainableModel::rollout_model`).
+    let prepared = bf16_dot && lora.is_none();
+    let sb = if prepared { 4 } else { b };
+    let rollout_copy = if prepared && grpo { 2 * sh.total } else { 0 };
     let kv_cache = if grpo {
-        seqs * (pt + ct) * layers * 2 * d.kv * b
+        seqs * (pt + ct) * layers * 2 * d.kv * sb
     } else {
         0
     };
     let seq_state = seqs * (8 * (pt + ct) + 4 * ct + 512);
-    let logits = seqs * d.vocab * b;
+    let logits = seqs * d.vocab * sb;
     let sampled = group * d.vocab * 4 * (1 + regime.upcast() / 4);
-    let decode_layer = seqs * ((3 * d.h + 3 * d.i) * b + d.heads * (pt + ct) * 8);
+    let decode_layer = seqs * ((3 * d.h + 3 * d.i) * sb + d.heads * (pt + ct) * 8);
     let decode = logits + logits.max(decode_layer) + sampled;
-    let prefill = pt * (3 * d.h + 3 * d.i) * b
+    let prefill = pt * (3 * d.h + 3 * d.i) * sb
         + if regime.fused || !p.cpu && b == 4 {
             0
         } else {
             d.heads * pt * pt * 12
         }
-        + patches * (3 * d.v_d + 2 * d.v_m) * b
+        + patches * (3 * d.v_d + 2 * d.v_m) * sb
         + regime.scores(d.v_heads, patches, patches, false) / 2;
-    let generation = if grpo { decode.max(prefill) } else { 0 };
+    let generation = if grpo {
+        decode.max(prefill) + rollout_copy
+    } else {
+        0
+    };
 
     // The reference model's (and sampling policy's) log-probs: no graph; the open prompts'
     // keys and values, one layer's activations at a time, the LM head in chunks (kept as
     // the scratch buffer the policy pass reuses).
     let chunk_rows = ((320u64 << 20) / (4 * d.vocab)).clamp(1, tokens);
-    let infer_head = if regime.fused {
+    let infer_head = if head_kernel {
         chunk_rows * d.vocab * 4
     } else {
         4 * tokens * d.vocab * 4 + head_f32_copy
     };
-    let infer_rows = tokens * (3 * d.h + 3 * d.i) * b
+    let infer_rows = tokens * (3 * d.h + 3 * d.i) * sb
         + if regime.fused {
             0
         } else {
             d.heads * ct * (pp + ct) * 12
         };
-    let fixed_pass = open * prompt_kv + infer_rows + infer_head;
+    let fixed_pass = open * prompt_kv / b * sb + infer_rows + infer_head;
 
     // candle's backward pass holds the gradients of the tensors whose consumers it has been
     // through and they not yet: measured at 22 bytes per token and unit of i + h (the MLP's

@@ -17,12 +17,17 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, D};
 
 use crate::kernels::gemm::{matmul, Mat};
-use crate::kernels::{is_cpu_f32_contiguous, softmax, with_f32, workspace};
+use crate::kernels::{
+    bf16dot, cpu_kernels, is_cpu_f32_contiguous, softmax, with_bf16, with_f32, workspace,
+};
 
 /// Logit rows computed at once when no backward pass follows. The matmul packs the whole
 /// weight once per call, so fewer, larger chunks cost less: 320 MB holds ~512 rows of
 /// Qwen2-VL's vocabulary, where packing is ~5% of the multiply.
 const ROWS_PER_CHUNK_BYTES: usize = 320 << 20;
+
+/// Rows of a bf16 head widened to f32 at a time in the backward pass (8 MB).
+const WIDENED_BLOCK_BYTES: usize = 8 << 20;
 
 /// What the backward pass needs from the forward pass.
 pub struct Saved {
@@ -77,10 +82,29 @@ pub fn forward(
         bail!("token id {bad} is outside the vocabulary ({vocab})");
     }
     let inv_temp = (1.0 / temperature) as f32;
-    if is_cpu_f32_contiguous(hidden) && is_cpu_f32_contiguous(weight) {
-        let out = with_f32(hidden, |hs| {
-            with_f32(weight, |ws| {
-                cpu_forward(hs, ws, (t, h, vocab), targets, inv_temp, keep, entropy)
+    // bf16 runs on the CPU take the kernels too: the tensor ops below hold several tokens x
+    // vocabulary f32 tensors at once and (for a bf16 weight) an f32 copy of the weight,
+    // which made the LM head the largest part of a bf16 step's memory and time. bf16 hidden
+    // states (bf16 compute) multiply on bf16 dot products, as PyTorch's autocast multiplies
+    // them: an f32 weight and the logits' gradient rounded to bf16, sums in f32 (the
+    // logits and the weight's gradient stay f32, where autocast rounds them too). Against a
+    // bf16 weight f32 hidden states are rounded to bf16, as bf16 inference's LM head does.
+    let hidden_cpu = if cpu_kernels() && hidden.device().is_cpu() {
+        match (hidden.dtype(), weight.dtype()) {
+            (DType::F32, _) => Some(hidden.contiguous()?),
+            (DType::BF16, DType::F32 | DType::BF16) if bf16dot::available() => {
+                Some(hidden.contiguous()?)
+            }
+            (DType::BF16, DType::F32) => Some(hidden.to_dtype(DType::F32)?),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if let Some(hc) = hidden_cpu {
+        let out = head_weight(weight, |w| {
+            with_hidden(&hc, |hs| {
+                cpu_forward(hs, w, (t, h, vocab), targets, inv_temp, keep, entropy)
             })
         })
         .flatten()
@@ -88,7 +112,7 @@ pub fn forward(
         if let Some(out) = out {
             let saved = out.probs.map(|p| Saved {
                 probs: Probs::Cpu(p),
-                hidden: hidden.clone(),
+                hidden: hc,
                 targets: targets.to_vec(),
                 inv_temp,
             });
@@ -159,19 +183,98 @@ fn pick(
     }
 }
 
+/// The LM head's weight (vocab x h) as the CPU kernels read it.
+#[derive(Clone, Copy)]
+enum HeadWeight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+/// Runs `f` on the contiguous f32 or bf16 data of a CPU weight; `None` otherwise.
+fn head_weight<R>(w: &Tensor, f: impl FnOnce(HeadWeight) -> R) -> Option<R> {
+    if !w.is_contiguous() {
+        return None;
+    }
+    match w.dtype() {
+        DType::F32 => with_f32(w, |ws| f(HeadWeight::F32(ws))),
+        DType::BF16 if bf16dot::available() => with_bf16(w, |ws| f(HeadWeight::Bf16(ws))),
+        _ => None,
+    }
+}
+
+/// Hidden states on the CPU, f32 or bf16.
+#[derive(Clone, Copy)]
+enum Hidden<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+fn with_hidden<R>(h: &Tensor, f: impl FnOnce(Hidden) -> R) -> Option<R> {
+    match h.dtype() {
+        DType::F32 => with_f32(h, |hs| f(Hidden::F32(hs))),
+        DType::BF16 => with_bf16(h, |hs| f(Hidden::Bf16(hs))),
+        _ => None,
+    }
+}
+
+/// `out (rows x vocab) = hidden rows · Wᵀ`: f32 gemm for an f32 weight (hidden states f32),
+/// bf16 dot products for a bf16 weight.
+fn logits(hs: Hidden, w: HeadWeight, (rows, h, vocab): (usize, usize, usize), out: &mut [f32]) {
+    match (w, hs) {
+        (HeadWeight::F32(ws), Hidden::F32(hs)) => matmul(
+            out,
+            Mat::rows(hs, rows, h),
+            Mat::rows(ws, vocab, h).t(),
+            1.0,
+            false,
+            threads(),
+        ),
+        (HeadWeight::Bf16(ws), hs) => {
+            let a = match hs {
+                Hidden::F32(v) => bf16dot::Elems::F32(v),
+                Hidden::Bf16(v) => bf16dot::Elems::Bf16(v),
+            };
+            let done = bf16dot::matmul(
+                bf16dot::Operand::rows(a),
+                bf16dot::Operand::rows(bf16dot::Elems::Bf16(ws)).t(),
+                (rows, h, vocab),
+                out,
+            );
+            // `head_weight` hands out a bf16 weight only where AVX-512 BF16 is present.
+            debug_assert!(done);
+        }
+        (HeadWeight::F32(ws), Hidden::Bf16(hs)) => {
+            let done = bf16dot::matmul(
+                bf16dot::Operand::rows(bf16dot::Elems::Bf16(hs)),
+                bf16dot::Operand::rows(bf16dot::Elems::F32(ws)).t(),
+                (rows, h, vocab),
+                out,
+            );
+            // `forward` keeps bf16 hidden states only where AVX-512 BF16 is present.
+            debug_assert!(done);
+        }
+    }
+}
+
+fn hidden_rows<'a>(hs: Hidden<'a>, start: usize, end: usize, h: usize) -> Hidden<'a> {
+    match hs {
+        Hidden::F32(v) => Hidden::F32(&v[start * h..end * h]),
+        Hidden::Bf16(v) => Hidden::Bf16(&v[start * h..end * h]),
+    }
+}
+
 fn cpu_forward(
-    hs: &[f32],
-    ws: &[f32],
+    hs: Hidden,
+    w: HeadWeight,
     (t, h, vocab): (usize, usize, usize),
     targets: &[u32],
     inv_temp: f32,
     keep: bool,
     entropy: bool,
 ) -> Option<CpuOut> {
-    let w_t = Mat::rows(ws, vocab, h).t();
     if keep {
         let mut probs = workspace::take(t * vocab);
-        matmul(&mut probs, Mat::rows(hs, t, h), w_t, 1.0, false, threads());
+        logits(hs, w, (t, h, vocab), &mut probs);
         let (logp, entropy) = pick(&mut probs, vocab, targets, inv_temp, true, entropy);
         return Some(CpuOut {
             logp,
@@ -186,13 +289,11 @@ fn cpu_forward(
     for start in (0..t).step_by(rows) {
         let r = rows.min(t - start);
         let chunk = &mut buf[..r * vocab];
-        matmul(
+        logits(
+            hidden_rows(hs, start, start + r, h),
+            w,
+            (r, h, vocab),
             chunk,
-            Mat::rows(&hs[start * h..(start + r) * h], r, h),
-            w_t,
-            1.0,
-            false,
-            threads(),
         );
         let (lp, h) = pick(
             chunk,
@@ -272,31 +373,68 @@ impl Saved {
                         row.iter_mut().for_each(|p| *p *= -c);
                         row[target as usize] += c;
                     });
-                let dh = with_f32(weight, |ws| {
+                let bf16_compute = self.hidden.dtype() == DType::BF16;
+                let dh = head_weight(weight, |w| {
                     let mut dh = vec![0f32; t * h];
-                    matmul(
-                        &mut dh,
-                        Mat::rows(&probs, t, vocab),
-                        Mat::rows(ws, vocab, h),
-                        1.0,
-                        false,
-                        threads(),
-                    );
+                    match w {
+                        // bf16 compute: on bf16 dot products, as the forward pass.
+                        HeadWeight::F32(ws) if bf16_compute => {
+                            let done = bf16dot::matmul(
+                                bf16dot::Operand::rows(bf16dot::Elems::F32(&probs)),
+                                bf16dot::Operand::rows(bf16dot::Elems::F32(ws)),
+                                (t, vocab, h),
+                                &mut dh,
+                            );
+                            debug_assert!(done);
+                        }
+                        HeadWeight::F32(ws) => matmul(
+                            &mut dh,
+                            Mat::rows(&probs, t, vocab),
+                            Mat::rows(ws, vocab, h),
+                            1.0,
+                            false,
+                            threads(),
+                        ),
+                        // A frozen bf16 head (LoRA under bf16 compute): the f32 gradient
+                        // times the weight widened (exactly) a block of rows at a time, as
+                        // the tensor ops multiply it, without an f32 copy of the whole head.
+                        HeadWeight::Bf16(ws) => {
+                            let block = (WIDENED_BLOCK_BYTES / (4 * h.max(1))).max(1);
+                            let mut wide = vec![0f32; block.min(vocab) * h];
+                            for r0 in (0..vocab).step_by(block) {
+                                let r = block.min(vocab - r0);
+                                let wide = &mut wide[..r * h];
+                                for (d, s) in wide.iter_mut().zip(&ws[r0 * h..(r0 + r) * h]) {
+                                    *d = s.to_f32();
+                                }
+                                let g = Mat {
+                                    data: &probs[r0..],
+                                    rows: t,
+                                    cols: r,
+                                    row_stride: vocab,
+                                    col_stride: 1,
+                                };
+                                matmul(&mut dh, g, Mat::rows(wide, r, h), 1.0, r0 > 0, threads());
+                            }
+                        }
+                    }
                     dh
                 })
                 .ok_or_else(|| anyhow::anyhow!("LM head weight is not on the CPU"))?;
+                // ∂L/∂W from the hidden states widened (exactly), in f32.
+                let hidden = self.hidden.to_dtype(DType::F32)?;
                 match grad_w {
                     None => {}
                     Some(Some(acc)) if is_cpu_f32_contiguous(acc) => {
                         acc.inplace_op1(&AddTransposedProduct {
                             lhs: &probs,
-                            rhs: &self.hidden,
+                            rhs: &hidden,
                             k: t,
                             m: vocab,
                         })?;
                     }
                     Some(slot) => {
-                        let dw = with_f32(&self.hidden, |hs| {
+                        let dw = with_f32(&hidden, |hs| {
                             let mut dw = vec![0f32; vocab * h];
                             matmul(
                                 &mut dw,
