@@ -60,6 +60,29 @@ pub fn medvlm_with_backtrace(args: &[&str], bt: Option<&str>) -> (bool, String, 
     )
 }
 
+/// The fixture images a reference case (or GRPO group) lists under `images`, loaded by
+/// `proc` in order.
+pub fn case_images(
+    proc: &medvlm::processor::Processor,
+    case: &Value,
+) -> Vec<medvlm::processor::PixelPatches> {
+    case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            proc.load_image(&fixture_image(n.as_str().unwrap()))
+                .unwrap()
+        })
+        .collect()
+}
+
+/// A reference case's prompt (its `messages` and `images`) as `proc` prepares it.
+pub fn case_prompt(proc: &medvlm::processor::Processor, case: &Value) -> medvlm::processor::Prompt {
+    proc.prepare(&messages(&case["messages"]), case_images(proc, case), true)
+        .unwrap()
+}
+
 /// A path as a command-line argument.
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()

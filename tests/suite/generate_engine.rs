@@ -24,23 +24,7 @@ fn fixture_in(name: &str, dtype: DType) -> Fixture {
     let model = Qwen2Vl::load(&dir, dtype, &Device::Cpu).unwrap();
     let proc = Processor::from_dir(&dir, &ProcessorOptions::default()).unwrap();
     let cases = load_cases(name);
-    let prompts = cases
-        .list()
-        .iter()
-        .map(|c| {
-            let images = c["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| {
-                    proc.load_image(&fixture_image(n.as_str().unwrap()))
-                        .unwrap()
-                })
-                .collect();
-            proc.prepare(&messages(&c["messages"]), images, true)
-                .unwrap()
-        })
-        .collect();
+    let prompts = cases.list().iter().map(|c| case_prompt(&proc, c)).collect();
     Fixture {
         model,
         proc,

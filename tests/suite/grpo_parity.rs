@@ -622,18 +622,9 @@ fn bf16_step_check(prefix: &str, reference_model: &str) {
     let prompts: Vec<Prompt> = groups
         .iter()
         .map(|g| {
-            let images = g["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| {
-                    proc.load_image(&fixture_image(n.as_str().unwrap()))
-                        .unwrap()
-                })
-                .collect();
             proc.prepare(
                 &[Message::user_with_images(1, g["text"].as_str().unwrap())],
-                images,
+                case_images(&proc, g),
                 true,
             )
             .unwrap()

@@ -23,19 +23,7 @@ fn load(name: &str, dtype: DType) -> Loaded {
 }
 
 fn prompt_for(l: &Loaded, case: &serde_json::Value) -> Prompt {
-    let images = case["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            l.proc
-                .load_image(&fixture_image(n.as_str().unwrap()))
-                .unwrap()
-        })
-        .collect();
-    l.proc
-        .prepare(&messages(&case["messages"]), images, true)
-        .unwrap()
+    case_prompt(&l.proc, case)
 }
 
 fn stop_ids(l: &Loaded) -> Vec<u32> {

@@ -56,18 +56,7 @@ fn logits(name: &str, dtype: DType, quant: Option<QuantKind>) -> (Tensor, Tensor
         .iter()
         .find(|c| c["name"] == "one_image")
         .unwrap();
-    let images = case["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            proc.load_image(&fixture_image(n.as_str().unwrap()))
-                .unwrap()
-        })
-        .collect();
-    let prompt = proc
-        .prepare(&messages(&case["messages"]), images, true)
-        .unwrap();
+    let prompt = case_prompt(&proc, case);
     let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
     let got = model
         .forward_logits(&prompt.input_ids, pixels.as_ref(), &prompt.grids())
