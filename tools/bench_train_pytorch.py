@@ -5,7 +5,7 @@ so the README can compare the two side by side (same machine, same threads, same
     python tools/bench_train_pytorch.py --threads 2 [--prompts 1 --group 8 --completion-len 256
                                          --micro-batch 2 --beta 0.04 --steps 3]
 
-Same random model (src/model/presets/qwen2-vl-bench.json, f32), same prompt shape (20 text tokens, one
+Same random model (src/model/presets/qwen2-vl-bench.json, or --config, f32), same prompt shape (20 text tokens, one
 224x224 image = 64 image tokens, text up to 261 tokens), same work per optimizer step:
   1. generation: the prompt repeated G times (TRL's RepeatSampler), model.generate with
      sampling at temperature 1, every completion forced to --completion-len tokens;
@@ -43,8 +43,12 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VL
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def text_ids(n, salt):
-    return [1000 + (i * 7919 + salt * 104729) % 140000 for i in range(n)]
+def text_ids(n, salt, cfg):
+    """medvlm's bench text ids (src/bench/mod.rs text_ids / in_vocab): ordinary tokens below the
+    vision tokens and the vocabulary's end."""
+    vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None) or cfg.vocab_size
+    limit = max(1, min(vocab, cfg.vision_start_token_id, cfg.image_token_id))
+    return [(1000 + (i * 7919 + salt * 104729) % 140000) % limit for i in range(n)]
 
 
 def selective_log_softmax(logits, index):
@@ -69,6 +73,9 @@ def per_token_logps(model, ids, mask, pixel_values, grid, logits_to_keep, temper
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(ROOT, "src", "model", "presets", "qwen2-vl-bench.json"),
+                    help="the model shape (random weights), as `medvlm bench train --config` / --preset: "
+                         "e.g. src/model/presets/qwen2-vl-bench-layers.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=1)
     ap.add_argument("--group", type=int, default=8)
@@ -87,7 +94,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cfg = Qwen2VLConfig(**json.load(open(os.path.join(ROOT, "src", "model", "presets", "qwen2-vl-bench.json"))))
+    cfg = Qwen2VLConfig(**json.load(open(args.config)))
     cfg._attn_implementation = "sdpa"
     policy = Qwen2VLForConditionalGeneration(cfg)
     policy.train()
@@ -111,8 +118,8 @@ def main():
     grid = pv["image_grid_thw"]
     n_img = int(grid.prod()) // 4
     fixed = 20 + n_img + 2
-    ids = text_ids(20, 1) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
-    ids += [cfg.vision_end_token_id] + text_ids(args.prompt_tokens - fixed, 2)
+    ids = text_ids(20, 1, cfg) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
+    ids += [cfg.vision_end_token_id] + text_ids(args.prompt_tokens - fixed, 2, cfg)
     B, G, C, mb = args.prompts, args.group, args.completion_len, args.micro_batch
     rows = B * G
     prompt_ids = torch.tensor([ids] * rows)
@@ -125,7 +132,7 @@ def main():
     if args.sft:
         for step in range(args.steps):
             t0 = time.perf_counter()
-            targets = torch.tensor([text_ids(C, 3 + step * rows + i) for i in range(rows)])
+            targets = torch.tensor([text_ids(C, 3 + step * rows + i, cfg) for i in range(rows)])
             full = torch.cat([prompt_ids, targets], 1)
             labels = torch.cat([torch.full_like(prompt_ids, -100), targets], 1)
             n_items = torch.tensor(rows * C)

@@ -12,6 +12,14 @@ runs in the converter's venv and imports gguf-py from the llama.cpp tree).
       (special) tokens are the checkpoint's, which are Qwen2-VL's (ids 151643..151656), and
       the converter pads the vocabulary to config.json's 151,936, so the embedding and the LM
       head keep their shape.
+      With GPT-2's vocabulary (models/ggml-vocab-gpt-2.gguf, pre-tokenizer "gpt-2") the
+      tokenizer.json also takes GPT-2's byte-level pre-tokenizer, so the converter's hash check
+      recognises it; the checkpoint must then come from `small-vocab`.
+  small-vocab --checkpoint DIR --base-vocab N --vocab-size V --out DIR
+      The second benchmark shape: the checkpoint's model with a V-row vocabulary (the first V
+      rows of its embedding, and of its LM head if untied), the Qwen2-VL special tokens moved
+      to ids N.. (right after GPT-2's N normal tokens) in tokenizer.json and config.json, the
+      other tensors as they are. Runs in the converter's venv (torch, safetensors).
   png --out FILE
       The 448x448 test card `medvlm bench generate` encodes (src/bench/mod.rs, test_image).
   table --out DIR
@@ -44,8 +52,9 @@ def cmd_tokenizer(a):
     tokens = r.fields["tokenizer.ggml.tokens"].contents()
     types = r.fields["tokenizer.ggml.token_type"].contents()
     merges = r.fields["tokenizer.ggml.merges"].contents()
-    if r.fields["tokenizer.ggml.pre"].contents() != "qwen2":
-        sys.exit(f"{a.vocab_gguf}: not Qwen2's vocabulary")
+    pre = r.fields["tokenizer.ggml.pre"].contents()
+    if pre not in ("qwen2", "gpt-2"):
+        sys.exit(f"{a.vocab_gguf}: neither Qwen2's nor GPT-2's vocabulary (pre-tokenizer {pre})")
     # Normal tokens (type 1) come first, ids 0..151642; control and padding entries follow.
     n_normal = sum(1 for t in types if t == 1)
     if any(t != 1 for t in types[:n_normal]):
@@ -60,6 +69,14 @@ def cmd_tokenizer(a):
         sys.exit("an added token lies beyond config.json's vocab_size")
     tok["model"]["vocab"] = {t: i for i, t in enumerate(tokens[:n_normal])}
     tok["model"]["merges"] = [m.split(" ", 1) for m in merges]
+    if pre == "gpt-2":
+        # GPT-2's tokenizer: byte-level with its own split regex, no normalizer. The
+        # converter hashes how the tokenizer splits a test text; only GPT-2's own
+        # pre-tokenizer gives GPT-2's hash.
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        tok["normalizer"] = None
+        tok["pre_tokenizer"] = byte_level
+        tok["decoder"] = byte_level
     (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
 
     for name in os.listdir(ckpt):
@@ -71,9 +88,82 @@ def cmd_tokenizer(a):
             dst.unlink()
         dst.symlink_to(src)
     print(
-        f"{out}: Qwen2 vocabulary ({n_normal} tokens, {len(merges)} merges) + "
+        f"{out}: {pre} vocabulary ({n_normal} tokens, {len(merges)} merges) + "
         f"{len(added)} added tokens of the checkpoint; weights linked from {ckpt}"
     )
+
+
+# --------------------------------------------------------------------------- small vocabulary
+
+
+# config.json fields that hold a special token's id.
+TOKEN_ID_FIELDS = (
+    "bos_token_id", "eos_token_id", "pad_token_id", "image_token_id", "video_token_id",
+    "vision_start_token_id", "vision_end_token_id", "vision_token_id",
+)
+
+
+def cmd_small_vocab(a):
+    import torch  # the converter's venv
+    from safetensors.torch import load_file, save_file
+
+    ckpt = Path(a.checkpoint).resolve()
+    out = Path(a.out)
+    if out.exists():
+        sys.exit(f"{out}: already exists")
+    stage = out.with_name(out.name + ".part")
+    if stage.exists():
+        import shutil
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    first = min(t["id"] for t in tok["added_tokens"])
+    remap = lambda i: i - first + a.base_vocab
+    if remap(max(t["id"] for t in tok["added_tokens"])) >= a.vocab_size:
+        sys.exit("the special tokens do not fit below --vocab-size")
+    for t in tok["added_tokens"]:
+        t["id"] = remap(t["id"])
+    # Normal tokens are replaced by `tokenizer` (GPT-2's); keep only ids below the base.
+    tok["model"]["vocab"] = {k: v for k, v in tok["model"]["vocab"].items() if v < a.base_vocab}
+    for k in TOKEN_ID_FIELDS:
+        v = cfg.get(k)
+        if isinstance(v, int) and v >= first:
+            cfg[k] = remap(v)
+    cfg["vocab_size"] = a.vocab_size
+    (stage / "config.json").write_text(json.dumps(cfg, indent=2))
+    (stage / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        f = ckpt / name
+        if f.exists():
+            j = json.loads(f.read_text())
+            for k in TOKEN_ID_FIELDS:
+                v = j.get(k)
+                if isinstance(v, int) and v >= first:
+                    j[k] = remap(v)
+                elif isinstance(v, list):
+                    j[k] = [remap(x) if isinstance(x, int) and x >= first else x for x in v]
+            if "added_tokens_decoder" in j:
+                j["added_tokens_decoder"] = {
+                    str(remap(int(k)) if int(k) >= first else k): v
+                    for k, v in j["added_tokens_decoder"].items()
+                }
+            (stage / name).write_text(json.dumps(j, indent=2))
+    for name in os.listdir(ckpt):
+        if not (stage / name).exists() and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+            (stage / name).write_bytes((ckpt / name).read_bytes())
+    index = {"metadata": {}, "weight_map": {}}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        for n in list(tensors):
+            if n.endswith("embed_tokens.weight") or n == "lm_head.weight":
+                tensors[n] = tensors[n][: a.vocab_size].contiguous()
+            index["weight_map"][n] = shard.name
+        save_file(tensors, str(stage / shard.name), metadata={"format": "pt"})
+        del tensors
+    (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    stage.rename(out)
+    print(f"{out}: {ckpt.name} with a {a.vocab_size}-row vocabulary, special tokens from id {a.base_vocab}")
 
 
 # --------------------------------------------------------------------------- png
@@ -228,7 +318,8 @@ def cmd_table(a):
         f"{len(reps)} alternating round(s), one value per round"
     )
     lines.append("")
-    lines.append("| Qwen2-VL-2B shape, random weights | " + " | ".join(c[0] for c in cols) + " |")
+    shape = meta.get("shape", "Qwen2-VL-2B shape, random weights")
+    lines.append(f"| {shape} | " + " | ".join(c[0] for c in cols) + " |")
     lines.append("| --- |" + " --- |" * len(cols))
     nt = meta["llama_new_tokens"]
     lines.append(row(f"decode, batch 1, {nt} new tokens", "decode_tok_s", 1, " tok/s"))
@@ -263,12 +354,17 @@ def main():
     t.add_argument("--checkpoint", required=True)
     t.add_argument("--vocab-gguf", required=True)
     t.add_argument("--out", required=True)
+    v = sub.add_parser("small-vocab")
+    v.add_argument("--checkpoint", required=True)
+    v.add_argument("--base-vocab", type=int, required=True)
+    v.add_argument("--vocab-size", type=int, required=True)
+    v.add_argument("--out", required=True)
     g = sub.add_parser("png")
     g.add_argument("--out", required=True)
     s = sub.add_parser("table")
     s.add_argument("--out", required=True)
     a = p.parse_args()
-    {"tokenizer": cmd_tokenizer, "png": cmd_png, "table": cmd_table}[a.cmd](a)
+    {"tokenizer": cmd_tokenizer, "small-vocab": cmd_small_vocab, "png": cmd_png, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":

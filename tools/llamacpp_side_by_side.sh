@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# llama.cpp and medvlm side by side at Qwen2-VL-2B's shape, random weights, on this CPU, with the
-# same threads, pinned to the same cores, alternating engines in one run.
+# llama.cpp and medvlm side by side at Qwen2-VL-2B's shape (or a second shape, SHAPE below), random
+# weights, on this CPU, with the same threads, pinned to the same cores, alternating engines in one
+# run.
 #
 #   tools/llamacpp_side_by_side.sh --out DIR [--reps N] [--engines llama,medvlm] [--prepare-only]
 #
@@ -31,7 +32,18 @@
 #     binary does not accept is skipped and noted.
 #  4. Prints a markdown table (also DIR/table.md; DIR/summary.json; raw outputs in DIR/raw/).
 #
+# Shapes (SHAPE):
+#   qwen2-vl-2b       Qwen2-VL-2B-Instruct as released: its 151,936-row LM head is 15% of the text
+#                     model's weights, which flatters whichever engine has the faster LM head.
+#   qwen2-vl-2b-v50k  The same 28 layers and vision tower with GPT-2's vocabulary (50,257 tokens +
+#                     the 14 Qwen2-VL special tokens, 50,304 rows): the LM head is 5.5% of the
+#                     text weights, so the decoder layers decide. The checkpoint is the 2B one with
+#                     its embedding cut to 50,304 rows (tools/llamacpp_side_by_side.py small-vocab),
+#                     its tokenizer GPT-2's, from models/ggml-vocab-gpt-2.gguf of the llama.cpp
+#                     tree; medvlm runs `bench generate --config` on the same config.json.
+#
 # Environment (defaults in brackets):
+#   SHAPE            qwen2-vl-2b or qwen2-vl-2b-v50k  [qwen2-vl-2b]
 #   LLAMA_CPP_DIR    llama.cpp cache: sdist, source, build/, models/  [~/.cache/medvlm-llamacpp]
 #   LLCONV_VENV      venv for cmake, ninja and the converter (torch, transformers)  [/tmp/llconv]
 #   MEDVLM           medvlm binary  [target/release/medvlm of this checkout]
@@ -52,6 +64,11 @@ SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 LLAMA_CPP_DIR="${LLAMA_CPP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/medvlm-llamacpp}"
 LLCONV_VENV="${LLCONV_VENV:-/tmp/llconv}"
 MEDVLM="${MEDVLM:-$repo/target/release/medvlm}"
+SHAPE="${SHAPE:-qwen2-vl-2b}"
+case "$SHAPE" in
+  qwen2-vl-2b|qwen2-vl-2b-v50k) ;;
+  *) echo "SHAPE=$SHAPE: expected qwen2-vl-2b or qwen2-vl-2b-v50k" >&2; exit 2 ;;
+esac
 LLAMA_VARIANTS="${LLAMA_VARIANTS:-bf16 q8_0 q4_1 q4_k_m}"
 MEDVLM_VARIANTS="${MEDVLM_VARIANTS:-bf16 f32 q8_0 q4_1}"
 MMPROJ_TYPE="${MMPROJ_TYPE:-f16}"
@@ -79,10 +96,18 @@ log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 src="$LLAMA_CPP_DIR/llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp"
 bin="$LLAMA_CPP_DIR/build/bin"
 models="$LLAMA_CPP_DIR/models"
-ckpt="$models/hf-qwen2-vl-2b"
-stage="$models/stage-qwen2-vl-2b"
-mmproj="$models/mmproj-qwen2-vl-2b-$MMPROJ_TYPE.gguf"
-gguf() { echo "$models/qwen2-vl-2b-$1.gguf"; }
+base_ckpt="$models/hf-qwen2-vl-2b"
+ckpt="$models/hf-$SHAPE"
+stage="$models/stage-$SHAPE"
+mmproj="$models/mmproj-$SHAPE-$MMPROJ_TYPE.gguf"
+gguf() { echo "$models/$SHAPE-$1.gguf"; }
+if [ "$SHAPE" = qwen2-vl-2b ]; then
+  vocab_gguf="$src/models/ggml-vocab-qwen2.gguf" shape_args="--preset qwen2-vl-2b"
+  shape_label="Qwen2-VL-2B shape, random weights"
+else
+  vocab_gguf="$src/models/ggml-vocab-gpt-2.gguf" shape_args="--config $ckpt/config.json"
+  shape_label="Qwen2-VL-2B layers, 50,304-token vocabulary, random weights"
+fi
 
 # ------------------------------------------------------------------ python venv (build + convert)
 venv_has() { [ -x "$LLCONV_VENV/bin/python" ] && "$LLCONV_VENV/bin/python" -c "$1" 2>/dev/null; }
@@ -126,18 +151,23 @@ ensure_build() {
 # ------------------------------------------------------------------ GGUFs
 ensure_models() {
   mkdir -p "$models"
-  if [ ! -f "$ckpt/config.json" ]; then
-    log "medvlm init --preset qwen2-vl-2b --out $ckpt (random bf16 weights, 4.4 GB)"
-    rm -rf "$ckpt"
-    "$MEDVLM" init --preset qwen2-vl-2b --out "$ckpt" >&2
+  if [ ! -f "$base_ckpt/config.json" ]; then
+    log "medvlm init --preset qwen2-vl-2b --out $base_ckpt (random bf16 weights, 4.4 GB)"
+    rm -rf "$base_ckpt"
+    "$MEDVLM" init --preset qwen2-vl-2b --out "$base_ckpt" >&2
   fi
   local need_convert=0
   [ -f "$(gguf bf16)" ] && [ -f "$mmproj" ] || need_convert=1
   if [ "$need_convert" = 1 ]; then
     ensure_venv 'import torch, transformers, numpy, sentencepiece, google.protobuf' \
       torch numpy sentencepiece 'transformers==4.57.6' 'protobuf>=4.21.0,<5.0.0'
+    if [ ! -f "$ckpt/config.json" ]; then
+      log "$ckpt: the 2B checkpoint with a 50,304-row vocabulary"
+      nice -n 19 "$LLCONV_VENV/bin/python" "$helper" small-vocab --checkpoint "$base_ckpt" \
+        --base-vocab 50257 --vocab-size 50304 --out "$ckpt" >&2
+    fi
     PYTHONPATH="$src/gguf-py" "$LLCONV_VENV/bin/python" "$helper" tokenizer \
-      --checkpoint "$ckpt" --vocab-gguf "$src/models/ggml-vocab-qwen2.gguf" --out "$stage" >&2
+      --checkpoint "$ckpt" --vocab-gguf "$vocab_gguf" --out "$stage" >&2
   fi
   if [ ! -f "$(gguf bf16)" ]; then
     log "convert_hf_to_gguf.py -> $(gguf bf16)"
@@ -209,6 +239,8 @@ python3 "$helper" png --out "$img"
 : > "$out/skipped.tsv"
 
 if want medvlm; then
+  [ "$SHAPE" = qwen2-vl-2b ] || [ -f "$ckpt/config.json" ] \
+    || { echo "no $ckpt/config.json: run with --prepare-only first" >&2; exit 1; }
   [ -x "$MEDVLM" ] || { echo "no medvlm binary at $MEDVLM (cargo build --release, or set MEDVLM)" >&2; exit 1; }
   medvlm_help="$("$MEDVLM" bench generate --help 2>&1 || true)"
 fi
@@ -253,7 +285,7 @@ run_medvlm() {  # $1 variant, $2 round dir
   log "medvlm $name: bench generate $args"
   # shellcheck disable=SC2086
   if ! /usr/bin/time -v -o "$r/medvlm-$name.time" taskset -c "$CPUS" "$MEDVLM" bench generate \
-      --preset qwen2-vl-2b --group 1 --new-tokens "$NEW_TOKENS" --threads "$THREADS" --json $args \
+      $shape_args --group 1 --new-tokens "$NEW_TOKENS" --threads "$THREADS" --json $args \
       > "$r/medvlm-$name.json" 2> "$r/medvlm-$name.err"; then
     if grep -q -E "unexpected argument|invalid value|not supported|unsupported" "$r/medvlm-$name.err"; then
       printf '%s\t%s\n' "$name" "$(grep -m1 -E 'error|Error' "$r/medvlm-$name.err" | tr '\t' ' ')" \
@@ -271,7 +303,7 @@ for i in "${!pair_llama[@]}"; do
   pairs_json+="${pairs_json:+,}{\"llama\":\"$l\",\"llama_label\":\"${l^^}\",\"medvlm\":\"$mv\"}"
 done
 cat > "$out/meta.json" <<JSON
-{"cpu": "$cpu_model (family $cpu_family, model $cpu_modelno; $cpu_flags)", "threads": $THREADS, "cpus": "$CPUS",
+{"shape": "$shape_label", "cpu": "$cpu_model (family $cpu_family, model $cpu_modelno; $cpu_flags)", "threads": $THREADS, "cpus": "$CPUS",
  "llama_version": "$llama_version", "medvlm_version": "$medvlm_version (checkout $medvlm_commit, binary of $medvlm_built)",
  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "llama_prompt_tokens": $PROMPT_TOKENS,
  "llama_new_tokens": $NEW_TOKENS, "llama_bench_reps": $LLAMA_BENCH_REPS,

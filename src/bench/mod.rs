@@ -22,9 +22,10 @@ pub const TEXT_BEFORE: usize = 20;
 pub const TEXT_AFTER: usize = 80;
 
 /// The model shape a benchmark runs (random weights).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Shape {
-    /// A Qwen2-VL / Qwen2.5-VL config.json.
+    /// A Qwen2-VL / Qwen2.5-VL config.json (reports name it, not repeat it).
+    #[serde(skip)]
     pub config_json: String,
     /// Where it came from, for the report.
     pub name: String,
@@ -42,6 +43,11 @@ impl Shape {
     /// The default: the benchmark shape.
     pub fn bench() -> Self {
         Self::preset(Preset::Qwen2VlBench)
+    }
+
+    /// Its parsed config.
+    pub fn config(&self) -> Result<Qwen2VlConfig> {
+        Qwen2VlConfig::from_json_str(&self.config_json, &self.name)
     }
 
     /// A config.json file, or a checkpoint directory's.
@@ -106,7 +112,12 @@ pub fn reset_peak_rss() -> bool {
 
 /// A deterministic 448x448 test card with structure at several scales.
 fn test_image() -> image::RgbImage {
-    image::RgbImage::from_fn(448, 448, |x, y| {
+    test_card(448)
+}
+
+/// The test card at `size` x `size` (tools/llamacpp_side_by_side.py draws the same one).
+pub(crate) fn test_card(size: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(size, size, |x, y| {
         let r = ((x * 7 + y * 3) % 256) as u8;
         let g = (((x as f32 / 9.0).sin() * 120.0 + 128.0) as u8).wrapping_add((y % 17) as u8);
         let b = ((x ^ y) % 256) as u8;
@@ -114,11 +125,23 @@ fn test_image() -> image::RgbImage {
     })
 }
 
-/// Text ids that are ordinary tokens (no special ids), varied so nothing is degenerate.
-pub(crate) fn text_ids(n: usize, salt: u32) -> Vec<u32> {
+/// Text ids that are ordinary tokens of `config`'s vocabulary (no special ids), varied so
+/// nothing is degenerate.
+pub(crate) fn text_ids(config: &Qwen2VlConfig, n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32)
-        .map(|i| 1000 + (i * 7919 + salt * 104_729) % 140_000)
+        .map(|i| in_vocab(config, 1000 + (i * 7919 + salt * 104_729) % 140_000))
         .collect()
+}
+
+/// A synthetic text id moved into `config`'s ordinary tokens (below the vision tokens and
+/// the vocabulary's end): the ids of Qwen2-VL's 151,936-token vocabulary stay as they are,
+/// and the tiny test checkpoints and small-vocabulary shapes run the same workloads.
+fn in_vocab(config: &Qwen2VlConfig, id: u32) -> u32 {
+    let limit = (config.text.vocab_size as u32)
+        .min(config.vision_start_token_id)
+        .min(config.image_token_id)
+        .max(1);
+    id % limit
 }
 
 /// The image processor of a benchmark shape: the default resolution limits (Qwen2-VL's),
@@ -139,14 +162,14 @@ pub fn prompt_with_image(
     before: usize,
     after: usize,
 ) -> Prompt {
-    let mut ids = text_ids(before, 1);
+    let mut ids = text_ids(config, before, 1);
     ids.push(config.vision_start_token_id);
     ids.extend(std::iter::repeat_n(
         config.image_token_id,
         patches.num_tokens(),
     ));
     ids.push(config.vision_end_token_id);
-    ids.extend(text_ids(after, 2));
+    ids.extend(text_ids(config, after, 2));
     Prompt {
         text: String::new(),
         input_ids: ids,
@@ -162,7 +185,7 @@ pub fn run(
     new_tokens: usize,
     group: usize,
 ) -> Result<BenchReport> {
-    let config = Qwen2VlConfig::from_json_str(&shape.config_json, &shape.name)?;
+    let config = shape.config()?;
     let vb = random_var_builder(0.02, 0, dtype, device);
     let mut model = Qwen2Vl::from_var_builder(
         vb,

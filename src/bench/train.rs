@@ -1,5 +1,5 @@
 //! `medvlm bench train`: GRPO optimizer steps on the benchmark model (src/model/presets/qwen2-vl-bench.json,
-//! random weights) with one synthetic image per prompt, timed phase by phase: generation of
+//! random weights; or another shape, `--preset` / `--config`) with one synthetic image per prompt, timed phase by phase: generation of
 //! the G completions, the reference model's log-probs, the policy's forward and backward
 //! passes, and the optimizer (clipping + AdamW). It calls the trainer's own step functions
 //! ([`crate::rl::step`]), so it measures what `medvlm train grpo` does.
@@ -53,8 +53,10 @@ pub struct TrainWorkload {
     /// GRPO: compute each completion token's entropy in the policy pass, as `train grpo` does
     /// for its `entropy` metric.
     pub entropy: bool,
-    /// A checkpoint to train instead of the random benchmark model (e.g. `medvlm init
-    /// --preset qwen2-vl-2b`).
+    /// The shape of the random model (default: the benchmark shape); ignored with `model`.
+    pub shape: super::Shape,
+    /// A checkpoint to train instead of a random model (e.g. `medvlm init --preset
+    /// qwen2-vl-2b`).
     pub model: Option<std::path::PathBuf>,
     /// LoRA rank (alpha = 2r, bf16 base, PEFT's default targets); 0 trains everything.
     pub lora_r: usize,
@@ -80,6 +82,7 @@ impl Default for TrainWorkload {
             sft: false,
             gradient_checkpointing: false,
             entropy: true,
+            shape: super::Shape::bench(),
             model: None,
             lora_r: 0,
             dtype: "f32".into(),
@@ -125,13 +128,7 @@ pub struct TrainBenchReport {
 
 /// The benchmark prompt: text, one image, text, `total` tokens in all.
 pub fn bench_prompt(config: &Qwen2VlConfig, size: u32, total: usize) -> Result<(Prompt, usize)> {
-    let img = image::RgbImage::from_fn(size, size, |x, y| {
-        let r = ((x * 7 + y * 3) % 256) as u8;
-        let g = (((x as f32 / 9.0).sin() * 120.0 + 128.0) as u8).wrapping_add((y % 17) as u8);
-        let b = ((x ^ y) % 256) as u8;
-        image::Rgb([r, g, b])
-    });
-    let patches = super::image_processor(config).preprocess(&img)?;
+    let patches = super::image_processor(config).preprocess(&super::test_card(size))?;
     let image_tokens = patches.num_tokens();
     let before = 20;
     let fixed = before + image_tokens + 2;
@@ -141,29 +138,8 @@ pub fn bench_prompt(config: &Qwen2VlConfig, size: u32, total: usize) -> Result<(
             image_tokens + 2
         );
     }
-    let mut prompt = super::prompt_with_image(config, patches, before, total - fixed);
-    let specials = [
-        config.image_token_id,
-        config.vision_start_token_id,
-        config.vision_end_token_id,
-    ];
-    for id in prompt.input_ids.iter_mut() {
-        if !specials.contains(id) {
-            *id = in_vocab(config, *id);
-        }
-    }
+    let prompt = super::prompt_with_image(config, patches, before, total - fixed);
     Ok((prompt, image_tokens))
-}
-
-/// A synthetic text id moved into `config`'s ordinary tokens (below the vision tokens and
-/// the vocabulary's end), so the tiny test checkpoints run the same workloads as the
-/// benchmark model, whose ids it leaves as they are.
-fn in_vocab(config: &Qwen2VlConfig, id: u32) -> u32 {
-    let limit = (config.text.vocab_size as u32)
-        .min(config.vision_start_token_id)
-        .min(config.image_token_id)
-        .max(1);
-    id % limit
 }
 
 /// The models and inputs of a benchmark run.
@@ -217,7 +193,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
     // The plan needs only the shape: it refuses a workload that cannot fit before any
     // model is built.
     let config = match &w.model {
-        None => crate::model::Preset::Qwen2VlBench.config(),
+        None => w.shape.config()?,
         Some(dir) => Qwen2VlConfig::from_file(&dir.join("config.json"))?,
     };
     let (prompt, image_tokens) = bench_prompt(&config, w.image_size, w.prompt_tokens)?;
@@ -502,12 +478,7 @@ fn sft_step(
 ) -> Result<StepTimes> {
     let n = w.prompts * w.group;
     let targets: Vec<Vec<u32>> = (0..n)
-        .map(|i| {
-            text_ids(w.completion_len, (3 + s * n + i) as u32)
-                .into_iter()
-                .map(|id| in_vocab(&setup.config, id))
-                .collect()
-        })
+        .map(|i| text_ids(&setup.config, w.completion_len, (3 + s * n + i) as u32))
         .collect();
     // A prompt (with its image's pixels) per item, as `train sft` prepares its batch: the
     // items of a step are held together, so their memory grows with the batch.
@@ -560,7 +531,7 @@ impl std::fmt::Display for TrainBenchReport {
             "model            {}, {:.1}M parameters, {} compute{}{}, {} threads",
             match &w.model {
                 Some(d) => d.display().to_string(),
-                None => "random Qwen2-VL (src/model/presets/qwen2-vl-bench.json)".into(),
+                None => format!("random Qwen2-VL ({})", w.shape.name),
             },
             self.parameters as f64 / 1e6,
             w.dtype,

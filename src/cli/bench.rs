@@ -55,10 +55,7 @@ fn check_train_workload(a: &BenchTrainArgs) -> Result<()> {
             a.image_size
         );
     }
-    let config = match &a.model {
-        None => crate::model::Preset::Qwen2VlBench.config(),
-        Some(dir) => Qwen2VlConfig::from_file(&dir.join("config.json"))?,
-    };
+    let config = train_shape(a)?.config()?;
     let context = config.text.max_position_embeddings;
     if a.prompt_tokens.saturating_add(a.completion_len) > context {
         bail!(
@@ -79,6 +76,14 @@ fn check_train_workload(a: &BenchTrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The shape `bench train` builds: --model's config, else --config, else --preset.
+fn train_shape(a: &BenchTrainArgs) -> Result<crate::bench::Shape> {
+    Ok(match (&a.model, &a.config) {
+        (Some(dir), _) | (None, Some(dir)) => crate::bench::Shape::from_path(dir)?,
+        (None, None) => crate::bench::Shape::preset(a.preset),
+    })
+}
+
 pub(super) fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
     set_threads(a.threads)?;
     let device = parse_device(a.device.as_deref())?;
@@ -97,6 +102,7 @@ pub(super) fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
         sft: a.sft,
         gradient_checkpointing: a.gradient_checkpointing,
         entropy: !a.no_entropy,
+        shape: train_shape(&a)?,
         model: a.model,
         lora_r: a.lora_r,
         dtype: match a.dtype {
@@ -133,7 +139,7 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
         (None, p) => crate::bench::Shape::preset(p),
     };
     // The random weights are built before anything else: they must fit.
-    let config = Qwen2VlConfig::from_json_str(&shape.config_json, &shape.name)?;
+    let config = shape.config()?;
     let bytes = crate::model::num_parameters(&config)? as u128 * dtype.size_in_bytes() as u128;
     if let (what, Some(available)) = crate::device::available_memory(&device) {
         if bytes > available as u128 {

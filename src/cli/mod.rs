@@ -698,6 +698,21 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug)]
 pub struct BenchTrainArgs {
+    /// The model shape (random weights): qwen2-vl-bench (src/model/presets/qwen2-vl-bench.json,
+    /// 119.7M parameters, two thirds of them the 151,936-token embedding) or
+    /// qwen2-vl-bench-layers (16 layers x 768 with a 32,768-token vocabulary, 178.7M; the
+    /// layers dominate). Also qwen2-vl-2b or qwen3-vl-2b.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "qwen2-vl-bench",
+        value_name = "NAME"
+    )]
+    pub preset: crate::model::Preset,
+    /// Another shape: a config.json, or a checkpoint directory (only its config.json is
+    /// read; the weights are random). Overrides --preset.
+    #[arg(long, value_name = "FILE|DIR", conflicts_with = "model")]
+    pub config: Option<PathBuf>,
     /// Prompts per step (B).
     #[arg(long, default_value_t = 1, value_name = "B")]
     pub prompts: usize,

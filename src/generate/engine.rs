@@ -238,6 +238,17 @@ impl Running {
     }
 }
 
+/// Runs `f` on a thread of rayon's pool (inline when the caller is one). The kernels split
+/// each matrix product over the pool with `par_iter`; called from outside the pool, every
+/// product hands its work to the pool and puts the calling thread to sleep until it is done,
+/// a futex wake-up and wait per product, hundreds per decoded token. From a pool thread the
+/// caller takes its own share and the other threads steal the rest. Batch-1 decoding on 2
+/// cores (AMD EPYC Zen 4, Qwen2-VL-2B widths, 8 layers, 5 pairs) went from 44.7-45.4 to
+/// 47.7-53.4 tok/s with q4_1 weights and from 34.5-38.0 to 39.3-42.0 with q8_0.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Decodes batches of requests with one model.
 pub struct Engine<'m> {
     model: &'m Qwen2Vl,
@@ -369,6 +380,10 @@ impl<'m> Engine<'m> {
     /// A prompt with images first goes through the vision tower; with a limited
     /// `max_tokens`, a call does a share of the tower's blocks or of the prompt, not both.
     pub fn prefill_chunk(&self, run: &mut Running, max_tokens: usize) -> Result<()> {
+        on_pool(|| self.prefill_chunk_here(run, max_tokens))
+    }
+
+    fn prefill_chunk_here(&self, run: &mut Running, max_tokens: usize) -> Result<()> {
         let Some(p) = run.prefills.front_mut() else {
             return Ok(());
         };
@@ -538,6 +553,10 @@ impl<'m> Engine<'m> {
     /// One decoding step for every live sequence of every group: each gets the logits of
     /// its next token. Call [`Engine::sample`] before the next one.
     pub fn decode(&self, run: &mut Running) -> Result<()> {
+        on_pool(|| self.decode_here(run))
+    }
+
+    fn decode_here(&self, run: &mut Running) -> Result<()> {
         let groups = &mut run.groups;
         if groups.is_empty() {
             return Ok(());

@@ -14,6 +14,12 @@ pub enum Preset {
     /// Qwen2-VL's architecture and 151,936-token vocabulary, scaled down.
     #[value(name = "qwen2-vl-bench")]
     Qwen2VlBench,
+    /// The second benchmark shape (src/model/presets/qwen2-vl-bench-layers.json, 178.7M
+    /// parameters): 16 layers x 768, MLP 3072, a 32,768-token vocabulary, the benchmark
+    /// vision tower. Its embedding is 14% of the weights (the benchmark shape's 65%), so the
+    /// decoder layers, not the LM head, decide its speed.
+    #[value(name = "qwen2-vl-bench-layers")]
+    Qwen2VlBenchLayers,
     /// Qwen3-VL-2B-Instruct: 28 layers x 2048, 16/8 heads of 128, MLP 6144, vocabulary
     /// 151,936, tied embeddings, vision 24 x 1024 with DeepStack from blocks 5, 11, 17;
     /// 2,127,532,032 parameters.
@@ -27,6 +33,7 @@ impl Preset {
         match self {
             Preset::Qwen2Vl2b => QWEN2_VL_2B,
             Preset::Qwen2VlBench => QWEN2_VL_BENCH,
+            Preset::Qwen2VlBenchLayers => QWEN2_VL_BENCH_LAYERS,
             Preset::Qwen3Vl2b => QWEN3_VL_2B,
         }
     }
@@ -36,6 +43,7 @@ impl Preset {
         match self {
             Preset::Qwen2Vl2b => "Qwen2-VL-2B-Instruct",
             Preset::Qwen2VlBench => "src/model/presets/qwen2-vl-bench.json",
+            Preset::Qwen2VlBenchLayers => "src/model/presets/qwen2-vl-bench-layers.json",
             Preset::Qwen3Vl2b => "Qwen3-VL-2B-Instruct",
         }
     }
@@ -52,6 +60,10 @@ pub const QWEN2_VL_2B: &str = include_str!("presets/qwen2-vl-2b.json");
 
 /// The benchmark model's config.json.
 pub const QWEN2_VL_BENCH: &str = include_str!("presets/qwen2-vl-bench.json");
+
+/// The layer-heavy benchmark shape's config.json (small vocabulary, special tokens from id
+/// 32,000).
+pub const QWEN2_VL_BENCH_LAYERS: &str = include_str!("presets/qwen2-vl-bench-layers.json");
 
 /// Qwen/Qwen3-VL-2B-Instruct's config.json in the released files' layout (transformers 4.57:
 /// text_config with rope_scaling, legacy vision model_type, the tie flag at both levels).
@@ -75,7 +87,8 @@ mod tests {
 
     /// Every preset parses, and transformers counts the same parameters:
     /// `Qwen2VLForConditionalGeneration(config).num_parameters()` gives 119,719,168 for the
-    /// bench shape and 2,208,985,600 for the released 2B config, and
+    /// bench shape, 178,663,168 for the layer-heavy one, 2,208,985,600 for the released 2B
+    /// config, and
     /// `Qwen3VLForConditionalGeneration` 2,127,532,032 for Qwen3-VL-2B (transformers 5.24,
     /// built on the meta device).
     #[test]
@@ -83,6 +96,7 @@ mod tests {
         for p in Preset::value_variants() {
             let expected = match p {
                 Preset::Qwen2VlBench => 119_719_168,
+                Preset::Qwen2VlBenchLayers => 178_663_168,
                 Preset::Qwen2Vl2b => 2_208_985_600,
                 Preset::Qwen3Vl2b => 2_127_532_032,
             };
