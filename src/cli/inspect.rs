@@ -38,6 +38,8 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
                 "format": q.name(),
                 "head": crate::model::quantized::HEAD.name(),
                 "tensors": weights.quantized().len(),
+                // Which of the (same-numbered) kernels products run on, on this machine.
+                "kernel": crate::kernels::quant::kernel().name(),
             })),
             "text": {
                 "layers": config.text.num_hidden_layers,
@@ -98,10 +100,12 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
     );
     if let Some(q) = quantized {
         println!(
-            "quantized    {} linear layers ({} tensors, u8 above), LM head {}; runs on the CPU",
+            "quantized    {} linear layers ({} tensors, u8 above), LM head {}; runs on the CPU \
+             (here on the {} kernel)",
             q.name(),
             weights.quantized().len(),
-            crate::model::quantized::HEAD.name()
+            crate::model::quantized::HEAD.name(),
+            crate::kernels::quant::kernel().name()
         );
     }
     println!(

@@ -14,8 +14,9 @@
 //! Activations are quantized per call to 8 bits in groups of 32 (as ggml does for its
 //! `q8_0` dot products), scale kept in f32. The integer sums are exact; the float steps
 //! (per group: scale the integer sum, add the offset term, accumulate) happen in one fixed
-//! order with fused multiply-adds, so the AVX-512 VNNI kernel and the portable one give the
-//! same bits.
+//! order with fused multiply-adds, so the AVX-512 VNNI kernel, the AVX2 one (CPUs without
+//! AVX-512 VNNI: most Intel desktops and laptops, AMD Zen 2/3) and the portable one give the
+//! same bits. [`kernel`] is the one place that picks which runs.
 
 use rayon::prelude::*;
 
@@ -206,21 +207,33 @@ impl QWeight {
     }
 
     /// `out (m x n) = x (m x k) · Wᵀ (+ bias)` with the activations quantized to 8 bits per
-    /// 32 (see the module comment). Runs the AVX-512 VNNI kernel where the CPU has it, the
-    /// portable one elsewhere (same results).
+    /// 32 (see the module comment), on the kernel [`kernel`] picks (all give the same bits).
     pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
-        self.matmul_with(x, m, bias, out, vnni_available());
+        self.matmul_with(x, m, bias, out, kernel());
     }
 
-    /// [`Self::matmul`] on the kernel chosen by `simd` (tests run both).
-    fn matmul_with(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32], simd: bool) {
+    /// [`Self::matmul`] on a given kernel (tests run each). Panics if the CPU cannot run it.
+    fn matmul_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        kernel: Kernel,
+    ) {
         let (n, k) = (self.n, self.k);
         assert!(x.len() >= m * k && out.len() >= m * n);
         assert!(bias.is_none_or(|b| b.len() >= n));
+        // What makes the `unsafe` calls below sound, whoever the caller (cached: cheap).
+        assert!(
+            kernel.available(),
+            "the {} kernel on a CPU without it",
+            kernel.name()
+        );
         if m == 0 || n == 0 {
             return;
         }
-        let act = Activations::quantize(self.kind, x, m, k, simd);
+        let act = Activations::quantize(self.kind, x, m, k, kernel);
         let groups = n.div_ceil(LANES);
         // Enough row groups per task to amortise it, enough tasks to balance the cores
         // (a 1,536-row weight makes 16 tasks of 96 rows).
@@ -236,18 +249,17 @@ impl QWeight {
                     while r0 < m {
                         let mr = MR.min(m - r0);
                         let mut acc = [[0f32; LANES]; MR];
-                        #[cfg(target_arch = "x86_64")]
-                        if simd {
-                            // SAFETY: `simd` is only true where `vnni_available()` said so;
-                            // g < groups, r0 + mr <= m, and act/self hold what those index.
-                            unsafe { avx512::group(self, &act, g, r0, mr, &mut acc) };
-                        } else {
-                            portable_group(self, &act, g, r0, mr, &mut acc);
-                        }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        {
-                            let _ = simd;
-                            portable_group(self, &act, g, r0, mr, &mut acc);
+                        match kernel {
+                            // SAFETY (both): the CPU has the kernel's features (asserted
+                            // above); g < groups, r0 + mr <= m, and act/self hold what
+                            // those index.
+                            #[cfg(target_arch = "x86_64")]
+                            Kernel::Avx512Vnni => unsafe {
+                                avx512::group(self, &act, g, r0, mr, &mut acc)
+                            },
+                            #[cfg(target_arch = "x86_64")]
+                            Kernel::Avx2 => unsafe { avx2::group(self, &act, g, r0, mr, &mut acc) },
+                            _ => portable_group(self, &act, g, r0, mr, &mut acc),
                         }
                         let j0 = g * LANES;
                         for (r, lanes) in acc.iter().enumerate().take(mr) {
@@ -265,19 +277,107 @@ impl QWeight {
     }
 }
 
-/// Whether this CPU runs the AVX-512 VNNI kernel (checked once, cached by std).
-pub fn vnni_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        super::cpu_kernels()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("f16c")
+/// The kernels that run [`QWeight::matmul`]: the same integer sums and the same float steps
+/// in the same order, so the same bits; they differ only in speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// 512-bit `vpdpbusd` (AVX-512F/BW/VNNI, F16C): Intel Xeons since Cascade Lake, Intel
+    /// clients with AVX-512 (Ice Lake to Rocket Lake), AMD since Zen 4.
+    Avx512Vnni,
+    /// 256-bit `vpmaddubsw` + `vpmaddwd` (AVX2, FMA, F16C): x86-64 CPUs since Haswell / Zen 1
+    /// that lack AVX-512 VNNI.
+    Avx2,
+    /// Plain Rust, any CPU.
+    Portable,
+}
+
+impl Kernel {
+    /// Fastest first: the order [`kernel`] tries them in.
+    pub const ALL: [Kernel; 3] = [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Portable];
+
+    /// The name `MEDVLM_QUANT_KERNEL` takes and `medvlm inspect` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512Vnni => "avx512-vnni",
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Whether this CPU can run it (checked once, cached by std).
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Kernel::Avx512Vnni => {
+                    has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c")
+                }
+                Kernel::Avx2 => has!("avx2") && has!("fma") && has!("f16c"),
+                Kernel::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernel::Portable
+        }
+    }
+}
+
+/// The kernel quantized products run on in this process, decided once: the fastest this CPU
+/// can run, unless `MEDVLM_QUANT_KERNEL` names another (`avx512-vnni`, `avx2`, `portable`;
+/// `auto` or unset: the fastest). With `MEDVLM_PLAIN_OPS=1` (every CPU fast path off) the
+/// fastest is the portable one. A name this CPU cannot run, or no kernel's name, is
+/// reported on stderr once and the fastest runs instead: the override is for tests and
+/// comparisons, and every kernel gives the same numbers.
+pub fn kernel() -> Kernel {
+    static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let forced = std::env::var("MEDVLM_QUANT_KERNEL").ok();
+        let (k, warning) = choose(forced.as_deref(), super::cpu_kernels());
+        if let Some(w) = warning {
+            eprintln!("warning: {w}");
+        }
+        k
+    })
+}
+
+/// [`kernel`]'s decision, given `MEDVLM_QUANT_KERNEL` and whether the CPU fast paths are on:
+/// the kernel and, when the variable was not followed, why.
+fn choose(forced: Option<&str>, fast_paths: bool) -> (Kernel, Option<String>) {
+    let best = if fast_paths {
+        Kernel::ALL
+            .into_iter()
+            .find(|k| k.available())
+            .unwrap_or(Kernel::Portable)
+    } else {
+        Kernel::Portable
+    };
+    match forced.map(str::trim) {
+        None | Some("" | "auto") => (best, None),
+        Some(name) => match Kernel::from_name(name) {
+            Some(k) if k.available() => (k, None),
+            Some(_) => (
+                best,
+                Some(format!(
+                    "MEDVLM_QUANT_KERNEL={name}: this CPU cannot run that kernel; \
+                     running the {} one",
+                    best.name()
+                )),
+            ),
+            None => (
+                best,
+                Some(format!(
+                    "MEDVLM_QUANT_KERNEL={name} is not a kernel (avx512-vnni, avx2, portable \
+                     or auto); running the {} one",
+                    best.name()
+                )),
+            ),
+        },
     }
 }
 
@@ -336,48 +436,50 @@ fn get_f16(rec: &[u8], slot: usize) -> f32 {
 /// The activations of one product, quantized to 8 bits per group of 32, with per-group
 /// floats the kernels need: `scale[r][b]` (the group's f32 scale) and `offset[r][b]` (for
 /// 8-bit weights stored as `q + 128`: `-128 · Σq_x · scale`; for 4-bit: `Σq_x · scale`,
-/// which the weight's minimum multiplies).
+/// which the weight's minimum multiplies), and `sum[r][b]` (`Σq_x` itself: the AVX2 kernel
+/// multiplies signed 8-bit weights and adds the `+128` back in integers).
 struct Activations {
     /// m x k, rows padded to whole groups (k is).
     q: Vec<i8>,
     scale: Vec<f32>,
     offset: Vec<f32>,
+    sum: Vec<i32>,
     blocks: usize,
 }
 
 impl Activations {
-    /// `simd`: on the AVX-512 path (the caller checked the CPU has it), else the portable
-    /// one; both give the same numbers.
-    fn quantize(kind: QuantKind, x: &[f32], m: usize, k: usize, simd: bool) -> Self {
+    /// On `kernel`'s instruction set (the caller checked the CPU has it); every one gives
+    /// the same numbers.
+    fn quantize(kind: QuantKind, x: &[f32], m: usize, k: usize, kernel: Kernel) -> Self {
         let blocks = k / GROUP;
         let mut q = vec![0i8; m * k];
         let mut scale = vec![0f32; m * blocks];
         let mut offset = vec![0f32; m * blocks];
+        let mut sums = vec![0i32; m * blocks];
         let rows = q
             .par_chunks_mut(k)
             .zip(scale.par_chunks_mut(blocks))
             .zip(offset.par_chunks_mut(blocks))
+            .zip(sums.par_chunks_mut(blocks))
             .enumerate();
-        rows.for_each(|(r, ((qr, sr), or))| {
+        rows.for_each(|(r, (((qr, sr), or), nr))| {
             for b in 0..blocks {
                 let src: &[f32; GROUP] = x[r * k + b * GROUP..r * k + (b + 1) * GROUP]
                     .try_into()
                     .unwrap();
                 let dst: &mut [i8; GROUP] =
                     (&mut qr[b * GROUP..(b + 1) * GROUP]).try_into().unwrap();
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` says AVX-512F/BW are present.
-                let (d, sum) = if simd {
-                    unsafe { avx512::quantize_group(src, dst) }
-                } else {
-                    quantize_group(src, dst)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let (d, sum) = {
-                    let _ = simd;
-                    quantize_group(src, dst)
+                let (d, sum) = match kernel {
+                    // SAFETY (both): the caller checked `kernel.available()`, which implies
+                    // AVX-512F/BW, resp. AVX2.
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => unsafe { avx512::quantize_group(src, dst) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => unsafe { avx2::quantize_group(src, dst) },
+                    _ => quantize_group(src, dst),
                 };
                 sr[b] = d;
+                nr[b] = sum;
                 or[b] = match kind {
                     QuantKind::Q8_0 => -128.0 * sum as f32 * d,
                     QuantKind::Q4_1 => sum as f32 * d,
@@ -388,6 +490,7 @@ impl Activations {
             q,
             scale,
             offset,
+            sum: sums,
             blocks,
         }
     }
@@ -602,6 +705,228 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The kernel for CPUs with AVX2 but not AVX-512 VNNI. A 256-bit vector holds 8 of a
+    //! record's 16 output lanes (one half of each 64-byte step), and AVX2 has no `vpdpbusd`:
+    //! its u8 x i8 product is `vpmaddubsw`, which adds adjacent products into an i16 *with
+    //! saturation*, then `vpmaddwd` against ones adds those pairs into the i32 lanes. The
+    //! integer sums must still be exact (the other kernels' are), so each format keeps its
+    //! i16 steps provably inside ±32767:
+    //!
+    //! - 4-bit: a nibble is 0..=15 and an activation -127..=127 (the quantizer clamps), so
+    //!   one product is at most 15 · 127 = 1,905 in magnitude and an i16 of `vpmaddubsw`
+    //!   (2 products) at most 3,810. A group of 32 weights gives each i16 position 8 such
+    //!   results (4 steps x low and high nibbles): at most 16 products, 16 · 1,905 = 30,480
+    //!   < 32,767, so the whole group is summed in i16 and widened once.
+    //! - 8-bit: weights are stored as `w = q + 128` (0..=255), and 255 · 127 · 2 = 64,770
+    //!   would saturate. So the kernel multiplies the signed `q = w - 128` (the byte with its
+    //!   top bit flipped: -127..=127 as our quantizer writes it, -128 for a stored 0, which a
+    //!   checkpoint's bytes may hold) with the sign trick of ggml's AVX2 dot products, the
+    //!   absolute value on the weight's side: `|q|` (0..=128 read unsigned, so -128 too)
+    //!   times `x · sign(q)` (`vpsignb`; |x| <= 127, so negating never wraps). The products
+    //!   are `q · x`, at most 128 · 127 = 16,256 in magnitude, a pair at most 32,512 <
+    //!   32,767. Each step is widened to i32 at once (two steps' pairs could overflow), and
+    //!   at the end of the group `128 · Σx` (exact, from the quantizer) turns `Σ q·x` into
+    //!   `Σ (q + 128)·x`: the very integer the other kernels sum.
+    //!
+    //! The float steps per group and lane are then the other kernels', in the same order
+    //! and with the same fused multiply-adds.
+    use super::{Activations, QWeight, QuantKind, GROUP, LANES, MR};
+    use std::arch::x86_64::*;
+
+    /// [`super::portable_group`] on AVX2: the same sums in the same order.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; `g` a row group of `w`, `r0 + mr` at most the
+    /// activations' rows, `1 <= mr <= MR`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group(
+        w: &QWeight,
+        act: &Activations,
+        g: usize,
+        r0: usize,
+        mr: usize,
+        acc: &mut [[f32; LANES]; MR],
+    ) {
+        match (w.kind, mr) {
+            (QuantKind::Q8_0, 1) => run::<1, false>(w, act, g, r0, acc),
+            (QuantKind::Q8_0, 2) => run::<2, false>(w, act, g, r0, acc),
+            (QuantKind::Q8_0, 3) => run::<3, false>(w, act, g, r0, acc),
+            (QuantKind::Q8_0, _) => run::<4, false>(w, act, g, r0, acc),
+            (QuantKind::Q4_1, 1) => run::<1, true>(w, act, g, r0, acc),
+            (QuantKind::Q4_1, 2) => run::<2, true>(w, act, g, r0, acc),
+            (QuantKind::Q4_1, 3) => run::<3, true>(w, act, g, r0, acc),
+            (QuantKind::Q4_1, _) => run::<4, true>(w, act, g, r0, acc),
+        }
+    }
+
+    /// [`super::quantize_group`] on 8 lanes, operation for operation the AVX-512 one: the
+    /// same numbers.
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
+        let p = src.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        // |x|: the sign bit cleared.
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+        let a = v.map(|v| _mm256_and_ps(v, abs));
+        let m8 = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps::<1>(m8));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let vid = _mm256_set1_ps(id);
+        let (lim, neg) = (_mm256_set1_epi32(127), _mm256_set1_epi32(-127));
+        // Round half to even (the default rounding mode of the conversion), then clamp.
+        let q = v.map(|v| {
+            let q = _mm256_cvtps_epi32(_mm256_mul_ps(v, vid));
+            _mm256_max_epi32(_mm256_min_epi32(q, lim), neg)
+        });
+        // i32 -> i8 (no saturation: all within ±127). The packs work within 128-bit halves,
+        // leaving the 4-byte runs in the order 0, 2, 4, 6, 1, 3, 5, 7; one permute restores
+        // 0..8.
+        let w = _mm256_packs_epi32(q[0], q[1]);
+        let z = _mm256_packs_epi32(q[2], q[3]);
+        let b = _mm256_packs_epi16(w, z);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, b);
+        let s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(
+            _mm256_castsi256_si128(s8),
+            _mm256_extracti128_si256::<1>(s8),
+        );
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2));
+        (d, _mm_cvtsi128_si32(s1))
+    }
+
+    /// One row group against R activation rows, both 8-lane halves of each record in one
+    /// pass (the weight is read once, front to back). No split accumulators as in the
+    /// AVX-512 kernel: the chain that carries a sum from one step to the next is a 1-cycle
+    /// integer add here, not a 5-cycle `vpdpbusd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn run<const R: usize, const Q4: bool>(
+        w: &QWeight,
+        act: &Activations,
+        g: usize,
+        r0: usize,
+        out: &mut [[f32; LANES]; MR],
+    ) {
+        let kind = w.kind;
+        let rb = kind.record_bytes();
+        let (k, blocks) = (w.k, act.blocks);
+        let base = w.data.as_ptr().add(g * blocks * rb);
+        let xq = act.q.as_ptr().add(r0 * k);
+        let scale = act.scale.as_ptr().add(r0 * blocks);
+        let offset = act.offset.as_ptr().add(r0 * blocks);
+        let sum = act.sum.as_ptr().add(r0 * blocks);
+        let nib = _mm256_set1_epi8(15);
+        let top = _mm256_set1_epi8(i8::MIN);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let rec = base.add(b * rb);
+            // Prefetch a few records ahead, as the AVX-512 kernel does.
+            _mm_prefetch::<_MM_HINT_T0>(rec.add(8 * rb) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(rec.add(8 * rb + 64) as *const i8);
+            let q = rec.add(kind.quants_at());
+            // Activation group b of row r, 4 bytes at a time as one i32, broadcast.
+            macro_rules! x4 {
+                ($r:expr, $i:expr) => {
+                    _mm256_set1_epi32(
+                        (xq.add($r * k + b * GROUP + 4 * $i) as *const i32).read_unaligned(),
+                    )
+                };
+            }
+            // Step s's half h: lanes 8h..8h+8, 4 bytes each.
+            let load = |s: usize, h: usize| _mm256_loadu_si256(q.add(64 * s + 32 * h) as *const _);
+            let mut isum = [[_mm256_setzero_si256(); 2]; R];
+            if Q4 {
+                // i16 sums over the whole group: within range (module comment).
+                let mut s16 = [[_mm256_setzero_si256(); 2]; R];
+                for s in 0..GROUP / 8 {
+                    let v = [load(s, 0), load(s, 1)];
+                    let lo = v.map(|v| _mm256_and_si256(v, nib));
+                    let hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib));
+                    for (r, acc16) in s16.iter_mut().enumerate() {
+                        let (xl, xh) = (x4!(r, 2 * s), x4!(r, 2 * s + 1));
+                        for h in 0..2 {
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo[h], xl),
+                                _mm256_maddubs_epi16(hi[h], xh),
+                            );
+                            acc16[h] = _mm256_add_epi16(acc16[h], p);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for h in 0..2 {
+                        isum[r][h] = _mm256_madd_epi16(s16[r][h], ones);
+                    }
+                }
+            } else {
+                for s in 0..GROUP / 4 {
+                    // q = w - 128 as i8 (top bit flipped), |q| as u8 (-128 gives 128).
+                    let sq = [load(s, 0), load(s, 1)].map(|v| _mm256_xor_si256(v, top));
+                    let aq = sq.map(|v| _mm256_abs_epi8(v));
+                    for (r, is) in isum.iter_mut().enumerate() {
+                        let x = x4!(r, s);
+                        for h in 0..2 {
+                            // |q| · (x · sign q) = q · x, pairs within i16 (module comment).
+                            let p = _mm256_maddubs_epi16(aq[h], _mm256_sign_epi8(x, sq[h]));
+                            is[h] = _mm256_add_epi32(is[h], _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                }
+                // Σ (q + 128)·x = Σ q·x + 128·Σx, in i32 (|Σ| <= 32 · 255 · 127 < 2^31).
+                for (r, is) in isum.iter_mut().enumerate() {
+                    let back = _mm256_set1_epi32(128 * *sum.add(r * blocks + b));
+                    for v in is.iter_mut() {
+                        *v = _mm256_add_epi32(*v, back);
+                    }
+                }
+            }
+            for h in 0..2 {
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16 * h) as *const __m128i));
+                let m = if Q4 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(
+                        rec.add(2 * LANES + 16 * h) as *const __m128i
+                    ))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for r in 0..R {
+                    let dx = _mm256_set1_ps(*scale.add(r * blocks + b));
+                    let off = _mm256_set1_ps(*offset.add(r * blocks + b));
+                    let s = _mm256_cvtepi32_ps(isum[r][h]);
+                    if Q4 {
+                        let t = _mm256_mul_ps(s, dx);
+                        acc[r][h] = _mm256_fmadd_ps(d, t, acc[r][h]);
+                        acc[r][h] = _mm256_fmadd_ps(m, off, acc[r][h]);
+                    } else {
+                        let t = _mm256_fmadd_ps(s, dx, off);
+                        acc[r][h] = _mm256_fmadd_ps(d, t, acc[r][h]);
+                    }
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,7 +953,7 @@ mod tests {
     /// summed in f64.
     fn definition(w: &QWeight, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
         let (n, k) = w.dims();
-        let act = Activations::quantize(w.kind, x, m, k, false);
+        let act = Activations::quantize(w.kind, x, m, k, Kernel::Portable);
         let deq = w.dequantize();
         let mut out = vec![0f32; m * n];
         for r in 0..m {
@@ -645,51 +970,177 @@ mod tests {
         out
     }
 
-    #[test]
-    fn simd_and_portable_kernels_agree_bit_for_bit_and_match_the_definition() {
-        let simd = vnni_available();
-        if !simd {
-            super::super::skip_or_require("the AVX-512 VNNI quantized kernel (CPU lacks it)");
+    /// The kernels this CPU can run besides the portable one; a skip line (or, with
+    /// `MEDVLM_REQUIRE_SIMD=1`, a failure) for each it cannot.
+    fn simd_kernels() -> Vec<Kernel> {
+        let mut out = Vec::new();
+        for k in [Kernel::Avx512Vnni, Kernel::Avx2] {
+            if k.available() {
+                out.push(k);
+            } else {
+                super::super::skip_or_require(&format!(
+                    "the {} quantized kernel (CPU lacks it)",
+                    k.name()
+                ));
+            }
         }
+        out
+    }
+
+    /// `w.matmul_with` on `kernel`, as bits.
+    fn product_bits(
+        w: &QWeight,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        kernel: Kernel,
+    ) -> Vec<u32> {
+        let mut out = vec![f32::NAN; m * w.dims().0];
+        w.matmul_with(x, m, bias, &mut out, kernel);
+        out.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Every kernel against the portable one, bit for bit, and the portable one against the
+    /// definition: both formats; 1 to 7 activation rows (every register-tile height, and
+    /// rows left over after whole tiles); outputs that do not fill a record's 16 rows, odd
+    /// numbers of 16-row records; one to five groups along the input; with and without bias.
+    #[test]
+    fn every_kernel_gives_the_same_bits_and_matches_the_definition() {
+        let simd = simd_kernels();
         for kind in QuantKind::ALL {
-            // Rows that do not fill a group of 16, every register-tile height, a bias.
             for &(m, n, k) in &[
                 (1, 16, 32),
                 (1, 37, 96),
+                (2, 48, 64),
                 (3, 50, 64),
+                (4, 80, 160),
+                (5, 33, 128),
                 (6, 33, 128),
+                (7, 112, 96),
                 (9, 16, 32),
             ] {
                 let w = QWeight::quantize(kind, &weights(n, k, 1), n, k);
                 let x = weights(m, k, 2);
-                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
-                let mut a = vec![0f32; m * n];
-                w.matmul_with(&x, m, Some(&bias), &mut a, false);
-                let want = definition(&w, &x, m, Some(&bias));
-                for (i, (&got, &want)) in a.iter().zip(&want).enumerate() {
-                    let tol = 1e-5 * (1.0 + want.abs()) * (k as f32).sqrt();
-                    assert!(
-                        (got - want).abs() <= tol,
-                        "{kind:?} {m}x{n}x{k} [{i}]: {got} vs {want}"
-                    );
-                }
-                if simd {
-                    let mut b = vec![0f32; m * n];
-                    w.matmul_with(&x, m, Some(&bias), &mut b, true);
-                    assert_eq!(a, b, "{kind:?} {m}x{n}x{k}: SIMD and portable differ");
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.2).collect();
+                for bias in [None, Some(&bias[..])] {
+                    let case = format!("{kind:?} {m}x{n}x{k} bias {}", bias.is_some());
+                    let portable = product_bits(&w, &x, m, bias, Kernel::Portable);
+                    let want = definition(&w, &x, m, bias);
+                    for (i, (&got, &want)) in portable.iter().zip(&want).enumerate() {
+                        let got = f32::from_bits(got);
+                        let tol = 1e-5 * (1.0 + want.abs()) * (k as f32).sqrt();
+                        assert!((got - want).abs() <= tol, "{case} [{i}]: {got} vs {want}");
+                    }
+                    for &kernel in &simd {
+                        let got = product_bits(&w, &x, m, bias, kernel);
+                        assert!(
+                            got == portable,
+                            "{case}: {} and portable differ",
+                            kernel.name()
+                        );
+                    }
                 }
             }
         }
     }
 
+    /// The integer extremes, where a kernel's 16-bit intermediate steps would saturate if
+    /// they could: every stored byte value (8-bit weights 0..=255, including 0, which the
+    /// quantizer never writes but a checkpoint's bytes may hold, and all-ones nibbles)
+    /// against activations at ±127 of one sign over whole groups. Scales are kept from a real
+    /// quantization, so the sums stay finite.
+    #[test]
+    fn every_kernel_gives_the_same_bits_at_the_integer_extremes() {
+        let simd = simd_kernels();
+        let (n, k) = (48, 128);
+        let m = 5;
+        for kind in QuantKind::ALL {
+            let dense = QWeight::quantize(kind, &weights(n, k, 5), n, k);
+            let rb = kind.record_bytes();
+            let fills: [&dyn Fn(usize) -> u8; 4] =
+                [&|_| 0xff, &|_| 0, &|i| (i * 37 % 256) as u8, &|i| {
+                    if i % 3 == 0 {
+                        0
+                    } else {
+                        0xff
+                    }
+                }];
+            for (f, fill) in fills.iter().enumerate() {
+                let mut bytes = dense.bytes().to_vec();
+                for rec in bytes.chunks_exact_mut(rb) {
+                    for (i, b) in rec[kind.quants_at()..].iter_mut().enumerate() {
+                        *b = fill(i);
+                    }
+                }
+                let w = QWeight::from_bytes(kind, n, k, bytes).unwrap();
+                // Rows: all +1 (every activation 127), all -1 (-127), alternating groups,
+                // the ramp of `weights`, a lone maximum.
+                let mut x = vec![0f32; m * k];
+                for i in 0..k {
+                    x[i] = 1.0;
+                    x[k + i] = -1.0;
+                    x[2 * k + i] = if (i / GROUP).is_multiple_of(2) {
+                        3.0
+                    } else {
+                        -3.0
+                    };
+                    x[3 * k + i] = (i as f32 - 60.0) * 0.25;
+                }
+                x[4 * k + 7] = -2.0;
+                let portable = product_bits(&w, &x, m, None, Kernel::Portable);
+                let want = definition(&w, &x, m, None);
+                for (i, (&got, &want)) in portable.iter().zip(&want).enumerate() {
+                    let got = f32::from_bits(got);
+                    let tol = 1e-5 * (1.0 + want.abs()) * (k as f32).sqrt();
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{kind:?} fill {f} [{i}]: {got} vs {want}"
+                    );
+                }
+                for &kernel in &simd {
+                    let got = product_bits(&w, &x, m, None, kernel);
+                    assert!(
+                        got == portable,
+                        "{kind:?} fill {f}: {} and portable differ",
+                        kernel.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// `MEDVLM_QUANT_KERNEL` picks any kernel the CPU has; unset, empty or `auto` gives the
+    /// fastest; anything else gives the fastest with a warning; with the fast paths off the
+    /// fastest is the portable one.
+    #[test]
+    fn the_kernel_switch_picks_what_it_names_and_falls_back_with_a_warning() {
+        let best = Kernel::ALL.into_iter().find(|k| k.available()).unwrap();
+        for forced in [None, Some(""), Some("auto"), Some(" auto ")] {
+            assert_eq!(choose(forced, true), (best, None), "{forced:?}");
+        }
+        assert_eq!(choose(None, false), (Kernel::Portable, None));
+        for k in Kernel::ALL {
+            assert_eq!(Kernel::from_name(k.name()), Some(k));
+            let (got, warning) = choose(Some(k.name()), true);
+            if k.available() {
+                assert_eq!((got, warning), (k, None));
+                assert_eq!(choose(Some(k.name()), false), (k, None));
+            } else {
+                assert_eq!(got, best);
+                assert!(warning.unwrap().contains("cannot run"));
+            }
+        }
+        let (got, warning) = choose(Some("avx9"), true);
+        assert_eq!(got, best);
+        assert!(warning.unwrap().contains("avx9 is not a kernel"));
+        assert!(Kernel::Portable.available());
+    }
+
     /// Activations on exact half steps (ties) and random ones: the vector and the portable
-    /// quantizer round the same way (half to even) and give the same scale and sum.
+    /// quantizers round the same way (half to even) and give the same scale and sum.
     #[test]
     fn activation_quantizers_agree() {
-        if !vnni_available() {
-            super::super::skip_or_require("the AVX-512 activation quantizer (CPU lacks it)");
-            return;
-        }
+        let simd = simd_kernels();
         let mut groups: Vec<[f32; GROUP]> = vec![
             std::array::from_fn(|i| i as f32 - 15.5),
             std::array::from_fn(|i| {
@@ -700,6 +1151,9 @@ mod tests {
                 }
             }),
             [0.0; GROUP],
+            // The maximum in each 8-lane quarter, and negative.
+            std::array::from_fn(|i| if i == 29 { -3.0 } else { i as f32 * 0.01 }),
+            std::array::from_fn(|i| if i == 11 { 9.0 } else { -(i as f32) * 0.1 }),
         ];
         let w = weights(8, GROUP, 9);
         groups.extend(
@@ -707,15 +1161,25 @@ mod tests {
                 .map(|c| <[f32; GROUP]>::try_from(c).unwrap()),
         );
         for g in &groups {
-            let (mut a, mut b) = ([0i8; GROUP], [0i8; GROUP]);
+            let mut a = [0i8; GROUP];
             let pa = quantize_group(g, &mut a);
-            // SAFETY: checked above.
-            let pb = unsafe { avx512::quantize_group(g, &mut b) };
-            assert_eq!(
-                (pa.0.to_bits(), pa.1, a),
-                (pb.0.to_bits(), pb.1, b),
-                "{g:?}"
-            );
+            for &kernel in &simd {
+                let mut b = [0i8; GROUP];
+                // SAFETY: `simd_kernels` lists only kernels this CPU has.
+                let pb = unsafe {
+                    match kernel {
+                        Kernel::Avx512Vnni => avx512::quantize_group(g, &mut b),
+                        Kernel::Avx2 => avx2::quantize_group(g, &mut b),
+                        Kernel::Portable => unreachable!(),
+                    }
+                };
+                assert_eq!(
+                    (pa.0.to_bits(), pa.1, a),
+                    (pb.0.to_bits(), pb.1, b),
+                    "{}: {g:?}",
+                    kernel.name()
+                );
+            }
         }
         // With max |x| = 127 the scale is 1: halves round to even.
         let mut tie = [0f32; GROUP];

@@ -5,7 +5,7 @@
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use medvlm::kernels::quant::QuantKind;
+use medvlm::kernels::quant::{Kernel, QuantKind};
 use medvlm::model::Qwen2Vl;
 use medvlm::processor::{Processor, ProcessorOptions};
 
@@ -70,8 +70,12 @@ fn logits(name: &str, dtype: DType, quant: Option<QuantKind>) -> (Tensor, Tensor
 /// bound a 4-bit model meets, and both keep the top token almost everywhere.
 #[test]
 fn quantized_models_stay_close_to_transformers_f32() {
-    if !medvlm::kernels::quant::vnni_available() {
-        note_without_simd("the AVX-512 VNNI quantized kernel: the portable one runs");
+    let kernel = medvlm::kernels::quant::kernel();
+    if kernel != Kernel::Avx512Vnni {
+        note_without_simd(&format!(
+            "the AVX-512 VNNI quantized kernel: the {} one runs",
+            kernel.name()
+        ));
     }
     let mut failures = Vec::new();
     for name in ["tiny-a", "tiny-25a", "tiny-3a"] {
@@ -91,6 +95,119 @@ fn quantized_models_stay_close_to_transformers_f32() {
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// Where a child process of [`every_kernel_gives_the_same_logits`] writes its logits.
+const LOGITS_OUT: &str = "MEDVLM_TEST_QUANT_LOGITS_OUT";
+
+/// Each quantized kernel this CPU has (`MEDVLM_QUANT_KERNEL`, which `kernel()` reads once per
+/// process: so one child process of this test binary per kernel) gives the very same logits
+/// bits at every position of the one-image prompt (vision tower, decoder and head
+/// quantized, prompt rows beyond one register tile) on a Qwen2-VL and a Qwen3-VL fixture,
+/// in both formats; and `medvlm inspect` names the kernel that runs.
+#[test]
+fn every_kernel_gives_the_same_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for kernel in Kernel::ALL {
+        if !kernel.available() {
+            note_without_simd(&format!("the {} quantized kernel", kernel.name()));
+            continue;
+        }
+        let path = tmp.path().join(kernel.name());
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "quantized::quantized_logits_in_a_child",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("MEDVLM_QUANT_KERNEL", kernel.name())
+            .env(LOGITS_OUT, &path)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && log.contains("1 passed"),
+            "{}: {log}{}",
+            kernel.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        runs.push((kernel, std::fs::read(&path).unwrap()));
+    }
+    let (first, want) = &runs[0];
+    assert!(!want.is_empty());
+    for (kernel, got) in &runs[1..] {
+        assert!(
+            got == want,
+            "the {} and {} kernels give different logits",
+            kernel.name(),
+            first.name()
+        );
+    }
+
+    // The report: the forced kernel where the CPU has it, else the fastest with a warning.
+    let q = tmp.path().join("q");
+    let src = fixtures().join("tiny-a");
+    let (ok, _, e) = medvlm(&[
+        "quantize",
+        "--model",
+        s(&src),
+        "--to",
+        "q8_0",
+        "--out",
+        s(&q),
+    ]);
+    assert!(ok, "{e}");
+    let inspect = |forced: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_medvlm"))
+            .args(["inspect", "--model", s(&q), "--json"])
+            .env("MEDVLM_QUANT_KERNEL", forced)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (
+            j["quantized"]["kernel"].as_str().unwrap().to_string(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let best = Kernel::ALL.into_iter().find(|k| k.available()).unwrap();
+    for (kernel, _) in &runs {
+        assert_eq!(
+            inspect(kernel.name()),
+            (kernel.name().to_string(), String::new())
+        );
+    }
+    let (got, warning) = inspect("avx9");
+    assert_eq!(got, best.name());
+    assert!(
+        warning.contains("MEDVLM_QUANT_KERNEL=avx9 is not a kernel"),
+        "{warning}"
+    );
+}
+
+/// The child of [`every_kernel_gives_the_same_logits`] (ignored, so a plain run skips it;
+/// without the variable it does nothing): the logits of each fixture and format, as raw f32
+/// bits, to the file the parent names.
+#[test]
+#[ignore = "a child process of every_kernel_gives_the_same_logits"]
+fn quantized_logits_in_a_child() {
+    let Ok(path) = std::env::var(LOGITS_OUT) else {
+        return;
+    };
+    let want = std::env::var("MEDVLM_QUANT_KERNEL").unwrap();
+    assert_eq!(medvlm::kernels::quant::kernel().name(), want);
+    let mut bytes = Vec::new();
+    for name in ["tiny-a", "tiny-3a"] {
+        for q in QuantKind::ALL {
+            let (got, _) = logits(name, DType::F32, Some(q));
+            let v: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.len() > 1000 && v.iter().all(|x| x.is_finite()));
+            bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
 }
 
 /// `medvlm quantize` writes a checkpoint that scores exactly as `--quantize` on the
