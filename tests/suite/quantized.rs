@@ -269,3 +269,34 @@ fn a_manifest_that_does_not_fit_the_weights_is_refused() {
         }
     }
 }
+
+/// The training code's log-probs (`eval`'s likelihood scoring, GRPO's reference and
+/// old-policy passes) of a quantized model go through its quantized LM head, whose dense
+/// weight is a placeholder of zeros: they are `score`'s (one whole sequence at a time), in
+/// both formats. Read through the placeholder, every token had log-prob -ln(vocabulary).
+#[test]
+fn log_probs_of_a_quantized_model_are_its_scores() {
+    use medvlm::train::logps;
+    let tiny = fixtures().join("tiny-a");
+    let proc = Processor::from_dir(&tiny, &ProcessorOptions::default()).unwrap();
+    let fixture = medvlm::selftest::GrpoFixture::load(&fixtures(), "grpo", &proc).unwrap();
+    let seqs = fixture.seqs();
+    for kind in QuantKind::ALL {
+        let mut model = Qwen2Vl::load(&tiny, DType::F32, &Device::Cpu).unwrap();
+        model.quantize(kind).unwrap();
+        model.prepare_for_inference().unwrap();
+        let lp = logps::logps(&model, &seqs, 4, 1.0).unwrap();
+        let mut worst = 0f32;
+        for (s, got) in seqs.iter().zip(&lp) {
+            let want = medvlm::generate::score(&model, s.prompt, s.tokens).unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        assert!(
+            worst < 1e-5,
+            "{}: log-probs off `score` by {worst}",
+            kind.name()
+        );
+    }
+}
