@@ -3,10 +3,10 @@
 //! tokens that end an answer: `QwenTokenizer::stop_tokens`), and the reasoning split from
 //! the answer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 
 use crate::model::Qwen2Vl;
 use crate::processor::{Processor, ProcessorOptions};
@@ -51,19 +51,14 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
         (None, None) => DType::BF16,
     };
     let processor = Processor::from_dir(&m.model, opts)?;
-    let mut model = Qwen2Vl::load(&m.model, dtype, &device)?;
-    if let Some(a) = &m.adapter {
-        model
-            .merge_adapter(a)
-            .with_context(|| format!("applying adapter {}", a.display()))?;
-    }
-    if let Some(kind) = m.quantize {
-        model
-            .quantize(kind)
-            .with_context(|| format!("{}: --quantize {}", m.model.display(), kind.name()))?;
-        crate::memory::release_freed();
-    }
-    model.prepare_for_inference()?;
+    let model = inference_model(
+        &m.model,
+        dtype,
+        &device,
+        m.adapter.as_deref(),
+        m.quantize,
+        "--quantize",
+    )?;
     let vocab = model.config.text.vocab_size;
     if processor.tokenizer.vocab_size() > vocab {
         bail!(
@@ -95,6 +90,49 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
         }
     }
     Ok(Loaded { model, processor })
+}
+
+/// The model part of [`load`]: the checkpoint in `dtype` on `device`, its adapter merged,
+/// quantized to `quantize` (the dense weights freed and handed back to the system), prepared
+/// for inference. GRPO's quantized KL reference is built here too, so that its log-probs
+/// are exactly those of `score --quantize` (`setting` names the option in errors).
+pub fn inference_model(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    adapter: Option<&Path>,
+    quantize: Option<crate::kernels::quant::QuantKind>,
+    setting: &str,
+) -> Result<Qwen2Vl> {
+    let mut model = Qwen2Vl::load(dir, dtype, device)?;
+    if let Some(a) = adapter {
+        model
+            .merge_adapter(a)
+            .with_context(|| format!("applying adapter {}", a.display()))?;
+    }
+    ready_for_inference(&mut model, quantize).with_context(|| match quantize {
+        Some(kind) => format!("{}: {setting} {}", dir.display(), kind.name()),
+        None => dir.display().to_string(),
+    })?;
+    Ok(model)
+}
+
+/// Readies a loaded model for inference as every inference command does: quantized to
+/// `quantize` (the dense weights freed and handed back to the system), then prepared
+/// ([`Qwen2Vl::prepare_for_inference`]).
+pub fn ready_for_inference(
+    model: &mut Qwen2Vl,
+    quantize: Option<crate::kernels::quant::QuantKind>,
+) -> Result<()> {
+    if let Some(kind) = quantize {
+        model.quantize(kind)?;
+        // The dense weights were dropped layer by layer; without this the allocator keeps
+        // their pages (`memory::keep_freed_memory`) and the resident size stays that of the
+        // dense model.
+        crate::memory::release_freed();
+    }
+    model.prepare_for_inference()?;
+    Ok(())
 }
 
 /// Splits a completion into its reasoning (the `<think>` block) and the rest. A block opened

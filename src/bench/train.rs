@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::{peak_rss_mib, reset_peak_rss, text_ids};
 use crate::generate::{Completion, Engine, FinishReason, Request, SamplingParams};
+use crate::kernels::quant::QuantKind;
 use crate::model::random::random_var_builder;
 use crate::model::{Qwen2Vl, Qwen2VlConfig};
 use crate::processor::Prompt;
@@ -62,6 +63,9 @@ pub struct TrainWorkload {
     pub lora_r: usize,
     /// Compute dtype: "f32" or "bf16".
     pub dtype: String,
+    /// GRPO without LoRA: the reference model quantized to this format (`q8_0`, `q4_1`), as
+    /// `train grpo`'s `reference_quantize` builds it.
+    pub reference_quantize: Option<String>,
 }
 
 impl Default for TrainWorkload {
@@ -86,6 +90,7 @@ impl Default for TrainWorkload {
             model: None,
             lora_r: 0,
             dtype: "f32".into(),
+            reference_quantize: None,
         }
     }
 }
@@ -187,6 +192,22 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
         bail!("GRPO compares completions within a group: --group must be at least 2");
     }
     let compute = crate::train::config::parse_dtype(&w.dtype, "--dtype")?;
+    let reference_quantize = match &w.reference_quantize {
+        None => None,
+        Some(name) => Some(
+            QuantKind::from_name(name)
+                .with_context(|| format!("--reference-quantize: unknown format {name:?}"))?,
+        ),
+    };
+    if reference_quantize.is_some() && (w.sft || w.beta == 0.0 || w.lora_r > 0) {
+        bail!(
+            "--reference-quantize needs a reference copy to quantize: GRPO with --beta above 0 \
+             and no --lora-r"
+        );
+    }
+    if reference_quantize.is_some() && !device.is_cpu() {
+        bail!("--reference-quantize: quantized models run on the CPU only");
+    }
     if w.model.is_none() && w.lora_r > 0 {
         bail!("--lora-r needs --model DIR (e.g. a checkpoint from `medvlm init --preset`)");
     }
@@ -209,6 +230,7 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
                 group: w.group,
                 beta: w.beta != 0.0,
                 iterations: 1,
+                reference_quantize,
             }
         },
         prompt_tokens: prompt.input_ids.len(),
@@ -254,7 +276,13 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
                     device,
                 )?;
                 r.set_compute_dtype(compute);
-                r.prepare_for_scoring()?;
+                // As `train grpo` builds its reference (`rl::trainer::reference_copy`).
+                match reference_quantize {
+                    Some(_) => crate::infer::ready_for_inference(&mut r, reference_quantize)?,
+                    None => {
+                        r.prepare_for_scoring()?;
+                    }
+                }
                 Some(r)
             } else {
                 None
@@ -277,11 +305,12 @@ pub fn run(device: &Device, w: &TrainWorkload) -> Result<TrainBenchReport> {
             let reference = match (!w.sft && w.beta != 0.0, w.lora_r > 0) {
                 (false, _) => None,
                 (true, true) => Some(policy.model.without_adapters()),
-                (true, false) => {
-                    let mut r = Qwen2Vl::load(dir, compute, device)?;
-                    r.prepare_for_scoring()?;
-                    Some(r)
-                }
+                (true, false) => Some(crate::rl::trainer::reference_copy(
+                    dir,
+                    compute,
+                    reference_quantize,
+                    device,
+                )?),
             };
             (policy, reference)
         }

@@ -110,6 +110,9 @@ pub(super) fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
             DTypeArg::Bf16 => "bf16".into(),
             DTypeArg::F16 => bail!("--dtype: training computes in f32 or bf16"),
         },
+        reference_quantize: a
+            .reference_quantize
+            .map(|q| QuantKind::from(q).name().to_string()),
     };
     let report = crate::bench::train::run(&device, &w)?;
     if a.json {

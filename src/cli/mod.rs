@@ -766,6 +766,10 @@ pub struct BenchTrainArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
+    /// Keep the KL reference weight-quantized, as `train grpo`'s `reference_quantize` does
+    /// (GRPO with --beta above 0, no --lora-r; CPU only).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub reference_quantize: Option<QuantArg>,
     /// CPU threads (default: all cores, or RAYON_NUM_THREADS).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,

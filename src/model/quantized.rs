@@ -154,6 +154,32 @@ impl Qwen2Vl {
     }
 }
 
+/// Bytes the weights of a model of `config` take once [`Qwen2Vl::quantize`]d to `kind`,
+/// with the weights it leaves dense stored in `dtype`: what the memory plan counts for a
+/// quantized model (GRPO's `reference_quantize`). The same rules as `quantize`, from the
+/// model's shape alone: every linear layer it visits whose input width
+/// [`quantizable`](crate::kernels::quant::quantizable) accepts takes
+/// [`QWeight::stored_len`] bytes, the LM head in [`HEAD`]'s format, and with tied embeddings
+/// the dense table is gone (the lookups read the head); norms, biases, the patch embedding
+/// and an untied embedding table stay in `dtype`.
+pub fn quantized_size(config: &Qwen2VlConfig, kind: QuantKind, dtype: DType) -> Result<u64> {
+    let mut dense = super::num_parameters(config)? as u64;
+    let mut packed = 0u64;
+    let mut quantize = |kind: QuantKind, n: usize, k: usize| {
+        if crate::kernels::quant::quantizable(k) {
+            dense -= (n * k) as u64;
+            packed += QWeight::stored_len(kind, n, k) as u64;
+        }
+    };
+    for (_, inputs, outputs) in super::linear_shapes(config)? {
+        quantize(kind, outputs, inputs);
+    }
+    // The head is the embedding table itself when tied (counted once among the
+    // parameters), its own `lm_head.weight` otherwise.
+    quantize(HEAD, config.text.vocab_size, config.text.hidden_size);
+    Ok(dense * dtype.size_in_bytes() as u64 + packed)
+}
+
 /// The manifest of a quantized checkpoint directory, `None` for any other checkpoint.
 pub(crate) fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     let path = dir.join(MANIFEST);

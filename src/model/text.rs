@@ -767,9 +767,15 @@ impl TextModel {
         )
     }
 
-    /// The output projection's weight, (vocab, hidden): the embedding table when tied.
+    /// The output projection's weight, (vocab, hidden): the embedding table when tied. A
+    /// placeholder of zeros when the head is quantized ([`Self::lm_head_quantized`]).
     pub fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.weight()
+    }
+
+    /// The output projection's quantized weight, when the model is quantized.
+    pub fn lm_head_quantized(&self) -> Option<&crate::kernels::quant::QWeight> {
+        self.lm_head.quantized()
     }
 
     /// The token embedding table, (vocab, hidden).

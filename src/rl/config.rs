@@ -13,6 +13,7 @@ use super::reward::{
     DEFAULT_OPEN_PROTOCOL,
 };
 use crate::data::score::Protocol;
+use crate::kernels::quant::QuantKind;
 use crate::train::config::{
     at_least_one, batch_count, non_negative, positive, unit_interval, Method, RunConfig,
     SettingError, TrainConfig, MAX_SEQUENCES_PER_STEP,
@@ -79,6 +80,39 @@ pub struct GrpoMethod {
     pub open_reward_protocol: Protocol,
     /// Completions per step written to completions.jsonl.
     pub log_completions: usize,
+    /// Full fine-tuning with a KL term (beta > 0, no LoRA): keep the reference model
+    /// weight-quantized in this format (`q8_0`, `q4_1`; `none` or unset: as the policy's
+    /// dtype), built as `--quantize` builds an inference model. CPU only. Not written when
+    /// unset, so the settings of runs from before it existed read the same on resume.
+    #[serde(with = "quant_setting", skip_serializing_if = "Option::is_none")]
+    pub reference_quantize: Option<QuantKind>,
+}
+
+/// `reference_quantize` as written: `"none"` or a format's name ([`QuantKind::name`]).
+mod quant_setting {
+    use super::QuantKind;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<QuantKind>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.map_or("none", QuantKind::name))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<QuantKind>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "none" {
+            return Ok(None);
+        }
+        QuantKind::from_name(&text).map(Some).ok_or_else(|| {
+            let names: Vec<String> = QuantKind::ALL
+                .iter()
+                .map(|k| format!("`{}`", k.name()))
+                .collect();
+            D::Error::custom(format!(
+                "unknown variant `{text}`, expected `none`, {}",
+                names.join(" or ")
+            ))
+        })
+    }
 }
 
 impl Default for GrpoMethod {
@@ -115,6 +149,7 @@ impl Default for GrpoMethod {
             closed_reward_protocol: DEFAULT_CLOSED_PROTOCOL,
             open_reward_protocol: DEFAULT_OPEN_PROTOCOL,
             log_completions: 2,
+            reference_quantize: None,
         }
     }
 }
@@ -292,6 +327,33 @@ impl Method for GrpoMethod {
                 &[],
             ));
         }
+        if let Some(kind) = self.reference_quantize {
+            // A setting that would do nothing is refused, as a typo would be: the user
+            // expects the memory it saves.
+            if self.beta == 0.0 {
+                return Err(SettingError::new(
+                    "reference_quantize",
+                    &format!(
+                        "({}) is set but {{0}} is 0: the run keeps no reference model to \
+                         quantize; drop it or set beta above 0",
+                        kind.name()
+                    ),
+                    &["beta"],
+                ));
+            }
+            if run.lora.enabled() {
+                return Err(SettingError::new(
+                    "reference_quantize",
+                    &format!(
+                        "({}) is set but so is {{0}}: under LoRA the reference is the frozen \
+                         base with the adapters off, shared with the policy, not a copy to \
+                         quantize; drop it (lora.base_dtype sets the base's storage)",
+                        kind.name()
+                    ),
+                    &["lora.r"],
+                ));
+            }
+        }
         if let Some(w) = self
             .reward_weights
             .iter()
@@ -318,6 +380,23 @@ impl Method for GrpoMethod {
             group: self.num_generations,
             beta: self.beta != 0.0,
             iterations: self.num_iterations,
+            reference_quantize: self.reference_quantize,
+        }
+    }
+
+    fn check_device(&self, device: &candle_core::Device) -> std::result::Result<(), SettingError> {
+        match self.reference_quantize {
+            Some(kind) if !device.is_cpu() => Err(SettingError::new(
+                "reference_quantize",
+                &format!(
+                    "({}): quantized models run on the CPU only and this run's device is {}; \
+                     drop it on a GPU",
+                    kind.name(),
+                    crate::device::name(device)
+                ),
+                &[],
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -818,5 +897,69 @@ mod tests {
         assert_eq!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
         b.run.learning_rate = 2e-6;
         assert_ne!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
+    }
+
+    /// `reference_quantize`: a format's name or `none`; refused in one line where there is
+    /// no reference copy to quantize (beta 0, LoRA); not written when unset, so a run from
+    /// before the setting existed keeps its fingerprint.
+    #[test]
+    fn reference_quantize_parses_and_is_refused_where_it_would_do_nothing() {
+        let c = |pairs: &[(&str, &str)]| GrpoConfig::from_toml("", "x", Some(flags(pairs)));
+        let q = c(&[("reference_quantize", "q8_0")]).unwrap();
+        assert_eq!(q.method.reference_quantize, Some(QuantKind::Q8_0));
+        assert_eq!(
+            c(&[("reference_quantize", "q4_1")])
+                .unwrap()
+                .method
+                .reference_quantize,
+            Some(QuantKind::Q4_1)
+        );
+        // `none` switches a file's setting off from the command line.
+        let off = GrpoConfig::from_toml(
+            "reference_quantize = \"q8_0\"\n",
+            "x",
+            Some(flags(&[("reference_quantize", "none")])),
+        )
+        .unwrap();
+        assert_eq!(off.method.reference_quantize, None);
+        assert_eq!(off, GrpoConfig::default());
+        let again = GrpoConfig::from_toml(&q.to_toml().unwrap(), "written", None).unwrap();
+        assert_eq!(again, q);
+        assert!(q
+            .to_toml()
+            .unwrap()
+            .contains("reference_quantize = \"q8_0\""));
+        let d = GrpoConfig::default();
+        assert!(!d.to_toml().unwrap().contains("reference_quantize"));
+        assert_ne!(d.fingerprint().unwrap(), {
+            let mut x = d.clone();
+            x.method.reference_quantize = Some(QuantKind::Q8_0);
+            x.fingerprint().unwrap()
+        });
+
+        let e = err("", &[("reference_quantize", "q8")]);
+        assert_eq!(
+            e,
+            "--reference-quantize: unknown variant `q8`, expected `none`, `q8_0` or `q4_1`"
+        );
+        let e = err("", &[("reference_quantize", "q8_0"), ("beta", "0")]);
+        assert!(
+            e.starts_with("--reference-quantize (q8_0) is set but --beta is 0")
+                && !e.contains('\n'),
+            "{e}"
+        );
+        let e = err("", &[("reference_quantize", "q8_0"), ("lora.r", "8")]);
+        assert!(
+            e.starts_with("--reference-quantize (q8_0) is set but so is --lora-r: under LoRA")
+                && !e.contains('\n'),
+            "{e}"
+        );
+        let e = err("reference_quantize = \"q4_1\"\n[lora]\nr = 8\n", &[]);
+        assert!(
+            e.starts_with("run.toml: reference_quantize (q4_1) is set but so is lora.r"),
+            "{e}"
+        );
+        // The device is known after the settings: a GPU is refused before any model loads.
+        assert!(q.method.check_device(&candle_core::Device::Cpu).is_ok());
     }
 }

@@ -126,6 +126,33 @@ impl Rollout {
     }
 }
 
+/// Full fine-tuning's KL reference: the checkpoint `dir` in storage of its own, computing in
+/// `dtype`. Dense, it is prepared for scoring (a bf16 one runs on the bf16 inference
+/// kernels; an f32 one gives the numbers of the policy's own pass). Quantized to `quantize`,
+/// it is built exactly as `score --quantize` builds an inference model
+/// ([`crate::infer::inference_model`]: quantized, the dense weights freed, prepared for
+/// inference), so its log-probs are that model's, bit for bit.
+pub fn reference_copy(
+    dir: &std::path::Path,
+    dtype: candle_core::DType,
+    quantize: Option<crate::kernels::quant::QuantKind>,
+    device: &candle_core::Device,
+) -> Result<Qwen2Vl> {
+    if quantize.is_some() {
+        return crate::infer::inference_model(
+            dir,
+            dtype,
+            device,
+            None,
+            quantize,
+            "reference_quantize",
+        );
+    }
+    let mut r = Qwen2Vl::load(dir, dtype, device)?;
+    r.prepare_for_scoring()?;
+    Ok(r)
+}
+
 /// Keeps the entries of per-completion `v` whose group (`index / g`) is kept.
 fn per_seq_retain<T>(v: &mut Vec<T>, keep: &[bool], g: usize) {
     let mut n = 0;
@@ -199,9 +226,15 @@ impl GrpoRun {
             // Under LoRA the reference is the frozen base itself, adapters off: no copy.
             Some(policy.model.without_adapters())
         } else if config.method.beta != 0.0 {
-            let mut r = Qwen2Vl::load(&config.run.model, config.run.compute_dtype()?, &device)?;
-            r.prepare_for_scoring()?;
-            Some(r)
+            // Always from the starting checkpoint (`run.model`), also when resuming: a
+            // resumed run's reference is the one the uninterrupted run had, quantized or
+            // not (quantizing is a pure function of the weights).
+            Some(reference_copy(
+                &config.run.model,
+                config.run.compute_dtype()?,
+                config.method.reference_quantize,
+                &device,
+            )?)
         } else {
             None
         };
@@ -223,6 +256,12 @@ impl GrpoRun {
             stop,
             banned,
         })
+    }
+
+    /// The KL reference model (`None` with beta = 0): a copy of the starting weights
+    /// (quantized with `reference_quantize`), or under LoRA the base with adapters off.
+    pub fn reference(&self) -> Option<&Qwen2Vl> {
+        self.reference.as_ref()
     }
 
     pub fn total_steps(&self) -> u64 {

@@ -474,6 +474,11 @@ pub trait Method:
     fn without_logging(&mut self) {}
     /// The shape of the run's passes, for the memory plan.
     fn objective(&self) -> super::plan::Objective;
+    /// Settings the run's device cannot honour (checked once the device is known, before
+    /// any model is loaded).
+    fn check_device(&self, _device: &candle_core::Device) -> std::result::Result<(), SettingError> {
+        Ok(())
+    }
     /// The longest completion (GRPO) or target (SFT) the run will train on, in tokens.
     fn completion_tokens(
         &self,

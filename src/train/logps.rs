@@ -855,15 +855,21 @@ pub fn logps(
         let mb = &seqs[range];
         passes.open_for(model, mb, |_| Mode::Infer)?;
         let (hidden, _) = rows_pass(model, mb, &passes, Keep::Nothing, Mode::Infer)?;
-        let lp = token_logps::forward(
-            &hidden,
-            model.text.lm_head_weight(),
-            &targets_of(mb),
-            temperature,
-            false,
-            false,
-        )?
-        .logp;
+        let targets = targets_of(mb);
+        let lp = match model.text.lm_head_quantized() {
+            Some(q) => token_logps::forward_quantized(&hidden, q, &targets, temperature)?,
+            None => {
+                token_logps::forward(
+                    &hidden,
+                    model.text.lm_head_weight(),
+                    &targets,
+                    temperature,
+                    false,
+                    false,
+                )?
+                .logp
+            }
+        };
         out.extend(per_seq(&lp, mb).into_iter().map(<[f32]>::to_vec));
         passes.finish(mb)?;
     }

@@ -12,6 +12,7 @@ use anyhow::Result;
 use candle_core::DType;
 
 use super::config::{LoraConfig, RunConfig};
+use crate::kernels::quant::QuantKind;
 use crate::model::lora;
 use crate::model::Qwen2VlConfig;
 
@@ -25,6 +26,9 @@ pub enum Objective {
         beta: bool,
         /// Optimizer steps per rollout: above 1, the sampling policy's log-probs are kept.
         iterations: u64,
+        /// The reference model's weights quantized (`reference_quantize`), with beta and
+        /// without LoRA.
+        reference_quantize: Option<QuantKind>,
     },
     /// `items` sequences per step, each its own prompt.
     Sft { items: usize },
@@ -272,14 +276,21 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
         b,
     };
     let lora = p.lora.as_ref().filter(|l| l.enabled());
-    let (n_prompts, group, beta, iterations) = match p.objective {
+    let (n_prompts, group, beta, iterations, reference_quantize) = match p.objective {
         Objective::Grpo {
             prompts,
             group,
             beta,
             iterations,
-        } => (prompts as u64, group as u64, beta, iterations.max(1)),
-        Objective::Sft { items } => (items as u64, 1, false, 1),
+            reference_quantize,
+        } => (
+            prompts as u64,
+            group as u64,
+            beta,
+            iterations.max(1),
+            reference_quantize,
+        ),
+        Objective::Sft { items } => (items as u64, 1, false, 1, None),
     };
     let grpo = matches!(p.objective, Objective::Grpo { .. });
     let seqs = n_prompts * group;
@@ -315,10 +326,12 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     };
     let grads = 4 * trainable;
     let optimizer = 8 * trainable;
-    let reference = if beta && lora.is_none() {
-        sh.total * b
-    } else {
-        0
+    // The reference is a copy of the starting weights in the compute dtype, or quantized
+    // as `--quantize` quantizes an inference model (what stays dense in the compute dtype).
+    let reference = match (beta && lora.is_none(), reference_quantize) {
+        (false, _) => 0,
+        (true, None) => sh.total * b,
+        (true, Some(kind)) => crate::model::quantized::quantized_size(c, kind, p.compute)?,
     };
     // A backward pass's gradients of every weight in its graph, held by candle's store until
     // they are added into the accumulated ones (whether those weights train or not: frozen
@@ -506,18 +519,31 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     // keys and values, one layer's activations at a time, the LM head in chunks (kept as
     // the scratch buffer the policy pass reuses).
     let chunk_rows = ((320u64 << 20) / (4 * d.vocab)).clamp(1, tokens);
-    let infer_head = if head_kernel {
-        chunk_rows * d.vocab * 4
-    } else {
-        4 * tokens * d.vocab * 4 + head_f32_copy
-    };
-    let infer_rows = tokens * (3 * d.h + 3 * d.i) * sb
-        + if regime.fused {
-            0
+    let pass = |sb: u64, head_in_chunks: bool| {
+        let infer_head = if head_in_chunks {
+            chunk_rows * d.vocab * 4
         } else {
-            d.heads * ct * (pp + ct) * 12
+            4 * tokens * d.vocab * 4 + head_f32_copy
         };
-    let fixed_pass = open * prompt_kv / b * sb + infer_rows + infer_head;
+        let infer_rows = tokens * (3 * d.h + 3 * d.i) * sb
+            + if regime.fused {
+                0
+            } else {
+                d.heads * ct * (pp + ct) * 12
+            };
+        open * prompt_kv / b * sb + infer_rows + infer_head
+    };
+    // A quantized reference is prepared for inference (f32 activations under the CPU
+    // kernels) and scores through its quantized head in those chunks, whatever the dtype.
+    let reference_pass = match reference_quantize {
+        Some(_) if lora.is_none() => pass(if cpu_kernels { 4 } else { sb }, true),
+        _ => pass(sb, head_kernel),
+    };
+    let fixed_pass = match (beta, iterations > 1) {
+        (true, true) => reference_pass.max(pass(sb, head_kernel)),
+        (true, false) => reference_pass,
+        _ => pass(sb, head_kernel),
+    };
 
     // candle's backward pass holds the gradients of the tensors whose consumers it has been
     // through and they not yet: measured at 22 bytes per token and unit of i + h (the MLP's
@@ -580,7 +606,13 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
         ),
         line("gradients", grads),
         line("optimizer state (AdamW)", optimizer),
-        line("reference model", reference),
+        line(
+            &match reference_quantize.filter(|_| reference > 0) {
+                Some(kind) => format!("reference model ({} weights)", kind.name()),
+                None => "reference model".to_string(),
+            },
+            reference,
+        ),
         line(
             if grpo {
                 "step data: prompts, completions, log-probs"
@@ -656,16 +688,44 @@ impl std::fmt::Display for Plan {
     }
 }
 
+/// Sets GRPO's `reference_quantize` in a plan's input (SFT has no reference).
+fn set_reference_quantize(p: &mut PlanInput, kind: Option<QuantKind>) {
+    if let Objective::Grpo {
+        reference_quantize, ..
+    } = &mut p.objective
+    {
+        *reference_quantize = kind;
+    }
+}
+
 /// Settings that would bring `input` under `available`, cheapest change first: gradient
-/// checkpointing, a micro-batch of 1, LoRA (rank 16, bf16 base), bf16 compute, and their
-/// combinations; then the largest batch (SFT's items, GRPO's prompts or group) that fits as
-/// the rest is. Each as the flags to add and the peak it would give.
+/// checkpointing, a micro-batch of 1, a q8_0 reference model (GRPO's full fine-tuning on the
+/// CPU), LoRA (rank 16, bf16 base), bf16 compute, and their combinations; then the largest
+/// batch (SFT's items, GRPO's prompts or group) that fits as the rest is. Each as the flags
+/// to add and the peak it would give.
 pub fn suggestions(input: &PlanInput, available: u64) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     let lora16 = LoraConfig {
         r: 16,
         alpha: 32.0,
         ..LoraConfig::default()
+    };
+    let full = input.lora.as_ref().is_none_or(|l| !l.enabled());
+    let (dense_reference, quantized_reference) = match input.objective {
+        Objective::Grpo {
+            beta: true,
+            reference_quantize,
+            ..
+        } => (reference_quantize.is_none(), reference_quantize.is_some()),
+        _ => (false, false),
+    };
+    // Under LoRA the reference is the base itself: a quantized one is refused.
+    let lora = |flags: &str| {
+        let mut f = format!("--lora-r 16 --lora-alpha 32{flags}");
+        if quantized_reference {
+            f.push_str(" --reference-quantize none");
+        }
+        f
     };
     let mut tries: Vec<(String, PlanInput)> = Vec::new();
     let mut with = |flags: &str, f: &dyn Fn(&mut PlanInput)| {
@@ -679,18 +739,28 @@ pub fn suggestions(input: &PlanInput, available: u64) -> Result<Vec<(String, u64
         p.checkpointing = true;
         p.micro_batch = 1;
     });
-    with("--lora-r 16 --lora-alpha 32", &|p| {
-        p.lora = Some(lora16.clone())
+    // The reference copy of full fine-tuning in 8.5 bits a weight instead of 32 or 16: its
+    // KL term then carries q8_0's error, the policy's training does not change. Quantized
+    // models run on the CPU only.
+    if full && dense_reference && input.cpu {
+        with("--reference-quantize q8_0", &|p| {
+            set_reference_quantize(p, Some(QuantKind::Q8_0))
+        });
+        with(
+            "--reference-quantize q8_0 --gradient-checkpointing true",
+            &|p| {
+                set_reference_quantize(p, Some(QuantKind::Q8_0));
+                p.checkpointing = true;
+            },
+        );
+    }
+    with(&lora(""), &|p| p.lora = Some(lora16.clone()));
+    with(&lora(" --gradient-checkpointing true"), &|p| {
+        p.lora = Some(lora16.clone());
+        p.checkpointing = true;
     });
     with(
-        "--lora-r 16 --lora-alpha 32 --gradient-checkpointing true",
-        &|p| {
-            p.lora = Some(lora16.clone());
-            p.checkpointing = true;
-        },
-    );
-    with(
-        "--lora-r 16 --lora-alpha 32 --gradient-checkpointing true --micro-batch 1",
+        &lora(" --gradient-checkpointing true --micro-batch 1"),
         &|p| {
             p.lora = Some(lora16.clone());
             p.checkpointing = true;
@@ -698,7 +768,7 @@ pub fn suggestions(input: &PlanInput, available: u64) -> Result<Vec<(String, u64
         },
     );
     with(
-        "--lora-r 16 --lora-alpha 32 --gradient-checkpointing true --micro-batch 1 --dtype bf16",
+        &lora(" --gradient-checkpointing true --micro-batch 1 --dtype bf16"),
         &|p| {
             p.lora = Some(lora16.clone());
             p.checkpointing = true;
@@ -708,9 +778,7 @@ pub fn suggestions(input: &PlanInput, available: u64) -> Result<Vec<(String, u64
     );
     for (flags, p) in tries {
         let e = estimate(&p, "", None)?;
-        if e.peak <= available
-            && (input.lora.as_ref().is_none_or(|l| !l.enabled()) || !flags.contains("lora"))
-        {
+        if e.peak <= available && (full || !flags.contains("lora")) {
             out.push((flags, e.peak));
         }
     }
@@ -801,6 +869,7 @@ mod tests {
                 group: 4,
                 beta: true,
                 iterations: 1,
+                reference_quantize: None,
             },
             prompt_tokens: 300,
             image_patches: 1024,
@@ -906,5 +975,137 @@ mod tests {
             ..full.clone()
         }
         .fits());
+    }
+
+    /// The tiny fixture's shape (tests/fixtures/tiny-a): a 2-layer decoder of width 64
+    /// (MLP 128, 4 query and 2 key/value heads of 16, 512 tied embeddings) and a 2-block
+    /// vision tower of width 32 (MLP 64, 14-pixel patches over 2 frames).
+    fn tiny_reference(quantize: Option<QuantKind>, compute: DType) -> u64 {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-a/config.json");
+        let mut i = input_2b();
+        i.config = Qwen2VlConfig::from_file(&path).unwrap();
+        i.compute = compute;
+        i.prompt_tokens = 40;
+        i.image_patches = 16;
+        i.completion_tokens = 16;
+        if let Objective::Grpo {
+            reference_quantize, ..
+        } = &mut i.objective
+        {
+            *reference_quantize = quantize;
+        }
+        line(&estimate(&i, "test", None).unwrap(), "reference model")
+    }
+
+    /// A quantized reference counted by hand from tiny-a's shapes: every linear layer whose
+    /// input width is a multiple of 32 in groups of 32 weights, 34 bytes a group in q8_0
+    /// (ggml's block_q8_0: an f16 scale and 32 bytes) and 20 in q4_1 (block_q4_1: an f16
+    /// scale, an f16 minimum and 16 bytes of nibbles), the tied LM head in q8_0 whatever the
+    /// format (its dense table freed), and the rest in the compute dtype.
+    #[test]
+    fn a_quantized_reference_is_counted_at_its_stored_size() {
+        // Quantized layers, weights: per decoder layer q 64x64, k and v 32x64, o 64x64, gate
+        // and up 128x64, down 64x128 (36,864, twice); per vision block qkv 96x32, proj
+        // 32x32, fc1 64x32, fc2 32x64 (8,192, twice); the merger's mlp.0 128x128 and mlp.2
+        // 64x128.
+        let layers: u64 = 2 * 36_864 + 2 * 8_192 + 128 * 128 + 64 * 128;
+        assert_eq!(layers, 114_688);
+        let head: u64 = 512 * 64;
+        // Left dense: q/k/v biases (128) and two norms (128) per decoder layer, the final
+        // norm (64); the patch embedding (32 x 3·2·14·14 = 37,632: 1,176 inputs, not a
+        // whole number of groups); per vision block two LayerNorms (128) and the qkv, proj,
+        // fc1 and fc2 biases (224); the merger's LayerNorm (64) and biases (128 + 64).
+        let dense: u64 = 2 * 256 + 64 + 37_632 + 2 * 352 + 64 + 192;
+        assert_eq!(dense, 39_168);
+        // The parameter count these shapes add up to: the dense reference at 4 bytes each.
+        assert_eq!(
+            tiny_reference(None, DType::F32),
+            4 * (layers + head + dense)
+        );
+        let q8 = |w: u64| w / 32 * 34;
+        let q4 = |w: u64| w / 32 * 20;
+        assert_eq!(
+            tiny_reference(Some(QuantKind::Q8_0), DType::F32),
+            q8(layers) + q8(head) + 4 * dense
+        );
+        assert_eq!(
+            tiny_reference(Some(QuantKind::Q8_0), DType::F32),
+            121_856 + 34_816 + 156_672
+        );
+        assert_eq!(
+            tiny_reference(Some(QuantKind::Q4_1), DType::F32),
+            q4(layers) + q8(head) + 4 * dense
+        );
+        assert_eq!(
+            tiny_reference(Some(QuantKind::Q8_0), DType::BF16),
+            q8(layers) + q8(head) + 2 * dense
+        );
+    }
+
+    /// A full fine-tuning run on the CPU that misses its budget only by its reference
+    /// model's size is told to quantize it, with the peak that gives; never under LoRA,
+    /// without a reference or on a GPU (quantized models run on the CPU); and when it is
+    /// already quantized, LoRA is offered with the setting switched off (LoRA refuses it).
+    #[test]
+    fn the_plan_offers_a_quantized_reference_where_it_fits() {
+        let dense = estimate(&input_2b(), "test", None).unwrap();
+        let mut q = input_2b();
+        set_reference_quantize(&mut q, Some(QuantKind::Q8_0));
+        let quantized = estimate(&q, "test", None).unwrap();
+        // 8.5 bits a weight instead of 32 for the 2B's linear layers and head.
+        assert!(
+            line(&quantized, "reference model") * 3 < line(&dense, "reference model"),
+            "{quantized}"
+        );
+        assert!(quantized
+            .to_string()
+            .contains("reference model (q8_0 weights)"));
+        let saved = dense.peak - quantized.peak;
+        assert_eq!(
+            saved,
+            line(&dense, "reference model") - line(&quantized, "reference model"),
+            "the reference is held in every phase"
+        );
+        let available = quantized.peak;
+        let fixes = suggestions(&input_2b(), available).unwrap();
+        assert!(
+            fixes.contains(&("--reference-quantize q8_0".to_string(), quantized.peak)),
+            "{fixes:?}"
+        );
+        let mut gpu = input_2b();
+        gpu.cpu = false;
+        let on_gpu = estimate(&gpu, "test", None).unwrap().peak;
+        let gpu_fixes = suggestions(&gpu, on_gpu - 1).unwrap();
+        assert!(
+            gpu_fixes
+                .iter()
+                .all(|(f, _)| !f.contains("reference-quantize")),
+            "{gpu_fixes:?}"
+        );
+        let mut no_kl = input_2b();
+        if let Objective::Grpo { beta, .. } = &mut no_kl.objective {
+            *beta = false;
+        }
+        let peak = estimate(&no_kl, "test", None).unwrap().peak;
+        assert!(suggestions(&no_kl, peak - 1)
+            .unwrap()
+            .iter()
+            .all(|(f, _)| !f.contains("reference-quantize")));
+        // Already quantized: LoRA's suggestions switch it off.
+        let fixes = suggestions(&q, 12u64 << 30).unwrap();
+        let lora: Vec<_> = fixes
+            .iter()
+            .filter(|(f, _)| f.contains("--lora-r"))
+            .collect();
+        assert!(!lora.is_empty(), "{fixes:?}");
+        assert!(
+            lora.iter()
+                .all(|(f, _)| f.ends_with("--reference-quantize none")),
+            "{fixes:?}"
+        );
+        assert!(fixes
+            .iter()
+            .all(|(f, _)| !f.contains("reference-quantize q8_0")));
     }
 }

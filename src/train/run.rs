@@ -55,6 +55,7 @@ impl RunInputs {
         config.validate()?;
         let run = &config.run;
         let device = crate::device::parse(run.device.as_deref())?;
+        config.method.check_device(&device)?;
         let resume_from = Session::resume_point(&run.output_dir, resume, M::NAME)?;
         if let Some(c) = &resume_from {
             // Everything the checkpoint recorded is checked now, before any model is loaded.

@@ -183,6 +183,57 @@ fn pick(
     }
 }
 
+/// [`forward`]'s log-probabilities (no entropy, nothing kept) under a quantized LM head
+/// (inference only: a quantized model, GRPO's `reference_quantize`): the logits are the
+/// head's quantized product, exactly as [`crate::model::TextModel::logits`] computes them
+/// (activations quantized per row, so a row's logits do not depend on its chunk), taken in
+/// the chunks `forward` takes and picked by the same log-softmax. The head's dense weight
+/// is then a placeholder of zeros, which `forward` would read.
+pub fn forward_quantized(
+    hidden: &Tensor,
+    weight: &crate::kernels::quant::QWeight,
+    targets: &[u32],
+    temperature: f64,
+) -> Result<Vec<f32>> {
+    let (t, h) = hidden.dims2()?;
+    let (vocab, k) = weight.dims();
+    if k != h || targets.len() != t {
+        bail!(
+            "token log-probs: hidden states ({t}, {h}), quantized weight ({vocab}, {k}), {} \
+             targets",
+            targets.len()
+        );
+    }
+    if let Some(&bad) = targets.iter().find(|&&x| x as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary ({vocab})");
+    }
+    let hs = hidden
+        .to_dtype(DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?
+        .contiguous()?;
+    let inv_temp = (1.0 / temperature) as f32;
+    let rows = (ROWS_PER_CHUNK_BYTES / (4 * vocab)).clamp(1, t.max(1));
+    let logp = with_f32(&hs, |hs| {
+        let mut buf = workspace::take(rows * vocab);
+        let mut logp = Vec::with_capacity(t);
+        for start in (0..t).step_by(rows) {
+            let r = rows.min(t - start);
+            let chunk = &mut buf[..r * vocab];
+            weight.matmul(&hs[start * h..(start + r) * h], r, None, chunk);
+            logp.extend(softmax::pick_log_softmax(
+                chunk,
+                vocab,
+                &targets[start..start + r],
+                inv_temp,
+                false,
+            ));
+        }
+        workspace::give(buf);
+        logp
+    });
+    logp.ok_or_else(|| anyhow::anyhow!("token log-probs: hidden states not readable as f32"))
+}
+
 /// The LM head's weight (vocab x h) as the CPU kernels read it.
 #[derive(Clone, Copy)]
 enum HeadWeight<'a> {

@@ -395,6 +395,29 @@ fn resumed_runs_equal_uninterrupted_runs() {
     assert!(ok, "{err}");
     assert_same_run(&ga, &gb, &warm, 4);
 
+    // The same with the reference quantized to q8_0: a resumed run rebuilds it from the
+    // starting model as the uninterrupted run built it. The first step, where the policy is
+    // still the starting model, shows q8_0's own KL; the dense reference's is 0 there.
+    let (qa, qb) = (dir.join("q8-a"), dir.join("q8-b"));
+    let q8 = ["--reference-quantize", "q8_0"];
+    let (ok, _, err) = grpo(&qa, &q8);
+    assert!(ok, "{err}");
+    assert!(err.contains("reference model (q8_0 weights)"), "{err}");
+    let (ok, _, err) = grpo(&qb, &[&q8[..], &["--stop-after", "2"]].concat());
+    assert!(ok, "{err}");
+    let (ok, _, err) = medvlm(&["train", "grpo", "--resume", s(&qb), "--device", "cpu"]);
+    assert!(ok, "{err}");
+    assert_same_run(&qa, &qb, &warm, 4);
+    let first_kl = |d: &Path| -> f64 {
+        let text = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        v["kl"].as_f64().unwrap()
+    };
+    let (kl_dense, kl_q8) = (first_kl(&ga), first_kl(&qa));
+    eprintln!("first step's KL: f32 reference {kl_dense:e}, q8_0 reference {kl_q8:e}");
+    assert_eq!(kl_dense, 0.0);
+    assert!(kl_q8 > 0.0 && kl_q8 < 1e-2, "{kl_q8}");
+
     // The same with LoRA (dropout on: its masks must repeat too) and gradient checkpointing:
     // the run directories hold PEFT adapters, equal bit for bit, and the KL reference is the
     // frozen base.
@@ -539,6 +562,44 @@ fn bad_configs_fail_before_any_work() {
         (
             vec!["--resume".into(), s(&dir.join("nothing")).into()],
             "nothing",
+        ),
+        // A quantized reference where there is no reference copy: refused in one line.
+        (
+            vec![
+                "--model".into(),
+                s(&model).into(),
+                "--train-data".into(),
+                s(&data).into(),
+                "--reference-quantize".into(),
+                "q8_0".into(),
+                "--beta".into(),
+                "0".into(),
+            ],
+            "--reference-quantize (q8_0) is set but --beta is 0",
+        ),
+        (
+            vec![
+                "--model".into(),
+                s(&model).into(),
+                "--train-data".into(),
+                s(&data).into(),
+                "--reference-quantize".into(),
+                "q8_0".into(),
+                "--lora-r".into(),
+                "4".into(),
+            ],
+            "--reference-quantize (q8_0) is set but so is --lora-r",
+        ),
+        (
+            vec![
+                "--model".into(),
+                s(&model).into(),
+                "--train-data".into(),
+                s(&data).into(),
+                "--reference-quantize".into(),
+                "q8".into(),
+            ],
+            "expected `none`, `q8_0` or `q4_1`",
         ),
     ];
     for (args, needle) in cases {

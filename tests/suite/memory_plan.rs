@@ -263,6 +263,7 @@ fn points() -> Vec<Point> {
         p("prompt length 400", Some("baseline (sweep model, GRPO)"), bench("sweep", &with("--prompt-tokens 400"))),
         p("image 224x224 (256 patches)", Some("baseline (sweep model, GRPO)"), bench("sweep", &with("--image-size 224"))),
         p("beta 0 (no reference model)", Some("baseline (sweep model, GRPO)"), bench("sweep", &with("--beta 0"))),
+        p("reference model in q8_0", Some("baseline (sweep model, GRPO)"), bench("sweep", &with("--reference-quantize q8_0"))),
         p("freeze_vision", Some("baseline (sweep model, GRPO)"), bench("sweep", &with("--freeze-vision"))),
         p("dtype bf16", Some("baseline (sweep model, GRPO)"), bench("sweep", &with("--dtype bf16"))),
         p("LoRA r=8", Some("baseline (sweep model, GRPO)"), bench("sweep", &with("--lora-r 8"))),
