@@ -371,6 +371,74 @@ impl Linear {
 }
 
 impl Linear {
+    /// Several layers of the same input (q/k/v, gate/up) applied to `x`: one call into the
+    /// quantized kernels when they are all quantized alike (the activations quantized once,
+    /// one parallel loop; see [`QWeight::matmul_shared`]), else each layer's `forward`.
+    /// The results are the same either way.
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
+        let quants: Option<Vec<&QWeight>> = layers
+            .iter()
+            .map(|l| l.quant.as_deref().filter(|_| l.lora.is_none()))
+            .collect();
+        let shared = quants.filter(|q| {
+            q.len() > 1
+                && q.iter()
+                    .all(|w| w.kind() == q[0].kind() && w.dims().1 == q[0].dims().1)
+        });
+        let Some(quants) = shared else {
+            return layers.iter().map(|l| l.forward(x, mode)).collect();
+        };
+        if x.track_op() || matches!(mode, Mode::Train { .. }) {
+            candle_core::bail!(
+                "linear {}: a quantized layer cannot be trained",
+                layers[0].name
+            );
+        }
+        let dims = x.dims().to_vec();
+        let Some((&k, lead)) = dims.split_last() else {
+            candle_core::bail!("linear: a scalar input");
+        };
+        let m: usize = lead.iter().product();
+        let xs = x
+            .reshape((m, k))?
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .contiguous()?;
+        let biases = layers
+            .iter()
+            .map(|l| l.bias_f32())
+            .collect::<Result<Vec<_>>>()?;
+        let bias_refs: Vec<Option<&[f32]>> = biases.iter().map(|b| b.as_deref()).collect();
+        let mut outs: Vec<Vec<f32>> = quants.iter().map(|w| vec![0f32; m * w.dims().0]).collect();
+        let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        crate::kernels::with_f32(&xs, |xs| {
+            QWeight::matmul_shared(&quants, xs, m, &bias_refs, &mut out_refs)
+        })
+        .ok_or_else(|| candle_core::Error::Msg("quantized linear: bad input".into()))?;
+        outs.into_iter()
+            .zip(&quants)
+            .map(|(o, w)| {
+                let mut shape = lead.to_vec();
+                shape.push(w.dims().0);
+                Tensor::from_vec(o, (m, w.dims().0), x.device())?
+                    .to_dtype(x.dtype())?
+                    .reshape(shape)
+            })
+            .collect()
+    }
+
+    /// The bias in f32 on the CPU, for the quantized kernels.
+    fn bias_f32(&self) -> Result<Option<Vec<f32>>> {
+        self.bias
+            .as_ref()
+            .map(|b| {
+                b.to_dtype(DType::F32)?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_vec1::<f32>()
+            })
+            .transpose()
+    }
+
     /// The product against the quantized weight (inference only: a quantized layer has no
     /// gradient), in f32 whatever the activations' dtype, returned in it.
     fn quantized_forward(
@@ -389,10 +457,7 @@ impl Linear {
             .to_dtype(DType::F32)?
             .to_device(&candle_core::Device::Cpu)?
             .contiguous()?;
-        let bias = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-            None => None,
-        };
+        let bias = self.bias_f32()?;
         let mut out = vec![0f32; m * n];
         crate::kernels::with_f32(&xs, |xs| q.matmul(xs, m, bias.as_deref(), &mut out))
             .ok_or_else(|| candle_core::Error::Msg("quantized linear: bad input".into()))?;

@@ -316,17 +316,12 @@ impl Attention {
                 None => Ok(t),
             }
         };
-        let q = rotary_heads_first(
-            &split(self.q.forward(x, mode)?, self.num_heads, &self.q_norm)?,
-            cos,
-            sin,
-        )?;
-        let k = rotary_heads_first(
-            &split(self.k.forward(x, mode)?, self.num_kv_heads, &self.k_norm)?,
-            cos,
-            sin,
-        )?;
-        let v = split(self.v.forward(x, mode)?, self.num_kv_heads, &None)?
+        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&self.q, &self.k, &self.v], x, mode)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q/k/v: three products".into()))?;
+        let q = rotary_heads_first(&split(q, self.num_heads, &self.q_norm)?, cos, sin)?;
+        let k = rotary_heads_first(&split(k, self.num_kv_heads, &self.k_norm)?, cos, sin)?;
+        let v = split(v, self.num_kv_heads, &None)?
             .transpose(1, 2)?
             .contiguous()?;
         let out = match caching {
@@ -466,11 +461,10 @@ impl Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let h = gated(
-            &self.gate.forward(x, mode)?,
-            &self.up.forward(x, mode)?,
-            self.act,
-        )?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.gate, &self.up], x, mode)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gate/up: two products".into()))?;
+        let h = gated(&gate, &up, self.act)?;
         self.down.forward(&h, mode)
     }
 }
