@@ -242,9 +242,11 @@ impl Running {
 /// each matrix product over the pool with `par_iter`; called from outside the pool, every
 /// product hands its work to the pool and puts the calling thread to sleep until it is done,
 /// a futex wake-up and wait per product, hundreds per decoded token. From a pool thread the
-/// caller takes its own share and the other threads steal the rest. Batch-1 decoding on 2
-/// cores (AMD EPYC Zen 4, Qwen2-VL-2B widths, 8 layers, 5 pairs) went from 44.7-45.4 to
-/// 47.7-53.4 tok/s with q4_1 weights and from 34.5-38.0 to 39.3-42.0 with q8_0.
+/// caller takes its own share and the other threads steal the rest. On 2 threads of an AMD
+/// EPYC Zen 4 a layer's q/k/v products at the 2B widths (q4_1, in cache) took 75-102 us
+/// called from outside the pool and 36-41 us from a pool thread (29-32 us with the shared
+/// activations of `QWeight::matmul_shared`); whole batch-1 decode runs vary by more than
+/// that (+-12% run to run on this machine), so no end-to-end figure is claimed.
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
