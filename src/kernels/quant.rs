@@ -493,6 +493,16 @@ struct Activations {
     blocks: usize,
 }
 
+/// One activation row's buffers as the zipped iterators hand them out: its index, its
+/// quantized values, and its groups' scales, offsets and sums.
+type ActivationRow<'a> = (
+    usize,
+    (
+        ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]),
+        &'a mut [i32],
+    ),
+);
+
 impl Activations {
     /// On `kernel`'s instruction set (the caller checked the CPU has it); every one gives
     /// the same numbers.
@@ -502,10 +512,7 @@ impl Activations {
         let mut scale = vec![0f32; m * blocks];
         let mut offset = vec![0f32; m * blocks];
         let mut sums = vec![0i32; m * blocks];
-        let row = |(r, (((qr, sr), or), nr)): (
-            usize,
-            (((&mut [i8], &mut [f32]), &mut [f32]), &mut [i32]),
-        )| {
+        let row = |(r, (((qr, sr), or), nr)): ActivationRow| {
             for b in 0..blocks {
                 let src: &[f32; GROUP] = x[r * k + b * GROUP..r * k + (b + 1) * GROUP]
                     .try_into()
