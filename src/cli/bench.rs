@@ -78,10 +78,10 @@ fn check_train_workload(a: &BenchTrainArgs) -> Result<()> {
 
 /// The shape `bench train` builds: --model's config, else --config, else --preset.
 fn train_shape(a: &BenchTrainArgs) -> Result<crate::bench::Shape> {
-    Ok(match (&a.model, &a.config) {
-        (Some(dir), _) | (None, Some(dir)) => crate::bench::Shape::from_path(dir)?,
-        (None, None) => crate::bench::Shape::preset(a.preset),
-    })
+    match &a.model {
+        Some(dir) => crate::bench::Shape::from_path(dir),
+        None => a.shape.shape(),
+    }
 }
 
 pub(super) fn run_bench_train(a: BenchTrainArgs) -> Result<()> {
@@ -137,10 +137,7 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
         } else {
             DType::BF16
         });
-    let shape = match (&a.config, a.preset) {
-        (Some(p), _) => crate::bench::Shape::from_path(p)?,
-        (None, p) => crate::bench::Shape::preset(p),
-    };
+    let shape = a.shape.shape()?;
     // The random weights are built before anything else: they must fit.
     let config = shape.config()?;
     let bytes = crate::model::num_parameters(&config)? as u128 * dtype.size_in_bytes() as u128;

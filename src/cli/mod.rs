@@ -698,21 +698,8 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug)]
 pub struct BenchTrainArgs {
-    /// The model shape (random weights): qwen2-vl-bench (src/model/presets/qwen2-vl-bench.json,
-    /// 119.7M parameters, two thirds of them the 151,936-token embedding) or
-    /// qwen2-vl-bench-layers (16 layers x 768 with a 32,768-token vocabulary, 178.7M; the
-    /// layers dominate). Also qwen2-vl-2b or qwen3-vl-2b.
-    #[arg(
-        long,
-        value_enum,
-        default_value = "qwen2-vl-bench",
-        value_name = "NAME"
-    )]
-    pub preset: crate::model::Preset,
-    /// Another shape: a config.json, or a checkpoint directory (only its config.json is
-    /// read; the weights are random). Overrides --preset.
-    #[arg(long, value_name = "FILE|DIR", conflicts_with = "model")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// Prompts per step (B).
     #[arg(long, default_value_t = 1, value_name = "B")]
     pub prompts: usize,
@@ -757,7 +744,7 @@ pub struct BenchTrainArgs {
     pub no_entropy: bool,
     /// Train this checkpoint instead of the random benchmark model (e.g. one written by
     /// `medvlm init --preset qwen2-vl-2b`).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
     pub model: Option<PathBuf>,
     /// LoRA rank (alpha = 2 x rank, frozen bf16 base, the language model's projections);
     /// needs --model.
@@ -781,11 +768,14 @@ pub struct BenchTrainArgs {
     pub json: bool,
 }
 
+/// The model shape a benchmark builds, with random weights.
 #[derive(Args, Debug)]
-pub struct BenchGenerateArgs {
-    /// The model shape (random weights): qwen2-vl-bench (src/model/presets/qwen2-vl-bench.json, 119.7M
-    /// parameters), qwen2-vl-2b (Qwen2-VL-2B-Instruct's config, 2.2B; about 9 GB in f32) or
-    /// qwen3-vl-2b (Qwen3-VL-2B-Instruct's, 2.1B).
+pub struct ShapeArgs {
+    /// The model shape (random weights): qwen2-vl-bench (src/model/presets/qwen2-vl-bench.json,
+    /// 119.7M parameters, two thirds of them the 151,936-token embedding),
+    /// qwen2-vl-bench-layers (16 layers x 768 with a 32,768-token vocabulary, 178.7M; the
+    /// layers dominate), qwen2-vl-2b (Qwen2-VL-2B-Instruct's config, 2.2B; about 9 GB in f32)
+    /// or qwen3-vl-2b (Qwen3-VL-2B-Instruct's, 2.1B).
     #[arg(
         long,
         value_enum,
@@ -797,6 +787,22 @@ pub struct BenchGenerateArgs {
     /// read; the weights are random). Overrides --preset.
     #[arg(long, value_name = "FILE|DIR")]
     pub config: Option<PathBuf>,
+}
+
+impl ShapeArgs {
+    /// The shape asked for: --config, else --preset.
+    pub fn shape(&self) -> anyhow::Result<crate::bench::Shape> {
+        Ok(match &self.config {
+            Some(p) => crate::bench::Shape::from_path(p)?,
+            None => crate::bench::Shape::preset(self.preset),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchGenerateArgs {
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub new_tokens: usize,
