@@ -30,16 +30,8 @@ pub fn save(src: &Path, kind: QuantKind, out: &Path) -> Result<usize> {
     }
     let config = Qwen2VlConfig::from_file(&src.join("config.json"))?;
     let weights = CheckpointWeights::open(src)?;
-    let layout = weights.layout(&config)?;
     // Which tensors are linear weights: from a model built over the headers alone.
-    let mut shapes = Qwen2Vl::from_var_builder(
-        weights.shape_checker(),
-        layout,
-        config.clone(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .map_err(|e| weights.explain(e))?;
+    let mut shapes = Qwen2Vl::over_headers(&weights, &config)?;
     let mut targets: HashMap<String, QuantKind> = shapes
         .linears_mut()
         .into_iter()

@@ -9,14 +9,7 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
     let layout = weights.layout(&config)?;
     // Build the model against the file headers alone, so a checkpoint that does not match its
     // config is reported here rather than at first use, without reading gigabytes.
-    Qwen2Vl::from_var_builder(
-        weights.shape_checker(),
-        layout,
-        config.clone(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .map_err(|e| weights.explain(e))?;
+    Qwen2Vl::over_headers(&weights, &config)?;
     // A quantized checkpoint stores bytes, not parameters: count them from the config.
     let quantized = crate::model::quantized::checkpoint_format(dir)?;
     let params = if quantized.is_some() {

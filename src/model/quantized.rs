@@ -87,6 +87,20 @@ impl Qwen2Vl {
         Ok(done)
     }
 
+    /// The model built over `weights`' file headers alone (no weight data read, zero-memory
+    /// tensors): a checkpoint that does not fit its config, or its manifest, is refused
+    /// here in one error naming its directory, in milliseconds whatever its size.
+    pub fn over_headers(weights: &CheckpointWeights, config: &Qwen2VlConfig) -> Result<Self> {
+        Self::from_var_builder(
+            weights.shape_checker(),
+            weights.layout(config)?,
+            config.clone(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .map_err(|e| weights.explain(e))
+    }
+
     /// Loads a quantized checkpoint (one with a [`MANIFEST`]): every layer the manifest
     /// names gets its stored weight, nothing is quantized again.
     pub(super) fn load_quantized(
@@ -98,14 +112,7 @@ impl Qwen2Vl {
         let kinds = weights.quantized();
         // The headers first (shapes, byte lengths; no data read), so a checkpoint that does
         // not fit its config or manifest gets the error `inspect` gives.
-        Self::from_var_builder(
-            weights.shape_checker(),
-            weights.layout(&config)?,
-            config.clone(),
-            dtype,
-            &Device::Cpu,
-        )
-        .map_err(|e| weights.explain(e))?;
+        Self::over_headers(weights, &config)?;
         let backend = Placeholders {
             reader: weights.reader()?,
             quantized: kinds.keys().cloned().collect(),
