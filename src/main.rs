@@ -41,6 +41,7 @@ fn install_panic_hook() {
 fn main() -> ExitCode {
     install_panic_hook();
     medvlm::memory::keep_freed_memory();
+    medvlm::device::settle_thread_count();
     let cli = medvlm::cli::Cli::parse();
     let result = std::panic::catch_unwind(|| medvlm::cli::run(cli));
     match result {

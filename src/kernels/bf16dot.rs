@@ -39,23 +39,27 @@ pub fn available() -> bool {
     }
 }
 
-/// `out (m x n) = bf16(x) (m x k) · wt (k x n) (+ bias)`. Returns false (out untouched)
-/// when the CPU lacks AVX-512 BF16.
+/// `out (m x n) = bf16(x) (m x k) · w (n x k)ᵀ (+ bias)` against a bf16 weight as
+/// checkpoints store it: [`rows`] for a few rows (decoding), the panel product otherwise.
+/// Returns false (out untouched) when the CPU lacks AVX-512 BF16.
 pub fn linear(
     x: &[f32],
-    wt: &[half::bf16],
+    w: &[half::bf16],
     bias: Option<&[f32]>,
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
 ) -> bool {
-    assert!(x.len() >= m * k && wt.len() >= k * n && out.len() >= m * n);
+    assert!(x.len() >= m * k && w.len() >= k * n && out.len() >= m * n);
     assert!(bias.is_none_or(|b| b.len() >= n));
     if !available() {
         return false;
     }
+    if m <= STREAM_ROWS {
+        return rows(x, w, bias, (m, k, n), out);
+    }
     product(
         Operand::rows(Elems::F32(x)),
-        Operand::rows(Elems::Bf16(wt)),
+        Operand::rows(Elems::Bf16(w)).t(),
         bias,
         (m, k, n),
         out,
@@ -318,55 +322,23 @@ fn round_rows(x: &[f32], m: usize, k: usize) -> Vec<u32> {
     xb
 }
 
-/// Rows at or below which [`stream`] applies.
+/// Rows at or below which [`linear`] takes [`rows`].
 pub const STREAM_ROWS: usize = 8;
 
-/// `out (m x n) = bf16(x) (m x k) · wt (k x n) (+ bias)` for a few rows (decoding): the
-/// weight is read once, straight from its input-major layout, each task streaming one
-/// contiguous slab of it (rows of k). Pairs of weight rows are interleaved in registers
-/// (`vpunpck{l,h}wd`) into the pair layout `vdpbf16ps` multiplies, so one instruction does
-/// 32 multiply-adds where widening to f32 took three instructions for 16: decoding against
-/// bf16 weights was bound by that widening, not by memory. Returns false (out untouched)
-/// for more than [`STREAM_ROWS`] rows or a CPU without AVX-512 BF16.
-pub fn stream(
-    x: &[f32],
-    wt: &[half::bf16],
-    bias: Option<&[f32]>,
-    (m, k, n): (usize, usize, usize),
-    out: &mut [f32],
-) -> bool {
-    assert!(x.len() >= m * k && wt.len() >= k * n && out.len() >= m * n);
-    assert!(bias.is_none_or(|b| b.len() >= n));
-    if m > STREAM_ROWS || !available() {
-        return false;
-    }
-    if m == 0 || n == 0 {
-        return true;
-    }
-    let kp = k.div_ceil(2);
-    let xb = round_rows(x, m, k);
-    // Accumulators in chunks of 32 columns, each kept in the unpacked lane order (see
-    // `avx512::chunk`) until the reduction puts them back in column order.
-    let np = n.div_ceil(32) * 32;
-    let partial = super::slab_partials(kp, m * np, |pairs, acc| {
-        // SAFETY: AVX-512 BF16 and BW are present (`available`); 1 <= m <= STREAM_ROWS
-        // (8, checked above); xb holds m rows of kp pairs, wt k x n values (asserted above),
-        // and acc m x np floats, np being n rounded up to whole 32-column chunks.
-        unsafe { avx512::stream_slab(&xb, wt, (m, k, n), np, pairs.start, pairs.end, acc) };
-    });
-    let tasks = partial.len() / (m * np);
-    // SAFETY: as above; partial holds `tasks` (>= 1) blocks of m x np, bias (asserted
-    // above) n floats, out m x n.
-    unsafe { avx512::reduce(&partial, tasks, (m, n), np, bias, out) };
-    true
-}
-
 /// `out (m x n) = bf16(x) (m x k) · w (n x k)ᵀ (+ bias)` for a few rows against a weight
-/// stored output-major, as checkpoints store it: the tied LM head, which shares the
-/// embedding table's layout. A weight row is already in pairs along k, so 4 rows of w
-/// against up to 4 rows of x are 16 dot products of `vdpbf16ps` vectors, summed across
-/// lanes at the end. Returns false (out untouched) for more than [`STREAM_ROWS`] rows or a
-/// CPU without AVX-512 BF16.
+/// stored output-major, as checkpoints store it (decoding). Returns false (out untouched)
+/// for more than [`STREAM_ROWS`] rows or a CPU without AVX-512 BF16.
+///
+/// How the weight is walked decides the speed, the work being one read of it: each task
+/// takes a contiguous range of weight rows and reads it front to back, one row (or, for
+/// long rows, four) at a time against the x rows held in L1. One long stream per core is
+/// what the hardware prefetcher follows best: measured on a 1536 x 8960 bf16 weight (AMD
+/// EPYC Zen 4, 2 threads, one row of x, alternating runs) this streamed 41 GB/s against a
+/// plain read's 44, where blocks of four rows read side by side (several short streams)
+/// gave 26 and the input-major slabs this replaced 37. Rows longer than 4,096 values (the
+/// MLP's down projection) do better four at a time, sharing each load of x, which then
+/// no longer sits in L1 beside the stream; several rows of x do better in 4 x 4 blocks
+/// of dot products (fewer loads of x per weight byte) except for short rows.
 pub fn rows(
     x: &[f32],
     w: &[half::bf16],
@@ -383,9 +355,25 @@ pub fn rows(
         return true;
     }
     let xb = round_rows(x, m, k);
-    // Enough weight rows per task to amortise it, enough tasks to balance the cores.
-    let chunk = (n / (8 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
     let out_ptr = SendPtr(out.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    let sequential = m == 1 || (m <= 4 && k <= LONG_ROW);
+    if sequential {
+        // A few ranges per core, for balance when a core is slowed by other work.
+        let per = n.div_ceil(4 * threads).max(1);
+        (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
+            let j0 = c * per;
+            let j1 = (j0 + per).min(n);
+            // SAFETY: AVX-512 BF16 and BW are present (`available`); 1 <= m <= 4; the task
+            // reads rows j0..j1 (j1 <= n) of w, n x k (asserted above), and xb's m rows of
+            // k.div_ceil(2) pairs, and writes only columns j0..j1 of out (m x n), which no
+            // other task touches.
+            unsafe { avx512::rows_in_order(&xb, w, bias, (m, k, n), (j0, j1), out_ptr.get()) };
+        });
+        return true;
+    }
+    // Enough weight rows per task to amortise it, enough tasks to balance the cores.
+    let chunk = (n / (8 * threads)).clamp(16, 1024) / 4 * 4;
     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let j0 = c * chunk;
         let j1 = (j0 + chunk).min(n);
@@ -396,6 +384,9 @@ pub fn rows(
     });
     true
 }
+
+/// Values per weight row above which [`rows`] reads four rows side by side.
+const LONG_ROW: usize = 4096;
 
 /// What a tile's accumulators start from.
 #[derive(Clone, Copy)]
@@ -434,6 +425,20 @@ fn pack_panel(
                 }
             }
             dst[nc..].fill(0);
+        }
+        return;
+    }
+    if let (Elems::Bf16(w), true, true) = (b.elems, b.transposed, k % 2 == 0) {
+        // A bf16 weight as checkpoints store it, (n x k) (inference, and the LM head): with
+        // k even, column j's pairs are consecutive 32-bit words of its row.
+        for j in 0..nc {
+            let row = &w[(j0 + j) * k + 2 * q0..(j0 + j) * k + 2 * (q0 + qc)];
+            for (q, pair) in row.chunks_exact(2).enumerate() {
+                panel[q * NB + j] = pair[0].to_bits() as u32 | ((pair[1].to_bits() as u32) << 16);
+            }
+        }
+        for q in 0..qc {
+            panel[q * NB + nc..(q + 1) * NB].fill(0);
         }
         return;
     }
@@ -624,247 +629,128 @@ mod avx512 {
         }
     }
 
-    /// Pairs q0..q1 of the weight's rows (row 2q and 2q + 1, the second zero past k) times
-    /// the same pairs of xb's m rows, added into acc (m x np, chunk lane order).
+    /// Columns j0..j1 of `rows`' product for m <= 4 rows of x, weight rows read in order:
+    /// one at a time, or four side by side when m is 1 and they are long (see `rows`).
     ///
     /// # Safety
-    /// AVX-512F, BW and BF16 must be present. Nothing is bounds-checked: `1 <= m <= 8`
-    /// (any other m runs as 8 rows); `xb` must hold m rows of `k.div_ceil(2)` pairs, `wt`
-    /// `k * n` values, and `acc` m rows of `np` floats, with `np >= n.div_ceil(32) * 32`
-    /// (whole 32-column chunks). Any q0..q1 is safe: pairs past k are never read.
+    /// AVX-512F, BW and BF16 must be present and 1 <= m <= 4 (more runs as 4). Only `bias`
+    /// is indexed with checks: `xb` must hold m rows of `k.div_ceil(2)` pairs, `w` at least
+    /// `j1 * k` values, `j1 <= n`, and `out` must be valid for writes of m rows n floats
+    /// apart, whose columns j0..j1 (all this writes) no other thread reads or writes
+    /// meanwhile.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn stream_slab(
+    pub unsafe fn rows_in_order(
         xb: &[u32],
-        wt: &[half::bf16],
+        w: &[half::bf16],
+        bias: Option<&[f32]>,
         (m, k, n): (usize, usize, usize),
-        np: usize,
-        q0: usize,
-        q1: usize,
-        acc: &mut [f32],
+        (j0, j1): (usize, usize),
+        out: *mut f32,
     ) {
-        let kp = k.div_ceil(2);
-        // Pairs whose second row exists; an odd k leaves a last half pair.
-        let whole = (k / 2).min(q1);
-        // Blocks of columns whose m rows of accumulators stay in L1 (32 KB) while the
-        // slab's pairs stream past them.
-        let block = (8192 / m.max(1)).max(32) / 32 * 32;
         macro_rules! run {
-            ($m:literal, $g:literal) => {{
-                let mut j0 = 0;
-                while j0 < n {
-                    let j1 = (j0 + block).min(n);
-                    let mut q = q0;
-                    while q + $g <= whole {
-                        pairs::<$m, $g>(xb, kp, wt, n, np, q, (j0, j1), acc);
-                        q += $g;
+            ($m:literal, $r:literal) => {{
+                let mut j = j0;
+                while j + $r <= j1 {
+                    let sums = in_order::<$m, $r>(xb, w, k, j);
+                    for (r, row) in sums.iter().enumerate() {
+                        for (c, &v) in row.iter().enumerate() {
+                            *out.add(r * n + j + c) = v + bias.map_or(0.0, |b| b[j + c]);
+                        }
                     }
-                    while q < whole {
-                        pairs::<$m, 1>(xb, kp, wt, n, np, q, (j0, j1), acc);
-                        q += 1;
-                    }
-                    j0 = j1;
+                    j += $r;
                 }
-                // The half pair belongs to the slab that holds it (a slab may be empty).
-                if k % 2 == 1 && (q0..q1).contains(&(k / 2)) {
-                    half_pair::<$m>(xb, kp, wt, n, np, k / 2, acc);
+                while j < j1 {
+                    let sums = in_order::<$m, 1>(xb, w, k, j);
+                    for (r, row) in sums.iter().enumerate() {
+                        *out.add(r * n + j) = row[0] + bias.map_or(0.0, |b| b[j]);
+                    }
+                    j += 1;
                 }
             }};
         }
         match m {
-            1 => run!(1, 4),
-            2 => run!(2, 4),
-            3 => run!(3, 4),
-            4 => run!(4, 4),
-            5 => run!(5, 4),
-            6 => run!(6, 4),
-            7 => run!(7, 4),
-            _ => run!(8, 4),
+            1 if k > super::LONG_ROW => run!(1, 4),
+            1 => run!(1, 1),
+            2 => run!(2, 1),
+            3 => run!(3, 1),
+            _ => run!(4, 1),
         }
     }
 
-    /// Interleaves 32 columns of two weight rows into bf16 pairs: (lo, hi), where lane t of
-    /// lo holds columns 8(t / 4) + t % 4 and lane t of hi the four after those (the unpack
-    /// instructions work within 128-bit lanes). `mask`: the columns present.
+    /// M rows of x against weight rows j..j + R: M x R dot products of length k, 32 values
+    /// per instruction. With fewer than three chains of sums, two steps run per iteration
+    /// on two sets of accumulators: `vdpbf16ps`'s latency would otherwise bound the loop.
     ///
     /// # Safety
-    /// AVX-512F, BW and BF16 must be present, and for every bit t set in `mask` the bf16
-    /// at `even + t` (and at `odd + t`, when given) must be readable; lanes masked off are
-    /// not read.
+    /// AVX-512F, BW and BF16 must be present. The reads are unchecked: `xb` must hold M rows
+    /// of `k.div_ceil(2)` pairs, `w` rows j..j + R of k values; the tail of k is masked.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     #[inline]
-    unsafe fn chunk(
-        even: *const half::bf16,
-        odd: Option<*const half::bf16>,
-        mask: __mmask32,
-    ) -> (__m512bh, __m512bh) {
-        let a = _mm512_maskz_loadu_epi16(mask, even as *const i16);
-        let b = match odd {
-            Some(o) => _mm512_maskz_loadu_epi16(mask, o as *const i16),
-            None => _mm512_setzero_si512(),
+    unsafe fn in_order<const M: usize, const R: usize>(
+        xb: &[u32],
+        w: &[half::bf16],
+        k: usize,
+        j: usize,
+    ) -> [[f32; R]; M] {
+        let kp = k.div_ceil(2);
+        let xp = xb.as_ptr();
+        let wp = w.as_ptr().add(j * k);
+        let load = |p: *const half::bf16| -> __m512bh {
+            std::mem::transmute(_mm512_loadu_si512(p as *const __m512i))
         };
-        (
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_unpacklo_epi16(a, b)),
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_unpackhi_epi16(a, b)),
-        )
-    }
-
-    /// G whole pairs from pair q, for M rows, columns j0..j1: 32 columns at a time, the
-    /// accumulators are loaded, the G x 2 weight rows' pieces interleaved and multiplied,
-    /// the accumulators stored. Meanwhile the same columns of the next G pairs are
-    /// prefetched: the rows of a pair group are only a few KB apart, too many short
-    /// streams for the hardware prefetcher, which left decoding at ~20 GB/s where f32
-    /// weights streamed at ~40.
-    ///
-    /// # Safety
-    /// AVX-512F, BW and BF16 must be present. Nothing is bounds-checked: `xb` must hold M
-    /// rows of `kp` pairs, with `q + G <= kp`; weight rows 2q..2(q + G) must all exist (`wt`
-    /// at least `2 * (q + G) * n` values) and `j1 <= n`; `acc` must hold M rows of `np`
-    /// floats with `j0 + (j1 - j0).div_ceil(32) * 32 <= np` (it loads and stores whole
-    /// 32-column chunks from j0).
-    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pairs<const M: usize, const G: usize>(
-        xb: &[u32],
-        kp: usize,
-        wt: &[half::bf16],
-        n: usize,
-        np: usize,
-        q: usize,
-        (j0, j1): (usize, usize),
-        acc: &mut [f32],
-    ) {
-        let xp = xb.as_ptr().add(q);
-        let w = wt.as_ptr();
-        let a = acc.as_mut_ptr();
-        let mut j = j0;
-        while j < j1 {
-            let mask: __mmask32 = if j1 - j >= 32 {
-                !0
-            } else {
-                (1u32 << (j1 - j)) - 1
-            };
-            let mut lo = [_mm512_setzero_ps(); M];
-            let mut hi = [_mm512_setzero_ps(); M];
-            for r in 0..M {
-                lo[r] = _mm512_loadu_ps(a.add(r * np + j));
-                hi[r] = _mm512_loadu_ps(a.add(r * np + j + 16));
-            }
-            for g in 0..G {
-                let p = 2 * (q + g);
-                // Prefetches past the weight's end are dropped by the CPU, never faulted.
-                let next = w.wrapping_add((p + 2 * G) * n + j);
-                _mm_prefetch(next as *const i8, _MM_HINT_T0);
-                _mm_prefetch(next.wrapping_add(n) as *const i8, _MM_HINT_T0);
-                let (wl, wh) = chunk(w.add(p * n + j), Some(w.add((p + 1) * n + j)), mask);
+        let mut a0 = [[_mm512_setzero_ps(); R]; M];
+        let mut a1 = [[_mm512_setzero_ps(); R]; M];
+        let mut p = 0;
+        if M * R <= 2 {
+            while p + 64 <= k {
+                let w0: [__m512bh; R] = std::array::from_fn(|c| load(wp.add(c * k + p)));
+                let w1: [__m512bh; R] = std::array::from_fn(|c| load(wp.add(c * k + p + 32)));
                 for r in 0..M {
-                    // A broadcast from memory (an operand of the instruction), not a
-                    // register per row and pair: 2M accumulators leave too few.
-                    let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                        *xp.add(r * kp + g) as i32,
-                    ));
-                    lo[r] = _mm512_dpbf16_ps(lo[r], wl, xv);
-                    hi[r] = _mm512_dpbf16_ps(hi[r], wh, xv);
+                    let x = xp.add(r * kp + p / 2);
+                    let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(x as *const _));
+                    let x1: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(x.add(16) as *const _));
+                    for c in 0..R {
+                        a0[r][c] = _mm512_dpbf16_ps(a0[r][c], w0[c], x0);
+                        a1[r][c] = _mm512_dpbf16_ps(a1[r][c], w1[c], x1);
+                    }
                 }
+                p += 64;
             }
-            for r in 0..M {
-                _mm512_storeu_ps(a.add(r * np + j), lo[r]);
-                _mm512_storeu_ps(a.add(r * np + j + 16), hi[r]);
-            }
-            j += 32;
         }
-    }
-
-    /// The last pair of an odd k: one weight row, its partner zero.
-    ///
-    /// # Safety
-    /// AVX-512F, BW and BF16 must be present. Nothing is bounds-checked: `xb` must hold M
-    /// rows of `kp` pairs with `q < kp`, `wt` row 2q (`(2q + 1) * n` values at least), and
-    /// `acc` M rows of `np` floats with `np >= n.div_ceil(32) * 32`.
-    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    unsafe fn half_pair<const M: usize>(
-        xb: &[u32],
-        kp: usize,
-        wt: &[half::bf16],
-        n: usize,
-        np: usize,
-        q: usize,
-        acc: &mut [f32],
-    ) {
-        let w = wt.as_ptr().add(2 * q * n);
-        let a = acc.as_mut_ptr();
-        let mut j = 0;
-        while j < n {
-            let mask: __mmask32 = if n - j >= 32 {
-                !0
+        while p < k {
+            let (wmask, xmask): (__mmask32, __mmask16) = if k - p >= 32 {
+                (!0, !0)
             } else {
-                (1u32 << (n - j)) - 1
+                (
+                    (1u32 << (k - p)) - 1,
+                    ((1u32 << (k - p).div_ceil(2)) - 1) as u16,
+                )
             };
-            let (wl, wh) = chunk(w.add(j), None, mask);
+            let w0: [__m512bh; R] = std::array::from_fn(|c| {
+                std::mem::transmute(_mm512_maskz_loadu_epi16(
+                    wmask,
+                    wp.add(c * k + p) as *const i16,
+                ))
+            });
             for r in 0..M {
-                let x = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                    *xb.get_unchecked(r * kp + q) as i32,
+                let x0: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi32(
+                    xmask,
+                    xp.add(r * kp + p / 2) as *const i32,
                 ));
-                let l = _mm512_dpbf16_ps(_mm512_loadu_ps(a.add(r * np + j)), wl, x);
-                let h = _mm512_dpbf16_ps(_mm512_loadu_ps(a.add(r * np + j + 16)), wh, x);
-                _mm512_storeu_ps(a.add(r * np + j), l);
-                _mm512_storeu_ps(a.add(r * np + j + 16), h);
+                for c in 0..R {
+                    a0[r][c] = _mm512_dpbf16_ps(a0[r][c], w0[c], x0);
+                }
             }
-            j += 32;
+            p += 32;
         }
-    }
-
-    /// out = bias + the sum of the tasks' partial products, back in column order.
-    ///
-    /// # Safety
-    /// AVX-512F must be present. Nothing is bounds-checked: `tasks >= 1` (the first block
-    /// is always read) and `np >= n.div_ceil(32) * 32`; `partial` must hold `tasks * m * np`
-    /// floats, `bias` (when given) n, `out` `m * n` (the column tails are masked).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn reduce(
-        partial: &[f32],
-        tasks: usize,
-        (m, n): (usize, usize),
-        np: usize,
-        bias: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        // Columns 0-15 of a chunk: lo lanes 0-3, hi 0-3, lo 4-7, hi 4-7; 16-31 the rest
-        // (index 16 + i picks lane i of hi).
-        let first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-        let second =
-            _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-        let p = partial.as_ptr();
-        for r in 0..m {
-            let mut j = 0;
-            while j < n {
-                let mut lo = _mm512_loadu_ps(p.add(r * np + j));
-                let mut hi = _mm512_loadu_ps(p.add(r * np + j + 16));
-                for t in 1..tasks {
-                    let base = t * m * np + r * np + j;
-                    lo = _mm512_add_ps(lo, _mm512_loadu_ps(p.add(base)));
-                    hi = _mm512_add_ps(hi, _mm512_loadu_ps(p.add(base + 16)));
-                }
-                let cols = (n - j).min(32);
-                let m0: __mmask16 = ((1u32 << cols.min(16)) - 1) as u16;
-                let m1: __mmask16 = ((1u32 << cols.saturating_sub(16)) - 1) as u16;
-                let mut o0 = _mm512_permutex2var_ps(lo, first, hi);
-                let mut o1 = _mm512_permutex2var_ps(lo, second, hi);
-                if let Some(b) = bias {
-                    o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(m0, b.as_ptr().add(j)));
-                    o1 = _mm512_add_ps(
-                        o1,
-                        _mm512_maskz_loadu_ps(m1, b.as_ptr().wrapping_add(j + 16)),
-                    );
-                }
-                let o = out.as_mut_ptr().add(r * n + j);
-                _mm512_mask_storeu_ps(o, m0, o0);
-                // Masked: nothing is touched past n (the pointer may point past the row).
-                _mm512_mask_storeu_ps(o.wrapping_add(16), m1, o1);
-                j += 32;
+        let mut sums = [[0f32; R]; M];
+        for r in 0..M {
+            for c in 0..R {
+                sums[r][c] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][c], a1[r][c]));
             }
         }
+        sums
     }
 
     /// Columns j0..j1 of `rows`' product, for every row of x.
@@ -1130,6 +1016,18 @@ mod tests {
             (6, 130, 1),
             (7, 41, 96),
             (8, 1001, 40),
+            // Rows read in order: one row of x against rows of 32-value steps with and
+            // without a whole 64-value iteration, odd k; long rows four at a time (with a
+            // remainder of rows); two to four rows of x, short and long.
+            (1, 63, 5),
+            (1, 64, 3),
+            (1, 95, 2),
+            (1, 4097, 9),
+            (1, 4160, 8),
+            (1, 4100, 37),
+            (2, 33, 3),
+            (3, 4500, 6),
+            (4, 70, 13),
         ] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
             let wt: Vec<half::bf16> = (0..k * n)
@@ -1157,8 +1055,7 @@ mod tests {
                 };
                 if !dot {
                     let mut out = vec![f32::NAN; m * n];
-                    assert!(!linear(&x, &wt, bias, (m, k, n), &mut out));
-                    assert!(!stream(&x, &wt, bias, (m, k, n), &mut out));
+                    assert!(!linear(&x, &w_rows, bias, (m, k, n), &mut out));
                     assert!(!rows(&x, &w_rows, bias, (m, k, n), &mut out));
                     assert!(out.iter().all(|v| v.is_nan()), "a declining kernel wrote");
                     let mut packed = vec![f32::NAN; m * n];
@@ -1186,19 +1083,19 @@ mod tests {
                     continue;
                 }
                 let mut out = vec![f32::NAN; m * n];
-                assert!(linear(&x, &wt, bias, (m, k, n), &mut out));
-                let mut streamed = vec![f32::NAN; m * n];
-                assert_eq!(
-                    stream(&x, &wt, bias, (m, k, n), &mut streamed),
-                    m <= STREAM_ROWS
-                );
-                // More threads than this machine has: slabs of one pair, or none at all.
-                let mut streamed_wide = vec![f32::NAN; m * n];
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(7)
-                    .build()
-                    .unwrap()
-                    .install(|| stream(&x, &wt, bias, (m, k, n), &mut streamed_wide));
+                assert!(linear(&x, &w_rows, bias, (m, k, n), &mut out));
+                // One thread (long ranges of weight rows, so the blocks of four rows run) and
+                // more threads than this machine has (ranges of a single row, or none).
+                let on = |threads: usize| {
+                    let mut out = vec![f32::NAN; m * n];
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap()
+                        .install(|| assert!(linear(&x, &w_rows, bias, (m, k, n), &mut out)));
+                    out
+                };
+                let (one, wide) = (on(1), on(7));
                 let mut by_rows = vec![f32::NAN; m * n];
                 assert_eq!(
                     rows(&x, &w_rows, bias, (m, k, n), &mut by_rows),
@@ -1207,26 +1104,19 @@ mod tests {
                 for i in 0..m {
                     for j in 0..n {
                         let want = want(i, j, true);
-                        let got = out[i * n + j] as f64;
-                        assert!(
-                            (got - want).abs() < 1e-3,
-                            "({m},{k},{n}) [{i},{j}]: {got} vs {want}"
-                        );
+                        let mut got = vec![
+                            (out[i * n + j], "pool"),
+                            (one[i * n + j], "1 thread"),
+                            (wide[i * n + j], "7 threads"),
+                        ];
                         if m <= STREAM_ROWS {
-                            for (got, threads) in [
-                                (streamed[i * n + j], "pool"),
-                                (streamed_wide[i * n + j], "7"),
-                            ] {
-                                let got = got as f64;
-                                assert!(
-                                    (got - want).abs() < 1e-3,
-                                    "streamed on {threads} threads ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
-                                );
-                            }
-                            let got = by_rows[i * n + j] as f64;
+                            got.push((by_rows[i * n + j], "rows"));
+                        }
+                        for (got, path) in got {
+                            let got = got as f64;
                             assert!(
                                 (got - want).abs() < 1e-3,
-                                "output-major ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                                "{path} ({m},{k},{n}) [{i},{j}]: {got} vs {want}"
                             );
                         }
                     }

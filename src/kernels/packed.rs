@@ -13,14 +13,15 @@
 
 //!
 //! Weights stored in bf16 (`--dtype bf16` on the CPU: half the memory, activations in f32)
-//! go to `bf16dot`'s AVX-512 BF16 kernels (activations rounded to bf16, sums in f32) where
-//! the CPU has them; elsewhere they are widened as they are read: row by row inside the
-//! streaming kernel, and a block of rows at a time into a reused f32 buffer ahead of gemm.
+//! are stored so only on CPUs without AVX-512 BF16 (those with it keep them (out, in) for
+//! `bf16dot`'s kernels, see `Linear::pack_for_inference`); here they are widened as they
+//! are read: row by row inside the streaming kernel, and a block of rows at a time into a
+//! reused f32 buffer ahead of gemm.
 
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat};
-use super::skinny::{as_bf16, WeightElem};
+use super::skinny::WeightElem;
 
 /// Rows at or below which [`linear`] streams an f32 weight instead of calling gemm.
 pub const STREAM_ROWS: usize = 2;
@@ -56,22 +57,8 @@ pub fn linear<W: WeightElem>(
     } else {
         STREAM_ROWS
     };
-    if m <= stream_rows {
-        // bf16 weights on a CPU with AVX-512 BF16: dot products of pairs, no widening.
-        if let Some(wt) = as_bf16(wt) {
-            if super::bf16dot::stream(x, wt, bias, (m, k, n), out) {
-                return;
-            }
-        }
-        if stream(x, wt, bias, (m, k, n), out) {
-            return;
-        }
-    }
-    // bf16 weights on a CPU with AVX-512 BF16: bf16 dot products, faster than f32 gemm.
-    if let Some(wt) = as_bf16(wt) {
-        if super::bf16dot::linear(x, wt, bias, (m, k, n), out) {
-            return;
-        }
+    if m <= stream_rows && stream(x, wt, bias, (m, k, n), out) {
+        return;
     }
     gemm_product(x, wt, bias, (m, k, n), out);
 }
@@ -298,16 +285,10 @@ mod tests {
     #[test]
     fn matches_the_definition_for_every_edge_shape() {
         let simd = crate::kernels::has_avx512();
-        let dot = crate::kernels::bf16dot::available();
         if !simd {
             crate::kernels::skip_or_require(
-                "packed's slab kernel and bf16dot's (this CPU lacks AVX-512); checked gemm, \
+                "packed's slab kernel (this CPU lacks AVX-512); checked gemm, \
                  on f32 and on widened bf16 weights, the fallback, instead",
-            );
-        } else if !dot {
-            crate::kernels::skip_or_require(
-                "bf16dot kernels under packed::linear (this CPU lacks AVX-512 BF16); checked \
-                 bf16 weights through the widening slab kernel and gemm instead",
             );
         }
         for &(m, k, n) in &[
@@ -327,8 +308,7 @@ mod tests {
             for bias in [None, Some(b.as_slice())] {
                 let mut out = vec![f32::NAN; m * n];
                 linear(&x, &wt, bias, (m, k, n), &mut out);
-                // The same weights in bf16 give the product of their exact widened values;
-                // on a CPU with bf16 dot products, of the activations rounded to bf16 too.
+                // The same weights in bf16 give the product of their exact widened values.
                 let wb: Vec<half::bf16> = wt.iter().map(|&v| half::bf16::from_f32(v)).collect();
                 let mut outb = vec![f32::NAN; m * n];
                 linear(&x, &wb, bias, (m, k, n), &mut outb);
@@ -338,13 +318,6 @@ mod tests {
                 let streamed =
                     m <= STREAM_ROWS_WIDENED && stream(&x, &wb, bias, (m, k, n), &mut outw);
                 assert_eq!(streamed, m <= STREAM_ROWS_WIDENED && simd);
-                let xr = |v: f32| {
-                    if dot {
-                        half::bf16::from_f32(v).to_f32()
-                    } else {
-                        v
-                    }
-                };
                 for i in 0..m {
                     for j in 0..n {
                         let want: f32 = (0..k).map(|p| x[i * k + p] * wt[p * n + j]).sum::<f32>()
@@ -356,7 +329,7 @@ mod tests {
                             bias.is_some()
                         );
                         let want: f32 = (0..k)
-                            .map(|p| xr(x[i * k + p]) * wb[p * n + j].to_f32())
+                            .map(|p| x[i * k + p] * wb[p * n + j].to_f32())
                             .sum::<f32>()
                             + bias.map_or(0.0, |b| b[j]);
                         let got = outb[i * n + j];

@@ -86,6 +86,10 @@ pub struct Linear {
     /// The weight quantized for inference (shared by clones: a model's copies for
     /// several servers' workers cost nothing).
     quant: Option<std::sync::Arc<QWeight>>,
+    /// A bf16 weight kept as it is stored, (out, in), for the bf16 inference kernels
+    /// ([`Self::pack_for_inference`]): f32 activations are rounded to bf16 inside the
+    /// products, as `--dtype bf16` inference defines them.
+    bf16_rows: bool,
     /// The module path it was loaded from, in the checkpoint's own layout (empty when built
     /// directly): the one place a layer's name is written.
     name: String,
@@ -98,6 +102,7 @@ impl Linear {
             bias,
             lora: None,
             quant: None,
+            bf16_rows: false,
             name: String::new(),
         }
     }
@@ -201,13 +206,15 @@ impl Linear {
         Ok(())
     }
 
-    /// Stores the weight input-major, (in, out) row-major, for inference on the CPU: every
-    /// product then reads it as gemm's contiguous right-hand side (see
-    /// [`crate::kernels::packed`]). `weight()` still has shape (out, in), as a transposed
-    /// view. Only f32 or bf16 CPU weights outside any gradient graph are repacked (a bf16
-    /// one then serves f32 activations, widened as it is read); returns whether this one
-    /// was. Training must not call this: the optimizer updates the (out, in) variables in
-    /// place.
+    /// Readies the weight for inference on the CPU. An f32 weight is stored input-major,
+    /// (in, out) row-major: every product then reads it as gemm's contiguous right-hand
+    /// side (see [`crate::kernels::packed`]); `weight()` still has shape (out, in), as a
+    /// transposed view. A bf16 weight on a CPU with AVX-512 BF16 stays (out, in), the
+    /// layout whose rows [`crate::kernels::bf16dot::rows`] streams fastest when decoding,
+    /// and is marked for the bf16 kernels (f32 activations rounded to bf16 inside the
+    /// products); elsewhere it is stored input-major too and widened as it is read. Only
+    /// CPU weights outside any gradient graph are touched; returns whether this one was.
+    /// Training must not call this: the optimizer updates the (out, in) variables in place.
     pub fn pack_for_inference(&mut self) -> Result<bool> {
         let w = &self.weight;
         let packable = self.quant.is_none()
@@ -221,8 +228,43 @@ impl Linear {
         if !packable {
             return Ok(false);
         }
-        self.weight = w.t()?.contiguous()?.t()?;
+        if w.dtype() == DType::BF16 && crate::kernels::bf16dot::available() {
+            self.bf16_rows = true;
+        } else {
+            self.weight = w.t()?.contiguous()?.t()?;
+        }
         Ok(true)
+    }
+
+    /// The product on the bf16 inference kernels, for a weight marked for them
+    /// ([`Self::pack_for_inference`]) and f32 activations outside any gradient graph.
+    fn bf16_rows(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
+        use crate::kernels::{bf16dot, is_cpu_f32_contiguous, with_bf16, with_f32};
+        let w = &self.weight;
+        if !self.bf16_rows
+            || w.dtype() != DType::BF16
+            || !w.device().is_cpu()
+            || !w.is_contiguous()
+            || x.track_op()
+            || w.track_op()
+            || !is_cpu_f32_contiguous(x)
+        {
+            return Ok(None);
+        }
+        let n = w.dim(0)?;
+        let bias = self.bias_f32()?;
+        let mut out = vec![0f32; m * n];
+        let done = with_f32(x, |xs| {
+            with_bf16(w, |ws| {
+                bf16dot::linear(xs, ws, bias.as_deref(), (m, k, n), &mut out)
+            })
+        })
+        .flatten()
+        .unwrap_or(false);
+        if !done {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
     }
 
     /// The product against an input-major weight ([`Self::pack_for_inference`]), when the
@@ -340,9 +382,12 @@ impl Linear {
         if let Some(q) = &self.quant {
             return self.quantized_forward(q, &x2, lead, mode);
         }
-        let fast = match self.packed(&x2, m, k)? {
+        let fast = match self.bf16_rows(&x2, m, k)? {
             Some(y) => Some(y),
-            None => self.few_rows(&x2, m, k, mode)?,
+            None => match self.packed(&x2, m, k)? {
+                Some(y) => Some(y),
+                None => self.few_rows(&x2, m, k, mode)?,
+            },
         };
         let y = match fast {
             Some(y) => y,

@@ -650,25 +650,28 @@ impl TextModel {
         rows.reshape((b, l, self.cfg.hidden_size))
     }
 
-    /// For inference on the CPU: a tied bf16 embedding table stored input-major, (hidden,
-    /// vocab), shared by the lookups and the LM head, so that decoding reads the head as
-    /// the streaming kernels read every other layer (front to back, one slab per core)
-    /// instead of as 151,936 short dot products; a lookup gathers a few columns. Measured
-    /// on the 2B's head in bf16 (AMD EPYC Zen 4, 2 threads) the row-wise products streamed
-    /// a third as many bytes per second. Same memory: the (vocab, hidden) copy is dropped.
-    /// Returns whether the head was repacked.
+    /// Readies a bf16 LM head for inference on the CPU. With AVX-512 BF16 it is marked for
+    /// the bf16 kernels as it is ([`Linear::pack_for_inference`]): a tied head keeps sharing
+    /// the (vocab, hidden) table with the lookups, and decoding reads it row after row, as
+    /// fast as any other layer. Without, a tied table is stored input-major, (hidden, vocab),
+    /// shared by the lookups (which then gather a few columns) and the head, which the
+    /// widening streaming kernel reads front to back. f32 heads keep the row-wise kernel: it
+    /// also serves 3-32 rows (G samples), where the input-major layout would go to gemm.
+    /// Returns whether the head was readied.
     pub fn pack_head_for_inference(&mut self) -> Result<bool> {
         let e = &self.embed_tokens;
+        let bf16 = self.lm_head.weight().dtype() == candle_core::DType::BF16;
+        if bf16 && crate::kernels::bf16dot::available() {
+            return self.lm_head.pack_for_inference();
+        }
         let tied = self.lm_head.weight().id() == e.id();
         if !tied
+            || !bf16
             || self.lm_head.quantized().is_some()
             || !crate::kernels::cpu_kernels()
             || !e.device().is_cpu()
             || !e.is_contiguous()
             || e.is_variable()
-            // f32 heads keep the row-wise kernel: it also serves 3-32 rows (G samples),
-            // where the input-major layout would go to gemm.
-            || e.dtype() != candle_core::DType::BF16
         {
             return Ok(false);
         }
