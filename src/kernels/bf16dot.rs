@@ -650,7 +650,7 @@ mod avx512 {
         macro_rules! run {
             ($m:literal, $r:literal) => {{
                 let mut j = j0;
-                while j + $r <= j1 {
+                while j1 - j >= $r {
                     let sums = in_order::<$m, $r>(xb, w, k, j);
                     for (r, row) in sums.iter().enumerate() {
                         for (c, &v) in row.iter().enumerate() {
