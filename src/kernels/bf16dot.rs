@@ -733,13 +733,13 @@ mod avx512 {
                     wp.add(c * k + p) as *const i16,
                 ))
             });
-            for r in 0..M {
+            for (r, row) in a0.iter_mut().enumerate() {
                 let x0: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi32(
                     xmask,
                     xp.add(r * kp + p / 2) as *const i32,
                 ));
-                for c in 0..R {
-                    a0[r][c] = _mm512_dpbf16_ps(a0[r][c], w0[c], x0);
+                for (a, &wv) in row.iter_mut().zip(&w0) {
+                    *a = _mm512_dpbf16_ps(*a, wv, x0);
                 }
             }
             p += 32;
