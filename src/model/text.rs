@@ -409,8 +409,14 @@ impl Attention {
         let rep = self.num_heads / self.num_kv_heads;
         let qg = q.reshape((b, self.num_kv_heads, rep * l, hd))?;
         let scale = (hd as f64).powf(-0.5);
-        // One fused op on CPU in f32 (little memory kept for training); decoding's single
-        // query keeps candle's small matmuls.
+        // Decoding's single query (which sees every cached key) reads the cache in place.
+        if l == 1 {
+            if let Some(out) = attention::decode(q, k, v, scale as f32)? {
+                return Ok(out);
+            }
+        }
+        // One fused op on CPU in f32 (little memory kept for training); otherwise (a
+        // single query elsewhere, other devices) candle's small matmuls.
         if l > 1 && attention::applies(q, k, v) {
             let op = attention::Attention {
                 scale: scale as f32,
