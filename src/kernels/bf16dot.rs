@@ -1,5 +1,7 @@
-//! `x · W` for many rows against a bf16 weight stored input-major (k x n), on AVX-512 BF16
-//! (`vdpbf16ps`: 16 lanes x a pair of bf16 products summed into f32 per instruction).
+//! `x · Wᵀ` against a bf16 weight as checkpoints store it, (n x k), and the general bf16
+//! product of training's passes, on AVX-512 BF16 (`vdpbf16ps`: 16 lanes x a pair of bf16
+//! products summed into f32 per instruction). A few rows (decoding) stream the weight once
+//! ([`rows`]); more go through packed panels ([`matmul`], [`linear`]).
 //!
 //! Why: widening a bf16 weight to f32 and calling gemm runs at f32 speed at best; measured
 //! on this project's Zen 5 machine, one core retires `vdpbf16ps` at 1.4x the multiply-adds

@@ -103,9 +103,9 @@ pub fn has_avx512() -> bool {
 
 /// Splits `0..len` (rows of a weight, in streaming order) into one contiguous slab per pool
 /// thread and runs `f(slab, acc)` for each on its own zeroed accumulator of `acc_len`
-/// floats; returns the accumulators, one after the other, for the caller to add up. The
-/// few-rows kernels read the weight this way: each thread streams its slab front to back
-/// once, the pattern prefetchers like best.
+/// floats; returns the accumulators, one after the other, for the caller to add up.
+/// `packed`'s streaming kernel reads an input-major weight this way: each thread streams
+/// its slab front to back once, the pattern prefetchers like best.
 pub(crate) fn slab_partials(
     len: usize,
     acc_len: usize,

@@ -141,13 +141,14 @@ impl Qwen2Vl {
     }
 
     /// Readies a model that will only run inference (ask, eval, generate, serve, bench).
-    /// On the CPU every linear layer's weight is stored input-major so that each product is
-    /// gemm's fast, contiguous case (see [`crate::kernels::packed`]): same memory, same
+    /// On the CPU every f32 linear layer's weight is stored input-major so that each product
+    /// is gemm's fast, contiguous case (see [`crate::kernels::packed`]): same memory, same
     /// results up to summation order. A bf16 model on the CPU keeps its bf16 weights (half
     /// the memory and half the bytes to read per decoded token) but its activations in f32:
-    /// the products run on AVX-512 BF16 dot products (activations rounded to bf16, f32
-    /// sums) or widen the weights as they read them, while candle's bf16 CPU arithmetic
-    /// runs several times slower than its f32. Merge adapters first; a model being trained must
+    /// the products run on AVX-512 BF16 dot products against the weights as stored
+    /// (activations rounded to bf16, f32 sums; [`layers::Linear::pack_for_inference`]) or,
+    /// on CPUs without them, widen input-major weights as they read them, while candle's
+    /// bf16 CPU arithmetic runs several times slower than its f32. Merge adapters first; a model being trained must
     /// not be prepared (its optimizer updates the checkpoint layout in place). Returns how
     /// many layers were repacked.
     pub fn prepare_for_inference(&mut self) -> Result<usize> {
