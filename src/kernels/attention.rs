@@ -376,10 +376,9 @@ pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<T
             }
         }
     };
-    let tasks = out.chunks_mut(rep * d).enumerate();
     // A short cache is less work than handing it to the pool.
     if b * heads * keys * d < 1 << 16 {
-        tasks.for_each(work);
+        out.chunks_mut(rep * d).enumerate().for_each(work);
     } else {
         out.par_chunks_mut(rep * d).enumerate().for_each(work);
     }

@@ -286,10 +286,7 @@ impl Linear {
             return Ok(None);
         }
         let n = w.dim(0)?;
-        let bias = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?.to_vec1::<f32>()?),
-            None => None,
-        };
+        let bias = self.bias_f32()?;
         let mut out = vec![0f32; m * n];
         let done = with_f32(x, |xs| {
             if wt.dtype() == DType::F32 {
