@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::kernels::quant::{quantizable, QWeight, QuantKind};
+use crate::kernels::quant::{QWeight, QuantKind};
 use crate::model::{quantized, CheckpointWeights, Qwen2Vl, Qwen2VlConfig};
 
 /// Writes `out` (which must not exist): the checkpoint `src` with its linear layers
@@ -37,12 +37,12 @@ pub fn save(src: &Path, kind: QuantKind, out: &Path) -> Result<usize> {
         .into_iter()
         .filter_map(|(_, l)| {
             let (_, k) = l.weight().dims2().ok()?;
-            quantizable(k).then(|| (format!("{}.weight", l.name()), kind))
+            Some((format!("{}.weight", l.name()), kind.for_width(k)?))
         })
         .collect();
     let head = quantized::head_tensor(&weights, &config)?;
-    if quantizable(config.text.hidden_size) {
-        targets.insert(head, quantized::HEAD);
+    if let Some(h) = quantized::HEAD.for_width(config.text.hidden_size) {
+        targets.insert(head, h);
     }
     let reader = weights.reader()?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();

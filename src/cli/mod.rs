@@ -120,7 +120,7 @@ pub enum Command {
         after_help = "Example:\n  medvlm merge --model ./Qwen2-VL-2B-Instruct --adapter runs/grpo-lora/final \\\n      --out ./medvlm-r1-merged"
     )]
     Merge(MergeArgs),
-    /// Write a quantized copy of a checkpoint (8-bit q8_0 or 4-bit q4_1) that every
+    /// Write a quantized copy of a checkpoint (8-bit q8_0, 4-bit q4_1 or q4_k) that every
     /// inference command loads as it is: no dense weights in memory, no quantizing at each
     /// start. Tensor by tensor, so the memory peak is one weight, not the model.
     #[command(
@@ -285,9 +285,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
     /// Quantize the weights on load (every model of a --suite) for CPU inference: q8_0 (8-bit, about half of bf16's
-    /// memory, a few times bf16's error) or q4_1 (4-bit, about a third; larger error): every
-    /// linear layer of the decoder and the vision tower in groups of 32 with their own
-    /// scales (ggml's Q8_0 / Q4_1 numbers), the LM head in 8 bits. Products run on the
+    /// memory, a few times bf16's error), q4_1 (4-bit, about a third; larger error) or q4_k
+    /// (4.5 bits per weight, the densest; error between the two): every linear layer of
+    /// the decoder and the vision tower with scales per 32 weights (ggml's Q8_0 / Q4_1 /
+    /// Q4_K numbers), the LM head in 8 bits. Products run on the
     /// CPU's integer dot products (AVX-512 VNNI; a portable path elsewhere). A checkpoint
     /// written by `medvlm quantize` is already quantized and needs no flag. The README's
     /// quantization table gives the error and speed of each.
@@ -874,9 +875,10 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
     /// Quantize the weights on load for CPU inference: q8_0 (8-bit, about half of bf16's
-    /// memory, a few times bf16's error) or q4_1 (4-bit, about a third; larger error): every
-    /// linear layer of the decoder and the vision tower in groups of 32 with their own
-    /// scales (ggml's Q8_0 / Q4_1 numbers), the LM head in 8 bits. Products run on the
+    /// memory, a few times bf16's error), q4_1 (4-bit, about a third; larger error) or q4_k
+    /// (4.5 bits per weight, the densest; error between the two): every linear layer of
+    /// the decoder and the vision tower with scales per 32 weights (ggml's Q8_0 / Q4_1 /
+    /// Q4_K numbers), the LM head in 8 bits. Products run on the
     /// CPU's integer dot products (AVX-512 VNNI; a portable path elsewhere). A checkpoint
     /// written by `medvlm quantize` is already quantized and needs no flag. The README's
     /// quantization table gives the error and speed of each.
@@ -1099,6 +1101,10 @@ pub enum QuantArg {
     /// 4-bit weights, an f16 scale and minimum per 32 (5 bits per weight).
     #[value(name = "q4_1")]
     Q4_1,
+    /// 4-bit weights in super-blocks of 256, 6-bit scales and minima per 32 (ggml's Q4_K:
+    /// 4.5 bits per weight; layers narrower than 256 inputs take q4_1).
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 impl From<QuantArg> for QuantKind {
@@ -1106,6 +1112,7 @@ impl From<QuantArg> for QuantKind {
         match q {
             QuantArg::Q8_0 => QuantKind::Q8_0,
             QuantArg::Q4_1 => QuantKind::Q4_1,
+            QuantArg::Q4K => QuantKind::Q4K,
         }
     }
 }

@@ -22,8 +22,11 @@ use rayon::prelude::*;
 
 use super::SendPtr;
 
-/// Weights per group along the input axis (one scale each).
+/// Weights per group along the input axis (one scale each; a q4_k sub-block).
 pub const GROUP: usize = 32;
+/// Weights per q4_k super-block along the input axis (one f16 scale and minimum, and 8
+/// sub-blocks of [`GROUP`] with 6-bit scales and minima): ggml's `QK_K`.
+pub const SUPER: usize = 256;
 /// Output rows interleaved in one record: the lanes of a 512-bit vector of f32 sums.
 pub const LANES: usize = 16;
 /// Rows of activations that share one pass over a record (register tile).
@@ -37,16 +40,22 @@ pub enum QuantKind {
     /// 4-bit unsigned weights with an f16 scale and an f16 minimum per 32 (ggml's Q4_1):
     /// 5 bits per weight.
     Q4_1,
+    /// 4-bit unsigned weights in super-blocks of 256: an f16 scale and an f16 minimum per
+    /// super-block, a 6-bit scale and a 6-bit minimum per 32 (ggml's Q4_K, the bulk of
+    /// llama.cpp's Q4_K_M): 4.5 bits per weight. Needs input widths in whole super-blocks;
+    /// a narrower layer takes q4_1 ([`QuantKind::for_width`]).
+    Q4K,
 }
 
 impl QuantKind {
-    pub const ALL: [QuantKind; 2] = [QuantKind::Q8_0, QuantKind::Q4_1];
+    pub const ALL: [QuantKind; 3] = [QuantKind::Q8_0, QuantKind::Q4_1, QuantKind::Q4K];
 
     /// The name used on the command line and in saved checkpoints.
     pub fn name(self) -> &'static str {
         match self {
             QuantKind::Q8_0 => "q8_0",
             QuantKind::Q4_1 => "q4_1",
+            QuantKind::Q4K => "q4_k",
         }
     }
 
@@ -54,19 +63,50 @@ impl QuantKind {
         Self::ALL.into_iter().find(|k| k.name() == s)
     }
 
-    /// Bytes of one record: 16 rows x 32 weights.
+    /// Weights of one row a record covers (and the activations' scale block).
+    pub fn block(self) -> usize {
+        match self {
+            QuantKind::Q8_0 | QuantKind::Q4_1 => GROUP,
+            QuantKind::Q4K => SUPER,
+        }
+    }
+
+    /// Whether a weight of `k` inputs can take this format: whole blocks only.
+    pub fn fits(self, k: usize) -> bool {
+        k > 0 && k.is_multiple_of(self.block())
+    }
+
+    /// The format a layer of `k` inputs takes when a model is quantized to `self`: `self`
+    /// where it fits; for q4_k a layer narrower than whole super-blocks takes q4_1 (as
+    /// llama.cpp's k-quant mixes fall back for such tensors); `None` (stays dense) where
+    /// no format fits (every Qwen2/2.5/3-VL linear layer fits q8_0 and q4_1 but the
+    /// vision patch embedding, whose 1,176 inputs stay dense).
+    pub fn for_width(self, k: usize) -> Option<QuantKind> {
+        if self.fits(k) {
+            Some(self)
+        } else if self == QuantKind::Q4K && QuantKind::Q4_1.fits(k) {
+            Some(QuantKind::Q4_1)
+        } else {
+            None
+        }
+    }
+
+    /// Bytes of one record: 16 rows x [`Self::block`] weights.
     pub fn record_bytes(self) -> usize {
         match self {
             // 16 f16 scales, then 512 bytes of weights.
             QuantKind::Q8_0 => 2 * LANES + LANES * GROUP,
             // 16 f16 scales, 16 f16 minima, then 256 bytes of nibbles.
             QuantKind::Q4_1 => 4 * LANES + LANES * GROUP / 2,
+            // 16 f16 scales, 16 f16 minima, the 6-bit sub-block scales and minima (low 4
+            // bits: 8 x 16 bytes; high 2 bits: 16 u32), then 2,048 bytes of nibbles.
+            QuantKind::Q4K => 4 * LANES + 8 * LANES + 4 * LANES + LANES * SUPER / 2,
         }
     }
 
     /// Stored bits per weight, scales included.
     pub fn bits_per_weight(self) -> f64 {
-        (self.record_bytes() * 8) as f64 / (LANES * GROUP) as f64
+        (self.record_bytes() * 8) as f64 / (LANES * self.block()) as f64
     }
 
     /// Where a record's weight bytes start.
@@ -74,17 +114,23 @@ impl QuantKind {
         match self {
             QuantKind::Q8_0 => 2 * LANES,
             QuantKind::Q4_1 => 4 * LANES,
+            QuantKind::Q4K => K_QUANTS_AT,
         }
     }
 }
 
-/// Whether a weight of `k` inputs can be quantized: whole groups only (every Qwen2/2.5/3-VL
-/// linear layer but the vision patch embedding, whose 1,176 inputs stay dense).
-pub fn quantizable(k: usize) -> bool {
-    k > 0 && k.is_multiple_of(GROUP)
-}
+/// q4_k record layout (16 lanes = 16 output rows, one super-block of 256 inputs each):
+/// f16 scales at 0, f16 minima at 32, then per sub-block `j` 16 bytes at [`K_LOW_AT`]` +
+/// 16 j` (lane `l`: the low 4 bits of its 6-bit scale, then of its minimum, in the high
+/// nibble), 16 u32 at [`K_HIGH_AT`] (lane `l`: bits `2j..2j+2` the top 2 bits of sub-block
+/// `j`'s scale, bits `16+2j..` of its minimum), then the nibbles: sub-block `j` at
+/// [`K_QUANTS_AT`]` + 256 j`, laid out as a q4_1 record's.
+const K_LOW_AT: usize = 4 * LANES;
+const K_HIGH_AT: usize = K_LOW_AT + 8 * LANES;
+const K_QUANTS_AT: usize = K_HIGH_AT + 4 * LANES;
 
-/// An (n x k) weight, quantized: `ceil(n / 16)` row groups, each `k / 32` records long.
+/// An (n x k) weight, quantized: `ceil(n / 16)` row groups, each `k / kind.block()`
+/// records long.
 #[derive(Clone)]
 pub struct QWeight {
     kind: QuantKind,
@@ -100,11 +146,12 @@ impl std::fmt::Debug for QWeight {
 }
 
 impl QWeight {
-    /// Quantizes `w`, (n x k) row-major. Panics unless `quantizable(k)` and `w` holds n x k
+    /// Quantizes `w`, (n x k) row-major. Panics unless `kind.fits(k)` and `w` holds n x k
     /// values (callers check both).
     pub fn quantize(kind: QuantKind, w: &[f32], n: usize, k: usize) -> Self {
-        assert!(quantizable(k) && w.len() >= n * k);
-        let blocks = k / GROUP;
+        assert!(kind.fits(k) && w.len() >= n * k);
+        let bs = kind.block();
+        let blocks = k / bs;
         let rb = kind.record_bytes();
         let mut data = vec![0u8; n.div_ceil(LANES) * blocks * rb];
         data.par_chunks_mut(blocks * rb)
@@ -113,23 +160,19 @@ impl QWeight {
                 for lane in 0..LANES.min(n - g * LANES) {
                     let row = &w[(g * LANES + lane) * k..(g * LANES + lane + 1) * k];
                     for (b, rec) in group.chunks_exact_mut(rb).enumerate() {
-                        let x: &[f32; GROUP] = row[b * GROUP..(b + 1) * GROUP].try_into().unwrap();
+                        let x = &row[b * bs..(b + 1) * bs];
                         match kind {
                             QuantKind::Q8_0 => {
-                                let (d, q) = quantize_q8_0(x);
-                                put_f16(rec, lane, d);
-                                for (i, &q) in q.iter().enumerate() {
-                                    rec[q8_index(lane, i)] = (q as i16 + 128) as u8;
-                                }
+                                let (d, q) = quantize_q8_0(x.try_into().unwrap());
+                                put_q8_0(rec, lane, d, &q);
                             }
                             QuantKind::Q4_1 => {
-                                let (d, m, q) = quantize_q4_1(x);
-                                put_f16(rec, lane, d);
-                                put_f16(rec, LANES + lane, m);
-                                for (i, &q) in q.iter().enumerate() {
-                                    let (at, shift) = q4_index(lane, i);
-                                    rec[at] |= q << shift;
-                                }
+                                let (d, m, q) = quantize_q4_1(x.try_into().unwrap());
+                                put_q4_1(rec, lane, d, m, &q);
+                            }
+                            QuantKind::Q4K => {
+                                let (d, dmin, sc, m, q) = quantize_q4_k(x.try_into().unwrap());
+                                put_q4_k(rec, lane, d, dmin, &sc, &m, &q);
                             }
                         }
                     }
@@ -138,10 +181,66 @@ impl QWeight {
         Self { kind, n, k, data }
     }
 
+    /// A weight from ggml's block bytes (a GGUF tensor's data: each row's blocks one after
+    /// the other, ggml's `block_q8_0` / `block_q4_1` / `block_q4_K`), rearranged into
+    /// records without touching a value: the weight stands for exactly the numbers ggml's
+    /// does. `None` when the length is not what (kind, n, k) takes in ggml's layout.
+    pub fn from_ggml(kind: QuantKind, n: usize, k: usize, blocks: &[u8]) -> Option<Self> {
+        let bs = kind.block();
+        // ggml's block sizes: the f16 scale (and minimum), then the quants.
+        let gb = match kind {
+            QuantKind::Q8_0 => 2 + GROUP,
+            QuantKind::Q4_1 => 4 + GROUP / 2,
+            QuantKind::Q4K => 4 + 12 + SUPER / 2,
+        };
+        if !kind.fits(k) || blocks.len() != n * (k / bs) * gb {
+            return None;
+        }
+        let rb = kind.record_bytes();
+        let nb = k / bs;
+        let mut data = vec![0u8; n.div_ceil(LANES) * nb * rb];
+        let f16_at = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]);
+        for j in 0..n {
+            let (g, lane) = (j / LANES, j % LANES);
+            for b in 0..nb {
+                let src = &blocks[(j * nb + b) * gb..(j * nb + b + 1) * gb];
+                let rec = &mut data[(g * nb + b) * rb..(g * nb + b + 1) * rb];
+                match kind {
+                    QuantKind::Q8_0 => {
+                        let q: [i8; GROUP] = std::array::from_fn(|i| src[2 + i] as i8);
+                        put_q8_0(rec, lane, f16_at(src, 0), &q);
+                    }
+                    QuantKind::Q4_1 => {
+                        // Byte i: weight i in the low nibble, weight i + 16 in the high one.
+                        let q: [u8; GROUP] = std::array::from_fn(|i| {
+                            (src[4 + i % 16] >> if i < 16 { 0 } else { 4 }) & 15
+                        });
+                        put_q4_1(rec, lane, f16_at(src, 0), f16_at(src, 2), &q);
+                    }
+                    QuantKind::Q4K => {
+                        let scales: &[u8; 12] = src[4..16].try_into().unwrap();
+                        let (sc, m): ([u8; 8], [u8; 8]) = (
+                            std::array::from_fn(|s| k4_scale_min(s, scales).0),
+                            std::array::from_fn(|s| k4_scale_min(s, scales).1),
+                        );
+                        // Each 64 weights: 32 bytes, weight i in the low nibble of byte i,
+                        // weight 32 + i in the high one.
+                        let q: [u8; SUPER] = std::array::from_fn(|i| {
+                            let (c, r) = (i / 64, i % 64);
+                            (src[16 + 32 * c + r % 32] >> if r < 32 { 0 } else { 4 }) & 15
+                        });
+                        put_q4_k(rec, lane, f16_at(src, 0), f16_at(src, 2), &sc, &m, &q);
+                    }
+                }
+            }
+        }
+        Some(Self { kind, n, k, data })
+    }
+
     /// Rebuilds a weight from its stored bytes (a saved checkpoint); `None` when their
     /// length is not what (kind, n, k) takes.
     pub fn from_bytes(kind: QuantKind, n: usize, k: usize, data: Vec<u8>) -> Option<Self> {
-        (quantizable(k) && data.len() == Self::stored_len(kind, n, k)).then_some(Self {
+        (kind.fits(k) && data.len() == Self::stored_len(kind, n, k)).then_some(Self {
             kind,
             n,
             k,
@@ -149,9 +248,9 @@ impl QWeight {
         })
     }
 
-    /// Bytes an (n x k) weight takes in `kind`.
+    /// Bytes an (n x k) weight takes in `kind` (`kind.fits(k)`).
     pub fn stored_len(kind: QuantKind, n: usize, k: usize) -> usize {
-        n.div_ceil(LANES) * (k / GROUP) * kind.record_bytes()
+        n.div_ceil(LANES) * (k / kind.block()) * kind.record_bytes()
     }
 
     pub fn kind(&self) -> QuantKind {
@@ -170,16 +269,17 @@ impl QWeight {
 
     /// Row `j` as the f32 values the quantized weight stands for (an embedding lookup from a
     /// tied, quantized LM head), exactly as ggml dequantizes: `d * q` for 8-bit, `d * q + m`
-    /// (no fused multiply-add) for 4-bit.
+    /// (no fused multiply-add) for q4_1, `(d * sc) * q - dmin * m` for q4_k.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         assert!(j < self.n && out.len() >= self.k);
         let rb = self.kind.record_bytes();
+        let bs = self.kind.block();
         let (g, lane) = (j / LANES, j % LANES);
-        let blocks = self.k / GROUP;
+        let blocks = self.k / bs;
         for b in 0..blocks {
             let rec = &self.data[(g * blocks + b) * rb..(g * blocks + b + 1) * rb];
             let d = get_f16(rec, lane);
-            let dst = &mut out[b * GROUP..(b + 1) * GROUP];
+            let dst = &mut out[b * bs..(b + 1) * bs];
             match self.kind {
                 QuantKind::Q8_0 => {
                     for (i, v) in dst.iter_mut().enumerate() {
@@ -189,8 +289,19 @@ impl QWeight {
                 QuantKind::Q4_1 => {
                     let m = get_f16(rec, LANES + lane);
                     for (i, v) in dst.iter_mut().enumerate() {
-                        let (at, shift) = q4_index(lane, i);
+                        let (at, shift) = q4_index(QuantKind::Q4_1.quants_at(), lane, i);
                         *v = d * ((rec[at] >> shift) & 15) as f32 + m;
+                    }
+                }
+                QuantKind::Q4K => {
+                    let dmin = get_f16(rec, LANES + lane);
+                    for (s, sub) in dst.chunks_exact_mut(GROUP).enumerate() {
+                        let (sc, m) = k_scale_min(rec, lane, s);
+                        let (d1, m1) = (d * sc as f32, dmin * m as f32);
+                        for (i, v) in sub.iter_mut().enumerate() {
+                            let (at, shift) = q4_index(K_QUANTS_AT + 256 * s, lane, i);
+                            *v = d1 * ((rec[at] >> shift) & 15) as f32 - m1;
+                        }
                     }
                 }
             }
@@ -460,15 +571,211 @@ fn q8_index(lane: usize, i: usize) -> usize {
     QuantKind::Q8_0.quants_at() + (i / 4) * 64 + lane * 4 + i % 4
 }
 
-/// Where weight `i` of lane `lane` sits in a 4-bit record: step `i / 8` covers 8 weights,
-/// the first 4 in the low nibbles of the lane's 4 bytes, the next 4 in the high ones (one
-/// mask and one shift give two vectors of `vpdpbusd` operands). Returns (byte, shift).
-fn q4_index(lane: usize, i: usize) -> (usize, u32) {
+/// Where weight `i` (0..32) of lane `lane` sits in 4-bit nibbles starting at byte `at`
+/// (a q4_1 record's, or one q4_k sub-block's): step `i / 8` covers 8 weights, the first 4
+/// in the low nibbles of the lane's 4 bytes, the next 4 in the high ones (one mask and one
+/// shift give two vectors of `vpdpbusd` operands). Returns (byte, shift).
+fn q4_index(at: usize, lane: usize, i: usize) -> (usize, u32) {
     let (step, r) = (i / 8, i % 8);
     (
-        QuantKind::Q4_1.quants_at() + step * 64 + lane * 4 + r % 4,
+        at + step * 64 + lane * 4 + r % 4,
         if r < 4 { 0 } else { 4 },
     )
+}
+
+fn put_q8_0(rec: &mut [u8], lane: usize, d: half::f16, q: &[i8; GROUP]) {
+    put_f16(rec, lane, d);
+    for (i, &q) in q.iter().enumerate() {
+        rec[q8_index(lane, i)] = (q as i16 + 128) as u8;
+    }
+}
+
+fn put_q4_1(rec: &mut [u8], lane: usize, d: half::f16, m: half::f16, q: &[u8; GROUP]) {
+    put_f16(rec, lane, d);
+    put_f16(rec, LANES + lane, m);
+    put_nibbles(rec, QuantKind::Q4_1.quants_at(), lane, q);
+}
+
+fn put_nibbles(rec: &mut [u8], at: usize, lane: usize, q: &[u8]) {
+    for (i, &q) in q.iter().enumerate() {
+        let (at, shift) = q4_index(at, lane, i);
+        rec[at] = (rec[at] & !(15 << shift)) | (q & 15) << shift;
+    }
+}
+
+/// One lane of a q4_k record (layout at [`K_LOW_AT`]): the super-block's f16 scale and
+/// minimum, its 8 sub-blocks' 6-bit scales and minima (0..=63), 256 nibbles.
+fn put_q4_k(
+    rec: &mut [u8],
+    lane: usize,
+    d: half::f16,
+    dmin: half::f16,
+    sc: &[u8; 8],
+    m: &[u8; 8],
+    q: &[u8; SUPER],
+) {
+    put_f16(rec, lane, d);
+    put_f16(rec, LANES + lane, dmin);
+    let mut high = 0u32;
+    for s in 0..8 {
+        rec[K_LOW_AT + LANES * s + lane] = (sc[s] & 15) | (m[s] & 15) << 4;
+        high |= ((sc[s] >> 4) as u32 & 3) << (2 * s) | ((m[s] >> 4) as u32 & 3) << (16 + 2 * s);
+        put_nibbles(rec, K_QUANTS_AT + 256 * s, lane, &q[s * GROUP..(s + 1) * GROUP]);
+    }
+    rec[K_HIGH_AT + 4 * lane..K_HIGH_AT + 4 * lane + 4].copy_from_slice(&high.to_le_bytes());
+}
+
+/// Sub-block `s`'s 6-bit (scale, minimum) of lane `lane` in a q4_k record.
+fn k_scale_min(rec: &[u8], lane: usize, s: usize) -> (u8, u8) {
+    let low = rec[K_LOW_AT + LANES * s + lane];
+    let high = u32::from_le_bytes(
+        rec[K_HIGH_AT + 4 * lane..K_HIGH_AT + 4 * lane + 4]
+            .try_into()
+            .unwrap(),
+    );
+    (
+        low & 15 | ((high >> (2 * s)) as u8 & 3) << 4,
+        low >> 4 | ((high >> (16 + 2 * s)) as u8 & 3) << 4,
+    )
+}
+
+/// Sub-block `s`'s 6-bit (scale, minimum) in ggml's 12 packed bytes of a `block_q4_K`
+/// (`get_scale_min_k4`): sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7
+/// (minima); 4-7 in the nibbles of bytes 8-11 with their top 2 bits in the top bits of
+/// bytes 0-7.
+fn k4_scale_min(s: usize, q: &[u8; 12]) -> (u8, u8) {
+    if s < 4 {
+        (q[s] & 63, q[s + 4] & 63)
+    } else {
+        (
+            (q[s + 4] & 15) | (q[s - 4] >> 6) << 4,
+            (q[s + 4] >> 4) | (q[s] >> 6) << 4,
+        )
+    }
+}
+
+/// ggml's `nearest_int`: round half to even through the f32 magic number, as bits (the
+/// k-quant quantizers' rounding; exact for |x| < 2^22, which their arguments are).
+fn nearest_int(x: f32) -> i32 {
+    ((x + 12_582_912.0).to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
+}
+
+/// ggml's `quantize_row_q4_K_ref` for one super-block, float step for float step (no
+/// fused multiply-adds, as the C without contraction): each sub-block's scale and minimum
+/// by [`make_qkx2_quants`] (weighted least squares over 21 candidate scales), both
+/// quantized to 6 bits against the super-block's largest, then the values again against
+/// the 6-bit ones. Returns (d, dmin, scales, minima, 256 nibbles).
+#[allow(clippy::type_complexity)]
+fn quantize_q4_k(
+    x: &[f32; SUPER],
+) -> (half::f16, half::f16, [u8; 8], [u8; 8], [u8; SUPER]) {
+    let mut l = [0u8; SUPER];
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..8 {
+        let x: &[f32; GROUP] = x[GROUP * j..GROUP * (j + 1)].try_into().unwrap();
+        let sum_x2 = x.iter().fold(0f32, |s, &v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let weights: [f32; GROUP] = std::array::from_fn(|i| av_x + x[i].abs());
+        let lj: &mut [u8; GROUP] = (&mut l[GROUP * j..GROUP * (j + 1)]).try_into().unwrap();
+        (scales[j], mins[j]) = make_qkx2_quants(x, &weights, lj);
+        if scales[j] > max_scale {
+            max_scale = scales[j];
+        }
+        if mins[j] > max_min {
+            max_min = mins[j];
+        }
+    }
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    // `uint8_t ls = nearest_int(..)`: the C truncates to 8 bits, then caps at 63.
+    let sc: [u8; 8] = std::array::from_fn(|j| (nearest_int(inv_scale * scales[j]) as u8).min(63));
+    let m: [u8; 8] = std::array::from_fn(|j| (nearest_int(inv_min * mins[j]) as u8).min(63));
+    let d = half::f16::from_f32(max_scale / 63.0);
+    let dmin = half::f16::from_f32(max_min / 63.0);
+    for j in 0..8 {
+        let dj = d.to_f32() * sc[j] as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * m[j] as f32;
+        for i in GROUP * j..GROUP * (j + 1) {
+            l[i] = nearest_int((x[i] + dm) / dj).clamp(0, 15) as u8;
+        }
+    }
+    (d, dmin, sc, m, l)
+}
+
+/// ggml's `make_qkx2_quants(32, 15, x, weights, L, &min, Laux, -1, 0.1, 20, false)`: the
+/// scale and (negated) minimum of one sub-block minimising the weighted squared error over
+/// the plain min/max fit and 21 nudged ones, and the nibbles for it. Returns (scale, -min).
+fn make_qkx2_quants(x: &[f32; GROUP], weights: &[f32; GROUP], l: &mut [u8; GROUP]) -> (f32, f32) {
+    const NMAX: i32 = 15;
+    let (rmin, rdelta, nstep) = (-1f32, 0.1f32, 20);
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..GROUP {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.fill(0);
+        return (0.0, -min);
+    }
+    let iscale = NMAX as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..GROUP {
+        l[i] = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX) as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    let mut laux = [0u8; GROUP];
+    for is in 0..=nstep {
+        let iscale = (rmin + rdelta * is as f32 + NMAX as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..GROUP {
+            let li = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+            laux[i] = li as u8;
+            let (w, lf) = (weights[i], li as f32);
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..GROUP {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                *l = laux;
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
 }
 
 fn put_f16(rec: &mut [u8], slot: usize, v: half::f16) {
@@ -479,22 +786,29 @@ fn get_f16(rec: &[u8], slot: usize) -> f32 {
     half::f16::from_le_bytes([rec[2 * slot], rec[2 * slot + 1]]).to_f32()
 }
 
-/// The activations of one product, quantized to 8 bits per group of 32, with per-group
-/// floats the kernels need: `scale[r][b]` (the group's f32 scale) and `offset[r][b]` (for
-/// 8-bit weights stored as `q + 128`: `-128 · Σq_x · scale`; for 4-bit: `Σq_x · scale`,
-/// which the weight's minimum multiplies), and `sum[r][b]` (`Σq_x` itself: the AVX2 kernel
-/// multiplies signed 8-bit weights and adds the `+128` back in integers).
+/// The activations of one product, quantized to 8 bits with one f32 scale per block of
+/// the weight's format (32 values; 256 for q4_k, as ggml's `q8_K`), with what the kernels
+/// need per group of 32: `sum[r][b]` (`Σq_x`: the AVX2 kernel multiplies signed 8-bit
+/// weights and adds the `+128` back in integers; q4_k multiplies it by each sub-block's
+/// minimum) and `offset[r][b]` (for 8-bit weights stored as `q + 128`: `-128 · Σq_x ·
+/// scale`; for q4_1: `Σq_x · scale`, which the weight's minimum multiplies; unused by q4_k).
 struct Activations {
     /// m x k, rows padded to whole groups (k is).
     q: Vec<i8>,
+    /// m x `sblocks`.
     scale: Vec<f32>,
+    /// m x `blocks`.
     offset: Vec<f32>,
+    /// m x `blocks`.
     sum: Vec<i32>,
+    /// Groups of 32 per row.
     blocks: usize,
+    /// Scale blocks per row.
+    sblocks: usize,
 }
 
 /// One activation row's buffers as the zipped iterators hand them out: its index, its
-/// quantized values, and its groups' scales, offsets and sums.
+/// quantized values, and its scales, groups' offsets and sums.
 type ActivationRow<'a> = (
     usize,
     (
@@ -508,46 +822,65 @@ impl Activations {
     /// the same numbers.
     fn quantize(kind: QuantKind, x: &[f32], m: usize, k: usize, kernel: Kernel) -> Self {
         let blocks = k / GROUP;
+        let per = kind.block() / GROUP;
+        let sblocks = blocks / per;
         let mut q = vec![0i8; m * k];
-        let mut scale = vec![0f32; m * blocks];
+        let mut scale = vec![0f32; m * sblocks];
         let mut offset = vec![0f32; m * blocks];
         let mut sums = vec![0i32; m * blocks];
+        let group = |r: usize, b: usize| -> &[f32; GROUP] {
+            x[r * k + b * GROUP..r * k + (b + 1) * GROUP]
+                .try_into()
+                .unwrap()
+        };
         let row = |(r, (((qr, sr), or), nr)): ActivationRow| {
-            for b in 0..blocks {
-                let src: &[f32; GROUP] = x[r * k + b * GROUP..r * k + (b + 1) * GROUP]
-                    .try_into()
-                    .unwrap();
-                let dst: &mut [i8; GROUP] =
-                    (&mut qr[b * GROUP..(b + 1) * GROUP]).try_into().unwrap();
-                let (d, sum) = match kernel {
-                    // SAFETY (both): the caller checked `kernel.available()`, which implies
-                    // AVX-512F/BW, resp. AVX2.
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Vnni => unsafe { avx512::quantize_group(src, dst) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => unsafe { avx2::quantize_group(src, dst) },
-                    _ => quantize_group(src, dst),
-                };
-                sr[b] = d;
-                nr[b] = sum;
-                or[b] = match kind {
-                    QuantKind::Q8_0 => -128.0 * sum as f32 * d,
-                    QuantKind::Q4_1 => sum as f32 * d,
-                };
+            for sb in 0..sblocks {
+                // The block's largest magnitude: a maximum, exact in any order.
+                let amax = (sb * per..(sb + 1) * per).fold(0f32, |a, b| {
+                    a.max(match kernel {
+                        // SAFETY (all below): the caller checked `kernel.available()`,
+                        // which implies AVX-512F/BW, resp. AVX2.
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx512Vnni => unsafe { avx512::group_amax(group(r, b)) },
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx2 => unsafe { avx2::group_amax(group(r, b)) },
+                        _ => group_amax(group(r, b)),
+                    })
+                });
+                let (d, id) = activation_scale(amax);
+                sr[sb] = d;
+                for b in sb * per..(sb + 1) * per {
+                    let dst: &mut [i8; GROUP] =
+                        (&mut qr[b * GROUP..(b + 1) * GROUP]).try_into().unwrap();
+                    let src = group(r, b);
+                    let sum = match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx512Vnni => unsafe { avx512::quantize_scaled(src, id, dst) },
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx2 => unsafe { avx2::quantize_scaled(src, id, dst) },
+                        _ => quantize_scaled(src, id, dst),
+                    };
+                    nr[b] = sum;
+                    or[b] = match kind {
+                        QuantKind::Q8_0 => -128.0 * sum as f32 * d,
+                        QuantKind::Q4_1 => sum as f32 * d,
+                        QuantKind::Q4K => 0.0,
+                    };
+                }
             }
         };
         // A few rows (decoding) are a few microseconds of work: a parallel loop would cost
         // more than it saves.
         if m <= MR {
             q.chunks_mut(k)
-                .zip(scale.chunks_mut(blocks))
+                .zip(scale.chunks_mut(sblocks))
                 .zip(offset.chunks_mut(blocks))
                 .zip(sums.chunks_mut(blocks))
                 .enumerate()
                 .for_each(row);
         } else {
             q.par_chunks_mut(k)
-                .zip(scale.par_chunks_mut(blocks))
+                .zip(scale.par_chunks_mut(sblocks))
                 .zip(offset.par_chunks_mut(blocks))
                 .zip(sums.par_chunks_mut(blocks))
                 .enumerate()
@@ -559,16 +892,33 @@ impl Activations {
             offset,
             sum: sums,
             blocks,
+            sblocks,
         }
     }
 }
 
-/// One group of activations to 8 bits: `d = max|x| / 127`, `q = x · (1 / d)` rounded half
-/// to even (what the SIMD conversion does); returns (d, Σq).
-fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
-    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+/// An activation block's scale from its largest magnitude: `d = amax / 127` and the
+/// reciprocal the values are multiplied by (0 for an all-zero block).
+fn activation_scale(amax: f32) -> (f32, f32) {
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (d, if d != 0.0 { 1.0 / d } else { 0.0 })
+}
+
+fn group_amax(src: &[f32; GROUP]) -> f32 {
+    src.iter().fold(0f32, |a, v| a.max(v.abs()))
+}
+
+/// One group of activations to 8 bits on its own scale (the 32-value formats): `d = max|x|
+/// / 127`, `q = x · (1 / d)` rounded half to even (what the SIMD conversion does); returns
+/// (d, Σq).
+#[cfg(test)]
+fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
+    let (d, id) = activation_scale(group_amax(src));
+    (d, quantize_scaled(src, id, dst))
+}
+
+/// `q = x · id` rounded half to even, clamped to ±127; returns Σq.
+fn quantize_scaled(src: &[f32; GROUP], id: f32, dst: &mut [i8; GROUP]) -> i32 {
     // Adding and removing 1.5 * 2^23 rounds half to even for |y| < 2^22 (here |y| <= 127):
     // the same rounding as the vector conversion, without a libm call per value.
     const MAGIC: f32 = 12_582_912.0;
@@ -578,7 +928,7 @@ fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
         *q = y as i8;
         sum += *q as i32;
     }
-    (d, sum)
+    sum
 }
 
 /// The portable kernel: lane sums of row group `g` against activation rows r0..r0+mr, in
@@ -591,6 +941,9 @@ fn portable_group(
     mr: usize,
     acc: &mut [[f32; LANES]; MR],
 ) {
+    if w.kind == QuantKind::Q4K {
+        return portable_group_k(w, act, g, r0, mr, acc);
+    }
     let rb = w.kind.record_bytes();
     let (k, blocks) = (w.k, act.blocks);
     for b in 0..blocks {
@@ -609,13 +962,8 @@ fn portable_group(
                         let t = (isum as f32).mul_add(dx, off);
                         *a = d.mul_add(t, *a);
                     }
-                    QuantKind::Q4_1 => {
-                        let isum: i32 = (0..GROUP)
-                            .map(|i| {
-                                let (at, shift) = q4_index(lane, i);
-                                ((rec[at] >> shift) & 15) as i32 * xq[i] as i32
-                            })
-                            .sum();
+                    _ => {
+                        let isum = nibble_dot(rec, QuantKind::Q4_1.quants_at(), lane, xq);
                         let t = isum as f32 * dx;
                         *a = d.mul_add(t, *a);
                         *a = get_f16(rec, LANES + lane).mul_add(off, *a);
@@ -626,9 +974,58 @@ fn portable_group(
     }
 }
 
+/// Σ nibble · x over one 32-weight group of `lane` whose nibbles start at byte `at`.
+fn nibble_dot(rec: &[u8], at: usize, lane: usize, xq: &[i8]) -> i32 {
+    (0..GROUP)
+        .map(|i| {
+            let (at, shift) = q4_index(at, lane, i);
+            ((rec[at] >> shift) & 15) as i32 * xq[i] as i32
+        })
+        .sum()
+}
+
+/// [`portable_group`] for q4_k. Per super-block and lane the sums stay integers: `Σ_j sc_j ·
+/// Σ(q·x)_j` and `Σ_j m_j · Σx_j` (exact: at most 8 · 63 · 32 · 15 · 127 < 2^31), each
+/// converted to f32 once, times the activations' scale, then `acc + d · t` and `acc -
+/// dmin · u` as two fused multiply-adds.
+fn portable_group_k(
+    w: &QWeight,
+    act: &Activations,
+    g: usize,
+    r0: usize,
+    mr: usize,
+    acc: &mut [[f32; LANES]; MR],
+) {
+    let rb = w.kind.record_bytes();
+    let (k, blocks) = (w.k, act.sblocks);
+    for b in 0..blocks {
+        let rec = &w.data[(g * blocks + b) * rb..(g * blocks + b + 1) * rb];
+        for (r, lanes) in acc.iter_mut().enumerate().take(mr) {
+            let row = r0 + r;
+            let dx = act.scale[row * blocks + b];
+            for (lane, a) in lanes.iter_mut().enumerate() {
+                let (mut tot, mut mtot) = (0i32, 0i32);
+                for s in 0..8 {
+                    let (sc, m) = k_scale_min(rec, lane, s);
+                    let at = row * k + b * SUPER + s * GROUP;
+                    let isum = nibble_dot(rec, K_QUANTS_AT + 256 * s, lane, &act.q[at..]);
+                    tot += sc as i32 * isum;
+                    mtot += m as i32 * act.sum[row * act.blocks + b * 8 + s];
+                }
+                let (d, dmin) = (get_f16(rec, lane), get_f16(rec, LANES + lane));
+                *a = d.mul_add(tot as f32 * dx, *a);
+                *a = (-dmin).mul_add(mtot as f32 * dx, *a);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Activations, QWeight, QuantKind, GROUP, LANES, MR};
+    use super::{
+        Activations, QWeight, QuantKind, GROUP, K_HIGH_AT, K_LOW_AT, K_QUANTS_AT, LANES, MR,
+        SUPER,
+    };
     use std::arch::x86_64::*;
 
     /// [`super::portable_group`] on AVX-512 VNNI: the same sums in the same order.
@@ -654,20 +1051,43 @@ mod avx512 {
             (QuantKind::Q4_1, 2) => run::<2, true>(w, act, g, r0, acc),
             (QuantKind::Q4_1, 3) => run::<3, true>(w, act, g, r0, acc),
             (QuantKind::Q4_1, _) => run::<4, true>(w, act, g, r0, acc),
+            (QuantKind::Q4K, 1) => run_k::<1>(w, act, g, r0, acc),
+            (QuantKind::Q4K, 2) => run_k::<2>(w, act, g, r0, acc),
+            (QuantKind::Q4K, 3) => run_k::<3>(w, act, g, r0, acc),
+            (QuantKind::Q4K, _) => run_k::<4>(w, act, g, r0, acc),
         }
+    }
+
+    /// [`super::group_amax`] on 16 lanes.
+    ///
+    /// # Safety
+    /// AVX-512F must be present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn group_amax(src: &[f32; GROUP]) -> f32 {
+        let a = _mm512_loadu_ps(src.as_ptr());
+        let b = _mm512_loadu_ps(src.as_ptr().add(16));
+        _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)))
     }
 
     /// [`super::quantize_group`] on 16 lanes: the same numbers.
     ///
     /// # Safety
     /// AVX-512F and BW must be present.
+    #[cfg(test)]
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
+        let (d, id) = super::activation_scale(group_amax(src));
+        (d, quantize_scaled(src, id, dst))
+    }
+
+    /// [`super::quantize_scaled`] on 16 lanes: the same numbers.
+    ///
+    /// # Safety
+    /// AVX-512F and BW must be present.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_scaled(src: &[f32; GROUP], id: f32, dst: &mut [i8; GROUP]) -> i32 {
         let a = _mm512_loadu_ps(src.as_ptr());
         let b = _mm512_loadu_ps(src.as_ptr().add(16));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let vid = _mm512_set1_ps(id);
         let lim = _mm512_set1_epi32(127);
         let neg = _mm512_set1_epi32(-127);
@@ -681,7 +1101,7 @@ mod avx512 {
             dst.as_mut_ptr().add(16) as *mut __m128i,
             _mm512_cvtepi32_epi8(qb),
         );
-        (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
+        _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb))
     }
 
     /// One row group against R activation rows. Each row's integer sums are split over C
@@ -770,6 +1190,88 @@ mod avx512 {
             _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
         }
     }
+
+    /// [`super::portable_group_k`] on AVX-512 VNNI: one row group's super-block `b` is one
+    /// 2,304-byte record, its sub-blocks' 6-bit scales and minima widened to the 16 lanes'
+    /// i32s, each sub-block's `vpdpbusd` sums multiplied by its scales in integers (exact),
+    /// the float steps once per super-block.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    #[inline]
+    unsafe fn run_k<const R: usize>(
+        w: &QWeight,
+        act: &Activations,
+        g: usize,
+        r0: usize,
+        out: &mut [[f32; LANES]; MR],
+    ) {
+        let rb = QuantKind::Q4K.record_bytes();
+        let (k, blocks) = (w.k, act.sblocks);
+        let base = w.data.as_ptr().add(g * blocks * rb);
+        let xq = act.q.as_ptr().add(r0 * k);
+        let scale = act.scale.as_ptr().add(r0 * blocks);
+        let sum = act.sum.as_ptr().add(r0 * act.blocks);
+        let nib = _mm512_set1_epi8(15);
+        let (low4, low2) = (_mm512_set1_epi32(15), _mm512_set1_epi32(3));
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let rec = base.add(b * rb);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(rec.add(2 * LANES) as *const __m256i));
+            let mut high = _mm512_loadu_si512(rec.add(K_HIGH_AT) as *const _);
+            let mut tot = [_mm512_setzero_si512(); R];
+            let mut mtot = [_mm512_setzero_si512(); R];
+            for s in 0..8 {
+                // Two records ahead, 4.5 lines per sub-block: the weight is read once,
+                // front to back.
+                let ahead = rec.wrapping_add(2 * rb + 288 * s);
+                for line in 0..5 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                }
+                let low = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    rec.add(K_LOW_AT + LANES * s) as *const __m128i
+                ));
+                let sc = _mm512_or_si512(
+                    _mm512_and_si512(low, low4),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(high, low2)),
+                );
+                let m = _mm512_or_si512(
+                    _mm512_srli_epi32::<4>(low),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<16>(high), low2)),
+                );
+                high = _mm512_srli_epi32::<2>(high);
+                let q = rec.add(K_QUANTS_AT + 256 * s);
+                let mut isum = [[_mm512_setzero_si512(); 2]; R];
+                for t in 0..4 {
+                    let v = _mm512_loadu_si512(q.add(64 * t) as *const _);
+                    let lo = _mm512_and_si512(v, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                    for (r, is) in isum.iter_mut().enumerate() {
+                        let x = xq.add(r * k + b * SUPER + s * GROUP + 8 * t);
+                        let xl = _mm512_set1_epi32((x as *const i32).read_unaligned());
+                        let xh = _mm512_set1_epi32((x.add(4) as *const i32).read_unaligned());
+                        is[0] = _mm512_dpbusd_epi32(is[0], lo, xl);
+                        is[1] = _mm512_dpbusd_epi32(is[1], hi, xh);
+                    }
+                }
+                for r in 0..R {
+                    let is = _mm512_add_epi32(isum[r][0], isum[r][1]);
+                    tot[r] = _mm512_add_epi32(tot[r], _mm512_mullo_epi32(is, sc));
+                    let xs = _mm512_set1_epi32(*sum.add(r * act.blocks + b * 8 + s));
+                    mtot[r] = _mm512_add_epi32(mtot[r], _mm512_mullo_epi32(m, xs));
+                }
+            }
+            for r in 0..R {
+                let dx = _mm512_set1_ps(*scale.add(r * blocks + b));
+                let t = _mm512_mul_ps(_mm512_cvtepi32_ps(tot[r]), dx);
+                acc[r] = _mm512_fmadd_ps(d, t, acc[r]);
+                let u = _mm512_mul_ps(_mm512_cvtepi32_ps(mtot[r]), dx);
+                acc[r] = _mm512_fnmadd_ps(dmin, u, acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -799,7 +1301,10 @@ mod avx2 {
     //!
     //! The float steps per group and lane are then the other kernels', in the same order
     //! and with the same fused multiply-adds.
-    use super::{Activations, QWeight, QuantKind, GROUP, LANES, MR};
+    use super::{
+        Activations, QWeight, QuantKind, GROUP, K_HIGH_AT, K_LOW_AT, K_QUANTS_AT, LANES, MR,
+        SUPER,
+    };
     use std::arch::x86_64::*;
 
     /// [`super::portable_group`] on AVX2: the same sums in the same order.
@@ -825,16 +1330,47 @@ mod avx2 {
             (QuantKind::Q4_1, 2) => run::<2, true>(w, act, g, r0, acc),
             (QuantKind::Q4_1, 3) => run::<3, true>(w, act, g, r0, acc),
             (QuantKind::Q4_1, _) => run::<4, true>(w, act, g, r0, acc),
+            (QuantKind::Q4K, 1) => run_k::<1>(w, act, g, r0, acc),
+            (QuantKind::Q4K, 2) => run_k::<2>(w, act, g, r0, acc),
+            (QuantKind::Q4K, 3) => run_k::<3>(w, act, g, r0, acc),
+            (QuantKind::Q4K, _) => run_k::<4>(w, act, g, r0, acc),
         }
     }
 
-    /// [`super::quantize_group`] on 8 lanes, operation for operation the AVX-512 one: the
+    /// [`super::group_amax`] on 8 lanes.
+    ///
+    /// # Safety
+    /// AVX must be present.
+    #[target_feature(enable = "avx")]
+    pub unsafe fn group_amax(src: &[f32; GROUP]) -> f32 {
+        let p = src.as_ptr();
+        // |x|: the sign bit cleared.
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+        let a = [0, 8, 16, 24].map(|o| _mm256_and_ps(_mm256_loadu_ps(p.add(o)), abs));
+        let m8 = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps::<1>(m8));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)))
+    }
+
+    /// [`super::quantize_group`] on 8 lanes: the same numbers.
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[cfg(test)]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
+        let (d, id) = super::activation_scale(group_amax(src));
+        (d, quantize_scaled(src, id, dst))
+    }
+
+    /// [`super::quantize_scaled`] on 8 lanes, operation for operation the AVX-512 one: the
     /// same numbers.
     ///
     /// # Safety
     /// AVX2 must be present.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn quantize_group(src: &[f32; GROUP], dst: &mut [i8; GROUP]) -> (f32, i32) {
+    pub unsafe fn quantize_scaled(src: &[f32; GROUP], id: f32, dst: &mut [i8; GROUP]) -> i32 {
         let p = src.as_ptr();
         let v = [
             _mm256_loadu_ps(p),
@@ -842,15 +1378,6 @@ mod avx2 {
             _mm256_loadu_ps(p.add(16)),
             _mm256_loadu_ps(p.add(24)),
         ];
-        // |x|: the sign bit cleared.
-        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
-        let a = v.map(|v| _mm256_and_ps(v, abs));
-        let m8 = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
-        let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps::<1>(m8));
-        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let vid = _mm256_set1_ps(id);
         let (lim, neg) = (_mm256_set1_epi32(127), _mm256_set1_epi32(-127));
         // Round half to even (the default rounding mode of the conversion), then clamp.
@@ -873,7 +1400,7 @@ mod avx2 {
         );
         let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
         let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2));
-        (d, _mm_cvtsi128_si32(s1))
+        _mm_cvtsi128_si32(s1)
     }
 
     /// One row group against R activation rows, both 8-lane halves of each record in one
@@ -992,6 +1519,108 @@ mod avx2 {
             _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
         }
     }
+
+    /// [`super::portable_group_k`] on AVX2, both 8-lane halves of each record in one pass.
+    /// A sub-block's products are summed in i16 before widening: the q4_1 bound of the
+    /// module comment (16 products of at most 1,905 per i16 position), as a q4_k sub-block
+    /// is 32 nibbles against activations within ±127 too.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn run_k<const R: usize>(
+        w: &QWeight,
+        act: &Activations,
+        g: usize,
+        r0: usize,
+        out: &mut [[f32; LANES]; MR],
+    ) {
+        let rb = QuantKind::Q4K.record_bytes();
+        let (k, blocks) = (w.k, act.sblocks);
+        let base = w.data.as_ptr().add(g * blocks * rb);
+        let xq = act.q.as_ptr().add(r0 * k);
+        let scale = act.scale.as_ptr().add(r0 * blocks);
+        let sum = act.sum.as_ptr().add(r0 * act.blocks);
+        let nib = _mm256_set1_epi8(15);
+        let (low4, low2) = (_mm256_set1_epi32(15), _mm256_set1_epi32(3));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let rec = base.add(b * rb);
+            let mut high = [0, 1].map(|h| {
+                _mm256_loadu_si256(rec.add(K_HIGH_AT + 32 * h) as *const __m256i)
+            });
+            let mut tot = [[_mm256_setzero_si256(); 2]; R];
+            let mut mtot = [[_mm256_setzero_si256(); 2]; R];
+            for s in 0..8 {
+                let ahead = rec.wrapping_add(2 * rb + 288 * s);
+                for line in 0..5 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                }
+                let mut sc = [_mm256_setzero_si256(); 2];
+                let mut m = [_mm256_setzero_si256(); 2];
+                for h in 0..2 {
+                    let low = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        rec.add(K_LOW_AT + LANES * s + 8 * h) as *const __m128i,
+                    ));
+                    sc[h] = _mm256_or_si256(
+                        _mm256_and_si256(low, low4),
+                        _mm256_slli_epi32::<4>(_mm256_and_si256(high[h], low2)),
+                    );
+                    m[h] = _mm256_or_si256(
+                        _mm256_srli_epi32::<4>(low),
+                        _mm256_slli_epi32::<4>(_mm256_and_si256(
+                            _mm256_srli_epi32::<16>(high[h]),
+                            low2,
+                        )),
+                    );
+                    high[h] = _mm256_srli_epi32::<2>(high[h]);
+                }
+                let q = rec.add(K_QUANTS_AT + 256 * s);
+                let mut s16 = [[_mm256_setzero_si256(); 2]; R];
+                for t in 0..4 {
+                    let v = [0, 1].map(|h| _mm256_loadu_si256(q.add(64 * t + 32 * h) as *const _));
+                    let lo = v.map(|v| _mm256_and_si256(v, nib));
+                    let hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib));
+                    for (r, acc16) in s16.iter_mut().enumerate() {
+                        let x = xq.add(r * k + b * SUPER + s * GROUP + 8 * t);
+                        let xl = _mm256_set1_epi32((x as *const i32).read_unaligned());
+                        let xh = _mm256_set1_epi32((x.add(4) as *const i32).read_unaligned());
+                        for h in 0..2 {
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo[h], xl),
+                                _mm256_maddubs_epi16(hi[h], xh),
+                            );
+                            acc16[h] = _mm256_add_epi16(acc16[h], p);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let xs = _mm256_set1_epi32(*sum.add(r * act.blocks + b * 8 + s));
+                    for h in 0..2 {
+                        let is = _mm256_madd_epi16(s16[r][h], ones);
+                        tot[r][h] = _mm256_add_epi32(tot[r][h], _mm256_mullo_epi32(is, sc[h]));
+                        mtot[r][h] = _mm256_add_epi32(mtot[r][h], _mm256_mullo_epi32(m[h], xs));
+                    }
+                }
+            }
+            for h in 0..2 {
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16 * h) as *const __m128i));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(
+                    rec.add(2 * LANES + 16 * h) as *const __m128i
+                ));
+                for r in 0..R {
+                    let dx = _mm256_set1_ps(*scale.add(r * blocks + b));
+                    let t = _mm256_mul_ps(_mm256_cvtepi32_ps(tot[r][h]), dx);
+                    acc[r][h] = _mm256_fmadd_ps(d, t, acc[r][h]);
+                    let u = _mm256_mul_ps(_mm256_cvtepi32_ps(mtot[r][h]), dx);
+                    acc[r][h] = _mm256_fnmadd_ps(dmin, u, acc[r][h]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1027,8 +1656,8 @@ mod tests {
             for j in 0..n {
                 let mut s = 0f64;
                 for i in 0..k {
-                    let xv =
-                        act.q[r * k + i] as f64 * act.scale[r * (k / GROUP) + i / GROUP] as f64;
+                    let xv = act.q[r * k + i] as f64
+                        * act.scale[r * act.sblocks + i / w.kind.block()] as f64;
                     s += xv * deq[j * k + i] as f64;
                 }
                 out[r * n + j] = (s + bias.map_or(0.0, |b| b[j] as f64)) as f32;
@@ -1068,24 +1697,25 @@ mod tests {
     }
 
     /// Every kernel against the portable one, bit for bit, and the portable one against the
-    /// definition: both formats; 1 to 7 activation rows (every register-tile height, and
+    /// definition: every format; 1 to 7 activation rows (every register-tile height, and
     /// rows left over after whole tiles); outputs that do not fill a record's 16 rows, odd
-    /// numbers of 16-row records; one to five groups along the input; with and without bias.
+    /// numbers of 16-row records; one to five blocks along the input; with and without bias.
     #[test]
     fn every_kernel_gives_the_same_bits_and_matches_the_definition() {
         let simd = simd_kernels();
         for kind in QuantKind::ALL {
-            for &(m, n, k) in &[
-                (1, 16, 32),
-                (1, 37, 96),
-                (2, 48, 64),
-                (3, 50, 64),
-                (4, 80, 160),
-                (5, 33, 128),
-                (6, 33, 128),
-                (7, 112, 96),
-                (9, 16, 32),
+            for &(m, n, blocks) in &[
+                (1, 16, 1),
+                (1, 37, 3),
+                (2, 48, 2),
+                (3, 50, 2),
+                (4, 80, 5),
+                (5, 33, 4),
+                (6, 33, 4),
+                (7, 112, 3),
+                (9, 16, 1),
             ] {
+                let k = blocks * kind.block();
                 let w = QWeight::quantize(kind, &weights(n, k, 1), n, k);
                 let x = weights(m, k, 2);
                 let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.2).collect();
@@ -1119,7 +1749,7 @@ mod tests {
         let mut kernels = simd_kernels();
         kernels.push(Kernel::Portable);
         for kind in QuantKind::ALL {
-            let k = 96;
+            let k = 3 * kind.block();
             let ns = [1536 / 8, 37, 16 * 9];
             let ws: Vec<QWeight> = ns
                 .iter()
@@ -1151,15 +1781,17 @@ mod tests {
 
     /// The integer extremes, where a kernel's 16-bit intermediate steps would saturate if
     /// they could: every stored byte value (8-bit weights 0..=255, including 0, which the
-    /// quantizer never writes but a checkpoint's bytes may hold, and all-ones nibbles)
-    /// against activations at ±127 of one sign over whole groups. Scales are kept from a real
+    /// quantizer never writes but a checkpoint's bytes may hold, and all-ones nibbles; for
+    /// q4_k the 6-bit sub-block scales and minima too, up to 63 each) against activations
+    /// at ±127 of one sign over whole groups. The f16 scales are kept from a real
     /// quantization, so the sums stay finite.
     #[test]
     fn every_kernel_gives_the_same_bits_at_the_integer_extremes() {
         let simd = simd_kernels();
-        let (n, k) = (48, 128);
+        let n = 48;
         let m = 5;
         for kind in QuantKind::ALL {
+            let k = 4 * kind.block();
             let dense = QWeight::quantize(kind, &weights(n, k, 5), n, k);
             let rb = kind.record_bytes();
             let fills: [&dyn Fn(usize) -> u8; 4] =
@@ -1172,8 +1804,13 @@ mod tests {
                 }];
             for (f, fill) in fills.iter().enumerate() {
                 let mut bytes = dense.bytes().to_vec();
+                // q4_k: the sub-block scales and minima too.
+                let from = match kind {
+                    QuantKind::Q4K => K_LOW_AT,
+                    _ => kind.quants_at(),
+                };
                 for rec in bytes.chunks_exact_mut(rb) {
-                    for (i, b) in rec[kind.quants_at()..].iter_mut().enumerate() {
+                    for (i, b) in rec[from..].iter_mut().enumerate() {
                         *b = fill(i);
                     }
                 }
@@ -1189,7 +1826,7 @@ mod tests {
                     } else {
                         -3.0
                     };
-                    x[3 * k + i] = (i as f32 - 60.0) * 0.25;
+                    x[3 * k + i] = (i as f32 - k as f32 / 2.0) * 0.25;
                 }
                 x[4 * k + 7] = -2.0;
                 let portable = product_bits(&w, &x, m, None, Kernel::Portable);
@@ -1294,9 +1931,12 @@ mod tests {
         assert_eq!(&q[..7], &[127, 0, 2, 2, 0, -2, -2]);
     }
 
+    /// Every value within half a step of its group's range (q8_0, q4_1), or within one step
+    /// (q4_k: its scales are least-squares fits, which may clip the extremes, then rounded to
+    /// 6 bits against the super-block's largest).
     #[test]
     fn quantization_error_is_within_half_a_step() {
-        let (n, k) = (20, 64);
+        let (n, k) = (20, 512);
         let w = weights(n, k, 3);
         for kind in QuantKind::ALL {
             let q = QWeight::quantize(kind, &w, n, k);
@@ -1312,6 +1952,7 @@ mod tests {
                     let step = match kind {
                         QuantKind::Q8_0 => amax / 127.0,
                         QuantKind::Q4_1 => (hi - lo) / 15.0,
+                        QuantKind::Q4K => 2.0 * (hi - lo.min(0.0)) / 15.0,
                     };
                     for i in 0..GROUP {
                         let e = (deq[j * k + b * GROUP + i] - g[i]).abs();
@@ -1338,7 +1979,11 @@ mod tests {
         let w = &t["weight"];
         let (n, k) = w.dims2().unwrap();
         let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-        for kind in QuantKind::ALL {
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_1] {
+            let blocks: Vec<u8> = t[&format!("{}.blocks", kind.name())].to_vec1().unwrap();
+            let ours = QWeight::quantize(kind, &w, n, k);
+            let theirs = QWeight::from_ggml(kind, n, k, &blocks).unwrap();
+            assert!(ours.bytes() == theirs.bytes(), "{kind:?}: bytes differ from ggml's");
             let want: Vec<f32> = t[&format!("{}.dequantized", kind.name())]
                 .flatten_all()
                 .unwrap()
@@ -1357,11 +2002,67 @@ mod tests {
         }
     }
 
+    /// ggml's own C quantizer for Q4_K (tools/make_kquant_fixture.py; no numpy one exists)
+    /// on a weight with the edge cases: our quantizer writes the same scales, minima and
+    /// nibbles (ggml's blocks rearranged into records give our bytes exactly), and our
+    /// dequantization gives gguf-py's, bit for bit. Blocks of the wrong length are refused.
+    #[test]
+    fn q4_k_quantizes_exactly_as_ggml() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/quant/ggml-kquants.safetensors"
+        );
+        let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+        let (n, k) = t["weight"].dims2().unwrap();
+        let w: Vec<f32> = t["weight"].flatten_all().unwrap().to_vec1().unwrap();
+        let blocks: Vec<u8> = t["q4_k.blocks"].to_vec1().unwrap();
+        let ours = QWeight::quantize(QuantKind::Q4K, &w, n, k);
+        let theirs = QWeight::from_ggml(QuantKind::Q4K, n, k, &blocks).unwrap();
+        for j in 0..n {
+            let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+            ours.dequantize_row(j, &mut a);
+            theirs.dequantize_row(j, &mut b);
+            let first = (0..k).find(|&i| a[i].to_bits() != b[i].to_bits());
+            assert!(first.is_none(), "row {j}: first difference at {first:?}");
+        }
+        assert!(ours.bytes() == theirs.bytes(), "bytes differ from ggml's");
+        let want: Vec<f32> = t["q4_k.dequantized"].flatten_all().unwrap().to_vec1().unwrap();
+        for (i, (g, e)) in ours.dequantize().iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), e.to_bits(), "[{}, {}]: {g} vs {e}", i / k, i % k);
+        }
+        assert!(QWeight::from_ggml(QuantKind::Q4K, n, k, &blocks[1..]).is_none());
+        assert!(QWeight::from_ggml(QuantKind::Q4K, n, k - 32, &blocks).is_none());
+    }
+
+    /// Which format a layer takes: q4_k where its inputs are whole super-blocks, q4_1 where
+    /// they are whole groups of 32, dense otherwise; the other formats their own or dense.
+    #[test]
+    fn each_width_takes_the_format_that_fits() {
+        use QuantKind::*;
+        for (kind, k, want) in [
+            (Q4K, 1536, Some(Q4K)),
+            (Q4K, 8960, Some(Q4K)),
+            (Q4K, 96, Some(Q4_1)),
+            (Q4K, 1184, Some(Q4_1)),
+            (Q4K, 1176, None),
+            (Q4_1, 256, Some(Q4_1)),
+            (Q8_0, 96, Some(Q8_0)),
+            (Q8_0, 1176, None),
+            (Q4K, 0, None),
+        ] {
+            assert_eq!(kind.for_width(k), want, "{kind:?} {k}");
+        }
+        assert_eq!(Q4K.bits_per_weight(), 4.5);
+        assert_eq!(Q4_1.bits_per_weight(), 5.0);
+        assert_eq!(Q8_0.bits_per_weight(), 8.5);
+    }
+
     #[test]
     fn stored_bytes_round_trip() {
-        let (n, k) = (18, 64);
-        let w = weights(n, k, 4);
+        let n = 18;
         for kind in QuantKind::ALL {
+            let k = 2 * kind.block();
+            let w = weights(n, k, 4);
             let q = QWeight::quantize(kind, &w, n, k);
             assert_eq!(q.bytes().len(), QWeight::stored_len(kind, n, k));
             let back = QWeight::from_bytes(kind, n, k, q.bytes().to_vec()).unwrap();

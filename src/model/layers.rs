@@ -138,16 +138,16 @@ impl Linear {
     }
 
     /// Quantizes the weight for inference and frees the dense copy; returns whether it was
-    /// (a weight whose input width is not a whole number of groups stays as it is, see
-    /// [`crate::kernels::quant::quantizable`]). Merge adapters first.
+    /// (in the format [`QuantKind::for_width`] gives its input width; without one it stays
+    /// as it is). Merge adapters first.
     pub fn quantize(&mut self, kind: QuantKind) -> Result<bool> {
         if self.quant.is_some() {
             candle_core::bail!("linear {}: already quantized", self.name);
         }
         let (n, k) = self.weight.dims2()?;
-        if !crate::kernels::quant::quantizable(k) || !self.weight.device().is_cpu() {
+        let Some(kind) = kind.for_width(k).filter(|_| self.weight.device().is_cpu()) else {
             return Ok(false);
-        }
+        };
         let w = self
             .weight
             .to_dtype(DType::F32)?

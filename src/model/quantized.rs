@@ -60,7 +60,8 @@ impl Qwen2Vl {
     /// refused (the error would compound).
     pub fn quantize(&mut self, kind: QuantKind) -> Result<Quantized> {
         if let Some(have) = self.quantization() {
-            if have == kind {
+            // q4_k on a model whose widths all fall back to q4_1 is that q4_1 model.
+            if have == kind || kind.for_width(self.config.text.hidden_size) == Some(have) {
                 return Ok(Quantized::default());
             }
             bail!(
@@ -164,16 +165,16 @@ impl Qwen2Vl {
 /// Bytes the weights of a model of `config` take once [`Qwen2Vl::quantize`]d to `kind`,
 /// with the weights it leaves dense stored in `dtype`: what the memory plan counts for a
 /// quantized model (GRPO's `reference_quantize`). The same rules as `quantize`, from the
-/// model's shape alone: every linear layer it visits whose input width
-/// [`quantizable`](crate::kernels::quant::quantizable) accepts takes
-/// [`QWeight::stored_len`] bytes, the LM head in [`HEAD`]'s format, and with tied embeddings
+/// model's shape alone: every linear layer it visits takes [`QWeight::stored_len`] bytes
+/// in the format [`QuantKind::for_width`] gives its input width (dense without one), the
+/// LM head in [`HEAD`]'s format, and with tied embeddings
 /// the dense table is gone (the lookups read the head); norms, biases, the patch embedding
 /// and an untied embedding table stay in `dtype`.
 pub fn quantized_size(config: &Qwen2VlConfig, kind: QuantKind, dtype: DType) -> Result<u64> {
     let mut dense = super::num_parameters(config)? as u64;
     let mut packed = 0u64;
     let mut quantize = |kind: QuantKind, n: usize, k: usize| {
-        if crate::kernels::quant::quantizable(k) {
+        if let Some(kind) = kind.for_width(k) {
             dense -= (n * k) as u64;
             packed += QWeight::stored_len(kind, n, k) as u64;
         }

@@ -267,7 +267,7 @@ impl SimpleBackend for ShapeChecker {
             let (n, k) = s.dims2()?;
             let have = self.tensors.get(name).map_or(0, |(_, sh)| sh[0]);
             let want = crate::kernels::quant::QWeight::stored_len(kind, n, k);
-            if !crate::kernels::quant::quantizable(k) || have != want {
+            if !kind.fits(k) || have != want {
                 candle_core::bail!(
                     "{name}: {have} bytes of {} weights, where a ({n}, {k}) weight takes {want}",
                     kind.name()
