@@ -21,6 +21,8 @@ What it writes:
                       GQA ratio, rope_theta, weight dtype f32 vs bf16, chat template location)
   tiny-c/             (--v5) Qwen2-VL saved by transformers 5: text_config, rope_parameters with
                       a non-default rope theta, dtype, layer_types; untied
+  tiny-k/             (--v5) Qwen2-VL with a 256-wide decoder (bf16, tied, head width 128):
+                      wide enough for q4_k's 256-value super-blocks
   tiny-25a/, tiny-25b/
                       (--v5) Qwen2.5-VL, released layout (flat config, model.layers.* / visual.*
                       names, tied, f32) and transformers-5 layout (untied, bf16); window
@@ -309,6 +311,29 @@ MODELS = {
 
 # Written with transformers 5.x (`--v5`): its own config / weight layouts, and Qwen2.5-VL.
 V5_MODELS = {
+    # A decoder as wide as a q4_k super-block (256 inputs; every other fixture is narrower,
+    # so its layers would take q4_1): the quantized formats' error where q4_k applies.
+    # Head width 128 and Qwen2-VL-2B's mrope split, bf16 weights (half the bytes), tied
+    # embeddings; the vision tower stays tiny.
+    "tiny-k": dict(
+        arch="qwen2_vl",
+        layout="v5",
+        text=dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            mrope_section=[16, 24, 24],
+            tie_word_embeddings=True,
+        ),
+        vision=dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2),
+        dtype=torch.bfloat16,
+        template_in="chat_template_json",
+        seed=44,
+    ),
     # Qwen2-VL as transformers 5 saves it: text settings under text_config, rotary settings in
     # text_config.rope_parameters, `dtype`, `layer_types`; a rope theta far from the 1e6
     # default so a silently defaulted value shows; untied lm_head.

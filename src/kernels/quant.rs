@@ -577,10 +577,7 @@ fn q8_index(lane: usize, i: usize) -> usize {
 /// shift give two vectors of `vpdpbusd` operands). Returns (byte, shift).
 fn q4_index(at: usize, lane: usize, i: usize) -> (usize, u32) {
     let (step, r) = (i / 8, i % 8);
-    (
-        at + step * 64 + lane * 4 + r % 4,
-        if r < 4 { 0 } else { 4 },
-    )
+    (at + step * 64 + lane * 4 + r % 4, if r < 4 { 0 } else { 4 })
 }
 
 fn put_q8_0(rec: &mut [u8], lane: usize, d: half::f16, q: &[i8; GROUP]) {
@@ -620,7 +617,12 @@ fn put_q4_k(
     for s in 0..8 {
         rec[K_LOW_AT + LANES * s + lane] = (sc[s] & 15) | (m[s] & 15) << 4;
         high |= ((sc[s] >> 4) as u32 & 3) << (2 * s) | ((m[s] >> 4) as u32 & 3) << (16 + 2 * s);
-        put_nibbles(rec, K_QUANTS_AT + 256 * s, lane, &q[s * GROUP..(s + 1) * GROUP]);
+        put_nibbles(
+            rec,
+            K_QUANTS_AT + 256 * s,
+            lane,
+            &q[s * GROUP..(s + 1) * GROUP],
+        );
     }
     rec[K_HIGH_AT + 4 * lane..K_HIGH_AT + 4 * lane + 4].copy_from_slice(&high.to_le_bytes());
 }
@@ -666,9 +668,7 @@ fn nearest_int(x: f32) -> i32 {
 /// quantized to 6 bits against the super-block's largest, then the values again against
 /// the 6-bit ones. Returns (d, dmin, scales, minima, 256 nibbles).
 #[allow(clippy::type_complexity)]
-fn quantize_q4_k(
-    x: &[f32; SUPER],
-) -> (half::f16, half::f16, [u8; 8], [u8; 8], [u8; SUPER]) {
+fn quantize_q4_k(x: &[f32; SUPER]) -> (half::f16, half::f16, [u8; 8], [u8; 8], [u8; SUPER]) {
     let mut l = [0u8; SUPER];
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
@@ -687,7 +687,11 @@ fn quantize_q4_k(
             max_min = mins[j];
         }
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     // `uint8_t ls = nearest_int(..)`: the C truncates to 8 bits, then caps at 63.
     let sc: [u8; 8] = std::array::from_fn(|j| (nearest_int(inv_scale * scales[j]) as u8).min(63));
@@ -1023,8 +1027,7 @@ fn portable_group_k(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{
-        Activations, QWeight, QuantKind, GROUP, K_HIGH_AT, K_LOW_AT, K_QUANTS_AT, LANES, MR,
-        SUPER,
+        Activations, QWeight, QuantKind, GROUP, K_HIGH_AT, K_LOW_AT, K_QUANTS_AT, LANES, MR, SUPER,
     };
     use std::arch::x86_64::*;
 
@@ -1302,8 +1305,7 @@ mod avx2 {
     //! The float steps per group and lane are then the other kernels', in the same order
     //! and with the same fused multiply-adds.
     use super::{
-        Activations, QWeight, QuantKind, GROUP, K_HIGH_AT, K_LOW_AT, K_QUANTS_AT, LANES, MR,
-        SUPER,
+        Activations, QWeight, QuantKind, GROUP, K_HIGH_AT, K_LOW_AT, K_QUANTS_AT, LANES, MR, SUPER,
     };
     use std::arch::x86_64::*;
 
@@ -1545,9 +1547,8 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..blocks {
             let rec = base.add(b * rb);
-            let mut high = [0, 1].map(|h| {
-                _mm256_loadu_si256(rec.add(K_HIGH_AT + 32 * h) as *const __m256i)
-            });
+            let mut high =
+                [0, 1].map(|h| _mm256_loadu_si256(rec.add(K_HIGH_AT + 32 * h) as *const __m256i));
             let mut tot = [[_mm256_setzero_si256(); 2]; R];
             let mut mtot = [[_mm256_setzero_si256(); 2]; R];
             for s in 0..8 {
@@ -1983,7 +1984,10 @@ mod tests {
             let blocks: Vec<u8> = t[&format!("{}.blocks", kind.name())].to_vec1().unwrap();
             let ours = QWeight::quantize(kind, &w, n, k);
             let theirs = QWeight::from_ggml(kind, n, k, &blocks).unwrap();
-            assert!(ours.bytes() == theirs.bytes(), "{kind:?}: bytes differ from ggml's");
+            assert!(
+                ours.bytes() == theirs.bytes(),
+                "{kind:?}: bytes differ from ggml's"
+            );
             let want: Vec<f32> = t[&format!("{}.dequantized", kind.name())]
                 .flatten_all()
                 .unwrap()
@@ -2026,9 +2030,19 @@ mod tests {
             assert!(first.is_none(), "row {j}: first difference at {first:?}");
         }
         assert!(ours.bytes() == theirs.bytes(), "bytes differ from ggml's");
-        let want: Vec<f32> = t["q4_k.dequantized"].flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = t["q4_k.dequantized"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (i, (g, e)) in ours.dequantize().iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), e.to_bits(), "[{}, {}]: {g} vs {e}", i / k, i % k);
+            assert_eq!(
+                g.to_bits(),
+                e.to_bits(),
+                "[{}, {}]: {g} vs {e}",
+                i / k,
+                i % k
+            );
         }
         assert!(QWeight::from_ggml(QuantKind::Q4K, n, k, &blocks[1..]).is_none());
         assert!(QWeight::from_ggml(QuantKind::Q4K, n, k - 32, &blocks).is_none());

@@ -131,6 +131,13 @@ fn tiny_c_transformers5_layout_matches_transformers() {
     check_model("tiny-c");
 }
 
+/// A 256-wide decoder with heads of 128 and Qwen2-VL-2B's mrope split (16, 24, 24), bf16
+/// weights, tied: the fixture the q4_k quality check runs on.
+#[test]
+fn tiny_k_wide_heads_match_transformers() {
+    check_model("tiny-k");
+}
+
 /// Qwen2.5-VL in the released layout (flat config, `model.layers.*` / `visual.*` names,
 /// tied), window attention over several windows per image, block 1 full.
 #[test]
