@@ -45,10 +45,19 @@ pub enum QuantKind {
     /// llama.cpp's Q4_K_M): 4.5 bits per weight. Needs input widths in whole super-blocks;
     /// a narrower layer takes q4_1 ([`QuantKind::for_width`]).
     Q4K,
+    /// 6-bit weights in super-blocks of 256: an f16 scale per super-block and an 8-bit
+    /// signed scale per 16 (ggml's Q6_K, the LM head of llama.cpp's Q4_K_M and q4_k's
+    /// here): 6.5625 bits per weight. A narrower layer takes q8_0.
+    Q6K,
 }
 
 impl QuantKind {
-    pub const ALL: [QuantKind; 3] = [QuantKind::Q8_0, QuantKind::Q4_1, QuantKind::Q4K];
+    pub const ALL: [QuantKind; 4] = [
+        QuantKind::Q8_0,
+        QuantKind::Q4_1,
+        QuantKind::Q4K,
+        QuantKind::Q6K,
+    ];
 
     /// The name used on the command line and in saved checkpoints.
     pub fn name(self) -> &'static str {
@@ -56,6 +65,7 @@ impl QuantKind {
             QuantKind::Q8_0 => "q8_0",
             QuantKind::Q4_1 => "q4_1",
             QuantKind::Q4K => "q4_k",
+            QuantKind::Q6K => "q6_k",
         }
     }
 
@@ -67,7 +77,7 @@ impl QuantKind {
     pub fn block(self) -> usize {
         match self {
             QuantKind::Q8_0 | QuantKind::Q4_1 => GROUP,
-            QuantKind::Q4K => SUPER,
+            QuantKind::Q4K | QuantKind::Q6K => SUPER,
         }
     }
 
@@ -77,18 +87,18 @@ impl QuantKind {
     }
 
     /// The format a layer of `k` inputs takes when a model is quantized to `self`: `self`
-    /// where it fits; for q4_k a layer narrower than whole super-blocks takes q4_1 (as
-    /// llama.cpp's k-quant mixes fall back for such tensors); `None` (stays dense) where
-    /// no format fits (every Qwen2/2.5/3-VL linear layer fits q8_0 and q4_1 but the
-    /// vision patch embedding, whose 1,176 inputs stay dense).
+    /// where it fits; where a k-quant's super-blocks do not, the 32-value format of about
+    /// its size (q4_k: q4_1; q6_k: q8_0), as llama.cpp's k-quant mixes fall back for such
+    /// tensors; `None` (stays dense) where no format fits (every Qwen2/2.5/3-VL linear
+    /// layer fits q8_0 and q4_1 but the vision patch embedding, whose 1,176 inputs stay
+    /// dense).
     pub fn for_width(self, k: usize) -> Option<QuantKind> {
-        if self.fits(k) {
-            Some(self)
-        } else if self == QuantKind::Q4K && QuantKind::Q4_1.fits(k) {
-            Some(QuantKind::Q4_1)
-        } else {
-            None
-        }
+        let fallback = match self {
+            QuantKind::Q4K => QuantKind::Q4_1,
+            QuantKind::Q6K => QuantKind::Q8_0,
+            _ => self,
+        };
+        [self, fallback].into_iter().find(|q| q.fits(k))
     }
 
     /// Bytes of one record: 16 rows x [`Self::block`] weights.
@@ -101,6 +111,9 @@ impl QuantKind {
             // 16 f16 scales, 16 f16 minima, the 6-bit sub-block scales and minima (low 4
             // bits: 8 x 16 bytes; high 2 bits: 16 u32), then 2,048 bytes of nibbles.
             QuantKind::Q4K => 4 * LANES + 8 * LANES + 4 * LANES + LANES * SUPER / 2,
+            // 16 f16 scales, 16 x 16 i8 sub-block scales, 2,048 bytes of low nibbles, then
+            // 1,024 of the top 2 bits.
+            QuantKind::Q6K => 2 * LANES + 16 * LANES + LANES * SUPER / 2 + LANES * SUPER / 4,
         }
     }
 
@@ -115,6 +128,7 @@ impl QuantKind {
             QuantKind::Q8_0 => 2 * LANES,
             QuantKind::Q4_1 => 4 * LANES,
             QuantKind::Q4K => K_QUANTS_AT,
+            QuantKind::Q6K => S_LOW_AT,
         }
     }
 }
@@ -128,6 +142,16 @@ impl QuantKind {
 const K_LOW_AT: usize = 4 * LANES;
 const K_HIGH_AT: usize = K_LOW_AT + 8 * LANES;
 const K_QUANTS_AT: usize = K_HIGH_AT + 4 * LANES;
+
+/// q6_k record layout (16 lanes, one super-block of 256 inputs each): f16 scales at 0,
+/// then per sub-block `j` of 16 values the 16 lanes' i8 scales at [`S_SCALES_AT`]` + 16 j`,
+/// its low nibbles at [`S_LOW_AT`]` + 128 j` (two 64-byte steps laid out as a q4_1
+/// record's), and its top 2 bits at [`S_HIGH_AT`]` + 64 j`: lane `l`'s u32 at `4 l`,
+/// whose byte `b` holds in bits `2g..2g+2` those of value `4g + b` (so the shift that
+/// picks group `g` of 4 values lines them up with group `g`'s nibbles).
+const S_SCALES_AT: usize = 2 * LANES;
+const S_LOW_AT: usize = S_SCALES_AT + 16 * LANES;
+const S_HIGH_AT: usize = S_LOW_AT + LANES * SUPER / 2;
 
 /// An (n x k) weight, quantized: `ceil(n / 16)` row groups, each `k / kind.block()`
 /// records long.
@@ -174,6 +198,10 @@ impl QWeight {
                                 let (d, dmin, sc, m, q) = quantize_q4_k(x.try_into().unwrap());
                                 put_q4_k(rec, lane, d, dmin, &sc, &m, &q);
                             }
+                            QuantKind::Q6K => {
+                                let (d, sc, q) = quantize_q6_k(x.try_into().unwrap());
+                                put_q6_k(rec, lane, d, &sc, &q);
+                            }
                         }
                     }
                 }
@@ -192,6 +220,7 @@ impl QWeight {
             QuantKind::Q8_0 => 2 + GROUP,
             QuantKind::Q4_1 => 4 + GROUP / 2,
             QuantKind::Q4K => 4 + 12 + SUPER / 2,
+            QuantKind::Q6K => SUPER / 2 + SUPER / 4 + 16 + 2,
         };
         if !kind.fits(k) || blocks.len() != n * (k / bs) * gb {
             return None;
@@ -230,6 +259,19 @@ impl QWeight {
                             (src[16 + 32 * c + r % 32] >> if r < 32 { 0 } else { 4 }) & 15
                         });
                         put_q4_k(rec, lane, f16_at(src, 0), f16_at(src, 2), &sc, &m, &q);
+                    }
+                    QuantKind::Q6K => {
+                        // ql[128], qh[64], scales[16], d. Per 128 values: ql byte l holds
+                        // values l (low nibble) and l + 64 (high), byte l + 32 values l + 32
+                        // and l + 96; qh byte l their top 2 bits, 2 bits each in that order.
+                        let q: [u8; SUPER] = std::array::from_fn(|i| {
+                            let (h, c, l) = (i / 128, i % 128 / 32, i % 32);
+                            let low = src[64 * h + l + 32 * (c % 2)] >> (4 * (c / 2)) & 15;
+                            let high = src[128 + 32 * h + l] >> (2 * c) & 3;
+                            low | high << 4
+                        });
+                        let sc: [i8; 16] = std::array::from_fn(|j| src[192 + j] as i8);
+                        put_q6_k(rec, lane, f16_at(src, 208), &sc, &q);
                     }
                 }
             }
@@ -291,6 +333,14 @@ impl QWeight {
                     for (i, v) in dst.iter_mut().enumerate() {
                         let (at, shift) = q4_index(QuantKind::Q4_1.quants_at(), lane, i);
                         *v = d * ((rec[at] >> shift) & 15) as f32 + m;
+                    }
+                }
+                QuantKind::Q6K => {
+                    for (s, sub) in dst.chunks_exact_mut(16).enumerate() {
+                        let d1 = d * rec[S_SCALES_AT + LANES * s + lane] as i8 as f32;
+                        for (i, v) in sub.iter_mut().enumerate() {
+                            *v = d1 * (q6_value(rec, lane, s, i) as i32 - 32) as f32;
+                        }
                     }
                 }
                 QuantKind::Q4K => {
@@ -627,6 +677,31 @@ fn put_q4_k(
     rec[K_HIGH_AT + 4 * lane..K_HIGH_AT + 4 * lane + 4].copy_from_slice(&high.to_le_bytes());
 }
 
+/// One lane of a q6_k record (layout at [`S_SCALES_AT`]): the super-block's f16 scale, its
+/// 16 sub-blocks' i8 scales, 256 values 0..=63.
+fn put_q6_k(rec: &mut [u8], lane: usize, d: half::f16, sc: &[i8; 16], q: &[u8; SUPER]) {
+    put_f16(rec, lane, d);
+    for s in 0..16 {
+        rec[S_SCALES_AT + LANES * s + lane] = sc[s] as u8;
+        let vals = &q[16 * s..16 * (s + 1)];
+        let low: Vec<u8> = vals.iter().map(|v| v & 15).collect();
+        put_nibbles(rec, S_LOW_AT + 128 * s, lane, &low);
+        let mut high = [0u8; 4];
+        for (i, v) in vals.iter().enumerate() {
+            high[i % 4] |= (v >> 4 & 3) << (2 * (i / 4));
+        }
+        let at = S_HIGH_AT + 64 * s + 4 * lane;
+        rec[at..at + 4].copy_from_slice(&high);
+    }
+}
+
+/// Value `i` (0..16, 0..=63) of sub-block `s` of lane `lane` in a q6_k record.
+fn q6_value(rec: &[u8], lane: usize, s: usize, i: usize) -> u8 {
+    let (at, shift) = q4_index(S_LOW_AT + 128 * s, lane, i);
+    let high = rec[S_HIGH_AT + 64 * s + 4 * lane + i % 4] >> (2 * (i / 4)) & 3;
+    (rec[at] >> shift) & 15 | high << 4
+}
+
 /// Sub-block `s`'s 6-bit (scale, minimum) of lane `lane` in a q4_k record.
 fn k_scale_min(rec: &[u8], lane: usize, s: usize) -> (u8, u8) {
     let low = rec[K_LOW_AT + LANES * s + lane];
@@ -709,6 +784,90 @@ fn quantize_q4_k(x: &[f32; SUPER]) -> (half::f16, half::f16, [u8; 8], [u8; 8], [
         }
     }
     (d, dmin, sc, m, l)
+}
+
+/// ggml's `quantize_row_q6_K_ref` for one super-block, float step for float step: each
+/// sub-block of 16's scale by [`make_qx_quants`], the scales quantized to 8 bits against
+/// the largest in magnitude (keeping its sign: `d = max / -128`), then the values again
+/// against the 8-bit ones. Returns (d, scales, 256 values 0..=63).
+fn quantize_q6_k(x: &[f32; SUPER]) -> (half::f16, [i8; 16], [u8; SUPER]) {
+    // ggml's GROUP_MAX_EPS: a super-block whose scales are all below it is all zeros.
+    const EPS: f32 = 1e-15;
+    let mut l = [0u8; SUPER];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+    for j in 0..16 {
+        let xj: &[f32; 16] = x[16 * j..16 * (j + 1)].try_into().unwrap();
+        let lj: &mut [u8; 16] = (&mut l[16 * j..16 * (j + 1)]).try_into().unwrap();
+        scales[j] = make_qx_quants(xj, lj);
+        if scales[j].abs() > max_abs_scale {
+            max_abs_scale = scales[j].abs();
+            max_scale = scales[j];
+        }
+    }
+    if max_abs_scale < EPS {
+        return (half::f16::ZERO, [0; 16], [0; SUPER]);
+    }
+    let iscale = -128.0 / max_scale;
+    let d = half::f16::from_f32(1.0 / iscale);
+    let sc: [i8; 16] = std::array::from_fn(|j| nearest_int(iscale * scales[j]).min(127) as i8);
+    for j in 0..16 {
+        let dj = d.to_f32() * sc[j] as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        for i in 16 * j..16 * (j + 1) {
+            l[i] = (nearest_int(x[i] / dj).clamp(-32, 31) + 32) as u8;
+        }
+    }
+    (d, sc, l)
+}
+
+/// ggml's `make_qx_quants(16, 32, x, L, 1, NULL)`: the scale of one sub-block of 16 that
+/// maximises the x²-weighted fit over the plain `-32 / max` one and 18 nudged ones; `L`
+/// gets the values (0..=63, the quantized value plus 32).
+fn make_qx_quants(x: &[f32; 16], l: &mut [u8; 16]) -> f32 {
+    const NMAX: i32 = 32;
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        l.fill(0);
+        return 0.0;
+    }
+    let q = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-NMAX, NMAX - 1);
+    let fit = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0f32, 0f32);
+        for &v in x {
+            let (li, w) = (q(iscale, v) as f32, v * v);
+            sumlx += w * v * li;
+            suml2 += w * li * li;
+        }
+        (sumlx, suml2)
+    };
+    let iscale = -(NMAX as f32) / max;
+    for (li, &v) in l.iter_mut().zip(x) {
+        *li = (q(iscale, v) + NMAX) as u8;
+    }
+    let (sumlx, suml2) = fit(iscale);
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in (-9..=9).filter(|&is| is != 0) {
+        let iscale = -(NMAX as f32 + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = fit(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (li, &v) in l.iter_mut().zip(x) {
+                *li = (q(iscale, v) + NMAX) as u8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
 }
 
 /// ggml's `make_qkx2_quants(32, 15, x, weights, L, &min, Laux, -1, 0.1, 20, false)`: the
@@ -805,6 +964,9 @@ struct Activations {
     offset: Vec<f32>,
     /// m x `blocks`.
     sum: Vec<i32>,
+    /// `Σq_x` per 16 values, m x `k / 16` (q6_k only: its values are stored `+ 32`, so
+    /// each sub-block's sum takes `32 · Σq_x` back off).
+    sum16: Vec<i32>,
     /// Groups of 32 per row.
     blocks: usize,
     /// Scale blocks per row.
@@ -868,7 +1030,7 @@ impl Activations {
                     or[b] = match kind {
                         QuantKind::Q8_0 => -128.0 * sum as f32 * d,
                         QuantKind::Q4_1 => sum as f32 * d,
-                        QuantKind::Q4K => 0.0,
+                        QuantKind::Q4K | QuantKind::Q6K => 0.0,
                     };
                 }
             }
@@ -890,11 +1052,19 @@ impl Activations {
                 .enumerate()
                 .for_each(row);
         }
+        let sum16 = match kind {
+            QuantKind::Q6K => q
+                .chunks_exact(16)
+                .map(|c| c.iter().map(|&v| v as i32).sum())
+                .collect(),
+            _ => Vec::new(),
+        };
         Self {
             q,
             scale,
             offset,
             sum: sums,
+            sum16,
             blocks,
             sblocks,
         }
@@ -945,8 +1115,10 @@ fn portable_group(
     mr: usize,
     acc: &mut [[f32; LANES]; MR],
 ) {
-    if w.kind == QuantKind::Q4K {
-        return portable_group_k(w, act, g, r0, mr, acc);
+    match w.kind {
+        QuantKind::Q4K => return portable_group_k(w, act, g, r0, mr, acc),
+        QuantKind::Q6K => return portable_group_s(w, act, g, r0, mr, acc),
+        _ => {}
     }
     let rb = w.kind.record_bytes();
     let (k, blocks) = (w.k, act.blocks);
@@ -986,6 +1158,41 @@ fn nibble_dot(rec: &[u8], at: usize, lane: usize, xq: &[i8]) -> i32 {
             ((rec[at] >> shift) & 15) as i32 * xq[i] as i32
         })
         .sum()
+}
+
+/// [`portable_group`] for q6_k. Per super-block and lane one integer sum: `Σ_j sc_j ·
+/// (Σ(q·x)_j - 32 · Σx_j)` over the 16 sub-blocks (exact: at most 16 · 128 · 16 · 32 · 127
+/// < 2^31), converted to f32 once, times the activations' scale, then `acc + d · t` as one
+/// fused multiply-add.
+fn portable_group_s(
+    w: &QWeight,
+    act: &Activations,
+    g: usize,
+    r0: usize,
+    mr: usize,
+    acc: &mut [[f32; LANES]; MR],
+) {
+    let rb = w.kind.record_bytes();
+    let (k, blocks) = (w.k, act.sblocks);
+    for b in 0..blocks {
+        let rec = &w.data[(g * blocks + b) * rb..(g * blocks + b + 1) * rb];
+        for (r, lanes) in acc.iter_mut().enumerate().take(mr) {
+            let row = r0 + r;
+            let dx = act.scale[row * blocks + b];
+            for (lane, a) in lanes.iter_mut().enumerate() {
+                let mut tot = 0i32;
+                for s in 0..16 {
+                    let at = row * k + b * SUPER + 16 * s;
+                    let isum: i32 = (0..16)
+                        .map(|i| q6_value(rec, lane, s, i) as i32 * act.q[at + i] as i32)
+                        .sum();
+                    let xs = act.sum16[at / 16];
+                    tot += rec[S_SCALES_AT + LANES * s + lane] as i8 as i32 * (isum - 32 * xs);
+                }
+                *a = get_f16(rec, lane).mul_add(tot as f32 * dx, *a);
+            }
+        }
+    }
 }
 
 /// [`portable_group`] for q4_k. Per super-block and lane the sums stay integers: `Σ_j sc_j ·
@@ -1028,6 +1235,7 @@ fn portable_group_k(
 mod avx512 {
     use super::{
         Activations, QWeight, QuantKind, GROUP, K_HIGH_AT, K_LOW_AT, K_QUANTS_AT, LANES, MR, SUPER,
+        S_HIGH_AT, S_LOW_AT, S_SCALES_AT,
     };
     use std::arch::x86_64::*;
 
@@ -1058,6 +1266,83 @@ mod avx512 {
             (QuantKind::Q4K, 2) => run_k::<2>(w, act, g, r0, acc),
             (QuantKind::Q4K, 3) => run_k::<3>(w, act, g, r0, acc),
             (QuantKind::Q4K, _) => run_k::<4>(w, act, g, r0, acc),
+            (QuantKind::Q6K, 1) => run_s::<1>(w, act, g, r0, acc),
+            (QuantKind::Q6K, 2) => run_s::<2>(w, act, g, r0, acc),
+            (QuantKind::Q6K, 3) => run_s::<3>(w, act, g, r0, acc),
+            (QuantKind::Q6K, _) => run_s::<4>(w, act, g, r0, acc),
+        }
+    }
+
+    /// [`super::portable_group_s`] on AVX-512 VNNI: per sub-block of 16, two 64-byte steps
+    /// of low nibbles and one of top bits make the four groups of 4 values (0..=63, as
+    /// `vpdpbusd`'s unsigned operand); the sums, less `32 · Σx`, times the i8 scales in
+    /// integers; the float steps once per super-block.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    #[inline]
+    unsafe fn run_s<const R: usize>(
+        w: &QWeight,
+        act: &Activations,
+        g: usize,
+        r0: usize,
+        out: &mut [[f32; LANES]; MR],
+    ) {
+        let rb = QuantKind::Q6K.record_bytes();
+        let (k, blocks) = (w.k, act.sblocks);
+        let base = w.data.as_ptr().add(g * blocks * rb);
+        let xq = act.q.as_ptr().add(r0 * k);
+        let scale = act.scale.as_ptr().add(r0 * blocks);
+        let sum16 = act.sum16.as_ptr().add(r0 * k / 16);
+        let (nib, two) = (_mm512_set1_epi8(15), _mm512_set1_epi8(3));
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let rec = base.add(b * rb);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+            let mut tot = [_mm512_setzero_si512(); R];
+            for s in 0..16 {
+                // Two records ahead, 3.3 lines per sub-block.
+                let ahead = rec.wrapping_add(2 * rb + 210 * s);
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                }
+                let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    rec.add(S_SCALES_AT + LANES * s) as *const __m128i
+                ));
+                let low = rec.add(S_LOW_AT + 128 * s);
+                let v = [0, 1].map(|t| _mm512_loadu_si512(low.add(64 * t) as *const _));
+                let h = _mm512_loadu_si512(rec.add(S_HIGH_AT + 64 * s) as *const _);
+                let top = |shift: u32| {
+                    let t =
+                        _mm512_and_si512(_mm512_srl_epi16(h, _mm_cvtsi32_si128(shift as i32)), two);
+                    _mm512_slli_epi16::<4>(t)
+                };
+                let q = [
+                    _mm512_or_si512(_mm512_and_si512(v[0], nib), top(0)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v[0]), nib), top(2)),
+                    _mm512_or_si512(_mm512_and_si512(v[1], nib), top(4)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v[1]), nib), top(6)),
+                ];
+                for r in 0..R {
+                    let x = xq.add(r * k + b * SUPER + 16 * s);
+                    let xg = |gi: usize| {
+                        _mm512_set1_epi32((x.add(4 * gi) as *const i32).read_unaligned())
+                    };
+                    let a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], xg(0));
+                    let a = _mm512_dpbusd_epi32(a, q[1], xg(1));
+                    let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[2], xg(2));
+                    let c = _mm512_dpbusd_epi32(c, q[3], xg(3));
+                    let back = _mm512_set1_epi32(32 * *sum16.add((r * k + b * SUPER) / 16 + s));
+                    let is = _mm512_sub_epi32(_mm512_add_epi32(a, c), back);
+                    tot[r] = _mm512_add_epi32(tot[r], _mm512_mullo_epi32(is, sc));
+                }
+            }
+            for r in 0..R {
+                let dx = _mm512_set1_ps(*scale.add(r * blocks + b));
+                let t = _mm512_mul_ps(_mm512_cvtepi32_ps(tot[r]), dx);
+                acc[r] = _mm512_fmadd_ps(d, t, acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
         }
     }
 
@@ -1306,6 +1591,7 @@ mod avx2 {
     //! and with the same fused multiply-adds.
     use super::{
         Activations, QWeight, QuantKind, GROUP, K_HIGH_AT, K_LOW_AT, K_QUANTS_AT, LANES, MR, SUPER,
+        S_HIGH_AT, S_LOW_AT, S_SCALES_AT,
     };
     use std::arch::x86_64::*;
 
@@ -1336,6 +1622,94 @@ mod avx2 {
             (QuantKind::Q4K, 2) => run_k::<2>(w, act, g, r0, acc),
             (QuantKind::Q4K, 3) => run_k::<3>(w, act, g, r0, acc),
             (QuantKind::Q4K, _) => run_k::<4>(w, act, g, r0, acc),
+            (QuantKind::Q6K, 1) => run_s::<1>(w, act, g, r0, acc),
+            (QuantKind::Q6K, 2) => run_s::<2>(w, act, g, r0, acc),
+            (QuantKind::Q6K, 3) => run_s::<3>(w, act, g, r0, acc),
+            (QuantKind::Q6K, _) => run_s::<4>(w, act, g, r0, acc),
+        }
+    }
+
+    /// [`super::portable_group_s`] on AVX2, both 8-lane halves in one pass. A value is
+    /// 0..=63 here, so a `vpmaddubsw` pair reaches 2 · 63 · 127 = 16,002 and two groups'
+    /// pairs could saturate an i16: each group is widened to i32 at once.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn run_s<const R: usize>(
+        w: &QWeight,
+        act: &Activations,
+        g: usize,
+        r0: usize,
+        out: &mut [[f32; LANES]; MR],
+    ) {
+        let rb = QuantKind::Q6K.record_bytes();
+        let (k, blocks) = (w.k, act.sblocks);
+        let base = w.data.as_ptr().add(g * blocks * rb);
+        let xq = act.q.as_ptr().add(r0 * k);
+        let scale = act.scale.as_ptr().add(r0 * blocks);
+        let sum16 = act.sum16.as_ptr().add(r0 * k / 16);
+        let (nib, two) = (_mm256_set1_epi8(15), _mm256_set1_epi8(3));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let rec = base.add(b * rb);
+            let mut tot = [[_mm256_setzero_si256(); 2]; R];
+            for s in 0..16 {
+                let ahead = rec.wrapping_add(2 * rb + 210 * s);
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                }
+                let low = rec.add(S_LOW_AT + 128 * s);
+                for hh in 0..2 {
+                    let sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        rec.add(S_SCALES_AT + LANES * s + 8 * hh) as *const __m128i,
+                    ));
+                    let v = [0, 1]
+                        .map(|t| _mm256_loadu_si256(low.add(64 * t + 32 * hh) as *const __m256i));
+                    let h = _mm256_loadu_si256(rec.add(S_HIGH_AT + 64 * s + 32 * hh) as *const _);
+                    let top = |shift: i32| {
+                        let t =
+                            _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(shift)), two);
+                        _mm256_slli_epi16::<4>(t)
+                    };
+                    let q = [
+                        _mm256_or_si256(_mm256_and_si256(v[0], nib), top(0)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v[0]), nib),
+                            top(2),
+                        ),
+                        _mm256_or_si256(_mm256_and_si256(v[1], nib), top(4)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v[1]), nib),
+                            top(6),
+                        ),
+                    ];
+                    for (r, t) in tot.iter_mut().enumerate() {
+                        let x = xq.add(r * k + b * SUPER + 16 * s);
+                        let mut is = _mm256_setzero_si256();
+                        for (gi, qg) in q.iter().enumerate() {
+                            let xg =
+                                _mm256_set1_epi32((x.add(4 * gi) as *const i32).read_unaligned());
+                            let p = _mm256_maddubs_epi16(*qg, xg);
+                            is = _mm256_add_epi32(is, _mm256_madd_epi16(p, ones));
+                        }
+                        let back = _mm256_set1_epi32(32 * *sum16.add((r * k + b * SUPER) / 16 + s));
+                        let is = _mm256_sub_epi32(is, back);
+                        t[hh] = _mm256_add_epi32(t[hh], _mm256_mullo_epi32(is, sc));
+                    }
+                }
+            }
+            for hh in 0..2 {
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16 * hh) as *const __m128i));
+                for r in 0..R {
+                    let dx = _mm256_set1_ps(*scale.add(r * blocks + b));
+                    let t = _mm256_mul_ps(_mm256_cvtepi32_ps(tot[r][hh]), dx);
+                    acc[r][hh] = _mm256_fmadd_ps(d, t, acc[r][hh]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
         }
     }
 
@@ -1783,7 +2157,8 @@ mod tests {
     /// The integer extremes, where a kernel's 16-bit intermediate steps would saturate if
     /// they could: every stored byte value (8-bit weights 0..=255, including 0, which the
     /// quantizer never writes but a checkpoint's bytes may hold, and all-ones nibbles; for
-    /// q4_k the 6-bit sub-block scales and minima too, up to 63 each) against activations
+    /// q4_k the 6-bit sub-block scales and minima too, up to 63 each, for q6_k its i8
+    /// scales, -128 included) against activations
     /// at ±127 of one sign over whole groups. The f16 scales are kept from a real
     /// quantization, so the sums stay finite.
     #[test]
@@ -1808,6 +2183,7 @@ mod tests {
                 // q4_k: the sub-block scales and minima too.
                 let from = match kind {
                     QuantKind::Q4K => K_LOW_AT,
+                    QuantKind::Q6K => S_SCALES_AT,
                     _ => kind.quants_at(),
                 };
                 for rec in bytes.chunks_exact_mut(rb) {
@@ -1933,8 +2309,8 @@ mod tests {
     }
 
     /// Every value within half a step of its group's range (q8_0, q4_1), or within one step
-    /// (q4_k: its scales are least-squares fits, which may clip the extremes, then rounded to
-    /// 6 bits against the super-block's largest).
+    /// (q4_k, q6_k: their scales are least-squares fits, which may clip the extremes, then
+    /// rounded to 6 or 8 bits against the super-block's largest).
     #[test]
     fn quantization_error_is_within_half_a_step() {
         let (n, k) = (20, 512);
@@ -1954,6 +2330,7 @@ mod tests {
                         QuantKind::Q8_0 => amax / 127.0,
                         QuantKind::Q4_1 => (hi - lo) / 15.0,
                         QuantKind::Q4K => 2.0 * (hi - lo.min(0.0)) / 15.0,
+                        QuantKind::Q6K => amax / 16.0,
                     };
                     for i in 0..GROUP {
                         let e = (deq[j * k + b * GROUP + i] - g[i]).abs();
@@ -2006,12 +2383,13 @@ mod tests {
         }
     }
 
-    /// ggml's own C quantizer for Q4_K (tools/make_kquant_fixture.py; no numpy one exists)
-    /// on a weight with the edge cases: our quantizer writes the same scales, minima and
-    /// nibbles (ggml's blocks rearranged into records give our bytes exactly), and our
-    /// dequantization gives gguf-py's, bit for bit. Blocks of the wrong length are refused.
+    /// ggml's own C quantizers for Q4_K and Q6_K (tools/make_kquant_fixture.py; no numpy
+    /// ones exist) on a weight with the edge cases: our quantizers write the same scales,
+    /// minima and values (ggml's blocks rearranged into records give our bytes exactly),
+    /// and our dequantization gives gguf-py's, bit for bit. Blocks of the wrong length are
+    /// refused.
     #[test]
-    fn q4_k_quantizes_exactly_as_ggml() {
+    fn k_quants_quantize_exactly_as_ggml() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/quant/ggml-kquants.safetensors"
@@ -2019,33 +2397,36 @@ mod tests {
         let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
         let (n, k) = t["weight"].dims2().unwrap();
         let w: Vec<f32> = t["weight"].flatten_all().unwrap().to_vec1().unwrap();
-        let blocks: Vec<u8> = t["q4_k.blocks"].to_vec1().unwrap();
-        let ours = QWeight::quantize(QuantKind::Q4K, &w, n, k);
-        let theirs = QWeight::from_ggml(QuantKind::Q4K, n, k, &blocks).unwrap();
-        for j in 0..n {
-            let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
-            ours.dequantize_row(j, &mut a);
-            theirs.dequantize_row(j, &mut b);
-            let first = (0..k).find(|&i| a[i].to_bits() != b[i].to_bits());
-            assert!(first.is_none(), "row {j}: first difference at {first:?}");
-        }
-        assert!(ours.bytes() == theirs.bytes(), "bytes differ from ggml's");
-        let want: Vec<f32> = t["q4_k.dequantized"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for (i, (g, e)) in ours.dequantize().iter().zip(&want).enumerate() {
-            assert_eq!(
-                g.to_bits(),
-                e.to_bits(),
-                "[{}, {}]: {g} vs {e}",
-                i / k,
-                i % k
+        for kind in [QuantKind::Q4K, QuantKind::Q6K] {
+            let blocks: Vec<u8> = t[&format!("{}.blocks", kind.name())].to_vec1().unwrap();
+            let ours = QWeight::quantize(kind, &w, n, k);
+            let theirs = QWeight::from_ggml(kind, n, k, &blocks).unwrap();
+            for j in 0..n {
+                let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+                ours.dequantize_row(j, &mut a);
+                theirs.dequantize_row(j, &mut b);
+                let first = (0..k).find(|&i| a[i].to_bits() != b[i].to_bits());
+                assert!(
+                    first.is_none(),
+                    "{kind:?} row {j}: first difference at {first:?}"
+                );
+            }
+            assert!(
+                ours.bytes() == theirs.bytes(),
+                "{kind:?}: bytes differ from ggml's"
             );
+            let want: Vec<f32> = t[&format!("{}.dequantized", kind.name())]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, (g, e)) in ours.dequantize().iter().zip(&want).enumerate() {
+                let (r, c) = (i / k, i % k);
+                assert_eq!(g.to_bits(), e.to_bits(), "{kind:?} [{r}, {c}]: {g} vs {e}");
+            }
+            assert!(QWeight::from_ggml(kind, n, k, &blocks[1..]).is_none());
+            assert!(QWeight::from_ggml(kind, n, k - 32, &blocks).is_none());
         }
-        assert!(QWeight::from_ggml(QuantKind::Q4K, n, k, &blocks[1..]).is_none());
-        assert!(QWeight::from_ggml(QuantKind::Q4K, n, k - 32, &blocks).is_none());
     }
 
     /// Which format a layer takes: q4_k where its inputs are whole super-blocks, q4_1 where
@@ -2063,10 +2444,14 @@ mod tests {
             (Q8_0, 96, Some(Q8_0)),
             (Q8_0, 1176, None),
             (Q4K, 0, None),
+            (Q6K, 1536, Some(Q6K)),
+            (Q6K, 96, Some(Q8_0)),
+            (Q6K, 1176, None),
         ] {
             assert_eq!(kind.for_width(k), want, "{kind:?} {k}");
         }
         assert_eq!(Q4K.bits_per_weight(), 4.5);
+        assert_eq!(Q6K.bits_per_weight(), 6.5625);
         assert_eq!(Q4_1.bits_per_weight(), 5.0);
         assert_eq!(Q8_0.bits_per_weight(), 8.5);
     }
