@@ -12,7 +12,7 @@ use crate::kernels::quant::{QWeight, QuantKind};
 use crate::model::{quantized, CheckpointWeights, Qwen2Vl, Qwen2VlConfig};
 
 /// Writes `out` (which must not exist): the checkpoint `src` with its linear layers
-/// quantized to `kind` (and the head to [`quantized::HEAD`]), every other tensor as it is. Works
+/// quantized to `kind` (and the head to [`quantized::head_format`]'s), every other tensor as it is. Works
 /// tensor by tensor from the files, so memory holds one weight in f32 at a time plus the
 /// quantized model. Returns how many tensors were quantized.
 pub fn save(src: &Path, kind: QuantKind, out: &Path) -> Result<usize> {
@@ -41,7 +41,7 @@ pub fn save(src: &Path, kind: QuantKind, out: &Path) -> Result<usize> {
         })
         .collect();
     let head = quantized::head_tensor(&weights, &config)?;
-    if let Some(h) = quantized::HEAD.for_width(config.text.hidden_size) {
+    if let Some(h) = quantized::head_format(kind).for_width(config.text.hidden_size) {
         targets.insert(head, h);
     }
     let reader = weights.reader()?;

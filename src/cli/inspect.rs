@@ -20,6 +20,10 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
     let dtypes = weights.dtype_counts();
     let proc = Processor::from_dir(dir, &ProcessorOptions::default())?;
     let ipc = &proc.images.config;
+    // The head's stored format (the embedding table's when tied).
+    let head_format = crate::model::quantized::head_tensor(&weights, &config)
+        .ok()
+        .and_then(|name| weights.quantized().get(&name).copied());
     if a.json {
         let j = json!({
             "model_type": config.arch.model_type(),
@@ -29,7 +33,7 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
             "config_dtype": config.saved_dtype,
             "quantized": quantized.map(|q| json!({
                 "format": q.name(),
-                "head": crate::model::quantized::HEAD.name(),
+                "head": head_format.map(|h| h.name()),
                 "tensors": weights.quantized().len(),
                 // Which of the (same-numbered) kernels products run on, on this machine.
                 "kernel": crate::kernels::quant::kernel().name(),
@@ -97,7 +101,7 @@ pub(super) fn run_inspect(a: InspectArgs) -> Result<()> {
              (here on the {} kernel)",
             q.name(),
             weights.quantized().len(),
-            crate::model::quantized::HEAD.name(),
+            head_format.map_or("dense", |h| h.name()),
             crate::kernels::quant::kernel().name()
         );
     }

@@ -1105,6 +1105,10 @@ pub enum QuantArg {
     /// 4.5 bits per weight; layers narrower than 256 inputs take q4_1).
     #[value(name = "q4_k")]
     Q4K,
+    /// 6-bit weights in super-blocks of 256, an 8-bit scale per 16 (ggml's Q6_K: 6.5625
+    /// bits per weight; layers narrower than 256 inputs take q8_0).
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 impl From<QuantArg> for QuantKind {
@@ -1113,6 +1117,7 @@ impl From<QuantArg> for QuantKind {
             QuantArg::Q8_0 => QuantKind::Q8_0,
             QuantArg::Q4_1 => QuantKind::Q4_1,
             QuantArg::Q4K => QuantKind::Q4K,
+            QuantArg::Q6K => QuantKind::Q6K,
         }
     }
 }

@@ -3,10 +3,13 @@
 //!
 //! What is quantized: every linear layer of the decoder and the vision tower whose input
 //! width is a whole number of groups of 32 (all of them but the vision patch embedding), in
-//! the chosen format, and the LM head in 8 bits whatever the format: the head decides every
-//! token and is one matrix (llama.cpp's 4-bit mixes keep it at 6 bits or more for the same
-//! reason). With tied embeddings the lookups read the quantized head, as llama.cpp does.
-//! Norms, biases and the patch embedding stay as they are.
+//! the chosen format where its blocks fit the width ([`QuantKind::for_width`]: q4_k's and
+//! q6_k's are 256 wide), and the LM head at 6 bits or more whatever the format
+//! ([`head_format`]: q8_0, or q6_k beside the k-quants): the head decides every token and
+//! is one matrix (llama.cpp's 4-bit mixes keep it at 6 bits for the same reason; at 4 bits
+//! it tripled q8_0's divergence on the tiny-k fixture). With tied embeddings the lookups
+//! read the quantized head, as llama.cpp does. Norms, biases and the patch embedding stay
+//! as they are. Each tensor's format is in the manifest.
 //!
 //! A quantized checkpoint is the source directory's config and side files, one
 //! `model.safetensors` holding every tensor under its usual name (quantized ones as the
@@ -29,8 +32,14 @@ use crate::kernels::quant::{QWeight, QuantKind};
 /// The file that marks a quantized checkpoint and names its quantized tensors.
 pub const MANIFEST: &str = "medvlm-quantization.json";
 
-/// The LM head's format, whatever the linear layers' (see the module comment).
-pub const HEAD: QuantKind = QuantKind::Q8_0;
+/// The LM head's format for linear layers in `kind` (see the module comment): q6_k beside
+/// the k-quants (as llama.cpp's Q4_K_M keeps its output tensor), q8_0 beside the others.
+pub fn head_format(kind: QuantKind) -> QuantKind {
+    match kind {
+        QuantKind::Q4K | QuantKind::Q6K => QuantKind::Q6K,
+        QuantKind::Q8_0 | QuantKind::Q4_1 => QuantKind::Q8_0,
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Manifest {
@@ -82,7 +91,7 @@ impl Qwen2Vl {
                 done.kept.push(name);
             }
         }
-        if self.text.quantize_head(HEAD)? {
+        if self.text.quantize_head(head_format(kind))? {
             done.layers += 1;
         }
         Ok(done)
@@ -167,7 +176,7 @@ impl Qwen2Vl {
 /// quantized model (GRPO's `reference_quantize`). The same rules as `quantize`, from the
 /// model's shape alone: every linear layer it visits takes [`QWeight::stored_len`] bytes
 /// in the format [`QuantKind::for_width`] gives its input width (dense without one), the
-/// LM head in [`HEAD`]'s format, and with tied embeddings
+/// LM head in [`head_format`]'s, and with tied embeddings
 /// the dense table is gone (the lookups read the head); norms, biases, the patch embedding
 /// and an untied embedding table stay in `dtype`.
 pub fn quantized_size(config: &Qwen2VlConfig, kind: QuantKind, dtype: DType) -> Result<u64> {
@@ -184,7 +193,11 @@ pub fn quantized_size(config: &Qwen2VlConfig, kind: QuantKind, dtype: DType) -> 
     }
     // The head is the embedding table itself when tied (counted once among the
     // parameters), its own `lm_head.weight` otherwise.
-    quantize(HEAD, config.text.vocab_size, config.text.hidden_size);
+    quantize(
+        head_format(kind),
+        config.text.vocab_size,
+        config.text.hidden_size,
+    );
     Ok(dense * dtype.size_in_bytes() as u64 + packed)
 }
 

@@ -81,7 +81,7 @@ pub struct GrpoMethod {
     /// Completions per step written to completions.jsonl.
     pub log_completions: usize,
     /// Full fine-tuning with a KL term (beta > 0, no LoRA): keep the reference model
-    /// weight-quantized in this format (`q8_0`, `q4_1`, `q4_k`; `none` or unset: as the policy's
+    /// weight-quantized in this format (`q8_0`, `q4_1`, `q4_k`, `q6_k`; `none` or unset: as the policy's
     /// dtype), built as `--quantize` builds an inference model. CPU only. Not written when
     /// unset, so the settings of runs from before it existed read the same on resume.
     #[serde(with = "quant_setting", skip_serializing_if = "Option::is_none")]
@@ -941,7 +941,7 @@ mod tests {
         let e = err("", &[("reference_quantize", "q8")]);
         assert_eq!(
             e,
-            "--reference-quantize: unknown variant `q8`, expected `none`, `q8_0`, `q4_1` or `q4_k`"
+            "--reference-quantize: unknown variant `q8`, expected `none`, `q8_0`, `q4_1`, `q4_k` or `q6_k`"
         );
         let e = err("", &[("reference_quantize", "q8_0"), ("beta", "0")]);
         assert!(

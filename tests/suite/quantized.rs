@@ -72,7 +72,7 @@ fn logits(name: &str, dtype: DType, quant: Option<QuantKind>) -> (Tensor, Tensor
 /// bound a 4-bit model meets, and both keep the top token almost everywhere. q4_k runs on
 /// the one fixture whose decoder is a whole number of its 256-value super-blocks wide
 /// (tiny-k; on the others every layer would take q4_1): within q4_1's bound, and its
-/// layers are q4_k indeed.
+/// layers are q4_k indeed; q6_k there too, between the 8- and 4-bit bounds.
 #[test]
 fn quantized_models_stay_close_to_transformers_f32() {
     let kernel = medvlm::kernels::quant::kernel();
@@ -89,6 +89,7 @@ fn quantized_models_stay_close_to_transformers_f32() {
         let mut formats = vec![(QuantKind::Q8_0, 1e-2, 0.8), (QuantKind::Q4_1, 0.6, 0.2)];
         if name == "tiny-k" {
             formats.push((QuantKind::Q4K, 0.6, 0.2));
+            formats.push((QuantKind::Q6K, 0.1, 0.6));
         }
         for (q, kl_max, top_min) in formats {
             // The fixtures are stored in f32: quantized from those values, as on load.
@@ -276,7 +277,7 @@ fn a_saved_quantized_checkpoint_runs_as_quantizing_on_load_does() {
     assert_ne!(saved, dense, "quantizing changed nothing");
 
     // q4_k on the fixture wide enough for it: a checkpoint of three formats (q4_k decoder,
-    // q4_1 for the narrow vision layers, the q8_0 head), loaded as it was written; asking
+    // q4_1 for the narrow vision layers, the q6_k head), loaded as it was written; asking
     // for the format it already has changes nothing.
     let wide = fixtures().join("tiny-k");
     let out_k = tmp.path().join("tiny-k-q4_k");
@@ -291,7 +292,7 @@ fn a_saved_quantized_checkpoint_runs_as_quantizing_on_load_does() {
     ]);
     assert!(ok, "{stderr}");
     let manifest = std::fs::read_to_string(out_k.join("medvlm-quantization.json")).unwrap();
-    for f in ["\"q4_k\"", "\"q4_1\"", "\"q8_0\""] {
+    for f in ["\"q4_k\"", "\"q4_1\"", "\"q6_k\""] {
         assert!(manifest.contains(f), "no {f} tensor in {manifest}");
     }
     let saved = score(&out_k, &[]);
