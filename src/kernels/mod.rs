@@ -13,6 +13,7 @@ pub mod frozen;
 pub mod gemm;
 pub mod inplace;
 pub mod packed;
+pub mod pages;
 pub mod quant;
 pub mod skinny;
 pub mod softmax;

@@ -1,25 +1,34 @@
 //! Weight-only quantization for inference on the CPU: 8-bit (`q8_0`) and 4-bit (`q4_1`)
 //! weights in groups of 32 along the input axis, each group with its own scale (and, for
-//! 4-bit, its own minimum), and products that run on the CPU's integer dot products.
+//! 4-bit, its own minimum), ggml's k-quants `q4_k` (4.5 bits: super-blocks of 256 with an
+//! f16 scale and minimum, 6-bit scales and minima per 32) and `q6_k` (6.5625 bits: an f16
+//! scale per 256, an 8-bit one per 16), and products that run on the CPU's integer dot
+//! products.
 //!
 //! The numbers are ggml's: a group quantizes exactly as `quantize_row_q8_0_ref` /
-//! `quantize_row_q4_1_ref` in llama.cpp's ggml-quants.c (and gguf-py's numpy
-//! `Q8_0`/`Q4_1`, which tests/fixtures/quant checks bit for bit), scales and minima stored
-//! as f16. Only the arrangement differs: ggml stores each output row's groups one after the
-//! other and sums a row's dot product across SIMD lanes at the end; here 16 output rows are
-//! interleaved, so one 512-bit `vpdpbusd` multiplies 4 consecutive weights of 16 rows by the
-//! same 4 activations (broadcast), and the 16 lanes of the accumulator are 16 outputs: no
-//! horizontal sums, and the weights are read front to back once.
+//! `quantize_row_q4_1_ref` / `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref` in
+//! llama.cpp's ggml-quants.c (tests/fixtures/quant checks gguf-py's numpy Q8_0/Q4_1 and
+//! ggml's own C k-quant quantizers bit for bit), scales stored as ggml stores them, and
+//! ggml's blocks (a GGUF tensor) convert to ours and back without a value changing
+//! ([`QWeight::from_ggml`]). Only the arrangement differs: ggml stores each output row's
+//! blocks one after the other and sums a row's dot product across SIMD lanes at the end;
+//! here 16 output rows are interleaved, so one 512-bit `vpdpbusd` multiplies 4 consecutive
+//! weights of 16 rows by the same 4 activations (broadcast), and the 16 lanes of the
+//! accumulator are 16 outputs: no horizontal sums, and the weights are read front to back
+//! once.
 //!
-//! Activations are quantized per call to 8 bits in groups of 32 (as ggml does for its
-//! `q8_0` dot products), scale kept in f32. The integer sums are exact; the float steps
-//! (per group: scale the integer sum, add the offset term, accumulate) happen in one fixed
-//! order with fused multiply-adds, so the AVX-512 VNNI kernel, the AVX2 one (CPUs without
-//! AVX-512 VNNI: most Intel desktops and laptops, AMD Zen 2/3) and the portable one give the
-//! same bits. [`kernel`] is the one place that picks which runs.
+//! Activations are quantized per call to 8 bits, one f32 scale per 32 values for q8_0 and
+//! q4_1 (as ggml does for its `q8_0` dot products) and per 256 for the k-quants (ggml's
+//! `q8_K`), so a k-quant super-block's sub-block sums, times their small integer scales,
+//! stay integers until one conversion per super-block. The integer sums are exact; the
+//! float steps happen in one fixed order with fused multiply-adds, so the AVX-512 VNNI
+//! kernel, the AVX2 one (CPUs without AVX-512 VNNI: most Intel desktops and laptops, AMD
+//! Zen 2/3) and the portable one give the same bits. [`kernel`] is the one place that
+//! picks which runs.
 
 use rayon::prelude::*;
 
+use super::pages::PageBuf;
 use super::SendPtr;
 
 /// Weights per group along the input axis (one scale each; a q4_k sub-block).
@@ -160,7 +169,8 @@ pub struct QWeight {
     kind: QuantKind,
     n: usize,
     k: usize,
-    data: Vec<u8>,
+    /// On 2 MB pages where the OS allows: decoding streams it whole every token.
+    data: PageBuf,
 }
 
 impl std::fmt::Debug for QWeight {
@@ -177,7 +187,7 @@ impl QWeight {
         let bs = kind.block();
         let blocks = k / bs;
         let rb = kind.record_bytes();
-        let mut data = vec![0u8; n.div_ceil(LANES) * blocks * rb];
+        let mut data = PageBuf::zeroed(n.div_ceil(LANES) * blocks * rb);
         data.par_chunks_mut(blocks * rb)
             .enumerate()
             .for_each(|(g, group)| {
@@ -227,7 +237,7 @@ impl QWeight {
         }
         let rb = kind.record_bytes();
         let nb = k / bs;
-        let mut data = vec![0u8; n.div_ceil(LANES) * nb * rb];
+        let mut data = PageBuf::zeroed(n.div_ceil(LANES) * nb * rb);
         let f16_at = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]);
         for j in 0..n {
             let (g, lane) = (j / LANES, j % LANES);
@@ -279,14 +289,14 @@ impl QWeight {
         Some(Self { kind, n, k, data })
     }
 
-    /// Rebuilds a weight from its stored bytes (a saved checkpoint); `None` when their
-    /// length is not what (kind, n, k) takes.
-    pub fn from_bytes(kind: QuantKind, n: usize, k: usize, data: Vec<u8>) -> Option<Self> {
-        (kind.fits(k) && data.len() == Self::stored_len(kind, n, k)).then_some(Self {
+    /// Rebuilds a weight from its stored bytes (a saved checkpoint; copied onto 2 MB pages);
+    /// `None` when their length is not what (kind, n, k) takes.
+    pub fn from_bytes(kind: QuantKind, n: usize, k: usize, data: &[u8]) -> Option<Self> {
+        (kind.fits(k) && data.len() == Self::stored_len(kind, n, k)).then(|| Self {
             kind,
             n,
             k,
-            data,
+            data: PageBuf::from_slice(data),
         })
     }
 
@@ -811,13 +821,13 @@ fn quantize_q6_k(x: &[f32; SUPER]) -> (half::f16, [i8; 16], [u8; SUPER]) {
     let iscale = -128.0 / max_scale;
     let d = half::f16::from_f32(1.0 / iscale);
     let sc: [i8; 16] = std::array::from_fn(|j| nearest_int(iscale * scales[j]).min(127) as i8);
-    for j in 0..16 {
-        let dj = d.to_f32() * sc[j] as f32;
+    for ((xj, lj), &s) in x.chunks_exact(16).zip(l.chunks_exact_mut(16)).zip(&sc) {
+        let dj = d.to_f32() * s as f32;
         if dj == 0.0 {
             continue;
         }
-        for i in 16 * j..16 * (j + 1) {
-            l[i] = (nearest_int(x[i] / dj).clamp(-32, 31) + 32) as u8;
+        for (li, &v) in lj.iter_mut().zip(xj) {
+            *li = (nearest_int(v / dj).clamp(-32, 31) + 32) as u8;
         }
     }
     (d, sc, l)
@@ -1000,7 +1010,7 @@ impl Activations {
                 .unwrap()
         };
         let row = |(r, (((qr, sr), or), nr)): ActivationRow| {
-            for sb in 0..sblocks {
+            for (sb, d_out) in sr.iter_mut().enumerate().take(sblocks) {
                 // The block's largest magnitude: a maximum, exact in any order.
                 let amax = (sb * per..(sb + 1) * per).fold(0f32, |a, b| {
                     a.max(match kernel {
@@ -1014,7 +1024,7 @@ impl Activations {
                     })
                 });
                 let (d, id) = activation_scale(amax);
-                sr[sb] = d;
+                *d_out = d;
                 for b in sb * per..(sb + 1) * per {
                     let dst: &mut [i8; GROUP] =
                         (&mut qr[b * GROUP..(b + 1) * GROUP]).try_into().unwrap();
@@ -1321,7 +1331,7 @@ mod avx512 {
                     _mm512_or_si512(_mm512_and_si512(v[1], nib), top(4)),
                     _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v[1]), nib), top(6)),
                 ];
-                for r in 0..R {
+                for (r, t) in tot.iter_mut().enumerate() {
                     let x = xq.add(r * k + b * SUPER + 16 * s);
                     let xg = |gi: usize| {
                         _mm512_set1_epi32((x.add(4 * gi) as *const i32).read_unaligned())
@@ -1332,7 +1342,7 @@ mod avx512 {
                     let c = _mm512_dpbusd_epi32(c, q[3], xg(3));
                     let back = _mm512_set1_epi32(32 * *sum16.add((r * k + b * SUPER) / 16 + s));
                     let is = _mm512_sub_epi32(_mm512_add_epi32(a, c), back);
-                    tot[r] = _mm512_add_epi32(tot[r], _mm512_mullo_epi32(is, sc));
+                    *t = _mm512_add_epi32(*t, _mm512_mullo_epi32(is, sc));
                 }
             }
             for r in 0..R {
@@ -2191,7 +2201,7 @@ mod tests {
                         *b = fill(i);
                     }
                 }
-                let w = QWeight::from_bytes(kind, n, k, bytes).unwrap();
+                let w = QWeight::from_bytes(kind, n, k, &bytes).unwrap();
                 // Rows: all +1 (every activation 127), all -1 (-127), alternating groups,
                 // the ramp of `weights`, a lone maximum.
                 let mut x = vec![0f32; m * k];
@@ -2464,9 +2474,9 @@ mod tests {
             let w = weights(n, k, 4);
             let q = QWeight::quantize(kind, &w, n, k);
             assert_eq!(q.bytes().len(), QWeight::stored_len(kind, n, k));
-            let back = QWeight::from_bytes(kind, n, k, q.bytes().to_vec()).unwrap();
+            let back = QWeight::from_bytes(kind, n, k, q.bytes()).unwrap();
             assert_eq!(back.dequantize(), q.dequantize());
-            assert!(QWeight::from_bytes(kind, n, k, q.bytes()[1..].to_vec()).is_none());
+            assert!(QWeight::from_bytes(kind, n, k, &q.bytes()[1..]).is_none());
         }
     }
 }

@@ -141,7 +141,7 @@ impl Qwen2Vl {
                 .read(name)?
                 .to_vec1::<u8>()
                 .map_err(|_| anyhow!("{}: tensor {name} is not a 1-D u8 tensor", dir.display()))?;
-            let q = QWeight::from_bytes(kind, n, k, bytes).ok_or_else(|| {
+            let q = QWeight::from_bytes(kind, n, k, &bytes).ok_or_else(|| {
                 anyhow!(
                     "{}: tensor {name} has the wrong length for a ({n}, {k}) {} weight",
                     dir.display(),
