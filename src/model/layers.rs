@@ -233,8 +233,6 @@ impl Linear {
         } else {
             self.weight = w.t()?.contiguous()?.t()?;
         }
-        // Decoding streams the whole weight every token: on 2 MB pages (see kernels::pages).
-        collapse_pages(&self.weight);
         Ok(true)
     }
 
@@ -653,17 +651,4 @@ pub fn rotary_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tens
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)?
         .add(&rotate_half(x)?.broadcast_mul(sin)?)
-}
-
-/// Moves a CPU tensor's storage onto 2 MB pages ([`crate::kernels::pages::collapse`]),
-/// whatever its layout (a packed weight is a transposed view).
-pub(crate) fn collapse_pages(t: &Tensor) {
-    use crate::kernels::pages::collapse;
-    use candle_core::{CpuStorage, Storage};
-    let (storage, _) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::BF16(d)) => collapse(d),
-        Storage::Cpu(CpuStorage::F32(d)) => collapse(d),
-        _ => {}
-    }
 }

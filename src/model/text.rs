@@ -682,7 +682,6 @@ impl TextModel {
             return Ok(false);
         }
         self.embed_tokens = e.t()?.contiguous()?.t()?;
-        super::layers::collapse_pages(&self.embed_tokens);
         let packed = self.embed_tokens.clone();
         self.lm_head.map_weight(|_| Ok(packed))?;
         Ok(true)
