@@ -19,14 +19,14 @@ format `<format>.blocks` (u8, ggml's block bytes, row by row) and `<format>.dequ
 """
 
 import ctypes
-import json
 import os
-import struct
 import subprocess
 import tempfile
 
 import numpy as np
 from gguf import quants, GGMLQuantizationType
+
+from make_quant_fixture import save
 
 N, K = 20, 512
 
@@ -92,20 +92,7 @@ def main() -> None:
                 fn(row.ctypes.data_as(ctypes.c_void_p), blocks[r].ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(K))
             tensors[f"{name}.blocks"] = blocks.reshape(-1)
             tensors[f"{name}.dequantized"] = quants.dequantize(blocks, qt).astype(np.float32).reshape(N, K)
-    out = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "quant", "ggml-kquants.safetensors")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    header, data, off = {}, b"", 0
-    for k in sorted(tensors):
-        a = np.ascontiguousarray(tensors[k])
-        raw = a.tobytes()
-        header[k] = {"dtype": {np.float32: "F32", np.uint8: "U8"}[a.dtype.type], "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
-        data += raw
-        off += len(raw)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(out, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + data)
-    print(out, off, "bytes")
+    save(tensors, os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "quant", "ggml-kquants.safetensors"))
 
 
 if __name__ == "__main__":

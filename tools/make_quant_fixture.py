@@ -35,14 +35,8 @@ def weight() -> np.ndarray:
     return w
 
 
-def main() -> None:
-    w = weight()
-    tensors = {"weight": w}
-    for name, qt in (("q8_0", GGMLQuantizationType.Q8_0), ("q4_1", GGMLQuantizationType.Q4_1)):
-        blocks = quants.quantize(w, qt)
-        tensors[f"{name}.blocks"] = np.ascontiguousarray(blocks).reshape(-1).view(np.uint8)
-        tensors[f"{name}.dequantized"] = quants.dequantize(blocks, qt).astype(np.float32).reshape(N, K)
-    out = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "quant", "gguf-py.safetensors")
+def save(tensors: dict, out: str) -> None:
+    """Writes f32 / u8 numpy arrays as a safetensors file (no torch needed)."""
     os.makedirs(os.path.dirname(out), exist_ok=True)
     header, data, off = {}, b"", 0
     for k in sorted(tensors):
@@ -56,6 +50,16 @@ def main() -> None:
     with open(out, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h + data)
     print(out, off, "bytes")
+
+
+def main() -> None:
+    w = weight()
+    tensors = {"weight": w}
+    for name, qt in (("q8_0", GGMLQuantizationType.Q8_0), ("q4_1", GGMLQuantizationType.Q4_1)):
+        blocks = quants.quantize(w, qt)
+        tensors[f"{name}.blocks"] = np.ascontiguousarray(blocks).reshape(-1).view(np.uint8)
+        tensors[f"{name}.dequantized"] = quants.dequantize(blocks, qt).astype(np.float32).reshape(N, K)
+    save(tensors, os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "quant", "gguf-py.safetensors"))
 
 
 if __name__ == "__main__":

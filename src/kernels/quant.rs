@@ -1241,6 +1241,32 @@ fn portable_group_k(
     }
 }
 
+/// The match every SIMD module's `group` makes: the format and the number of activation
+/// rows (a const generic) pick its `run` / `run_k` / `run_s`, named at the call site.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dispatch {
+    ($w:expr, $act:expr, $g:expr, $r0:expr, $mr:expr, $acc:expr) => {
+        match ($w.kind, $mr) {
+            (QuantKind::Q8_0, 1) => run::<1, false>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q8_0, 2) => run::<2, false>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q8_0, 3) => run::<3, false>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q8_0, _) => run::<4, false>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q4_1, 1) => run::<1, true>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q4_1, 2) => run::<2, true>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q4_1, 3) => run::<3, true>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q4_1, _) => run::<4, true>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q4K, 1) => run_k::<1>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q4K, 2) => run_k::<2>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q4K, 3) => run_k::<3>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q4K, _) => run_k::<4>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q6K, 1) => run_s::<1>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q6K, 2) => run_s::<2>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q6K, 3) => run_s::<3>($w, $act, $g, $r0, $acc),
+            (QuantKind::Q6K, _) => run_s::<4>($w, $act, $g, $r0, $acc),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{
@@ -1263,24 +1289,7 @@ mod avx512 {
         mr: usize,
         acc: &mut [[f32; LANES]; MR],
     ) {
-        match (w.kind, mr) {
-            (QuantKind::Q8_0, 1) => run::<1, false>(w, act, g, r0, acc),
-            (QuantKind::Q8_0, 2) => run::<2, false>(w, act, g, r0, acc),
-            (QuantKind::Q8_0, 3) => run::<3, false>(w, act, g, r0, acc),
-            (QuantKind::Q8_0, _) => run::<4, false>(w, act, g, r0, acc),
-            (QuantKind::Q4_1, 1) => run::<1, true>(w, act, g, r0, acc),
-            (QuantKind::Q4_1, 2) => run::<2, true>(w, act, g, r0, acc),
-            (QuantKind::Q4_1, 3) => run::<3, true>(w, act, g, r0, acc),
-            (QuantKind::Q4_1, _) => run::<4, true>(w, act, g, r0, acc),
-            (QuantKind::Q4K, 1) => run_k::<1>(w, act, g, r0, acc),
-            (QuantKind::Q4K, 2) => run_k::<2>(w, act, g, r0, acc),
-            (QuantKind::Q4K, 3) => run_k::<3>(w, act, g, r0, acc),
-            (QuantKind::Q4K, _) => run_k::<4>(w, act, g, r0, acc),
-            (QuantKind::Q6K, 1) => run_s::<1>(w, act, g, r0, acc),
-            (QuantKind::Q6K, 2) => run_s::<2>(w, act, g, r0, acc),
-            (QuantKind::Q6K, 3) => run_s::<3>(w, act, g, r0, acc),
-            (QuantKind::Q6K, _) => run_s::<4>(w, act, g, r0, acc),
-        }
+        dispatch!(w, act, g, r0, mr, acc)
     }
 
     /// [`super::portable_group_s`] on AVX-512 VNNI: per sub-block of 16, two 64-byte steps
@@ -1619,24 +1628,7 @@ mod avx2 {
         mr: usize,
         acc: &mut [[f32; LANES]; MR],
     ) {
-        match (w.kind, mr) {
-            (QuantKind::Q8_0, 1) => run::<1, false>(w, act, g, r0, acc),
-            (QuantKind::Q8_0, 2) => run::<2, false>(w, act, g, r0, acc),
-            (QuantKind::Q8_0, 3) => run::<3, false>(w, act, g, r0, acc),
-            (QuantKind::Q8_0, _) => run::<4, false>(w, act, g, r0, acc),
-            (QuantKind::Q4_1, 1) => run::<1, true>(w, act, g, r0, acc),
-            (QuantKind::Q4_1, 2) => run::<2, true>(w, act, g, r0, acc),
-            (QuantKind::Q4_1, 3) => run::<3, true>(w, act, g, r0, acc),
-            (QuantKind::Q4_1, _) => run::<4, true>(w, act, g, r0, acc),
-            (QuantKind::Q4K, 1) => run_k::<1>(w, act, g, r0, acc),
-            (QuantKind::Q4K, 2) => run_k::<2>(w, act, g, r0, acc),
-            (QuantKind::Q4K, 3) => run_k::<3>(w, act, g, r0, acc),
-            (QuantKind::Q4K, _) => run_k::<4>(w, act, g, r0, acc),
-            (QuantKind::Q6K, 1) => run_s::<1>(w, act, g, r0, acc),
-            (QuantKind::Q6K, 2) => run_s::<2>(w, act, g, r0, acc),
-            (QuantKind::Q6K, 3) => run_s::<3>(w, act, g, r0, acc),
-            (QuantKind::Q6K, _) => run_s::<4>(w, act, g, r0, acc),
-        }
+        dispatch!(w, act, g, r0, mr, acc)
     }
 
     /// [`super::portable_group_s`] on AVX2, both 8-lane halves in one pass. A value is

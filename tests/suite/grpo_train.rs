@@ -599,7 +599,7 @@ fn bad_configs_fail_before_any_work() {
                 "--reference-quantize".into(),
                 "q8".into(),
             ],
-            "expected `none`, `q8_0` or `q4_1`",
+            "expected `none`, `q8_0`, `q4_1`, `q4_k` or `q6_k`",
         ),
     ];
     for (args, needle) in cases {
