@@ -285,10 +285,11 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
     /// Quantize the weights on load (every model of a --suite) for CPU inference: q8_0 (8-bit, about half of bf16's
-    /// memory, a few times bf16's error), q4_1 (4-bit, about a third; larger error) or q4_k
-    /// (4.5 bits per weight, the densest; error between the two): every linear layer of
-    /// the decoder and the vision tower with scales per 32 weights (ggml's Q8_0 / Q4_1 /
-    /// Q4_K numbers), the LM head in 8 bits. Products run on the
+    /// memory, a few times bf16's error), q4_1 (4-bit, about a third; larger error), q4_k
+    /// (4.5 bits per weight, the densest; error about q4_1's) or q6_k (6.56 bits; error
+    /// between q8_0's and q4_1's): every linear layer of the decoder and the vision tower
+    /// (ggml's Q8_0 / Q4_1 / Q4_K / Q6_K numbers), the LM head at 8 bits (6 beside q4_k and
+    /// q6_k). Products run on the
     /// CPU's integer dot products (AVX-512 VNNI; a portable path elsewhere). A checkpoint
     /// written by `medvlm quantize` is already quantized and needs no flag. The README's
     /// quantization table gives the error and speed of each.
@@ -875,10 +876,11 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
     /// Quantize the weights on load for CPU inference: q8_0 (8-bit, about half of bf16's
-    /// memory, a few times bf16's error), q4_1 (4-bit, about a third; larger error) or q4_k
-    /// (4.5 bits per weight, the densest; error between the two): every linear layer of
-    /// the decoder and the vision tower with scales per 32 weights (ggml's Q8_0 / Q4_1 /
-    /// Q4_K numbers), the LM head in 8 bits. Products run on the
+    /// memory, a few times bf16's error), q4_1 (4-bit, about a third; larger error), q4_k
+    /// (4.5 bits per weight, the densest; error about q4_1's) or q6_k (6.56 bits; error
+    /// between q8_0's and q4_1's): every linear layer of the decoder and the vision tower
+    /// (ggml's Q8_0 / Q4_1 / Q4_K / Q6_K numbers), the LM head at 8 bits (6 beside q4_k and
+    /// q6_k). Products run on the
     /// CPU's integer dot products (AVX-512 VNNI; a portable path elsewhere). A checkpoint
     /// written by `medvlm quantize` is already quantized and needs no flag. The README's
     /// quantization table gives the error and speed of each.
