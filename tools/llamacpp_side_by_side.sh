@@ -48,7 +48,7 @@
 #   LLCONV_VENV      venv for cmake, ninja and the converter (torch, transformers)  [/tmp/llconv]
 #   MEDVLM           medvlm binary  [target/release/medvlm of this checkout]
 #   LLAMA_VARIANTS   GGUF text types (llama-quantize names, lower case) ["bf16 q8_0 q4_1 q4_k_m"]
-#   MEDVLM_VARIANTS  medvlm variants  ["bf16 f32 q8_0 q4_1"]; a word NAME=ARG,ARG passes
+#   MEDVLM_VARIANTS  medvlm variants  ["bf16 f32 q8_0 q4_1 q4_k"]; a word NAME=ARG,ARG passes
 #                    those arguments instead (e.g. q4=--quantize,q4_1,--dtype,f32)
 #   MMPROJ_TYPE      vision GGUF type  [f16]
 #   THREADS [2]   CPUS (taskset list) [0,1]   PROMPT_TOKENS [358]   NEW_TOKENS [64]
@@ -70,7 +70,7 @@ case "$SHAPE" in
   *) echo "SHAPE=$SHAPE: expected qwen2-vl-2b or qwen2-vl-2b-v50k" >&2; exit 2 ;;
 esac
 LLAMA_VARIANTS="${LLAMA_VARIANTS:-bf16 q8_0 q4_1 q4_k_m}"
-MEDVLM_VARIANTS="${MEDVLM_VARIANTS:-bf16 f32 q8_0 q4_1}"
+MEDVLM_VARIANTS="${MEDVLM_VARIANTS:-bf16 f32 q8_0 q4_1 q4_k}"
 MMPROJ_TYPE="${MMPROJ_TYPE:-f16}"
 THREADS="${THREADS:-2}"
 CPUS="${CPUS:-0,1}"
