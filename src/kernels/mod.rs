@@ -21,26 +21,26 @@ pub mod workspace;
 
 use candle_core::{Storage, Tensor};
 
-/// Runs `f` on the contiguous f32 data of a CPU tensor; `None` for any other tensor.
-pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+/// Runs `f` on the contiguous data of a CPU tensor of dtype `T`, in place; `None` for any
+/// other tensor.
+pub fn with_data<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         return None;
     };
-    let data = cpu.as_slice::<f32>().ok()?;
+    let data = cpu.as_slice::<T>().ok()?;
     let (start, end) = layout.contiguous_offsets()?;
     Some(f(&data[start..end]))
 }
 
-/// The same for bf16 data.
+/// [`with_data`] for f32 data.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    with_data(t, f)
+}
+
+/// [`with_data`] for bf16 data.
 pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return None;
-    };
-    let data = cpu.as_slice::<half::bf16>().ok()?;
-    let (start, end) = layout.contiguous_offsets()?;
-    Some(f(&data[start..end]))
+    with_data(t, f)
 }
 
 /// The f32 data a custom op receives, which must be contiguous; `what` names the op.

@@ -258,10 +258,9 @@ impl QWeight {
                     }
                     QuantKind::Q4K => {
                         let scales: &[u8; 12] = src[4..16].try_into().unwrap();
-                        let (sc, m): ([u8; 8], [u8; 8]) = (
-                            std::array::from_fn(|s| k4_scale_min(s, scales).0),
-                            std::array::from_fn(|s| k4_scale_min(s, scales).1),
-                        );
+                        let pairs: [(u8, u8); 8] = std::array::from_fn(|s| k4_scale_min(s, scales));
+                        let sc = pairs.map(|p| p.0);
+                        let m = pairs.map(|p| p.1);
                         // Each 64 weights: 32 bytes, weight i in the low nibble of byte i,
                         // weight 32 + i in the high one.
                         let q: [u8; SUPER] = std::array::from_fn(|i| {
@@ -694,7 +693,7 @@ fn put_q6_k(rec: &mut [u8], lane: usize, d: half::f16, sc: &[i8; 16], q: &[u8; S
     for s in 0..16 {
         rec[S_SCALES_AT + LANES * s + lane] = sc[s] as u8;
         let vals = &q[16 * s..16 * (s + 1)];
-        let low: Vec<u8> = vals.iter().map(|v| v & 15).collect();
+        let low: [u8; 16] = std::array::from_fn(|i| vals[i] & 15);
         put_nibbles(rec, S_LOW_AT + 128 * s, lane, &low);
         let mut high = [0u8; 4];
         for (i, v) in vals.iter().enumerate() {

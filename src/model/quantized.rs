@@ -137,11 +137,14 @@ impl Qwen2Vl {
                 return Ok(false);
             };
             let (n, k) = lin.weight().dims2()?;
-            let bytes = reader
-                .read(name)?
-                .to_vec1::<u8>()
-                .map_err(|_| anyhow!("{}: tensor {name} is not a 1-D u8 tensor", dir.display()))?;
-            let q = QWeight::from_bytes(kind, n, k, &bytes).ok_or_else(|| {
+            let t = reader.read(name)?;
+            // The bytes go straight from the read tensor onto the weight's own pages.
+            let q = crate::kernels::with_data::<u8, _>(&t, |bytes| {
+                QWeight::from_bytes(kind, n, k, bytes)
+            })
+            .filter(|_| t.rank() == 1)
+            .ok_or_else(|| anyhow!("{}: tensor {name} is not a 1-D u8 tensor", dir.display()))?
+            .ok_or_else(|| {
                 anyhow!(
                     "{}: tensor {name} has the wrong length for a ({n}, {k}) {} weight",
                     dir.display(),
