@@ -30,6 +30,7 @@ pub mod device;
 pub mod eval;
 pub mod files;
 pub mod generate;
+pub mod import;
 pub mod infer;
 pub mod init;
 pub mod kernels;

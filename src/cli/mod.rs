@@ -120,13 +120,22 @@ pub enum Command {
         after_help = "Example:\n  medvlm merge --model ./Qwen2-VL-2B-Instruct --adapter runs/grpo-lora/final \\\n      --out ./medvlm-r1-merged"
     )]
     Merge(MergeArgs),
-    /// Write a quantized copy of a checkpoint (8-bit q8_0, 4-bit q4_1 or q4_k) that every
+    /// Write a quantized copy of a checkpoint (8-bit q8_0, 6-bit q6_k, 4-bit q4_1 or q4_k) that every
     /// inference command loads as it is: no dense weights in memory, no quantizing at each
     /// start. Tensor by tensor, so the memory peak is one weight, not the model.
     #[command(
         after_help = "Example:\n  medvlm quantize --model ./medvlm-r1-merged --to q8_0 --out ./medvlm-r1-q8_0\n  medvlm ask --model ./medvlm-r1-q8_0 --image scan.dcm --question q.txt"
     )]
     Quantize(QuantizeArgs),
+    /// Turn a llama.cpp / Ollama GGUF pair (the text model and its mmproj vision file) into a
+    /// checkpoint directory every command loads with --model. Qwen2-VL and Qwen2.5-VL; F32,
+    /// F16, BF16, Q8_0, Q4_1, Q4_K and Q6_K tensors, kept exactly (a Q4_K_M file runs as its
+    /// Q4_K/Q6_K mix, nothing is re-quantized).
+    #[command(
+        name = "import-gguf",
+        after_help = "Example:\n  medvlm import-gguf --model Qwen2-VL-2B-Instruct-Q4_K_M.gguf \\\n      --mmproj mmproj-Qwen2-VL-2B-Instruct-f16.gguf --out ./qwen2-vl-2b-q4_k_m\n  medvlm ask --model ./qwen2-vl-2b-q4_k_m --image scan.dcm --question q.txt"
+    )]
+    ImportGguf(ImportGgufArgs),
     /// The whole MedVLM-R1 story on this machine: synthetic scans, a tiny model, SFT warm
     /// start, GRPO, the SFT baseline, and accuracy before and after, in and out of domain.
     Demo(DemoArgs),
@@ -849,12 +858,31 @@ pub struct QuantizeArgs {
     /// The checkpoint directory to quantize (Hugging Face layout, any dtype).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// The format of the linear layers (the LM head is always q8_0).
+    /// The format of the linear layers (the LM head: q6_k beside q4_k and q6_k, q8_0 otherwise).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub to: QuantArg,
     /// Where to write the quantized checkpoint (must not exist).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportGgufArgs {
+    /// The text model GGUF (general.architecture "qwen2vl"), e.g. Qwen2-VL-2B-Instruct-Q4_K_M.gguf.
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Its vision tower GGUF (llama.cpp's mmproj-*.gguf).
+    #[arg(long, value_name = "FILE")]
+    pub mmproj: PathBuf,
+    /// Where to write the checkpoint directory (must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Smallest image, in pixels, written to preprocessor_config.json (default 3136, Qwen2-VL's).
+    #[arg(long, value_name = "PIXELS")]
+    pub min_pixels: Option<usize>,
+    /// Largest image, in pixels, written to preprocessor_config.json (default 12845056, Qwen2-VL's).
+    #[arg(long, value_name = "PIXELS")]
+    pub max_pixels: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -1216,6 +1244,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => {
             let n = crate::quantize::save(&a.model, a.to.into(), &a.out)?;
             eprintln!("quantized {n} weights to {}", QuantKind::from(a.to).name());
+            println!("{}", a.out.display());
+            Ok(())
+        }
+        Command::ImportGguf(a) => {
+            let opts = crate::import::ImportOptions {
+                min_pixels: a.min_pixels,
+                max_pixels: a.max_pixels,
+            };
+            let done = crate::import::import_gguf(&a.model, &a.mmproj, &a.out, &opts)?;
+            let types: Vec<String> = done.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+            eprintln!(
+                "imported a {} ({} tensors)",
+                done.arch.name(),
+                types.join(", ")
+            );
             println!("{}", a.out.display());
             Ok(())
         }

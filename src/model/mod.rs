@@ -2,6 +2,7 @@
 //! local Hugging Face checkpoint directory into them.
 
 pub mod config;
+pub mod gguf;
 pub mod layers;
 pub mod lora;
 pub mod presets;

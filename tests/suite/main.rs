@@ -12,6 +12,7 @@ mod eval;
 mod eval_suite;
 mod external_rewards;
 mod generate_engine;
+mod gguf;
 mod grpo_parity;
 mod grpo_train;
 mod help;

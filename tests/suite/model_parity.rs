@@ -15,7 +15,11 @@ struct Loaded {
 }
 
 fn load(name: &str, dtype: DType) -> Loaded {
-    let dir = fixtures().join(name);
+    load_dir(&fixtures().join(name), dtype)
+}
+
+fn load_dir(dir: &std::path::Path, dtype: DType) -> Loaded {
+    let dir = dir.to_path_buf();
     Loaded {
         model: Qwen2Vl::load(&dir, dtype, &Device::Cpu).unwrap(),
         proc: Processor::from_dir(&dir, &ProcessorOptions::default()).unwrap(),
@@ -38,7 +42,13 @@ fn check_model(name: &str) {
 }
 
 fn check_layout(name: &str, packed: bool) {
-    let mut l = load(name, DType::F32);
+    check_checkpoint(&fixtures().join(name), name, packed);
+}
+
+/// Every check of [`check_model`] on the checkpoint in `dir` against the cases of fixture
+/// `cases` (a checkpoint made from that fixture some other way: `import-gguf`).
+pub(crate) fn check_checkpoint(dir: &std::path::Path, name: &str, packed: bool) {
+    let mut l = load_dir(dir, DType::F32);
     if packed && !medvlm::kernels::has_avx512() {
         note_without_simd("the packed and few-row kernels (AVX-512F): gemm takes the products");
     }
@@ -46,8 +56,8 @@ fn check_layout(name: &str, packed: bool) {
         let n = l.model.prepare_for_inference().unwrap();
         assert!(n > 0, "{name}: no layer was packed");
     }
+    let cases = load_cases(name);
     let name = &format!("{name}{}", if packed { " (packed)" } else { "" });
-    let cases = load_cases(name.split(' ').next().unwrap());
     for case in cases.list() {
         let cname = case["name"].as_str().unwrap();
         let prompt = prompt_for(&l, case);

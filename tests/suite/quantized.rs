@@ -12,7 +12,7 @@ use medvlm::processor::{Processor, ProcessorOptions};
 /// Mean KL(reference || model) of the next-token distributions over a prompt's positions,
 /// and the share of positions whose top token is the reference's (greedy agreement under
 /// teacher forcing): llama.cpp's perplexity tool reports the same two for its quantizations.
-fn kl_and_top1(logits: &Tensor, reference: &Tensor) -> (f64, f64) {
+pub(crate) fn kl_and_top1(logits: &Tensor, reference: &Tensor) -> (f64, f64) {
     let lp = |t: &Tensor| -> Vec<Vec<f32>> {
         candle_nn::ops::log_softmax(&t.to_dtype(DType::F32).unwrap(), 1)
             .unwrap()

@@ -166,6 +166,20 @@ fn sandbox() -> (tempfile::TempDir, PathBuf) {
         &repo().join("tests/fixtures/tiny-a"),
         &work.join("Qwen2-VL-2B-Instruct"),
     );
+    // A llama.cpp user's GGUF pair (`import-gguf --help`): the tiny Q4_K_M fixture.
+    for (fixture, name) in [
+        ("tiny-k-q4_k_m.gguf", "Qwen2-VL-2B-Instruct-Q4_K_M.gguf"),
+        (
+            "mmproj-tiny-k-f16.gguf",
+            "mmproj-Qwen2-VL-2B-Instruct-f16.gguf",
+        ),
+    ] {
+        std::fs::copy(
+            repo().join("tests/fixtures/gguf").join(fixture),
+            work.join(name),
+        )
+        .unwrap();
+    }
     let ct = shared.join("data/medical-files/CT_small.dcm");
     std::fs::copy(&ct, work.join("ct.dcm")).unwrap();
     std::fs::copy(&ct, work.join("scan.dcm")).unwrap();
