@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value as Json};
 
 use crate::kernels::quant::{QWeight, QuantKind};
@@ -107,11 +106,7 @@ pub fn import_gguf(
     if let Some(g) = generation_config(&text, &tokenizer)? {
         write("generation_config.json", &g)?;
     }
-    let wpath = dir.join("model.safetensors");
-    crate::files::save_safetensors(&weights.tensors, &wpath)?;
-    std::fs::File::open(&wpath)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| crate::files::io_error(&wpath, "cannot sync", e))?;
+    weights.write(&dir.join("model.safetensors"))?;
     if !weights.manifest.is_empty() {
         let manifest = quantized::Manifest {
             format: weights.main_format().name().into(),
@@ -564,19 +559,45 @@ fn config_json(text: &Gguf, vision: &Gguf, arch: Arch, v: &Vocabulary) -> Result
     }))
 }
 
-/// The checkpoint's tensors as they are converted.
+/// Where a checkpoint tensor's bytes come from. Nothing is read or converted before the
+/// file is written, one tensor at a time, so an import holds one tensor in memory (the
+/// GGUFs stay mapped), not the model.
+enum Bytes<'a> {
+    /// A float tensor: the GGUF's little-endian values, already in the checkpoint's order
+    /// (the parts are consecutive rows).
+    Slices(Vec<&'a [u8]>),
+    /// A block-quantized matrix: ggml's blocks (the parts are consecutive rows), rearranged
+    /// into medvlm's records as it is written.
+    Blocks {
+        kind: QuantKind,
+        n: usize,
+        k: usize,
+        parts: Vec<&'a [u8]>,
+    },
+    /// Made here: the stacked patch embedding, a dequantized table.
+    Owned(Vec<u8>),
+}
+
+struct Entry<'a> {
+    /// safetensors' name of the stored dtype.
+    dtype: &'static str,
+    /// The stored shape (a quantized weight's bytes are 1-D).
+    stored: Vec<usize>,
+    len: usize,
+    bytes: Bytes<'a>,
+}
+
+/// The checkpoint's tensors, planned.
 #[derive(Default)]
-struct Weights {
-    tensors: HashMap<String, Tensor>,
+struct Weights<'a> {
+    entries: BTreeMap<String, Entry<'a>>,
     /// Quantized tensors (by checkpoint name) and their formats.
     manifest: BTreeMap<String, QuantKind>,
     /// Where each checkpoint tensor came from (file, GGUF names), for messages.
     source: HashMap<String, String>,
-    /// Each tensor's shape as transformers has it (a quantized one's bytes are 1-D).
+    /// Each tensor's shape as transformers has it.
     shapes: HashMap<String, Vec<usize>>,
     types: BTreeMap<String, usize>,
-    /// Quantized tensors that are not matrices of linear layers: dequantized at the check.
-    pending: Vec<String>,
 }
 
 /// The medvlm format of a ggml block type medvlm computes with.
@@ -590,41 +611,14 @@ fn quant_kind(t: GgmlType) -> Option<QuantKind> {
     })
 }
 
-/// A dense tensor's bytes as a candle tensor of `shape`.
-fn dense(g: &Gguf, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let info = g
-        .tensor(name)
-        .ok_or_else(|| anyhow!("{}: no tensor {name}", g.path().display()))?;
-    let b = g.data(name)?;
-    let t = match info.dtype {
-        GgmlType::F32 => {
-            let v: Vec<f32> = b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu)?
-        }
-        GgmlType::F16 => {
-            let v: Vec<half::f16> = b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu)?
-        }
-        GgmlType::BF16 => {
-            let v: Vec<half::bf16> = b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu)?
-        }
-        t => bail!(
-            "{}: tensor {name} is {}, expected a float type",
-            g.path().display(),
-            t.name()
-        ),
-    };
-    Ok(t)
+/// safetensors' name of a float type (`None` for block types).
+fn float_dtype(t: GgmlType) -> Option<&'static str> {
+    match t {
+        GgmlType::F32 => Some("F32"),
+        GgmlType::F16 => Some("F16"),
+        GgmlType::BF16 => Some("BF16"),
+        _ => None,
+    }
 }
 
 fn unsupported(g: &Gguf, name: &str, t: GgmlType) -> anyhow::Error {
@@ -637,24 +631,30 @@ fn unsupported(g: &Gguf, name: &str, t: GgmlType) -> anyhow::Error {
     )
 }
 
-impl Weights {
+fn blocks_to_weight(kind: QuantKind, n: usize, k: usize, parts: &[&[u8]]) -> Result<QWeight> {
+    let bytes = parts.concat();
+    QWeight::from_ggml(kind, n, k, &bytes)
+        .ok_or_else(|| anyhow!("{} blocks of the wrong length for ({n}, {k})", kind.name()))
+}
+
+impl<'a> Weights<'a> {
     fn add(
         &mut self,
         g: &Gguf,
         gguf_names: &[&str],
         name: String,
-        (t, shape): (Tensor, Vec<usize>),
-        kind: Option<QuantKind>,
+        shape: Vec<usize>,
+        entry: Entry<'a>,
     ) -> Result<()> {
         let from = format!("{} ({})", g.path().display(), gguf_names.join(", "));
         if let Some(earlier) = self.source.insert(name.clone(), from.clone()) {
             bail!("{from} and {earlier} both give {name}");
         }
-        if let Some(k) = kind {
-            self.manifest.insert(name.clone(), k);
+        if let Bytes::Blocks { kind, .. } = entry.bytes {
+            self.manifest.insert(name.clone(), kind);
         }
         self.shapes.insert(name.clone(), shape);
-        self.tensors.insert(name, t);
+        self.entries.insert(name, entry);
         Ok(())
     }
 
@@ -664,7 +664,7 @@ impl Weights {
 
     /// One GGUF tensor (or several joined along the rows) under its checkpoint `name`:
     /// block types kept as medvlm's weights of the same bits, float types as they are.
-    fn convert(&mut self, g: &Gguf, parts: &[&str], name: String) -> Result<()> {
+    fn convert(&mut self, g: &'a Gguf, parts: &[&str], name: String) -> Result<()> {
         let infos = parts
             .iter()
             .map(|p| {
@@ -696,7 +696,12 @@ impl Weights {
         let mut shape = vec![rows];
         shape.extend(&tail);
         self.count(ty, parts.len());
-        if let Some(kind) = quant_kind(ty) {
+        // ggml rows are contiguous, so joining rows is joining bytes, blocks or values.
+        let data = parts
+            .iter()
+            .map(|p| g.data(p))
+            .collect::<Result<Vec<_>>>()?;
+        let entry = if let Some(kind) = quant_kind(ty) {
             let [n, k] = shape[..] else {
                 bail!(
                     "{}: tensor {} is {} but has shape {shape:?}",
@@ -705,38 +710,29 @@ impl Weights {
                     ty.name()
                 );
             };
-            // ggml rows are contiguous, so joining row blocks is joining bytes.
-            let mut bytes = Vec::new();
-            for p in parts {
-                bytes.extend_from_slice(g.data(p)?);
+            // The reader checked each part's length against its shape and type.
+            let len = QWeight::stored_len(kind, n, k);
+            Entry {
+                dtype: "U8",
+                stored: vec![len],
+                len,
+                bytes: Bytes::Blocks {
+                    kind,
+                    n,
+                    k,
+                    parts: data,
+                },
             }
-            let q = QWeight::from_ggml(kind, n, k, &bytes).ok_or_else(|| {
-                anyhow!(
-                    "{}: tensor {} has the wrong length for a ({n}, {k}) {}",
-                    g.path().display(),
-                    parts[0],
-                    ty.name()
-                )
-            })?;
-            let len = q.bytes().len();
-            let t = Tensor::from_vec(q.bytes().to_vec(), len, &Device::Cpu)?;
-            self.pending.push(name.clone());
-            return self.add(g, parts, name, (t, shape), Some(kind));
-        }
-        if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
-            return Err(unsupported(g, parts[0], ty));
-        }
-        let pieces = infos
-            .iter()
-            .zip(parts)
-            .map(|(i, p)| dense(g, p, &i.shape))
-            .collect::<Result<Vec<_>>>()?;
-        let t = if pieces.len() == 1 {
-            pieces.into_iter().next().unwrap()
         } else {
-            Tensor::cat(&pieces, 0)?
+            let dtype = float_dtype(ty).ok_or_else(|| unsupported(g, parts[0], ty))?;
+            Entry {
+                dtype,
+                stored: shape.clone(),
+                len: data.iter().map(|d| d.len()).sum(),
+                bytes: Bytes::Slices(data),
+            }
         };
-        self.add(g, parts, name, (t, shape), None)
+        self.add(g, parts, name, shape, entry)
     }
 
     /// The linear layers' format: the most common among the quantized tensors.
@@ -781,44 +777,98 @@ impl Weights {
                 );
             }
         }
-        if let Some(extra) = self.tensors.keys().find(|n| !wanted.contains(*n)) {
+        if let Some(extra) = self.entries.keys().find(|n| !wanted.contains(*n)) {
             bail!(
                 "{}: {extra} is not part of a {} model",
                 self.source[extra],
                 config.arch.name()
             );
         }
-        for name in std::mem::take(&mut self.pending) {
-            if linear.contains(&name) {
-                continue;
-            }
-            let kind = self
-                .manifest
-                .remove(&name)
-                .expect("pending tensors are quantized");
-            let shape = shapes
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, s)| s.clone())
-                .unwrap();
-            let [n, k] = shape[..] else {
-                unreachable!("checked above")
+        let tables: Vec<String> = self
+            .manifest
+            .keys()
+            .filter(|n| !linear.contains(*n))
+            .cloned()
+            .collect();
+        for name in tables {
+            self.manifest.remove(&name);
+            let e = self.entries.get_mut(&name).expect("checked above");
+            let Bytes::Blocks { kind, n, k, parts } = &e.bytes else {
+                unreachable!("the manifest names block tensors")
             };
-            let bytes = crate::kernels::with_data::<u8, _>(&self.tensors[&name], |b| b.to_vec())
-                .ok_or_else(|| anyhow!("{name}: not bytes"))?;
-            let q = QWeight::from_bytes(kind, n, k, &bytes)
-                .ok_or_else(|| anyhow!("{name}: wrong length"))?;
-            self.tensors.insert(
-                name,
-                Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu)?,
-            );
+            let w = blocks_to_weight(*kind, *n, *k, parts)
+                .with_context(|| self.source[&name].clone())?;
+            let values: Vec<u8> = w
+                .dequantize()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            *e = Entry {
+                dtype: "F32",
+                stored: vec![*n, *k],
+                len: values.len(),
+                bytes: Bytes::Owned(values),
+            };
         }
         Ok(())
+    }
+
+    /// Writes the safetensors file tensor by tensor (header, then each tensor's bytes in
+    /// order), converting block tensors as they are reached.
+    fn write(&self, path: &Path) -> Result<()> {
+        use std::io::Write;
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for (name, e) in &self.entries {
+            header.insert(
+                name.clone(),
+                json!({"dtype": e.dtype, "shape": e.stored, "data_offsets": [offset, offset + e.len]}),
+            );
+            offset += e.len;
+        }
+        let mut head = serde_json::to_vec(&Json::Object(header))?;
+        // The data starts 8-byte aligned, as safetensors' own writer leaves it.
+        while (8 + head.len()) % 8 != 0 {
+            head.push(b' ');
+        }
+        let bar = indicatif::ProgressBar::new(offset as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "import [{bar:30}] {bytes}/{total_bytes}  eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let io = |e| crate::files::io_error(path, "cannot write", e);
+        let file = std::fs::File::create(path).map_err(io)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&(head.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(&head).map_err(io)?;
+        for (name, e) in &self.entries {
+            match &e.bytes {
+                Bytes::Slices(parts) => {
+                    for p in parts {
+                        out.write_all(p).map_err(io)?;
+                    }
+                }
+                Bytes::Blocks { kind, n, k, parts } => {
+                    let w = blocks_to_weight(*kind, *n, *k, parts)
+                        .with_context(|| self.source[name].clone())?;
+                    out.write_all(w.bytes()).map_err(io)?;
+                }
+                Bytes::Owned(v) => out.write_all(v).map_err(io)?,
+            }
+            bar.inc(e.len as u64);
+        }
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        bar.finish_and_clear();
+        crate::files::set_default_mode(path)
     }
 }
 
 /// The text model's tensors under the released checkpoint names (`model.*`, `lm_head`).
-fn convert_text(g: &Gguf, w: &mut Weights) -> Result<()> {
+fn convert_text<'a>(g: &'a Gguf, w: &mut Weights<'a>) -> Result<()> {
     let p = WeightLayout::Legacy.text_prefix();
     for name in g.tensor_names().map(String::from).collect::<Vec<_>>() {
         let hf = match name.as_str() {
@@ -865,7 +915,7 @@ fn block_name<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a st
 
 /// The vision tower's tensors under the released names (`visual.*`): q, k and v joined into
 /// qkv, the two frames' patch kernels stacked into the Conv3d.
-fn convert_vision(g: &Gguf, arch: Arch, w: &mut Weights) -> Result<()> {
+fn convert_vision<'a>(g: &'a Gguf, arch: Arch, w: &mut Weights<'a>) -> Result<()> {
     let v = WeightLayout::Legacy.vision_prefix();
     let mut done: HashSet<String> = HashSet::new();
     let names: Vec<String> = g.tensor_names().map(String::from).collect();
@@ -924,8 +974,8 @@ fn convert_vision(g: &Gguf, arch: Arch, w: &mut Weights) -> Result<()> {
 }
 
 /// The Conv3d patch embedding (out, channels, 2, h, w) from the converter's two per-frame
-/// kernels (out, channels, h, w).
-fn patch_embed(g: &Gguf, w: &mut Weights, name: &str) -> Result<()> {
+/// kernels (out, channels, h, w): each (out, channel)'s two h x w kernels side by side.
+fn patch_embed<'a>(g: &'a Gguf, w: &mut Weights<'a>, name: &str) -> Result<()> {
     let parts = ["v.patch_embd.weight", "v.patch_embd.weight.1"];
     let mut frames = Vec::new();
     for p in parts {
@@ -936,9 +986,6 @@ fn patch_embed(g: &Gguf, w: &mut Weights, name: &str) -> Result<()> {
                 g.path().display()
             )
         })?;
-        if !matches!(info.dtype, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
-            return Err(unsupported(g, p, info.dtype));
-        }
         if info.shape.len() != 4 {
             bail!(
                 "{}: tensor {p} has shape {:?}, not a 2-D convolution kernel",
@@ -946,22 +993,32 @@ fn patch_embed(g: &Gguf, w: &mut Weights, name: &str) -> Result<()> {
                 info.shape
             );
         }
-        frames.push(dense(g, p, &info.shape)?.to_dtype(DType::F32)?);
+        let dtype = float_dtype(info.dtype).ok_or_else(|| unsupported(g, p, info.dtype))?;
+        frames.push((info.shape.clone(), info.dtype, dtype, g.data(p)?));
         w.count(info.dtype, 1);
     }
-    if frames[0].dims() != frames[1].dims() {
+    let ((s0, t0, dtype, f0), (s1, t1, _, f1)) = (&frames[0], &frames[1]);
+    if s0 != s1 || t0 != t1 {
         bail!(
-            "{}: the two frames' patch kernels differ in shape",
+            "{}: the two frames' patch kernels differ in shape or type",
             g.path().display()
         );
     }
-    let dtype = g.tensor(parts[0]).map(|t| t.dtype).unwrap();
-    let t = Tensor::stack(&frames, 2)?;
-    let t = match dtype {
-        GgmlType::F16 => t.to_dtype(DType::F16)?,
-        GgmlType::BF16 => t.to_dtype(DType::BF16)?,
-        _ => t,
+    let [o, c, h, wd] = s0[..] else {
+        unreachable!("4-D, checked above")
     };
-    let shape = t.dims().to_vec();
-    w.add(g, &parts, name.to_string(), (t, shape), None)
+    let kernel = f0.len() / (o * c);
+    let mut bytes = Vec::with_capacity(2 * f0.len());
+    for i in 0..o * c {
+        bytes.extend_from_slice(&f0[i * kernel..(i + 1) * kernel]);
+        bytes.extend_from_slice(&f1[i * kernel..(i + 1) * kernel]);
+    }
+    let shape = vec![o, c, 2, h, wd];
+    let entry = Entry {
+        dtype,
+        stored: shape.clone(),
+        len: bytes.len(),
+        bytes: Bytes::Owned(bytes),
+    };
+    w.add(g, &parts, name.to_string(), shape, entry)
 }

@@ -28,6 +28,8 @@ key llama.cpp reads).
 
     python3 -m venv /tmp/ref5 && /tmp/ref5/bin/pip install -r tools/requirements-v5.txt
     LLAMA_CPP_SRC=/path/to/llama.cpp /tmp/ref5/bin/python tools/make_gguf_fixture.py
+    # the same Q4_K_M + f16 mmproj pair of any Qwen2-VL checkpoint directory:
+    LLAMA_CPP_SRC=... /tmp/ref5/bin/python tools/make_gguf_fixture.py --pair DIR OUT
 """
 
 import ctypes
@@ -140,9 +142,13 @@ def main() -> None:
         # Released Qwen2-VL configs name the architecture at the top level, where the
         # converter looks for an mmproj; tiny-a's (saved by transformers 4.57) has it only in
         # text_config, so a copy gets it added.
+        src_dir = os.path.join(FIXTURES, model)
+        with open(os.path.join(src_dir, "config.json")) as f:
+            if json.load(f).get("architectures"):
+                return src_dir
         d = os.path.join(tmp, model)
         if not os.path.isdir(d):
-            shutil.copytree(os.path.join(FIXTURES, model), d)
+            shutil.copytree(src_dir, d)
             with open(os.path.join(d, "config.json")) as f:
                 cfg = json.load(f)
             if not cfg.get("architectures"):
@@ -159,6 +165,16 @@ def main() -> None:
         sys.argv = ["convert_hf_to_gguf.py"] + argv
         convert_hf_to_gguf.main()
 
+    if len(sys.argv) == 4 and sys.argv[1] == "--pair":
+        # Any Qwen2-VL checkpoint DIR as a Q4_K_M text file and an f16 mmproj in OUT (the
+        # 2B-shape check of the README), made as the fixtures are.
+        model, dest = os.path.abspath(sys.argv[2]), sys.argv[3]
+        out = dest
+        os.makedirs(out, exist_ok=True)
+        name = os.path.basename(model.rstrip("/"))
+        convert(model, "f16", f"{name}-q4_k_m.gguf", rule=q4_k_m)
+        convert(model, "f16", f"mmproj-{name}-f16.gguf", mmproj=True)
+        return
     for m in ["tiny-a", "tiny-25a"]:
         convert(m, "f32", f"{m}-f32.gguf")
         convert(m, "f32", f"mmproj-{m}-f32.gguf", mmproj=True)
