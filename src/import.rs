@@ -342,7 +342,7 @@ fn tokenizer_config(g: &Gguf, v: &Vocabulary) -> Result<Json> {
                 "note: {} has no chat template; writing Qwen2-VL-2B-Instruct's",
                 g.path().display()
             );
-            crate::init::QWEN2_VL_CHAT_TEMPLATE.to_string()
+            crate::model::presets::QWEN2_VL_CHAT_TEMPLATE.to_string()
         }
     };
     let context = g.usize("qwen2vl.context_length")?;

@@ -43,9 +43,6 @@ pub const SPECIAL_TOKENS: [&str; 14] = [
 
 use crate::processor::tokenizer::QWEN2_SPLIT;
 
-/// Qwen/Qwen2-VL-2B-Instruct's chat template, verbatim.
-pub const QWEN2_VL_CHAT_TEMPLATE: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
-
 /// Size of the model `init` writes.
 #[derive(Debug, Clone)]
 pub struct InitSpec {
@@ -157,7 +154,7 @@ fn write_side_files(
         .map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
     let id = |t: &str| tok.token_to_id(t).context("special token missing");
     let template = match arch {
-        Arch::Qwen2Vl | Arch::Qwen25Vl => QWEN2_VL_CHAT_TEMPLATE,
+        Arch::Qwen2Vl | Arch::Qwen25Vl => crate::model::presets::QWEN2_VL_CHAT_TEMPLATE,
         Arch::Qwen3Vl => crate::model::presets::QWEN3_VL_CHAT_TEMPLATE,
     };
     write_json(

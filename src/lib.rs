@@ -16,7 +16,7 @@
 //! | 3 | [`train`] | what GRPO and SFT share: forward and backward passes, LoRA parameters, AdamW, checkpoints, the run session, the memory plan |
 //! | 4 | [`eval`] | greedy and likelihood evaluation, per-modality reports |
 //! | 5 | [`rl`], [`sft`] | GRPO (rewards, loss, loop) and supervised fine-tuning |
-//! | 6 | [`bench`], [`init`], [`synth`], [`merge`], [`quantize`], [`plot`], [`serve`] | tools built on them: benchmarks, random checkpoints, synthetic scans, adapter merging, quantized checkpoints, curves, the OpenAI-compatible server |
+//! | 6 | [`bench`], [`init`], [`synth`], [`merge`], [`quantize`], [`import`], [`plot`], [`serve`] | tools built on them: benchmarks, random checkpoints, synthetic scans, adapter merging, quantized checkpoints, GGUF import, curves, the OpenAI-compatible server |
 //! | 7 | [`selftest`], [`demo`] | the device check and the offline MedVLM-R1 demo |
 //! | 8 | [`cli`] | argument parsing and one file per command |
 //!

@@ -554,7 +554,14 @@ fn bench_checks(device: &Device) -> Result<Vec<Check>> {
     } else {
         DType::BF16
     };
-    let r = crate::bench::run(&crate::bench::Shape::bench(), device, dtype, None, 64, 8)?;
+    let r = crate::bench::run(
+        crate::bench::Weights::Random(&crate::bench::Shape::bench()),
+        device,
+        dtype,
+        None,
+        64,
+        8,
+    )?;
     let mut out = vec![Check::new(
         format!(
             "rollouts, {:.1}M bench model, {dtype:?}",

@@ -68,8 +68,10 @@ impl Shape {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    /// The config the random model was built from.
+    /// The config the random model was built from, or the checkpoint directory.
     pub shape: String,
+    /// Random weights (else the checkpoint's).
+    pub random: bool,
     pub parameters: usize,
     pub threads: usize,
     /// The model's dtype as asked for (on the CPU, bf16 weights compute in f32).
@@ -177,33 +179,35 @@ pub fn prompt_with_image(
     }
 }
 
+/// The weights a benchmark runs.
+pub enum Weights<'a> {
+    /// Random weights of a shape (nothing to download: the default).
+    Random(&'a Shape),
+    /// A checkpoint's own, loaded as every inference command loads it (`--model DIR`).
+    Checkpoint(&'a std::path::Path),
+}
+
 pub fn run(
-    shape: &Shape,
+    weights: Weights,
     device: &Device,
     dtype: DType,
     quantize: Option<crate::kernels::quant::QuantKind>,
     new_tokens: usize,
     group: usize,
 ) -> Result<BenchReport> {
-    let config = shape.config()?;
-    let vb = random_var_builder(0.02, 0, dtype, device);
-    let mut model = Qwen2Vl::from_var_builder(
-        vb,
-        config.arch.released_layout(),
-        config.clone(),
-        dtype,
-        device,
-    )
-    .context("building the benchmark model")?;
-    // As every inference command loads its model (infer::load).
-    if let Some(kind) = quantize {
-        model.quantize(kind)?;
-        // The dense random weights are gone: the peak from here is the quantized model's,
-        // as when it is loaded from a quantized checkpoint.
-        crate::memory::release_freed();
-        reset_peak_rss();
-    }
-    model.prepare_for_inference()?;
+    let (model, name, random) = match weights {
+        Weights::Random(shape) => (
+            random_model(shape, device, dtype, quantize)?,
+            shape.name.clone(),
+            true,
+        ),
+        Weights::Checkpoint(dir) => (
+            crate::infer::inference_model(dir, dtype, device, None, quantize, "--quantize")?,
+            dir.display().to_string(),
+            false,
+        ),
+    };
+    let config = model.config.clone();
     let parameters = crate::model::num_parameters(&config)?;
 
     let t = Instant::now();
@@ -247,11 +251,12 @@ pub fn run(
     let group_total_s = t.elapsed().as_secs_f64();
 
     Ok(BenchReport {
-        shape: shape.name.clone(),
+        shape: name,
+        random,
         parameters,
         threads: candle_core::utils::get_num_threads(),
         dtype: format!("{dtype:?}").to_lowercase(),
-        quantize: quantize.map(|q| q.name().to_string()),
+        quantize: model.quantization().map(|q| q.name().to_string()),
         prompt_tokens: prompt.input_ids.len(),
         image_tokens,
         new_tokens,
@@ -264,6 +269,30 @@ pub fn run(
         group_decode_tok_s,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// A random model of `shape`, readied as every inference command readies its model
+/// (`infer::load`): quantized to `quantize`, prepared for inference.
+fn random_model(
+    shape: &Shape,
+    device: &Device,
+    dtype: DType,
+    quantize: Option<crate::kernels::quant::QuantKind>,
+) -> Result<Qwen2Vl> {
+    let config = shape.config()?;
+    let vb = random_var_builder(0.02, 0, dtype, device);
+    let mut model =
+        Qwen2Vl::from_var_builder(vb, config.arch.released_layout(), config, dtype, device)
+            .context("building the benchmark model")?;
+    if let Some(kind) = quantize {
+        model.quantize(kind)?;
+        // The dense random weights are gone: the peak from here is the quantized model's,
+        // as when it is loaded from a quantized checkpoint.
+        crate::memory::release_freed();
+        reset_peak_rss();
+    }
+    model.prepare_for_inference()?;
+    Ok(model)
 }
 
 /// Decoded tokens per second of one request: the tokens after the first of each sample,
@@ -288,7 +317,12 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "model            random Qwen2-VL, {:.1}M parameters ({})",
+            "model            {}, {:.1}M parameters ({})",
+            if self.random {
+                "random Qwen2-VL"
+            } else {
+                "checkpoint"
+            },
             self.parameters as f64 / 1e6,
             self.shape
         )?;

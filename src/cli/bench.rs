@@ -138,23 +138,30 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
             DType::BF16
         });
     let shape = a.shape.shape()?;
-    // The random weights are built before anything else: they must fit.
-    let config = shape.config()?;
-    let bytes = crate::model::num_parameters(&config)? as u128 * dtype.size_in_bytes() as u128;
-    if let (what, Some(available)) = crate::device::available_memory(&device) {
-        if bytes > available as u128 {
-            bail!(
-                "{}: its {} weights take {:.2} GiB but {what} is {:.2} GiB; use a smaller \
-                 --preset or --config, or --dtype bf16",
-                shape.name,
-                format!("{dtype:?}").to_lowercase(),
-                bytes as f64 / (1u64 << 30) as f64,
-                available as f64 / (1u64 << 30) as f64
-            );
+    let weights = match &a.model {
+        Some(dir) => crate::bench::Weights::Checkpoint(dir),
+        None => {
+            // The random weights are built before anything else: they must fit.
+            let config = shape.config()?;
+            let bytes =
+                crate::model::num_parameters(&config)? as u128 * dtype.size_in_bytes() as u128;
+            if let (what, Some(available)) = crate::device::available_memory(&device) {
+                if bytes > available as u128 {
+                    bail!(
+                        "{}: its {} weights take {:.2} GiB but {what} is {:.2} GiB; use a \
+                         smaller --preset or --config, or --dtype bf16",
+                        shape.name,
+                        format!("{dtype:?}").to_lowercase(),
+                        bytes as f64 / (1u64 << 30) as f64,
+                        available as f64 / (1u64 << 30) as f64
+                    );
+                }
+            }
+            crate::bench::Weights::Random(&shape)
         }
-    }
+    };
     let report = crate::bench::run(
-        &shape,
+        weights,
         &device,
         dtype,
         a.quantize.map(Into::into),

@@ -814,6 +814,11 @@ impl ShapeArgs {
 pub struct BenchGenerateArgs {
     #[command(flatten)]
     pub shape: ShapeArgs,
+    /// Benchmark a checkpoint's own weights instead of a random model (any checkpoint
+    /// `ask` loads: quantized, imported from GGUF, ...); the peak memory then includes
+    /// loading it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "config"])]
+    pub model: Option<PathBuf>,
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub new_tokens: usize,
