@@ -439,6 +439,50 @@ fn bench_generate_runs_and_reports_every_figure() {
     }
 }
 
+/// `bench generate --model DIR` times the checkpoint's own weights: its parameter count
+/// (transformers' count of the fixture), its quantization when asked, and it does not mix
+/// with the random shapes' flags.
+#[test]
+fn bench_generate_times_a_checkpoint() {
+    let dir = fixtures().join("tiny-a");
+    let want: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("cases-tiny-a.json")).unwrap(),
+    )
+    .unwrap();
+    for quantize in [None, Some("q8_0")] {
+        let mut args = vec![
+            "bench",
+            "generate",
+            "--model",
+            s(&dir),
+            "--new-tokens",
+            "2",
+            "--group",
+            "2",
+            "--json",
+        ];
+        if let Some(q) = quantize {
+            args.extend(["--quantize", q]);
+        }
+        let (ok, out, err) = medvlm(&args);
+        assert!(ok, "{err}");
+        let j: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["random"], false);
+        assert_eq!(j["parameters"], want["num_parameters"]);
+        assert_eq!(j["quantize"].as_str(), quantize);
+        assert!(j["decode_tok_s_batch1"].as_f64().unwrap() > 0.0);
+    }
+    let (ok, _, err) = medvlm(&[
+        "bench",
+        "generate",
+        "--model",
+        s(&dir),
+        "--preset",
+        "qwen2-vl-2b",
+    ]);
+    assert!(!ok && err.contains("--preset"), "{err}");
+}
+
 #[test]
 fn bench_train_runs_grpo_and_sft_steps_and_reports_every_phase() {
     for sft in [false, true] {
