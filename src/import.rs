@@ -478,6 +478,14 @@ fn config_json(text: &Gguf, vision: &Gguf, arch: Arch, v: &Vocabulary) -> Result
     // `feed_forward_length` from a config field that is not the MLP's.
     let (ffn, _) = dims2(vision, "v.blk.0.ffn_up.weight")?;
     let (out_hidden, _) = dims2(vision, "mm.2.weight")?;
+    if out_hidden != hidden {
+        bail!(
+            "{}: its projector writes {out_hidden}-wide vectors but {} is {hidden} wide: the \
+             two files are not one model's",
+            vision.path().display(),
+            text.path().display()
+        );
+    }
     let heads = vision.usize("clip.vision.attention.head_count")?;
     let patch = vision.usize("clip.vision.patch_size")?;
     let merge = merge_size(vision)?;
@@ -1021,4 +1029,28 @@ fn patch_embed<'a>(g: &'a Gguf, w: &mut Weights<'a>, name: &str) -> Result<()> {
         bytes: Bytes::Owned(bytes),
     };
     w.add(g, &parts, name.to_string(), shape, entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GGUF's f32 keys come back as the decimals the config said.
+    #[test]
+    fn f32_keys_read_back_as_written() {
+        assert_eq!(short(1e-6f32 as f64), 1e-6);
+        assert_eq!(short(0.48145466f32 as f64), 0.48145467);
+        assert_eq!(short(1e6), 1e6);
+        assert_eq!(short(0.001f32 as f64), 0.001);
+    }
+
+    #[test]
+    fn block_names_split_into_index_module_suffix() {
+        assert_eq!(
+            block_name("v.blk.12.attn_q.bias", "v.blk."),
+            Some((12, "attn_q", "bias"))
+        );
+        assert_eq!(block_name("blk.x.attn_q.weight", "blk."), None);
+        assert_eq!(block_name("blk.3", "blk."), None);
+    }
 }

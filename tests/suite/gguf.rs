@@ -260,6 +260,8 @@ fn bad_gguf_files_are_refused_in_one_line() {
         b[ty..ty + 4].copy_from_slice(&7u32.to_le_bytes());
     });
     let not_gguf = fixtures().join("tiny-a").join("model.safetensors");
+    // Another model's vision tower (256-wide projector, 64-wide text model).
+    let other_mmproj = gguf("mmproj-tiny-k-f16.gguf");
     let cases: Vec<(&Path, &Path, &str, &Path)> = vec![
         (&mmproj, &model, "pass the text model as --model", &mmproj),
         (&truncated, &mmproj, "truncated", &truncated),
@@ -273,6 +275,7 @@ fn bad_gguf_files_are_refused_in_one_line() {
             &not_gguf,
         ),
         (&model, &model, "not an mmproj", &model),
+        (&model, &other_mmproj, "not one model's", &model),
         (&dir, &mmproj, "directory", &dir),
     ];
     for (m, v, says, names) in cases {
