@@ -41,15 +41,7 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
         );
     }
     let device = crate::device::parse(m.device.as_deref())?;
-    // Weights about to be quantized are read in the narrowest dtype that holds them
-    // exactly (bf16 for a bf16 checkpoint: half the memory of f32 while loading), so that
-    // the result is what `medvlm quantize` writes; otherwise as asked.
-    let dtype = match (m.dtype, m.quantize) {
-        (Some(d), _) => d,
-        (None, Some(_)) => crate::model::CheckpointWeights::open(&m.model)?.exact_float_dtype(),
-        (None, None) if device.is_cpu() => DType::F32,
-        (None, None) => DType::BF16,
-    };
+    let dtype = load_dtype(&m.model, m.dtype, m.quantize, &device)?;
     let processor = Processor::from_dir(&m.model, opts)?;
     let model = inference_model(
         &m.model,
@@ -90,6 +82,24 @@ pub fn load(m: &ModelSource, opts: &ProcessorOptions) -> Result<Loaded> {
         }
     }
     Ok(Loaded { model, processor })
+}
+
+/// The dtype a checkpoint is loaded in for inference: `asked`, else for weights about to be
+/// quantized the narrowest dtype that holds them exactly (bf16 for a bf16 checkpoint: half
+/// the memory of f32 while loading), so that the result is what `medvlm quantize` writes;
+/// else f32 on the CPU and bf16 on a GPU.
+pub fn load_dtype(
+    dir: &Path,
+    asked: Option<DType>,
+    quantize: Option<crate::kernels::quant::QuantKind>,
+    device: &Device,
+) -> Result<DType> {
+    Ok(match (asked, quantize) {
+        (Some(d), _) => d,
+        (None, Some(_)) => crate::model::CheckpointWeights::open(dir)?.exact_float_dtype(),
+        (None, None) if device.is_cpu() => DType::F32,
+        (None, None) => DType::BF16,
+    })
 }
 
 /// The model part of [`load`]: the checkpoint in `dtype` on `device`, its adapter merged,

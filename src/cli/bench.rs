@@ -129,17 +129,22 @@ pub(super) fn run_bench_generate(a: BenchGenerateArgs) -> Result<()> {
         bail!("--new-tokens must be at least 2 and --group at least 1");
     }
     let device = parse_device(a.device.as_deref())?;
-    let dtype = a
-        .dtype
-        .map(DType::from)
-        .unwrap_or(if device.is_cpu() && a.quantize.is_none() {
-            DType::F32
-        } else {
-            DType::BF16
-        });
+    let mut dtype =
+        a.dtype
+            .map(DType::from)
+            .unwrap_or(if device.is_cpu() && a.quantize.is_none() {
+                DType::F32
+            } else {
+                DType::BF16
+            });
     let shape = a.shape.shape()?;
     let weights = match &a.model {
-        Some(dir) => crate::bench::Weights::Checkpoint(dir),
+        Some(dir) => {
+            // As the inference commands load it (not the random model's default).
+            let asked = a.dtype.map(DType::from);
+            dtype = crate::infer::load_dtype(dir, asked, a.quantize.map(Into::into), &device)?;
+            crate::bench::Weights::Checkpoint(dir)
+        }
         None => {
             // The random weights are built before anything else: they must fit.
             let config = shape.config()?;

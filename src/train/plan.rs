@@ -434,7 +434,10 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     // multiplies it: through the tensor ops it had measured 1.2 GB over this plan at the
     // bench model's 151,936-word vocabulary (5.58 GB peak against 4.4 planned), memory
     // that grew with the vocabulary while the small-vocabulary sweep stayed within 10%.
-    let head_kernel = cpu_kernels && (b == 4 || bf16_dot);
+    // Without AVX-512 BF16 the kernel still takes bf16 hidden states against an f32 weight
+    // (full fine-tuning's masters, or an f32 LoRA base), widened to f32 (`train::token_logps`).
+    let head_weight_f32 = lora.is_none_or(|l| l.base_dtype().ok() == Some(DType::F32));
+    let head_kernel = cpu_kernels && (b == 4 || bf16_dot || head_weight_f32);
     let head_f32_copy = if head_kernel || (lora.is_none() && b == 4) {
         0
     } else {
@@ -488,7 +491,9 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     // A bf16 run with AVX-512 BF16 (not LoRA) decodes and scores the reference with
     // models prepared for inference: f32 activations, caches and logits; its rollouts with
     // a bf16 copy of the weights, built for each rollout (`TrainableModel::rollout_model`).
-    let prepared = bf16_dot && lora.is_none();
+    // (Prepared on any CPU with the kernels: without AVX-512 BF16 the prepared layers widen
+    // their bf16 weights instead; `Qwen2Vl::prepare_for_scoring`, `rollout_model`.)
+    let prepared = cpu_kernels && p.compute == DType::BF16 && lora.is_none();
     let sb = if prepared { 4 } else { b };
     let rollout_copy = if prepared && grpo { 2 * sh.total } else { 0 };
     let kv_cache = if grpo {
