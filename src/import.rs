@@ -1,6 +1,7 @@
-//! `medvlm import-gguf`: a Qwen2-VL or Qwen2.5-VL as llama.cpp and Ollama users have it (a
-//! text model GGUF plus the `mmproj` GGUF of its vision tower) becomes a medvlm checkpoint
-//! directory that every command loads with `--model`.
+//! `medvlm import-gguf`: a Qwen2-VL or Qwen2.5-VL as llama.cpp and LM Studio users have it
+//! (a text model GGUF plus the `mmproj` GGUF of its vision tower) becomes a medvlm
+//! checkpoint directory that every command loads with `--model`. Ollama's own single-file
+//! models are another layout (architecture "qwen25vl") and are refused by name.
 //!
 //! Exact for what it reads: f32, f16 and bf16 tensors are written as they are; Q8_0, Q4_1,
 //! Q4_K and Q6_K matrices become medvlm's q8_0, q4_1, q4_k and q6_k weights of the same

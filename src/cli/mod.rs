@@ -127,7 +127,7 @@ pub enum Command {
         after_help = "Example:\n  medvlm quantize --model ./medvlm-r1-merged --to q8_0 --out ./medvlm-r1-q8_0\n  medvlm ask --model ./medvlm-r1-q8_0 --image scan.dcm --question q.txt"
     )]
     Quantize(QuantizeArgs),
-    /// Turn a llama.cpp / Ollama GGUF pair (the text model and its mmproj vision file) into a
+    /// Turn a llama.cpp GGUF pair (the text model and its mmproj vision file) into a
     /// checkpoint directory every command loads with --model. Qwen2-VL and Qwen2.5-VL; F32,
     /// F16, BF16, Q8_0, Q4_1, Q4_K and Q6_K tensors, kept exactly (a Q4_K_M file runs as its
     /// Q4_K/Q6_K mix, nothing is re-quantized).
