@@ -31,11 +31,6 @@ use crate::model::config::Arch;
 use crate::model::gguf::{GgmlType, Gguf, Value};
 use crate::model::{quantized, Qwen2VlConfig, WeightLayout};
 
-/// Qwen2-VL's released image processor bounds (preprocessor_config.json of
-/// Qwen/Qwen2-VL-2B-Instruct), written when the user gives none: a GGUF does not carry them.
-pub const DEFAULT_MIN_PIXELS: usize = 3136;
-pub const DEFAULT_MAX_PIXELS: usize = 12_845_056;
-
 /// The attention window of a Qwen2.5-VL whose mmproj does not say one: the released models'
 /// 112 pixels, which llama.cpp also takes then.
 const DEFAULT_WINDOW: usize = 112;
@@ -407,38 +402,38 @@ fn generation_config(g: &Gguf, v: &Vocabulary) -> Result<Option<Json>> {
     Ok(Some(Json::Object(out)))
 }
 
+/// preprocessor_config.json: mean, std, patch and merge from the mmproj; the pixel bounds,
+/// which a GGUF does not carry, Qwen2-VL's released ones unless the user gives them.
 fn preprocessor(vision: &Gguf, opts: &ImportOptions) -> Result<Json> {
-    let three = |key: &str| -> Result<Vec<f64>> {
+    let three = |key: &str| -> Result<[f64; 3]> {
         let v = vision.f64s(key)?;
-        if v.len() != 3 {
-            bail!(
+        let v: [f64; 3] = v.as_slice().try_into().map_err(|_| {
+            anyhow!(
                 "{}: {key} has {} values, not 3",
                 vision.path().display(),
                 v.len()
-            );
-        }
-        Ok(v.into_iter().map(short).collect())
+            )
+        })?;
+        Ok(v.map(short))
     };
-    let min = opts.min_pixels.unwrap_or(DEFAULT_MIN_PIXELS);
-    let max = opts.max_pixels.unwrap_or(DEFAULT_MAX_PIXELS);
+    let min = opts
+        .min_pixels
+        .unwrap_or(crate::processor::ImageProcessorConfig::default().min_pixels);
+    let max = opts
+        .max_pixels
+        .unwrap_or(crate::processor::image_processor::QWEN2_VL_MAX_PIXELS);
     if min > max {
         bail!("--min-pixels {min} is above --max-pixels {max}");
     }
-    Ok(json!({
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2VLProcessor",
-        "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
-        "image_mean": three("clip.vision.image_mean")?,
-        "image_std": three("clip.vision.image_std")?,
-        "min_pixels": min,
-        "max_pixels": max,
-        "size": {"shortest_edge": min, "longest_edge": max},
-        "patch_size": vision.usize("clip.vision.patch_size")?,
-        "temporal_patch_size": 2,
-        "merge_size": merge_size(vision)?,
-        "resample": 3,
-        "rescale_factor": 0.00392156862745098,
-    }))
+    Ok(
+        crate::processor::image_processor::qwen2_vl_preprocessor_json(
+            three("clip.vision.image_mean")?,
+            three("clip.vision.image_std")?,
+            (min, max),
+            vision.usize("clip.vision.patch_size")?,
+            merge_size(vision)?,
+        ),
+    )
 }
 
 fn merge_size(vision: &Gguf) -> Result<usize> {
@@ -583,7 +578,15 @@ enum Bytes<'a> {
         k: usize,
         parts: Vec<&'a [u8]>,
     },
-    /// Made here: the stacked patch embedding, a dequantized table.
+    /// A block-quantized matrix that is not a linear layer's (an untied embedding table),
+    /// dequantized to f32 as it is written.
+    Dequantized {
+        kind: QuantKind,
+        n: usize,
+        k: usize,
+        parts: Vec<&'a [u8]>,
+    },
+    /// Made here: the stacked patch embedding.
     Owned(Vec<u8>),
 }
 
@@ -641,8 +644,16 @@ fn unsupported(g: &Gguf, name: &str, t: GgmlType) -> anyhow::Error {
 }
 
 fn blocks_to_weight(kind: QuantKind, n: usize, k: usize, parts: &[&[u8]]) -> Result<QWeight> {
-    let bytes = parts.concat();
-    QWeight::from_ggml(kind, n, k, &bytes)
+    // One part (every tensor but the vision qkv) is converted where it is mapped.
+    let joined;
+    let bytes = match parts {
+        [one] => *one,
+        _ => {
+            joined = parts.concat();
+            &joined
+        }
+    };
+    QWeight::from_ggml(kind, n, k, bytes)
         .ok_or_else(|| anyhow!("{} blocks of the wrong length for ({n}, {k})", kind.name()))
 }
 
@@ -802,21 +813,16 @@ impl<'a> Weights<'a> {
         for name in tables {
             self.manifest.remove(&name);
             let e = self.entries.get_mut(&name).expect("checked above");
-            let Bytes::Blocks { kind, n, k, parts } = &e.bytes else {
+            let Bytes::Blocks { kind, n, k, parts } =
+                std::mem::replace(&mut e.bytes, Bytes::Owned(vec![]))
+            else {
                 unreachable!("the manifest names block tensors")
             };
-            let w = blocks_to_weight(*kind, *n, *k, parts)
-                .with_context(|| self.source[&name].clone())?;
-            let values: Vec<u8> = w
-                .dequantize()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
             *e = Entry {
                 dtype: "F32",
-                stored: vec![*n, *k],
-                len: values.len(),
-                bytes: Bytes::Owned(values),
+                stored: vec![n, k],
+                len: n * k * 4,
+                bytes: Bytes::Dequantized { kind, n, k, parts },
             };
         }
         Ok(())
@@ -864,6 +870,16 @@ impl<'a> Weights<'a> {
                     let w = blocks_to_weight(*kind, *n, *k, parts)
                         .with_context(|| self.source[name].clone())?;
                     out.write_all(w.bytes()).map_err(io)?;
+                }
+                Bytes::Dequantized { kind, n, k, parts } => {
+                    let w = blocks_to_weight(*kind, *n, *k, parts)
+                        .with_context(|| self.source[name].clone())?;
+                    let values: Vec<u8> = w
+                        .dequantize()
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect();
+                    out.write_all(&values).map_err(io)?;
                 }
                 Bytes::Owned(v) => out.write_all(v).map_err(io)?,
             }

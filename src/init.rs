@@ -175,19 +175,16 @@ fn write_side_files(
         }),
     )?;
     let preprocessor = match arch {
-        Arch::Qwen2Vl | Arch::Qwen25Vl => json!({
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2VLProcessor",
-            "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "min_pixels": min_pixels,
-            "max_pixels": max_pixels,
-            "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-            "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-            "resample": 3,
-            "rescale_factor": 0.00392156862745098,
-        }),
+        Arch::Qwen2Vl | Arch::Qwen25Vl => {
+            use crate::processor::image_processor::{CLIP_MEAN, CLIP_STD};
+            crate::processor::image_processor::qwen2_vl_preprocessor_json(
+                CLIP_MEAN,
+                CLIP_STD,
+                (min_pixels, max_pixels),
+                14,
+                2,
+            )
+        }
         // Qwen3-VL's released preprocessor_config.json (notes/28-research.md §4.2): the
         // torchvision processor, 16-pixel patches, mean and std 0.5.
         Arch::Qwen3Vl => json!({
@@ -470,8 +467,8 @@ pub fn write_preset(out: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
     let (min_pixels, max_pixels, generation) = match config.arch {
         // Qwen2-VL-2B-Instruct's generation_config.json.
         Arch::Qwen2Vl | Arch::Qwen25Vl => (
-            56 * 56,
-            12_845_056,
+            crate::processor::ImageProcessorConfig::default().min_pixels,
+            crate::processor::image_processor::QWEN2_VL_MAX_PIXELS,
             json!({
                 "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true,
                 "eos_token_id": [151645, 151643], "repetition_penalty": 1.05,

@@ -15,6 +15,8 @@ Writes tests/fixtures/gguf/:
   vision tower in f16 (the converter's default for an mmproj).
 - tiny-25a-q8_0.gguf + mmproj-tiny-25a-q4_1.gguf: the converter's own `--outtype q8_0`, and
   the vision tower's matrices in Q4_1 (gguf-py's numpy quantizer).
+- tiny-c-q8_0.gguf + mmproj-tiny-c-f16.gguf: an untied Qwen2-VL (transformers 5 layout), whose Q8_0 embedding table
+  is not a linear layer's matrix.
 
 Four things the converter cannot do for models this small are patched in, nothing else:
 the tiny tokenizers use Qwen2's pre-tokenizer but their vocabularies are not Qwen2's, so the
@@ -183,6 +185,9 @@ def main() -> None:
     convert("tiny-k", "f16", "mmproj-tiny-k-f16.gguf", mmproj=True)
     convert("tiny-25a", "q8_0", "tiny-25a-q8_0.gguf")
     convert("tiny-25a", "f16", "mmproj-tiny-25a-q4_1.gguf", mmproj=True, rule=q4_1)
+    # Untied (transformers 5 layout): a quantized embedding table that is no linear layer.
+    convert("tiny-c", "q8_0", "tiny-c-q8_0.gguf")
+    convert("tiny-c", "f16", "mmproj-tiny-c-f16.gguf", mmproj=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,34 @@ fn to_f32_triple(v: [f64; 3]) -> [f32; 3] {
 
 use super::image::MAX_ASPECT_RATIO;
 
+/// `max_pixels` of Qwen2-VL's released preprocessor_config.json (16384 x 28 x 28); its
+/// `min_pixels` is transformers' default, [`ImageProcessorConfig::default`]'s.
+pub const QWEN2_VL_MAX_PIXELS: usize = 12_845_056;
+
+/// A Qwen2-VL / Qwen2.5-VL preprocessor_config.json (the PIL `Qwen2VLImageProcessor`, two
+/// frames per patch), as the released checkpoints write it, with these settings.
+pub fn qwen2_vl_preprocessor_json(
+    mean: [f64; 3],
+    std: [f64; 3],
+    (min_pixels, max_pixels): (usize, usize),
+    patch_size: usize,
+    merge_size: usize,
+) -> Value {
+    serde_json::json!({
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
+        "image_mean": mean,
+        "image_std": std,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": patch_size, "temporal_patch_size": 2, "merge_size": merge_size,
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+    })
+}
+
 /// Most pixels an image may have after resizing, and so the largest `min_pixels` and
 /// `max_pixels` accepted: 2^24 = 16384 x 32 x 32, the largest of any released Qwen-VL
 /// processor (Qwen2-VL's preprocessor_config.json says 12845056 = 16384 x 28 x 28). What one

@@ -83,7 +83,13 @@ fn f32_ggufs_import_to_transformers_numbers() {
 /// converted from: a quantized one must hold exactly the weight our quantizer makes of the
 /// fixture's values in its format (which is ggml's, bit for bit: `quant` tests), a float
 /// one the fixture's values in the GGUF's type. Returns the formats seen, with counts.
-fn check_against_fixture(out: &Path, fixture: &str) -> HashMap<String, usize> {
+/// `tables` names tensors the file held in `QuantKind` blocks that are no linear layer's (an
+/// untied embedding table): they must hold exactly the dequantized weight, in f32.
+fn check_against_fixture(
+    out: &Path,
+    fixture: &str,
+    tables: &[(&str, QuantKind)],
+) -> HashMap<String, usize> {
     let kinds = CheckpointWeights::open(out).unwrap().quantized().clone();
     let got = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
     let want = candle_core::safetensors::load(
@@ -99,6 +105,7 @@ fn check_against_fixture(out: &Path, fixture: &str) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
     for (name, t) in &got {
         let w = &want[name];
+        let table = tables.iter().find(|(n, _)| n == name).map(|(_, k)| *k);
         let label = match kinds.get(name) {
             Some(&kind) => {
                 let (n, k) = w.dims2().unwrap();
@@ -120,17 +127,23 @@ fn check_against_fixture(out: &Path, fixture: &str) -> HashMap<String, usize> {
             }
             None => {
                 assert_eq!(t.dims(), w.dims(), "{fixture}: {name} shape");
-                let expect = w.to_dtype(t.dtype()).unwrap();
-                let d = (t.to_dtype(DType::F64).unwrap() - expect.to_dtype(DType::F64).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let expect = match table {
+                    Some(kind) => {
+                        let (n, k) = w.dims2().unwrap();
+                        let values: Vec<f32> = w
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        let deq = QWeight::quantize(kind, &values, n, k).dequantize();
+                        candle_core::Tensor::from_vec(deq, (n, k), &Device::Cpu).unwrap()
+                    }
+                    None => w.to_dtype(t.dtype()).unwrap(),
+                };
+                let f32s = |x: &candle_core::Tensor| x.to_dtype(DType::F32).unwrap();
+                let (d, _) = max_abs_diff(&f32s(t), &f32s(&expect));
                 assert_eq!(d, 0.0, "{fixture}: {name} differs from the fixture's");
                 format!("{:?}", t.dtype())
             }
@@ -155,7 +168,7 @@ fn quantized_ggufs_import_bit_for_bit() {
         "tiny-k",
         &out,
     );
-    let seen = check_against_fixture(&out, "tiny-k");
+    let seen = check_against_fixture(&out, "tiny-k", &[]);
     println!("tiny-k Q4_K_M: {seen:?}");
     assert!(seen["q4_k"] >= 10 && seen["q6_k"] >= 3, "{seen:?}");
     assert!(
@@ -208,12 +221,23 @@ fn quantized_ggufs_import_bit_for_bit() {
         "tiny-25a",
         &out,
     );
-    let seen = check_against_fixture(&out, "tiny-25a");
+    let seen = check_against_fixture(&out, "tiny-25a", &[]);
     println!("tiny-25a Q8_0 + Q4_1 vision: {seen:?}");
     assert!(
         seen["q8_0"] >= 10 && seen["q4_1"] >= 10 && seen["F16"] >= 1,
         "{seen:?}"
     );
+
+    // Untied: the Q8_0 embedding table is looked up, not multiplied, so it is stored
+    // dequantized (exactly); the head stays q8_0.
+    let out = dir.join("tiny-c");
+    import("tiny-c-q8_0.gguf", "mmproj-tiny-c-f16.gguf", "tiny-c", &out);
+    let embed = "model.embed_tokens.weight";
+    let seen = check_against_fixture(&out, "tiny-c", &[(embed, QuantKind::Q8_0)]);
+    println!("tiny-c Q8_0, untied: {seen:?}");
+    let kinds = CheckpointWeights::open(&out).unwrap().quantized().clone();
+    assert_eq!(kinds["lm_head.weight"], QuantKind::Q8_0);
+    assert!(!kinds.contains_key(embed));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
