@@ -114,7 +114,7 @@ pub fn inference_model(
     quantize: Option<crate::kernels::quant::QuantKind>,
     setting: &str,
 ) -> Result<Qwen2Vl> {
-    let mut model = Qwen2Vl::load(dir, dtype, device)?;
+    let mut model = Qwen2Vl::load_for_inference(dir, dtype, device)?;
     if let Some(a) = adapter {
         model
             .merge_adapter(a)

@@ -43,6 +43,11 @@ pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Option<R>
     with_data(t, f)
 }
 
+/// [`with_data`] for f16 data.
+pub fn with_f16<R>(t: &Tensor, f: impl FnOnce(&[half::f16]) -> R) -> Option<R> {
+    with_data(t, f)
+}
+
 /// The f32 data a custom op receives, which must be contiguous; `what` names the op.
 pub(crate) fn storage_f32<'a>(
     s: &'a candle_core::CpuStorage,

@@ -16,7 +16,9 @@
 //! are stored so only on CPUs without AVX-512 BF16 (those with it keep them (out, in) for
 //! `bf16dot`'s kernels, see `Linear::pack_for_inference`); here they are widened as they
 //! are read: row by row inside the streaming kernel, and a block of rows at a time into a
-//! reused f32 buffer ahead of gemm.
+//! reused f32 buffer ahead of gemm. f16 weights (an imported GGUF's f16 vision tower, an
+//! f16 checkpoint's linear layers) are kept and widened the same way: no CPU here has an
+//! f16 dot product, and widening keeps every value exact.
 
 use rayon::prelude::*;
 
@@ -107,11 +109,7 @@ fn gemm_product<W: WeightElem>(
             let src = &wt[p0 * n..(p0 + kb) * n];
             dst.par_chunks_mut(4096)
                 .zip(src.par_chunks(4096))
-                .for_each(|(d, s)| {
-                    for (d, s) in d.iter_mut().zip(s) {
-                        *d = s.to_f32();
-                    }
-                });
+                .for_each(|(d, s)| W::widen(s, d));
             // Columns p0..p0 + kb of x against the widened rows.
             let lhs = Mat {
                 data: &x[p0..],

@@ -22,6 +22,12 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// require it).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// `dst = src` as f32 (same lengths): a block of weight rows widened ahead of gemm.
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
 }
 
 impl WeightElem for f32 {
@@ -46,6 +52,25 @@ impl WeightElem for half::bf16 {
         // bf16 is the top half of an f32: widen to 32 bits and shift into place.
         let h = _mm256_loadu_si256(p as *const __m256i);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
+impl WeightElem for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // AVX-512F's own half-to-single conversion: exact, one instruction.
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // half's slice conversion uses F16C where the CPU has it (8 values an instruction);
+        // `to_f32` one value at a time would check for it on every value.
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(&mut dst[..src.len()]);
     }
 }
 

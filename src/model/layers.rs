@@ -184,7 +184,14 @@ impl Linear {
         }
         if let Some(l) = self.lora.take() {
             let w = (self.weight.to_dtype(DType::F32)? + l.dense()?)?;
-            self.weight = w.to_dtype(self.weight.dtype())?;
+            // An f16 weight is only ever one an f32 model kept in its stored precision
+            // (`Qwen2Vl::load_for_inference`): the merged weight is that model's, in f32, as
+            // it would be had the layer been loaded in f32.
+            let dtype = match self.weight.dtype() {
+                DType::F16 => DType::F32,
+                d => d,
+            };
+            self.weight = w.to_dtype(dtype)?;
         }
         Ok(())
     }
@@ -212,7 +219,8 @@ impl Linear {
     /// transposed view. A bf16 weight on a CPU with AVX-512 BF16 stays (out, in), the
     /// layout whose rows [`crate::kernels::bf16dot::rows`] streams fastest when decoding,
     /// and is marked for the bf16 kernels (f32 activations rounded to bf16 inside the
-    /// products); elsewhere it is stored input-major too and widened as it is read. Only
+    /// products); elsewhere it is stored input-major too and widened as it is read, as an
+    /// f16 weight always is (kept in f16 by [`super::Qwen2Vl::load_for_inference`]). Only
     /// CPU weights outside any gradient graph are touched; returns whether this one was.
     /// Training must not call this: the optimizer updates the (out, in) variables in place.
     pub fn pack_for_inference(&mut self) -> Result<bool> {
@@ -220,7 +228,7 @@ impl Linear {
         let packable = self.quant.is_none()
             && crate::kernels::cpu_kernels()
             && w.device().is_cpu()
-            && matches!(w.dtype(), DType::F32 | DType::BF16)
+            && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
             && w.rank() == 2
             && w.is_contiguous()
             && !w.is_variable()
@@ -270,9 +278,9 @@ impl Linear {
     /// The product against an input-major weight ([`Self::pack_for_inference`]), when the
     /// weight is stored so and no gradient is tracked.
     fn packed(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
-        use crate::kernels::{is_cpu_f32_contiguous, packed, with_bf16, with_f32};
+        use crate::kernels::{is_cpu_f32_contiguous, packed, with_bf16, with_f16, with_f32};
         let w = &self.weight;
-        if !matches!(w.dtype(), DType::F32 | DType::BF16)
+        if !matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
             || !w.device().is_cpu()
             || w.is_contiguous()
             || x.track_op()
@@ -289,14 +297,11 @@ impl Linear {
         let bias = self.bias_f32()?;
         let mut out = vec![0f32; m * n];
         let done = with_f32(x, |xs| {
-            if wt.dtype() == DType::F32 {
-                with_f32(&wt, |ws| {
-                    packed::linear(xs, ws, bias.as_deref(), (m, k, n), &mut out);
-                })
-            } else {
-                with_bf16(&wt, |ws| {
-                    packed::linear(xs, ws, bias.as_deref(), (m, k, n), &mut out);
-                })
+            let (b, o) = (bias.as_deref(), &mut out);
+            match wt.dtype() {
+                DType::F32 => with_f32(&wt, |ws| packed::linear(xs, ws, b, (m, k, n), o)),
+                DType::BF16 => with_bf16(&wt, |ws| packed::linear(xs, ws, b, (m, k, n), o)),
+                _ => with_f16(&wt, |ws| packed::linear(xs, ws, b, (m, k, n), o)),
             }
         })
         .flatten();

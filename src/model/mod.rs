@@ -89,6 +89,19 @@ impl Qwen2Vl {
     /// Loads `config.json` and the safetensors weights of a checkpoint directory, computing
     /// in `dtype` (weights saved in another dtype are converted on load).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, dtype, device, false)
+    }
+
+    /// [`Self::load`] for a model that will only run inference: on the CPU in f32, linear
+    /// layers stored in f16 keep their f16 weights (half the memory; the products widen them
+    /// as they read, so the values are the f32 model's: see [`crate::kernels::packed`]).
+    /// An f16 vision tower (an imported GGUF's mmproj, an f16 checkpoint) would otherwise
+    /// take twice its size. Quantized checkpoints, which only run inference, always load so.
+    pub fn load_for_inference(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, dtype, device, true)
+    }
+
+    fn load_with(dir: &Path, dtype: DType, device: &Device, inference: bool) -> Result<Self> {
         let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
         let weights = CheckpointWeights::open(dir)?;
         if !weights.quantized().is_empty() {
@@ -98,6 +111,9 @@ impl Qwen2Vl {
                     dir.display()
                 );
             }
+            return Self::load_quantized(dir, config, &weights, dtype);
+        }
+        if inference && !quantized::kept_f16(&weights, &config, dtype, device)?.is_empty() {
             return Self::load_quantized(dir, config, &weights, dtype);
         }
         let vb = weights.var_builder(dtype, device)?;

@@ -112,7 +112,9 @@ impl Qwen2Vl {
     }
 
     /// Loads a quantized checkpoint (one with a [`MANIFEST`]): every layer the manifest
-    /// names gets its stored weight, nothing is quantized again.
+    /// names gets its stored weight, nothing is quantized again; linear layers stored in
+    /// f16 stay f16 ([`kept_f16`]). A checkpoint without a manifest loads the same way,
+    /// with nothing to install: an inference load keeping f16 layers.
     pub(super) fn load_quantized(
         dir: &Path,
         config: Qwen2VlConfig,
@@ -126,6 +128,7 @@ impl Qwen2Vl {
         let backend = Placeholders {
             reader: weights.reader()?,
             quantized: kinds.keys().cloned().collect(),
+            keep: kept_f16(weights, &config, dtype, &Device::Cpu)?,
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, Device::Cpu);
         let layout = weights.layout(&config)?;
@@ -265,11 +268,41 @@ pub fn head_tensor(weights: &CheckpointWeights, config: &Qwen2VlConfig) -> Resul
     Ok(format!("{}.embed_tokens.weight", layout.text_prefix()))
 }
 
+/// The linear-layer weights of a checkpoint that an inference load in `dtype` on `device`
+/// keeps in f16 as stored: all of them stored in f16 when the model computes in f32 on the
+/// CPU with medvlm's kernels (which widen them exactly; candle's own ops would cast the
+/// whole weight on every call). The names are the layers' own, from the model built over
+/// the file headers (milliseconds); the LM head and embeddings are not linear layers here.
+pub(super) fn kept_f16(
+    weights: &CheckpointWeights,
+    config: &Qwen2VlConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<std::collections::HashSet<String>> {
+    let mut keep = std::collections::HashSet::new();
+    if dtype != DType::F32 || !device.is_cpu() || !crate::kernels::cpu_kernels() {
+        return Ok(keep);
+    }
+    if !weights.tensor_names().any(|n| weights.stored_dtype(n) == Some(DType::F16)) {
+        return Ok(keep);
+    }
+    let mut model = Qwen2Vl::over_headers(weights, config)?;
+    for (_, lin) in model.linears_mut() {
+        let name = format!("{}.weight", lin.name());
+        if weights.stored_dtype(&name) == Some(DType::F16) {
+            keep.insert(name);
+        }
+    }
+    Ok(keep)
+}
+
 /// The checkpoint's tensors, with a zero-memory placeholder of the requested shape for
-/// each quantized one (its bytes are installed after the model is built).
+/// each quantized one (its bytes are installed after the model is built), and the f16
+/// linear weights in `keep` as stored, whatever dtype the model asks for.
 struct Placeholders {
     reader: TensorReader,
     quantized: std::collections::HashSet<String>,
+    keep: std::collections::HashSet<String>,
 }
 
 impl SimpleBackend for Placeholders {
@@ -284,6 +317,9 @@ impl SimpleBackend for Placeholders {
         if self.quantized.contains(name) {
             let (n, k) = s.dims2()?;
             return super::layers::placeholder(n, k, dtype);
+        }
+        if self.keep.contains(name) {
+            return expect_shape(self.reader.read(name)?, &s, name);
         }
         expect_shape(self.reader.get(s.clone(), name, h, dtype, dev)?, &s, name)
     }

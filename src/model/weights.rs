@@ -230,6 +230,11 @@ impl CheckpointWeights {
         }
     }
 
+    /// The dtype `name` is stored in, when the checkpoint has it.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.tensors.get(name).map(|(dt, _)| *dt)
+    }
+
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }

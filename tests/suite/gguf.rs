@@ -377,3 +377,99 @@ fn the_rebuilt_tokenizer_is_the_original() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Linear layers stored in f16 (an imported f16 mmproj; here tiny-a with every float tensor
+/// in f16) stay f16 when a model is loaded for inference in f32, and give what the same
+/// checkpoint widened to f32 by candle at load gives: the prompt's logits through the
+/// vision tower and prefill (many rows: blocks of widened rows into gemm) and a single
+/// token's (one row: the streaming kernel, or gemm without AVX-512). An adapter merged
+/// into an f16 layer yields the f32 model's merged weight bit for bit.
+#[test]
+fn f16_linear_layers_stay_f16_with_the_widened_numbers() {
+    use medvlm::model::Qwen2Vl;
+    let dir = scratch("f16");
+    let src = fixtures().join("tiny-a");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "json") {
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let halves: HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&halves, dir.join("model.safetensors")).unwrap();
+
+    let loaded = medvlm::infer::load(
+        &medvlm::infer::ModelSource {
+            model: dir.clone(),
+            ..Default::default()
+        },
+        &Default::default(),
+    )
+    .unwrap();
+    let mut kept = loaded.model.clone();
+    let mut widened = Qwen2Vl::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    widened.prepare_for_inference().unwrap();
+    let linears = kept.linears_mut().len();
+    assert!(linears > 10);
+    assert!(
+        kept.linears_mut()
+            .iter()
+            .all(|(_, l)| l.weight().dtype() == DType::F16),
+        "every linear layer kept in f16"
+    );
+    assert!(widened
+        .linears_mut()
+        .iter()
+        .all(|(_, l)| l.weight().dtype() == DType::F32));
+
+    let cases = load_cases("tiny-a");
+    let case = cases
+        .list()
+        .iter()
+        .find(|c| c["name"] == "one_image")
+        .unwrap();
+    let prompt = case_prompt(&loaded.processor, case);
+    let pixels = prompt.pixel_values(&Device::Cpu).unwrap();
+    let ids = &prompt.input_ids;
+    for (what, ids, pixels, grids) in [
+        ("prompt", &ids[..], pixels.as_ref(), prompt.grids()),
+        ("one token", &ids[..1], None, vec![]),
+    ] {
+        let a = kept.forward_logits(ids, pixels, &grids).unwrap();
+        let b = widened.forward_logits(ids, pixels, &grids).unwrap();
+        let (d, m) = max_abs_diff(&a, &b);
+        println!("{what}: f16 kept vs widened at load: max |diff| {d:.2e} of {m:.2e}");
+        assert!(m > 0.1 && d <= 2e-5 * m.max(1.0), "{what}: {d} of {m}");
+        // The f16 weights moved the model: the numbers are the f16 checkpoint's, not
+        // the fixture's (so the comparison above is not between two f32 models).
+        if what == "prompt" {
+            let (d, _) = max_abs_diff(&a, cases.tensor("one_image.logits"));
+            assert!(d > 1e-6, "f16 rounding must show against the f32 fixture");
+        }
+    }
+
+    // An adapter merged into a kept f16 layer: the f32 model's weight, bit for bit.
+    let adapter = fixtures().join("lora-a");
+    let mut kept = Qwen2Vl::load_for_inference(&dir, DType::F32, &Device::Cpu).unwrap();
+    let mut widened = Qwen2Vl::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    kept.merge_adapter(&adapter).unwrap();
+    widened.merge_adapter(&adapter).unwrap();
+    let mut merged = 0;
+    for ((name, a), (_, b)) in kept.linears_mut().into_iter().zip(widened.linears_mut()) {
+        let (a, b) = (a.weight(), b.weight());
+        if a.dtype() == DType::F16 {
+            continue;
+        }
+        merged += 1;
+        assert_eq!(a.dtype(), DType::F32, "{name}");
+        let (d, _) = max_abs_diff(a, b);
+        assert_eq!(d, 0.0, "{name}");
+    }
+    assert!(merged > 0, "the adapter touched no kept layer");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
