@@ -107,6 +107,21 @@ pub fn has_avx512() -> bool {
     }
 }
 
+/// Whether the CPU has AVX2 with FMA and F16C (x86-64 since Haswell / Zen 1): the
+/// streaming kernels' 256-bit paths on CPUs without AVX-512, most of the x86 CPUs users
+/// have. Cached by std after the first call.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx2") && has!("fma") && has!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Splits `0..len` (rows of a weight, in streaming order) into one contiguous slab per pool
 /// thread and runs `f(slab, acc)` for each on its own zeroed accumulator of `acc_len`
 /// floats; returns the accumulators, one after the other, for the caller to add up.

@@ -137,7 +137,10 @@ fn as_f32<W: WeightElem>(wt: &[W]) -> Option<&[f32]> {
 /// task streams its slab from memory front to back once (the access pattern prefetchers
 /// like best; bands of columns, one per task, read short strided pieces of every row and
 /// ran at half the speed). Each task sums into its own m x n partial product, in cache;
-/// the partials are added at the end. Returns false without AVX-512 (the caller uses gemm).
+/// the partials are added at the end. 512-bit on AVX-512, 256-bit on AVX2 (with FMA and
+/// F16C); returns false on other CPUs (the caller uses gemm, which for one row and a
+/// widened weight costs a second pass over it: bf16 decoding on an AVX2 Zen 3 ran at a
+/// third of its bandwidth through gemm).
 fn stream<W: WeightElem>(
     x: &[f32],
     wt: &[W],
@@ -146,12 +149,19 @@ fn stream<W: WeightElem>(
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx512() {
+    if super::has_avx512() || super::has_avx2() {
+        let wide = super::has_avx512();
         let partial = super::slab_partials(k, m * n, |rows, acc| {
-            // SAFETY: AVX-512F is present (checked above); the slab lies inside 0..k, x
-            // holds m x k floats and wt k x n (asserted by `linear`, the only caller), and
-            // acc holds m x n floats.
-            unsafe { avx512::slab(x, wt, (m, k, n), rows.start, rows.end, acc) };
+            // SAFETY: AVX-512F (`wide`) or AVX2, FMA and F16C are present (checked above);
+            // the slab lies inside 0..k, x holds m x k floats and wt k x n (asserted by
+            // `linear`, the only caller), and acc holds m x n floats.
+            unsafe {
+                if wide {
+                    avx512::slab(x, wt, (m, k, n), rows.start, rows.end, acc)
+                } else {
+                    avx2::slab(x, wt, (m, k, n), rows.start, rows.end, acc)
+                }
+            };
         });
         let out = &mut out[..m * n];
         match bias {
@@ -273,6 +283,88 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::WeightElem;
+    use std::arch::x86_64::*;
+
+    /// [`super::avx512::slab`] in 256-bit registers: `acc (m x n) += x[:, p0..p1] ·
+    /// wt[p0..p1, :]`, four weight rows at a time; the last `n % 8` columns are summed one
+    /// by one.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present. Nothing is bounds-checked: `p1 <= k`, and `x`
+    /// must hold `m * k` floats, `wt` at least `p1 * n` values, `acc` `m * n` floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn slab<W: WeightElem>(
+        x: &[f32],
+        wt: &[W],
+        (m, k, n): (usize, usize, usize),
+        p0: usize,
+        p1: usize,
+        acc: &mut [f32],
+    ) {
+        let full = n / 8 * 8;
+        let w = wt.as_ptr();
+        let mut p = p0;
+        while p < p1 {
+            // Four rows share each load and store of the accumulator; the slab's last
+            // rows go one at a time.
+            let q = if p + 4 <= p1 { 4 } else { 1 };
+            let rows = [
+                w.add(p * n),
+                w.add((p + 1).min(p1 - 1) * n),
+                w.add((p + 2).min(p1 - 1) * n),
+                w.add((p + 3).min(p1 - 1) * n),
+            ];
+            for r in 0..m {
+                let xr = x.as_ptr().add(r * k + p);
+                let a = acc.as_mut_ptr().add(r * n);
+                if q == 4 {
+                    let xs = [
+                        _mm256_set1_ps(*xr),
+                        _mm256_set1_ps(*xr.add(1)),
+                        _mm256_set1_ps(*xr.add(2)),
+                        _mm256_set1_ps(*xr.add(3)),
+                    ];
+                    let mut j = 0;
+                    while j < full {
+                        let mut s = _mm256_loadu_ps(a.add(j));
+                        for t in 0..4 {
+                            s = _mm256_fmadd_ps(xs[t], W::load8(rows[t].add(j)), s);
+                        }
+                        _mm256_storeu_ps(a.add(j), s);
+                        j += 8;
+                    }
+                    for j in full..n {
+                        let mut v = *a.add(j);
+                        for (t, row) in rows.iter().enumerate() {
+                            v += *xr.add(t) * (*row.add(j)).to_f32();
+                        }
+                        *a.add(j) = v;
+                    }
+                } else {
+                    let xv = _mm256_set1_ps(*xr);
+                    let mut j = 0;
+                    while j < full {
+                        let s = _mm256_fmadd_ps(
+                            xv,
+                            W::load8(rows[0].add(j)),
+                            _mm256_loadu_ps(a.add(j)),
+                        );
+                        _mm256_storeu_ps(a.add(j), s);
+                        j += 8;
+                    }
+                    for j in full..n {
+                        *a.add(j) += *xr * (*rows[0].add(j)).to_f32();
+                    }
+                }
+            }
+            p += q;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,10 +374,10 @@ mod tests {
     /// fallback, gives every product; without AVX-512 BF16, bf16 weights are widened.
     #[test]
     fn matches_the_definition_for_every_edge_shape() {
-        let simd = crate::kernels::has_avx512();
+        let simd = crate::kernels::has_avx512() || crate::kernels::has_avx2();
         if !simd {
             crate::kernels::skip_or_require(
-                "packed's slab kernel (this CPU lacks AVX-512); checked gemm, \
+                "packed's slab kernels (this CPU lacks AVX-512 and AVX2); checked gemm, \
                  on f32 and on widened bf16 weights, the fallback, instead",
             );
         }
@@ -312,6 +404,13 @@ mod tests {
                 linear(&x, &wb, bias, (m, k, n), &mut outb);
                 let mut outw = vec![f32::NAN; m * n];
                 gemm_product(&x, &wb, bias, (m, k, n), &mut outw);
+                // And in f16 (no dot products for it anywhere: always widened), through
+                // whichever path `linear` picks and through gemm's widened blocks.
+                let wh: Vec<half::f16> = wt.iter().map(|&v| half::f16::from_f32(v)).collect();
+                let mut outh = vec![f32::NAN; m * n];
+                linear(&x, &wh, bias, (m, k, n), &mut outh);
+                let mut outg = vec![f32::NAN; m * n];
+                gemm_product(&x, &wh, bias, (m, k, n), &mut outg);
                 // Few rows without bf16 dot products: the slab kernel widens as it reads.
                 let streamed =
                     m <= STREAM_ROWS_WIDENED && stream(&x, &wb, bias, (m, k, n), &mut outw);
@@ -348,6 +447,18 @@ mod tests {
                             "widened ({m},{k},{n}) streamed {streamed} bias {} [{i},{j}]: {got} vs {want}",
                             bias.is_some()
                         );
+                        let want: f32 = (0..k)
+                            .map(|p| x[i * k + p] * f32::from(wh[p * n + j]))
+                            .sum::<f32>()
+                            + bias.map_or(0.0, |b| b[j]);
+                        for (path, got) in [("linear", outh[i * n + j]), ("gemm", outg[i * n + j])]
+                        {
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "f16 {path} ({m},{k},{n}) bias {} [{i},{j}]: {got} vs {want}",
+                                bias.is_some()
+                            );
+                        }
                     }
                 }
             }

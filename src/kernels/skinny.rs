@@ -22,6 +22,13 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// require it).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// 8 consecutive values from `p`, as f32.
+    ///
+    /// # Safety
+    /// `p..p+8` must be readable and AVX2, FMA and F16C present (only called from kernels
+    /// that require them: [`super::has_avx2`]).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
     /// `dst = src` as f32 (same lengths): a block of weight rows widened ahead of gemm.
     fn widen(src: &[Self], dst: &mut [f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -39,6 +46,11 @@ impl WeightElem for f32 {
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
         std::arch::x86_64::_mm512_loadu_ps(p)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
 }
 
 impl WeightElem for half::bf16 {
@@ -53,6 +65,13 @@ impl WeightElem for half::bf16 {
         let h = _mm256_loadu_si256(p as *const __m256i);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
 }
 
 impl WeightElem for half::f16 {
@@ -65,6 +84,12 @@ impl WeightElem for half::f16 {
         use std::arch::x86_64::*;
         // AVX-512F's own half-to-single conversion: exact, one instruction.
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
     fn widen(src: &[Self], dst: &mut [f32]) {
         // half's slice conversion uses F16C where the CPU has it (8 values an instruction);
@@ -126,8 +151,146 @@ fn widening<W: WeightElem>(
         });
         return true;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        let chunk = (n / (8 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let j0 = c * chunk;
+            let j1 = (j0 + chunk).min(n);
+            // SAFETY: as above, with AVX2, FMA and F16C present (checked just above).
+            unsafe { avx2::columns(x, w, bias, m, k, n, j0, j1, out_ptr.get()) };
+        });
+        return true;
+    }
     let _ = (x, w, bias, m, k, n, out);
     false
+}
+
+/// [`avx512`]'s kernel in 256-bit registers, for CPUs with AVX2 but not AVX-512 (the same
+/// blocking; kept apart so that neither path's code changes the other's, which a machine
+/// without AVX-512 could not check).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::WeightElem;
+    use std::arch::x86_64::*;
+
+    /// Columns j0..j1 of the product, for every row.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; otherwise as [`super::avx512::columns`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn columns<W: WeightElem>(
+        x: &[f32],
+        w: &[W],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+    ) {
+        let mut j = j0;
+        while j < j1 {
+            let nc = (j1 - j).min(4);
+            let mut i = 0;
+            while i < m {
+                let nr = (m - i).min(4);
+                let mut acc = [[0f32; 4]; 4];
+                match (nr, nc) {
+                    (4, 4) => block::<W, 4, 4>(x, w, k, i, j, &mut acc),
+                    (4, c) => tail_cols::<W, 4>(x, w, k, i, j, c, &mut acc),
+                    (3, c) => tail_cols::<W, 3>(x, w, k, i, j, c, &mut acc),
+                    (2, c) => tail_cols::<W, 2>(x, w, k, i, j, c, &mut acc),
+                    (_, c) => tail_cols::<W, 1>(x, w, k, i, j, c, &mut acc),
+                }
+                for (r, row) in acc.iter().enumerate().take(nr) {
+                    for (c, &v) in row.iter().enumerate().take(nc) {
+                        let b = bias.map_or(0.0, |b| b[j + c]);
+                        *out.add((i + r) * n + j + c) = v + b;
+                    }
+                }
+                i += nr;
+            }
+            j += nc;
+        }
+    }
+
+    /// [`block`] with C chosen at run time.
+    ///
+    /// # Safety
+    /// That of [`block`] with C = `nc` (an `nc` outside 2..=4 runs as C = 1).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tail_cols<W: WeightElem, const R: usize>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        i: usize,
+        j: usize,
+        nc: usize,
+        acc: &mut [[f32; 4]; 4],
+    ) {
+        match nc {
+            4 => block::<W, R, 4>(x, w, k, i, j, acc),
+            3 => block::<W, R, 3>(x, w, k, i, j, acc),
+            2 => block::<W, R, 2>(x, w, k, i, j, acc),
+            _ => block::<W, R, 1>(x, w, k, i, j, acc),
+        }
+    }
+
+    /// The sum of the 8 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// R rows of x (from i) against C rows of w (from j): R x C dot products of length k,
+    /// 8 lanes at a time, the last `k % 8` terms one by one.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present. Unchecked reads: `x` must hold `(i + R) * k`
+    /// floats at least, `w` `(j + C) * k` values at least.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block<W: WeightElem, const R: usize, const C: usize>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        i: usize,
+        j: usize,
+        acc_out: &mut [[f32; 4]; 4],
+    ) {
+        let xp = x.as_ptr().add(i * k);
+        let wp = w.as_ptr().add(j * k);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let full = k / 8 * 8;
+        let mut p = 0;
+        while p < full {
+            let mut wv = [_mm256_setzero_ps(); C];
+            for (c, v) in wv.iter_mut().enumerate() {
+                *v = W::load8(wp.add(c * k + p));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(r * k + p));
+                for c in 0..C {
+                    row[c] = _mm256_fmadd_ps(xv, wv[c], row[c]);
+                }
+            }
+            p += 8;
+        }
+        for r in 0..R {
+            for c in 0..C {
+                let mut v = sum8(acc[r][c]);
+                for q in full..k {
+                    v += *xp.add(r * k + q) * (*wp.add(c * k + q)).to_f32();
+                }
+                acc_out[r][c] = v;
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -271,11 +434,11 @@ mod tests {
     /// untouched), and the plain ops its callers run instead must give the same.
     #[test]
     fn matches_the_definition_for_every_edge_shape() {
-        let simd = has_avx512();
+        let simd = has_avx512() || crate::kernels::has_avx2();
         if !simd {
             skip_or_require(
-                "skinny kernel (this CPU lacks AVX-512F); checked the plain matmul its callers \
-                 take instead",
+                "skinny kernel (this CPU lacks AVX-512F and AVX2); checked the plain matmul its \
+                 callers take instead",
             );
         }
         for &(m, k, n) in &[
@@ -313,10 +476,10 @@ mod tests {
     #[test]
     fn bf16_weights_widen_exactly() {
         let dot = crate::kernels::bf16dot::available();
-        let simd = has_avx512();
+        let simd = has_avx512() || crate::kernels::has_avx2();
         if !simd {
             skip_or_require(
-                "skinny kernels on bf16 weights (this CPU lacks AVX-512F); checked the plain \
+                "skinny kernels on bf16 weights (this CPU lacks AVX-512F and AVX2); checked the plain \
                  matmul on the widened weight, which their callers take, instead",
             );
         } else if !dot {

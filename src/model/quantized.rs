@@ -283,7 +283,10 @@ pub(super) fn kept_f16(
     if dtype != DType::F32 || !device.is_cpu() || !crate::kernels::cpu_kernels() {
         return Ok(keep);
     }
-    if !weights.tensor_names().any(|n| weights.stored_dtype(n) == Some(DType::F16)) {
+    if !weights
+        .tensor_names()
+        .any(|n| weights.stored_dtype(n) == Some(DType::F16))
+    {
         return Ok(keep);
     }
     let mut model = Qwen2Vl::over_headers(weights, config)?;
