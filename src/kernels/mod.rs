@@ -1,9 +1,10 @@
 //! CPU fast paths for the few operations where candle's generic CPU kernels cost us most:
 //! matmuls with few rows (decoding), the fused LM-head log-softmax of training, and in-place
 //! gradient accumulation and optimizer updates, and bf16 training's products and fused ops.
-//! Each is used only for contiguous f32 (or, where it says so, bf16) tensors on the CPU;
-//! callers keep a plain tensor-op path for every other case (CUDA, f16), so the numbers are
-//! the same function of the inputs either way.
+//! Each is used only for contiguous f32 (or, where it says so, bf16 or f16) tensors on the
+//! CPU; callers keep a plain tensor-op path for every other case (CUDA, f16 activations), so
+//! the numbers are the same function of the inputs either way. The streaming kernels have
+//! 512-bit (AVX-512) and 256-bit (AVX2, FMA, F16C) paths; on other CPUs gemm takes them.
 
 pub mod attention;
 pub mod bf16dot;

@@ -10,9 +10,10 @@ use super::SendPtr;
 /// Rows at or below which [`linear`] is used for inference matmuls.
 pub const MAX_ROWS: usize = 32;
 
-/// Element types the weight may be stored in: f32, or bf16 widened to f32 as it is read
-/// (a frozen bf16 base under LoRA; decoding is bound by reading the weights, so reading
-/// half the bytes is faster than first casting the whole matrix).
+/// Element types the weight may be stored in: f32, or bf16 or f16 widened to f32 as it is
+/// read (a frozen bf16 base under LoRA, a bf16 model's inference, an f16 vision tower;
+/// decoding is bound by reading the weights, so reading half the bytes is faster than first
+/// casting the whole matrix). Both widen exactly.
 pub trait WeightElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// 16 consecutive values from `p`, as f32.
@@ -108,7 +109,8 @@ pub(crate) fn as_bf16<W: WeightElem>(w: &[W]) -> Option<&[half::bf16]> {
 }
 
 /// `out (m x n) = x (m x k) · w (n x k)ᵀ (+ bias)`, all row-major. Returns false (and
-/// leaves `out` alone) when the CPU lacks AVX-512, so the caller falls back to gemm.
+/// leaves `out` alone) when the CPU has neither AVX-512 nor AVX2 (with FMA and F16C), so
+/// the caller falls back to gemm.
 pub fn linear<W: WeightElem>(
     x: &[f32],
     w: &[W],

@@ -113,10 +113,16 @@ fn exp_shift_sum<const DOT: bool>(row: &mut [f32], max: f32, store: bool) -> (f6
         // SAFETY: AVX-512F is present (checked just above); the kernel stays inside `row`.
         return unsafe { avx512::exp_shift_sum::<DOT>(row, max, store) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2 and FMA are present (checked just above); the kernel stays inside
+        // `row`.
+        return unsafe { avx2::exp_shift_sum::<DOT>(row, max, store) };
+    }
     portable::exp_shift_sum::<DOT>(row, max, store)
 }
 
-/// The same with std's exp, for CPUs without AVX-512.
+/// The same with std's exp, for CPUs without AVX-512 or AVX2.
 mod portable {
     pub fn exp_shift_sum<const DOT: bool>(row: &mut [f32], max: f32, store: bool) -> (f64, f64) {
         let (mut sum, mut dot) = (0f64, 0f64);
@@ -140,7 +146,7 @@ mod portable {
     }
 }
 
-/// `xs[i] = exp(xs[i])` in place (vectorised on AVX-512; ~2 ulps).
+/// `xs[i] = exp(xs[i])` in place (vectorised on AVX-512 and AVX2; ~2 ulps).
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx512() {
@@ -148,7 +154,164 @@ pub fn exp_in_place(xs: &mut [f32]) {
         unsafe { avx512::exp_in_place(xs) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2 and FMA are present (checked just above); the kernel stays inside
+        // `xs`.
+        unsafe { avx2::exp_in_place(xs) };
+        return;
+    }
     portable::exp_in_place(xs);
+}
+
+/// [`avx512`]'s exponential in 256-bit registers, for CPUs with AVX2 but not AVX-512
+/// (without it, every softmax of the vision tower's attention and every gated activation
+/// ran std's scalar `expf`). The same polynomial and the same operations, so the same bits;
+/// only 2^n is built differently (AVX2 has no `scalef`).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `exp(x)` for `x` in [-104, 89] or NaN (the callers clamp): [`super::avx512`]'s
+    /// `exp16_floored` on 8 lanes. 2^n for n in [-150, 129] is two powers of two, each a
+    /// normal f32 built from its exponent bits: `y · 2^a` is exact, and `· 2^b` rounds once
+    /// into a subnormal or to infinity as `scalef` does.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; no memory is touched.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8_clamped(x: __m256) -> __m256 {
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166_666_65));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        // n = a + b with a = n >> 1 (floor) and b = n - a, both in [-75, 65].
+        let ni = _mm256_cvtps_epi32(n);
+        let a = _mm256_srai_epi32::<1>(ni);
+        let b = _mm256_sub_epi32(ni, a);
+        let bias = _mm256_set1_epi32(127);
+        let pa = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(a, bias)));
+        let pb = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(b, bias)));
+        _mm256_mul_ps(_mm256_mul_ps(y, pa), pb)
+    }
+
+    /// `x` clamped to [-104, 89]: below -104 exp is 0 in f32, above 89 infinite (and n's
+    /// exponent bits stay in range). NaN stays NaN (max and min return their second
+    /// operand for a NaN).
+    ///
+    /// # Safety
+    /// AVX2 must be present; no memory is touched.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn clamp(x: __m256) -> __m256 {
+        _mm256_min_ps(
+            _mm256_set1_ps(89.0),
+            _mm256_max_ps(_mm256_set1_ps(-104.0), x),
+        )
+    }
+
+    /// The sum of the 8 lanes, in f64.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum8(v: __m256) -> f64 {
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), v);
+        l.iter().map(|&x| x as f64).sum()
+    }
+
+    /// [`super::exp_in_place`]: 8 lanes at a time, the tail through a small buffer.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present. Every load and store stays inside `xs`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_in_place(xs: &mut [f32]) {
+        let mut chunks = xs.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let e = exp8_clamped(clamp(_mm256_loadu_ps(c.as_ptr())));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut t = [0f32; 8];
+            t[..rest.len()].copy_from_slice(rest);
+            _mm256_storeu_ps(
+                t.as_mut_ptr(),
+                exp8_clamped(clamp(_mm256_loadu_ps(t.as_ptr()))),
+            );
+            rest.copy_from_slice(&t[..rest.len()]);
+        }
+    }
+
+    /// [`super::exp_shift_sum`]: 8 lanes at a time (f32 sums over runs of 1,024 values,
+    /// flushed into f64, as the AVX-512 kernel does), the tail through a small buffer.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present. Every load and store stays inside `row`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shift_sum<const DOT: bool>(
+        row: &mut [f32],
+        max: f32,
+        store: bool,
+    ) -> (f64, f64) {
+        let m = _mm256_set1_ps(max);
+        let (mut total, mut total_dot) = (0f64, 0f64);
+        let n = row.len();
+        let full = n / 8 * 8;
+        let ptr = row.as_mut_ptr();
+        let mut i = 0;
+        while i < full {
+            let end = (i + 1024).min(full);
+            let mut acc = _mm256_setzero_ps();
+            let mut acc_dot = _mm256_setzero_ps();
+            while i < end {
+                // Floored once for both sums: a -inf logit adds 0 to the second, not
+                // 0·(-inf). (x - max <= 0, so the ceiling never applies.)
+                let d = _mm256_max_ps(
+                    _mm256_set1_ps(-104.0),
+                    _mm256_sub_ps(_mm256_loadu_ps(ptr.add(i)), m),
+                );
+                let e = exp8_clamped(_mm256_min_ps(_mm256_set1_ps(89.0), d));
+                if store {
+                    _mm256_storeu_ps(ptr.add(i), e);
+                }
+                acc = _mm256_add_ps(acc, e);
+                if DOT {
+                    acc_dot = _mm256_fmadd_ps(e, d, acc_dot);
+                }
+                i += 8;
+            }
+            total += sum8(acc);
+            if DOT {
+                total_dot += sum8(acc_dot);
+            }
+        }
+        for x in row[full..].iter_mut() {
+            // The tail one lane at a time, through the same function.
+            let d = (*x - max).max(-104.0);
+            let mut t = [0f32; 8];
+            t[0] = d.min(89.0);
+            let e = {
+                let v = exp8_clamped(_mm256_loadu_ps(t.as_ptr()));
+                _mm256_storeu_ps(t.as_mut_ptr(), v);
+                t[0]
+            };
+            if store {
+                *x = e;
+            }
+            total += e as f64;
+            if DOT {
+                total_dot += (e * d) as f64;
+            }
+        }
+        (total, total_dot)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -288,10 +451,10 @@ mod tests {
     /// comparison with f64 checks anything there.)
     #[test]
     fn vector_exp_agrees_with_std() {
-        if !super::super::has_avx512() {
+        if !super::super::has_avx512() && !super::super::has_avx2() {
             super::super::skip_or_require(
-                "the AVX-512 exponential (this CPU lacks AVX-512F); checked std's, the \
-                 fallback, against f64 instead",
+                "the vector exponentials (this CPU lacks AVX-512F and AVX2); checked std's, \
+                 the fallback, against f64 instead",
             );
         }
         let xs: Vec<f32> = (0..4001)

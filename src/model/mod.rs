@@ -87,7 +87,8 @@ pub struct Qwen2Vl {
 
 impl Qwen2Vl {
     /// Loads `config.json` and the safetensors weights of a checkpoint directory, computing
-    /// in `dtype` (weights saved in another dtype are converted on load).
+    /// in `dtype` (weights saved in another dtype are converted on load, but for a quantized
+    /// checkpoint's f16 linear layers: see [`Self::load_for_inference`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         Self::load_with(dir, dtype, device, false)
     }
