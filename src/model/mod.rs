@@ -105,17 +105,19 @@ impl Qwen2Vl {
     fn load_with(dir: &Path, dtype: DType, device: &Device, inference: bool) -> Result<Self> {
         let config = Qwen2VlConfig::from_file(&dir.join("config.json"))?;
         let weights = CheckpointWeights::open(dir)?;
-        if !weights.quantized().is_empty() {
-            if !device.is_cpu() {
-                bail!(
-                    "{}: a quantized checkpoint runs on the CPU only",
-                    dir.display()
-                );
-            }
-            return Self::load_quantized(dir, config, &weights, dtype);
+        let is_quantized = !weights.quantized().is_empty();
+        if is_quantized && !device.is_cpu() {
+            bail!(
+                "{}: a quantized checkpoint runs on the CPU only",
+                dir.display()
+            );
         }
-        if inference && !quantized::kept_f16(&weights, &config, dtype, device)?.is_empty() {
-            return Self::load_quantized(dir, config, &weights, dtype);
+        if is_quantized || inference {
+            // Found once here and handed on: it builds the model over the headers.
+            let keep = quantized::kept_f16(&weights, &config, dtype, device)?;
+            if is_quantized || !keep.is_empty() {
+                return Self::load_quantized(dir, config, &weights, dtype, keep);
+            }
         }
         let vb = weights.var_builder(dtype, device)?;
         let layout = weights.layout(&config)?;

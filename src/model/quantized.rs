@@ -112,14 +112,15 @@ impl Qwen2Vl {
     }
 
     /// Loads a quantized checkpoint (one with a [`MANIFEST`]): every layer the manifest
-    /// names gets its stored weight, nothing is quantized again; linear layers stored in
-    /// f16 stay f16 ([`kept_f16`]). A checkpoint without a manifest loads the same way,
+    /// names gets its stored weight, nothing is quantized again; the linear layers in
+    /// `keep` ([`kept_f16`]) stay f16. A checkpoint without a manifest loads the same way,
     /// with nothing to install: an inference load keeping f16 layers.
     pub(super) fn load_quantized(
         dir: &Path,
         config: Qwen2VlConfig,
         weights: &CheckpointWeights,
         dtype: DType,
+        keep: std::collections::HashSet<String>,
     ) -> Result<Self> {
         let kinds = weights.quantized();
         // The headers first (shapes, byte lengths; no data read), so a checkpoint that does
@@ -128,7 +129,7 @@ impl Qwen2Vl {
         let backend = Placeholders {
             reader: weights.reader()?,
             quantized: kinds.keys().cloned().collect(),
-            keep: kept_f16(weights, &config, dtype, &Device::Cpu)?,
+            keep,
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, Device::Cpu);
         let layout = weights.layout(&config)?;
