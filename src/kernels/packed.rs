@@ -292,6 +292,13 @@ mod avx2 {
     /// wt[p0..p1, :]`, four weight rows at a time; the last `n % 8` columns are summed one
     /// by one.
     ///
+    /// The four rows are not neighbours but one from each quarter of the slab: four long
+    /// front-to-back streams. Four neighbouring rows are four short streams (a 1,536-wide
+    /// bf16 row is 3 KB) that restart every four rows, and the hardware prefetcher, which
+    /// follows a stream only after a few lines of it, never got ahead of them: measured on
+    /// an AVX2 Zen 3 (one thread), a 1,536 x 8,960 bf16 product streamed 12 GB/s that way
+    /// and 21-22 GB/s this way, a 256-wide one 8-9 and 23.
+    ///
     /// # Safety
     /// AVX2, FMA and F16C must be present. Nothing is bounds-checked: `p1 <= k`, and `x`
     /// must hold `m * k` floats, `wt` at least `p1 * n` values, `acc` `m * n` floats.
@@ -306,61 +313,48 @@ mod avx2 {
     ) {
         let full = n / 8 * 8;
         let w = wt.as_ptr();
-        let mut p = p0;
-        while p < p1 {
-            // Four rows share each load and store of the accumulator; the slab's last
-            // rows go one at a time.
-            let q = if p + 4 <= p1 { 4 } else { 1 };
-            let rows = [
-                w.add(p * n),
-                w.add((p + 1).min(p1 - 1) * n),
-                w.add((p + 2).min(p1 - 1) * n),
-                w.add((p + 3).min(p1 - 1) * n),
-            ];
+        let quarter = (p1 - p0) / 4;
+        for i in 0..quarter {
+            let p = [0, 1, 2, 3].map(|t| p0 + t * quarter + i);
+            let rows = p.map(|p| w.add(p * n));
             for r in 0..m {
-                let xr = x.as_ptr().add(r * k + p);
+                let xr = x.as_ptr().add(r * k);
+                let xs = p.map(|p| _mm256_set1_ps(*xr.add(p)));
                 let a = acc.as_mut_ptr().add(r * n);
-                if q == 4 {
-                    let xs = [
-                        _mm256_set1_ps(*xr),
-                        _mm256_set1_ps(*xr.add(1)),
-                        _mm256_set1_ps(*xr.add(2)),
-                        _mm256_set1_ps(*xr.add(3)),
-                    ];
-                    let mut j = 0;
-                    while j < full {
-                        let mut s = _mm256_loadu_ps(a.add(j));
-                        for t in 0..4 {
-                            s = _mm256_fmadd_ps(xs[t], W::load8(rows[t].add(j)), s);
-                        }
-                        _mm256_storeu_ps(a.add(j), s);
-                        j += 8;
+                let mut j = 0;
+                while j < full {
+                    let mut s = _mm256_loadu_ps(a.add(j));
+                    for t in 0..4 {
+                        s = _mm256_fmadd_ps(xs[t], W::load8(rows[t].add(j)), s);
                     }
-                    for j in full..n {
-                        let mut v = *a.add(j);
-                        for (t, row) in rows.iter().enumerate() {
-                            v += *xr.add(t) * (*row.add(j)).to_f32();
-                        }
-                        *a.add(j) = v;
+                    _mm256_storeu_ps(a.add(j), s);
+                    j += 8;
+                }
+                for j in full..n {
+                    let mut v = *a.add(j);
+                    for t in 0..4 {
+                        v += *xr.add(p[t]) * (*rows[t].add(j)).to_f32();
                     }
-                } else {
-                    let xv = _mm256_set1_ps(*xr);
-                    let mut j = 0;
-                    while j < full {
-                        let s = _mm256_fmadd_ps(
-                            xv,
-                            W::load8(rows[0].add(j)),
-                            _mm256_loadu_ps(a.add(j)),
-                        );
-                        _mm256_storeu_ps(a.add(j), s);
-                        j += 8;
-                    }
-                    for j in full..n {
-                        *a.add(j) += *xr * (*rows[0].add(j)).to_f32();
-                    }
+                    *a.add(j) = v;
                 }
             }
-            p += q;
+        }
+        // The rows the quarters leave over (fewer than four), one at a time.
+        for p in p0 + 4 * quarter..p1 {
+            let row = w.add(p * n);
+            for r in 0..m {
+                let xv = _mm256_set1_ps(*x.as_ptr().add(r * k + p));
+                let a = acc.as_mut_ptr().add(r * n);
+                let mut j = 0;
+                while j < full {
+                    let s = _mm256_fmadd_ps(xv, W::load8(row.add(j)), _mm256_loadu_ps(a.add(j)));
+                    _mm256_storeu_ps(a.add(j), s);
+                    j += 8;
+                }
+                for j in full..n {
+                    *a.add(j) += *x.as_ptr().add(r * k + p) * (*row.add(j)).to_f32();
+                }
+            }
         }
     }
 }
