@@ -11,13 +11,18 @@
 //! cycled (about 400 MB) that none is read from cache. The first line is a plain parallel
 //! read of 1 GiB, the machine's streaming bandwidth on the same threads.
 //!
-//! Options (after `--`): format names to run (f32 bf16 f16 q8_0 q4_1 q4_k q6_k; default
-//! all), `--shape OUTxIN` (repeatable) for other shapes.
+//! bf16 runs the kernel inference runs on this CPU: with AVX-512 BF16 `kernels::bf16dot`
+//! against the weight as checkpoints store it (out x in, `vdpbf16ps`), elsewhere the
+//! widening input-major kernel; `bf16w` forces the latter (what a CPU without AVX-512 BF16
+//! runs), for comparison.
+//!
+//! Options (after `--`): format names to run (f32 bf16 bf16w f16 q8_0 q4_1 q4_k q6_k;
+//! default all), `--shape OUTxIN` (repeatable) for other shapes.
 
 use std::time::Instant;
 
-use medvlm::kernels::packed;
 use medvlm::kernels::quant::{QWeight, QuantKind};
+use medvlm::kernels::{bf16dot, packed};
 use rayon::prelude::*;
 
 /// Bytes of weights cycled per shape and format: several times any last-level cache.
@@ -74,6 +79,27 @@ fn dense<W: medvlm::kernels::skinny::WeightElem + Send + Sync>(
     report(format, (n, k), bytes, secs);
 }
 
+/// `x · Wᵀ` on the AVX-512 BF16 kernels against a bf16 weight stored out x in, as `Linear`
+/// keeps it where they run.
+fn bf16_dot((n, k): (usize, usize)) {
+    let bytes = n * k * 2;
+    let copies = (CYCLED_BYTES / bytes).max(2);
+    let ws: Vec<Vec<half::bf16>> = (0..copies)
+        .map(|c| {
+            weights(n * k, c)
+                .into_iter()
+                .map(half::bf16::from_f32)
+                .collect()
+        })
+        .collect();
+    let x = weights(k, 7);
+    let mut out = vec![0f32; n];
+    let secs = time(copies, copies * 6, |c| {
+        assert!(bf16dot::linear(&x, &ws[c], None, (1, k, n), &mut out));
+    });
+    report("bf16", (n, k), bytes, secs);
+}
+
 fn quantized(kind: QuantKind, (n, k): (usize, usize)) {
     if !kind.fits(k) {
         return;
@@ -109,11 +135,15 @@ fn main() {
                     }
                 }
             }
-            f if ["f32", "bf16", "f16"].contains(&f) || QuantKind::from_name(f).is_some() => {
+            f if ["f32", "bf16", "bf16w", "f16"].contains(&f)
+                || QuantKind::from_name(f).is_some() =>
+            {
                 formats.push(f.to_string())
             }
             other => {
-                eprintln!("{other}: not a format (f32 bf16 f16 q8_0 q4_1 q4_k q6_k) or --shape");
+                eprintln!(
+                    "{other}: not a format (f32 bf16 bf16w f16 q8_0 q4_1 q4_k q6_k) or --shape"
+                );
                 std::process::exit(2);
             }
         }
@@ -143,7 +173,8 @@ fn main() {
         for &shape in &shapes {
             match format.as_str() {
                 "f32" => dense(format, shape, |v| v),
-                "bf16" => dense(format, shape, half::bf16::from_f32),
+                "bf16" if bf16dot::available() => bf16_dot(shape),
+                "bf16" | "bf16w" => dense(format, shape, half::bf16::from_f32),
                 "f16" => dense(format, shape, half::f16::from_f32),
                 name => quantized(QuantKind::from_name(name).expect("checked above"), shape),
             }

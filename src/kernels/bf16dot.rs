@@ -27,11 +27,12 @@ const KC: usize = 256;
 const MR: usize = 6;
 
 /// Whether this CPU has AVX-512 BF16 (and BW, which every CPU with BF16 has; checked once,
-/// cached by std).
+/// cached by std) and may use it ([`super::avx512_allowed`]).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        super::avx512_allowed()
+            && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }

@@ -46,9 +46,27 @@ impl<'a> Mat<'a> {
 /// `dst (m x n, row-major) = (accumulate ? dst : 0) + scale * lhs (m x k) * rhs (k x n)`,
 /// on `threads` threads.
 pub fn matmul(dst: &mut [f32], lhs: Mat, rhs: Mat, scale: f32, accumulate: bool, threads: usize) {
+    matmul_strided(dst, rhs.cols, lhs, rhs, scale, accumulate, threads)
+}
+
+/// [`matmul`] into rows `dst_row_stride` apart (>= n): a block of columns of a wider
+/// row-major result, written in place.
+pub fn matmul_strided(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    accumulate: bool,
+    threads: usize,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
-    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(dst_row_stride >= n, "matmul: destination rows overlap");
+    assert!(
+        m == 0 || n == 0 || dst.len() >= (m - 1) * dst_row_stride + n,
+        "matmul: destination too small"
+    );
     lhs.check("matmul lhs");
     rhs.check("matmul rhs");
     if m == 0 || n == 0 {
@@ -56,7 +74,9 @@ pub fn matmul(dst: &mut [f32], lhs: Mat, rhs: Mat, scale: f32, accumulate: bool,
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for row in dst.chunks_mut(dst_row_stride).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return;
     }
@@ -74,7 +94,7 @@ pub fn matmul(dst: &mut [f32], lhs: Mat, rhs: Mat, scale: f32, accumulate: bool,
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
@@ -136,6 +156,34 @@ mod tests {
         );
         for (x, y) in dst.iter().zip(&want) {
             assert!((x - 1.5 * y).abs() < 1e-5);
+        }
+        // Into columns 2..5 of a 9-wide result, in place: the other columns untouched,
+        // with k = 0 (zeros) as well.
+        for (kk, scale) in [(k, 1.0f32), (0, 1.0)] {
+            let mut wide = vec![7f32; m * 9];
+            matmul_strided(
+                &mut wide[2..],
+                9,
+                Mat::rows(&a[..m * kk], m, kk),
+                Mat::rows(&b[..kk * n], kk, n),
+                scale,
+                false,
+                2,
+            );
+            for i in 0..m {
+                for j in 0..9 {
+                    let got = wide[i * 9 + j];
+                    let want = match (j, kk) {
+                        (2..=4, 0) => 0.0,
+                        (2..=4, _) => want[i * n + j - 2],
+                        _ => 7.0,
+                    };
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "[{i},{j}] k={kk}: {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 }

@@ -96,11 +96,42 @@ pub fn cpu_kernels() -> bool {
     *ON.get_or_init(|| std::env::var("MEDVLM_PLAIN_OPS").map_or(true, |v| v.is_empty() || v == "0"))
 }
 
-/// Whether this CPU runs our AVX-512 kernels (checked once; the answer is cached by std).
+/// Whether the kernels may use AVX-512 (F, BW, BF16, VNNI) where the CPU has it: yes unless
+/// `MEDVLM_CPU_ISA=avx2` holds the process to the AVX2 paths a CPU without AVX-512 runs
+/// (for comparisons and tests of those paths on an AVX-512 machine; `native` or unset: all
+/// the CPU has). Decided once; a value that is neither is reported on stderr and ignored.
+pub fn avx512_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        let (allowed, warning) = isa_setting(std::env::var("MEDVLM_CPU_ISA").ok().as_deref());
+        if let Some(w) = warning {
+            eprintln!("warning: {w}");
+        }
+        allowed
+    })
+}
+
+/// [`avx512_allowed`]'s reading of `MEDVLM_CPU_ISA`: whether AVX-512 may run and, for a
+/// value it does not know, the warning.
+fn isa_setting(value: Option<&str>) -> (bool, Option<String>) {
+    match value.map(str::trim) {
+        None | Some("" | "native") => (true, None),
+        Some("avx2") => (false, None),
+        Some(other) => (
+            true,
+            Some(format!(
+                "MEDVLM_CPU_ISA={other} is not avx2 or native; using everything this CPU has"
+            )),
+        ),
+    }
+}
+
+/// Whether this CPU runs our AVX-512 kernels (checked once; the answer is cached by std), and
+/// [`avx512_allowed`].
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512f") && avx512_allowed()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -194,4 +225,24 @@ pub(crate) fn plain_linear<W: skinny::WeightElem>(
             .unwrap();
     }
     y.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::isa_setting;
+
+    /// `MEDVLM_CPU_ISA`: avx2 holds back AVX-512, native or nothing allows it, anything
+    /// else allows it with a warning naming the value.
+    #[test]
+    fn the_isa_setting_reads_as_documented() {
+        assert_eq!(isa_setting(None), (true, None));
+        assert_eq!(isa_setting(Some("")), (true, None));
+        assert_eq!(isa_setting(Some("native")), (true, None));
+        assert_eq!(isa_setting(Some(" avx2 ")), (false, None));
+        let (allowed, warning) = isa_setting(Some("avx512"));
+        assert!(allowed);
+        assert!(warning
+            .unwrap()
+            .contains("MEDVLM_CPU_ISA=avx512 is not avx2 or native"));
+    }
 }

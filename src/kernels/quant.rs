@@ -524,14 +524,19 @@ impl Kernel {
         Self::ALL.into_iter().find(|k| k.name() == s)
     }
 
-    /// Whether this CPU can run it (checked once, cached by std).
+    /// Whether this CPU can run it (checked once, cached by std), AVX-512 only where
+    /// [`super::avx512_allowed`].
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
             match self {
                 Kernel::Avx512Vnni => {
-                    has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c")
+                    super::avx512_allowed()
+                        && has!("avx512f")
+                        && has!("avx512bw")
+                        && has!("avx512vnni")
+                        && has!("f16c")
                 }
                 Kernel::Avx2 => has!("avx2") && has!("fma") && has!("f16c"),
                 Kernel::Portable => true,

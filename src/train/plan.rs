@@ -434,10 +434,12 @@ pub fn estimate(p: &PlanInput, device: &str, available: Option<u64>) -> Result<P
     // multiplies it: through the tensor ops it had measured 1.2 GB over this plan at the
     // bench model's 151,936-word vocabulary (5.58 GB peak against 4.4 planned), memory
     // that grew with the vocabulary while the small-vocabulary sweep stayed within 10%.
-    // Without AVX-512 BF16 the kernel still takes bf16 hidden states against an f32 weight
-    // (full fine-tuning's masters, or an f32 LoRA base), widened to f32 (`train::token_logps`).
-    let head_weight_f32 = lora.is_none_or(|l| l.base_dtype().ok() == Some(DType::F32));
-    let head_kernel = cpu_kernels && (b == 4 || bf16_dot || head_weight_f32);
+    // Without AVX-512 BF16 the kernel still runs, in f32: bf16 hidden states widened, a bf16
+    // weight (a LoRA base, the reference's) widened a block of 8 MB at a time
+    // (`train::token_logps`). An f16 head (an f16 LoRA base) takes the tensor ops.
+    let head_weight_read =
+        lora.is_none_or(|l| matches!(l.base_dtype().ok(), Some(DType::F32 | DType::BF16)));
+    let head_kernel = regime.fused && head_weight_read;
     let head_f32_copy = if head_kernel || (lora.is_none() && b == 4) {
         0
     } else {

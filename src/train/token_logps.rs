@@ -16,7 +16,7 @@
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, D};
 
-use crate::kernels::gemm::{matmul, Mat};
+use crate::kernels::gemm::{matmul, matmul_strided, Mat};
 use crate::kernels::{
     bf16dot, cpu_kernels, is_cpu_f32_contiguous, softmax, with_bf16, with_f32, workspace,
 };
@@ -95,7 +95,9 @@ pub fn forward(
             (DType::BF16, DType::F32 | DType::BF16) if bf16dot::available() => {
                 Some(hidden.contiguous()?)
             }
-            (DType::BF16, DType::F32) => Some(hidden.to_dtype(DType::F32)?),
+            // Without bf16 dot products the product runs in f32 (a bf16 weight widened
+            // exactly), as the tensor ops below would run it.
+            (DType::BF16, DType::F32 | DType::BF16) => Some(hidden.to_dtype(DType::F32)?),
             _ => None,
         }
     } else {
@@ -238,19 +240,114 @@ pub fn forward_quantized(
 #[derive(Clone, Copy)]
 enum HeadWeight<'a> {
     F32(&'a [f32]),
+    /// (vocab x h), as checkpoints store it.
     Bf16(&'a [half::bf16]),
+    /// Stored input-major, (h x vocab): a tied bf16 table readied for inference on a CPU
+    /// without AVX-512 BF16 (`TextModel::pack_head_for_inference`), as GRPO's reference
+    /// model holds it there.
+    Bf16InputMajor(&'a [half::bf16]),
 }
 
-/// Runs `f` on the contiguous f32 or bf16 data of a CPU weight; `None` otherwise.
+/// Runs `f` on the f32 or bf16 data of a CPU weight stored either way round; `None`
+/// otherwise.
 fn head_weight<R>(w: &Tensor, f: impl FnOnce(HeadWeight) -> R) -> Option<R> {
-    if !w.is_contiguous() {
-        return None;
-    }
     match w.dtype() {
-        DType::F32 => with_f32(w, |ws| f(HeadWeight::F32(ws))),
-        DType::BF16 if bf16dot::available() => with_bf16(w, |ws| f(HeadWeight::Bf16(ws))),
+        DType::F32 if w.is_contiguous() => with_f32(w, |ws| f(HeadWeight::F32(ws))),
+        DType::BF16 if w.is_contiguous() => with_bf16(w, |ws| f(HeadWeight::Bf16(ws))),
+        DType::BF16 => {
+            let wt = w.t().ok().filter(Tensor::is_contiguous)?;
+            with_bf16(&wt, |ws| f(HeadWeight::Bf16InputMajor(ws)))
+        }
         _ => None,
     }
+}
+
+/// Columns c0..c0 + cb of a bf16 head's `Wᵀ` (h x vocab), widened (exactly) into `dst`
+/// (h x cb, row-major), on the pool's threads.
+fn widen_head_block(
+    w: HeadWeight,
+    (h, vocab): (usize, usize),
+    c0: usize,
+    cb: usize,
+    dst: &mut [f32],
+) {
+    use crate::kernels::skinny::WeightElem;
+    use rayon::prelude::*;
+    match w {
+        // Rows c0.. of W are columns of Wᵀ: widened as they lie, (cb x h), read transposed.
+        HeadWeight::Bf16(ws) => dst[..cb * h]
+            .par_chunks_mut(4096)
+            .zip(ws[c0 * h..(c0 + cb) * h].par_chunks(4096))
+            .for_each(|(d, s)| half::bf16::widen(s, d)),
+        HeadWeight::Bf16InputMajor(ws) => dst[..h * cb]
+            .par_chunks_mut(cb)
+            .enumerate()
+            .for_each(|(p, d)| half::bf16::widen(&ws[p * vocab + c0..p * vocab + c0 + cb], d)),
+        HeadWeight::F32(_) => unreachable!("an f32 head is read as it is"),
+    }
+}
+
+/// The block of a widened head's columns as gemm reads it: (h x cb).
+fn widened_block<'a>(w: HeadWeight, h: usize, cb: usize, wide: &'a [f32]) -> Mat<'a> {
+    match w {
+        HeadWeight::Bf16InputMajor(_) => Mat::rows(&wide[..h * cb], h, cb),
+        _ => Mat::rows(&wide[..cb * h], cb, h).t(),
+    }
+}
+
+/// `out (rows x vocab) = hs · Wᵀ` for a bf16 head widened `block` columns of `Wᵀ` at a
+/// time, each block's product written in place into its columns of `out`.
+fn widened_logits(
+    hs: &[f32],
+    w: HeadWeight,
+    (rows, h, vocab): (usize, usize, usize),
+    block: usize,
+    out: &mut [f32],
+) {
+    let mut wide = vec![0f32; block * h];
+    for c0 in (0..vocab).step_by(block) {
+        let cb = block.min(vocab - c0);
+        widen_head_block(w, (h, vocab), c0, cb, &mut wide);
+        matmul_strided(
+            &mut out[c0..],
+            vocab,
+            Mat::rows(hs, rows, h),
+            widened_block(w, h, cb, &wide),
+            1.0,
+            false,
+            threads(),
+        );
+    }
+}
+
+/// `dh (t x h) = g (t x vocab) · W` for a bf16 head widened `block` rows of `W` at a time.
+fn widened_grad_hidden(
+    g: &[f32],
+    w: HeadWeight,
+    (t, h, vocab): (usize, usize, usize),
+    block: usize,
+    dh: &mut [f32],
+) {
+    let mut wide = vec![0f32; block * h];
+    for c0 in (0..vocab).step_by(block) {
+        let cb = block.min(vocab - c0);
+        widen_head_block(w, (h, vocab), c0, cb, &mut wide);
+        let gb = Mat {
+            data: &g[c0..],
+            rows: t,
+            cols: cb,
+            row_stride: vocab,
+            col_stride: 1,
+        };
+        // Rows c0.. of W are the block's columns of Wᵀ.
+        let wblock = widened_block(w, h, cb, &wide).t();
+        matmul(dh, gb, wblock, 1.0, c0 > 0, threads());
+    }
+}
+
+/// Columns of a bf16 head widened per block (8 MB of f32 at a time).
+fn widened_columns(h: usize, vocab: usize) -> usize {
+    (WIDENED_BLOCK_BYTES / (4 * h.max(1))).clamp(1, vocab.max(1))
 }
 
 /// Hidden states on the CPU, f32 or bf16.
@@ -269,8 +366,24 @@ fn with_hidden<R>(h: &Tensor, f: impl FnOnce(Hidden) -> R) -> Option<R> {
 }
 
 /// `out (rows x vocab) = hidden rows · Wᵀ`: f32 gemm for an f32 weight (hidden states f32),
-/// bf16 dot products for a bf16 weight.
+/// bf16 dot products for a bf16 weight, or without them (AVX2) f32 gemm on blocks of the
+/// bf16 weight widened exactly (the tensor ops' values, without their f32 copy of the
+/// whole head and the log-softmax's tokens x vocabulary tensors).
 fn logits(hs: Hidden, w: HeadWeight, (rows, h, vocab): (usize, usize, usize), out: &mut [f32]) {
+    let bf16_weight = !matches!(w, HeadWeight::F32(_));
+    if bf16_weight && !bf16dot::available() {
+        let widened: Vec<f32>;
+        let hs = match hs {
+            Hidden::F32(v) => v,
+            // `forward` widens bf16 hidden states here; exact either way.
+            Hidden::Bf16(v) => {
+                widened = v.iter().map(|x| x.to_f32()).collect();
+                &widened
+            }
+        };
+        widened_logits(hs, w, (rows, h, vocab), widened_columns(h, vocab), out);
+        return;
+    }
     match (w, hs) {
         (HeadWeight::F32(ws), Hidden::F32(hs)) => matmul(
             out,
@@ -291,7 +404,20 @@ fn logits(hs: Hidden, w: HeadWeight, (rows, h, vocab): (usize, usize, usize), ou
                 (rows, h, vocab),
                 out,
             );
-            // `head_weight` hands out a bf16 weight only where AVX-512 BF16 is present.
+            // Without AVX-512 BF16 the widened blocks above ran instead.
+            debug_assert!(done);
+        }
+        (HeadWeight::Bf16InputMajor(ws), hs) => {
+            let a = match hs {
+                Hidden::F32(v) => bf16dot::Elems::F32(v),
+                Hidden::Bf16(v) => bf16dot::Elems::Bf16(v),
+            };
+            let done = bf16dot::matmul(
+                bf16dot::Operand::rows(a),
+                bf16dot::Operand::rows(bf16dot::Elems::Bf16(ws)),
+                (rows, h, vocab),
+                out,
+            );
             debug_assert!(done);
         }
         (HeadWeight::F32(ws), Hidden::Bf16(hs)) => {
@@ -449,24 +575,9 @@ impl Saved {
                         // A frozen bf16 head (LoRA under bf16 compute): the f32 gradient
                         // times the weight widened (exactly) a block of rows at a time, as
                         // the tensor ops multiply it, without an f32 copy of the whole head.
-                        HeadWeight::Bf16(ws) => {
-                            let block = (WIDENED_BLOCK_BYTES / (4 * h.max(1))).max(1);
-                            let mut wide = vec![0f32; block.min(vocab) * h];
-                            for r0 in (0..vocab).step_by(block) {
-                                let r = block.min(vocab - r0);
-                                let wide = &mut wide[..r * h];
-                                for (d, s) in wide.iter_mut().zip(&ws[r0 * h..(r0 + r) * h]) {
-                                    *d = s.to_f32();
-                                }
-                                let g = Mat {
-                                    data: &probs[r0..],
-                                    rows: t,
-                                    cols: r,
-                                    row_stride: vocab,
-                                    col_stride: 1,
-                                };
-                                matmul(&mut dh, g, Mat::rows(wide, r, h), 1.0, r0 > 0, threads());
-                            }
+                        HeadWeight::Bf16(_) | HeadWeight::Bf16InputMajor(_) => {
+                            let block = widened_columns(h, vocab);
+                            widened_grad_hidden(&probs, w, (t, h, vocab), block, &mut dh);
                         }
                     }
                     dh
@@ -620,6 +731,84 @@ mod tests {
             let dh = saved.unwrap().backward(&g, &w, Some(&mut acc)).unwrap();
             close(&dh, &want_dh, "dL/dh");
             close(&(acc.unwrap() - 1.0).unwrap(), &want_dw, "dL/dW");
+        }
+    }
+
+    /// The widened bf16 head (CPUs without AVX-512 BF16 run it; here it is called directly,
+    /// whatever this CPU has) gives `hs · Wᵀ` and `g · W` by their definitions on the
+    /// exactly widened weight, stored either way round, for blocks that divide the
+    /// vocabulary and blocks that leave a ragged last one.
+    #[test]
+    fn widened_bf16_head_matches_the_definition() {
+        let (rows, h, vocab) = (5, 24, 53);
+        let hs: Vec<f32> = (0..rows * h).map(|i| (i as f32 * 0.37).sin()).collect();
+        let wf: Vec<f32> = (0..vocab * h).map(|i| (i as f32 * 0.13).cos()).collect();
+        let wb: Vec<half::bf16> = wf.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        // Wᵀ (h x vocab), as the inference layout keeps a tied table.
+        let wt: Vec<half::bf16> = (0..h * vocab)
+            .map(|i| wb[(i % vocab) * h + i / vocab])
+            .collect();
+        let g: Vec<f32> = (0..rows * vocab).map(|i| (i as f32 * 0.07).sin()).collect();
+        let wv = |j: usize, p: usize| wb[j * h + p].to_f32();
+        for w in [HeadWeight::Bf16(&wb), HeadWeight::Bf16InputMajor(&wt)] {
+            for block in [1, 7, 53, 64] {
+                let mut out = vec![f32::NAN; rows * vocab];
+                widened_logits(&hs, w, (rows, h, vocab), block, &mut out);
+                let mut dh = vec![f32::NAN; rows * h];
+                widened_grad_hidden(&g, w, (rows, h, vocab), block, &mut dh);
+                for i in 0..rows {
+                    for j in 0..vocab {
+                        let want: f32 = (0..h).map(|p| hs[i * h + p] * wv(j, p)).sum();
+                        let got = out[i * vocab + j];
+                        assert!((got - want).abs() < 1e-4, "logit [{i},{j}] block {block}");
+                    }
+                    for p in 0..h {
+                        let want: f32 = (0..vocab).map(|j| g[i * vocab + j] * wv(j, p)).sum();
+                        let got = dh[i * h + p];
+                        assert!((got - want).abs() < 1e-4, "dh [{i},{p}] block {block}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A bf16 head stored input-major (a tied table readied for inference without AVX-512
+    /// BF16) gives the log-probs the tensor ops give on the same weight, within bf16's
+    /// rounding of the hidden states where bf16 dot products run.
+    #[test]
+    fn an_input_major_bf16_head_scores_as_the_tensor_ops() {
+        let dev = Device::Cpu;
+        let (t, h, v) = (6, 32, 41);
+        let hs = Tensor::randn(0f32, 1.0, (t, h), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.5, (v, h), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let input_major = w.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!input_major.is_contiguous());
+        let targets = [3u32, 0, 40, 17, 3, 9];
+        let lp = candle_nn::ops::log_softmax(
+            &hs.matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+                .unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        let idx = Tensor::from_vec(targets.to_vec(), (t, 1), &dev).unwrap();
+        let want: Vec<f32> = lp
+            .gather(&idx, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let tol = if bf16dot::available() { 0.05 } else { 1e-4 };
+        for weight in [&w, &input_major] {
+            let got = forward(&hs, weight, &targets, 1.0, false, false)
+                .unwrap()
+                .logp;
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < tol, "log-prob {a} vs {b}");
+            }
         }
     }
 }

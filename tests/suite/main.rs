@@ -7,6 +7,7 @@ mod common;
 
 mod bench_data;
 mod cli;
+mod cpu_isa;
 mod demo;
 mod eval;
 mod eval_suite;

@@ -49,8 +49,10 @@ fn check_layout(name: &str, packed: bool) {
 /// `cases` (a checkpoint made from that fixture some other way: `import-gguf`).
 pub(crate) fn check_checkpoint(dir: &std::path::Path, name: &str, packed: bool) {
     let mut l = load_dir(dir, DType::F32);
-    if packed && !medvlm::kernels::has_avx512() {
-        note_without_simd("the packed and few-row kernels (AVX-512F): gemm takes the products");
+    if packed && !medvlm::kernels::has_avx512() && !medvlm::kernels::has_avx2() {
+        note_without_simd(
+            "the packed and few-row kernels (AVX-512F or AVX2): gemm takes the products",
+        );
     }
     if packed {
         let n = l.model.prepare_for_inference().unwrap();

@@ -70,8 +70,10 @@ fn check_model(name: &str) {
 
 fn check_layout(name: &str, packed: bool) {
     let mut l = load(name, DType::F32);
-    if packed && !medvlm::kernels::has_avx512() {
-        note_without_simd("the packed and few-row kernels (AVX-512F): gemm takes the products");
+    if packed && !medvlm::kernels::has_avx512() && !medvlm::kernels::has_avx2() {
+        note_without_simd(
+            "the packed and few-row kernels (AVX-512F or AVX2): gemm takes the products",
+        );
     }
     if packed {
         let n = l.model.prepare_for_inference().unwrap();
