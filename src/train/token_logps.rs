@@ -393,41 +393,20 @@ fn logits(hs: Hidden, w: HeadWeight, (rows, h, vocab): (usize, usize, usize), ou
             false,
             threads(),
         ),
-        (HeadWeight::Bf16(ws), hs) => {
+        (w, hs) => {
+            use bf16dot::{Elems, Operand};
             let a = match hs {
-                Hidden::F32(v) => bf16dot::Elems::F32(v),
-                Hidden::Bf16(v) => bf16dot::Elems::Bf16(v),
+                Hidden::F32(v) => Elems::F32(v),
+                Hidden::Bf16(v) => Elems::Bf16(v),
             };
-            let done = bf16dot::matmul(
-                bf16dot::Operand::rows(a),
-                bf16dot::Operand::rows(bf16dot::Elems::Bf16(ws)).t(),
-                (rows, h, vocab),
-                out,
-            );
-            // Without AVX-512 BF16 the widened blocks above ran instead.
-            debug_assert!(done);
-        }
-        (HeadWeight::Bf16InputMajor(ws), hs) => {
-            let a = match hs {
-                Hidden::F32(v) => bf16dot::Elems::F32(v),
-                Hidden::Bf16(v) => bf16dot::Elems::Bf16(v),
+            let b = match w {
+                HeadWeight::F32(ws) => Operand::rows(Elems::F32(ws)).t(),
+                HeadWeight::Bf16(ws) => Operand::rows(Elems::Bf16(ws)).t(),
+                HeadWeight::Bf16InputMajor(ws) => Operand::rows(Elems::Bf16(ws)),
             };
-            let done = bf16dot::matmul(
-                bf16dot::Operand::rows(a),
-                bf16dot::Operand::rows(bf16dot::Elems::Bf16(ws)),
-                (rows, h, vocab),
-                out,
-            );
-            debug_assert!(done);
-        }
-        (HeadWeight::F32(ws), Hidden::Bf16(hs)) => {
-            let done = bf16dot::matmul(
-                bf16dot::Operand::rows(bf16dot::Elems::Bf16(hs)),
-                bf16dot::Operand::rows(bf16dot::Elems::F32(ws)).t(),
-                (rows, h, vocab),
-                out,
-            );
-            // `forward` keeps bf16 hidden states only where AVX-512 BF16 is present.
+            let done = bf16dot::matmul(Operand::rows(a), b, (rows, h, vocab), out);
+            // Only with AVX-512 BF16: without it a bf16 weight took the widened blocks above
+            // and `forward` widened bf16 hidden states.
             debug_assert!(done);
         }
     }
