@@ -330,18 +330,8 @@ pub const STREAM_ROWS: usize = 8;
 
 /// `out (m x n) = bf16(x) (m x k) · w (n x k)ᵀ (+ bias)` for a few rows against a weight
 /// stored output-major, as checkpoints store it (decoding). Returns false (out untouched)
-/// for more than [`STREAM_ROWS`] rows or a CPU without AVX-512 BF16.
-///
-/// How the weight is walked decides the speed, the work being one read of it: each task
-/// takes a contiguous range of weight rows and reads it front to back, one row (or, for
-/// long rows, four) at a time against the x rows held in L1. One long stream per core is
-/// what the hardware prefetcher follows best: measured on a 1536 x 8960 bf16 weight (AMD
-/// EPYC Zen 4, 2 threads, one row of x, alternating runs) this streamed 41 GB/s against a
-/// plain read's 44, where blocks of four rows read side by side (several short streams)
-/// gave 26 and the input-major slabs this replaced 37. Rows longer than 4,096 values (the
-/// MLP's down projection) do better four at a time, sharing each load of x, which then
-/// no longer sits in L1 beside the stream; several rows of x do better in 4 x 4 blocks
-/// of dot products (fewer loads of x per weight byte) except for short rows.
+/// for more than [`STREAM_ROWS`] rows or a CPU without AVX-512 BF16. [`rows_shared`] with
+/// one weight.
 pub fn rows(
     x: &[f32],
     w: &[half::bf16],
@@ -349,41 +339,96 @@ pub fn rows(
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
 ) -> bool {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    assert!(bias.is_none_or(|b| b.len() >= n));
+    rows_shared(x, &[RowsWeight { w, bias, n }], (m, k), &mut [out])
+}
+
+/// One weight of a [`rows_shared`] product: `n` rows of k values, output-major, and its bias.
+#[derive(Clone, Copy)]
+pub struct RowsWeight<'a> {
+    pub w: &'a [half::bf16],
+    pub bias: Option<&'a [f32]>,
+    pub n: usize,
+}
+
+/// `outs[i] (m x n_i) = bf16(x) (m x k) · ws[i].w (n_i x k)ᵀ (+ bias)` for a few rows of x
+/// against several weights of the same input (q/k/v, gate/up): x is rounded once and the
+/// weights' rows, one after the other, share one parallel loop, so a layer's small
+/// products (a 256 x 1,536 key projection streams 0.75 MB, tens of microseconds) cost no
+/// pool wake-up and no rounding of their own. Each output is what [`rows`] gives it alone
+/// (bit for bit up to [`LONG_ROW`] values per row; longer rows are summed four at a time
+/// where a task's range allows, so their last bits depend on the split, as with [`rows`]'s
+/// thread count).
+/// Returns false (outs untouched) for more than [`STREAM_ROWS`] rows or a CPU without
+/// AVX-512 BF16.
+///
+/// How the weights are walked decides the speed, the work being one read of them: each
+/// task takes a contiguous range of weight rows and reads it front to back, one row (or,
+/// for long rows, four) at a time against the x rows held in L1. One long stream per core
+/// is what the hardware prefetcher follows best: measured on a 1536 x 8960 bf16 weight
+/// (AMD EPYC Zen 4, 2 threads, one row of x, alternating runs) this streamed 41 GB/s
+/// against a plain read's 44, where blocks of four rows read side by side (several short
+/// streams) gave 26 and the input-major slabs this replaced 37. Rows longer than 4,096
+/// values (the MLP's down projection) do better four at a time, sharing each load of x,
+/// which then no longer sits in L1 beside the stream; several rows of x do better in 4 x 4
+/// blocks of dot products (fewer loads of x per weight byte) except for short rows.
+pub fn rows_shared(
+    x: &[f32],
+    ws: &[RowsWeight],
+    (m, k): (usize, usize),
+    outs: &mut [&mut [f32]],
+) -> bool {
+    assert!(x.len() >= m * k && ws.len() == outs.len());
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert!(w.w.len() >= w.n * k && out.len() >= m * w.n);
+        assert!(w.bias.is_none_or(|b| b.len() >= w.n));
+    }
     if m > STREAM_ROWS || !available() {
         return false;
     }
-    if m == 0 || n == 0 {
+    let total: usize = ws.iter().map(|w| w.n).sum();
+    if m == 0 || total == 0 {
         return true;
     }
     let xb = round_rows(x, m, k);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+    // Runs `f(weight, j0, j1)` on the pieces of the rows lo..hi of all weights, one after
+    // the other, that lie in each weight.
+    let pieces = |lo: usize, hi: usize, f: &dyn Fn(usize, usize, usize)| {
+        let mut first = 0;
+        for (i, w) in ws.iter().enumerate() {
+            let (j0, j1) = (lo.max(first), hi.min(first + w.n));
+            if j0 < j1 {
+                f(i, j0 - first, j1 - first);
+            }
+            first += w.n;
+        }
+    };
     let threads = rayon::current_num_threads().max(1);
     let sequential = m == 1 || (m <= 4 && k <= LONG_ROW);
-    if sequential {
-        // A few ranges per core, for balance when a core is slowed by other work.
-        let per = n.div_ceil(4 * threads).max(1);
-        (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
-            let j0 = c * per;
-            let j1 = (j0 + per).min(n);
-            // SAFETY: AVX-512 BF16 and BW are present (`available`); 1 <= m <= 4; the task
-            // reads rows j0..j1 (j1 <= n) of w, n x k (asserted above), and xb's m rows of
-            // k.div_ceil(2) pairs, and writes only columns j0..j1 of out (m x n), which no
-            // other task touches.
-            unsafe { avx512::rows_in_order(&xb, w, bias, (m, k, n), (j0, j1), out_ptr.get()) };
-        });
-        return true;
-    }
-    // Enough weight rows per task to amortise it, enough tasks to balance the cores.
-    let chunk = (n / (8 * threads)).clamp(16, 1024) / 4 * 4;
-    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let j0 = c * chunk;
-        let j1 = (j0 + chunk).min(n);
-        // SAFETY: AVX-512 BF16 and BW are present (`available`); the task reads rows j0..j1
-        // (j1 <= n) of w, n x k (asserted above), and xb's m rows of kp pairs, and writes
-        // only columns j0..j1 of out (m x n), which no other task touches.
-        unsafe { avx512::rows_range(&xb, w, bias, (m, k, n), (j0, j1), out_ptr.get()) };
+    // Sequential: a few ranges per core, for balance when a core is slowed by other work;
+    // blocks: enough weight rows per task to amortise it, enough tasks to balance the
+    // cores, whole blocks of four rows.
+    let per = if sequential {
+        total.div_ceil(4 * threads).max(1)
+    } else {
+        (total / (8 * threads)).clamp(16, 1024) / 4 * 4
+    };
+    (0..total.div_ceil(per)).into_par_iter().for_each(|c| {
+        pieces(c * per, ((c + 1) * per).min(total), &|i, j0, j1| {
+            let RowsWeight { w, bias, n } = ws[i];
+            let out = out_ptrs[i].get();
+            // SAFETY (both): AVX-512 BF16 and BW are present (`available`); 1 <= m <=
+            // STREAM_ROWS (4 for `rows_in_order`); the call reads rows j0..j1 (j1 <= n) of
+            // w, n x k (asserted above), and xb's m rows of k.div_ceil(2) pairs, and writes
+            // only columns j0..j1 of out i (m x n), which no other task touches.
+            unsafe {
+                if sequential {
+                    avx512::rows_in_order(&xb, w, bias, (m, k, n), (j0, j1), out)
+                } else {
+                    avx512::rows_range(&xb, w, bias, (m, k, n), (j0, j1), out)
+                }
+            }
+        })
     });
     true
 }
@@ -980,6 +1025,91 @@ mod tests {
                                 "({m},{k},{n}) [{i},{j}] a^T {} b^T {}: {got} vs {want}",
                                 a_op.transposed,
                                 b_op.transposed
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Several weights in one call give each weight's product as [`rows`] gives it alone, bit
+    /// for bit, and the definition: ranges of rows that cross from one weight into the next
+    /// (on 1, 2 and 7 threads), weights of a single row or none, every path (rows in order,
+    /// blocks of four for 5-8 rows of x), bias on some weights only.
+    #[test]
+    fn shared_rows_give_each_weight_its_own_product() {
+        if !available() {
+            crate::kernels::skip_or_require(
+                "bf16dot::rows_shared (this CPU lacks AVX-512 BF16): it must decline",
+            );
+            let mut out = vec![f32::NAN; 3];
+            let w = vec![half::bf16::ONE; 6];
+            let ws = [RowsWeight {
+                w: &w,
+                bias: None,
+                n: 3,
+            }];
+            assert!(!rows_shared(&[1.0, 2.0], &ws, (1, 2), &mut [&mut out]));
+            assert!(out.iter().all(|v| v.is_nan()), "a declining kernel wrote");
+            return;
+        }
+        for &(m, k) in &[(1, 1536), (1, 77), (2, 300), (4, 64), (5, 129), (8, 40)] {
+            let ns = [61, 1, 0, 37, 256];
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let ws: Vec<Vec<half::bf16>> = ns
+                .iter()
+                .enumerate()
+                .map(|(s, &n)| {
+                    (0..n * k)
+                        .map(|i| half::bf16::from_f32(((i + 7 * s) as f32 * 0.13).cos()))
+                        .collect()
+                })
+                .collect();
+            let biases: Vec<Option<Vec<f32>>> = ns
+                .iter()
+                .enumerate()
+                .map(|(s, &n)| (s % 2 == 0).then(|| (0..n).map(|j| j as f32 * 0.1).collect()))
+                .collect();
+            let shared: Vec<RowsWeight> = ws
+                .iter()
+                .zip(&biases)
+                .zip(&ns)
+                .map(|((w, b), &n)| RowsWeight {
+                    w,
+                    bias: b.as_deref(),
+                    n,
+                })
+                .collect();
+            for threads in [1, 2, 7] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+                let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                pool.install(|| assert!(rows_shared(&x, &shared, (m, k), &mut refs)));
+                for (s, w) in shared.iter().enumerate() {
+                    let mut alone = vec![f32::NAN; m * w.n];
+                    pool.install(|| assert!(rows(&x, w.w, w.bias, (m, k, w.n), &mut alone)));
+                    for i in 0..m {
+                        for j in 0..w.n {
+                            let got = outs[s][i * w.n + j];
+                            assert_eq!(
+                                got.to_bits(),
+                                alone[i * w.n + j].to_bits(),
+                                "weight {s} ({m},{k}) [{i},{j}] on {threads} threads"
+                            );
+                            let want: f64 = (0..k)
+                                .map(|p| {
+                                    half::bf16::from_f32(x[i * k + p]).to_f32() as f64
+                                        * w.w[j * k + p].to_f32() as f64
+                                })
+                                .sum::<f64>()
+                                + w.bias.map_or(0.0, |b| b[j] as f64);
+                            assert!(
+                                (got as f64 - want).abs() < 1e-3,
+                                "weight {s} ({m},{k}) [{i},{j}]: {got} vs {want}"
                             );
                         }
                     }

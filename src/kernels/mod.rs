@@ -34,6 +34,24 @@ pub fn with_data<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) 
     Some(f(&data[start..end]))
 }
 
+/// [`with_data`] over several tensors at once: `f` gets each one's data, in order; `None`
+/// if any is not a contiguous CPU tensor of dtype `T`.
+pub fn with_data_all<T: candle_core::WithDType, R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> Option<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            return None;
+        };
+        let (start, end) = layout.contiguous_offsets()?;
+        slices.push(&cpu.as_slice::<T>().ok()?[start..end]);
+    }
+    Some(f(&slices))
+}
+
 /// [`with_data`] for f32 data.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     with_data(t, f)

@@ -423,6 +423,9 @@ impl Linear {
     /// one parallel loop; see [`QWeight::matmul_shared`]), else each layer's `forward`.
     /// The results are the same either way.
     pub fn forward_shared(layers: &[&Linear], x: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
+        if let Some(ys) = Self::bf16_rows_shared(layers, x)? {
+            return Ok(ys);
+        }
         let quants: Option<Vec<&QWeight>> = layers
             .iter()
             .map(|l| l.quant.as_deref().filter(|_| l.lora.is_none()))
@@ -472,6 +475,78 @@ impl Linear {
                     .reshape(shape)
             })
             .collect()
+    }
+
+    /// [`Self::forward_shared`] on the bf16 inference kernels: layers all marked for them
+    /// ([`Self::pack_for_inference`]), without adapters, and a few rows of f32 activations
+    /// outside any gradient graph (decoding); one call, x rounded once, one parallel loop
+    /// ([`crate::kernels::bf16dot::rows_shared`]). None where that does not apply.
+    fn bf16_rows_shared(layers: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+        use crate::kernels::{bf16dot, is_cpu_f32_contiguous, with_data_all, with_f32};
+        let dims = x.dims().to_vec();
+        let Some((&k, lead)) = dims.split_last() else {
+            return Ok(None);
+        };
+        let m: usize = lead.iter().product();
+        let applies = layers.len() > 1
+            && m <= bf16dot::STREAM_ROWS
+            && !x.track_op()
+            && is_cpu_f32_contiguous(x)
+            && layers.iter().all(|l| {
+                let w = &l.weight;
+                l.bf16_rows
+                    && l.lora.is_none()
+                    && l.quant.is_none()
+                    && w.dtype() == DType::BF16
+                    && w.device().is_cpu()
+                    && w.is_contiguous()
+                    && !w.track_op()
+                    && w.dims().get(1) == Some(&k)
+            });
+        if !applies {
+            return Ok(None);
+        }
+        let biases = layers
+            .iter()
+            .map(|l| l.bias_f32())
+            .collect::<Result<Vec<_>>>()?;
+        let ns = layers
+            .iter()
+            .map(|l| l.weight.dim(0))
+            .collect::<Result<Vec<_>>>()?;
+        let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0f32; m * n]).collect();
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let done = with_f32(x, |xs| {
+            with_data_all(&weights, |ws: &[&[half::bf16]]| {
+                let ws: Vec<bf16dot::RowsWeight> = ws
+                    .iter()
+                    .zip(&biases)
+                    .zip(&ns)
+                    .map(|((&w, b), &n)| bf16dot::RowsWeight {
+                        w,
+                        bias: b.as_deref(),
+                        n,
+                    })
+                    .collect();
+                let mut out_refs: Vec<&mut [f32]> =
+                    outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                bf16dot::rows_shared(xs, &ws, (m, k), &mut out_refs)
+            })
+        })
+        .flatten()
+        .unwrap_or(false);
+        if !done {
+            return Ok(None);
+        }
+        outs.into_iter()
+            .zip(ns)
+            .map(|(o, n)| {
+                let mut shape = lead.to_vec();
+                shape.push(n);
+                Tensor::from_vec(o, (m, n), x.device())?.reshape(shape)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// The bias in f32 on the CPU, for the quantized kernels.
@@ -656,4 +731,73 @@ pub fn rotary_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tens
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)?
         .add(&rotate_half(x)?.broadcast_mul(sin)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// q/k/v- and gate/up-like layers readied for inference give through
+    /// [`Linear::forward_shared`] (one bf16 kernel call when decoding) what each gives alone,
+    /// bit for bit, for one and a few rows, with and without bias; an adapter-free bf16 layer
+    /// beside an f32 one (not shareable) falls back to the layers' own products.
+    #[test]
+    fn shared_bf16_layers_give_what_each_gives_alone() {
+        let dev = Device::Cpu;
+        let k = 96;
+        let layer = |n: usize, seed: f32, bias: bool| {
+            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * seed).sin()).collect();
+            let w = Tensor::from_vec(w, (n, k), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let b = bias.then(|| {
+                Tensor::from_vec((0..n).map(|j| j as f32 * 0.01).collect(), n, &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+            });
+            let mut l = Linear::new(w, b);
+            l.pack_for_inference().unwrap();
+            l
+        };
+        let (q, kk, v) = (
+            layer(64, 0.11, true),
+            layer(16, 0.23, true),
+            layer(16, 0.37, false),
+        );
+        for rows in [1, 3] {
+            let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.07).cos()).collect();
+            let x = Tensor::from_vec(x, (1, rows, k), &dev).unwrap();
+            let shared = Linear::forward_shared(&[&q, &kk, &v], &x, Mode::Infer).unwrap();
+            for (l, got) in [&q, &kk, &v].iter().zip(&shared) {
+                let alone = l.forward(&x, Mode::Infer).unwrap();
+                assert_eq!(got.dims(), alone.dims());
+                let (a, b): (Vec<f32>, Vec<f32>) = (
+                    got.flatten_all().unwrap().to_vec1().unwrap(),
+                    alone.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{rows} rows: shared {a:?} vs alone {b:?}"
+                );
+            }
+        }
+        // One f32 layer among them: each layer's own path.
+        let f32_layer = Linear::new(
+            Tensor::from_vec(
+                (0..16 * k).map(|i| i as f32 * 1e-3).collect(),
+                (16, k),
+                &dev,
+            )
+            .unwrap(),
+            None,
+        );
+        let x = Tensor::ones((1, 1, k), DType::F32, &dev).unwrap();
+        let ys = Linear::forward_shared(&[&q, &f32_layer], &x, Mode::Infer).unwrap();
+        let want: f32 = (0..k).map(|i| i as f32 * 1e-3).sum();
+        let got: Vec<f32> = ys[1].flatten_all().unwrap().to_vec1().unwrap();
+        assert!((got[0] - want).abs() < 1e-3, "{} vs {want}", got[0]);
+    }
 }
