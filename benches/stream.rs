@@ -8,7 +8,9 @@
 //! f16 read input-major by `kernels::packed`, the quantized formats by `kernels::quant`),
 //! one row of activations, on the pool's threads (`RAYON_NUM_THREADS`), and prints the
 //! median time and the weight bytes read per second. Enough copies of each weight are
-//! cycled (about 400 MB) that none is read from cache. The first line is a plain parallel
+//! cycled (about 400 MB) that none is read from cache. Every weight sits where inference
+//! keeps it: dense ones in buffers advised onto 2 MB pages
+//! (`kernels::pages::vec_for_weights`), quantized ones in `kernels::pages`' own mappings. The first line is a plain parallel
 //! read of 1 GiB, the machine's streaming bandwidth on the same threads.
 //!
 //! bf16 runs the kernel inference runs on this CPU: with AVX-512 BF16 `kernels::bf16dot`
@@ -22,7 +24,7 @@
 use std::time::Instant;
 
 use medvlm::kernels::quant::{QWeight, QuantKind};
-use medvlm::kernels::{bf16dot, packed};
+use medvlm::kernels::{bf16dot, packed, pages};
 use rayon::prelude::*;
 
 /// Bytes of weights cycled per shape and format: several times any last-level cache.
@@ -69,7 +71,11 @@ fn dense<W: medvlm::kernels::skinny::WeightElem + Send + Sync>(
     let bytes = n * k * std::mem::size_of::<W>();
     let copies = (CYCLED_BYTES / bytes).max(2);
     let ws: Vec<Vec<W>> = (0..copies)
-        .map(|c| weights(n * k, c).into_iter().map(&convert).collect())
+        .map(|c| {
+            let mut v = pages::vec_for_weights(n * k);
+            v.extend(weights(n * k, c).into_iter().map(&convert));
+            v
+        })
         .collect();
     let x = weights(k, 7);
     let mut out = vec![0f32; n];
@@ -86,10 +92,9 @@ fn bf16_dot((n, k): (usize, usize)) {
     let copies = (CYCLED_BYTES / bytes).max(2);
     let ws: Vec<Vec<half::bf16>> = (0..copies)
         .map(|c| {
-            weights(n * k, c)
-                .into_iter()
-                .map(half::bf16::from_f32)
-                .collect()
+            let mut v = pages::vec_for_weights(n * k);
+            v.extend(weights(n * k, c).into_iter().map(half::bf16::from_f32));
+            v
         })
         .collect();
     let x = weights(k, 7);

@@ -239,7 +239,7 @@ impl Linear {
         if w.dtype() == DType::BF16 && crate::kernels::bf16dot::available() {
             self.bf16_rows = true;
         } else {
-            self.weight = w.t()?.contiguous()?.t()?;
+            self.weight = input_major(w)?;
         }
         Ok(true)
     }
@@ -369,6 +369,30 @@ impl Linear {
             return Ok(None);
         }
         Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
+    }
+}
+
+/// A contiguous CPU (out, in) weight stored input-major, (in, out) row-major, returned as
+/// its (out, in) transposed view: the copy on 2 MB pages where the OS allows
+/// ([`crate::kernels::pages::transposed_for_weights`]), as decoding streams it.
+pub(crate) fn input_major(w: &Tensor) -> Result<Tensor> {
+    fn go<T: candle_core::WithDType>(w: &Tensor) -> Result<Option<Tensor>> {
+        let (n, k) = w.dims2()?;
+        crate::kernels::with_data(w, |src: &[T]| {
+            let v = crate::kernels::pages::transposed_for_weights(src, n, k);
+            Tensor::from_vec(v, (k, n), w.device())?.t()
+        })
+        .transpose()
+    }
+    let t = match w.dtype() {
+        DType::F32 => go::<f32>(w)?,
+        DType::BF16 => go::<half::bf16>(w)?,
+        DType::F16 => go::<half::f16>(w)?,
+        _ => None,
+    };
+    match t {
+        Some(t) => Ok(t),
+        None => w.t()?.contiguous()?.t(),
     }
 }
 

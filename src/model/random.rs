@@ -48,7 +48,15 @@ impl SimpleBackend for RandomBackend {
         } else if s.rank() == 1 {
             Tensor::ones(s, DType::F32, dev)?
         } else {
-            Tensor::from_vec(self.normal(s.elem_count()), s, dev)?
+            let values = self.normal(s.elem_count());
+            if dtype == DType::BF16 && dev.is_cpu() {
+                // Rounded straight into a buffer on 2 MB pages, as a checkpoint's bf16
+                // weights are read ([`crate::kernels::pages::vec_for_weights`]).
+                let mut v = crate::kernels::pages::vec_for_weights(values.len());
+                v.extend(values.iter().map(|&x| half::bf16::from_f32(x)));
+                return Tensor::from_vec(v, s, dev);
+            }
+            Tensor::from_vec(values, s, dev)?
         };
         t.to_dtype(dtype)
     }

@@ -681,7 +681,7 @@ impl TextModel {
         {
             return Ok(false);
         }
-        self.embed_tokens = e.t()?.contiguous()?.t()?;
+        self.embed_tokens = super::layers::input_major(e)?;
         let packed = self.embed_tokens.clone();
         self.lm_head.map_weight(|_| Ok(packed))?;
         Ok(true)

@@ -425,10 +425,45 @@ impl TensorReader {
             candle_core::bail!("cannot find tensor {name}");
         };
         let (path, file, _) = &self.files[*fi];
-        let mut bytes = vec![0u8; (range.end - range.start) as usize];
-        read_at(file, &mut bytes, range.start).map_err(|e| {
+        let failed = |e: std::io::Error| {
             candle_core::Error::Msg(format!("{}: reading {name}: {e}", path.display()))
-        })?;
+        };
+        // Floats are read straight into the tensor's own buffer, on 2 MB pages where the OS
+        // allows ([`crate::kernels::pages::vec_for_weights`]): decoding streams the weights
+        // as they are stored (bf16 on AVX-512 BF16, f32 LM heads).
+        fn direct<T: candle_core::WithDType>(
+            file: &std::fs::File,
+            at: u64,
+            shape: &[usize],
+        ) -> std::io::Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let mut v = crate::kernels::pages::vec_for_weights::<T>(n);
+            v.resize(n, T::zero());
+            // SAFETY: n initialised values of a plain float type, viewed as their bytes;
+            // any bytes are a valid value (safetensors stores them little-endian, as this
+            // CPU does: checked by the caller).
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(
+                    v.as_mut_ptr() as *mut u8,
+                    n * T::DTYPE.size_in_bytes(),
+                )
+            };
+            read_at(file, bytes, at)?;
+            Tensor::from_vec(v, shape, &Device::Cpu).map_err(std::io::Error::other)
+        }
+        if cfg!(target_endian = "little") {
+            let t = match dtype {
+                DType::BF16 => Some(direct::<half::bf16>(file, range.start, shape)),
+                DType::F16 => Some(direct::<half::f16>(file, range.start, shape)),
+                DType::F32 => Some(direct::<f32>(file, range.start, shape)),
+                _ => None,
+            };
+            if let Some(t) = t {
+                return t.map_err(failed);
+            }
+        }
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        read_at(file, &mut bytes, range.start).map_err(failed)?;
         Tensor::from_raw_buffer(&bytes, *dtype, shape, &Device::Cpu)
     }
 }
