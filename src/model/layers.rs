@@ -244,19 +244,23 @@ impl Linear {
         Ok(true)
     }
 
+    /// Whether the weight is marked for the bf16 inference kernels and still as they read
+    /// it: bf16, contiguous, on the CPU, outside any gradient graph.
+    fn on_bf16_rows(&self) -> bool {
+        let w = &self.weight;
+        self.bf16_rows
+            && w.dtype() == DType::BF16
+            && w.device().is_cpu()
+            && w.is_contiguous()
+            && !w.track_op()
+    }
+
     /// The product on the bf16 inference kernels, for a weight marked for them
     /// ([`Self::pack_for_inference`]) and f32 activations outside any gradient graph.
     fn bf16_rows(&self, x: &Tensor, m: usize, k: usize) -> Result<Option<Tensor>> {
         use crate::kernels::{bf16dot, is_cpu_f32_contiguous, with_bf16, with_f32};
         let w = &self.weight;
-        if !self.bf16_rows
-            || w.dtype() != DType::BF16
-            || !w.device().is_cpu()
-            || !w.is_contiguous()
-            || x.track_op()
-            || w.track_op()
-            || !is_cpu_f32_contiguous(x)
-        {
+        if !self.on_bf16_rows() || x.track_op() || !is_cpu_f32_contiguous(x) {
             return Ok(None);
         }
         let n = w.dim(0)?;
@@ -517,15 +521,10 @@ impl Linear {
             && !x.track_op()
             && is_cpu_f32_contiguous(x)
             && layers.iter().all(|l| {
-                let w = &l.weight;
-                l.bf16_rows
+                l.on_bf16_rows()
                     && l.lora.is_none()
                     && l.quant.is_none()
-                    && w.dtype() == DType::BF16
-                    && w.device().is_cpu()
-                    && w.is_contiguous()
-                    && !w.track_op()
-                    && w.dims().get(1) == Some(&k)
+                    && l.weight.dims().get(1) == Some(&k)
             });
         if !applies {
             return Ok(None);
