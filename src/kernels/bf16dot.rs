@@ -413,7 +413,7 @@ pub fn rows_shared(
     } else {
         (total / (8 * threads)).clamp(16, 1024) / 4 * 4
     };
-    (0..total.div_ceil(per)).into_par_iter().for_each(|c| {
+    super::team::for_each(total.div_ceil(per), &|c| {
         pieces(c * per, ((c + 1) * per).min(total), &|i, j0, j1| {
             let RowsWeight { w, bias, n } = ws[i];
             let out = out_ptrs[i].get();

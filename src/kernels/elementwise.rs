@@ -306,23 +306,28 @@ impl CustomOp3 for Rotary {
             storage_f32(ss, sl, "rotary")?,
         );
         let mut out = vec![0f32; x.len()];
-        // Parallel over (batch, head) planes of the output, each (l, d).
-        out.par_chunks_mut(l * d)
-            .enumerate()
-            .for_each(|(bh, plane)| {
-                let (bi, h) = (bh / n, bh % n);
-                for t in 0..l {
-                    let src = ((bi * l + t) * n + h) * d;
-                    let cs = (bi * l + t) * d;
-                    rotate(
-                        &x[src..src + d],
-                        &cos[cs..cs + d],
-                        &sin[cs..cs + d],
-                        &mut plane[t * d..(t + 1) * d],
-                        false,
-                    );
-                }
-            });
+        let plane = |(bh, plane): (usize, &mut [f32])| {
+            let (bi, h) = (bh / n, bh % n);
+            for t in 0..l {
+                let src = ((bi * l + t) * n + h) * d;
+                let cs = (bi * l + t) * d;
+                rotate(
+                    &x[src..src + d],
+                    &cos[cs..cs + d],
+                    &sin[cs..cs + d],
+                    &mut plane[t * d..(t + 1) * d],
+                    false,
+                );
+            }
+        };
+        // Parallel over (batch, head) planes of the output, each (l, d); a decoding step's
+        // few heads of one position (a microsecond) in place: handing them to the pool
+        // would wake a sleeping worker for nothing.
+        if x.len() < CHUNK {
+            out.chunks_mut(l * d).enumerate().for_each(plane);
+        } else {
+            out.par_chunks_mut(l * d).enumerate().for_each(plane);
+        }
         Ok((CpuStorage::F32(out), Shape::from((b, n, l, d))))
     }
 

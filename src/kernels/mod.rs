@@ -18,6 +18,7 @@ pub mod pages;
 pub mod quant;
 pub mod skinny;
 pub mod softmax;
+pub mod team;
 pub mod workspace;
 
 use candle_core::{Storage, Tensor};
@@ -182,14 +183,15 @@ pub(crate) fn slab_partials(
     acc_len: usize,
     f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    use rayon::prelude::*;
     let tasks = rayon::current_num_threads().clamp(1, len.max(1));
     let slab = len.div_ceil(tasks);
     let mut partial = vec![0f32; tasks * acc_len];
-    partial
-        .par_chunks_mut(acc_len.max(1))
-        .enumerate()
-        .for_each(|(t, acc)| f((t * slab).min(len)..((t + 1) * slab).min(len), acc));
+    let ptr = SendPtr(partial.as_mut_ptr());
+    team::for_each(tasks, &|t| {
+        // SAFETY: task t owns accumulator t, inside `partial`.
+        let acc = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(t * acc_len), acc_len) };
+        f((t * slab).min(len)..((t + 1) * slab).min(len), acc)
+    });
     partial
 }
 

@@ -458,7 +458,8 @@ impl QWeight {
             );
         }
         let out_ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
-        tasks.into_par_iter().for_each(|(i, g0, g1)| {
+        super::team::for_each(tasks.len(), &|t| {
+            let (i, g0, g1) = tasks[t];
             let (w, bias, out_ptr, n) = (ws[i], biases[i], out_ptrs[i], ws[i].n);
             for g in g0..g1 {
                 let mut r0 = 0;

@@ -3,8 +3,6 @@
 //! multiplying there, and its AVX-512 path is slower than its AVX2 one below ~64 rows; this
 //! kernel streams each weight row once and keeps a 4x4 block of dot products in registers.
 
-use rayon::prelude::*;
-
 use super::SendPtr;
 
 /// Rows at or below which [`linear`] is used for inference matmuls.
@@ -143,7 +141,7 @@ fn widening<W: WeightElem>(
         // tasks to balance the cores.
         let chunk = (n / (8 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
         let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        super::team::for_each(n.div_ceil(chunk), &|c| {
             let j0 = c * chunk;
             let j1 = (j0 + chunk).min(n);
             // SAFETY: AVX-512F is present (checked above); x, w and out hold m x k, n x k
@@ -157,7 +155,7 @@ fn widening<W: WeightElem>(
     if super::has_avx2() {
         let chunk = (n / (8 * rayon::current_num_threads().max(1))).clamp(16, 1024) / 4 * 4;
         let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        super::team::for_each(n.div_ceil(chunk), &|c| {
             let j0 = c * chunk;
             let j1 = (j0 + chunk).min(n);
             // SAFETY: as above, with AVX2, FMA and F16C present (checked just above).
