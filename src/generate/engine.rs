@@ -238,11 +238,12 @@ impl Running {
     }
 }
 
-/// Runs `f` on a thread of rayon's pool (inline when the caller is one). The kernels split
-/// each matrix product over the pool with `par_iter`; called from outside the pool, every
-/// product hands its work to the pool and puts the calling thread to sleep until it is done,
-/// a futex wake-up and wait per product, hundreds per decoded token. From a pool thread the
-/// caller takes its own share and the other threads steal the rest. On 2 threads of an AMD
+/// Runs `f` on a thread of rayon's pool (inline when the caller is one). Decoding's
+/// few-row products and attention run on `kernels::team`, but the prompt pass and the
+/// remaining tensor ops split their work over rayon's pool; called from outside the pool,
+/// every such op hands its work to the pool and puts the calling thread to sleep until it
+/// is done, a futex wake-up and wait per op. From a pool thread the caller takes its own
+/// share and the other threads steal the rest. (Measured before the team, for products.) On 2 threads of an AMD
 /// EPYC Zen 4 a layer's q/k/v products at the 2B widths (q4_1, in cache) took 75-102 us
 /// called from outside the pool and 36-41 us from a pool thread (29-32 us with the shared
 /// activations of `QWeight::matmul_shared`); whole batch-1 decode runs vary by more than

@@ -4,19 +4,19 @@
 //! One decoded token of a 28-layer model is about 200 parallel loops (q/k/v, o, gate/up,
 //! down, attention per layer, the LM head), most of them 30-900 microseconds of weight
 //! streaming, separated by a few microseconds of sequential work (norms, rotary, the KV
-//! cache). Through rayon, each loop started from the decoding thread (not a pool worker)
-//! is handed to the pool through its global queue: a sleeping worker is woken, the caller
-//! sleeps until the loop is done and is woken in turn, and between loops the workers go
-//! back to sleep. Measured on the 2B bf16 decode (AMD EPYC Zen 4, 2 threads, perf
-//! cpu-clock): the cores were idle ~9% of each token. llama.cpp's threads spin at the
+//! cache). On rayon's pool the other workers go to sleep between loops (after a short
+//! spin) and each loop wakes them again (a futex wake-up they start late by). Measured on
+//! the 2B bf16 decode (AMD EPYC Zen 4, 2 threads, perf cpu-clock): the cores were idle ~9%
+//! of each token; on this team, 2%. llama.cpp's threads spin at the
 //! barriers between its graph's nodes; so do these, for a short while (`SPIN`) after each
 //! loop, then they park until the next one.
 //!
 //! The caller takes part: `for_each(tasks, f)` runs `f(0..tasks)` on the caller and the
 //! helpers, each task claimed from an atomic counter, and returns when all have run. A
-//! call from inside a rayon worker (a loop nested in another, or a test's own pool), or
-//! while another thread's call is running, goes to rayon instead: the team serves one
-//! decoding thread at a time and never waits on itself.
+//! call made while a loop is running (another thread's, or from inside one of the loop's
+//! own tasks) goes to rayon instead: the team serves one decoding thread at a time and
+//! never waits on itself. Decoding itself runs on a rayon worker (`generate`'s engine),
+//! whose fellow workers then sleep: the team replaces them for these loops.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
