@@ -455,19 +455,9 @@ mod simd {
                     *a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(r * d + c)), kv, *a);
                 }
             }
-            // Halves added until lane r of one 128-bit vector holds row r's sum.
-            let half = |v: __m512| {
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-                _mm256_add_ps(_mm512_castps512_ps256(v), hi)
-            };
-            let h01 = _mm256_hadd_ps(half(acc[0]), half(acc[1]));
-            let h23 = _mm256_hadd_ps(half(acc[2]), half(acc[3]));
-            let h = _mm256_hadd_ps(h01, h23);
             let mut sums = [0f32; 4];
-            _mm_storeu_ps(
-                sums.as_mut_ptr(),
-                _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h)),
-            );
+            // Lane r: row r's sum.
+            _mm_storeu_ps(sums.as_mut_ptr(), crate::kernels::bf16dot::hsum4(&acc));
             for (r, &s) in sums.iter().enumerate().take(R) {
                 *p.get_unchecked_mut(r * keys + j) = s;
             }

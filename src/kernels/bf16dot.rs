@@ -559,6 +559,10 @@ fn pack_panel(
     }
 }
 
+/// The four lane sums of four vectors (decoding attention's scores reduce with it too).
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::hsum4;
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Start, MR, NB};
@@ -906,7 +910,7 @@ mod avx512 {
     /// AVX-512F must be present; no memory is touched.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn hsum4(v: &[__m512; 4]) -> __m128 {
+    pub(crate) unsafe fn hsum4(v: &[__m512; 4]) -> __m128 {
         let half = |v: __m512| {
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
             _mm256_add_ps(_mm512_castps512_ps256(v), hi)
