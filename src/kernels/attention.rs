@@ -372,12 +372,7 @@ pub fn decode(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<T
             .enumerate()
             .for_each(|(t, o)| work(t, o));
     } else {
-        let ptr = super::SendPtr(out.as_mut_ptr());
-        super::team::for_each(b * kv_heads, &|t| {
-            // SAFETY: task t writes only its own rep * d outputs, inside `out`.
-            let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(t * rep * d), rep * d) };
-            work(t, o)
-        });
+        super::team::for_each_chunk(&mut out, rep * d, &|t, o| work(t, o));
     }
     Ok(Some(Tensor::from_vec(out, (b, heads, 1, d), q.device())?))
 }

@@ -186,10 +186,7 @@ pub(crate) fn slab_partials(
     let tasks = rayon::current_num_threads().clamp(1, len.max(1));
     let slab = len.div_ceil(tasks);
     let mut partial = vec![0f32; tasks * acc_len];
-    let ptr = SendPtr(partial.as_mut_ptr());
-    team::for_each(tasks, &|t| {
-        // SAFETY: task t owns accumulator t, inside `partial`.
-        let acc = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(t * acc_len), acc_len) };
+    team::for_each_chunk(&mut partial, acc_len, &|t, acc| {
         f((t * slab).min(len)..((t + 1) * slab).min(len), acc)
     });
     partial

@@ -115,6 +115,20 @@ pub fn for_each(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     on_team(team, tasks, f);
 }
 
+/// [`for_each`] over the `chunk`-long pieces of `buf` (the last may be shorter): task t
+/// gets piece t, which no other task touches.
+pub fn for_each_chunk(buf: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let (len, chunk) = (buf.len(), chunk.max(1));
+    let ptr = super::SendPtr(buf.as_mut_ptr());
+    for_each(len.div_ceil(chunk), &|t| {
+        let start = t * chunk;
+        // SAFETY: pieces are disjoint and inside `buf`, which outlives the loop.
+        let piece =
+            unsafe { std::slice::from_raw_parts_mut(ptr.get().add(start), chunk.min(len - start)) };
+        f(t, piece)
+    });
+}
+
 /// [`for_each`] on the team, whose `busy` the caller holds (released here).
 fn on_team(team: &'static Team, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     // SAFETY (lifetime): the pointer is dropped by every helper before `Close` returns.
