@@ -23,8 +23,8 @@ runs in the converter's venv and imports gguf-py from the llama.cpp tree).
   png --out FILE
       The 448x448 test card `medvlm bench generate` encodes (src/bench/mod.rs, test_image).
   table --out DIR
-      Reads DIR/raw/rep*/ and DIR/meta.json, prints the markdown table, writes
-      DIR/table.md and DIR/summary.json.
+      Reads DIR/raw/rep*/, DIR/raw/decode*/ and DIR/meta.json, prints the markdown tables,
+      writes DIR/table.md and DIR/summary.json.
 """
 
 import argparse
@@ -265,6 +265,61 @@ def parse_medvlm(rep_dir, v):
     }
 
 
+def parse_llama_decode(round_dir, q):
+    """llama-bench's decode figure of one decode-only round (-p 0 -n N -d D -r 1)."""
+    f = round_dir / f"llama-{q}-decode.json"
+    if not f.exists() or not exit_ok(round_dir / f"llama-{q}-decode.time"):
+        return None
+    try:
+        tests = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    for t in tests:
+        if t.get("n_prompt", 0) == 0 and t.get("n_gen", 0) > 0:
+            return t["avg_ts"]
+    return None
+
+
+def decode_rounds_table(out, meta):
+    """The decode-only rounds (raw/decode*/): per pair, both engines' medians and ranges,
+    the ratio of the medians and how many rounds medvlm was ahead in; [] when none ran."""
+    rounds = sorted(
+        (p for p in (out / "raw").glob("decode*") if p.is_dir()),
+        key=lambda p: int(p.name[6:]),
+    )
+    pairs = [p for p in meta["pairs"] if p.get("llama") and p.get("medvlm")]
+    if not rounds or not pairs:
+        return [], {}
+    depth = meta.get("decode_depth", 0)
+    lines = [
+        f"Decoding alone, batch 1, {meta['llama_new_tokens']} new tokens after {depth} in the "
+        f"cache: {len(rounds)} rounds, each llama.cpp (llama-bench -r 1) then medvlm (bench "
+        "generate), per pair. Median (range) tok/s; ratio = medvlm's median / llama.cpp's.",
+        "",
+        "| pair | llama.cpp | medvlm | ratio of medians | medvlm ahead |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    found = {}
+    for pair in pairs:
+        both = []
+        for r in rounds:
+            l = parse_llama_decode(r, pair["llama"])
+            m = parse_medvlm(r, pair["medvlm"]).get("decode_tok_s")
+            if l is not None and m is not None:
+                both.append((l, m))
+        found[f"{pair['llama']}/{pair['medvlm']}"] = both
+        if not both:
+            continue
+        ls, ms = [b[0] for b in both], [b[1] for b in both]
+        ratio = statistics.median(ms) / statistics.median(ls)
+        ahead = sum(1 for l, m in both if m > l)
+        lines.append(
+            f"| {pair['llama_label']} / {pair['medvlm']} | {fmt(ls, 1)} | {fmt(ms, 1)} | "
+            f"{ratio:.2f}x | {ahead} of {len(both)} |"
+        )
+    return lines, found
+
+
 def fmt(vals, digits, unit=""):
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -320,6 +375,16 @@ def cmd_table(a):
         f"{len(reps)} alternating round(s), one value per round"
     )
     lines.append("")
+    decode_lines, decode_runs = decode_rounds_table(out, meta)
+    if not reps:
+        # --reps 0: the decode-only rounds alone.
+        lines += decode_lines
+        text = "\n".join(lines)
+        print(text)
+        (out / "table.md").write_text(text + "\n")
+        summary = {"meta": meta, "runs": data, "decode_rounds": decode_runs}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return
     shape = meta.get("shape", "Qwen2-VL-2B shape, random weights")
     lines.append(f"| {shape} | " + " | ".join(c[0] for c in cols) + " |")
     lines.append("| --- |" + " --- |" * len(cols))
@@ -359,10 +424,13 @@ def cmd_table(a):
     )
     for v, why in skipped.items():
         lines.append(f"medvlm {v}: skipped ({why})")
+    if decode_lines:
+        lines += [""] + decode_lines
     text = "\n".join(lines)
     print(text)
     (out / "table.md").write_text(text + "\n")
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "runs": data}, indent=2))
+    summary = {"meta": meta, "runs": data, "decode_rounds": decode_runs}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def main():

@@ -3,7 +3,8 @@
 # weights, on this CPU, with the same threads, pinned to the same cores, alternating engines in one
 # run.
 #
-#   tools/llamacpp_side_by_side.sh --out DIR [--reps N] [--engines llama,medvlm] [--prepare-only]
+#   tools/llamacpp_side_by_side.sh --out DIR [--reps N] [--decode-rounds N] [--engines llama,medvlm]
+#                                  [--prepare-only]
 #
 # What it does:
 #  1. llama.cpp: reuses the build in $LLAMA_CPP_DIR/build (llama-bench, llama-mtmd-cli,
@@ -31,7 +32,13 @@
 #     N ms" is the warm vision tower. medvlm: `medvlm bench generate --preset qwen2-vl-2b --group 1
 #     --json` with --dtype for bf16/f32/f16 and --quantize for anything else; a variant the
 #     binary does not accept is skipped and noted.
-#  4. Prints a markdown table (also DIR/table.md; DIR/summary.json; raw outputs in DIR/raw/).
+#  4. --decode-rounds N (default 0): then N rounds of decoding alone, per pair llama.cpp then
+#     medvlm: llama-bench -p 0 -n 64 -d 358 -r 1 against the same medvlm bench run. This
+#     machine's memory bandwidth moves by tens of percent between minutes, and both engines'
+#     batch-1 decoding is bound by it, so one round's ratio says little; the median of many
+#     short alternations says more (a second table: medians, range, rounds medvlm was ahead).
+#     --reps 0 with it runs only these.
+#  5. Prints a markdown table (also DIR/table.md; DIR/summary.json; raw outputs in DIR/raw/).
 #
 # Shapes (SHAPE):
 #   qwen2-vl-2b       Qwen2-VL-2B-Instruct as released: its 151,936-row LM head is 15% of the text
@@ -50,7 +57,14 @@
 #   MEDVLM           medvlm binary  [target/release/medvlm of this checkout]
 #   LLAMA_VARIANTS   GGUF text types (llama-quantize names, lower case) ["bf16 q8_0 q4_1 q4_k_m"]
 #   MEDVLM_VARIANTS  medvlm variants  ["bf16 f32 q8_0 q4_1 q4_k"]; a word NAME=ARG,ARG passes
-#                    those arguments instead (e.g. q4=--quantize,q4_1,--dtype,f32)
+#                    those arguments instead (e.g. q4=--quantize,q4_1,--dtype,f32); gguf-TYPE
+#                    runs medvlm on llama.cpp's own TYPE file (one of LLAMA_VARIANTS, e.g.
+#                    gguf-q4_k_m), imported once with `medvlm import-gguf` (exact: a Q4_K_M
+#                    file keeps its Q4_K/Q6_K mix) and loaded with --model: the same weights,
+#                    byte for byte, in both engines. Such a checkpoint loads in f32 (f16 mmproj
+#                    weights held exactly), so its vision tower is f32's, not bf16's. The 2B
+#                    shape only: import-gguf rebuilds Qwen2's tokenizer and refuses the 50k
+#                    shape's GPT-2 one (there, NAME=--model,DIR on a `medvlm quantize` copy)
 #   MMPROJ_TYPE      vision GGUF type  [f16]
 #   THREADS [2]   CPUS (taskset list) [0,1]   PROMPT_TOKENS [358]   NEW_TOKENS [64]
 #   LLAMA_BENCH_REPS (llama-bench -r)  [3]
@@ -83,11 +97,12 @@ NEW_TOKENS="${NEW_TOKENS:-64}"
 LLAMA_BENCH_REPS="${LLAMA_BENCH_REPS:-3}"
 DECODE_DEPTH="${DECODE_DEPTH:-358}"
 
-out="" reps=2 engines="llama,medvlm" prepare_only=0
+out="" reps=2 decode_rounds=0 engines="llama,medvlm" prepare_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
+    --decode-rounds) decode_rounds="$2"; shift 2 ;;
     --engines) engines="$2"; shift 2 ;;
     --prepare-only) prepare_only=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -95,6 +110,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$out" ] || [ "$prepare_only" = 1 ] || { echo "--out DIR is required" >&2; exit 2; }
+for n in "$reps" "$decode_rounds"; do
+  [[ "$n" =~ ^[0-9]+$ ]] || { echo "--reps/--decode-rounds: $n is not a whole number" >&2; exit 2; }
+done
 want() { case ",$engines," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
@@ -214,7 +232,7 @@ if want llama; then for q in $LLAMA_VARIANTS; do pair_llama+=("$q"); pair_medvlm
 add_medvlm() {
   local v="$1" name="${1%%=*}" i
   for i in "${!pair_llama[@]}"; do
-    if [ "${pair_llama[$i]}" = "$name" ] && [ -z "${pair_medvlm[$i]}" ]; then pair_medvlm[$i]="$v"; return; fi
+    if [ "${pair_llama[$i]}" = "${name#gguf-}" ] && [ -z "${pair_medvlm[$i]}" ]; then pair_medvlm[$i]="$v"; return; fi
   done
   for i in "${!pair_llama[@]}"; do
     if [ -n "${pair_llama[$i]}" ] && [ -z "${pair_medvlm[$i]}" ] \
@@ -231,9 +249,21 @@ medvlm_args() {  # arguments of one medvlm variant
   local v="$1"
   case "$v" in
     *=*) local rest="${v#*=}"; echo "${rest//,/ }" ;;
+    gguf-*) echo "--model $(imported "${v#gguf-}")" ;;
     f32|bf16|f16) echo "--dtype $v" ;;
     *) echo "--quantize $v" ;;
   esac
+}
+
+imported() { echo "$models/medvlm-$SHAPE-$1"; }  # llama.cpp's TYPE file as a medvlm checkpoint
+ensure_imported() {  # $1: a gguf-TYPE variant
+  local q="${1#gguf-}" dir; dir="$(imported "${1#gguf-}")"
+  [ -f "$dir/config.json" ] && return 0
+  [ -f "$(gguf "$q")" ] || { echo "$1: no $(gguf "$q") (add $q to LLAMA_VARIANTS)" >&2; exit 1; }
+  log "medvlm import-gguf $(gguf "$q") -> $dir"
+  rm -rf "$dir.part"
+  "$MEDVLM" import-gguf --model "$(gguf "$q")" --mmproj "$mmproj" --out "$dir.part" >&2
+  mv "$dir.part" "$dir"
 }
 
 # ------------------------------------------------------------------ run
@@ -248,6 +278,9 @@ if want medvlm; then
     || { echo "no $ckpt/config.json: run with --prepare-only first" >&2; exit 1; }
   [ -x "$MEDVLM" ] || { echo "no medvlm binary at $MEDVLM (cargo build --release, or set MEDVLM)" >&2; exit 1; }
   medvlm_help="$("$MEDVLM" bench generate --help 2>&1 || true)"
+  for v in $MEDVLM_VARIANTS; do
+    case "$v" in gguf-*) ensure_imported "$v" ;; esac
+  done
 fi
 
 cpu_model="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
@@ -289,10 +322,13 @@ run_medvlm() {  # $1 variant, $2 round dir
     log "medvlm $name: skipped (no --quantize in this binary)"
     return 0
   fi
+  # A checkpoint of its own (--model) brings its shape.
+  local shape="$shape_args"
+  [[ " $args " == *" --model "* ]] && shape=""
   log "medvlm $name: bench generate $args"
   # shellcheck disable=SC2086
   if ! /usr/bin/time -v -o "$r/medvlm-$name.time" taskset -c "$CPUS" "$MEDVLM" bench generate \
-      $shape_args --group 1 --new-tokens "$NEW_TOKENS" --threads "$THREADS" --json $args \
+      $shape --group 1 --new-tokens "$NEW_TOKENS" --threads "$THREADS" --json $args \
       > "$r/medvlm-$name.json" 2> "$r/medvlm-$name.err"; then
     if grep -q -E "unexpected argument|invalid value|not supported|unsupported" "$r/medvlm-$name.err"; then
       printf '%s\t%s\n' "$name" "$(grep -m1 -E 'error|Error' "$r/medvlm-$name.err" | tr '\t' ' ')" \
@@ -314,7 +350,7 @@ cat > "$out/meta.json" <<JSON
  "llama_version": "$llama_version", "medvlm_version": "$medvlm_version (checkout $medvlm_commit, binary of $medvlm_built)",
  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "llama_prompt_tokens": $PROMPT_TOKENS,
  "llama_new_tokens": $NEW_TOKENS, "llama_bench_reps": $LLAMA_BENCH_REPS, "decode_depth": $DECODE_DEPTH,
- "mmproj": "$MMPROJ_TYPE", "pairs": [$pairs_json]}
+ "mmproj": "$MMPROJ_TYPE", "decode_rounds": $decode_rounds, "pairs": [$pairs_json]}
 JSON
 
 for ((rep = 1; rep <= reps; rep++)); do
@@ -322,6 +358,23 @@ for ((rep = 1; rep <= reps; rep++)); do
   for i in "${!pair_llama[@]}"; do
     if [ -n "${pair_llama[$i]}" ]; then run_llama "${pair_llama[$i]}" "$r"; fi
     if [ -n "${pair_medvlm[$i]}" ]; then run_medvlm "${pair_medvlm[$i]}" "$r"; fi
+  done
+done
+
+# Decoding alone, alternating engines per pair, many short rounds (step 4 of the header).
+run_llama_decode() {  # $1 variant, $2 round dir
+  local q="$1" r="$2"
+  log "llama.cpp $q: llama-bench decode after $DECODE_DEPTH"
+  /usr/bin/time -v -o "$r/llama-$q-decode.time" taskset -c "$CPUS" "$bin/llama-bench" -m "$(gguf "$q")" \
+    -t "$THREADS" -p 0 -n "$NEW_TOKENS" -d "$DECODE_DEPTH" -r 1 -o json \
+    > "$r/llama-$q-decode.json" 2> "$r/llama-$q-decode.err" || log "llama-bench $q failed (see $r)"
+}
+for ((k = 1; k <= decode_rounds; k++)); do
+  r="$out/raw/decode$k"; mkdir -p "$r"
+  for i in "${!pair_llama[@]}"; do
+    [ -n "${pair_llama[$i]}" ] && [ -n "${pair_medvlm[$i]}" ] || continue
+    run_llama_decode "${pair_llama[$i]}" "$r"
+    run_medvlm "${pair_medvlm[$i]}" "$r"
   done
 done
 
