@@ -296,8 +296,9 @@ def decode_rounds_table(out, meta):
         f"cache: {len(rounds)} rounds, each llama.cpp (llama-bench -r 1) then medvlm (bench "
         "generate), per pair. Median (range) tok/s; ratio = medvlm's median / llama.cpp's.",
         "",
-        "| pair | llama.cpp | medvlm | ratio of medians | medvlm ahead |",
-        "| --- | --- | --- | --- | --- |",
+        f"| {meta.get('shape', 'Qwen2-VL-2B shape, random weights')} | llama.cpp | medvlm | "
+        "ratio of medians | medvlm ahead | ratio per round |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     found = {}
     for pair in pairs:
@@ -313,9 +314,10 @@ def decode_rounds_table(out, meta):
         ls, ms = [b[0] for b in both], [b[1] for b in both]
         ratio = statistics.median(ms) / statistics.median(ls)
         ahead = sum(1 for l, m in both if m > l)
+        per_round = ", ".join(f"{m / l:.2f}" for l, m in both)
         lines.append(
             f"| {pair['llama_label']} / {pair['medvlm']} | {fmt(ls, 1)} | {fmt(ms, 1)} | "
-            f"{ratio:.2f}x | {ahead} of {len(both)} |"
+            f"{ratio:.2f}x | {ahead} of {len(both)} | {per_round} |"
         )
     return lines, found
 
@@ -376,14 +378,17 @@ def cmd_table(a):
     )
     lines.append("")
     decode_lines, decode_runs = decode_rounds_table(out, meta)
-    if not reps:
-        # --reps 0: the decode-only rounds alone.
-        lines += decode_lines
+
+    def emit(lines):
         text = "\n".join(lines)
         print(text)
         (out / "table.md").write_text(text + "\n")
         summary = {"meta": meta, "runs": data, "decode_rounds": decode_runs}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    if not reps:
+        # --reps 0: the decode-only rounds alone.
+        emit(lines + decode_lines)
         return
     shape = meta.get("shape", "Qwen2-VL-2B shape, random weights")
     lines.append(f"| {shape} | " + " | ".join(c[0] for c in cols) + " |")
@@ -426,11 +431,7 @@ def cmd_table(a):
         lines.append(f"medvlm {v}: skipped ({why})")
     if decode_lines:
         lines += [""] + decode_lines
-    text = "\n".join(lines)
-    print(text)
-    (out / "table.md").write_text(text + "\n")
-    summary = {"meta": meta, "runs": data, "decode_rounds": decode_runs}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    emit(lines)
 
 
 def main():

@@ -965,12 +965,12 @@ fn get_f16(rec: &[u8], slot: usize) -> f32 {
 }
 
 /// How far ahead the q8_0/q4_1 kernels prefetch every cache line of a record, in bytes (whole
-/// records). Left to the hardware prefetcher (the AVX-512 kernel once prefetched two lines
-/// eight records ahead, most of a 544-byte q8_0 or 320-byte q4_1 record not at all), batch-1
-/// products ran at 16-22 GB/s on an AVX2 Zen 3, where whole records about 1 KB ahead gave
-/// 22-29 GB/s; on the AVX-512 Zen 4 (family 25, model 17) whole records 1-2 KB ahead made
-/// Qwen2-VL-2B's products 4-30% faster than the two lines (q8_0 and q4_1, one row, 2
-/// threads, settings alternated within one process; 1 KB and 2 KB alike).
+/// records). Prefetching two lines eight records ahead, as both kernels once did, leaves
+/// most of a 544-byte q8_0 or 320-byte q4_1 record to the hardware prefetcher: batch-1
+/// products then ran at 16-22 GB/s on an AVX2 Zen 3, where whole records about 1 KB ahead
+/// gave 22-29 GB/s, and on the AVX-512 Zen 4 (family 25, model 17) whole records 1-2 KB
+/// ahead made Qwen2-VL-2B's products 4-30% faster (q8_0 and q4_1, one row, 2 threads, the
+/// settings alternated within one process; 1 KB and 2 KB alike).
 const AHEAD_BYTES: usize = 1024;
 
 /// [`AHEAD_BYTES`] rounded up to whole records of `rb` bytes.
