@@ -831,8 +831,8 @@ pub struct BenchGenerateArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
-    /// Model dtype (default: f32 on CPU, bf16 on CUDA). On the CPU, bf16 means bf16
-    /// weights with f32 activations, as `ask`/`eval`/`serve` run it;
+    /// Model dtype (default: f32 on CPU, bf16 on CUDA). On the CPU, bf16 (f16) means bf16
+    /// (f16) weights with f32 activations, as `ask`/`eval`/`serve` run it;
     /// tools/bench_transformers.py --dtype bf16 runs torch's all-bf16 path.
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,

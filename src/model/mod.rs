@@ -175,9 +175,11 @@ impl Qwen2Vl {
         if !crate::kernels::cpu_kernels() || !self.device.is_cpu() {
             return Ok(0);
         }
-        if self.dtype == DType::BF16 {
-            // The embedding table stays bf16 too: lookups are cast row by row, and the LM
-            // head reads it through the few-rows kernels, which take bf16 as it is.
+        if matches!(self.dtype, DType::BF16 | DType::F16) {
+            // The embedding table stays bf16 (f16) too: lookups are cast row by row, and
+            // the LM head reads it through the few-rows kernels, which take it as it is.
+            // f16 as bf16: candle's f16 CPU arithmetic is its slow generic path too (a 2B
+            // vision tower took 30 s in f16 activations, 10 s in f32 ones).
             self.set_compute_dtype(DType::F32);
         }
         let mut packed = 0;
