@@ -215,11 +215,17 @@ def exit_ok(path):
     return False
 
 
-def parse_llama(rep_dir, q):
+def parse_llama_bench(rep_dir, stem):
+    """One llama-bench run's figures (DIR/STEM.json, its exit status from DIR/STEM.time):
+    prefill, decode after a filled cache and from an empty one, build, model size."""
     res = {}
-    bench = rep_dir / f"llama-{q}-bench.json"
-    if bench.exists() and exit_ok(rep_dir / f"llama-{q}-bench.time"):
-        for t in json.loads(bench.read_text()):
+    bench = rep_dir / f"{stem}.json"
+    if bench.exists() and exit_ok(rep_dir / f"{stem}.time"):
+        try:
+            tests = json.loads(bench.read_text())
+        except json.JSONDecodeError:
+            return res
+        for t in tests:
             # -d 0,N: each test from an empty cache and after N tokens (`n_depth`).
             depth = t.get("n_depth", 0)
             if t.get("n_gen", 0) == 0 and t.get("n_prompt", 0) > 0 and depth == 0:
@@ -230,6 +236,12 @@ def parse_llama(rep_dir, q):
                 res["new_tokens"] = t["n_gen"]
             res["build"] = f"{t.get('build_commit')} (build {t.get('build_number')})"
             res["model_size_mib"] = t.get("model_size", 0) / 2**20
+    return res
+
+
+def parse_llama(rep_dir, q):
+    res = parse_llama_bench(rep_dir, f"llama-{q}-bench")
+    if res:
         res["rss_text_mib"] = max_rss_mib(rep_dir / f"llama-{q}-bench.time")
     log = rep_dir / f"llama-{q}-mtmd.log"
     if log.exists() and exit_ok(rep_dir / f"llama-{q}-mtmd.time"):
@@ -265,21 +277,6 @@ def parse_medvlm(rep_dir, v):
     }
 
 
-def parse_llama_decode(round_dir, q):
-    """llama-bench's decode figure of one decode-only round (-p 0 -n N -d D -r 1)."""
-    f = round_dir / f"llama-{q}-decode.json"
-    if not f.exists() or not exit_ok(round_dir / f"llama-{q}-decode.time"):
-        return None
-    try:
-        tests = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-    for t in tests:
-        if t.get("n_prompt", 0) == 0 and t.get("n_gen", 0) > 0:
-            return t["avg_ts"]
-    return None
-
-
 def decode_rounds_table(out, meta):
     """The decode-only rounds (raw/decode*/): per pair, both engines' medians and ranges,
     the ratio of the medians and how many rounds medvlm was ahead in; [] when none ran."""
@@ -304,7 +301,7 @@ def decode_rounds_table(out, meta):
     for pair in pairs:
         both = []
         for r in rounds:
-            l = parse_llama_decode(r, pair["llama"])
+            l = parse_llama_bench(r, f"llama-{pair['llama']}-decode").get("decode_tok_s")
             m = parse_medvlm(r, pair["medvlm"]).get("decode_tok_s")
             if l is not None and m is not None:
                 both.append((l, m))

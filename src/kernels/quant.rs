@@ -1454,11 +1454,12 @@ mod avx512 {
         let offset = act.offset.as_ptr().add(r0 * blocks);
         let nib = _mm512_set1_epi8(15);
         let mut acc = [_mm512_setzero_ps(); R];
+        // Every line of a record a few records ahead: the weight is read once, front to
+        // back.
+        let ahead_by = super::records_ahead(rb);
         for b in 0..blocks {
             let rec = base.add(b * rb);
-            // Every line of a record a few records ahead: the weight is read once, front
-            // to back.
-            let ahead = rec.wrapping_add(super::records_ahead(rb));
+            let ahead = rec.wrapping_add(ahead_by);
             for line in 0..rb.div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
             }
@@ -1828,9 +1829,10 @@ mod avx2 {
         let top = _mm256_set1_epi8(i8::MIN);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let ahead_by = super::records_ahead(rb);
         for b in 0..blocks {
             let rec = base.add(b * rb);
-            let ahead = rec.wrapping_add(super::records_ahead(rb));
+            let ahead = rec.wrapping_add(ahead_by);
             for line in 0..rb.div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
             }
