@@ -309,14 +309,65 @@ def decode_rounds_table(out, meta):
         if not both:
             continue
         ls, ms = [b[0] for b in both], [b[1] for b in both]
-        ratio = statistics.median(ms) / statistics.median(ls)
-        ahead = sum(1 for l, m in both if m > l)
-        per_round = ", ".join(f"{m / l:.2f}" for l, m in both)
+        ratio, ahead, per_round = compare(both, higher_is_better=True)
         lines.append(
             f"| {pair['llama_label']} / {pair['medvlm']} | {fmt(ls, 1)} | {fmt(ms, 1)} | "
             f"{ratio:.2f}x | {ahead} of {len(both)} | {per_round} |"
         )
     return lines, found
+
+
+def compare(both, higher_is_better):
+    """(llama.cpp, medvlm) values of the same rounds -> medvlm's advantage as the ratio of
+    the medians (above 1: medvlm ahead; a time or a memory figure is inverted so that this
+    holds for it too), the rounds medvlm was ahead in, and each round's ratio."""
+    ls, ms = [b[0] for b in both], [b[1] for b in both]
+    lm, mm = statistics.median(ls), statistics.median(ms)
+    ratio = mm / lm if higher_is_better else lm / mm
+    ahead = sum(1 for l, m in both if (m > l if higher_is_better else m < l))
+    per_round = ", ".join(f"{(m / l if higher_is_better else l / m):.2f}" for l, m in both)
+    return ratio, ahead, per_round
+
+
+def full_rounds_summary(reps, meta):
+    """With several full rounds: per pair and figure, medvlm's advantage over the rounds
+    (ratio of medians, rounds ahead; speeds as medvlm/llama.cpp, the vision tower's seconds
+    and peak memory as llama.cpp/medvlm, so above 1 is medvlm ahead everywhere); [] for a
+    single round, whose table says as much."""
+    pairs = [p for p in meta["pairs"] if p.get("llama") and p.get("medvlm")]
+    if len(reps) < 2 or not pairs:
+        return []
+    # (heading, llama.cpp's key, medvlm's key, higher is better)
+    figures = [
+        ("decode after the prompt", "decode_tok_s", "decode_tok_s", True),
+        ("text prefill", "prefill_tok_s", "prefill_tok_s", True),
+        ("vision tower", "vision_s", "vision_s", False),
+        ("peak memory, text + vision", "rss_vision_mib", "rss_mib", False),
+    ]
+    lines = [
+        f"Over the {len(reps)} rounds, medvlm's advantage per pair: ratio of the medians "
+        "(above 1 = medvlm ahead: tok/s as medvlm/llama.cpp, seconds and memory as "
+        "llama.cpp/medvlm), and the rounds medvlm was ahead in.",
+        "",
+        "| pair | " + " | ".join(f[0] for f in figures) + " |",
+        "| --- |" + " --- |" * len(figures),
+    ]
+    for pair in pairs:
+        cells = []
+        for _, lkey, mkey, higher in figures:
+            both = []
+            for r in reps:
+                l = parse_llama(r, pair["llama"]).get(lkey)
+                m = parse_medvlm(r, pair["medvlm"]).get(mkey)
+                if l is not None and m is not None:
+                    both.append((l, m))
+            if both:
+                ratio, ahead, _ = compare(both, higher)
+                cells.append(f"{ratio:.2f}x ({ahead} of {len(both)})")
+            else:
+                cells.append("—")
+        lines.append(f"| {pair['llama_label']} / {pair['medvlm']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def fmt(vals, digits, unit=""):
@@ -426,6 +477,9 @@ def cmd_table(a):
     )
     for v, why in skipped.items():
         lines.append(f"medvlm {v}: skipped ({why})")
+    summary_lines = full_rounds_summary(reps, meta)
+    if summary_lines:
+        lines += [""] + summary_lines
     if decode_lines:
         lines += [""] + decode_lines
     emit(lines)

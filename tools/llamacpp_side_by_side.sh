@@ -38,7 +38,9 @@
 #     batch-1 decoding is bound by it, so one round's ratio says little; the median of many
 #     short alternations says more (a second table: medians, range, rounds medvlm was ahead).
 #     --reps 0 with it runs only these.
-#  5. Prints a markdown table (also DIR/table.md; DIR/summary.json; raw outputs in DIR/raw/).
+#  5. Prints a markdown table (also DIR/table.md; DIR/summary.json; raw outputs in DIR/raw/);
+#     with --reps 2 or more, a summary per pair: the ratio of the engines' medians for decode,
+#     prefill, vision tower and peak memory (above 1 = medvlm ahead) and the rounds ahead.
 #
 # Shapes (SHAPE):
 #   qwen2-vl-2b       Qwen2-VL-2B-Instruct as released: its 151,936-row LM head is 15% of the text
