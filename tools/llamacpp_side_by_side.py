@@ -353,14 +353,10 @@ def full_rounds_summary(reps, meta):
         "| --- |" + " --- |" * len(figures),
     ]
     for pair in pairs:
+        runs = [(parse_llama(r, pair["llama"]), parse_medvlm(r, pair["medvlm"])) for r in reps]
         cells = []
         for _, lkey, mkey, higher in figures:
-            both = []
-            for r in reps:
-                l = parse_llama(r, pair["llama"]).get(lkey)
-                m = parse_medvlm(r, pair["medvlm"]).get(mkey)
-                if l is not None and m is not None:
-                    both.append((l, m))
+            both = [(l[lkey], m[mkey]) for l, m in runs if l.get(lkey) is not None and m.get(mkey) is not None]
             if both:
                 ratio, ahead, _ = compare(both, higher)
                 cells.append(f"{ratio:.2f}x ({ahead} of {len(both)})")

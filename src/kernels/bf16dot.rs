@@ -486,15 +486,15 @@ fn pack_panel(
             let at = (j0 + j) * k + 2 * (q0 + q);
             w[at].to_bits() as u32 | ((w[at + 1].to_bits() as u32) << 16)
         };
-        let (rows16, pairs16) = if avx512_bf16_weight_transposition() {
-            (nc / 16 * 16, qc / 16 * 16)
-        } else {
+        let (rows16, pairs16) = if word_by_word() {
             (0, 0)
+        } else {
+            (nc / 16 * 16, qc / 16 * 16)
         };
         if rows16 > 0 && pairs16 > 0 {
             assert!(w.len() >= (j0 + nc) * k && q0 + qc <= k / 2 && panel.len() >= qc * NB);
-            // SAFETY: AVX-512F is present (checked above); the blocks read rows j0..j0 +
-            // rows16 of w at pairs q0..q0 + pairs16 (inside w: asserted) and write lanes
+            // SAFETY: callers checked AVX-512 BF16 (F with it); the blocks read rows j0..j0
+            // + rows16 of w at pairs q0..q0 + pairs16 (inside w: asserted) and write lanes
             // 0..rows16 of panel rows 0..pairs16 (inside panel: asserted).
             unsafe {
                 avx512::transpose_words(
@@ -591,19 +591,14 @@ fn pack_panel(
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx512::hsum4;
 
-/// Whether [`pack_panel`] may transpose a stored bf16 weight's words with AVX-512F (every
-/// CPU this module's products run on has it; tests turn it off to compare with the word
-/// by word path).
-fn avx512_bf16_weight_transposition() -> bool {
+/// Whether [`pack_panel`] transposes a stored bf16 weight word by word, not 16 x 16 words
+/// at a time: only where a test asks, to compare the two.
+fn word_by_word() -> bool {
     #[cfg(test)]
-    if tests::WORD_BY_WORD.with(|w| w.get()) {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
     {
-        super::avx512_allowed() && std::arch::is_x86_feature_detected!("avx512f")
+        tests::WORD_BY_WORD.with(|w| w.get())
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(test))]
     {
         false
     }
